@@ -1,0 +1,1 @@
+"""Envoy ext_proc sidecar bridging the OpenAI Chat Completions and Responses APIs."""

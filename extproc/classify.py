@@ -1,0 +1,88 @@
+"""Which backend serves a model, which API the model answers on, and so which API to send upstream.
+
+Sans-IO: built once from the config, then pure look-ups on the hot path (exact names in dicts,
+globs compiled to one regex each).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from .catalogue import CATALOGUE
+from .config import Backend, Config, ModelRule
+
+CHAT = "chat"
+RESPONSES = "responses"
+BOTH = "both"
+
+
+def other_api(api: str) -> str:
+    return RESPONSES if api == CHAT else CHAT
+
+
+@dataclass(frozen=True)
+class Resolution:
+    backend: Backend
+    mode: str  # what the model answers on at this backend: chat | responses | both
+    source: str  # which rule decided the mode, for logs and `extproc resolve`
+    translate: bool  # whether translation is allowed for this model
+
+    def upstream_api(self, client_api: str) -> str | None:
+        """The client's own API when the model speaks it, else the other one; None when not allowed."""
+        if self.mode in (BOTH, client_api):
+            return client_api
+        return self.mode if self.translate else None
+
+
+T = TypeVar("T")
+
+
+class _Matcher(Generic[T]):
+    """Exact names first, then globs in order; the first match wins."""
+
+    def __init__(self, entries: list[tuple[str, T]]):
+        self.exact: dict[str, T] = {}
+        self.globs: list[tuple[re.Pattern[str], T]] = []
+        for pattern, value in entries:
+            if any(c in pattern for c in "*?["):
+                self.globs.append((re.compile(fnmatch.translate(pattern)), value))
+            else:
+                self.exact.setdefault(pattern, value)
+
+    def find(self, name: str) -> T | None:
+        hit = self.exact.get(name)
+        if hit is not None:
+            return hit
+        for rx, value in self.globs:
+            if rx.match(name):
+                return value
+        return None
+
+
+class Classifier:
+    def __init__(self, config: Config):
+        self.config = config
+        self._backends = _Matcher([(p, b) for b in config.backends for p in b.models])
+        self._rules = _Matcher([(r.match, (i, r)) for i, r in enumerate(config.model_rules)])
+        self._catalogue = _Matcher([(p, (p, mode)) for p, mode in CATALOGUE])
+
+    def resolve(self, model: str) -> Resolution | None:
+        backend = self._backends.find(model)
+        if backend is None:
+            return None
+        translate = backend.translate
+        mode, source = backend.api, f"backend {backend.name} api"
+        rule_hit: tuple[int, ModelRule] | None = self._rules.find(model)
+        catalogue_hit = self._catalogue.find(model) if backend.api == BOTH else None
+        if catalogue_hit is not None:
+            mode, source = catalogue_hit[1], f"built-in catalogue {catalogue_hit[0]!r}"
+        if rule_hit is not None:
+            i, rule = rule_hit
+            if rule.mode is not None:
+                mode, source = rule.mode, f"model_rules[{i}] {rule.match!r}"
+            if rule.translate is not None:
+                translate = rule.translate
+        return Resolution(backend=backend, mode=mode, source=source, translate=translate)

@@ -1,0 +1,319 @@
+"""The sidecar's YAML configuration: loading, validation with line numbers, typed result.
+
+Validation collects every problem instead of stopping at the first, so `extproc check-config`
+can print them all at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+API_MODES = ("chat", "responses", "both")
+MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, each with its location."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str  # "ip:port", the value Envoy's ORIGINAL_DST cluster dials
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    api: str  # chat | responses | both
+    models: tuple[str, ...]
+    endpoints: tuple[Endpoint, ...] = ()
+    cluster: str | None = None
+    path_prefix: str = ""
+    api_key_env: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # resolved from api_key_env, never logged
+    translate: bool = True
+    chat_max_tokens_field: str = "max_completion_tokens"
+    vnodes: int = 160
+
+
+@dataclass(frozen=True)
+class ModelRule:
+    match: str
+    mode: str | None = None
+    translate: bool | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    backends: tuple[Backend, ...]
+    model_rules: tuple[ModelRule, ...] = ()
+    listen: str = "127.0.0.1:50051"
+    log_level: str = "info"
+    limits: Limits = Limits()
+    source: str = "<memory>"
+
+    def backend(self, name: str) -> Backend | None:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        return None
+
+
+def load_config(path: str, env: dict[str, str] | None = None) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    return parse_config(text, source=path, env=env)
+
+
+def parse_config(text: str, source: str = "<memory>", env: dict[str, str] | None = None) -> Config:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError([f"{where}: invalid YAML: {getattr(e, 'problem', e)}"]) from None
+    return _Validator(source, os.environ if env is None else env).config(node)
+
+
+class _Validator:
+    """Turns a composed YAML node tree into a Config, recording problems with file:line:key."""
+
+    def __init__(self, source: str, env: Any):
+        self.source = source
+        self.env = env
+        self.problems: list[str] = []
+
+    def problem(self, node: yaml.Node | None, key: str, msg: str) -> None:
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        self.problems.append(f"{self.source}{line}: {key}: {msg}")
+
+    def mapping(self, node: yaml.Node | None, key: str, allowed: set[str]) -> dict[str, yaml.Node]:
+        if not isinstance(node, yaml.MappingNode):
+            self.problem(node, key, "must be a mapping")
+            return {}
+        out: dict[str, yaml.Node] = {}
+        for k, v in node.value:
+            name = k.value if isinstance(k, yaml.ScalarNode) else None
+            if name not in allowed:
+                self.problem(k, f"{key}.{name}" if key else str(name),
+                             f"unknown key (allowed: {', '.join(sorted(allowed))})")
+            elif name in out:
+                self.problem(k, f"{key}.{name}" if key else name, "duplicate key")
+            else:
+                out[name] = v
+        return out
+
+    def scalar(self, node: yaml.Node, key: str, kind: type) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            self.problem(node, key, f"must be a {kind.__name__}")
+            return None
+        value = yaml.safe_load(yaml.serialize(node))
+        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+            self.problem(node, key, f"must be a {kind.__name__}, got {value!r}")
+            return None
+        return value
+
+    def string_list(self, node: yaml.Node, key: str) -> list[str]:
+        if not isinstance(node, yaml.SequenceNode):
+            self.problem(node, key, "must be a list of strings")
+            return []
+        out = []
+        for i, item in enumerate(node.value):
+            v = self.scalar(item, f"{key}[{i}]", str)
+            if v is not None:
+                out.append(v)
+        return out
+
+    def choice(self, node: yaml.Node, key: str, choices: tuple[str, ...]) -> str | None:
+        v = self.scalar(node, key, str)
+        if v is not None and v not in choices:
+            self.problem(node, key, f"must be one of {', '.join(choices)}, got {v!r}")
+            return None
+        return v
+
+    def config(self, root: yaml.Node | None) -> Config:
+        if root is None:
+            raise ConfigError([f"{self.source}: empty config: at least one backend is required"])
+        top = self.mapping(root, "", {"listen", "log_level", "backends", "model_rules", "limits"})
+        kw: dict[str, Any] = {"source": self.source}
+        if "listen" in top:
+            listen = self.scalar(top["listen"], "listen", str)
+            if listen is not None:
+                kw["listen"] = listen
+        if "log_level" in top:
+            lvl = self.choice(top["log_level"], "log_level", ("debug", "info", "warning", "error"))
+            if lvl:
+                kw["log_level"] = lvl
+        if "limits" in top:
+            lim = self.mapping(top["limits"], "limits", {"max_body_bytes"})
+            if "max_body_bytes" in lim:
+                n = self.scalar(lim["max_body_bytes"], "limits.max_body_bytes", int)
+                if n is not None and n < 1024:
+                    self.problem(lim["max_body_bytes"], "limits.max_body_bytes", "must be at least 1024")
+                elif n is not None:
+                    kw["limits"] = Limits(max_body_bytes=n)
+        backends: list[Backend] = []
+        if "backends" not in top:
+            self.problem(root, "backends", "required: list at least one backend")
+        elif not isinstance(top["backends"], yaml.SequenceNode) or not top["backends"].value:
+            self.problem(top["backends"], "backends", "must be a non-empty list")
+        else:
+            seen: set[str] = set()
+            for i, bnode in enumerate(top["backends"].value):
+                b = self.backend(bnode, f"backends[{i}]")
+                if b is None:
+                    continue
+                if b.name in seen:
+                    self.problem(bnode, f"backends[{i}].name", f"duplicate backend name {b.name!r}")
+                seen.add(b.name)
+                backends.append(b)
+        rules: list[ModelRule] = []
+        if "model_rules" in top:
+            node = top["model_rules"]
+            if not isinstance(node, yaml.SequenceNode):
+                self.problem(node, "model_rules", "must be a list")
+            else:
+                for i, rnode in enumerate(node.value):
+                    r = self.rule(rnode, f"model_rules[{i}]")
+                    if r is not None:
+                        rules.append(r)
+        if self.problems:
+            raise ConfigError(self.problems)
+        return Config(backends=tuple(backends), model_rules=tuple(rules), **kw)
+
+    def backend(self, node: yaml.Node, key: str) -> Backend | None:
+        allowed = {"name", "api", "models", "endpoints", "cluster", "path_prefix", "api_key_env",
+                   "translate", "chat_max_tokens_field", "vnodes"}
+        m = self.mapping(node, key, allowed)
+        before = len(self.problems)
+        for req in ("name", "api", "models"):
+            if req not in m:
+                self.problem(node, f"{key}.{req}", "required")
+        name = self.scalar(m["name"], f"{key}.name", str) if "name" in m else None
+        if name is not None and not _NAME_RE.match(name):
+            self.problem(m["name"], f"{key}.name", "use letters, digits, '.', '_' or '-' (at most 63)")
+        api = self.choice(m["api"], f"{key}.api", API_MODES) if "api" in m else None
+        models = self.string_list(m["models"], f"{key}.models") if "models" in m else []
+        if "models" in m and not models:
+            self.problem(m["models"], f"{key}.models", "must list at least one model name or pattern")
+        endpoints = self.endpoints(m["endpoints"], f"{key}.endpoints") if "endpoints" in m else ()
+        cluster = self.scalar(m["cluster"], f"{key}.cluster", str) if "cluster" in m else None
+        if ("endpoints" in m) == ("cluster" in m):
+            self.problem(node, key, "give exactly one of 'endpoints' (instances the sidecar picks) "
+                                    "or 'cluster' (an Envoy cluster named in deploy/envoy.yaml)")
+        kw: dict[str, Any] = {}
+        if "path_prefix" in m:
+            p = self.scalar(m["path_prefix"], f"{key}.path_prefix", str)
+            if p is not None and p and (not p.startswith("/") or p.endswith("/")):
+                self.problem(m["path_prefix"], f"{key}.path_prefix", "must start with '/' and not end with '/'")
+            elif p is not None:
+                kw["path_prefix"] = p
+        if "api_key_env" in m:
+            var = self.scalar(m["api_key_env"], f"{key}.api_key_env", str)
+            if var is not None and not _ENV_RE.match(var):
+                self.problem(m["api_key_env"], f"{key}.api_key_env", "must be an environment variable name")
+            elif var is not None:
+                value = self.env.get(var)
+                if not value:
+                    self.problem(m["api_key_env"], f"{key}.api_key_env",
+                                 f"environment variable {var} is not set or empty")
+                kw["api_key_env"], kw["api_key"] = var, value
+        if "translate" in m:
+            kw["translate"] = self.scalar(m["translate"], f"{key}.translate", bool)
+        if "chat_max_tokens_field" in m:
+            kw["chat_max_tokens_field"] = self.choice(
+                m["chat_max_tokens_field"], f"{key}.chat_max_tokens_field", MAX_TOKENS_FIELDS)
+        if "vnodes" in m:
+            v = self.scalar(m["vnodes"], f"{key}.vnodes", int)
+            if v is not None and not 1 <= v <= 4096:
+                self.problem(m["vnodes"], f"{key}.vnodes", "must be between 1 and 4096")
+            kw["vnodes"] = v
+        if len(self.problems) > before:
+            return None
+        return Backend(name=name, api=api, models=tuple(models), endpoints=endpoints, cluster=cluster, **kw)
+
+    def endpoints(self, node: yaml.Node, key: str) -> tuple[Endpoint, ...]:
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            self.problem(node, key, "must be a non-empty list of 'host:port' or {address, weight}")
+            return ()
+        out: list[Endpoint] = []
+        for i, item in enumerate(node.value):
+            k = f"{key}[{i}]"
+            weight = 1
+            if isinstance(item, yaml.MappingNode):
+                m = self.mapping(item, k, {"address", "weight"})
+                if "address" not in m:
+                    self.problem(item, f"{k}.address", "required")
+                    continue
+                if "weight" in m:
+                    weight = self.scalar(m["weight"], f"{k}.weight", int) or 0
+                    if not 1 <= weight <= 100:
+                        self.problem(m["weight"], f"{k}.weight", "must be between 1 and 100")
+                        continue
+                addr_node = m["address"]
+            else:
+                addr_node = item
+            addr = self.scalar(addr_node, k, str)
+            if addr is None:
+                continue
+            resolved = self.resolve(addr)
+            if resolved is None:
+                self.problem(addr_node, k, f"{addr!r} is not 'host:port' with a resolvable host and a port 1-65535")
+                continue
+            if any(e.address == resolved for e in out):
+                self.problem(addr_node, k, f"duplicate endpoint {resolved}")
+                continue
+            out.append(Endpoint(resolved, weight))
+        return tuple(out)
+
+    @staticmethod
+    def resolve(addr: str) -> str | None:
+        """ORIGINAL_DST needs an IP literal: host names are resolved once, at load."""
+        host, sep, port = addr.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+            return None
+        host = host.strip("[]")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            try:
+                ip = ipaddress.ip_address(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+            except (OSError, IndexError, ValueError):
+                return None
+        return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+    def rule(self, node: yaml.Node, key: str) -> ModelRule | None:
+        m = self.mapping(node, key, {"match", "mode", "translate"})
+        before = len(self.problems)
+        if "match" not in m:
+            self.problem(node, f"{key}.match", "required")
+        match = self.scalar(m["match"], f"{key}.match", str) if "match" in m else None
+        mode = self.choice(m["mode"], f"{key}.mode", API_MODES) if "mode" in m else None
+        translate = self.scalar(m["translate"], f"{key}.translate", bool) if "translate" in m else None
+        if "mode" not in m and "translate" not in m:
+            self.problem(node, key, "give 'mode' and/or 'translate'")
+        if len(self.problems) > before:
+            return None
+        return ModelRule(match=match, mode=mode, translate=translate)

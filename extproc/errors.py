@@ -1,0 +1,70 @@
+"""Errors in the OpenAI shape both APIs share: {"error": {message, type, param, code}}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class GatewayError(Exception):
+    """A request the sidecar answers itself, with an HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+    def payload(self) -> dict[str, Any]:
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error": self.payload()})
+
+
+def unsupported(field: str, target_api: str, why: str = "it has no equivalent") -> GatewayError:
+    api = "/v1/responses" if target_api == "responses" else "/v1/chat/completions"
+    return GatewayError(400, f"'{field}' cannot be translated to {api} for this model: {why}",
+                        param=field, code="unsupported_parameter")
+
+
+def invalid(field: str, message: str) -> GatewayError:
+    return GatewayError(400, f"Invalid '{field}': {message}", param=field, code="invalid_value")
+
+
+def upstream_error_payload(status: int, body: bytes) -> dict[str, Any]:
+    """Normalise an upstream error body (OpenAI, vLLM, Ollama, plain text) to the OpenAI error object."""
+    message: str | None = None
+    err: Any = None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if isinstance(doc, dict):
+        err = doc.get("error", doc)
+        if isinstance(err, str):  # {"error": "text"} (Ollama and others)
+            message, err = err, {}
+        elif isinstance(err, dict):
+            message = err.get("message") if isinstance(err.get("message"), str) else None
+        else:
+            err = {}
+    if message is None:
+        text = body.decode("utf-8", "replace").strip()
+        message = text[:2000] or f"upstream returned HTTP {status}"
+        err = err if isinstance(err, dict) else {}
+    code = err.get("code")
+    return {
+        "message": message,
+        "type": err.get("type") if isinstance(err.get("type"), str) else
+        _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+        "param": err.get("param") if isinstance(err.get("param"), str) else None,
+        "code": code if isinstance(code, str) else (str(code) if code is not None else None),
+    }

@@ -1,0 +1,85 @@
+"""Where a request goes: the backend serving its model and, for multi-instance backends, the instance.
+
+Built once per config (rings are precomputed); look-ups are pure and cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .classify import Classifier, Resolution
+from .config import Backend, Config
+from .ring import HashRing
+
+# Headers the sidecar sets for Envoy's route table; client-sent copies are always removed.
+H_BACKEND = "x-gateway-backend"
+H_CLUSTER = "x-gateway-cluster"
+H_ENDPOINT = "x-gateway-destination-endpoint"
+ROUTING_HEADERS = (H_BACKEND, H_CLUSTER, H_ENDPOINT)
+
+
+@dataclass(frozen=True)
+class Target:
+    backend: Backend
+    endpoint: str | None  # ip:port for endpoint backends, None for Envoy-cluster backends
+
+    def headers(self) -> list[tuple[str, str]]:
+        """Routing headers for this target (the caller removes the others)."""
+        out = [(H_BACKEND, self.backend.name)]
+        if self.endpoint is not None:
+            out.append((H_ENDPOINT, self.endpoint))
+        else:
+            out.append((H_CLUSTER, self.backend.cluster or ""))
+        if self.backend.api_key:
+            out.append(("authorization", "Bearer " + self.backend.api_key))
+        return out
+
+    def unset_headers(self) -> tuple[str, ...]:
+        return (H_CLUSTER,) if self.endpoint is not None else (H_ENDPOINT,)
+
+
+def placement_key(body: dict[str, Any], headers: dict[str, str]) -> str:
+    """The stable key that places a first turn, so related requests share a backend's prefix cache."""
+    for field in ("prompt_cache_key", "user", "safety_identifier"):
+        value = body.get(field)
+        if isinstance(value, str) and value:
+            return value
+    for header in ("session-id", "x-session-id", "conversation-id", "thread-id"):
+        value = headers.get(header)
+        if value:
+            return value
+    return os.urandom(8).hex()
+
+
+class Gateway:
+    """Everything derived from one config that requests consult."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.classifier = Classifier(config)
+        self.rings = {
+            b.name: HashRing([(e.address, e.weight) for e in b.endpoints], vnodes=b.vnodes)
+            for b in config.backends if b.endpoints
+        }
+        self.default_backend = config.backends[0]
+
+    def resolve(self, model: str) -> Resolution | None:
+        return self.classifier.resolve(model)
+
+    def target(self, backend: Backend, key: str) -> Target:
+        ring = self.rings.get(backend.name)
+        return Target(backend, ring.lookup(key) if ring is not None else None)
+
+    def model_list(self) -> list[dict[str, Any]]:
+        """Models named exactly in the config, each with its mode and backend, in the OpenAI list shape."""
+        seen: dict[str, dict[str, Any]] = {}
+        for b in self.config.backends:
+            for name in b.models:
+                if any(c in name for c in "*?[") or name in seen:
+                    continue
+                res = self.resolve(name)
+                seen[name] = {"id": name, "object": "model", "created": 0, "owned_by": b.name,
+                              "mode": res.mode if res else b.api, "backend": b.name}
+        return list(seen.values())

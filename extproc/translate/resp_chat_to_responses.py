@@ -1,0 +1,128 @@
+"""A chat.completion from a chat-only backend, rewritten as the Response object a Responses client expects.
+
+The Response echoes the request's settings with every field the Responses API always sends, so
+strict clients (and the Open Responses schema) accept it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import FINISH_TO_STATUS, new_id, now, usage_chat_to_responses
+
+
+def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type") == "function":
+        return {"type": "function", "name": tool.get("name"), "description": tool.get("description"),
+                "parameters": tool.get("parameters"), "strict": tool.get("strict")}
+    return tool
+
+
+def response_shell(request: dict[str, Any], response_id: str, created_at: int) -> dict[str, Any]:
+    """A Response with the request's settings echoed; status, output and usage are filled by the caller."""
+    reasoning = request.get("reasoning") if isinstance(request.get("reasoning"), dict) else {}
+    text = dict(request["text"]) if isinstance(request.get("text"), dict) else {}
+    text.setdefault("format", {"type": "text"})
+    fmt = text["format"]
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        text["format"] = {"description": None, "strict": False, **fmt}
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": "in_progress",
+        "completed_at": None,
+        "background": False,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": request.get("instructions") if isinstance(request.get("instructions"), str) else None,
+        "max_output_tokens": request.get("max_output_tokens"),
+        "max_tool_calls": None,
+        "model": request.get("model"),
+        "output": [],
+        "parallel_tool_calls": request.get("parallel_tool_calls", True) is not False,
+        "previous_response_id": request.get("previous_response_id"),
+        "prompt_cache_key": request.get("prompt_cache_key"),
+        "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+        "safety_identifier": request.get("safety_identifier"),
+        "service_tier": request.get("service_tier") or "default",
+        "store": request.get("store", True) is not False,
+        "temperature": request.get("temperature", 1.0),
+        "text": text,
+        "tool_choice": request.get("tool_choice", "auto"),
+        "tools": [_echo_tool(t) for t in request.get("tools") or [] if isinstance(t, dict)],
+        "top_logprobs": request.get("top_logprobs") or 0,
+        "top_p": request.get("top_p", 1.0),
+        "presence_penalty": request.get("presence_penalty", 0.0),
+        "frequency_penalty": request.get("frequency_penalty", 0.0),
+        "truncation": request.get("truncation") or "disabled",
+        "usage": None,
+        "user": request.get("user"),
+        "metadata": request.get("metadata") or {},
+    }
+
+
+def message_item(item_id: str, text: str, status: str, refusal: str | None = None) -> dict[str, Any]:
+    content: list[dict[str, Any]] = []
+    if text or not refusal:
+        content.append({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+    if refusal:
+        content.append({"type": "refusal", "refusal": refusal})
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
+    return {"type": "reasoning", "id": item_id, "summary": [{"type": "summary_text", "text": text}]}
+
+
+def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict[str, Any]:
+    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name,
+            "arguments": arguments, "status": status}
+
+
+def finish(resp: dict[str, Any], finish_reason: str | None, usage: dict[str, Any] | None) -> None:
+    """Set status, incomplete_details, completed_at and usage from a chat finish_reason."""
+    status, reason = FINISH_TO_STATUS.get(finish_reason, ("completed", None))
+    resp["status"] = status
+    resp["incomplete_details"] = {"reason": reason} if reason else None
+    resp["completed_at"] = now() if status == "completed" else None
+    resp["usage"] = usage_chat_to_responses(usage)
+
+
+def chat_reasoning(message: dict[str, Any]) -> str | None:
+    """Reasoning text as vLLM (`reasoning_content`), OpenRouter/Ollama (`reasoning`) and others send it."""
+    for key in ("reasoning_content", "reasoning"):
+        value = message.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def translate_response(chat: dict[str, Any], request: dict[str, Any], response_id: str | None = None) -> dict[str, Any]:
+    resp = response_shell(request, response_id or new_id("resp_"), int(chat.get("created") or now()))
+    if chat.get("model"):
+        resp["model"] = chat["model"]
+    choices = chat.get("choices") or [{}]
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message") or {}
+    reason = choice.get("finish_reason")
+    item_status = "incomplete" if reason in ("length", "content_filter") else "completed"
+    output = resp["output"]
+    if (thought := chat_reasoning(message)) is not None:
+        output.append(reasoning_item(new_id("rs_"), thought))
+    content = message.get("content")
+    if isinstance(content, list):  # some servers send parts even on the response side
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    refusal = message.get("refusal") if isinstance(message.get("refusal"), str) else None
+    if content or refusal:
+        output.append(message_item(new_id("msg_"), content or "", item_status, refusal))
+    for call in message.get("tool_calls") or []:
+        fn = call.get("function") or {}
+        output.append(function_call_item(new_id("fc_"), call.get("id") or new_id("call_"),
+                                         fn.get("name", ""), fn.get("arguments") or "", item_status))
+    if not output:
+        output.append(message_item(new_id("msg_"), "", item_status))
+    finish(resp, reason, chat.get("usage"))
+    if chat.get("service_tier"):
+        resp["service_tier"] = chat["service_tier"]
+    return resp

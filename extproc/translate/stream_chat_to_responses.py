@@ -1,0 +1,259 @@
+"""A chat.completion.chunk stream from a chat-only backend, as the Responses event stream a client expects.
+
+Order follows the Responses contract: response.created, response.in_progress, then for each
+output item `output_item.added`, its parts and deltas, `output_item.done`, and exactly one terminal
+event. Reasoning comes first, as its own item; every tool call is its own function_call item.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ..sse import SSEDecoder, encode
+from .common import new_id, now
+from .resp_chat_to_responses import finish, function_call_item, message_item, reasoning_item, response_shell
+
+
+class _Item:
+    __slots__ = ("data", "index", "kind", "parts")
+
+    def __init__(self, index: int, kind: str, data: dict[str, Any]):
+        self.index = index
+        self.kind = kind
+        self.data = data  # the item as it will appear in the final Response
+        self.parts: list[list[str]] = []  # message parts: [type, text]
+
+
+class ChatToResponsesStream:
+    def __init__(self, request: dict[str, Any], response_id: str | None = None):
+        self.decoder = SSEDecoder()
+        self.response = response_shell(request, response_id or new_id("resp_"), now())
+        self.seq = 0
+        self.started = False
+        self.ended = False
+        self.items: list[_Item] = []
+        self.reasoning: _Item | None = None
+        self.message: _Item | None = None
+        self.calls: dict[int, _Item] = {}
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.out: list[bytes] = []
+        self.closed: set[int] = set()  # output indexes whose output_item.done was sent
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        fields["type"] = kind
+        fields["sequence_number"] = self.seq
+        self.seq += 1
+        self.out.append(encode(orjson.dumps(fields), kind))
+
+    def _take(self) -> bytes:
+        out, self.out = b"".join(self.out), []
+        return out
+
+    def _start(self, chunk: dict[str, Any]) -> None:
+        self.started = True
+        self.response["created_at"] = int(chunk.get("created") or 0) or self.response["created_at"]
+        if chunk.get("model"):
+            self.response["model"] = chunk["model"]
+        self._emit("response.created", response=self.response)
+        self._emit("response.in_progress", response=self.response)
+
+    def feed(self, data: bytes) -> bytes:
+        for ev in self.decoder.feed(data):
+            self._event(ev.data)
+        return self._take()
+
+    def close(self) -> bytes:
+        for ev in self.decoder.close():
+            self._event(ev.data)
+        if not self.ended:
+            self._finish()
+        return self._take()
+
+    def fail(self, code: str, message: str) -> bytes:
+        """End the stream with `error` and `response.failed` (upstream error or cut-off)."""
+        if self.ended:
+            return self._take()
+        if not self.started:
+            self._start({})
+        self._emit("error", error={"type": "server_error", "code": code, "message": message, "param": None})
+        self.ended = True
+        self.response["status"] = "failed"
+        self.response["error"] = {"code": code, "message": message}
+        self.response["output"] = [it.data for it in self.items]
+        self._emit("response.failed", response=self.response)
+        return self._take()
+
+    # -- chat chunks --------------------------------------------------------------------------
+
+    def _event(self, data: str) -> None:
+        if self.ended:
+            return
+        if data.strip() == "[DONE]":
+            self._finish()
+            return
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.fail("bad_upstream_response", "the upstream sent a stream event that is not JSON")
+            return
+        if not isinstance(chunk, dict):
+            return
+        if chunk.get("error") is not None:
+            err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+            self.fail(str(err.get("code") or "upstream_error"), str(err.get("message") or "upstream error"))
+            return
+        if not self.started:
+            self._start(chunk)
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            for key in ("reasoning_content", "reasoning"):
+                if isinstance(delta.get(key), str) and delta[key]:
+                    self._reasoning_delta(delta[key])
+                    break
+            if isinstance(delta.get("content"), str) and delta["content"]:
+                self._text_delta("output_text", delta["content"])
+            if isinstance(delta.get("refusal"), str) and delta["refusal"]:
+                self._text_delta("refusal", delta["refusal"])
+            for call in delta.get("tool_calls") or ():
+                if isinstance(call, dict):
+                    self._call_delta(call)
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+
+    def _new_item(self, kind: str, data: dict[str, Any]) -> _Item:
+        item = _Item(len(self.items), kind, data)
+        self.items.append(item)
+        added = dict(data)
+        if kind == "message":
+            added["content"] = []
+        elif kind == "reasoning":
+            added["summary"] = []
+        elif kind == "function_call":
+            added["arguments"] = ""
+        if "status" in added:
+            added["status"] = "in_progress"
+        self._emit("response.output_item.added", output_index=item.index, item=added)
+        return item
+
+    def _reasoning_delta(self, text: str) -> None:
+        if self.reasoning is None:
+            if self.message is not None or self.calls:
+                return  # reasoning after the answer started has no place in the item order; drop it
+            self.reasoning = self._new_item("reasoning", reasoning_item(new_id("rs_"), ""))
+            self._emit("response.reasoning_summary_part.added", item_id=self.reasoning.data["id"],
+                       output_index=self.reasoning.index, summary_index=0,
+                       part={"type": "summary_text", "text": ""})
+        self.reasoning.parts.append(["summary_text", text])
+        self._emit("response.reasoning_summary_text.delta", item_id=self.reasoning.data["id"],
+                   output_index=self.reasoning.index, summary_index=0, delta=text)
+
+    def _close_reasoning(self) -> None:
+        item = self.reasoning
+        if item is None or item.index in self.closed:
+            return
+        text = "".join(t for _, t in item.parts)
+        item.data["summary"] = [{"type": "summary_text", "text": text}]
+        base = {"item_id": item.data["id"], "output_index": item.index, "summary_index": 0}
+        self._emit("response.reasoning_summary_text.done", **base, text=text)
+        self._emit("response.reasoning_summary_part.done", **base, part={"type": "summary_text", "text": text})
+        self._emit("response.output_item.done", output_index=item.index, item=item.data)
+        self.closed.add(item.index)
+
+    def _text_delta(self, part_type: str, text: str) -> None:
+        self._close_reasoning()
+        if self.message is None:
+            self.message = self._new_item("message", message_item(new_id("msg_"), "", "completed"))
+        msg = self.message
+        if not msg.parts or msg.parts[-1][0] != part_type:
+            if msg.parts:
+                self._close_part(msg, len(msg.parts) - 1)
+            msg.parts.append([part_type, ""])
+            empty = ({"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+                     if part_type == "output_text" else {"type": "refusal", "refusal": ""})
+            self._emit("response.content_part.added", item_id=msg.data["id"], output_index=msg.index,
+                       content_index=len(msg.parts) - 1, part=empty)
+        if not text:
+            return
+        msg.parts[-1][1] += text
+        base = {"item_id": msg.data["id"], "output_index": msg.index, "content_index": len(msg.parts) - 1}
+        if part_type == "output_text":
+            self._emit("response.output_text.delta", **base, delta=text, logprobs=[])
+        else:
+            self._emit("response.refusal.delta", **base, delta=text)
+
+    def _close_part(self, msg: _Item, index: int) -> None:
+        kind, text = msg.parts[index]
+        base = {"item_id": msg.data["id"], "output_index": msg.index, "content_index": index}
+        if kind == "output_text":
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            self._emit("response.output_text.done", **base, text=text, logprobs=[])
+        else:
+            part = {"type": "refusal", "refusal": text}
+            self._emit("response.refusal.done", **base, refusal=text)
+        self._emit("response.content_part.done", **base, part=part)
+        msg.data["content"].append(part)
+
+    def _close_message(self, status: str) -> None:
+        msg = self.message
+        if msg is None or msg.index in self.closed:
+            return
+        msg.data["content"] = []
+        for i in range(len(msg.parts)):
+            self._close_part(msg, i)
+        msg.data["status"] = status
+        self._emit("response.output_item.done", output_index=msg.index, item=msg.data)
+        self.closed.add(msg.index)
+
+    def _call_delta(self, call: dict[str, Any]) -> None:
+        index = call.get("index", len(self.calls))
+        fn = call.get("function") or {}
+        item = self.calls.get(index)
+        if item is None:
+            self._close_reasoning()
+            self._close_message("completed")
+            item = self._new_item("function_call", function_call_item(
+                new_id("fc_"), call.get("id") or new_id("call_"), fn.get("name") or "", ""))
+            self.calls[index] = item
+        elif fn.get("name") and not item.data["name"]:
+            item.data["name"] = fn["name"]
+        args = fn.get("arguments")
+        if isinstance(args, str) and args:
+            item.data["arguments"] += args
+            self._emit("response.function_call_arguments.delta", item_id=item.data["id"],
+                       output_index=item.index, delta=args)
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        if self.finish_reason is None:
+            self.fail("upstream_incomplete", "the upstream stream ended before the model finished")
+            return
+        status = "incomplete" if self.finish_reason in ("length", "content_filter") else "completed"
+        for item in self.items:
+            if item is self.reasoning:
+                self._close_reasoning()
+            elif item is self.message:
+                self._close_message(status)
+            elif item.index not in self.closed:
+                item.data["status"] = status
+                self._emit("response.function_call_arguments.done", item_id=item.data["id"],
+                           output_index=item.index, name=item.data["name"], arguments=item.data["arguments"])
+                self._emit("response.output_item.done", output_index=item.index, item=item.data)
+                self.closed.add(item.index)
+        if not self.items:  # a turn with no output at all still yields one (empty) message
+            self._text_delta("output_text", "")
+            self._close_message(status)
+        self.response["output"] = [it.data for it in self.items]
+        finish(self.response, self.finish_reason, self.usage)
+        self.ended = True
+        terminal = "response.completed" if self.response["status"] == "completed" else "response.incomplete"
+        self._emit(terminal, response=self.response)

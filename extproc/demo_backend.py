@@ -18,13 +18,14 @@ class JSONHandler(BaseHTTPRequestHandler):
     """HTTP/1.1 keep-alive handler with JSON and SSE helpers (shared with the test upstreams)."""
 
     protocol_version = "HTTP/1.1"
+    raw_body = b""
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet by default
         pass
 
     def read_json(self) -> Any:
         length = int(self.headers.get("content-length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw = self.raw_body = self.rfile.read(length) if length else b""
         return json.loads(raw) if raw else None
 
     def send_json(self, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:

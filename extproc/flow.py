@@ -101,6 +101,10 @@ class Exchange:
         return self.gw.target(b, placement_key({}, self.headers)).endpoint
 
     def request_body(self, raw: bytes) -> Action:
+        limit = self.gw.config.limits.max_body_bytes
+        if len(raw) > limit:
+            raise GatewayError(413, f"request body of {len(raw)} bytes exceeds the gateway limit of {limit} bytes",
+                               code="request_too_large")
         ctype = self.headers.get("content-type", "")
         if self.client_api is None and "json" not in ctype:
             return self._route(Target(self.gw.default_backend, self._default_endpoint()), body=None)

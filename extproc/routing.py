@@ -36,9 +36,6 @@ class Target:
             out.append(("authorization", "Bearer " + self.backend.api_key))
         return out
 
-    def unset_headers(self) -> tuple[str, ...]:
-        return (H_CLUSTER,) if self.endpoint is not None else (H_ENDPOINT,)
-
 
 def placement_key(body: dict[str, Any], headers: dict[str, str]) -> str:
     """The stable key that places a first turn, so related requests share a backend's prefix cache."""

@@ -75,18 +75,23 @@ class ChatToResponsesStream:
         return self._take()
 
     def fail(self, code: str, message: str) -> bytes:
+        """End the stream now with an error; returns the bytes for the client."""
+        self._fail(code, message)
+        return self._take()
+
+    def _fail(self, code: str, message: str) -> None:
         """End the stream with `error` and `response.failed` (upstream error or cut-off)."""
         if self.ended:
-            return self._take()
+            return
         if not self.started:
             self._start({})
+        self._close_all("incomplete")
         self._emit("error", error={"type": "server_error", "code": code, "message": message, "param": None})
         self.ended = True
         self.response["status"] = "failed"
         self.response["error"] = {"code": code, "message": message}
         self.response["output"] = [it.data for it in self.items]
         self._emit("response.failed", response=self.response)
-        return self._take()
 
     # -- chat chunks --------------------------------------------------------------------------
 
@@ -99,13 +104,13 @@ class ChatToResponsesStream:
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
-            self.fail("bad_upstream_response", "the upstream sent a stream event that is not JSON")
+            self._fail("bad_upstream_response", "the upstream sent a stream event that is not JSON")
             return
         if not isinstance(chunk, dict):
             return
         if chunk.get("error") is not None:
             err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-            self.fail(str(err.get("code") or "upstream_error"), str(err.get("message") or "upstream error"))
+            self._fail(str(err.get("code") or "upstream_error"), str(err.get("message") or "upstream error"))
             return
         if not self.started:
             self._start(chunk)
@@ -233,11 +238,8 @@ class ChatToResponsesStream:
 
     # -- the end ------------------------------------------------------------------------------
 
-    def _finish(self) -> None:
-        if self.finish_reason is None:
-            self.fail("upstream_incomplete", "the upstream stream ended before the model finished")
-            return
-        status = "incomplete" if self.finish_reason in ("length", "content_filter") else "completed"
+    def _close_all(self, status: str) -> None:
+        """Send the `.done` events of every item still open, in output order."""
         for item in self.items:
             if item is self.reasoning:
                 self._close_reasoning()
@@ -249,6 +251,13 @@ class ChatToResponsesStream:
                            output_index=item.index, name=item.data["name"], arguments=item.data["arguments"])
                 self._emit("response.output_item.done", output_index=item.index, item=item.data)
                 self.closed.add(item.index)
+
+    def _finish(self) -> None:
+        if self.finish_reason is None:
+            self._fail("upstream_incomplete", "the upstream stream ended before the model finished")
+            return
+        status = "incomplete" if self.finish_reason in ("length", "content_filter") else "completed"
+        self._close_all(status)
         if not self.items:  # a turn with no output at all still yields one (empty) message
             self._text_delta("output_text", "")
             self._close_message(status)

@@ -57,7 +57,7 @@ class ResponsesToChatStream:
             self.id = chat_id(str(response.get("id") or "")) if response.get("id") else self.id
             self.model = response.get("model") or self.model
             self.created = int(response.get("created_at") or self.created)
-        self._chunk({"role": "assistant", "content": "", "refusal": None})
+        self._chunk({"role": "assistant"})  # content stays null for a turn that only calls tools
 
     def feed(self, data: bytes) -> bytes:
         for ev in self.decoder.feed(data):
@@ -68,7 +68,7 @@ class ResponsesToChatStream:
         for ev in self.decoder.close():
             self._event(ev.data)
         if not self.ended:
-            self.fail("upstream_incomplete", "the upstream stream ended before the response completed")
+            self._fail("upstream_incomplete", "the upstream stream ended before the response completed")
         return self._take()
 
     def _take(self) -> bytes:
@@ -76,13 +76,17 @@ class ResponsesToChatStream:
         return out
 
     def fail(self, code: str, message: str) -> bytes:
+        """End the stream now with an error; returns the bytes for the client."""
+        self._fail(code, message)
+        return self._take()
+
+    def _fail(self, code: str, message: str) -> None:
         """An error chunk (the chat SDKs raise it) and the end of the stream."""
         if not self.ended:
             self.ended = True
             err = {"message": message, "type": "server_error", "param": None, "code": code}
             self.out.append(encode(orjson.dumps({"error": err})))
             self.out.append(DONE)
-        return self._take()
 
     def _event(self, data: str) -> None:
         if self.ended or data.strip() == "[DONE]":
@@ -90,7 +94,7 @@ class ResponsesToChatStream:
         try:
             ev = orjson.loads(data)
         except orjson.JSONDecodeError:
-            self.fail("bad_upstream_response", "the upstream sent a stream event that is not JSON")
+            self._fail("bad_upstream_response", "the upstream sent a stream event that is not JSON")
             return
         if not isinstance(ev, dict):
             return
@@ -129,7 +133,7 @@ class ResponsesToChatStream:
             self._complete(ev.get("response") or {})
         elif kind in ("response.failed", "error"):
             err = ev.get("error") or (ev.get("response") or {}).get("error") or {}
-            self.fail(str(err.get("code") or "upstream_error"), str(err.get("message") or "the upstream response failed"))
+            self._fail(str(err.get("code") or "upstream_error"), str(err.get("message") or "the upstream response failed"))
 
     def _announce(self, item: dict[str, Any]) -> _Call:
         key = item.get("id") or item.get("call_id") or ""

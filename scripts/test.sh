@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets up everything the test suite needs on a fresh machine, then runs it (ruff first).
+# Extra arguments go to pytest, e.g. scripts/test.sh -k streaming
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+if ! command -v redis-server >/dev/null; then  # real Redis for the shared-state tests (Debian package)
+  $SUDO apt-get install -y -q redis-server >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q redis-server >/dev/null; }
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest tests -q "$@"

@@ -1,0 +1,70 @@
+"""Shared fixtures: the real stack (Envoy from the wheel + sidecar + strict test upstreams) on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+from extproc.stack import Stack, free_port, wait_for_port
+
+from .upstreams import ChatServer, ResponsesServer
+
+CONFIG = """
+listen: 127.0.0.1:{extproc_port}
+backends:
+  - name: vllm
+    api: chat
+    models: ["llama-*", "qwen3-8b", "chat-notranslate", "text-embedding-small"]
+    endpoints: ["{chat}"]
+    api_key_env: VLLM_TEST_KEY
+  - name: codex
+    api: responses
+    models: ["gpt-5.3-codex", "resp-*"]
+    endpoints: ["{resp}"]
+model_rules:
+  - match: "resp-notranslate"
+    translate: false
+  - match: "chat-notranslate"
+    translate: false
+"""
+API_KEY = "sk-test-upstream-secret"
+
+
+@dataclass
+class Gateway:
+    url: str
+    chat: ChatServer
+    resp: ResponsesServer
+    stack: Stack
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="client-key", max_retries=0, timeout=30, **kw)
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    chat, resp = ChatServer(), ResponsesServer()
+    extproc_port, port, admin = free_port(), free_port(), free_port()
+    cfg = Path(tmp_path_factory.mktemp("gw")) / "config.yaml"
+    cfg.write_text(CONFIG.format(extproc_port=extproc_port, chat=chat.address, resp=resp.address))
+    stack = Stack()
+    try:
+        sidecar = stack.start_sidecar(cfg, env={"VLLM_TEST_KEY": API_KEY})
+        wait_for_port(extproc_port, proc=sidecar)
+        stack.start_envoy(port, admin, extproc_port)
+        yield Gateway(f"http://127.0.0.1:{port}", chat, resp, stack)
+    finally:
+        stack.stop()
+        chat.close()
+        resp.close()
+
+
+@pytest.fixture
+def gw(gateway: Gateway) -> Gateway:
+    gateway.chat.reset()
+    gateway.resp.reset()
+    return gateway

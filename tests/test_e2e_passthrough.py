@@ -1,0 +1,98 @@
+"""End to end: pass-through is byte-for-byte, bad input is answered clearly, routing cannot be spoofed."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from extproc.stack import ENVOY_YAML, find_envoy
+
+
+def post(gw, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    host, port = gw.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", path, body=body, headers={"content-type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    out = resp.status, resp.read()
+    conn.close()
+    return out
+
+
+def test_envoy_config_validates():
+    out = subprocess.run([find_envoy(), "--mode", "validate", "-c", str(ENVOY_YAML)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "OK" in out.stdout
+
+
+def test_same_api_passes_bytes_through_untouched(gw):
+    body = b'{"model": "llama-3",   "messages": [{"role": "user", "content": "exact \\u00e9 bytes"}] ,"temperature":0.10}'
+    status, _ = post(gw, "/v1/chat/completions", body)
+    assert status == 200
+    assert gw.chat.last["raw"] == body  # odd spacing, escapes and number spellings survive
+    assert gw.chat.last["headers"]["content-length"] == str(len(body))
+    r = gw.client().responses.create(model="gpt-5.3-codex", input="hi", store=False)
+    assert r.output_text == "echo: hi"
+    assert gw.resp.last["body"] == {"model": "gpt-5.3-codex", "input": "hi", "store": False}
+
+
+def test_other_paths_pass_through(gw):
+    out = gw.client().embeddings.create(model="text-embedding-small", input="hello")
+    assert out.data[0].embedding == [0.5]
+    assert gw.chat.last["path"] == "/v1/embeddings"
+
+
+@pytest.mark.parametrize(("path", "body", "status", "code"), [
+    ("/v1/chat/completions", b"{not json", 400, "invalid_json"),
+    ("/v1/responses", b'{"model": "llama-3", "input": "x"', 400, "invalid_json"),
+    ("/v1/responses", b"[1, 2]", 400, "invalid_json"),
+    ("/v1/chat/completions", b'{"messages": []}', 400, "missing_required_parameter"),
+    ("/v1/chat/completions", b'{"model": 5, "messages": []}', 400, "invalid_value"),
+    ("/v1/chat/completions", b'{"model": "no-such-model", "messages": []}', 404, "model_not_found"),
+    ("/v1/responses", b'{"model": "llama-3", "input": 5}', 400, "invalid_value"),
+    ("/v1/chat/completions", b'{"model": "gpt-5.3-codex", "messages": [{"role": "wizard", "content": "x"}]}', 400,
+     "invalid_value"),
+    ("/v1/responses", b'{"model": "llama-3", "input": [{"type": "function_call_output", "call_id": "c9", "output": "x"}]}',
+     400, "invalid_value"),
+])
+def test_bad_input_answered_clearly(gw, path, body, status, code):
+    got, raw = post(gw, path, body)
+    assert got == status, raw
+    err = json.loads(raw)["error"]
+    assert err["code"] == code and err["message"]
+    assert not gw.chat.requests and not gw.resp.requests
+    # and the sidecar keeps serving
+    assert gw.client().chat.completions.create(model="llama-3", messages=[{"role": "user", "content": "ok?"}]).choices
+
+
+def test_client_routing_headers_are_ignored(gw):
+    """A client naming another host in the routing headers never reaches it."""
+    trap = socket.socket()
+    trap.bind(("127.0.0.1", 0))
+    trap.listen(8)
+    hits: list[int] = []
+
+    def accept() -> None:
+        trap.settimeout(3)
+        try:
+            conn, _ = trap.accept()
+            hits.append(1)
+            conn.close()
+        except OSError:
+            pass
+
+    t = threading.Thread(target=accept)
+    t.start()
+    trap_addr = f"127.0.0.1:{trap.getsockname()[1]}"
+    body = b'{"model": "llama-3", "messages": [{"role": "user", "content": "spoof"}]}'
+    status, _ = post(gw, "/v1/chat/completions", body, {"x-gateway-destination-endpoint": trap_addr,
+                                                        "x-gateway-backend": "codex", "x-gateway-cluster": "openai"})
+    assert status == 200
+    assert gw.chat.last["body"]["messages"][0]["content"] == "spoof"
+    t.join()
+    trap.close()
+    assert not hits

@@ -1,0 +1,92 @@
+"""Config validation (every problem, with its line) and model classification."""
+
+from __future__ import annotations
+
+import pytest
+
+from extproc.classify import Classifier
+from extproc.config import ConfigError, parse_config
+
+GOOD = """
+backends:
+  - name: vllm
+    api: chat
+    models: ["llama-*", "qwen3"]
+    endpoints: ["127.0.0.1:8001", {address: "localhost:8002", weight: 2}]
+    api_key_env: KEY
+  - name: openai
+    api: both
+    models: ["gpt-*", "o*", "*codex*"]
+    cluster: openai
+    path_prefix: /openai
+model_rules:
+  - match: "gpt-4.1*"
+    mode: chat
+  - match: "qwen3"
+    translate: false
+"""
+
+
+def test_good_config():
+    cfg = parse_config(GOOD, env={"KEY": "sk-1"})
+    vllm, openai = cfg.backends
+    assert [e.address for e in vllm.endpoints] == ["127.0.0.1:8001", "127.0.0.1:8002"]
+    assert vllm.endpoints[1].weight == 2 and vllm.api_key == "sk-1"
+    assert "sk-1" not in repr(vllm)  # the key never shows in logs
+    assert openai.cluster == "openai" and openai.path_prefix == "/openai"
+
+
+def test_every_problem_reported_with_its_line():
+    bad = """
+backends:
+  - name: "bad name!"
+    api: chatty
+    models: []
+    endpoints: ["nohost", "127.0.0.1:99999"]
+    cluster: also
+    api_key_env: MISSING_VAR
+    surprise: 1
+  - name: b2
+    api: chat
+model_rules:
+  - match: x
+    mode: sometimes
+"""
+    with pytest.raises(ConfigError) as e:
+        parse_config(bad, source="cfg.yaml", env={})
+    text = "\n".join(e.value.problems)
+    for expected in ["cfg.yaml:3: backends[0].name", "cfg.yaml:4: backends[0].api: must be one of",
+                     "cfg.yaml:5: backends[0].models", "backends[0].endpoints[0]", "backends[0].endpoints[1]",
+                     "give exactly one of 'endpoints'", "MISSING_VAR is not set",
+                     "cfg.yaml:9: backends[0].surprise: unknown key", "backends[1].models: required",
+                     "cfg.yaml:14: model_rules[0].mode"]:
+        assert expected in text, (expected, text)
+
+
+@pytest.mark.parametrize("text", ["", "backends: []", "backends: [", "- a list"])
+def test_hopeless_configs(text):
+    with pytest.raises(ConfigError):
+        parse_config(text, env={})
+
+
+@pytest.mark.parametrize(("model", "backend", "mode", "source"), [
+    ("llama-3", "vllm", "chat", "backend vllm api"),
+    ("gpt-4o", "openai", "both", "backend openai api"),
+    ("gpt-5.3-codex", "openai", "responses", "built-in catalogue '*codex*'"),
+    ("o3-pro", "openai", "responses", "built-in catalogue 'o3-pro*'"),
+    ("gpt-4.1-mini", "openai", "chat", "model_rules[0] 'gpt-4.1*'"),
+    ("qwen3", "vllm", "chat", "backend vllm api"),
+])
+def test_resolution(model, backend, mode, source):
+    res = Classifier(parse_config(GOOD, env={"KEY": "k"})).resolve(model)
+    assert (res.backend.name, res.mode, res.source) == (backend, mode, source)
+
+
+def test_unknown_model_and_translate_switch():
+    c = Classifier(parse_config(GOOD, env={"KEY": "k"}))
+    assert c.resolve("mistral") is None
+    qwen = c.resolve("qwen3")
+    assert qwen.upstream_api("chat") == "chat" and qwen.upstream_api("responses") is None
+    codex = c.resolve("gpt-5.3-codex")
+    assert codex.upstream_api("chat") == "responses" and codex.upstream_api("responses") == "responses"
+    assert c.resolve("gpt-4o").upstream_api("chat") == "chat"

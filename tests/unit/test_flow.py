@@ -1,0 +1,125 @@
+"""The per-request state machine: which phases Envoy is asked for, what is rewritten (sans-IO)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from extproc.config import parse_config
+from extproc.errors import GatewayError
+from extproc.flow import BUFFERED, STREAMED, Exchange
+from extproc.routing import Gateway
+
+CFG = """
+backends:
+  - name: vllm
+    api: chat
+    models: ["llama-*"]
+    endpoints: ["127.0.0.1:8001", "127.0.0.1:8002"]
+  - name: openai
+    api: responses
+    models: ["gpt-5.3-codex"]
+    cluster: openai
+    path_prefix: /proxy
+"""
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    return Gateway(parse_config(CFG, env={}))
+
+
+def start(gateway, path: str, body: dict | bytes, **headers: str):
+    ex = Exchange(gateway)
+    act = ex.request_headers({":method": "POST", ":path": path, "content-type": "application/json", **headers}, False)
+    assert act.body is None and not act.done
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return ex, ex.request_body(raw)
+
+
+def test_same_api_is_routed_and_released(gateway):
+    _ex, act = start(gateway, "/v1/chat/completions", {"model": "llama-3", "messages": [], "user": "u"})
+    assert act.done and act.body is None and act.clear_route_cache
+    headers = dict(act.set_headers)
+    assert headers["x-gateway-destination-endpoint"] in ("127.0.0.1:8001", "127.0.0.1:8002")
+    assert ":path" not in headers
+    assert "x-gateway-cluster" in act.remove_headers
+
+
+def test_placement_is_stable_for_a_key(gateway):
+    picks = {dict(start(gateway, "/v1/chat/completions",
+                        {"model": "llama-3", "messages": [], "prompt_cache_key": "s1"})[1].set_headers)
+             ["x-gateway-destination-endpoint"] for _ in range(20)}
+    assert len(picks) == 1
+
+
+def test_chat_client_to_responses_model(gateway):
+    ex, act = start(gateway, "/v1/chat/completions",
+                    {"model": "gpt-5.3-codex", "messages": [{"role": "user", "content": "hi"}]})
+    headers = dict(act.set_headers)
+    assert headers[":path"] == "/proxy/v1/responses" and headers["x-gateway-cluster"] == "openai"
+    assert headers["accept-encoding"] == "identity"
+    assert json.loads(act.body)["input"] == [{"type": "message", "role": "user", "content": "hi"}]
+    assert headers["content-length"] == str(len(act.body))
+    assert not act.done
+    resp = ex.response_headers({":status": "200", "content-type": "application/json", "content-length": "10"})
+    assert resp.response_body_mode == BUFFERED and "content-length" in resp.remove_headers
+    out = ex.response_body(json.dumps({"id": "resp_1", "status": "completed", "output": [
+        {"type": "message", "content": [{"type": "output_text", "text": "yo"}]}]}).encode(), True)
+    assert out.done and json.loads(out.body)["choices"][0]["message"]["content"] == "yo"
+
+
+def test_streamed_translation_and_gzip(gateway):
+    ex, _ = start(gateway, "/v1/responses", {"model": "llama-3", "input": "hi", "stream": True})
+    act = ex.response_headers({":status": "200", "content-type": "text/event-stream", "content-encoding": "gzip"})
+    assert act.response_body_mode == STREAMED and "content-encoding" in act.remove_headers
+    chunk = {"id": "c", "created": 1, "model": "llama-3",
+             "choices": [{"index": 0, "delta": {"content": "hey"}, "finish_reason": "stop"}]}
+    data = gzip.compress(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+    first = ex.response_body(data[:10], False)
+    assert not first.done
+    last = ex.response_body(data[10:], True)
+    assert last.done and b"response.completed" in first.body + last.body
+
+
+def test_upstream_error_in_client_shape(gateway):
+    ex, _ = start(gateway, "/v1/responses", {"model": "llama-3", "input": "hi", "stream": True})
+    act = ex.response_headers({":status": "400", "content-type": "application/json"})
+    assert act.response_body_mode == BUFFERED
+    out = ex.response_body(b'{"object":"error","message":"too long","type":"BadRequestError","code":400}', True)
+    assert json.loads(out.body)["error"]["message"] == "too long"
+
+
+def test_non_json_success_is_a_502(gateway):
+    ex, _ = start(gateway, "/v1/responses", {"model": "llama-3", "input": "hi"})
+    ex.response_headers({":status": "200", "content-type": "text/html"})
+    with pytest.raises(GatewayError) as e:
+        ex.response_body(b"<html>", True)
+    assert e.value.status == 502
+
+
+def test_models_list_is_answered_by_the_sidecar(gateway):
+    ex = Exchange(gateway)
+    act = ex.request_headers({":method": "GET", ":path": "/v1/models"}, True)
+    assert act.immediate[0] == 200
+    models = {m["id"]: m for m in json.loads(act.immediate[1])["data"]}
+    assert models["gpt-5.3-codex"]["mode"] == "responses"
+
+
+@pytest.mark.parametrize(("body", "headers", "status"), [
+    (b"{", {}, 400), (b"[]", {}, 400), (b"{}", {}, 400), (b'{"model":"nope"}', {}, 404),
+    (b'{"model":"llama-3"}', {"content-encoding": "gzip"}, 415),
+])
+def test_bad_requests(gateway, body, headers, status):
+    with pytest.raises(GatewayError) as e:
+        start(gateway, "/v1/chat/completions", body, **headers)
+    assert e.value.status == status
+
+
+def test_body_over_the_limit_is_413():
+    gw = Gateway(parse_config(CFG + "limits: {max_body_bytes: 2048}\n", env={}))
+    with pytest.raises(GatewayError) as e:
+        start(gw, "/v1/chat/completions", {"model": "llama-3", "messages": [{"role": "user", "content": "x" * 3000}]})
+    assert e.value.status == 413

@@ -1,0 +1,396 @@
+"""Test upstreams that behave like real providers: strict about what they accept, scripted in what they say.
+
+- `ChatServer`: a chat-only server (vLLM / Ollama style). 404 on /v1/responses, 400 on any field the
+  Chat Completions API does not define, and on tool messages that answer no earlier call.
+- `ResponsesServer`: a Responses-only server (Codex-model style). 400 "use /v1/responses" on
+  /v1/chat/completions, 400 on `messages` or any field the Responses API does not define.
+
+Each reply is taken from `script` (a queue of `Reply`), else an echo of the last user text.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+from extproc.demo_backend import JSONHandler
+
+CHAT_FIELDS = {
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
+    "stream_options", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+    "user", "tools", "tool_choice", "parallel_tool_calls", "response_format", "seed", "reasoning_effort",
+    "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "verbosity", "modalities",
+}
+RESPONSES_FIELDS = {
+    "model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
+    "parallel_tool_calls", "text", "reasoning", "stream", "stream_options", "store", "metadata", "user",
+    "previous_response_id", "include", "truncation", "service_tier", "prompt_cache_key", "safety_identifier",
+    "top_logprobs", "background", "max_tool_calls", "conversation",
+}
+
+
+@dataclass
+class Reply:
+    text: str | None = "ok"
+    reasoning: str | None = None
+    calls: list[tuple[str, str]] = field(default_factory=list)  # (name, JSON arguments)
+    finish: str = "stop"  # stop | length | content_filter (tool_calls is implied by calls)
+    error: tuple[int, Any] | None = None  # (status, JSON body) instead of an answer
+    cut: bool = False  # a stream that stops before its finish
+    usage: bool = True
+    gzip: bool = False  # compress the answer even though the request asked for identity
+
+
+def _err(message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+
+
+def _pieces(text: str, n: int = 3) -> list[str]:
+    size = max(1, -(-len(text) // n))
+    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+
+
+class _Server:
+    handler: type[JSONHandler]
+
+    def __init__(self) -> None:
+        self.script: deque[Reply] = deque()
+        self.requests: list[dict[str, Any]] = []
+        server_self = self
+
+        class Handler(self.handler):  # type: ignore[name-defined,misc]
+            upstream = server_self
+
+        ThreadingHTTPServer.daemon_threads = True
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.address = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def next_reply(self, echo: str) -> Reply:
+        return self.script.popleft() if self.script else Reply(text=f"echo: {echo}")
+
+    def reset(self) -> None:
+        self.script.clear()
+        self.requests.clear()
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.requests[-1]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+class _Handler(JSONHandler):
+    """Sends gzip when the reply says so, as some proxies in front of real servers do."""
+
+    gz: Any = None
+
+    def reply_for(self, echo: str) -> Reply:
+        reply = self.upstream.next_reply(echo)
+        self.gz = zlib.compressobj(wbits=31) if reply.gzip else None
+        return reply
+
+    def send_json(self, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:
+        if self.gz is None:
+            return super().send_json(status, doc, headers)
+        body = self.gz.compress(json.dumps(doc).encode()) + self.gz.flush()
+        self.send_response(status)
+        for k, v in {"content-type": "application/json", "content-encoding": "gzip",
+                     "content-length": str(len(body)), **(headers or {})}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def start_sse(self) -> None:
+        if self.gz is None:
+            return super().start_sse()
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-encoding", "gzip")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+
+    def send_chunk(self, data: bytes) -> None:
+        super().send_chunk(self.gz.compress(data) + self.gz.flush(zlib.Z_SYNC_FLUSH) if self.gz else data)
+
+    def end_chunks(self) -> None:
+        if self.gz is not None:
+            super().send_chunk(self.gz.flush())
+        super().end_chunks()
+
+
+class _ChatHandler(_Handler):
+    upstream: ChatServer
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/models":
+            self.send_json(200, {"object": "list", "data": []})
+        else:
+            self.send_json(404, {"detail": "Not Found"})
+
+    def do_POST(self) -> None:
+        body = self.read_json()
+        self.upstream.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
+                                       "raw": self.raw_body})
+        if self.path == "/v1/embeddings":
+            self.send_json(200, {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
+                                 "model": body.get("model"), "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+            return
+        if self.path != "/v1/chat/completions":
+            self.send_json(404, {"detail": "Not Found"})  # what vLLM says for /v1/responses
+            return
+        problem = self.check(body)
+        if problem:
+            self.send_json(400, {"object": "error", "message": problem, "type": "BadRequestError", "param": None,
+                                 "code": 400})  # vLLM's error shape
+            return
+        last_user = next((m.get("content") for m in reversed(body["messages"]) if m.get("role") == "user"), "")
+        reply = self.reply_for(last_user if isinstance(last_user, str) else json.dumps(last_user))
+        if reply.error:
+            self.send_json(*reply.error)
+            return
+        if body.get("stream"):
+            self.stream(body, reply)
+        else:
+            self.send_json(200, self.completion(body, reply))
+
+    def check(self, body: Any) -> str | None:
+        if not isinstance(body, dict):
+            return "body must be an object"
+        extra = set(body) - CHAT_FIELDS
+        if extra:
+            return f"Unrecognized request argument supplied: {', '.join(sorted(extra))}"
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return "messages must be a non-empty list"
+        calls: set[str] = set()
+        for m in messages:
+            role = m.get("role")
+            if role not in ("system", "user", "assistant", "tool", "developer"):
+                return f"invalid role {role}"
+            if role == "assistant":
+                for c in m.get("tool_calls") or []:
+                    if c.get("type") != "function" or not c.get("id") or "name" not in c.get("function", {}):
+                        return "malformed tool call"
+                    calls.add(c["id"])
+            if role == "tool" and m.get("tool_call_id") not in calls:
+                return f"tool message answers unknown call {m.get('tool_call_id')}"
+            if role != "assistant" and not isinstance(m.get("content"), (str, list)):
+                return f"{role} message needs content"
+        return None
+
+    def _usage(self) -> dict[str, Any]:
+        return {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
+                "prompt_tokens_details": {"cached_tokens": 3}, "completion_tokens_details": {"reasoning_tokens": 2}}
+
+    def completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": reply.text}
+        if reply.reasoning:
+            message["reasoning_content"] = reply.reasoning
+        if reply.calls:
+            message["tool_calls"] = [{"id": f"call_{i}_{uuid.uuid4().hex[:6]}", "type": "function",
+                                      "function": {"name": n, "arguments": a}} for i, (n, a) in enumerate(reply.calls)]
+        finish = "tool_calls" if reply.calls else reply.finish
+        return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
+                "model": body["model"], "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                                                     "logprobs": None}],
+                "usage": self._usage() if reply.usage else None}
+
+    def stream(self, body: dict[str, Any], reply: Reply) -> None:
+        self.start_sse()
+        base = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": body["model"]}
+
+        def send(delta: dict[str, Any], finish: str | None = None) -> None:
+            chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            self.send_chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+        send({"role": "assistant", "content": ""})
+        for piece in _pieces(reply.reasoning or "") if reply.reasoning else []:
+            send({"reasoning_content": piece})
+        for piece in _pieces(reply.text) if reply.text else []:
+            send({"content": piece})
+        ids = [f"call_{i}_{uuid.uuid4().hex[:6]}" for i in range(len(reply.calls))]
+        for i, (name, _) in enumerate(reply.calls):  # all calls announced, then arguments interleaved
+            send({"tool_calls": [{"index": i, "id": ids[i], "type": "function",
+                                  "function": {"name": name, "arguments": ""}}]})
+        pieces = [_pieces(args) for _, args in reply.calls]
+        for j in range(max((len(p) for p in pieces), default=0)):
+            for i, p in enumerate(pieces):
+                if j < len(p):
+                    send({"tool_calls": [{"index": i, "function": {"arguments": p[j]}}]})
+        if reply.cut:
+            self.end_chunks()
+            return
+        send({}, "tool_calls" if reply.calls else reply.finish)
+        if (body.get("stream_options") or {}).get("include_usage") and reply.usage:
+            self.send_chunk(b"data: " + json.dumps({**base, "choices": [], "usage": self._usage()}).encode() + b"\n\n")
+        self.send_chunk(b"data: [DONE]\n\n")
+        self.end_chunks()
+
+
+class ChatServer(_Server):
+    handler = _ChatHandler
+
+
+class _ResponsesHandler(_Handler):
+    upstream: ResponsesServer
+
+    def do_POST(self) -> None:
+        body = self.read_json()
+        self.upstream.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
+                                       "raw": self.raw_body})
+        if self.path == "/v1/chat/completions":
+            self.send_json(400, _err("This model is only supported in v1/responses and not in v1/chat/completions.",
+                                     "unsupported_api"))
+            return
+        if self.path != "/v1/responses":
+            self.send_json(404, _err("Not found"))
+            return
+        extra = set(body) - RESPONSES_FIELDS if isinstance(body, dict) else {"<not an object>"}
+        if extra:
+            self.send_json(400, _err(f"Unknown parameter: '{sorted(extra)[0]}'.", "unknown_parameter",
+                                     sorted(extra)[0]))
+            return
+        problem = self.check_input(body.get("input"))
+        if problem:
+            self.send_json(400, _err(problem, "invalid_value", "input"))
+            return
+        reply = self.reply_for(self.last_user(body.get("input")))
+        if reply.error:
+            self.send_json(*reply.error)
+            return
+        response = self.response(body, reply)
+        if body.get("stream"):
+            self.stream(response, reply)
+        else:
+            self.send_json(200, response)
+
+    @staticmethod
+    def last_user(inp: Any) -> str:
+        if isinstance(inp, str):
+            return inp
+        for item in reversed(inp or []):
+            if item.get("role") == "user":
+                c = item.get("content")
+                return c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if p.get("type") == "input_text")
+        return ""
+
+    @staticmethod
+    def check_input(inp: Any) -> str | None:
+        if isinstance(inp, str):
+            return None
+        if not isinstance(inp, list):
+            return "input must be a string or a list"
+        calls = set()
+        for item in inp:
+            kind = item.get("type", "message")
+            if kind == "message":
+                if item.get("role") not in ("user", "assistant", "system", "developer"):
+                    return f"invalid role {item.get('role')}"
+                content = item.get("content")
+                if isinstance(content, list):
+                    allowed = {"output_text", "refusal"} if item["role"] == "assistant" else {
+                        "input_text", "input_image", "input_file"}
+                    bad = [p.get("type") for p in content if p.get("type") not in allowed]
+                    if bad:
+                        return f"invalid content part {bad[0]} for role {item['role']}"
+            elif kind == "function_call":
+                calls.add(item["call_id"])
+            elif kind == "function_call_output":
+                if item.get("call_id") not in calls:
+                    return f"No tool call found for function call output with call_id {item.get('call_id')}."
+            else:
+                return f"unsupported item type {kind}"
+        return None
+
+    def response(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+        output: list[dict[str, Any]] = []
+        status = "incomplete" if reply.finish in ("length", "content_filter") else "completed"
+        if reply.reasoning:
+            output.append({"type": "reasoning", "id": "rs_" + uuid.uuid4().hex,
+                           "summary": [{"type": "summary_text", "text": reply.reasoning}]})
+        if reply.text:
+            output.append({"type": "message", "id": "msg_" + uuid.uuid4().hex, "status": status, "role": "assistant",
+                           "content": [{"type": "output_text", "text": reply.text, "annotations": []}]})
+        for i, (name, args) in enumerate(reply.calls):
+            output.append({"type": "function_call", "id": f"fc_{i}_{uuid.uuid4().hex[:6]}",
+                           "call_id": f"call_{i}_{uuid.uuid4().hex[:6]}", "name": name, "arguments": args,
+                           "status": "completed"})
+        return {
+            "id": "resp_" + uuid.uuid4().hex, "object": "response", "created_at": int(time.time()),
+            "status": status, "model": body["model"], "output": output,
+            "incomplete_details": {"reason": "max_output_tokens" if reply.finish == "length" else reply.finish}
+            if status == "incomplete" else None,
+            "usage": {"input_tokens": 11, "input_tokens_details": {"cached_tokens": 3}, "output_tokens": 7,
+                      "output_tokens_details": {"reasoning_tokens": 2}, "total_tokens": 18} if reply.usage else None,
+            "error": None, "instructions": body.get("instructions"), "tools": body.get("tools", []),
+            "parallel_tool_calls": True, "tool_choice": "auto", "text": {"format": {"type": "text"}},
+        }
+
+    def stream(self, response: dict[str, Any], reply: Reply) -> None:
+        self.start_sse()
+        seq = 0
+
+        def send(kind: str, **fields: Any) -> None:
+            nonlocal seq
+            ev = {"type": kind, "sequence_number": seq, **fields}
+            seq += 1
+            self.send_chunk(f"event: {kind}\ndata: {json.dumps(ev)}\n\n".encode())
+
+        shell = {**response, "status": "in_progress", "output": [], "usage": None}
+        send("response.created", response=shell)
+        send("response.in_progress", response=shell)
+        for idx, item in enumerate(response["output"]):
+            kind = item["type"]
+            if kind == "reasoning":
+                send("response.output_item.added", output_index=idx, item={**item, "summary": []})
+                text = item["summary"][0]["text"]
+                send("response.reasoning_summary_part.added", item_id=item["id"], output_index=idx, summary_index=0,
+                     part={"type": "summary_text", "text": ""})
+                for p in _pieces(text):
+                    send("response.reasoning_summary_text.delta", item_id=item["id"], output_index=idx,
+                         summary_index=0, delta=p)
+                send("response.reasoning_summary_text.done", item_id=item["id"], output_index=idx, summary_index=0,
+                     text=text)
+                send("response.reasoning_summary_part.done", item_id=item["id"], output_index=idx, summary_index=0,
+                     part={"type": "summary_text", "text": text})
+            elif kind == "message":
+                send("response.output_item.added", output_index=idx, item={**item, "content": [], "status": "in_progress"})
+                text = item["content"][0]["text"]
+                send("response.content_part.added", item_id=item["id"], output_index=idx, content_index=0,
+                     part={"type": "output_text", "text": "", "annotations": []})
+                for p in _pieces(text):
+                    send("response.output_text.delta", item_id=item["id"], output_index=idx, content_index=0, delta=p)
+                send("response.output_text.done", item_id=item["id"], output_index=idx, content_index=0, text=text)
+                send("response.content_part.done", item_id=item["id"], output_index=idx, content_index=0,
+                     part=item["content"][0])
+            elif kind == "function_call":
+                send("response.output_item.added", output_index=idx,
+                     item={**item, "arguments": "", "status": "in_progress"})
+                # Every other call sends its arguments only in `.done`, as some servers do.
+                if idx % 2 == 0:
+                    for p in _pieces(item["arguments"]):
+                        send("response.function_call_arguments.delta", item_id=item["id"], output_index=idx, delta=p)
+                send("response.function_call_arguments.done", item_id=item["id"], output_index=idx,
+                     arguments=item["arguments"])
+            if reply.cut:
+                self.end_chunks()
+                return
+            send("response.output_item.done", output_index=idx, item=item)
+        terminal = "response.completed" if response["status"] == "completed" else "response.incomplete"
+        send(terminal, response=response)
+        self.end_chunks()
+
+
+class ResponsesServer(_Server):
+    handler = _ResponsesHandler

@@ -18,6 +18,7 @@ class JSONHandler(BaseHTTPRequestHandler):
     """HTTP/1.1 keep-alive handler with JSON and SSE helpers (shared with the test upstreams)."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as real servers do: small SSE writes must not wait for ACKs
     raw_body = b""
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet by default

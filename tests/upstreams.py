@@ -46,6 +46,7 @@ class Reply:
     cut: bool = False  # a stream that stops before its finish
     usage: bool = True
     gzip: bool = False  # compress the answer even though the request asked for identity
+    pieces: int = 3  # deltas per streamed text
 
 
 def _err(message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -369,7 +370,7 @@ class _ResponsesHandler(_Handler):
                 text = item["content"][0]["text"]
                 send("response.content_part.added", item_id=item["id"], output_index=idx, content_index=0,
                      part={"type": "output_text", "text": "", "annotations": []})
-                for p in _pieces(text):
+                for p in _pieces(text, reply.pieces):
                     send("response.output_text.delta", item_id=item["id"], output_index=idx, content_index=0, delta=p)
                 send("response.output_text.done", item_id=item["id"], output_index=idx, content_index=0, text=text)
                 send("response.content_part.done", item_id=item["id"], output_index=idx, content_index=0,

@@ -62,6 +62,22 @@ class Limits:
     max_body_bytes: int = 64 * 1024 * 1024
 
 
+STORES = ("memory", "sqlite", "redis")
+
+
+@dataclass(frozen=True)
+class State:
+    """Where response pins and sidecar-held conversations live, and for how long."""
+
+    store: str = "memory"  # memory (one replica) | sqlite (survives restarts) | redis (shared by replicas)
+    sqlite_path: str | None = None
+    redis_url: str | None = None
+    timeout_ms: int = 250  # per store call; a slower store counts as unavailable
+    ttl_seconds: int = 30 * 24 * 3600  # as long as OpenAI keeps stored responses
+    max_entries: int = 100_000  # memory store bound (least recently used go first)
+    max_record_bytes: int = 8 * 1024 * 1024  # larger conversations turns are not stored (logged)
+
+
 @dataclass(frozen=True)
 class Config:
     backends: tuple[Backend, ...]
@@ -69,6 +85,7 @@ class Config:
     listen: str = "127.0.0.1:50051"
     log_level: str = "info"
     limits: Limits = Limits()
+    state: State = State()
     source: str = "<memory>"
 
     def backend(self, name: str) -> Backend | None:
@@ -156,7 +173,7 @@ class _Validator:
     def config(self, root: yaml.Node | None) -> Config:
         if root is None:
             raise ConfigError([f"{self.source}: empty config: at least one backend is required"])
-        top = self.mapping(root, "", {"listen", "log_level", "backends", "model_rules", "limits"})
+        top = self.mapping(root, "", {"listen", "log_level", "backends", "model_rules", "limits", "state"})
         kw: dict[str, Any] = {"source": self.source}
         if "listen" in top:
             listen = self.scalar(top["listen"], "listen", str)
@@ -174,6 +191,10 @@ class _Validator:
                     self.problem(lim["max_body_bytes"], "limits.max_body_bytes", "must be at least 1024")
                 elif n is not None:
                     kw["limits"] = Limits(max_body_bytes=n)
+        if "state" in top:
+            state = self.state(top["state"])
+            if state is not None:
+                kw["state"] = state
         backends: list[Backend] = []
         if "backends" not in top:
             self.problem(root, "backends", "required: list at least one backend")
@@ -202,6 +223,36 @@ class _Validator:
         if self.problems:
             raise ConfigError(self.problems)
         return Config(backends=tuple(backends), model_rules=tuple(rules), **kw)
+
+    def state(self, node: yaml.Node) -> State | None:
+        ints = {"timeout_ms": (1, 60_000), "ttl_seconds": (60, 10 * 365 * 86400),
+                "max_entries": (100, 100_000_000), "max_record_bytes": (1024, 1 << 30)}
+        m = self.mapping(node, "state", {"store", "sqlite_path", "redis_url", *ints})
+        before = len(self.problems)
+        kw: dict[str, Any] = {}
+        if "store" in m:
+            kw["store"] = self.choice(m["store"], "state.store", STORES)
+        for name in ("sqlite_path", "redis_url"):
+            if name in m:
+                kw[name] = self.scalar(m[name], f"state.{name}", str)
+        for name, (lo, hi) in ints.items():
+            if name in m:
+                v = self.scalar(m[name], f"state.{name}", int)
+                if v is not None and not lo <= v <= hi:
+                    self.problem(m[name], f"state.{name}", f"must be between {lo} and {hi}")
+                kw[name] = v
+        store = kw.get("store", "memory")
+        if store == "sqlite" and not kw.get("sqlite_path"):
+            self.problem(node, "state.sqlite_path", "required when state.store is sqlite")
+        if store == "redis":
+            url = kw.get("redis_url")
+            if not url:
+                self.problem(node, "state.redis_url", "required when state.store is redis")
+            elif not url.startswith(("redis://", "rediss://", "unix://")):
+                self.problem(m["redis_url"], "state.redis_url", "must start with redis://, rediss:// or unix://")
+        if len(self.problems) > before:
+            return None
+        return State(**kw)
 
     def backend(self, node: yaml.Node, key: str) -> Backend | None:
         allowed = {"name", "api", "models", "endpoints", "cluster", "path_prefix", "api_key_env",

@@ -5,21 +5,28 @@ response body chunks) and turns each returned `Action` into a ProcessingResponse
 does I/O, so every decision can be unit-tested with plain dicts and bytes.
 
 Phases Envoy is asked for: request headers and the buffered request body always; response headers
-and body only when the response must be translated (`Action.done` ends the exchange early, and
-Envoy then passes the rest through untouched).
+and body only when the response must be translated, or when a Responses reply's id must be recorded
+(then only up to the chunk that carries it). `Action.done` ends the exchange early, and Envoy passes
+the rest through untouched.
+
+Stored state (pins, sidecar-held turns) is reached the h11 way: a method returns `Lookup(keys)`, the
+shell fetches them and calls `resume(values)`; writes ride on `Action.writes`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
 
-from .classify import CHAT, RESPONSES
-from .errors import GatewayError, upstream_error_payload
+from . import conversations as conv
+from .classify import CHAT, RESPONSES, Resolution
+from .errors import GatewayError, invalid, upstream_error_payload
 from .routing import ROUTING_HEADERS, Gateway, Target, placement_key
 from .translate import (
     req_chat_to_responses,
@@ -36,6 +43,8 @@ log = logging.getLogger("extproc")
 API_PATHS = {"/v1/chat/completions": CHAT, "/v1/responses": RESPONSES}
 UPSTREAM_PATHS = {CHAT: "/v1/chat/completions", RESPONSES: "/v1/responses"}
 BUFFERED, STREAMED = "BUFFERED", "STREAMED"
+_ID_RE = re.compile(rb'"id"\s*:\s*"([^"\\]{1,200})"')
+_ID_SCAN_LIMIT = 64 * 1024  # a reply whose id is not in its first 64 KiB is not pinned
 
 
 class StreamTranslator(Protocol):
@@ -54,7 +63,17 @@ class Action:
     clear_route_cache: bool = False
     immediate: tuple[int, bytes, str] | None = None  # (status, body, content-type): answer without upstream
     response_body_mode: str | None = None  # ask Envoy for the response body: BUFFERED or STREAMED
+    writes: list[tuple[str, bytes | None]] = field(default_factory=list)  # store writes (None deletes) first
     done: bool = False  # nothing more to do for this exchange: close the ext_proc stream
+
+
+@dataclass(slots=True)
+class Lookup:
+    """The exchange needs these store keys to decide: the shell fetches them and calls `then` with
+    their values, or with None when the store is unavailable."""
+
+    keys: tuple[str, ...]
+    then: Callable[[list[bytes | None] | None], Action | Lookup]
 
 
 def error_action(err: GatewayError) -> Action:
@@ -76,6 +95,10 @@ class Exchange:
         self.status = 0
         self.encoding: Any = None  # a zlib decompressor when the upstream compressed a translated body
         self.translator: StreamTranslator | None = None
+        self.record_pin = False  # read the reply's id and pin it to `target`
+        self.id_scan = b""
+        self.pinned_id: str | None = None  # the response id this request was routed by
+        self.turn: tuple[list[dict[str, Any]], list[str]] | None = None  # (input items, ancestors) to store
 
     @property
     def translated(self) -> bool:
@@ -88,6 +111,9 @@ class Exchange:
         self.method = headers.get(":method", "")
         self.path = headers.get(":path", "")
         self.client_api = API_PATHS.get(self.path.partition("?")[0])
+        resource = conv.RESOURCE_RE.match(self.path.partition("?")[0])
+        if resource is not None:
+            return self._resource_lookup(resource.group(1), resource.group(2) or "")
         if not end_of_stream:
             return Action()  # the buffered body comes next; decide there
         if self.method == "GET" and self.path.partition("?")[0] == "/v1/models":
@@ -100,7 +126,9 @@ class Exchange:
         b = self.gw.default_backend
         return self.gw.target(b, placement_key({}, self.headers)).endpoint
 
-    def request_body(self, raw: bytes) -> Action:
+    def request_body(self, raw: bytes) -> Action | Lookup:
+        if self.target is not None:  # already routed from its headers (POST /v1/responses/{id}/cancel)
+            return Action()
         limit = self.gw.config.limits.max_body_bytes
         if len(raw) > limit:
             raise GatewayError(413, f"request body of {len(raw)} bytes exceeds the gateway limit of {limit} bytes",
@@ -137,18 +165,135 @@ class Exchange:
                                     f"off for it: call {path} instead", param="model", code="unsupported_api")
         stream = body.get("stream", False)
         self.stream = stream is True
+        if self.client_api == RESPONSES:
+            prev = body.get("previous_response_id")
+            if prev is not None:
+                if not isinstance(prev, str) or not prev:
+                    raise invalid("previous_response_id", "expected a response id string")
+                return Lookup((conv.turn_key(prev), conv.pin_key(prev)),
+                              lambda values: self._continue_from(prev, res, target, values))
+            return self._forward(res, target, [])
         if not self.translated:
             return self._route(target, body=None)
-        if self.client_api == CHAT:
-            new = req_chat_to_responses.translate_request(body)
-        else:
-            if body.get("previous_response_id") is not None:
-                raise GatewayError(400, "previous_response_id needs a Responses backend: this model is served "
-                                        "on /v1/chat/completions", param="previous_response_id",
-                                   code="unsupported_parameter")
-            new = req_responses_to_chat.translate_request(
-                body, max_tokens_field=res.backend.chat_max_tokens_field)
-        return self._route(target, body=orjson.dumps(new))
+        return self._route(target, body=orjson.dumps(req_chat_to_responses.translate_request(body)))
+
+    # -- Responses requests: state ----------------------------------------------------------------
+
+    def _forward(self, res: Resolution, target: Target, prior: list[dict[str, Any]],
+                 ancestors: list[str] | None = None) -> Action:
+        """Send a Responses request on, `prior` items (a sidecar-held conversation) merged into its input."""
+        body = self.request
+        keep = body.get("store") is not False
+        if self.translated:
+            items = conv.input_items(body.get("input"))
+            if keep:
+                self.turn = (items, ancestors or [])
+            body = {**body, "input": prior + items} if prior else body
+            new = req_responses_to_chat.translate_request(body, max_tokens_field=res.backend.chat_max_tokens_field)
+            return self._route(target, body=orjson.dumps(new))
+        # A Responses backend keeps its own state: pin the reply's id to the instance that made it.
+        self.record_pin = keep and target.endpoint is not None
+        if prior:  # the conversation so far was kept by the sidecar: hand it over whole
+            new = {k: v for k, v in body.items() if k != "previous_response_id"}
+            new["input"] = prior + conv.input_items(body.get("input"))
+            return self._route(target, body=orjson.dumps(new))
+        return self._route(target, body=None)
+
+    def _continue_from(self, prev: str, res: Resolution, target: Target,
+                       values: list[bytes | None] | None) -> Action | Lookup:
+        stats = self.gw.stats
+        if values is None:
+            if self.translated:
+                stats["state_unavailable"] += 1
+                raise GatewayError(503, "the conversation store is unavailable; retry shortly",
+                                   code="state_unavailable")
+            stats["pin_fallback"] += 1
+            log.warning("previous_response_id %s: store unavailable, routing by ring", prev)
+            return self._forward(res, self.gw.target(res.backend, prev), [])
+        turn, pin = conv.load_turn(values[0]), conv.Pin.loads(values[1]) if values[1] else None
+        if turn is not None:
+            ancestors = turn.get("ancestors") or []
+            if not ancestors:
+                return self._continue_turns(prev, res, target, turn, [], [])
+            return Lookup(tuple(conv.turn_key(a) for a in ancestors),
+                          lambda vals: self._continue_turns(prev, res, target, turn, ancestors, vals))
+        if pin is not None:
+            if self.translated:
+                raise GatewayError(400, f"Previous response '{prev}' is held by backend '{pin.backend}', but model "
+                                        f"'{self.model}' is served by chat-only backend '{res.backend.name}', which "
+                                        "cannot continue it", param="previous_response_id",
+                                   code="previous_response_not_found")
+            stats["pin_hit"] += 1
+            self.pinned_id = prev
+            return self._forward(res, self._pinned_target(prev, pin), [])
+        if self.translated:
+            stats["turn_miss"] += 1
+            raise conv.previous_not_found(prev)
+        stats["pin_fallback"] += 1
+        log.info("previous_response_id %s: no pin recorded, routing by ring", prev)
+        return self._forward(res, self.gw.target(res.backend, prev), [])
+
+    def _continue_turns(self, prev: str, res: Resolution, target: Target, turn: dict[str, Any],
+                        ancestors: list[str], values: list[bytes | None] | None) -> Action:
+        if values is None:
+            self.gw.stats["state_unavailable"] += 1
+            raise GatewayError(503, "the conversation store is unavailable; retry shortly", code="state_unavailable")
+        turns = [conv.load_turn(v) for v in values]
+        for aid, t in zip(ancestors, turns, strict=True):
+            if t is None:
+                raise GatewayError(404, f"An earlier response in this conversation ('{aid}') has expired or was "
+                                        "deleted, so it cannot be continued", param="previous_response_id",
+                                   code="previous_response_not_found")
+        self.gw.stats["turn_hit"] += 1
+        endpoint = turn.get("endpoint")  # same instance as before when it is still there: its prefix cache
+        if self.translated and endpoint in {e.address for e in res.backend.endpoints}:
+            target = Target(res.backend, endpoint)
+        return self._forward(res, target, conv.history([*turns, turn]), conv.chain(turn, prev))
+
+    def _pinned_target(self, response_id: str, pin: conv.Pin) -> Target:
+        backend = self.gw.config.backend(pin.backend)
+        if backend is None or (pin.endpoint is not None and pin.endpoint not in {e.address for e in backend.endpoints}):
+            self.gw.stats["pin_gone"] += 1
+            where = f"instance {pin.endpoint} of backend '{pin.backend}'" if pin.endpoint else f"backend '{pin.backend}'"
+            raise GatewayError(409, f"Response '{response_id}' is held by {where}, which is no longer configured; "
+                                    "its conversation cannot be continued", param="previous_response_id",
+                               code="pinned_backend_gone")
+        return Target(backend, pin.endpoint)
+
+    def _resource_lookup(self, response_id: str, suffix: str) -> Action | Lookup:
+        allowed = {"": ("GET", "DELETE"), "/cancel": ("POST",), "/input_items": ("GET",)}[suffix]
+        if self.method not in allowed:
+            raise GatewayError(405, f"{self.method} is not supported on /v1/responses/{{id}}{suffix}",
+                               code="method_not_allowed")
+        self.pinned_id = response_id
+        return Lookup((conv.turn_key(response_id), conv.pin_key(response_id)),
+                      lambda values: self._resource(response_id, suffix, values))
+
+    def _resource(self, response_id: str, suffix: str, values: list[bytes | None] | None) -> Action:
+        """GET/DELETE/cancel/input_items: answered from a held turn, else sent where the response lives."""
+        turn = conv.load_turn(values[0]) if values else None
+        if turn is not None:
+            self.gw.stats["turn_hit"] += 1
+            if suffix == "/input_items":
+                return Action(immediate=(200, conv.input_items_page(turn["input"], self.path.partition("?")[2]),
+                                         "application/json"), done=True)
+            if suffix == "/cancel":
+                raise GatewayError(400, "Only responses created with background=true can be cancelled.",
+                                   code="invalid_request_error")
+            if self.method == "DELETE":
+                return Action(immediate=(200, conv.deleted(response_id), "application/json"),
+                              writes=[(conv.turn_key(response_id), None)], done=True)
+            return Action(immediate=(200, orjson.dumps(turn["response"]), "application/json"), done=True)
+        pin = conv.Pin.loads(values[1]) if values and values[1] else None
+        if pin is not None:
+            self.gw.stats["pin_hit"] += 1
+            return self._route(self._pinned_target(response_id, pin), body=None)
+        backend = self.gw.responses_backend
+        if backend is None:
+            raise conv.response_not_found(response_id)
+        self.gw.stats["pin_fallback"] += 1
+        self.pinned_id = None
+        return self._route(self.gw.target(backend, response_id), body=None)
 
     def _route(self, target: Target, body: bytes | None) -> Action:
         self.target = target
@@ -165,7 +310,7 @@ class Exchange:
             headers.append(("content-length", str(len(body))))
             headers.append(("accept-encoding", "identity"))  # translated answers must arrive readable
         return Action(set_headers=headers, remove_headers=remove, body=body, clear_route_cache=True,
-                      done=not self.translated)
+                      done=not (self.translated or self.record_pin or self.pinned_id))
 
     # -- response -------------------------------------------------------------------------------
 
@@ -174,6 +319,8 @@ class Exchange:
             self.status = int(headers.get(":status", "0"))
         except ValueError:
             self.status = 502
+        if not self.translated:
+            return self._untranslated_headers(headers)
         remove: tuple[str, ...] = ("content-length",)
         encoding = headers.get("content-encoding", "identity").lower()
         if encoding in ("gzip", "deflate"):
@@ -203,20 +350,65 @@ class Exchange:
         except zlib.error as e:
             raise GatewayError(502, f"the upstream sent a corrupt compressed body: {e}", code="upstream_encoding") from None
 
+    def _untranslated_headers(self, headers: dict[str, str]) -> Action:
+        """A reply in the client's own API: read its id (to pin it) or explain a lost pinned instance."""
+        if self.pinned_id and self.status == 503 and "json" not in headers.get("content-type", ""):
+            return Action(set_headers=[("content-type", "application/json")], remove_headers=("content-length",),
+                          response_body_mode=BUFFERED)  # Envoy's own "upstream connect error" reply
+        if self.record_pin and self.status == 200:
+            return Action(response_body_mode=STREAMED)
+        return Action(done=True)
+
+    def _scan_id(self, chunk: bytes, end_of_stream: bool) -> Action:
+        """Pin the reply's id: the first "id" of a Response body, or of a stream's response.created event."""
+        self.id_scan += chunk
+        found = _ID_RE.search(self.id_scan)
+        if found is None and not end_of_stream and len(self.id_scan) < _ID_SCAN_LIMIT:
+            return Action()
+        assert self.target is not None
+        if found is None:
+            log.warning("%s: no response id in the first %d bytes of the reply; not pinned", self.path, len(self.id_scan))
+            return Action(done=True)
+        pin = conv.Pin(self.target.backend.name, self.target.endpoint)
+        return Action(writes=[(conv.pin_key(found.group(1).decode()), pin.dumps())], done=True)
+
     def response_body(self, chunk: bytes, end_of_stream: bool) -> Action:
+        if not self.translated:
+            if self.record_pin and self.status == 200:
+                return self._scan_id(chunk, end_of_stream)
+            assert self.target is not None
+            where = f"instance {self.target.endpoint} of backend '{self.target.backend.name}'"
+            body = GatewayError(503, f"Response '{self.pinned_id}' is held by {where}, which is not answering; "
+                                     "retry later", code="pinned_backend_unavailable").body()
+            return Action(body=body, set_headers=[("content-length", str(len(body)))], done=True)
         if self.translator is not None:
             try:
                 data = self._decode(chunk, end_of_stream)
             except GatewayError as e:
                 return Action(body=self.translator.fail(e.code or "upstream_error", e.message), done=True)
             out = self.translator.feed(data)
-            if end_of_stream:
-                out += self.translator.close()
-            return Action(body=out, done=end_of_stream)
-        body = self._translate_buffered(self._decode(chunk, end_of_stream))
-        return Action(body=body, set_headers=[("content-length", str(len(body)))], done=True)
+            if not end_of_stream:
+                return Action(body=out)
+            out += self.translator.close()
+            final = getattr(self.translator, "response", None)
+            return Action(body=out, writes=self._store_turn(final), done=True)
+        body, doc = self._translate_buffered(self._decode(chunk, end_of_stream))
+        return Action(body=body, set_headers=[("content-length", str(len(body)))], writes=self._store_turn(doc),
+                      done=True)
 
-    def _translate_buffered(self, data: bytes) -> bytes:
+    def _store_turn(self, response: dict[str, Any] | None) -> list[tuple[str, bytes | None]]:
+        """Keep a translated Response (with its input) so previous_response_id can continue from it."""
+        if self.turn is None or response is None or response.get("status") not in ("completed", "incomplete"):
+            return []
+        assert self.target is not None
+        record = conv.turn_record(response, self.turn[0], self.turn[1], self.target.endpoint)
+        if len(record) > self.gw.config.state.max_record_bytes:
+            log.warning("response %s not stored: %d bytes exceeds state.max_record_bytes", response["id"], len(record))
+            return []
+        return [(conv.turn_key(response["id"]), record)]
+
+    def _translate_buffered(self, data: bytes) -> tuple[bytes, dict[str, Any] | None]:
+        """The client's body, and the Response object when one was made (to store)."""
         doc: Any = None
         if 200 <= self.status < 300:
             try:
@@ -227,7 +419,8 @@ class Exchange:
             if 200 <= self.status < 300:
                 raise GatewayError(502, "the upstream returned a response that is not JSON",
                                    code="bad_upstream_response")
-            return orjson.dumps({"error": upstream_error_payload(self.status, data)})
+            return orjson.dumps({"error": upstream_error_payload(self.status, data)}), None
         if self.client_api == CHAT:
-            return orjson.dumps(resp_responses_to_chat.translate_response(doc, self.model or ""))
-        return orjson.dumps(resp_chat_to_responses.translate_response(doc, self.request, new_id("resp_")))
+            return orjson.dumps(resp_responses_to_chat.translate_response(doc, self.model or "")), None
+        resp = resp_chat_to_responses.translate_response(doc, self.request, new_id("resp_"))
+        return orjson.dumps(resp), resp

@@ -6,6 +6,7 @@ Built once per config (rings are precomputed); look-ups are pure and cheap.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,9 @@ class Gateway:
             for b in config.backends if b.endpoints
         }
         self.default_backend = config.backends[0]
+        # Where a /v1/responses/{id} request with no record goes (by ring position of the id).
+        self.responses_backend = next((b for b in config.backends if b.api in ("responses", "both")), None)
+        self.stats: Counter[str] = Counter()  # pin_hit, pin_fallback, pin_gone, turn_hit, turn_miss, ...
 
     def resolve(self, model: str) -> Resolution | None:
         return self.classifier.resolve(model)

@@ -21,8 +21,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .config import ConfigError, load_config
 from .errors import GatewayError
-from .flow import Action, Exchange, error_action
+from .flow import Action, Exchange, Lookup, error_action
 from .routing import Gateway
+from .store import Store, StoreUnavailable, open_store
 
 log = logging.getLogger("extproc")
 
@@ -89,8 +90,22 @@ class GatewayHolder:
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, holder: GatewayHolder):
+    def __init__(self, holder: GatewayHolder, store: Store):
         self.holder = holder
+        self.store = store
+
+    async def _fetch(self, lookup: Lookup) -> list[bytes | None] | None:
+        try:
+            return await self.store.get_many(lookup.keys)
+        except StoreUnavailable as e:
+            log.warning("state store unavailable: %s", e)
+            return None
+
+    async def _write(self, writes: list[tuple[str, bytes | None]]) -> None:
+        try:
+            await self.store.write(writes)
+        except StoreUnavailable as e:
+            log.warning("state store unavailable, %d records not written: %s", len(writes), e)
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
@@ -98,16 +113,20 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         async for req in request_iterator:
             kind = req.WhichOneof("request")
             try:
+                step: Action | Lookup
                 if kind == "request_headers":
-                    act = ex.request_headers(_headers(req.request_headers.headers), req.request_headers.end_of_stream)
+                    step = ex.request_headers(_headers(req.request_headers.headers), req.request_headers.end_of_stream)
                 elif kind == "request_body":
-                    act = ex.request_body(req.request_body.body)
+                    step = ex.request_body(req.request_body.body)
                 elif kind == "response_headers":
-                    act = ex.response_headers(_headers(req.response_headers.headers))
+                    step = ex.response_headers(_headers(req.response_headers.headers))
                 elif kind == "response_body":
-                    act = ex.response_body(req.response_body.body, req.response_body.end_of_stream)
+                    step = ex.response_body(req.response_body.body, req.response_body.end_of_stream)
                 else:
-                    act = Action()
+                    step = Action()
+                while isinstance(step, Lookup):
+                    step = step.then(await self._fetch(step))
+                act = step
             except GatewayError as e:
                 if e.status >= 500:
                     log.warning("%s %s model=%s: %s", ex.method, ex.path, ex.model, e.message)
@@ -117,6 +136,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             except Exception:
                 log.exception("%s %s model=%s: internal error in %s", ex.method, ex.path, ex.model, kind)
                 act = error_action(GatewayError(500, "internal error in the gateway sidecar", code="gateway_error"))
+            if act.writes:  # before the reply goes on: a client that sees an id can use it at once
+                await self._write(act.writes)
             yield to_proto(kind, act)
             if act.done:
                 return
@@ -131,12 +152,13 @@ async def serve(config_path: str) -> None:
     config = load_config(config_path)
     logging.getLogger().setLevel(os.environ.get("EXTPROC_LOG_LEVEL", config.log_level).upper())
     holder = GatewayHolder(Gateway(config))
+    store = open_store(config.state)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", _MAX_MESSAGE),
         ("grpc.max_send_message_length", _MAX_MESSAGE),
         ("grpc.so_reuseport", 1),
     ])
-    pb_grpc.add_ExternalProcessorServicer_to_server(Processor(holder), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(Processor(holder, store), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listen = os.environ.get("EXTPROC_LISTEN", config.listen)
@@ -144,14 +166,18 @@ async def serve(config_path: str) -> None:
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("envoy.service.ext_proc.v3.ExternalProcessor", health_pb2.HealthCheckResponse.SERVING)
-    log.info("ext_proc sidecar listening on %s with %d backends", listen, len(config.backends))
+    log.info("ext_proc sidecar listening on %s with %d backends, state in %s", listen, len(config.backends),
+             config.state.store)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
     def reload() -> None:
         try:
-            holder.gateway = Gateway(load_config(config_path))
+            new = load_config(config_path)
+            if new.state != holder.gateway.config.state:
+                log.warning("config reload: 'state' changes take effect at the next restart")
+            holder.gateway = Gateway(new)
             log.info("config reloaded from %s", config_path)
         except ConfigError as e:
             log.error("config reload rejected, keeping the running config:\n%s", e)
@@ -162,3 +188,4 @@ async def serve(config_path: str) -> None:
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=float(os.environ.get("EXTPROC_SHUTDOWN_GRACE", "30")))
+    await store.close()

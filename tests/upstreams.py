@@ -3,14 +3,18 @@
 - `ChatServer`: a chat-only server (vLLM / Ollama style). 404 on /v1/responses, 400 on any field the
   Chat Completions API does not define, and on tool messages that answer no earlier call.
 - `ResponsesServer`: a Responses-only server (Codex-model style). 400 "use /v1/responses" on
-  /v1/chat/completions, 400 on `messages` or any field the Responses API does not define.
+  /v1/chat/completions, 400 on `messages` or any field the Responses API does not define. Stateful
+  like a vLLM instance: it only knows the response ids it produced itself (404 otherwise), for
+  `previous_response_id` and GET/DELETE/cancel/input_items.
 
 Each reply is taken from `script` (a queue of `Reply`), else an echo of the last user text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 import uuid
@@ -64,10 +68,19 @@ class _Server:
     def __init__(self) -> None:
         self.script: deque[Reply] = deque()
         self.requests: list[dict[str, Any]] = []
+        self.conns: set[socket.socket] = set()
         server_self = self
 
         class Handler(self.handler):  # type: ignore[name-defined,misc]
             upstream = server_self
+
+            def setup(self) -> None:
+                super().setup()
+                server_self.conns.add(self.connection)
+
+            def finish(self) -> None:
+                server_self.conns.discard(self.connection)
+                super().finish()
 
         ThreadingHTTPServer.daemon_threads = True
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -87,7 +100,12 @@ class _Server:
         return self.requests[-1]
 
     def close(self) -> None:
+        """Stop like a crashed instance: no listener, open keep-alive connections cut."""
         self.httpd.shutdown()
+        self.httpd.server_close()
+        for conn in list(self.conns):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
 
 class _Handler(JSONHandler):
@@ -246,10 +264,43 @@ class ChatServer(_Server):
 class _ResponsesHandler(_Handler):
     upstream: ResponsesServer
 
+    def _record(self, body: Any) -> None:
+        self.upstream.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
+                                       "body": body, "raw": self.raw_body})
+
+    def _stored(self) -> tuple[str, str, dict[str, Any] | None]:
+        rid, _, suffix = self.path.removeprefix("/v1/responses/").partition("?")[0].partition("/")
+        return rid, suffix, self.upstream.stored.get(rid)
+
+    def do_GET(self) -> None:
+        self._record(None)
+        rid, suffix, stored = self._stored()
+        if stored is None or suffix not in ("", "input_items"):
+            self.send_json(404, _err(f"Response with id '{rid}' not found."))
+        elif suffix == "input_items":
+            items = stored["input"]
+            self.send_json(200, {"object": "list", "data": items[::-1], "has_more": False,
+                                 "first_id": items[-1]["id"], "last_id": items[0]["id"]})
+        else:
+            self.send_json(200, stored["response"])
+
+    def do_DELETE(self) -> None:
+        self._record(None)
+        rid, _, stored = self._stored()
+        if stored is None:
+            self.send_json(404, _err(f"Response with id '{rid}' not found."))
+            return
+        del self.upstream.stored[rid]
+        self.send_json(200, {"id": rid, "object": "response", "deleted": True})
+
     def do_POST(self) -> None:
         body = self.read_json()
-        self.upstream.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
-                                       "raw": self.raw_body})
+        self._record(body)
+        if self.path.startswith("/v1/responses/") and self.path.endswith("/cancel"):
+            rid, _, stored = self._stored()
+            self.send_json(404 if stored is None else 400, _err(
+                f"Response with id '{rid}' not found." if stored is None else "Cannot cancel a synchronous response."))
+            return
         if self.path == "/v1/chat/completions":
             self.send_json(400, _err("This model is only supported in v1/responses and not in v1/chat/completions.",
                                      "unsupported_api"))
@@ -262,7 +313,12 @@ class _ResponsesHandler(_Handler):
             self.send_json(400, _err(f"Unknown parameter: '{sorted(extra)[0]}'.", "unknown_parameter",
                                      sorted(extra)[0]))
             return
-        problem = self.check_input(body.get("input"))
+        prev = body.get("previous_response_id")
+        if prev is not None and prev not in self.upstream.stored:
+            self.send_json(404, _err(f"Previous response with id '{prev}' not found.", "previous_response_not_found",
+                                     "previous_response_id"))
+            return
+        problem = self.check_input(body.get("input"), self.upstream.calls_before(prev))
         if problem:
             self.send_json(400, _err(problem, "invalid_value", "input"))
             return
@@ -271,6 +327,13 @@ class _ResponsesHandler(_Handler):
             self.send_json(*reply.error)
             return
         response = self.response(body, reply)
+        if body.get("store") is not False:
+            inp = body.get("input")
+            items = [{"role": "user", "content": inp}] if isinstance(inp, str) else list(inp)
+            items = [{**it, "type": "message", "content": [{"type": "input_text", "text": it["content"]}]}
+                     if isinstance(it.get("content"), str) else it for it in items]
+            self.upstream.stored[response["id"]] = {
+                "response": response, "input": [{"id": f"msg_{uuid.uuid4().hex}", **it} for it in items]}
         if body.get("stream"):
             self.stream(response, reply)
         else:
@@ -287,12 +350,11 @@ class _ResponsesHandler(_Handler):
         return ""
 
     @staticmethod
-    def check_input(inp: Any) -> str | None:
+    def check_input(inp: Any, calls: set[str]) -> str | None:
         if isinstance(inp, str):
             return None
         if not isinstance(inp, list):
             return "input must be a string or a list"
-        calls = set()
         for item in inp:
             kind = item.get("type", "message")
             if kind == "message":
@@ -336,6 +398,7 @@ class _ResponsesHandler(_Handler):
                       "output_tokens_details": {"reasoning_tokens": 2}, "total_tokens": 18} if reply.usage else None,
             "error": None, "instructions": body.get("instructions"), "tools": body.get("tools", []),
             "parallel_tool_calls": True, "tool_choice": "auto", "text": {"format": {"type": "text"}},
+            "previous_response_id": body.get("previous_response_id"),
         }
 
     def stream(self, response: dict[str, Any], reply: Reply) -> None:
@@ -395,3 +458,20 @@ class _ResponsesHandler(_Handler):
 
 class ResponsesServer(_Server):
     handler = _ResponsesHandler
+
+    def __init__(self) -> None:
+        self.stored: dict[str, dict[str, Any]] = {}  # ids this instance produced: all it can continue
+        super().__init__()
+
+    def reset(self) -> None:
+        super().reset()
+        self.stored.clear()
+
+    def calls_before(self, response_id: str | None) -> set[str]:
+        """Function call ids of a stored conversation: what a function_call_output may answer."""
+        calls = set()
+        while response_id is not None and response_id in self.stored:
+            response = self.stored[response_id]["response"]
+            calls |= {o["call_id"] for o in response["output"] if o["type"] == "function_call"}
+            response_id = response.get("previous_response_id")
+        return calls

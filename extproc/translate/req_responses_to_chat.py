@@ -22,9 +22,8 @@ _KNOWN = {"model", "input", "instructions", "max_output_tokens", "reasoning", "t
           "stream", "top_logprobs", *_COPIED, *_LOCAL, *_REFUSED}
 
 
-def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_completion_tokens",
-                      history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """`history`: chat messages of earlier turns that the sidecar keeps (previous_response_id)."""
+def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_completion_tokens") -> dict[str, Any]:
+    """A conversation the sidecar keeps arrives here already merged into `input` (see `conversations`)."""
     for key in body:
         if key not in _KNOWN:
             raise unsupported(key, "chat", "unknown Responses API field")
@@ -39,9 +38,7 @@ def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_comp
             messages.append({"role": "system", "content": instructions})
     elif instructions is not None:
         raise invalid("instructions", "expected a string")
-    if history:
-        messages.extend(history)
-    messages.extend(input_messages(body.get("input"), known_calls=_calls_in(history or [])))
+    messages.extend(input_messages(body.get("input")))
     if not messages:
         raise invalid("input", "expected a non-empty string or list of input items")
     out["messages"] = messages
@@ -80,11 +77,7 @@ def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_comp
     return out
 
 
-def _calls_in(messages: list[dict[str, Any]]) -> set[str]:
-    return {c.get("id") for m in messages for c in m.get("tool_calls") or ()}
-
-
-def input_messages(inp: Any, known_calls: set[str] | None = None) -> list[dict[str, Any]]:
+def input_messages(inp: Any) -> list[dict[str, Any]]:
     """Responses `input` (a string or a list of items) as chat messages."""
     if isinstance(inp, str):
         return [{"role": "user", "content": inp}] if inp else []
@@ -92,7 +85,7 @@ def input_messages(inp: Any, known_calls: set[str] | None = None) -> list[dict[s
         return []
     if not isinstance(inp, list):
         raise invalid("input", "expected a string or a list of input items")
-    calls = set(known_calls or ())
+    calls: set[str] = set()
     messages: list[dict[str, Any]] = []
     for i, item in enumerate(inp):
         field = f"input[{i}]"

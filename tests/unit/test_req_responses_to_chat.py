@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from extproc.conversations import input_items
 from extproc.errors import GatewayError
 from extproc.translate.req_responses_to_chat import translate_request
 
@@ -85,13 +86,16 @@ def test_max_tokens_field_per_backend():
                              max_tokens_field="max_tokens")["max_tokens"] == 5
 
 
-def test_history_is_prepended_after_instructions():
-    hist = [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
-    out = translate_request({"model": "m", "instructions": "sys", "input": [
-        {"type": "function_call_output", "call_id": "c1", "output": "ok"}]}, history=hist)
-    assert out["messages"] == [{"role": "system", "content": "sys"}, *hist,
-                               {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+def test_stored_turns_replay_as_chat_history():
+    """What the sidecar merges into `input` for previous_response_id: earlier inputs and outputs."""
+    prior = [*input_items("a"), {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "think"}]}, {"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f", "arguments": "{}", "status": "completed"}]
+    out = translate_request({"model": "m", "instructions": "sys", "input": [*prior, *input_items([
+        {"type": "function_call_output", "call_id": "c1", "output": "ok"}])]})
+    assert out["messages"] == [
+        {"role": "system", "content": "sys"}, {"role": "user", "content": "a"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
 
 
 @pytest.mark.parametrize(("body", "param"), [

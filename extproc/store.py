@@ -1,0 +1,143 @@
+"""Key-value stores for response pins and sidecar-held conversations, behind one small async interface.
+
+The exchange logic (`flow`, `conversations`) never touches a store: it asks for keys and returns
+writes, and the gRPC shell runs them here. Every backend bounds each call by `timeout_ms`; a failed
+or slow call raises `StoreUnavailable`, which the exchange turns into ring fallback or a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections import OrderedDict
+from typing import Protocol
+
+from .config import State
+
+PREFIX = "extproc:"
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer (down, slow, refused)."""
+
+
+class Store(Protocol):
+    async def get_many(self, keys: tuple[str, ...]) -> list[bytes | None]: ...
+    async def write(self, writes: list[tuple[str, bytes | None]]) -> None: ...  # None deletes
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    """In-process, bounded (least recently used first out) with TTL: the default, for one replica."""
+
+    def __init__(self, ttl: float, max_entries: int):
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def get(self, key: str) -> bytes | None:
+        hit = self.data.get(key)
+        if hit is None:
+            return None
+        if hit[0] < time.monotonic():
+            del self.data[key]
+            return None
+        self.data.move_to_end(key)
+        return hit[1]
+
+    async def get_many(self, keys: tuple[str, ...]) -> list[bytes | None]:
+        return [self.get(k) for k in keys]
+
+    async def write(self, writes: list[tuple[str, bytes | None]]) -> None:
+        expires = time.monotonic() + self.ttl
+        for key, value in writes:
+            if value is None:
+                self.data.pop(key, None)
+                continue
+            self.data[key] = (expires, value)
+            self.data.move_to_end(key)
+        while len(self.data) > self.max_entries:
+            self.data.popitem(last=False)
+
+    async def close(self) -> None:
+        self.data.clear()
+
+
+class SQLiteStore:
+    """A local file, so one replica's restart loses nothing. Calls are short and run inline."""
+
+    def __init__(self, path: str, ttl: float):
+        self.ttl = ttl
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL NOT NULL)")
+        self.db.execute("DELETE FROM kv WHERE expires < ?", (time.time(),))
+
+    async def get_many(self, keys: tuple[str, ...]) -> list[bytes | None]:
+        try:
+            rows = self.db.execute(f"SELECT key, value FROM kv WHERE expires >= ? AND key IN ({','.join('?' * len(keys))})",
+                                   (time.time(), *keys)).fetchall()
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite: {e}") from None
+        found = dict(rows)
+        return [found.get(k) for k in keys]
+
+    async def write(self, writes: list[tuple[str, bytes | None]]) -> None:
+        expires = time.time() + self.ttl
+        try:
+            with self.db:
+                for key, value in writes:
+                    if value is None:
+                        self.db.execute("DELETE FROM kv WHERE key = ?", (key,))
+                    else:
+                        self.db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?)", (key, value, expires))
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite: {e}") from None
+
+    async def close(self) -> None:
+        self.db.close()
+
+
+class RedisStore:
+    """Shared by every replica. Keys carry a prefix and the configured TTL; one round trip per call."""
+
+    def __init__(self, url: str, ttl: int, timeout: float):
+        import redis.asyncio as aioredis
+
+        self.ttl = ttl
+        self.timeout = timeout
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                             health_check_interval=30)
+
+    async def _run(self, coro):  # type: ignore[no-untyped-def]
+        import redis
+
+        try:
+            return await asyncio.wait_for(coro, self.timeout)
+        except (TimeoutError, redis.RedisError, OSError) as e:
+            raise StoreUnavailable(f"redis: {e or type(e).__name__}") from None
+
+    async def get_many(self, keys: tuple[str, ...]) -> list[bytes | None]:
+        return await self._run(self.redis.mget([PREFIX + k for k in keys]))
+
+    async def write(self, writes: list[tuple[str, bytes | None]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for key, value in writes:
+            if value is None:
+                pipe.delete(PREFIX + key)
+            else:
+                pipe.set(PREFIX + key, value, ex=self.ttl)
+        await self._run(pipe.execute())
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+def open_store(state: State) -> Store:
+    if state.store == "redis":
+        return RedisStore(state.redis_url or "", state.ttl_seconds, state.timeout_ms / 1000)
+    if state.store == "sqlite":
+        return SQLiteStore(state.sqlite_path or "", state.ttl_seconds)
+    return MemoryStore(state.ttl_seconds, state.max_entries)

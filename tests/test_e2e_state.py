@@ -1,0 +1,263 @@
+"""End to end: conversation pinning and sidecar-held state, two sidecar replicas sharing a real Redis.
+
+Topology on loopback: three stateful Responses instances (each knows only the ids it produced, like
+vLLM), two chat-only instances, Redis, and two replicas (each an Envoy with its own sidecar). Turns
+alternate between the replicas, so every continued turn depends on the shared records.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+from extproc.stack import Stack, free_port, wait_for_port
+
+from .conformance import validate_response
+from .conftest import RedisServer
+from .upstreams import ChatServer, Reply, ResponsesServer
+
+CONFIG = """
+listen: 127.0.0.1:{port}
+state:
+  store: redis
+  redis_url: {redis}
+  timeout_ms: 300
+backends:
+  - name: vllm-responses
+    api: responses
+    models: ["gpt-oss-*"]
+    endpoints: [{resp}]
+  - name: vllm-chat
+    api: chat
+    models: ["llama-*"]
+    endpoints: [{chat}]
+"""
+TOOLS = [{"type": "function", "name": "lookup", "description": "Look up a fact", "strict": False,
+          "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}]
+
+
+@dataclass
+class Replicas:
+    urls: list[str]
+    resp: list[ResponsesServer]
+    chat: list[ChatServer]
+    redis: RedisServer
+    stack: Stack
+    sidecars: list[subprocess.Popen]
+    configs: list[Path]
+
+    def clients(self) -> Iterator[openai.OpenAI]:
+        """Clients that alternate between the two replicas, forever."""
+        return itertools.cycle([openai.OpenAI(base_url=u + "/v1", api_key="k", max_retries=0, timeout=30)
+                                for u in self.urls])
+
+    def holder(self, response_id: str) -> ResponsesServer:
+        (server,) = [s for s in self.resp if response_id in s.stored]
+        return server
+
+    def restart_sidecar(self, i: int) -> None:
+        proc = self.sidecars[i]
+        proc.terminate()
+        proc.wait(timeout=10)
+        self.stack.procs.remove(proc)
+        self.sidecars[i] = self.stack.start_sidecar(self.configs[i])
+        wait_for_port(int(self.configs[i].read_text().split("listen: 127.0.0.1:")[1].split()[0]),
+                      proc=self.sidecars[i])
+
+
+@pytest.fixture(scope="module")
+def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
+    resp = [ResponsesServer() for _ in range(3)]
+    chat = [ChatServer() for _ in range(2)]
+    stack = Stack()
+    tmp = Path(tmp_path_factory.mktemp("replicas"))
+    urls, sidecars, configs = [], [], []
+    try:
+        for i in range(2):
+            port = free_port()
+            cfg = tmp / f"config-{i}.yaml"
+            cfg.write_text(CONFIG.format(port=port, redis=redis_server.url,
+                                         resp=", ".join(f'"{s.address}"' for s in resp),
+                                         chat=", ".join(f'"{s.address}"' for s in chat)))
+            sidecar = stack.start_sidecar(cfg)
+            wait_for_port(port, proc=sidecar)
+            listen = free_port()
+            stack.start_envoy(listen, free_port(), port)
+            urls.append(f"http://127.0.0.1:{listen}")
+            sidecars.append(sidecar)
+            configs.append(cfg)
+        yield Replicas(urls, resp, chat, redis_server, stack, sidecars, configs)
+    finally:
+        stack.stop()
+        for s in [*resp, *chat]:
+            s.close()
+
+
+def turn(client: openai.OpenAI, model: str, inp, prev: str | None, stream: bool, **kw):
+    if prev is not None:
+        kw["previous_response_id"] = prev
+    if stream:
+        with client.responses.stream(model=model, input=inp, **kw) as s:
+            for _ in s:
+                pass
+            return s.get_final_response()
+    return client.responses.create(model=model, input=inp, **kw)
+
+
+def converse(replicas: Replicas, model: str, script: list[Reply], on_turn=None) -> list:
+    """Twenty turns, each with previous_response_id, alternating replicas, streamed every third turn,
+    with a tool call at turn 10 answered at turn 11."""
+    clients = replicas.clients()
+    responses = []
+    prev = None
+    for i in range(1, 21):
+        if i == 10:
+            for s in script:
+                s.append(Reply(text=None, calls=[("lookup", '{"q": "capital"}')]))
+        inp = f"turn {i}: my name is Zed" if i == 1 else f"turn {i}"
+        if i == 11:
+            call = next(o for o in responses[-1].output if o.type == "function_call")
+            inp = [{"type": "function_call_output", "call_id": call.call_id, "output": "Paris"}]
+        r = turn(next(clients), model, inp, prev, stream=i % 3 == 0, tools=TOOLS)
+        for s in script:  # the scripted tool call went to one instance; the others must not keep it
+            s.clear()
+        assert r.previous_response_id == prev
+        if on_turn is not None:
+            on_turn(i, r)
+        responses.append(r)
+        prev = r.id
+    return responses
+
+
+def test_twenty_turns_stay_pinned_to_the_responses_instance(replicas):
+    def check(i, r):
+        holder = replicas.holder(r.id)  # exactly one instance produced it
+        if i > 1:
+            last = holder.requests[-1]
+            assert last["body"]["previous_response_id"] == previous[0]
+            assert previous[0] in holder.stored  # the instance that continued it is the one that held it
+        previous[:] = [r.id]
+
+    previous: list[str] = []
+    responses = converse(replicas, "gpt-oss-20b", [s.script for s in replicas.resp], check)
+    assert responses[9].output[0].type == "function_call"
+    first = replicas.holder(responses[0].id)
+    assert all(replicas.holder(r.id) is first for r in responses)  # one conversation, one instance
+
+    clients = replicas.clients()
+    last = responses[-1]
+    got = next(clients).responses.retrieve(last.id)  # GET follows the pin, from either replica
+    assert got.id == last.id and got.output_text == last.output_text
+    items = next(clients).responses.input_items.list(last.id)
+    assert [it.content[0].text for it in items.data] == ["turn 20"]
+    deleted = next(clients).responses.delete(last.id)
+    assert deleted is None or getattr(deleted, "deleted", True)
+    assert last.id not in first.stored
+    with pytest.raises(openai.NotFoundError):
+        next(clients).responses.retrieve(last.id)
+
+
+def test_first_turns_spread_over_instances(replicas):
+    client = next(replicas.clients())
+    for i in range(30):
+        client.responses.create(model="gpt-oss-20b", input="hello", prompt_cache_key=f"user-{i}")
+    assert all(s.stored for s in replicas.resp)
+
+
+def test_twenty_turns_on_a_chat_backend_through_sidecar_state(replicas):
+    responses = converse(replicas, "llama-3", [s.script for s in replicas.chat])
+    client = next(replicas.clients())
+    for r in responses:  # every stored turn, as GET returns it, is a valid Response
+        validate_response(json.loads(client.responses.with_raw_response.retrieve(r.id).text))
+    bodies = [req["body"] for s in replicas.chat for req in s.requests]
+    final = next(b for b in bodies if b["messages"][-1].get("content") == "turn 20")
+    texts = [m.get("content") for m in final["messages"]]
+    assert texts[0] == "turn 1: my name is Zed"  # the fact from turn 1 reaches the model at turn 20
+    assert texts.count("turn 19") == 1 and len([m for m in final["messages"] if m["role"] == "user"]) == 19
+    assert any(m["role"] == "tool" and m["content"] == "Paris" for m in final["messages"])
+
+    clients = replicas.clients()
+    last = responses[-1]
+    got = next(clients).responses.retrieve(last.id)  # answered by the sidecar from the shared store
+    assert got.model_dump(mode="json") == last.model_dump(mode="json")
+    items = next(clients).responses.input_items.list(responses[10].id)
+    assert [it.type for it in items.data] == ["function_call_output"]
+    next(clients).responses.delete(last.id)
+    with pytest.raises(openai.NotFoundError):
+        next(clients).responses.retrieve(last.id)
+    with pytest.raises(openai.NotFoundError) as e:
+        turn(next(clients), "llama-3", "again", last.id, stream=False)
+    assert e.value.body["code"] == "previous_response_not_found"
+
+
+def test_store_false_is_not_kept(replicas):
+    clients = replicas.clients()
+    r = next(clients).responses.create(model="llama-3", input="secret", store=False)
+    with pytest.raises(openai.NotFoundError):
+        next(clients).responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError) as e:
+        next(clients).responses.create(model="llama-3", input="more", previous_response_id=r.id)
+    assert e.value.body["param"] == "previous_response_id"
+
+
+def test_conversation_holds_across_a_replica_restart(replicas):
+    clients = replicas.clients()
+    prev = {}
+    for model in ("gpt-oss-20b", "llama-3"):
+        prev[model] = next(clients).responses.create(model=model, input="remember 42").id
+    replicas.restart_sidecar(0)
+    replicas.restart_sidecar(1)
+    for model in ("gpt-oss-20b", "llama-3"):
+        for _ in range(2):
+            prev[model] = next(clients).responses.create(model=model, input="and now?",
+                                                         previous_response_id=prev[model]).id
+    users = [[m["content"] for m in req["body"]["messages"] if m["role"] == "user"]
+             for s in replicas.chat for req in s.requests]
+    assert ["remember 42", "and now?", "and now?"] in users
+
+
+def test_unknown_previous_response_id(replicas):
+    client = next(replicas.clients())
+    with pytest.raises(openai.NotFoundError) as e:  # chat backend: the sidecar is the state and has none
+        client.responses.create(model="llama-3", input="x", previous_response_id="resp_never")
+    assert e.value.body["code"] == "previous_response_not_found"
+    # Responses backend: no record, so the ring position of the id decides, and that instance says 404.
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model="gpt-oss-20b", input="x", previous_response_id="resp_never")
+    assert e.value.body["code"] == "previous_response_not_found"
+    hits = [s for s in replicas.resp if s.requests and s.requests[-1]["body"]
+            and s.requests[-1]["body"].get("previous_response_id") == "resp_never"]
+    assert len(hits) == 1
+
+
+def test_pinned_instance_down_is_a_clear_error(replicas):
+    client = next(replicas.clients())
+    r = client.responses.create(model="gpt-oss-20b", input="hi", prompt_cache_key="down-test")
+    holder = replicas.holder(r.id)
+    holder.close()
+    with pytest.raises(openai.APIStatusError) as e:
+        client.responses.create(model="gpt-oss-20b", input="again", previous_response_id=r.id)
+    assert e.value.status_code == 503
+    assert e.value.body["code"] == "pinned_backend_unavailable" and holder.address in e.value.body["message"]
+
+
+def test_redis_outage_degrades_clearly(replicas):
+    client = next(replicas.clients())
+    chat_prev = client.responses.create(model="llama-3", input="before").id
+    replicas.redis.stop()
+    try:
+        r = client.responses.create(model="llama-3", input="first turns still work")
+        assert r.output_text
+        with pytest.raises(openai.APIStatusError) as e:
+            client.responses.create(model="llama-3", input="x", previous_response_id=chat_prev)
+        assert e.value.status_code == 503 and e.value.body["code"] == "state_unavailable"
+    finally:
+        replicas.redis.start()
+    assert json.loads(json.dumps(e.value.body))["message"]

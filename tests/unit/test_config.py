@@ -90,3 +90,17 @@ def test_unknown_model_and_translate_switch():
     codex = c.resolve("gpt-5.3-codex")
     assert codex.upstream_api("chat") == "responses" and codex.upstream_api("responses") == "responses"
     assert c.resolve("gpt-4o").upstream_api("chat") == "chat"
+
+
+def test_state_section():
+    cfg = parse_config(GOOD + "state: {store: redis, redis_url: 'redis://r:6379/1', ttl_seconds: 3600}\n",
+                       env={"KEY": "k"})
+    assert (cfg.state.store, cfg.state.redis_url, cfg.state.ttl_seconds) == ("redis", "redis://r:6379/1", 3600)
+    assert parse_config(GOOD, env={"KEY": "k"}).state.store == "memory"
+    with pytest.raises(ConfigError) as e:
+        parse_config(GOOD + "state: {store: redis, timeout_ms: 0, color: red}\n", env={"KEY": "k"})
+    text = str(e.value)
+    assert "state.redis_url: required" in text and "state.timeout_ms" in text and "state.color" in text
+    with pytest.raises(ConfigError) as e:
+        parse_config(GOOD + "state: {store: sqlite}\n", env={"KEY": "k"})
+    assert "state.sqlite_path" in str(e.value)

@@ -1,0 +1,70 @@
+"""The three stores behave alike; Redis is the real server (Debian's redis-server)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from extproc.store import MemoryStore, RedisStore, SQLiteStore, StoreUnavailable
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def make_store(request, tmp_path):
+    """A store factory: Redis clients belong to the event loop they are made in."""
+    if request.param == "memory":
+        return lambda: MemoryStore(ttl=60, max_entries=1000)
+    if request.param == "sqlite":
+        return lambda: SQLiteStore(str(tmp_path / "state.db"), ttl=60)
+    url = request.getfixturevalue("redis_server").url
+    return lambda: RedisStore(url, ttl=60, timeout=1.0)
+
+
+def test_write_get_delete(make_store):
+    async def go():
+        store = make_store()
+        await store.write([("unit:a", b"1"), ("unit:b", b"2")])
+        assert await store.get_many(("unit:a", "unit:b", "unit:missing")) == [b"1", b"2", None]
+        await store.write([("unit:a", None), ("unit:b", b"3")])
+        assert await store.get_many(("unit:a", "unit:b")) == [None, b"3"]
+        await store.close()
+    run(go())
+
+
+def test_memory_store_bounds_and_expires(monkeypatch):
+    s = MemoryStore(ttl=10, max_entries=2)
+    run(s.write([("a", b"1"), ("b", b"2")]))
+    assert run(s.get_many(("a",))) == [b"1"]  # a is now the most recently used
+    run(s.write([("c", b"3")]))
+    assert run(s.get_many(("a", "b", "c"))) == [b"1", None, b"3"]
+    import extproc.store as mod
+    now = mod.time.monotonic()
+    monkeypatch.setattr(mod.time, "monotonic", lambda: now + 11)
+    assert run(s.get_many(("a", "c"))) == [None, None]
+
+
+def test_sqlite_survives_a_restart(tmp_path):
+    path = str(tmp_path / "s.db")
+    s = SQLiteStore(path, ttl=60)
+    run(s.write([("k", b"v")]))
+    run(s.close())
+    again = SQLiteStore(path, ttl=60)
+    assert run(again.get_many(("k",))) == [b"v"]
+    run(again.close())
+
+
+def test_redis_down_is_unavailable_not_a_crash():
+    from extproc.stack import free_port
+
+    async def go():
+        s = RedisStore(f"redis://127.0.0.1:{free_port()}/0", ttl=60, timeout=0.3)
+        with pytest.raises(StoreUnavailable):
+            await s.get_many(("k",))
+        with pytest.raises(StoreUnavailable):
+            await s.write([("k", b"v")])
+        await s.close()
+    run(go())

@@ -48,6 +48,8 @@ class Backend:
     translate: bool = True
     chat_max_tokens_field: str = "max_completion_tokens"
     vnodes: int = 160
+    hosted_tools: str = "drop"  # Responses hosted tools (web_search, ...) for a chat backend: drop | reject
+    replay_reasoning: bool = False  # send earlier turns' reasoning back as reasoning_content
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,7 @@ class _Validator:
 
     def backend(self, node: yaml.Node, key: str) -> Backend | None:
         allowed = {"name", "api", "models", "endpoints", "cluster", "path_prefix", "api_key_env",
-                   "translate", "chat_max_tokens_field", "vnodes"}
+                   "translate", "chat_max_tokens_field", "vnodes", "hosted_tools", "replay_reasoning"}
         m = self.mapping(node, key, allowed)
         before = len(self.problems)
         for req in ("name", "api", "models"):
@@ -296,6 +298,10 @@ class _Validator:
         if "chat_max_tokens_field" in m:
             kw["chat_max_tokens_field"] = self.choice(
                 m["chat_max_tokens_field"], f"{key}.chat_max_tokens_field", MAX_TOKENS_FIELDS)
+        if "hosted_tools" in m:
+            kw["hosted_tools"] = self.choice(m["hosted_tools"], f"{key}.hosted_tools", ("drop", "reject"))
+        if "replay_reasoning" in m:
+            kw["replay_reasoning"] = self.scalar(m["replay_reasoning"], f"{key}.replay_reasoning", bool)
         if "vnodes" in m:
             v = self.scalar(m["vnodes"], f"{key}.vnodes", int)
             if v is not None and not 1 <= v <= 4096:

@@ -37,6 +37,7 @@ from .translate import (
 from .translate.common import new_id
 from .translate.stream_chat_to_responses import ChatToResponsesStream
 from .translate.stream_responses_to_chat import ResponsesToChatStream
+from .translate.tools import tool_map
 
 log = logging.getLogger("extproc")
 
@@ -99,6 +100,7 @@ class Exchange:
         self.id_scan = b""
         self.pinned_id: str | None = None  # the response id this request was routed by
         self.turn: tuple[list[dict[str, Any]], list[str]] | None = None  # (input items, ancestors) to store
+        self.dropped_tools: list[str] = []  # hosted tools removed for a chat backend, reported to the client
 
     @property
     def translated(self) -> bool:
@@ -189,7 +191,12 @@ class Exchange:
             if keep:
                 self.turn = (items, ancestors or [])
             body = {**body, "input": prior + items} if prior else body
-            new = req_responses_to_chat.translate_request(body, max_tokens_field=res.backend.chat_max_tokens_field)
+            b = res.backend
+            new = req_responses_to_chat.translate_request(body, max_tokens_field=b.chat_max_tokens_field,
+                                                          hosted_tools=b.hosted_tools, replay_reasoning=b.replay_reasoning)
+            self.dropped_tools = tool_map(body.get("tools")).hosted
+            if self.dropped_tools:
+                log.info("model=%s backend=%s: hosted tools dropped: %s", self.model, b.name, ",".join(self.dropped_tools))
             return self._route(target, body=orjson.dumps(new))
         # A Responses backend keeps its own state: pin the reply's id to the instance that made it.
         self.record_pin = keep and target.endpoint is not None
@@ -333,10 +340,14 @@ class Exchange:
         if self.stream and self.status == 200 and sse and not isinstance(self.encoding, str):
             self.translator = (ResponsesToChatStream(self.request, self.model or "")
                                if self.client_api == CHAT else ChatToResponsesStream(self.request))
-            return Action(set_headers=[("content-type", "text/event-stream; charset=utf-8")],
+            return Action(set_headers=[("content-type", "text/event-stream; charset=utf-8"), *self._notes()],
                           remove_headers=remove, response_body_mode=STREAMED)
-        return Action(set_headers=[("content-type", "application/json")], remove_headers=remove,
+        return Action(set_headers=[("content-type", "application/json"), *self._notes()], remove_headers=remove,
                       response_body_mode=BUFFERED)
+
+    def _notes(self) -> list[tuple[str, str]]:
+        """Response headers that tell the client what translation changed."""
+        return [("x-gateway-dropped-tools", ",".join(self.dropped_tools))] if self.dropped_tools else []
 
     def _decode(self, chunk: bytes, end: bool) -> bytes:
         if self.encoding is None:

@@ -10,6 +10,8 @@ from typing import Any
 
 import jsonschema
 
+from extproc.sse import SSEDecoder
+
 SPEC = Path(__file__).parent / "data" / "openresponses-openapi.json"
 
 
@@ -36,6 +38,12 @@ def _event_schemas() -> dict[str, str]:
         if name.endswith("StreamingEvent"):
             out[schema["properties"]["type"]["enum"][0]] = name
     return out
+
+
+def sse_events(raw: bytes) -> list[dict[str, Any]]:
+    """Every JSON event of a complete SSE body ([DONE] left out)."""
+    d = SSEDecoder()
+    return [json.loads(e.data) for e in d.feed(raw) + d.close() if e.data != "[DONE]"]
 
 
 def validate(name: str, doc: Any) -> None:

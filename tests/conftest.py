@@ -23,6 +23,11 @@ backends:
     models: ["llama-*", "qwen3-8b", "chat-notranslate", "text-embedding-small"]
     endpoints: ["{chat}"]
     api_key_env: VLLM_TEST_KEY
+  - name: vllm-strict
+    api: chat
+    models: ["strict-*"]
+    endpoints: ["{chat}"]
+    hosted_tools: reject
   - name: codex
     api: responses
     models: ["gpt-5.3-codex", "resp-*"]

@@ -162,9 +162,9 @@ def test_refusals_name_the_field(gw):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="gpt-5.3-codex", n=2, messages=[{"role": "user", "content": "hi"}])
     assert e.value.body["param"] == "n"
-    with pytest.raises(openai.BadRequestError) as e:
-        client.responses.create(model="llama-3", input="hi", tools=[{"type": "web_search"}])
-    assert "web_search" in e.value.body["message"] and e.value.body["param"] == "tools[0].type"
+    with pytest.raises(openai.BadRequestError) as e:  # a backend set to refuse hosted tools
+        client.responses.create(model="strict-1", input="hi", tools=[{"type": "web_search"}])
+    assert "web_search" in e.value.body["message"] and e.value.body["param"] == "tools"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="resp-notranslate", messages=[{"role": "user", "content": "hi"}])
     assert "/v1/responses" in e.value.body["message"]
@@ -172,3 +172,13 @@ def test_refusals_name_the_field(gw):
         client.responses.create(model="chat-notranslate", input="hi")
     assert "/v1/chat/completions" in e.value.body["message"]
     assert not gw.chat.requests and not gw.resp.requests
+
+
+def test_hosted_tools_are_dropped_and_reported(gw):
+    raw = gw.client().responses.with_raw_response.create(
+        model="llama-3", input="hi", tool_choice={"type": "web_search"},
+        tools=[{"type": "web_search"}, {"type": "file_search", "vector_store_ids": ["vs_1"]}])
+    assert raw.headers["x-gateway-dropped-tools"] == "web_search,file_search"
+    assert raw.parse().output_text
+    sent = gw.chat.last["body"]
+    assert "tools" not in sent and "tool_choice" not in sent

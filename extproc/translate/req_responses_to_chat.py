@@ -6,12 +6,13 @@ from typing import Any
 
 from ..errors import invalid, unsupported
 from .common import expect, is_default, text_of
+from .tools import ToolMap, custom_arguments, decode_reasoning, hosted_refusal, tool_map
 
 _COPIED = ("temperature", "top_p", "parallel_tool_calls", "user", "metadata", "prompt_cache_key",
            "safety_identifier", "service_tier", "presence_penalty", "frequency_penalty")
 # Accepted and not forwarded: they describe how the Responses API stores or presents the answer,
 # which the sidecar does itself.
-_LOCAL = ("store", "include", "truncation", "stream_options", "previous_response_id")
+_LOCAL = ("store", "include", "truncation", "stream_options", "previous_response_id", "client_metadata")
 _REFUSED = {
     "background": "background responses need a Responses backend",
     "conversation": "conversations need a Responses backend; use previous_response_id",
@@ -22,8 +23,13 @@ _KNOWN = {"model", "input", "instructions", "max_output_tokens", "reasoning", "t
           "stream", "top_logprobs", *_COPIED, *_LOCAL, *_REFUSED}
 
 
-def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_completion_tokens") -> dict[str, Any]:
-    """A conversation the sidecar keeps arrives here already merged into `input` (see `conversations`)."""
+def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_completion_tokens",
+                      hosted_tools: str = "drop", replay_reasoning: bool = False) -> dict[str, Any]:
+    """A conversation the sidecar keeps arrives here already merged into `input` (see `conversations`).
+
+    hosted_tools: `drop` removes tools a chat backend cannot run (the caller reports them), `reject`
+    refuses the request. replay_reasoning: send earlier reasoning back as `reasoning_content`.
+    """
     for key in body:
         if key not in _KNOWN:
             raise unsupported(key, "chat", "unknown Responses API field")
@@ -38,7 +44,10 @@ def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_comp
             messages.append({"role": "system", "content": instructions})
     elif instructions is not None:
         raise invalid("instructions", "expected a string")
-    messages.extend(input_messages(body.get("input")))
+    tools = tool_map(body.get("tools"))
+    if tools.hosted and hosted_tools == "reject":
+        raise hosted_refusal(tools.hosted[0])
+    messages.extend(input_messages(body.get("input"), tools, replay_reasoning))
     if not messages:
         raise invalid("input", "expected a non-empty string or list of input items")
     out["messages"] = messages
@@ -53,11 +62,14 @@ def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_comp
     reasoning = expect(body, "reasoning", dict, "an object")
     if reasoning and reasoning.get("effort") is not None:
         out["reasoning_effort"] = reasoning["effort"]
-    if body.get("tools"):
-        tools = expect(body, "tools", list, "a list")
-        out["tools"] = [_tool(t, i) for i, t in enumerate(tools)]
-    if body.get("tool_choice") is not None:
-        out["tool_choice"] = _tool_choice(body["tool_choice"])
+    if tools.chat_tools:
+        out["tools"] = tools.chat_tools
+    elif "parallel_tool_calls" in out:
+        del out["parallel_tool_calls"]  # chat servers reject it without tools
+    if body.get("tool_choice") is not None and tools.chat_tools:
+        choice = _tool_choice(body["tool_choice"], tools)
+        if choice is not None:
+            out["tool_choice"] = choice
     text = expect(body, "text", dict, "an object")
     if text:
         if text.get("format") is not None:
@@ -77,7 +89,7 @@ def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_comp
     return out
 
 
-def input_messages(inp: Any) -> list[dict[str, Any]]:
+def input_messages(inp: Any, tools: ToolMap | None = None, replay_reasoning: bool = False) -> list[dict[str, Any]]:
     """Responses `input` (a string or a list of items) as chat messages."""
     if isinstance(inp, str):
         return [{"role": "user", "content": inp}] if inp else []
@@ -85,8 +97,10 @@ def input_messages(inp: Any) -> list[dict[str, Any]]:
         return []
     if not isinstance(inp, list):
         raise invalid("input", "expected a string or a list of input items")
+    tools = tools or ToolMap()
     calls: set[str] = set()
     messages: list[dict[str, Any]] = []
+    reasoning: str | None = None  # replayed reasoning waiting for the assistant message it preceded
     for i, item in enumerate(inp):
         field = f"input[{i}]"
         if not isinstance(item, dict):
@@ -94,32 +108,41 @@ def input_messages(inp: Any) -> list[dict[str, Any]]:
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "message":
             _message(item, field, messages)
-        elif kind == "function_call":
+        elif kind in ("function_call", "custom_tool_call"):
             call_id = item.get("call_id")
             if not isinstance(call_id, str) or not call_id:
                 raise invalid(f"{field}.call_id", "expected a non-empty string")
-            name, args = item.get("name"), item.get("arguments", "")
+            name = item.get("name")
+            args = item.get("arguments", "") if kind == "function_call" else item.get("input", "")
             if not isinstance(name, str) or not isinstance(args, str):
-                raise invalid(field, "a function_call needs a string 'name' and 'arguments'")
-            call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+                raise invalid(field, f"a {kind} needs a string 'name' and '{'arguments' if kind == 'function_call' else 'input'}'")
+            if kind == "custom_tool_call":
+                args = custom_arguments(args)
+            call = {"id": call_id, "type": "function",
+                    "function": {"name": tools.chat_name(name, item.get("namespace")), "arguments": args}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             calls.add(call_id)
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             call_id = item.get("call_id")
             if not isinstance(call_id, str) or call_id not in calls:
-                raise invalid(f"{field}.call_id", f"no function_call with call_id {call_id!r} precedes this output")
+                raise invalid(f"{field}.call_id", f"no tool call with call_id {call_id!r} precedes this output")
             messages.append({"role": "tool", "tool_call_id": call_id,
                              "content": text_of(item.get("output"), f"{field}.output", ("input_text", "output_text"))})
         elif kind == "reasoning":
-            continue  # a chat backend cannot take prior reasoning back; never replay it as text
+            # Never replayed as text. Restored as reasoning_content only where the backend takes it.
+            reasoning = decode_reasoning(item) if replay_reasoning else None
+            continue
         elif kind == "item_reference":
             raise unsupported(field, "chat", "item references need a Responses backend")
         else:
             raise invalid(f"{field}.type", f"unknown or untranslatable input item type {kind!r}")
+        if reasoning is not None and messages[-1]["role"] == "assistant":
+            messages[-1].setdefault("reasoning_content", reasoning)
+        reasoning = None
     return messages
 
 
@@ -170,36 +193,23 @@ def _parts(content: Any, field: str) -> str | list[dict[str, Any]]:
     return parts
 
 
-def _tool(tool: Any, i: int) -> dict[str, Any]:
-    field = f"tools[{i}]"
-    if not isinstance(tool, dict):
-        raise invalid(field, "expected a tool object")
-    kind = tool.get("type")
-    if kind == "function":
-        if not isinstance(tool.get("name"), str):
-            raise invalid(f"{field}.name", "expected a string")
-        fn = {"name": tool["name"]}
-        for k in ("description", "parameters", "strict"):
-            if tool.get(k) is not None:
-                fn[k] = tool[k]
-        return {"type": "function", "function": fn}
-    raise unsupported(f"{field}.type", "chat", f"the hosted tool {kind!r} cannot run on a chat backend")
-
-
-def _tool_choice(choice: Any) -> Any:
+def _tool_choice(choice: Any, tools: ToolMap) -> Any:
+    """None when the choice named a hosted tool that was dropped: the model then chooses freely."""
     if choice in ("auto", "none", "required"):
         return choice
     if isinstance(choice, dict):
         kind = choice.get("type")
-        if kind == "function" and isinstance(choice.get("name"), str):
-            return {"type": "function", "function": {"name": choice["name"]}}
+        if kind in ("function", "custom") and isinstance(choice.get("name"), str):
+            return {"type": "function", "function": {"name": tools.chat_name(choice["name"], choice.get("namespace"))}}
         if kind == "allowed_tools":
-            tools = []
+            allowed = []
             for t in choice.get("tools") or []:
-                if not isinstance(t, dict) or t.get("type") != "function":
-                    raise unsupported("tool_choice.tools", "chat", "only function tools can be allowed")
-                tools.append({"type": "function", "function": {"name": t.get("name")}})
-            return {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode", "auto"), "tools": tools}}
+                if not isinstance(t, dict) or t.get("type") not in ("function", "custom"):
+                    continue  # a hosted tool: dropped along with the tool itself
+                allowed.append({"type": "function", "function": {"name": tools.chat_name(t.get("name"), t.get("namespace"))}})
+            return {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode", "auto"), "tools": allowed}}
+        if kind in tools.hosted:
+            return None
         raise unsupported("tool_choice", "chat", f"the hosted tool {kind!r} cannot run on a chat backend")
     raise invalid("tool_choice", "expected 'auto', 'none', 'required' or a tool selection object")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .common import FINISH_TO_STATUS, new_id, now, usage_chat_to_responses
+from .tools import ToolMap, encode_reasoning, tool_map
 
 
 def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
@@ -75,9 +76,14 @@ def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
     return {"type": "reasoning", "id": item_id, "summary": [{"type": "summary_text", "text": text}]}
 
 
-def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict[str, Any]:
-    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name,
-            "arguments": arguments, "status": status}
+def wants_encrypted_reasoning(request: dict[str, Any]) -> bool:
+    """Clients that keep no server state (Codex: store false) ask for reasoning they can replay."""
+    include = request.get("include")
+    return isinstance(include, list) and "reasoning.encrypted_content" in include
+
+
+def call_item_id(tools: ToolMap, chat_name: str) -> str:
+    return new_id("ctc_" if tools.is_custom(chat_name) else "fc_")
 
 
 def finish(resp: dict[str, Any], finish_reason: str | None, usage: dict[str, Any] | None) -> None:
@@ -110,16 +116,20 @@ def translate_response(chat: dict[str, Any], request: dict[str, Any], response_i
     output = resp["output"]
     if (thought := chat_reasoning(message)) is not None:
         output.append(reasoning_item(new_id("rs_"), thought))
+        if wants_encrypted_reasoning(request):
+            output[-1]["encrypted_content"] = encode_reasoning(thought)
     content = message.get("content")
     if isinstance(content, list):  # some servers send parts even on the response side
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
     refusal = message.get("refusal") if isinstance(message.get("refusal"), str) else None
     if content or refusal:
         output.append(message_item(new_id("msg_"), content or "", item_status, refusal))
+    tools = tool_map(request.get("tools"))
     for call in message.get("tool_calls") or []:
         fn = call.get("function") or {}
-        output.append(function_call_item(new_id("fc_"), call.get("id") or new_id("call_"),
-                                         fn.get("name", ""), fn.get("arguments") or "", item_status))
+        name = fn.get("name", "")
+        output.append(tools.call_item(name, call.get("id") or new_id("call_"), fn.get("arguments") or "",
+                                      call_item_id(tools, name), item_status))
     if not output:
         output.append(message_item(new_id("msg_"), "", item_status))
     finish(resp, reason, chat.get("usage"))

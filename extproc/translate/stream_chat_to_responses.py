@@ -13,7 +13,15 @@ import orjson
 
 from ..sse import SSEDecoder, encode
 from .common import new_id, now
-from .resp_chat_to_responses import finish, function_call_item, message_item, reasoning_item, response_shell
+from .resp_chat_to_responses import (
+    call_item_id,
+    finish,
+    message_item,
+    reasoning_item,
+    response_shell,
+    wants_encrypted_reasoning,
+)
+from .tools import custom_input, encode_reasoning, tool_map
 
 
 class _Item:
@@ -30,6 +38,8 @@ class ChatToResponsesStream:
     def __init__(self, request: dict[str, Any], response_id: str | None = None):
         self.decoder = SSEDecoder()
         self.response = response_shell(request, response_id or new_id("resp_"), now())
+        self.tools = tool_map(request.get("tools"))
+        self.encrypt_reasoning = wants_encrypted_reasoning(request)
         self.seq = 0
         self.started = False
         self.ended = False
@@ -144,6 +154,8 @@ class ChatToResponsesStream:
             added["summary"] = []
         elif kind == "function_call":
             added["arguments"] = ""
+        elif kind == "custom_tool_call":
+            added["input"] = ""
         if "status" in added:
             added["status"] = "in_progress"
         self._emit("response.output_item.added", output_index=item.index, item=added)
@@ -167,6 +179,8 @@ class ChatToResponsesStream:
             return
         text = "".join(t for _, t in item.parts)
         item.data["summary"] = [{"type": "summary_text", "text": text}]
+        if self.encrypt_reasoning:
+            item.data["encrypted_content"] = encode_reasoning(text)
         base = {"item_id": item.data["id"], "output_index": item.index, "summary_index": 0}
         self._emit("response.reasoning_summary_text.done", **base, text=text)
         self._emit("response.reasoning_summary_part.done", **base, part={"type": "summary_text", "text": text})
@@ -225,16 +239,19 @@ class ChatToResponsesStream:
         if item is None:
             self._close_reasoning()
             self._close_message("completed")
-            item = self._new_item("function_call", function_call_item(
-                new_id("fc_"), call.get("id") or new_id("call_"), fn.get("name") or "", ""))
+            name = fn.get("name") or ""
+            data = self.tools.call_item(name, call.get("id") or new_id("call_"), "", call_item_id(self.tools, name),
+                                        "completed")
+            item = self._new_item(data["type"], data)
+            item.parts.append(["arguments", ""])
             self.calls[index] = item
-        elif fn.get("name") and not item.data["name"]:
-            item.data["name"] = fn["name"]
         args = fn.get("arguments")
         if isinstance(args, str) and args:
-            item.data["arguments"] += args
-            self._emit("response.function_call_arguments.delta", item_id=item.data["id"],
-                       output_index=item.index, delta=args)
+            item.parts[0][1] += args
+            if item.kind == "function_call":  # a custom tool's input is JSON-wrapped: sent whole at the end
+                item.data["arguments"] += args
+                self._emit("response.function_call_arguments.delta", item_id=item.data["id"],
+                           output_index=item.index, delta=args)
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -247,8 +264,15 @@ class ChatToResponsesStream:
                 self._close_message(status)
             elif item.index not in self.closed:
                 item.data["status"] = status
-                self._emit("response.function_call_arguments.done", item_id=item.data["id"],
-                           output_index=item.index, name=item.data["name"], arguments=item.data["arguments"])
+                base = {"item_id": item.data["id"], "output_index": item.index}
+                if item.kind == "custom_tool_call":
+                    item.data["input"] = text = custom_input(item.parts[0][1])
+                    if text:
+                        self._emit("response.custom_tool_call_input.delta", **base, delta=text)
+                    self._emit("response.custom_tool_call_input.done", **base, input=text)
+                else:
+                    self._emit("response.function_call_arguments.done", **base, name=item.data["name"],
+                               arguments=item.data["arguments"])
                 self._emit("response.output_item.done", output_index=item.index, item=item.data)
                 self.closed.add(item.index)
 

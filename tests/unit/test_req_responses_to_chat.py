@@ -61,11 +61,12 @@ def test_reasoning_is_never_replayed_as_text():
     ({"temperature": 0.1, "top_p": 0.5, "user": "u", "metadata": {"a": "b"}},
      {"temperature": 0.1, "top_p": 0.5, "user": "u", "metadata": {"a": "b"}}),
     ({"prompt_cache_key": "k", "safety_identifier": "s", "service_tier": "auto", "parallel_tool_calls": True},
-     {"prompt_cache_key": "k", "safety_identifier": "s", "service_tier": "auto", "parallel_tool_calls": True}),
+     {"prompt_cache_key": "k", "safety_identifier": "s", "service_tier": "auto"}),  # no tools: chat APIs refuse it
     ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": True}]},
      {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}, "strict": True}}]}),
-    ({"tool_choice": {"type": "function", "name": "f"}}, {"tool_choice": {"type": "function", "function": {"name": "f"}}}),
-    ({"tool_choice": "none"}, {"tool_choice": "none"}),
+    ({"tool_choice": {"type": "function", "name": "f"}, "tools": [{"type": "function", "name": "f"}]},
+     {"tool_choice": {"type": "function", "function": {"name": "f"}}, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ({"tool_choice": "none"}, {}),  # without tools, chat APIs refuse tool_choice
     ({"text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}, "strict": True}}},
      {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}, "strict": True}}}),
     ({"text": {"format": {"type": "json_object"}, "verbosity": "high"}},

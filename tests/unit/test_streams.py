@@ -7,11 +7,10 @@ import json
 
 import pytest
 
-from extproc.sse import SSEDecoder
 from extproc.translate import resp_chat_to_responses, stream_chat_to_responses
 from extproc.translate.stream_chat_to_responses import ChatToResponsesStream
 from extproc.translate.stream_responses_to_chat import ResponsesToChatStream
-from tests.conformance import check_stream
+from tests.conformance import check_stream, sse_events
 
 from . import recorded
 
@@ -22,14 +21,11 @@ _ids = itertools.count()
 def fixed_ids(monkeypatch):
     """Item ids numbered per translator and a fixed clock, so two runs of the same stream compare equal."""
     monkeypatch.setattr(stream_chat_to_responses, "new_id", lambda prefix: f"{prefix}{next(_ids)}")
+    monkeypatch.setattr(resp_chat_to_responses, "new_id", lambda prefix: f"{prefix}{next(_ids)}")
     monkeypatch.setattr(resp_chat_to_responses, "now", lambda: 1700000001)
 
 
-def events(raw: bytes) -> list[dict]:
-    d = SSEDecoder()
-    out = d.feed(raw) + d.close()
-    return [json.loads(e.data) for e in out if e.data != "[DONE]"]
-
+events = sse_events
 
 def run(translator, chunks: list[bytes]) -> bytes:
     return b"".join(translator.feed(c) for c in chunks) + translator.close()

@@ -9,6 +9,11 @@ if ! command -v redis-server >/dev/null; then  # real Redis for the shared-state
   $SUDO apt-get install -y -q redis-server >/dev/null 2>&1 \
     || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q redis-server >/dev/null; }
 fi
+# Codex CLI for the agent-client tests (npm registry); without npm those tests skip and say why.
+if [ ! -x .tools/node_modules/.bin/codex ] && command -v npm >/dev/null; then
+  npm install --prefix .tools --no-audit --no-fund --loglevel=error @openai/codex@0.169.0 >/dev/null \
+    || echo "warning: npm could not install @openai/codex; the Codex CLI tests will be skipped" >&2
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 .venv/bin/ruff check .

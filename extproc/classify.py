@@ -13,10 +13,10 @@ from typing import Generic, TypeVar
 
 from .catalogue import CATALOGUE
 from .config import Backend, Config, ModelRule
+from .modes import BOTH, CHAT, RESPONSES, Knowledge, Learned
 
-CHAT = "chat"
-RESPONSES = "responses"
-BOTH = "both"
+AUTO = "auto"  # a backend's models whose API nobody has said: sent on the client's API, and watched
+MODES = (CHAT, RESPONSES, BOTH)
 
 
 def other_api(api: str) -> str:
@@ -29,10 +29,11 @@ class Resolution:
     mode: str  # what the model answers on at this backend: chat | responses | both
     source: str  # which rule decided the mode, for logs and `extproc resolve`
     translate: bool  # whether translation is allowed for this model
+    learning: bool = False  # only the backend's declaration decided: watch the answer to learn
 
     def upstream_api(self, client_api: str) -> str | None:
         """The client's own API when the model speaks it, else the other one; None when not allowed."""
-        if self.mode in (BOTH, client_api):
+        if self.mode in (BOTH, AUTO, client_api):
             return client_api
         return self.mode if self.translate else None
 
@@ -63,26 +64,42 @@ class _Matcher(Generic[T]):
 
 
 class Classifier:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, knowledge: Knowledge | None = None):
         self.config = config
+        self.knowledge = knowledge or Knowledge()
         self._backends = _Matcher([(p, b) for b in config.backends for p in b.models])
         self._rules = _Matcher([(r.match, (i, r)) for i, r in enumerate(config.model_rules)])
         self._catalogue = _Matcher([(p, (p, mode)) for p, mode in CATALOGUE])
 
-    def resolve(self, model: str) -> Resolution | None:
+    def backend_for(self, model: str) -> Backend | None:
+        return self._backends.find(model)
+
+    def resolve(self, model: str, *, override: str | None = None, learned: Learned | None = None) -> Resolution | None:
+        """Highest first: override header, model_rules, learned, the upstream's /v1/models, the built-in
+        catalogue, the backend's declared api. The last three only for backends declared auto or both."""
         backend = self._backends.find(model)
         if backend is None:
             return None
         translate = backend.translate
         mode, source = backend.api, f"backend {backend.name} api"
+        open_api = backend.api in (AUTO, BOTH)
+        if open_api:
+            catalogue_hit = self._catalogue.find(model)
+            if catalogue_hit is not None:
+                mode, source = catalogue_hit[1], f"built-in catalogue {catalogue_hit[0]!r}"
+            discovered = self.knowledge.discovered_mode(backend.name, model)
+            if discovered is not None:
+                mode, source = discovered, f"backend {backend.name} /v1/models"
+            if learned is not None and learned.mode is not None:
+                mode, source = learned.mode, f"learned from a {backend.name} rejection"
         rule_hit: tuple[int, ModelRule] | None = self._rules.find(model)
-        catalogue_hit = self._catalogue.find(model) if backend.api == BOTH else None
-        if catalogue_hit is not None:
-            mode, source = catalogue_hit[1], f"built-in catalogue {catalogue_hit[0]!r}"
         if rule_hit is not None:
             i, rule = rule_hit
             if rule.mode is not None:
                 mode, source = rule.mode, f"model_rules[{i}] {rule.match!r}"
             if rule.translate is not None:
                 translate = rule.translate
-        return Resolution(backend=backend, mode=mode, source=source, translate=translate)
+        if override in MODES:
+            mode, source = override, "x-gateway-model-mode header"
+        return Resolution(backend=backend, mode=mode, source=source, translate=translate,
+                          learning=open_api and source == f"backend {backend.name} api")

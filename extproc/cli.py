@@ -1,4 +1,4 @@
-"""Command line: `extproc serve`, `check-config`, `resolve`, `stack`, `demo-backend`."""
+"""Command line: `extproc serve`, `check-config`, `resolve`, `learned`, `stack`, `demo-backend`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("resolve", help="print the backend and API mode a model resolves to, and why")
     p.add_argument("--config", required=True)
     p.add_argument("model")
+    p = sub.add_parser("learned", help="list (or forget) the model APIs learned at run time, from the state store")
+    p.add_argument("--config", required=True)
+    p.add_argument("--forget", metavar="BACKEND:MODEL", action="append", default=[],
+                   help="drop one learned entry (repeatable); 'all' drops every one")
     p = sub.add_parser("stack", help="run Envoy, the sidecar and the demo backend locally (Ctrl-C stops)")
     p.add_argument("--config", default="deploy/config.yaml")
     p.add_argument("--port", type=int, default=10000)
@@ -40,22 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: OK ({len(cfg.backends)} backends, {len(cfg.model_rules)} model rules)")
         return 0
     if args.command == "resolve":
-        from .classify import CHAT, RESPONSES, Classifier
-
-        try:
-            res = Classifier(load_config(args.config)).resolve(args.model)
-        except ConfigError as e:
-            print(e, file=sys.stderr)
-            return 1
-        if res is None:
-            print(f"{args.model}: no backend serves this model")
-            return 1
-        print(f"model:    {args.model}\nbackend:  {res.backend.name}\nmode:     {res.mode}\n"
-              f"decided:  {res.source}\ntranslate: {'allowed' if res.translate else 'off'}")
-        for client in (CHAT, RESPONSES):
-            up = res.upstream_api(client)
-            print(f"{client} client -> {up + ' upstream' if up else 'refused (400)'}")
-        return 0
+        return asyncio.run(_resolve(args.config, args.model))
+    if args.command == "learned":
+        return asyncio.run(_learned(args.config, args.forget))
     if args.command == "serve":
         from .server import serve
 
@@ -75,3 +66,74 @@ def main(argv: list[str] | None = None) -> int:
 
         serve_demo(args.host, args.port)
     return 0
+
+
+async def _resolve(config_path: str, model: str) -> int:
+    """The decision a request for `model` gets: config, the backend's /v1/models (read now) and what the
+    state store says was learned."""
+    from .classify import CHAT, RESPONSES, Classifier
+    from .discovery import discover_once
+    from .modes import Knowledge, Learned, learned_key
+    from .routing import Gateway
+    from .store import StoreUnavailable, open_store
+
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    knowledge = Knowledge()
+    backend = Classifier(cfg).backend_for(model)
+    if backend is None:
+        print(f"{model}: no backend serves this model")
+        return 1
+    await discover_once(Gateway(cfg, knowledge), knowledge)
+    learned = None
+    if cfg.state.store != "memory":  # the memory store lives inside each running sidecar
+        store = open_store(cfg.state)
+        try:
+            learned = Learned.loads((await store.get_many((learned_key(backend.name, model),)))[0])
+        except StoreUnavailable as e:
+            print(f"(state store unavailable: {e})", file=sys.stderr)
+        finally:
+            await store.close()
+    res = Classifier(cfg, knowledge).resolve(model, learned=learned)
+    assert res is not None
+    print(f"model:    {model}\nbackend:  {res.backend.name}\nmode:     {res.mode}\n"
+          f"decided:  {res.source}\ntranslate: {'allowed' if res.translate else 'off'}")
+    for client in (CHAT, RESPONSES):
+        up = res.upstream_api(client)
+        print(f"{client} client -> {up + ' upstream' if up else 'refused (400)'}")
+    return 0
+
+
+async def _learned(config_path: str, forget: list[str]) -> int:
+    from .modes import Learned
+    from .store import StoreUnavailable, open_store
+
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    if cfg.state.store == "memory":
+        print("state.store is memory: learned modes live inside each running sidecar; use sqlite or redis "
+              "to share and inspect them", file=sys.stderr)
+        return 1
+    store = open_store(cfg.state)
+    try:
+        entries = await store.scan("mode:")
+        drop = [k for k, _ in entries if "all" in forget or k.removeprefix("mode:") in forget]
+        if drop:
+            await store.write([(k, None) for k in drop])
+            print(f"forgot {len(drop)} learned entries (each replica's copy expires within 30 s)")
+            return 0
+        for key, raw in sorted(entries):
+            fact = Learned.loads(raw)
+            print(f"{key.removeprefix('mode:')}\tneeds={fact.mode or '-'}\tanswered_on={','.join(sorted(fact.ok)) or '-'}")
+        return 0
+    except StoreUnavailable as e:
+        print(f"state store unavailable: {e}", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()

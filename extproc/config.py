@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 API_MODES = ("chat", "responses", "both")
+BACKEND_APIS = (*API_MODES, "auto")  # auto: learn each model's API from /v1/models and from rejections
 MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -78,7 +79,16 @@ class State:
     ttl_seconds: int = 30 * 24 * 3600  # as long as OpenAI keeps stored responses
     max_entries: int = 100_000  # memory store bound (least recently used go first)
     max_record_bytes: int = 8 * 1024 * 1024  # larger conversations turns are not stored (logged)
+    learn_ttl_seconds: int = 24 * 3600  # how long a learned model API is trusted before it is re-learned
 
+
+@dataclass(frozen=True)
+class Discovery:
+    """Reading backends' /v1/models (backends declared auto or both)."""
+
+    interval_seconds: int = 300
+    timeout_ms: int = 2000
+    allow_mode_header: bool = False  # honour a client's x-gateway-model-mode header
 
 @dataclass(frozen=True)
 class Config:
@@ -88,6 +98,7 @@ class Config:
     log_level: str = "info"
     limits: Limits = Limits()
     state: State = State()
+    discovery: Discovery = Discovery()
     source: str = "<memory>"
 
     def backend(self, name: str) -> Backend | None:
@@ -175,7 +186,8 @@ class _Validator:
     def config(self, root: yaml.Node | None) -> Config:
         if root is None:
             raise ConfigError([f"{self.source}: empty config: at least one backend is required"])
-        top = self.mapping(root, "", {"listen", "log_level", "backends", "model_rules", "limits", "state"})
+        top = self.mapping(root, "", {"listen", "log_level", "backends", "model_rules", "limits", "state",
+                                      "discovery"})
         kw: dict[str, Any] = {"source": self.source}
         if "listen" in top:
             listen = self.scalar(top["listen"], "listen", str)
@@ -193,6 +205,18 @@ class _Validator:
                     self.problem(lim["max_body_bytes"], "limits.max_body_bytes", "must be at least 1024")
                 elif n is not None:
                     kw["limits"] = Limits(max_body_bytes=n)
+        if "discovery" in top:
+            d = self.mapping(top["discovery"], "discovery", {"interval_seconds", "timeout_ms", "allow_mode_header"})
+            dkw: dict[str, Any] = {}
+            for name, (lo, hi) in {"interval_seconds": (5, 86400), "timeout_ms": (100, 60_000)}.items():
+                if name in d:
+                    v = self.scalar(d[name], f"discovery.{name}", int)
+                    if v is not None and not lo <= v <= hi:
+                        self.problem(d[name], f"discovery.{name}", f"must be between {lo} and {hi}")
+                    dkw[name] = v
+            if "allow_mode_header" in d:
+                dkw["allow_mode_header"] = self.scalar(d["allow_mode_header"], "discovery.allow_mode_header", bool)
+            kw["discovery"] = Discovery(**dkw)
         if "state" in top:
             state = self.state(top["state"])
             if state is not None:
@@ -228,7 +252,8 @@ class _Validator:
 
     def state(self, node: yaml.Node) -> State | None:
         ints = {"timeout_ms": (1, 60_000), "ttl_seconds": (60, 10 * 365 * 86400),
-                "max_entries": (100, 100_000_000), "max_record_bytes": (1024, 1 << 30)}
+                "max_entries": (100, 100_000_000), "max_record_bytes": (1024, 1 << 30),
+                "learn_ttl_seconds": (1, 365 * 86400)}
         m = self.mapping(node, "state", {"store", "sqlite_path", "redis_url", *ints})
         before = len(self.problems)
         kw: dict[str, Any] = {}
@@ -267,7 +292,7 @@ class _Validator:
         name = self.scalar(m["name"], f"{key}.name", str) if "name" in m else None
         if name is not None and not _NAME_RE.match(name):
             self.problem(m["name"], f"{key}.name", "use letters, digits, '.', '_' or '-' (at most 63)")
-        api = self.choice(m["api"], f"{key}.api", API_MODES) if "api" in m else None
+        api = self.choice(m["api"], f"{key}.api", BACKEND_APIS) if "api" in m else None
         models = self.string_list(m["models"], f"{key}.models") if "models" in m else []
         if "models" in m and not models:
             self.problem(m["models"], f"{key}.models", "must list at least one model name or pattern")

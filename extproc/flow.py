@@ -25,8 +25,10 @@ from typing import Any, Protocol
 import orjson
 
 from . import conversations as conv
-from .classify import CHAT, RESPONSES, Resolution
+from .classify import AUTO, BOTH, CHAT, RESPONSES, Resolution
+from .config import Backend
 from .errors import GatewayError, invalid, upstream_error_payload
+from .modes import LOCAL_TTL, Learned, learned_key, rejection_needs
 from .routing import ROUTING_HEADERS, Gateway, Target, placement_key
 from .translate import (
     req_chat_to_responses,
@@ -44,6 +46,7 @@ log = logging.getLogger("extproc")
 API_PATHS = {"/v1/chat/completions": CHAT, "/v1/responses": RESPONSES}
 UPSTREAM_PATHS = {CHAT: "/v1/chat/completions", RESPONSES: "/v1/responses"}
 BUFFERED, STREAMED = "BUFFERED", "STREAMED"
+MODE_HEADER = "x-gateway-model-mode"  # per-request mode override, when discovery.allow_mode_header
 _ID_RE = re.compile(rb'"id"\s*:\s*"([^"\\]{1,200})"')
 _ID_SCAN_LIMIT = 64 * 1024  # a reply whose id is not in its first 64 KiB is not pinned
 
@@ -65,6 +68,7 @@ class Action:
     immediate: tuple[int, bytes, str] | None = None  # (status, body, content-type): answer without upstream
     response_body_mode: str | None = None  # ask Envoy for the response body: BUFFERED or STREAMED
     writes: list[tuple[str, bytes | None]] = field(default_factory=list)  # store writes (None deletes) first
+    write_ttl: int | None = None  # seconds; None: the store's default
     done: bool = False  # nothing more to do for this exchange: close the ext_proc stream
 
 
@@ -101,6 +105,8 @@ class Exchange:
         self.pinned_id: str | None = None  # the response id this request was routed by
         self.turn: tuple[list[dict[str, Any]], list[str]] | None = None  # (input items, ancestors) to store
         self.dropped_tools: list[str] = []  # hosted tools removed for a chat backend, reported to the client
+        self.learned: Learned | None = None  # what replicas learned about this model's API
+        self.learning = False  # watch the upstream's answer to learn the model's API
 
     @property
     def translated(self) -> bool:
@@ -153,10 +159,29 @@ class Exchange:
                                code="invalid_value" if "model" in body else "missing_required_parameter")
         self.model = model
         self.request = body
-        res = self.gw.resolve(model)
-        if res is None:
+        backend = self.gw.classifier.backend_for(model)
+        if backend is None:
             raise GatewayError(404, f"The model '{model}' does not exist or no backend serves it",
                                param="model", code="model_not_found")
+        if backend.api in (AUTO, BOTH) and self.client_api is not None:
+            learned = self.gw.knowledge.learned(backend.name, model, self.gw.clock())
+            if learned is None:  # not known here lately: what have the other replicas learned?
+                return Lookup((learned_key(backend.name, model),), lambda values: self._with_learned(backend, values))
+            self.learned = learned
+        return self._resolved()
+
+    def _with_learned(self, backend: Backend, values: list[bytes | None] | None) -> Action | Lookup:
+        assert self.model is not None
+        self.learned = Learned.loads(values[0] if values else None)
+        if values is not None:  # a store outage is not remembered as "nothing learned"
+            self._remember(backend.name, self.learned)
+        return self._resolved()
+
+    def _resolved(self) -> Action | Lookup:
+        model, body = self.model or "", self.request
+        override = self.headers.get(MODE_HEADER) if self.gw.config.discovery.allow_mode_header else None
+        res = self.gw.classifier.resolve(model, override=override, learned=self.learned)
+        assert res is not None
         target = self.gw.target(res.backend, placement_key(body, self.headers))
         if self.client_api is None:
             return self._route(target, body=None)
@@ -167,6 +192,8 @@ class Exchange:
                                     f"off for it: call {path} instead", param="model", code="unsupported_api")
         stream = body.get("stream", False)
         self.stream = stream is True
+        # Nothing said which API this model answers on: watch the answer, and learn from it.
+        self.learning = res.learning and self.client_api not in (self.learned.ok if self.learned else ())
         if self.client_api == RESPONSES:
             prev = body.get("previous_response_id")
             if prev is not None:
@@ -312,12 +339,12 @@ class Exchange:
             path = target.backend.path_prefix + path
         if path != self.path:
             headers.append((":path", path))
-        remove = tuple(h for h in ROUTING_HEADERS if h not in {k for k, _ in headers})
+        remove = tuple(h for h in (*ROUTING_HEADERS, MODE_HEADER) if h not in {k for k, _ in headers})
         if body is not None:
             headers.append(("content-length", str(len(body))))
             headers.append(("accept-encoding", "identity"))  # translated answers must arrive readable
         return Action(set_headers=headers, remove_headers=remove, body=body, clear_route_cache=True,
-                      done=not (self.translated or self.record_pin or self.pinned_id))
+                      done=not (self.translated or self.record_pin or self.pinned_id or self.learning))
 
     # -- response -------------------------------------------------------------------------------
 
@@ -362,13 +389,59 @@ class Exchange:
             raise GatewayError(502, f"the upstream sent a corrupt compressed body: {e}", code="upstream_encoding") from None
 
     def _untranslated_headers(self, headers: dict[str, str]) -> Action:
-        """A reply in the client's own API: read its id (to pin it) or explain a lost pinned instance."""
+        """A reply in the client's own API: read its id (to pin it), learn from it, or explain a lost
+        pinned instance."""
         if self.pinned_id and self.status == 503 and "json" not in headers.get("content-type", ""):
             return Action(set_headers=[("content-type", "application/json")], remove_headers=("content-length",),
                           response_body_mode=BUFFERED)  # Envoy's own "upstream connect error" reply
+        if self.learning and self.status in (400, 404, 405, 422):
+            return Action(response_body_mode=BUFFERED)  # does it say the model is on the other API?
+        writes = self._learn(ok=True) if self.learning and 200 <= self.status < 300 else []
+        self.learning = False
         if self.record_pin and self.status == 200:
-            return Action(response_body_mode=STREAMED)
-        return Action(done=True)
+            return Action(response_body_mode=STREAMED, writes=writes, write_ttl=self._learn_ttl(writes))
+        return Action(writes=writes, write_ttl=self._learn_ttl(writes), done=True)
+
+    def _learn(self, ok: bool = False, needs: str | None = None) -> list[tuple[str, bytes | None]]:
+        """A learned fact about this model's API, merged into what replicas already knew."""
+        assert self.target is not None and self.model is not None and self.client_api is not None
+        learned = self.learned or Learned()
+        if ok:
+            learned.ok.add(self.client_api)
+        if needs is not None:
+            learned.mode = needs
+            learned.ok.discard(self.client_api)
+        b = self.target.backend.name
+        self._remember(b, learned)
+        return [(learned_key(b, self.model), learned.dumps())]
+
+    def _remember(self, backend: str, learned: Learned) -> None:
+        """A replica's own copy, never trusted longer than the shared record lives."""
+        assert self.model is not None
+        ttl = min(LOCAL_TTL, self.gw.config.state.learn_ttl_seconds)
+        self.gw.knowledge.remember(backend, self.model, learned, self.gw.clock(), ttl)
+
+    def _learn_ttl(self, writes: list[tuple[str, bytes | None]]) -> int | None:
+        return self.gw.config.state.learn_ttl_seconds if writes else None
+
+    def _learned_rejection(self, chunk: bytes) -> Action:
+        """The upstream said the model needs the other API: remember it, and say a retry will work."""
+        assert self.client_api is not None
+        self.learning = False
+        needs = rejection_needs(self.status, chunk, self.client_api)
+        if needs is None:
+            return Action(done=True)  # any other error goes to the client untouched
+        log.info("model=%s backend=%s: learned that it needs the %s API", self.model,
+                 self.target.backend.name if self.target else "?", needs)
+        writes = self._learn(needs=needs)
+        path = UPSTREAM_PATHS[needs]
+        retry = "retry the request: it will be translated" if self.target and self.target.backend.translate else \
+            f"call {path} instead"
+        body = GatewayError(self.status, f"The model '{self.model}' is only available on {path} at this backend; "
+                                         f"the gateway has learned this, {retry}.",
+                            param="model", code="model_api_learned").body()
+        return Action(body=body, set_headers=[("content-length", str(len(body)))], writes=writes,
+                      write_ttl=self._learn_ttl(writes), done=True)
 
     def _scan_id(self, chunk: bytes, end_of_stream: bool) -> Action:
         """Pin the reply's id: the first "id" of a Response body, or of a stream's response.created event."""
@@ -387,6 +460,8 @@ class Exchange:
         if not self.translated:
             if self.record_pin and self.status == 200:
                 return self._scan_id(chunk, end_of_stream)
+            if self.learning:
+                return self._learned_rejection(chunk)
             assert self.target is not None
             where = f"instance {self.target.endpoint} of backend '{self.target.backend.name}'"
             body = GatewayError(503, f"Response '{self.pinned_id}' is held by {where}, which is not answering; "

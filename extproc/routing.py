@@ -6,12 +6,15 @@ Built once per config (rings are precomputed); look-ups are pure and cheap.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .classify import Classifier, Resolution
+from .classify import Classifier
 from .config import Backend, Config
+from .modes import Knowledge
 from .ring import HashRing
 
 # Headers the sidecar sets for Envoy's route table; client-sent copies are always removed.
@@ -54,9 +57,12 @@ def placement_key(body: dict[str, Any], headers: dict[str, str]) -> str:
 class Gateway:
     """Everything derived from one config that requests consult."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, knowledge: Knowledge | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config
-        self.classifier = Classifier(config)
+        self.knowledge = knowledge or Knowledge()  # outlives a config reload
+        self.clock = clock
+        self.classifier = Classifier(config, self.knowledge)
         self.rings = {
             b.name: HashRing([(e.address, e.weight) for e in b.endpoints], vnodes=b.vnodes)
             for b in config.backends if b.endpoints
@@ -66,21 +72,21 @@ class Gateway:
         self.responses_backend = next((b for b in config.backends if b.api in ("responses", "both")), None)
         self.stats: Counter[str] = Counter()  # pin_hit, pin_fallback, pin_gone, turn_hit, turn_miss, ...
 
-    def resolve(self, model: str) -> Resolution | None:
-        return self.classifier.resolve(model)
-
     def target(self, backend: Backend, key: str) -> Target:
         ring = self.rings.get(backend.name)
         return Target(backend, ring.lookup(key) if ring is not None else None)
 
     def model_list(self) -> list[dict[str, Any]]:
-        """Models named exactly in the config, each with its mode and backend, in the OpenAI list shape."""
+        """Models named exactly in the config or listed by a backend's /v1/models, each with its mode and
+        backend, in the OpenAI list shape."""
         seen: dict[str, dict[str, Any]] = {}
         for b in self.config.backends:
-            for name in b.models:
-                if any(c in name for c in "*?[") or name in seen:
+            names = [n for n in b.models if not any(c in n for c in "*?[")]
+            names += [n for n in self.knowledge.discovered.get(b.name, ()) if self.classifier.backend_for(n) is b]
+            for name in names:
+                res = self.classifier.resolve(name, learned=self.knowledge.learned(b.name, name, self.clock()))
+                if name in seen or res is None:
                     continue
-                res = self.resolve(name)
                 seen[name] = {"id": name, "object": "model", "created": 0, "owned_by": b.name,
-                              "mode": res.mode if res else b.api, "backend": b.name}
+                              "mode": res.mode if res.mode != "auto" else "unknown", "backend": b.name}
         return list(seen.values())

@@ -20,6 +20,7 @@ from envoy.type.v3 import http_status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .config import ConfigError, load_config
+from .discovery import discover_forever
 from .errors import GatewayError
 from .flow import Action, Exchange, Lookup, error_action
 from .routing import Gateway
@@ -101,9 +102,9 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             log.warning("state store unavailable: %s", e)
             return None
 
-    async def _write(self, writes: list[tuple[str, bytes | None]]) -> None:
+    async def _write(self, writes: list[tuple[str, bytes | None]], ttl: int | None) -> None:
         try:
-            await self.store.write(writes)
+            await self.store.write(writes, ttl)
         except StoreUnavailable as e:
             log.warning("state store unavailable, %d records not written: %s", len(writes), e)
 
@@ -137,7 +138,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 log.exception("%s %s model=%s: internal error in %s", ex.method, ex.path, ex.model, kind)
                 act = error_action(GatewayError(500, "internal error in the gateway sidecar", code="gateway_error"))
             if act.writes:  # before the reply goes on: a client that sees an id can use it at once
-                await self._write(act.writes)
+                await self._write(act.writes, act.write_ttl)
             yield to_proto(kind, act)
             if act.done:
                 return
@@ -177,15 +178,17 @@ async def serve(config_path: str) -> None:
             new = load_config(config_path)
             if new.state != holder.gateway.config.state:
                 log.warning("config reload: 'state' changes take effect at the next restart")
-            holder.gateway = Gateway(new)
+            holder.gateway = Gateway(new, holder.gateway.knowledge)
             log.info("config reloaded from %s", config_path)
         except ConfigError as e:
             log.error("config reload rejected, keeping the running config:\n%s", e)
 
+    discovery = asyncio.create_task(discover_forever(lambda: holder.gateway))
     loop.add_signal_handler(signal.SIGHUP, reload)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    discovery.cancel()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=float(os.environ.get("EXTPROC_SHUTDOWN_GRACE", "30")))
     await store.close()

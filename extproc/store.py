@@ -24,7 +24,8 @@ class StoreUnavailable(Exception):
 
 class Store(Protocol):
     async def get_many(self, keys: tuple[str, ...]) -> list[bytes | None]: ...
-    async def write(self, writes: list[tuple[str, bytes | None]]) -> None: ...  # None deletes
+    async def write(self, writes: list[tuple[str, bytes | None]], ttl: int | None = None) -> None: ...  # None deletes
+    async def scan(self, prefix: str) -> list[tuple[str, bytes]]: ...  # for the admin command, not requests
     async def close(self) -> None: ...
 
 
@@ -49,8 +50,8 @@ class MemoryStore:
     async def get_many(self, keys: tuple[str, ...]) -> list[bytes | None]:
         return [self.get(k) for k in keys]
 
-    async def write(self, writes: list[tuple[str, bytes | None]]) -> None:
-        expires = time.monotonic() + self.ttl
+    async def write(self, writes: list[tuple[str, bytes | None]], ttl: int | None = None) -> None:
+        expires = time.monotonic() + (ttl or self.ttl)
         for key, value in writes:
             if value is None:
                 self.data.pop(key, None)
@@ -59,6 +60,9 @@ class MemoryStore:
             self.data.move_to_end(key)
         while len(self.data) > self.max_entries:
             self.data.popitem(last=False)
+
+    async def scan(self, prefix: str) -> list[tuple[str, bytes]]:
+        return [(k, v) for k in list(self.data) if k.startswith(prefix) and (v := self.get(k)) is not None]
 
     async def close(self) -> None:
         self.data.clear()
@@ -84,8 +88,8 @@ class SQLiteStore:
         found = dict(rows)
         return [found.get(k) for k in keys]
 
-    async def write(self, writes: list[tuple[str, bytes | None]]) -> None:
-        expires = time.time() + self.ttl
+    async def write(self, writes: list[tuple[str, bytes | None]], ttl: int | None = None) -> None:
+        expires = time.time() + (ttl or self.ttl)
         try:
             with self.db:
                 for key, value in writes:
@@ -95,6 +99,10 @@ class SQLiteStore:
                         self.db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?)", (key, value, expires))
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite: {e}") from None
+
+    async def scan(self, prefix: str) -> list[tuple[str, bytes]]:
+        return self.db.execute("SELECT key, value FROM kv WHERE expires >= ? AND substr(key, 1, ?) = ?",
+                               (time.time(), len(prefix), prefix)).fetchall()
 
     async def close(self) -> None:
         self.db.close()
@@ -122,14 +130,19 @@ class RedisStore:
     async def get_many(self, keys: tuple[str, ...]) -> list[bytes | None]:
         return await self._run(self.redis.mget([PREFIX + k for k in keys]))
 
-    async def write(self, writes: list[tuple[str, bytes | None]]) -> None:
+    async def write(self, writes: list[tuple[str, bytes | None]], ttl: int | None = None) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for key, value in writes:
             if value is None:
                 pipe.delete(PREFIX + key)
             else:
-                pipe.set(PREFIX + key, value, ex=self.ttl)
+                pipe.set(PREFIX + key, value, ex=ttl or self.ttl)
         await self._run(pipe.execute())
+
+    async def scan(self, prefix: str) -> list[tuple[str, bytes]]:
+        keys = [k async for k in self.redis.scan_iter(match=PREFIX + prefix + "*", count=1000)]
+        values = await self.get_many(tuple(k.decode()[len(PREFIX):] for k in keys)) if keys else []
+        return [(k.decode()[len(PREFIX):], v) for k, v in zip(keys, values, strict=True) if v is not None]
 
     async def close(self) -> None:
         await self.redis.aclose()

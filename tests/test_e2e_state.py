@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from extproc.stack import Stack, free_port, wait_for_port
 
 from .conformance import validate_response
 from .conftest import RedisServer
-from .upstreams import ChatServer, Reply, ResponsesServer
+from .upstreams import ChatServer, MixedServer, Reply, ResponsesServer
 
 CONFIG = """
 listen: 127.0.0.1:{port}
@@ -29,6 +31,9 @@ state:
   store: redis
   redis_url: {redis}
   timeout_ms: 300
+  learn_ttl_seconds: 3
+discovery:
+  interval_seconds: 5
 backends:
   - name: vllm-responses
     api: responses
@@ -38,7 +43,13 @@ backends:
     api: chat
     models: ["llama-*"]
     endpoints: [{chat}]
+  - name: mixed
+    api: auto
+    models: ["mix-*"]
+    endpoints: ["{mixed}"]
 """
+MIXED_MODELS = [{"id": "mix-listed", "object": "model", "supported_endpoints": ["/v1/responses"]},
+                {"id": "mix-general", "object": "model"}]
 TOOLS = [{"type": "function", "name": "lookup", "description": "Look up a fact", "strict": False,
           "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}]
 
@@ -48,6 +59,7 @@ class Replicas:
     urls: list[str]
     resp: list[ResponsesServer]
     chat: list[ChatServer]
+    mixed: MixedServer
     redis: RedisServer
     stack: Stack
     sidecars: list[subprocess.Popen]
@@ -57,6 +69,11 @@ class Replicas:
         """Clients that alternate between the two replicas, forever."""
         return itertools.cycle([openai.OpenAI(base_url=u + "/v1", api_key="k", max_retries=0, timeout=30)
                                 for u in self.urls])
+
+    def redis_client(self):
+        import redis
+
+        return redis.Redis.from_url(self.redis.url)
 
     def holder(self, response_id: str) -> ResponsesServer:
         (server,) = [s for s in self.resp if response_id in s.stored]
@@ -76,6 +93,7 @@ class Replicas:
 def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     resp = [ResponsesServer() for _ in range(3)]
     chat = [ChatServer() for _ in range(2)]
+    mixed = MixedServer(responses_only={"mix-agent"}, chat_only={"mix-chatonly"}, models=MIXED_MODELS)
     stack = Stack()
     tmp = Path(tmp_path_factory.mktemp("replicas"))
     urls, sidecars, configs = [], [], []
@@ -83,7 +101,7 @@ def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
         for i in range(2):
             port = free_port()
             cfg = tmp / f"config-{i}.yaml"
-            cfg.write_text(CONFIG.format(port=port, redis=redis_server.url,
+            cfg.write_text(CONFIG.format(port=port, redis=redis_server.url, mixed=mixed.address,
                                          resp=", ".join(f'"{s.address}"' for s in resp),
                                          chat=", ".join(f'"{s.address}"' for s in chat)))
             sidecar = stack.start_sidecar(cfg)
@@ -93,10 +111,10 @@ def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
             urls.append(f"http://127.0.0.1:{listen}")
             sidecars.append(sidecar)
             configs.append(cfg)
-        yield Replicas(urls, resp, chat, redis_server, stack, sidecars, configs)
+        yield Replicas(urls, resp, chat, mixed, redis_server, stack, sidecars, configs)
     finally:
         stack.stop()
-        for s in [*resp, *chat]:
+        for s in [*resp, *chat, mixed]:
             s.close()
 
 
@@ -235,6 +253,51 @@ def test_unknown_previous_response_id(replicas):
     hits = [s for s in replicas.resp if s.requests and s.requests[-1]["body"]
             and s.requests[-1]["body"].get("previous_response_id") == "resp_never"]
     assert len(hits) == 1
+
+
+def test_model_api_learned_from_a_rejection_and_shared(replicas):
+    a, b = (openai.OpenAI(base_url=u + "/v1", api_key="k", max_retries=0, timeout=30) for u in replicas.urls)
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as e:  # first contact: sent as is, and rejected
+        a.chat.completions.create(model="mix-agent", messages=msgs)
+    assert e.value.body["code"] == "model_api_learned" and "retry" in e.value.body["message"]
+    r = b.chat.completions.create(model="mix-agent", messages=msgs)  # the other replica knows it already
+    assert r.choices[0].message.content and replicas.mixed.requests[-1]["path"] == "/v1/responses"
+    r = a.chat.completions.create(model="mix-agent", messages=msgs, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+    stored = replicas.redis_client().get("extproc:mode:mixed:mix-agent")
+    assert json.loads(stored)["mode"] == "responses"
+
+    with pytest.raises(openai.BadRequestError):  # the mirror case
+        a.responses.create(model="mix-chatonly", input="hi")
+    assert b.responses.create(model="mix-chatonly", input="hi").output_text
+    assert replicas.mixed.requests[-1]["path"] == "/v1/chat/completions"
+
+    assert a.chat.completions.create(model="mix-general", messages=msgs).choices[0].message.content
+    listing = subprocess.run([sys.executable, "-m", "extproc", "learned", "--config", str(replicas.configs[0])],
+                             capture_output=True, text=True, timeout=30)
+    assert "mixed:mix-agent\tneeds=responses" in listing.stdout
+    assert "mixed:mix-general\tneeds=-\tanswered_on=chat" in listing.stdout
+
+    time.sleep(3.5)  # learn_ttl_seconds: 3, then it is learned again
+    with pytest.raises(openai.BadRequestError) as e:
+        a.chat.completions.create(model="mix-agent", messages=msgs)
+    assert e.value.body["code"] == "model_api_learned"
+
+
+def test_models_list_has_a_mode_for_every_model(replicas):
+    client = next(replicas.clients())
+    deadline = time.monotonic() + 10
+    while True:  # discovery runs beside the server; it lists mix-listed once it has read /v1/models
+        models = {m.id: m.model_dump() for m in client.models.list()}
+        if "mix-listed" in models or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert models["mix-listed"]["mode"] == "responses" and models["mix-listed"]["backend"] == "mixed"
+    assert models["mix-general"]["mode"] in ("unknown", "chat")
+    assert all(m["mode"] in ("chat", "responses", "both", "unknown") for m in models.values())
+    r = client.chat.completions.create(model="mix-listed", messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content and replicas.mixed.requests[-1]["path"] == "/v1/responses"
 
 
 def test_pinned_instance_down_is_a_clear_error(replicas):

@@ -178,7 +178,7 @@ class _ChatHandler(_Handler):
             self.send_json(*reply.error)
             return
         if body.get("stream"):
-            self.stream(body, reply)
+            self.chat_stream(body, reply)
         else:
             self.send_json(200, self.completion(body, reply))
 
@@ -224,7 +224,7 @@ class _ChatHandler(_Handler):
                                                      "logprobs": None}],
                 "usage": self._usage() if reply.usage else None}
 
-    def stream(self, body: dict[str, Any], reply: Reply) -> None:
+    def chat_stream(self, body: dict[str, Any], reply: Reply) -> None:
         self.start_sse()
         base = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": body["model"]}
@@ -335,7 +335,7 @@ class _ResponsesHandler(_Handler):
             self.upstream.stored[response["id"]] = {
                 "response": response, "input": [{"id": f"msg_{uuid.uuid4().hex}", **it} for it in items]}
         if body.get("stream"):
-            self.stream(response, reply)
+            self.responses_stream(response, reply)
         else:
             self.send_json(200, response)
 
@@ -401,7 +401,7 @@ class _ResponsesHandler(_Handler):
             "previous_response_id": body.get("previous_response_id"),
         }
 
-    def stream(self, response: dict[str, Any], reply: Reply) -> None:
+    def responses_stream(self, response: dict[str, Any], reply: Reply) -> None:
         self.start_sse()
         seq = 0
 
@@ -475,3 +475,45 @@ class ResponsesServer(_Server):
             calls |= {o["call_id"] for o in response["output"] if o["type"] == "function_call"}
             response_id = response.get("previous_response_id")
         return calls
+
+
+class _MixedHandler(_ChatHandler, _ResponsesHandler):
+    upstream: MixedServer
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/models":
+            self.send_json(200, {"object": "list", "data": self.upstream.models})
+        else:
+            _ResponsesHandler.do_GET(self)
+
+    def do_POST(self) -> None:
+        body = self.read_json()
+        self.read_json = lambda: body  # type: ignore[method-assign]  # the path's handler reads it again
+        try:
+            self._dispatch(body)
+        finally:
+            del self.read_json  # the handler lives as long as the connection: the next request has its own
+
+    def _dispatch(self, body: Any) -> None:
+        model = body.get("model") if isinstance(body, dict) else None
+        if self.path == "/v1/chat/completions" and model in self.upstream.responses_only:
+            self.upstream.requests.append({"path": self.path, "body": body, "raw": self.raw_body})
+            self.send_json(400, _err("This model is only supported in v1/responses and not in v1/chat/completions.",
+                                     param="model"))
+        elif self.path == "/v1/responses" and model in self.upstream.chat_only:
+            self.upstream.requests.append({"path": self.path, "body": body, "raw": self.raw_body})
+            self.send_json(400, _err(f"The model {model} is not supported with the Responses API.", param="model"))
+        elif self.path == "/v1/chat/completions":
+            _ChatHandler.do_POST(self)
+        else:
+            _ResponsesHandler.do_POST(self)
+
+
+class MixedServer(ResponsesServer):
+    """A server with both APIs where some models answer on one only (like OpenAI, Azure, Copilot)."""
+
+    handler = _MixedHandler
+
+    def __init__(self, responses_only: set[str], chat_only: set[str], models: list[dict[str, Any]]) -> None:
+        self.responses_only, self.chat_only, self.models = responses_only, chat_only, models
+        super().__init__()

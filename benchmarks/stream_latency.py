@@ -31,6 +31,7 @@ from tests.upstreams import Reply, ResponsesServer  # noqa: E402
 
 SIDECAR_CONFIG = """
 listen: 127.0.0.1:{extproc_port}
+admin_listen: 127.0.0.1:{admin_port}
 log_level: warning
 backends:
   - name: demo
@@ -91,7 +92,7 @@ def main() -> int:
         demo = stack.spawn("demo", [sys.executable, "-m", "extproc", "demo-backend", "--port", str(demo_port)])
         wait_for_port(demo_port, proc=demo)
         cfg = stack.workdir / "config.yaml"
-        cfg.write_text(SIDECAR_CONFIG.format(extproc_port=extproc_port, demo_port=demo_port, resp=resp_up.address))
+        cfg.write_text(SIDECAR_CONFIG.format(extproc_port=extproc_port, admin_port=free_port(), demo_port=demo_port, resp=resp_up.address))
         wait_for_port(extproc_port, proc=stack.start_sidecar(cfg))
         gw_port, alone_port = free_port(), free_port()
         stack.start_envoy(gw_port, free_port(), extproc_port)

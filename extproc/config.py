@@ -99,6 +99,9 @@ class Config:
     limits: Limits = Limits()
     state: State = State()
     discovery: Discovery = Discovery()
+    admin_listen: str | None = "127.0.0.1:9902"  # /healthz /readyz /metrics; None turns it off
+    usage_accounting: str = "all"  # all: read usage from passed-through answers too; translated: only those
+    log_format: str = "json"  # json (one object per line) | text
     source: str = "<memory>"
 
     def backend(self, name: str) -> Backend | None:
@@ -187,12 +190,19 @@ class _Validator:
         if root is None:
             raise ConfigError([f"{self.source}: empty config: at least one backend is required"])
         top = self.mapping(root, "", {"listen", "log_level", "backends", "model_rules", "limits", "state",
-                                      "discovery"})
+                                      "discovery", "admin_listen", "usage_accounting", "log_format"})
         kw: dict[str, Any] = {"source": self.source}
         if "listen" in top:
             listen = self.scalar(top["listen"], "listen", str)
             if listen is not None:
                 kw["listen"] = listen
+        if "admin_listen" in top:
+            kw["admin_listen"] = None if top["admin_listen"].value in ("off", "", "null", "~") else \
+                self.scalar(top["admin_listen"], "admin_listen", str)
+        if "usage_accounting" in top:
+            kw["usage_accounting"] = self.choice(top["usage_accounting"], "usage_accounting", ("all", "translated"))
+        if "log_format" in top:
+            kw["log_format"] = self.choice(top["log_format"], "log_format", ("json", "text"))
         if "log_level" in top:
             lvl = self.choice(top["log_level"], "log_level", ("debug", "info", "warning", "error"))
             if lvl:

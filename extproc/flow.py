@@ -40,6 +40,7 @@ from .translate.common import new_id
 from .translate.stream_chat_to_responses import ChatToResponsesStream
 from .translate.stream_responses_to_chat import ResponsesToChatStream
 from .translate.tools import tool_map
+from .usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
 
 log = logging.getLogger("extproc")
 
@@ -52,6 +53,8 @@ _ID_SCAN_LIMIT = 64 * 1024  # a reply whose id is not in its first 64 KiB is not
 
 
 class StreamTranslator(Protocol):
+    response: dict[str, Any] | None  # the final Response object, once the stream has ended
+
     def feed(self, data: bytes) -> bytes: ...
     def close(self) -> bytes: ...
     def fail(self, code: str, message: str) -> bytes: ...
@@ -107,10 +110,20 @@ class Exchange:
         self.dropped_tools: list[str] = []  # hosted tools removed for a chat backend, reported to the client
         self.learned: Learned | None = None  # what replicas learned about this model's API
         self.learning = False  # watch the upstream's answer to learn the model's API
-
+        self.learned_fact: str | None = None  # what this exchange taught: needs_<api> | answers_<api>
+        self.pin_decision: str | None = None  # pin_hit | pin_fallback | pin_gone | turn_hit | turn_miss | ...
+        self.scanner: UsageScanner | None = None  # reads usage from an answer passed through untouched
+        self.usage: Usage | None = None
+        self.chunks = 0  # response body messages handled
+        self.failure: GatewayError | None = None  # set by the shell when the sidecar answered with an error
     @property
     def translated(self) -> bool:
         return self.upstream_api is not None and self.upstream_api != self.client_api
+
+    @property
+    def observe(self) -> bool:
+        """Read usage from an answer in the client's own API (usage_accounting: all)."""
+        return self.client_api is not None and self.gw.config.usage_accounting == "all" and not self.translated
 
     # -- request --------------------------------------------------------------------------------
 
@@ -235,13 +248,12 @@ class Exchange:
 
     def _continue_from(self, prev: str, res: Resolution, target: Target,
                        values: list[bytes | None] | None) -> Action | Lookup:
-        stats = self.gw.stats
         if values is None:
             if self.translated:
-                stats["state_unavailable"] += 1
+                self.pin_decision = "state_unavailable"
                 raise GatewayError(503, "the conversation store is unavailable; retry shortly",
                                    code="state_unavailable")
-            stats["pin_fallback"] += 1
+            self.pin_decision = "pin_fallback"
             log.warning("previous_response_id %s: store unavailable, routing by ring", prev)
             return self._forward(res, self.gw.target(res.backend, prev), [])
         turn, pin = conv.load_turn(values[0]), conv.Pin.loads(values[1]) if values[1] else None
@@ -257,20 +269,20 @@ class Exchange:
                                         f"'{self.model}' is served by chat-only backend '{res.backend.name}', which "
                                         "cannot continue it", param="previous_response_id",
                                    code="previous_response_not_found")
-            stats["pin_hit"] += 1
+            self.pin_decision = "pin_hit"
             self.pinned_id = prev
             return self._forward(res, self._pinned_target(prev, pin), [])
         if self.translated:
-            stats["turn_miss"] += 1
+            self.pin_decision = "turn_miss"
             raise conv.previous_not_found(prev)
-        stats["pin_fallback"] += 1
+        self.pin_decision = "pin_fallback"
         log.info("previous_response_id %s: no pin recorded, routing by ring", prev)
         return self._forward(res, self.gw.target(res.backend, prev), [])
 
     def _continue_turns(self, prev: str, res: Resolution, target: Target, turn: dict[str, Any],
                         ancestors: list[str], values: list[bytes | None] | None) -> Action:
         if values is None:
-            self.gw.stats["state_unavailable"] += 1
+            self.pin_decision = "state_unavailable"
             raise GatewayError(503, "the conversation store is unavailable; retry shortly", code="state_unavailable")
         turns = [conv.load_turn(v) for v in values]
         for aid, t in zip(ancestors, turns, strict=True):
@@ -278,7 +290,7 @@ class Exchange:
                 raise GatewayError(404, f"An earlier response in this conversation ('{aid}') has expired or was "
                                         "deleted, so it cannot be continued", param="previous_response_id",
                                    code="previous_response_not_found")
-        self.gw.stats["turn_hit"] += 1
+        self.pin_decision = "turn_hit"
         endpoint = turn.get("endpoint")  # same instance as before when it is still there: its prefix cache
         if self.translated and endpoint in {e.address for e in res.backend.endpoints}:
             target = Target(res.backend, endpoint)
@@ -287,7 +299,7 @@ class Exchange:
     def _pinned_target(self, response_id: str, pin: conv.Pin) -> Target:
         backend = self.gw.config.backend(pin.backend)
         if backend is None or (pin.endpoint is not None and pin.endpoint not in {e.address for e in backend.endpoints}):
-            self.gw.stats["pin_gone"] += 1
+            self.pin_decision = "pin_gone"
             where = f"instance {pin.endpoint} of backend '{pin.backend}'" if pin.endpoint else f"backend '{pin.backend}'"
             raise GatewayError(409, f"Response '{response_id}' is held by {where}, which is no longer configured; "
                                     "its conversation cannot be continued", param="previous_response_id",
@@ -307,7 +319,7 @@ class Exchange:
         """GET/DELETE/cancel/input_items: answered from a held turn, else sent where the response lives."""
         turn = conv.load_turn(values[0]) if values else None
         if turn is not None:
-            self.gw.stats["turn_hit"] += 1
+            self.pin_decision = "turn_hit"
             if suffix == "/input_items":
                 return Action(immediate=(200, conv.input_items_page(turn["input"], self.path.partition("?")[2]),
                                          "application/json"), done=True)
@@ -320,12 +332,12 @@ class Exchange:
             return Action(immediate=(200, orjson.dumps(turn["response"]), "application/json"), done=True)
         pin = conv.Pin.loads(values[1]) if values and values[1] else None
         if pin is not None:
-            self.gw.stats["pin_hit"] += 1
+            self.pin_decision = "pin_hit"
             return self._route(self._pinned_target(response_id, pin), body=None)
         backend = self.gw.responses_backend
         if backend is None:
             raise conv.response_not_found(response_id)
-        self.gw.stats["pin_fallback"] += 1
+        self.pin_decision = "pin_fallback"
         self.pinned_id = None
         return self._route(self.gw.target(backend, response_id), body=None)
 
@@ -344,7 +356,7 @@ class Exchange:
             headers.append(("content-length", str(len(body))))
             headers.append(("accept-encoding", "identity"))  # translated answers must arrive readable
         return Action(set_headers=headers, remove_headers=remove, body=body, clear_route_cache=True,
-                      done=not (self.translated or self.record_pin or self.pinned_id or self.learning))
+                      done=not (self.translated or self.record_pin or self.pinned_id or self.learning or self.observe))
 
     # -- response -------------------------------------------------------------------------------
 
@@ -392,13 +404,18 @@ class Exchange:
         """A reply in the client's own API: read its id (to pin it), learn from it, or explain a lost
         pinned instance."""
         if self.pinned_id and self.status == 503 and "json" not in headers.get("content-type", ""):
+            self.record_pin = self.learning = False
             return Action(set_headers=[("content-type", "application/json")], remove_headers=("content-length",),
                           response_body_mode=BUFFERED)  # Envoy's own "upstream connect error" reply
         if self.learning and self.status in (400, 404, 405, 422):
             return Action(response_body_mode=BUFFERED)  # does it say the model is on the other API?
-        writes = self._learn(ok=True) if self.learning and 200 <= self.status < 300 else []
+        ok = 200 <= self.status < 300
+        writes = self._learn(ok=True) if self.learning and ok else []
         self.learning = False
-        if self.record_pin and self.status == 200:
+        self.record_pin = self.record_pin and self.status == 200
+        if ok and self.observe:
+            self.scanner = UsageScanner(sse=headers.get("content-type", "").startswith("text/event-stream"))
+        if self.record_pin or self.scanner is not None:
             return Action(response_body_mode=STREAMED, writes=writes, write_ttl=self._learn_ttl(writes))
         return Action(writes=writes, write_ttl=self._learn_ttl(writes), done=True)
 
@@ -408,9 +425,11 @@ class Exchange:
         learned = self.learned or Learned()
         if ok:
             learned.ok.add(self.client_api)
+            self.learned_fact = "answers_" + self.client_api
         if needs is not None:
             learned.mode = needs
             learned.ok.discard(self.client_api)
+            self.learned_fact = "needs_" + needs
         b = self.target.backend.name
         self._remember(b, learned)
         return [(learned_key(b, self.model), learned.dumps())]
@@ -443,25 +462,56 @@ class Exchange:
         return Action(body=body, set_headers=[("content-length", str(len(body)))], writes=writes,
                       write_ttl=self._learn_ttl(writes), done=True)
 
-    def _scan_id(self, chunk: bytes, end_of_stream: bool) -> Action:
+    def _scan_id(self, chunk: bytes, end_of_stream: bool) -> list[tuple[str, bytes | None]]:
         """Pin the reply's id: the first "id" of a Response body, or of a stream's response.created event."""
         self.id_scan += chunk
         found = _ID_RE.search(self.id_scan)
         if found is None and not end_of_stream and len(self.id_scan) < _ID_SCAN_LIMIT:
-            return Action()
+            return []
+        self.record_pin = False
         assert self.target is not None
         if found is None:
             log.warning("%s: no response id in the first %d bytes of the reply; not pinned", self.path, len(self.id_scan))
-            return Action(done=True)
+            return []
         pin = conv.Pin(self.target.backend.name, self.target.endpoint)
-        return Action(writes=[(conv.pin_key(found.group(1).decode()), pin.dumps())], done=True)
+        return [(conv.pin_key(found.group(1).decode()), pin.dumps())]
+
+    def _observed(self, chunk: bytes, end_of_stream: bool) -> Action:
+        """An answer in the client's own API, passed on untouched while its id and usage are read."""
+        writes = self._scan_id(chunk, end_of_stream) if self.record_pin else []
+        if self.scanner is not None:
+            self.scanner.feed(chunk)
+            if end_of_stream:
+                self.scanner.finish()
+                self._account(self.scanner.usage, self.scanner.output_bytes)
+        done = end_of_stream or (self.scanner is None and not self.record_pin)
+        return Action(writes=writes, done=done)
+
+    def _account(self, usage: Usage | None, output_bytes: int) -> None:
+        """Usage as reported; estimated only when the upstream reported none for a successful answer."""
+        if usage is None and 200 <= self.status < 300:
+            usage = estimate(request_text_bytes(self.request), output_bytes)
+        self.usage = usage
+
+    def metadata(self) -> dict[str, Any] | None:
+        """What Envoy's access log may show of this exchange (dynamic metadata, namespace llm_gateway)."""
+        if self.model is None:
+            return None
+        out: dict[str, Any] = {"model": self.model, "client_api": self.client_api or "",
+                               "upstream_api": self.upstream_api or self.client_api or "",
+                               "backend": self.target.backend.name if self.target else ""}
+        if self.usage is not None:
+            out.update(self.usage.as_metadata())
+        return out
 
     def response_body(self, chunk: bytes, end_of_stream: bool) -> Action:
+        self.chunks += 1
         if not self.translated:
-            if self.record_pin and self.status == 200:
-                return self._scan_id(chunk, end_of_stream)
             if self.learning:
                 return self._learned_rejection(chunk)
+            if self.record_pin or self.scanner is not None:
+                return self._observed(chunk, end_of_stream)
+            # Only left: Envoy's own reply for a pinned instance that does not answer.
             assert self.target is not None
             where = f"instance {self.target.endpoint} of backend '{self.target.backend.name}'"
             body = GatewayError(503, f"Response '{self.pinned_id}' is held by {where}, which is not answering; "
@@ -476,7 +526,8 @@ class Exchange:
             if not end_of_stream:
                 return Action(body=out)
             out += self.translator.close()
-            final = getattr(self.translator, "response", None)
+            final = self.translator.response
+            self._account(usage_of(final), text_bytes(orjson.dumps(final["output"])) if final else 0)
             return Action(body=out, writes=self._store_turn(final), done=True)
         body, doc = self._translate_buffered(self._decode(chunk, end_of_stream))
         return Action(body=body, set_headers=[("content-length", str(len(body)))], writes=self._store_turn(doc),
@@ -501,7 +552,9 @@ class Exchange:
                 doc = orjson.loads(data)
             except orjson.JSONDecodeError:
                 doc = None
-        if not isinstance(doc, dict):
+        if isinstance(doc, dict):
+            self._account(usage_of(doc), text_bytes(data))
+        else:
             if 200 <= self.status < 300:
                 raise GatewayError(502, "the upstream returned a response that is not JSON",
                                    code="bad_upstream_response")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +69,6 @@ class Gateway:
         self.default_backend = config.backends[0]
         # Where a /v1/responses/{id} request with no record goes (by ring position of the id).
         self.responses_backend = next((b for b in config.backends if b.api in ("responses", "both")), None)
-        self.stats: Counter[str] = Counter()  # pin_hit, pin_fallback, pin_gone, turn_hit, turn_miss, ...
 
     def target(self, backend: Backend, key: str) -> Target:
         ring = self.rings.get(backend.name)

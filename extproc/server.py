@@ -9,7 +9,8 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -19,10 +20,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from .admin import start_admin
 from .config import ConfigError, load_config
 from .discovery import discover_forever
 from .errors import GatewayError
 from .flow import Action, Exchange, Lookup, error_action
+from .logs import configure_logging
+from .metrics import Metrics
 from .routing import Gateway
 from .store import Store, StoreUnavailable, open_store
 
@@ -42,6 +46,7 @@ _CONTINUE = {
     "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
 }
 _MAX_MESSAGE = 128 * 1024 * 1024
+METADATA_NAMESPACE = "llm_gateway"  # deploy/envoy.yaml accepts it (metadata_options) and logs from it
 
 
 def _headers(header_map: base_pb2.HeaderMap) -> dict[str, str]:
@@ -91,14 +96,16 @@ class GatewayHolder:
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, holder: GatewayHolder, store: Store):
+    def __init__(self, holder: GatewayHolder, store: Store, metrics: Metrics | None = None):
         self.holder = holder
         self.store = store
+        self.metrics = metrics or Metrics()
 
     async def _fetch(self, lookup: Lookup) -> list[bytes | None] | None:
         try:
             return await self.store.get_many(lookup.keys)
         except StoreUnavailable as e:
+            self.metrics.store_errors.inc("get")
             log.warning("state store unavailable: %s", e)
             return None
 
@@ -106,42 +113,108 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         try:
             await self.store.write(writes, ttl)
         except StoreUnavailable as e:
+            self.metrics.store_errors.inc("write")
             log.warning("state store unavailable, %d records not written: %s", len(writes), e)
+
+    async def _step(self, ex: Exchange, kind: str, req: pb.ProcessingRequest) -> Action:
+        """One Envoy message through the exchange, store lookups included; errors become answers."""
+        try:
+            step: Action | Lookup
+            if kind == "request_headers":
+                step = ex.request_headers(_headers(req.request_headers.headers), req.request_headers.end_of_stream)
+            elif kind == "request_body":
+                step = ex.request_body(req.request_body.body)
+            elif kind == "response_headers":
+                step = ex.response_headers(_headers(req.response_headers.headers))
+            elif kind == "response_body":
+                step = ex.response_body(req.response_body.body, req.response_body.end_of_stream)
+            else:
+                step = Action()
+            while isinstance(step, Lookup):
+                step = step.then(await self._fetch(step))
+            return step
+        except GatewayError as e:
+            if e.status >= 500:
+                log.warning("%s %s model=%s: %s", ex.method, ex.path, ex.model, e.message)
+            ex.failure = e
+            return error_action(e)
+        except Exception:
+            log.exception("%s %s model=%s: internal error in %s", ex.method, ex.path, ex.model, kind)
+            ex.failure = GatewayError(500, "internal error in the gateway sidecar", code="gateway_error")
+            return error_action(ex.failure)
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
         ex = Exchange(self.holder.gateway)
-        async for req in request_iterator:
-            kind = req.WhichOneof("request")
-            try:
-                step: Action | Lookup
-                if kind == "request_headers":
-                    step = ex.request_headers(_headers(req.request_headers.headers), req.request_headers.end_of_stream)
-                elif kind == "request_body":
-                    step = ex.request_body(req.request_body.body)
-                elif kind == "response_headers":
-                    step = ex.response_headers(_headers(req.response_headers.headers))
-                elif kind == "response_body":
-                    step = ex.response_body(req.response_body.body, req.response_body.end_of_stream)
-                else:
-                    step = Action()
-                while isinstance(step, Lookup):
-                    step = step.then(await self._fetch(step))
-                act = step
-            except GatewayError as e:
-                if e.status >= 500:
-                    log.warning("%s %s model=%s: %s", ex.method, ex.path, ex.model, e.message)
-                else:
-                    log.info("%s %s model=%s: %d %s", ex.method, ex.path, ex.model, e.status, e.message)
-                act = error_action(e)
-            except Exception:
-                log.exception("%s %s model=%s: internal error in %s", ex.method, ex.path, ex.model, kind)
-                act = error_action(GatewayError(500, "internal error in the gateway sidecar", code="gateway_error"))
-            if act.writes:  # before the reply goes on: a client that sees an id can use it at once
-                await self._write(act.writes, act.write_ttl)
-            yield to_proto(kind, act)
-            if act.done:
-                return
+        started = time.monotonic()
+        busy = 0.0
+        try:
+            async for req in request_iterator:
+                kind = req.WhichOneof("request")
+                t0 = time.perf_counter()
+                act = await self._step(ex, kind, req)
+                if act.writes:  # before the reply goes on: a client that sees an id can use it at once
+                    await self._write(act.writes, act.write_ttl)
+                resp = to_proto(kind, act)
+                if act.done and (meta := ex.metadata()) is not None:
+                    resp = _with_metadata(resp, meta)
+                elapsed = time.perf_counter() - t0
+                busy += elapsed
+                self.metrics.phase_seconds.observe(elapsed, kind)
+                yield resp
+                if act.done:
+                    return
+        finally:
+            self._record(ex, started, busy)
+
+    def _record(self, ex: Exchange, started: float, busy: float) -> None:
+        """Metrics and the one log line of a finished exchange."""
+        m = self.metrics
+        if ex.failure is not None:
+            outcome, status = f"gateway_{ex.failure.status // 100}xx", ex.failure.status
+        else:
+            status = ex.status
+            outcome = "ok" if 200 <= status < 300 else f"upstream_{status // 100}xx" if status else "passed_on"
+        backend = ex.target.backend.name if ex.target else ""
+        model = ex.model or ""
+        if ex.client_api is not None:
+            m.requests.inc(ex.client_api, ex.upstream_api or ex.client_api, backend, model, outcome)
+        if ex.translated:
+            m.translations.inc(f"{ex.client_api}_to_{ex.upstream_api}", str(ex.stream).lower())
+        if ex.chunks:
+            m.stream_chunks.inc("translated" if ex.translated else "observed", by=ex.chunks)
+        if ex.pin_decision:
+            m.pins.inc(ex.pin_decision)
+        if ex.learned_fact:
+            m.learned.inc(backend, ex.learned_fact)
+        u = ex.usage
+        if u is not None:
+            est = str(u.estimated).lower()
+            for kind, n in (("input", u.input_tokens), ("output", u.output_tokens), ("cached", u.cached_tokens),
+                            ("reasoning", u.reasoning_tokens)):
+                m.tokens.inc(model, backend, kind, est, by=n)
+        if ex.method or ex.path:
+            fields = {"request_id": ex.headers.get("x-request-id"), "method": ex.method, "path": ex.path,
+                      "model": ex.model, "client_api": ex.client_api, "upstream_api": ex.upstream_api,
+                      "backend": backend or None, "endpoint": ex.target.endpoint if ex.target else None,
+                      "translated": ex.translated, "stream": ex.stream, "pin": ex.pin_decision, "status": status,
+                      "outcome": outcome, "duration_ms": round((time.monotonic() - started) * 1000, 2),
+                      "sidecar_ms": round(busy * 1000, 3)}
+            if ex.failure is not None:
+                fields["error"] = ex.failure.code
+            if u is not None:
+                fields.update(u.as_metadata())
+            if ex.dropped_tools:
+                fields["dropped_tools"] = ex.dropped_tools
+            log.info("request", extra={"fields": fields})
+
+
+def _with_metadata(resp: pb.ProcessingResponse, meta: dict) -> pb.ProcessingResponse:
+    """Dynamic metadata for Envoy's access log (namespace llm_gateway); the shared replies are copied."""
+    out = pb.ProcessingResponse()
+    out.CopyFrom(resp)
+    out.dynamic_metadata.update({METADATA_NAMESPACE: meta})
+    return out
 
 
 def _bind(server: grpc.aio.Server, listen: str) -> None:
@@ -151,15 +224,16 @@ def _bind(server: grpc.aio.Server, listen: str) -> None:
 
 async def serve(config_path: str) -> None:
     config = load_config(config_path)
-    logging.getLogger().setLevel(os.environ.get("EXTPROC_LOG_LEVEL", config.log_level).upper())
+    configure_logging(config.log_format, os.environ.get("EXTPROC_LOG_LEVEL", config.log_level))
     holder = GatewayHolder(Gateway(config))
     store = open_store(config.state)
+    metrics = Metrics()
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", _MAX_MESSAGE),
         ("grpc.max_send_message_length", _MAX_MESSAGE),
         ("grpc.so_reuseport", 1),
     ])
-    pb_grpc.add_ExternalProcessorServicer_to_server(Processor(holder, store), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(Processor(holder, store, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listen = os.environ.get("EXTPROC_LISTEN", config.listen)
@@ -183,12 +257,53 @@ async def serve(config_path: str) -> None:
         except ConfigError as e:
             log.error("config reload rejected, keeping the running config:\n%s", e)
 
-    discovery = asyncio.create_task(discover_forever(lambda: holder.gateway))
+    async def ready() -> tuple[int, bytes, str]:
+        """Ready when the config is loaded and the state store answers."""
+        try:
+            await store.get_many(("ready-probe",))
+        except StoreUnavailable as e:
+            return 503, f"state store unavailable: {e}\n".encode(), "text/plain"
+        return 200, b"ready\n", "text/plain"
+
+    async def healthy() -> tuple[int, bytes, str]:
+        return 200, b"ok\n", "text/plain"
+
+    async def metrics_page() -> tuple[int, bytes, str]:
+        return 200, metrics.render(), "text/plain; version=0.0.4"
+
+    admin_listen = os.environ.get("EXTPROC_ADMIN_LISTEN", config.admin_listen or "")
+    admin = None
+    if admin_listen and admin_listen != "off":
+        admin = await start_admin(admin_listen, {"/healthz": healthy, "/readyz": ready, "/metrics": metrics_page})
+    tasks = [asyncio.create_task(discover_forever(lambda: holder.gateway)),
+             asyncio.create_task(watch_file(config_path, reload))]
     loop.add_signal_handler(signal.SIGHUP, reload)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    discovery.cancel()
+    log.info("stopping: no new streams, %ss for those in flight", os.environ.get("EXTPROC_SHUTDOWN_GRACE", "30"))
+    for task in tasks:
+        task.cancel()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=float(os.environ.get("EXTPROC_SHUTDOWN_GRACE", "30")))
+    if admin is not None:
+        admin.close()
     await store.close()
+
+
+async def watch_file(path: str, on_change: Callable[[], None], every: float = 2.0) -> None:
+    """Reload when the config file changes (a ConfigMap update included), as SIGHUP does."""
+    def stamp() -> tuple[float, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_mtime, st.st_size
+
+    last = stamp()
+    while True:
+        await asyncio.sleep(every)
+        now = stamp()
+        if now is not None and now != last:
+            last = now
+            on_change()

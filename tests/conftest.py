@@ -17,6 +17,7 @@ from .upstreams import ChatServer, ResponsesServer
 
 CONFIG = """
 listen: 127.0.0.1:{extproc_port}
+admin_listen: 127.0.0.1:{admin_port}
 backends:
   - name: vllm
     api: chat
@@ -47,6 +48,7 @@ class Gateway:
     chat: ChatServer
     resp: ResponsesServer
     stack: Stack
+    admin: str
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="client-key", max_retries=0, timeout=30, **kw)
@@ -57,13 +59,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     chat, resp = ChatServer(), ResponsesServer()
     extproc_port, port, admin = free_port(), free_port(), free_port()
     cfg = Path(tmp_path_factory.mktemp("gw")) / "config.yaml"
-    cfg.write_text(CONFIG.format(extproc_port=extproc_port, chat=chat.address, resp=resp.address))
+    admin_port = free_port()
+    cfg.write_text(CONFIG.format(extproc_port=extproc_port, chat=chat.address, resp=resp.address, admin_port=admin_port))
     stack = Stack()
     try:
         sidecar = stack.start_sidecar(cfg, env={"VLLM_TEST_KEY": API_KEY})
         wait_for_port(extproc_port, proc=sidecar)
         stack.start_envoy(port, admin, extproc_port)
-        yield Gateway(f"http://127.0.0.1:{port}", chat, resp, stack)
+        yield Gateway(f"http://127.0.0.1:{port}", chat, resp, stack, f"http://127.0.0.1:{admin_port}")
     finally:
         stack.stop()
         chat.close()

@@ -27,6 +27,7 @@ from .upstreams import ChatServer, MixedServer, Reply, ResponsesServer
 
 CONFIG = """
 listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin_port}
 state:
   store: redis
   redis_url: {redis}
@@ -101,7 +102,7 @@ def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
         for i in range(2):
             port = free_port()
             cfg = tmp / f"config-{i}.yaml"
-            cfg.write_text(CONFIG.format(port=port, redis=redis_server.url, mixed=mixed.address,
+            cfg.write_text(CONFIG.format(port=port, admin_port=free_port(), redis=redis_server.url, mixed=mixed.address,
                                          resp=", ".join(f'"{s.address}"' for s in resp),
                                          chat=", ".join(f'"{s.address}"' for s in chat)))
             sidecar = stack.start_sidecar(cfg)

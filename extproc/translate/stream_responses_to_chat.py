@@ -38,6 +38,7 @@ class ResponsesToChatStream:
         self.ended = False
         self.calls: dict[str, _Call] = {}  # by output item id
         self.out: list[bytes] = []
+        self.response: dict[str, Any] | None = None  # the upstream's final Response, once it came
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> None:
         chunk: dict[str, Any] = {
@@ -161,6 +162,7 @@ class ResponsesToChatStream:
             self._args(call, full[call.sent:])
 
     def _complete(self, response: dict[str, Any]) -> None:
+        self.response = response
         incomplete = response.get("incomplete_details") or {}
         self._chunk({}, finish_reason(response.get("status"), incomplete.get("reason"), bool(self.calls)))
         if self.include_usage:

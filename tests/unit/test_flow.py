@@ -39,8 +39,9 @@ def start(gateway, path: str, body: dict | bytes, **headers: str):
     return ex, ex.request_body(raw)
 
 
-def test_same_api_is_routed_and_released(gateway):
-    _ex, act = start(gateway, "/v1/chat/completions", {"model": "llama-3", "messages": [], "user": "u"})
+def test_same_api_is_routed_and_released():
+    lean = Gateway(parse_config(CFG + "usage_accounting: translated\n", env={}))
+    _ex, act = start(lean, "/v1/chat/completions", {"model": "llama-3", "messages": [], "user": "u"})
     assert act.done and act.body is None and act.clear_route_cache
     headers = dict(act.set_headers)
     assert headers["x-gateway-destination-endpoint"] in ("127.0.0.1:8001", "127.0.0.1:8002")
@@ -123,3 +124,27 @@ def test_body_over_the_limit_is_413():
     with pytest.raises(GatewayError) as e:
         start(gw, "/v1/chat/completions", {"model": "llama-3", "messages": [{"role": "user", "content": "x" * 3000}]})
     assert e.value.status == 413
+
+
+def test_same_api_answer_is_watched_for_usage_only(gateway):
+    ex, act = start(gateway, "/v1/chat/completions", {"model": "llama-3", "stream": True, "user": "u",
+                                                      "messages": [{"role": "user", "content": "hello there"}]})
+    assert not act.done and act.body is None
+    act = ex.response_headers({":status": "200", "content-type": "text/event-stream"})
+    assert act.response_body_mode == STREAMED and not act.set_headers and not act.remove_headers
+    chunk = {"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}
+    first = ex.response_body(b"data: " + json.dumps(chunk).encode() + b"\n\n", False)
+    assert first.body is None and not first.done  # bytes untouched
+    usage = {"id": "c", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}}
+    last = ex.response_body(b"data: " + json.dumps(usage).encode() + b"\n\ndata: [DONE]\n\n", True)
+    assert last.done and last.body is None
+    assert ex.metadata() == {"model": "llama-3", "client_api": "chat", "upstream_api": "chat", "backend": "vllm",
+                             "input_tokens": 7, "output_tokens": 2, "cached_tokens": 0, "reasoning_tokens": 0,
+                             "usage_estimated": False}
+
+
+def test_missing_usage_is_estimated(gateway):
+    ex, _ = start(gateway, "/v1/chat/completions", {"model": "llama-3", "messages": [{"role": "user", "content": "x" * 40}]})
+    ex.response_headers({":status": "200", "content-type": "application/json"})
+    ex.response_body(json.dumps({"choices": [{"message": {"role": "assistant", "content": "y" * 20}}]}).encode(), True)
+    assert (ex.usage.input_tokens, ex.usage.output_tokens, ex.usage.estimated) == (10, 5, True)

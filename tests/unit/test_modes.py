@@ -75,6 +75,7 @@ def test_other_errors_are_never_learned(status, body, tried):
 
 CFG = """
 discovery: {allow_mode_header: true}
+usage_accounting: translated
 backends:
   - name: up
     api: auto

@@ -13,6 +13,7 @@ from extproc.flow import STREAMED, Action, Exchange, Lookup
 from extproc.routing import Gateway
 
 CFG = """
+usage_accounting: translated  # so that pinning alone decides which phases are asked for
 backends:
   - name: resp
     api: responses
@@ -75,18 +76,16 @@ def test_no_pin_for_store_false_or_errors(gateway):
 def test_previous_response_id_follows_the_pin(gateway):
     store = {"pin:resp_1": conv.Pin("resp", "10.0.0.3:80").dumps()}
     for _ in range(5):
-        _, act = send(gateway, "/v1/responses", {"model": "gpt-oss-1", "input": "x", "previous_response_id": "resp_1",
-                                                 "prompt_cache_key": "anything"}, store)
-        assert endpoint(act) == "10.0.0.3:80" and act.body is None
-    assert gateway.stats["pin_hit"] == 5
+        ex, act = send(gateway, "/v1/responses", {"model": "gpt-oss-1", "input": "x", "previous_response_id": "resp_1",
+                                                  "prompt_cache_key": "anything"}, store)
+        assert endpoint(act) == "10.0.0.3:80" and act.body is None and ex.pin_decision == "pin_hit"
 
 
 def test_without_a_record_the_ring_position_of_the_id_decides(gateway):
     body = {"model": "gpt-oss-1", "input": "x", "previous_response_id": "resp_old"}
-    picks = {endpoint(send(gateway, "/v1/responses", body, {})[1]) for _ in range(5)}
-    picks |= {endpoint(send(gateway, "/v1/responses", body, None)[1]) for _ in range(5)}  # store down: same
-    assert picks == {gateway.target(gateway.config.backends[0], "resp_old").endpoint}
-    assert gateway.stats["pin_fallback"] == 10
+    sent = [send(gateway, "/v1/responses", body, store) for store in ({}, None) for _ in range(5)]  # None: store down
+    assert {endpoint(act) for _, act in sent} == {gateway.target(gateway.config.backends[0], "resp_old").endpoint}
+    assert {ex.pin_decision for ex, _ in sent} == {"pin_fallback"}
 
 
 def test_pin_to_a_removed_endpoint_is_a_clear_409(gateway):

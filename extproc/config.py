@@ -354,47 +354,53 @@ class _Validator:
         for i, item in enumerate(node.value):
             k = f"{key}[{i}]"
             weight = 1
+            every_address = False
             if isinstance(item, yaml.MappingNode):
-                m = self.mapping(item, k, {"address", "weight"})
-                if "address" not in m:
-                    self.problem(item, f"{k}.address", "required")
+                m = self.mapping(item, k, {"address", "dns", "weight"})
+                if ("address" in m) == ("dns" in m):
+                    self.problem(item, k, "give exactly one of 'address' (one instance) or 'dns' (every address "
+                                          "a name resolves to, e.g. a headless Service)")
                     continue
+                every_address = "dns" in m
                 if "weight" in m:
                     weight = self.scalar(m["weight"], f"{k}.weight", int) or 0
                     if not 1 <= weight <= 100:
                         self.problem(m["weight"], f"{k}.weight", "must be between 1 and 100")
                         continue
-                addr_node = m["address"]
+                addr_node = m["dns" if every_address else "address"]
             else:
                 addr_node = item
             addr = self.scalar(addr_node, k, str)
             if addr is None:
                 continue
-            resolved = self.resolve(addr)
-            if resolved is None:
+            resolved = self.resolve(addr, every_address)
+            if not resolved:
                 self.problem(addr_node, k, f"{addr!r} is not 'host:port' with a resolvable host and a port 1-65535")
                 continue
-            if any(e.address == resolved for e in out):
-                self.problem(addr_node, k, f"duplicate endpoint {resolved}")
-                continue
-            out.append(Endpoint(resolved, weight))
+            for address in resolved:
+                if any(e.address == address for e in out):
+                    self.problem(addr_node, k, f"duplicate endpoint {address}")
+                    continue
+                out.append(Endpoint(address, weight))
         return tuple(out)
 
     @staticmethod
-    def resolve(addr: str) -> str | None:
-        """ORIGINAL_DST needs an IP literal: host names are resolved once, at load."""
+    def resolve(addr: str, every_address: bool = False) -> list[str]:
+        """ORIGINAL_DST needs IP literals: host names are resolved at load (and at each reload)."""
         host, sep, port = addr.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-            return None
+            return []
         host = host.strip("[]")
         try:
-            ip = ipaddress.ip_address(host)
+            ips = [ipaddress.ip_address(host)]
         except ValueError:
             try:
-                ip = ipaddress.ip_address(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
-            except (OSError, IndexError, ValueError):
-                return None
-        return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+                infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            except OSError:
+                return []
+            ips = list(dict.fromkeys(ipaddress.ip_address(i[4][0]) for i in infos))
+            ips = sorted(ips, key=str) if every_address else ips[:1]
+        return [f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}" for ip in ips]
 
     def rule(self, node: yaml.Node, key: str) -> ModelRule | None:
         m = self.mapping(node, key, {"match", "mode", "translate"})

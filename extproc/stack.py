@@ -107,7 +107,8 @@ class Stack:
         cfg.write_text(render_envoy_config(listen_port, admin_port, extproc_port, listen_address=listen_address))
         proc = self.spawn(f"envoy-{listen_port}", [
             find_envoy(), "-c", str(cfg), "--log-level", "warn", "--base-id", str(listen_port),
-            "--concurrency", "2", "--disable-hot-restart"])
+            "--concurrency", "2", "--disable-hot-restart",
+            "--file-flush-interval-msec", "200"])  # access log lines show at once when run locally
         wait_for_envoy(admin_port)
         return proc
 

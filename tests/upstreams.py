@@ -51,6 +51,7 @@ class Reply:
     usage: bool = True
     gzip: bool = False  # compress the answer even though the request asked for identity
     pieces: int = 3  # deltas per streamed text
+    delay: float = 0.0  # seconds between streamed text deltas (a slow model)
 
 
 def _err(message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -236,7 +237,8 @@ class _ChatHandler(_Handler):
         send({"role": "assistant", "content": ""})
         for piece in _pieces(reply.reasoning or "") if reply.reasoning else []:
             send({"reasoning_content": piece})
-        for piece in _pieces(reply.text) if reply.text else []:
+        for piece in _pieces(reply.text, reply.pieces if reply.delay == 0 else 20) if reply.text else []:
+            time.sleep(reply.delay)
             send({"content": piece})
         ids = [f"call_{i}_{uuid.uuid4().hex[:6]}" for i in range(len(reply.calls))]
         for i, (name, _) in enumerate(reply.calls):  # all calls announced, then arguments interleaved

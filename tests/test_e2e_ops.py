@@ -1,0 +1,170 @@
+"""End to end: what an operator sees. Health, readiness, metrics after known traffic, the access-log
+line with usage, graceful shutdown with a stream in flight, config reload (SIGHUP and file change)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+from extproc.stack import Stack, free_port, wait_for_port
+
+from .upstreams import ChatServer, Reply
+
+CONFIG = """
+listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin}
+backends:
+  - name: local
+    api: chat
+    models: ["ops-*"{extra}]
+    endpoints: ["{chat}"]
+"""
+
+
+@dataclass
+class Ops:
+    url: str
+    admin: str
+    chat: ChatServer
+    stack: Stack
+    config: Path
+    envoy_log: str
+    render: dict
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="k", max_retries=0, timeout=30)
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.admin + path, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        _, text = self.get("/metrics")
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    @property
+    def sidecar(self):
+        return next(p for p in self.stack.procs if "serve" in p.args)
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
+    chat = ChatServer()
+    port, admin, listen = free_port(), free_port(), free_port()
+    cfg = Path(tmp_path_factory.mktemp("ops")) / "config.yaml"
+    render = {"port": port, "admin": admin, "chat": chat.address, "extra": ""}
+    cfg.write_text(CONFIG.format(**render))
+    stack = Stack()
+    try:
+        sidecar = stack.start_sidecar(cfg, env={"EXTPROC_SHUTDOWN_GRACE": "20"})
+        wait_for_port(port, proc=sidecar)
+        wait_for_port(admin, proc=sidecar)
+        stack.start_envoy(listen, free_port(), port)
+        yield Ops(f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}", chat, stack, cfg, f"envoy-{listen}", render)
+    finally:
+        stack.stop()
+        chat.close()
+
+
+def test_health_and_readiness(ops):
+    assert ops.get("/healthz") == (200, "ok\n")
+    assert ops.get("/readyz")[0] == 200
+    assert ops.get("/nope")[0] == 404
+
+
+def test_metrics_after_known_traffic(ops):
+    client = ops.client()
+    before_in = ops.metric("extproc_tokens_total", model="ops-a", kind="input", estimated="false")
+    for _ in range(3):  # pass-through, usage read from the answer
+        client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "hi"}])
+    for _ in range(2):  # translated, streamed
+        with client.responses.stream(model="ops-a", input="hi") as s:
+            for _ in s:
+                pass
+    ops.chat.script.append(Reply(usage=False, text="x" * 40))  # no usage from the upstream: estimated
+    client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "y" * 80}])
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    time.sleep(0.2)
+    assert ops.metric("extproc_requests_total", client_api="chat", upstream_api="chat", model="ops-a", outcome="ok") == 4
+    assert ops.metric("extproc_requests_total", client_api="responses", upstream_api="chat", model="ops-a") == 2
+    assert ops.metric("extproc_requests_total", model="nope", outcome="gateway_4xx") == 1
+    assert ops.metric("extproc_translations_total", direction="responses_to_chat", stream="true") == 2
+    # The test upstream reports 11 input / 7 output / 3 cached / 2 reasoning tokens per answer.
+    assert ops.metric("extproc_tokens_total", model="ops-a", kind="input", estimated="false") - before_in == 5 * 11
+    assert ops.metric("extproc_tokens_total", model="ops-a", kind="cached", estimated="false") == 5 * 3
+    assert ops.metric("extproc_tokens_total", model="ops-a", kind="output", estimated="true") == 10  # 40 bytes / 4
+    assert ops.metric("extproc_tokens_total", model="ops-a", kind="input", estimated="true") == 20  # 80 bytes / 4
+    assert ops.metric("extproc_phase_seconds_count", phase="request_body") >= 7
+
+
+def test_access_log_carries_usage(ops):
+    ops.client().chat.completions.create(model="ops-log", messages=[{"role": "user", "content": "hi"}])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [line for line in ops.stack.log(ops.envoy_log).splitlines() if "model=ops-log" in line]
+        if lines:
+            break
+        time.sleep(0.1)
+    assert re.search(r"api=chat->chat tokens_in=11 tokens_out=7 cached=3 reasoning=2 estimated=false", lines[-1]), lines
+
+
+def test_reload_on_file_change_keeps_streams(ops):
+    client = ops.client()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="late-model", messages=[{"role": "user", "content": "hi"}])
+    ops.chat.script.append(Reply(text="slow " * 50, delay=0.05))
+    got: list[str] = []
+
+    def stream() -> None:
+        r = client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "x"}], stream=True)
+        got.append("".join(c.choices[0].delta.content or "" for c in r if c.choices))
+
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(0.2)
+    ops.config.write_text(CONFIG.format(**{**ops.render, "extra": ', "late-model"'}))  # no SIGHUP: the file is watched
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.chat.completions.create(model="late-model", messages=[{"role": "user", "content": "hi"}])
+            break
+        except openai.NotFoundError:
+            assert time.monotonic() < deadline, "config change not picked up"
+            time.sleep(0.3)
+    t.join(timeout=30)
+    assert got == [("slow " * 50)]
+    ops.config.write_text("backends: [")  # an invalid file is rejected, the running config kept
+    ops.sidecar.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert client.chat.completions.create(model="late-model", messages=[{"role": "user", "content": "hi"}])
+    ops.config.write_text(CONFIG.format(**ops.render))
+
+
+def test_graceful_shutdown_finishes_the_stream_in_flight(ops):
+    client = ops.client()
+    ops.chat.script.append(Reply(text="tick " * 40, delay=0.05))
+    r = client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "x"}], stream=True)
+    chunks = iter(r)
+    first = next(chunks)
+    ops.sidecar.send_signal(signal.SIGTERM)
+    text = (first.choices[0].delta.content or "") + "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "tick " * 40
+    assert ops.sidecar.wait(timeout=30) == 0

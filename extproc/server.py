@@ -193,7 +193,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             for kind, n in (("input", u.input_tokens), ("output", u.output_tokens), ("cached", u.cached_tokens),
                             ("reasoning", u.reasoning_tokens)):
                 m.tokens.inc(model, backend, kind, est, by=n)
-        if ex.method or ex.path:
+        if (ex.method or ex.path) and log.isEnabledFor(logging.INFO):
             fields = {"request_id": ex.headers.get("x-request-id"), "method": ex.method, "path": ex.path,
                       "model": ex.model, "client_api": ex.client_api, "upstream_api": ex.upstream_api,
                       "backend": backend or None, "endpoint": ex.target.endpoint if ex.target else None,

@@ -1,0 +1,153 @@
+"""Pieces the benchmarks share: Envoy alone, the sidecar stack, fast upstreams, process memory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from extproc.stack import (  # noqa: E402
+    Stack,
+    find_envoy,
+    free_port,
+    render_envoy_config,
+    wait_for_envoy,
+    wait_for_port,
+)
+
+CHAT_BODY = {"id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "bench",
+             "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                          "message": {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog."}}],
+             "usage": {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22}}
+RESPONSES_BODY = {"id": "resp_bench", "object": "response", "created_at": 1700000000, "status": "completed",
+                  "model": "bench", "output": [{"type": "message", "id": "msg_1", "status": "completed",
+                                                "role": "assistant", "content": [{"type": "output_text", "annotations": [],
+                                                                                  "text": "The quick brown fox."}]}],
+                  "usage": {"input_tokens": 12, "output_tokens": 10, "total_tokens": 22}}
+
+
+def envoy_alone_config(listen_port: int, admin_port: int) -> str:
+    """deploy/envoy.yaml minus the sidecar: the client names the endpoint itself."""
+    doc = yaml.safe_load(render_envoy_config(listen_port, admin_port, 1))
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"]
+                           if f["name"] not in ("envoy.filters.http.ext_proc", "envoy.filters.http.header_mutation")]
+    hcm.pop("access_log", None)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def start_envoy_alone(stack: Stack) -> int:
+    port, admin = free_port(), free_port()
+    cfg = stack.workdir / f"envoy-alone-{port}.yaml"
+    cfg.write_text(envoy_alone_config(port, admin))
+    stack.spawn(f"envoy-alone-{port}", [find_envoy(), "-c", str(cfg), "--log-level", "warn", "--base-id", str(port),
+                                        "--concurrency", "2", "--disable-hot-restart"])
+    wait_for_envoy(admin)
+    return port
+
+
+def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1) -> int:
+    """Envoy (deploy/envoy.yaml, access log off) + the sidecar with these backends; Envoy's port."""
+    extproc_port = free_port()
+    cfg = stack.workdir / f"config-{extproc_port}.yaml"
+    cfg.write_text(f"listen: 127.0.0.1:{extproc_port}\nadmin_listen: 127.0.0.1:{free_port()}\nlog_level: warning\n"
+                   f"{extra}\nbackends:\n{textwrap.indent(backends.strip(), '  ')}\n")
+    if workers > 1:
+        sidecar = stack.spawn(f"sidecar-{extproc_port}", [sys.executable, "-m", "extproc", "serve", "--config", str(cfg),
+                                                           "--workers", str(workers)])
+    else:
+        sidecar = stack.start_sidecar(cfg)
+    for i in range(workers):
+        wait_for_port(extproc_port + i, proc=sidecar)
+    port, admin = free_port(), free_port()
+    doc = yaml.safe_load(render_envoy_config(port, admin, extproc_port))
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm.pop("access_log", None)  # Envoy alone runs without one too
+    for cluster in doc["static_resources"]["clusters"]:
+        if cluster["name"] == "extproc":  # one endpoint per worker: Envoy spreads streams over them
+            lb = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            lb[:] = [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": extproc_port + i}}}}
+                     for i in range(workers)]
+    envoy_cfg = stack.workdir / f"envoy-{port}.yaml"
+    envoy_cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    stack.spawn(f"envoy-{port}", [find_envoy(), "-c", str(envoy_cfg), "--log-level", "warn", "--base-id", str(port),
+                                  "--concurrency", "2", "--disable-hot-restart"])
+    wait_for_envoy(admin)
+    return port
+
+
+def start_envoy_with_processor(stack: Stack, extproc_port: int) -> int:
+    """deploy/envoy.yaml (access log off) in front of any ext_proc server on `extproc_port`."""
+    port, admin = free_port(), free_port()
+    doc = yaml.safe_load(render_envoy_config(port, admin, extproc_port))
+    doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"].pop("access_log", None)
+    cfg = stack.workdir / f"envoy-{port}.yaml"
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    stack.spawn(f"envoy-{port}", [find_envoy(), "-c", str(cfg), "--log-level", "warn", "--base-id", str(port),
+                                  "--concurrency", "2", "--disable-hot-restart"])
+    wait_for_envoy(admin)
+    return port
+
+
+def start_nginx(stack: Stack) -> int:
+    """A fast canned upstream (Debian's nginx): both APIs answer at once, non-streaming."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    port = free_port()
+    root = Path(tempfile.mkdtemp(prefix="bench-nginx-", dir=stack.workdir))
+    root.chmod(0o777)
+
+    def body(doc: dict) -> str:
+        return json.dumps(doc).replace("'", "\\'")
+
+    (root / "nginx.conf").write_text(f"""
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {root}/body;
+  proxy_temp_path {root}/proxy;
+  fastcgi_temp_path {root}/fastcgi;
+  uwsgi_temp_path {root}/uwsgi;
+  scgi_temp_path {root}/scgi;
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{port};
+    default_type application/json;
+    location = /v1/chat/completions {{ return 200 '{body(CHAT_BODY)}'; }}
+    location = /v1/responses {{ return 200 '{body(RESPONSES_BODY)}'; }}
+  }}
+}}
+""")
+    stack.spawn(f"nginx-{port}", [nginx, "-c", str(root / "nginx.conf"), "-p", str(root)])
+    wait_for_port(port)
+    return port
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (the sidecar's workers), in MB."""
+    total = 0
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    for p in pids:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)

@@ -1,0 +1,100 @@
+"""Micro-benchmarks of the sans-IO pieces (timeit): what one request costs before any I/O.
+
+    .venv/bin/python benchmarks/micro.py
+
+Prints microseconds per operation; writes benchmarks/results/micro.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import timeit
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
+
+from extproc.config import parse_config  # noqa: E402
+from extproc.flow import Exchange  # noqa: E402
+from extproc.ring import HashRing  # noqa: E402
+from extproc.routing import Gateway  # noqa: E402
+from extproc.server import _headers, to_proto  # noqa: E402
+from extproc.translate import req_chat_to_responses, req_responses_to_chat  # noqa: E402
+from extproc.translate.stream_chat_to_responses import ChatToResponsesStream  # noqa: E402
+
+GW = Gateway(parse_config("""
+usage_accounting: translated
+backends:
+  - {name: chat, api: chat, models: ["llama-*"], endpoints: ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]}
+  - {name: resp, api: responses, models: ["gpt-5.3-codex"], endpoints: ["10.0.1.1:80"]}
+""", env={}))
+
+
+def history(turns: int) -> list[dict]:
+    msgs: list[dict] = [{"role": "system", "content": "You are a careful assistant. " * 10}]
+    for i in range(turns):
+        msgs.append({"role": "user", "content": f"Question {i}: " + "lorem ipsum dolor sit amet " * 12})
+        msgs.append({"role": "assistant", "content": f"Answer {i}: " + "consectetur adipiscing elit " * 12})
+    msgs.append({"role": "user", "content": "And now?"})
+    return msgs
+
+
+SMALL = {"model": "gpt-5.3-codex", "messages": history(1)}
+LARGE = {"model": "gpt-5.3-codex", "messages": history(140)}  # about 100 KB
+HEADERS = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers={"headers": [
+    {"key": ":method", "raw_value": b"POST"}, {"key": ":path", "raw_value": b"/v1/chat/completions"},
+    {"key": "content-type", "raw_value": b"application/json"}, {"key": "x-request-id", "raw_value": b"abc"}]}))
+RAW_SMALL = json.dumps({"model": "llama-3", "messages": history(1)}).encode()
+
+
+def passthrough_request() -> None:
+    """What the servicer does for a pass-through request: two messages in, two replies out."""
+    ex = Exchange(GW)
+    req = pb.ProcessingRequest.FromString(HEADERS.SerializeToString())
+    to_proto("request_headers", ex.request_headers(_headers(req.request_headers.headers), False)).SerializeToString()
+    to_proto("request_body", ex.request_body(RAW_SMALL)).SerializeToString()
+
+
+CHUNK = b"data: " + json.dumps({"id": "c", "created": 1, "model": "m", "choices": [
+    {"index": 0, "delta": {"content": "hello world "}, "finish_reason": None}]}).encode() + b"\n\n"
+
+
+def sse_events(n: int) -> None:
+    s = ChatToResponsesStream({"model": "m", "stream": True})
+    for _ in range(n):
+        s.feed(CHUNK)
+
+
+def main() -> int:
+    ring = HashRing([(f"10.0.0.{i}:8000", 1) for i in range(16)])
+    resp_large = req_chat_to_responses.translate_request(LARGE)
+    resp_large["model"] = "llama-3"
+    cases = {
+        "request chat->responses, small": lambda: req_chat_to_responses.translate_request(SMALL),
+        "request chat->responses, 100 KB history": lambda: req_chat_to_responses.translate_request(LARGE),
+        "request responses->chat, 100 KB history": lambda: req_responses_to_chat.translate_request(resp_large),
+        "SSE chat chunk -> Responses events, per chunk": lambda: sse_events(100),
+        "ring lookup (16 endpoints x 160 vnodes)": lambda: ring.lookup("user-1234"),
+        "pass-through request through the exchange + protos": passthrough_request,
+    }
+    per = {"SSE chat chunk -> Responses events, per chunk": 100}
+    results = {}
+    print(f"{'operation':55} {'us/op':>10}")
+    for name, fn in cases.items():
+        timer = timeit.Timer(fn)
+        n, _ = timer.autorange()
+        best = min(timer.repeat(repeat=5, number=n)) / n / per.get(name, 1) * 1e6
+        results[name] = round(best, 2)
+        print(f"{name:55} {best:10.2f}")
+    print(f"\n(100 KB history: {len(json.dumps(LARGE)) // 1024} KB of JSON)")
+    out = REPO / "benchmarks" / "results" / "micro.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

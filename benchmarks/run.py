@@ -1,0 +1,299 @@
+"""The performance table: the sidecar against Envoy alone and against LiteLLM, in one run.
+
+Starts the real stack (Envoy from the wheel, the sidecar, nginx as a fast canned upstream, a fast
+asyncio streaming upstream), loads it with wrk (non-streaming) and an asyncio client (streaming), and
+prints scenario, Envoy alone, sidecar, ratio, peer, ratio. Writes benchmarks/results/run.json.
+
+    .venv/bin/python benchmarks/run.py [--duration 10] [--no-peer] [--only passthrough,translated,...]
+
+Needs Debian's wrk and nginx (`apt-get install wrk nginx-light`). The peer, LiteLLM's proxy, is
+installed into benchmarks/.peer/ on first use; its rows are skipped with a message when it cannot be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import (
+    REPO,
+    Stack,
+    free_port,
+    rss_mb,
+    run,
+    start_envoy_alone,
+    start_envoy_with_processor,
+    start_gateway,
+    start_nginx,
+    wait_for_port,
+)
+
+LITELLM = "litellm[proxy]==1.108.10"
+PEER_VENV = REPO / "benchmarks" / ".peer" / "litellm"
+CHAT_REQ = {"model": "bench", "messages": [{"role": "user", "content": "Say something short."}]}
+RESP_REQ = {"model": "bench", "input": "Say something short."}
+
+
+# -- load generators ----------------------------------------------------------------------------
+
+def wrk(url: str, body: dict, headers: dict[str, str], duration: int, connections: int) -> tuple[float, float]:
+    """(requests per second, median latency ms) from Debian's wrk, POSTing `body`."""
+    script = Path(os.environ.get("TMPDIR", "/tmp")) / f"wrk-{os.getpid()}-{free_port()}.lua"
+    lua_headers = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in {"content-type": "application/json", **headers}.items())
+    script.write_text(f'wrk.method = "POST"\nwrk.body = [[{json.dumps(body)}]]\n{lua_headers}')
+    out = run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url]).stdout
+    script.unlink()
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        raise RuntimeError(f"{url}: {non2xx.group(1)} failed requests\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    m = re.search(r"50%\s+([\d.]+)(us|ms|s)\b", out)
+    median = float(m.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[m.group(2)]
+    return rps, median
+
+
+_T_RE = re.compile(rb'"(?:content|delta)":"(\d+)\|')
+
+
+async def _stream(port: int, path: str, body: dict, headers: dict[str, str], delays: list[float]) -> int:
+    """One streamed request; appends each chunk's delay (ms, upstream write to here); returns chunks."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    payload = json.dumps(body).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"host": "bench", "content-type": "application/json",
+                                                  "content-length": str(len(payload)), **headers}.items())
+    writer.write(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + payload)
+    await writer.drain()
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"{path}: {status!r} {await reader.read(500)!r}")
+    n, tail = 0, b""
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            break
+        now = time.monotonic_ns()
+        buf = tail + data
+        last = 0
+        for m in _T_RE.finditer(buf):
+            delays.append((now - int(m.group(1))) / 1e6)
+            n += 1
+            last = m.end()
+        tail = buf[max(last, len(buf) - 64):]
+        if b"0\r\n\r\n" in data[-7:] or b"[DONE]" in data or b"response.completed" in data[-2000:]:
+            break
+    writer.close()
+    return n
+
+
+def streams(port: int, path: str, body: dict, headers: dict[str, str], concurrency: int) -> tuple[list[float], int, float]:
+    """(chunk delays, chunks received, seconds) for `concurrency` simultaneous streams."""
+    async def go() -> tuple[list[float], int, float]:
+        delays: list[float] = []
+        t0 = time.monotonic()
+        counts = await asyncio.gather(*(_stream(port, path, body, headers, delays) for _ in range(concurrency)))
+        return delays, sum(counts), time.monotonic() - t0
+    return asyncio.run(go())
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# -- the peer -----------------------------------------------------------------------------------
+
+def litellm_bin() -> str | None:
+    exe = PEER_VENV / "bin" / "litellm"
+    if exe.exists():
+        return str(exe)
+    print(f"installing the peer ({LITELLM}) into {PEER_VENV} ...", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        subprocess.run([str(PEER_VENV / "bin" / "pip"), "install", "-q", LITELLM], check=True, timeout=900)
+    except (subprocess.SubprocessError, OSError) as e:
+        print(f"peer rows skipped: LiteLLM could not be installed ({e})")
+        shutil.rmtree(PEER_VENV, ignore_errors=True)
+        return None
+    return str(exe) if exe.exists() else None
+
+
+def start_litellm(stack: Stack, chat_port: int) -> int | None:
+    exe = litellm_bin()
+    if exe is None:
+        return None
+    port = free_port()
+    cfg = stack.workdir / f"litellm-{port}.yaml"
+    cfg.write_text(f"""model_list:
+  - model_name: bench
+    litellm_params:
+      model: hosted_vllm/bench
+      api_base: http://127.0.0.1:{chat_port}/v1
+      api_key: none
+litellm_settings:
+  drop_params: true
+  telemetry: false
+""")
+    proc = stack.spawn(f"litellm-{port}", [exe, "--config", str(cfg), "--port", str(port), "--host", "127.0.0.1",
+                                           "--num_workers", "1"], {"LITELLM_LOG": "ERROR", "DISABLE_TELEMETRY": "1"})
+    try:
+        wait_for_port(port, timeout=120, proc=proc)
+    except (TimeoutError, RuntimeError) as e:
+        print(f"peer rows skipped: LiteLLM did not start ({e}); see {stack.workdir}")
+        return None
+    return port
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    ap.add_argument("--no-peer", action="store_true", help="skip LiteLLM")
+    ap.add_argument("--only", default="", help="comma-separated scenario names")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "run.json"))
+    args = ap.parse_args()
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None and not Path("/usr/sbin/nginx").exists():
+            print(f"{tool} is missing: apt-get install wrk nginx-light")
+            return 1
+    only = set(filter(None, args.only.split(",")))
+    rows: list[dict] = []
+
+    def row(scenario: str, alone: float | None, sidecar: float, peer: float | None, unit: str, target: str) -> None:
+        r = {"scenario": scenario, "unit": unit, "envoy_alone": alone, "sidecar": sidecar, "peer": peer,
+             "ratio_vs_alone": sidecar / alone if alone else None, "ratio_vs_peer": sidecar / peer if peer else None,
+             "target": target}
+        rows.append(r)
+        print(f"  {scenario:52} alone={_f(alone)} sidecar={_f(sidecar)} peer={_f(peer)} {unit}  "
+              f"x_alone={_f(r['ratio_vs_alone'])} x_peer={_f(r['ratio_vs_peer'])}  [{target}]", flush=True)
+
+    stack = Stack()
+    try:
+        nginx = start_nginx(stack)
+        streamer = free_port()
+        stack.spawn("stream-upstream", [sys.executable, str(REPO / "benchmarks" / "stream_upstream.py"), str(streamer)])
+        wait_for_port(streamer)
+        alone = start_envoy_alone(stack)
+        backends = f"""
+- name: fast
+  api: chat
+  models: ["bench"]
+  endpoints: ["127.0.0.1:{nginx}"]
+- name: streamer
+  api: chat
+  models: ["stream"]
+  endpoints: ["127.0.0.1:{streamer}"]
+"""
+        gw = start_gateway(stack, backends)
+        gw_lean = start_gateway(stack, backends, extra="usage_accounting: translated")
+        sqlite = stack.workdir / "state.db"
+        gw_two = start_gateway(stack, backends, extra=f"usage_accounting: translated\nstate: {{store: sqlite, sqlite_path: {sqlite}}}",
+                               workers=2)
+        sidecar_pid = next(p.pid for p in stack.procs if "serve" in p.args and "--workers" not in p.args)
+        to_nginx = {"x-gateway-destination-endpoint": f"127.0.0.1:{nginx}"}
+        peer = None if args.no_peer else start_litellm(stack, nginx)
+        d, c8 = args.duration, 8
+
+        if not only or "passthrough" in only:
+            print("pass-through (chat client, chat model), wrk -c8:")
+            base_rps, base_lat = wrk(f"http://127.0.0.1:{alone}/v1/chat/completions", CHAT_REQ, to_nginx, d, c8)
+            floor_port = free_port()
+            stack.spawn("floor", [sys.executable, str(REPO / "benchmarks" / "floor_processor.py"), str(floor_port),
+                                  f"127.0.0.1:{nginx}"])
+            wait_for_port(floor_port)
+            floor = start_envoy_with_processor(stack, floor_port)
+            rps, lat = wrk(f"http://127.0.0.1:{floor}/v1/chat/completions", CHAT_REQ, {}, d, c8)
+            row("pass-through throughput, do-nothing Python processor (floor)", base_rps, rps, None, "req/s", "reference")
+            for name, port in (("sidecar, usage accounting on", gw), ("sidecar, usage_accounting: translated", gw_lean),
+                               ("sidecar, translated-only accounting, 2 workers", gw_two)):
+                rps, lat = wrk(f"http://127.0.0.1:{port}/v1/chat/completions", CHAT_REQ, {}, d, c8)
+                row(f"pass-through throughput, {name}", base_rps, rps, None, "req/s", ">= 0.40 x alone")
+                row(f"pass-through added median latency, {name}", None, lat - base_lat, None, "ms", "<= 1 ms")
+        if not only or "translated" in only:
+            print("translated non-streaming (Responses client, chat-only model), wrk -c8:")
+            base_rps, _ = wrk(f"http://127.0.0.1:{alone}/v1/chat/completions", CHAT_REQ, to_nginx, d, c8)
+            rps, _ = wrk(f"http://127.0.0.1:{gw}/v1/responses", RESP_REQ, {}, d, c8)
+            peer_rps = wrk(f"http://127.0.0.1:{peer}/v1/responses", RESP_REQ, {"authorization": "Bearer x"}, d, c8)[0] \
+                if peer else None
+            row("translated throughput", base_rps, rps, peer_rps, "req/s", ">= 0.25 x alone, >= 3 x peer")
+        if not only or "streaming" in only:
+            print("translated streaming: 100 streams x 200 chunks, one chunk every 20 ms:")
+            slow = {"x-bench-interval-ms": "20"}
+            body_c = {"model": "stream", "stream": True, "max_tokens": 200, "messages": CHAT_REQ["messages"]}
+            body_r = {"model": "stream", "stream": True, "max_output_tokens": 200, "input": "go"}
+            base, _, _ = streams(alone, "/v1/chat/completions", body_c,
+                                 {**slow, "x-gateway-destination-endpoint": f"127.0.0.1:{streamer}"}, 100)
+            side, n, _ = streams(gw, "/v1/responses", body_r, slow, 100)
+            assert n == 100 * 200, n
+            med = statistics.median(base)
+            row("added per-chunk delay, median", None, statistics.median(side) - med, None, "ms", "<= 1 ms")
+            row("added per-chunk delay, p99", None, pct(side, 0.99) - med, None, "ms", "<= 5 ms")
+            print("translated streaming, as fast as it goes: 16 streams x 2000 chunks:")
+            fast_r = {**body_r, "max_output_tokens": 2000}
+            _, n, secs = streams(gw, "/v1/responses", fast_r, {}, 16)
+            _, nb, secs_b = streams(alone, "/v1/chat/completions", {**body_c, "max_tokens": 2000},
+                                    {"x-gateway-destination-endpoint": f"127.0.0.1:{streamer}"}, 16)
+            peer_cps = _litellm_stream_rate(stack, streamer) if peer else None
+            row("translated chunks per second", nb / secs_b, n / secs, peer_cps, "chunks/s", ">= 3 x peer")
+        if not only or "memory" in only:
+            print("memory: 500 streams in flight (one chunk every 50 ms, 10 s each):")
+            idle = rss_mb(sidecar_pid)
+            body_r = {"model": "stream", "stream": True, "max_output_tokens": 200, "input": "go"}
+            peak: list[float] = []
+
+            async def sample() -> None:
+                for _ in range(40):
+                    await asyncio.sleep(0.25)
+                    peak.append(rss_mb(sidecar_pid))
+
+            async def load() -> None:
+                delays: list[float] = []
+                await asyncio.gather(sample(), *(_stream(gw, "/v1/responses", body_r, {"x-bench-interval-ms": "50"}, delays)
+                                                 for _ in range(500)))
+            asyncio.run(load())
+            row("sidecar RSS idle", None, idle, None, "MB", "")
+            row("sidecar RSS, 500 streams in flight", None, max(peak), None, "MB", "<= 150 MB")
+    finally:
+        stack.stop()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": _machine(), "duration_s": args.duration, "rows": rows}, indent=2))
+    print(f"\n{'scenario':60} {'alone':>10} {'sidecar':>10} {'x alone':>8} {'peer':>10} {'x peer':>7}  unit      target")
+    for r in rows:
+        print(f"{r['scenario']:60} {_f(r['envoy_alone']):>10} {_f(r['sidecar']):>10} {_f(r['ratio_vs_alone']):>8} "
+              f"{_f(r['peer']):>10} {_f(r['ratio_vs_peer']):>7}  {r['unit']:9} {r['target']}")
+    print(f"\nwritten to {out}")
+    return 0
+
+
+def _litellm_stream_rate(stack: Stack, streamer: int) -> float | None:
+    port = start_litellm(stack, streamer)
+    if port is None:
+        return None
+    body = {"model": "bench", "stream": True, "max_output_tokens": 2000, "input": "go"}
+    _, n, secs = streams(port, "/v1/responses", body, {"authorization": "Bearer x"}, 16)
+    return n / secs if n else None
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def _machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?")
+    return f"{os.cpu_count()} cores, {cpu}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,7 +37,7 @@ from common import (
     wait_for_port,
 )
 
-LITELLM = "litellm[proxy]==1.108.10"
+LITELLM = "litellm[proxy]==1.106.12"
 PEER_VENV = REPO / "benchmarks" / ".peer" / "litellm"
 CHAT_REQ = {"model": "bench", "messages": [{"role": "user", "content": "Say something short."}]}
 RESP_REQ = {"model": "bench", "input": "Say something short."}

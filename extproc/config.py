@@ -77,7 +77,8 @@ class State:
     redis_url: str | None = None
     timeout_ms: int = 250  # per store call; a slower store counts as unavailable
     ttl_seconds: int = 30 * 24 * 3600  # as long as OpenAI keeps stored responses
-    max_entries: int = 100_000  # memory store bound (least recently used go first)
+    max_entries: int = 100_000  # memory store bounds (least recently used go first)
+    max_memory_bytes: int = 32 * 1024 * 1024
     max_record_bytes: int = 8 * 1024 * 1024  # larger conversations turns are not stored (logged)
     learn_ttl_seconds: int = 24 * 3600  # how long a learned model API is trusted before it is re-learned
 
@@ -263,7 +264,7 @@ class _Validator:
     def state(self, node: yaml.Node) -> State | None:
         ints = {"timeout_ms": (1, 60_000), "ttl_seconds": (60, 10 * 365 * 86400),
                 "max_entries": (100, 100_000_000), "max_record_bytes": (1024, 1 << 30),
-                "learn_ttl_seconds": (1, 365 * 86400)}
+                "learn_ttl_seconds": (1, 365 * 86400), "max_memory_bytes": (1 << 20, 1 << 40)}
         m = self.mapping(node, "state", {"store", "sqlite_path", "redis_url", *ints})
         before = len(self.problems)
         kw: dict[str, Any] = {}

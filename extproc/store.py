@@ -30,11 +30,14 @@ class Store(Protocol):
 
 
 class MemoryStore:
-    """In-process, bounded (least recently used first out) with TTL: the default, for one replica."""
+    """In-process, bounded in entries and bytes (least recently used first out) with TTL: the default,
+    for one replica."""
 
-    def __init__(self, ttl: float, max_entries: int):
+    def __init__(self, ttl: float, max_entries: int, max_bytes: int = 32 * 1024 * 1024):
         self.ttl = ttl
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.size = 0  # bytes of keys and values held
         self.data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
     def get(self, key: str) -> bytes | None:
@@ -42,7 +45,7 @@ class MemoryStore:
         if hit is None:
             return None
         if hit[0] < time.monotonic():
-            del self.data[key]
+            self._drop(key)
             return None
         self.data.move_to_end(key)
         return hit[1]
@@ -53,13 +56,20 @@ class MemoryStore:
     async def write(self, writes: list[tuple[str, bytes | None]], ttl: int | None = None) -> None:
         expires = time.monotonic() + (ttl or self.ttl)
         for key, value in writes:
-            if value is None:
-                self.data.pop(key, None)
-                continue
-            self.data[key] = (expires, value)
-            self.data.move_to_end(key)
-        while len(self.data) > self.max_entries:
-            self.data.popitem(last=False)
+            self._drop(key)
+            if value is not None:
+                # A right-sized copy: orjson's bytes keep their whole growth buffer (16 KiB for a
+                # 1 KiB record, measured), which a long-lived record would hold on to.
+                value = bytes(memoryview(value))
+                self.data[key] = (expires, value)
+                self.size += len(key) + len(value)
+        while self.data and (len(self.data) > self.max_entries or self.size > self.max_bytes):
+            self._drop(next(iter(self.data)))
+
+    def _drop(self, key: str) -> None:
+        old = self.data.pop(key, None)
+        if old is not None:
+            self.size -= len(key) + len(old[1])
 
     async def scan(self, prefix: str) -> list[tuple[str, bytes]]:
         return [(k, v) for k in list(self.data) if k.startswith(prefix) and (v := self.get(k)) is not None]
@@ -153,4 +163,4 @@ def open_store(state: State) -> Store:
         return RedisStore(state.redis_url or "", state.ttl_seconds, state.timeout_ms / 1000)
     if state.store == "sqlite":
         return SQLiteStore(state.sqlite_path or "", state.ttl_seconds)
-    return MemoryStore(state.ttl_seconds, state.max_entries)
+    return MemoryStore(state.ttl_seconds, state.max_entries, state.max_memory_bytes)

@@ -47,6 +47,14 @@ def test_memory_store_bounds_and_expires(monkeypatch):
     assert run(s.get_many(("a", "c"))) == [None, None]
 
 
+def test_memory_store_bounds_bytes():
+    s = MemoryStore(ttl=10, max_entries=1000, max_bytes=100)
+    run(s.write([(f"k{i}", b"x" * 30) for i in range(5)]))
+    assert s.size <= 100 and run(s.get_many(("k4", "k0"))) == [b"x" * 30, None]
+    run(s.write([("k4", None)]))
+    assert s.size == sum(len(k) + len(v) for k, (_, v) in s.data.items())
+
+
 def test_sqlite_survives_a_restart(tmp_path):
     path = str(tmp_path / "s.db")
     s = SQLiteStore(path, ttl=60)

@@ -62,7 +62,7 @@ class ModelRule:
 
 @dataclass(frozen=True)
 class Limits:
-    max_body_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int = 48 * 1024 * 1024  # below Envoy's 64 MiB buffer: the sidecar answers first
 
 
 STORES = ("memory", "sqlite", "redis")

@@ -15,6 +15,7 @@ shell fetches them and calls `resume(values)`; writes ride on `Action.writes`.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import zlib
@@ -50,6 +51,9 @@ BUFFERED, STREAMED = "BUFFERED", "STREAMED"
 MODE_HEADER = "x-gateway-model-mode"  # per-request mode override, when discovery.allow_mode_header
 _ID_RE = re.compile(rb'"id"\s*:\s*"([^"\\]{1,200})"')
 _ID_SCAN_LIMIT = 64 * 1024  # a reply whose id is not in its first 64 KiB is not pinned
+# What Envoy's reply says when it could not reach the upstream instance at all.
+_UNREACHABLE = (b"upstream connect error", b"no healthy upstream", b"upstream_reset_before_response_started",
+                b"delayed_connect_error")
 
 
 class StreamTranslator(Protocol):
@@ -82,6 +86,27 @@ class Lookup:
 
     keys: tuple[str, ...]
     then: Callable[[list[bytes | None] | None], Action | Lookup]
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The request's JSON object, parsed once. Duplicate top-level keys are refused: the sidecar and the
+    upstream could each take a different one (route by one `model`, run the other)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise GatewayError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "request body must be a JSON object", code="invalid_json")
+    if raw.count(b'"model"') > 1:  # cheap test first; the slow check only when a key may repeat
+        def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            keys = [k for k, _ in pairs]
+            if len(set(keys)) != len(keys):
+                dup = next(k for k in keys if keys.count(k) > 1)
+                raise GatewayError(400, f"request body has the key {dup!r} more than once", param=dup,
+                                   code="duplicate_key")
+            return dict(pairs)
+        json.loads(raw, object_pairs_hook=refuse_duplicates)
+    return body
 
 
 def error_action(err: GatewayError) -> Action:
@@ -157,15 +182,13 @@ class Exchange:
         ctype = self.headers.get("content-type", "")
         if self.client_api is None and "json" not in ctype:
             return self._route(Target(self.gw.default_backend, self._default_endpoint()), body=None)
+        if "json" not in ctype:
+            raise GatewayError(415, f"content-type must be application/json, got {ctype or 'none'!r}",
+                               code="unsupported_media_type")
         if self.headers.get("content-encoding", "identity") != "identity":
             raise GatewayError(415, "compressed request bodies are not supported; send the JSON uncompressed",
                                code="unsupported_content_encoding")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            raise GatewayError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise GatewayError(400, "request body must be a JSON object", code="invalid_json")
+        body = parse_body(raw)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "'model' is required and must be a non-empty string", param="model",
@@ -403,10 +426,10 @@ class Exchange:
     def _untranslated_headers(self, headers: dict[str, str]) -> Action:
         """A reply in the client's own API: read its id (to pin it), learn from it, or explain a lost
         pinned instance."""
-        if self.pinned_id and self.status == 503 and "json" not in headers.get("content-type", ""):
+        if self.pinned_id and self.status == 503:  # Envoy's own "upstream connect error" reply?
             self.record_pin = self.learning = False
-            return Action(set_headers=[("content-type", "application/json")], remove_headers=("content-length",),
-                          response_body_mode=BUFFERED)  # Envoy's own "upstream connect error" reply
+            self.scanner = None
+            return Action(response_body_mode=BUFFERED)
         if self.learning and self.status in (400, 404, 405, 422):
             return Action(response_body_mode=BUFFERED)  # does it say the model is on the other API?
         ok = 200 <= self.status < 300
@@ -511,7 +534,9 @@ class Exchange:
                 return self._learned_rejection(chunk)
             if self.record_pin or self.scanner is not None:
                 return self._observed(chunk, end_of_stream)
-            # Only left: Envoy's own reply for a pinned instance that does not answer.
+            # Only left: a 503 for a pinned request. Envoy's own reply means the instance is gone.
+            if not any(sign in chunk for sign in _UNREACHABLE):
+                return Action(done=True)
             assert self.target is not None
             where = f"instance {self.target.endpoint} of backend '{self.target.backend.name}'"
             body = GatewayError(503, f"Response '{self.pinned_id}' is held by {where}, which is not answering; "

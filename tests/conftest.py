@@ -51,7 +51,7 @@ class Gateway:
     admin: str
 
     def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="client-key", max_retries=0, timeout=30, **kw)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="client-key", **{"max_retries": 0, "timeout": 30, **kw})
 
 
 @pytest.fixture(scope="session")

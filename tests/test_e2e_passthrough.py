@@ -49,6 +49,28 @@ def test_other_paths_pass_through(gw):
      "invalid_value"),
     ("/v1/responses", b'{"model": "llama-3", "input": [{"type": "function_call_output", "call_id": "c9", "output": "x"}]}',
      400, "invalid_value"),
+    ("/v1/responses", b'{"model": "llama-3", "input": [{"type": "hologram"}]}', 400, "invalid_value"),
+    ("/v1/responses", b'{"model": "llama-3", "input": []}', 400, "invalid_value"),
+    ("/v1/responses", b'{"model": "llama-3", "input": "x", "max_output_tokens": "ten"}', 400, "invalid_value"),
+    ("/v1/responses", b'{"model": "llama-3", "input": "x", "tools": {"type": "function"}}', 400, "invalid_value"),
+    ("/v1/responses", b'{"model": "llama-3", "input": "x", "temperature": "hot", "stream": "yes"}', 400, "invalid_value"),
+    ("/v1/responses", b'{"model": "llama-3", "input": "x", "instructions": 7}', 400, "invalid_value"),
+    ("/v1/chat/completions", b'{"model": "gpt-5.3-codex", "messages": "hi"}', 400, "invalid_value"),
+    ("/v1/chat/completions", b'{"model": "gpt-5.3-codex", "messages": []}', 400, "invalid_value"),
+    ("/v1/chat/completions", b'{"model": "gpt-5.3-codex", "messages": [{"role": "tool", "tool_call_id": "nope", '
+                             b'"content": "x"}]}', 400, "invalid_value"),
+    ("/v1/chat/completions", b'{"model": "gpt-5.3-codex", "messages": [{"role": "user", "content": "x"}], '
+                             b'"max_tokens": -1}', 400, "invalid_value"),
+    ("/v1/chat/completions", b'{"model": "gpt-5.3-codex", "messages": [{"role": "user", "content": 5}]}', 400,
+     "invalid_value"),
+    ("/v1/chat/completions", b'{"model": "llama-3", "model": "gpt-5.3-codex", "messages": []}', 400, "duplicate_key"),
+    ("/v1/chat/completions", b'{"model": "llama-3", "messages": [{"role": "user", "content": "\xff\xfe"}]}'
+     .replace(b"\\xff\\xfe", b"\xff\xfe"), 400, "invalid_json"),
+    ("/v1/chat/completions", b"[" * 10_000 + b"]" * 10_000, 400, "invalid_json"),
+    ("/v1/chat/completions", b'{"model": "llama-3", "messages": [], "max_tokens": 1' + b"0" * 400 + b"}", 400,
+     "invalid_json"),
+    ("/v1/chat/completions", b'{"model": "llama-3", "messages": [], "n": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
+     "invalid_json"),
 ])
 def test_bad_input_answered_clearly(gw, path, body, status, code):
     got, raw = post(gw, path, body)
@@ -87,3 +109,34 @@ def test_client_routing_headers_are_ignored(gw):
     t.join()
     trap.close()
     assert not hits
+
+
+@pytest.mark.parametrize(("headers", "status", "code"), [
+    ({"content-type": "text/plain"}, 415, "unsupported_media_type"),
+    ({"content-type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+    ({"content-type": ""}, 415, "unsupported_media_type"),
+    ({"content-encoding": "gzip"}, 415, "unsupported_content_encoding"),
+])
+def test_bad_headers_answered_clearly(gw, headers, status, code):
+    got, raw = post(gw, "/v1/chat/completions", b'{"model": "llama-3", "messages": []}', headers)
+    assert got == status, raw
+    assert json.loads(raw)["error"]["code"] == code
+
+
+@pytest.mark.parametrize(("size", "code"), [
+    (50 * 1024 * 1024, "request_too_large"),  # above the sidecar's limit (48 MiB): its own answer
+    (70 * 1024 * 1024, "request_payload_too_large"),  # above Envoy's buffer (64 MiB): Envoy's, in the same shape
+])
+def test_oversized_bodies_get_a_clear_413(gw, size, code):
+    body = b'{"model": "llama-3", "messages": [{"role": "user", "content": "' + b"x" * size + b'"}]}'
+    status, raw = post(gw, "/v1/chat/completions", body)
+    assert status == 413
+    err = json.loads(raw)["error"]
+    assert err["code"] == code and err["message"]
+
+
+def test_large_bodies_pass_both_ways(gw):
+    """A 40 MB request (several images' worth) is routed, translated and answered: no 4 MiB gRPC limit."""
+    big = "x" * (40 * 1024 * 1024)
+    r = gw.client(timeout=120).responses.create(model="llama-3", input=big)
+    assert r.output_text.startswith("echo: xxx") and len(r.output_text) > 40 * 1024 * 1024

@@ -79,6 +79,7 @@ def _input(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "expected a non-empty list of messages")
     items: list[dict[str, Any]] = []
+    calls_made: set[str] = set()
     for i, m in enumerate(messages):
         field = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -97,10 +98,13 @@ def _input(messages: Any) -> list[dict[str, Any]]:
                 raise invalid(f"{field}.tool_calls", "expected a list")
             for j, call in enumerate(calls):
                 items.append(_call_item(call, f"{field}.tool_calls[{j}]"))
+                calls_made.add(items[-1]["call_id"])
         elif role == "tool":
             call_id = m.get("tool_call_id")
             if not isinstance(call_id, str) or not call_id:
                 raise invalid(f"{field}.tool_call_id", "a tool message needs the id of the call it answers")
+            if call_id not in calls_made:
+                raise invalid(f"{field}.tool_call_id", f"no assistant tool call with id {call_id!r} precedes this message")
             items.append({"type": "function_call_output", "call_id": call_id,
                           "output": text_of(content, f"{field}.content", ("text",))})
         elif role == "function":

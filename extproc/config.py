@@ -92,6 +92,15 @@ class Discovery:
     allow_mode_header: bool = False  # honour a client's x-gateway-model-mode header
 
 @dataclass(frozen=True)
+class ListenTLS:
+    """TLS on the ext_proc listener (Envoy dials it over the network rather than localhost)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None  # set: Envoy must present a certificate signed by it (mTLS)
+
+
+@dataclass(frozen=True)
 class Config:
     backends: tuple[Backend, ...]
     model_rules: tuple[ModelRule, ...] = ()
@@ -100,6 +109,7 @@ class Config:
     limits: Limits = Limits()
     state: State = State()
     discovery: Discovery = Discovery()
+    listen_tls: ListenTLS | None = None
     admin_listen: str | None = "127.0.0.1:9902"  # /healthz /readyz /metrics; None turns it off
     usage_accounting: str = "all"  # all: read usage from passed-through answers too; translated: only those
     log_format: str = "json"  # json (one object per line) | text
@@ -191,12 +201,25 @@ class _Validator:
         if root is None:
             raise ConfigError([f"{self.source}: empty config: at least one backend is required"])
         top = self.mapping(root, "", {"listen", "log_level", "backends", "model_rules", "limits", "state",
-                                      "discovery", "admin_listen", "usage_accounting", "log_format"})
+                                      "discovery", "admin_listen", "usage_accounting", "log_format", "listen_tls"})
         kw: dict[str, Any] = {"source": self.source}
         if "listen" in top:
             listen = self.scalar(top["listen"], "listen", str)
             if listen is not None:
                 kw["listen"] = listen
+        if "listen_tls" in top:
+            t = self.mapping(top["listen_tls"], "listen_tls", {"cert_file", "key_file", "client_ca_file"})
+            files = {}
+            for name in ("cert_file", "key_file", "client_ca_file"):
+                if name in t:
+                    path = self.scalar(t[name], f"listen_tls.{name}", str)
+                    if path is not None and not os.path.isfile(path):
+                        self.problem(t[name], f"listen_tls.{name}", f"no such file: {path}")
+                    files[name] = path
+                elif name != "client_ca_file":
+                    self.problem(top["listen_tls"], f"listen_tls.{name}", "required")
+            if files.get("cert_file") and files.get("key_file"):
+                kw["listen_tls"] = ListenTLS(**files)
         if "admin_listen" in top:
             kw["admin_listen"] = None if top["admin_listen"].value in ("off", "", "null", "~") else \
                 self.scalar(top["admin_listen"], "admin_listen", str)

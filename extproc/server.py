@@ -21,7 +21,7 @@ from envoy.type.v3 import http_status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .admin import start_admin
-from .config import ConfigError, load_config
+from .config import ConfigError, ListenTLS, load_config
 from .discovery import discover_forever
 from .errors import GatewayError
 from .flow import Action, Exchange, Lookup, error_action
@@ -217,8 +217,20 @@ def _with_metadata(resp: pb.ProcessingResponse, meta: dict) -> pb.ProcessingResp
     return out
 
 
-def _bind(server: grpc.aio.Server, listen: str) -> None:
-    if server.add_insecure_port(listen) == 0:
+def _bind(server: grpc.aio.Server, listen: str, tls: ListenTLS | None) -> None:
+    """`host:port`, or `unix:/path/to.sock` for Envoy on the same host without a TCP port."""
+    if tls is None:
+        bound = server.add_insecure_port(listen)
+    else:
+        def read(path: str) -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+        creds = grpc.ssl_server_credentials(
+            [(read(tls.key_file), read(tls.cert_file))],
+            root_certificates=read(tls.client_ca_file) if tls.client_ca_file else None,
+            require_client_auth=tls.client_ca_file is not None)
+        bound = server.add_secure_port(listen, creds)
+    if bound == 0 and not listen.startswith("unix:"):
         raise OSError(f"cannot listen on {listen}")
 
 
@@ -237,7 +249,7 @@ async def serve(config_path: str) -> None:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listen = os.environ.get("EXTPROC_LISTEN", config.listen)
-    _bind(server, listen)
+    _bind(server, listen, config.listen_tls)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("envoy.service.ext_proc.v3.ExternalProcessor", health_pb2.HealthCheckResponse.SERVING)

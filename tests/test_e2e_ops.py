@@ -28,7 +28,9 @@ backends:
     api: chat
     models: ["ops-*"{extra}]
     endpoints: ["{chat}"]
+    api_key_env: OPS_UPSTREAM_KEY
 """
+SECRET = "sk-ops-secret-never-logged"
 
 
 @dataclass
@@ -63,6 +65,11 @@ class Ops:
     def sidecar(self):
         return next(p for p in self.stack.procs if "serve" in p.args)
 
+    @staticmethod
+    def stack_envoy() -> str:
+        from extproc.stack import find_envoy
+        return find_envoy()
+
 
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
@@ -73,7 +80,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
     cfg.write_text(CONFIG.format(**render))
     stack = Stack()
     try:
-        sidecar = stack.start_sidecar(cfg, env={"EXTPROC_SHUTDOWN_GRACE": "20"})
+        sidecar = stack.start_sidecar(cfg, env={"EXTPROC_SHUTDOWN_GRACE": "20", "OPS_UPSTREAM_KEY": SECRET})
         wait_for_port(port, proc=sidecar)
         wait_for_port(admin, proc=sidecar)
         stack.start_envoy(listen, free_port(), port)
@@ -156,6 +163,68 @@ def test_reload_on_file_change_keeps_streams(ops):
     time.sleep(0.5)
     assert client.chat.completions.create(model="late-model", messages=[{"role": "user", "content": "hi"}])
     ops.config.write_text(CONFIG.format(**ops.render))
+
+
+def test_secrets_stay_out_of_logs_metrics_and_errors(ops):
+    client = ops.client()
+    client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "hi"}])
+    assert ops.chat.last["headers"]["authorization"] == "Bearer " + SECRET  # it does reach the upstream
+    ops.chat.script.append(Reply(error=(401, {"error": {"message": "bad key", "type": "auth"}})))
+    with pytest.raises(openai.AuthenticationError) as e:
+        client.responses.create(model="ops-a", input="hi")
+    assert SECRET not in str(e.value.body)
+    assert SECRET not in ops.get("/metrics")[1]
+    assert SECRET not in ops.stack.log("sidecar") and SECRET not in ops.stack.log(ops.envoy_log)
+
+
+def test_upstream_that_stalls_is_cut_by_the_route_timeout(ops, tmp_path):
+    """deploy/envoy.yaml gives upstreams 600 s; here the same config with 1 s shows what a client gets."""
+    import yaml
+
+    from extproc.stack import render_envoy_config, wait_for_envoy
+    port, admin = free_port(), free_port()
+    doc = yaml.safe_load(render_envoy_config(port, admin, ops.render["port"]))
+    for route in doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+            "route_config"]["virtual_hosts"][0]["routes"]:
+        if "route" in route:
+            route["route"]["timeout"] = "1s"
+    cfg = tmp_path / "envoy-timeout.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    ops.stack.spawn(f"envoy-{port}", [ops.stack_envoy(), "-c", str(cfg), "--log-level", "warn", "--base-id", str(port),
+                                      "--disable-hot-restart"])
+    wait_for_envoy(admin)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=30)
+    for call in (lambda: client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "x"}]),
+                 lambda: client.responses.create(model="ops-a", input="x")):  # passed through, then translated
+        ops.chat.script.append(Reply(stall=3))
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as e:
+            call()
+        assert e.value.status_code == 504 and time.monotonic() - t0 < 2.5
+        assert e.value.body["message"] == "upstream request timeout"  # JSON in the OpenAI shape either way
+
+
+def test_sidecar_killed_then_back(ops):
+    """Fail closed while the sidecar is down (clear 5xx, never an unrouted request); back by itself."""
+    client = ops.client()
+    ops.sidecar.send_signal(signal.SIGKILL)
+    ops.sidecar.wait(timeout=10)
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["code"]
+    before = len(ops.chat.requests)
+    ops.stack.procs.remove(ops.sidecar)
+    proc = ops.stack.start_sidecar(ops.config, env={"OPS_UPSTREAM_KEY": SECRET})
+    wait_for_port(ops.render["port"], proc=proc)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "x"}]).choices
+            break
+        except openai.APIStatusError:
+            assert time.monotonic() < deadline, "traffic did not recover"
+            time.sleep(0.2)
+    assert len(ops.chat.requests) > before
 
 
 def test_graceful_shutdown_finishes_the_stream_in_flight(ops):

@@ -52,6 +52,7 @@ class Reply:
     gzip: bool = False  # compress the answer even though the request asked for identity
     pieces: int = 3  # deltas per streamed text
     delay: float = 0.0  # seconds between streamed text deltas (a slow model)
+    stall: float = 0.0  # seconds to wait before answering at all (a stuck model)
 
 
 def _err(message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -116,6 +117,8 @@ class _Handler(JSONHandler):
 
     def reply_for(self, echo: str) -> Reply:
         reply = self.upstream.next_reply(echo)
+        if reply.stall:
+            time.sleep(reply.stall)
         self.gz = zlib.compressobj(wbits=31) if reply.gzip else None
         return reply
 

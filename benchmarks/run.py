@@ -38,6 +38,8 @@ from common import (
 )
 
 LITELLM = "litellm[proxy]==1.106.12"
+PEER_KEY = "sk-bench-peer-key"
+PEER_AUTH = {"authorization": "Bearer " + PEER_KEY}
 PEER_VENV = REPO / "benchmarks" / ".peer" / "litellm"
 CHAT_REQ = {"model": "bench", "messages": [{"role": "user", "content": "Say something short."}]}
 RESP_REQ = {"model": "bench", "input": "Say something short."}
@@ -141,6 +143,8 @@ def start_litellm(stack: Stack, chat_port: int) -> int | None:
 litellm_settings:
   drop_params: true
   telemetry: false
+general_settings:
+  master_key: {PEER_KEY}
 """)
     proc = stack.spawn(f"litellm-{port}", [exe, "--config", str(cfg), "--port", str(port), "--host", "127.0.0.1",
                                            "--num_workers", "1"], {"LITELLM_LOG": "ERROR", "DISABLE_TELEMETRY": "1"})
@@ -222,7 +226,7 @@ def main() -> int:
             print("translated non-streaming (Responses client, chat-only model), wrk -c8:")
             base_rps, _ = wrk(f"http://127.0.0.1:{alone}/v1/chat/completions", CHAT_REQ, to_nginx, d, c8)
             rps, _ = wrk(f"http://127.0.0.1:{gw}/v1/responses", RESP_REQ, {}, d, c8)
-            peer_rps = wrk(f"http://127.0.0.1:{peer}/v1/responses", RESP_REQ, {"authorization": "Bearer x"}, d, c8)[0] \
+            peer_rps = wrk(f"http://127.0.0.1:{peer}/v1/responses", RESP_REQ, PEER_AUTH, d, c8)[0] \
                 if peer else None
             row("translated throughput", base_rps, rps, peer_rps, "req/s", ">= 0.25 x alone, >= 3 x peer")
         if not only or "streaming" in only:
@@ -281,7 +285,7 @@ def _litellm_stream_rate(stack: Stack, streamer: int) -> float | None:
     if port is None:
         return None
     body = {"model": "bench", "stream": True, "max_output_tokens": 2000, "input": "go"}
-    _, n, secs = streams(port, "/v1/responses", body, {"authorization": "Bearer x"}, 16)
+    _, n, secs = streams(port, "/v1/responses", body, PEER_AUTH, 16)
     return n / secs if n else None
 
 

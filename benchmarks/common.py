@@ -55,11 +55,31 @@ def start_envoy_alone(stack: Stack) -> int:
     return port
 
 
+def free_ports(n: int) -> int:
+    """The first of n consecutive free ports (workers listen on consecutive ports)."""
+    import socket
+
+    while True:
+        base = free_port()
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+
+
 def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1) -> int:
     """Envoy (deploy/envoy.yaml, access log off) + the sidecar with these backends; Envoy's port."""
-    extproc_port = free_port()
+    extproc_port = free_ports(workers)
     cfg = stack.workdir / f"config-{extproc_port}.yaml"
-    cfg.write_text(f"listen: 127.0.0.1:{extproc_port}\nadmin_listen: 127.0.0.1:{free_port()}\nlog_level: warning\n"
+    cfg.write_text(f"listen: 127.0.0.1:{extproc_port}\nadmin_listen: 127.0.0.1:{free_ports(workers)}\nlog_level: warning\n"
                    f"{extra}\nbackends:\n{textwrap.indent(backends.strip(), '  ')}\n")
     if workers > 1:
         sidecar = stack.spawn(f"sidecar-{extproc_port}", [sys.executable, "-m", "extproc", "serve", "--config", str(cfg),

@@ -137,7 +137,7 @@ def start_litellm(stack: Stack, chat_port: int) -> int | None:
     cfg.write_text(f"""model_list:
   - model_name: bench
     litellm_params:
-      model: hosted_vllm/bench
+      model: deepseek/bench   # an OpenAI-compatible chat provider LiteLLM has no Responses API for: it bridges
       api_base: http://127.0.0.1:{chat_port}/v1
       api_key: none
 litellm_settings:

@@ -52,7 +52,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 writer.write(sse({**base, "choices": [{"index": 0, "delta": {"content": f"{time.monotonic_ns()}|"},
                                                        "finish_reason": None}]}))
                 await writer.drain()
-            writer.write(sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}))
+            writer.write(sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
             if (body.get("stream_options") or {}).get("include_usage"):
                 writer.write(sse({**base, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": n,
                                                                    "total_tokens": n + 5}}))

@@ -47,12 +47,7 @@ def envoy_alone_config(listen_port: int, admin_port: int) -> str:
 
 def start_envoy_alone(stack: Stack) -> int:
     port, admin = free_port(), free_port()
-    cfg = stack.workdir / f"envoy-alone-{port}.yaml"
-    cfg.write_text(envoy_alone_config(port, admin))
-    stack.spawn(f"envoy-alone-{port}", [find_envoy(), "-c", str(cfg), "--log-level", "warn", "--base-id", str(port),
-                                        "--concurrency", "2", "--disable-hot-restart"])
-    wait_for_envoy(admin)
-    return port
+    return _spawn_envoy(stack, yaml.safe_load(envoy_alone_config(port, admin)), port, admin)
 
 
 def free_ports(n: int) -> int:
@@ -88,28 +83,24 @@ def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1
         sidecar = stack.start_sidecar(cfg)
     for i in range(workers):
         wait_for_port(extproc_port + i, proc=sidecar)
-    port, admin = free_port(), free_port()
-    doc = yaml.safe_load(render_envoy_config(port, admin, extproc_port))
-    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm.pop("access_log", None)  # Envoy alone runs without one too
-    for cluster in doc["static_resources"]["clusters"]:
-        if cluster["name"] == "extproc":  # one endpoint per worker: Envoy spreads streams over them
-            lb = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-            lb[:] = [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": extproc_port + i}}}}
-                     for i in range(workers)]
-    envoy_cfg = stack.workdir / f"envoy-{port}.yaml"
-    envoy_cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
-    stack.spawn(f"envoy-{port}", [find_envoy(), "-c", str(envoy_cfg), "--log-level", "warn", "--base-id", str(port),
-                                  "--concurrency", "2", "--disable-hot-restart"])
-    wait_for_envoy(admin)
-    return port
+    return start_envoy_with_processor(stack, extproc_port, workers)
 
 
-def start_envoy_with_processor(stack: Stack, extproc_port: int) -> int:
-    """deploy/envoy.yaml (access log off) in front of any ext_proc server on `extproc_port`."""
+def start_envoy_with_processor(stack: Stack, extproc_port: int, workers: int = 1) -> int:
+    """deploy/envoy.yaml (access log off) in front of an ext_proc server on `extproc_port` (and the
+    next ports, one per worker: Envoy spreads streams over them)."""
     port, admin = free_port(), free_port()
     doc = yaml.safe_load(render_envoy_config(port, admin, extproc_port))
     doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"].pop("access_log", None)
+    for cluster in doc["static_resources"]["clusters"]:
+        if cluster["name"] == "extproc":
+            cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": extproc_port + i}}}}
+                for i in range(workers)]
+    return _spawn_envoy(stack, doc, port, admin)
+
+
+def _spawn_envoy(stack: Stack, doc: dict, port: int, admin: int) -> int:
     cfg = stack.workdir / f"envoy-{port}.yaml"
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     stack.spawn(f"envoy-{port}", [find_envoy(), "-c", str(cfg), "--log-level", "warn", "--base-id", str(port),

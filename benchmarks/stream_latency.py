@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from extproc.stack import Stack, find_envoy, free_port, render_envoy_config, wait_for_envoy, wait_for_port  # noqa: E402
+from common import envoy_alone_config  # noqa: E402
+
+from extproc.stack import Stack, find_envoy, free_port, wait_for_envoy, wait_for_port  # noqa: E402
 from tests.upstreams import Reply, ResponsesServer  # noqa: E402
 
 SIDECAR_CONFIG = """
@@ -43,15 +43,6 @@ backends:
     models: ["gpt-5.3-codex"]
     endpoints: ["{resp}"]
 """
-
-
-def envoy_alone_config(listen_port: int, admin_port: int) -> str:
-    """The same listener and routes, minus the sidecar: the client names the endpoint itself."""
-    doc = yaml.safe_load(render_envoy_config(listen_port, admin_port, 1))
-    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"] = [f for f in hcm["http_filters"]
-                           if f["name"] not in ("envoy.filters.http.ext_proc", "envoy.filters.http.header_mutation")]
-    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def stream_once(conn: http.client.HTTPConnection, path: str, body: dict, headers: dict[str, str]) -> tuple[float, float, int]:

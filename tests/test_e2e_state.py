@@ -301,6 +301,34 @@ def test_models_list_has_a_mode_for_every_model(replicas):
     assert r.choices[0].message.content and replicas.mixed.requests[-1]["path"] == "/v1/responses"
 
 
+def test_endpoint_removed_from_config_while_pinned(replicas):
+    a = openai.OpenAI(base_url=replicas.urls[0] + "/v1", api_key="k", max_retries=0, timeout=30)
+    r = a.responses.create(model="gpt-oss-20b", input="hi", prompt_cache_key="removed-test")
+    gone = replicas.holder(r.id).address
+    original = replicas.configs[0].read_text()
+    replicas.configs[0].write_text(original.replace(f'"{gone}", ', "").replace(f', "{gone}"', ""))
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # the sidecar picks the file change up by itself
+            try:
+                a.responses.create(model="gpt-oss-20b", input="again", previous_response_id=r.id)
+            except openai.ConflictError as e:
+                assert e.body["code"] == "pinned_backend_gone" and gone in e.body["message"]
+                break
+            assert time.monotonic() < deadline, "config change not applied"
+            time.sleep(0.3)
+    finally:
+        replicas.configs[0].write_text(original)
+    deadline = time.monotonic() + 10
+    while True:  # restored: the conversation goes on where it was
+        try:
+            a.responses.create(model="gpt-oss-20b", input="back", previous_response_id=r.id)
+            break
+        except openai.ConflictError:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+
+
 def test_pinned_instance_down_is_a_clear_error(replicas):
     client = next(replicas.clients())
     r = client.responses.create(model="gpt-oss-20b", input="hi", prompt_cache_key="down-test")

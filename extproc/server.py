@@ -144,12 +144,17 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             return error_action(ex.failure)
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+                      context: grpc.aio.ServicerContext) -> None:
+        """One HTTP exchange. context.read()/write() rather than an async generator: measured 15-25%
+        more requests per second through grpc.aio (benchmarks/floor_processor.py)."""
         ex = Exchange(self.holder.gateway)
         started = time.monotonic()
         busy = 0.0
         try:
-            async for req in request_iterator:
+            while True:
+                req = await context.read()
+                if req is grpc.aio.EOF:
+                    return
                 kind = req.WhichOneof("request")
                 t0 = time.perf_counter()
                 act = await self._step(ex, kind, req)
@@ -161,7 +166,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 elapsed = time.perf_counter() - t0
                 busy += elapsed
                 self.metrics.phase_seconds.observe(elapsed, kind)
-                yield resp
+                await context.write(resp)
                 if act.done:
                     return
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -131,7 +132,11 @@ class Stack:
 
 def run_local(config_path: str, port: int = 10000, admin_port: int = 9901, extproc_port: int = 50051,
               demo_port: int = 8001) -> int:
-    """The README's run command: the whole stack in the foreground until Ctrl-C."""
+    """The README's run command: the whole stack in the foreground until Ctrl-C (or SIGTERM)."""
+    def interrupt(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # stop the children too, not only this process
     stack = Stack()
     try:
         if demo_port:

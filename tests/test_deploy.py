@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import openai
@@ -18,7 +20,7 @@ import pytest
 import yaml
 
 from extproc.config import parse_config
-from extproc.stack import REPO, Stack, find_envoy, wait_for_envoy, wait_for_port
+from extproc.stack import REPO, Stack, find_envoy, free_port, wait_for_envoy, wait_for_port
 
 BIN = Path(sys.executable).parent
 COMPOSE = REPO / "docker-compose.yml"
@@ -115,3 +117,32 @@ def test_compose_services_run_natively():
         assert [m.id for m in client.models.list()] == ["demo"]
     finally:
         stack.stop()
+
+
+def test_readme_stack_command_runs_and_stops_cleanly():
+    """`extproc stack`, the README's run command: answers at once, and SIGTERM stops every process."""
+    port, demo = free_port(), free_port()
+    config = REPO / "deploy" / "config.yaml"
+    text = config.read_text().replace("127.0.0.1:8001", f"127.0.0.1:{demo}")
+    cfg = Path(os.environ.get("TMPDIR", "/tmp")) / f"stack-test-{port}.yaml"
+    cfg.write_text(text + f"admin_listen: 127.0.0.1:{free_port()}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "extproc", "stack", "--config", str(cfg), "--port", str(port),
+                             "--demo-port", str(demo)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port, timeout=30, proc=proc)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=10)
+                assert client.responses.create(model="demo", input="hi").output_text == "You said: hi"
+                break
+            except openai.APIError:
+                assert time.monotonic() < deadline
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        cfg.unlink()
+    assert "Gateway ready at" in out
+    for p in (port, demo):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", p)) != 0, f"something still listens on {p} after SIGTERM"

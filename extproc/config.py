@@ -51,6 +51,7 @@ class Backend:
     vnodes: int = 160
     hosted_tools: str = "drop"  # Responses hosted tools (web_search, ...) for a chat backend: drop | reject
     replay_reasoning: bool = False  # send earlier turns' reasoning back as reasoning_content
+    dns_names: tuple[str, ...] = ()  # `dns:` entries: re-resolved periodically, the ring follows them
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,7 @@ class _Validator:
         models = self.string_list(m["models"], f"{key}.models") if "models" in m else []
         if "models" in m and not models:
             self.problem(m["models"], f"{key}.models", "must list at least one model name or pattern")
-        endpoints = self.endpoints(m["endpoints"], f"{key}.endpoints") if "endpoints" in m else ()
+        endpoints, dns_names = self.endpoints(m["endpoints"], f"{key}.endpoints") if "endpoints" in m else ((), ())
         cluster = self.scalar(m["cluster"], f"{key}.cluster", str) if "cluster" in m else None
         if ("endpoints" in m) == ("cluster" in m):
             self.problem(node, key, "give exactly one of 'endpoints' (instances the sidecar picks) "
@@ -368,13 +369,16 @@ class _Validator:
             kw["vnodes"] = v
         if len(self.problems) > before:
             return None
-        return Backend(name=name, api=api, models=tuple(models), endpoints=endpoints, cluster=cluster, **kw)
+        return Backend(name=name, api=api, models=tuple(models), endpoints=endpoints, cluster=cluster,
+                       dns_names=dns_names, **kw)
 
-    def endpoints(self, node: yaml.Node, key: str) -> tuple[Endpoint, ...]:
+    def endpoints(self, node: yaml.Node, key: str) -> tuple[tuple[Endpoint, ...], tuple[str, ...]]:
+        """The endpoints, and the `dns:` names among them (re-resolved while running)."""
         if not isinstance(node, yaml.SequenceNode) or not node.value:
             self.problem(node, key, "must be a non-empty list of 'host:port' or {address, weight}")
-            return ()
+            return (), ()
         out: list[Endpoint] = []
+        dns_names: list[str] = []
         for i, item in enumerate(node.value):
             k = f"{key}[{i}]"
             weight = 1
@@ -397,6 +401,8 @@ class _Validator:
             addr = self.scalar(addr_node, k, str)
             if addr is None:
                 continue
+            if every_address:
+                dns_names.append(addr)
             resolved = self.resolve(addr, every_address)
             if not resolved:
                 self.problem(addr_node, k, f"{addr!r} is not 'host:port' with a resolvable host and a port 1-65535")
@@ -406,7 +412,7 @@ class _Validator:
                     self.problem(addr_node, k, f"duplicate endpoint {address}")
                     continue
                 out.append(Endpoint(address, weight))
-        return tuple(out)
+        return tuple(out), tuple(dns_names)
 
     @staticmethod
     def resolve(addr: str, every_address: bool = False) -> list[str]:

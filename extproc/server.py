@@ -292,8 +292,22 @@ async def serve(config_path: str) -> None:
     admin = None
     if admin_listen and admin_listen != "off":
         admin = await start_admin(admin_listen, {"/healthz": healthy, "/readyz": ready, "/metrics": metrics_page})
+    def follow_dns() -> None:
+        """`dns:` endpoints (a headless Service): the ring follows the addresses as they change."""
+        current = holder.gateway.config
+        if not any(b.dns_names for b in current.backends):
+            return
+        try:
+            new = load_config(config_path)
+        except ConfigError:
+            return  # the file watcher reports problems in the file
+        if [b.endpoints for b in new.backends] != [b.endpoints for b in current.backends]:
+            log.info("dns endpoints changed; ring rebuilt")
+            holder.gateway = Gateway(new, holder.gateway.knowledge)
+
     tasks = [asyncio.create_task(discover_forever(lambda: holder.gateway)),
-             asyncio.create_task(watch_file(config_path, reload))]
+             asyncio.create_task(watch_file(config_path, reload)),
+             asyncio.create_task(every(lambda: holder.gateway.config.discovery.interval_seconds, follow_dns))]
     loop.add_signal_handler(signal.SIGHUP, reload)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -308,7 +322,16 @@ async def serve(config_path: str) -> None:
     await store.close()
 
 
-async def watch_file(path: str, on_change: Callable[[], None], every: float = 2.0) -> None:
+async def every(seconds: Callable[[], float], action: Callable[[], None]) -> None:
+    while True:
+        await asyncio.sleep(seconds())
+        try:
+            await asyncio.to_thread(action)  # name resolution blocks
+        except Exception:
+            log.exception("periodic task failed")
+
+
+async def watch_file(path: str, on_change: Callable[[], None], interval: float = 2.0) -> None:
     """Reload when the config file changes (a ConfigMap update included), as SIGHUP does."""
     def stamp() -> tuple[float, int] | None:
         try:
@@ -319,7 +342,7 @@ async def watch_file(path: str, on_change: Callable[[], None], every: float = 2.
 
     last = stamp()
     while True:
-        await asyncio.sleep(every)
+        await asyncio.sleep(interval)
         now = stamp()
         if now is not None and now != last:
             last = now

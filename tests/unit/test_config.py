@@ -104,3 +104,12 @@ def test_state_section():
     with pytest.raises(ConfigError) as e:
         parse_config(GOOD + "state: {store: sqlite}\n", env={"KEY": "k"})
     assert "state.sqlite_path" in str(e.value)
+
+
+def test_dns_endpoints_expand_and_are_remembered():
+    cfg = parse_config("""
+backends:
+  - {name: a, api: chat, models: [x], endpoints: [{dns: "localhost:8000"}, "127.0.0.9:1"]}
+""", env={})
+    (b,) = cfg.backends
+    assert b.dns_names == ("localhost:8000",) and "127.0.0.1:8000" in [e.address for e in b.endpoints]

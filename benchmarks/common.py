@@ -19,6 +19,7 @@ from extproc.stack import (  # noqa: E402
     Stack,
     find_envoy,
     free_port,
+    free_ports,
     render_envoy_config,
     wait_for_envoy,
     wait_for_port,
@@ -48,26 +49,6 @@ def envoy_alone_config(listen_port: int, admin_port: int) -> str:
 def start_envoy_alone(stack: Stack) -> int:
     port, admin = free_port(), free_port()
     return _spawn_envoy(stack, yaml.safe_load(envoy_alone_config(port, admin)), port, admin)
-
-
-def free_ports(n: int) -> int:
-    """The first of n consecutive free ports (workers listen on consecutive ports)."""
-    import socket
-
-    while True:
-        base = free_port()
-        socks = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
 
 
 def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1) -> int:

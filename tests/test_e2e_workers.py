@@ -9,31 +9,22 @@ import sys
 import openai
 import yaml
 
-from extproc.stack import Stack, find_envoy, free_port, render_envoy_config, wait_for_envoy, wait_for_port
+from extproc.stack import (
+    Stack,
+    find_envoy,
+    free_port,
+    free_ports,
+    render_envoy_config,
+    wait_for_envoy,
+    wait_for_port,
+)
 
 from .upstreams import ChatServer
 
 
-def consecutive_ports(n: int) -> int:
-    while True:
-        base = free_port()
-        try:
-            socks = []
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-
-
 def test_two_workers_share_conversations(tmp_path):
     chat = ChatServer()
-    base, admin = consecutive_ports(2), consecutive_ports(2)
+    base, admin = free_ports(2), free_ports(2)
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"""
 listen: 127.0.0.1:{base}

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from ..sse import SSEDecoder, encode
+from ..sse import encode
 from .common import new_id, now
 from .resp_chat_to_responses import (
     call_item_id,
@@ -21,6 +21,7 @@ from .resp_chat_to_responses import (
     response_shell,
     wants_encrypted_reasoning,
 )
+from .stream_base import SSETranslator
 from .tools import custom_input, encode_reasoning, tool_map
 
 
@@ -34,22 +35,20 @@ class _Item:
         self.parts: list[list[str]] = []  # message parts: [type, text]
 
 
-class ChatToResponsesStream:
+class ChatToResponsesStream(SSETranslator):
     def __init__(self, request: dict[str, Any], response_id: str | None = None):
-        self.decoder = SSEDecoder()
+        super().__init__()
         self.response = response_shell(request, response_id or new_id("resp_"), now())
         self.tools = tool_map(request.get("tools"))
         self.encrypt_reasoning = wants_encrypted_reasoning(request)
         self.seq = 0
         self.started = False
-        self.ended = False
         self.items: list[_Item] = []
         self.reasoning: _Item | None = None
         self.message: _Item | None = None
         self.calls: dict[int, _Item] = {}
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
-        self.out: list[bytes] = []
         self.closed: set[int] = set()  # output indexes whose output_item.done was sent
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -60,10 +59,6 @@ class ChatToResponsesStream:
         self.seq += 1
         self.out.append(encode(orjson.dumps(fields), kind))
 
-    def _take(self) -> bytes:
-        out, self.out = b"".join(self.out), []
-        return out
-
     def _start(self, chunk: dict[str, Any]) -> None:
         self.started = True
         self.response["created_at"] = int(chunk.get("created") or 0) or self.response["created_at"]
@@ -72,22 +67,8 @@ class ChatToResponsesStream:
         self._emit("response.created", response=self.response)
         self._emit("response.in_progress", response=self.response)
 
-    def feed(self, data: bytes) -> bytes:
-        for ev in self.decoder.feed(data):
-            self._event(ev.data)
-        return self._take()
-
-    def close(self) -> bytes:
-        for ev in self.decoder.close():
-            self._event(ev.data)
-        if not self.ended:
-            self._finish()
-        return self._take()
-
-    def fail(self, code: str, message: str) -> bytes:
-        """End the stream now with an error; returns the bytes for the client."""
-        self._fail(code, message)
-        return self._take()
+    def _end_early(self) -> None:
+        self._finish()  # fails the response when no finish_reason came
 
     def _fail(self, code: str, message: str) -> None:
         """End the stream with `error` and `response.failed` (upstream error or cut-off)."""

@@ -10,9 +10,10 @@ from typing import Any
 
 import orjson
 
-from ..sse import SSEDecoder, encode
+from ..sse import encode
 from .common import finish_reason, now, usage_responses_to_chat
 from .resp_responses_to_chat import chat_id
+from .stream_base import SSETranslator
 
 DONE = b"data: [DONE]\n\n"
 
@@ -26,18 +27,16 @@ class _Call:
         self.sent = 0  # characters of arguments already sent
 
 
-class ResponsesToChatStream:
+class ResponsesToChatStream(SSETranslator):
     def __init__(self, request: dict[str, Any], model: str):
         opts = request.get("stream_options")
         self.include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-        self.decoder = SSEDecoder()
+        super().__init__()
         self.id = "chatcmpl-pending"
         self.model = model
         self.created = now()
         self.started = False
-        self.ended = False
         self.calls: dict[str, _Call] = {}  # by output item id
-        self.out: list[bytes] = []
         self.response: dict[str, Any] | None = None  # the upstream's final Response, once it came
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> None:
@@ -60,26 +59,8 @@ class ResponsesToChatStream:
             self.created = int(response.get("created_at") or self.created)
         self._chunk({"role": "assistant"})  # content stays null for a turn that only calls tools
 
-    def feed(self, data: bytes) -> bytes:
-        for ev in self.decoder.feed(data):
-            self._event(ev.data)
-        return self._take()
-
-    def close(self) -> bytes:
-        for ev in self.decoder.close():
-            self._event(ev.data)
-        if not self.ended:
-            self._fail("upstream_incomplete", "the upstream stream ended before the response completed")
-        return self._take()
-
-    def _take(self) -> bytes:
-        out, self.out = b"".join(self.out), []
-        return out
-
-    def fail(self, code: str, message: str) -> bytes:
-        """End the stream now with an error; returns the bytes for the client."""
-        self._fail(code, message)
-        return self._take()
+    def _end_early(self) -> None:
+        self._fail("upstream_incomplete", "the upstream stream ended before the response completed")
 
     def _fail(self, code: str, message: str) -> None:
         """An error chunk (the chat SDKs raise it) and the end of the stream."""

@@ -125,5 +125,6 @@ class Knowledge:
             self._learned.clear()  # a bound, not an LRU: entries are cheap to fetch again
         self._learned[(backend, model)] = (now + ttl, learned)
 
-    def forget(self, backend: str, model: str) -> None:
-        self._learned.pop((backend, model), None)
+    def forget_all(self) -> None:
+        """Drop this replica's copies, so the store (just cleared) is asked again."""
+        self._learned.clear()

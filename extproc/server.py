@@ -11,8 +11,10 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from urllib.parse import parse_qs
 
 import grpc
+import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -274,7 +276,7 @@ async def serve(config_path: str) -> None:
         except ConfigError as e:
             log.error("config reload rejected, keeping the running config:\n%s", e)
 
-    async def ready() -> tuple[int, bytes, str]:
+    async def ready(_query: str) -> tuple[int, bytes, str]:
         """Ready when the config is loaded and the state store answers."""
         try:
             await store.get_many(("ready-probe",))
@@ -282,16 +284,39 @@ async def serve(config_path: str) -> None:
             return 503, f"state store unavailable: {e}\n".encode(), "text/plain"
         return 200, b"ready\n", "text/plain"
 
-    async def healthy() -> tuple[int, bytes, str]:
+    async def healthy(_query: str) -> tuple[int, bytes, str]:
         return 200, b"ok\n", "text/plain"
 
-    async def metrics_page() -> tuple[int, bytes, str]:
+    async def metrics_page(_query: str) -> tuple[int, bytes, str]:
         return 200, metrics.render(), "text/plain; version=0.0.4"
+
+    async def learned(_query: str) -> tuple[int, bytes, str]:
+        """Model APIs learned at run time (shared ones too, with a shared store)."""
+        try:
+            entries = await store.scan("mode:")
+        except StoreUnavailable as e:
+            return 503, f"state store unavailable: {e}\n".encode(), "text/plain"
+        out = {k.removeprefix("mode:"): orjson.loads(v) for k, v in sorted(entries)}
+        return 200, orjson.dumps(out), "application/json"
+
+    async def forget(query: str) -> tuple[int, bytes, str]:
+        """DELETE /learned?model=BACKEND:MODEL (repeatable), or ?all=1."""
+        params = parse_qs(query)
+        try:
+            keys = [k for k, _ in await store.scan("mode:")] if params.get("all") else \
+                [f"mode:{m}" for m in params.get("model", ())]
+            await store.write([(k, None) for k in keys])
+        except StoreUnavailable as e:
+            return 503, f"state store unavailable: {e}\n".encode(), "text/plain"
+        holder.gateway.knowledge.forget_all()
+        return 200, orjson.dumps({"forgotten": [k.removeprefix("mode:") for k in keys]}), "application/json"
 
     admin_listen = os.environ.get("EXTPROC_ADMIN_LISTEN", config.admin_listen or "")
     admin = None
     if admin_listen and admin_listen != "off":
-        admin = await start_admin(admin_listen, {"/healthz": healthy, "/readyz": ready, "/metrics": metrics_page})
+        admin = await start_admin(admin_listen, {"GET /healthz": healthy, "GET /readyz": ready,
+                                                 "GET /metrics": metrics_page, "GET /learned": learned,
+                                                 "DELETE /learned": forget})
     def follow_dns() -> None:
         """`dns:` endpoints (a headless Service): the ring follows the addresses as they change."""
         current = holder.gateway.config

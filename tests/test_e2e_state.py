@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,11 +280,18 @@ def test_model_api_learned_from_a_rejection_and_shared(replicas):
                              capture_output=True, text=True, timeout=30)
     assert "mixed:mix-agent\tneeds=responses" in listing.stdout
     assert "mixed:mix-general\tneeds=-\tanswered_on=chat" in listing.stdout
+    admin = "http://" + replicas.configs[1].read_text().split("admin_listen: ")[1].split()[0]
+    with urllib.request.urlopen(admin + "/learned", timeout=5) as r:  # the same, from the admin port
+        assert json.loads(r.read())["mixed:mix-agent"]["mode"] == "responses"
 
     time.sleep(3.5)  # learn_ttl_seconds: 3, then it is learned again
     with pytest.raises(openai.BadRequestError) as e:
         a.chat.completions.create(model="mix-agent", messages=msgs)
     assert e.value.body["code"] == "model_api_learned"
+    forget = urllib.request.Request(admin + "/learned?model=mixed:mix-agent", method="DELETE")
+    with urllib.request.urlopen(forget, timeout=5) as r:  # an operator clears it: learned afresh
+        assert json.loads(r.read()) == {"forgotten": ["mixed:mix-agent"]}
+    assert replicas.redis_client().get("extproc:mode:mixed:mix-agent") is None
 
 
 def test_models_list_has_a_mode_for_every_model(replicas):

@@ -19,10 +19,6 @@ AUTO = "auto"  # a backend's models whose API nobody has said: sent on the clien
 MODES = (CHAT, RESPONSES, BOTH)
 
 
-def other_api(api: str) -> str:
-    return RESPONSES if api == CHAT else CHAT
-
-
 @dataclass(frozen=True)
 class Resolution:
     backend: Backend

@@ -262,7 +262,7 @@ class Exchange:
                 log.info("model=%s backend=%s: hosted tools dropped: %s", self.model, b.name, ",".join(self.dropped_tools))
             return self._route(target, body=orjson.dumps(new))
         # A Responses backend keeps its own state: pin the reply's id to the instance that made it.
-        self.record_pin = keep and target.endpoint is not None
+        self.record_pin = keep  # endpoint backends and clusters alike: GET /v1/responses/{id} must find it
         if prior:  # the conversation so far was kept by the sidecar: hand it over whole
             new = {k: v for k, v in body.items() if k != "previous_response_id"}
             new["input"] = prior + conv.input_items(body.get("input"))

@@ -193,3 +193,19 @@ def test_dead_pinned_instance_is_explained(gateway):
     out = ex.response_body(b"upstream connect error or disconnect/reset before headers", True)
     err = json.loads(out.body)["error"]
     assert err["code"] == "pinned_backend_unavailable" and "10.0.0.2:80" in err["message"]
+
+
+def test_cluster_backends_are_pinned_too():
+    """Two Responses-capable backends: GET /v1/responses/{id} must reach the one that made it."""
+    gw = Gateway(parse_config("""
+usage_accounting: translated
+backends:
+  - {name: vllm, api: both, models: ["llama-*"], endpoints: ["10.0.0.1:80"]}
+  - {name: openai, api: both, models: ["gpt-*"], cluster: openai}
+""", env={}))
+    ex, act = send(gw, "/v1/responses", {"model": "gpt-5", "input": "hi"}, {})
+    ex.response_headers({":status": "200", "content-type": "application/json"})
+    out = ex.response_body(b'{"id": "resp_oa", "object": "response"}', True)
+    assert out.writes == [("pin:resp_oa", conv.Pin("openai", None).dumps())]
+    _, act = send(gw, "/v1/responses/resp_oa", None, dict(out.writes), method="GET")
+    assert dict(act.set_headers)["x-gateway-cluster"] == "openai"

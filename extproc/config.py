@@ -180,6 +180,12 @@ class _Validator:
             return None
         return value
 
+    def bounded(self, node: yaml.Node, key: str, lo: int, hi: int) -> int | None:
+        v = self.scalar(node, key, int)
+        if v is not None and not lo <= v <= hi:
+            self.problem(node, key, f"must be between {lo} and {hi}")
+        return v
+
     def string_list(self, node: yaml.Node, key: str) -> list[str]:
         if not isinstance(node, yaml.SequenceNode):
             self.problem(node, key, "must be a list of strings")
@@ -245,10 +251,7 @@ class _Validator:
             dkw: dict[str, Any] = {}
             for name, (lo, hi) in {"interval_seconds": (5, 86400), "timeout_ms": (100, 60_000)}.items():
                 if name in d:
-                    v = self.scalar(d[name], f"discovery.{name}", int)
-                    if v is not None and not lo <= v <= hi:
-                        self.problem(d[name], f"discovery.{name}", f"must be between {lo} and {hi}")
-                    dkw[name] = v
+                    dkw[name] = self.bounded(d[name], f"discovery.{name}", lo, hi)
             if "allow_mode_header" in d:
                 dkw["allow_mode_header"] = self.scalar(d["allow_mode_header"], "discovery.allow_mode_header", bool)
             kw["discovery"] = Discovery(**dkw)
@@ -299,10 +302,7 @@ class _Validator:
                 kw[name] = self.scalar(m[name], f"state.{name}", str)
         for name, (lo, hi) in ints.items():
             if name in m:
-                v = self.scalar(m[name], f"state.{name}", int)
-                if v is not None and not lo <= v <= hi:
-                    self.problem(m[name], f"state.{name}", f"must be between {lo} and {hi}")
-                kw[name] = v
+                kw[name] = self.bounded(m[name], f"state.{name}", lo, hi)
         store = kw.get("store", "memory")
         if store == "sqlite" and not kw.get("sqlite_path"):
             self.problem(node, "state.sqlite_path", "required when state.store is sqlite")
@@ -363,10 +363,7 @@ class _Validator:
         if "replay_reasoning" in m:
             kw["replay_reasoning"] = self.scalar(m["replay_reasoning"], f"{key}.replay_reasoning", bool)
         if "vnodes" in m:
-            v = self.scalar(m["vnodes"], f"{key}.vnodes", int)
-            if v is not None and not 1 <= v <= 4096:
-                self.problem(m["vnodes"], f"{key}.vnodes", "must be between 1 and 4096")
-            kw["vnodes"] = v
+            kw["vnodes"] = self.bounded(m["vnodes"], f"{key}.vnodes", 1, 4096)
         if len(self.problems) > before:
             return None
         return Backend(name=name, api=api, models=tuple(models), endpoints=endpoints, cluster=cluster,

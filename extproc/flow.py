@@ -9,8 +9,9 @@ and body only when the response must be translated, or when a Responses reply's 
 (then only up to the chunk that carries it). `Action.done` ends the exchange early, and Envoy passes
 the rest through untouched.
 
-Stored state (pins, sidecar-held turns) is reached the h11 way: a method returns `Lookup(keys)`, the
-shell fetches them and calls `resume(values)`; writes ride on `Action.writes`.
+Stored state (pins, sidecar-held turns, learned modes) is reached the h11 way: a method returns
+`Lookup(keys, then)`, the shell fetches the keys and calls `then(values)`; writes ride on
+`Action.writes`.
 """
 
 from __future__ import annotations
@@ -113,6 +114,15 @@ def error_action(err: GatewayError) -> Action:
     return Action(immediate=(err.status, err.body(), "application/json"), done=True)
 
 
+def new_body(body: bytes, **kw: Any) -> Action:
+    """The answer's body replaced (buffered mode), its content-length with it; the exchange ends."""
+    return Action(body=body, set_headers=[("content-length", str(len(body)))], done=True, **kw)
+
+
+def state_unavailable() -> GatewayError:
+    return GatewayError(503, "the conversation store is unavailable; retry shortly", code="state_unavailable")
+
+
 class Exchange:
     def __init__(self, gateway: Gateway):
         self.gw = gateway
@@ -141,6 +151,7 @@ class Exchange:
         self.usage: Usage | None = None
         self.chunks = 0  # response body messages handled
         self.failure: GatewayError | None = None  # set by the shell when the sidecar answered with an error
+
     @property
     def translated(self) -> bool:
         return self.upstream_api is not None and self.upstream_api != self.client_api
@@ -274,8 +285,7 @@ class Exchange:
         if values is None:
             if self.translated:
                 self.pin_decision = "state_unavailable"
-                raise GatewayError(503, "the conversation store is unavailable; retry shortly",
-                                   code="state_unavailable")
+                raise state_unavailable()
             self.pin_decision = "pin_fallback"
             log.warning("previous_response_id %s: store unavailable, routing by ring", prev)
             return self._forward(res, self.gw.target(res.backend, prev), [])
@@ -306,7 +316,7 @@ class Exchange:
                         ancestors: list[str], values: list[bytes | None] | None) -> Action:
         if values is None:
             self.pin_decision = "state_unavailable"
-            raise GatewayError(503, "the conversation store is unavailable; retry shortly", code="state_unavailable")
+            raise state_unavailable()
         turns = [conv.load_turn(v) for v in values]
         for aid, t in zip(ancestors, turns, strict=True):
             if t is None:
@@ -482,8 +492,7 @@ class Exchange:
         body = GatewayError(self.status, f"The model '{self.model}' is only available on {path} at this backend; "
                                          f"the gateway has learned this, {retry}.",
                             param="model", code="model_api_learned").body()
-        return Action(body=body, set_headers=[("content-length", str(len(body)))], writes=writes,
-                      write_ttl=self._learn_ttl(writes), done=True)
+        return new_body(body, writes=writes, write_ttl=self._learn_ttl(writes))
 
     def _scan_id(self, chunk: bytes, end_of_stream: bool) -> list[tuple[str, bytes | None]]:
         """Pin the reply's id: the first "id" of a Response body, or of a stream's response.created event."""
@@ -506,14 +515,15 @@ class Exchange:
             self.scanner.feed(chunk)
             if end_of_stream:
                 self.scanner.finish()
-                self._account(self.scanner.usage, self.scanner.output_bytes)
+                self._account(self.scanner.usage, lambda: self.scanner.output_bytes if self.scanner else 0)
         done = end_of_stream or (self.scanner is None and not self.record_pin)
         return Action(writes=writes, done=done)
 
-    def _account(self, usage: Usage | None, output_bytes: int) -> None:
-        """Usage as reported; estimated only when the upstream reported none for a successful answer."""
+    def _account(self, usage: Usage | None, output_bytes: Callable[[], int]) -> None:
+        """Usage as reported; estimated only when the upstream reported none for a successful answer
+        (`output_bytes` is only counted then)."""
         if usage is None and 200 <= self.status < 300:
-            usage = estimate(request_text_bytes(self.request), output_bytes)
+            usage = estimate(request_text_bytes(self.request), output_bytes())
         self.usage = usage
 
     def metadata(self) -> dict[str, Any] | None:
@@ -539,9 +549,8 @@ class Exchange:
                 return Action(done=True)
             assert self.target is not None
             where = f"instance {self.target.endpoint} of backend '{self.target.backend.name}'"
-            body = GatewayError(503, f"Response '{self.pinned_id}' is held by {where}, which is not answering; "
-                                     "retry later", code="pinned_backend_unavailable").body()
-            return Action(body=body, set_headers=[("content-length", str(len(body)))], done=True)
+            return new_body(GatewayError(503, f"Response '{self.pinned_id}' is held by {where}, which is not "
+                                              "answering; retry later", code="pinned_backend_unavailable").body())
         if self.translator is not None:
             try:
                 data = self._decode(chunk, end_of_stream)
@@ -552,11 +561,10 @@ class Exchange:
                 return Action(body=out)
             out += self.translator.close()
             final = self.translator.response
-            self._account(usage_of(final), text_bytes(orjson.dumps(final["output"])) if final else 0)
+            self._account(usage_of(final), lambda: text_bytes(orjson.dumps(final["output"])) if final else 0)
             return Action(body=out, writes=self._store_turn(final), done=True)
         body, doc = self._translate_buffered(self._decode(chunk, end_of_stream))
-        return Action(body=body, set_headers=[("content-length", str(len(body)))], writes=self._store_turn(doc),
-                      done=True)
+        return new_body(body, writes=self._store_turn(doc))
 
     def _store_turn(self, response: dict[str, Any] | None) -> list[tuple[str, bytes | None]]:
         """Keep a translated Response (with its input) so previous_response_id can continue from it."""
@@ -578,7 +586,7 @@ class Exchange:
             except orjson.JSONDecodeError:
                 doc = None
         if isinstance(doc, dict):
-            self._account(usage_of(doc), text_bytes(data))
+            self._account(usage_of(doc), lambda: text_bytes(data))
         else:
             if 200 <= self.status < 300:
                 raise GatewayError(502, "the upstream returned a response that is not JSON",

@@ -23,7 +23,7 @@ from envoy.type.v3 import http_status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .admin import start_admin
-from .config import ConfigError, ListenTLS, load_config
+from .config import Config, ConfigError, ListenTLS, load_config
 from .discovery import discover_forever
 from .errors import GatewayError
 from .flow import Action, Exchange, Lookup, error_action
@@ -266,22 +266,29 @@ async def serve(config_path: str) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
+    def install(new: Config) -> None:
+        """A new config for new exchanges; what was discovered and learned carries over."""
+        holder.gateway = Gateway(new, holder.gateway.knowledge)
+
     def reload() -> None:
         try:
             new = load_config(config_path)
             if new.state != holder.gateway.config.state:
                 log.warning("config reload: 'state' changes take effect at the next restart")
-            holder.gateway = Gateway(new, holder.gateway.knowledge)
+            install(new)
             log.info("config reloaded from %s", config_path)
         except ConfigError as e:
             log.error("config reload rejected, keeping the running config:\n%s", e)
+
+    def unavailable(e: StoreUnavailable) -> tuple[int, bytes, str]:
+        return 503, f"state store unavailable: {e}\n".encode(), "text/plain"
 
     async def ready(_query: str) -> tuple[int, bytes, str]:
         """Ready when the config is loaded and the state store answers."""
         try:
             await store.get_many(("ready-probe",))
         except StoreUnavailable as e:
-            return 503, f"state store unavailable: {e}\n".encode(), "text/plain"
+            return unavailable(e)
         return 200, b"ready\n", "text/plain"
 
     async def healthy(_query: str) -> tuple[int, bytes, str]:
@@ -295,7 +302,7 @@ async def serve(config_path: str) -> None:
         try:
             entries = await store.scan("mode:")
         except StoreUnavailable as e:
-            return 503, f"state store unavailable: {e}\n".encode(), "text/plain"
+            return unavailable(e)
         out = {k.removeprefix("mode:"): orjson.loads(v) for k, v in sorted(entries)}
         return 200, orjson.dumps(out), "application/json"
 
@@ -307,7 +314,7 @@ async def serve(config_path: str) -> None:
                 [f"mode:{m}" for m in params.get("model", ())]
             await store.write([(k, None) for k in keys])
         except StoreUnavailable as e:
-            return 503, f"state store unavailable: {e}\n".encode(), "text/plain"
+            return unavailable(e)
         holder.gateway.knowledge.forget_all()
         return 200, orjson.dumps({"forgotten": [k.removeprefix("mode:") for k in keys]}), "application/json"
 
@@ -317,6 +324,7 @@ async def serve(config_path: str) -> None:
         admin = await start_admin(admin_listen, {"GET /healthz": healthy, "GET /readyz": ready,
                                                  "GET /metrics": metrics_page, "GET /learned": learned,
                                                  "DELETE /learned": forget})
+
     def follow_dns() -> None:
         """`dns:` endpoints (a headless Service): the ring follows the addresses as they change."""
         current = holder.gateway.config
@@ -328,7 +336,7 @@ async def serve(config_path: str) -> None:
             return  # the file watcher reports problems in the file
         if [b.endpoints for b in new.backends] != [b.endpoints for b in current.backends]:
             log.info("dns endpoints changed; ring rebuilt")
-            holder.gateway = Gateway(new, holder.gateway.knowledge)
+            install(new)
 
     tasks = [asyncio.create_task(discover_forever(lambda: holder.gateway)),
              asyncio.create_task(watch_file(config_path, reload)),

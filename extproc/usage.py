@@ -76,7 +76,8 @@ def request_text_bytes(body: dict[str, Any]) -> int:
         if isinstance(value, str):
             total += len(value.encode())
         elif value is not None:
-            total += text_bytes(orjson.dumps(value)) + (len(orjson.dumps(value)) if key == "tools" else 0)
+            raw = orjson.dumps(value)
+            total += text_bytes(raw) + (len(raw) if key == "tools" else 0)
     return total
 
 

@@ -15,7 +15,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from extproc.stack import (  # noqa: E402
+from extproc.local.stack import (  # noqa: E402
     Stack,
     find_envoy,
     free_port,

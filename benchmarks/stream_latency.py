@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from common import envoy_alone_config  # noqa: E402
 
-from extproc.stack import Stack, find_envoy, free_port, wait_for_envoy, wait_for_port  # noqa: E402
+from extproc.local.stack import Stack, find_envoy, free_port, wait_for_envoy, wait_for_port  # noqa: E402
 from tests.upstreams import Reply, ResponsesServer  # noqa: E402
 
 SIDECAR_CONFIG = """

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from .config import ConfigError, load_config
+from extproc.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "learned":
         return asyncio.run(_learned(args.config, args.forget))
     if args.command == "serve":
-        from .server import serve
+        from extproc.envoy.server import serve
 
         try:
             if args.workers > 1:
@@ -67,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if args.command == "stack":
-        from .stack import run_local
+        from extproc.local.stack import run_local
 
         return run_local(args.config, port=args.port, demo_port=args.demo_port)
     if args.command == "demo-backend":
-        from .demo_backend import serve as serve_demo
+        from extproc.local.demo_backend import serve as serve_demo
 
         serve_demo(args.host, args.port)
     return 0
@@ -80,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
 async def _resolve(config_path: str, model: str) -> int:
     """The decision a request for `model` gets: config, the backend's /v1/models (read now) and what the
     state store says was learned."""
-    from .classify import CHAT, RESPONSES, Classifier
-    from .discovery import discover_once
-    from .modes import Knowledge, Learned, learned_key
-    from .routing import Gateway
-    from .store import StoreUnavailable, open_store
+    from extproc.api import CHAT, RESPONSES
+    from extproc.routing.classify import Classifier
+    from extproc.routing.discovery import discover_once
+    from extproc.routing.gateway import Gateway
+    from extproc.routing.modes import Knowledge, Learned, learned_key
+    from extproc.state.store import StoreUnavailable, open_store
 
     try:
         cfg = load_config(config_path)
@@ -117,8 +118,8 @@ async def _resolve(config_path: str, model: str) -> int:
 
 
 async def _learned(config_path: str, forget: list[str]) -> int:
-    from .modes import Learned
-    from .store import StoreUnavailable, open_store
+    from extproc.routing.modes import forget_learned, list_learned
+    from extproc.state.store import StoreUnavailable, open_store
 
     try:
         cfg = load_config(config_path)
@@ -131,15 +132,12 @@ async def _learned(config_path: str, forget: list[str]) -> int:
         return 1
     store = open_store(cfg.state)
     try:
-        entries = await store.scan("mode:")
-        drop = [k for k, _ in entries if "all" in forget or k.removeprefix("mode:") in forget]
-        if drop:
-            await store.write([(k, None) for k in drop])
-            print(f"forgot {len(drop)} learned entries (each replica's copy expires within 30 s)")
+        if forget:
+            gone = await forget_learned(store, forget, everything="all" in forget)
+            print(f"forgot {len(gone)} learned entries (each replica's copy expires within 30 s)")
             return 0
-        for key, raw in sorted(entries):
-            fact = Learned.loads(raw)
-            print(f"{key.removeprefix('mode:')}\tneeds={fact.mode or '-'}\tanswered_on={','.join(sorted(fact.ok)) or '-'}")
+        for name, fact in (await list_learned(store)).items():
+            print(f"{name}\tneeds={fact.mode or '-'}\tanswered_on={','.join(sorted(fact.ok)) or '-'}")
         return 0
     except StoreUnavailable as e:
         print(f"state store unavailable: {e}", file=sys.stderr)

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-API_MODES = ("chat", "responses", "both")
-BACKEND_APIS = (*API_MODES, "auto")  # auto: learn each model's API from /v1/models and from rejections
+from extproc.api import API_MODES, BACKEND_APIS
+
 MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

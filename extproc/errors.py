@@ -6,6 +6,8 @@ from typing import Any
 
 import orjson
 
+from extproc.api import PATHS
+
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
           415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
@@ -31,7 +33,7 @@ class GatewayError(Exception):
 
 
 def unsupported(field: str, target_api: str, why: str = "it has no equivalent") -> GatewayError:
-    api = "/v1/responses" if target_api == "responses" else "/v1/chat/completions"
+    api = PATHS[target_api]
     return GatewayError(400, f"'{field}' cannot be translated to {api} for this model: {why}",
                         param=field, code="unsupported_parameter")
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import jsonschema
 
-from extproc.sse import SSEDecoder
+from extproc.translate.sse import SSEDecoder
 
 SPEC = Path(__file__).parent / "data" / "openresponses-openapi.json"
 

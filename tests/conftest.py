@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from extproc.stack import Stack, free_port, wait_for_port
+from extproc.local.stack import Stack, free_port, wait_for_port
 
 from .upstreams import ChatServer, ResponsesServer
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from extproc.config import parse_config
-from extproc.stack import REPO, Stack, find_envoy, free_port, wait_for_envoy, wait_for_port
+from extproc.local.stack import REPO, Stack, find_envoy, free_port, wait_for_envoy, wait_for_port
 
 BIN = Path(sys.executable).parent
 COMPOSE = REPO / "docker-compose.yml"

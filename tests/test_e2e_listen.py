@@ -10,7 +10,14 @@ import openai
 import pytest
 import yaml
 
-from extproc.stack import Stack, find_envoy, free_port, render_envoy_config, wait_for_envoy, wait_for_port
+from extproc.local.stack import (
+    Stack,
+    find_envoy,
+    free_port,
+    render_envoy_config,
+    wait_for_envoy,
+    wait_for_port,
+)
 
 from .upstreams import ChatServer
 

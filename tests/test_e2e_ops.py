@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from extproc.stack import Stack, free_port, wait_for_port
+from extproc.local.stack import Stack, free_port, wait_for_port
 
 from .upstreams import ChatServer, Reply
 
@@ -67,7 +67,7 @@ class Ops:
 
     @staticmethod
     def stack_envoy() -> str:
-        from extproc.stack import find_envoy
+        from extproc.local.stack import find_envoy
         return find_envoy()
 
 
@@ -181,7 +181,7 @@ def test_upstream_that_stalls_is_cut_by_the_route_timeout(ops, tmp_path):
     """deploy/envoy.yaml gives upstreams 600 s; here the same config with 1 s shows what a client gets."""
     import yaml
 
-    from extproc.stack import render_envoy_config, wait_for_envoy
+    from extproc.local.stack import render_envoy_config, wait_for_envoy
     port, admin = free_port(), free_port()
     doc = yaml.safe_load(render_envoy_config(port, admin, ops.render["port"]))
     for route in doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][

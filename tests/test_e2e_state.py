@@ -20,7 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from extproc.stack import Stack, free_port, wait_for_port
+from extproc.local.stack import Stack, free_port, wait_for_port
 
 from .conformance import validate_response
 from .conftest import RedisServer

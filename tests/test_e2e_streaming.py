@@ -8,7 +8,7 @@ import json
 import openai
 import pytest
 
-from extproc.sse import SSEDecoder
+from extproc.translate.sse import SSEDecoder
 
 from .conformance import check_stream
 from .upstreams import Reply

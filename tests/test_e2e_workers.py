@@ -9,7 +9,7 @@ import sys
 import openai
 import yaml
 
-from extproc.stack import (
+from extproc.local.stack import (
     Stack,
     find_envoy,
     free_port,

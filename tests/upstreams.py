@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from typing import Any
 
-from extproc.demo_backend import JSONHandler
+from extproc.local.demo_backend import JSONHandler
 
 CHAT_FIELDS = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",

@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from ..errors import invalid
+from extproc.errors import invalid
 
 
 def new_id(prefix: str) -> str:

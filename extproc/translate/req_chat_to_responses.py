@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import invalid, unsupported
-from .common import expect, is_default, text_of
+from extproc.errors import invalid, unsupported
+from extproc.translate.common import expect, is_default, text_of
 
 # Same name and meaning on both APIs.
 _COPIED = ("temperature", "top_p", "parallel_tool_calls", "user", "metadata", "store",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import invalid, unsupported
-from .common import expect, is_default, text_of
-from .tools import ToolMap, custom_arguments, decode_reasoning, hosted_refusal, tool_map
+from extproc.errors import invalid, unsupported
+from extproc.translate.common import expect, is_default, text_of
+from extproc.translate.tools import ToolMap, custom_arguments, decode_reasoning, hosted_refusal, tool_map
 
 _COPIED = ("temperature", "top_p", "parallel_tool_calls", "user", "metadata", "prompt_cache_key",
            "safety_identifier", "service_tier", "presence_penalty", "frequency_penalty")

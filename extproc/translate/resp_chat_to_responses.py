@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import FINISH_TO_STATUS, new_id, now, usage_chat_to_responses
-from .tools import ToolMap, encode_reasoning, tool_map
+from extproc.translate.common import FINISH_TO_STATUS, new_id, now, usage_chat_to_responses
+from extproc.translate.tools import ToolMap, encode_reasoning, tool_map
 
 
 def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import finish_reason, now, usage_responses_to_chat
+from extproc.translate.common import finish_reason, now, usage_responses_to_chat
 
 
 def chat_id(response_id: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..sse import SSEDecoder
+from extproc.translate.sse import SSEDecoder
 
 
 class SSETranslator:

@@ -11,9 +11,8 @@ from typing import Any
 
 import orjson
 
-from ..sse import encode
-from .common import new_id, now
-from .resp_chat_to_responses import (
+from extproc.translate.common import new_id, now
+from extproc.translate.resp_chat_to_responses import (
     call_item_id,
     finish,
     message_item,
@@ -21,8 +20,9 @@ from .resp_chat_to_responses import (
     response_shell,
     wants_encrypted_reasoning,
 )
-from .stream_base import SSETranslator
-from .tools import custom_input, encode_reasoning, tool_map
+from extproc.translate.sse import encode
+from extproc.translate.stream_base import SSETranslator
+from extproc.translate.tools import custom_input, encode_reasoning, tool_map
 
 
 class _Item:

@@ -10,10 +10,10 @@ from typing import Any
 
 import orjson
 
-from ..sse import encode
-from .common import finish_reason, now, usage_responses_to_chat
-from .resp_responses_to_chat import chat_id
-from .stream_base import SSETranslator
+from extproc.translate.common import finish_reason, now, usage_responses_to_chat
+from extproc.translate.resp_responses_to_chat import chat_id
+from extproc.translate.sse import encode
+from extproc.translate.stream_base import SSETranslator
 
 DONE = b"data: [DONE]\n\n"
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from ..errors import invalid, unsupported
+from extproc.errors import invalid, unsupported
 
 NAMESPACE_SEP = "__"
 # encrypted_content the sidecar writes for a chat model's reasoning: readable back, by it only.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.classify import Classifier
 from extproc.config import ConfigError, parse_config
+from extproc.routing.classify import Classifier
 
 GOOD = """
 backends:

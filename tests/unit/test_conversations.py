@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from extproc import conversations as conv
 from extproc.errors import GatewayError
+from extproc.state import conversations as conv
 
 
 def test_input_items_are_typed_with_ids():

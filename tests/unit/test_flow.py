@@ -9,8 +9,8 @@ import pytest
 
 from extproc.config import parse_config
 from extproc.errors import GatewayError
-from extproc.flow import BUFFERED, STREAMED, Exchange
-from extproc.routing import Gateway
+from extproc.exchange.flow import BUFFERED, STREAMED, Exchange
+from extproc.routing.gateway import Gateway
 
 CFG = """
 backends:

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extproc.errors import GatewayError
-from extproc.sse import SSEDecoder, encode
 from extproc.translate import req_chat_to_responses, req_responses_to_chat, resp_chat_to_responses
+from extproc.translate.sse import SSEDecoder, encode
 from extproc.translate.stream_chat_to_responses import ChatToResponsesStream
 from tests.upstreams import CHAT_FIELDS, RESPONSES_FIELDS
 

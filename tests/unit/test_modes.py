@@ -6,12 +6,13 @@ import json
 
 import pytest
 
-from extproc.classify import Classifier
+from extproc.api import CHAT, RESPONSES
 from extproc.config import parse_config
 from extproc.errors import GatewayError
-from extproc.flow import BUFFERED, Exchange, Lookup
-from extproc.modes import CHAT, RESPONSES, Knowledge, Learned, parse_models, rejection_needs
-from extproc.routing import Gateway
+from extproc.exchange.flow import BUFFERED, Exchange, Lookup
+from extproc.routing.classify import Classifier
+from extproc.routing.gateway import Gateway
+from extproc.routing.modes import Knowledge, Learned, parse_models, rejection_needs
 
 
 def test_parse_models():

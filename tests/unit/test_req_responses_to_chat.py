@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.conversations import input_items
 from extproc.errors import GatewayError
+from extproc.state.conversations import input_items
 from extproc.translate.req_responses_to_chat import translate_request
 
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from extproc.ring import HashRing, fnv1a64
+from extproc.routing.ring import HashRing, fnv1a64
 
 NODES = [f"10.0.0.{i}:8000" for i in range(1, 6)]
 KEYS = [f"conversation-{i}" for i in range(10_000)]
@@ -50,7 +50,7 @@ def test_removing_a_node_moves_only_its_keys():
 
 
 def test_same_answers_in_another_process():
-    code = ("from extproc.ring import HashRing; r = HashRing([(f'10.0.0.{i}:8000', 1) for i in range(1, 6)]);"
+    code = ("from extproc.routing.ring import HashRing; r = HashRing([(f'10.0.0.{i}:8000', 1) for i in range(1, 6)]);"
             "print(','.join(r.lookup(f'conversation-{i}') for i in range(200)))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout

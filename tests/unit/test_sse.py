@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.sse import Event, SSEDecoder, encode
+from extproc.translate.sse import Event, SSEDecoder, encode
 
 from .recorded import CHAT_REASONING_TEXT_TOOLS, RESPONSES_FULL
 

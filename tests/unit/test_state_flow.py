@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from extproc import conversations as conv
 from extproc.config import parse_config
 from extproc.errors import GatewayError
-from extproc.flow import STREAMED, Action, Exchange, Lookup
-from extproc.routing import Gateway
+from extproc.exchange.flow import STREAMED, Action, Exchange, Lookup
+from extproc.routing.gateway import Gateway
+from extproc.state import conversations as conv
 
 CFG = """
 usage_accounting: translated  # so that pinning alone decides which phases are asked for

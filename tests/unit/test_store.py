@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from extproc.store import MemoryStore, RedisStore, SQLiteStore, StoreUnavailable
+from extproc.state.store import MemoryStore, RedisStore, SQLiteStore, StoreUnavailable
 
 
 def run(coro):
@@ -41,7 +41,7 @@ def test_memory_store_bounds_and_expires(monkeypatch):
     assert run(s.get_many(("a",))) == [b"1"]  # a is now the most recently used
     run(s.write([("c", b"3")]))
     assert run(s.get_many(("a", "b", "c"))) == [b"1", None, b"3"]
-    import extproc.store as mod
+    import extproc.state.store as mod
     now = mod.time.monotonic()
     monkeypatch.setattr(mod.time, "monotonic", lambda: now + 11)
     assert run(s.get_many(("a", "c"))) == [None, None]
@@ -66,7 +66,7 @@ def test_sqlite_survives_a_restart(tmp_path):
 
 
 def test_redis_down_is_unavailable_not_a_crash():
-    from extproc.stack import free_port
+    from extproc.local.stack import free_port
 
     async def go():
         s = RedisStore(f"redis://127.0.0.1:{free_port()}/0", ttl=60, timeout=0.3)

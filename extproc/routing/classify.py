@@ -11,12 +11,10 @@ import re
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .catalogue import CATALOGUE
-from .config import Backend, Config, ModelRule
-from .modes import BOTH, CHAT, RESPONSES, Knowledge, Learned
-
-AUTO = "auto"  # a backend's models whose API nobody has said: sent on the client's API, and watched
-MODES = (CHAT, RESPONSES, BOTH)
+from extproc.api import API_MODES, AUTO, BOTH
+from extproc.config import Backend, Config, ModelRule
+from extproc.routing.catalogue import CATALOGUE
+from extproc.routing.modes import Knowledge, Learned
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,7 @@ class Classifier:
                 mode, source = rule.mode, f"model_rules[{i}] {rule.match!r}"
             if rule.translate is not None:
                 translate = rule.translate
-        if override in MODES:
+        if override in API_MODES:
             mode, source = override, "x-gateway-model-mode header"
         return Resolution(backend=backend, mode=mode, source=source, translate=translate,
                           learning=open_api and source == f"backend {backend.name} api")

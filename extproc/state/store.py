@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from typing import Protocol
 
-from .config import State
+from extproc.config import State
 
 PREFIX = "extproc:"
 

@@ -18,8 +18,8 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from .errors import GatewayError, invalid
-from .translate.common import new_id
+from extproc.errors import GatewayError, invalid
+from extproc.translate.common import new_id
 
 # /v1/responses/{id}, /v1/responses/{id}/cancel, /v1/responses/{id}/input_items
 RESOURCE_RE = re.compile(r"^/v1/responses/([A-Za-z0-9_.:-]{1,200})(/cancel|/input_items)?$")

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from .sse import SSEDecoder
+from extproc.translate.sse import SSEDecoder
 
 BYTES_PER_TOKEN = 4
 _SCAN_LIMIT = 16 * 1024 * 1024  # a non-streamed body larger than this is estimated, not parsed

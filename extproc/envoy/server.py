@@ -22,15 +22,16 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .admin import start_admin
-from .config import Config, ConfigError, ListenTLS, load_config
-from .discovery import discover_forever
-from .errors import GatewayError
-from .flow import Action, Exchange, Lookup, error_action
-from .logs import configure_logging
-from .metrics import Metrics
-from .routing import Gateway
-from .store import Store, StoreUnavailable, open_store
+from extproc.config import Config, ConfigError, ListenTLS, load_config
+from extproc.errors import GatewayError
+from extproc.exchange.flow import Action, Exchange, Lookup, error_action
+from extproc.ops.admin import start_admin
+from extproc.ops.logs import configure_logging
+from extproc.ops.metrics import Metrics
+from extproc.routing.discovery import discover_forever
+from extproc.routing.gateway import Gateway
+from extproc.routing.modes import forget_learned, list_learned
+from extproc.state.store import Store, StoreUnavailable, open_store
 
 log = logging.getLogger("extproc")
 
@@ -300,23 +301,20 @@ async def serve(config_path: str) -> None:
     async def learned(_query: str) -> tuple[int, bytes, str]:
         """Model APIs learned at run time (shared ones too, with a shared store)."""
         try:
-            entries = await store.scan("mode:")
+            known = await list_learned(store)
         except StoreUnavailable as e:
             return unavailable(e)
-        out = {k.removeprefix("mode:"): orjson.loads(v) for k, v in sorted(entries)}
-        return 200, orjson.dumps(out), "application/json"
+        return 200, orjson.dumps({name: fact.as_dict() for name, fact in known.items()}), "application/json"
 
     async def forget(query: str) -> tuple[int, bytes, str]:
         """DELETE /learned?model=BACKEND:MODEL (repeatable), or ?all=1."""
         params = parse_qs(query)
         try:
-            keys = [k for k, _ in await store.scan("mode:")] if params.get("all") else \
-                [f"mode:{m}" for m in params.get("model", ())]
-            await store.write([(k, None) for k in keys])
+            gone = await forget_learned(store, params.get("model", []), everything=bool(params.get("all")))
         except StoreUnavailable as e:
             return unavailable(e)
         holder.gateway.knowledge.forget_all()
-        return 200, orjson.dumps({"forgotten": [k.removeprefix("mode:") for k in keys]}), "application/json"
+        return 200, orjson.dumps({"forgotten": gone}), "application/json"
 
     admin_listen = os.environ.get("EXTPROC_ADMIN_LISTEN", config.admin_listen or "")
     admin = None

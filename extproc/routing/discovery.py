@@ -12,10 +12,10 @@ import logging
 import urllib.request
 from collections.abc import Callable
 
-from .classify import AUTO, BOTH
-from .config import Backend
-from .modes import Knowledge, parse_models
-from .routing import Gateway
+from extproc.api import AUTO, BOTH
+from extproc.config import Backend
+from extproc.routing.gateway import Gateway
+from extproc.routing.modes import Knowledge, parse_models
 
 log = logging.getLogger("extproc")
 

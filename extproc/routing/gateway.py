@@ -11,10 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .classify import Classifier
-from .config import Backend, Config
-from .modes import Knowledge
-from .ring import HashRing
+from extproc.api import AUTO, BOTH, RESPONSES
+from extproc.config import Backend, Config
+from extproc.routing.classify import Classifier
+from extproc.routing.modes import Knowledge
+from extproc.routing.ring import HashRing
 
 # Headers the sidecar sets for Envoy's route table; client-sent copies are always removed.
 H_BACKEND = "x-gateway-backend"
@@ -68,7 +69,7 @@ class Gateway:
         }
         self.default_backend = config.backends[0]
         # Where a /v1/responses/{id} request with no record goes (by ring position of the id).
-        self.responses_backend = next((b for b in config.backends if b.api in ("responses", "both")), None)
+        self.responses_backend = next((b for b in config.backends if b.api in (RESPONSES, BOTH)), None)
 
     def target(self, backend: Backend, key: str) -> Target:
         ring = self.rings.get(backend.name)
@@ -86,5 +87,5 @@ class Gateway:
                 if name in seen or res is None:
                     continue
                 seen[name] = {"id": name, "object": "model", "created": 0, "owned_by": b.name,
-                              "mode": res.mode if res.mode != "auto" else "unknown", "backend": b.name}
+                              "mode": res.mode if res.mode != AUTO else "unknown", "backend": b.name}
         return list(seen.values())

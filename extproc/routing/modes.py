@@ -10,16 +10,39 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-CHAT, RESPONSES, BOTH = "chat", "responses", "both"
+from extproc.api import BOTH, CHAT, RESPONSES, other
+
 LOCAL_TTL = 30.0  # seconds a replica trusts its own copy of a store record (or of its absence)
 
 
+LEARNED_PREFIX = "mode:"  # store keys of learned facts: mode:<backend>:<model>
+
+
 def learned_key(backend: str, model: str) -> str:
-    return f"mode:{backend}:{model}"
+    return f"{LEARNED_PREFIX}{backend}:{model}"
+
+
+class LearnedStore(Protocol):
+    async def scan(self, prefix: str) -> list[tuple[str, bytes]]: ...
+    async def write(self, writes: list[tuple[str, bytes | None]], ttl: int | None = None) -> None: ...
+
+
+async def list_learned(store: LearnedStore) -> dict[str, Learned]:
+    """Every learned fact in the store, by `backend:model` (the admin port and `extproc learned`)."""
+    return {k.removeprefix(LEARNED_PREFIX): Learned.loads(v) for k, v in sorted(await store.scan(LEARNED_PREFIX))}
+
+
+async def forget_learned(store: LearnedStore, names: list[str], everything: bool = False) -> list[str]:
+    """Drop the named `backend:model` facts (or all of them); returns the names that were there."""
+    known = await list_learned(store)
+    gone = sorted(known) if everything else [n for n in dict.fromkeys(names) if n in known]
+    if gone:
+        await store.write([(LEARNED_PREFIX + n, None) for n in gone])
+    return gone
 
 
 # -- discovery ------------------------------------------------------------------------------------
@@ -79,7 +102,7 @@ def rejection_needs(status: int, body: bytes, tried: str) -> str | None:
         if pattern.search(text) and needs != tried:
             return needs
     if status in (404, 405) and not _MODEL_MISSING.search(text):
-        return RESPONSES if tried == CHAT else CHAT
+        return other(tried)
     return None
 
 
@@ -91,7 +114,10 @@ class Learned:
     ok: set[str] = field(default_factory=set)  # APIs the model has answered on
 
     def dumps(self) -> bytes:
-        return orjson.dumps({"mode": self.mode, "ok": sorted(self.ok)})
+        return orjson.dumps(self.as_dict())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "ok": sorted(self.ok)}
 
     @staticmethod
     def loads(raw: bytes | None) -> Learned:

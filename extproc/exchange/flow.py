@@ -16,7 +16,6 @@ Stored state (pins, sidecar-held turns, learned modes) is reached the h11 way: a
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import zlib
@@ -26,28 +25,28 @@ from typing import Any, Protocol
 
 import orjson
 
-from . import conversations as conv
-from .classify import AUTO, BOTH, CHAT, RESPONSES, Resolution
-from .config import Backend
-from .errors import GatewayError, invalid, upstream_error_payload
-from .modes import LOCAL_TTL, Learned, learned_key, rejection_needs
-from .routing import ROUTING_HEADERS, Gateway, Target, placement_key
-from .translate import (
+from extproc.api import API_OF_PATH, AUTO, BOTH, CHAT, PATHS, RESPONSES
+from extproc.config import Backend
+from extproc.errors import GatewayError, invalid, upstream_error_payload
+from extproc.exchange.body import check_json_request, is_json, parse_body
+from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
+from extproc.routing.classify import Resolution
+from extproc.routing.gateway import ROUTING_HEADERS, Gateway, Target, placement_key
+from extproc.routing.modes import LOCAL_TTL, Learned, learned_key, rejection_needs
+from extproc.state import conversations as conv
+from extproc.translate import (
     req_chat_to_responses,
     req_responses_to_chat,
     resp_chat_to_responses,
     resp_responses_to_chat,
 )
-from .translate.common import new_id
-from .translate.stream_chat_to_responses import ChatToResponsesStream
-from .translate.stream_responses_to_chat import ResponsesToChatStream
-from .translate.tools import tool_map
-from .usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
+from extproc.translate.common import new_id
+from extproc.translate.stream_chat_to_responses import ChatToResponsesStream
+from extproc.translate.stream_responses_to_chat import ResponsesToChatStream
+from extproc.translate.tools import tool_map
 
 log = logging.getLogger("extproc")
 
-API_PATHS = {"/v1/chat/completions": CHAT, "/v1/responses": RESPONSES}
-UPSTREAM_PATHS = {CHAT: "/v1/chat/completions", RESPONSES: "/v1/responses"}
 BUFFERED, STREAMED = "BUFFERED", "STREAMED"
 MODE_HEADER = "x-gateway-model-mode"  # per-request mode override, when discovery.allow_mode_header
 _ID_RE = re.compile(rb'"id"\s*:\s*"([^"\\]{1,200})"')
@@ -87,27 +86,6 @@ class Lookup:
 
     keys: tuple[str, ...]
     then: Callable[[list[bytes | None] | None], Action | Lookup]
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """The request's JSON object, parsed once. Duplicate top-level keys are refused: the sidecar and the
-    upstream could each take a different one (route by one `model`, run the other)."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise GatewayError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise GatewayError(400, "request body must be a JSON object", code="invalid_json")
-    if raw.count(b'"model"') > 1:  # cheap test first; the slow check only when a key may repeat
-        def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-            keys = [k for k, _ in pairs]
-            if len(set(keys)) != len(keys):
-                dup = next(k for k in keys if keys.count(k) > 1)
-                raise GatewayError(400, f"request body has the key {dup!r} more than once", param=dup,
-                                   code="duplicate_key")
-            return dict(pairs)
-        json.loads(raw, object_pairs_hook=refuse_duplicates)
-    return body
 
 
 def error_action(err: GatewayError) -> Action:
@@ -167,7 +145,7 @@ class Exchange:
         self.headers = headers
         self.method = headers.get(":method", "")
         self.path = headers.get(":path", "")
-        self.client_api = API_PATHS.get(self.path.partition("?")[0])
+        self.client_api = API_OF_PATH.get(self.path.partition("?")[0])
         resource = conv.RESOURCE_RE.match(self.path.partition("?")[0])
         if resource is not None:
             return self._resource_lookup(resource.group(1), resource.group(2) or "")
@@ -191,14 +169,9 @@ class Exchange:
             raise GatewayError(413, f"request body of {len(raw)} bytes exceeds the gateway limit of {limit} bytes",
                                code="request_too_large")
         ctype = self.headers.get("content-type", "")
-        if self.client_api is None and "json" not in ctype:
+        if self.client_api is None and not is_json(ctype):
             return self._route(Target(self.gw.default_backend, self._default_endpoint()), body=None)
-        if "json" not in ctype:
-            raise GatewayError(415, f"content-type must be application/json, got {ctype or 'none'!r}",
-                               code="unsupported_media_type")
-        if self.headers.get("content-encoding", "identity") != "identity":
-            raise GatewayError(415, "compressed request bodies are not supported; send the JSON uncompressed",
-                               code="unsupported_content_encoding")
+        check_json_request(self.headers)
         body = parse_body(raw)
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -234,7 +207,7 @@ class Exchange:
             return self._route(target, body=None)
         self.upstream_api = res.upstream_api(self.client_api)
         if self.upstream_api is None:
-            path = UPSTREAM_PATHS[res.mode]
+            path = PATHS[res.mode]
             raise GatewayError(400, f"The model '{model}' is only available on {path}, and translation is turned "
                                     f"off for it: call {path} instead", param="model", code="unsupported_api")
         stream = body.get("stream", False)
@@ -378,7 +351,7 @@ class Exchange:
         self.target = target
         path = self.path
         if self.translated:
-            path = UPSTREAM_PATHS[self.upstream_api] + ("?" + self.path.partition("?")[2] if "?" in self.path else "")
+            path = PATHS[self.upstream_api] + ("?" + self.path.partition("?")[2] if "?" in self.path else "")
         headers = target.headers()
         if target.backend.path_prefix:
             path = target.backend.path_prefix + path
@@ -486,7 +459,7 @@ class Exchange:
         log.info("model=%s backend=%s: learned that it needs the %s API", self.model,
                  self.target.backend.name if self.target else "?", needs)
         writes = self._learn(needs=needs)
-        path = UPSTREAM_PATHS[needs]
+        path = PATHS[needs]
         retry = "retry the request: it will be translated" if self.target and self.target.backend.translate else \
             f"call {path} instead"
         body = GatewayError(self.status, f"The model '{self.model}' is only available on {path} at this backend; "

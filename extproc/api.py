@@ -1,0 +1,17 @@
+"""The two API families and their paths: one definition for every module."""
+
+from __future__ import annotations
+
+CHAT, RESPONSES = "chat", "responses"
+BOTH = "both"  # a model that answers on either API
+AUTO = "auto"  # a backend's models whose API nobody has said: sent on the client's API, and watched
+API_MODES = (CHAT, RESPONSES, BOTH)  # what a model can be declared or resolved to
+BACKEND_APIS = (*API_MODES, AUTO)
+
+PATHS = {CHAT: "/v1/chat/completions", RESPONSES: "/v1/responses"}
+API_OF_PATH = {path: api for api, path in PATHS.items()}
+
+
+def other(api: str) -> str:
+    """The other API family."""
+    return RESPONSES if api == CHAT else CHAT

@@ -1,0 +1,1 @@
+"""The Envoy-facing shell: the ext_proc gRPC servicer and the process around it."""

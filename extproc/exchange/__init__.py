@@ -1,0 +1,1 @@
+"""One HTTP exchange through the sidecar, sans-IO: request plan, response handlers."""

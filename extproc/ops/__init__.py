@@ -1,0 +1,1 @@
+"""Operations: metrics, usage accounting, logs, the admin listener."""

@@ -1,0 +1,1 @@
+"""Where a request goes: model classification, learned and discovered model APIs, the ring."""

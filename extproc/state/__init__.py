@@ -1,0 +1,1 @@
+"""Responses state: pins, sidecar-held conversations, and the stores they live in."""

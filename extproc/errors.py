@@ -43,6 +43,15 @@ class BadUpstream(GatewayError):
         self.field = field
 
 
+def empty_answer(status: int) -> GatewayError:
+    """A translated request's answer with no body at all: a success is the upstream's fault (502), an
+    error keeps its status, in the OpenAI shape."""
+    if status < 300:
+        return BadUpstream("body", "is empty")
+    payload = upstream_error_payload(status, b"")
+    return GatewayError(status, payload["message"], type=payload["type"])
+
+
 def unsupported(field: str, target_api: str, why: str = "it has no equivalent") -> GatewayError:
     api = PATHS[target_api]
     return GatewayError(400, f"'{field}' cannot be translated to {api} for this model: {why}",

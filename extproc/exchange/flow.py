@@ -27,8 +27,9 @@ import orjson
 
 from extproc.api import API_OF_PATH, AUTO, BOTH, CHAT, PATHS, RESPONSES
 from extproc.config import Backend
-from extproc.errors import GatewayError, invalid, upstream_error_payload
+from extproc.errors import GatewayError, empty_answer, invalid, upstream_error_payload
 from extproc.exchange.body import check_json_request, is_json, parse_body
+from extproc.exchange.paths import check_request_line
 from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
 from extproc.routing.classify import Resolution
 from extproc.routing.gateway import ROUTING_HEADERS, Gateway, Target, placement_key
@@ -89,7 +90,7 @@ class Lookup:
 
 
 def error_action(err: GatewayError) -> Action:
-    return Action(immediate=(err.status, err.body(), "application/json"), done=True)
+    return Action(immediate=(err.status, err.body(), "application/json"), set_headers=list(err.headers), done=True)
 
 
 def new_body(body: bytes, **kw: Any) -> Action:
@@ -145,6 +146,7 @@ class Exchange:
         self.headers = headers
         self.method = headers.get(":method", "")
         self.path = headers.get(":path", "")
+        check_request_line(self.method, self.path, has_body=not end_of_stream)
         self.client_api = API_OF_PATH.get(self.path.partition("?")[0])
         resource = conv.RESOURCE_RE.match(self.path.partition("?")[0])
         if resource is not None:
@@ -313,10 +315,6 @@ class Exchange:
         return Target(backend, pin.endpoint)
 
     def _resource_lookup(self, response_id: str, suffix: str) -> Action | Lookup:
-        allowed = {"": ("GET", "DELETE"), "/cancel": ("POST",), "/input_items": ("GET",)}[suffix]
-        if self.method not in allowed:
-            raise GatewayError(405, f"{self.method} is not supported on /v1/responses/{{id}}{suffix}",
-                               code="method_not_allowed")
         self.pinned_id = response_id
         return Lookup((conv.turn_key(response_id), conv.pin_key(response_id)),
                       lambda values: self._resource(response_id, suffix, values))
@@ -366,13 +364,15 @@ class Exchange:
 
     # -- response -------------------------------------------------------------------------------
 
-    def response_headers(self, headers: dict[str, str]) -> Action:
+    def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Action:
         try:
             self.status = int(headers.get(":status", "0"))
         except ValueError:
             self.status = 502
         if not self.translated:
             return self._untranslated_headers(headers)
+        if end_of_stream:
+            raise empty_answer(self.status)
         remove: tuple[str, ...] = ("content-length",)
         encoding = headers.get("content-encoding", "identity").lower()
         if encoding in ("gzip", "deflate"):

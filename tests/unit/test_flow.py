@@ -9,7 +9,7 @@ import pytest
 
 from extproc.config import parse_config
 from extproc.errors import GatewayError
-from extproc.exchange.flow import BUFFERED, STREAMED, Exchange
+from extproc.exchange import BUFFERED, STREAMED, Exchange
 from extproc.routing.gateway import Gateway
 
 CFG = """

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from extproc.api import API_OF_PATH
 from extproc.errors import GatewayError
-from extproc.state.conversations import RESOURCE_RE
+from extproc.state.records import RESOURCE_RE
 
 _RESOURCE_METHODS = {"": ("GET", "DELETE"), "/cancel": ("POST",), "/input_items": ("GET",)}
 _FIXED = {**{path: ("POST",) for path in API_OF_PATH}, "/v1/models": ("GET",)}

@@ -122,7 +122,8 @@ def message_text(message: dict[str, Any], where: str) -> str:
     return "".join(read(part, "text", str, path) or "" for path, part in objects(message, "content", where))
 
 
-def translate_response(chat: dict[str, Any], request: dict[str, Any], response_id: str | None = None) -> dict[str, Any]:
+def translate_response(chat: dict[str, Any], request: dict[str, Any], response_id: str | None = None,
+                       tools: ToolMap | None = None) -> dict[str, Any]:
     """The Response for a chat.completion; BadUpstream when the answer lacks what it needs."""
     resp = response_shell(request, response_id or new_id("resp_"), count(chat, "created") or now())
     if model := read(chat, "model", str):
@@ -144,7 +145,7 @@ def translate_response(chat: dict[str, Any], request: dict[str, Any], response_i
     refusal = read(message, "refusal", str, where)
     if content or refusal:
         output.append(message_item(new_id("msg_"), content, item_status, refusal))
-    tools = tool_map(request.get("tools"))
+    tools = tools or tool_map(request.get("tools"))
     for path, call in objects(message, "tool_calls", where):
         fn = need(call, "function", dict, path)
         name = need(fn, "name", str, f"{path}.function")

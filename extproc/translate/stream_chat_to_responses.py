@@ -37,13 +37,14 @@ from extproc.translate.tools import ToolMap, custom_input, encode_reasoning, too
 
 
 class _Item:
-    __slots__ = ("data", "index", "kind", "parts")
+    __slots__ = ("data", "done_parts", "index", "kind", "parts")
 
     def __init__(self, index: int, kind: str, data: dict[str, Any]):
         self.index = index
         self.kind = kind
         self.data = data  # the item as it will appear in the final Response
         self.parts: list[list[str]] = []  # message parts: [type, text]
+        self.done_parts = 0  # parts whose `.done` events were sent (parts end in order)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +210,7 @@ class ChatToResponsesStream(SSETranslator):
     def _text_delta(self, part_type: str, text: str) -> None:
         self._close_reasoning()
         if self.message is None:
-            self.message = self._new_item("message", message_item(new_id("msg_"), "", "completed"))
+            self.message = self._new_item("message", {**message_item(new_id("msg_"), "", "completed"), "content": []})
         msg = self.message
         if not msg.parts or msg.parts[-1][0] != part_type:
             if msg.parts:
@@ -239,13 +240,13 @@ class ChatToResponsesStream(SSETranslator):
             self._emit("response.refusal.done", **base, refusal=text)
         self._emit("response.content_part.done", **base, part=part)
         msg.data["content"].append(part)
+        msg.done_parts += 1
 
     def _close_message(self, status: str) -> None:
         msg = self.message
         if msg is None or msg.index in self.closed:
             return
-        msg.data["content"] = []
-        for i in range(len(msg.parts)):
+        for i in range(msg.done_parts, len(msg.parts)):
             self._close_part(msg, i)
         msg.data["status"] = status
         self._emit("response.output_item.done", output_index=msg.index, item=msg.data)

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -74,7 +75,25 @@ def render_envoy_config(listen_port: int, admin_port: int, extproc_port: int, sr
         if cluster["name"] == "extproc":
             ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
             ep["address"]["socket_address"]["port_value"] = extproc_port
+        _use_local_trust_store(cluster)
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _use_local_trust_store(cluster: dict) -> None:
+    """A provider cluster's CA bundle is Debian's path (the Envoy image's); on a host without that file
+    (macOS, Fedora) the local stack uses the bundle Python's ssl uses here instead, still verifying."""
+    tls = cluster.get("transport_socket", {}).get("typed_config", {}).get("common_tls_context", {})
+    ca = tls.get("validation_context", {}).get("trusted_ca", {})
+    if "filename" in ca and not os.path.exists(ca["filename"]):
+        paths = ssl.get_default_verify_paths()
+        found = next((p for p in (paths.cafile, paths.openssl_cafile) if p and os.path.exists(p)), None)
+        if found is None:
+            with contextlib.suppress(ImportError):
+                import certifi
+
+                found = certifi.where()
+        if found is not None:
+            ca["filename"] = found
 
 
 def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:

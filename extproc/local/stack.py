@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,14 +140,21 @@ class Stack:
     def start_sidecar(self, config_path: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         return self.spawn("sidecar", [sys.executable, "-m", "extproc", "serve", "--config", str(config_path)], env)
 
-    def start_envoy(self, listen_port: int, admin_port: int, extproc_port: int,
-                    listen_address: str | None = None) -> subprocess.Popen:
+    def start_envoy(self, listen_port: int, admin_port: int, extproc_port: int, listen_address: str | None = None,
+                    patch: Callable[[dict], None] | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Envoy on deploy/envoy.yaml with its ports replaced; `patch` may change more of the parsed config
+        (tests point a provider cluster at a local server), `args` add command-line options."""
+        text = render_envoy_config(listen_port, admin_port, extproc_port, listen_address=listen_address)
+        if patch is not None:
+            doc = yaml.safe_load(text)
+            patch(doc)
+            text = yaml.safe_dump(doc, sort_keys=False)
         cfg = self.workdir / f"envoy-{listen_port}.yaml"
-        cfg.write_text(render_envoy_config(listen_port, admin_port, extproc_port, listen_address=listen_address))
+        cfg.write_text(text)
         proc = self.spawn(f"envoy-{listen_port}", [
             find_envoy(), "-c", str(cfg), "--log-level", "warn", "--base-id", str(listen_port),
             "--concurrency", "2", "--disable-hot-restart",
-            "--file-flush-interval-msec", "200"])  # access log lines show at once when run locally
+            "--file-flush-interval-msec", "200", *args])  # access log lines show at once when run locally
         wait_for_envoy(admin_port)
         return proc
 

@@ -29,7 +29,7 @@ from extproc.state.store import StoreUnavailable, open_store
 
 from .conftest import RedisServer
 from .pki import CA
-from .upstreams import ChatServer
+from .upstreams import ChatServer, Reply
 
 PROVIDER = "api.openai.com"  # the name deploy/envoy.yaml's openai cluster verifies
 PROVIDER_KEY = "sk-provider-secret"
@@ -170,6 +170,19 @@ def test_client_headers_cannot_steer_a_backend_key_elsewhere(site):
         assert trap.requests == [] and not trap.conns
     finally:
         trap.close()
+
+
+def test_client_envoy_control_headers_are_ignored(site):
+    """Clients are external to Envoy: their x-envoy-* retry and timeout headers are dropped, so they cannot
+    multiply upstream calls (each carrying the backend's key) or change the route's timeout."""
+    site.local.reset()
+    site.local.script.extend([Reply(error=(503, {"error": {"message": "busy", "type": "server_error"}}))] * 3)
+    headers = {"x-envoy-retry-on": "5xx", "x-envoy-max-retries": "2", "x-envoy-upstream-rq-timeout-ms": "1"}
+    with pytest.raises(openai.APIStatusError) as e:
+        ask(site.client(), "local-1", extra_headers=headers)
+    assert e.value.status_code == 503 and e.value.body["message"] == "busy"  # the upstream's answer, not a timeout
+    assert len(site.local.requests) == 1
+    site.local.reset()
 
 
 FORGED = ('gpt-forge\n{"start_time":"2026-01-01T00:00:00.000Z","method":"POST","path":"/v1/admin","status":200,'

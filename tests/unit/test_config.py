@@ -113,3 +113,23 @@ backends:
 """, env={})
     (b,) = cfg.backends
     assert b.dns_names == ("localhost:8000",) and "127.0.0.1:8000" in [e.address for e in b.endpoints]
+
+
+def test_redis_password_comes_from_the_environment_only(tmp_path):
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not parsed at load")
+    state = f"state: {{store: redis, redis_url: 'rediss://gw@r:6380/0', redis_password_env: RPW, redis_ca_file: '{ca}'}}\n"
+    cfg = parse_config(GOOD + state, env={"KEY": "k", "RPW": "hunter2"})
+    assert (cfg.state.redis_password, cfg.state.redis_ca_file) == ("hunter2", str(ca))
+    assert "hunter2" not in repr(cfg)
+    bad = {
+        "state: {store: redis, redis_url: 'redis://:hunter2@r:6379/0'}": "state.redis_url: holds a password",
+        "state: {store: redis, redis_url: 'redis://r', redis_password_env: RPW}": "environment variable RPW is not set",
+        "state: {store: redis, redis_url: 'redis://r', redis_password_env: 'not a name'}": "environment variable name",
+        f"state: {{store: redis, redis_url: 'redis://r', redis_ca_file: '{ca}'}}": "only used with a rediss://",
+        "state: {store: redis, redis_url: 'rediss://r', redis_ca_file: /nonexistent.crt}": "no such file",
+    }
+    for text, problem in bad.items():
+        with pytest.raises(ConfigError) as e:
+            parse_config(GOOD + text + "\n", env={"KEY": "k"})
+        assert problem in str(e.value) and "hunter2" not in str(e.value), text

@@ -320,8 +320,10 @@ def test_redis_password_and_tls_through_envoy(site, redis_tls):
     """The sidecar keeps a chat backend's conversation in Redis over TLS with the password; a sidecar with
     the wrong password answers first turns and gives a clean 503 state_unavailable for continuations."""
     state = redis_state(redis_tls.server.url, redis_tls.ca.path)
-    right = start_sidecar(site.stack, site.tmp, site.local, state, {"GW_REDIS_PASSWORD": REDIS_PASSWORD}, "redis-right")
-    wrong = start_sidecar(site.stack, site.tmp, site.local, state, {"GW_REDIS_PASSWORD": "nope"}, "redis-wrong")
+    tenant = {"EXTPROC_TENANT_SECRET": "t" * 32}  # else a sidecar waits at start to read it from the store
+    right = start_sidecar(site.stack, site.tmp, site.local, state, {**tenant, "GW_REDIS_PASSWORD": REDIS_PASSWORD},
+                          "redis-right")
+    wrong = start_sidecar(site.stack, site.tmp, site.local, state, {**tenant, "GW_REDIS_PASSWORD": "nope"}, "redis-wrong")
     good = openai.OpenAI(base_url=start_envoy(site.stack, right) + "/v1", api_key="k", max_retries=0, timeout=30)
     bad = openai.OpenAI(base_url=start_envoy(site.stack, wrong) + "/v1", api_key="k", max_retries=0, timeout=30)
     first = good.responses.create(model="local-1", input="remember seven")

@@ -254,3 +254,22 @@ def test_readme_stack_command_runs_and_stops_cleanly():
     for p in (port, demo):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", p)) != 0, f"something still listens on {p} after SIGTERM"
+
+
+def test_local_stack_keeps_provider_tls_verified_on_any_host(tmp_path):
+    """deploy/envoy.yaml names Debian's CA bundle; on a host without it the local stack uses this host's
+    bundle instead, and never drops the verification."""
+    from extproc.local.stack import ENVOY_YAML, render_envoy_config
+
+    def tls(text: str) -> dict:
+        cluster = next(c for c in yaml.safe_load(text)["static_resources"]["clusters"] if c["name"] == "openai")
+        return cluster["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]
+
+    repo = tls(ENVOY_YAML.read_text())
+    assert repo["trusted_ca"] == {"filename": "/etc/ssl/certs/ca-certificates.crt"}
+    assert repo["match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": "api.openai.com"}}]
+    elsewhere = tmp_path / "envoy.yaml"
+    elsewhere.write_text(ENVOY_YAML.read_text().replace("/etc/ssl/certs/ca-certificates.crt", "/nonexistent/ca.pem"))
+    local = tls(render_envoy_config(1, 2, 3, src=elsewhere))
+    assert Path(local["trusted_ca"]["filename"]).is_file()
+    assert local["match_typed_subject_alt_names"] == repo["match_typed_subject_alt_names"]

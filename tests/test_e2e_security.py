@@ -14,7 +14,6 @@ import http.client
 import json
 import signal
 import ssl
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -98,8 +97,7 @@ def start_sidecar(stack: Stack, tmp: Path, local: ChatServer, state: str = "", e
     port = free_port()
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(SIDECAR.format(extproc=port, admin=free_port(), local=local.address, state=state))
-    proc = stack.spawn(name, [sys.executable, "-m", "extproc", "serve", "--config", str(cfg)],
-                       {"PROVIDER_KEY": PROVIDER_KEY, "LOCAL_KEY": LOCAL_KEY, **(env or {})})
+    proc = stack.start_sidecar(cfg, {"PROVIDER_KEY": PROVIDER_KEY, "LOCAL_KEY": LOCAL_KEY, **(env or {})}, name)
     wait_for_port(port, proc=proc)
     return port
 

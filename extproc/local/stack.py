@@ -137,8 +137,9 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def start_sidecar(self, config_path: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-        return self.spawn("sidecar", [sys.executable, "-m", "extproc", "serve", "--config", str(config_path)], env)
+    def start_sidecar(self, config_path: str | Path, env: dict[str, str] | None = None,
+                      name: str = "sidecar") -> subprocess.Popen:
+        return self.spawn(name, [sys.executable, "-m", "extproc", "serve", "--config", str(config_path)], env)
 
     def start_envoy(self, listen_port: int, admin_port: int, extproc_port: int, listen_address: str | None = None,
                     patch: Callable[[dict], None] | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen:

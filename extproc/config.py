@@ -12,7 +12,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -384,6 +384,9 @@ class _Validator:
             elif urlsplit(url).password is not None:
                 self.problem(m["redis_url"], "state.redis_url", "holds a password: name the environment variable "
                                                                 "that holds it in state.redis_password_env instead")
+            elif any(k.startswith("ssl_") for k in parse_qs(urlsplit(url).query)):
+                self.problem(m["redis_url"], "state.redis_url", "TLS options in the URL (they could turn certificate "
+                                                                "checks off): rediss:// verifies, redis_ca_file adds a CA")
             ca = kw.get("redis_ca_file")
             if ca is not None and not (url or "").startswith("rediss://"):
                 self.problem(m["redis_ca_file"], "state.redis_ca_file", "only used with a rediss:// (TLS) redis_url")

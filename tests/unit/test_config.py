@@ -147,6 +147,7 @@ def test_redis_password_comes_from_the_environment_only(tmp_path):
         "state: {store: redis, redis_url: 'redis://r', redis_password_env: 'not a name'}": "environment variable name",
         f"state: {{store: redis, redis_url: 'redis://r', redis_ca_file: '{ca}'}}": "only used with a rediss://",
         "state: {store: redis, redis_url: 'rediss://r', redis_ca_file: /nonexistent.crt}": "no such file",
+        "state: {store: redis, redis_url: 'rediss://r/0?ssl_cert_reqs=none'}": "TLS options in the URL",
     }
     for text, problem in bad.items():
         with pytest.raises(ConfigError) as e:

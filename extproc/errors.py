@@ -88,5 +88,5 @@ def upstream_error_payload(status: int, body: bytes) -> dict[str, Any]:
         "type": err.get("type") if isinstance(err.get("type"), str) else
         _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
         "param": err.get("param") if isinstance(err.get("param"), str) else None,
-        "code": code if isinstance(code, str) else (str(code) if code is not None else None),
+        "code": code if isinstance(code, str) else str(code) if isinstance(code, (int, float)) else None,
     }

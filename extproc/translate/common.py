@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from extproc.errors import BadUpstream, invalid
@@ -93,7 +94,8 @@ def count(doc: dict[str, Any], key: str, where: str = "") -> int:
         return 0
     if isinstance(value, bool) or not isinstance(value, NUMBER) or not 0 <= value < _MAX_COUNT \
             or value != int(value):
-        raise BadUpstream(at(where, key), f"is {json_type(value)} {str(value)[:40]}, expected a non-negative integer")
+        shown = f" ({str(value)[:40]!r})" if isinstance(value, (str, int, float)) else ""  # never a deep repr
+        raise BadUpstream(at(where, key), f"is {json_type(value)}{shown}, expected a non-negative integer")
     return int(value)
 
 
@@ -126,31 +128,37 @@ def text_of(parts: Any, field: str, kinds: tuple[str, ...]) -> str:
     return "".join(out)
 
 
-def _usage(doc: dict[str, Any], where: str, names: tuple[str, str, str, str, str, str, str]) -> tuple[int, ...]:
-    """(input, output, total, cached, reasoning) of a usage object named as `names` says:
-    (usage key, input, output, input details, cached, output details, reasoning)."""
-    key, inp, out, in_details, cached, out_details, reasoning = names
-    u = read(doc, key, dict, where)
+@dataclass(frozen=True, slots=True)
+class _UsageKeys:
+    """How one API names the counts of a usage object."""
+
+    input: str
+    output: str
+    input_details: str
+    output_details: str
+
+
+_CHAT_USAGE = _UsageKeys("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
+_RESPONSES_USAGE = _UsageKeys("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
+
+
+def _usage(doc: dict[str, Any], where: str, keys: _UsageKeys) -> tuple[int, int, int, int, int] | None:
+    """(input, output, total, cached, reasoning) of the `usage` object of an upstream answer, checked."""
+    u = read(doc, "usage", dict, where)
     if u is None:
-        return ()
-    where = at(where, key)
-    i, o = count(u, inp, where), count(u, out, where)
-    idt = read(u, in_details, dict, where) or {}
-    odt = read(u, out_details, dict, where) or {}
-    return (i, o, count(u, "total_tokens", where) or i + o, count(idt, cached, at(where, in_details)),
-            count(odt, reasoning, at(where, out_details)))
-
-
-_CHAT_USAGE = ("usage", "prompt_tokens", "completion_tokens", "prompt_tokens_details", "cached_tokens",
-               "completion_tokens_details", "reasoning_tokens")
-_RESPONSES_USAGE = ("usage", "input_tokens", "output_tokens", "input_tokens_details", "cached_tokens",
-                    "output_tokens_details", "reasoning_tokens")
+        return None
+    where = at(where, "usage")
+    i, o = count(u, keys.input, where), count(u, keys.output, where)
+    idt = read(u, keys.input_details, dict, where) or {}
+    odt = read(u, keys.output_details, dict, where) or {}
+    return (i, o, count(u, "total_tokens", where) or i + o, count(idt, "cached_tokens", at(where, keys.input_details)),
+            count(odt, "reasoning_tokens", at(where, keys.output_details)))
 
 
 def usage_chat_to_responses(doc: dict[str, Any], where: str = "") -> dict[str, Any] | None:
     """The Responses usage object for the chat `usage` of an upstream answer (or chunk)."""
     found = _usage(doc, where, _CHAT_USAGE)
-    if not found:
+    if found is None:
         return None
     inp, out, total, cached, reasoning = found
     return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": out,
@@ -160,7 +168,7 @@ def usage_chat_to_responses(doc: dict[str, Any], where: str = "") -> dict[str, A
 def usage_responses_to_chat(doc: dict[str, Any], where: str = "") -> dict[str, Any] | None:
     """The chat usage object for the Responses `usage` of an upstream Response."""
     found = _usage(doc, where, _RESPONSES_USAGE)
-    if not found:
+    if found is None:
         return None
     inp, out, total, cached, reasoning = found
     return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": total,

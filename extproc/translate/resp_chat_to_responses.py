@@ -131,10 +131,10 @@ def translate_response(chat: dict[str, Any], request: dict[str, Any], response_i
     choices = list(objects(chat, "choices"))
     if not choices:
         raise BadUpstream("choices", "is missing or empty")
-    where, choice = choices[0]
-    message = need(choice, "message", dict, where)
-    where = f"{where}.message"
-    reason = read(choice, "finish_reason", str, choices[0][0])
+    at_choice, choice = choices[0]
+    message = need(choice, "message", dict, at_choice)
+    where = f"{at_choice}.message"
+    reason = read(choice, "finish_reason", str, at_choice)
     item_status = "incomplete" if reason in ("length", "content_filter") else "completed"
     output = resp["output"]
     if (thought := chat_reasoning(message, where)) is not None:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from extproc.config import parse_config
-from extproc.errors import GatewayError
+from extproc.errors import GatewayError, upstream_error_payload
 from extproc.exchange import Exchange, error_action
 from extproc.exchange.body import is_json
 from extproc.exchange.paths import allowed_methods, check_request_line
@@ -70,3 +70,10 @@ def test_a_translated_answer_without_a_body_is_an_error_in_the_clients_shape(sta
         ex.response_headers({":status": status, "content-type": "application/json"}, end_of_stream=True)
     assert e.value.status == expected
     assert e.value.code == ("bad_upstream_response" if expected == 502 else None)
+
+
+def test_an_upstream_error_body_of_any_depth_keeps_only_its_strings():
+    deep = b"[" * 1000 + b"]" * 1000  # orjson reads it; Python's repr of it would recurse too deep
+    body = b'{"error": {"message": "no", "type": ' + deep + b', "code": ' + deep + b"}}"
+    assert upstream_error_payload(400, body) == {"message": "no", "type": "invalid_request_error", "param": None,
+                                                 "code": None}

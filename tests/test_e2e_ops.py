@@ -175,6 +175,25 @@ def test_genai_metrics_after_known_traffic(ops):
     assert ops.metric(tpot + "_sum", **g) >= 19 * delay / 6
 
 
+def test_every_dashboard_query_names_an_exported_metric(ops):
+    """deploy/grafana's dashboard against a real scrape after the traffic above: each name a panel
+    queries is a series the sidecar exports, each gen_ai_* label one it sets."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from .test_monitoring import dashboard_queries, metric_like_names
+
+    exported, labels = set(), set()
+    for fam in text_string_to_metric_families(ops.get("/metrics")[1]):
+        exported |= {fam.name + "_total"} if fam.type == "counter" else {fam.name + s for s in ("_bucket", "_sum", "_count")}
+        for sample in fam.samples:
+            exported.add(sample.name)
+            labels |= set(sample.labels)
+    for title, expr in dashboard_queries():
+        names = metric_like_names(expr)
+        assert names - labels, f"panel {title!r} queries no sidecar metric: {expr}"
+        assert names <= exported | labels, f"panel {title!r}: {sorted(names - exported - labels)} not exported"
+
+
 def test_metrics_stay_bounded_whatever_models_clients_name(ops):
     """1,000 random model names, served or not, add no series: models are labelled by the pattern they
     matched, or `unknown`."""

@@ -19,10 +19,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
 
 from extproc.config import parse_config  # noqa: E402
 from extproc.envoy.server import _headers, to_proto  # noqa: E402
-from extproc.exchange.flow import Exchange  # noqa: E402
+from extproc.exchange import Exchange  # noqa: E402
 from extproc.ops.metrics import Metrics  # noqa: E402
 from extproc.ops.record import record  # noqa: E402
-from extproc.ops.usage import Usage  # noqa: E402
 from extproc.routing.gateway import Gateway  # noqa: E402
 from extproc.routing.ring import HashRing  # noqa: E402
 from extproc.translate import req_chat_to_responses, req_responses_to_chat  # noqa: E402
@@ -72,11 +71,18 @@ def sse_events(n: int) -> None:
 
 
 def finished_stream() -> Exchange:
-    """A translated stream as it stands when its last chunk went out: what the metrics read."""
+    """A translated stream (Responses client, chat backend) fed to its end: what the metrics read."""
     ex = Exchange(GW)
     ex.request_headers({":method": "POST", ":path": "/v1/responses", "content-type": "application/json"}, False)
     ex.request_body(json.dumps({"model": "llama-3", "input": "hi", "stream": True}).encode())
-    ex.status, ex.usage, ex.chunks = 200, Usage(11, 7, 3, 2), 20
+    ex.response_headers({":status": "200", "content-type": "text/event-stream"})
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    end = [{**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+           {**base, "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}]
+    for chunk in [CHUNK] * 18 + [b"data: " + json.dumps(e).encode() + b"\n\n" for e in end]:
+        ex.response_body(chunk, False)
+    ex.response_body(b"data: [DONE]\n\n", True)
+    assert ex.usage is not None and ex.usage.output_tokens == 7, ex.usage
     return ex
 
 

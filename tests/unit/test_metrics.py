@@ -7,10 +7,9 @@ import json
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.config import parse_config
-from extproc.exchange.flow import Exchange
+from extproc.exchange import Exchange
 from extproc.ops.metrics import Metrics
 from extproc.ops.record import record
-from extproc.ops.usage import Usage
 from extproc.routing.gateway import Gateway
 
 GW = Gateway(parse_config("""
@@ -33,11 +32,21 @@ def samples(m: Metrics) -> dict[tuple[str, frozenset], float]:
             for fam in text_string_to_metric_families(m.render().decode()) for s in fam.samples}
 
 
-def translated_stream(usage: Usage) -> Exchange:
+def translated_stream(output_tokens: int, usage: bool = True) -> Exchange:
+    """A Responses client's stream from a chat backend, fed to its end; the upstream reports 11 input
+    and `output_tokens` output tokens, or no usage at all."""
     ex = Exchange(GW)
     ex.request_headers({":method": "POST", ":path": "/v1/responses", "content-type": "application/json"}, False)
     ex.request_body(json.dumps({"model": "llama-3", "input": "hi", "stream": True}).encode())
-    ex.status, ex.usage = 200, usage
+    ex.response_headers({":status": "200", "content-type": "text/event-stream"})
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "llama-3"}
+    events = [{**base, "choices": [{"index": 0, "delta": {"content": "x" * 40}, "finish_reason": None}]},
+              {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+    if usage:
+        events.append({**base, "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": output_tokens}})
+    for e in events:
+        ex.response_body(b"data: " + json.dumps(e).encode() + b"\n\n", False)
+    ex.response_body(b"data: [DONE]\n\n", True)
     return ex
 
 
@@ -51,7 +60,7 @@ def test_stream_times_follow_the_definitions():
     timer.message("response_headers", 10.4, 10.4)
     for done in (10.6, 11.0, 11.8):
         timer.message("response_body", done - 0.001, done)
-    ex = translated_stream(Usage(input_tokens=11, output_tokens=7))
+    ex = translated_stream(output_tokens=7)
     record(ex, m, timer, GW.classifier.label_for)
     got = samples(m)
     g = {"gen_ai_operation_name": "chat", "gen_ai_provider_name": "chat", "gen_ai_request_model": "llama-*"}
@@ -71,10 +80,11 @@ def test_stream_times_follow_the_definitions():
 
 def test_estimated_usage_and_single_tokens_are_not_timed_per_token():
     m = Metrics()
-    for usage in (Usage(5, 1), Usage(5, 40, estimated=True)):
+    for ex in (translated_stream(output_tokens=1), translated_stream(0, usage=False)):
+        assert ex.usage is not None
         timer = m.timer()
         timer.message("response_body", timer.started, timer.started + 0.1)
-        record(translated_stream(usage), m, timer, GW.classifier.label_for)
+        record(ex, m, timer, GW.classifier.label_for)
     names = {name for name, _ in samples(m)}
     assert "gen_ai_server_time_per_output_token_seconds_count" not in names
     got = samples(m)

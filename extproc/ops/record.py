@@ -9,6 +9,10 @@ The only place that reads a finished `Exchange` for operations. What each GenAI 
   headers (an upstream error passed through, `usage_accounting: translated`) has no end it can see;
 - time to first token and time per output token: successful streams whose chunks the sidecar
   handled (translated, or watched); per output token needs the upstream's usage and 2+ output tokens.
+
+What it reads of the exchange: model, client_api, upstream_api, target (backend name, endpoint),
+usage, stream, translated, pin_decision, learned_fact, failure, status, chunks, and for the log line
+headers (x-request-id), method, path, dropped_tools.
 """
 
 from __future__ import annotations

@@ -112,6 +112,8 @@ class Config:
     discovery: Discovery = Discovery()
     listen_tls: ListenTLS | None = None
     admin_listen: str | None = "127.0.0.1:9902"  # /healthz /readyz /metrics; None turns it off
+    websocket_listen: str | None = "127.0.0.1:50052"  # WebSocket mode's front door (Envoy routes upgrades here)
+    websocket_gateway: str = "http://127.0.0.1:10000"  # Envoy's listener, where socket messages are sent as requests
     usage_accounting: str = "all"  # all: read usage from passed-through answers too; translated: only those
     log_format: str = "json"  # json (one object per line) | text
     source: str = "<memory>"
@@ -208,7 +210,8 @@ class _Validator:
         if root is None:
             raise ConfigError([f"{self.source}: empty config: at least one backend is required"])
         top = self.mapping(root, "", {"listen", "log_level", "backends", "model_rules", "limits", "state",
-                                      "discovery", "admin_listen", "usage_accounting", "log_format", "listen_tls"})
+                                      "discovery", "admin_listen", "usage_accounting", "log_format", "listen_tls",
+                                      "websocket_listen", "websocket_gateway"})
         kw: dict[str, Any] = {"source": self.source}
         if "listen" in top:
             listen = self.scalar(top["listen"], "listen", str)
@@ -227,9 +230,15 @@ class _Validator:
                     self.problem(top["listen_tls"], f"listen_tls.{name}", "required")
             if files.get("cert_file") and files.get("key_file"):
                 kw["listen_tls"] = ListenTLS(**files)
-        if "admin_listen" in top:
-            kw["admin_listen"] = None if top["admin_listen"].value in ("off", "", "null", "~") else \
-                self.scalar(top["admin_listen"], "admin_listen", str)
+        for key in ("admin_listen", "websocket_listen"):
+            if key in top:
+                kw[key] = None if top[key].value in ("off", "", "null", "~") else self.scalar(top[key], key, str)
+        if "websocket_gateway" in top:
+            url = self.scalar(top["websocket_gateway"], "websocket_gateway", str)
+            if url is not None and not re.match(r"^https?://[^/?#]+$", url):
+                self.problem(top["websocket_gateway"], "websocket_gateway", "must be http(s)://host:port, no path")
+            elif url is not None:
+                kw["websocket_gateway"] = url
         if "usage_accounting" in top:
             kw["usage_accounting"] = self.choice(top["usage_accounting"], "usage_accounting", ("all", "translated"))
         if "log_format" in top:

@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.config import Config, ConfigError, ListenTLS, load_config
 from extproc.errors import GatewayError
 from extproc.exchange.flow import Action, Exchange, Lookup, error_action
+from extproc.front.websocket import FrontDoor
 from extproc.ops.admin import start_admin
 from extproc.ops.logs import configure_logging
 from extproc.ops.metrics import Metrics
@@ -323,6 +324,12 @@ async def serve(config_path: str) -> None:
                                                  "GET /metrics": metrics_page, "GET /learned": learned,
                                                  "DELETE /learned": forget})
 
+    websocket_listen = os.environ.get("EXTPROC_WEBSOCKET_LISTEN", config.websocket_listen or "")
+    front = None
+    if websocket_listen and websocket_listen != "off":
+        front = FrontDoor(lambda: holder.gateway.config, os.environ.get("EXTPROC_WEBSOCKET_GATEWAY"))
+        await front.start(websocket_listen)
+
     def follow_dns() -> None:
         """`dns:` endpoints (a headless Service): the ring follows the addresses as they change."""
         current = holder.gateway.config
@@ -350,6 +357,8 @@ async def serve(config_path: str) -> None:
     await server.stop(grace=float(os.environ.get("EXTPROC_SHUTDOWN_GRACE", "30")))
     if admin is not None:
         admin.close()
+    if front is not None:
+        await front.close()
     await store.close()
 
 

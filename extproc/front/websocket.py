@@ -52,7 +52,9 @@ class FrontDoor:
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         host, _, port = listen.rpartition(":")
-        await web.TCPSite(self.runner, host.strip("[]") or "127.0.0.1", int(port)).start()
+        # SO_REUSEPORT: `serve --workers N` share the one port Envoy's websocket cluster names; each
+        # socket is one connection, so the kernel spreads them.
+        await web.TCPSite(self.runner, host.strip("[]") or "127.0.0.1", int(port), reuse_port=True).start()
         log.info("WebSocket mode listening on %s, messages sent through %s", listen, self.gateway_url())
 
     def gateway_url(self) -> str:

@@ -110,9 +110,12 @@ class DemoHandler(JSONHandler):
     server: DemoServer
 
     def do_GET(self) -> None:
+        stored = self.server.history.get(self.path.removeprefix("/v1/responses/"))
         if self.path.startswith("/v1/models"):
             self.send_json(200, {"object": "list", "data": [
                 {"id": name, "object": "model", "created": 0, "owned_by": "demo"} for name in MODELS]})
+        elif stored is not None:
+            self.send_json(200, stored[1])
         else:
             self.send_json(404, _error("not found"))
 
@@ -148,13 +151,13 @@ class DemoHandler(JSONHandler):
         """A Responses model that keeps its own conversations (previous_response_id), as OpenAI does.
         The answer is the chat echo put in Responses form by the sidecar's own translators."""
         prev = body.get("previous_response_id")
-        history = self.server.history.get(prev, []) if isinstance(prev, str) else []
-        if prev is not None and prev not in self.server.history:
+        stored = self.server.history.get(prev) if isinstance(prev, str) else None
+        if prev is not None and stored is None:
             self.send_json(404, _error(f"Previous response with id '{prev}' not found.", "previous_response_not_found",
                                        "previous_response_id"))
             return
         try:
-            messages = history + req_responses_to_chat.translate_request(
+            messages = (stored[0] if stored else []) + req_responses_to_chat.translate_request(
                 {k: v for k, v in body.items() if k != "previous_response_id"})["messages"]
         except GatewayError as e:
             self.send_json(e.status, {"error": e.payload()})
@@ -171,7 +174,7 @@ class DemoHandler(JSONHandler):
             self.end_chunks()
             resp = stream.response
         if resp is not None and body.get("store") is not False:
-            self.server.remember(resp["id"], [*messages, {"role": "assistant", "content": answer.text}])
+            self.server.remember(resp, [*messages, {"role": "assistant", "content": answer.text}])
         if not body.get("stream"):
             self.send_json(200, resp)
 
@@ -185,14 +188,14 @@ class DemoServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int]):
         super().__init__(address, DemoHandler)
-        self.history: dict[str, list[dict[str, Any]]] = {}
+        self.history: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}  # id -> (messages, response)
         self.lock = threading.Lock()
 
-    def remember(self, response_id: str, messages: list[dict[str, Any]]) -> None:
+    def remember(self, response: dict[str, Any], messages: list[dict[str, Any]]) -> None:
         with self.lock:
             if len(self.history) >= self.MAX_CONVERSATIONS:
                 self.history.pop(next(iter(self.history)))
-            self.history[response_id] = messages
+            self.history[response["id"]] = (messages, response)
 
 
 def serve(host: str, port: int) -> None:

@@ -1,0 +1,220 @@
+"""End to end through the real Envoy (deploy/envoy.yaml) and deploy/config.yaml's demo backends: the
+README's first curl lines, both directions of the demo, and WebSocket mode of /v1/responses."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+from websockets.sync.client import connect
+
+from extproc.local.stack import REPO, Stack, free_port, wait_for_port
+
+from .conformance import check_stream, validate, validate_response
+from .upstreams import ChatServer, Reply
+
+
+@dataclass
+class Surface:
+    url: str
+    ws_url: str
+    chat: ChatServer
+    stack: Stack
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="client-key", max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def surface(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Surface]:
+    """deploy/config.yaml as shipped (ports rewritten) plus a strict chat test upstream."""
+    chat = ChatServer()
+    demo_port, extproc_port, port, admin, ws_port = (free_port() for _ in range(5))
+    doc = yaml.safe_load((REPO / "deploy" / "config.yaml").read_text().replace("127.0.0.1:8001", f"127.0.0.1:{demo_port}"))
+    doc.update(listen=f"127.0.0.1:{extproc_port}", admin_listen=f"127.0.0.1:{free_port()}",
+               websocket_listen=f"127.0.0.1:{ws_port}", websocket_gateway=f"http://127.0.0.1:{port}")
+    doc["backends"].append({"name": "vllm", "api": "chat", "models": ["llama-*"], "endpoints": [chat.address]})
+    cfg = Path(tmp_path_factory.mktemp("surface")) / "config.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    stack = Stack()
+    try:
+        demo = stack.spawn("demo", ["python", "-m", "extproc", "demo-backend", "--port", str(demo_port)])
+        wait_for_port(demo_port, proc=demo)
+        sidecar = stack.start_sidecar(cfg)
+        wait_for_port(extproc_port, proc=sidecar)
+        wait_for_port(ws_port, proc=sidecar)
+        stack.start_envoy(port, admin, extproc_port, websocket_port=ws_port)
+        yield Surface(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/responses", chat, stack)
+    finally:
+        stack.stop()
+        chat.close()
+
+
+@pytest.fixture
+def sf(surface: Surface) -> Surface:
+    surface.chat.reset()
+    return surface
+
+
+def sse(raw: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+
+
+# -- the demo: both directions ------------------------------------------------------------------
+
+def readme_curls() -> list[str]:
+    """The curl commands of the README's "Try it" block, continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```bash\n(# `demo`.*?)```", text, re.S)
+    assert block is not None, "the README's try-it block moved"
+    joined = re.sub(r"\\\n\s*", "", block.group(1))
+    return [line.split("   #")[0].strip() for line in joined.splitlines() if line.startswith("curl ")]
+
+
+def test_readme_curl_lines_answer_both_directions(sf):
+    curls = readme_curls()
+    assert len(curls) == 5
+    outputs = []
+    for line in curls:
+        cmd = line.replace("localhost:10000", sf.url.removeprefix("http://"))
+        run = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=30)
+        assert run.returncode == 0, run.stderr
+        outputs.append(run.stdout)
+    responses_plain, responses_stream, chat_plain, chat_stream, models = outputs
+    r = json.loads(responses_plain)
+    validate_response(r)
+    assert r["output"][-1]["content"][0]["text"] == "You said: hello"
+    events = sse(responses_stream)
+    check_stream(events)
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "You said: hello"
+    c = json.loads(chat_plain)
+    assert c["object"] == "chat.completion" and c["choices"][0]["message"]["content"] == "You said: hello"
+    chunks = sse(chat_stream)
+    assert "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"]) == "You said: hello"
+    assert chat_stream.rstrip().endswith("data: [DONE]")
+    assert {m["id"] for m in json.loads(models)["data"]} >= {"demo", "demo-codex"}
+
+
+def test_demo_sdk_both_directions_streamed_and_not(sf):
+    client = sf.client()
+    assert client.responses.create(model="demo", input="one").output_text == "You said: one"
+    with client.responses.stream(model="demo", input="two") as s:
+        assert s.get_final_response().output_text == "You said: two"
+    out = client.chat.completions.create(model="demo-codex", messages=[{"role": "user", "content": "three"}])
+    assert out.choices[0].message.content == "You said: three" and out.usage.completion_tokens == 3
+    stream = client.chat.completions.create(model="demo-codex", messages=[{"role": "user", "content": "four"}],
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "You said: four"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+
+
+def test_demo_codex_keeps_its_conversations(sf):
+    """demo-codex is a Responses model that keeps state itself; the sidecar pins the ids to it."""
+    client = sf.client()
+    r1 = client.responses.create(model="demo-codex", input="first")
+    r2 = client.responses.create(model="demo-codex", input="second", previous_response_id=r1.id)
+    assert r2.output_text == "You said: second"
+    assert client.responses.retrieve(r1.id).output_text == "You said: first"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="demo-codex", input="x", previous_response_id="resp_unknown")
+
+
+def test_demo_models_refuse_the_other_api_untranslated(sf):
+    """Straight to the demo process (no gateway), each model refuses the API it does not speak."""
+    demo = next(a for a in sf.stack.procs[0].args if a.isdigit())
+    direct = openai.OpenAI(base_url=f"http://127.0.0.1:{demo}/v1", api_key="k", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="only supported in v1/responses"):
+        direct.chat.completions.create(model="demo-codex", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="only supported in v1/chat/completions"):
+        direct.responses.create(model="demo", input="x")
+
+
+# -- WebSocket mode -----------------------------------------------------------------------------
+
+def ws_turn(ws, **create) -> list[dict]:
+    """Send one response.create and collect the server's events up to the terminal or error event."""
+    ws.send(json.dumps({"type": "response.create", **create}))
+    events = []
+    for _ in range(10_000):
+        ev = json.loads(ws.recv(timeout=30))
+        events.append(ev)
+        if ev["type"] in ("response.completed", "response.incomplete", "response.failed") or (
+                ev["type"] == "error" and "status" in ev):  # a WebSocketErrorEvent, not a stream's error event
+            return events
+    raise AssertionError("no terminal event")
+
+
+def text_of(events: list[dict]) -> str:
+    return "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+
+
+def test_websocket_turns_route_per_message_both_apis(sf):
+    """One socket, models on two backends of different APIs: each message is routed and translated."""
+    sf.chat.script.append(Reply(text="from vllm"))
+    with connect(sf.ws_url, additional_headers={"authorization": "Bearer client-key"}) as ws:
+        a = ws_turn(ws, model="demo", input="over a socket")
+        b = ws_turn(ws, model="demo-codex", input="and again")
+        c = ws_turn(ws, model="llama-3", input="third backend")
+    for events in (a, b, c):
+        check_stream(events)
+    assert text_of(a) == "You said: over a socket" and text_of(b) == "You said: and again"
+    assert text_of(c) == "from vllm"
+    sent = sf.chat.last
+    assert sent["path"] == "/v1/chat/completions" and sent["body"]["stream"] is True
+    assert sent["headers"]["authorization"] == "Bearer client-key"  # the client's header, forwarded
+
+
+def test_websocket_previous_response_id_on_a_chat_backend(sf):
+    """Chaining within a socket on a chat-only backend: stored turns through the sidecar's state,
+    unstored ones (store: false) from the socket's own memory of its latest response."""
+    sf.chat.script.extend([Reply(text="one"), Reply(text="two"), Reply(text="three")])
+    with connect(sf.ws_url) as ws:
+        r1 = ws_turn(ws, model="llama-3", input="first")[-1]["response"]
+        r2 = ws_turn(ws, model="llama-3", input="second", previous_response_id=r1["id"])[-1]["response"]
+        r3 = ws_turn(ws, model="llama-3", input="third", store=False, previous_response_id=r2["id"])[-1]["response"]
+        r4 = ws_turn(ws, model="llama-3", input="fourth", store=False, previous_response_id=r3["id"])
+    assert r3["status"] == "completed"
+    texts = [[m["content"] for m in r["body"]["messages"]] for r in sf.chat.requests]
+    assert texts[1] == ["first", "one", "second"]
+    assert texts[2] == ["first", "one", "second", "two", "third"]
+    assert r4[-1]["type"] == "response.completed"
+    assert sf.chat.requests[3]["body"]["messages"][-3:] == [
+        {"role": "user", "content": "third"}, {"role": "assistant", "content": "three"},
+        {"role": "user", "content": "fourth"}]
+
+
+def test_websocket_errors_are_error_events_and_the_socket_lives_on(sf):
+    sf.chat.script.append(Reply(text="still here"))
+    with connect(sf.ws_url) as ws:
+        ws.send("not json")
+        bad_json = json.loads(ws.recv(timeout=30))
+        (unknown,) = ws_turn(ws, model="no-such-model", input="x")
+        (streamed,) = ws_turn(ws, model="demo", input="x", stream=True)
+        ws.send(json.dumps({"type": "response.cancel"}))
+        wrong_type = json.loads(ws.recv(timeout=30))
+        ok = ws_turn(ws, model="llama-3", input="after the errors")
+    for ev in (bad_json, unknown, streamed, wrong_type):
+        validate("WebSocketErrorEvent", ev)
+    assert bad_json["status"] == 400 and bad_json["error"]["code"] == "invalid_json"
+    assert unknown["status"] == 404 and unknown["error"]["code"] == "model_not_found"
+    assert streamed["status"] == 400 and streamed["error"]["param"] == "stream"
+    assert wrong_type["status"] == 400 and wrong_type["error"]["code"] == "unsupported_event"
+    assert text_of(ok) == "still here"
+
+
+def test_websocket_upstream_cut_mid_stream_ends_with_a_terminal_event(sf):
+    sf.chat.script.extend([Reply(text="partial answer", cut=True), Reply(text="next turn")])
+    with connect(sf.ws_url) as ws:
+        events = ws_turn(ws, model="llama-3", input="x")
+        after = ws_turn(ws, model="llama-3", input="y")
+    check_stream(events)
+    assert events[-1]["type"] in ("response.failed", "response.incomplete")
+    assert text_of(after) == "next turn"

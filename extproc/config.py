@@ -6,6 +6,7 @@ can print them all at once.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -114,6 +115,8 @@ class Config:
     admin_listen: str | None = "127.0.0.1:9902"  # /healthz /readyz /metrics; None turns it off
     websocket_listen: str | None = "127.0.0.1:50052"  # WebSocket mode's front door (Envoy routes upgrades here)
     websocket_gateway: str = "http://127.0.0.1:10000"  # Envoy's listener, where socket messages are sent as requests
+    compaction_key_env: str | None = None  # env var with the AES-256 key sealing sidecar compaction items
+    compaction_key: bytes | None = field(default=None, repr=False)  # resolved from compaction_key_env, never logged
     usage_accounting: str = "all"  # all: read usage from passed-through answers too; translated: only those
     log_format: str = "json"  # json (one object per line) | text
     source: str = "<memory>"
@@ -199,6 +202,21 @@ class _Validator:
                 out.append(v)
         return out
 
+    def secret_key(self, node: yaml.Node, var: str) -> bytes | None:
+        """A 32-byte key (base64, standard or URL-safe) from the environment variable `var`."""
+        value = self.env.get(var) if _ENV_RE.match(var) else None
+        if value is None:
+            self.problem(node, "compaction_key_env", f"environment variable {var!r} is not set")
+            return None
+        try:
+            key = base64.b64decode(value.strip().replace("-", "+").replace("_", "/") + "==")
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            self.problem(node, "compaction_key_env", f"{var} must hold 32 bytes in base64 (e.g. `openssl rand -base64 32`)")
+            return None
+        return key
+
     def choice(self, node: yaml.Node, key: str, choices: tuple[str, ...]) -> str | None:
         v = self.scalar(node, key, str)
         if v is not None and v not in choices:
@@ -211,7 +229,7 @@ class _Validator:
             raise ConfigError([f"{self.source}: empty config: at least one backend is required"])
         top = self.mapping(root, "", {"listen", "log_level", "backends", "model_rules", "limits", "state",
                                       "discovery", "admin_listen", "usage_accounting", "log_format", "listen_tls",
-                                      "websocket_listen", "websocket_gateway"})
+                                      "websocket_listen", "websocket_gateway", "compaction_key_env"})
         kw: dict[str, Any] = {"source": self.source}
         if "listen" in top:
             listen = self.scalar(top["listen"], "listen", str)
@@ -239,6 +257,11 @@ class _Validator:
                 self.problem(top["websocket_gateway"], "websocket_gateway", "must be http(s)://host:port, no path")
             elif url is not None:
                 kw["websocket_gateway"] = url
+        if "compaction_key_env" in top:
+            var = self.scalar(top["compaction_key_env"], "compaction_key_env", str)
+            key = self.secret_key(top["compaction_key_env"], var) if var is not None else None
+            if key is not None:
+                kw["compaction_key_env"], kw["compaction_key"] = var, key
         if "usage_accounting" in top:
             kw["usage_accounting"] = self.choice(top["usage_accounting"], "usage_accounting", ("all", "translated"))
         if "log_format" in top:

@@ -3,6 +3,7 @@ README's first curl lines, both directions of the demo, and WebSocket mode of /v
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
@@ -18,7 +19,9 @@ from websockets.sync.client import connect
 from extproc.local.stack import REPO, Stack, free_port, wait_for_port
 
 from .conformance import check_stream, validate, validate_response
-from .upstreams import ChatServer, Reply
+from .upstreams import COMPACTED, ChatServer, Reply, ResponsesServer
+
+COMPACTION_KEY = base64.b64encode(bytes(range(32))).decode()
 
 
 @dataclass
@@ -26,6 +29,7 @@ class Surface:
     url: str
     ws_url: str
     chat: ChatServer
+    resp: list[ResponsesServer]
     stack: Stack
 
     def client(self) -> openai.OpenAI:
@@ -34,32 +38,38 @@ class Surface:
 
 @pytest.fixture(scope="module")
 def surface(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Surface]:
-    """deploy/config.yaml as shipped (ports rewritten) plus a strict chat test upstream."""
-    chat = ChatServer()
+    """deploy/config.yaml as shipped (ports rewritten) plus a strict chat test upstream and a Responses
+    backend of two stateful instances (each knows only its own response ids)."""
+    chat, resp = ChatServer(), [ResponsesServer(), ResponsesServer()]
     demo_port, extproc_port, port, admin, ws_port = (free_port() for _ in range(5))
     doc = yaml.safe_load((REPO / "deploy" / "config.yaml").read_text().replace("127.0.0.1:8001", f"127.0.0.1:{demo_port}"))
     doc.update(listen=f"127.0.0.1:{extproc_port}", admin_listen=f"127.0.0.1:{free_port()}",
-               websocket_listen=f"127.0.0.1:{ws_port}", websocket_gateway=f"http://127.0.0.1:{port}")
-    doc["backends"].append({"name": "vllm", "api": "chat", "models": ["llama-*"], "endpoints": [chat.address]})
+               websocket_listen=f"127.0.0.1:{ws_port}", websocket_gateway=f"http://127.0.0.1:{port}",
+               compaction_key_env="TEST_COMPACTION_KEY")
+    doc["backends"] += [{"name": "vllm", "api": "chat", "models": ["llama-*"], "endpoints": [chat.address]},
+                        {"name": "codex", "api": "responses", "models": ["gpt-5.3-codex"],
+                         "endpoints": [r.address for r in resp]}]
     cfg = Path(tmp_path_factory.mktemp("surface")) / "config.yaml"
     cfg.write_text(yaml.safe_dump(doc))
     stack = Stack()
     try:
         demo = stack.spawn("demo", ["python", "-m", "extproc", "demo-backend", "--port", str(demo_port)])
         wait_for_port(demo_port, proc=demo)
-        sidecar = stack.start_sidecar(cfg)
+        sidecar = stack.start_sidecar(cfg, env={"TEST_COMPACTION_KEY": COMPACTION_KEY})
         wait_for_port(extproc_port, proc=sidecar)
         wait_for_port(ws_port, proc=sidecar)
         stack.start_envoy(port, admin, extproc_port, websocket_port=ws_port)
-        yield Surface(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/responses", chat, stack)
+        yield Surface(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/responses", chat, resp, stack)
     finally:
         stack.stop()
-        chat.close()
+        for server in (chat, *resp):
+            server.close()
 
 
 @pytest.fixture
 def sf(surface: Surface) -> Surface:
-    surface.chat.reset()
+    for server in (surface.chat, *surface.resp):
+        server.reset()
     return surface
 
 
@@ -218,3 +228,92 @@ def test_websocket_upstream_cut_mid_stream_ends_with_a_terminal_event(sf):
     check_stream(events)
     assert events[-1]["type"] in ("response.failed", "response.incomplete")
     assert text_of(after) == "next turn"
+
+
+# -- /v1/responses/compact ----------------------------------------------------------------------
+
+CONVERSATION = [{"role": "user", "content": "plan a trip to Lisbon"},
+                {"role": "assistant", "content": "Fly on Friday, stay in Alfama."},
+                {"role": "user", "content": "and the budget?"}]
+
+
+def test_compact_on_a_chat_backend_and_reading_the_item_back(sf):
+    client = sf.client()
+    sf.chat.script.extend([Reply(text="User plans a Lisbon trip: Friday flight, Alfama; budget open."),
+                           Reply(text="About 900 EUR.")])
+    answer = client.responses.with_raw_response.compact(model="llama-3", input=CONVERSATION,
+                                                        instructions="You plan trips.")
+    compacted, raw = answer.parse(), json.loads(answer.text)
+    validate("CompactResource", raw)
+    assert compacted.object == "response.compaction" and compacted.usage.output_tokens == 7
+    *kept, item = raw["output"]
+    assert [k["content"][0]["text"] for k in kept] == ["plan a trip to Lisbon", "and the budget?"]
+    assert item["type"] == "compaction" and item["id"].startswith("cmp_")
+    assert "Lisbon" not in item["encrypted_content"] and "Lisbon" not in base64.urlsafe_b64decode(
+        item["encrypted_content"].split(".", 1)[1] + "==").decode("latin-1")
+    summary_request = sf.chat.requests[0]["body"]
+    assert summary_request["messages"][1] == {"role": "system", "content": "You plan trips."}
+    assert [m["content"] for m in summary_request["messages"][2:5]] == [m["content"] for m in CONVERSATION]
+    assert summary_request["messages"][-1]["role"] == "user" and "stream" not in summary_request
+    # The compacted window, sent back: the summary reaches the chat model in the item's place.
+    r = client.responses.create(model="llama-3", input=[*raw["output"], {"role": "user", "content": "so?"}])
+    assert r.output_text == "About 900 EUR."
+    sent = sf.chat.requests[1]["body"]["messages"]
+    assert sent[2] == {"role": "user", "content": "Summary of the earlier conversation (compacted):\n\n"
+                                                  "User plans a Lisbon trip: Friday flight, Alfama; budget open."}
+    assert sent[-1] == {"role": "user", "content": "so?"}
+
+
+def test_compact_continues_a_stored_chat_conversation(sf):
+    client = sf.client()
+    sf.chat.script.extend([Reply(text="Noted: blue."), Reply(text="Favourite colour: blue.")])
+    r1 = client.responses.create(model="llama-3", input="my favourite colour is blue")
+    compacted = client.responses.compact(model="llama-3", previous_response_id=r1.id, input="remember it")
+    assert compacted.output[-1].type == "compaction"
+    contents = [m["content"] for m in sf.chat.requests[1]["body"]["messages"]]
+    assert contents[1:4] == ["my favourite colour is blue", "Noted: blue.", "remember it"]
+
+
+def test_compaction_items_cannot_be_forged_or_read_by_a_chat_backend_otherwise(sf):
+    client = sf.client()
+    sf.chat.script.append(Reply(text="summary"))
+    item = client.responses.compact(model="llama-3", input="hello").output[-1].model_dump(exclude_none=True)
+    token = item["encrypted_content"]
+    tampered = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    with pytest.raises(openai.BadRequestError, match="cannot be read") as e:
+        client.responses.create(model="llama-3", input=[{**item, "encrypted_content": tampered}])
+    assert e.value.code == "invalid_encrypted_content"
+    with pytest.raises(openai.BadRequestError, match="not produced by this gateway"):
+        client.responses.create(model="llama-3", input=[{"type": "compaction", "encrypted_content": "foreign"}])
+    assert len(sf.chat.requests) == 1  # neither reached the backend
+
+
+def test_compact_passes_through_to_the_responses_instance_holding_the_conversation(sf):
+    """Each instance knows only its own ids: every compaction must reach the one that made r1."""
+    client = sf.client()
+    for n in range(6):
+        r1 = client.responses.create(model="gpt-5.3-codex", input=f"conversation {n}")
+        compacted = client.responses.compact(model="gpt-5.3-codex", previous_response_id=r1.id, input="more")
+        item = compacted.output[-1].model_dump(exclude_none=True)
+        assert item["encrypted_content"].startswith(COMPACTED)  # the backend's own item, untouched
+        r2 = client.responses.create(model="gpt-5.3-codex", input=[item, {"role": "user", "content": "next"}])
+        assert r2.status == "completed"
+    paths = [r["path"] for server in sf.resp for r in server.requests]
+    assert paths.count("/v1/responses/compact") == 6 and paths.count("/v1/responses") == 12
+
+
+def test_compact_refusals_match_v1_responses(sf):
+    def post(body: object, method: str = "POST") -> tuple[int, dict]:
+        run = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "-X", method, sf.url + "/v1/responses/compact",
+                              "-H", "content-type: application/json", "-d", json.dumps(body)],
+                             capture_output=True, text=True, timeout=30)
+        text, _, code = run.stdout.rpartition("\n")
+        return int(code), json.loads(text)
+
+    for path_body, status, code in ((({}, "POST"), 400, "missing_required_parameter"),
+                                    (({"model": "nope"}, "POST"), 404, "model_not_found"),
+                                    (({"model": "llama-3", "stream": True}, "POST"), 400, "unknown_parameter"),
+                                    (({"model": "llama-3"}, "GET"), 405, "method_not_allowed")):
+        got_status, doc = post(*path_body)
+        assert (got_status, doc["error"]["code"]) == (status, code), doc
+    assert sf.chat.requests == []

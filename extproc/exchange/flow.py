@@ -35,6 +35,7 @@ from extproc.routing.gateway import ROUTING_HEADERS, Gateway, Target, placement_
 from extproc.routing.modes import LOCAL_TTL, Learned, learned_key, rejection_needs
 from extproc.state import conversations as conv
 from extproc.translate import (
+    compact,
     req_chat_to_responses,
     req_responses_to_chat,
     resp_chat_to_responses,
@@ -129,6 +130,9 @@ class Exchange:
         self.usage: Usage | None = None
         self.chunks = 0  # response body messages handled
         self.failure: GatewayError | None = None  # set by the shell when the sidecar answered with an error
+        self.compacting = False  # POST /v1/responses/compact
+        self.compact_items: list[dict[str, Any]] = []  # the conversation a chat backend is asked to summarise
+        self.tenant = ""  # whose compaction items this request may read (tenancy sets it)
 
     @property
     def translated(self) -> bool:
@@ -146,6 +150,11 @@ class Exchange:
         self.method = headers.get(":method", "")
         self.path = headers.get(":path", "")
         self.client_api = API_OF_PATH.get(self.path.partition("?")[0])
+        if self.path.partition("?")[0] == compact.PATH:
+            if self.method != "POST":
+                raise GatewayError(405, f"{self.method} is not supported on {compact.PATH}", code="method_not_allowed")
+            self.client_api, self.compacting = RESPONSES, True
+            return Action()
         resource = conv.RESOURCE_RE.match(self.path.partition("?")[0])
         if resource is not None:
             return self._resource_lookup(resource.group(1), resource.group(2) or "")
@@ -173,6 +182,8 @@ class Exchange:
             return self._route(Target(self.gw.default_backend, self._default_endpoint()), body=None)
         check_json_request(self.headers)
         body = parse_body(raw)
+        if self.compacting:
+            compact.check_request(body)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "'model' is required and must be a non-empty string", param="model",
@@ -232,13 +243,20 @@ class Exchange:
                  ancestors: list[str] | None = None) -> Action:
         """Send a Responses request on, `prior` items (a sidecar-held conversation) merged into its input."""
         body = self.request
-        keep = body.get("store") is not False
+        keep = body.get("store") is not False and not self.compacting
+        opened = compact.open_items(body.get("input"), self.gw.sealer, self.tenant, chat_backend=self.translated)
+        if opened is not None:  # the sidecar's own compaction items: their summaries instead
+            body = {**body, "input": opened}
         if self.translated:
             items = conv.input_items(body.get("input"))
             if keep:
                 self.turn = (items, ancestors or [])
-            body = {**body, "input": prior + items} if prior else body
             b = res.backend
+            if self.compacting:
+                self.compact_items = prior + items
+                return self._route(target, body=orjson.dumps(compact.chat_request(body, self.compact_items,
+                                                                                  b.chat_max_tokens_field)))
+            body = {**body, "input": prior + items} if prior else body
             new = req_responses_to_chat.translate_request(body, max_tokens_field=b.chat_max_tokens_field,
                                                           hosted_tools=b.hosted_tools, replay_reasoning=b.replay_reasoning)
             self.dropped_tools = tool_map(body.get("tools")).hosted
@@ -251,7 +269,7 @@ class Exchange:
             new = {k: v for k, v in body.items() if k != "previous_response_id"}
             new["input"] = prior + conv.input_items(body.get("input"))
             return self._route(target, body=orjson.dumps(new))
-        return self._route(target, body=None)
+        return self._route(target, body=orjson.dumps(body) if opened is not None else None)
 
     def _continue_from(self, prev: str, res: Resolution, target: Target,
                        values: list[bytes | None] | None) -> Action | Lookup:
@@ -567,5 +585,7 @@ class Exchange:
             return orjson.dumps({"error": upstream_error_payload(self.status, data)}), None
         if self.client_api == CHAT:
             return orjson.dumps(resp_responses_to_chat.translate_response(doc, self.model or "")), None
+        if self.compacting:
+            return orjson.dumps(compact.compaction_resource(doc, self.compact_items, self.gw.sealer, self.tenant)), None
         resp = resp_chat_to_responses.translate_response(doc, self.request, new_id("resp_"))
         return orjson.dumps(resp), resp

@@ -16,6 +16,7 @@ from extproc.config import Backend, Config
 from extproc.routing.classify import Classifier
 from extproc.routing.modes import Knowledge
 from extproc.routing.ring import HashRing
+from extproc.translate.compact import PROCESS_KEY, Sealer
 
 # Headers the sidecar sets for Envoy's route table; client-sent copies are always removed.
 H_BACKEND = "x-gateway-backend"
@@ -68,6 +69,7 @@ class Gateway:
             for b in config.backends if b.endpoints
         }
         self.default_backend = config.backends[0]
+        self.sealer = Sealer(config.compaction_key or PROCESS_KEY)  # compaction items the sidecar made
         # Where a /v1/responses/{id} request with no record goes (by ring position of the id).
         self.responses_backend = next((b for b in config.backends if b.api in (RESPONSES, BOTH)), None)
 

@@ -21,8 +21,6 @@ from extproc.local.stack import REPO, Stack, free_port, wait_for_port
 from .conformance import check_stream, validate, validate_response
 from .upstreams import COMPACTED, ChatServer, Reply, ResponsesServer
 
-COMPACTION_KEY = base64.b64encode(bytes(range(32))).decode()
-
 
 @dataclass
 class Surface:
@@ -32,8 +30,8 @@ class Surface:
     resp: list[ResponsesServer]
     stack: Stack
 
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="client-key", max_retries=0, timeout=30)
+    def client(self, api_key: str = "client-key") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +42,7 @@ def surface(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Surface]:
     demo_port, extproc_port, port, admin, ws_port = (free_port() for _ in range(5))
     doc = yaml.safe_load((REPO / "deploy" / "config.yaml").read_text().replace("127.0.0.1:8001", f"127.0.0.1:{demo_port}"))
     doc.update(listen=f"127.0.0.1:{extproc_port}", admin_listen=f"127.0.0.1:{free_port()}",
-               websocket_listen=f"127.0.0.1:{ws_port}", websocket_gateway=f"http://127.0.0.1:{port}",
-               compaction_key_env="TEST_COMPACTION_KEY")
+               websocket_listen=f"127.0.0.1:{ws_port}", websocket_gateway=f"http://127.0.0.1:{port}")
     doc["backends"] += [{"name": "vllm", "api": "chat", "models": ["llama-*"], "endpoints": [chat.address]},
                         {"name": "codex", "api": "responses", "models": ["gpt-5.3-codex"],
                          "endpoints": [r.address for r in resp]}]
@@ -55,7 +52,7 @@ def surface(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Surface]:
     try:
         demo = stack.spawn("demo", ["python", "-m", "extproc", "demo-backend", "--port", str(demo_port)])
         wait_for_port(demo_port, proc=demo)
-        sidecar = stack.start_sidecar(cfg, env={"TEST_COMPACTION_KEY": COMPACTION_KEY})
+        sidecar = stack.start_sidecar(cfg)
         wait_for_port(extproc_port, proc=sidecar)
         wait_for_port(ws_port, proc=sidecar)
         stack.start_envoy(port, admin, extproc_port, websocket_port=ws_port)
@@ -285,7 +282,9 @@ def test_compaction_items_cannot_be_forged_or_read_by_a_chat_backend_otherwise(s
     assert e.value.code == "invalid_encrypted_content"
     with pytest.raises(openai.BadRequestError, match="not produced by this gateway"):
         client.responses.create(model="llama-3", input=[{"type": "compaction", "encrypted_content": "foreign"}])
-    assert len(sf.chat.requests) == 1  # neither reached the backend
+    with pytest.raises(openai.BadRequestError, match="cannot be read"):  # another tenant (another API key)
+        sf.client("someone-else").responses.create(model="llama-3", input=[item])
+    assert len(sf.chat.requests) == 1  # none of them reached the backend
 
 
 def test_compact_passes_through_to_the_responses_instance_holding_the_conversation(sf):

@@ -16,7 +16,8 @@ from extproc.config import Backend, Config
 from extproc.routing.classify import Classifier
 from extproc.routing.modes import Knowledge
 from extproc.routing.ring import HashRing
-from extproc.translate.compact import PROCESS_KEY, Sealer
+from extproc.state.tenancy import Tenants
+from extproc.translate.compact import Sealer, derive_key
 
 # Headers the sidecar sets for Envoy's route table; client-sent copies are always removed.
 H_BACKEND = "x-gateway-backend"
@@ -59,8 +60,11 @@ class Gateway:
     """Everything derived from one config that requests consult."""
 
     def __init__(self, config: Config, knowledge: Knowledge | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, tenant_secret: bytes = b""):
         self.config = config
+        self.tenant_secret = tenant_secret  # outlives a reload, like knowledge
+        self.tenants = Tenants(config.tenancy, tenant_secret)
+        self.sealer = Sealer(derive_key(tenant_secret))  # compaction items the sidecar makes for chat backends
         self.knowledge = knowledge or Knowledge()  # outlives a config reload
         self.clock = clock
         self.classifier = Classifier(config, self.knowledge)
@@ -69,7 +73,6 @@ class Gateway:
             for b in config.backends if b.endpoints
         }
         self.default_backend = config.backends[0]
-        self.sealer = Sealer(config.compaction_key or PROCESS_KEY)  # compaction items the sidecar made
         # Where a /v1/responses/{id} request with no record goes (by ring position of the id).
         self.responses_backend = next((b for b in config.backends if b.api in (RESPONSES, BOTH)), None)
 

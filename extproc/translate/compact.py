@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from extproc.api import CHAT, RESPONSES
+from extproc.config import Backend
 from extproc.errors import GatewayError, invalid
+from extproc.state.records import input_items
 from extproc.translate.common import new_id, now, usage_chat_to_responses
+from extproc.translate.pairs import Answer, StreamTranslator
 from extproc.translate.req_responses_to_chat import translate_request
 
 PATH = "/v1/responses/compact"
@@ -36,7 +43,11 @@ SUMMARY_INSTRUCTIONS = (
     "still open. Be complete and specific; do not add anything that was not in the conversation.")
 SUMMARY_REQUEST = "Summarise the conversation above as instructed. Answer with the summary only."
 SUMMARY_INTRO = "Summary of the earlier conversation (compacted):\n\n"
-PROCESS_KEY = AESGCM.generate_key(bit_length=256)  # used when no key is configured: one replica, until restart
+
+
+def derive_key(deployment_secret: bytes) -> bytes:
+    """The AES-256 key, from the deployment's secret (the tenancy secret, shared by its replicas)."""
+    return hmac.new(deployment_secret, b"extproc compaction key v1", hashlib.sha256).digest()
 
 
 class Sealer:
@@ -119,3 +130,27 @@ def compaction_resource(chat: dict[str, Any], items: list[dict[str, Any]], seale
     usage = usage_chat_to_responses(chat.get("usage")) or usage_chat_to_responses({})
     return {"id": new_id("resp_"), "object": "response.compaction", "created_at": now(),
             "output": [*kept, compaction], "usage": usage}
+
+
+@dataclass(slots=True)
+class CompactOnChat:
+    """`/v1/responses/compact` for a chat-only model: one chat completion writes the summary.
+    The conversation (earlier held turns included) arrives merged into `input`, like any Responses turn."""
+
+    backend: Backend
+    sealer: Sealer
+    tenant: str
+    client_api: str = RESPONSES
+    upstream_api: str = CHAT
+    dropped_tools: list[str] = field(default_factory=list)
+    items: list[dict[str, Any]] = field(default_factory=list)  # the conversation summarised
+
+    def request(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.items = input_items(body.get("input"))
+        return chat_request(body, self.items, self.backend.chat_max_tokens_field)
+
+    def response(self, doc: dict[str, Any]) -> Answer:
+        return Answer(compaction_resource(doc, self.items, self.sealer, self.tenant))
+
+    def stream(self) -> StreamTranslator:
+        raise GatewayError(400, "compaction answers are not streamed", code="unsupported_parameter")

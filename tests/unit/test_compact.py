@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 
-from extproc.config import ConfigError, parse_config
 from extproc.errors import GatewayError
 from extproc.translate.compact import (
     SUMMARY_INSTRUCTIONS,
@@ -15,6 +12,7 @@ from extproc.translate.compact import (
     chat_request,
     check_request,
     compaction_resource,
+    derive_key,
     open_items,
 )
 
@@ -81,12 +79,9 @@ def test_compact_bodies_are_checked(body, param):
     assert e.value.status == 400 and e.value.param == param
 
 
-def test_the_key_comes_from_the_environment_and_must_be_32_bytes():
-    base = "backends: [{name: b, api: chat, models: [m], endpoints: ['127.0.0.1:1']}]\ncompaction_key_env: K\n"
-    good = base64.urlsafe_b64encode(KEY).decode().rstrip("=")
-    assert parse_config(base, env={"K": good}).compaction_key == KEY
-    assert parse_config(base, env={"K": base64.b64encode(KEY).decode()}).compaction_key == KEY
-    for env, why in (({}, "is not set"), ({"K": base64.b64encode(b"short").decode()}, "32 bytes")):
-        with pytest.raises(ConfigError, match=why):
-            parse_config(base, env=env)
-    assert "compaction_key=" not in repr(parse_config(base, env={"K": good}))
+def test_the_key_is_derived_from_the_deployment_secret():
+    assert derive_key(b"secret") == derive_key(b"secret") != derive_key(b"other")
+    token = Sealer(derive_key(b"secret")).seal("S", "t")
+    assert Sealer(derive_key(b"secret")).open(token, "t") == "S"
+    with pytest.raises(GatewayError):
+        Sealer(derive_key(b"other")).open(token, "t")

@@ -7,6 +7,7 @@ import base64
 import json
 import re
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from websockets.sync.client import connect
 from extproc.local.stack import REPO, Stack, free_port, wait_for_port
 
 from .conformance import check_stream, validate, validate_response
-from .upstreams import COMPACTED, ChatServer, Reply, ResponsesServer
+from .test_e2e_agents import CODEX, codex
+from .upstreams import COMPACTED, ChatServer, MixedServer, Reply, ResponsesServer
 
 
 @dataclass
@@ -28,7 +30,10 @@ class Surface:
     ws_url: str
     chat: ChatServer
     resp: list[ResponsesServer]
+    vllm: ChatServer  # chat only, on an `auto` backend: /v1/responses is a 404 there
+    mixed: MixedServer  # both APIs, some models on one only, on an `auto` backend
     stack: Stack
+    admin: str
 
     def client(self, api_key: str = "client-key") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=30)
@@ -39,13 +44,17 @@ def surface(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Surface]:
     """deploy/config.yaml as shipped (ports rewritten) plus a strict chat test upstream and a Responses
     backend of two stateful instances (each knows only its own response ids)."""
     chat, resp = ChatServer(), [ResponsesServer(), ResponsesServer()]
+    vllm, mixed = ChatServer(), MixedServer(responses_only=set(), chat_only=set(), models=[])
     demo_port, extproc_port, port, admin, ws_port = (free_port() for _ in range(5))
     doc = yaml.safe_load((REPO / "deploy" / "config.yaml").read_text().replace("127.0.0.1:8001", f"127.0.0.1:{demo_port}"))
-    doc.update(listen=f"127.0.0.1:{extproc_port}", admin_listen=f"127.0.0.1:{free_port()}",
+    admin_port = free_port()
+    doc.update(listen=f"127.0.0.1:{extproc_port}", admin_listen=f"127.0.0.1:{admin_port}",
                websocket_listen=f"127.0.0.1:{ws_port}", websocket_gateway=f"http://127.0.0.1:{port}")
     doc["backends"] += [{"name": "vllm", "api": "chat", "models": ["llama-*"], "endpoints": [chat.address]},
                         {"name": "codex", "api": "responses", "models": ["gpt-5.3-codex"],
-                         "endpoints": [r.address for r in resp]}]
+                         "endpoints": [r.address for r in resp]},
+                        {"name": "selfhosted", "api": "auto", "models": ["sh-*"], "endpoints": [vllm.address]},
+                        {"name": "mixed", "api": "auto", "models": ["fc-*"], "endpoints": [mixed.address]}]
     cfg = Path(tmp_path_factory.mktemp("surface")) / "config.yaml"
     cfg.write_text(yaml.safe_dump(doc))
     stack = Stack()
@@ -56,16 +65,17 @@ def surface(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Surface]:
         wait_for_port(extproc_port, proc=sidecar)
         wait_for_port(ws_port, proc=sidecar)
         stack.start_envoy(port, admin, extproc_port, websocket_port=ws_port)
-        yield Surface(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/responses", chat, resp, stack)
+        yield Surface(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/responses", chat, resp, vllm, mixed,
+                      stack, f"http://127.0.0.1:{admin_port}")
     finally:
         stack.stop()
-        for server in (chat, *resp):
+        for server in (chat, *resp, vllm, mixed):
             server.close()
 
 
 @pytest.fixture
 def sf(surface: Surface) -> Surface:
-    for server in (surface.chat, *surface.resp):
+    for server in (surface.chat, *surface.resp, surface.vllm, surface.mixed):
         server.reset()
     return surface
 
@@ -316,3 +326,89 @@ def test_compact_refusals_match_v1_responses(sf):
         got_status, doc = post(*path_body)
         assert (got_status, doc["error"]["code"]) == (status, code), doc
     assert sf.chat.requests == []
+
+
+# -- first contact with a model of unknown API ----------------------------------------------------
+
+def learned(sf: Surface) -> dict:
+    with urllib.request.urlopen(sf.admin + "/learned", timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_first_contact_chat_client_on_a_responses_only_model(sf, stream):
+    model = f"fc-agent-{stream}"
+    sf.mixed.responses_only.add(model)
+    sf.mixed.script.extend([Reply(text="first try works"), Reply(text="and then directly")])
+    client, msgs = sf.client(), [{"role": "user", "content": "hi"}]
+    if stream:
+        chunks = list(client.chat.completions.create(model=model, messages=msgs, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        text = client.chat.completions.create(model=model, messages=msgs).choices[0].message.content
+    assert text == "first try works"
+    assert [r["path"] for r in sf.mixed.requests] == ["/v1/chat/completions", "/v1/responses"]
+    assert learned(sf)[f"mixed:{model}"]["mode"] == "responses"
+    again = client.chat.completions.create(model=model, messages=msgs)  # learned: straight to /v1/responses
+    assert again.choices[0].message.content == "and then directly"
+    assert [r["path"] for r in sf.mixed.requests][2:] == ["/v1/responses"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_first_contact_responses_client_on_a_chat_only_server(sf, stream):
+    model = f"sh-first-{stream}"
+    sf.vllm.script.extend([Reply(text="hello from vllm"), Reply(text="second turn")])
+    client = sf.client()
+    if stream:
+        events = stream_events(client, model=model, input="hi")
+        check_stream(events)
+        r1 = events[-1]["response"]
+    else:
+        raw = client.responses.with_raw_response.create(model=model, input="hi")
+        r1 = json.loads(raw.text)
+        validate_response(r1)
+        assert raw.headers["x-gateway-retried-as"] == "chat"
+    assert r1["output"][-1]["content"][0]["text"] == "hello from vllm"
+    assert [r["path"] for r in sf.vllm.requests] == ["/v1/responses", "/v1/chat/completions"]
+    r2 = client.responses.create(model=model, input="more", previous_response_id=r1["id"])  # the turn was kept
+    assert r2.output_text == "second turn"
+    assert [m["content"] for m in sf.vllm.requests[-1]["body"]["messages"]] == ["hi", "hello from vllm", "more"]
+
+
+def stream_events(client: openai.OpenAI, **kw) -> list[dict]:
+    with client.responses.create(stream=True, **kw) as s:
+        return [e.model_dump(mode="json", exclude_unset=True) for e in s]
+
+
+def test_first_contact_never_retries_auth_rate_limit_or_content_errors(sf):
+    for n, status in enumerate((401, 429, 400)):
+        model = f"fc-plain-{n}"
+        sf.mixed.reset()
+        sf.mixed.script.append(Reply(error=(status, {"error": {"message": f"refused {status}", "type": "x",
+                                                               "param": None, "code": None}})))
+        with pytest.raises(openai.APIStatusError) as e:
+            sf.client().chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+        assert e.value.status_code == status and f"refused {status}" in str(e.value)
+        assert [r["path"] for r in sf.mixed.requests] == ["/v1/chat/completions"]
+
+
+def test_first_contact_whose_retry_fails_too_names_both_messages(sf):
+    model = "fc-doubly-refused"
+    sf.mixed.responses_only.add(model)
+    sf.mixed.script.append(Reply(error=(422, {"error": {"message": "input is far too long", "type": "x",
+                                                        "param": None, "code": "too_long"}})))
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        sf.client().chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+    message = e.value.body["message"]
+    assert "only supported in v1/responses" in message and "input is far too long" in message
+    assert [r["path"] for r in sf.mixed.requests] == ["/v1/chat/completions", "/v1/responses"]
+
+
+def test_codex_cli_first_contact_with_a_model_of_unknown_api(sf, tmp_path):
+    if not CODEX.exists():
+        pytest.skip("Codex CLI not installed: scripts/test.sh installs it with npm")
+    sf.vllm.script.append(Reply(text="Codex reached a chat-only model at once."))
+    run = codex(sf, tmp_path, "say hello", model="sh-agent")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Codex reached a chat-only model at once." in run.stdout
+    assert [r["path"] for r in sf.vllm.requests] == ["/v1/responses", "/v1/chat/completions"]

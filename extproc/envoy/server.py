@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.config import Config, ConfigError, ListenTLS, load_config
 from extproc.errors import GatewayError
 from extproc.exchange import Action, Exchange, Lookup, Step, error_action
+from extproc.exchange.first_contact import ROLE, FirstContact
 from extproc.front.websocket import FrontDoor
 from extproc.ops.admin import start_admin
 from extproc.ops.logs import configure_logging
@@ -123,7 +124,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             self.metrics.store_errors.inc("write")
             log.warning("state store unavailable, %d records not written: %s", len(writes), e)
 
-    async def _step(self, ex: Exchange, kind: str, req: pb.ProcessingRequest) -> Action:
+    async def _step(self, ex: Exchange | FirstContact, kind: str, req: pb.ProcessingRequest) -> Action:
         """One Envoy message through the exchange, store lookups included; errors become answers."""
         try:
             step: Step
@@ -154,7 +155,9 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                       context: grpc.aio.ServicerContext) -> None:
         """One HTTP exchange. context.read()/write() rather than an async generator: measured 15-25%
         more requests per second through grpc.aio (benchmarks/floor_processor.py)."""
-        ex = Exchange(self.holder.gateway)
+        # The upstream filter of first-contact requests names itself in the stream's metadata.
+        upstream = any(k == "x-extproc-role" and v == ROLE for k, v in context.invocation_metadata() or ())
+        ex = FirstContact(self.holder.gateway) if upstream else Exchange(self.holder.gateway)
         started = time.monotonic()
         busy = 0.0
         try:
@@ -177,7 +180,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 if act.done:
                     return
         finally:
-            self._record(ex, started, busy)
+            if isinstance(ex, Exchange):  # a first-contact attempt is reported by its client-side exchange
+                self._record(ex, started, busy)
 
     def _record(self, ex: Exchange, started: float, busy: float) -> None:
         """Metrics and the one log line of a finished exchange."""

@@ -19,7 +19,7 @@ from extproc.errors import GatewayError, invalid
 from extproc.exchange.actions import Action, Step, answer
 from extproc.exchange.body import check_json_request, is_json, parse_body
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
-from extproc.routing.gateway import ROUTING_HEADERS, Gateway, Target, placement_key
+from extproc.routing.gateway import H_FIRST_CONTACT, ROUTING_HEADERS, Gateway, Target, placement_key
 from extproc.routing.modes import Learned, learned_key
 from extproc.state import records as rec
 from extproc.state.lookup import Lookup, Values, then
@@ -184,11 +184,13 @@ class RequestSide:
         if plan.pair is not None:
             path = PATHS[plan.pair.upstream_api] + ("?" + self.query if "?" in self.path else "")
         headers = target.headers()
+        if plan.facts is not None and target.endpoint is not None:  # Envoy retries it on the other API if need be
+            headers.append((H_FIRST_CONTACT, self.pinning.tenant))
         if target.backend.path_prefix:
             path = target.backend.path_prefix + path
         if path != self.path:
             headers.append((":path", path))
-        remove = tuple(h for h in (*ROUTING_HEADERS, MODE_HEADER) if h not in {k for k, _ in headers})
+        remove = tuple(h for h in (*ROUTING_HEADERS, H_FIRST_CONTACT, MODE_HEADER) if h not in {k for k, _ in headers})
         raw = None
         if body is not None:
             raw = orjson.dumps(body)

@@ -317,16 +317,9 @@ class _ResponsesHandler(_Handler):
         if self.path != "/v1/responses":
             self.send_json(404, _err("Not found"))
             return
-        extra = set(body) - RESPONSES_FIELDS if isinstance(body, dict) else {"<not an object>"}
-        if extra:
-            self.send_json(400, _err(f"Unknown parameter: '{sorted(extra)[0]}'.", "unknown_parameter",
-                                     sorted(extra)[0]))
+        if self.refused(body, RESPONSES_FIELDS):
             return
         prev = body.get("previous_response_id")
-        if prev is not None and prev not in self.upstream.stored:
-            self.send_json(404, _err(f"Previous response with id '{prev}' not found.", "previous_response_not_found",
-                                     "previous_response_id"))
-            return
         problem = self.check_input(body.get("input"), self.upstream.calls_before(prev))
         if problem:
             self.send_json(400, _err(problem, "invalid_value", "input"))
@@ -348,17 +341,25 @@ class _ResponsesHandler(_Handler):
         else:
             self.send_json(200, response)
 
-    def compact(self, body: Any) -> None:
-        """OpenAI's compaction: the user messages kept, the rest as one opaque compaction item."""
-        extra = set(body) - {"model", "input", "previous_response_id", "instructions", "prompt_cache_key"}
+    def refused(self, body: Any, fields: set[str]) -> bool:
+        """Unknown parameters and unknown previous ids, refused as OpenAI does (True: answered)."""
+        extra = set(body) - fields if isinstance(body, dict) else {"<not an object>"}
         if extra:
-            self.send_json(400, _err(f"Unknown parameter: '{sorted(extra)[0]}'.", "unknown_parameter"))
-            return
+            self.send_json(400, _err(f"Unknown parameter: '{sorted(extra)[0]}'.", "unknown_parameter",
+                                     sorted(extra)[0]))
+            return True
         prev = body.get("previous_response_id")
         if prev is not None and prev not in self.upstream.stored:
             self.send_json(404, _err(f"Previous response with id '{prev}' not found.", "previous_response_not_found",
                                      "previous_response_id"))
+            return True
+        return False
+
+    def compact(self, body: Any) -> None:
+        """OpenAI's compaction: the user messages kept, the rest as one opaque compaction item."""
+        if self.refused(body, {"model", "input", "previous_response_id", "instructions", "prompt_cache_key"}):
             return
+        prev = body.get("previous_response_id")
         inp = body.get("input")
         items = self.upstream.stored[prev]["input"] if prev else []
         items = items + ([{"role": "user", "content": inp}] if isinstance(inp, str) else list(inp or []))

@@ -7,6 +7,7 @@ import base64
 import json
 import re
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -117,6 +118,16 @@ def test_readme_curl_lines_answer_both_directions(sf):
     assert "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"]) == "You said: hello"
     assert chat_stream.rstrip().endswith("data: [DONE]")
     assert {m["id"] for m in json.loads(models)["data"]} >= {"demo", "demo-codex"}
+
+
+def test_readme_websocket_snippet_runs(sf):
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```python\n(import json\nfrom websockets.*?)```", text, re.S)
+    assert block is not None, "the README's WebSocket snippet moved"
+    code = block.group(1).replace("ws://localhost:10000", sf.ws_url.removesuffix("/v1/responses"))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["demo You said: hello", "demo-codex You said: hello"]
 
 
 def test_demo_sdk_both_directions_streamed_and_not(sf):

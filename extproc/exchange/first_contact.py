@@ -72,7 +72,8 @@ class Probe:
         return Action()
 
     def response_headers(self, headers: dict[str, str]) -> Action:
-        self.status = int(headers.get(":status", "0") or 0)
+        status = headers.get(":status", "")
+        self.status = int(status) if status.isdigit() else 0
         if self.status in _LEARNABLE and self.model is not None:
             return Action(response_body_mode=BUFFERED)
         return Action(done=True)

@@ -27,6 +27,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.config import Config, ConfigError, ListenTLS, load_config
 from extproc.errors import GatewayError
 from extproc.exchange import Action, Exchange, Lookup, Step, error_action
+from extproc.exchange.first_contact import ROLE, FirstContact
+from extproc.front.websocket import FrontDoor
 from extproc.ops.admin import TOKEN_ENV, start_admin
 from extproc.ops.logs import configure_logging
 from extproc.ops.metrics import CONTENT_TYPE, ExchangeTimer, Metrics
@@ -123,7 +125,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             self.metrics.store_errors.inc("write")
             log.warning("state store unavailable, %d records not written: %s", len(writes), e)
 
-    async def _step(self, ex: Exchange, kind: str, req: pb.ProcessingRequest) -> Action:
+    async def _step(self, ex: Exchange | FirstContact, kind: str, req: pb.ProcessingRequest) -> Action:
         """One Envoy message through the exchange, store lookups included; errors become answers."""
         try:
             step: Step
@@ -154,7 +156,9 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                       context: grpc.aio.ServicerContext) -> None:
         """One HTTP exchange. context.read()/write() rather than an async generator: measured 15-25%
         more requests per second through grpc.aio (benchmarks/floor_processor.py)."""
-        ex = Exchange(self.holder.gateway)
+        # The upstream filter of first-contact requests names itself in the stream's metadata.
+        upstream = any(k == "x-extproc-role" and v == ROLE for k, v in context.invocation_metadata() or ())
+        ex = FirstContact(self.holder.gateway) if upstream else Exchange(self.holder.gateway)
         timer = self.metrics.timer()
         try:
             while True:
@@ -174,7 +178,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 if act.done:
                     return
         finally:
-            self._record(ex, timer)
+            if isinstance(ex, Exchange):  # a first-contact attempt is reported by its client-side exchange
+                self._record(ex, timer)
 
     def _record(self, ex: Exchange, timer: ExchangeTimer) -> None:
         record(ex, self.metrics, timer, self.holder.gateway.classifier.label_for)
@@ -286,6 +291,12 @@ async def serve(config_path: str) -> None:
                                                  "GET /metrics": metrics_page, "GET /learned": learned,
                                                  "DELETE /learned": forget}, os.environ.get(TOKEN_ENV) or None)
 
+    websocket_listen = os.environ.get("EXTPROC_WEBSOCKET_LISTEN", config.websocket_listen or "")
+    front = None
+    if websocket_listen and websocket_listen != "off":
+        front = FrontDoor(lambda: holder.gateway.config, os.environ.get("EXTPROC_WEBSOCKET_GATEWAY"))
+        await front.start(websocket_listen)
+
     def follow_dns() -> None:
         """`dns:` endpoints (a headless Service): the ring follows the addresses as they change."""
         current = holder.gateway.config
@@ -311,6 +322,8 @@ async def serve(config_path: str) -> None:
     await server.stop(grace=float(os.environ.get("EXTPROC_SHUTDOWN_GRACE", "30")))
     if admin is not None:
         await admin.cleanup()
+    if front is not None:
+        await front.close()
     await store.close()
 
 

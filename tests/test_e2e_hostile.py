@@ -240,6 +240,7 @@ def test_hostile_body_is_a_clear_4xx(gw, case):
     ("GET", "/v1/responses", "POST"), ("PUT", "/v1/responses", "POST"),
     ("POST", "/v1/responses/resp_abc", "GET, DELETE"), ("GET", "/v1/responses/resp_abc/cancel", "POST"),
     ("DELETE", "/v1/responses/resp_abc/input_items", "GET"), ("POST", "/v1/models", "GET"),
+    ("GET", "/v1/responses/compact", "POST"),
 ])
 def test_wrong_method_on_a_sidecar_path_is_a_405_with_allow(gw, method, path, allow):
     status, headers, body = call(gw, method, path, b"{}" if method in ("POST", "PUT", "PATCH") else None)

@@ -58,8 +58,6 @@ class RequestSide:
         bare = self.path.partition("?")[0]
         self.client_api = API_OF_PATH.get(bare)
         if bare == compact.PATH:  # not the resource of a response with id "compact"
-            if self.method != "POST":
-                raise GatewayError(405, f"{self.method} is not supported on {compact.PATH}", code="method_not_allowed")
             self.client_api, self.compacting = RESPONSES, True
             return Action()
         resource = rec.RESOURCE_RE.match(bare)

@@ -26,7 +26,7 @@ backends:
 @pytest.mark.parametrize(("path", "allowed"), [
     ("/v1/chat/completions", ("POST",)), ("/v1/responses?x=1", ("POST",)), ("/v1/models", ("GET",)),
     ("/v1/responses/resp_1", ("GET", "DELETE")), ("/v1/responses/resp_1/cancel", ("POST",)),
-    ("/v1/responses/resp_1/input_items?limit=2", ("GET",)),
+    ("/v1/responses/resp_1/input_items?limit=2", ("GET",)), ("/v1/responses/compact", ("POST",)),
     ("/v1/embeddings", None), ("/v1/models/gpt-4o", None), ("/v1/audio/speech", None), ("/healthz", None),
 ])
 def test_the_sidecar_handles_exactly_its_own_paths(path, allowed):

@@ -114,6 +114,7 @@ class Config:
     admin_listen: str | None = "127.0.0.1:9902"  # /healthz /readyz /metrics; None turns it off
     usage_accounting: str = "all"  # all: read usage from passed-through answers too; translated: only those
     log_format: str = "json"  # json (one object per line) | text
+    fast_path: bool = True  # compile pass-through decisions into Envoy routes (served over xDS), see routing.compile
     source: str = "<memory>"
 
     def backend(self, name: str) -> Backend | None:
@@ -208,7 +209,8 @@ class _Validator:
         if root is None:
             raise ConfigError([f"{self.source}: empty config: at least one backend is required"])
         top = self.mapping(root, "", {"listen", "log_level", "backends", "model_rules", "limits", "state",
-                                      "discovery", "admin_listen", "usage_accounting", "log_format", "listen_tls"})
+                                      "discovery", "admin_listen", "usage_accounting", "log_format", "listen_tls",
+                                      "fast_path"})
         kw: dict[str, Any] = {"source": self.source}
         if "listen" in top:
             listen = self.scalar(top["listen"], "listen", str)
@@ -232,6 +234,8 @@ class _Validator:
                 self.scalar(top["admin_listen"], "admin_listen", str)
         if "usage_accounting" in top:
             kw["usage_accounting"] = self.choice(top["usage_accounting"], "usage_accounting", ("all", "translated"))
+        if "fast_path" in top:
+            kw["fast_path"] = self.scalar(top["fast_path"], "fast_path", bool)
         if "log_format" in top:
             kw["log_format"] = self.choice(top["log_format"], "log_format", ("json", "text"))
         if "log_level" in top:

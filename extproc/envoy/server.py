@@ -17,14 +17,18 @@ import grpc
 import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.accesslog.v3 import als_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.config import Config, ConfigError, ListenTLS, load_config
+from extproc.envoy import xds
 from extproc.errors import GatewayError
 from extproc.exchange.flow import Action, Exchange, Lookup, error_action
+from extproc.ops import access_log
 from extproc.ops.admin import start_admin
 from extproc.ops.logs import configure_logging
 from extproc.ops.metrics import Metrics
@@ -182,7 +186,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             outcome, status = f"gateway_{ex.failure.status // 100}xx", ex.failure.status
         else:
             status = ex.status
-            outcome = "ok" if 200 <= status < 300 else f"upstream_{status // 100}xx" if status else "passed_on"
+            outcome = access_log.outcome(status)
         backend = ex.target.backend.name if ex.target else ""
         model = ex.model or ""
         if ex.client_api is not None:
@@ -254,6 +258,9 @@ async def serve(config_path: str) -> None:
         ("grpc.so_reuseport", 1),
     ])
     pb_grpc.add_ExternalProcessorServicer_to_server(Processor(holder, store, metrics), server)
+    discovery = xds.Discovery()  # Envoy's routes (the fast path) and the access log of what took it
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(discovery, server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log.AccessLog(metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listen = os.environ.get("EXTPROC_LISTEN", config.listen)
@@ -337,6 +344,7 @@ async def serve(config_path: str) -> None:
             install(new)
 
     tasks = [asyncio.create_task(discover_forever(lambda: holder.gateway)),
+             asyncio.create_task(xds.follow(discovery, lambda: holder.gateway, store)),
              asyncio.create_task(watch_file(config_path, reload)),
              asyncio.create_task(every(lambda: holder.gateway.config.discovery.interval_seconds, follow_dns))]
     loop.add_signal_handler(signal.SIGHUP, reload)

@@ -44,7 +44,7 @@ async def discover_once(gateway: Gateway, knowledge: Knowledge) -> None:
     for backend in discoverable(gateway):
         models = await asyncio.to_thread(fetch_models, backend, timeout)
         if models is not None:
-            knowledge.discovered[backend.name] = models
+            knowledge.discover(backend.name, models)
             log.info("discovery: %s lists %d models", backend.name, len(models))
 
 

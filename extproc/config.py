@@ -64,6 +64,7 @@ class ModelRule:
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 48 * 1024 * 1024  # below Envoy's 64 MiB buffer: the sidecar answers first
+    upstream_timeout_seconds: int = 600  # Envoy's route timeout to a backend (the compiled routes carry it)
 
 
 STORES = ("memory", "sqlite", "redis")
@@ -243,13 +244,18 @@ class _Validator:
             if lvl:
                 kw["log_level"] = lvl
         if "limits" in top:
-            lim = self.mapping(top["limits"], "limits", {"max_body_bytes"})
+            lim = self.mapping(top["limits"], "limits", {"max_body_bytes", "upstream_timeout_seconds"})
+            lkw: dict[str, Any] = {}
             if "max_body_bytes" in lim:
                 n = self.scalar(lim["max_body_bytes"], "limits.max_body_bytes", int)
                 if n is not None and n < 1024:
                     self.problem(lim["max_body_bytes"], "limits.max_body_bytes", "must be at least 1024")
                 elif n is not None:
-                    kw["limits"] = Limits(max_body_bytes=n)
+                    lkw["max_body_bytes"] = n
+            if "upstream_timeout_seconds" in lim:
+                lkw["upstream_timeout_seconds"] = self.bounded(lim["upstream_timeout_seconds"],
+                                                               "limits.upstream_timeout_seconds", 1, 86400)
+            kw["limits"] = Limits(**lkw)
         if "discovery" in top:
             d = self.mapping(top["discovery"], "discovery", {"interval_seconds", "timeout_ms", "allow_mode_header"})
             dkw: dict[str, Any] = {}

@@ -258,9 +258,10 @@ async def serve(config_path: str) -> None:
         ("grpc.so_reuseport", 1),
     ])
     pb_grpc.add_ExternalProcessorServicer_to_server(Processor(holder, store, metrics), server)
-    discovery = xds.Discovery()  # Envoy's routes (the fast path) and the access log of what took it
+    long_streams = xds.LongStreams()
+    discovery = xds.Discovery(long_streams)  # Envoy's routes (the fast path) and the access log of what took it
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(discovery, server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log.AccessLog(metrics), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log.AccessLog(metrics, long_streams), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listen = os.environ.get("EXTPROC_LISTEN", config.listen)
@@ -355,6 +356,7 @@ async def serve(config_path: str) -> None:
     for task in tasks:
         task.cancel()
     await health_servicer.enter_graceful_shutdown()
+    long_streams.end()
     await server.stop(grace=float(os.environ.get("EXTPROC_SHUTDOWN_GRACE", "30")))
     if admin is not None:
         admin.close()

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
@@ -32,6 +33,7 @@ log = logging.getLogger("extproc")
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 ORDER = (CLUSTER_TYPE, ROUTE_TYPE)  # make before break: clusters reach Envoy before routes naming them
+T = TypeVar("T")
 POLL_SECONDS = 0.1  # how often a reload or a new fact is looked for (cheap: two comparisons)
 STORE_SECONDS = 5.0  # how often the store's learned facts (other replicas') are read
 
@@ -40,6 +42,34 @@ def _pack(msg: object) -> any_pb2.Any:
     out = any_pb2.Any()
     out.Pack(msg)  # type: ignore[arg-type]
     return out
+
+
+class LongStreams:
+    """Streams Envoy keeps open for good (ADS, access log): they end first at shutdown, which would
+    otherwise wait its whole grace period for them. Envoy keeps its last routes meanwhile."""
+
+    def __init__(self) -> None:
+        self.closing = asyncio.Event()
+
+    async def messages(self, stream: AsyncIterator[T]) -> AsyncIterator[T]:
+        """The stream's messages, until it ends or the server shuts down."""
+        closing = asyncio.create_task(self.closing.wait())
+        try:
+            while True:
+                message = asyncio.ensure_future(anext(stream))
+                await asyncio.wait((message, closing), return_when=asyncio.FIRST_COMPLETED)
+                if not message.done():
+                    message.cancel()
+                    return
+                try:
+                    yield message.result()
+                except StopAsyncIteration:
+                    return
+        finally:
+            closing.cancel()
+
+    def end(self) -> None:
+        self.closing.set()
 
 
 class Snapshot:
@@ -55,7 +85,8 @@ class Snapshot:
 
 
 class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self) -> None:
+    def __init__(self, streams: LongStreams) -> None:
+        self.long = streams
         self.snapshot: Snapshot | None = None
         self.streams: set[asyncio.Event] = set()  # one per connected Envoy: set when there is news
 
@@ -76,7 +107,7 @@ class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         wake = asyncio.Event()
 
         async def read() -> None:
-            async for req in request_iterator:
+            async for req in self.long.messages(request_iterator):
                 if req.HasField("error_detail"):
                     log.error("xds: Envoy rejected %s version %s: %s", req.type_url.rsplit(".", 1)[-1],
                               req.response_nonce, req.error_detail.message)
@@ -91,17 +122,19 @@ class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             while not reader.done():
                 await wake.wait()
                 wake.clear()
-                snap = self.snapshot
-                if snap is None:
-                    continue
-                for kind in ORDER:
-                    if kind in subscribed and sent.get(kind) != snap.version:
-                        await context.write(pb.DiscoveryResponse(version_info=snap.version, type_url=kind,
-                                                                 resources=snap.resources[kind], nonce=snap.version))
-                        sent[kind] = snap.version
+                if self.snapshot is not None:
+                    await self._send(context, self.snapshot, subscribed, sent)
         finally:
             self.streams.discard(wake)
             reader.cancel()
+
+    @staticmethod
+    async def _send(context: grpc.aio.ServicerContext, snap: Snapshot, subscribed: set[str], sent: dict[str, str]) -> None:
+        for kind in ORDER:
+            if kind in subscribed and sent.get(kind) != snap.version:
+                await context.write(pb.DiscoveryResponse(version_info=snap.version, type_url=kind,
+                                                         resources=snap.resources[kind], nonce=snap.version))
+                sent[kind] = snap.version
 
 
 async def follow(discovery: Discovery, current: Callable[[], Gateway], store: LearnedStore) -> None:

@@ -16,6 +16,7 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from extproc.envoy.xds import LongStreams
 from extproc.ops.metrics import Metrics
 from extproc.routing.compile import FAST, NAMESPACE
 
@@ -47,12 +48,13 @@ def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
 
 
 class AccessLog(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, streams: LongStreams):
         self.metrics = metrics
+        self.streams = streams
 
     async def StreamAccessLogs(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
                                context: grpc.aio.ServicerContext) -> als_pb2.StreamAccessLogsResponse:
-        async for message in request_iterator:
+        async for message in self.streams.messages(request_iterator):
             for entry in message.http_logs.log_entry:
                 try:
                     count(self.metrics, entry)

@@ -42,7 +42,6 @@ ENDPOINTS_CLUSTER = "endpoints"  # ORIGINAL_DST cluster for instances the proces
 SESSION_HEADERS = ("session-id", "x-session-id", "conversation-id", "thread-id")  # as gateway.placement_key
 MODE_HEADER = "x-gateway-model-mode"
 NO_ROUTE = b'{"error":{"message":"no backend selected","type":"invalid_request_error","param":null,"code":"no_route"}}'
-_TIMEOUT = duration_pb2.Duration(seconds=600)
 
 
 def backend_cluster(backend: Backend) -> str:
@@ -154,6 +153,10 @@ def _any(msg: Any) -> any_pb2.Any:
 _NO_PROCESSOR = {"envoy.filters.http.ext_proc": _any(ext_proc_pb2.ExtProcPerRoute(disabled=True))}
 
 
+def _timeout(config: Config) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=config.limits.upstream_timeout_seconds)
+
+
 def _headers(config: Config) -> list[rc.HeaderMatcher]:
     """Headers a fast-path request must not carry: the processor acts on them."""
     names = ["content-encoding"] + ([MODE_HEADER] if config.discovery.allow_mode_header else [])
@@ -164,7 +167,7 @@ def fast_route(config: Config, backend: Backend, client_api: str,
                models: list[metadata_pb2.MetadataMatcher]) -> list[rc.Route]:
     """Straight to the backend, one route per alternative in `conditions`."""
     path = PATHS[client_api]
-    action = rc.RouteAction(cluster=backend_cluster(backend), timeout=_TIMEOUT)
+    action = rc.RouteAction(cluster=backend_cluster(backend), timeout=_timeout(config))
     if backend.cluster:
         action.auto_host_rewrite.value = True
     elif len(backend.endpoints) > 1:  # prefix-cache affinity where the request carries a session
@@ -192,9 +195,10 @@ def processor_routes(config: Config) -> tuple[list[rc.Route], list[rc.Route]]:
     to the processor (ext_proc runs on it; after its routing headers the route is matched again)."""
     first = [rc.Route(name="processor:endpoint", match=rc.RouteMatch(prefix="/", headers=[
         rc.HeaderMatcher(name=H_ENDPOINT, present_match=True)]), route=rc.RouteAction(
-            cluster=ENDPOINTS_CLUSTER, timeout=_TIMEOUT))]
+            cluster=ENDPOINTS_CLUSTER, timeout=_timeout(config)))]
     for cluster in dict.fromkeys(b.cluster for b in config.backends if b.cluster):
-        action = rc.RouteAction(cluster=cluster, timeout=_TIMEOUT, auto_host_rewrite=wrappers_pb2.BoolValue(value=True))
+        action = rc.RouteAction(cluster=cluster, timeout=_timeout(config),
+                                auto_host_rewrite=wrappers_pb2.BoolValue(value=True))
         first.append(rc.Route(name=f"processor:{cluster}", route=action, match=rc.RouteMatch(prefix="/", headers=[
             rc.HeaderMatcher(name=H_CLUSTER, string_match=string_pb2.StringMatcher(exact=cluster))])))
     return first, [rc.Route(name="processor", match=rc.RouteMatch(prefix="/"), direct_response=_no_route())]

@@ -214,31 +214,35 @@ def main() -> int:
         peer = None if args.no_peer else start_litellm(stack, nginx)
         d, c8 = args.duration, 8
 
+        def against_alone(port: int, path: str, body: dict, c: int) -> tuple[float, float, float, float]:
+            """(alone rps, alone median, rps, median): Envoy alone measured right before, since the load
+            of a shared machine drifts between runs."""
+            base_rps, base_lat = wrk(f"http://127.0.0.1:{alone}{path}", body, to_nginx, d, c)
+            return base_rps, base_lat, *wrk(f"http://127.0.0.1:{port}{path}", body, {}, d, c)
+
         if not only or "passthrough" in only:
             print("pass-through (chat client, chat model), wrk -c8 and -c1:")
-            base = {c: wrk(f"http://127.0.0.1:{alone}/v1/chat/completions", CHAT_REQ, to_nginx, d, c) for c in (1, c8)}
-            base_resp = wrk(f"http://127.0.0.1:{alone}/v1/responses", RESP_FAST_REQ, to_nginx, d, c8)
             floor_port = free_port()
             stack.spawn("floor", [sys.executable, str(REPO / "benchmarks" / "floor_processor.py"), str(floor_port),
                                   f"127.0.0.1:{nginx}"])
             wait_for_port(floor_port)
             floor = start_envoy_with_processor(stack, floor_port)
-            rps, lat = wrk(f"http://127.0.0.1:{floor}/v1/chat/completions", CHAT_REQ, {}, d, c8)
-            row("pass-through throughput, do-nothing Python processor (floor)", base[c8][0], rps, None, "req/s", "reference")
+            base_rps, _, rps, _ = against_alone(floor, "/v1/chat/completions", CHAT_REQ, c8)
+            row("pass-through throughput, do-nothing Python processor (floor)", base_rps, rps, None, "req/s", "reference")
             for c in (c8, 1):
-                rps, lat = wrk(f"http://127.0.0.1:{gw_fast}/v1/chat/completions", CHAT_REQ, {}, d, c)
-                row(f"fast path throughput, usage counted, c={c}", base[c][0], rps, None, "req/s", ">= 0.60 x alone")
-                row(f"fast path added median latency, c={c}", None, lat - base[c][1], None, "ms",
+                base_rps, base_lat, rps, lat = against_alone(gw_fast, "/v1/chat/completions", CHAT_REQ, c)
+                row(f"fast path throughput, usage counted, c={c}", base_rps, rps, None, "req/s", ">= 0.60 x alone")
+                row(f"fast path added median latency, c={c}", None, lat - base_lat, None, "ms",
                     "<= 0.3 ms" if c == 1 else "")
-            rps, lat = wrk(f"http://127.0.0.1:{gw_fast}/v1/responses", RESP_FAST_REQ, {}, d, c8)
-            row("fast path throughput, Responses store:false, c=8", base_resp[0], rps, None, "req/s", ">= 0.60 x alone")
+            base_rps, _, rps, _ = against_alone(gw_fast, "/v1/responses", RESP_FAST_REQ, c8)
+            row("fast path throughput, Responses store:false, c=8", base_rps, rps, None, "req/s", ">= 0.60 x alone")
             for name, port in (("usage accounting on", gw), ("usage_accounting: translated", gw_lean),
                                ("translated-only accounting, 2 workers", gw_two)):
                 for c in (c8, 1) if port == gw else (c8,):
-                    rps, lat = wrk(f"http://127.0.0.1:{port}/v1/chat/completions", CHAT_REQ, {}, d, c)
-                    row(f"processor path throughput, {name}, c={c}", base[c][0], rps, None, "req/s",
+                    base_rps, base_lat, rps, lat = against_alone(port, "/v1/chat/completions", CHAT_REQ, c)
+                    row(f"processor path throughput, {name}, c={c}", base_rps, rps, None, "req/s",
                         ">= 0.40 x alone" if c == c8 else "")
-                    row(f"processor path added median latency, {name}, c={c}", None, lat - base[c][1], None, "ms",
+                    row(f"processor path added median latency, {name}, c={c}", None, lat - base_lat, None, "ms",
                         "<= 1 ms")
         if not only or "translated" in only:
             print("translated non-streaming (Responses client, chat-only model), wrk -c8:")

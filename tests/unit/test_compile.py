@@ -222,3 +222,15 @@ def test_glob_regex_matches_like_fnmatch(pattern):
     for name in names:
         assert bool(re.fullmatch(glob_regex(pattern), name)) == (fnmatch.fnmatchcase(name, pattern) and name != ""), \
             (pattern, name)
+
+
+def test_resolve_command_says_which_path(tmp_path, capsys):
+    from extproc.cli import main
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("backends: [{name: vllm, api: chat, models: ['llama-*'], endpoints: ['127.0.0.1:9']}]\n")
+    assert main(["resolve", "--config", str(cfg), "llama-3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("chat client -> chat upstream; fast path: Envoy routes it to 1 instance(s) of llm.vllm")
+               for line in lines), lines
+    assert "responses client -> chat upstream; processor: translated to the chat API" in lines

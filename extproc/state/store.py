@@ -8,9 +8,11 @@ or slow call raises `StoreUnavailable`, which the exchange turns into ring fallb
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Protocol
 
 from extproc.config import State
@@ -26,7 +28,11 @@ class Store(Protocol):
     async def get_many(self, keys: tuple[str, ...]) -> list[bytes | None]: ...
     async def write(self, writes: list[tuple[str, bytes | None]], ttl: int | None = None) -> None: ...  # None deletes
     async def scan(self, prefix: str) -> list[tuple[str, bytes]]: ...  # for the admin command, not requests
+    async def add(self, key: str, value: bytes) -> bytes: ...  # set unless present, never expires; the value kept
     async def close(self) -> None: ...
+
+
+FOREVER = 100 * 365 * 86400  # seconds: records that must not expire (the tenant secret)
 
 
 class MemoryStore:
@@ -74,6 +80,13 @@ class MemoryStore:
     async def scan(self, prefix: str) -> list[tuple[str, bytes]]:
         return [(k, v) for k in list(self.data) if k.startswith(prefix) and (v := self.get(k)) is not None]
 
+    async def add(self, key: str, value: bytes) -> bytes:
+        kept = self.get(key)
+        if kept is None:
+            await self.write([(key, value)], FOREVER)
+            kept = value
+        return kept
+
     async def close(self) -> None:
         self.data.clear()
 
@@ -114,28 +127,48 @@ class SQLiteStore:
         return self.db.execute("SELECT key, value FROM kv WHERE expires >= ? AND substr(key, 1, ?) = ?",
                                (time.time(), len(prefix), prefix)).fetchall()
 
+    async def add(self, key: str, value: bytes) -> bytes:
+        try:
+            with self.db:
+                self.db.execute("INSERT OR IGNORE INTO kv VALUES (?, ?, ?)", (key, value, time.time() + FOREVER))
+            return self.db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()[0]
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite: {e}") from None
+
     async def close(self) -> None:
         self.db.close()
 
 
-class RedisStore:
-    """Shared by every replica. Keys carry a prefix and the configured TTL; one round trip per call."""
+@contextlib.contextmanager
+def _redis_errors() -> Iterator[None]:
+    """Redis down, slow, refusing the password or failing TLS verification: all StoreUnavailable."""
+    import redis
 
-    def __init__(self, url: str, ttl: int, timeout: float):
+    try:
+        yield
+    except (TimeoutError, redis.RedisError, OSError) as e:
+        raise StoreUnavailable(f"redis: {e or type(e).__name__}") from None
+
+
+class RedisStore:
+    """Shared by every replica. Keys carry a prefix and the configured TTL; one round trip per call.
+
+    `password` authenticates (Redis `requirepass`, or the ACL user named in the URL); a `rediss://`
+    URL verifies the server's certificate and host name against the system store plus `ca_file`."""
+
+    def __init__(self, url: str, ttl: int, timeout: float, password: str | None = None, ca_file: str | None = None):
         import redis.asyncio as aioredis
 
         self.ttl = ttl
         self.timeout = timeout
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                             health_check_interval=30)
+        tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": ca_file} \
+            if url.startswith("rediss://") else {}
+        self.redis = aioredis.Redis.from_url(url, password=password, socket_timeout=timeout,
+                                             socket_connect_timeout=timeout, health_check_interval=30, **tls)
 
     async def _run(self, coro):  # type: ignore[no-untyped-def]
-        import redis
-
-        try:
+        with _redis_errors():
             return await asyncio.wait_for(coro, self.timeout)
-        except (TimeoutError, redis.RedisError, OSError) as e:
-            raise StoreUnavailable(f"redis: {e or type(e).__name__}") from None
 
     async def get_many(self, keys: tuple[str, ...]) -> list[bytes | None]:
         return await self._run(self.redis.mget([PREFIX + k for k in keys]))
@@ -150,9 +183,15 @@ class RedisStore:
         await self._run(pipe.execute())
 
     async def scan(self, prefix: str) -> list[tuple[str, bytes]]:
-        keys = [k async for k in self.redis.scan_iter(match=PREFIX + prefix + "*", count=1000)]
+        with _redis_errors():  # no time bound: the admin command may walk many keys
+            keys = [k async for k in self.redis.scan_iter(match=PREFIX + prefix + "*", count=1000)]
         values = await self.get_many(tuple(k.decode()[len(PREFIX):] for k in keys)) if keys else []
         return [(k.decode()[len(PREFIX):], v) for k, v in zip(keys, values, strict=True) if v is not None]
+
+    async def add(self, key: str, value: bytes) -> bytes:
+        await self._run(self.redis.set(PREFIX + key, value, nx=True))
+        kept = await self._run(self.redis.get(PREFIX + key))
+        return kept if kept is not None else value
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -160,7 +199,8 @@ class RedisStore:
 
 def open_store(state: State) -> Store:
     if state.store == "redis":
-        return RedisStore(state.redis_url or "", state.ttl_seconds, state.timeout_ms / 1000)
+        return RedisStore(state.redis_url or "", state.ttl_seconds, state.timeout_ms / 1000,
+                          password=state.redis_password, ca_file=state.redis_ca_file)
     if state.store == "sqlite":
         return SQLiteStore(state.sqlite_path or "", state.ttl_seconds)
     return MemoryStore(state.ttl_seconds, state.max_entries, state.max_memory_bytes)

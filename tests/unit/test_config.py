@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from extproc.config import ConfigError, parse_config
+from extproc.config import ConfigError, Endpoint, parse_config
 from extproc.routing.classify import Classifier
 
 GOOD = """
@@ -113,3 +115,41 @@ backends:
 """, env={})
     (b,) = cfg.backends
     assert b.dns_names == ("localhost:8000",) and "127.0.0.1:8000" in [e.address for e in b.endpoints]
+
+
+def test_dns_entries_are_resolved_again_without_reading_the_file():
+    cfg = parse_config("""
+backends:
+  - name: b
+    api: chat
+    models: ["m"]
+    endpoints: ["10.1.2.3:80", {dns: "localhost:8000", weight: 3}]
+""", env={})
+    b = cfg.backends[0]
+    assert b.dns_names == ("localhost:8000",) and b.dns_weights == (3,)
+    again = b.resolve_dns()
+    assert again is not None and again[0] == Endpoint("10.1.2.3:80", 1)
+    assert "127.0.0.1:8000" in {e.address for e in again[1:]} and {e.weight for e in again[1:]} == {3}
+    gone = dataclasses.replace(b, dns_names=("no-such-host.invalid:80",), dns_weights=(1,))
+    assert gone.resolve_dns() is None  # a failed lookup keeps the last known endpoints
+
+
+def test_redis_password_comes_from_the_environment_only(tmp_path):
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not parsed at load")
+    state = f"state: {{store: redis, redis_url: 'rediss://gw@r:6380/0', redis_password_env: RPW, redis_ca_file: '{ca}'}}\n"
+    cfg = parse_config(GOOD + state, env={"KEY": "k", "RPW": "hunter2"})
+    assert (cfg.state.redis_password, cfg.state.redis_ca_file) == ("hunter2", str(ca))
+    assert "hunter2" not in repr(cfg)
+    bad = {
+        "state: {store: redis, redis_url: 'redis://:hunter2@r:6379/0'}": "state.redis_url: holds a password",
+        "state: {store: redis, redis_url: 'redis://r', redis_password_env: RPW}": "environment variable RPW is not set",
+        "state: {store: redis, redis_url: 'redis://r', redis_password_env: 'not a name'}": "environment variable name",
+        f"state: {{store: redis, redis_url: 'redis://r', redis_ca_file: '{ca}'}}": "only used with a rediss://",
+        "state: {store: redis, redis_url: 'rediss://r', redis_ca_file: /nonexistent.crt}": "no such file",
+        "state: {store: redis, redis_url: 'rediss://r/0?ssl_cert_reqs=none'}": "TLS options in the URL",
+    }
+    for text, problem in bad.items():
+        with pytest.raises(ConfigError) as e:
+            parse_config(GOOD + text + "\n", env={"KEY": "k"})
+        assert problem in str(e.value) and "hunter2" not in str(e.value), text

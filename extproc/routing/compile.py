@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2
@@ -29,7 +29,7 @@ from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from extproc.api import AUTO, BOTH, CHAT, PATHS, RESPONSES
-from extproc.config import Backend, Config, ModelRule
+from extproc.config import Backend, Config
 from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.classify import Classifier, Resolution, combine, is_glob
 from extproc.routing.gateway import H_CLUSTER, H_ENDPOINT
@@ -116,13 +116,23 @@ def _meta(key: str, value: value_pb2.ValueMatcher, invert: bool = False) -> meta
                                         value=value, invert=invert)
 
 
-def model_exact(name: str) -> metadata_pb2.MetadataMatcher:
-    return _meta("model", value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=name)))
+def model_in(names: list[str]) -> metadata_pb2.MetadataMatcher:
+    """One of these exact names: one route for many (a discovered list can name hundreds)."""
+    exact = [value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=n)) for n in names]
+    return _meta("model", exact[0] if len(exact) == 1 else
+                 value_pb2.ValueMatcher(or_match=value_pb2.OrMatcher(value_matchers=exact)))
 
 
 def model_glob(pattern: str) -> metadata_pb2.MetadataMatcher:
-    regex = regex_pb2.RegexMatcher(regex=glob_regex(pattern))
-    return _meta("model", value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(safe_regex=regex)))
+    return model_globs([pattern])
+
+
+def model_globs(patterns: list[str]) -> metadata_pb2.MetadataMatcher:
+    """A name any of these globs matches."""
+    each = [value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(
+        safe_regex=regex_pb2.RegexMatcher(regex=glob_regex(p)))) for p in patterns]
+    return _meta("model", each[0] if len(each) == 1 else
+                 value_pb2.ValueMatcher(or_match=value_pb2.OrMatcher(value_matchers=each)))
 
 
 def _absent(key: str) -> metadata_pb2.MetadataMatcher:
@@ -219,28 +229,49 @@ def exact_names(config: Config, knowledge: Knowledge, learned: dict[tuple[str, s
 
 
 def _glob_routes(config: Config, client_api: str) -> Iterable[rc.Route]:
-    """Routes for names only globs match: first backend glob x first rule glob x first catalogue glob."""
+    """Routes for names only globs match: first backend glob x first rule glob x first catalogue glob,
+    in that order of precedence (Envoy's first match then gives each dimension's first match)."""
     rules = [(i, r) for i, r in enumerate(config.model_rules) if is_glob(r.match)]
     catalogue = [(p, mode) for p, mode in CATALOGUE if is_glob(p)]
     for backend in config.backends:
+        cat_dim: list[tuple[str, str] | None] = [*catalogue, None] if backend.api in (AUTO, BOTH) else [None]
         for pattern in (p for p in backend.models if is_glob(p)):
-            open_api = backend.api in (AUTO, BOTH)
-            rule_dim: list[tuple[int, ModelRule] | None] = [*rules, None]
-            cat_dim: list[tuple[str, str] | None] = [*catalogue, None] if open_api else [None]
-            grid = {(r, c): decide(config, combine(backend, r, c, None, None), client_api).fast
-                    for r in rule_dim for c in cat_dim}
-            base = [model_glob(pattern)]
-            if len(set(grid.values())) == 1:
-                yield from _routes(config, backend, client_api, base, grid[(None, None)])
-                continue
-            for r in rule_dim:
-                with_rule = base + ([model_glob(r[1].match)] if r else [])
-                row = {c: grid[(r, c)] for c in cat_dim}
-                if len(set(row.values())) == 1:
-                    yield from _routes(config, backend, client_api, with_rule, row[None])
+            rows: dict[str, list[tuple[str | None, bool]]] = {}
+            rule_entries: list[tuple[str | None, bool | str]] = []
+            for r in [*rules, None]:
+                row = [(c[0] if c else None, decide(config, combine(backend, r, c, None, None), client_api).fast)
+                       for c in cat_dim]
+                uniform = {fast for _, fast in row}
+                key: bool | str = uniform.pop() if len(uniform) == 1 else f"row{len(rows)}"
+                if isinstance(key, str):
+                    rows[key] = row
+                rule_entries.append((r[1].match if r else None, key))
+            for globs, key in _runs(rule_entries):
+                with_rule = [model_glob(pattern)] + ([model_globs(globs)] if globs else [])
+                if isinstance(key, bool):
+                    yield from _routes(config, backend, client_api, with_rule, key)
                     continue
-                for c in cat_dim:
-                    yield from _routes(config, backend, client_api, with_rule + ([model_glob(c[0])] if c else []), row[c])
+                for cat_globs, fast in _runs(rows[key]):
+                    yield from _routes(config, backend, client_api,
+                                       with_rule + ([model_globs(cat_globs)] if cat_globs else []), fast)
+
+
+V = TypeVar("V")
+
+
+def _runs(entries: list[tuple[str | None, V]]) -> list[tuple[list[str] | None, V]]:
+    """(glob, decision) in order, the last one the catch-all (None): consecutive globs with the same
+    decision become one route; the run just before the catch-all goes when the catch-all decides alike."""
+    out: list[tuple[list[str] | None, V]] = []
+    for glob, value in entries:
+        last = out[-1] if out else None
+        if glob is not None and last is not None and last[0] is not None and last[1] == value:
+            last[0].append(glob)
+        else:
+            out.append(([glob] if glob is not None else None, value))
+    if len(out) >= 2 and out[-1][0] is None and out[-2][1] == out[-1][1]:
+        del out[-2]
+    return out
 
 
 def _routes(config: Config, backend: Backend, client_api: str, models: list[metadata_pb2.MetadataMatcher],
@@ -255,13 +286,17 @@ def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str
     first, last = processor_routes(config)
     middle: list[rc.Route] = []
     for client_api in (CHAT, RESPONSES):
+        groups: dict[Backend | None, list[str]] = {}  # by fast-path backend (None: processor); names never overlap
         for name in exact_names(config, knowledge, learned):
             backend = classifier.backend_for(name)
             if backend is None:
                 continue
             fact = learned.get((backend.name, name))
-            res = classifier.resolve(name, learned=fact)
-            middle += _routes(config, backend, client_api, [model_exact(name)], decide(config, res, client_api, fact).fast)
+            fast = decide(config, classifier.resolve(name, learned=fact), client_api, fact).fast
+            groups.setdefault(backend if fast else None, []).append(name)
+        for backend, names in groups.items():
+            middle += fast_route(config, backend, client_api, [model_in(names)]) if backend else \
+                [processor_route(client_api, [model_in(names)])]
         middle += _glob_routes(config, client_api)
     while middle and middle[-1].name == "processor":  # the catch-all does the same
         middle.pop()

@@ -75,6 +75,8 @@ LEARNED = {("open", "learned-resp"): Learned(RESPONSES), ("open", "learned-ok"):
 
 def _value_matches(matcher: Any, value: Any) -> bool:
     kind = matcher.WhichOneof("match_pattern")
+    if kind == "or_match":
+        return any(_value_matches(m, value) for m in matcher.or_match.value_matchers)
     if kind == "present_match":
         return (value is not None) == matcher.present_match
     if kind == "bool_match":
@@ -234,3 +236,13 @@ def test_resolve_command_says_which_path(tmp_path, capsys):
     assert any(line.startswith("chat client -> chat upstream; fast path: Envoy routes it to 1 instance(s) of llm.vllm")
                for line in lines), lines
     assert "responses client -> chat upstream; processor: translated to the chat API" in lines
+
+
+def test_many_known_names_make_few_routes():
+    before = len(compile_routes(config(), knowledge(), LEARNED).routes.virtual_hosts[0].routes)
+    k = knowledge()
+    k.discover("open", {f"found-{i}": CHAT for i in range(500)})
+    compiled = compile_routes(config(), k, LEARNED)
+    assert len(compiled.routes.virtual_hosts[0].routes) == before  # they join the routes of found-chat
+    assert first_match(compiled, PATHS[CHAT], {"model": "found-321"}) == "fast:chat:open"
+    assert first_match(compiled, PATHS[RESPONSES], {"model": "found-321", "store": False}) == "processor"  # learning

@@ -10,7 +10,7 @@ processor-path requests, which the processor counts itself, are never counted tw
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
@@ -18,6 +18,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from extproc.envoy.xds import LongStreams
 from extproc.ops.metrics import Metrics
+from extproc.ops.record import status_outcome
 from extproc.routing.compile import FAST, NAMESPACE
 
 log = logging.getLogger("extproc")
@@ -25,14 +26,7 @@ TOKEN_KINDS = (("input", "input_tokens"), ("output", "output_tokens"), ("cached"
                ("reasoning", "reasoning_tokens"))
 
 
-def outcome(status: int) -> str:
-    """As the processor names it (envoy.server.Processor._record)."""
-    if 200 <= status < 300:
-        return "ok"
-    return f"upstream_{status // 100}xx" if status else "passed_on"
-
-
-def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
+def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: Callable[[str | None], str]) -> None:
     """One fast-path request in the metrics; entries from other routes are ignored."""
     common = entry.common_properties
     kind, _, rest = common.route_name.partition(":")
@@ -40,24 +34,25 @@ def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry) -> None:
     if kind != FAST or not backend:
         return
     fields = common.metadata.filter_metadata[NAMESPACE].fields if NAMESPACE in common.metadata.filter_metadata else {}
-    model = fields["model"].string_value if "model" in fields else ""
-    metrics.requests.inc(client_api, client_api, backend, model, outcome(entry.response.response_code.value))
+    model = label_for(fields["model"].string_value if "model" in fields else None)
+    metrics.requests.inc(client_api, client_api, backend, model, status_outcome(entry.response.response_code.value))
     for kind_label, key in TOKEN_KINDS:
         if key in fields and (n := int(fields[key].number_value)) > 0:
             metrics.tokens.inc(model, backend, kind_label, "false", by=n)
 
 
 class AccessLog(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, metrics: Metrics, streams: LongStreams):
+    def __init__(self, metrics: Metrics, streams: LongStreams, label_for: Callable[[str | None], str]):
         self.metrics = metrics
         self.streams = streams
+        self.label_for = label_for  # bounds the model label, as for processed requests
 
     async def StreamAccessLogs(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
                                context: grpc.aio.ServicerContext) -> als_pb2.StreamAccessLogsResponse:
         async for message in self.streams.messages(request_iterator):
             for entry in message.http_logs.log_entry:
                 try:
-                    count(self.metrics, entry)
+                    count(self.metrics, entry, self.label_for)
                 except Exception:  # one odd entry must not end the stream (Envoy would drop the rest)
                     log.exception("access log entry not counted")
         return als_pb2.StreamAccessLogsResponse()

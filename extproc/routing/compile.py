@@ -32,13 +32,15 @@ from extproc.api import AUTO, BOTH, CHAT, PATHS, RESPONSES
 from extproc.config import Backend, Config
 from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.classify import Classifier, Resolution, combine, is_glob
-from extproc.routing.gateway import H_CLUSTER, H_ENDPOINT
+from extproc.routing.gateway import H_CLUSTER, H_ENDPOINT, H_FIRST_CONTACT, H_RETRY
 from extproc.routing.modes import Knowledge, Learned
 
 NAMESPACE = "llm_gateway"  # dynamic metadata Envoy's json_to_metadata writes (deploy/envoy.yaml)
 ROUTE_CONFIG = "llm"  # the route configuration deploy/envoy.yaml asks for over RDS
 FAST = "fast"  # route names "fast:<api>:<backend>": the access-log service counts these
 ENDPOINTS_CLUSTER = "endpoints"  # ORIGINAL_DST cluster for instances the processor picked
+FIRST_CONTACT_CLUSTER = "endpoints_first_contact"  # the same, with the processor as upstream filter
+WEBSOCKET_CLUSTER = "websocket"  # the sidecar's WebSocket front door
 SESSION_HEADERS = ("session-id", "x-session-id", "conversation-id", "thread-id")  # as gateway.placement_key
 MODE_HEADER = "x-gateway-model-mode"
 NO_ROUTE = b'{"error":{"message":"no backend selected","type":"invalid_request_error","param":null,"code":"no_route"}}'
@@ -203,9 +205,26 @@ def _no_route() -> rc.DirectResponseAction:
 def processor_routes(config: Config) -> tuple[list[rc.Route], list[rc.Route]]:
     """(first, last): the routes the processor's headers select, and the catch-all that sends a request
     to the processor (ext_proc runs on it; after its routing headers the route is matched again)."""
-    first = [rc.Route(name="processor:endpoint", match=rc.RouteMatch(prefix="/", headers=[
-        rc.HeaderMatcher(name=H_ENDPOINT, present_match=True)]), route=rc.RouteAction(
-            cluster=ENDPOINTS_CLUSTER, timeout=_timeout(config)))]
+    def present(*names: str) -> list[rc.HeaderMatcher]:
+        return [rc.HeaderMatcher(name=n, present_match=True) for n in names]
+
+    # WebSocket mode of /v1/responses: the sidecar's front door takes the socket and sends each message
+    # back through this listener as a request of its own, so no processor on the socket itself.
+    websocket = rc.Route(name="websocket", typed_per_filter_config=_NO_PROCESSOR, match=rc.RouteMatch(
+        path=PATHS[RESPONSES], headers=[rc.HeaderMatcher(name="upgrade", string_match=string_pb2.StringMatcher(
+            exact="websocket", ignore_case=True))]), route=rc.RouteAction(
+        cluster=WEBSOCKET_CLUSTER, timeout=duration_pb2.Duration(seconds=0),
+        upgrade_configs=[rc.RouteAction.UpgradeConfig(upgrade_type="websocket", enabled=wrappers_pb2.BoolValue(value=True))]))
+    # First contact with a model of unknown API: a rejection naming the other API becomes one retry
+    # (x-gateway-retry, set by the processor as the cluster's upstream filter), translated there.
+    retry = rc.RetryPolicy(retry_on="retriable-headers", num_retries=wrappers_pb2.UInt32Value(value=1),
+                           retriable_headers=present(H_RETRY))
+    first = [websocket,
+             rc.Route(name="processor:first-contact", match=rc.RouteMatch(prefix="/", headers=present(
+                 H_ENDPOINT, H_FIRST_CONTACT)), route=rc.RouteAction(
+                 cluster=FIRST_CONTACT_CLUSTER, timeout=_timeout(config), retry_policy=retry)),
+             rc.Route(name="processor:endpoint", match=rc.RouteMatch(prefix="/", headers=present(H_ENDPOINT)),
+                      route=rc.RouteAction(cluster=ENDPOINTS_CLUSTER, timeout=_timeout(config)))]
     for cluster in dict.fromkeys(b.cluster for b in config.backends if b.cluster):
         action = rc.RouteAction(cluster=cluster, timeout=_timeout(config),
                                 auto_host_rewrite=wrappers_pb2.BoolValue(value=True))
@@ -300,7 +319,8 @@ def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str
         middle += _glob_routes(config, client_api)
     while middle and middle[-1].name == "processor":  # the catch-all does the same
         middle.pop()
-    host = rc.VirtualHost(name=ROUTE_CONFIG, domains=["*"], routes=first + middle + last)
+    host = rc.VirtualHost(name=ROUTE_CONFIG, domains=["*"], routes=first + middle + last,
+                          include_request_attempt_count=True)  # the first-contact processor tells attempts apart
     return Compiled(route_pb2.RouteConfiguration(name=ROUTE_CONFIG, virtual_hosts=[host]),
                     [_cluster(b) for b in config.backends if b.endpoints])
 

@@ -1,4 +1,4 @@
-"""Envoy's gRPC access-log service: requests and token usage of fast-path answers, into the metrics.
+"""Envoy's gRPC access-log service: requests, token usage and GenAI metrics of fast-path answers.
 
 Fast-path requests never reach the processor, so Envoy reports them afterwards, batched: the route
 name (`fast:<client api>:<backend>`, routing.compile), the status, and the dynamic metadata its
@@ -18,7 +18,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from extproc.envoy.xds import LongStreams
 from extproc.ops.metrics import Metrics
-from extproc.ops.record import status_outcome
+from extproc.ops.record import OPERATION, status_outcome
 from extproc.routing.compile import FAST, NAMESPACE
 
 log = logging.getLogger("extproc")
@@ -35,10 +35,18 @@ def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: 
         return
     fields = common.metadata.filter_metadata[NAMESPACE].fields if NAMESPACE in common.metadata.filter_metadata else {}
     model = label_for(fields["model"].string_value if "model" in fields else None)
-    metrics.requests.inc(client_api, client_api, backend, model, status_outcome(entry.response.response_code.value))
+    status = entry.response.response_code.value
+    metrics.requests.inc(client_api, client_api, backend, model, status_outcome(status))
     for kind_label, key in TOKEN_KINDS:
         if key in fields and (n := int(fields[key].number_value)) > 0:
             metrics.tokens.inc(model, backend, kind_label, "false", by=n)
+    # The GenAI metrics, as record._genai has them (Envoy saw every answer to its end; no stream timing).
+    labels = (OPERATION, backend, model)
+    took = common.time_to_last_downstream_tx_byte
+    metrics.request_duration.observe(took.seconds + took.nanos / 1e9, *labels, "" if 200 <= status < 300 else str(status))
+    for kind_label, key in (("input", "input_tokens"), ("output", "output_tokens")):
+        if key in fields:
+            metrics.token_usage.observe(int(fields[key].number_value), *labels, kind_label)
 
 
 class AccessLog(als_pb2_grpc.AccessLogServiceServicer):

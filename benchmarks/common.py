@@ -57,7 +57,8 @@ def _static_routes(doc: dict) -> dict:
     doc.pop("dynamic_resources")
     hcm = _hcm(doc)
     hcm.pop("rds")
-    hcm["route_config"] = MessageToDict(compile_routes(cfg, Knowledge(), {}).routes, preserving_proto_field_name=True)
+    hcm["route_config"] = json.loads(json.dumps(MessageToDict(compile_routes(cfg, Knowledge(), {}).routes,
+                                                          preserving_proto_field_name=True)))  # plain dicts for YAML
     return doc
 
 

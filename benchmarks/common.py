@@ -36,12 +36,37 @@ RESPONSES_BODY = {"id": "resp_bench", "object": "response", "created_at": 170000
                   "usage": {"input_tokens": 12, "output_tokens": 10, "total_tokens": 22}}
 
 
+OUR_FILTERS = ("envoy.filters.http.ext_proc", "envoy.filters.http.header_mutation", "envoy.filters.http.json_to_metadata",
+               "envoy.filters.http.sse_to_metadata")
+
+
+def _hcm(doc: dict) -> dict:
+    return doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def _static_routes(doc: dict) -> dict:
+    """Routes in the file instead of from the sidecar over ADS (for processors that serve no xDS): only
+    the processor's own routes, as the sidecar compiles them with the fast path off."""
+    from google.protobuf.json_format import MessageToDict
+
+    from extproc.config import parse_config
+    from extproc.routing.compile import compile_routes
+    from extproc.routing.modes import Knowledge
+
+    cfg = parse_config("fast_path: false\nbackends: [{name: b, api: chat, models: ['*'], endpoints: ['127.0.0.1:1']}]")
+    doc.pop("dynamic_resources")
+    hcm = _hcm(doc)
+    hcm.pop("rds")
+    hcm["route_config"] = json.loads(json.dumps(MessageToDict(compile_routes(cfg, Knowledge(), {}).routes,
+                                                          preserving_proto_field_name=True)))  # plain dicts for YAML
+    return doc
+
+
 def envoy_alone_config(listen_port: int, admin_port: int) -> str:
-    """deploy/envoy.yaml minus the sidecar: the client names the endpoint itself."""
-    doc = yaml.safe_load(render_envoy_config(listen_port, admin_port, 1))
-    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"] = [f for f in hcm["http_filters"]
-                           if f["name"] not in ("envoy.filters.http.ext_proc", "envoy.filters.http.header_mutation")]
+    """deploy/envoy.yaml minus the sidecar and its filters: the client names the endpoint itself."""
+    doc = _static_routes(yaml.safe_load(render_envoy_config(listen_port, admin_port, 1)))
+    hcm = _hcm(doc)
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in OUR_FILTERS]
     hcm.pop("access_log", None)
     return yaml.safe_dump(doc, sort_keys=False)
 
@@ -52,10 +77,13 @@ def start_envoy_alone(stack: Stack) -> int:
 
 
 def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1) -> int:
-    """Envoy (deploy/envoy.yaml, access log off) + the sidecar with these backends; Envoy's port."""
+    """Envoy (deploy/envoy.yaml, stdout access log off) + the sidecar with these backends; Envoy's port."""
     extproc_port = free_ports(workers)
+    admin_port = free_ports(workers)
+    while admin_port <= extproc_port + workers - 1 and extproc_port <= admin_port + workers - 1:
+        admin_port = free_ports(workers)  # two free ranges may overlap: they were not held
     cfg = stack.workdir / f"config-{extproc_port}.yaml"
-    cfg.write_text(f"listen: 127.0.0.1:{extproc_port}\nadmin_listen: 127.0.0.1:{free_ports(workers)}\nlog_level: warning\n"
+    cfg.write_text(f"listen: 127.0.0.1:{extproc_port}\nadmin_listen: 127.0.0.1:{admin_port}\nlog_level: warning\n"
                    f"{extra}\nbackends:\n{textwrap.indent(backends.strip(), '  ')}\n")
     if workers > 1:
         sidecar = stack.spawn(f"sidecar-{extproc_port}", [sys.executable, "-m", "extproc", "serve", "--config", str(cfg),
@@ -64,15 +92,19 @@ def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1
         sidecar = stack.start_sidecar(cfg)
     for i in range(workers):
         wait_for_port(extproc_port + i, proc=sidecar)
-    return start_envoy_with_processor(stack, extproc_port, workers)
+    return start_envoy_with_processor(stack, extproc_port, workers, xds=True)
 
 
-def start_envoy_with_processor(stack: Stack, extproc_port: int, workers: int = 1) -> int:
-    """deploy/envoy.yaml (access log off) in front of an ext_proc server on `extproc_port` (and the
-    next ports, one per worker: Envoy spreads streams over them)."""
+def start_envoy_with_processor(stack: Stack, extproc_port: int, workers: int = 1, xds: bool = False) -> int:
+    """deploy/envoy.yaml (stdout access log off) in front of an ext_proc server on `extproc_port` (and the
+    next ports, one per worker: Envoy spreads streams over them). `xds`: the routes come from it (the
+    sidecar); else they are written into the file (a processor that serves no xDS)."""
     port, admin = free_port(), free_port()
     doc = yaml.safe_load(render_envoy_config(port, admin, extproc_port))
-    doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"].pop("access_log", None)
+    if not xds:
+        _static_routes(doc)
+    hcm = _hcm(doc)
+    hcm["access_log"] = [a for a in hcm["access_log"] if a["name"] == "envoy.access_loggers.http_grpc"]
     for cluster in doc["static_resources"]["clusters"]:
         if cluster["name"] == "extproc":
             cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [

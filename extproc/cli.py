@@ -82,6 +82,7 @@ async def _resolve(config_path: str, model: str) -> int:
     state store says was learned."""
     from extproc.api import CHAT, RESPONSES
     from extproc.routing.classify import Classifier
+    from extproc.routing.compile import decide
     from extproc.routing.discovery import discover_once
     from extproc.routing.gateway import Gateway
     from extproc.routing.modes import Knowledge, Learned, learned_key
@@ -95,7 +96,7 @@ async def _resolve(config_path: str, model: str) -> int:
     knowledge = Knowledge()
     backend = Classifier(cfg).backend_for(model)
     if backend is None:
-        print(f"{model}: no backend serves this model")
+        print(f"{model}: no backend serves this model (the processor answers 404)")
         return 1
     await discover_once(Gateway(cfg, knowledge), knowledge)
     learned = None
@@ -113,7 +114,11 @@ async def _resolve(config_path: str, model: str) -> int:
           f"decided:  {res.source}\ntranslate: {'allowed' if res.translate else 'off'}")
     for client in (CHAT, RESPONSES):
         up = res.upstream_api(client)
-        print(f"{client} client -> {up + ' upstream' if up else 'refused (400)'}")
+        path = decide(cfg, res, client, learned)
+        print(f"{client} client -> {up + ' upstream' if up else 'refused (400)'}; "
+              f"{'fast path' if path.fast else 'processor'}: {path.reason}")
+    print("(the fast path is taken behind the project's own Envoy config, deploy/envoy.yaml; an Envoy the "
+          "sidecar does not configure sends every request through the processor)")
     return 0
 
 

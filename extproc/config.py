@@ -80,6 +80,7 @@ class ModelRule:
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 48 * 1024 * 1024  # below Envoy's 64 MiB buffer: the sidecar answers first
+    upstream_timeout_seconds: int = 600  # Envoy's route timeout to a backend (the compiled routes carry it)
 
 
 STORES = ("memory", "sqlite", "redis")
@@ -144,6 +145,7 @@ class Config:
     websocket_gateway: str = "http://127.0.0.1:10000"  # Envoy's listener, where socket messages are sent as requests
     usage_accounting: str = "all"  # all: read usage from passed-through answers too; translated: only those
     log_format: str = "json"  # json (one object per line) | text
+    fast_path: bool = True  # compile pass-through decisions into Envoy routes (served over xDS), see routing.compile
     source: str = "<memory>"
 
     def backend(self, name: str) -> Backend | None:
@@ -251,7 +253,8 @@ class _Validator:
             raise ConfigError([f"{self.source}: empty config: at least one backend is required"])
         top = self.mapping(root, "", {"listen", "log_level", "backends", "model_rules", "limits", "state",
                                       "discovery", "admin_listen", "usage_accounting", "log_format", "listen_tls",
-                                      "tenancy", "websocket_listen", "websocket_gateway"})
+                                      "tenancy", "websocket_listen", "websocket_gateway",
+                                      "fast_path"})
         kw: dict[str, Any] = {"source": self.source, **self.top_scalars(top)}
         sections = {"listen_tls": self.listen_tls, "limits": self.limits, "discovery": self.discovery,
                     "state": self.state, "tenancy": self.tenancy}
@@ -281,6 +284,8 @@ class _Validator:
                 kw["websocket_gateway"] = url
         if "usage_accounting" in top:
             kw["usage_accounting"] = self.choice(top["usage_accounting"], "usage_accounting", ("all", "translated"))
+        if "fast_path" in top:
+            kw["fast_path"] = self.scalar(top["fast_path"], "fast_path", bool)
         if "log_format" in top:
             kw["log_format"] = self.choice(top["log_format"], "log_format", ("json", "text"))
         if "log_level" in top:
@@ -303,14 +308,18 @@ class _Validator:
         return ListenTLS(**files) if files.get("cert_file") and files.get("key_file") else None
 
     def limits(self, node: yaml.Node) -> Limits | None:
-        lim = self.mapping(node, "limits", {"max_body_bytes"})
-        if "max_body_bytes" not in lim:
-            return None
-        n = self.scalar(lim["max_body_bytes"], "limits.max_body_bytes", int)
-        if n is not None and n < 1024:
-            self.problem(lim["max_body_bytes"], "limits.max_body_bytes", "must be at least 1024")
-            return None
-        return Limits(max_body_bytes=n) if n is not None else None
+        lim = self.mapping(node, "limits", {"max_body_bytes", "upstream_timeout_seconds"})
+        before = len(self.problems)
+        kw: dict[str, Any] = {}
+        if "max_body_bytes" in lim:
+            n = self.scalar(lim["max_body_bytes"], "limits.max_body_bytes", int)
+            if n is not None and n < 1024:
+                self.problem(lim["max_body_bytes"], "limits.max_body_bytes", "must be at least 1024")
+            kw["max_body_bytes"] = n
+        if "upstream_timeout_seconds" in lim:
+            kw["upstream_timeout_seconds"] = self.bounded(lim["upstream_timeout_seconds"],
+                                                          "limits.upstream_timeout_seconds", 1, 86400)
+        return Limits(**kw) if kw and len(self.problems) == before else None
 
     def discovery(self, node: yaml.Node) -> Discovery:
         d = self.mapping(node, "discovery", {"interval_seconds", "timeout_ms", "allow_mode_header"})

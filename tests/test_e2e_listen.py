@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -40,7 +42,9 @@ def chat():
     server.close()
 
 
-def envoy_for(stack: Stack, extproc_cluster_patch) -> str:
+def envoy_for(stack: Stack, extproc_cluster_patch, ready: bool = True):
+    """Envoy with its extproc cluster patched: its URL once ready, or (ready=False) its URL and admin
+    port once it has tried the sidecar twice and been refused (so it has no routes)."""
     port, admin = free_port(), free_port()
     doc = yaml.safe_load(render_envoy_config(port, admin, 1))
     for cluster in doc["static_resources"]["clusters"]:
@@ -50,8 +54,23 @@ def envoy_for(stack: Stack, extproc_cluster_patch) -> str:
     cfg.write_text(yaml.safe_dump(doc))
     stack.spawn(f"envoy-{port}", [find_envoy(), "-c", str(cfg), "--log-level", "warn", "--base-id", str(port),
                                   "--disable-hot-restart"])
-    wait_for_envoy(admin)
-    return f"http://127.0.0.1:{port}/v1"
+    if ready:
+        wait_for_envoy(admin)
+        return f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 20
+    while _stat(admin, "cluster.extproc.upstream_cx_total") < 2:
+        assert time.monotonic() < deadline, "Envoy never tried the sidecar"
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}/v1", admin
+
+
+def _stat(admin: int, name: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=^{name}$", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0  # admin not up yet
+    return int(text.split(":")[1]) if ":" in text else 0
 
 
 def ask(url: str) -> str:
@@ -110,11 +129,14 @@ def test_mutual_tls(chat, tmp_path):
 
         assert ask(envoy_for(stack, with_client_cert)) == "echo: over the socket"
 
-        def plain(cluster: dict) -> None:  # no TLS at all: refused, and the request fails closed
+        def plain(cluster: dict) -> None:  # no TLS at all: refused, so Envoy never gets its routes
             cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
                 "port_value"] = port
-        with pytest.raises(openai.InternalServerError):
-            ask(envoy_for(stack, plain))
+        url, admin = envoy_for(stack, plain, ready=False)
+        with pytest.raises(openai.APIConnectionError):  # fails closed: the listener never opens
+            ask(url)
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=5)
         assert not chat.requests[1:]
     finally:
         stack.stop()

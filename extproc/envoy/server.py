@@ -19,16 +19,20 @@ import grpc
 import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.accesslog.v3 import als_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.config import Config, ConfigError, ListenTLS, load_config
+from extproc.envoy import xds
 from extproc.errors import GatewayError
 from extproc.exchange import Action, Exchange, Lookup, Step, error_action
 from extproc.exchange.first_contact import ROLE, FirstContact
 from extproc.front.websocket import FrontDoor
+from extproc.ops import access_log
 from extproc.ops.admin import TOKEN_ENV, start_admin
 from extproc.ops.logs import configure_logging
 from extproc.ops.metrics import CONTENT_TYPE, ExchangeTimer, Metrics
@@ -234,6 +238,11 @@ async def serve(config_path: str) -> None:
         ("grpc.so_reuseport", 1),
     ])
     pb_grpc.add_ExternalProcessorServicer_to_server(Processor(holder, store, metrics), server)
+    long_streams = xds.LongStreams()
+    discovery = xds.Discovery(long_streams)  # Envoy's routes (the fast path) and the access log of what took it
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(discovery, server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log.AccessLog(
+        metrics, long_streams, lambda model: holder.gateway.classifier.label_for(model)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listen = os.environ.get("EXTPROC_LISTEN", config.listen)
@@ -321,6 +330,7 @@ async def serve(config_path: str) -> None:
             install(dataclasses.replace(current, backends=tuple(backends)))
 
     tasks = [asyncio.create_task(discover_forever(lambda: holder.gateway)),
+             asyncio.create_task(xds.follow(discovery, lambda: holder.gateway, store)),
              asyncio.create_task(watch_file(config_path, reload)),
              asyncio.create_task(every(lambda: holder.gateway.config.discovery.interval_seconds, follow_dns))]
     loop.add_signal_handler(signal.SIGHUP, reload)
@@ -331,6 +341,7 @@ async def serve(config_path: str) -> None:
     for task in tasks:
         task.cancel()
     await health_servicer.enter_graceful_shutdown()
+    long_streams.end()
     await server.stop(grace=float(os.environ.get("EXTPROC_SHUTDOWN_GRACE", "30")))
     if admin is not None:
         await admin.cleanup()

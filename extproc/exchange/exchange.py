@@ -33,7 +33,7 @@ class Phase(Enum):
 _MOVES: dict[str, tuple[Phase, ...]] = {
     "request_headers": (Phase.REQUEST,),
     "request_body": (Phase.REQUEST_BODY, Phase.ROUTED),
-    "response_headers": (Phase.REQUEST, Phase.REQUEST_BODY, Phase.ROUTED),  # before routing: Envoy's own reply
+    "response_headers": (Phase.REQUEST, Phase.REQUEST_BODY, Phase.ROUTED),  # before routing: Envoy's own reply (413)
     "response_body": (Phase.ANSWER,),
 }
 

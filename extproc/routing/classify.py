@@ -35,6 +35,10 @@ class Resolution:
 T = TypeVar("T")
 
 
+def is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
 class _Matcher(Generic[T]):
     """Exact names first, then globs in order; the first match wins."""
 
@@ -42,7 +46,7 @@ class _Matcher(Generic[T]):
         self.exact: dict[str, T] = {}
         self.globs: list[tuple[re.Pattern[str], T]] = []
         for pattern, value in entries:
-            if any(c in pattern for c in "*?["):
+            if is_glob(pattern):
                 self.globs.append((re.compile(fnmatch.translate(pattern)), value))
             else:
                 self.exact.setdefault(pattern, value)
@@ -80,26 +84,31 @@ class Classifier:
         backend = self._backends.find(model)
         if backend is None:
             return None
-        translate = backend.translate
-        mode, source = backend.api, f"backend {backend.name} api"
-        open_api = backend.api in (AUTO, BOTH)
-        if open_api:
-            catalogue_hit = self._catalogue.find(model)
-            if catalogue_hit is not None:
-                mode, source = catalogue_hit[1], f"built-in catalogue {catalogue_hit[0]!r}"
-            discovered = self.knowledge.discovered_mode(backend.name, model)
-            if discovered is not None:
-                mode, source = discovered, f"backend {backend.name} /v1/models"
-            if learned is not None and learned.mode is not None:
-                mode, source = learned.mode, f"learned from a {backend.name} rejection"
-        rule_hit: tuple[int, ModelRule] | None = self._rules.find(model)
-        if rule_hit is not None:
-            i, rule = rule_hit
-            if rule.mode is not None:
-                mode, source = rule.mode, f"model_rules[{i}] {rule.match!r}"
-            if rule.translate is not None:
-                translate = rule.translate
-        if override in API_MODES:
-            mode, source = override, "x-gateway-model-mode header"
-        return Resolution(backend=backend, mode=mode, source=source, translate=translate,
-                          learning=open_api and source == f"backend {backend.name} api")
+        return combine(backend, self._rules.find(model), self._catalogue.find(model),
+                       self.knowledge.discovered_mode(backend.name, model), learned, override)
+
+
+def combine(backend: Backend, rule_hit: tuple[int, ModelRule] | None, catalogue_hit: tuple[str, str] | None,
+            discovered: str | None, learned: Learned | None, override: str | None = None) -> Resolution:
+    """The decision from what matched a model name: also used by the route compiler (routing.compile) for
+    whole glob patterns, so Envoy's routes and the processor cannot disagree."""
+    translate = backend.translate
+    mode, source = backend.api, f"backend {backend.name} api"
+    open_api = backend.api in (AUTO, BOTH)
+    if open_api:
+        if catalogue_hit is not None:
+            mode, source = catalogue_hit[1], f"built-in catalogue {catalogue_hit[0]!r}"
+        if discovered is not None:
+            mode, source = discovered, f"backend {backend.name} /v1/models"
+        if learned is not None and learned.mode is not None:
+            mode, source = learned.mode, f"learned from a {backend.name} rejection"
+    if rule_hit is not None:
+        i, rule = rule_hit
+        if rule.mode is not None:
+            mode, source = rule.mode, f"model_rules[{i}] {rule.match!r}"
+        if rule.translate is not None:
+            translate = rule.translate
+    if override in API_MODES:
+        mode, source = override, "x-gateway-model-mode header"
+    return Resolution(backend=backend, mode=mode, source=source, translate=translate,
+                      learning=open_api and source == f"backend {backend.name} api")

@@ -76,7 +76,7 @@ async def discover_once(gateway: Gateway, knowledge: Knowledge) -> None:
         for backend in discoverable(gateway):
             models = await fetch_models(session, backend)
             if models is not None:
-                knowledge.discovered[backend.name] = models
+                knowledge.discover(backend.name, models)
                 log.info("discovery: %s lists %d models", backend.name, len(models))
 
 

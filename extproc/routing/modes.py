@@ -135,6 +135,13 @@ class Knowledge:
     def __init__(self) -> None:
         self.discovered: dict[str, dict[str, str | None]] = {}  # backend -> model -> mode
         self._learned: dict[tuple[str, str], tuple[float, Learned]] = {}
+        self.version = 0  # bumped when a fact changes: Envoy's compiled routes follow it (envoy.xds)
+        self._seen: dict[tuple[str, str], bytes] = {}  # each fact as last remembered (callers mutate theirs)
+
+    def discover(self, backend: str, models: dict[str, str | None]) -> None:
+        if self.discovered.get(backend) != models:
+            self.discovered[backend] = models
+            self.version += 1
 
     def discovered_mode(self, backend: str, model: str) -> str | None:
         return self.discovered.get(backend, {}).get(model)
@@ -149,8 +156,15 @@ class Knowledge:
     def remember(self, backend: str, model: str, learned: Learned, now: float, ttl: float = LOCAL_TTL) -> None:
         if len(self._learned) > 100_000:
             self._learned.clear()  # a bound, not an LRU: entries are cheap to fetch again
+            self._seen.clear()
+        fact = learned.dumps()
+        if self._seen.get((backend, model)) != fact:
+            self._seen[(backend, model)] = fact
+            self.version += 1
         self._learned[(backend, model)] = (now + ttl, learned)
 
     def forget_all(self) -> None:
         """Drop this replica's copies, so the store (just cleared) is asked again."""
         self._learned.clear()
+        self._seen.clear()
+        self.version += 1

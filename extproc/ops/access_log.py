@@ -1,0 +1,66 @@
+"""Envoy's gRPC access-log service: requests, token usage and GenAI metrics of fast-path answers.
+
+Fast-path requests never reach the processor, so Envoy reports them afterwards, batched: the route
+name (`fast:<client api>:<backend>`, routing.compile), the status, and the dynamic metadata its
+`json_to_metadata` (JSON answers) and `sse_to_metadata` (streams) filters read from the body: the
+model and the token counts. deploy/envoy.yaml logs only those routes here (a CEL filter), so
+processor-path requests, which the processor counts itself, are never counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from extproc.envoy.xds import LongStreams
+from extproc.ops.metrics import Metrics
+from extproc.ops.record import OPERATION, status_outcome
+from extproc.routing.compile import FAST, NAMESPACE
+
+log = logging.getLogger("extproc")
+TOKEN_KINDS = (("input", "input_tokens"), ("output", "output_tokens"), ("cached", "cached_tokens"),
+               ("reasoning", "reasoning_tokens"))
+
+
+def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: Callable[[str | None], str]) -> None:
+    """One fast-path request in the metrics; entries from other routes are ignored."""
+    common = entry.common_properties
+    kind, _, rest = common.route_name.partition(":")
+    client_api, _, backend = rest.partition(":")
+    if kind != FAST or not backend:
+        return
+    fields = common.metadata.filter_metadata[NAMESPACE].fields if NAMESPACE in common.metadata.filter_metadata else {}
+    model = label_for(fields["model"].string_value if "model" in fields else None)
+    status = entry.response.response_code.value
+    metrics.requests.inc(client_api, client_api, backend, model, status_outcome(status))
+    for kind_label, key in TOKEN_KINDS:
+        if key in fields and (n := int(fields[key].number_value)) > 0:
+            metrics.tokens.inc(model, backend, kind_label, "false", by=n)
+    # The GenAI metrics, as record._genai has them (Envoy saw every answer to its end; no stream timing).
+    labels = (OPERATION, backend, model)
+    took = common.time_to_last_downstream_tx_byte
+    metrics.request_duration.observe(took.seconds + took.nanos / 1e9, *labels, "" if 200 <= status < 300 else str(status))
+    for kind_label, key in (("input", "input_tokens"), ("output", "output_tokens")):
+        if key in fields:
+            metrics.token_usage.observe(int(fields[key].number_value), *labels, kind_label)
+
+
+class AccessLog(als_pb2_grpc.AccessLogServiceServicer):
+    def __init__(self, metrics: Metrics, streams: LongStreams, label_for: Callable[[str | None], str]):
+        self.metrics = metrics
+        self.streams = streams
+        self.label_for = label_for  # bounds the model label, as for processed requests
+
+    async def StreamAccessLogs(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+                               context: grpc.aio.ServicerContext) -> als_pb2.StreamAccessLogsResponse:
+        async for message in self.streams.messages(request_iterator):
+            for entry in message.http_logs.log_entry:
+                try:
+                    count(self.metrics, entry, self.label_for)
+                except Exception:  # one odd entry must not end the stream (Envoy would drop the rest)
+                    log.exception("access log entry not counted")
+        return als_pb2.StreamAccessLogsResponse()

@@ -1,0 +1,343 @@
+"""The sidecar's decisions compiled into Envoy routes and clusters: the fast path (sans-IO, pure).
+
+Envoy's `json_to_metadata` filter puts the body's `model` (and the few fields that say whether a
+request involves state) into dynamic metadata, namespace `llm_gateway`; the routes compiled here match
+on it. A request whose client API is the model's API, and that creates or reads no state, goes
+straight to its backend with the processor disabled for that route (`ExtProcPerRoute.disabled`).
+Everything else falls through to the routes the processor needs, exactly as before.
+
+The route list is ordered so that Envoy's first match gives the same answer as `Classifier.resolve`:
+first every model name known exactly (config, `/v1/models`, learned), each routed by `resolve`
+itself; then, for names only globs match, one route per combination of the first matching backend
+glob, model rule glob and catalogue glob (`classify.combine` decides each), collapsed where the
+decision does not depend on the finer ones. Names no route matches keep the processor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
+from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+
+from extproc.api import AUTO, BOTH, CHAT, PATHS, RESPONSES
+from extproc.config import Backend, Config
+from extproc.routing.catalogue import CATALOGUE
+from extproc.routing.classify import Classifier, Resolution, combine, is_glob
+from extproc.routing.gateway import H_CLUSTER, H_ENDPOINT, H_FIRST_CONTACT, H_RETRY
+from extproc.routing.modes import Knowledge, Learned
+
+NAMESPACE = "llm_gateway"  # dynamic metadata Envoy's json_to_metadata writes (deploy/envoy.yaml)
+ROUTE_CONFIG = "llm"  # the route configuration deploy/envoy.yaml asks for over RDS
+FAST = "fast"  # route names "fast:<api>:<backend>": the access-log service counts these
+ENDPOINTS_CLUSTER = "endpoints"  # ORIGINAL_DST cluster for instances the processor picked
+FIRST_CONTACT_CLUSTER = "endpoints_first_contact"  # the same, with the processor as upstream filter
+WEBSOCKET_CLUSTER = "websocket"  # the sidecar's WebSocket front door
+SESSION_HEADERS = ("session-id", "x-session-id", "conversation-id", "thread-id")  # as gateway.placement_key
+MODE_HEADER = "x-gateway-model-mode"
+NO_ROUTE = b'{"error":{"message":"no backend selected","type":"invalid_request_error","param":null,"code":"no_route"}}'
+
+
+def backend_cluster(backend: Backend) -> str:
+    """The Envoy cluster a fast-path request to `backend` goes to."""
+    return backend.cluster or f"llm.{backend.name}"
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """Which path a model's requests take for one client API, and why (`extproc resolve` prints it)."""
+
+    fast: bool
+    reason: str
+
+
+def decide(config: Config, res: Resolution | None, client_api: str, learned: Learned | None = None) -> PathChoice:
+    """The path for a client API: fast only when Envoy alone does exactly what the processor would."""
+    if res is None:
+        return PathChoice(False, "no backend serves this model: the processor answers 404")
+    upstream = res.upstream_api(client_api)
+    if upstream is None:
+        return PathChoice(False, "translation is off for this model: the processor answers 400")
+    if upstream != client_api:
+        return PathChoice(False, f"translated to the {upstream} API")
+    if res.learning and client_api not in (learned.ok if learned else ()):
+        return PathChoice(False, "the model's API is still being learned from the backend's answers")
+    if not config.fast_path:
+        return PathChoice(False, "fast_path is off in the config")
+    if res.backend.api_key:
+        return PathChoice(False, "the backend has an API key, which only the processor adds")
+    where = f"cluster {res.backend.cluster}" if res.backend.cluster else \
+        f"{len(res.backend.endpoints)} instance(s) of {backend_cluster(res.backend)}"
+    if client_api == RESPONSES:
+        return PathChoice(True, f"Envoy routes it to {where}, for requests with store: false and no "
+                                "previous_response_id or conversation (any other keeps the processor: state)")
+    if config.usage_accounting == "all":
+        return PathChoice(True, f"Envoy routes it to {where}; streams without stream_options.include_usage "
+                                "keep the processor (it estimates their usage)")
+    return PathChoice(True, f"Envoy routes it to {where}")
+
+
+# -- matchers -------------------------------------------------------------------------------------
+
+_RE2_SPECIAL = set("\\.+*?()|[]{}^$")
+
+
+def glob_regex(pattern: str) -> str:
+    """An fnmatch glob as an RE2 full-match regex (Envoy's safe_regex); never matches the empty name."""
+    if set(pattern) == {"*"}:
+        return "(?s).+"
+    out, i = ["(?s)"], 0
+    while i < len(pattern):
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[" and (end := pattern.find("]", i + 1 if pattern[i:i + 1] in ("!", "]") else i)) != -1:
+            body = pattern[i:end]
+            i = end + 1
+            neg = body.startswith("!")
+            body = (body[1:] if neg else body).replace("\\", "\\\\").replace("[", "\\[").replace("^", "\\^")
+            out.append("[" + ("^" if neg else "") + body + "]")
+        else:
+            out.append("\\" + c if c in _RE2_SPECIAL else c)
+    return "".join(out)
+
+
+def _meta(key: str, value: value_pb2.ValueMatcher, invert: bool = False) -> metadata_pb2.MetadataMatcher:
+    return metadata_pb2.MetadataMatcher(filter=NAMESPACE, path=[metadata_pb2.MetadataMatcher.PathSegment(key=key)],
+                                        value=value, invert=invert)
+
+
+def model_in(names: list[str]) -> metadata_pb2.MetadataMatcher:
+    """One of these exact names: one route for many (a discovered list can name hundreds)."""
+    exact = [value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=n)) for n in names]
+    return _meta("model", exact[0] if len(exact) == 1 else
+                 value_pb2.ValueMatcher(or_match=value_pb2.OrMatcher(value_matchers=exact)))
+
+
+def model_glob(pattern: str) -> metadata_pb2.MetadataMatcher:
+    return model_globs([pattern])
+
+
+def model_globs(patterns: list[str]) -> metadata_pb2.MetadataMatcher:
+    """A name any of these globs matches."""
+    each = [value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(
+        safe_regex=regex_pb2.RegexMatcher(regex=glob_regex(p)))) for p in patterns]
+    return _meta("model", each[0] if len(each) == 1 else
+                 value_pb2.ValueMatcher(or_match=value_pb2.OrMatcher(value_matchers=each)))
+
+
+def _absent(key: str) -> metadata_pb2.MetadataMatcher:
+    return _meta(key, value_pb2.ValueMatcher(present_match=True), invert=True)
+
+
+def _is(key: str, value: bool, invert: bool = False) -> metadata_pb2.MetadataMatcher:
+    return _meta(key, value_pb2.ValueMatcher(bool_match=value), invert=invert)
+
+
+def conditions(config: Config, client_api: str) -> list[list[metadata_pb2.MetadataMatcher]]:
+    """Alternatives (any one suffices) of what else a fast-path request must say, per client API."""
+    if client_api == RESPONSES:  # creates no state at the backend, and continues none
+        return [[_is("store", False), _absent("previous_response_id"), _absent("conversation")]]
+    if config.usage_accounting == "all":  # Envoy can read a stream's usage only if it is sent
+        return [[_is("stream", True, invert=True)], [_is("include_usage", True)]]
+    return [[]]
+
+
+# -- routes -------------------------------------------------------------------------------------
+
+def _any(msg: Any) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(msg)
+    return out
+
+
+_NO_PROCESSOR = {"envoy.filters.http.ext_proc": _any(ext_proc_pb2.ExtProcPerRoute(disabled=True))}
+
+
+def _timeout(config: Config) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=config.limits.upstream_timeout_seconds)
+
+
+def _headers(config: Config) -> list[rc.HeaderMatcher]:
+    """Headers a fast-path request must not carry: the processor acts on them."""
+    names = ["content-encoding"] + ([MODE_HEADER] if config.discovery.allow_mode_header else [])
+    return [rc.HeaderMatcher(name=n, present_match=True, invert_match=True) for n in names]
+
+
+def fast_route(config: Config, backend: Backend, client_api: str,
+               models: list[metadata_pb2.MetadataMatcher]) -> list[rc.Route]:
+    """Straight to the backend, one route per alternative in `conditions`."""
+    path = PATHS[client_api]
+    action = rc.RouteAction(cluster=backend_cluster(backend), timeout=_timeout(config))
+    if backend.cluster:
+        action.auto_host_rewrite.value = True
+    elif len(backend.endpoints) > 1:  # prefix-cache affinity where the request carries a session
+        action.hash_policy.extend(rc.RouteAction.HashPolicy(header=rc.RouteAction.HashPolicy.Header(header_name=h),
+                                                            terminal=True) for h in SESSION_HEADERS)
+    if backend.path_prefix:
+        action.prefix_rewrite = backend.path_prefix + path
+    return [rc.Route(name=f"{FAST}:{client_api}:{backend.name}", route=action, typed_per_filter_config=_NO_PROCESSOR,
+                     match=rc.RouteMatch(path=path, headers=_headers(config), dynamic_metadata=[*models, *extra]))
+            for extra in conditions(config, client_api)]
+
+
+def processor_route(client_api: str, models: list[metadata_pb2.MetadataMatcher]) -> rc.Route:
+    """Keeps these names on the processor even when a later (broader) fast route would match them."""
+    return rc.Route(name="processor", match=rc.RouteMatch(path=PATHS[client_api], dynamic_metadata=models),
+                    direct_response=_no_route())
+
+
+def _no_route() -> rc.DirectResponseAction:
+    return rc.DirectResponseAction(status=404, body=base_pb2.DataSource(inline_bytes=NO_ROUTE))
+
+
+def processor_routes(config: Config) -> tuple[list[rc.Route], list[rc.Route]]:
+    """(first, last): the routes the processor's headers select, and the catch-all that sends a request
+    to the processor (ext_proc runs on it; after its routing headers the route is matched again)."""
+    def present(*names: str) -> list[rc.HeaderMatcher]:
+        return [rc.HeaderMatcher(name=n, present_match=True) for n in names]
+
+    # WebSocket mode of /v1/responses: the sidecar's front door takes the socket and sends each message
+    # back through this listener as a request of its own, so no processor on the socket itself.
+    websocket = rc.Route(name="websocket", typed_per_filter_config=_NO_PROCESSOR, match=rc.RouteMatch(
+        path=PATHS[RESPONSES], headers=[rc.HeaderMatcher(name="upgrade", string_match=string_pb2.StringMatcher(
+            exact="websocket", ignore_case=True))]), route=rc.RouteAction(
+        cluster=WEBSOCKET_CLUSTER, timeout=duration_pb2.Duration(seconds=0),
+        upgrade_configs=[rc.RouteAction.UpgradeConfig(upgrade_type="websocket", enabled=wrappers_pb2.BoolValue(value=True))]))
+    # First contact with a model of unknown API: a rejection naming the other API becomes one retry
+    # (x-gateway-retry, set by the processor as the cluster's upstream filter), translated there.
+    retry = rc.RetryPolicy(retry_on="retriable-headers", num_retries=wrappers_pb2.UInt32Value(value=1),
+                           retriable_headers=present(H_RETRY))
+    first = [websocket,
+             rc.Route(name="processor:first-contact", match=rc.RouteMatch(prefix="/", headers=present(
+                 H_ENDPOINT, H_FIRST_CONTACT)), route=rc.RouteAction(
+                 cluster=FIRST_CONTACT_CLUSTER, timeout=_timeout(config), retry_policy=retry)),
+             rc.Route(name="processor:endpoint", match=rc.RouteMatch(prefix="/", headers=present(H_ENDPOINT)),
+                      route=rc.RouteAction(cluster=ENDPOINTS_CLUSTER, timeout=_timeout(config)))]
+    for cluster in dict.fromkeys(b.cluster for b in config.backends if b.cluster):
+        action = rc.RouteAction(cluster=cluster, timeout=_timeout(config),
+                                auto_host_rewrite=wrappers_pb2.BoolValue(value=True))
+        first.append(rc.Route(name=f"processor:{cluster}", route=action, match=rc.RouteMatch(prefix="/", headers=[
+            rc.HeaderMatcher(name=H_CLUSTER, string_match=string_pb2.StringMatcher(exact=cluster))])))
+    return first, [rc.Route(name="processor", match=rc.RouteMatch(prefix="/"), direct_response=_no_route())]
+
+
+@dataclass(frozen=True)
+class Compiled:
+    routes: route_pb2.RouteConfiguration
+    clusters: list[cluster_pb2.Cluster]
+
+
+def exact_names(config: Config, knowledge: Knowledge, learned: dict[tuple[str, str], Learned]) -> list[str]:
+    """Every model name something names exactly, in a stable order."""
+    names = [m for b in config.backends for m in b.models]
+    names += [r.match for r in config.model_rules] + [p for p, _ in CATALOGUE]
+    names += [m for models in knowledge.discovered.values() for m in models] + [m for _, m in learned]
+    return [n for n in dict.fromkeys(names) if not is_glob(n)]
+
+
+def _glob_routes(config: Config, client_api: str) -> Iterable[rc.Route]:
+    """Routes for names only globs match: first backend glob x first rule glob x first catalogue glob,
+    in that order of precedence (Envoy's first match then gives each dimension's first match)."""
+    rules = [(i, r) for i, r in enumerate(config.model_rules) if is_glob(r.match)]
+    catalogue = [(p, mode) for p, mode in CATALOGUE if is_glob(p)]
+    for backend in config.backends:
+        cat_dim: list[tuple[str, str] | None] = [*catalogue, None] if backend.api in (AUTO, BOTH) else [None]
+        for pattern in (p for p in backend.models if is_glob(p)):
+            rows: dict[str, list[tuple[str | None, bool]]] = {}
+            rule_entries: list[tuple[str | None, bool | str]] = []
+            for r in [*rules, None]:
+                row = [(c[0] if c else None, decide(config, combine(backend, r, c, None, None), client_api).fast)
+                       for c in cat_dim]
+                uniform = {fast for _, fast in row}
+                key: bool | str = uniform.pop() if len(uniform) == 1 else f"row{len(rows)}"
+                if isinstance(key, str):
+                    rows[key] = row
+                rule_entries.append((r[1].match if r else None, key))
+            for globs, key in _runs(rule_entries):
+                with_rule = [model_glob(pattern)] + ([model_globs(globs)] if globs else [])
+                if isinstance(key, bool):
+                    yield from _routes(config, backend, client_api, with_rule, key)
+                    continue
+                for cat_globs, fast in _runs(rows[key]):
+                    yield from _routes(config, backend, client_api,
+                                       with_rule + ([model_globs(cat_globs)] if cat_globs else []), fast)
+
+
+V = TypeVar("V")
+
+
+def _runs(entries: list[tuple[str | None, V]]) -> list[tuple[list[str] | None, V]]:
+    """(glob, decision) in order, the last one the catch-all (None): consecutive globs with the same
+    decision become one route; the run just before the catch-all goes when the catch-all decides alike."""
+    out: list[tuple[list[str] | None, V]] = []
+    for glob, value in entries:
+        last = out[-1] if out else None
+        if glob is not None and last is not None and last[0] is not None and last[1] == value:
+            last[0].append(glob)
+        else:
+            out.append(([glob] if glob is not None else None, value))
+    if len(out) >= 2 and out[-1][0] is None and out[-2][1] == out[-1][1]:
+        del out[-2]
+    return out
+
+
+def _routes(config: Config, backend: Backend, client_api: str, models: list[metadata_pb2.MetadataMatcher],
+            fast: bool) -> list[rc.Route]:
+    return fast_route(config, backend, client_api, models) if fast else [processor_route(client_api, models)]
+
+
+def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str, str], Learned]) -> Compiled:
+    """Routes and clusters for the current config, discoveries and learned facts (`learned` from the
+    state store, by (backend, model)): the same decisions `Classifier.resolve` makes per request."""
+    classifier = Classifier(config, knowledge)
+    first, last = processor_routes(config)
+    middle: list[rc.Route] = []
+    for client_api in (CHAT, RESPONSES):
+        groups: dict[Backend | None, list[str]] = {}  # by fast-path backend (None: processor); names never overlap
+        for name in exact_names(config, knowledge, learned):
+            backend = classifier.backend_for(name)
+            if backend is None:
+                continue
+            fact = learned.get((backend.name, name))
+            fast = decide(config, classifier.resolve(name, learned=fact), client_api, fact).fast
+            groups.setdefault(backend if fast else None, []).append(name)
+        for backend, names in groups.items():
+            middle += fast_route(config, backend, client_api, [model_in(names)]) if backend else \
+                [processor_route(client_api, [model_in(names)])]
+        middle += _glob_routes(config, client_api)
+    while middle and middle[-1].name == "processor":  # the catch-all does the same
+        middle.pop()
+    host = rc.VirtualHost(name=ROUTE_CONFIG, domains=["*"], routes=first + middle + last,
+                          include_request_attempt_count=True)  # the first-contact processor tells attempts apart
+    return Compiled(route_pb2.RouteConfiguration(name=ROUTE_CONFIG, virtual_hosts=[host]),
+                    [_cluster(b) for b in config.backends if b.endpoints])
+
+
+def _cluster(backend: Backend) -> cluster_pb2.Cluster:
+    """A backend's instances for the fast path: ring hash (on the session headers) when there are several."""
+    def endpoint(address: str, weight: int) -> endpoint_components_pb2.LbEndpoint:
+        host, _, port = address.rpartition(":")
+        sock = address_pb2.SocketAddress(address=host.strip("[]"), port_value=int(port))
+        return endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(address=address_pb2.Address(socket_address=sock)),
+            load_balancing_weight=wrappers_pb2.UInt32Value(value=weight))
+
+    name = backend_cluster(backend)
+    return cluster_pb2.Cluster(
+        name=name, type=cluster_pb2.Cluster.STATIC, connect_timeout=duration_pb2.Duration(seconds=5),
+        lb_policy=cluster_pb2.Cluster.RING_HASH if len(backend.endpoints) > 1 else cluster_pb2.Cluster.ROUND_ROBIN,
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[endpoint(e.address, e.weight)
+                                                                      for e in backend.endpoints])]))

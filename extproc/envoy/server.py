@@ -49,18 +49,9 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _MODES = {"BUFFERED": processing_mode_pb2.ProcessingMode.BUFFERED,
           "STREAMED": processing_mode_pb2.ProcessingMode.STREAMED}
 _HEADER_KINDS = ("request_headers", "response_headers")
-# deploy/envoy.yaml skips response headers by default, so that Envoy's own replies to requests that
-# never reached the filters (a malformed request line or length) are not held for a processor that
-# never saw the request; every request the sidecar keeps watching asks for them here, with the rest
-# of the configured mode (an override replaces the whole mode).
-_WATCH_RESPONSE = processing_mode_pb2.ProcessingMode(
-    request_header_mode=processing_mode_pb2.ProcessingMode.SEND,
-    request_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED,
-    response_header_mode=processing_mode_pb2.ProcessingMode.SEND,
-    response_body_mode=processing_mode_pb2.ProcessingMode.NONE)
 # Replies that change nothing, built once: most messages get one of these.
 _CONTINUE = {
-    "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=_WATCH_RESPONSE),
+    "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
     "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
     "request_body": pb.ProcessingResponse(request_body=pb.BodyResponse()),
     "response_body": pb.ProcessingResponse(response_body=pb.BodyResponse()),
@@ -108,8 +99,6 @@ def to_proto(kind: str, act: Action) -> pb.ProcessingResponse:
         return _CONTINUE[kind]
     if act.response_body_mode:
         resp.mode_override.response_body_mode = _MODES[act.response_body_mode]
-    elif kind == "request_headers":
-        resp.mode_override.CopyFrom(_WATCH_RESPONSE)
     return resp
 
 

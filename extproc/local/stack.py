@@ -201,7 +201,8 @@ Gateway ready at {url}  (logs in {stack.workdir})
   curl -s {url}/v1/responses -H 'content-type: application/json' \\
        -d '{{"model": "demo", "input": "hello through the Responses API"}}'
 
-  python -c "import openai; c = openai.OpenAI(base_url='{url}/v1', api_key='unused'); \\
+  # the official SDK (pip install -e '.[clients]'); any api_key: the gateway's backends use their own
+  {sys.executable} -c "import openai; c = openai.OpenAI(base_url='{url}/v1', api_key='unused'); \\
 print(c.responses.create(model='demo', input='hi').output_text)"
 
 Ctrl-C stops everything.""", flush=True)

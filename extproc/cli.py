@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-port", type=int, default=8001, help="0 to not start the demo backend")
     p.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port")
     p.add_argument("--extproc-port", type=int, default=50051, help="the sidecar's gRPC port")
+    p.add_argument("--websocket-port", type=int, default=50052, help="the sidecar's WebSocket front door")
     p = sub.add_parser("demo-backend", help="a small chat-only backend that echoes")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         from extproc.local.stack import run_local
 
         return run_local(args.config, port=args.port, admin_port=args.admin_port, extproc_port=args.extproc_port,
-                         demo_port=args.demo_port)
+                         demo_port=args.demo_port, websocket_port=args.websocket_port)
     if args.command == "demo-backend":
         from extproc.local.demo_backend import serve as serve_demo
 

@@ -222,7 +222,9 @@ def test_compose_services_run_natively():
         assert client.responses.create(model="demo", input="hello compose").output_text == "You said: hello compose"
         chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
         assert chat.choices[0].message.content == "You said: hi"
-        assert [m.id for m in client.models.list()] == ["demo"]
+        assert [m.id for m in client.models.list()] == ["demo", "demo-codex"]
+        codex = client.chat.completions.create(model="demo-codex", messages=[{"role": "user", "content": "hi"}])
+        assert codex.choices[0].message.content == "You said: hi"
     finally:
         stack.stop()
 

@@ -260,18 +260,20 @@ def test_unknown_previous_response_id(replicas):
 def test_model_api_learned_from_a_rejection_and_shared(replicas):
     a, b = (openai.OpenAI(base_url=u + "/v1", api_key="k", max_retries=0, timeout=30) for u in replicas.urls)
     msgs = [{"role": "user", "content": "hi"}]
-    with pytest.raises(openai.BadRequestError) as e:  # first contact: sent as is, and rejected
-        a.chat.completions.create(model="mix-agent", messages=msgs)
-    assert e.value.body["code"] == "model_api_learned" and "retry" in e.value.body["message"]
+    start = len(replicas.mixed.requests)
+    r = a.chat.completions.create(model="mix-agent", messages=msgs)  # first contact: rejected, retried, translated
+    assert r.choices[0].message.content
+    assert [q["path"] for q in replicas.mixed.requests[start:]] == ["/v1/chat/completions", "/v1/responses"]
     r = b.chat.completions.create(model="mix-agent", messages=msgs)  # the other replica knows it already
     assert r.choices[0].message.content and replicas.mixed.requests[-1]["path"] == "/v1/responses"
+    assert len(replicas.mixed.requests) == start + 3
     r = a.chat.completions.create(model="mix-agent", messages=msgs, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in r if c.choices)
     stored = replicas.redis_client().get("extproc:mode:mixed:mix-agent")
     assert json.loads(stored)["mode"] == "responses"
 
-    with pytest.raises(openai.BadRequestError):  # the mirror case
-        a.responses.create(model="mix-chatonly", input="hi")
+    assert a.responses.create(model="mix-chatonly", input="hi").output_text  # the mirror case
+    assert replicas.mixed.requests[-1]["path"] == "/v1/chat/completions"
     assert b.responses.create(model="mix-chatonly", input="hi").output_text
     assert replicas.mixed.requests[-1]["path"] == "/v1/chat/completions"
 
@@ -284,10 +286,10 @@ def test_model_api_learned_from_a_rejection_and_shared(replicas):
     with urllib.request.urlopen(admin + "/learned", timeout=5) as r:  # the same, from the admin port
         assert json.loads(r.read())["mixed:mix-agent"]["mode"] == "responses"
 
-    time.sleep(3.5)  # learn_ttl_seconds: 3, then it is learned again
-    with pytest.raises(openai.BadRequestError) as e:
-        a.chat.completions.create(model="mix-agent", messages=msgs)
-    assert e.value.body["code"] == "model_api_learned"
+    time.sleep(3.5)  # learn_ttl_seconds: 3, then it is learned again (the rejection is retried again)
+    start = len(replicas.mixed.requests)
+    assert a.chat.completions.create(model="mix-agent", messages=msgs).choices[0].message.content
+    assert [q["path"] for q in replicas.mixed.requests[start:]] == ["/v1/chat/completions", "/v1/responses"]
     forget = urllib.request.Request(admin + "/learned?model=mixed:mix-agent", method="DELETE")
     with urllib.request.urlopen(forget, timeout=5) as r:  # an operator clears it: learned afresh
         assert json.loads(r.read()) == {"forgotten": ["mixed:mix-agent"]}

@@ -64,18 +64,19 @@ def free_ports(n: int) -> int:
 
 
 def render_envoy_config(listen_port: int, admin_port: int, extproc_port: int, src: Path = ENVOY_YAML,
-                        listen_address: str | None = None) -> str:
-    """deploy/envoy.yaml with its three ports (and optionally the listen address) replaced."""
+                        listen_address: str | None = None, websocket_port: int | None = None) -> str:
+    """deploy/envoy.yaml with its ports (and optionally the listen address) replaced."""
     doc = yaml.safe_load(src.read_text())
     doc["admin"]["address"]["socket_address"]["port_value"] = admin_port
     sock = doc["static_resources"]["listeners"][0]["address"]["socket_address"]
     sock["port_value"] = listen_port
     if listen_address:
         sock["address"] = listen_address
+    ports = {"extproc": extproc_port, "websocket": websocket_port}
     for cluster in doc["static_resources"]["clusters"]:
-        if cluster["name"] == "extproc":
+        if ports.get(cluster["name"]):
             ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-            ep["address"]["socket_address"]["port_value"] = extproc_port
+            ep["address"]["socket_address"]["port_value"] = ports[cluster["name"]]
         _use_local_trust_store(cluster)
     return yaml.safe_dump(doc, sort_keys=False)
 
@@ -142,10 +143,12 @@ class Stack:
         return self.spawn(name, [sys.executable, "-m", "extproc", "serve", "--config", str(config_path)], env)
 
     def start_envoy(self, listen_port: int, admin_port: int, extproc_port: int, listen_address: str | None = None,
-                    patch: Callable[[dict], None] | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen:
+                    patch: Callable[[dict], None] | None = None, args: tuple[str, ...] = (),
+                    websocket_port: int | None = None) -> subprocess.Popen:
         """Envoy on deploy/envoy.yaml with its ports replaced; `patch` may change more of the parsed config
         (tests point a provider cluster at a local server), `args` add command-line options."""
-        text = render_envoy_config(listen_port, admin_port, extproc_port, listen_address=listen_address)
+        text = render_envoy_config(listen_port, admin_port, extproc_port, listen_address=listen_address,
+                                   websocket_port=websocket_port)
         if patch is not None:
             doc = yaml.safe_load(text)
             patch(doc)
@@ -177,7 +180,7 @@ class Stack:
 
 
 def run_local(config_path: str, port: int = 10000, admin_port: int = 9901, extproc_port: int = 50051,
-              demo_port: int = 8001) -> int:
+              demo_port: int = 8001, websocket_port: int = 50052) -> int:
     """The README's run command: the whole stack in the foreground until Ctrl-C (or SIGTERM)."""
     def interrupt(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt
@@ -188,20 +191,22 @@ def run_local(config_path: str, port: int = 10000, admin_port: int = 9901, extpr
         if demo_port:
             demo = stack.spawn("demo-backend", [sys.executable, "-m", "extproc", "demo-backend", "--port", str(demo_port)])
             wait_for_port(demo_port, proc=demo)
-        sidecar = stack.start_sidecar(config_path, env={"EXTPROC_LISTEN": f"127.0.0.1:{extproc_port}"})
+        sidecar = stack.start_sidecar(config_path, env={
+            "EXTPROC_LISTEN": f"127.0.0.1:{extproc_port}", "EXTPROC_WEBSOCKET_LISTEN": f"127.0.0.1:{websocket_port}",
+            "EXTPROC_WEBSOCKET_GATEWAY": f"http://127.0.0.1:{port}"})
         wait_for_port(extproc_port, proc=sidecar)
-        stack.start_envoy(port, admin_port, extproc_port)
+        stack.start_envoy(port, admin_port, extproc_port, websocket_port=websocket_port)
         url = f"http://127.0.0.1:{port}"
         print(f"""
 Gateway ready at {url}  (logs in {stack.workdir})
 
-  curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\
-       -d '{{"model": "demo", "messages": [{{"role": "user", "content": "hello"}}]}}'
-
   curl -s {url}/v1/responses -H 'content-type: application/json' \\
-       -d '{{"model": "demo", "input": "hello through the Responses API"}}'
+       -d '{{"model": "demo", "input": "hello"}}'          # Responses client, chat-only model
+  curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\
+       -d '{{"model": "demo-codex", "messages": [{{"role": "user", "content": "hello"}}]}}'  # Chat client, Responses-only model
+  (add "stream": true to either for the translated event stream)
 
-  # the official SDK (pip install -e '.[clients]'); any api_key: the gateway's backends use their own
+  # the official SDK (pip install -e '.[clients]'); any api_key: it names your tenant (docs/clients.md)
   {sys.executable} -c "import openai; c = openai.OpenAI(base_url='{url}/v1', api_key='unused'); \\
 print(c.responses.create(model='demo', input='hi').output_text)"
 

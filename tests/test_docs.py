@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from extproc.cli import main as cli_main
 from extproc.local.stack import free_port
@@ -347,6 +348,20 @@ def test_every_metric_and_admin_path_in_the_docs_is_served(local_stack):
         except urllib.error.HTTPError as e:
             status = e.code
         assert status != 404, path
+
+
+def test_the_headers_envoy_strips_are_the_ones_the_docs_name():
+    """docs/configuration.md lists the client headers Envoy's header_mutation removes, and says the mode
+    header is not among them: both read from deploy/envoy.yaml."""
+    envoy = yaml.safe_load((REPO / "deploy" / "envoy.yaml").read_text())
+    hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    mutation = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.header_mutation")
+    removed = {m["remove"] for m in mutation["typed_config"]["mutations"]["request_mutations"] if "remove" in m}
+    stripped = {h for h in removed if h.startswith("x-gateway-")}
+    paragraph = TEXT[REPO / "docs" / "configuration.md"].split("A client cannot choose its upstream", 1)[1]
+    paragraph = paragraph.split("The mode header", 1)[0]
+    assert set(re.findall(r"`(x-gateway-[a-z-]+)`", paragraph)) == stripped
+    assert "x-gateway-model-mode" not in removed  # reaches the sidecar, which removes it before upstream
 
 
 def test_the_docs_name_the_files_they_point_at():

@@ -4,7 +4,7 @@ Both APIs, streamed and not, translated and passed through, and multi-turn pinne
 (previous_response_id) on a three-instance stateful Responses backend and on a chat backend whose
 conversations the sidecar keeps. Samples the sidecar's RSS every 10 s.
 
-    .venv/bin/python benchmarks/soak.py --minutes 10 [--clients 8]
+    .venv/bin/python benchmarks/soak.py --minutes 10 [--clients 8] [--store-mib 32]
 
 Prints a line per sample and a summary; writes benchmarks/results/soak.json. Exit 1 on any error.
 """
@@ -68,6 +68,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--store-mib", type=int, default=32,
+                    help="state.max_memory_bytes of the sidecar's memory store, in MiB (32 is the default): RSS "
+                         "rises while the store fills to it, then stays flat")
     args = ap.parse_args()
     resp = [ResponsesServer() for _ in range(3)]
     chat = ChatServer()
@@ -84,7 +87,7 @@ def main() -> int:
   api: chat
   models: ["llama-*"]
   endpoints: ["{chat.address}"]
-""")
+""", extra=f"state: {{max_memory_bytes: {args.store_mib * 1024 * 1024}}}")
         sidecar = next(p.pid for p in stack.procs if "serve" in p.args)
         stop, lock = threading.Event(), threading.Lock()
         threads = [threading.Thread(target=worker, args=(f"http://127.0.0.1:{port}", stop, stats, lock, i), daemon=True)
@@ -107,7 +110,7 @@ def main() -> int:
         for s in [*resp, chat]:
             s.close()
     first_minute = [rss for t, rss, _ in samples if t <= 60] or [samples[0][1]]
-    summary = {"minutes": args.minutes, "clients": args.clients, **stats,
+    summary = {"minutes": args.minutes, "clients": args.clients, "store_mib": args.store_mib, **stats,
                "rss_mb_after_1_min": max(first_minute), "rss_mb_end": samples[-1][1],
                "rss_mb_max": max(rss for _, rss, _ in samples), "samples": samples}
     out = REPO / "benchmarks" / "results" / "soak.json"

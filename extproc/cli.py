@@ -21,8 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=int(os.environ.get("EXTPROC_WORKERS", "1")),
                    help="processes, one per core: worker i listens on the listen port + i (list them all in "
                         "Envoy's extproc cluster); needs a shared state store (sqlite or redis)")
-    p = sub.add_parser("check-config", help="print every problem in a config file; exit 1 if any")
+    p = sub.add_parser("check-config", help="print every problem in a config file; exit 1 if any (warnings, such as "
+                                            "an unset api_key_env variable, only with --strict)")
     p.add_argument("config")
+    p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     p = sub.add_parser("resolve", help="print the backend and API mode a model resolves to, and why")
     p.add_argument("--config", required=True)
     p.add_argument("model")
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="deploy/config.yaml")
     p.add_argument("--port", type=int, default=10000)
     p.add_argument("--demo-port", type=int, default=8001, help="0 to not start the demo backend")
+    p.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port")
+    p.add_argument("--extproc-port", type=int, default=50051, help="the sidecar's gRPC port")
+    p.add_argument("--websocket-port", type=int, default=50052, help="the sidecar's WebSocket front door")
     p = sub.add_parser("demo-backend", help="a small chat-only backend that echoes")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
@@ -47,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             for problem in e.problems:
                 print(problem, file=sys.stderr)
             return 1
-        print(f"{args.config}: OK ({len(cfg.backends)} backends, {len(cfg.model_rules)} model rules)")
-        return 0
+        for warning in cfg.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"{args.config}: OK ({len(cfg.backends)} backends, {len(cfg.model_rules)} model rules, "
+              f"{len(cfg.warnings)} warnings)")
+        return 1 if args.strict and cfg.warnings else 0
     if args.command == "resolve":
         return asyncio.run(_resolve(args.config, args.model))
     if args.command == "learned":
@@ -69,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stack":
         from extproc.local.stack import run_local
 
-        return run_local(args.config, port=args.port, demo_port=args.demo_port)
+        return run_local(args.config, port=args.port, admin_port=args.admin_port, extproc_port=args.extproc_port,
+                         demo_port=args.demo_port, websocket_port=args.websocket_port)
     if args.command == "demo-backend":
         from extproc.local.demo_backend import serve as serve_demo
 

@@ -40,6 +40,14 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class Unserved:
+    """A backend that cannot take requests: they get a 503 with this code and message."""
+
+    code: str  # backend_unconfigured | no_endpoints
+    message: str
+
+
+@dataclass(frozen=True)
 class Backend:
     name: str
     api: str  # chat | responses | both
@@ -56,6 +64,18 @@ class Backend:
     replay_reasoning: bool = False  # send earlier turns' reasoning back as reasoning_content
     dns_names: tuple[str, ...] = ()  # `dns:` entries: re-resolved periodically, the ring follows them
     dns_weights: tuple[int, ...] = ()  # the weight of each `dns:` entry
+
+    def unserved(self) -> Unserved | None:
+        """Why requests for this backend cannot be sent now (None: they can). The sidecar still starts,
+        so one backend's missing secret or not-yet-resolvable name does not take the others down."""
+        if self.api_key_env and not self.api_key:
+            return Unserved("backend_unconfigured", f"Backend '{self.name}' is not configured: the environment "
+                                                    f"variable {self.api_key_env} (its api_key_env) is not set "
+                                                    "in the gateway sidecar")
+        if self.cluster is None and not self.endpoints:
+            return Unserved("no_endpoints", f"Backend '{self.name}' has no instances: "
+                                            f"{', '.join(self.dns_names)} resolves to no address yet")
+        return None
 
     def resolve_dns(self) -> tuple[Endpoint, ...] | None:
         """The endpoints with the `dns:` entries resolved again (None when a name does not resolve now:
@@ -147,6 +167,11 @@ class Config:
     log_format: str = "json"  # json (one object per line) | text
     fast_path: bool = True  # compile pass-through decisions into Envoy routes (served over xDS), see routing.compile
     source: str = "<memory>"
+    warnings: tuple[str, ...] = ()  # problems that do not stop the load: a backend that cannot serve yet
+
+    def unserved(self) -> list[str]:
+        """One line per backend that cannot take requests now, for /readyz and the log."""
+        return [u.message for b in self.backends if (u := b.unserved()) is not None]
 
     def backend(self, name: str) -> Backend | None:
         for b in self.backends:
@@ -181,10 +206,17 @@ class _Validator:
         self.source = source
         self.env = env
         self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def where(self, node: yaml.Node | None, key: str, msg: str) -> str:
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        return f"{self.source}{line}: {key}: {msg}"
 
     def problem(self, node: yaml.Node | None, key: str, msg: str) -> None:
-        line = f":{node.start_mark.line + 1}" if node is not None else ""
-        self.problems.append(f"{self.source}{line}: {key}: {msg}")
+        self.problems.append(self.where(node, key, msg))
+
+    def warning(self, node: yaml.Node | None, key: str, msg: str) -> None:
+        self.warnings.append(self.where(node, key, msg))
 
     def mapping(self, node: yaml.Node | None, key: str, allowed: set[str]) -> dict[str, yaml.Node]:
         if not isinstance(node, yaml.MappingNode):
@@ -265,7 +297,7 @@ class _Validator:
         rules = self.rules(top["model_rules"]) if "model_rules" in top else []
         if self.problems:
             raise ConfigError(self.problems)
-        return Config(backends=tuple(backends), model_rules=tuple(rules), **kw)
+        return Config(backends=tuple(backends), model_rules=tuple(rules), warnings=tuple(self.warnings), **kw)
 
     def top_scalars(self, top: dict[str, yaml.Node]) -> dict[str, Any]:
         kw: dict[str, Any] = {}
@@ -448,8 +480,9 @@ class _Validator:
             elif var is not None:
                 value = self.env.get(var)
                 if not value:
-                    self.problem(m["api_key_env"], f"{key}.api_key_env",
-                                 f"environment variable {var} is not set or empty")
+                    self.warning(m["api_key_env"], f"{key}.api_key_env",
+                                 f"environment variable {var} is not set or empty: this backend's requests "
+                                 "get 503 backend_unconfigured until the sidecar runs with it set")
                 kw["api_key_env"], kw["api_key"] = var, value
         if "translate" in m:
             kw["translate"] = self.scalar(m["translate"], f"{key}.translate", bool)
@@ -499,9 +532,12 @@ class _Validator:
                 continue
             if every_address:
                 dns_names.append(addr)
-            if every_address:
                 dns_weights.append(weight)
             resolved = self.resolve(addr, every_address)
+            if not resolved and every_address and self.host_port(addr) is not None:
+                self.warning(addr_node, k, f"{addr!r} does not resolve now: no instances until it does (re-resolved "
+                                           "every discovery.interval_seconds); its requests get 503 no_endpoints")
+                continue
             if not resolved:
                 self.problem(addr_node, k, f"{addr!r} is not 'host:port' with a resolvable host and a port 1-65535")
                 continue
@@ -513,12 +549,19 @@ class _Validator:
         return tuple(out), tuple(dns_names), tuple(dns_weights)
 
     @staticmethod
-    def resolve(addr: str, every_address: bool = False) -> list[str]:
-        """ORIGINAL_DST needs IP literals: host names are resolved at load (and at each reload)."""
+    def host_port(addr: str) -> tuple[str, str] | None:
         host, sep, port = addr.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+            return None
+        return host.strip("[]"), port
+
+    @staticmethod
+    def resolve(addr: str, every_address: bool = False) -> list[str]:
+        """ORIGINAL_DST needs IP literals: host names are resolved at load (and at each reload)."""
+        split = _Validator.host_port(addr)
+        if split is None:
             return []
-        host = host.strip("[]")
+        host, port = split
         try:
             ips = [ipaddress.ip_address(host)]
         except ValueError:

@@ -218,6 +218,8 @@ def _bind(server: grpc.aio.Server, listen: str, tls: ListenTLS | None) -> None:
 async def serve(config_path: str) -> None:
     config = load_config(config_path)
     configure_logging(config.log_format, os.environ.get("EXTPROC_LOG_LEVEL", config.log_level))
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
     store = open_store(config.state)
     holder = GatewayHolder(Gateway(config, tenant_secret=await tenant_secret(config, store)))
     metrics = Metrics()
@@ -256,6 +258,8 @@ async def serve(config_path: str) -> None:
                 log.warning("config reload: 'state' changes take effect at the next restart")
             install(new)
             log.info("config reloaded from %s", config_path)
+            for warning in new.warnings:
+                log.warning("config: %s", warning)
         except ConfigError as e:
             log.error("config reload rejected, keeping the running config:\n%s", e)
 
@@ -263,12 +267,13 @@ async def serve(config_path: str) -> None:
         return 503, f"state store unavailable: {e}\n".encode(), "text/plain"
 
     async def ready(_query: str) -> tuple[int, bytes, str]:
-        """Ready when the config is loaded and the state store answers."""
+        """Ready when the config is loaded and the state store answers; backends that cannot serve yet
+        (a missing key, no instances) are named but do not hold the others back."""
         try:
             await store.get_many(("ready-probe",))
         except StoreUnavailable as e:
             return unavailable(e)
-        return 200, b"ready\n", "text/plain"
+        return 200, "".join(f"{line}\n" for line in ["ready", *holder.gateway.config.unserved()]).encode(), "text/plain"
 
     async def healthy(_query: str) -> tuple[int, bytes, str]:
         return 200, b"ok\n", "text/plain"

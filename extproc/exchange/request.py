@@ -180,6 +180,8 @@ class RequestSide:
         """Envoy's routing for the plan: routing headers, the rewritten path and body."""
         self.plan = plan
         target = plan.target
+        if (unserved := target.backend.unserved()) is not None:  # a missing key or no instances yet
+            raise GatewayError(503, unserved.message, code=unserved.code)
         path = self.path
         if plan.pair is not None:
             path = PATHS[plan.pair.upstream_api] + ("?" + self.query if "?" in self.path else "")

@@ -32,6 +32,14 @@ class JSONHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet by default
         pass
 
+    def handle_one_request(self) -> None:
+        """A peer (Envoy's connection pool) that resets an idle keep-alive connection has closed it: not an
+        error to print a traceback for. A reset mid-answer still fails the request at the client."""
+        try:
+            super().handle_one_request()
+        except ConnectionResetError:
+            self.close_connection = True
+
     def read_json(self) -> Any:
         length = int(self.headers.get("content-length") or 0)
         raw = self.raw_body = self.rfile.read(length) if length else b""

@@ -206,7 +206,8 @@ Gateway ready at {url}  (logs in {stack.workdir})
        -d '{{"model": "demo-codex", "messages": [{{"role": "user", "content": "hello"}}]}}'  # Chat client, Responses-only model
   (add "stream": true to either for the translated event stream)
 
-  python -c "import openai; c = openai.OpenAI(base_url='{url}/v1', api_key='unused'); \\
+  # the official SDK (pip install -e '.[clients]'); any api_key: it names your tenant (docs/clients.md)
+  {sys.executable} -c "import openai; c = openai.OpenAI(base_url='{url}/v1', api_key='unused'); \\
 print(c.responses.create(model='demo', input='hi').output_text)"
 
 Ctrl-C stops everything.""", flush=True)

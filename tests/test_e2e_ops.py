@@ -3,6 +3,7 @@ line with usage, graceful shutdown with a stream in flight, config reload (SIGHU
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from extproc.local.stack import Stack, free_port, wait_for_port
+from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
 
 from .upstreams import ChatServer, Reply
 
@@ -109,7 +110,8 @@ def test_metrics_after_known_traffic(ops):
     client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "y" * 80}])
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
-    time.sleep(0.2)
+    wait_until(lambda: ops.metric("extproc_requests_total", model="ops-a") + ops.metric(
+        "extproc_requests_total", model="nope") >= 7)  # counted as each exchange ends, maybe after its answer
     assert ops.metric("extproc_requests_total", client_api="chat", upstream_api="chat", model="ops-a", outcome="ok") == 4
     assert ops.metric("extproc_requests_total", client_api="responses", upstream_api="chat", model="ops-a") == 2
     assert ops.metric("extproc_requests_total", model="nope", outcome="gateway_4xx") == 1
@@ -133,36 +135,70 @@ def test_access_log_carries_usage(ops):
     assert re.search(r"api=chat->chat tokens_in=11 tokens_out=7 cached=3 reasoning=2 estimated=false", lines[-1]), lines
 
 
+def answers(client: openai.OpenAI, model: str) -> bool:
+    try:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    except openai.NotFoundError:
+        return False
+    return True
+
+
 def test_reload_on_file_change_keeps_streams(ops):
     client = ops.client()
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="late-model", messages=[{"role": "user", "content": "hi"}])
-    ops.chat.script.append(Reply(text="slow " * 50, delay=0.05))
+    assert not answers(client, "late-model")
+    held = threading.Event()
+    ops.chat.script.append(Reply(text="slow " * 50, hold=held))  # open until the reload is done
     got: list[str] = []
 
     def stream() -> None:
         r = client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "x"}], stream=True)
         got.append("".join(c.choices[0].delta.content or "" for c in r if c.choices))
 
+    before = len(ops.chat.requests)
     t = threading.Thread(target=stream)
     t.start()
-    time.sleep(0.2)
-    ops.config.write_text(CONFIG.format(**{**ops.render, "extra": ', "late-model"'}))  # no SIGHUP: the file is watched
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.chat.completions.create(model="late-model", messages=[{"role": "user", "content": "hi"}])
-            break
-        except openai.NotFoundError:
-            assert time.monotonic() < deadline, "config change not picked up"
-            time.sleep(0.3)
-    t.join(timeout=30)
+    try:
+        assert wait_until(lambda: len(ops.chat.requests) > before), "the stream did not reach the upstream"
+        ops.config.write_text(CONFIG.format(**{**ops.render, "extra": ', "late-model"'}))  # no SIGHUP: the file is watched
+        assert wait_until(lambda: answers(client, "late-model"), timeout=15, interval=0.3), "config change not picked up"
+        assert t.is_alive() and not got  # the stream was in flight across the reload
+    finally:
+        held.set()
+        t.join(timeout=30)
     assert got == [("slow " * 50)]
-    ops.config.write_text("backends: [")  # an invalid file is rejected, the running config kept
-    ops.sidecar.send_signal(signal.SIGHUP)
-    time.sleep(0.5)
-    assert client.chat.completions.create(model="late-model", messages=[{"role": "user", "content": "hi"}])
     ops.config.write_text(CONFIG.format(**ops.render))
+
+
+def replace_unseen(path: Path, text: str) -> None:
+    """New content of the same size and modification time: the file watcher sees no change, so only
+    SIGHUP can apply it."""
+    st = path.stat()
+    assert len(text.encode()) == st.st_size
+    tmp = path.with_suffix(".next")
+    tmp.write_text(text)
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, path)  # at once: never a moment with another size or time
+
+
+def test_sighup_reloads_and_an_invalid_file_keeps_the_running_config(ops):
+    client = ops.client()
+    config = CONFIG.format(**{**ops.render, "extra": ', "hup-a"'})
+    ops.config.write_text(config)
+    assert wait_until(lambda: answers(client, "hup-a"), timeout=15, interval=0.3), "config change not picked up"
+    try:
+        replace_unseen(ops.config, config.replace("hup-a", "hup-b"))
+        ops.sidecar.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: answers(client, "hup-b"), interval=0.2), "SIGHUP did not reload the config"
+        assert not answers(client, "hup-a")
+        rejected = ops.stack.log("sidecar").count("config reload rejected")
+        invalid = "backends: [\n"
+        replace_unseen(ops.config, invalid + "#" * (len(config) - len(invalid)))
+        ops.sidecar.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: ops.stack.log("sidecar").count("config reload rejected") > rejected), \
+            "SIGHUP did not read the invalid file"
+        assert answers(client, "hup-b")  # the running config is kept
+    finally:
+        ops.config.write_text(CONFIG.format(**ops.render))
 
 
 def test_secrets_stay_out_of_logs_metrics_and_errors(ops):

@@ -119,6 +119,17 @@ def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Poll until `condition()` is true (True) or `timeout` seconds pass (False): a wait on what can be
+    observed, never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 def wait_for_envoy(admin_port: int, timeout: float = 20.0) -> None:
     """Envoy is ready once its admin endpoint says the listener is live."""
     import urllib.request

@@ -201,16 +201,35 @@ def test_sighup_reloads_and_an_invalid_file_keeps_the_running_config(ops):
         ops.config.write_text(CONFIG.format(**ops.render))
 
 
-def test_secrets_stay_out_of_logs_metrics_and_errors(ops):
+def key_quoting_errors(ops: Ops) -> list[str]:
+    """What the client gets when the upstream rejects the key and quotes it, as some providers do:
+    the error bodies of a passed-through and of a translated request."""
+    client = ops.client()
+    bodies = []
+    for call in (lambda: client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "hi"}]),
+                 lambda: client.responses.create(model="ops-a", input="hi")):
+        ops.chat.script.append(Reply(error=(401, {"error": {"message": f"Incorrect API key provided: {SECRET}.",
+                                                            "type": "invalid_request_error", "code": "invalid_api_key"}})))
+        with pytest.raises(openai.AuthenticationError) as e:
+            call()
+        bodies.append(e.value.response.text)
+    assert all("Incorrect API key provided" in b for b in bodies)  # the upstream's errors do reach the client
+    return bodies
+
+
+def test_secrets_stay_out_of_logs_and_metrics(ops):
     client = ops.client()
     client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "hi"}])
     assert ops.chat.last["headers"]["authorization"] == "Bearer " + SECRET  # it does reach the upstream
-    ops.chat.script.append(Reply(error=(401, {"error": {"message": "bad key", "type": "auth"}})))
-    with pytest.raises(openai.AuthenticationError) as e:
-        client.responses.create(model="ops-a", input="hi")
-    assert SECRET not in str(e.value.body)
+    key_quoting_errors(ops)  # the key has passed through the sidecar in both directions
     assert SECRET not in ops.get("/metrics")[1]
     assert SECRET not in ops.stack.log("sidecar") and SECRET not in ops.stack.log(ops.envoy_log)
+
+
+@pytest.mark.xfail(strict=True, reason="not built yet: the sidecar relays an upstream error that quotes the key "
+                                       "it injected (api_key_env) unchanged; remove this mark once it scrubs it")
+def test_an_upstream_error_quoting_the_key_reaches_the_client_without_it(ops):
+    assert [SECRET in body for body in key_quoting_errors(ops)] == [False, False]
 
 
 def test_upstream_that_stalls_is_cut_by_the_route_timeout(ops, tmp_path):

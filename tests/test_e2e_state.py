@@ -20,7 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from extproc.local.stack import Stack, free_port, wait_for_port
+from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
 
 from .conformance import validate_response
 from .conftest import RedisServer
@@ -260,6 +260,7 @@ def test_unknown_previous_response_id(replicas):
 def test_model_api_learned_from_a_rejection_and_shared(replicas):
     a, b = (openai.OpenAI(base_url=u + "/v1", api_key="k", max_retries=0, timeout=30) for u in replicas.urls)
     msgs = [{"role": "user", "content": "hi"}]
+    first_contact = time.monotonic()
     with pytest.raises(openai.BadRequestError) as e:  # first contact: sent as is, and rejected
         a.chat.completions.create(model="mix-agent", messages=msgs)
     assert e.value.body["code"] == "model_api_learned" and "retry" in e.value.body["message"]
@@ -284,10 +285,17 @@ def test_model_api_learned_from_a_rejection_and_shared(replicas):
     with urllib.request.urlopen(admin + "/learned", timeout=5) as r:  # the same, from the admin port
         assert json.loads(r.read())["mixed:mix-agent"]["mode"] == "responses"
 
-    time.sleep(3.5)  # learn_ttl_seconds: 3, then it is learned again
-    with pytest.raises(openai.BadRequestError) as e:
-        a.chat.completions.create(model="mix-agent", messages=msgs)
-    assert e.value.body["code"] == "model_api_learned"
+    def learned_again() -> bool:
+        """learn_ttl_seconds: 3. Until then the request is translated; after, sent as is and rejected."""
+        try:
+            a.chat.completions.create(model="mix-agent", messages=msgs)
+        except openai.BadRequestError as e:
+            assert e.body["code"] == "model_api_learned"
+            return True
+        return False
+
+    assert wait_until(learned_again, timeout=15, interval=0.2), "what was learned never expired"
+    assert time.monotonic() - first_contact >= 3  # not before its time
     forget = urllib.request.Request(admin + "/learned?model=mixed:mix-agent", method="DELETE")
     with urllib.request.urlopen(forget, timeout=5) as r:  # an operator clears it: learned afresh
         assert json.loads(r.read()) == {"forgotten": ["mixed:mix-agent"]}

@@ -19,7 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
 
 from extproc.config import parse_config  # noqa: E402
 from extproc.envoy.server import _headers, to_proto  # noqa: E402
-from extproc.exchange.flow import Exchange  # noqa: E402
+from extproc.exchange import Exchange  # noqa: E402
 from extproc.routing.gateway import Gateway  # noqa: E402
 from extproc.routing.ring import HashRing  # noqa: E402
 from extproc.translate import req_chat_to_responses, req_responses_to_chat  # noqa: E402

@@ -20,6 +20,7 @@ from extproc.api import API_MODES, BACKEND_APIS
 MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEADER_RE = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 
 
 class ConfigError(Exception):
@@ -34,6 +35,7 @@ class ConfigError(Exception):
 class Endpoint:
     address: str  # "ip:port", the value Envoy's ORIGINAL_DST cluster dials
     weight: int = 1
+    source: str | None = field(default=None, compare=False)  # the `dns:` name it was resolved from
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,19 @@ class Backend:
     hosted_tools: str = "drop"  # Responses hosted tools (web_search, ...) for a chat backend: drop | reject
     replay_reasoning: bool = False  # send earlier turns' reasoning back as reasoning_content
     dns_names: tuple[str, ...] = ()  # `dns:` entries: re-resolved periodically, the ring follows them
+    dns_weights: tuple[int, ...] = ()  # the weight of each `dns:` entry
+
+    def resolve_dns(self) -> tuple[Endpoint, ...] | None:
+        """The endpoints with the `dns:` entries resolved again (None when a name does not resolve now:
+        keep the last known ones)."""
+        dns = set(self.dns_names)
+        fixed = [e for e in self.endpoints if e.source not in dns]
+        for name, weight in zip(self.dns_names, self.dns_weights, strict=True):
+            resolved = _Validator.resolve(name, every_address=True)
+            if not resolved:
+                return None
+            fixed += [Endpoint(a, weight, name) for a in resolved]
+        return tuple(fixed)
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,14 @@ class Discovery:
     allow_mode_header: bool = False  # honour a client's x-gateway-model-mode header
 
 @dataclass(frozen=True)
+class Tenancy:
+    """Whose stored conversations a request may see (docs/security.md)."""
+
+    header: str | None = None  # take the tenant from this header (set by Envoy's ext_authz/jwt_authn)
+    secret_env: str = "EXTPROC_TENANT_SECRET"  # HMAC key; unset: one random secret kept in the state store
+
+
+@dataclass(frozen=True)
 class ListenTLS:
     """TLS on the ext_proc listener (Envoy dials it over the network rather than localhost)."""
 
@@ -111,6 +134,7 @@ class Config:
     state: State = State()
     discovery: Discovery = Discovery()
     listen_tls: ListenTLS | None = None
+    tenancy: Tenancy = Tenancy()
     admin_listen: str | None = "127.0.0.1:9902"  # /healthz /readyz /metrics; None turns it off
     usage_accounting: str = "all"  # all: read usage from passed-through answers too; translated: only those
     log_format: str = "json"  # json (one object per line) | text
@@ -208,25 +232,26 @@ class _Validator:
         if root is None:
             raise ConfigError([f"{self.source}: empty config: at least one backend is required"])
         top = self.mapping(root, "", {"listen", "log_level", "backends", "model_rules", "limits", "state",
-                                      "discovery", "admin_listen", "usage_accounting", "log_format", "listen_tls"})
-        kw: dict[str, Any] = {"source": self.source}
+                                      "discovery", "admin_listen", "usage_accounting", "log_format", "listen_tls",
+                                      "tenancy"})
+        kw: dict[str, Any] = {"source": self.source, **self.top_scalars(top)}
+        sections = {"listen_tls": self.listen_tls, "limits": self.limits, "discovery": self.discovery,
+                    "state": self.state, "tenancy": self.tenancy}
+        for name, parse in sections.items():
+            if name in top and (value := parse(top[name])) is not None:
+                kw[name] = value
+        backends = self.backends(root, top)
+        rules = self.rules(top["model_rules"]) if "model_rules" in top else []
+        if self.problems:
+            raise ConfigError(self.problems)
+        return Config(backends=tuple(backends), model_rules=tuple(rules), **kw)
+
+    def top_scalars(self, top: dict[str, yaml.Node]) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
         if "listen" in top:
             listen = self.scalar(top["listen"], "listen", str)
             if listen is not None:
                 kw["listen"] = listen
-        if "listen_tls" in top:
-            t = self.mapping(top["listen_tls"], "listen_tls", {"cert_file", "key_file", "client_ca_file"})
-            files = {}
-            for name in ("cert_file", "key_file", "client_ca_file"):
-                if name in t:
-                    path = self.scalar(t[name], f"listen_tls.{name}", str)
-                    if path is not None and not os.path.isfile(path):
-                        self.problem(t[name], f"listen_tls.{name}", f"no such file: {path}")
-                    files[name] = path
-                elif name != "client_ca_file":
-                    self.problem(top["listen_tls"], f"listen_tls.{name}", "required")
-            if files.get("cert_file") and files.get("key_file"):
-                kw["listen_tls"] = ListenTLS(**files)
         if "admin_listen" in top:
             kw["admin_listen"] = None if top["admin_listen"].value in ("off", "", "null", "~") else \
                 self.scalar(top["admin_listen"], "admin_listen", str)
@@ -238,27 +263,57 @@ class _Validator:
             lvl = self.choice(top["log_level"], "log_level", ("debug", "info", "warning", "error"))
             if lvl:
                 kw["log_level"] = lvl
-        if "limits" in top:
-            lim = self.mapping(top["limits"], "limits", {"max_body_bytes"})
-            if "max_body_bytes" in lim:
-                n = self.scalar(lim["max_body_bytes"], "limits.max_body_bytes", int)
-                if n is not None and n < 1024:
-                    self.problem(lim["max_body_bytes"], "limits.max_body_bytes", "must be at least 1024")
-                elif n is not None:
-                    kw["limits"] = Limits(max_body_bytes=n)
-        if "discovery" in top:
-            d = self.mapping(top["discovery"], "discovery", {"interval_seconds", "timeout_ms", "allow_mode_header"})
-            dkw: dict[str, Any] = {}
-            for name, (lo, hi) in {"interval_seconds": (5, 86400), "timeout_ms": (100, 60_000)}.items():
-                if name in d:
-                    dkw[name] = self.bounded(d[name], f"discovery.{name}", lo, hi)
-            if "allow_mode_header" in d:
-                dkw["allow_mode_header"] = self.scalar(d["allow_mode_header"], "discovery.allow_mode_header", bool)
-            kw["discovery"] = Discovery(**dkw)
-        if "state" in top:
-            state = self.state(top["state"])
-            if state is not None:
-                kw["state"] = state
+        return kw
+
+    def listen_tls(self, node: yaml.Node) -> ListenTLS | None:
+        t = self.mapping(node, "listen_tls", {"cert_file", "key_file", "client_ca_file"})
+        files = {}
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            if name in t:
+                path = self.scalar(t[name], f"listen_tls.{name}", str)
+                if path is not None and not os.path.isfile(path):
+                    self.problem(t[name], f"listen_tls.{name}", f"no such file: {path}")
+                files[name] = path
+            elif name != "client_ca_file":
+                self.problem(node, f"listen_tls.{name}", "required")
+        return ListenTLS(**files) if files.get("cert_file") and files.get("key_file") else None
+
+    def limits(self, node: yaml.Node) -> Limits | None:
+        lim = self.mapping(node, "limits", {"max_body_bytes"})
+        if "max_body_bytes" not in lim:
+            return None
+        n = self.scalar(lim["max_body_bytes"], "limits.max_body_bytes", int)
+        if n is not None and n < 1024:
+            self.problem(lim["max_body_bytes"], "limits.max_body_bytes", "must be at least 1024")
+            return None
+        return Limits(max_body_bytes=n) if n is not None else None
+
+    def discovery(self, node: yaml.Node) -> Discovery:
+        d = self.mapping(node, "discovery", {"interval_seconds", "timeout_ms", "allow_mode_header"})
+        dkw: dict[str, Any] = {}
+        for name, (lo, hi) in {"interval_seconds": (5, 86400), "timeout_ms": (100, 60_000)}.items():
+            if name in d:
+                dkw[name] = self.bounded(d[name], f"discovery.{name}", lo, hi)
+        if "allow_mode_header" in d:
+            dkw["allow_mode_header"] = self.scalar(d["allow_mode_header"], "discovery.allow_mode_header", bool)
+        return Discovery(**dkw)
+
+    def tenancy(self, node: yaml.Node) -> Tenancy | None:
+        m = self.mapping(node, "tenancy", {"header", "secret_env"})
+        kw: dict[str, Any] = {}
+        if "header" in m:
+            header = self.scalar(m["header"], "tenancy.header", str)
+            if header is not None and not _HEADER_RE.match(header):
+                self.problem(m["header"], "tenancy.header", "must be a lower-case HTTP header name")
+            kw["header"] = header
+        if "secret_env" in m:
+            env = self.scalar(m["secret_env"], "tenancy.secret_env", str)
+            if env is not None and not _ENV_RE.match(env):
+                self.problem(m["secret_env"], "tenancy.secret_env", "must be an environment variable name")
+            kw["secret_env"] = env
+        return Tenancy(**kw)
+
+    def backends(self, root: yaml.Node, top: dict[str, yaml.Node]) -> list[Backend]:
         backends: list[Backend] = []
         if "backends" not in top:
             self.problem(root, "backends", "required: list at least one backend")
@@ -274,19 +329,13 @@ class _Validator:
                     self.problem(bnode, f"backends[{i}].name", f"duplicate backend name {b.name!r}")
                 seen.add(b.name)
                 backends.append(b)
-        rules: list[ModelRule] = []
-        if "model_rules" in top:
-            node = top["model_rules"]
-            if not isinstance(node, yaml.SequenceNode):
-                self.problem(node, "model_rules", "must be a list")
-            else:
-                for i, rnode in enumerate(node.value):
-                    r = self.rule(rnode, f"model_rules[{i}]")
-                    if r is not None:
-                        rules.append(r)
-        if self.problems:
-            raise ConfigError(self.problems)
-        return Config(backends=tuple(backends), model_rules=tuple(rules), **kw)
+        return backends
+
+    def rules(self, node: yaml.Node) -> list[ModelRule]:
+        if not isinstance(node, yaml.SequenceNode):
+            self.problem(node, "model_rules", "must be a list")
+            return []
+        return [r for i, rnode in enumerate(node.value) if (r := self.rule(rnode, f"model_rules[{i}]")) is not None]
 
     def state(self, node: yaml.Node) -> State | None:
         ints = {"timeout_ms": (1, 60_000), "ttl_seconds": (60, 10 * 365 * 86400),
@@ -331,7 +380,8 @@ class _Validator:
         models = self.string_list(m["models"], f"{key}.models") if "models" in m else []
         if "models" in m and not models:
             self.problem(m["models"], f"{key}.models", "must list at least one model name or pattern")
-        endpoints, dns_names = self.endpoints(m["endpoints"], f"{key}.endpoints") if "endpoints" in m else ((), ())
+        endpoints, dns_names, dns_weights = self.endpoints(m["endpoints"], f"{key}.endpoints") \
+            if "endpoints" in m else ((), (), ())
         cluster = self.scalar(m["cluster"], f"{key}.cluster", str) if "cluster" in m else None
         if ("endpoints" in m) == ("cluster" in m):
             self.problem(node, key, "give exactly one of 'endpoints' (instances the sidecar picks) "
@@ -367,15 +417,16 @@ class _Validator:
         if len(self.problems) > before:
             return None
         return Backend(name=name, api=api, models=tuple(models), endpoints=endpoints, cluster=cluster,
-                       dns_names=dns_names, **kw)
+                       dns_names=dns_names, dns_weights=dns_weights, **kw)
 
-    def endpoints(self, node: yaml.Node, key: str) -> tuple[tuple[Endpoint, ...], tuple[str, ...]]:
+    def endpoints(self, node: yaml.Node, key: str) -> tuple[tuple[Endpoint, ...], tuple[str, ...], tuple[int, ...]]:
         """The endpoints, and the `dns:` names among them (re-resolved while running)."""
         if not isinstance(node, yaml.SequenceNode) or not node.value:
             self.problem(node, key, "must be a non-empty list of 'host:port' or {address, weight}")
-            return (), ()
+            return (), (), ()
         out: list[Endpoint] = []
         dns_names: list[str] = []
+        dns_weights: list[int] = []
         for i, item in enumerate(node.value):
             k = f"{key}[{i}]"
             weight = 1
@@ -400,6 +451,8 @@ class _Validator:
                 continue
             if every_address:
                 dns_names.append(addr)
+            if every_address:
+                dns_weights.append(weight)
             resolved = self.resolve(addr, every_address)
             if not resolved:
                 self.problem(addr_node, k, f"{addr!r} is not 'host:port' with a resolvable host and a port 1-65535")
@@ -408,8 +461,8 @@ class _Validator:
                 if any(e.address == address for e in out):
                     self.problem(addr_node, k, f"duplicate endpoint {address}")
                     continue
-                out.append(Endpoint(address, weight))
-        return tuple(out), tuple(dns_names)
+                out.append(Endpoint(address, weight, addr if every_address else None))
+        return tuple(out), tuple(dns_names), tuple(dns_weights)
 
     @staticmethod
     def resolve(addr: str, every_address: bool = False) -> list[str]:

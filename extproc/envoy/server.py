@@ -6,8 +6,10 @@ All decisions live in `flow.Exchange`; this module only converts messages and ru
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.config import Config, ConfigError, ListenTLS, load_config
 from extproc.errors import GatewayError
-from extproc.exchange.flow import Action, Exchange, Lookup, error_action
+from extproc.exchange import Action, Exchange, Lookup, Step, error_action
 from extproc.ops.admin import start_admin
 from extproc.ops.logs import configure_logging
 from extproc.ops.metrics import Metrics
@@ -32,6 +34,7 @@ from extproc.routing.discovery import discover_forever
 from extproc.routing.gateway import Gateway
 from extproc.routing.modes import forget_learned, list_learned
 from extproc.state.store import Store, StoreUnavailable, open_store
+from extproc.state.tenancy import SECRET_KEY
 
 log = logging.getLogger("extproc")
 
@@ -122,7 +125,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
     async def _step(self, ex: Exchange, kind: str, req: pb.ProcessingRequest) -> Action:
         """One Envoy message through the exchange, store lookups included; errors become answers."""
         try:
-            step: Action | Lookup
+            step: Step
             if kind == "request_headers":
                 step = ex.request_headers(_headers(req.request_headers.headers), req.request_headers.end_of_stream)
             elif kind == "request_body":
@@ -245,8 +248,8 @@ def _bind(server: grpc.aio.Server, listen: str, tls: ListenTLS | None) -> None:
 async def serve(config_path: str) -> None:
     config = load_config(config_path)
     configure_logging(config.log_format, os.environ.get("EXTPROC_LOG_LEVEL", config.log_level))
-    holder = GatewayHolder(Gateway(config))
     store = open_store(config.state)
+    holder = GatewayHolder(Gateway(config, tenant_secret=await tenant_secret(config, store)))
     metrics = Metrics()
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", _MAX_MESSAGE),
@@ -269,7 +272,7 @@ async def serve(config_path: str) -> None:
 
     def install(new: Config) -> None:
         """A new config for new exchanges; what was discovered and learned carries over."""
-        holder.gateway = Gateway(new, holder.gateway.knowledge)
+        holder.gateway = Gateway(new, holder.gateway.knowledge, tenant_secret=holder.gateway.tenant_secret)
 
     def reload() -> None:
         try:
@@ -326,15 +329,13 @@ async def serve(config_path: str) -> None:
     def follow_dns() -> None:
         """`dns:` endpoints (a headless Service): the ring follows the addresses as they change."""
         current = holder.gateway.config
-        if not any(b.dns_names for b in current.backends):
-            return
-        try:
-            new = load_config(config_path)
-        except ConfigError:
-            return  # the file watcher reports problems in the file
-        if [b.endpoints for b in new.backends] != [b.endpoints for b in current.backends]:
+        backends = []
+        for b in current.backends:
+            endpoints = b.resolve_dns() if b.dns_names else None
+            backends.append(b if endpoints is None else dataclasses.replace(b, endpoints=endpoints))
+        if [b.endpoints for b in backends] != [b.endpoints for b in current.backends]:
             log.info("dns endpoints changed; ring rebuilt")
-            install(new)
+            install(dataclasses.replace(current, backends=tuple(backends)))
 
     tasks = [asyncio.create_task(discover_forever(lambda: holder.gateway)),
              asyncio.create_task(watch_file(config_path, reload)),
@@ -351,6 +352,21 @@ async def serve(config_path: str) -> None:
     if admin is not None:
         admin.close()
     await store.close()
+
+
+async def tenant_secret(config: Config, store: Store) -> bytes:
+    """The HMAC key of tenant ids: from the environment, else one random secret the replicas sharing
+    the store agree on (the first to start writes it). Without it no stored record can be found, so
+    start-up waits for the store."""
+    given = os.environ.get(config.tenancy.secret_env)
+    if given:
+        return given.encode()
+    while True:
+        try:
+            return await store.add(SECRET_KEY, secrets.token_hex(32).encode())
+        except StoreUnavailable as e:
+            log.warning("waiting for the state store to read the tenant secret: %s", e)
+            await asyncio.sleep(1)
 
 
 async def every(seconds: Callable[[], float], action: Callable[[], None]) -> None:

@@ -1,1 +1,7 @@
 """One HTTP exchange through the sidecar, sans-IO: request plan, response handlers."""
+
+from extproc.exchange.actions import BUFFERED, STREAMED, Action, Step, error_action
+from extproc.exchange.exchange import Exchange, Phase
+from extproc.state.lookup import Lookup
+
+__all__ = ["BUFFERED", "STREAMED", "Action", "Exchange", "Lookup", "Phase", "Step", "error_action"]

@@ -16,6 +16,7 @@ from extproc.config import Backend, Config
 from extproc.routing.classify import Classifier
 from extproc.routing.modes import Knowledge
 from extproc.routing.ring import HashRing
+from extproc.state.tenancy import Tenants
 
 # Headers the sidecar sets for Envoy's route table; client-sent copies are always removed.
 H_BACKEND = "x-gateway-backend"
@@ -58,8 +59,10 @@ class Gateway:
     """Everything derived from one config that requests consult."""
 
     def __init__(self, config: Config, knowledge: Knowledge | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, tenant_secret: bytes = b""):
         self.config = config
+        self.tenant_secret = tenant_secret  # outlives a reload, like knowledge
+        self.tenants = Tenants(config.tenancy, tenant_secret)
         self.knowledge = knowledge or Knowledge()  # outlives a config reload
         self.clock = clock
         self.classifier = Classifier(config, self.knowledge)

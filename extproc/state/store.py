@@ -26,7 +26,11 @@ class Store(Protocol):
     async def get_many(self, keys: tuple[str, ...]) -> list[bytes | None]: ...
     async def write(self, writes: list[tuple[str, bytes | None]], ttl: int | None = None) -> None: ...  # None deletes
     async def scan(self, prefix: str) -> list[tuple[str, bytes]]: ...  # for the admin command, not requests
+    async def add(self, key: str, value: bytes) -> bytes: ...  # set unless present, never expires; the value kept
     async def close(self) -> None: ...
+
+
+FOREVER = 100 * 365 * 86400  # seconds: records that must not expire (the tenant secret)
 
 
 class MemoryStore:
@@ -74,6 +78,13 @@ class MemoryStore:
     async def scan(self, prefix: str) -> list[tuple[str, bytes]]:
         return [(k, v) for k in list(self.data) if k.startswith(prefix) and (v := self.get(k)) is not None]
 
+    async def add(self, key: str, value: bytes) -> bytes:
+        kept = self.get(key)
+        if kept is None:
+            await self.write([(key, value)], FOREVER)
+            kept = value
+        return kept
+
     async def close(self) -> None:
         self.data.clear()
 
@@ -114,6 +125,14 @@ class SQLiteStore:
         return self.db.execute("SELECT key, value FROM kv WHERE expires >= ? AND substr(key, 1, ?) = ?",
                                (time.time(), len(prefix), prefix)).fetchall()
 
+    async def add(self, key: str, value: bytes) -> bytes:
+        try:
+            with self.db:
+                self.db.execute("INSERT OR IGNORE INTO kv VALUES (?, ?, ?)", (key, value, time.time() + FOREVER))
+            return self.db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()[0]
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite: {e}") from None
+
     async def close(self) -> None:
         self.db.close()
 
@@ -153,6 +172,11 @@ class RedisStore:
         keys = [k async for k in self.redis.scan_iter(match=PREFIX + prefix + "*", count=1000)]
         values = await self.get_many(tuple(k.decode()[len(PREFIX):] for k in keys)) if keys else []
         return [(k.decode()[len(PREFIX):], v) for k, v in zip(keys, values, strict=True) if v is not None]
+
+    async def add(self, key: str, value: bytes) -> bytes:
+        await self._run(self.redis.set(PREFIX + key, value, nx=True))
+        kept = await self._run(self.redis.get(PREFIX + key))
+        return kept if kept is not None else value
 
     async def close(self) -> None:
         await self.redis.aclose()

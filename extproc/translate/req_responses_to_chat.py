@@ -24,7 +24,8 @@ _KNOWN = {"model", "input", "instructions", "max_output_tokens", "reasoning", "t
 
 
 def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_completion_tokens",
-                      hosted_tools: str = "drop", replay_reasoning: bool = False) -> dict[str, Any]:
+                      hosted_tools: str = "drop", replay_reasoning: bool = False,
+                      tools: ToolMap | None = None) -> dict[str, Any]:
     """A conversation the sidecar keeps arrives here already merged into `input` (see `conversations`).
 
     hosted_tools: `drop` removes tools a chat backend cannot run (the caller reports them), `reject`
@@ -44,7 +45,7 @@ def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_comp
             messages.append({"role": "system", "content": instructions})
     elif instructions is not None:
         raise invalid("instructions", "expected a string")
-    tools = tool_map(body.get("tools"))
+    tools = tools or tool_map(body.get("tools"))
     if tools.hosted and hosted_tools == "reject":
         raise hosted_refusal(tools.hosted[0])
     messages.extend(input_messages(body.get("input"), tools, replay_reasoning))

@@ -104,7 +104,8 @@ def chat_reasoning(message: dict[str, Any]) -> str | None:
     return None
 
 
-def translate_response(chat: dict[str, Any], request: dict[str, Any], response_id: str | None = None) -> dict[str, Any]:
+def translate_response(chat: dict[str, Any], request: dict[str, Any], response_id: str | None = None,
+                       tools: ToolMap | None = None) -> dict[str, Any]:
     resp = response_shell(request, response_id or new_id("resp_"), int(chat.get("created") or now()))
     if chat.get("model"):
         resp["model"] = chat["model"]
@@ -124,7 +125,7 @@ def translate_response(chat: dict[str, Any], request: dict[str, Any], response_i
     refusal = message.get("refusal") if isinstance(message.get("refusal"), str) else None
     if content or refusal:
         output.append(message_item(new_id("msg_"), content or "", item_status, refusal))
-    tools = tool_map(request.get("tools"))
+    tools = tools or tool_map(request.get("tools"))
     for call in message.get("tool_calls") or []:
         fn = call.get("function") or {}
         name = fn.get("name", "")

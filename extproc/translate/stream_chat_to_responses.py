@@ -22,7 +22,7 @@ from extproc.translate.resp_chat_to_responses import (
 )
 from extproc.translate.sse import encode
 from extproc.translate.stream_base import SSETranslator
-from extproc.translate.tools import custom_input, encode_reasoning, tool_map
+from extproc.translate.tools import ToolMap, custom_input, encode_reasoning, tool_map
 
 
 class _Item:
@@ -36,10 +36,10 @@ class _Item:
 
 
 class ChatToResponsesStream(SSETranslator):
-    def __init__(self, request: dict[str, Any], response_id: str | None = None):
+    def __init__(self, request: dict[str, Any], response_id: str | None = None, tools: ToolMap | None = None):
         super().__init__()
         self.response = response_shell(request, response_id or new_id("resp_"), now())
-        self.tools = tool_map(request.get("tools"))
+        self.tools = tools or tool_map(request.get("tools"))
         self.encrypt_reasoning = wants_encrypted_reasoning(request)
         self.seq = 0
         self.started = False

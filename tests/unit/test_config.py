@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from extproc.config import ConfigError, parse_config
+from extproc.config import ConfigError, Endpoint, parse_config
 from extproc.routing.classify import Classifier
 
 GOOD = """
@@ -113,3 +115,20 @@ backends:
 """, env={})
     (b,) = cfg.backends
     assert b.dns_names == ("localhost:8000",) and "127.0.0.1:8000" in [e.address for e in b.endpoints]
+
+
+def test_dns_entries_are_resolved_again_without_reading_the_file():
+    cfg = parse_config("""
+backends:
+  - name: b
+    api: chat
+    models: ["m"]
+    endpoints: ["10.1.2.3:80", {dns: "localhost:8000", weight: 3}]
+""", env={})
+    b = cfg.backends[0]
+    assert b.dns_names == ("localhost:8000",) and b.dns_weights == (3,)
+    again = b.resolve_dns()
+    assert again is not None and again[0] == Endpoint("10.1.2.3:80", 1)
+    assert "127.0.0.1:8000" in {e.address for e in again[1:]} and {e.weight for e in again[1:]} == {3}
+    gone = dataclasses.replace(b, dns_names=("no-such-host.invalid:80",), dns_weights=(1,))
+    assert gone.resolve_dns() is None  # a failed lookup keeps the last known endpoints

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from extproc.errors import GatewayError
-from extproc.state import conversations as conv
+from extproc.state import records as conv
 
 
 def test_input_items_are_typed_with_ids():

@@ -9,7 +9,7 @@ import pytest
 
 from extproc.config import parse_config
 from extproc.errors import GatewayError
-from extproc.exchange.flow import BUFFERED, STREAMED, Exchange
+from extproc.exchange import BUFFERED, STREAMED, Exchange
 from extproc.routing.gateway import Gateway
 
 CFG = """
@@ -148,3 +148,24 @@ def test_missing_usage_is_estimated(gateway):
     ex.response_headers({":status": "200", "content-type": "application/json"})
     ex.response_body(json.dumps({"choices": [{"message": {"role": "assistant", "content": "y" * 20}}]}).encode(), True)
     assert (ex.usage.input_tokens, ex.usage.output_tokens, ex.usage.estimated) == (10, 5, True)
+
+
+def test_a_translator_that_cannot_read_the_answer_gives_a_502_not_a_500(gateway, monkeypatch):
+    ex, _ = start(gateway, "/v1/chat/completions", {"model": "gpt-5.3-codex", "messages": [{"role": "user", "content": "hi"}]})
+    ex.response_headers({":status": "200", "content-type": "application/json"})
+    monkeypatch.setattr("extproc.translate.resp_responses_to_chat.translate_response",
+                        lambda doc, model: doc["output"][0]["missing"])  # a KeyError deep in a translator
+    with pytest.raises(GatewayError) as e:
+        ex.response_body(b'{"id": "resp_1", "output": [{}]}', True)
+    assert (e.value.status, e.value.code) == (502, "bad_upstream_response")
+
+
+def test_a_stream_translator_that_fails_mid_stream_still_ends_the_stream(gateway, monkeypatch):
+    ex, _ = start(gateway, "/v1/responses", {"model": "llama-3", "input": "hi", "stream": True})
+    ex.response_headers({":status": "200", "content-type": "text/event-stream"})
+    handler = ex.handler
+    monkeypatch.setattr(handler.translator, "_event", lambda data: 1 / 0)
+    act = ex.response_body(b'data: {"choices": []}\n\n', False)
+    events = [json.loads(line[6:]) for line in act.body.decode().splitlines() if line.startswith("data: {")]
+    assert act.done and events[-1]["type"] == "response.failed"
+    assert events[-1]["response"]["error"]["code"] == "bad_upstream_response"

@@ -9,7 +9,7 @@ import pytest
 from extproc.api import CHAT, RESPONSES
 from extproc.config import parse_config
 from extproc.errors import GatewayError
-from extproc.exchange.flow import BUFFERED, Exchange, Lookup
+from extproc.exchange import BUFFERED, Exchange, Lookup
 from extproc.routing.classify import Classifier
 from extproc.routing.gateway import Gateway
 from extproc.routing.modes import Knowledge, Learned, parse_models, rejection_needs

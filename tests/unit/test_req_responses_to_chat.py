@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from extproc.errors import GatewayError
-from extproc.state.conversations import input_items
+from extproc.state.records import input_items
 from extproc.translate.req_responses_to_chat import translate_request
 
 

@@ -8,9 +8,9 @@ import pytest
 
 from extproc.config import parse_config
 from extproc.errors import GatewayError
-from extproc.exchange.flow import STREAMED, Action, Exchange, Lookup
+from extproc.exchange import STREAMED, Action, Exchange, Lookup
 from extproc.routing.gateway import Gateway
-from extproc.state import conversations as conv
+from extproc.state import records as conv
 
 from .ring_reference import owner
 
@@ -69,7 +69,7 @@ def test_reply_id_is_pinned_from_the_first_chunk_only(gateway):
     assert ex.response_body(b'event: response.created\ndata: {"type":"response.created","sequence_number":0,"res', False).writes == []
     act = ex.response_body(b'ponse":{"id":"resp_abc","object":"response"}}\n\n', False)
     assert act.done and act.body is None
-    assert act.writes == [("pin:resp_abc", conv.Pin("resp", endpoint_of(ex)).dumps())]
+    assert act.writes == [("pin:anonymous:resp_abc", conv.Pin("resp", endpoint_of(ex)).dumps())]
 
 
 def endpoint_of(ex: Exchange) -> str:
@@ -85,7 +85,7 @@ def test_no_pin_for_store_false_or_errors(gateway):
 
 
 def test_previous_response_id_follows_the_pin(gateway):
-    store = {"pin:resp_1": conv.Pin("resp", "10.0.0.3:80").dumps()}
+    store = {"pin:anonymous:resp_1": conv.Pin("resp", "10.0.0.3:80").dumps()}
     for _ in range(5):
         ex, act = send(gateway, "/v1/responses", {"model": "gpt-oss-1", "input": "x", "previous_response_id": "resp_1",
                                                   "prompt_cache_key": "anything"}, store)
@@ -100,7 +100,7 @@ def test_without_a_record_the_ring_position_of_the_id_decides(gateway):
 
 
 def test_pin_to_a_removed_endpoint_is_a_clear_409(gateway):
-    store = {"pin:resp_1": conv.Pin("resp", "10.0.0.9:80").dumps()}
+    store = {"pin:anonymous:resp_1": conv.Pin("resp", "10.0.0.9:80").dumps()}
     with pytest.raises(GatewayError) as e:
         send(gateway, "/v1/responses", {"model": "gpt-oss-1", "input": "x", "previous_response_id": "resp_1"}, store)
     assert e.value.status == 409 and "10.0.0.9:80" in e.value.message and e.value.code == "pinned_backend_gone"
@@ -114,15 +114,15 @@ def turn(rid: str, text: str, answer: str, ancestors: list[str], endpoint: str =
 
 
 def test_chat_backend_rebuilds_the_chain_in_two_lookups(gateway):
-    store = {"turn:r1": turn("r1", "my name is Zed", "hi Zed", []),
-             "turn:r2": turn("r2", "and you?", "a bot", ["r1"])}
+    store = {"turn:anonymous:r1": turn("r1", "my name is Zed", "hi Zed", []),
+             "turn:anonymous:r2": turn("r2", "and you?", "a bot", ["r1"])}
     ex = Exchange(gateway)
     ex.request_headers({":method": "POST", ":path": "/v1/responses", "content-type": "application/json"}, False)
     step = ex.request_body(json.dumps({"model": "llama-3", "input": "who am I?", "previous_response_id": "r2",
                                        "instructions": "be brief"}).encode())
-    assert isinstance(step, Lookup) and step.keys == ("turn:r2", "pin:r2")
+    assert isinstance(step, Lookup) and step.keys == ("turn:anonymous:r2", "pin:anonymous:r2")
     step = step.then([store.get(k) for k in step.keys])
-    assert isinstance(step, Lookup) and step.keys == ("turn:r1",)  # all ancestors at once
+    assert isinstance(step, Lookup) and step.keys == ("turn:anonymous:r1",)  # all ancestors at once
     act = run(step, store)
     sent = json.loads(act.body)["messages"]
     assert [(m["role"], m["content"]) for m in sent] == [
@@ -136,14 +136,14 @@ def test_chat_backend_rebuilds_the_chain_in_two_lookups(gateway):
     assert doc["previous_response_id"] == "r2"
     ((key, raw),) = out.writes
     record = json.loads(raw)
-    assert key == "turn:" + doc["id"] and record["ancestors"] == ["r1", "r2"]
+    assert key == "turn:anonymous:" + doc["id"] and record["ancestors"] == ["r1", "r2"]
     assert record["input"][0]["content"] == [{"type": "input_text", "text": "who am I?"}]
 
 
 @pytest.mark.parametrize(("store", "status", "code"), [
     ({}, 404, "previous_response_not_found"),
-    ({"turn:r2": turn("r2", "a", "b", ["r1"])}, 404, "previous_response_not_found"),  # r1 expired
-    ({"pin:r2": conv.Pin("resp", "10.0.0.1:80").dumps()}, 400, "previous_response_not_found"),
+    ({"turn:anonymous:r2": turn("r2", "a", "b", ["r1"])}, 404, "previous_response_not_found"),  # r1 expired
+    ({"pin:anonymous:r2": conv.Pin("resp", "10.0.0.1:80").dumps()}, 400, "previous_response_not_found"),
     (None, 503, "state_unavailable"),
 ])
 def test_chat_backend_without_the_conversation(gateway, store, status, code):
@@ -153,7 +153,7 @@ def test_chat_backend_without_the_conversation(gateway, store, status, code):
 
 
 def test_held_conversation_moves_to_a_responses_backend_whole(gateway):
-    store = {"turn:r1": turn("r1", "hello", "hi", [])}
+    store = {"turn:anonymous:r1": turn("r1", "hello", "hi", [])}
     _, act = send(gateway, "/v1/responses", {"model": "gpt-oss-1", "input": "next", "previous_response_id": "r1"}, store)
     sent = json.loads(act.body)
     assert "previous_response_id" not in sent
@@ -169,7 +169,7 @@ def test_store_false_turn_is_not_kept(gateway):
 
 
 def test_resources_answered_from_held_turns(gateway):
-    store = {"turn:r1": turn("r1", "hello", "hi", [])}
+    store = {"turn:anonymous:r1": turn("r1", "hello", "hi", [])}
     _, act = send(gateway, "/v1/responses/r1", None, store, method="GET")
     assert act.immediate[0] == 200 and json.loads(act.immediate[1])["id"] == "r1"
     _, act = send(gateway, "/v1/responses/r1/input_items?order=asc", None, store, method="GET")
@@ -177,7 +177,7 @@ def test_resources_answered_from_held_turns(gateway):
     assert page["object"] == "list" and page["data"][0]["content"][0]["text"] == "hello" and not page["has_more"]
     _, act = send(gateway, "/v1/responses/r1", None, store, method="DELETE")
     assert json.loads(act.immediate[1]) == {"id": "r1", "object": "response", "deleted": True}
-    assert act.writes == [("turn:r1", None)]
+    assert act.writes == [("turn:anonymous:r1", None)]
     with pytest.raises(GatewayError) as e:
         send(gateway, "/v1/responses/r1/cancel", None, store)
     assert e.value.status == 400
@@ -187,7 +187,7 @@ def test_resources_answered_from_held_turns(gateway):
 
 
 def test_resources_follow_pins_else_the_ring(gateway):
-    store = {"pin:r9": conv.Pin("resp", "10.0.0.2:80").dumps()}
+    store = {"pin:anonymous:r9": conv.Pin("resp", "10.0.0.2:80").dumps()}
     for path in ("/v1/responses/r9", "/v1/responses/r9/input_items"):
         ex, act = send(gateway, path, None, store, method="GET")
         assert endpoint(act) == "10.0.0.2:80" and not act.done  # a 503 from a dead instance gets explained
@@ -197,7 +197,7 @@ def test_resources_follow_pins_else_the_ring(gateway):
 
 
 def test_dead_pinned_instance_is_explained(gateway):
-    store = {"pin:r9": conv.Pin("resp", "10.0.0.2:80").dumps()}
+    store = {"pin:anonymous:r9": conv.Pin("resp", "10.0.0.2:80").dumps()}
     ex, _ = send(gateway, "/v1/responses/r9", None, store, method="GET")
     act = ex.response_headers({":status": "503", "content-type": "text/plain"})
     assert not act.done
@@ -217,6 +217,6 @@ backends:
     ex, act = send(gw, "/v1/responses", {"model": "gpt-5", "input": "hi"}, {})
     ex.response_headers({":status": "200", "content-type": "application/json"})
     out = ex.response_body(b'{"id": "resp_oa", "object": "response"}', True)
-    assert out.writes == [("pin:resp_oa", conv.Pin("openai", None).dumps())]
+    assert out.writes == [("pin:anonymous:resp_oa", conv.Pin("openai", None).dumps())]
     _, act = send(gw, "/v1/responses/resp_oa", None, dict(out.writes), method="GET")
     assert dict(act.set_headers)["x-gateway-cluster"] == "openai"

@@ -1,6 +1,7 @@
 """Responses state the sidecar keeps: pins (which instance produced a response id) and whole turns.
 
-Sans-IO: records in and out as bytes, no store access. Two kinds of record, keyed by response id:
+Sans-IO: records in and out as bytes, no store access. Two kinds of record, keyed by tenant and
+response id (the decisions that use them are in `state.pinning`):
 
 - pin: `{"backend", "endpoint"}` for every response a Responses backend produced through the sidecar,
   so `previous_response_id` and `/v1/responses/{id}...` reach the instance that holds that state;
@@ -25,12 +26,12 @@ from extproc.translate.common import new_id
 RESOURCE_RE = re.compile(r"^/v1/responses/([A-Za-z0-9_.:-]{1,200})(/cancel|/input_items)?$")
 
 
-def pin_key(response_id: str) -> str:
-    return "pin:" + response_id
+def pin_key(tenant: str, response_id: str) -> str:
+    return f"pin:{tenant}:{response_id}"
 
 
-def turn_key(response_id: str) -> str:
-    return "turn:" + response_id
+def turn_key(tenant: str, response_id: str) -> str:
+    return f"turn:{tenant}:{response_id}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,87 @@
+"""What the request side decided, once: where the request goes and what its answer needs (sans-IO)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc.exchange.actions import Writes
+from extproc.routing.gateway import Gateway, Target
+from extproc.routing.modes import LOCAL_TTL, Learned, learned_key
+from extproc.state.pinning import Pinning
+from extproc.translate.pairs import TranslatorPair
+
+log = logging.getLogger("extproc")
+
+
+class ModelFacts:
+    """What this exchange may learn about its model's API, merged into what replicas already knew."""
+
+    def __init__(self, gw: Gateway, backend: str, model: str, client_api: str, known: Learned | None):
+        self.gw, self.backend, self.model, self.client_api = gw, backend, model, client_api
+        self.known = known or Learned()
+        self.ttl = gw.config.state.learn_ttl_seconds
+
+    def answered(self) -> Writes:
+        self.known.ok.add(self.client_api)
+        return self._record()
+
+    def needs(self, api: str) -> Writes:
+        self.known.mode = api
+        self.known.ok.discard(self.client_api)
+        return self._record()
+
+    def _record(self) -> Writes:
+        remember(self.gw, self.backend, self.model, self.known)
+        return [(learned_key(self.backend, self.model), self.known.dumps())]
+
+
+def remember(gw: Gateway, backend: str, model: str, learned: Learned) -> None:
+    """A replica's own copy, never trusted longer than the shared record lives."""
+    ttl = min(LOCAL_TTL, gw.config.state.learn_ttl_seconds)
+    gw.knowledge.remember(backend, model, learned, gw.clock(), ttl)
+
+
+@dataclass(slots=True)
+class Turn:
+    """The input of a translated Responses turn, kept with its answer."""
+
+    items: list[dict[str, Any]]
+    ancestors: list[str]
+
+
+@dataclass(slots=True)
+class Plan:
+    target: Target
+    pinning: Pinning  # the request's state decisions, and its tenant
+    client_api: str | None = None  # None: not an API path, passed on as it is
+    model: str | None = None
+    request: dict[str, Any] = field(default_factory=dict)
+    pair: TranslatorPair | None = None  # set: translated both ways
+    stream: bool = False
+    # What the answer must be read for (all unset: the exchange ends with the request):
+    record_id: bool = False  # pin the reply's id to `target` (a stored Responses answer)
+    observe_usage: bool = False  # read usage from an untranslated answer
+    facts: ModelFacts | None = None  # the model's API is unknown: learn it from the answer
+    pinned_id: str | None = None  # routed by a pin: explain a lost instance
+    turn: Turn | None = None  # keep the translated answer as a turn
+
+    @property
+    def upstream_api(self) -> str | None:
+        return self.pair.upstream_api if self.pair is not None else self.client_api
+
+    @property
+    def watches_answer(self) -> bool:
+        return (self.pair is not None or self.record_id or self.observe_usage or self.facts is not None
+                or self.pinned_id is not None)
+
+    def notes(self) -> list[tuple[str, str]]:
+        """Response headers that tell the client what translation changed."""
+        dropped = self.pair.dropped_tools if self.pair is not None else []
+        return [("x-gateway-dropped-tools", ",".join(dropped))] if dropped else []
+
+    def keep_turn(self, response: dict[str, Any] | None) -> Writes:
+        if self.turn is None:
+            return []
+        return self.pinning.turn_writes(response, self.turn.items, self.turn.ancestors, self.target.endpoint)

@@ -1,0 +1,185 @@
+"""The request side: request headers and body resolved once into a `Plan` and Envoy's routing (sans-IO).
+
+Order of decisions: the path (an API path, a `/v1/responses/{id}` resource, `/v1/models`, or anything
+else, passed on), the body (media type, one strict parse, `model`), the model's backend and API
+(learned facts may need a store read), then state (`previous_response_id`, in `state.pinning`), and
+last the rewrite and routing headers for Envoy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+
+from extproc.api import API_OF_PATH, AUTO, BOTH, PATHS, RESPONSES
+from extproc.config import Backend
+from extproc.errors import GatewayError, invalid
+from extproc.exchange.actions import Action, Step, answer
+from extproc.exchange.body import check_json_request, is_json, parse_body
+from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
+from extproc.routing.gateway import ROUTING_HEADERS, Gateway, Target, placement_key
+from extproc.routing.modes import Learned, learned_key
+from extproc.state import records as rec
+from extproc.state.lookup import Lookup, Values, then
+from extproc.state.pinning import Answered, Continuation, Forwarded, Pinning
+from extproc.translate.pairs import pair_for
+
+log = logging.getLogger("extproc")
+
+MODE_HEADER = "x-gateway-model-mode"  # per-request mode override, when discovery.allow_mode_header
+
+
+class RequestSide:
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+        self.headers: dict[str, str] = {}
+        self.method = ""
+        self.path = ""
+        self.client_api: str | None = None
+        self.model: str | None = None
+        self.plan: Plan | None = None  # set once the request is routed
+        self.pinning = Pinning(gw, {})
+
+    @property
+    def query(self) -> str:
+        return self.path.partition("?")[2]
+
+    def on_headers(self, headers: dict[str, str], end_of_stream: bool) -> Step:
+        self.headers = headers
+        self.method = headers.get(":method", "")
+        self.path = headers.get(":path", "")
+        self.pinning = Pinning(self.gw, headers)
+        bare = self.path.partition("?")[0]
+        self.client_api = API_OF_PATH.get(bare)
+        resource = rec.RESOURCE_RE.match(bare)
+        if resource is not None:
+            lookup = self.pinning.resource(self.method, resource.group(1), resource.group(2) or "", self.query)
+            return lookup.map(self._resource)
+        if not end_of_stream:
+            return Action()  # the buffered body comes next; decide there
+        if self.method == "GET" and bare == "/v1/models":
+            return answer(200, orjson.dumps({"object": "list", "data": self.gw.model_list()}))
+        return self._pass_on()  # a body-less request with nothing to route by: the default backend takes it
+
+    def _resource(self, outcome: Answered | Forwarded) -> Action:
+        if isinstance(outcome, Answered):
+            return answer(outcome.status, outcome.body, outcome.writes)
+        return self._route(self._plan(outcome.target, pinned_id=outcome.pinned_id))
+
+    def _plan(self, target: Target, **kw: Any) -> Plan:
+        return Plan(target=target, pinning=self.pinning, client_api=self.client_api,
+                    model=self.model, **kw)
+
+    def _pass_on(self) -> Action:
+        b = self.gw.default_backend
+        return self._route(self._plan(self.gw.target(b, placement_key({}, self.headers))))
+
+    def on_body(self, raw: bytes) -> Step:
+        if self.plan is not None:  # already routed from its headers (POST /v1/responses/{id}/cancel)
+            return Action()
+        limit = self.gw.config.limits.max_body_bytes
+        if len(raw) > limit:
+            raise GatewayError(413, f"request body of {len(raw)} bytes exceeds the gateway limit of {limit} bytes",
+                               code="request_too_large")
+        if self.client_api is None and not is_json(self.headers.get("content-type", "")):
+            return self._pass_on()
+        check_json_request(self.headers)
+        body = parse_body(raw)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise GatewayError(400, "'model' is required and must be a non-empty string", param="model",
+                               code="invalid_value" if "model" in body else "missing_required_parameter")
+        self.model = model
+        backend = self.gw.classifier.backend_for(model)
+        if backend is None:
+            raise GatewayError(404, f"The model '{model}' does not exist or no backend serves it",
+                               param="model", code="model_not_found")
+        learned = None
+        if backend.api in (AUTO, BOTH) and self.client_api is not None:
+            learned = self.gw.knowledge.learned(backend.name, model, self.gw.clock())
+            if learned is None:  # not known here lately: what have the other replicas learned?
+                return Lookup((learned_key(backend.name, model),),
+                              lambda values: self._resolve(body, backend, self._shared_learned(backend, values)))
+        return self._resolve(body, backend, learned)
+
+    def _shared_learned(self, backend: Backend, values: Values) -> Learned:
+        assert self.model is not None
+        learned = Learned.loads(values[0] if values else None)
+        if values is not None:  # a store outage is not remembered as "nothing learned"
+            remember(self.gw, backend.name, self.model, learned)
+        return learned
+
+    def _resolve(self, body: dict[str, Any], backend: Backend, learned: Learned | None) -> Step:
+        model = self.model or ""
+        override = self.headers.get(MODE_HEADER) if self.gw.config.discovery.allow_mode_header else None
+        res = self.gw.classifier.resolve(model, override=override, learned=learned)
+        assert res is not None
+        target = self.gw.target(res.backend, placement_key(body, self.headers))
+        if self.client_api is None:  # another OpenAI path (embeddings, ...): to the backend of its model
+            return self._route(self._plan(target, request=body))
+        upstream_api = res.upstream_api(self.client_api)
+        if upstream_api is None:
+            path = PATHS[res.mode]
+            raise GatewayError(400, f"The model '{model}' is only available on {path}, and translation is turned "
+                                    f"off for it: call {path} instead", param="model", code="unsupported_api")
+        learning = res.learning and self.client_api not in (learned.ok if learned else ())
+        plan = self._plan(target, request=body, stream=body.get("stream", False) is True,
+                          pair=pair_for(self.client_api, upstream_api, body, model, res.backend),
+                          facts=ModelFacts(self.gw, backend.name, model, self.client_api, learned) if learning else None)
+        plan.observe_usage = plan.pair is None and self.gw.config.usage_accounting == "all"
+        if self.client_api != RESPONSES:
+            return self._route(plan, plan.pair.request(body) if plan.pair is not None else None)
+        prev = body.get("previous_response_id")
+        if prev is None:
+            return self._forward(plan, Continuation(target))
+        if not isinstance(prev, str) or not prev:
+            raise invalid("previous_response_id", "expected a response id string")
+        return then(self.pinning.continue_from(prev, model, res, target, plan.pair is not None),
+                    lambda cont: self._forward(plan, cont))
+
+    def _forward(self, plan: Plan, cont: Continuation) -> Action:
+        """A Responses request sent on, a conversation the sidecar kept merged into its input."""
+        body = plan.request
+        plan.target, plan.pinned_id = cont.target, cont.pinned_id
+        keep = body.get("store") is not False
+        if plan.pair is not None:
+            items = rec.input_items(body.get("input"))
+            if keep:
+                plan.turn = Turn(items, cont.ancestors)
+            merged = {**body, "input": cont.prior + items} if cont.prior else body
+            new = plan.pair.request(merged)
+            if plan.pair.dropped_tools:
+                log.info("model=%s backend=%s: hosted tools dropped: %s", self.model, plan.target.backend.name,
+                         ",".join(plan.pair.dropped_tools))
+            return self._route(plan, new)
+        # A Responses backend keeps its own state: pin the reply's id to the instance that made it.
+        plan.record_id = keep  # endpoint backends and clusters alike: GET /v1/responses/{id} must find it
+        if cont.prior:  # the conversation so far was kept by the sidecar: hand it over whole
+            new = {k: v for k, v in body.items() if k != "previous_response_id"}
+            new["input"] = cont.prior + rec.input_items(body.get("input"))
+            return self._route(plan, new)
+        return self._route(plan)
+
+    def _route(self, plan: Plan, body: dict[str, Any] | None = None) -> Action:
+        """Envoy's routing for the plan: routing headers, the rewritten path and body."""
+        self.plan = plan
+        target = plan.target
+        path = self.path
+        if plan.pair is not None:
+            path = PATHS[plan.pair.upstream_api] + ("?" + self.query if "?" in self.path else "")
+        headers = target.headers()
+        if target.backend.path_prefix:
+            path = target.backend.path_prefix + path
+        if path != self.path:
+            headers.append((":path", path))
+        remove = tuple(h for h in (*ROUTING_HEADERS, MODE_HEADER) if h not in {k for k, _ in headers})
+        raw = None
+        if body is not None:
+            raw = orjson.dumps(body)
+            headers.append(("content-length", str(len(raw))))
+            headers.append(("accept-encoding", "identity"))  # translated answers must arrive readable
+        return Action(set_headers=headers, remove_headers=remove, body=raw, clear_route_cache=True,
+                      done=not plan.watches_answer)
+

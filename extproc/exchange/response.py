@@ -1,0 +1,271 @@
+"""The response side: one handler per kind of answer, chosen once at response headers (sans-IO).
+
+`choose` reads the request's plan and the status, and returns the handler that owns the rest of the
+exchange, or None when nothing more is needed (Envoy passes the answer on untouched):
+
+| handler          | when                                                  | Envoy sends the body |
+|------------------|-------------------------------------------------------|----------------------|
+| TranslateBuffered| a translated answer that is not an SSE stream         | BUFFERED             |
+| TranslateStream  | a translated 200 SSE stream                           | STREAMED             |
+| ExplainLostPin   | a request routed by a pin got Envoy's 503             | BUFFERED             |
+| LearnRejection   | a model of unknown API got a 400/404/405/422          | BUFFERED             |
+| Observe          | an untranslated 2xx whose id or usage must be read    | STREAMED             |
+
+Upstream bytes are untrusted: whatever a translator cannot use becomes a 502 `bad_upstream_response`
+in the client's shape, or mid-stream the client's terminal error events.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable
+from typing import Protocol
+
+import orjson
+
+from extproc.api import PATHS
+from extproc.errors import GatewayError, upstream_error_payload
+from extproc.exchange.actions import BUFFERED, STREAMED, Action, Writes, new_body
+from extproc.exchange.plan import Plan
+from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
+from extproc.routing.modes import rejection_needs
+from extproc.state.pinning import IdRecorder
+from extproc.translate.pairs import StreamTranslator, TranslatorPair
+
+log = logging.getLogger("extproc")
+
+# What Envoy's reply says when it could not reach the upstream instance at all.
+_UNREACHABLE = (b"upstream connect error", b"no healthy upstream", b"upstream_reset_before_response_started",
+                b"delayed_connect_error")
+_LEARNABLE = (400, 404, 405, 422)
+
+
+def bad_upstream(why: str) -> GatewayError:
+    return GatewayError(502, f"the upstream returned a response the gateway cannot use: {why}",
+                        code="bad_upstream_response")
+
+
+class ResponseHandler(Protocol):
+    def headers_action(self) -> Action: ...
+    def body(self, chunk: bytes, end_of_stream: bool) -> Action: ...
+
+
+# -- decoding a translated answer -------------------------------------------------------------------
+
+class Decoder(Protocol):
+    def decode(self, chunk: bytes, end: bool) -> bytes: ...
+
+
+class Identity:
+    def decode(self, chunk: bytes, end: bool) -> bytes:
+        return chunk
+
+
+class Inflate:
+    """gzip or zlib, auto-detected."""
+
+    def __init__(self) -> None:
+        self.z = zlib.decompressobj(wbits=47)
+
+    def decode(self, chunk: bytes, end: bool) -> bytes:
+        try:
+            out = self.z.decompress(chunk)
+            return out + self.z.flush() if end else out
+        except zlib.error as e:
+            raise GatewayError(502, f"the upstream sent a corrupt compressed body: {e}",
+                               code="upstream_encoding") from None
+
+
+class Undecodable:
+    def __init__(self, encoding: str):
+        self.encoding = encoding
+
+    def decode(self, chunk: bytes, end: bool) -> bytes:
+        raise GatewayError(502, f"the upstream answered with content-encoding {self.encoding!r}, "
+                                "which the sidecar cannot translate", code="upstream_encoding")
+
+
+def decoder_for(encoding: str) -> Decoder:
+    encoding = encoding.strip().lower() or "identity"
+    if encoding == "identity":
+        return Identity()
+    return Inflate() if encoding in ("gzip", "deflate") else Undecodable(encoding)
+
+
+# -- the handlers ----------------------------------------------------------------------------------
+
+class Outcome:
+    """What the answer taught the exchange, read by the shell for metrics and logs."""
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.learned_fact: str | None = None  # needs_<api> | answers_<api>
+
+    def account(self, plan: Plan, status: int, usage: Usage | None, output_bytes: Callable[[], int]) -> None:
+        """Usage as reported; estimated only when a successful answer reported none."""
+        if usage is None and 200 <= status < 300:
+            usage = estimate(request_text_bytes(plan.request), output_bytes())
+        self.usage = usage
+
+
+class TranslateBuffered:
+    def __init__(self, plan: Plan, pair: TranslatorPair, status: int, decoder: Decoder, remove: tuple[str, ...],
+                 outcome: Outcome):
+        self.plan, self.pair, self.status, self.decoder, self.remove = plan, pair, status, decoder, remove
+        self.outcome = outcome
+
+    def headers_action(self) -> Action:
+        return Action(set_headers=[("content-type", "application/json"), *self.plan.notes()],
+                      remove_headers=self.remove, response_body_mode=BUFFERED)
+
+    def body(self, chunk: bytes, end_of_stream: bool) -> Action:
+        data = self.decoder.decode(chunk, end_of_stream)
+        if not 200 <= self.status < 300:
+            return new_body(orjson.dumps({"error": upstream_error_payload(self.status, data)}))
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise bad_upstream("the body is not JSON") from None
+        if not isinstance(doc, dict):
+            raise bad_upstream("the body is not a JSON object")
+        try:
+            answer = self.pair.response(doc)
+            out = orjson.dumps(answer.body)
+        except Exception as e:  # the translator met a shape it cannot use
+            raise bad_upstream(_why(e)) from None
+        self.outcome.account(self.plan, self.status, usage_of(doc), lambda: text_bytes(data))
+        return new_body(out, writes=self.plan.keep_turn(answer.response))
+
+
+class TranslateStream:
+    def __init__(self, plan: Plan, translator: StreamTranslator, decoder: Decoder, remove: tuple[str, ...],
+                 outcome: Outcome):
+        self.plan, self.translator, self.decoder, self.remove = plan, translator, decoder, remove
+        self.outcome = outcome
+
+    def headers_action(self) -> Action:
+        return Action(set_headers=[("content-type", "text/event-stream; charset=utf-8"), *self.plan.notes()],
+                      remove_headers=self.remove, response_body_mode=STREAMED)
+
+    def body(self, chunk: bytes, end_of_stream: bool) -> Action:
+        try:
+            out = self.translator.feed(self.decoder.decode(chunk, end_of_stream))
+            if not end_of_stream:
+                return Action(body=out)
+            out += self.translator.close()
+        except GatewayError as e:
+            return Action(body=self.translator.fail(e.code or "upstream_error", e.message), done=True)
+        except Exception as e:  # a chunk of a shape the translator cannot use: end the stream properly
+            err = bad_upstream(_why(e))
+            return Action(body=self.translator.fail(err.code or "", err.message), done=True)
+        final = self.translator.response
+        self.outcome.account(self.plan, 200, usage_of(final),
+                             lambda: text_bytes(orjson.dumps(final.get("output"))) if final else 0)
+        return Action(body=out, writes=self.plan.keep_turn(final), done=True)
+
+
+class ExplainLostPin:
+    """Envoy's own 503 for a pinned request means the instance holding the response is gone."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def headers_action(self) -> Action:
+        return Action(response_body_mode=BUFFERED)
+
+    def body(self, chunk: bytes, end_of_stream: bool) -> Action:
+        if not any(sign in chunk for sign in _UNREACHABLE):
+            return Action(done=True)
+        t = self.plan.target
+        where = f"instance {t.endpoint} of backend '{t.backend.name}'"
+        return new_body(GatewayError(503, f"Response '{self.plan.pinned_id}' is held by {where}, which is not "
+                                          "answering; retry later", code="pinned_backend_unavailable").body())
+
+
+class LearnRejection:
+    """The upstream may say the model needs the other API: remember it, and say a retry will work."""
+
+    def __init__(self, plan: Plan, status: int, outcome: Outcome):
+        self.plan, self.status, self.outcome = plan, status, outcome
+
+    def headers_action(self) -> Action:
+        return Action(response_body_mode=BUFFERED)
+
+    def body(self, chunk: bytes, end_of_stream: bool) -> Action:
+        plan = self.plan
+        facts = plan.facts
+        assert facts is not None and plan.client_api is not None
+        needs = rejection_needs(self.status, chunk, plan.client_api)
+        if needs is None:
+            return Action(done=True)  # any other error goes to the client untouched
+        log.info("model=%s backend=%s: learned that it needs the %s API", plan.model, plan.target.backend.name, needs)
+        writes = facts.needs(needs)
+        self.outcome.learned_fact = "needs_" + needs
+        path = PATHS[needs]
+        retry = "retry the request: it will be translated" if plan.target.backend.translate else \
+            f"call {path} instead"
+        body = GatewayError(self.status, f"The model '{plan.model}' is only available on {path} at this backend; "
+                                         f"the gateway has learned this, {retry}.",
+                            param="model", code="model_api_learned").body()
+        return new_body(body, writes=writes, write_ttl=facts.ttl)
+
+
+class Observe:
+    """An answer in the client's own API, passed on untouched while its id and usage are read."""
+
+    def __init__(self, plan: Plan, recorder: IdRecorder | None, scanner: UsageScanner | None, writes: Writes,
+                 outcome: Outcome):
+        self.plan, self.recorder, self.scanner, self.writes, self.outcome = plan, recorder, scanner, writes, outcome
+
+    def headers_action(self) -> Action:
+        ttl = self.plan.facts.ttl if self.writes and self.plan.facts else None
+        return Action(response_body_mode=STREAMED, writes=self.writes, write_ttl=ttl)
+
+    def body(self, chunk: bytes, end_of_stream: bool) -> Action:
+        writes: Writes = []
+        if self.recorder is not None and not self.recorder.done:
+            writes = self.recorder.feed(chunk, end_of_stream)
+        scanner = self.scanner
+        if scanner is not None:
+            scanner.feed(chunk)
+            if end_of_stream:
+                scanner.finish()
+                self.outcome.account(self.plan, 200, scanner.usage, lambda: scanner.output_bytes)
+        reading_id = self.recorder is not None and not self.recorder.done
+        return Action(writes=writes, done=end_of_stream or (scanner is None and not reading_id))
+
+
+def choose(plan: Plan, status: int, headers: dict[str, str], outcome: Outcome) -> ResponseHandler | Action:
+    """The handler for this answer, or the final Action when the answer needs nothing more."""
+    if plan.pair is not None:
+        decoder = decoder_for(headers.get("content-encoding", "identity"))
+        remove: tuple[str, ...] = ("content-length",)
+        if not isinstance(decoder, Identity):
+            remove += ("content-encoding",)
+        sse = headers.get("content-type", "").lower().startswith("text/event-stream")
+        if plan.stream and status == 200 and sse and not isinstance(decoder, Undecodable):
+            return TranslateStream(plan, plan.pair.stream(), decoder, remove, outcome)
+        return TranslateBuffered(plan, plan.pair, status, decoder, remove, outcome)
+    if plan.pinned_id and status == 503:
+        return ExplainLostPin(plan)
+    if plan.facts is not None and status in _LEARNABLE:
+        return LearnRejection(plan, status, outcome)
+    ok = 200 <= status < 300
+    writes: Writes = []
+    if plan.facts is not None and ok:
+        writes = plan.facts.answered()
+        outcome.learned_fact = "answers_" + (plan.client_api or "")
+    recorder = IdRecorder(plan.pinning.tenant, plan.target) if plan.record_id and status == 200 else None
+    scanner = UsageScanner(sse=headers.get("content-type", "").startswith("text/event-stream")) \
+        if ok and plan.observe_usage else None
+    if recorder is not None or scanner is not None:
+        return Observe(plan, recorder, scanner, writes, outcome)
+    ttl = plan.facts.ttl if writes and plan.facts else None
+    return Action(writes=writes, write_ttl=ttl, done=True)
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, GatewayError):
+        return e.message
+    return f"{type(e).__name__} while reading it"

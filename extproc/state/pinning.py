@@ -1,0 +1,238 @@
+"""`previous_response_id` and `/v1/responses/{id}`: every decision about conversation state (sans-IO).
+
+- Continuing (`previous_response_id`): a turn the sidecar holds (chat-only backends) is rebuilt into
+  the new request's input; a pin sends the request to the instance that produced the response; with
+  neither, the ring places it by the id.
+- Resources (`GET`/`DELETE`/`cancel`/`input_items`): answered from a held turn, else sent where the pin
+  says the response lives.
+- Recording: the id of every stored Responses answer is pinned to its instance (`IdRecorder`); every
+  translated Response is kept as a turn (`turn_writes`).
+
+Records are per tenant (`records.pin_key`/`turn_key`): another tenant's id reads as unknown.
+Store reads are `Lookup`s; the decision names are `PinDecision`, counted in metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from extproc.config import Backend
+from extproc.errors import GatewayError
+from extproc.routing.classify import Resolution
+from extproc.routing.gateway import Gateway, Target
+from extproc.state import records as rec
+from extproc.state.lookup import Lookup, Values
+
+log = logging.getLogger("extproc")
+
+_ID_RE = re.compile(rb'"id"\s*:\s*"([^"\\]{1,200})"')
+_ID_SCAN_LIMIT = 64 * 1024  # a reply whose id is not in its first 64 KiB is not pinned
+Writes = list[tuple[str, bytes | None]]
+
+
+class PinDecision(StrEnum):
+    PIN_HIT = "pin_hit"  # routed to the instance recorded for the id
+    PIN_FALLBACK = "pin_fallback"  # no record (or no store): placed by the ring on the id
+    PIN_GONE = "pin_gone"  # the recorded instance is no longer configured
+    TURN_HIT = "turn_hit"  # a conversation the sidecar holds, rebuilt or answered from
+    TURN_MISS = "turn_miss"  # a chat-only backend and no held turn: unknown id
+    STATE_UNAVAILABLE = "state_unavailable"  # the store did not answer where only it could
+    UNKNOWN_ID = "unknown_id"  # no record in this tenant, and the backend cannot tell tenants apart
+
+
+def shares_credential(backend: Backend) -> bool:
+    """The sidecar sends the backend its own key: every tenant looks the same to the backend, so only
+    ids recorded for the caller's tenant may reach it (no placement by the ring for unknown ids)."""
+    return bool(backend.api_key)
+
+
+@dataclass(slots=True)
+class Continuation:
+    """Where a `previous_response_id` request goes, and what it carries."""
+
+    target: Target
+    decision: PinDecision | None = None  # None: a first turn, nothing to continue
+    prior: list[dict[str, Any]] = field(default_factory=list)  # held turns, oldest first, to merge into input
+    ancestors: list[str] = field(default_factory=list)  # ids of the chain, for the turn this request makes
+    pinned_id: str | None = None  # routed by a pin: a lost instance is explained, not passed on
+
+
+@dataclass(slots=True)
+class Answered:
+    """A resource request the sidecar answers itself, from a held turn."""
+
+    status: int
+    body: bytes
+    writes: Writes = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Forwarded:
+    """A resource request sent where its response lives."""
+
+    target: Target
+    decision: PinDecision
+    pinned_id: str | None
+
+
+def state_unavailable() -> GatewayError:
+    return GatewayError(503, "the conversation store is unavailable; retry shortly", code="state_unavailable")
+
+
+class Pinning:
+    """The state decisions of one request: its tenant, its gateway, what it decided."""
+
+    def __init__(self, gw: Gateway, headers: dict[str, str]):
+        self.gw = gw
+        self.headers = headers
+        self.decision: PinDecision | None = None
+
+    @functools.cached_property
+    def tenant(self) -> str:
+        """Computed only for requests that touch state (an HMAC per request otherwise)."""
+        return self.gw.tenants.tenant_of(self.headers)
+
+    def _decide(self, decision: PinDecision) -> PinDecision:
+        self.decision = decision
+        return decision
+
+    # -- previous_response_id -----------------------------------------------------------------
+
+    def continue_from(self, prev: str, model: str, res: Resolution, target: Target,
+                      translated: bool) -> Lookup[Continuation]:
+        keys = (rec.turn_key(self.tenant, prev), rec.pin_key(self.tenant, prev))
+        return Lookup(keys, lambda values: self._continued(prev, model, res, target, translated, values))
+
+    def _continued(self, prev: str, model: str, res: Resolution, target: Target, translated: bool,
+                   values: Values) -> Continuation | Lookup[Continuation]:
+        if values is None:
+            if translated or shares_credential(res.backend):  # only the store can say whose it is
+                self._decide(PinDecision.STATE_UNAVAILABLE)
+                raise state_unavailable()
+            log.warning("previous_response_id %s: store unavailable, routing by ring", prev)
+            return Continuation(self.gw.target(res.backend, prev), self._decide(PinDecision.PIN_FALLBACK))
+        turn, pin = rec.load_turn(values[0]), rec.Pin.loads(values[1]) if values[1] else None
+        if turn is not None:
+            ancestors = turn.get("ancestors") or []
+            if not ancestors:
+                return self._rebuilt(prev, res, target, translated, turn, [], [])
+            return Lookup(tuple(rec.turn_key(self.tenant, a) for a in ancestors),
+                          lambda vals: self._rebuilt(prev, res, target, translated, turn, ancestors, vals))
+        if pin is not None:
+            if translated:
+                raise GatewayError(400, f"Previous response '{prev}' is held by backend '{pin.backend}', but model "
+                                        f"'{model}' is served by chat-only backend '{res.backend.name}', which "
+                                        "cannot continue it", param="previous_response_id",
+                                   code="previous_response_not_found")
+            return Continuation(self.pinned_target(prev, pin), self._decide(PinDecision.PIN_HIT), pinned_id=prev)
+        if translated or shares_credential(res.backend):
+            self._decide(PinDecision.TURN_MISS if translated else PinDecision.UNKNOWN_ID)
+            raise rec.previous_not_found(prev)
+        log.info("previous_response_id %s: no pin recorded, routing by ring", prev)
+        return Continuation(self.gw.target(res.backend, prev), self._decide(PinDecision.PIN_FALLBACK))
+
+    def _rebuilt(self, prev: str, res: Resolution, target: Target, translated: bool, turn: dict[str, Any],
+                 ancestors: list[str], values: Values) -> Continuation:
+        if values is None:
+            self._decide(PinDecision.STATE_UNAVAILABLE)
+            raise state_unavailable()
+        turns = [rec.load_turn(v) for v in values]
+        for aid, t in zip(ancestors, turns, strict=True):
+            if t is None:
+                raise GatewayError(404, f"An earlier response in this conversation ('{aid}') has expired or was "
+                                        "deleted, so it cannot be continued", param="previous_response_id",
+                                   code="previous_response_not_found")
+        endpoint = turn.get("endpoint")  # same instance as before when it is still there: its prefix cache
+        if translated and endpoint in {e.address for e in res.backend.endpoints}:
+            target = Target(res.backend, endpoint)
+        held = [t for t in turns if t is not None]
+        return Continuation(target, self._decide(PinDecision.TURN_HIT), rec.history([*held, turn]),
+                            rec.chain(turn, prev))
+
+    def pinned_target(self, response_id: str, pin: rec.Pin) -> Target:
+        backend = self.gw.config.backend(pin.backend)
+        if backend is None or (pin.endpoint is not None and pin.endpoint not in {e.address for e in backend.endpoints}):
+            self._decide(PinDecision.PIN_GONE)
+            where = f"instance {pin.endpoint} of backend '{pin.backend}'" if pin.endpoint else f"backend '{pin.backend}'"
+            raise GatewayError(409, f"Response '{response_id}' is held by {where}, which is no longer configured; "
+                                    "its conversation cannot be continued", param="previous_response_id",
+                               code="pinned_backend_gone")
+        return Target(backend, pin.endpoint)
+
+    # -- /v1/responses/{id}[/cancel|/input_items] --------------------------------------------------
+
+    def resource(self, method: str, response_id: str, suffix: str, query: str) -> Lookup[Answered | Forwarded]:
+        allowed = {"": ("GET", "DELETE"), "/cancel": ("POST",), "/input_items": ("GET",)}[suffix]
+        if method not in allowed:
+            raise GatewayError(405, f"{method} is not supported on /v1/responses/{{id}}{suffix}",
+                               code="method_not_allowed")
+        keys = (rec.turn_key(self.tenant, response_id), rec.pin_key(self.tenant, response_id))
+        return Lookup(keys, lambda values: self._resource(method, response_id, suffix, query, values))
+
+    def _resource(self, method: str, response_id: str, suffix: str, query: str,
+                  values: Values) -> Answered | Forwarded:
+        turn = rec.load_turn(values[0]) if values else None
+        if turn is not None:
+            self._decide(PinDecision.TURN_HIT)
+            if suffix == "/input_items":
+                return Answered(200, rec.input_items_page(turn["input"], query))
+            if suffix == "/cancel":
+                raise GatewayError(400, "Only responses created with background=true can be cancelled.",
+                                   code="invalid_request_error")
+            if method == "DELETE":
+                return Answered(200, rec.deleted(response_id), [(rec.turn_key(self.tenant, response_id), None)])
+            return Answered(200, orjson.dumps(turn["response"]))
+        pin = rec.Pin.loads(values[1]) if values and values[1] else None
+        if pin is not None:
+            return Forwarded(self.pinned_target(response_id, pin), self._decide(PinDecision.PIN_HIT), response_id)
+        backend = self.gw.responses_backend
+        if backend is None or shares_credential(backend):
+            if values is None and backend is not None:
+                self._decide(PinDecision.STATE_UNAVAILABLE)
+                raise state_unavailable()
+            self._decide(PinDecision.UNKNOWN_ID)
+            raise rec.response_not_found(response_id)
+        return Forwarded(self.gw.target(backend, response_id), self._decide(PinDecision.PIN_FALLBACK), None)
+
+    # -- recording ------------------------------------------------------------------------------
+
+    def turn_writes(self, response: dict[str, Any] | None, items: list[dict[str, Any]], ancestors: list[str],
+                    endpoint: str | None) -> Writes:
+        """Keep a translated Response (with its input) so previous_response_id can continue from it."""
+        if response is None or response.get("status") not in ("completed", "incomplete"):
+            return []
+        record = rec.turn_record(response, items, ancestors, endpoint)
+        if len(record) > self.gw.config.state.max_record_bytes:
+            log.warning("response %s not stored: %d bytes exceeds state.max_record_bytes", response["id"], len(record))
+            return []
+        return [(rec.turn_key(self.tenant, response["id"]), record)]
+
+
+class IdRecorder:
+    """Pins a Responses answer's id to the instance that made it: the first `"id"` of a Response body,
+    or of a stream's response.created event, read from the first chunks only."""
+
+    def __init__(self, tenant: str, target: Target):
+        self.tenant = tenant
+        self.target = target
+        self.seen = b""
+        self.done = False
+
+    def feed(self, chunk: bytes, end_of_stream: bool) -> Writes:
+        self.seen += chunk
+        found = _ID_RE.search(self.seen)
+        if found is None and not end_of_stream and len(self.seen) < _ID_SCAN_LIMIT:
+            return []
+        self.done = True
+        if found is None:
+            log.warning("no response id in the first %d bytes of the reply; not pinned", len(self.seen))
+            return []
+        pin = rec.Pin(self.target.backend.name, self.target.endpoint)
+        return [(rec.pin_key(self.tenant, found.group(1).decode()), pin.dumps())]

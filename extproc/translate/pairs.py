@@ -1,0 +1,110 @@
+"""One translator pair per (client API, upstream API), behind one interface, picked once per request.
+
+A pair owns what is specific to its direction: the request rewrite, the buffered answer and a stream
+translator for streamed answers. Per-request facts (the tool map) are built once and shared by all
+three steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from extproc.api import CHAT, RESPONSES
+from extproc.config import Backend
+from extproc.translate import (
+    req_chat_to_responses,
+    req_responses_to_chat,
+    resp_chat_to_responses,
+    resp_responses_to_chat,
+)
+from extproc.translate.common import new_id
+from extproc.translate.stream_chat_to_responses import ChatToResponsesStream
+from extproc.translate.stream_responses_to_chat import ResponsesToChatStream
+from extproc.translate.tools import ToolMap, tool_map
+
+
+class StreamTranslator(Protocol):
+    response: dict[str, Any] | None  # the final Response object, once the stream has ended
+
+    def feed(self, data: bytes) -> bytes: ...
+    def close(self) -> bytes: ...
+    def fail(self, code: str, message: str) -> bytes: ...
+
+
+@dataclass(slots=True)
+class Answer:
+    """A translated buffered answer: the client's body, and the Response object when one was made
+    (a Responses client on a chat backend: the sidecar keeps it for `previous_response_id`)."""
+
+    body: dict[str, Any]
+    response: dict[str, Any] | None = None
+
+
+class TranslatorPair(Protocol):
+    client_api: str
+    upstream_api: str
+    dropped_tools: list[str]  # hosted tools removed for a chat backend, reported to the client
+
+    def request(self, body: dict[str, Any]) -> dict[str, Any]: ...
+    def response(self, doc: dict[str, Any]) -> Answer: ...
+    def stream(self) -> StreamTranslator: ...
+
+
+@dataclass(slots=True)
+class ChatOnResponses:
+    """A Chat Completions client on a model that answers only on the Responses API."""
+
+    request_body: dict[str, Any]
+    model: str
+    client_api: str = CHAT
+    upstream_api: str = RESPONSES
+    dropped_tools: list[str] = field(default_factory=list)
+
+    def request(self, body: dict[str, Any]) -> dict[str, Any]:
+        return req_chat_to_responses.translate_request(body)
+
+    def response(self, doc: dict[str, Any]) -> Answer:
+        return Answer(resp_responses_to_chat.translate_response(doc, self.model))
+
+    def stream(self) -> StreamTranslator:
+        return ResponsesToChatStream(self.request_body, self.model)
+
+
+@dataclass(slots=True)
+class ResponsesOnChat:
+    """A Responses client on a chat-only model: the conversation so far arrives merged into `input`."""
+
+    request_body: dict[str, Any]
+    backend: Backend
+    tools: ToolMap = field(init=False)
+    client_api: str = RESPONSES
+    upstream_api: str = CHAT
+    dropped_tools: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tools = tool_map(self.request_body.get("tools"))
+        self.dropped_tools = self.tools.hosted
+
+    def request(self, body: dict[str, Any]) -> dict[str, Any]:
+        b = self.backend
+        return req_responses_to_chat.translate_request(body, max_tokens_field=b.chat_max_tokens_field,
+                                                       hosted_tools=b.hosted_tools,
+                                                       replay_reasoning=b.replay_reasoning, tools=self.tools)
+
+    def response(self, doc: dict[str, Any]) -> Answer:
+        resp = resp_chat_to_responses.translate_response(doc, self.request_body, new_id("resp_"), tools=self.tools)
+        return Answer(resp, resp)
+
+    def stream(self) -> StreamTranslator:
+        return ChatToResponsesStream(self.request_body, tools=self.tools)
+
+
+def pair_for(client_api: str, upstream_api: str, body: dict[str, Any], model: str,
+             backend: Backend) -> TranslatorPair | None:
+    """The pair for this direction, or None when both sides speak the same API."""
+    if client_api == upstream_api:
+        return None
+    if client_api == CHAT:
+        return ChatOnResponses(body, model)
+    return ResponsesOnChat(body, backend)

@@ -12,6 +12,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -90,7 +91,10 @@ class State:
 
     store: str = "memory"  # memory (one replica) | sqlite (survives restarts) | redis (shared by replicas)
     sqlite_path: str | None = None
-    redis_url: str | None = None
+    redis_url: str | None = None  # never with a password in it: that comes from redis_password_env
+    redis_password_env: str | None = None
+    redis_password: str | None = field(default=None, repr=False)  # resolved from redis_password_env
+    redis_ca_file: str | None = None  # rediss://: a private CA trusted besides the system store
     timeout_ms: int = 250  # per store call; a slower store counts as unavailable
     ttl_seconds: int = 30 * 24 * 3600  # as long as OpenAI keeps stored responses
     max_entries: int = 100_000  # memory store bounds (least recently used go first)
@@ -221,6 +225,18 @@ class _Validator:
                 out.append(v)
         return out
 
+    def secret_env(self, node: yaml.Node, key: str) -> tuple[str | None, str | None]:
+        """An environment variable named in the config and its value, which must be set: a secret that
+        is missing fails the load rather than connecting without it."""
+        var = self.scalar(node, key, str)
+        if var is None or not _ENV_RE.match(var):
+            if var is not None:
+                self.problem(node, key, "must be an environment variable name")
+            return None, None
+        if not self.env.get(var):
+            self.problem(node, key, f"environment variable {var} is not set or empty")
+        return var, self.env.get(var)
+
     def choice(self, node: yaml.Node, key: str, choices: tuple[str, ...]) -> str | None:
         v = self.scalar(node, key, str)
         if v is not None and v not in choices:
@@ -341,14 +357,18 @@ class _Validator:
         ints = {"timeout_ms": (1, 60_000), "ttl_seconds": (60, 10 * 365 * 86400),
                 "max_entries": (100, 100_000_000), "max_record_bytes": (1024, 1 << 30),
                 "learn_ttl_seconds": (1, 365 * 86400), "max_memory_bytes": (1 << 20, 1 << 40)}
-        m = self.mapping(node, "state", {"store", "sqlite_path", "redis_url", *ints})
+        paths = ("sqlite_path", "redis_url", "redis_ca_file")
+        m = self.mapping(node, "state", {"store", "redis_password_env", *paths, *ints})
         before = len(self.problems)
         kw: dict[str, Any] = {}
         if "store" in m:
             kw["store"] = self.choice(m["store"], "state.store", STORES)
-        for name in ("sqlite_path", "redis_url"):
+        for name in paths:
             if name in m:
                 kw[name] = self.scalar(m[name], f"state.{name}", str)
+        if "redis_password_env" in m:
+            kw["redis_password_env"], kw["redis_password"] = self.secret_env(m["redis_password_env"],
+                                                                             "state.redis_password_env")
         for name, (lo, hi) in ints.items():
             if name in m:
                 kw[name] = self.bounded(m[name], f"state.{name}", lo, hi)
@@ -361,6 +381,17 @@ class _Validator:
                 self.problem(node, "state.redis_url", "required when state.store is redis")
             elif not url.startswith(("redis://", "rediss://", "unix://")):
                 self.problem(m["redis_url"], "state.redis_url", "must start with redis://, rediss:// or unix://")
+            elif urlsplit(url).password is not None:
+                self.problem(m["redis_url"], "state.redis_url", "holds a password: name the environment variable "
+                                                                "that holds it in state.redis_password_env instead")
+            elif any(k.startswith("ssl_") for k in parse_qs(urlsplit(url).query)):
+                self.problem(m["redis_url"], "state.redis_url", "TLS options in the URL (they could turn certificate "
+                                                                "checks off): rediss:// verifies, redis_ca_file adds a CA")
+            ca = kw.get("redis_ca_file")
+            if ca is not None and not (url or "").startswith("rediss://"):
+                self.problem(m["redis_ca_file"], "state.redis_ca_file", "only used with a rediss:// (TLS) redis_url")
+            elif ca is not None and not os.path.isfile(ca):
+                self.problem(m["redis_ca_file"], "state.redis_ca_file", f"no such file: {ca}")
         if len(self.problems) > before:
             return None
         return State(**kw)

@@ -93,19 +93,22 @@ def gw(gateway: Gateway) -> Gateway:
 class RedisServer:
     """Debian's redis-server on a free loopback port, no persistence; stop()/start() for outage tests."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, args: tuple[str, ...] = (), tls: bool = False):
+        """`args` adds options (--requirepass, --tls-cert-file ...); `tls` serves TLS only, on `port`."""
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RuntimeError("redis-server not found: scripts/test.sh installs Debian's redis-server package")
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"rediss://localhost:{self.port}/0" if tls else f"redis://127.0.0.1:{self.port}/0"
+        self.ports = ("--port", "0", "--tls-port", str(self.port)) if tls else ("--port", str(self.port))
+        self.args = args
         self.workdir = workdir
         self.proc: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.workdir)],
+        self.proc = subprocess.Popen([self.binary, *self.ports, "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir), *self.args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, proc=self.proc)
 

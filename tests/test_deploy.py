@@ -5,6 +5,7 @@ validate) and every sidecar config (check-config)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tomllib
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,107 @@ def test_kubernetes_manifests_validate_offline():
             assert (REPO / "deploy" / entry.rpartition("=")[2]).exists(), entry
 
 
+def k8s_objects() -> dict[tuple[str, str], dict]:
+    """Every object `kubectl apply -k deploy/` creates from files, by (kind, name)."""
+    kustomization = yaml.safe_load((REPO / "deploy" / "kustomization.yaml").read_text())
+    docs = [d for rel in kustomization["resources"] for d in yaml.safe_load_all((REPO / "deploy" / rel).read_text())]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def containers(objects: dict[tuple[str, str], dict], deployment: str) -> dict[str, dict]:
+    return {c["name"]: c for c in objects["Deployment", deployment]["spec"]["template"]["spec"]["containers"]}
+
+
+def secret_env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env", ()) if "valueFrom" in e}
+
+
+def test_kubernetes_admin_port_is_off_the_service():
+    objects = k8s_objects()
+    admin = {p["containerPort"] for p in containers(objects, "llm-gateway")["extproc"]["ports"]}
+    assert admin == {9902}
+    service = objects["Service", "llm-gateway"]["spec"]["ports"]
+    assert [(p["port"], p["targetPort"]) for p in service] == [(80, "http")]
+    assert containers(objects, "llm-gateway")["extproc"]["readinessProbe"]["httpGet"]["port"] == "admin"  # probes still
+
+
+def test_kubernetes_network_policies_deny_by_default():
+    """Each pod is covered in both directions; Redis is reached by the gateway pods only and reaches nothing;
+    the gateway admits its API port, and the admin port only from the monitoring namespace."""
+    objects = k8s_objects()
+    policies = {name: d["spec"] for (kind, name), d in objects.items() if kind == "NetworkPolicy"}
+    for (kind, name), d in objects.items():
+        if kind == "Deployment":
+            labels = d["spec"]["template"]["metadata"]["labels"]
+            covering = [p for p in policies.values() if p["podSelector"]["matchLabels"].items() <= labels.items()]
+            assert any(set(p["policyTypes"]) == {"Ingress", "Egress"} for p in covering), name
+    redis = policies["llm-gateway-redis"]
+    assert redis["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "llm-gateway"}}}],
+                                 "ports": [{"protocol": "TCP", "port": 6379}]}]
+    assert redis["egress"] == []
+    gateway = policies["llm-gateway"]
+    admitted = {p["port"]: rule.get("from") for rule in gateway["ingress"] for p in rule["ports"]}
+    assert admitted == {10000: None, 9902: [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}]}  # never 50051, the sidecar's gRPC port
+    blocks = [t["ipBlock"] for rule in gateway["egress"] for t in rule["to"] if "ipBlock" in t]
+    assert all("169.254.0.0/16" in b["except"] and "10.0.0.0/8" in b["except"] for b in blocks)  # no metadata server
+
+
+def test_kubernetes_redis_password_comes_from_a_secret_only():
+    objects = k8s_objects()
+    assert not [name for kind, name in objects if kind == "Secret"]  # none ships: the operator creates it
+    redis = containers(objects, "llm-gateway-redis")["redis"]
+    args = redis["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    ref = {"name": "llm-gateway-redis", "key": "password"}
+    assert secret_env(redis) == {"REDIS_PASSWORD": ref}
+    sidecar = secret_env(containers(objects, "llm-gateway")["extproc"])
+    assert sidecar["REDIS_PASSWORD"] == ref  # required: no optional flag
+    assert sidecar["OPENAI_API_KEY"]["optional"] is True  # a pod without the provider key still starts
+    state = yaml.safe_load((REPO / "deploy" / "k8s" / "extproc-config.yaml").read_text())["state"]
+    assert state["redis_password_env"] == "REDIS_PASSWORD" and "@" not in state["redis_url"]
+    for (_, name), d in objects.items():
+        if d["kind"] == "Deployment":
+            assert d["spec"]["template"]["spec"]["automountServiceAccountToken"] is False, name
+
+
+def test_kubernetes_redis_and_sidecar_config_agree_on_the_password(tmp_path, cluster_dns):
+    """The manifest's Redis arguments run on Debian's redis-server, and the sidecar's Kubernetes config
+    (its redis_url pointed here) stores with the password from the environment, and not with another."""
+    from extproc.state.store import StoreUnavailable, open_store
+
+    objects = k8s_objects()
+    password = "from-the-secret"
+    args = [a.replace("$(REDIS_PASSWORD)", password) for a in containers(objects, "llm-gateway-redis")["redis"]["args"]]
+    port = free_port()
+    stack = Stack()
+    try:
+        wait_for_port(port, proc=stack.spawn("redis", [tool("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                                                       "--dir", str(tmp_path), *args]))
+        text = (REPO / "deploy" / "k8s" / "extproc-config.yaml").read_text().replace(
+            "redis://llm-gateway-redis:6379/0", f"redis://127.0.0.1:{port}/0")
+
+        async def roundtrip(env: dict[str, str]) -> list[bytes | None]:
+            store = open_store(parse_config(text, env={"OPENAI_API_KEY": "k", **env}).state)
+            try:
+                await store.write([("k8s", b"ok")])
+                return await store.get_many(("k8s",))
+            finally:
+                await store.close()
+        assert asyncio.run(roundtrip({"REDIS_PASSWORD": password})) == [b"ok"]
+        with pytest.raises(StoreUnavailable):
+            asyncio.run(roundtrip({"REDIS_PASSWORD": "guess"}))
+    finally:
+        stack.stop()
+
+
+def test_sidecar_image_is_the_one_compose_builds():
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    compose = yaml.safe_load(COMPOSE.read_text())["services"]["sidecar"]
+    assert "build" in compose and compose["image"] == f"llm-api-bridge-extproc:{version}"
+    assert containers(k8s_objects(), "llm-gateway")["extproc"]["image"] == compose["image"]
+
+
 @pytest.mark.parametrize("path", sorted(p.relative_to(REPO) for p in (REPO / "deploy").rglob("*.yaml")
                                         if "static_resources" in p.read_text()))
 def test_envoy_configs_validate(path):
@@ -67,12 +170,17 @@ def test_envoy_configs_validate(path):
 SIDECAR_CONFIGS = ["deploy/config.yaml", "deploy/config.redis.yaml", "deploy/k8s/extproc-config.yaml"]
 
 
-@pytest.mark.parametrize("path", SIDECAR_CONFIGS)
-def test_sidecar_configs_are_valid(path, monkeypatch):
+@pytest.fixture
+def cluster_dns(monkeypatch):
+    """Cluster DNS names resolve to loopback: there is no cluster DNS here."""
     real = socket.getaddrinfo
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: real("127.0.0.1", *a, **k)
-                        if host.endswith(".svc.cluster.local") else real(host, *a, **k))  # no cluster DNS here
-    cfg = parse_config((REPO / path).read_text(), source=path, env={"OPENAI_API_KEY": "sk-test"})
+                        if host.endswith(".svc.cluster.local") else real(host, *a, **k))
+
+
+@pytest.mark.parametrize("path", SIDECAR_CONFIGS)
+def test_sidecar_configs_are_valid(path, cluster_dns):
+    cfg = parse_config((REPO / path).read_text(), source=path, env={"OPENAI_API_KEY": "sk-test", "REDIS_PASSWORD": "pw"})
     assert cfg.backends
 
 
@@ -186,3 +294,22 @@ def test_readme_stack_command_runs_side_by_side_and_stops_cleanly(tmp_path):
     for p in [demo, *first[1].values(), *second[1].values()]:
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", p)) != 0, f"something still listens on {p} after SIGTERM"
+
+
+def test_local_stack_keeps_provider_tls_verified_on_any_host(tmp_path):
+    """deploy/envoy.yaml names Debian's CA bundle; on a host without it the local stack uses this host's
+    bundle instead, and never drops the verification."""
+    from extproc.local.stack import ENVOY_YAML, render_envoy_config
+
+    def tls(text: str) -> dict:
+        cluster = next(c for c in yaml.safe_load(text)["static_resources"]["clusters"] if c["name"] == "openai")
+        return cluster["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]
+
+    repo = tls(ENVOY_YAML.read_text())
+    assert repo["trusted_ca"] == {"filename": "/etc/ssl/certs/ca-certificates.crt"}
+    assert repo["match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": "api.openai.com"}}]
+    elsewhere = tmp_path / "envoy.yaml"
+    elsewhere.write_text(ENVOY_YAML.read_text().replace("/etc/ssl/certs/ca-certificates.crt", "/nonexistent/ca.pem"))
+    local = tls(render_envoy_config(1, 2, 3, src=elsewhere))
+    assert Path(local["trusted_ca"]["filename"]).is_file()
+    assert local["match_typed_subject_alt_names"] == repo["match_typed_subject_alt_names"]

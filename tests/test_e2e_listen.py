@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from extproc.local.stack import (
     wait_for_port,
 )
 
+from .pki import CA
 from .upstreams import ChatServer
 
 SIDECAR = """
@@ -78,20 +78,11 @@ def test_unix_socket(chat, tmp_path):
         stack.stop()
 
 
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
 def make_pki(d: Path) -> None:
     """A CA, a server certificate for 127.0.0.1 and a client certificate for Envoy."""
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"),
-            "-days", "2", "-subj", "/CN=test-ca")
-    for name, san in (("server", "IP:127.0.0.1,DNS:localhost"), ("client", "DNS:envoy")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"),
-                "-subj", f"/CN={name}")
-        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-        openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"),
-                "-CAcreateserial", "-out", str(d / f"{name}.crt"), "-days", "2", "-extfile", str(d / f"{name}.ext"))
+    ca = CA(d, "ca")
+    ca.issue("server", ["localhost", "127.0.0.1"])
+    ca.issue("client", ["envoy"], client=True)
 
 
 def test_mutual_tls(chat, tmp_path):

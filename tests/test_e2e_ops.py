@@ -3,8 +3,8 @@ line with usage, graceful shutdown with a stream in flight, config reload (SIGHU
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import signal
 import threading
 import time
@@ -128,11 +128,16 @@ def test_access_log_carries_usage(ops):
     ops.client().chat.completions.create(model="ops-log", messages=[{"role": "user", "content": "hi"}])
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        lines = [line for line in ops.stack.log(ops.envoy_log).splitlines() if "model=ops-log" in line]
-        if lines:
+        records = [json.loads(line) for line in ops.stack.log(ops.envoy_log).splitlines() if line.startswith("{")]
+        records = [r for r in records if r["model"] == "ops-log"]
+        if records:
             break
         time.sleep(0.1)
-    assert re.search(r"api=chat->chat tokens_in=11 tokens_out=7 cached=3 reasoning=2 estimated=false", lines[-1]), lines
+    assert {k: records[-1][k] for k in ("client_api", "upstream_api", "input_tokens", "output_tokens", "cached_tokens",
+                                        "reasoning_tokens", "usage_estimated", "backend", "status", "path")} == {
+        "client_api": "chat", "upstream_api": "chat", "input_tokens": 11, "output_tokens": 7, "cached_tokens": 3,
+        "reasoning_tokens": 2, "usage_estimated": False, "backend": "local", "status": 200,
+        "path": "/v1/chat/completions"}
 
 
 def answers(client: openai.OpenAI, model: str) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -68,7 +69,7 @@ def _pieces(text: str, n: int = 3) -> list[str]:
 class _Server:
     handler: type[JSONHandler]
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.script: deque[Reply] = deque()
         self.requests: list[dict[str, Any]] = []
         self.conns: set[socket.socket] = set()
@@ -87,6 +88,8 @@ class _Server:
 
         ThreadingHTTPServer.daemon_threads = True
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:  # HTTPS only, like a hosted provider
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
         self.address = f"127.0.0.1:{self.port}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()

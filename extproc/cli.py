@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the sidecar's gRPC port, which Envoy dials (default: a free one)")
     p.add_argument("--admin-port", type=int, default=0,
                    help="the sidecar's admin port: /healthz /readyz /metrics (default: a free one)")
+    p.add_argument("--websocket-port", type=int, default=0,
+                   help="the sidecar's WebSocket-mode port, which Envoy routes to (default: a free one)")
     p.add_argument("--demo-port", type=int, default=8001,
                    help="the demo backend's port (default: %(default)s, where deploy/config.yaml points); "
                         "give 0 to start no demo backend")
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         from extproc.local.stack import StackPorts, run_local
 
         return run_local(args.config, StackPorts(listen=args.port, envoy_admin=args.envoy_admin_port,
-                                                 extproc=args.extproc_port, admin=args.admin_port, demo=args.demo_port))
+                                                 extproc=args.extproc_port, admin=args.admin_port,
+                                                 websocket=args.websocket_port, demo=args.demo_port))
     if args.command == "demo-backend":
         from extproc.local.demo_backend import serve as serve_demo
 

@@ -140,6 +140,8 @@ class Config:
     listen_tls: ListenTLS | None = None
     tenancy: Tenancy = Tenancy()
     admin_listen: str | None = "127.0.0.1:9902"  # /healthz /readyz /metrics; None turns it off
+    websocket_listen: str | None = "127.0.0.1:50052"  # WebSocket mode's front door (Envoy routes upgrades here)
+    websocket_gateway: str = "http://127.0.0.1:10000"  # Envoy's listener, where socket messages are sent as requests
     usage_accounting: str = "all"  # all: read usage from passed-through answers too; translated: only those
     log_format: str = "json"  # json (one object per line) | text
     source: str = "<memory>"
@@ -249,7 +251,7 @@ class _Validator:
             raise ConfigError([f"{self.source}: empty config: at least one backend is required"])
         top = self.mapping(root, "", {"listen", "log_level", "backends", "model_rules", "limits", "state",
                                       "discovery", "admin_listen", "usage_accounting", "log_format", "listen_tls",
-                                      "tenancy"})
+                                      "tenancy", "websocket_listen", "websocket_gateway"})
         kw: dict[str, Any] = {"source": self.source, **self.top_scalars(top)}
         sections = {"listen_tls": self.listen_tls, "limits": self.limits, "discovery": self.discovery,
                     "state": self.state, "tenancy": self.tenancy}
@@ -268,9 +270,15 @@ class _Validator:
             listen = self.scalar(top["listen"], "listen", str)
             if listen is not None:
                 kw["listen"] = listen
-        if "admin_listen" in top:
-            kw["admin_listen"] = None if top["admin_listen"].value in ("off", "", "null", "~") else \
-                self.scalar(top["admin_listen"], "admin_listen", str)
+        for key in ("admin_listen", "websocket_listen"):
+            if key in top:
+                kw[key] = None if top[key].value in ("off", "", "null", "~") else self.scalar(top[key], key, str)
+        if "websocket_gateway" in top:
+            url = self.scalar(top["websocket_gateway"], "websocket_gateway", str)
+            if url is not None and not re.match(r"^https?://[^/?#]+$", url):
+                self.problem(top["websocket_gateway"], "websocket_gateway", "must be http(s)://host:port, no path")
+            elif url is not None:
+                kw["websocket_gateway"] = url
         if "usage_accounting" in top:
             kw["usage_accounting"] = self.choice(top["usage_accounting"], "usage_accounting", ("all", "translated"))
         if "log_format" in top:

@@ -217,20 +217,23 @@ def native_command(service: dict, env: dict[str, str], ports: dict[int, int], wo
     return [sys.executable, "-m", "extproc", *args]  # the sidecar image's ENTRYPOINT is `extproc`
 
 
-# What the compose stack and deploy/*.yaml use: Envoy's listener and admin, the sidecar's gRPC and admin
-# (admin_listen's default, which the Dockerfile's HEALTHCHECK asks), the demo backend.
-LISTENER, ENVOY_ADMIN, EXTPROC, ADMIN, DEMO = 10000, 9901, 50051, 9902, 8001
+# What the compose stack and deploy/*.yaml use: Envoy's listener and admin, the sidecar's gRPC, admin
+# (admin_listen's default, which the Dockerfile's HEALTHCHECK asks) and WebSocket front door
+# (websocket_listen's default), the demo backend.
+LISTENER, ENVOY_ADMIN, EXTPROC, ADMIN, WEBSOCKET, DEMO = 10000, 9901, 50051, 9902, 50052, 8001
 
 
 def test_compose_services_run_natively(tmp_path):
     compose = yaml.safe_load(COMPOSE.read_text())
-    ports = {p: free_port() for p in (LISTENER, ENVOY_ADMIN, EXTPROC, ADMIN, DEMO)}  # never the fixed ones here
+    ports = {p: free_port() for p in (LISTENER, ENVOY_ADMIN, EXTPROC, ADMIN, WEBSOCKET, DEMO)}  # never the fixed ones
+    defaults = {"EXTPROC_ADMIN_LISTEN": f"127.0.0.1:{ports[ADMIN]}",  # the config's defaults, moved likewise
+                "EXTPROC_WEBSOCKET_LISTEN": f"127.0.0.1:{ports[WEBSOCKET]}",
+                "EXTPROC_WEBSOCKET_GATEWAY": f"http://127.0.0.1:{ports[LISTENER]}"}
     stack = Stack()
     try:
         for name in ("sidecar", "demo-backend", "envoy"):  # compose's depends_on order
             service = compose["services"][name]
-            env = {**os.environ, **{k: str(v) for k, v in (service.get("environment") or {}).items()},
-                   "EXTPROC_ADMIN_LISTEN": f"127.0.0.1:{ports[ADMIN]}"}
+            env = {**os.environ, **{k: str(v) for k, v in (service.get("environment") or {}).items()}, **defaults}
             stack.spawn(name, native_command(service, env, ports, tmp_path), env)
             if name == "sidecar":
                 wait_for_port(ports[EXTPROC], proc=stack.procs[-1])
@@ -242,7 +245,9 @@ def test_compose_services_run_natively(tmp_path):
         assert client.responses.create(model="demo", input="hello compose").output_text == "You said: hello compose"
         chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
         assert chat.choices[0].message.content == "You said: hi"
-        assert [m.id for m in client.models.list()] == ["demo"]
+        assert [m.id for m in client.models.list()] == ["demo", "demo-codex"]
+        codex = client.chat.completions.create(model="demo-codex", messages=[{"role": "user", "content": "hi"}])
+        assert codex.choices[0].message.content == "You said: hi"
     finally:
         stack.stop()
 

@@ -19,11 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 CODEX = REPO / ".tools" / "node_modules" / ".bin" / "codex"
 
 
-def codex(gw, tmp_path: Path, prompt: str) -> subprocess.CompletedProcess:
+def codex(gw, tmp_path: Path, prompt: str, model: str = "llama-3-coder") -> subprocess.CompletedProcess:
     home = tmp_path / "codex-home"
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(f'''
-model = "llama-3-coder"
+model = "{model}"
 model_provider = "gateway"
 
 [model_providers.gateway]

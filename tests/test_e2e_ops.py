@@ -30,8 +30,13 @@ backends:
     models: ["ops-*"{extra}]
     endpoints: ["{chat}"]
     api_key_env: OPS_UPSTREAM_KEY
+  - name: genai
+    api: chat
+    models: ["genai-*"]
+    endpoints: ["{chat}"]
 """
 SECRET = "sk-ops-secret-never-logged"
+ADMIN_TOKEN = "admin-token-for-tests"
 
 
 @dataclass
@@ -62,6 +67,14 @@ class Ops:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def settled(self, name: str, expected: float, **labels: str) -> float:
+        """The metric once it reaches `expected` (an exchange is recorded just after its last chunk went
+        out), or its value when the deadline passes, for the assertion to show."""
+        deadline = time.monotonic() + 10
+        while (value := self.metric(name, **labels)) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return value
+
     @property
     def sidecar(self):
         return next(p for p in self.stack.procs if "serve" in p.args)
@@ -81,7 +94,8 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
     cfg.write_text(CONFIG.format(**render))
     stack = Stack()
     try:
-        sidecar = stack.start_sidecar(cfg, env={"EXTPROC_SHUTDOWN_GRACE": "20", "OPS_UPSTREAM_KEY": SECRET})
+        sidecar = stack.start_sidecar(cfg, env={"EXTPROC_SHUTDOWN_GRACE": "20", "OPS_UPSTREAM_KEY": SECRET,
+                                                "EXTPROC_ADMIN_TOKEN": ADMIN_TOKEN})
         wait_for_port(port, proc=sidecar)
         wait_for_port(admin, proc=sidecar)
         stack.start_envoy(listen, free_port(), port)
@@ -99,7 +113,7 @@ def test_health_and_readiness(ops):
 
 def test_metrics_after_known_traffic(ops):
     client = ops.client()
-    before_in = ops.metric("extproc_tokens_total", model="ops-a", kind="input", estimated="false")
+    before_in = ops.metric("extproc_tokens_total", model="ops-*", kind="input", estimated="false")
     for _ in range(3):  # pass-through, usage read from the answer
         client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "hi"}])
     for _ in range(2):  # translated, streamed
@@ -110,18 +124,150 @@ def test_metrics_after_known_traffic(ops):
     client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "y" * 80}])
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
-    wait_until(lambda: ops.metric("extproc_requests_total", model="ops-a") + ops.metric(
-        "extproc_requests_total", model="nope") >= 7)  # counted as each exchange ends, maybe after its answer
-    assert ops.metric("extproc_requests_total", client_api="chat", upstream_api="chat", model="ops-a", outcome="ok") == 4
-    assert ops.metric("extproc_requests_total", client_api="responses", upstream_api="chat", model="ops-a") == 2
-    assert ops.metric("extproc_requests_total", model="nope", outcome="gateway_4xx") == 1
+    assert ops.settled("extproc_requests_total", 2, client_api="responses", upstream_api="chat", model="ops-*") == 2
+    assert ops.metric("extproc_requests_total", client_api="chat", upstream_api="chat", model="ops-*", outcome="ok") == 4
+    assert ops.metric("extproc_requests_total", model="unknown", outcome="gateway_4xx") == 1
     assert ops.metric("extproc_translations_total", direction="responses_to_chat", stream="true") == 2
     # The test upstream reports 11 input / 7 output / 3 cached / 2 reasoning tokens per answer.
-    assert ops.metric("extproc_tokens_total", model="ops-a", kind="input", estimated="false") - before_in == 5 * 11
-    assert ops.metric("extproc_tokens_total", model="ops-a", kind="cached", estimated="false") == 5 * 3
-    assert ops.metric("extproc_tokens_total", model="ops-a", kind="output", estimated="true") == 10  # 40 bytes / 4
-    assert ops.metric("extproc_tokens_total", model="ops-a", kind="input", estimated="true") == 20  # 80 bytes / 4
+    assert ops.metric("extproc_tokens_total", model="ops-*", kind="input", estimated="false") - before_in == 5 * 11
+    assert ops.metric("extproc_tokens_total", model="ops-*", kind="cached", estimated="false") == 5 * 3
+    assert ops.metric("extproc_tokens_total", model="ops-*", kind="output", estimated="true") == 10  # 40 bytes / 4
+    assert ops.metric("extproc_tokens_total", model="ops-*", kind="input", estimated="true") == 20  # 80 bytes / 4
     assert ops.metric("extproc_phase_seconds_count", phase="request_body") >= 7
+
+
+def test_genai_metrics_after_known_traffic(ops):
+    """The OpenTelemetry GenAI histograms: exact counts and sums, the conventions' buckets, one time to
+    first token per stream. Only this test uses the `genai` backend."""
+    client = ops.client()
+    g = {"gen_ai_operation_name": "chat", "gen_ai_provider_name": "genai", "gen_ai_request_model": "genai-*"}
+    for i in range(3):  # passed through, usage read on the way: 11 input and 7 output tokens each
+        client.chat.completions.create(model=f"genai-{i}", messages=[{"role": "user", "content": "hi"}])
+    delay, stall = 0.02, 0.3
+    ops.chat.script.append(Reply(text="slow " * 20, delay=delay))  # 20 deltas, `delay` before each
+    ops.chat.script.append(Reply(stall=stall))  # nothing at all for `stall` seconds
+    for _ in range(2):  # translated streams (Responses client, chat backend)
+        with client.responses.stream(model="genai-stream", input="hi") as s:
+            for _ in s:
+                pass
+    ops.chat.script.append(Reply(usage=False, text="x" * 40))  # estimated usage: not a GenAI token count
+    client.chat.completions.create(model="genai-est", messages=[{"role": "user", "content": "hi"}])
+    ops.chat.script.append(Reply(error=(429, {"error": {"message": "slow down", "type": "rate_limit"}})))
+    with pytest.raises(openai.RateLimitError):  # passed through after its headers: the sidecar sees no end
+        client.chat.completions.create(model="genai-busy", messages=[{"role": "user", "content": "hi"}])
+
+    assert ops.settled("extproc_requests_total", 1, backend="genai", outcome="upstream_4xx") == 1
+    assert ops.settled("gen_ai_server_request_duration_seconds_count", 6, error_type="", **g) == 6
+    tokens = "gen_ai_client_token_usage"
+    assert ops.metric(tokens + "_count", gen_ai_token_type="input", **g) == 5
+    assert ops.metric(tokens + "_sum", gen_ai_token_type="input", **g) == 5 * 11
+    assert ops.metric(tokens + "_sum", gen_ai_token_type="output", **g) == 5 * 7
+    assert ops.metric(tokens + "_bucket", gen_ai_token_type="input", le="4.0", **g) == 0  # 11 lies in (4, 16]
+    assert ops.metric(tokens + "_bucket", gen_ai_token_type="input", le="16.0", **g) == 5
+    assert ops.metric("gen_ai_server_request_duration_seconds_count", error_type="429", **g) == 0
+    ttft = "gen_ai_server_time_to_first_token_seconds"
+    assert ops.metric(ttft + "_count", **g) == 2  # one per stream, none for the answers not streamed
+    assert ops.metric(ttft + "_sum", **g) >= stall
+    tpot = "gen_ai_server_time_per_output_token_seconds"
+    assert ops.metric(tpot + "_count", **g) == 2
+    # The slow stream's chunks span at least 19 delays (the first may share a message with the role
+    # chunk), spread over its 7 - 1 output tokens after the first.
+    assert ops.metric(tpot + "_sum", **g) >= 19 * delay / 6
+
+
+def test_every_dashboard_query_names_an_exported_metric(ops):
+    """deploy/grafana's dashboard against a real scrape after the traffic above: each name a panel
+    queries is a series the sidecar exports, each gen_ai_* label one it sets."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from .test_monitoring import dashboard_queries, metric_like_names
+
+    exported, labels = set(), set()
+    for fam in text_string_to_metric_families(ops.get("/metrics")[1]):
+        exported |= {fam.name + "_total"} if fam.type == "counter" else {fam.name + s for s in ("_bucket", "_sum", "_count")}
+        for sample in fam.samples:
+            exported.add(sample.name)
+            labels |= set(sample.labels)
+    for title, expr in dashboard_queries():
+        names = metric_like_names(expr)
+        assert names - labels, f"panel {title!r} queries no sidecar metric: {expr}"
+        assert names <= exported | labels, f"panel {title!r}: {sorted(names - exported - labels)} not exported"
+
+
+def test_metrics_stay_bounded_whatever_models_clients_name(ops):
+    """1,000 random model names, served or not, add no series: models are labelled by the pattern they
+    matched, or `unknown`."""
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    def send(model: str) -> int:
+        req = urllib.request.Request(ops.url + "/v1/chat/completions", method="POST", headers={
+            "content-type": "application/json"}, data=json.dumps(
+            {"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode())
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert {send("warm-up-unknown"), send("ops-warm-up")} == {404, 200}  # the series exist from here on
+    assert ops.settled("extproc_requests_total", 1, model="unknown", outcome="gateway_4xx") >= 1
+    unknown = ops.metric("extproc_requests_total", model="unknown")
+    before = len(ops.get("/metrics")[1])
+    names = [f"rand-{uuid.uuid4().hex}" for _ in range(900)] + [f"ops-{uuid.uuid4().hex}" for _ in range(100)]
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(send, names))
+    assert statuses.count(404) == 900 and statuses.count(200) == 100
+    assert ops.settled("extproc_requests_total", unknown + 900, model="unknown") == unknown + 900
+    text = ops.get("/metrics")[1]
+    assert not any(name in text for name in names)
+    assert len(text) - before < 400, len(text) - before  # only counts grew a digit or two
+
+
+def test_admin_port_behaviour(ops):
+    """HEAD, 404, 405, and a client that never finishes its request holds up no one."""
+    import http.client
+    import socket
+
+    host, port = ops.admin.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    conn.request("HEAD", "/metrics")
+    head = conn.getresponse()
+    assert head.status == 200 and head.read() == b"" and int(head.getheader("content-length")) > 0
+    conn.close()
+    assert ops.get("/nope")[0] == 404
+    post = urllib.request.Request(ops.admin + "/metrics", method="POST", data=b"")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(post, timeout=5)
+    assert e.value.code == 405
+    slow = [socket.create_connection((host, int(port)), timeout=5) for _ in range(4)]
+    try:
+        for s in slow:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nhost: x\r\n")  # and never the blank line
+        t0 = time.monotonic()
+        assert ops.get("/healthz") == (200, "ok\n")
+        assert time.monotonic() - t0 < 2
+    finally:
+        for s in slow:
+            s.close()
+
+
+def test_admin_token_guards_mutating_routes(ops):
+    """With EXTPROC_ADMIN_TOKEN set, DELETE /learned needs it (even on loopback); reads do not."""
+    def delete(headers: dict[str, str]) -> tuple[int, bytes]:
+        req = urllib.request.Request(ops.admin + "/learned?model=none:none", method="DELETE", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    assert delete({})[0] == 401
+    assert delete({"authorization": "Bearer wrong"})[0] == 401
+    assert delete({"authorization": ADMIN_TOKEN})[0] == 401  # the scheme is part of it
+    assert delete({"authorization": "Bearer " + ADMIN_TOKEN}) == (200, b'{"forgotten":[]}')
+    assert ops.get("/learned")[0] == 200
+    assert ADMIN_TOKEN not in ops.stack.log("sidecar")
 
 
 def test_access_log_carries_usage(ops):

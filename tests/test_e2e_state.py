@@ -261,18 +261,20 @@ def test_model_api_learned_from_a_rejection_and_shared(replicas):
     a, b = (openai.OpenAI(base_url=u + "/v1", api_key="k", max_retries=0, timeout=30) for u in replicas.urls)
     msgs = [{"role": "user", "content": "hi"}]
     first_contact = time.monotonic()
-    with pytest.raises(openai.BadRequestError) as e:  # first contact: sent as is, and rejected
-        a.chat.completions.create(model="mix-agent", messages=msgs)
-    assert e.value.body["code"] == "model_api_learned" and "retry" in e.value.body["message"]
+    start = len(replicas.mixed.requests)
+    r = a.chat.completions.create(model="mix-agent", messages=msgs)  # first contact: rejected, retried, translated
+    assert r.choices[0].message.content
+    assert [q["path"] for q in replicas.mixed.requests[start:]] == ["/v1/chat/completions", "/v1/responses"]
     r = b.chat.completions.create(model="mix-agent", messages=msgs)  # the other replica knows it already
     assert r.choices[0].message.content and replicas.mixed.requests[-1]["path"] == "/v1/responses"
+    assert len(replicas.mixed.requests) == start + 3
     r = a.chat.completions.create(model="mix-agent", messages=msgs, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in r if c.choices)
     stored = replicas.redis_client().get("extproc:mode:mixed:mix-agent")
     assert json.loads(stored)["mode"] == "responses"
 
-    with pytest.raises(openai.BadRequestError):  # the mirror case
-        a.responses.create(model="mix-chatonly", input="hi")
+    assert a.responses.create(model="mix-chatonly", input="hi").output_text  # the mirror case
+    assert replicas.mixed.requests[-1]["path"] == "/v1/chat/completions"
     assert b.responses.create(model="mix-chatonly", input="hi").output_text
     assert replicas.mixed.requests[-1]["path"] == "/v1/chat/completions"
 
@@ -286,13 +288,13 @@ def test_model_api_learned_from_a_rejection_and_shared(replicas):
         assert json.loads(r.read())["mixed:mix-agent"]["mode"] == "responses"
 
     def learned_again() -> bool:
-        """learn_ttl_seconds: 3. Until then the request is translated; after, sent as is and rejected."""
-        try:
-            a.chat.completions.create(model="mix-agent", messages=msgs)
-        except openai.BadRequestError as e:
-            assert e.body["code"] == "model_api_learned"
-            return True
-        return False
+        """learn_ttl_seconds: 3. Until then the model goes straight to /v1/responses; after, the chat
+        request is sent as is, rejected and retried translated, as at first contact."""
+        start = len(replicas.mixed.requests)
+        assert a.chat.completions.create(model="mix-agent", messages=msgs).choices[0].message.content
+        paths = [q["path"] for q in replicas.mixed.requests[start:]]
+        assert paths in (["/v1/responses"], ["/v1/chat/completions", "/v1/responses"]), paths
+        return len(paths) == 2
 
     assert wait_until(learned_again, timeout=15, interval=0.2), "what was learned never expired"
     assert time.monotonic() - first_contact >= 3  # not before its time

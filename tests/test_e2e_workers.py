@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import sys
@@ -64,7 +65,7 @@ backends:
             with socket.create_connection(("127.0.0.1", admin + i), timeout=5) as s:
                 s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
                 text = b"".join(iter(lambda: s.recv(65536), b"")).decode()
-            assert 'extproc_requests_total{client_api="responses"' in text
+            assert re.search(r'extproc_requests_total\{[^}]*client_api="responses"', text), text
         sup.send_signal(signal.SIGTERM)
         assert sup.wait(timeout=30) == 0
     finally:

@@ -33,6 +33,7 @@ CHAT_FIELDS = {
     "user", "tools", "tool_choice", "parallel_tool_calls", "response_format", "seed", "reasoning_effort",
     "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "verbosity", "modalities",
 }
+COMPACTED = "opaque-backend-compaction-"  # this server's own compaction items
 RESPONSES_FIELDS = {
     "model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
     "parallel_tool_calls", "text", "reasoning", "stream", "stream_options", "store", "metadata", "user",
@@ -316,19 +317,15 @@ class _ResponsesHandler(_Handler):
             self.send_json(400, _err("This model is only supported in v1/responses and not in v1/chat/completions.",
                                      "unsupported_api"))
             return
+        if self.path == "/v1/responses/compact":
+            self.compact(body)
+            return
         if self.path != "/v1/responses":
             self.send_json(404, _err("Not found"))
             return
-        extra = set(body) - RESPONSES_FIELDS if isinstance(body, dict) else {"<not an object>"}
-        if extra:
-            self.send_json(400, _err(f"Unknown parameter: '{sorted(extra)[0]}'.", "unknown_parameter",
-                                     sorted(extra)[0]))
+        if self.refused(body, RESPONSES_FIELDS):
             return
         prev = body.get("previous_response_id")
-        if prev is not None and prev not in self.upstream.stored:
-            self.send_json(404, _err(f"Previous response with id '{prev}' not found.", "previous_response_not_found",
-                                     "previous_response_id"))
-            return
         problem = self.check_input(body.get("input"), self.upstream.calls_before(prev))
         if problem:
             self.send_json(400, _err(problem, "invalid_value", "input"))
@@ -349,6 +346,39 @@ class _ResponsesHandler(_Handler):
             self.responses_stream(response, reply)
         else:
             self.send_json(200, response)
+
+    def refused(self, body: Any, fields: set[str]) -> bool:
+        """Unknown parameters and unknown previous ids, refused as OpenAI does (True: answered)."""
+        extra = set(body) - fields if isinstance(body, dict) else {"<not an object>"}
+        if extra:
+            self.send_json(400, _err(f"Unknown parameter: '{sorted(extra)[0]}'.", "unknown_parameter",
+                                     sorted(extra)[0]))
+            return True
+        prev = body.get("previous_response_id")
+        if prev is not None and prev not in self.upstream.stored:
+            self.send_json(404, _err(f"Previous response with id '{prev}' not found.", "previous_response_not_found",
+                                     "previous_response_id"))
+            return True
+        return False
+
+    def compact(self, body: Any) -> None:
+        """OpenAI's compaction: the user messages kept, the rest as one opaque compaction item."""
+        if self.refused(body, {"model", "input", "previous_response_id", "instructions", "prompt_cache_key"}):
+            return
+        prev = body.get("previous_response_id")
+        inp = body.get("input")
+        items = self.upstream.stored[prev]["input"] if prev else []
+        items = items + ([{"role": "user", "content": inp}] if isinstance(inp, str) else list(inp or []))
+        kept = [{"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "user", "status": "completed",
+                 "content": [{"type": "input_text", "text": self.last_user([it])}]}
+                for it in items if it.get("role") == "user"]
+        self.send_json(200, {"id": "resp_" + uuid.uuid4().hex, "object": "response.compaction",
+                             "created_at": int(time.time()),
+                             "output": [*kept, {"type": "compaction", "id": "cmp_" + uuid.uuid4().hex,
+                                                "encrypted_content": COMPACTED + uuid.uuid4().hex}],
+                             "usage": {"input_tokens": 11, "input_tokens_details": {"cached_tokens": 0},
+                                       "output_tokens": 7, "output_tokens_details": {"reasoning_tokens": 0},
+                                       "total_tokens": 18}})
 
     @staticmethod
     def last_user(inp: Any) -> str:
@@ -380,6 +410,9 @@ class _ResponsesHandler(_Handler):
                         return f"invalid content part {bad[0]} for role {item['role']}"
             elif kind == "function_call":
                 calls.add(item["call_id"])
+            elif kind == "compaction":
+                if not str(item.get("encrypted_content", "")).startswith(COMPACTED):
+                    return "Invalid encrypted_content: not produced by this server's compaction"
             elif kind == "function_call_output":
                 if item.get("call_id") not in calls:
                     return f"No tool call found for function call output with call_id {item.get('call_id')}."

@@ -27,9 +27,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.config import Config, ConfigError, ListenTLS, load_config
 from extproc.errors import GatewayError
 from extproc.exchange import Action, Exchange, Lookup, Step, error_action
-from extproc.ops.admin import start_admin
+from extproc.exchange.first_contact import ROLE, FirstContact
+from extproc.front.websocket import FrontDoor
+from extproc.ops.admin import TOKEN_ENV, start_admin
 from extproc.ops.logs import configure_logging
-from extproc.ops.metrics import Metrics
+from extproc.ops.metrics import CONTENT_TYPE, ExchangeTimer, Metrics
+from extproc.ops.record import record
 from extproc.routing.discovery import discover_forever
 from extproc.routing.gateway import Gateway
 from extproc.routing.modes import forget_learned, list_learned
@@ -122,7 +125,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             self.metrics.store_errors.inc("write")
             log.warning("state store unavailable, %d records not written: %s", len(writes), e)
 
-    async def _step(self, ex: Exchange, kind: str, req: pb.ProcessingRequest) -> Action:
+    async def _step(self, ex: Exchange | FirstContact, kind: str, req: pb.ProcessingRequest) -> Action:
         """One Envoy message through the exchange, store lookups included; errors become answers."""
         try:
             step: Step
@@ -153,9 +156,10 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                       context: grpc.aio.ServicerContext) -> None:
         """One HTTP exchange. context.read()/write() rather than an async generator: measured 15-25%
         more requests per second through grpc.aio (benchmarks/floor_processor.py)."""
-        ex = Exchange(self.holder.gateway)
-        started = time.monotonic()
-        busy = 0.0
+        # The upstream filter of first-contact requests names itself in the stream's metadata.
+        upstream = any(k == "x-extproc-role" and v == ROLE for k, v in context.invocation_metadata() or ())
+        ex = FirstContact(self.holder.gateway) if upstream else Exchange(self.holder.gateway)
+        timer = self.metrics.timer()
         try:
             while True:
                 req = await context.read()
@@ -169,55 +173,16 @@ class Processor(pb_grpc.ExternalProcessorServicer):
                 resp = to_proto(kind, act)
                 if act.done and (meta := ex.metadata()) is not None:
                     resp = _with_metadata(resp, meta)
-                elapsed = time.perf_counter() - t0
-                busy += elapsed
-                self.metrics.phase_seconds.observe(elapsed, kind)
+                timer.message(kind, t0, time.perf_counter())
                 await context.write(resp)
                 if act.done:
                     return
         finally:
-            self._record(ex, started, busy)
+            if isinstance(ex, Exchange):  # a first-contact attempt is reported by its client-side exchange
+                self._record(ex, timer)
 
-    def _record(self, ex: Exchange, started: float, busy: float) -> None:
-        """Metrics and the one log line of a finished exchange."""
-        m = self.metrics
-        if ex.failure is not None:
-            outcome, status = f"gateway_{ex.failure.status // 100}xx", ex.failure.status
-        else:
-            status = ex.status
-            outcome = "ok" if 200 <= status < 300 else f"upstream_{status // 100}xx" if status else "passed_on"
-        backend = ex.target.backend.name if ex.target else ""
-        model = ex.model or ""
-        if ex.client_api is not None:
-            m.requests.inc(ex.client_api, ex.upstream_api or ex.client_api, backend, model, outcome)
-        if ex.translated:
-            m.translations.inc(f"{ex.client_api}_to_{ex.upstream_api}", str(ex.stream).lower())
-        if ex.chunks:
-            m.stream_chunks.inc("translated" if ex.translated else "observed", by=ex.chunks)
-        if ex.pin_decision:
-            m.pins.inc(ex.pin_decision)
-        if ex.learned_fact:
-            m.learned.inc(backend, ex.learned_fact)
-        u = ex.usage
-        if u is not None:
-            est = str(u.estimated).lower()
-            for kind, n in (("input", u.input_tokens), ("output", u.output_tokens), ("cached", u.cached_tokens),
-                            ("reasoning", u.reasoning_tokens)):
-                m.tokens.inc(model, backend, kind, est, by=n)
-        if (ex.method or ex.path) and log.isEnabledFor(logging.INFO):
-            fields = {"request_id": ex.headers.get("x-request-id"), "method": ex.method, "path": ex.path,
-                      "model": ex.model, "client_api": ex.client_api, "upstream_api": ex.upstream_api,
-                      "backend": backend or None, "endpoint": ex.target.endpoint if ex.target else None,
-                      "translated": ex.translated, "stream": ex.stream, "pin": ex.pin_decision, "status": status,
-                      "outcome": outcome, "duration_ms": round((time.monotonic() - started) * 1000, 2),
-                      "sidecar_ms": round(busy * 1000, 3)}
-            if ex.failure is not None:
-                fields["error"] = ex.failure.code
-            if u is not None:
-                fields.update(u.as_metadata())
-            if ex.dropped_tools:
-                fields["dropped_tools"] = ex.dropped_tools
-            log.info("request", extra={"fields": fields})
+    def _record(self, ex: Exchange, timer: ExchangeTimer) -> None:
+        record(ex, self.metrics, timer, self.holder.gateway.classifier.label_for)
 
 
 def _with_metadata(resp: pb.ProcessingResponse, meta: dict) -> pb.ProcessingResponse:
@@ -299,7 +264,7 @@ async def serve(config_path: str) -> None:
         return 200, b"ok\n", "text/plain"
 
     async def metrics_page(_query: str) -> tuple[int, bytes, str]:
-        return 200, metrics.render(), "text/plain; version=0.0.4"
+        return 200, metrics.render(), CONTENT_TYPE
 
     async def learned(_query: str) -> tuple[int, bytes, str]:
         """Model APIs learned at run time (shared ones too, with a shared store)."""
@@ -324,7 +289,13 @@ async def serve(config_path: str) -> None:
     if admin_listen and admin_listen != "off":
         admin = await start_admin(admin_listen, {"GET /healthz": healthy, "GET /readyz": ready,
                                                  "GET /metrics": metrics_page, "GET /learned": learned,
-                                                 "DELETE /learned": forget})
+                                                 "DELETE /learned": forget}, os.environ.get(TOKEN_ENV) or None)
+
+    websocket_listen = os.environ.get("EXTPROC_WEBSOCKET_LISTEN", config.websocket_listen or "")
+    front = None
+    if websocket_listen and websocket_listen != "off":
+        front = FrontDoor(lambda: holder.gateway.config, os.environ.get("EXTPROC_WEBSOCKET_GATEWAY"))
+        await front.start(websocket_listen)
 
     def follow_dns() -> None:
         """`dns:` endpoints (a headless Service): the ring follows the addresses as they change."""
@@ -350,7 +321,9 @@ async def serve(config_path: str) -> None:
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace=float(os.environ.get("EXTPROC_SHUTDOWN_GRACE", "30")))
     if admin is not None:
-        admin.close()
+        await admin.cleanup()
+    if front is not None:
+        await front.close()
     await store.close()
 
 

@@ -19,11 +19,12 @@ from extproc.errors import GatewayError, invalid
 from extproc.exchange.actions import Action, Step, answer
 from extproc.exchange.body import check_json_request, is_json, parse_body
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
-from extproc.routing.gateway import ROUTING_HEADERS, Gateway, Target, placement_key
+from extproc.routing.gateway import H_FIRST_CONTACT, ROUTING_HEADERS, Gateway, Target, placement_key
 from extproc.routing.modes import Learned, learned_key
 from extproc.state import records as rec
 from extproc.state.lookup import Lookup, Values, then
 from extproc.state.pinning import Answered, Continuation, Forwarded, Pinning
+from extproc.translate import compact
 from extproc.translate.pairs import pair_for
 
 log = logging.getLogger("extproc")
@@ -40,6 +41,7 @@ class RequestSide:
         self.client_api: str | None = None
         self.model: str | None = None
         self.plan: Plan | None = None  # set once the request is routed
+        self.compacting = False  # POST /v1/responses/compact: a Responses request that makes no turn
         self.pinning = Pinning(gw, {})
 
     @property
@@ -53,6 +55,11 @@ class RequestSide:
         self.pinning = Pinning(self.gw, headers)
         bare = self.path.partition("?")[0]
         self.client_api = API_OF_PATH.get(bare)
+        if bare == compact.PATH:  # not the resource of a response with id "compact"
+            if self.method != "POST":
+                raise GatewayError(405, f"{self.method} is not supported on {compact.PATH}", code="method_not_allowed")
+            self.client_api, self.compacting = RESPONSES, True
+            return Action()
         resource = rec.RESOURCE_RE.match(bare)
         if resource is not None:
             lookup = self.pinning.resource(self.method, resource.group(1), resource.group(2) or "", self.query)
@@ -87,6 +94,8 @@ class RequestSide:
             return self._pass_on()
         check_json_request(self.headers)
         body = parse_body(raw)
+        if self.compacting:
+            compact.check_request(body)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "'model' is required and must be a non-empty string", param="model",
@@ -125,8 +134,10 @@ class RequestSide:
             raise GatewayError(400, f"The model '{model}' is only available on {path}, and translation is turned "
                                     f"off for it: call {path} instead", param="model", code="unsupported_api")
         learning = res.learning and self.client_api not in (learned.ok if learned else ())
-        plan = self._plan(target, request=body, stream=body.get("stream", False) is True,
-                          pair=pair_for(self.client_api, upstream_api, body, model, res.backend),
+        pair = pair_for(self.client_api, upstream_api, body, model, res.backend)
+        if self.compacting and pair is not None:
+            pair = compact.CompactOnChat(res.backend, self.gw.sealer, self.pinning.tenant)
+        plan = self._plan(target, request=body, stream=body.get("stream", False) is True, pair=pair,
                           facts=ModelFacts(self.gw, backend.name, model, self.client_api, learned) if learning else None)
         plan.observe_usage = plan.pair is None and self.gw.config.usage_accounting == "all"
         if self.client_api != RESPONSES:
@@ -143,7 +154,10 @@ class RequestSide:
         """A Responses request sent on, a conversation the sidecar kept merged into its input."""
         body = plan.request
         plan.target, plan.pinned_id = cont.target, cont.pinned_id
-        keep = body.get("store") is not False
+        keep = body.get("store") is not False and not self.compacting
+        opened = compact.open_items(body.get("input"), self.gw.sealer, self.pinning.tenant, plan.pair is not None)
+        if opened is not None:  # the sidecar's own compaction items: their summaries instead
+            body = {**body, "input": opened}
         if plan.pair is not None:
             items = rec.input_items(body.get("input"))
             if keep:
@@ -160,7 +174,7 @@ class RequestSide:
             new = {k: v for k, v in body.items() if k != "previous_response_id"}
             new["input"] = cont.prior + rec.input_items(body.get("input"))
             return self._route(plan, new)
-        return self._route(plan)
+        return self._route(plan, body if opened is not None else None)
 
     def _route(self, plan: Plan, body: dict[str, Any] | None = None) -> Action:
         """Envoy's routing for the plan: routing headers, the rewritten path and body."""
@@ -170,11 +184,13 @@ class RequestSide:
         if plan.pair is not None:
             path = PATHS[plan.pair.upstream_api] + ("?" + self.query if "?" in self.path else "")
         headers = target.headers()
+        if plan.facts is not None and target.endpoint is not None:  # Envoy retries it on the other API if need be
+            headers.append((H_FIRST_CONTACT, self.pinning.tenant))
         if target.backend.path_prefix:
             path = target.backend.path_prefix + path
         if path != self.path:
             headers.append((":path", path))
-        remove = tuple(h for h in (*ROUTING_HEADERS, MODE_HEADER) if h not in {k for k, _ in headers})
+        remove = tuple(h for h in (*ROUTING_HEADERS, H_FIRST_CONTACT, MODE_HEADER) if h not in {k for k, _ in headers})
         raw = None
         if body is not None:
             raw = orjson.dumps(body)

@@ -29,6 +29,7 @@ from extproc.errors import GatewayError, upstream_error_payload
 from extproc.exchange.actions import BUFFERED, STREAMED, Action, Writes, new_body
 from extproc.exchange.plan import Plan
 from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
+from extproc.routing.gateway import H_RETRIED
 from extproc.routing.modes import rejection_needs
 from extproc.state.pinning import IdRecorder
 from extproc.translate.pairs import StreamTranslator, TranslatorPair
@@ -249,9 +250,14 @@ def choose(plan: Plan, status: int, headers: dict[str, str], outcome: Outcome) -
         return TranslateBuffered(plan, plan.pair, status, decoder, remove, outcome)
     if plan.pinned_id and status == 503:
         return ExplainLostPin(plan)
+    ok = 200 <= status < 300
+    if plan.facts is not None and H_RETRIED in headers:  # first contact, retried on the other API and translated
+        outcome.learned_fact = "needs_" + headers[H_RETRIED]
+        scanner = UsageScanner(sse=headers.get("content-type", "").startswith("text/event-stream")) \
+            if ok and plan.observe_usage else None
+        return Observe(plan, None, scanner, [], outcome) if scanner is not None else Action(done=True)
     if plan.facts is not None and status in _LEARNABLE:
         return LearnRejection(plan, status, outcome)
-    ok = 200 <= status < 300
     writes: Writes = []
     if plan.facts is not None and ok:
         writes = plan.facts.answered()

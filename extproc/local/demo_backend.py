@@ -1,17 +1,25 @@
-"""A tiny chat-only OpenAI-compatible backend, so the local stack and `docker compose up` answer at once.
+"""A tiny OpenAI-compatible backend, so the local stack and `docker compose up` answer at once.
 
-It echoes the last user message, streams word by word when asked, and reports usage. Like most
-self-hosted servers it only speaks /v1/chat/completions: Responses clients reach it through the
-sidecar's translation.
+It echoes the last user message, streams word by word when asked, and reports usage. It serves two
+models that each speak one API, so both directions of the sidecar's translation show: `demo` only
+answers on /v1/chat/completions (like most self-hosted servers: Responses clients reach it through the
+sidecar), `demo-codex` only on /v1/responses (like the Codex models: Chat clients reach it through
+the sidecar).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from extproc.api import API_OF_PATH, CHAT, PATHS, RESPONSES
+from extproc.errors import GatewayError
+from extproc.translate import req_responses_to_chat, resp_chat_to_responses
+from extproc.translate.stream_chat_to_responses import ChatToResponsesStream
 
 
 class JSONHandler(BaseHTTPRequestHandler):
@@ -64,47 +72,131 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
+def _error(message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+
+
+class _Answer:
+    """The echo answer to a list of chat messages, as a chat.completion or its chunk stream."""
+
+    def __init__(self, messages: list[dict[str, Any]], model: str):
+        self.text = f"You said: {_last_user_text(messages)}"
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+        out = len(self.text.split())
+        self.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": out, "total_tokens": prompt_tokens + out}
+        self.base = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": model}
+
+    def completion(self) -> dict[str, Any]:
+        return {**self.base, "object": "chat.completion", "usage": self.usage,
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                             "message": {"role": "assistant", "content": self.text}}]}
+
+    def chunks(self, include_usage: bool) -> list[bytes]:
+        """The SSE events of the streamed answer: role, one delta per word, finish, usage, [DONE]."""
+        base = {**self.base, "object": "chat.completion.chunk"}
+        words = self.text.split(" ")
+        deltas = [{"role": "assistant", "content": ""}] + [{"content": (" " if i else "") + w} for i, w in enumerate(words)]
+        docs = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+        docs.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        if include_usage:
+            docs.append({**base, "choices": [], "usage": self.usage})
+        return [b"data: " + json.dumps(d).encode() + b"\n\n" for d in docs] + [b"data: [DONE]\n\n"]
+
+
 class DemoHandler(JSONHandler):
+    """`demo` answers only on /v1/chat/completions (like vLLM); `demo-codex` only on /v1/responses
+    (like the Codex models), and both reject the other API the way OpenAI does."""
+
+    server: DemoServer
+
     def do_GET(self) -> None:
+        stored = self.server.history.get(self.path.removeprefix("/v1/responses/"))
         if self.path.startswith("/v1/models"):
             self.send_json(200, {"object": "list", "data": [
-                {"id": "demo", "object": "model", "created": 0, "owned_by": "demo"}]})
+                {"id": name, "object": "model", "created": 0, "owned_by": "demo"} for name in MODELS]})
+        elif stored is not None:
+            self.send_json(200, stored[1])
         else:
-            self.send_json(404, {"error": {"message": "not found", "type": "invalid_request_error",
-                                           "param": None, "code": None}})
+            self.send_json(404, _error("not found"))
 
     def do_POST(self) -> None:
         body = self.read_json()
-        if self.path != "/v1/chat/completions" or not isinstance(body, dict):
-            self.send_json(404, {"error": {"message": f"{self.path} is not served here: this backend only "
-                                           "speaks /v1/chat/completions", "type": "invalid_request_error",
-                                           "param": None, "code": None}})
+        path = self.path.partition("?")[0]
+        api = API_OF_PATH.get(path)
+        if api is None or not isinstance(body, dict):
+            self.send_json(404, _error(f"{self.path} is not served here"))
             return
-        messages = body.get("messages") or []
-        text = f"You said: {_last_user_text(messages)}"
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()),
-                 "total_tokens": prompt_tokens + len(text.split())}
-        cid, created, model = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), body.get("model", "demo")
+        model = body.get("model")
+        if model not in MODELS:
+            self.send_json(404, _error(f"The model '{model}' does not exist", "model_not_found", "model"))
+        elif MODELS[model] != api:
+            self.send_json(400, _error(f"The model '{model}' is only supported in {PATHS[MODELS[model]].lstrip('/')}; "
+                                       f"it is not supported on {path}", "unsupported_api", "model"))
+        elif api == CHAT:
+            self.answer_chat(body)
+        else:
+            self.answer_responses(body)
+
+    def answer_chat(self, body: dict[str, Any]) -> None:
+        answer = _Answer(body.get("messages") or [], body["model"])
         if not body.get("stream"):
-            self.send_json(200, {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                                 "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                                              "message": {"role": "assistant", "content": text}}],
-                                 "usage": usage})
+            self.send_json(200, answer.completion())
             return
         self.start_sse()
-        base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
-        words = text.split(" ")
-        deltas = [{"role": "assistant", "content": ""}] + [{"content": (" " if i else "") + w} for i, w in enumerate(words)]
-        for d in deltas:
-            self.send_chunk(b"data: " + json.dumps({**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]}).encode() + b"\n\n")
-        self.send_chunk(b"data: " + json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode() + b"\n\n")
-        if (body.get("stream_options") or {}).get("include_usage"):
-            self.send_chunk(b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n")
-        self.send_chunk(b"data: [DONE]\n\n")
+        for chunk in answer.chunks(bool((body.get("stream_options") or {}).get("include_usage"))):
+            self.send_chunk(chunk)
         self.end_chunks()
+
+    def answer_responses(self, body: dict[str, Any]) -> None:
+        """A Responses model that keeps its own conversations (previous_response_id), as OpenAI does.
+        The answer is the chat echo put in Responses form by the sidecar's own translators."""
+        prev = body.get("previous_response_id")
+        stored = self.server.history.get(prev) if isinstance(prev, str) else None
+        if prev is not None and stored is None:
+            self.send_json(404, _error(f"Previous response with id '{prev}' not found.", "previous_response_not_found",
+                                       "previous_response_id"))
+            return
+        try:
+            messages = (stored[0] if stored else []) + req_responses_to_chat.translate_request(
+                {k: v for k, v in body.items() if k != "previous_response_id"})["messages"]
+        except GatewayError as e:
+            self.send_json(e.status, {"error": e.payload()})
+            return
+        answer = _Answer(messages, body["model"])
+        if not body.get("stream"):
+            resp = resp_chat_to_responses.translate_response(answer.completion(), body)
+        else:
+            self.start_sse()
+            stream = ChatToResponsesStream(body)
+            for out in [*map(stream.feed, answer.chunks(include_usage=True)), stream.close()]:
+                if out:  # an empty chunk would end the chunked body
+                    self.send_chunk(out)
+            self.end_chunks()
+            resp = stream.response
+        if resp is not None and body.get("store") is not False:
+            self.server.remember(resp, [*messages, {"role": "assistant", "content": answer.text}])
+        if not body.get("stream"):
+            self.send_json(200, resp)
+
+
+MODELS = {"demo": CHAT, "demo-codex": RESPONSES}
+
+
+class DemoServer(ThreadingHTTPServer):
+    daemon_threads = True
+    MAX_CONVERSATIONS = 10_000  # a bound, not an LRU: the demo forgets the oldest
+
+    def __init__(self, address: tuple[str, int]):
+        super().__init__(address, DemoHandler)
+        self.history: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}  # id -> (messages, response)
+        self.lock = threading.Lock()
+
+    def remember(self, response: dict[str, Any], messages: list[dict[str, Any]]) -> None:
+        with self.lock:
+            if len(self.history) >= self.MAX_CONVERSATIONS:
+                self.history.pop(next(iter(self.history)))
+            self.history[response["id"]] = (messages, response)
 
 
 def serve(host: str, port: int) -> None:
-    ThreadingHTTPServer.daemon_threads = True
-    ThreadingHTTPServer((host, port), DemoHandler).serve_forever()
+    DemoServer((host, port)).serve_forever()

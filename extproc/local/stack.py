@@ -109,18 +109,19 @@ def free_ports(n: int) -> int:
 
 
 def render_envoy_config(listen_port: int, admin_port: int, extproc_port: int, src: Path = ENVOY_YAML,
-                        listen_address: str | None = None) -> str:
-    """deploy/envoy.yaml with its three ports (and optionally the listen address) replaced."""
+                        listen_address: str | None = None, websocket_port: int | None = None) -> str:
+    """deploy/envoy.yaml with its ports (and optionally the listen address) replaced."""
     doc = yaml.safe_load(src.read_text())
     doc["admin"]["address"]["socket_address"]["port_value"] = admin_port
     sock = doc["static_resources"]["listeners"][0]["address"]["socket_address"]
     sock["port_value"] = listen_port
     if listen_address:
         sock["address"] = listen_address
+    ports = {"extproc": extproc_port, "websocket": websocket_port}
     for cluster in doc["static_resources"]["clusters"]:
-        if cluster["name"] == "extproc":
+        if ports.get(cluster["name"]):
             ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-            ep["address"]["socket_address"]["port_value"] = extproc_port
+            ep["address"]["socket_address"]["port_value"] = ports[cluster["name"]]
         _use_local_trust_store(cluster)
     return yaml.safe_dump(doc, sort_keys=False)
 
@@ -198,10 +199,12 @@ class Stack:
         return self.spawn(name, [sys.executable, "-m", "extproc", "serve", "--config", str(config_path)], env)
 
     def start_envoy(self, listen_port: int, admin_port: int, extproc_port: int, listen_address: str | None = None,
-                    patch: Callable[[dict], None] | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen:
+                    patch: Callable[[dict], None] | None = None, args: tuple[str, ...] = (),
+                    websocket_port: int | None = None) -> subprocess.Popen:
         """Envoy on deploy/envoy.yaml with its ports replaced; `patch` may change more of the parsed config
         (tests point a provider cluster at a local server), `args` add command-line options."""
-        text = render_envoy_config(listen_port, admin_port, extproc_port, listen_address=listen_address)
+        text = render_envoy_config(listen_port, admin_port, extproc_port, listen_address=listen_address,
+                                   websocket_port=websocket_port)
         if patch is not None:
             doc = yaml.safe_load(text)
             patch(doc)
@@ -240,6 +243,7 @@ class StackPorts:
     envoy_admin: int = 0
     extproc: int = 0  # the sidecar's gRPC port, which Envoy dials
     admin: int = 0  # the sidecar's admin port (/healthz /readyz /metrics)
+    websocket: int = 0  # the sidecar's WebSocket-mode front door, behind Envoy
     demo: int = 8001  # the demo backend (deploy/config.yaml points there); 0 starts none
 
     def resolved(self) -> StackPorts:
@@ -247,7 +251,8 @@ class StackPorts:
         def pick(port: int) -> int:
             return port or free_port()
 
-        return StackPorts(pick(self.listen), pick(self.envoy_admin), pick(self.extproc), pick(self.admin), self.demo)
+        return StackPorts(pick(self.listen), pick(self.envoy_admin), pick(self.extproc), pick(self.admin),
+                          pick(self.websocket), self.demo)
 
 
 def run_local(config_path: str, ports: StackPorts = StackPorts()) -> int:
@@ -262,22 +267,24 @@ def run_local(config_path: str, ports: StackPorts = StackPorts()) -> int:
         if ports.demo:
             demo = stack.spawn("demo-backend", [sys.executable, "-m", "extproc", "demo-backend", "--port", str(ports.demo)])
             wait_for_port(ports.demo, proc=demo)
-        sidecar = stack.start_sidecar(config_path, env={"EXTPROC_LISTEN": f"127.0.0.1:{ports.extproc}",
-                                                        "EXTPROC_ADMIN_LISTEN": f"127.0.0.1:{ports.admin}"})
+        sidecar = stack.start_sidecar(config_path, env={
+            "EXTPROC_LISTEN": f"127.0.0.1:{ports.extproc}", "EXTPROC_ADMIN_LISTEN": f"127.0.0.1:{ports.admin}",
+            "EXTPROC_WEBSOCKET_LISTEN": f"127.0.0.1:{ports.websocket}",
+            "EXTPROC_WEBSOCKET_GATEWAY": f"http://127.0.0.1:{ports.listen}"})
         wait_for_port(ports.extproc, proc=sidecar)
-        stack.start_envoy(ports.listen, ports.envoy_admin, ports.extproc)
+        stack.start_envoy(ports.listen, ports.envoy_admin, ports.extproc, websocket_port=ports.websocket)
         url = f"http://127.0.0.1:{ports.listen}"
         demo_line = f"demo backend http://127.0.0.1:{ports.demo}" if ports.demo else "no demo backend"
         print(f"""
 Envoy admin http://127.0.0.1:{ports.envoy_admin}, sidecar gRPC 127.0.0.1:{ports.extproc}, sidecar admin \
-http://127.0.0.1:{ports.admin} (/healthz /readyz /metrics), {demo_line}
+http://127.0.0.1:{ports.admin} (/healthz /readyz /metrics), sidecar WebSocket 127.0.0.1:{ports.websocket}, {demo_line}
 Gateway ready at {url}  (logs in {stack.workdir})
 
-  curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\
-       -d '{{"model": "demo", "messages": [{{"role": "user", "content": "hello"}}]}}'
-
   curl -s {url}/v1/responses -H 'content-type: application/json' \\
-       -d '{{"model": "demo", "input": "hello through the Responses API"}}'
+       -d '{{"model": "demo", "input": "hello"}}'          # Responses client, chat-only model
+  curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\
+       -d '{{"model": "demo-codex", "messages": [{{"role": "user", "content": "hello"}}]}}'  # Chat client, Responses-only model
+  (add "stream": true to either for the translated event stream)
 
   python -c "import openai; c = openai.OpenAI(base_url='{url}/v1', api_key='unused'); \\
 print(c.responses.create(model='demo', input='hi').output_text)"

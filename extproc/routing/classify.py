@@ -62,11 +62,17 @@ class Classifier:
         self.config = config
         self.knowledge = knowledge or Knowledge()
         self._backends = _Matcher([(p, b) for b in config.backends for p in b.models])
+        self._labels = _Matcher([(p, p) for b in config.backends for p in b.models])
         self._rules = _Matcher([(r.match, (i, r)) for i, r in enumerate(config.model_rules)])
         self._catalogue = _Matcher([(p, (p, mode)) for p, mode in CATALOGUE])
 
     def backend_for(self, model: str) -> Backend | None:
         return self._backends.find(model)
+
+    def label_for(self, model: str | None) -> str:
+        """The configured name or pattern a model matched, else `unknown`: a metric label that a client
+        cannot grow by sending new model names."""
+        return (self._labels.find(model) if model else None) or "unknown"
 
     def resolve(self, model: str, *, override: str | None = None, learned: Learned | None = None) -> Resolution | None:
         """Highest first: override header, model_rules, learned, the upstream's /v1/models, the built-in

@@ -17,12 +17,16 @@ from extproc.routing.classify import Classifier
 from extproc.routing.modes import Knowledge
 from extproc.routing.ring import HashRing
 from extproc.state.tenancy import Tenants
+from extproc.translate.compact import Sealer, derive_key
 
 # Headers the sidecar sets for Envoy's route table; client-sent copies are always removed.
 H_BACKEND = "x-gateway-backend"
 H_CLUSTER = "x-gateway-cluster"
 H_ENDPOINT = "x-gateway-destination-endpoint"
 ROUTING_HEADERS = (H_BACKEND, H_CLUSTER, H_ENDPOINT)
+# First contact with a model of unknown API (exchange/first_contact.py): the request's mark (its value
+# the caller's tenant), the first attempt's "retry on this API", the retry's "translated to this API".
+H_FIRST_CONTACT, H_RETRY, H_RETRIED = "x-gateway-first-contact", "x-gateway-retry", "x-gateway-retried-as"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Gateway:
         self.config = config
         self.tenant_secret = tenant_secret  # outlives a reload, like knowledge
         self.tenants = Tenants(config.tenancy, tenant_secret)
+        self.sealer = Sealer(derive_key(tenant_secret))  # compaction items the sidecar makes for chat backends
         self.knowledge = knowledge or Knowledge()  # outlives a config reload
         self.clock = clock
         self.classifier = Classifier(config, self.knowledge)

@@ -1,0 +1,104 @@
+"""WebSocket mode of /v1/responses, sans-IO: client messages in, HTTP request bodies and events out.
+
+Each `response.create` message becomes one streaming `POST /v1/responses` through Envoy, so
+routing, translation, pinning and usage apply per message (the model is only known per message).
+The server's messages are the streaming events themselves; failures are `WebSocketErrorEvent`s.
+
+Like OpenAI's WebSocket mode, the socket remembers its most recent response, so a turn with
+`store: false` can still be continued by `previous_response_id` on the same socket: the session
+sends the remembered conversation in `input` instead (stored turns are continued by the gateway's
+own state, on any backend).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from extproc.errors import GatewayError, invalid, upstream_error_payload
+
+# Fields a WebSocket `response.create` must not carry (x-openresponses-disallowed in the spec).
+DISALLOWED = ("stream", "stream_options", "background")
+TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+
+
+def error_event(status: int, error: dict[str, Any]) -> str:
+    """A WebSocketErrorEvent: the HTTP-style status and the OpenAI error object (code always a string)."""
+    err = {**error, "code": str(error.get("code") or error.get("type") or "error"),
+           "message": str(error.get("message") or "request failed")}
+    return orjson.dumps({"type": "error", "status": status, "error": err}).decode()
+
+
+def gateway_error_event(e: GatewayError) -> str:
+    return error_event(e.status, e.payload())
+
+
+def upstream_error_event(status: int, body: bytes) -> str:
+    """The gateway's (or upstream's) HTTP error answer to one message, as an error event."""
+    return error_event(status, upstream_error_payload(status, body))
+
+
+def _as_items(inp: Any) -> list[Any]:
+    """A request's `input` as a list of items, as the client wrote them (a string is one user message)."""
+    if isinstance(inp, str):
+        return [{"role": "user", "content": inp}]
+    if isinstance(inp, list):
+        return inp
+    if inp is None:
+        return []
+    raise invalid("input", "expected a string or a list of input items")
+
+
+class SocketSession:
+    """One client socket: turns its messages into request bodies, remembers its latest response."""
+
+    def __init__(self) -> None:
+        self.latest_id: str | None = None  # the most recent completed response on this socket
+        self.latest_items: list[dict[str, Any]] = []  # its conversation (input and output items), when unstored
+        self._pending_items: list[dict[str, Any]] = []  # the conversation of the turn in flight
+
+    def request(self, text: str | bytes) -> bytes:
+        """The body of the streaming HTTP request for one client message; GatewayError when invalid."""
+        try:
+            msg = orjson.loads(text)
+        except orjson.JSONDecodeError as e:
+            raise GatewayError(400, f"the message is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(msg, dict) or msg.get("type") != "response.create":
+            kind = msg.get("type") if isinstance(msg, dict) else None
+            raise GatewayError(400, f"unsupported client event type {kind!r}: expected 'response.create'",
+                               param="type", code="unsupported_event")
+        for key in DISALLOWED:
+            if key in msg:
+                raise GatewayError(400, f"'{key}' must not be sent in a WebSocket response.create message",
+                                   param=key, code="unsupported_parameter")
+        body = {k: v for k, v in msg.items() if k != "type"}
+        prev = body.get("previous_response_id")
+        if prev is not None and not isinstance(prev, str):
+            raise invalid("previous_response_id", "expected a response id string")
+        items = _as_items(body.get("input"))
+        if prev is not None and prev == self.latest_id and self.latest_items:
+            del body["previous_response_id"]
+            items = body["input"] = self.latest_items + items
+        self._pending_items = items if body.get("store") is False else []
+        body["stream"] = True
+        return orjson.dumps(body)
+
+    def event(self, data: str) -> bool:
+        """One streaming event relayed to the client; True when it ended the turn."""
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return False
+        kind = doc.get("type") if isinstance(doc, dict) else None
+        if kind not in TERMINAL:
+            return False
+        response = doc.get("response") if isinstance(doc.get("response"), dict) else {}
+        if kind != "response.failed" and isinstance(response.get("id"), str):
+            self.latest_id = response["id"]
+            output = response.get("output") if isinstance(response.get("output"), list) else []
+            # Unstored items have no id the backend knows: they are sent again without one.
+            self.latest_items = [*self._pending_items, *({k: v for k, v in item.items() if k != "id"}
+                                                         for item in output if isinstance(item, dict))] \
+                if self._pending_items else []
+        return True

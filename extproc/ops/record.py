@@ -1,0 +1,97 @@
+"""What a finished exchange leaves behind: its metrics and its one log line.
+
+The only place that reads a finished `Exchange` for operations. What each GenAI metric can see:
+
+- token usage: every answer whose usage the upstream reported (estimates stay out of the GenAI
+  histogram, as the conventions ask, and go to `extproc_tokens_total{estimated="true"}`);
+- request duration: answers the sidecar read to their last byte (translated, or watched for usage
+  with `usage_accounting: all`), and its own error replies; an answer it stopped watching after the
+  headers (an upstream error passed through, `usage_accounting: translated`) has no end it can see;
+- time to first token and time per output token: successful streams whose chunks the sidecar
+  handled (translated, or watched); per output token needs the upstream's usage and 2+ output tokens.
+
+What it reads of the exchange: model, client_api, upstream_api, target (backend name, endpoint),
+usage, stream, translated, pin_decision, learned_fact, failure, status, chunks, and for the log line
+headers (x-request-id), method, path, dropped_tools.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from extproc.ops.metrics import ExchangeTimer, Metrics
+
+if TYPE_CHECKING:
+    from extproc.exchange.flow import Exchange
+
+log = logging.getLogger("extproc")
+OPERATION = "chat"  # gen_ai.operation.name: the conventions' value for Chat Completions and Responses alike
+
+
+def outcome_of(ex: Exchange) -> tuple[str, int]:
+    if ex.failure is not None:
+        return f"gateway_{ex.failure.status // 100}xx", ex.failure.status
+    status = ex.status
+    return ("ok" if 200 <= status < 300 else f"upstream_{status // 100}xx" if status else "passed_on"), status
+
+
+def record(ex: Exchange, metrics: Metrics, timer: ExchangeTimer, label_for: Callable[[str | None], str]) -> None:
+    """Metrics and the log line of one exchange; `label_for` bounds the model label (`Classifier.label_for`)."""
+    m = metrics
+    outcome, status = outcome_of(ex)
+    backend = ex.target.backend.name if ex.target else ""
+    model = label_for(ex.model)
+    u = ex.usage
+    if ex.client_api is not None:
+        m.requests.inc(ex.client_api, ex.upstream_api or ex.client_api, backend, model, outcome)
+        if ex.target is not None:
+            _genai(ex, m, timer, (OPERATION, backend, model), status)
+    if ex.translated:
+        m.translations.inc(f"{ex.client_api}_to_{ex.upstream_api}", str(ex.stream).lower())
+    if ex.chunks:
+        m.stream_chunks.inc("translated" if ex.translated else "observed", by=ex.chunks)
+    if ex.pin_decision:
+        m.pins.inc(ex.pin_decision)
+    if ex.learned_fact:
+        m.learned.inc(backend, ex.learned_fact)
+    if u is not None:
+        est = str(u.estimated).lower()
+        for kind, n in (("input", u.input_tokens), ("output", u.output_tokens), ("cached", u.cached_tokens),
+                        ("reasoning", u.reasoning_tokens)):
+            m.tokens.inc(model, backend, kind, est, by=n)
+    if (ex.method or ex.path) and log.isEnabledFor(logging.INFO):
+        fields = {"request_id": ex.headers.get("x-request-id"), "method": ex.method, "path": ex.path,
+                  "model": ex.model, "client_api": ex.client_api, "upstream_api": ex.upstream_api,
+                  "backend": backend or None, "endpoint": ex.target.endpoint if ex.target else None,
+                  "translated": ex.translated, "stream": ex.stream, "pin": ex.pin_decision, "status": status,
+                  "outcome": outcome, "duration_ms": round((timer.ended - timer.started) * 1000, 2),
+                  "sidecar_ms": round(timer.busy * 1000, 3)}
+        if ex.failure is not None:
+            fields["error"] = ex.failure.code
+        if u is not None:
+            fields.update(u.as_metadata())
+        if ex.dropped_tools:
+            fields["dropped_tools"] = ex.dropped_tools
+        log.info("request", extra={"fields": fields})
+
+
+def _genai(ex: Exchange, m: Metrics, timer: ExchangeTimer, labels: tuple[str, str, str], status: int) -> None:
+    """The OpenTelemetry GenAI metrics of one routed request, from what the sidecar saw of its answer."""
+    u = ex.usage
+    if ex.failure is not None:
+        m.request_duration.observe(timer.ended - timer.started, *labels, ex.failure.code or str(ex.failure.status))
+        return
+    if u is None:  # the answer was not read to its end: no duration, no usage, no stream timing
+        return
+    ok = 200 <= status < 300
+    m.request_duration.observe(timer.ended - timer.started, *labels, "" if ok else str(status))
+    if not u.estimated:
+        m.token_usage.observe(u.input_tokens, *labels, "input")
+        m.token_usage.observe(u.output_tokens, *labels, "output")
+    first, last = timer.first_chunk, timer.last_chunk
+    if ex.stream and ok and first is not None and last is not None:
+        m.time_to_first_token.observe(first - timer.started, *labels)
+        if not u.estimated and u.output_tokens > 1:
+            m.time_per_output_token.observe((last - first) / (u.output_tokens - 1), *labels)

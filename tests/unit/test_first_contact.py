@@ -1,0 +1,111 @@
+"""First contact from the upstream side, sans-IO: which answers become a retry, and what the retry does."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+
+from extproc.config import parse_config
+from extproc.exchange import BUFFERED, Exchange
+from extproc.exchange.first_contact import FirstContact, first_attempt_key
+from extproc.routing.gateway import Gateway
+from extproc.state.lookup import Lookup
+
+CFG = """
+backends:
+  - name: mixed
+    api: auto
+    models: ["m-*"]
+    endpoints: ["127.0.0.1:8001"]
+    path_prefix: /proxy
+"""
+CHAT_BODY = {"model": "m-1", "messages": [{"role": "user", "content": "hi"}]}
+REJECTION = b'{"error": {"message": "This model is only supported in v1/responses and not in v1/chat/completions."}}'
+
+
+def upstream_headers(attempt: int, **extra: str) -> dict[str, str]:
+    return {":method": "POST", ":path": "/proxy/v1/chat/completions", "content-type": "application/json",
+            "x-gateway-backend": "mixed", "x-request-id": "rid-1", "x-envoy-attempt-count": str(attempt),
+            "x-gateway-first-contact": "tenant-a", **extra}
+
+
+def resolve(step, store: dict[str, bytes]):
+    while isinstance(step, Lookup):
+        step = step.then([store.get(k) for k in step.keys])
+    return step
+
+
+def probe(gateway: Gateway, status: int, body: bytes, store: dict[str, bytes]):
+    fc = FirstContact(gateway)
+    act = resolve(fc.request_headers(upstream_headers(1), False), store)
+    assert act.remove_headers == ("x-gateway-first-contact",)  # never sent to the backend
+    assert resolve(fc.request_body(json.dumps(CHAT_BODY).encode()), store).body is None
+    head = fc.response_headers({":status": str(status), "content-type": "application/json"})
+    if head.done:
+        return head
+    assert head.response_body_mode == BUFFERED
+    act = fc.response_body(body, True)
+    store.update({k: v for k, v in act.writes if v is not None})
+    return act
+
+
+def test_a_rejection_naming_the_other_api_becomes_a_retry_and_a_learned_fact():
+    gw, store = Gateway(parse_config(CFG, env={})), {}
+    act = probe(gw, 400, REJECTION, store)
+    assert act.done and act.body is None  # the answer itself is dropped by Envoy's retry
+    assert ("x-gateway-retry", "responses") in act.set_headers
+    assert json.loads(store["mode:mixed:m-1"])["mode"] == "responses"
+    first = json.loads(store[first_attempt_key("rid-1")])
+    assert first == {"api": "chat", "status": 400, "tenant": "tenant-a",
+                     "message": "This model is only supported in v1/responses and not in v1/chat/completions."}
+    assert act.write_ttl == gw.config.state.learn_ttl_seconds
+
+
+@pytest.mark.parametrize(("status", "body"), [(401, b'{"error": {"message": "use /v1/responses"}}'),
+                                              (429, b'{"error": {"message": "slow down"}}'),
+                                              (400, b'{"error": {"message": "messages must not be empty"}}'),
+                                              (200, b'{}')])
+def test_other_answers_pass_untouched(status, body):
+    act = probe(Gateway(parse_config(CFG, env={})), status, body, {})
+    assert act.done and not act.set_headers and not act.writes
+
+
+def test_the_retry_is_translated_for_the_callers_tenant_and_its_failure_names_both_messages():
+    gw, store = Gateway(parse_config(CFG, env={})), {}
+    probe(gw, 400, REJECTION, store)
+    fc = FirstContact(gw)
+    headers = upstream_headers(2)
+    del headers["x-gateway-first-contact"]  # attempt 1 removed it from the request Envoy retries
+    act = resolve(fc.request_headers(headers, False), store)
+    assert "x-gateway-first-contact" in act.remove_headers
+    act = resolve(fc.request_body(json.dumps(CHAT_BODY).encode()), store)
+    sent = dict(act.set_headers)
+    assert sent[":path"] == "/proxy/v1/responses" and not act.clear_route_cache
+    assert orjson.loads(act.body)["input"][0]["content"] == "hi"
+    assert fc.attempt.ex.req.pinning.tenant == "tenant-a"
+    head = fc.response_headers({":status": "422", "content-type": "application/json"})
+    assert ("x-gateway-retried-as", "responses") in head.set_headers
+    out = fc.response_body(b'{"error": {"message": "input too long", "code": "too_long"}}', True)
+    err = orjson.loads(out.body)["error"]
+    assert err["code"] == "too_long"
+    assert err["message"] == ("The model 'm-1' was tried on both APIs. /v1/chat/completions answered 400: This model "
+                              "is only supported in v1/responses and not in v1/chat/completions.; /v1/responses "
+                              "answered 422: input too long")
+
+
+def test_the_client_side_exchange_marks_first_contacts_and_reads_the_retried_answer():
+    gw = Gateway(parse_config(CFG, env={}))
+    ex = Exchange(gw)
+    ex.request_headers({":method": "POST", ":path": "/v1/chat/completions", "content-type": "application/json",
+                        "authorization": "Bearer k"}, False)
+    act = resolve(ex.request_body(json.dumps(CHAT_BODY).encode()), {})
+    mark = dict(act.set_headers)["x-gateway-first-contact"]
+    assert mark == gw.tenants.tenant_of({"authorization": "Bearer k"})
+    head = ex.response_headers({":status": "200", "content-type": "application/json",
+                                "x-gateway-retried-as": "responses"})
+    assert ex.learned_fact == "needs_responses" and not head.writes  # the upstream side recorded it
+    if not head.done:
+        ex.response_body(orjson.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}), True)
+    assert ex.usage is not None and ex.usage.output_tokens == 2

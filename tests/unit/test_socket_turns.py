@@ -1,0 +1,77 @@
+"""WebSocket mode's sans-IO half: client messages to request bodies, the socket's memory, error events."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from extproc.errors import GatewayError
+from extproc.front.socket_turns import SocketSession, error_event, upstream_error_event
+
+
+def completed(rid: str, text: str) -> str:
+    return json.dumps({"type": "response.completed", "sequence_number": 9, "response": {
+        "id": rid, "output": [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                               "content": [{"type": "output_text", "text": text, "annotations": []}]}]}})
+
+
+def test_a_create_message_becomes_a_streaming_request_body():
+    body = json.loads(SocketSession().request(json.dumps({"type": "response.create", "model": "m", "input": "hi"})))
+    assert body == {"model": "m", "input": "hi", "stream": True}
+
+
+@pytest.mark.parametrize(("message", "code", "param"), [
+    ("{", "invalid_json", None),
+    (json.dumps({"type": "response.cancel"}), "unsupported_event", "type"),
+    (json.dumps(["response.create"]), "unsupported_event", "type"),
+    (json.dumps({"type": "response.create", "model": "m", "stream": True}), "unsupported_parameter", "stream"),
+    (json.dumps({"type": "response.create", "model": "m", "background": False}), "unsupported_parameter", "background"),
+    (json.dumps({"type": "response.create", "model": "m", "previous_response_id": 3}), "invalid_value",
+     "previous_response_id"),
+])
+def test_invalid_messages_are_refused(message, code, param):
+    with pytest.raises(GatewayError) as e:
+        SocketSession().request(message)
+    assert (e.value.status, e.value.code, e.value.param) == (400, code, param)
+
+
+def test_an_unstored_turn_is_continued_from_the_sockets_memory_without_item_ids():
+    s = SocketSession()
+    s.request(json.dumps({"type": "response.create", "model": "m", "input": "one", "store": False}))
+    assert s.event(completed("resp_1", "uno")) is True
+    body = json.loads(s.request(json.dumps({"type": "response.create", "model": "m", "store": False,
+                                            "previous_response_id": "resp_1", "input": "two"})))
+    assert "previous_response_id" not in body
+    assert body["input"] == [{"role": "user", "content": "one"},
+                             {"type": "message", "role": "assistant", "status": "completed",
+                              "content": [{"type": "output_text", "text": "uno", "annotations": []}]},
+                             {"role": "user", "content": "two"}]
+
+
+def test_a_stored_turn_or_an_older_id_is_left_to_the_gateway():
+    s = SocketSession()
+    s.request(json.dumps({"type": "response.create", "model": "m", "input": "one"}))
+    s.event(completed("resp_1", "uno"))
+    body = json.loads(s.request(json.dumps({"type": "response.create", "model": "m", "previous_response_id": "resp_1"})))
+    assert body["previous_response_id"] == "resp_1"
+    s.request(json.dumps({"type": "response.create", "model": "m", "input": "x", "store": False}))
+    s.event(completed("resp_2", "dos"))
+    body = json.loads(s.request(json.dumps({"type": "response.create", "model": "m", "previous_response_id": "resp_1"})))
+    assert body["previous_response_id"] == "resp_1"  # only the latest response is remembered
+
+
+def test_only_terminal_events_end_a_turn():
+    s = SocketSession()
+    assert s.event(json.dumps({"type": "response.output_text.delta", "delta": "x"})) is False
+    assert s.event("not json") is False
+    assert s.event(json.dumps({"type": "response.failed", "response": {"id": "resp_f"}})) is True
+    assert s.latest_id is None
+
+
+def test_error_events_carry_status_and_a_string_code():
+    assert json.loads(error_event(404, {"message": "gone", "type": "invalid_request_error", "code": None})) == {
+        "type": "error", "status": 404, "error": {"message": "gone", "type": "invalid_request_error",
+                                                  "code": "invalid_request_error"}}
+    ev = json.loads(upstream_error_event(503, b"upstream connect error"))
+    assert ev["status"] == 503 and ev["error"]["message"] and isinstance(ev["error"]["code"], str)

@@ -17,19 +17,39 @@ class GatewayError(Exception):
     """A request the sidecar answers itself, with an HTTP status and an OpenAI-style error body."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: tuple[tuple[str, str], ...] = ()):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers  # extra response headers (`allow` on a 405)
 
     def payload(self) -> dict[str, Any]:
         return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
 
     def body(self) -> bytes:
         return orjson.dumps({"error": self.payload()})
+
+
+class BadUpstream(GatewayError):
+    """An upstream answer without the shape the translator needs: the upstream's fault (502), named by
+    the JSON path of the field, so the operator can see which backend sends what."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(502, f"the upstream's answer cannot be translated: '{field}' {problem}",
+                         code="bad_upstream_response")
+        self.field = field
+
+
+def empty_answer(status: int) -> GatewayError:
+    """A translated request's answer with no body at all: a success is the upstream's fault (502), an
+    error keeps its status, in the OpenAI shape."""
+    if status < 300:
+        return BadUpstream("body", "is empty")
+    payload = upstream_error_payload(status, b"")
+    return GatewayError(status, payload["message"], type=payload["type"])
 
 
 def unsupported(field: str, target_api: str, why: str = "it has no equivalent") -> GatewayError:
@@ -68,5 +88,5 @@ def upstream_error_payload(status: int, body: bytes) -> dict[str, Any]:
         "type": err.get("type") if isinstance(err.get("type"), str) else
         _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
         "param": err.get("param") if isinstance(err.get("param"), str) else None,
-        "code": code if isinstance(code, str) else (str(code) if code is not None else None),
+        "code": code if isinstance(code, str) else str(code) if isinstance(code, (int, float)) else None,
     }

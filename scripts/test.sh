@@ -9,10 +9,18 @@ if ! command -v redis-server >/dev/null; then  # real Redis for the shared-state
   $SUDO apt-get install -y -q redis-server >/dev/null 2>&1 \
     || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q redis-server >/dev/null; }
 fi
-# Codex CLI for the agent-client tests (npm registry); without npm those tests skip and say why.
-if [ ! -x .tools/node_modules/.bin/codex ] && command -v npm >/dev/null; then
-  npm install --prefix .tools --no-audit --no-fund --loglevel=error @openai/codex@0.169.0 >/dev/null \
-    || echo "warning: npm could not install @openai/codex; the Codex CLI tests will be skipped" >&2
+# npm packages, pinned, into .tools (without npm the tests that need them skip and say why): Codex CLI
+# for the agent-client tests; the Gateway API and Istio models and TypeScript, which validate
+# deploy/gateways (tests/test_gateways.py).
+if command -v npm >/dev/null; then
+  missing=()
+  for spec in @openai/codex@0.169.0 @kubernetes-models/gateway-api@2.0.0 @kubernetes-models/istio@3.0.1 typescript@5.9.3; do
+    [ -f ".tools/node_modules/${spec%@*}/package.json" ] || missing+=("$spec")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    npm install --prefix .tools --no-audit --no-fund --loglevel=error "${missing[@]}" >/dev/null \
+      || echo "warning: npm could not install ${missing[*]}; the tests that need them will be skipped" >&2
+  fi
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'

@@ -1,10 +1,14 @@
 """deploy/gateways: the sidecar attached to an Envoy Gateway or an Istio ingress gateway.
 
-Each custom resource is validated against its project's published CRD schema (the openAPIV3Schema of
-the CRD files in envoyproxy/gateway and istio/istio, kept as test data with their licence); the core
-resources against the Kubernetes schemas; the ext_proc settings against deploy/envoy.yaml's, so an
-attached sidecar gets the same processing modes, timeouts and failure mode; and the raw Envoy config
-inside the EnvoyFilter (opaque to its CRD) through `envoy --mode validate`.
+The Gateway API and Istio resources are validated with the npm packages @kubernetes-models/gateway-api
+and @kubernetes-models/istio (models generated from those projects' published types and CRDs, which
+scripts/test.sh installs into .tools): their JSON-schema validators check enums, patterns and limits,
+and TypeScript checks the manifest against their interfaces, so an unknown or misspelt field is an error
+as `kubectl apply --validate=strict` makes it. Envoy Gateway's own resources are on no registry: they
+are validated against its CRD schema files where those are present (../shared/reference/crds), and
+their ext_proc settings always against deploy/envoy.yaml's, so an attached sidecar gets the same
+processing modes, timeouts and failure mode; the core resources against the Kubernetes schemas; and the
+raw Envoy config inside the EnvoyFilter (opaque to its CRD) through `envoy --mode validate`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,9 +29,14 @@ from extproc.local.stack import ENVOY_YAML, REPO, find_envoy
 from extproc.routing.gateway import H_BACKEND, H_ENDPOINT
 
 GATEWAYS = REPO / "deploy" / "gateways"
-# Where the CRD schemas are kept: tests/data/crds, or shared/reference/crds beside the repo.
+# Where Envoy Gateway's CRD schemas may be kept: tests/data/crds, or shared/reference/crds beside the repo.
 CRD_DIRS = [Path(p) for p in (os.environ.get("EXTPROC_CRD_DIR"),) if p] + [
     REPO / "tests" / "data" / "crds", REPO.parent / "shared" / "reference" / "crds"]
+ENVOY_GATEWAY = "gateway.envoyproxy.io"
+# The npm packages whose models cover an API group (installed by scripts/test.sh into .tools).
+NODE_MODULES = REPO / ".tools" / "node_modules"
+MODEL_PACKAGES = {"gateway.networking.k8s.io": "@kubernetes-models/gateway-api",
+                  "networking.istio.io": "@kubernetes-models/istio"}
 
 
 def _docs(name: str) -> list[dict]:
@@ -36,7 +47,9 @@ def _crd_dir() -> Path:
     for d in CRD_DIRS:
         if (d / "README.md").exists():
             return d
-    pytest.skip(f"no CRD schemas in {', '.join(map(str, CRD_DIRS))}")
+    pytest.skip("Envoy Gateway's CRD schemas are on no package registry: put its openAPIV3Schema files "
+                "(gateway.envoyproxy.io_v1alpha1_<Kind>.json, with a README.md naming their source) in "
+                f"../shared/reference/crds to validate its resources; looked in {', '.join(map(str, CRD_DIRS))}")
 
 
 def _envoy_yaml_ext_proc() -> tuple[dict, dict]:
@@ -61,40 +74,131 @@ def strict(schema: dict) -> dict:
 
 
 def _schema(crds: Path, name: str) -> dict:
-    """A CRD's schema for a whole object: the API server's own fields (which Istio's CRDs leave out) too."""
+    """A CRD's schema for a whole object: the API server's own fields (which CRD schemas may leave out) too."""
     root = strict(json.loads((crds / name).read_text()))
     root["properties"] = {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
                           **root["properties"]}
     return root
 
 
-CUSTOM = [(name, i) for name in ("envoy-gateway.yaml", "istio.yaml") for i in range(len(_docs(name)))]
+CUSTOM = [d for name in ("envoy-gateway.yaml", "istio.yaml") for d in _docs(name)]
+BY_MODELS = [d for d in CUSTOM if d["apiVersion"].split("/")[0] in MODEL_PACKAGES]
+BY_CRD_FILES = [d for d in CUSTOM if d["apiVersion"].split("/")[0] == ENVOY_GATEWAY]
 
 
-@pytest.mark.parametrize(("name", "index"), CUSTOM, ids=[f"{n}-{_docs(n)[i]['kind']}" for n, i in CUSTOM])
-def test_custom_resources_follow_their_published_crd_schemas(name, index):
-    doc = _docs(name)[index]
+def test_every_custom_resource_has_a_validator():
+    assert sorted(d["kind"] for d in BY_MODELS + BY_CRD_FILES) == sorted(d["kind"] for d in CUSTOM)
+    assert {d["kind"] for d in BY_MODELS} == {"HTTPRoute", "EnvoyFilter", "VirtualService"}
+
+
+def _node_models() -> Path:
+    node = shutil.which("node")
+    tsc = NODE_MODULES / ".bin" / "tsc"
+    if node is None or not tsc.exists() or not all((NODE_MODULES / p).is_dir() for p in MODEL_PACKAGES.values()):
+        pytest.skip(f"the Gateway API and Istio models need node and the npm packages "
+                    f"{', '.join(MODEL_PACKAGES.values())} and typescript in {NODE_MODULES} "
+                    "(scripts/test.sh installs them with npm)")
+    return NODE_MODULES
+
+
+def _model(doc: dict) -> tuple[str, str]:
+    """The npm module and class of a resource's model: <package>/<group>/<version>/<Kind>."""
+    return f"{MODEL_PACKAGES[doc['apiVersion'].split('/')[0]]}/{doc['apiVersion']}/{doc['kind']}", doc["kind"]
+
+
+# Validates each document of stdin's JSON list with its model's JSON-schema validator; prints the errors.
+VALIDATE_JS = """
+import fs from "node:fs";
+import path from "node:path";
+const [nm, ...modules] = process.argv.slice(1);
+const docs = JSON.parse(fs.readFileSync(0, "utf8"));
+const errors = [];
+for (const [i, doc] of docs.entries()) {
+  const model = (await import(path.join(nm, modules[i] + ".js")))[doc.kind];
+  try { new model(doc).validate(); errors.push(null); } catch (e) { errors.push(e.message); }
+}
+console.log(JSON.stringify(errors));
+"""
+
+
+def model_schema_errors(docs: list[dict]) -> list[str | None]:
+    """Each document's errors from its model's JSON-schema validator (enums, patterns, limits), or None."""
+    nm = _node_models()
+    out = subprocess.run(["node", "--input-type=module", "-e", VALIDATE_JS, str(nm), *(_model(d)[0] for d in docs)],
+                         input=json.dumps(docs), capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout)
+
+
+def model_type_errors(docs: list[dict], tmp_path: Path) -> list[list[str]]:
+    """Each document's TypeScript errors against its model's interface: `satisfies` on an object literal
+    makes every field the interface does not declare an error (Kubernetes would drop it unseen)."""
+    nm = _node_models()
+    lines = [f'import type {{ I{kind} as T{i} }} from "{module}";' for i, (module, kind) in enumerate(map(_model, docs))]
+    first = len(lines) + 1
+    lines += [f"export const doc{i} = {json.dumps(d)} satisfies T{i};" for i, d in enumerate(docs)]
+    (tmp_path / "manifests.ts").write_text("\n".join(lines) + "\n")
+    (tmp_path / "tsconfig.json").write_text(json.dumps({"files": ["manifests.ts"], "compilerOptions": {
+        "strict": True, "noEmit": True, "skipLibCheck": True, "types": [], "module": "esnext",
+        "moduleResolution": "bundler", "paths": {"*": [f"{nm}/*"]}}}))
+    out = subprocess.run([str(nm / ".bin" / "tsc"), "-p", "tsconfig.json"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    errors: list[list[str]] = [[] for _ in docs]
+    for m in re.finditer(r"^manifests\.ts\((\d+),\d+\): (error .*)$", out.stdout, re.M):
+        errors[int(m[1]) - first].append(m[2])
+    assert out.returncode == 0 or any(errors), out.stdout + out.stderr  # no error tsc failed to place
+    return errors
+
+
+def test_gateway_api_and_istio_resources_follow_their_models(tmp_path):
+    assert model_schema_errors(BY_MODELS) == [None] * len(BY_MODELS)
+    assert model_type_errors(BY_MODELS, tmp_path) == [[]] * len(BY_MODELS)
+
+
+def _broken(kind: str, path: list[str | int], value: object) -> dict:
+    """A copy of the manifest of that kind with one field set (or added) at path."""
+    (doc,) = copy.deepcopy([d for d in CUSTOM if d["kind"] == kind])
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return doc
+
+
+def test_the_models_refuse_what_their_projects_refuse(tmp_path):
+    """The validators do bite: a value out of a field's pattern, enum or type, and an unknown field."""
+    bad_values = [
+        ("HTTPRoute", ["spec", "hostnames", 0], "LLM_example.com"),  # not a DNS name
+        ("EnvoyFilter", ["spec", "configPatches", 0, "patch", "operation"], "PREPEND"),
+        ("VirtualService", ["spec", "http", 1, "directResponse", "status"], "404"),
+    ]
+    errors = model_schema_errors([_broken(*b) for b in bad_values])
+    assert [(e or "").startswith("data/" + "/".join(map(str, path)) + " must")
+            for (_, path, _), e in zip(bad_values, errors, strict=True)] == [True] * 3, errors
+    unknown_fields = [
+        ("HTTPRoute", ["spec", "rules", 0, "timeout"], "600s"),  # the field is `timeouts`
+        ("EnvoyFilter", ["spec", "configPatches", 2, "match", "routeConfiguration", "vhost", "domain_name"],
+         "llm.example.com"),  # the CRD's spelling is domainName
+        ("VirtualService", ["spec", "http", 0, "timeouts"], "600s"),  # the field is `timeout`
+    ]
+    errors = model_type_errors([_broken(*u) for u in unknown_fields], tmp_path)
+    assert [[f"'\"{path[-1]}\"' does not exist" in e for e in errs]
+            for (_, path, _), errs in zip(unknown_fields, errors, strict=True)] == [[True]] * 3, errors
+
+
+@pytest.mark.parametrize("doc", BY_CRD_FILES, ids=[d["kind"] for d in BY_CRD_FILES])
+def test_envoy_gateway_resources_follow_its_crd_schemas(doc):
     group, version = doc["apiVersion"].split("/")
     crds, name = _crd_dir(), f"{group}_{version}_{doc['kind']}.json"
     assert (crds / name).exists(), f"no schema for {doc['apiVersion']} {doc['kind']} in {crds}"
     jsonschema.validate(doc, _schema(crds, name))
 
 
-def test_the_schemas_refuse_what_their_projects_refuse():
-    """The schemas do bite: a processing mode Envoy Gateway does not know, an Istio patch operation."""
+def test_envoy_gateways_schemas_refuse_what_it_refuses():
+    """The schema does bite: a processing mode Envoy Gateway does not know."""
     crds = _crd_dir()
-    policy = copy.deepcopy(_docs("envoy-gateway.yaml")[0])
-    policy["spec"]["extProc"][0]["processingMode"]["request"]["body"] = "BUFFERED"  # Envoy's spelling, not EG's
-    with pytest.raises(jsonschema.ValidationError):
+    policy = _broken("EnvoyExtensionPolicy", ["spec", "extProc", 0, "processingMode", "request", "body"], "BUFFERED")
+    with pytest.raises(jsonschema.ValidationError):  # Envoy's spelling, not Envoy Gateway's
         jsonschema.validate(policy, _schema(crds, "gateway.envoyproxy.io_v1alpha1_EnvoyExtensionPolicy.json"))
-    envoy_filter = copy.deepcopy(_docs("istio.yaml")[0])
-    envoy_filter["spec"]["configPatches"][0]["patch"]["operation"] = "PREPEND"
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(envoy_filter, _schema(crds, "networking.istio.io_v1alpha3_EnvoyFilter.json"))
-    route = copy.deepcopy(_docs("envoy-gateway.yaml")[1])
-    route["spec"]["rules"][0]["timeout"] = "600s"  # a misspelt field: Kubernetes would drop it unseen
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(route, _schema(crds, "gateway.networking.k8s.io_v1_HTTPRoute.json"))
 
 
 def test_sidecar_deployment_validates_against_kubernetes():
@@ -104,10 +208,9 @@ def test_sidecar_deployment_validates_against_kubernetes():
         kubernetes_validate.validate(doc, "1.33.0", strict=True)
 
 
-def test_envoy_gateway_policy_has_deploy_envoys_processing():
+def assert_policy_has_deploy_envoys_processing(policy: dict) -> None:
     """Envoy Gateway's ExtProc fields, read as its API documents them, give deploy/envoy.yaml's filter."""
     ext_proc, _ = _envoy_yaml_ext_proc()
-    (policy,) = [d for d in _docs("envoy-gateway.yaml") if d["kind"] == "EnvoyExtensionPolicy"]
     (ep,) = policy["spec"]["extProc"]
     mode = ep["processingMode"]
     bodies = {"Buffered": "BUFFERED", "Streamed": "STREAMED"}
@@ -123,6 +226,17 @@ def test_envoy_gateway_policy_has_deploy_envoys_processing():
     assert ep["messageTimeout"] == ext_proc["message_timeout"]
     assert ep["metadata"]["writableNamespaces"] == ext_proc["metadata_options"]["receiving_namespaces"]["untyped"]
     assert policy["spec"]["targetRefs"][0]["kind"] == "HTTPRoute"  # not the whole Gateway
+
+
+def test_envoy_gateway_policy_has_deploy_envoys_processing():
+    (policy,) = [d for d in CUSTOM if d["kind"] == "EnvoyExtensionPolicy"]
+    assert_policy_has_deploy_envoys_processing(policy)
+    mode = ["spec", "extProc", 0, "processingMode"]
+    for broken in (_broken("EnvoyExtensionPolicy", [*mode, "response", "body"], "Streamed"),
+                   _broken("EnvoyExtensionPolicy", [*mode, "request"], {}),  # headers only
+                   _broken("EnvoyExtensionPolicy", [*mode, "allowModeOverride"], False)):
+        with pytest.raises(AssertionError):
+            assert_policy_has_deploy_envoys_processing(broken)
 
 
 def test_envoy_gateway_routes_follow_the_sidecars_headers():

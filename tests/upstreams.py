@@ -56,6 +56,10 @@ class Reply:
     delay: float = 0.0  # seconds between streamed text deltas (a slow model)
     stall: float = 0.0  # seconds to wait before answering at all (a stuck model)
     hold: threading.Event | None = None  # a stream waits after its first chunk until this is set (at most 30 s)
+    # A broken provider: `body` is sent as a 200 JSON answer whatever it holds (b"" for no body at
+    # all); `events` are the SSE data payloads of a 200 stream, sent as they are, then the stream ends.
+    body: bytes | None = None
+    events: list[bytes] | None = None
 
 
 def _err(message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -127,6 +131,23 @@ class _Handler(JSONHandler):
         self.gz = zlib.compressobj(wbits=31) if reply.gzip else None
         return reply
 
+    def send_broken(self, reply: Reply, stream: bool) -> bool:
+        """Send the reply's broken answer, if it has one for this kind of request."""
+        if stream and reply.events is not None:
+            self.start_sse()
+            for data in reply.events:
+                self.send_chunk(b"data: " + data + b"\n\n")
+            self.end_chunks()
+            return True
+        if reply.body is None:
+            return False
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(reply.body)))
+        self.end_headers()
+        self.wfile.write(reply.body)
+        return True
+
     def send_json(self, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:
         if self.gz is None:
             return super().send_json(status, doc, headers)
@@ -185,6 +206,8 @@ class _ChatHandler(_Handler):
         reply = self.reply_for(last_user if isinstance(last_user, str) else json.dumps(last_user))
         if reply.error:
             self.send_json(*reply.error)
+            return
+        if self.send_broken(reply, bool(body.get("stream"))):
             return
         if body.get("stream"):
             self.chat_stream(body, reply)
@@ -333,6 +356,8 @@ class _ResponsesHandler(_Handler):
         reply = self.reply_for(self.last_user(body.get("input")))
         if reply.error:
             self.send_json(*reply.error)
+            return
+        if self.send_broken(reply, bool(body.get("stream"))):
             return
         response = self.response(body, reply)
         if body.get("store") is not False:

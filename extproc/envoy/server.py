@@ -72,7 +72,8 @@ def to_proto(kind: str, act: Action) -> pb.ProcessingResponse:
         status, body, ctype = act.immediate
         return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=status),
-            headers=pb.HeaderMutation(set_headers=[_header_option("content-type", ctype)]),
+            headers=pb.HeaderMutation(set_headers=[_header_option("content-type", ctype),
+                                                   *(_header_option(k, v) for k, v in act.set_headers)]),
             body=body, details="llm_gateway_sidecar"))
     if not (act.set_headers or act.remove_headers or act.body is not None or act.clear_route_cache
             or act.response_body_mode):
@@ -134,7 +135,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             elif kind == "request_body":
                 step = ex.request_body(req.request_body.body)
             elif kind == "response_headers":
-                step = ex.response_headers(_headers(req.response_headers.headers))
+                step = ex.response_headers(_headers(req.response_headers.headers), req.response_headers.end_of_stream)
             elif kind == "response_body":
                 step = ex.response_body(req.response_body.body, req.response_body.end_of_stream)
             else:

@@ -30,7 +30,7 @@ Step = Action | Lookup[Action]
 
 
 def error_action(err: GatewayError) -> Action:
-    return Action(immediate=(err.status, err.body(), "application/json"), done=True)
+    return Action(immediate=(err.status, err.body(), "application/json"), set_headers=list(err.headers), done=True)
 
 
 def answer(status: int, body: bytes, writes: Writes | None = None) -> Action:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from extproc.errors import GatewayError
+from extproc.errors import GatewayError, empty_answer
 from extproc.exchange.actions import Action, Step
 from extproc.exchange.request import RequestSide
 from extproc.exchange.response import Outcome, ResponseHandler, choose
@@ -69,7 +69,7 @@ class Exchange:
         self._enter("request_body")
         return self._settle(self.req.on_body(raw), Phase.ROUTED)
 
-    def response_headers(self, headers: dict[str, str]) -> Action:
+    def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Action:
         self._enter("response_headers")
         plan = self.req.plan
         try:
@@ -79,6 +79,8 @@ class Exchange:
         if plan is None:  # Envoy answered before the request was routed: nothing to add
             self.phase = Phase.DONE
             return Action(done=True)
+        if plan.pair is not None and end_of_stream:  # no body to translate: say so in the client's shape
+            raise empty_answer(self.status)
         chosen = choose(plan, self.status, headers, self.outcome)
         if isinstance(chosen, Action):
             self.phase = Phase.DONE

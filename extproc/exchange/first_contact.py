@@ -71,7 +71,7 @@ class Probe:
         self.model = model if isinstance(model, str) else None
         return Action()
 
-    def response_headers(self, headers: dict[str, str]) -> Action:
+    def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Action:
         status = headers.get(":status", "")
         self.status = int(status) if status.isdigit() else 0
         if self.status in _LEARNABLE and self.model is not None:
@@ -126,8 +126,8 @@ class Retry:
     def request_body(self, raw: bytes) -> Step:
         return then(self.ex.request_body(raw), _in_upstream)
 
-    def response_headers(self, headers: dict[str, str]) -> Action:
-        act = self.ex.response_headers(headers)
+    def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Action:
+        act = self.ex.response_headers(headers, end_of_stream)
         if self.ex.translated:
             act.set_headers.append((H_RETRIED, self.ex.upstream_api or ""))
         return act
@@ -172,9 +172,9 @@ class FirstContact:
         assert self.attempt is not None
         return self.attempt.request_body(raw)
 
-    def response_headers(self, headers: dict[str, str]) -> Action:
+    def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Action:
         assert self.attempt is not None
-        return self.attempt.response_headers(headers)
+        return self.attempt.response_headers(headers, end_of_stream)
 
     def response_body(self, chunk: bytes, end_of_stream: bool) -> Action:
         assert self.attempt is not None

@@ -18,6 +18,7 @@ from extproc.config import Backend
 from extproc.errors import GatewayError, invalid
 from extproc.exchange.actions import Action, Step, answer
 from extproc.exchange.body import check_json_request, is_json, parse_body
+from extproc.exchange.paths import check_request_line
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
 from extproc.routing.gateway import H_FIRST_CONTACT, ROUTING_HEADERS, Gateway, Target, placement_key
 from extproc.routing.modes import Learned, learned_key
@@ -52,12 +53,11 @@ class RequestSide:
         self.headers = headers
         self.method = headers.get(":method", "")
         self.path = headers.get(":path", "")
+        check_request_line(self.method, self.path, has_body=not end_of_stream)
         self.pinning = Pinning(self.gw, headers)
         bare = self.path.partition("?")[0]
         self.client_api = API_OF_PATH.get(bare)
         if bare == compact.PATH:  # not the resource of a response with id "compact"
-            if self.method != "POST":
-                raise GatewayError(405, f"{self.method} is not supported on {compact.PATH}", code="method_not_allowed")
             self.client_api, self.compacting = RESPONSES, True
             return Action()
         resource = rec.RESOURCE_RE.match(bare)

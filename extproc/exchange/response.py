@@ -25,7 +25,7 @@ from typing import Protocol
 import orjson
 
 from extproc.api import PATHS
-from extproc.errors import GatewayError, upstream_error_payload
+from extproc.errors import BadUpstream, GatewayError, upstream_error_payload
 from extproc.exchange.actions import BUFFERED, STREAMED, Action, Writes, new_body
 from extproc.exchange.plan import Plan
 from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
@@ -133,6 +133,8 @@ class TranslateBuffered:
         try:
             answer = self.pair.response(doc)
             out = orjson.dumps(answer.body)
+        except BadUpstream:  # the translator named the field it could not use
+            raise
         except Exception as e:  # the translator met a shape it cannot use
             raise bad_upstream(_why(e)) from None
         self.outcome.account(self.plan, self.status, usage_of(doc), lambda: text_bytes(data))

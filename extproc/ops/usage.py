@@ -39,18 +39,24 @@ def _int(v: Any) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
+def _detail(u: dict[str, Any], details: str, key: str) -> int:
+    found = u.get(details)
+    return _int(found.get(key)) if isinstance(found, dict) else 0
+
+
 def parse_usage(u: Any) -> Usage | None:
-    """Chat (`prompt_tokens`...) or Responses (`input_tokens`...) usage."""
+    """Chat (`prompt_tokens`...) or Responses (`input_tokens`...) usage; a value of the wrong type
+    counts as none (an answer passed through is the upstream's, and is never failed for it)."""
     if not isinstance(u, dict):
         return None
     if "input_tokens" in u or "output_tokens" in u:
         return Usage(_int(u.get("input_tokens")), _int(u.get("output_tokens")),
-                     _int((u.get("input_tokens_details") or {}).get("cached_tokens")),
-                     _int((u.get("output_tokens_details") or {}).get("reasoning_tokens")))
+                     _detail(u, "input_tokens_details", "cached_tokens"),
+                     _detail(u, "output_tokens_details", "reasoning_tokens"))
     if "prompt_tokens" in u or "completion_tokens" in u:
         return Usage(_int(u.get("prompt_tokens")), _int(u.get("completion_tokens")),
-                     _int((u.get("prompt_tokens_details") or {}).get("cached_tokens")),
-                     _int((u.get("completion_tokens_details") or {}).get("reasoning_tokens")))
+                     _detail(u, "prompt_tokens_details", "cached_tokens"),
+                     _detail(u, "completion_tokens_details", "reasoning_tokens"))
     return None
 
 

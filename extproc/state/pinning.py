@@ -169,10 +169,6 @@ class Pinning:
     # -- /v1/responses/{id}[/cancel|/input_items] --------------------------------------------------
 
     def resource(self, method: str, response_id: str, suffix: str, query: str) -> Lookup[Answered | Forwarded]:
-        allowed = {"": ("GET", "DELETE"), "/cancel": ("POST",), "/input_items": ("GET",)}[suffix]
-        if method not in allowed:
-            raise GatewayError(405, f"{method} is not supported on /v1/responses/{{id}}{suffix}",
-                               code="method_not_allowed")
         keys = (rec.turn_key(self.tenant, response_id), rec.pin_key(self.tenant, response_id))
         return Lookup(keys, lambda values: self._resource(method, response_id, suffix, query, values))
 

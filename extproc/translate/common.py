@@ -1,12 +1,24 @@
-"""Pieces both directions share: ids, usage, finish reasons, field checks."""
+"""Pieces both directions share: ids, usage, finish reasons, field checks.
+
+Field checks come in two kinds: a client's request (`expect`: 400, the client's fault) and an
+upstream's answer (`read`, `need`, `objects`, `count`: 502 `BadUpstream`, the upstream's fault). An
+upstream answer is as untrusted as a request: each value a translator uses is checked here first.
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from extproc.errors import invalid
+from extproc.errors import BadUpstream, invalid
+
+NUMBER = (int, float)
+_WHAT: dict[Any, str] = {str: "a string", int: "an integer", dict: "an object", list: "a list", bool: "a boolean",
+                         NUMBER: "a number"}
+_MAX_COUNT = 2**64  # orjson writes unsigned 64-bit integers at most
 
 
 def new_id(prefix: str) -> str:
@@ -31,6 +43,72 @@ def expect(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what: 
     return value
 
 
+def json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return _WHAT[type(value)]
+
+
+def at(where: str, key: str | int) -> str:
+    """The JSON path of a field, as error messages name it: `choices[0].message`."""
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    return f"{where}.{key}" if where else key
+
+
+def read(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+    """An optional field of an upstream answer: None when absent or null, else a value of `kind`."""
+    value = doc.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise BadUpstream(at(where, key), f"is {json_type(value)}, expected {_WHAT[kind]}")
+    return value
+
+
+def need(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+    """A field of an upstream answer the translator cannot do without."""
+    value = read(doc, key, kind, where)
+    if value is None:
+        raise BadUpstream(at(where, key), "is missing")
+    return value
+
+
+def objects(doc: dict[str, Any], key: str, where: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, object) for each element of an optional list of objects in an upstream answer."""
+    for i, item in enumerate(read(doc, key, list, where) or ()):
+        path = at(at(where, key), i)
+        if not isinstance(item, dict):
+            raise BadUpstream(path, f"is {json_type(item)}, expected an object")
+        yield path, item
+
+
+def count(doc: dict[str, Any], key: str, where: str = "") -> int:
+    """A token count or timestamp of an upstream answer: a non-negative integer, 0 when absent."""
+    value = doc.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, NUMBER) or not 0 <= value < _MAX_COUNT \
+            or value != int(value):
+        shown = f" ({str(value)[:40]!r})" if isinstance(value, (str, int, float)) else ""  # never a deep repr
+        raise BadUpstream(at(where, key), f"is {json_type(value)}{shown}, expected a non-negative integer")
+    return int(value)
+
+
+def upstream_failure(err: Any, default: str) -> tuple[str, str]:
+    """(code, message) of an error object an upstream sent mid-stream; whatever is not a string is left out."""
+    if isinstance(err, str):
+        return "upstream_error", err
+    err = err if isinstance(err, dict) else {}
+    code, message = err.get("code"), err.get("message")
+    return (code if isinstance(code, str) and code else "upstream_error",
+            message if isinstance(message, str) and message else default)
+
+
 def text_of(parts: Any, field: str, kinds: tuple[str, ...]) -> str:
     """Join the text of content parts of the given kinds (a plain string passes through)."""
     if isinstance(parts, str):
@@ -50,36 +128,52 @@ def text_of(parts: Any, field: str, kinds: tuple[str, ...]) -> str:
     return "".join(out)
 
 
-def usage_chat_to_responses(u: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not isinstance(u, dict):
-        return None
-    inp = int(u.get("prompt_tokens") or 0)
-    out = int(u.get("completion_tokens") or 0)
-    pd = u.get("prompt_tokens_details") or {}
-    cd = u.get("completion_tokens_details") or {}
-    return {
-        "input_tokens": inp,
-        "input_tokens_details": {"cached_tokens": int(pd.get("cached_tokens") or 0)},
-        "output_tokens": out,
-        "output_tokens_details": {"reasoning_tokens": int(cd.get("reasoning_tokens") or 0)},
-        "total_tokens": int(u.get("total_tokens") or inp + out),
-    }
+@dataclass(frozen=True, slots=True)
+class _UsageKeys:
+    """How one API names the counts of a usage object."""
+
+    input: str
+    output: str
+    input_details: str
+    output_details: str
 
 
-def usage_responses_to_chat(u: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not isinstance(u, dict):
+_CHAT_USAGE = _UsageKeys("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
+_RESPONSES_USAGE = _UsageKeys("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
+
+
+def _usage(doc: dict[str, Any], where: str, keys: _UsageKeys) -> tuple[int, int, int, int, int] | None:
+    """(input, output, total, cached, reasoning) of the `usage` object of an upstream answer, checked."""
+    u = read(doc, "usage", dict, where)
+    if u is None:
         return None
-    inp = int(u.get("input_tokens") or 0)
-    out = int(u.get("output_tokens") or 0)
-    idt = u.get("input_tokens_details") or {}
-    odt = u.get("output_tokens_details") or {}
-    return {
-        "prompt_tokens": inp,
-        "completion_tokens": out,
-        "total_tokens": int(u.get("total_tokens") or inp + out),
-        "prompt_tokens_details": {"cached_tokens": int(idt.get("cached_tokens") or 0)},
-        "completion_tokens_details": {"reasoning_tokens": int(odt.get("reasoning_tokens") or 0)},
-    }
+    where = at(where, "usage")
+    i, o = count(u, keys.input, where), count(u, keys.output, where)
+    idt = read(u, keys.input_details, dict, where) or {}
+    odt = read(u, keys.output_details, dict, where) or {}
+    return (i, o, count(u, "total_tokens", where) or i + o, count(idt, "cached_tokens", at(where, keys.input_details)),
+            count(odt, "reasoning_tokens", at(where, keys.output_details)))
+
+
+def usage_chat_to_responses(doc: dict[str, Any], where: str = "") -> dict[str, Any] | None:
+    """The Responses usage object for the chat `usage` of an upstream answer (or chunk)."""
+    found = _usage(doc, where, _CHAT_USAGE)
+    if found is None:
+        return None
+    inp, out, total, cached, reasoning = found
+    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": out,
+            "output_tokens_details": {"reasoning_tokens": reasoning}, "total_tokens": total}
+
+
+def usage_responses_to_chat(doc: dict[str, Any], where: str = "") -> dict[str, Any] | None:
+    """The chat usage object for the Responses `usage` of an upstream Response."""
+    found = _usage(doc, where, _RESPONSES_USAGE)
+    if found is None:
+        return None
+    inp, out, total, cached, reasoning = found
+    return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": total,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
 
 # Chat finish_reason -> (Response status, incomplete reason)

@@ -127,7 +127,7 @@ def compaction_resource(chat: dict[str, Any], items: list[dict[str, Any]], seale
         raise GatewayError(502, "the upstream returned no summary text for the compaction", code="bad_upstream_response")
     kept = [i for i in items if i.get("type") == "message" and i.get("role") == "user"]
     compaction = {"type": "compaction", "id": new_id("cmp_"), "encrypted_content": sealer.seal(summary, tenant)}
-    usage = usage_chat_to_responses(chat.get("usage")) or usage_chat_to_responses({})
+    usage = usage_chat_to_responses(chat) or usage_chat_to_responses({"usage": {}})  # zeros when none came
     return {"id": new_id("resp_"), "object": "response.compaction", "created_at": now(),
             "output": [*kept, compaction], "usage": usage}
 

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.translate.common import FINISH_TO_STATUS, new_id, now, usage_chat_to_responses
+from extproc.errors import BadUpstream
+from extproc.translate.common import (
+    FINISH_TO_STATUS,
+    count,
+    need,
+    new_id,
+    now,
+    objects,
+    read,
+    usage_chat_to_responses,
+)
 from extproc.translate.tools import ToolMap, encode_reasoning, tool_map
 
 
@@ -87,53 +97,64 @@ def call_item_id(tools: ToolMap, chat_name: str) -> str:
 
 
 def finish(resp: dict[str, Any], finish_reason: str | None, usage: dict[str, Any] | None) -> None:
-    """Set status, incomplete_details, completed_at and usage from a chat finish_reason."""
+    """Set status, incomplete_details, completed_at and (Responses) usage from a chat finish_reason."""
     status, reason = FINISH_TO_STATUS.get(finish_reason, ("completed", None))
     resp["status"] = status
     resp["incomplete_details"] = {"reason": reason} if reason else None
     resp["completed_at"] = now() if status == "completed" else None
-    resp["usage"] = usage_chat_to_responses(usage)
+    resp["usage"] = usage
 
 
-def chat_reasoning(message: dict[str, Any]) -> str | None:
+def chat_reasoning(message: dict[str, Any], where: str) -> str | None:
     """Reasoning text as vLLM (`reasoning_content`), OpenRouter/Ollama (`reasoning`) and others send it."""
     for key in ("reasoning_content", "reasoning"):
-        value = message.get(key)
-        if isinstance(value, str) and value:
+        value = read(message, key, str, where)
+        if value:
             return value
     return None
 
 
+def message_text(message: dict[str, Any], where: str) -> str:
+    """A chat message's content: a string, or (some servers, even on the response side) text parts."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return read(message, "content", str, where) or ""
+    return "".join(read(part, "text", str, path) or "" for path, part in objects(message, "content", where))
+
+
 def translate_response(chat: dict[str, Any], request: dict[str, Any], response_id: str | None = None,
                        tools: ToolMap | None = None) -> dict[str, Any]:
-    resp = response_shell(request, response_id or new_id("resp_"), int(chat.get("created") or now()))
-    if chat.get("model"):
-        resp["model"] = chat["model"]
-    choices = chat.get("choices") or [{}]
-    choice = choices[0] if isinstance(choices[0], dict) else {}
-    message = choice.get("message") or {}
-    reason = choice.get("finish_reason")
+    """The Response for a chat.completion; BadUpstream when the answer lacks what it needs."""
+    resp = response_shell(request, response_id or new_id("resp_"), count(chat, "created") or now())
+    if model := read(chat, "model", str):
+        resp["model"] = model
+    choices = list(objects(chat, "choices"))
+    if not choices:
+        raise BadUpstream("choices", "is missing or empty")
+    at_choice, choice = choices[0]
+    message = need(choice, "message", dict, at_choice)
+    where = f"{at_choice}.message"
+    reason = read(choice, "finish_reason", str, at_choice)
     item_status = "incomplete" if reason in ("length", "content_filter") else "completed"
     output = resp["output"]
-    if (thought := chat_reasoning(message)) is not None:
+    if (thought := chat_reasoning(message, where)) is not None:
         output.append(reasoning_item(new_id("rs_"), thought))
         if wants_encrypted_reasoning(request):
             output[-1]["encrypted_content"] = encode_reasoning(thought)
-    content = message.get("content")
-    if isinstance(content, list):  # some servers send parts even on the response side
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    refusal = message.get("refusal") if isinstance(message.get("refusal"), str) else None
+    content = message_text(message, where)
+    refusal = read(message, "refusal", str, where)
     if content or refusal:
-        output.append(message_item(new_id("msg_"), content or "", item_status, refusal))
+        output.append(message_item(new_id("msg_"), content, item_status, refusal))
     tools = tools or tool_map(request.get("tools"))
-    for call in message.get("tool_calls") or []:
-        fn = call.get("function") or {}
-        name = fn.get("name", "")
-        output.append(tools.call_item(name, call.get("id") or new_id("call_"), fn.get("arguments") or "",
+    for path, call in objects(message, "tool_calls", where):
+        fn = need(call, "function", dict, path)
+        name = need(fn, "name", str, f"{path}.function")
+        output.append(tools.call_item(name, read(call, "id", str, path) or new_id("call_"),
+                                      read(fn, "arguments", str, f"{path}.function") or "",
                                       call_item_id(tools, name), item_status))
     if not output:
         output.append(message_item(new_id("msg_"), "", item_status))
-    finish(resp, reason, chat.get("usage"))
-    if chat.get("service_tier"):
-        resp["service_tier"] = chat["service_tier"]
+    finish(resp, reason, usage_chat_to_responses(chat))
+    if tier := read(chat, "service_tier", str):
+        resp["service_tier"] = tier
     return resp

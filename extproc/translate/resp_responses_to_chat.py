@@ -4,52 +4,76 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.translate.common import finish_reason, now, usage_responses_to_chat
+from extproc.errors import BadUpstream
+from extproc.translate.common import (
+    NUMBER,
+    at,
+    count,
+    finish_reason,
+    need,
+    now,
+    objects,
+    read,
+    usage_responses_to_chat,
+)
 
 
 def chat_id(response_id: str) -> str:
     return "chatcmpl-" + response_id.removeprefix("resp_")
 
 
-def tool_call_of(item: dict[str, Any]) -> dict[str, Any] | None:
+def tool_call_of(item: dict[str, Any], where: str) -> dict[str, Any] | None:
     """The chat tool_call for a function or custom tool call output item, else None."""
     kind = item.get("type")
+    if kind not in ("function_call", "custom_tool_call"):
+        return None
+    call_id = read(item, "call_id", str, where) or need(item, "id", str, where)
+    name = need(item, "name", str, where)
     if kind == "function_call":
-        return {"id": item.get("call_id") or item.get("id"), "type": "function",
-                "function": {"name": item.get("name", ""), "arguments": item.get("arguments") or ""}}
-    if kind == "custom_tool_call":
-        return {"id": item.get("call_id") or item.get("id"), "type": "custom",
-                "custom": {"name": item.get("name", ""), "input": item.get("input") or ""}}
-    return None
+        return {"id": call_id, "type": "function",
+                "function": {"name": name, "arguments": read(item, "arguments", str, where) or ""}}
+    return {"id": call_id, "type": "custom", "custom": {"name": name, "input": read(item, "input", str, where) or ""}}
 
 
-def reasoning_text(item: dict[str, Any]) -> str:
+def reasoning_text(item: dict[str, Any], where: str) -> str:
     """Reasoning summary text, else the raw reasoning text, of a reasoning item."""
-    parts = item.get("summary") or item.get("content") or []
-    return "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+    key = "summary" if item.get("summary") else "content"
+    return "".join(read(part, "text", str, path) or "" for path, part in objects(item, key, where))
+
+
+def _logprob(entry: dict[str, Any], where: str, top: bool = True) -> dict[str, Any]:
+    """One token's logprob, rebuilt from its known fields so nothing else of the upstream's is copied."""
+    raw = read(entry, "bytes", list, where) or []
+    if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256 for b in raw):
+        raise BadUpstream(at(where, "bytes"), "is not a list of byte values")
+    out: dict[str, Any] = {"token": need(entry, "token", str, where), "logprob": need(entry, "logprob", NUMBER, where),
+                           "bytes": raw}
+    if top:
+        out["top_logprobs"] = [_logprob(t, path, top=False) for path, t in objects(entry, "top_logprobs", where)]
+    return out
 
 
 def translate_response(resp: dict[str, Any], model: str) -> dict[str, Any]:
+    """The chat.completion for a Response; BadUpstream when the answer lacks what it needs."""
     text: list[str] = []
     refusal: list[str] = []
     reasoning: list[str] = []
     calls: list[dict[str, Any]] = []
     logprobs: list[Any] = []
-    for item in resp.get("output") or []:
-        if not isinstance(item, dict):
-            continue
-        if item.get("type") == "message":
-            for part in item.get("content") or []:
+    for where, item in objects(resp, "output"):
+        kind = read(item, "type", str, where)
+        if kind == "message":
+            for path, part in objects(item, "content", where):
                 if part.get("type") == "output_text":
-                    text.append(part.get("text", ""))
-                    logprobs.extend(part.get("logprobs") or [])
+                    text.append(read(part, "text", str, path) or "")
+                    logprobs.extend(_logprob(e, p) for p, e in objects(part, "logprobs", path))
                 elif part.get("type") == "refusal":
-                    refusal.append(part.get("refusal", ""))
-        elif item.get("type") == "reasoning":
-            reasoning.append(reasoning_text(item))
-        elif (call := tool_call_of(item)) is not None:
+                    refusal.append(read(part, "refusal", str, path) or "")
+        elif kind == "reasoning":
+            reasoning.append(reasoning_text(item, where))
+        elif (call := tool_call_of(item, where)) is not None:
             calls.append(call)
-    incomplete = resp.get("incomplete_details") or {}
+    incomplete = read(resp, "incomplete_details", dict) or {}
     message: dict[str, Any] = {
         "role": "assistant",
         "content": "".join(text) if text or not (calls or refusal) else None,
@@ -60,17 +84,18 @@ def translate_response(resp: dict[str, Any], model: str) -> dict[str, Any]:
     if any(reasoning):
         message["reasoning_content"] = "\n\n".join(r for r in reasoning if r)
     return {
-        "id": chat_id(str(resp.get("id") or "")),
+        "id": chat_id(read(resp, "id", str) or ""),
         "object": "chat.completion",
-        "created": int(resp.get("created_at") or now()),
-        "model": resp.get("model") or model,
+        "created": count(resp, "created_at") or now(),
+        "model": read(resp, "model", str) or model,
         "choices": [{
             "index": 0,
             "message": message,
             "logprobs": {"content": logprobs, "refusal": None} if logprobs else None,
-            "finish_reason": finish_reason(resp.get("status"), incomplete.get("reason"), bool(calls)),
+            "finish_reason": finish_reason(read(resp, "status", str), read(incomplete, "reason", str, "incomplete_details"),
+                                           bool(calls)),
         }],
-        "usage": usage_responses_to_chat(resp.get("usage")),
-        "service_tier": resp.get("service_tier"),
+        "usage": usage_responses_to_chat(resp),
+        "service_tier": read(resp, "service_tier", str),
         "system_fingerprint": None,
     }

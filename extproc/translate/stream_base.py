@@ -1,8 +1,29 @@
-"""What both stream translators share: SSE decoded as it arrives, output collected, one ending."""
+"""What both stream translators share: SSE decoded as it arrives, output collected, one ending.
+
+An upstream event without the shape a translator needs (`BadUpstream`) ends the client's stream
+the way any upstream failure does: an error event and the terminal event, never a cut stream.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
+
+from extproc.errors import BadUpstream
+from extproc.translate.common import json_type
 from extproc.translate.sse import SSEDecoder
+
+
+def event_json(data: str) -> dict[str, Any]:
+    """One upstream stream event's JSON object."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise BadUpstream("stream event", "is not JSON") from None
+    if not isinstance(doc, dict):
+        raise BadUpstream("stream event", f"is {json_type(doc)}, expected an object")
+    return doc
 
 
 class SSETranslator:
@@ -16,12 +37,12 @@ class SSETranslator:
 
     def feed(self, data: bytes) -> bytes:
         for ev in self.decoder.feed(data):
-            self._event(ev.data)
+            self._handle(ev.data)
         return self._take()
 
     def close(self) -> bytes:
         for ev in self.decoder.close():
-            self._event(ev.data)
+            self._handle(ev.data)
         if not self.ended:
             self._end_early()
         return self._take()
@@ -30,6 +51,14 @@ class SSETranslator:
         """End the stream now with an error; returns the bytes for the client."""
         self._fail(code, message)
         return self._take()
+
+    def _handle(self, data: str) -> None:
+        if self.ended:
+            return
+        try:
+            self._event(data)
+        except BadUpstream as e:
+            self._fail(e.code or "bad_upstream_response", e.message)
 
     def _take(self) -> bytes:
         out, self.out = b"".join(self.out), []

@@ -7,13 +7,24 @@ event. Reasoning comes first, as its own item; every tool call is its own functi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from extproc.translate.common import new_id, now
+from extproc.translate.common import (
+    at,
+    count,
+    new_id,
+    now,
+    objects,
+    read,
+    upstream_failure,
+    usage_chat_to_responses,
+)
 from extproc.translate.resp_chat_to_responses import (
     call_item_id,
+    chat_reasoning,
     finish,
     message_item,
     reasoning_item,
@@ -21,18 +32,59 @@ from extproc.translate.resp_chat_to_responses import (
     wants_encrypted_reasoning,
 )
 from extproc.translate.sse import encode
-from extproc.translate.stream_base import SSETranslator
+from extproc.translate.stream_base import SSETranslator, event_json
 from extproc.translate.tools import ToolMap, custom_input, encode_reasoning, tool_map
 
 
 class _Item:
-    __slots__ = ("data", "index", "kind", "parts")
+    __slots__ = ("data", "done_parts", "index", "kind", "parts")
 
     def __init__(self, index: int, kind: str, data: dict[str, Any]):
         self.index = index
         self.kind = kind
         self.data = data  # the item as it will appear in the final Response
         self.parts: list[list[str]] = []  # message parts: [type, text]
+        self.done_parts = 0  # parts whose `.done` events were sent (parts end in order)
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One tool call delta of a chunk, checked."""
+
+    index: int | None
+    call_id: str | None
+    name: str | None
+    arguments: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Delta:
+    """What choice 0 of one chat chunk says, every field checked before any event is sent, so a
+    malformed chunk fails the stream cleanly instead of half-applied."""
+
+    reasoning: str | None
+    content: str | None
+    refusal: str | None
+    calls: list[_Call]
+    finish_reason: str | None
+
+
+def _deltas(chunk: dict[str, Any]) -> list[_Delta]:
+    out = []
+    for where, choice in objects(chunk, "choices"):
+        if count(choice, "index", where) != 0:
+            continue
+        delta = read(choice, "delta", dict, where) or {}
+        dw = at(where, "delta")
+        calls = []
+        for path, call in objects(delta, "tool_calls", dw):
+            fn = read(call, "function", dict, path) or {}
+            fw = at(path, "function")
+            calls.append(_Call(count(call, "index", path) if call.get("index") is not None else None,
+                               read(call, "id", str, path), read(fn, "name", str, fw), read(fn, "arguments", str, fw)))
+        out.append(_Delta(chat_reasoning(delta, dw), read(delta, "content", str, dw), read(delta, "refusal", str, dw),
+                          calls, read(choice, "finish_reason", str, where)))
+    return out
 
 
 class ChatToResponsesStream(SSETranslator):
@@ -48,7 +100,7 @@ class ChatToResponsesStream(SSETranslator):
         self.message: _Item | None = None
         self.calls: dict[int, _Item] = {}
         self.finish_reason: str | None = None
-        self.usage: dict[str, Any] | None = None
+        self.usage: dict[str, Any] | None = None  # Responses usage, from the chunk that carried it
         self.closed: set[int] = set()  # output indexes whose output_item.done was sent
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -59,11 +111,11 @@ class ChatToResponsesStream(SSETranslator):
         self.seq += 1
         self.out.append(encode(orjson.dumps(fields), kind))
 
-    def _start(self, chunk: dict[str, Any]) -> None:
+    def _start(self, created: int = 0, model: str | None = None) -> None:
         self.started = True
-        self.response["created_at"] = int(chunk.get("created") or 0) or self.response["created_at"]
-        if chunk.get("model"):
-            self.response["model"] = chunk["model"]
+        self.response["created_at"] = created or self.response["created_at"]
+        if model:
+            self.response["model"] = model
         self._emit("response.created", response=self.response)
         self._emit("response.in_progress", response=self.response)
 
@@ -75,7 +127,7 @@ class ChatToResponsesStream(SSETranslator):
         if self.ended:
             return
         if not self.started:
-            self._start({})
+            self._start()
         self._close_all("incomplete")
         self._emit("error", error={"type": "server_error", "code": code, "message": message, "param": None})
         self.ended = True
@@ -87,43 +139,30 @@ class ChatToResponsesStream(SSETranslator):
     # -- chat chunks --------------------------------------------------------------------------
 
     def _event(self, data: str) -> None:
-        if self.ended:
-            return
         if data.strip() == "[DONE]":
             self._finish()
             return
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self._fail("bad_upstream_response", "the upstream sent a stream event that is not JSON")
-            return
-        if not isinstance(chunk, dict):
-            return
+        chunk = event_json(data)
         if chunk.get("error") is not None:
-            err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-            self._fail(str(err.get("code") or "upstream_error"), str(err.get("message") or "upstream error"))
+            self._fail(*upstream_failure(chunk["error"], "upstream error"))
             return
+        created, model, usage = count(chunk, "created"), read(chunk, "model", str), usage_chat_to_responses(chunk)
+        deltas = _deltas(chunk)
         if not self.started:
-            self._start(chunk)
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            for key in ("reasoning_content", "reasoning"):
-                if isinstance(delta.get(key), str) and delta[key]:
-                    self._reasoning_delta(delta[key])
-                    break
-            if isinstance(delta.get("content"), str) and delta["content"]:
-                self._text_delta("output_text", delta["content"])
-            if isinstance(delta.get("refusal"), str) and delta["refusal"]:
-                self._text_delta("refusal", delta["refusal"])
-            for call in delta.get("tool_calls") or ():
-                if isinstance(call, dict):
-                    self._call_delta(call)
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+            self._start(created, model)
+        if usage is not None:
+            self.usage = usage
+        for delta in deltas:
+            if delta.reasoning:
+                self._reasoning_delta(delta.reasoning)
+            if delta.content:
+                self._text_delta("output_text", delta.content)
+            if delta.refusal:
+                self._text_delta("refusal", delta.refusal)
+            for call in delta.calls:
+                self._call_delta(call)
+            if delta.finish_reason:
+                self.finish_reason = delta.finish_reason
 
     def _new_item(self, kind: str, data: dict[str, Any]) -> _Item:
         item = _Item(len(self.items), kind, data)
@@ -171,7 +210,7 @@ class ChatToResponsesStream(SSETranslator):
     def _text_delta(self, part_type: str, text: str) -> None:
         self._close_reasoning()
         if self.message is None:
-            self.message = self._new_item("message", message_item(new_id("msg_"), "", "completed"))
+            self.message = self._new_item("message", {**message_item(new_id("msg_"), "", "completed"), "content": []})
         msg = self.message
         if not msg.parts or msg.parts[-1][0] != part_type:
             if msg.parts:
@@ -201,38 +240,36 @@ class ChatToResponsesStream(SSETranslator):
             self._emit("response.refusal.done", **base, refusal=text)
         self._emit("response.content_part.done", **base, part=part)
         msg.data["content"].append(part)
+        msg.done_parts += 1
 
     def _close_message(self, status: str) -> None:
         msg = self.message
         if msg is None or msg.index in self.closed:
             return
-        msg.data["content"] = []
-        for i in range(len(msg.parts)):
+        for i in range(msg.done_parts, len(msg.parts)):
             self._close_part(msg, i)
         msg.data["status"] = status
         self._emit("response.output_item.done", output_index=msg.index, item=msg.data)
         self.closed.add(msg.index)
 
-    def _call_delta(self, call: dict[str, Any]) -> None:
-        index = call.get("index", len(self.calls))
-        fn = call.get("function") or {}
+    def _call_delta(self, call: _Call) -> None:
+        index = len(self.calls) if call.index is None else call.index
         item = self.calls.get(index)
         if item is None:
             self._close_reasoning()
             self._close_message("completed")
-            name = fn.get("name") or ""
-            data = self.tools.call_item(name, call.get("id") or new_id("call_"), "", call_item_id(self.tools, name),
+            name = call.name or ""
+            data = self.tools.call_item(name, call.call_id or new_id("call_"), "", call_item_id(self.tools, name),
                                         "completed")
             item = self._new_item(data["type"], data)
             item.parts.append(["arguments", ""])
             self.calls[index] = item
-        args = fn.get("arguments")
-        if isinstance(args, str) and args:
-            item.parts[0][1] += args
+        if call.arguments:
+            item.parts[0][1] += call.arguments
             if item.kind == "function_call":  # a custom tool's input is JSON-wrapped: sent whole at the end
-                item.data["arguments"] += args
+                item.data["arguments"] += call.arguments
                 self._emit("response.function_call_arguments.delta", item_id=item.data["id"],
-                           output_index=item.index, delta=args)
+                           output_index=item.index, delta=call.arguments)
 
     # -- the end ------------------------------------------------------------------------------
 

@@ -10,12 +10,20 @@ from typing import Any
 
 import orjson
 
-from extproc.translate.common import finish_reason, now, usage_responses_to_chat
+from extproc.translate.common import (
+    count,
+    finish_reason,
+    now,
+    read,
+    upstream_failure,
+    usage_responses_to_chat,
+)
 from extproc.translate.resp_responses_to_chat import chat_id
 from extproc.translate.sse import encode
-from extproc.translate.stream_base import SSETranslator
+from extproc.translate.stream_base import SSETranslator, event_json
 
 DONE = b"data: [DONE]\n\n"
+_DELTA_KEYS = {"response.output_text.delta": "content", "response.refusal.delta": "refusal"}
 
 
 class _Call:
@@ -37,7 +45,10 @@ class ResponsesToChatStream(SSETranslator):
         self.created = now()
         self.started = False
         self.calls: dict[str, _Call] = {}  # by output item id
-        self.response: dict[str, Any] | None = None  # the upstream's final Response, once it came
+        self.text: list[str] = []  # what was streamed, for a usage estimate when the upstream reports none
+        # The final Response once it came, rebuilt from its checked fields (usage, status) and what was
+        # streamed: nothing of the upstream's is passed on unchecked.
+        self.response: dict[str, Any] | None = None
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> None:
         chunk: dict[str, Any] = {
@@ -52,11 +63,13 @@ class ResponsesToChatStream(SSETranslator):
     def _start(self, response: dict[str, Any] | None) -> None:
         if self.started:
             return
+        if response is not None:
+            rid, model = read(response, "id", str, "response"), read(response, "model", str, "response")
+            created = count(response, "created_at", "response")
+            self.id = chat_id(rid) if rid else self.id
+            self.model = model or self.model
+            self.created = created or self.created
         self.started = True
-        if isinstance(response, dict):
-            self.id = chat_id(str(response.get("id") or "")) if response.get("id") else self.id
-            self.model = response.get("model") or self.model
-            self.created = int(response.get("created_at") or self.created)
         self._chunk({"role": "assistant"})  # content stays null for a turn that only calls tools
 
     def _end_early(self) -> None:
@@ -71,65 +84,58 @@ class ResponsesToChatStream(SSETranslator):
             self.out.append(DONE)
 
     def _event(self, data: str) -> None:
-        if self.ended or data.strip() == "[DONE]":
+        if data.strip() == "[DONE]":
             return
-        try:
-            ev = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self._fail("bad_upstream_response", "the upstream sent a stream event that is not JSON")
-            return
-        if not isinstance(ev, dict):
-            return
-        kind = ev.get("type")
+        ev = event_json(data)
+        kind = read(ev, "type", str)
         if kind in ("response.created", "response.in_progress", "response.queued"):
-            self._start(ev.get("response"))
+            self._start(read(ev, "response", dict))
+            return
+        if kind in ("response.failed", "error"):
+            response = ev.get("response")
+            err = ev.get("error") or (response.get("error") if isinstance(response, dict) else None)
+            self._fail(*upstream_failure(err, "the upstream response failed"))
             return
         self._start(None)
-        if kind == "response.output_text.delta":
-            if ev.get("delta"):
-                self._chunk({"content": ev["delta"]})
-        elif kind == "response.refusal.delta":
-            if ev.get("delta"):
-                self._chunk({"refusal": ev["delta"]})
-        elif kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
-            if ev.get("delta"):
-                self._chunk({"reasoning_content": ev["delta"]})
-        elif kind == "response.output_item.added":
-            item = ev.get("item") or {}
+        if kind in ("response.output_text.delta", "response.refusal.delta", "response.reasoning_summary_text.delta",
+                    "response.reasoning_text.delta"):
+            delta = read(ev, "delta", str)
+            if delta:
+                self.text.append(delta)
+                self._chunk({_DELTA_KEYS.get(kind, "reasoning_content"): delta})
+        elif kind in ("response.output_item.added", "response.output_item.done"):
+            item = read(ev, "item", dict) or {}
             if item.get("type") in ("function_call", "custom_tool_call"):
-                self._announce(item)
-        elif kind in ("response.function_call_arguments.delta", "response.custom_tool_call_input.delta"):
-            call = self.calls.get(ev.get("item_id", ""))
-            if call is not None and ev.get("delta"):
-                self._args(call, ev["delta"])
-        elif kind == "response.function_call_arguments.done":
-            call = self.calls.get(ev.get("item_id", ""))
-            if call is not None:
-                self._complete_args(call, ev.get("arguments") or "")
-        elif kind == "response.output_item.done":
-            item = ev.get("item") or {}
-            if item.get("type") in ("function_call", "custom_tool_call"):
+                full = read(item, "arguments", str, "item") or read(item, "input", str, "item") or ""
                 call = self._announce(item)
-                self._complete_args(call, item.get("arguments") or item.get("input") or "")
+                if kind == "response.output_item.done":
+                    self._complete_args(call, full)
+        elif kind in ("response.function_call_arguments.delta", "response.custom_tool_call_input.delta",
+                      "response.function_call_arguments.done"):
+            text = read(ev, "arguments" if kind.endswith(".done") else "delta", str)
+            call = self.calls.get(read(ev, "item_id", str) or "")
+            if call is None or not text:
+                return
+            if kind.endswith(".done"):
+                self._complete_args(call, text)
+            else:
+                self._args(call, text)
         elif kind in ("response.completed", "response.incomplete"):
-            self._complete(ev.get("response") or {})
-        elif kind in ("response.failed", "error"):
-            err = ev.get("error") or (ev.get("response") or {}).get("error") or {}
-            self._fail(str(err.get("code") or "upstream_error"), str(err.get("message") or "the upstream response failed"))
+            self._complete(read(ev, "response", dict) or {})
 
     def _announce(self, item: dict[str, Any]) -> _Call:
-        key = item.get("id") or item.get("call_id") or ""
+        call_id, name = read(item, "call_id", str, "item"), read(item, "name", str, "item") or ""
+        key = read(item, "id", str, "item") or call_id or ""
         call = self.calls.get(key)
         if call is None:
             call = self.calls[key] = _Call(len(self.calls))
         if not call.announced:
             call.announced = True
             if item.get("type") == "custom_tool_call":
-                head = {"index": call.index, "id": item.get("call_id"), "type": "custom",
-                        "custom": {"name": item.get("name", ""), "input": ""}}
+                head = {"index": call.index, "id": call_id, "type": "custom", "custom": {"name": name, "input": ""}}
             else:
-                head = {"index": call.index, "id": item.get("call_id"), "type": "function",
-                        "function": {"name": item.get("name", ""), "arguments": ""}}
+                head = {"index": call.index, "id": call_id, "type": "function",
+                        "function": {"name": name, "arguments": ""}}
             self._chunk({"tool_calls": [head]})
         return call
 
@@ -143,13 +149,16 @@ class ResponsesToChatStream(SSETranslator):
             self._args(call, full[call.sent:])
 
     def _complete(self, response: dict[str, Any]) -> None:
-        self.response = response
-        incomplete = response.get("incomplete_details") or {}
-        self._chunk({}, finish_reason(response.get("status"), incomplete.get("reason"), bool(self.calls)))
+        status = read(response, "status", str, "response")
+        reason = read(read(response, "incomplete_details", dict, "response") or {}, "reason", str,
+                      "response.incomplete_details")
+        usage = usage_responses_to_chat(response, "response")
+        self.response = {"id": read(response, "id", str, "response"), "status": status, "usage": usage,
+                         "output": [{"type": "message", "content": [{"type": "output_text", "text": "".join(self.text)}]}]}
+        self._chunk({}, finish_reason(status, reason, bool(self.calls)))
         if self.include_usage:
             usage_chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                           "model": self.model, "system_fingerprint": None, "choices": [],
-                           "usage": usage_responses_to_chat(response.get("usage"))}
+                           "model": self.model, "system_fingerprint": None, "choices": [], "usage": usage}
             self.out.append(encode(orjson.dumps(usage_chunk)))
         self.out.append(DONE)
         self.ended = True

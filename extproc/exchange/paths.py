@@ -1,0 +1,44 @@
+"""The paths the sidecar itself handles, and the methods each accepts.
+
+(`/v1/responses/compact` is checked before the `/v1/responses/{id}` pattern, which it also matches.)
+
+Envoy normalises every path first (`normalize_path`, `merge_slashes`,
+`path_with_escaped_slashes_action` in deploy/envoy.yaml), so one spelling reaches this table. A
+wrong method here is the sidecar's to refuse, in the OpenAI shape with an `allow` header, rather
+than the backend's (which answers HTML, an empty body, or something the client cannot read). Every
+other path (embeddings, completions, audio, files...) passes through to the backend.
+"""
+
+from __future__ import annotations
+
+from extproc.api import API_OF_PATH
+from extproc.errors import GatewayError
+from extproc.state.records import RESOURCE_RE
+from extproc.translate import compact
+
+_RESOURCE_METHODS = {"": ("GET", "DELETE"), "/cancel": ("POST",), "/input_items": ("GET",)}
+_WITH_BODY = (*API_OF_PATH, compact.PATH)  # POSTs that are API calls: a JSON body is required
+_FIXED = {**{path: ("POST",) for path in _WITH_BODY}, "/v1/models": ("GET",)}
+
+
+def allowed_methods(path: str) -> tuple[str, ...] | None:
+    """The methods a sidecar-handled path accepts (query string ignored); None for any other path."""
+    path = path.partition("?")[0]
+    if path in _FIXED:
+        return _FIXED[path]
+    resource = RESOURCE_RE.match(path)
+    return _RESOURCE_METHODS[resource.group(2) or ""] if resource else None
+
+
+def check_request_line(method: str, path: str, has_body: bool) -> None:
+    """Refuse, before anything is routed, a wrong method on a handled path (405) and an API call
+    without a body (400)."""
+    allowed = allowed_methods(path)
+    if allowed is None:
+        return
+    bare = path.partition("?")[0]
+    if method not in allowed:
+        raise GatewayError(405, f"{method} is not supported on {bare}; use {' or '.join(allowed)}",
+                           code="method_not_allowed", headers=(("allow", ", ".join(allowed)),))
+    if not has_body and bare in _WITH_BODY:
+        raise GatewayError(400, f"POST {bare} needs a JSON request body", code="missing_body")

@@ -1,0 +1,321 @@
+"""End to end through the real Envoy: hostile upstream answers and hostile client requests.
+
+Upstream side: a test upstream sends each kind of broken answer, both translation directions,
+buffered and streamed. The client gets a 502 `bad_upstream_response` in the OpenAI shape, or (mid
+stream) an error event and the stream's terminal event; never a 500, an empty 200 or a cut stream.
+
+Client side: raw HTTP (http.client, a socket for HTTP/1.0) with duplicate keys, escapes, deep
+nesting, odd paths, wrong methods and media types. Each case is followed by a good request that
+must succeed, so no hostile request leaves the gateway worse off.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from urllib.parse import urlsplit
+
+import pytest
+
+from .conformance import check_stream, sse_events
+from .upstreams import Reply
+
+CHAT_MODEL, RESPONSES_MODEL = "llama-3", "gpt-5.3-codex"  # a chat-only and a Responses-only backend
+CHAT_BODY = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]}
+GOOD_CHAT = {"id": "c1", "object": "chat.completion", "created": 1, "model": CHAT_MODEL,
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}]}
+GOOD_RESPONSE = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed", "model": RESPONSES_MODEL,
+                 "output": [{"type": "message", "id": "m1", "role": "assistant", "status": "completed",
+                             "content": [{"type": "output_text", "text": "fine", "annotations": []}]}]}
+
+
+def call(gw, method: str, path: str, body: bytes | dict | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    url = urlsplit(gw.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        raw = json.dumps(body).encode() if isinstance(body, dict) else body
+        hdrs = {"content-type": "application/json"} if raw is not None else {}
+        conn.request(method, path, body=raw, headers={**hdrs, **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def error_of(status: int, body: bytes, expected_status: int, code: str) -> dict:
+    """The OpenAI error object of an answer that must be exactly that error."""
+    assert status == expected_status, (status, body[:300])
+    doc = json.loads(body)
+    err = doc["error"]
+    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str)
+    assert err["code"] == code, err
+    return err
+
+
+def assert_still_serving(gw) -> None:
+    status, _, body = call(gw, "POST", "/v1/responses", {"model": CHAT_MODEL, "input": "still there?"})
+    assert status == 200, body[:300]
+    assert json.loads(body)["output"][0]["content"][0]["text"] == "echo: still there?"
+
+
+# -- broken upstream answers, buffered ----------------------------------------------------------------
+
+def _chat_answer(**change) -> bytes:
+    return json.dumps({**GOOD_CHAT, **change}).encode()
+
+
+def _response_answer(**change) -> bytes:
+    return json.dumps({**GOOD_RESPONSE, **change}).encode()
+
+
+BROKEN_CHAT = {  # what a chat-only backend sends a Responses client's translated request
+    "choices_number": (_chat_answer(choices=5), "choices"),
+    "created_text": (_chat_answer(created="yesterday"), "created"),
+    "usage_text": (_chat_answer(usage={"prompt_tokens": "many"}), "usage.prompt_tokens"),
+    "tool_calls_text": (_chat_answer(choices=[{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "tool_calls": "get_weather"}}]), "choices[0].message.tool_calls"),
+    "tool_call_without_name": (_chat_answer(choices=[{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "tool_calls": [{"id": "c", "function": {"arguments": "{}"}}]}}]),
+        "choices[0].message.tool_calls[0].function.name"),
+    "empty_body": (b"", "body"),
+    "not_json": (b"<html>oops</html>", None),
+    "not_an_object": (b"[1, 2]", None),
+}
+BROKEN_RESPONSES = {  # what a Responses-only backend sends a chat client's translated request
+    "output_number": (_response_answer(output=5), "output"),
+    "content_text": (_response_answer(output=[{"type": "message", "content": ["hi"]}]), "output[0].content[0]"),
+    "created_text": (_response_answer(created_at="yesterday"), "created_at"),
+    "usage_text": (_response_answer(usage={"input_tokens": "many"}), "usage.input_tokens"),
+    "call_without_name": (_response_answer(output=[{"type": "function_call", "call_id": "c", "arguments": "{}"}]),
+                          "output[0].name"),
+    "empty_body": (b"", "body"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_CHAT)
+def test_broken_chat_answer_is_a_502_for_a_responses_client(gw, case):
+    raw, field = BROKEN_CHAT[case]
+    gw.chat.script.append(Reply(body=raw))
+    status, headers, body = call(gw, "POST", "/v1/responses", {"model": CHAT_MODEL, "input": "hi"})
+    err = error_of(status, body, 502, "bad_upstream_response")
+    assert headers["content-type"] == "application/json"
+    if field is not None:
+        assert f"'{field}'" in err["message"]
+    assert_still_serving(gw)
+
+
+@pytest.mark.parametrize("case", BROKEN_RESPONSES)
+def test_broken_responses_answer_is_a_502_for_a_chat_client(gw, case):
+    raw, field = BROKEN_RESPONSES[case]
+    gw.resp.script.append(Reply(body=raw))
+    status, _, body = call(gw, "POST", "/v1/chat/completions", {**CHAT_BODY, "model": RESPONSES_MODEL})
+    err = error_of(status, body, 502, "bad_upstream_response")
+    assert f"'{field}'" in err["message"]
+    assert_still_serving(gw)
+
+
+def test_a_broken_answer_passed_through_is_left_byte_for_byte(gw):
+    raw = _chat_answer(choices=5, usage={"prompt_tokens": "many", "prompt_tokens_details": 7})
+    gw.chat.script.append(Reply(body=raw))
+    status, _, body = call(gw, "POST", "/v1/chat/completions", CHAT_BODY)  # chat client, chat backend
+    assert (status, body) == (200, raw)
+
+
+# -- broken upstream streams ----------------------------------------------------------------------------
+
+def _chunk(**fields) -> bytes:
+    return json.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": CHAT_MODEL,
+                       **fields}).encode()
+
+
+GOOD_CHUNK = _chunk(choices=[{"index": 0, "delta": {"role": "assistant", "content": "par"}, "finish_reason": None}])
+BROKEN_CHUNKS = {
+    "choices_number": (_chunk(choices=5), "choices"),
+    "delta_text": (_chunk(choices=[{"index": 0, "delta": "tial"}]), "choices[0].delta"),
+    "content_number": (_chunk(choices=[{"index": 0, "delta": {"content": 5}}]), "choices[0].delta.content"),
+    "tool_calls_object": (_chunk(choices=[{"index": 0, "delta": {"tool_calls": {"index": 0}}}]),
+                          "choices[0].delta.tool_calls"),
+    "usage_text": (_chunk(choices=[], usage={"completion_tokens": "many"}), "usage.completion_tokens"),
+    "not_json": (b"{oops", "stream event"),
+    "not_an_object": (b"[]", "stream event"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_CHUNKS)
+def test_broken_chat_chunk_ends_a_responses_stream_with_response_failed(gw, case):
+    chunk, field = BROKEN_CHUNKS[case]
+    gw.chat.script.append(Reply(events=[GOOD_CHUNK, chunk, _chunk(choices=[{"index": 0, "delta": {},
+                                                                             "finish_reason": "stop"}]), b"[DONE]"]))
+    status, headers, body = call(gw, "POST", "/v1/responses", {"model": CHAT_MODEL, "input": "hi", "stream": True})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = sse_events(body)
+    final = check_stream(events)  # schema-valid events, one terminal event, last
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+    assert events[-2]["error"]["code"] == "bad_upstream_response" and f"'{field}'" in events[-2]["error"]["message"]
+    assert final["status"] == "failed"
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "par"
+    assert_still_serving(gw)
+
+
+def _event(kind: str, **fields) -> bytes:
+    return json.dumps({"type": kind, "sequence_number": 0, **fields}).encode()
+
+
+CREATED = _event("response.created", response={**GOOD_RESPONSE, "status": "in_progress", "output": []})
+BROKEN_EVENTS = {
+    "delta_number": (_event("response.output_text.delta", item_id="m1", output_index=0, content_index=0, delta=5),
+                     "delta"),
+    "item_text": (_event("response.output_item.added", output_index=0, item="function_call"), "item"),
+    "call_name_number": (_event("response.output_item.added", output_index=0,
+                                item={"type": "function_call", "id": "fc", "call_id": "c", "name": 7}), "item.name"),
+    "completed_usage_text": (_event("response.completed", response={**GOOD_RESPONSE, "usage": {"output_tokens": []}}),
+                             "response.usage.output_tokens"),
+    "created_response_text": (_event("response.created", response="yes"), "response"),
+    "type_number": (json.dumps({"type": 5}).encode(), "type"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_EVENTS)
+def test_broken_responses_event_ends_a_chat_stream_with_an_error_chunk_and_done(gw, case):
+    event, field = BROKEN_EVENTS[case]
+    first = [] if case == "created_response_text" else [CREATED]
+    gw.resp.script.append(Reply(events=[*first, event]))
+    status, headers, body = call(gw, "POST", "/v1/chat/completions",
+                                 {**CHAT_BODY, "model": RESPONSES_MODEL, "stream": True})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert body.endswith(b"data: [DONE]\n\n") and body.count(b"[DONE]") == 1
+    chunks = sse_events(body)
+    err = chunks[-1]["error"]
+    assert err["code"] == "bad_upstream_response" and f"'{field}'" in err["message"]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])
+    assert_still_serving(gw)
+
+
+def test_a_chat_stream_that_stops_without_finishing_still_ends(gw):
+    gw.chat.script.append(Reply(events=[GOOD_CHUNK]))
+    status, _, body = call(gw, "POST", "/v1/responses", {"model": CHAT_MODEL, "input": "hi", "stream": True})
+    events = sse_events(body)
+    assert status == 200 and check_stream(events)["status"] == "failed"
+    assert events[-2]["error"]["code"] == "upstream_incomplete"
+
+
+# -- hostile client requests --------------------------------------------------------------------------
+
+def _nested(depth: int) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+HOSTILE_BODIES = {  # raw body -> (status, code)
+    "escaped_duplicate_model": (b'{"model": "llama-3", "\\u006dodel": "gpt-5.3-codex", "input": "hi"}', 400,
+                                "duplicate_key"),
+    "duplicate_stream": (b'{"model": "llama-3", "input": "hi", "stream": false, "str\\u0065am": true}', 400,
+                         "duplicate_key"),
+    "duplicate_previous_response_id": (b'{"model": "llama-3", "input": "hi", "previous_response_id": "resp_a", '
+                                       b'"previous_response_id": "resp_b"}', 400, "duplicate_key"),
+    "deep_metadata": (('{"model": "llama-3", "input": "hi", "metadata": ' + _nested(300) + "}").encode(), 400,
+                      "invalid_json"),
+    "deep_tool_schema": (('{"model": "llama-3", "input": "hi", "tools": [{"type": "function", "name": "f", '
+                          '"parameters": ' + _nested(250) + "}]}").encode(), 400, "invalid_json"),
+    "duplicate_key_and_deep_array": (b'{"model": "llama-3", "model": "llama-3", "input": ' + b"[" * 2000 + b"]" * 2000
+                                     + b"}", 400, "invalid_json"),
+    "empty_json_body": (b"   ", 400, "invalid_json"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_BODIES)
+def test_hostile_body_is_a_clear_4xx(gw, case):
+    raw, status, code = HOSTILE_BODIES[case]
+    got, _, body = call(gw, "POST", "/v1/responses", raw)
+    err = error_of(got, body, status, code)
+    if case.startswith("deep_"):
+        assert "128 levels" in err["message"]
+    assert gw.chat.requests == []  # nothing reached the backend
+    assert_still_serving(gw)
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("GET", "/v1/chat/completions", "POST"), ("PATCH", "/v1/chat/completions", "POST"),
+    ("GET", "/v1/responses", "POST"), ("PUT", "/v1/responses", "POST"),
+    ("POST", "/v1/responses/resp_abc", "GET, DELETE"), ("GET", "/v1/responses/resp_abc/cancel", "POST"),
+    ("DELETE", "/v1/responses/resp_abc/input_items", "GET"), ("POST", "/v1/models", "GET"),
+    ("GET", "/v1/responses/compact", "POST"),
+])
+def test_wrong_method_on_a_sidecar_path_is_a_405_with_allow(gw, method, path, allow):
+    status, headers, body = call(gw, method, path, b"{}" if method in ("POST", "PUT", "PATCH") else None)
+    error_of(status, body, 405, "method_not_allowed")
+    assert headers["allow"] == allow
+    assert gw.chat.requests == [] and gw.resp.requests == []
+    assert_still_serving(gw)
+
+
+def test_empty_post_to_an_api_path_is_a_400(gw):
+    for path in ("/v1/chat/completions", "/v1/responses"):
+        status, _, body = call(gw, "POST", path, b"")
+        error_of(status, body, 400, "missing_body")
+    assert_still_serving(gw)
+
+
+def test_other_openai_paths_still_pass_through(gw):
+    status, _, body = call(gw, "POST", "/v1/embeddings", {"model": "text-embedding-small", "input": "x"})
+    assert status == 200 and json.loads(body)["object"] == "list"
+    assert gw.chat.last["path"] == "/v1/embeddings"
+
+
+@pytest.mark.parametrize("path", ["//v1/responses", "/v1//responses", "/v1/chat/../responses", "/v1/./responses",
+                                  "/v1%2Fresponses", "/v1/%72esponses"])
+def test_every_spelling_of_a_path_gets_the_sidecars_decision(gw, path):
+    status, _, body = call(gw, "POST", path, {"model": CHAT_MODEL, "input": "spelt oddly"})
+    assert status == 200, body[:300]
+    assert json.loads(body)["object"] == "response"  # translated: the sidecar saw /v1/responses
+    assert gw.chat.last["path"] == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize(("ctype", "status"), [
+    ("Application/JSON", 200), ("application/json; charset=UTF-8", 200), ("application/json;charset=\"utf-8\"", 200),
+    ("application/vnd.openai+json", 200), ("text/not-json-really", 415), ("application/jsonx", 415),
+    ("application/json; charset=utf-16", 415), ("text/plain", 415),
+])
+def test_media_types_are_parsed_not_substring_matched(gw, ctype, status):
+    got, _, body = call(gw, "POST", "/v1/responses", {"model": CHAT_MODEL, "input": "hi"}, {"content-type": ctype})
+    if status == 200:
+        assert got == 200 and json.loads(body)["object"] == "response"
+    else:
+        error_of(got, body, 415, "unsupported_media_type")
+    assert_still_serving(gw)
+
+
+def _raw(gw, request: bytes) -> bytes:
+    url = urlsplit(gw.url)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as s:
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):  # HTTP/1.0 and rejected requests: the connection closes
+            out += chunk
+    return out
+
+
+def test_http_10_request_gets_a_json_answer(gw):
+    body = json.dumps({"model": CHAT_MODEL, "input": "old client"}).encode()
+    out = _raw(gw, b"POST /v1/responses HTTP/1.0\r\ncontent-type: application/json\r\ncontent-length: "
+               + str(len(body)).encode() + b"\r\n\r\n" + body)
+    head, _, payload = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200")
+    assert json.loads(payload)["output"][0]["content"][0]["text"] == "echo: old client"
+    out = _raw(gw, b"GET /v1/chat/completions HTTP/1.0\r\n\r\n")
+    head, _, payload = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 405") and json.loads(payload)["error"]["code"] == "method_not_allowed"
+    assert_still_serving(gw)
+
+
+def test_content_length_and_chunked_together_read_as_chunked(gw):
+    body = json.dumps({"model": CHAT_MODEL, "input": "smuggled?"}).encode()
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    out = _raw(gw, b"POST /v1/responses HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 3\r\n"
+               b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n" + chunked)
+    head, _, payload = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), out[:300]
+    assert b"echo: smuggled?" in payload
+    assert gw.chat.last["body"]["messages"][-1]["content"] == "smuggled?"
+    assert_still_serving(gw)

@@ -1,8 +1,9 @@
-# The ext_proc sidecar: slim, non-root, exact dependency versions (deploy/requirements.lock).
+# The ext_proc sidecar: slim, non-root, exact dependency versions checked against their hashes
+# (deploy/requirements.lock, made by scripts/lock.sh from pyproject.toml and this base image's Python).
 FROM python:3.11.14-slim-bookworm AS build
 WORKDIR /src
 COPY deploy/requirements.lock ./
-RUN pip install --no-cache-dir --prefix=/install -r requirements.lock
+RUN pip install --no-cache-dir --require-hashes --prefix=/install -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY extproc ./extproc
 RUN pip install --no-cache-dir --no-deps --prefix=/install .

@@ -34,11 +34,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="drop one learned entry (repeatable); 'all' drops every one")
     p = sub.add_parser("stack", help="run Envoy, the sidecar and the demo backend locally (Ctrl-C stops)")
     p.add_argument("--config", default="deploy/config.yaml")
-    p.add_argument("--port", type=int, default=10000)
-    p.add_argument("--demo-port", type=int, default=8001, help="0 to not start the demo backend")
-    p.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port")
-    p.add_argument("--extproc-port", type=int, default=50051, help="the sidecar's gRPC port")
-    p.add_argument("--websocket-port", type=int, default=50052, help="the sidecar's WebSocket front door")
+    p.add_argument("--port", type=int, default=10000, help="Envoy's listener (default: %(default)s)")
+    p.add_argument("--envoy-admin-port", type=int, default=0, help="Envoy's admin port (default: a free one)")
+    p.add_argument("--extproc-port", type=int, default=0,
+                   help="the sidecar's gRPC port, which Envoy dials (default: a free one)")
+    p.add_argument("--admin-port", type=int, default=0,
+                   help="the sidecar's admin port: /healthz /readyz /metrics (default: a free one)")
+    p.add_argument("--websocket-port", type=int, default=0,
+                   help="the sidecar's WebSocket-mode port, which Envoy routes to (default: a free one)")
+    p.add_argument("--demo-port", type=int, default=8001,
+                   help="the demo backend's port (default: %(default)s, where deploy/config.yaml points); "
+                        "give 0 to start no demo backend")
     p = sub.add_parser("demo-backend", help="a small chat-only backend that echoes")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
@@ -75,10 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if args.command == "stack":
-        from extproc.local.stack import run_local
+        from extproc.local.stack import StackPorts, run_local
 
-        return run_local(args.config, port=args.port, admin_port=args.admin_port, extproc_port=args.extproc_port,
-                         demo_port=args.demo_port, websocket_port=args.websocket_port)
+        return run_local(args.config, StackPorts(listen=args.port, envoy_admin=args.envoy_admin_port,
+                                                 extproc=args.extproc_port, admin=args.admin_port,
+                                                 websocket=args.websocket_port, demo=args.demo_port))
     if args.command == "demo-backend":
         from extproc.local.demo_backend import serve as serve_demo
 

@@ -1,4 +1,7 @@
-"""Shared fixtures: the real stack (Envoy from the wheel + sidecar + strict test upstreams) on loopback."""
+"""Shared fixtures: the real stack (Envoy from the wheel + sidecar + strict test upstreams) on loopback.
+
+tests/unit loads this file too and runs without openai, Envoy or the test upstreams (scripts/test.sh
+runs it so): those are imported only inside the end-to-end fixtures."""
 
 from __future__ import annotations
 
@@ -7,13 +10,16 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import openai
 import pytest
 
 from extproc.local.stack import Stack, free_port, wait_for_port
 
-from .upstreams import ChatServer, ResponsesServer
+if TYPE_CHECKING:
+    import openai
+
+    from .upstreams import ChatServer, ResponsesServer
 
 CONFIG = """
 listen: 127.0.0.1:{extproc_port}
@@ -51,11 +57,15 @@ class Gateway:
     admin: str
 
     def client(self, **kw) -> openai.OpenAI:
+        import openai
+
         return openai.OpenAI(base_url=self.url + "/v1", api_key="client-key", **{"max_retries": 0, "timeout": 30, **kw})
 
 
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    from .upstreams import ChatServer, ResponsesServer
+
     chat, resp = ChatServer(), ResponsesServer()
     extproc_port, port, admin = free_port(), free_port(), free_port()
     cfg = Path(tmp_path_factory.mktemp("gw")) / "config.yaml"

@@ -13,9 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import tomllib
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -188,37 +189,59 @@ def _expand(value: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: env.get(m.group(1)) or m.group(2) or "", value)
 
 
-def native_command(service: dict, env: dict[str, str]) -> list[str]:
+def remap_ports(node: Any, ports: dict[int, int]) -> Any:
+    """A YAML document with each port in `ports` moved: `port_value` fields and `host:port` strings."""
+    if isinstance(node, dict):
+        return {k: ports.get(v, v) if k == "port_value" else remap_ports(v, ports) for k, v in node.items()}
+    if isinstance(node, list):
+        return [remap_ports(v, ports) for v in node]
+    if isinstance(node, str):
+        return re.sub(r"(?<=:)\d+$", lambda m: str(ports.get(int(m.group()), m.group())), node)
+    return node
+
+
+def native_command(service: dict, env: dict[str, str], ports: dict[int, int], workdir: Path) -> list[str]:
     """A compose service's command run here: image entrypoints become local programs, container
-    paths become the repo files mounted there."""
+    paths become the repo files mounted there, and every port the stack uses moves by `ports`, the same
+    in each file and argument (files that disagree about a port still disagree)."""
     mounts = {}
     for volume in service.get("volumes", ()):
         host, container = volume.split(":")[:2]
-        mounts[container] = str((REPO / host).resolve())
-    args = [mounts.get(_expand(a, env), _expand(a, env)) for a in service["command"]]
-    if args[0] == "envoy":
-        return [find_envoy(), *args[1:]]
+        copy = workdir / container.strip("/").replace("/", "_")
+        copy.write_text(yaml.safe_dump(remap_ports(yaml.safe_load((REPO / host).read_text()), ports)))
+        mounts[container] = str(copy)
+    args = [mounts.get(a, a) for a in (_expand(a, env) for a in service["command"])]
+    args = [str(ports.get(int(a), a)) if a.isdigit() else a for a in args]
+    if args[0] == "envoy":  # other copies of this test may run on the machine at once
+        return [find_envoy(), *args[1:], "--disable-hot-restart"]
     return [sys.executable, "-m", "extproc", *args]  # the sidecar image's ENTRYPOINT is `extproc`
 
 
-def test_compose_services_run_natively():
+# What the compose stack and deploy/*.yaml use: Envoy's listener and admin, the sidecar's gRPC, admin
+# (admin_listen's default, which the Dockerfile's HEALTHCHECK asks) and WebSocket front door
+# (websocket_listen's default), the demo backend.
+LISTENER, ENVOY_ADMIN, EXTPROC, ADMIN, WEBSOCKET, DEMO = 10000, 9901, 50051, 9902, 50052, 8001
+
+
+def test_compose_services_run_natively(tmp_path):
     compose = yaml.safe_load(COMPOSE.read_text())
-    ports = [10000, 9901, 50051, 8001, 9902]  # what the compose stack and deploy/*.yaml use
-    for port in ports:
-        with socket.socket() as s:
-            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is in use: stop what runs there (extproc stack?)"
+    ports = {p: free_port() for p in (LISTENER, ENVOY_ADMIN, EXTPROC, ADMIN, WEBSOCKET, DEMO)}  # never the fixed ones
+    defaults = {"EXTPROC_ADMIN_LISTEN": f"127.0.0.1:{ports[ADMIN]}",  # the config's defaults, moved likewise
+                "EXTPROC_WEBSOCKET_LISTEN": f"127.0.0.1:{ports[WEBSOCKET]}",
+                "EXTPROC_WEBSOCKET_GATEWAY": f"http://127.0.0.1:{ports[LISTENER]}"}
     stack = Stack()
     try:
         for name in ("sidecar", "demo-backend", "envoy"):  # compose's depends_on order
             service = compose["services"][name]
-            env = {**os.environ, **{k: str(v) for k, v in (service.get("environment") or {}).items()}}
-            stack.spawn(name, native_command(service, env), env)
+            env = {**os.environ, **{k: str(v) for k, v in (service.get("environment") or {}).items()}, **defaults}
+            stack.spawn(name, native_command(service, env, ports, tmp_path), env)
             if name == "sidecar":
-                wait_for_port(50051, proc=stack.procs[-1])
+                wait_for_port(ports[EXTPROC], proc=stack.procs[-1])
             elif name == "demo-backend":
-                wait_for_port(8001, proc=stack.procs[-1])
-        wait_for_envoy(9901)
-        client = openai.OpenAI(base_url="http://127.0.0.1:10000/v1", api_key="k", max_retries=0, timeout=30)
+                wait_for_port(ports[DEMO], proc=stack.procs[-1])
+        wait_for_envoy(ports[ENVOY_ADMIN])
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports[LISTENER]}/v1", api_key="k", max_retries=0,
+                               timeout=30)
         assert client.responses.create(model="demo", input="hello compose").output_text == "You said: hello compose"
         chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
         assert chat.choices[0].message.content == "You said: hi"
@@ -229,31 +252,51 @@ def test_compose_services_run_natively():
         stack.stop()
 
 
-def test_readme_stack_command_runs_and_stops_cleanly():
-    """`extproc stack`, the README's run command: answers at once, and SIGTERM stops every process."""
+def start_stack(config: Path, *args: str) -> tuple[subprocess.Popen, dict[str, int]]:
+    """`extproc stack` with these arguments, once it says it is ready; the ports its banner names."""
+    proc = subprocess.Popen([sys.executable, "-m", "extproc", "stack", "--config", str(config), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # ends when the stack exits: it gives up by itself if a part never starts
+        seen.append(line)
+        if line.startswith("Gateway ready at"):
+            break
+    banner = "".join(seen)
+    found = re.search(r"Envoy admin http://127\.0\.0\.1:(\d+), sidecar gRPC 127\.0\.0\.1:(\d+), sidecar admin "
+                      r"http://127\.0\.0\.1:(\d+).*\nGateway ready at http://127\.0\.0\.1:(\d+)", banner)
+    assert found, banner
+    return proc, dict(zip(("envoy_admin", "extproc", "admin", "listen"), map(int, found.groups()), strict=True))
+
+
+def test_readme_stack_command_runs_side_by_side_and_stops_cleanly(tmp_path):
+    """`extproc stack`, the README's run command, twice at once (the second uses the first's demo
+    backend): each answers at once, prints the free ports it took, and SIGTERM stops every process."""
     port, demo = free_port(), free_port()
-    config = REPO / "deploy" / "config.yaml"
-    text = config.read_text().replace("127.0.0.1:8001", f"127.0.0.1:{demo}")
-    cfg = Path(os.environ.get("TMPDIR", "/tmp")) / f"stack-test-{port}.yaml"
-    cfg.write_text(text + f"admin_listen: 127.0.0.1:{free_port()}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "extproc", "stack", "--config", str(cfg), "--port", str(port),
-                             "--demo-port", str(demo)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text((REPO / "deploy" / "config.yaml").read_text().replace("127.0.0.1:8001", f"127.0.0.1:{demo}"))
+    procs = []
     try:
-        wait_for_port(port, timeout=30, proc=proc)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=10)
-                assert client.responses.create(model="demo", input="hi").output_text == "You said: hi"
-                break
-            except openai.APIError:
-                assert time.monotonic() < deadline
+        first = start_stack(cfg, "--port", str(port), "--demo-port", str(demo))
+        procs.append(first[0])
+        second = start_stack(cfg, "--port", str(free_port()), "--demo-port", "0")
+        procs.append(second[0])
+        assert first[1]["listen"] == port
+        assert not set(first[1].values()) & set(second[1].values())
+        for _, ports in (first, second):
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports['admin']}/healthz", timeout=5) as r:
+                assert r.read() == b"ok\n"
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports['envoy_admin']}/ready", timeout=5) as r:
+                assert r.read() == b"LIVE\n"
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['listen']}/v1", api_key="k", max_retries=0,
+                                   timeout=10)
+            assert client.responses.create(model="demo", input="hi").output_text == "You said: hi"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        cfg.unlink()
-    assert "Gateway ready at" in out
-    for p in (port, demo):
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.communicate(timeout=30)
+    for p in [demo, *first[1].values(), *second[1].values()]:
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", p)) != 0, f"something still listens on {p} after SIGTERM"
 

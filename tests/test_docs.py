@@ -181,9 +181,9 @@ def local_stack(tmp_path_factory) -> Iterator[LocalStack]:
     port, envoy_admin, extproc, sidecar_admin, ws = free_port(), free_port(), free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "extproc", "stack", "--config", str(config), "--port", str(port),
-         "--admin-port", str(envoy_admin), "--extproc-port", str(extproc), "--websocket-port", str(ws),
-         "--demo-port", str(demo)],
-        env={**os.environ, "EXTPROC_ADMIN_LISTEN": f"127.0.0.1:{sidecar_admin}"}, cwd=REPO,
+         "--envoy-admin-port", str(envoy_admin), "--extproc-port", str(extproc), "--admin-port", str(sidecar_admin),
+         "--websocket-port", str(ws), "--demo-port", str(demo)],
+        cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         printed = _read_until(proc, "Ctrl-C stops everything.", timeout=60)

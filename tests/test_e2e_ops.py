@@ -4,6 +4,7 @@ line with usage, graceful shutdown with a stream in flight, config reload (SIGHU
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from extproc.local.stack import Stack, free_port, wait_for_port
+from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
 
 from .upstreams import ChatServer, Reply
 
@@ -283,48 +284,101 @@ def test_access_log_carries_usage(ops):
         "path": "/v1/chat/completions"}
 
 
+def answers(client: openai.OpenAI, model: str) -> bool:
+    try:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    except openai.NotFoundError:
+        return False
+    return True
+
+
 def test_reload_on_file_change_keeps_streams(ops):
     client = ops.client()
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="late-model", messages=[{"role": "user", "content": "hi"}])
-    ops.chat.script.append(Reply(text="slow " * 50, delay=0.05))
+    assert not answers(client, "late-model")
+    held = threading.Event()
+    ops.chat.script.append(Reply(text="slow " * 50, hold=held))  # open until the reload is done
     got: list[str] = []
 
     def stream() -> None:
         r = client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "x"}], stream=True)
         got.append("".join(c.choices[0].delta.content or "" for c in r if c.choices))
 
+    before = len(ops.chat.requests)
     t = threading.Thread(target=stream)
     t.start()
-    time.sleep(0.2)
-    ops.config.write_text(CONFIG.format(**{**ops.render, "extra": ', "late-model"'}))  # no SIGHUP: the file is watched
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.chat.completions.create(model="late-model", messages=[{"role": "user", "content": "hi"}])
-            break
-        except openai.NotFoundError:
-            assert time.monotonic() < deadline, "config change not picked up"
-            time.sleep(0.3)
-    t.join(timeout=30)
+    try:
+        assert wait_until(lambda: len(ops.chat.requests) > before), "the stream did not reach the upstream"
+        ops.config.write_text(CONFIG.format(**{**ops.render, "extra": ', "late-model"'}))  # no SIGHUP: the file is watched
+        assert wait_until(lambda: answers(client, "late-model"), timeout=15, interval=0.3), "config change not picked up"
+        assert t.is_alive() and not got  # the stream was in flight across the reload
+    finally:
+        held.set()
+        t.join(timeout=30)
     assert got == [("slow " * 50)]
-    ops.config.write_text("backends: [")  # an invalid file is rejected, the running config kept
-    ops.sidecar.send_signal(signal.SIGHUP)
-    time.sleep(0.5)
-    assert client.chat.completions.create(model="late-model", messages=[{"role": "user", "content": "hi"}])
     ops.config.write_text(CONFIG.format(**ops.render))
 
 
-def test_secrets_stay_out_of_logs_metrics_and_errors(ops):
+def replace_unseen(path: Path, text: str) -> None:
+    """New content of the same size and modification time: the file watcher sees no change, so only
+    SIGHUP can apply it."""
+    st = path.stat()
+    assert len(text.encode()) == st.st_size
+    tmp = path.with_suffix(".next")
+    tmp.write_text(text)
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, path)  # at once: never a moment with another size or time
+
+
+def test_sighup_reloads_and_an_invalid_file_keeps_the_running_config(ops):
+    client = ops.client()
+    config = CONFIG.format(**{**ops.render, "extra": ', "hup-a"'})
+    ops.config.write_text(config)
+    assert wait_until(lambda: answers(client, "hup-a"), timeout=15, interval=0.3), "config change not picked up"
+    try:
+        replace_unseen(ops.config, config.replace("hup-a", "hup-b"))
+        ops.sidecar.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: answers(client, "hup-b"), interval=0.2), "SIGHUP did not reload the config"
+        assert not answers(client, "hup-a")
+        rejected = ops.stack.log("sidecar").count("config reload rejected")
+        invalid = "backends: [\n"
+        replace_unseen(ops.config, invalid + "#" * (len(config) - len(invalid)))
+        ops.sidecar.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: ops.stack.log("sidecar").count("config reload rejected") > rejected), \
+            "SIGHUP did not read the invalid file"
+        assert answers(client, "hup-b")  # the running config is kept
+    finally:
+        ops.config.write_text(CONFIG.format(**ops.render))
+
+
+def key_quoting_errors(ops: Ops) -> list[str]:
+    """What the client gets when the upstream rejects the key and quotes it, as some providers do:
+    the error bodies of a passed-through and of a translated request."""
+    client = ops.client()
+    bodies = []
+    for call in (lambda: client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "hi"}]),
+                 lambda: client.responses.create(model="ops-a", input="hi")):
+        ops.chat.script.append(Reply(error=(401, {"error": {"message": f"Incorrect API key provided: {SECRET}.",
+                                                            "type": "invalid_request_error", "code": "invalid_api_key"}})))
+        with pytest.raises(openai.AuthenticationError) as e:
+            call()
+        bodies.append(e.value.response.text)
+    assert all("Incorrect API key provided" in b for b in bodies)  # the upstream's errors do reach the client
+    return bodies
+
+
+def test_secrets_stay_out_of_logs_and_metrics(ops):
     client = ops.client()
     client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "hi"}])
     assert ops.chat.last["headers"]["authorization"] == "Bearer " + SECRET  # it does reach the upstream
-    ops.chat.script.append(Reply(error=(401, {"error": {"message": "bad key", "type": "auth"}})))
-    with pytest.raises(openai.AuthenticationError) as e:
-        client.responses.create(model="ops-a", input="hi")
-    assert SECRET not in str(e.value.body)
+    key_quoting_errors(ops)  # the key has passed through the sidecar in both directions
     assert SECRET not in ops.get("/metrics")[1]
     assert SECRET not in ops.stack.log("sidecar") and SECRET not in ops.stack.log(ops.envoy_log)
+
+
+@pytest.mark.xfail(strict=True, reason="not built yet: the sidecar relays an upstream error that quotes the key "
+                                       "it injected (api_key_env) unchanged; remove this mark once it scrubs it")
+def test_an_upstream_error_quoting_the_key_reaches_the_client_without_it(ops):
+    assert [SECRET in body for body in key_quoting_errors(ops)] == [False, False]
 
 
 def test_upstream_that_stalls_is_cut_by_the_route_timeout(ops):

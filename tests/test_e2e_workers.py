@@ -37,8 +37,11 @@ backends:
     stack = Stack()
     try:
         sup = stack.spawn("workers", [sys.executable, "-m", "extproc", "serve", "--config", str(cfg), "--workers", "2"])
-        wait_for_port(base, proc=sup)
-        wait_for_port(base + 1, proc=sup)
+        try:
+            wait_for_port(base, proc=sup)
+            wait_for_port(base + 1, proc=sup)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"the workers did not start:\n{stack.log('workers')}") from e
         port, envoy_admin = free_port(), free_port()
         doc = yaml.safe_load(render_envoy_config(port, envoy_admin, base))
         for cluster in doc["static_resources"]["clusters"]:

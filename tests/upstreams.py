@@ -55,6 +55,7 @@ class Reply:
     pieces: int = 3  # deltas per streamed text
     delay: float = 0.0  # seconds between streamed text deltas (a slow model)
     stall: float = 0.0  # seconds to wait before answering at all (a stuck model)
+    hold: threading.Event | None = None  # a stream waits after its first chunk until this is set (at most 30 s)
     # A broken provider: `body` is sent as a 200 JSON answer whatever it holds (b"" for no body at
     # all); `events` are the SSE data payloads of a 200 stream, sent as they are, then the stream ends.
     body: bytes | None = None
@@ -265,6 +266,8 @@ class _ChatHandler(_Handler):
             self.send_chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
 
         send({"role": "assistant", "content": ""})
+        if reply.hold is not None:
+            reply.hold.wait(timeout=30)
         for piece in _pieces(reply.reasoning or "") if reply.reasoning else []:
             send({"reasoning_content": piece})
         for piece in _pieces(reply.text, reply.pieces if reply.delay == 0 else 20) if reply.text else []:

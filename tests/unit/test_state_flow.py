@@ -12,6 +12,8 @@ from extproc.exchange import STREAMED, Action, Exchange, Lookup
 from extproc.routing.gateway import Gateway
 from extproc.state import records as conv
 
+from .ring_reference import owner
+
 CFG = """
 usage_accounting: translated  # so that pinning alone decides which phases are asked for
 backends:
@@ -24,6 +26,15 @@ backends:
     models: ["llama-*"]
     endpoints: ["10.0.1.1:80", "10.0.1.2:80"]
 """
+
+
+# Where the ring of backend `resp` puts ids that have no record: derived with the reference model of
+# the ring (tests/unit/ring_reference.py, checked against the published FNV-1a and splitmix64 vectors).
+RING_HOME = {"resp_old": "10.0.0.1:80", "r8": "10.0.0.3:80"}
+
+
+def test_ring_homes_are_the_reference_placements():
+    assert {rid: owner(rid, ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]) for rid in RING_HOME} == RING_HOME
 
 
 @pytest.fixture
@@ -84,7 +95,7 @@ def test_previous_response_id_follows_the_pin(gateway):
 def test_without_a_record_the_ring_position_of_the_id_decides(gateway):
     body = {"model": "gpt-oss-1", "input": "x", "previous_response_id": "resp_old"}
     sent = [send(gateway, "/v1/responses", body, store) for store in ({}, None) for _ in range(5)]  # None: store down
-    assert {endpoint(act) for _, act in sent} == {gateway.target(gateway.config.backends[0], "resp_old").endpoint}
+    assert {endpoint(act) for _, act in sent} == {RING_HOME["resp_old"]}
     assert {ex.pin_decision for ex, _ in sent} == {"pin_fallback"}
 
 
@@ -182,7 +193,7 @@ def test_resources_follow_pins_else_the_ring(gateway):
         assert endpoint(act) == "10.0.0.2:80" and not act.done  # a 503 from a dead instance gets explained
         assert ex.response_headers({":status": "200", "content-type": "application/json"}).done
     _, act = send(gateway, "/v1/responses/r8", None, store, method="DELETE")
-    assert endpoint(act) == gateway.target(gateway.config.backends[0], "r8").endpoint and act.done
+    assert endpoint(act) == RING_HOME["r8"] and act.done
 
 
 def test_dead_pinned_instance_is_explained(gateway):

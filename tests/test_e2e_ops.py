@@ -375,8 +375,6 @@ def test_secrets_stay_out_of_logs_and_metrics(ops):
     assert SECRET not in ops.stack.log("sidecar") and SECRET not in ops.stack.log(ops.envoy_log)
 
 
-@pytest.mark.xfail(strict=True, reason="not built yet: the sidecar relays an upstream error that quotes the key "
-                                       "it injected (api_key_env) unchanged; remove this mark once it scrubs it")
 def test_an_upstream_error_quoting_the_key_reaches_the_client_without_it(ops):
     assert [SECRET in body for body in key_quoting_errors(ops)] == [False, False]
 

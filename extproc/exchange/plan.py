@@ -74,7 +74,7 @@ class Plan:
     @property
     def watches_answer(self) -> bool:
         return (self.pair is not None or self.record_id or self.observe_usage or self.facts is not None
-                or self.pinned_id is not None)
+                or self.pinned_id is not None or bool(self.target.backend.api_key))  # errors may quote the key
 
     def notes(self) -> list[tuple[str, str]]:
         """Response headers that tell the client what translation changed."""

@@ -9,6 +9,7 @@ exchange, or None when nothing more is needed (Envoy passes the answer on untouc
 | TranslateStream  | a translated 200 SSE stream                           | STREAMED             |
 | ExplainLostPin   | a request routed by a pin got Envoy's 503             | BUFFERED             |
 | LearnRejection   | a model of unknown API got a 400/404/405/422          | BUFFERED             |
+| ScrubKey         | an untranslated error from a backend given our key    | BUFFERED             |
 | Observe          | an untranslated 2xx whose id or usage must be read    | STREAMED             |
 
 Upstream bytes are untrusted: whatever a translator cannot use becomes a 502 `bad_upstream_response`
@@ -123,7 +124,7 @@ class TranslateBuffered:
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
         data = self.decoder.decode(chunk, end_of_stream)
         if not 200 <= self.status < 300:
-            return new_body(orjson.dumps({"error": upstream_error_payload(self.status, data)}))
+            return new_body(orjson.dumps({"error": upstream_error_payload(self.status, scrub(data, self.plan))}))
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -201,7 +202,7 @@ class LearnRejection:
         assert facts is not None and plan.client_api is not None
         needs = rejection_needs(self.status, chunk, plan.client_api)
         if needs is None:
-            return Action(done=True)  # any other error goes to the client untouched
+            return ScrubKey(plan).body(chunk, end_of_stream)  # any other error goes to the client as it is
         log.info("model=%s backend=%s: learned that it needs the %s API", plan.model, plan.target.backend.name, needs)
         writes = facts.needs(needs)
         self.outcome.learned_fact = "needs_" + needs
@@ -212,6 +213,27 @@ class LearnRejection:
                                          f"the gateway has learned this, {retry}.",
                             param="model", code="model_api_learned").body()
         return new_body(body, writes=writes, write_ttl=facts.ttl)
+
+
+def scrub(body: bytes, plan: Plan) -> bytes:
+    """An upstream error that quotes the key the sidecar sent it (some providers echo a rejected key)
+    never carries it to the client, who never had it."""
+    key = plan.target.backend.api_key
+    return body.replace(key.encode(), b"[redacted]") if key else body
+
+
+class ScrubKey:
+    """An untranslated error from a backend that got the sidecar's own key: read, and the key removed."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def headers_action(self) -> Action:
+        return Action(response_body_mode=BUFFERED)
+
+    def body(self, chunk: bytes, end_of_stream: bool) -> Action:
+        clean = scrub(chunk, self.plan)
+        return new_body(clean) if clean != chunk else Action(done=True)
 
 
 class Observe:
@@ -260,6 +282,8 @@ def choose(plan: Plan, status: int, headers: dict[str, str], outcome: Outcome) -
         return Observe(plan, None, scanner, [], outcome) if scanner is not None else Action(done=True)
     if plan.facts is not None and status in _LEARNABLE:
         return LearnRejection(plan, status, outcome)
+    if status >= 400 and plan.target.backend.api_key:
+        return ScrubKey(plan)
     writes: Writes = []
     if plan.facts is not None and ok:
         writes = plan.facts.answered()

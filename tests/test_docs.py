@@ -339,7 +339,7 @@ def test_every_metric_and_admin_path_in_the_docs_is_served(local_stack):
                and n not in labels}  # a label name (gen_ai_token_type) is a quoted name where metrics are defined
     assert not unknown, f"named in the docs, neither exposed by /metrics nor a label: {sorted(unknown)}"
     paths = {p for text in TEXT.values() for p in re.findall(r"`(?:GET |DELETE )?(/(?!v1)[a-z]+)(?:\?[^`]*)?`", text)
-             if p in text and re.search(rf"admin[^\n]*`(?:GET |DELETE )?{p}", text)}
+             if p in text and re.search(rf"admin[^\n]*`(?:GET |DELETE )?{p}(?:\?[^`]*)?`", text)}  # the whole path, not a prefix
     assert {"/healthz", "/readyz", "/metrics"} <= paths
     for path in paths:
         try:

@@ -72,8 +72,10 @@ def decide(config: Config, res: Resolution | None, client_api: str, learned: Lea
         return PathChoice(False, "the model's API is still being learned from the backend's answers")
     if not config.fast_path:
         return PathChoice(False, "fast_path is off in the config")
-    if res.backend.api_key:
+    if res.backend.api_key_env:
         return PathChoice(False, "the backend has an API key, which only the processor adds")
+    if (unserved := res.backend.unserved()) is not None:
+        return PathChoice(False, f"the processor answers 503 {unserved.code}")
     where = f"cluster {res.backend.cluster}" if res.backend.cluster else \
         f"{len(res.backend.endpoints)} instance(s) of {backend_cluster(res.backend)}"
     if client_api == RESPONSES:

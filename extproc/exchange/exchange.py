@@ -138,8 +138,7 @@ class Exchange:
 
     @property
     def dropped_tools(self) -> list[str]:
-        pair = self.req.plan.pair if self.req.plan else None
-        return pair.dropped_tools if pair is not None else []
+        return self.req.plan.dropped_tools if self.req.plan else []
 
     @property
     def pin_decision(self) -> str | None:

@@ -76,10 +76,18 @@ class Plan:
         return (self.pair is not None or self.record_id or self.observe_usage or self.facts is not None
                 or self.pinned_id is not None or bool(self.target.backend.api_key))  # errors may quote the key
 
+    @property
+    def dropped_tools(self) -> list[str]:
+        """Hosted tools removed for a chat backend."""
+        return self.pair.dropped_tools if self.pair is not None else []
+
     def notes(self) -> list[tuple[str, str]]:
         """Response headers that tell the client what translation changed."""
-        dropped = self.pair.dropped_tools if self.pair is not None else []
-        return [("x-gateway-dropped-tools", ",".join(dropped))] if dropped else []
+        return [("x-gateway-dropped-tools", ",".join(self.dropped_tools))] if self.dropped_tools else []
+
+    def learned_ttl(self, writes: Writes) -> int | None:
+        """The TTL of learned-fact writes (None: no such writes, the store's default)."""
+        return self.facts.ttl if writes and self.facts is not None else None
 
     def keep_turn(self, response: dict[str, Any] | None) -> Writes:
         if self.turn is None:

@@ -158,25 +158,27 @@ class TranslateStream:
             if not end_of_stream:
                 return Action(body=out)
             out += self.translator.close()
-        except GatewayError as e:
-            return Action(body=self.translator.fail(e.code or "upstream_error", e.message), done=True)
-        except Exception as e:  # a chunk of a shape the translator cannot use: end the stream properly
-            err = bad_upstream(_why(e))
-            return Action(body=self.translator.fail(err.code or "", err.message), done=True)
+        except Exception as e:  # a chunk the translator cannot use (or cannot decode): end the stream properly
+            err = e if isinstance(e, GatewayError) else bad_upstream(_why(e))
+            return Action(body=self.translator.fail(err.code or "upstream_error", err.message), done=True)
         final = self.translator.response
         self.outcome.account(self.plan, 200, usage_of(final),
                              lambda: text_bytes(orjson.dumps(final.get("output"))) if final else 0)
         return Action(body=out, writes=self.plan.keep_turn(final), done=True)
 
 
-class ExplainLostPin:
+class Buffered:
+    """A handler that reads the whole answer and changes nothing at its headers."""
+
+    def headers_action(self) -> Action:
+        return Action(response_body_mode=BUFFERED)
+
+
+class ExplainLostPin(Buffered):
     """Envoy's own 503 for a pinned request means the instance holding the response is gone."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
-
-    def headers_action(self) -> Action:
-        return Action(response_body_mode=BUFFERED)
 
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
         if not any(sign in chunk for sign in _UNREACHABLE):
@@ -187,14 +189,11 @@ class ExplainLostPin:
                                           "answering; retry later", code="pinned_backend_unavailable").body())
 
 
-class LearnRejection:
+class LearnRejection(Buffered):
     """The upstream may say the model needs the other API: remember it, and say a retry will work."""
 
     def __init__(self, plan: Plan, status: int, outcome: Outcome):
         self.plan, self.status, self.outcome = plan, status, outcome
-
-    def headers_action(self) -> Action:
-        return Action(response_body_mode=BUFFERED)
 
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
         plan = self.plan
@@ -222,14 +221,11 @@ def scrub(body: bytes, plan: Plan) -> bytes:
     return body.replace(key.encode(), b"[redacted]") if key else body
 
 
-class ScrubKey:
+class ScrubKey(Buffered):
     """An untranslated error from a backend that got the sidecar's own key: read, and the key removed."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
-
-    def headers_action(self) -> Action:
-        return Action(response_body_mode=BUFFERED)
 
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
         clean = scrub(chunk, self.plan)
@@ -244,8 +240,7 @@ class Observe:
         self.plan, self.recorder, self.scanner, self.writes, self.outcome = plan, recorder, scanner, writes, outcome
 
     def headers_action(self) -> Action:
-        ttl = self.plan.facts.ttl if self.writes and self.plan.facts else None
-        return Action(response_body_mode=STREAMED, writes=self.writes, write_ttl=ttl)
+        return Action(response_body_mode=STREAMED, writes=self.writes, write_ttl=self.plan.learned_ttl(self.writes))
 
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
         writes: Writes = []
@@ -293,8 +288,7 @@ def choose(plan: Plan, status: int, headers: dict[str, str], outcome: Outcome) -
         if ok and plan.observe_usage else None
     if recorder is not None or scanner is not None:
         return Observe(plan, recorder, scanner, writes, outcome)
-    ttl = plan.facts.ttl if writes and plan.facts else None
-    return Action(writes=writes, write_ttl=ttl, done=True)
+    return Action(writes=writes, write_ttl=plan.learned_ttl(writes), done=True)
 
 
 def _why(e: Exception) -> str:

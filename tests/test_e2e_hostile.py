@@ -287,12 +287,18 @@ def test_media_types_are_parsed_not_substring_matched(gw, ctype, status):
 
 
 def _raw(gw, request: bytes) -> bytes:
+    """One answer to raw bytes: read until it is complete (content-length) or the connection closes.
+    A 30 s timeout, never reached when Envoy answers, fails the test if it does not."""
     url = urlsplit(gw.url)
     with socket.create_connection((url.hostname, url.port), timeout=30) as s:
         s.sendall(request)
         out = b""
-        while chunk := s.recv(65536):  # HTTP/1.0 and rejected requests: the connection closes
+        while chunk := s.recv(65536):
             out += chunk
+            head, sep, payload = out.partition(b"\r\n\r\n")
+            length = [line.split(b":", 1)[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+            if sep and length and len(payload) >= int(length[0]):
+                break
     return out
 
 
@@ -318,4 +324,53 @@ def test_content_length_and_chunked_together_read_as_chunked(gw):
     assert head.startswith(b"HTTP/1.1 200"), out[:300]
     assert b"echo: smuggled?" in payload
     assert gw.chat.last["body"]["messages"][-1]["content"] == "smuggled?"
+    assert_still_serving(gw)
+
+
+_POST = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+UNREADABLE = {  # requests Envoy cannot read as HTTP: (bytes, status, Envoy's code for the rule)
+    "two_content_lengths": (_POST + b"content-length: 3\r\ncontent-length: 5\r\n\r\n{}", 400, "http1.codec_error"),
+    "content_length_list": (_POST + b"content-length: 2, 3\r\n\r\n{}", 400, "http1.codec_error"),
+    "content_length_text": (_POST + b"content-length: two\r\n\r\n{}", 400, "http1.codec_error"),
+    "negative_content_length": (_POST + b"content-length: -1\r\n\r\n{}", 400, "http1.codec_error"),
+    "space_in_header_name": (_POST + b"x bad: 1\r\ncontent-length: 2\r\n\r\n{}", 400, "http1.codec_error"),
+    "garbage_request_line": (b"GARBAGE\r\n\r\n", 400, "http1.codec_error"),
+    "unknown_transfer_coding": (_POST + b"transfer-encoding: gzip\r\n\r\n", 501, "http1.invalid_transfer_encoding"),
+    "http11_without_host": (b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}", 400, "missing_host_header"),
+    "escaped_nul_in_path": (b"POST /v1/chat/%00 HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n", 400,
+                            "path_normalization_failed"),
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_a_request_envoy_cannot_read_gets_a_json_error_and_goes_nowhere(gw, case):
+    """Refused by Envoy before the sidecar or any upstream sees it, answered at once in the OpenAI shape
+    (held for the processor, this answer used to be lost: an empty reply)."""
+    request, status, code = UNREADABLE[case]
+    out = _raw(gw, request)
+    head, _, payload = out.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), out[:300]
+    assert b"content-type: application/json" in head.lower()
+    err = error_of(status, payload, status, code)
+    assert err["type"] == "invalid_request_error" and "refused before it was read" in err["message"]
+    assert gw.chat.requests == [] and gw.resp.requests == []  # no upstream received any of it
+    assert_still_serving(gw)
+
+
+def test_a_chunked_body_broken_midway_reaches_no_upstream(gw):
+    """Framing that breaks after the headers: Envoy drops the connection without an answer (its codec
+    resets the stream while the processor holds the reply; docs/security.md), and nothing of the
+    request is forwarded."""
+    out = _raw(gw, _POST + b"transfer-encoding: chunked\r\n\r\n5\r\n{\"mod\r\nZZ\r\nxx\r\n")
+    assert out == b""
+    assert gw.chat.requests == [] and gw.resp.requests == []
+    assert_still_serving(gw)
+
+
+def test_connect_gets_a_json_404(gw):
+    """No route takes a tunnel: Envoy's 404 in the OpenAI shape, at once (no processor waits on its body)."""
+    out = _raw(gw, b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n")
+    head, _, payload = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 "), out[:300]
+    error_of(404, payload, 404, "route_not_found")
     assert_still_serving(gw)

@@ -165,6 +165,11 @@ def _any(msg: Any) -> any_pb2.Any:
 
 
 _NO_PROCESSOR = {"envoy.filters.http.ext_proc": _any(ext_proc_pb2.ExtProcPerRoute(disabled=True))}
+# deploy/envoy.yaml lists ext_proc as disabled, so a request Envoy refuses before matching a route gets
+# Envoy's answer at once; every request a route takes has the processor through the virtual host
+# (and routes with _NO_PROCESSOR turn it off again).
+_WITH_PROCESSOR = {"envoy.filters.http.ext_proc": _any(rc.FilterConfig(config=_any(
+    ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides()))))}
 
 
 def _timeout(config: Config) -> duration_pb2.Duration:
@@ -321,7 +326,7 @@ def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str
         middle += _glob_routes(config, client_api)
     while middle and middle[-1].name == "processor":  # the catch-all does the same
         middle.pop()
-    host = rc.VirtualHost(name=ROUTE_CONFIG, domains=["*"], routes=first + middle + last,
+    host = rc.VirtualHost(name=ROUTE_CONFIG, domains=["*"], routes=first + middle + last, typed_per_filter_config=_WITH_PROCESSOR,
                           include_request_attempt_count=True)  # the first-contact processor tells attempts apart
     return Compiled(route_pb2.RouteConfiguration(name=ROUTE_CONFIG, virtual_hosts=[host]),
                     [_cluster(b) for b in config.backends if b.endpoints])

@@ -206,6 +206,22 @@ def test_clusters_and_actions():
     assert "envoy.filters.http.ext_proc" in routes["fast:chat:chatty"].typed_per_filter_config
 
 
+def test_the_processor_is_on_for_every_route_the_virtual_host_holds():
+    """deploy/envoy.yaml lists ext_proc as disabled (so Envoy's refusal of a request no route took is
+    not held for it): the virtual host must turn it on, and only fast routes and the socket off."""
+    from envoy.config.route.v3 import route_components_pb2 as rc
+    from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
+
+    host = compile_routes(config(), knowledge(), LEARNED).routes.virtual_hosts[0]
+    on = rc.FilterConfig()
+    assert host.typed_per_filter_config["envoy.filters.http.ext_proc"].Unpack(on)
+    assert not on.disabled and not on.is_optional
+    per_route = ext_proc_pb2.ExtProcPerRoute()
+    assert on.config.Unpack(per_route) and not per_route.disabled
+    off = {r.name for r in host.routes if "envoy.filters.http.ext_proc" in r.typed_per_filter_config}
+    assert off == {r.name for r in host.routes if r.name.startswith("fast:")} | {"websocket"}
+
+
 def test_decide_reasons():
     cfg = config()
     classifier = Classifier(cfg, knowledge())

@@ -36,7 +36,7 @@ RESPONSES_BODY = {"id": "resp_bench", "object": "response", "created_at": 170000
                   "usage": {"input_tokens": 12, "output_tokens": 10, "total_tokens": 22}}
 
 
-OUR_FILTERS = ("envoy.filters.http.ext_proc", "envoy.filters.http.header_mutation", "envoy.filters.http.json_to_metadata",
+OUR_FILTERS = ("envoy.filters.http.ext_proc", "envoy.filters.http.header_mutation", "envoy.filters.http.match_delegate",
                "envoy.filters.http.sse_to_metadata")
 
 

@@ -100,7 +100,7 @@ class ModelRule:
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 48 * 1024 * 1024  # below Envoy's 64 MiB buffer: the sidecar answers first
-    upstream_timeout_seconds: int = 600  # Envoy's route timeout to a backend (the compiled routes carry it)
+    upstream_timeout_seconds: int = 600  # how long a backend may stay silent (the compiled routes' idle timeout)
 
 
 STORES = ("memory", "sqlite", "redis")

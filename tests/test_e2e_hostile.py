@@ -374,3 +374,83 @@ def test_connect_gets_a_json_404(gw):
     assert head.startswith(b"HTTP/1.1 404 "), out[:300]
     error_of(404, payload, 404, "route_not_found")
     assert_still_serving(gw)
+
+
+_HUGE = 70 * 1024 * 1024  # over Envoy's 64 MiB buffer (per_connection_buffer_limit_bytes in deploy/envoy.yaml)
+
+
+def _huge_json(**fields) -> bytes:
+    head = json.dumps(fields).encode()[:-1] + b', "pad": "'
+    return head + b"x" * (_HUGE - len(head) - 2) + b'"}'
+
+
+def test_an_answer_on_another_path_is_never_buffered_whatever_its_size(gw):
+    """A large embeddings batch passes through as it is: nothing buffers answers off the two API paths."""
+    big = _huge_json(object="list", data=[], model="text-embedding-small")
+    gw.chat.script.append(Reply(body=big))
+    status, _, body = call(gw, "POST", "/v1/embeddings", {"model": "text-embedding-small", "input": "x"})
+    assert status == 200 and len(body) == len(big) and body == big
+    assert_still_serving(gw)
+
+
+def test_a_translated_answer_over_the_buffer_is_a_502(gw):
+    gw.chat.script.append(Reply(body=_huge_json(**GOOD_CHAT)))
+    status, _, body = call(gw, "POST", "/v1/responses", {"model": CHAT_MODEL, "input": "a lot, please"})
+    err = error_of(status, body, 502, "bad_upstream_response")
+    assert "64 MiB" in err["message"]
+    assert_still_serving(gw)
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/responses/resp_1/"), ("DELETE", "/v1/responses/resp_1/"), ("POST", "/v1/responses/"),
+    ("POST", "/v1/responses/resp_1/cancel/"), ("GET", "/v1/responses/resp_1;x"), ("GET", "/v1/responses/resp_1/."),
+    ("POST", "/v1/chat/completions/"), ("GET", "/v1/responses/resp_1/input_items/"),
+])
+def test_another_spelling_of_a_sidecar_path_never_reaches_an_upstream(gw, method, path):
+    """An upstream that reads `/v1/responses/resp_1/` as `/v1/responses/resp_1` (many do) would otherwise
+    serve it with the gateway's key and without the sidecar's tenancy check or translation."""
+    body = {"model": CHAT_MODEL, "input": "x", "previous_response_id": "resp_1"} if method == "POST" else None
+    status, _, raw = call(gw, method, path, body)
+    err = error_of(status, raw, 404, "invalid_url")
+    assert err["message"].startswith(f"Invalid URL ({method} /v1/")
+    assert gw.chat.requests == [] and gw.resp.requests == []
+    assert_still_serving(gw)
+
+
+def test_input_token_counting_is_passed_to_a_responses_backend(gw):
+    status, _, raw = call(gw, "POST", "/v1/responses/input_tokens", {"model": RESPONSES_MODEL, "input": "count these"})
+    assert status == 200 and json.loads(raw) == {"object": "response.input_tokens", "input_tokens": 2}
+    assert gw.resp.requests and gw.resp.last["path"] == "/v1/responses/input_tokens"
+    assert gw.resp.last["body"] == {"model": RESPONSES_MODEL, "input": "count these"}
+    status, _, raw = call(gw, "POST", "/v1/responses/input_tokens", {"model": CHAT_MODEL, "input": "count"})
+    error_of(status, raw, 400, "unsupported_api")
+
+
+@pytest.mark.parametrize("client_api", ["responses", "chat"])
+def test_an_upstream_that_drops_mid_stream_is_an_error_the_client_sees(gw, client_api):
+    """Envoy cannot add to an answer whose upstream connection broke (it resets the client's stream), so a
+    translated stream then ends without its terminal event, but never looks complete: the SDK raises on
+    the unfinished body rather than ending quietly."""
+    import threading
+
+    import openai
+
+    client, drop = gw.client(), threading.Event()
+    seen = []
+    if client_api == "responses":
+        gw.chat.script.append(Reply(text="partial answer", cut=True, drop=drop))
+        with pytest.raises(openai.APIConnectionError):
+            for event in client.responses.create(model=CHAT_MODEL, input="hi", stream=True):
+                seen.append(event.type)
+                drop.set()  # the stream has started: now the upstream's connection breaks
+        assert seen[0] == "response.created"
+        assert not {"response.completed", "response.failed", "response.incomplete"} & set(seen)
+    else:
+        gw.resp.script.append(Reply(text="partial answer", cut=True, drop=drop))
+        with pytest.raises(openai.APIConnectionError):
+            for chunk in client.chat.completions.create(model=RESPONSES_MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                        stream=True):
+                seen.append(chunk.choices[0].finish_reason if chunk.choices else "usage")
+                drop.set()
+        assert seen and not any(seen)  # chunks arrived, none of them a finish
+    assert_still_serving(gw)

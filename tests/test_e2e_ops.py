@@ -379,9 +379,11 @@ def test_an_upstream_error_quoting_the_key_reaches_the_client_without_it(ops):
     assert [SECRET in body for body in key_quoting_errors(ops)] == [False, False]
 
 
-def test_upstream_that_stalls_is_cut_by_the_route_timeout(ops):
-    """The routes give upstreams limits.upstream_timeout_seconds (600 s by default; 1 s here): what a client
-    gets when it runs out. The sidecar compiles the timeout into Envoy's routes, live."""
+def test_upstream_silence_is_bounded_but_a_long_stream_is_not(ops):
+    """limits.upstream_timeout_seconds (600 s by default; 1 s here) bounds how long an upstream may stay
+    silent: a stalled one is a 504 in the OpenAI shape, while a stream that lasts longer in all but keeps
+    sending runs to its end (a total bound would cut it mid-way, with no terminal event). The sidecar
+    compiles the bound into Envoy's routes, live."""
     ops.config.write_text(CONFIG.format(**ops.render) + "limits: {upstream_timeout_seconds: 1}\n")
     ops.sidecar.send_signal(signal.SIGHUP)
     try:
@@ -394,7 +396,18 @@ def test_upstream_that_stalls_is_cut_by_the_route_timeout(ops):
             with pytest.raises(openai.APIStatusError) as e:
                 call()
             assert e.value.status_code == 504 and time.monotonic() - t0 < 2.5
-            assert e.value.body["message"] == "upstream request timeout"  # JSON in the OpenAI shape either way
+            assert "did not answer within" in e.value.body["message"]  # JSON in the OpenAI shape either way
+        text = " ".join(f"w{i}" for i in range(40))
+        ops.chat.script.append(Reply(text=text, delay=0.1))  # 20 deltas 0.1 s apart: 2 s in all
+        t0 = time.monotonic()
+        chunks = list(client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "x"}],
+                                                     stream=True))
+        assert time.monotonic() - t0 > 1.5
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        ops.chat.script.append(Reply(text=text, delay=0.1))
+        with client.responses.stream(model="ops-a", input="x") as stream:  # translated
+            final = stream.get_final_response()
+        assert final.status == "completed" and final.output_text == text
     finally:
         ops.config.write_text(CONFIG.format(**ops.render))
         ops.sidecar.send_signal(signal.SIGHUP)
@@ -402,7 +415,7 @@ def test_upstream_that_stalls_is_cut_by_the_route_timeout(ops):
 
 
 def wait_for_route_timeout(ops, timeout: str) -> None:
-    """Until Envoy's routes (from the sidecar over xDS) carry this timeout."""
+    """Until Envoy's routes (from the sidecar over xDS) carry this idle timeout, and no total one."""
     import json
 
     deadline = time.monotonic() + 10
@@ -410,11 +423,11 @@ def wait_for_route_timeout(ops, timeout: str) -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{ops.envoy_admin}/config_dump?resource=dynamic_route_configs",
                                     timeout=5) as r:
             routes = json.loads(r.read())["configs"][0]["route_config"]["virtual_hosts"][0]["routes"]
-        if all(route["route"]["timeout"] == timeout for route in routes if route.get("name", "").startswith(
-                ("processor:", "fast:"))):
+        if all(route["route"]["idle_timeout"] == timeout and route["route"]["timeout"] == "0s" for route in routes
+               if route.get("name", "").startswith(("processor:", "fast:"))):
             return
         time.sleep(0.05)
-    raise AssertionError(f"Envoy's routes never got timeout {timeout}")
+    raise AssertionError(f"Envoy's routes never got idle timeout {timeout}")
 
 
 def test_sidecar_killed_then_back(ops):

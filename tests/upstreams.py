@@ -50,6 +50,9 @@ class Reply:
     finish: str = "stop"  # stop | length | content_filter (tool_calls is implied by calls)
     error: tuple[int, Any] | None = None  # (status, JSON body) instead of an answer
     cut: bool = False  # a stream that stops before its finish
+    # With cut: the connection drops instead, without the last chunk (a crashed provider), once this is set
+    # (the test sets it when its client has seen the stream start; at most 30 s).
+    drop: threading.Event | None = None
     usage: bool = True
     gzip: bool = False  # compress the answer even though the request asked for identity
     pieces: int = 3  # deltas per streamed text
@@ -176,6 +179,16 @@ class _Handler(JSONHandler):
             super().send_chunk(self.gz.flush())
         super().end_chunks()
 
+    def stop(self, reply: Reply) -> None:
+        """A stream cut short: ended properly, or (`drop`) the connection closed with the body unfinished."""
+        if reply.drop is None:
+            self.end_chunks()
+            return
+        self.wfile.flush()
+        reply.drop.wait(timeout=30)
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
 
 class _ChatHandler(_Handler):
     upstream: ChatServer
@@ -191,6 +204,8 @@ class _ChatHandler(_Handler):
         self.upstream.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
                                        "raw": self.raw_body})
         if self.path == "/v1/embeddings":
+            if self.upstream.script and self.send_broken(self.upstream.script.popleft(), stream=False):
+                return  # a scripted answer, e.g. a batch too large for the gateway's buffers
             self.send_json(200, {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}],
                                  "model": body.get("model"), "usage": {"prompt_tokens": 1, "total_tokens": 1}})
             return
@@ -283,7 +298,7 @@ class _ChatHandler(_Handler):
                 if j < len(p):
                     send({"tool_calls": [{"index": i, "function": {"arguments": p[j]}}]})
         if reply.cut:
-            self.end_chunks()
+            self.stop(reply)
             return
         send({}, "tool_calls" if reply.calls else reply.finish)
         if (body.get("stream_options") or {}).get("include_usage") and reply.usage:
@@ -342,6 +357,9 @@ class _ResponsesHandler(_Handler):
             return
         if self.path == "/v1/responses/compact":
             self.compact(body)
+            return
+        if self.path == "/v1/responses/input_tokens":  # as OpenAI's: a count of the request's input
+            self.send_json(200, {"object": "response.input_tokens", "input_tokens": len(str(body.get("input")).split())})
             return
         if self.path != "/v1/responses":
             self.send_json(404, _err("Not found"))
@@ -517,7 +535,7 @@ class _ResponsesHandler(_Handler):
                 send("response.function_call_arguments.done", item_id=item["id"], output_index=idx,
                      arguments=item["arguments"])
             if reply.cut:
-                self.end_chunks()
+                self.stop(reply)
                 return
             send("response.output_item.done", output_index=idx, item=item)
         terminal = "response.completed" if response["status"] == "completed" else "response.incomplete"

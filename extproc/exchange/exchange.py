@@ -9,6 +9,8 @@ Nothing here does I/O.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
@@ -18,7 +20,9 @@ from extproc.exchange.request import RequestSide
 from extproc.exchange.response import Outcome, ResponseHandler, choose
 from extproc.ops.usage import Usage
 from extproc.routing.gateway import Gateway, Target
-from extproc.state.lookup import then
+from extproc.state.lookup import Lookup, then
+
+log = logging.getLogger("extproc")
 
 
 class Phase(Enum):
@@ -36,6 +40,23 @@ _MOVES: dict[str, tuple[Phase, ...]] = {
     "response_headers": (Phase.REQUEST, Phase.REQUEST_BODY, Phase.ROUTED),  # before routing: Envoy's own reply (413)
     "response_body": (Phase.ANSWER,),
 }
+
+
+def _from_client(run: Callable[[], Step]) -> Step:
+    """The request side, reads included, with a shape nothing checked for (a bug that only hostile input
+    reaches) answered as the client's error, a 400, rather than the gateway's 500; logged as a bug."""
+    try:
+        step = run()
+    except GatewayError:
+        raise
+    except Exception as e:
+        log.warning("request the sidecar could not use", exc_info=True)
+        raise GatewayError(400, f"the request has a shape the gateway cannot use ({type(e).__name__} while "
+                                "reading it)", code="invalid_request") from None
+    if isinstance(step, Lookup):
+        pending = step
+        return Lookup(pending.keys, lambda values: _from_client(lambda: pending.then(values)))
+    return step
 
 
 class Exchange:
@@ -62,12 +83,12 @@ class Exchange:
 
     def request_headers(self, headers: dict[str, str], end_of_stream: bool) -> Step:
         self._enter("request_headers")
-        step = self.req.on_headers(headers, end_of_stream)
+        step = _from_client(lambda: self.req.on_headers(headers, end_of_stream))
         return then(step, lambda act: self._settle(act, Phase.ROUTED if self.req.plan else Phase.REQUEST_BODY))
 
     def request_body(self, raw: bytes) -> Step:
         self._enter("request_body")
-        return self._settle(self.req.on_body(raw), Phase.ROUTED)
+        return self._settle(_from_client(lambda: self.req.on_body(raw)), Phase.ROUTED)
 
     def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Action:
         self._enter("response_headers")

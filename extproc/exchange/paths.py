@@ -16,8 +16,10 @@ from extproc.errors import GatewayError
 from extproc.state.records import RESOURCE_RE
 from extproc.translate import compact
 
+INPUT_TOKENS = "/v1/responses/input_tokens"  # token counting: to the model's backend when it speaks Responses
+FAMILY = "/v1/responses/"  # every path under it is the sidecar's: an unknown one is refused, never passed on
 _RESOURCE_METHODS = {"": ("GET", "DELETE"), "/cancel": ("POST",), "/input_items": ("GET",)}
-_WITH_BODY = (*API_OF_PATH, compact.PATH)  # POSTs that are API calls: a JSON body is required
+_WITH_BODY = (*API_OF_PATH, compact.PATH, INPUT_TOKENS)  # POSTs that are API calls: a JSON body is required
 _FIXED = {**{path: ("POST",) for path in _WITH_BODY}, "/v1/models": ("GET",)}
 
 
@@ -30,13 +32,23 @@ def allowed_methods(path: str) -> tuple[str, ...] | None:
     return _RESOURCE_METHODS[resource.group(2) or ""] if resource else None
 
 
+def _unknown_spelling(bare: str) -> bool:
+    """A path the sidecar would not recognise but an upstream might read as one of its own (a trailing
+    slash, an id with other characters): passed on, it would skip the sidecar's tenancy and routing."""
+    if bare.startswith(FAMILY) and allowed_methods(bare) is None:
+        return True
+    return len(bare) > 1 and bare.endswith("/") and allowed_methods(bare.rstrip("/")) is not None
+
+
 def check_request_line(method: str, path: str, has_body: bool) -> None:
-    """Refuse, before anything is routed, a wrong method on a handled path (405) and an API call
-    without a body (400)."""
+    """Refuse, before anything is routed, another spelling of a handled path (404), a wrong method on
+    one (405) and an API call without a body (400)."""
+    bare = path.partition("?")[0]
+    if _unknown_spelling(bare):
+        raise GatewayError(404, f"Invalid URL ({method} {bare})", code="invalid_url")
     allowed = allowed_methods(path)
     if allowed is None:
         return
-    bare = path.partition("?")[0]
     if method not in allowed:
         raise GatewayError(405, f"{method} is not supported on {bare}; use {' or '.join(allowed)}",
                            code="method_not_allowed", headers=(("allow", ", ".join(allowed)),))

@@ -18,7 +18,7 @@ from extproc.config import Backend
 from extproc.errors import GatewayError, invalid
 from extproc.exchange.actions import Action, Step, answer
 from extproc.exchange.body import check_json_request, is_json, parse_body
-from extproc.exchange.paths import check_request_line
+from extproc.exchange.paths import INPUT_TOKENS, check_request_line
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
 from extproc.routing.gateway import H_FIRST_CONTACT, ROUTING_HEADERS, Gateway, Target, placement_key
 from extproc.routing.modes import Learned, learned_key
@@ -60,7 +60,7 @@ class RequestSide:
         if bare == compact.PATH:  # not the resource of a response with id "compact"
             self.client_api, self.compacting = RESPONSES, True
             return Action()
-        resource = rec.RESOURCE_RE.match(bare)
+        resource = rec.RESOURCE_RE.match(bare) if bare != INPUT_TOKENS else None
         if resource is not None:
             lookup = self.pinning.resource(self.method, resource.group(1), resource.group(2) or "", self.query)
             return lookup.map(self._resource)
@@ -127,6 +127,10 @@ class RequestSide:
         assert res is not None
         target = self.gw.target(res.backend, placement_key(body, self.headers))
         if self.client_api is None:  # another OpenAI path (embeddings, ...): to the backend of its model
+            if self.path.partition("?")[0] == INPUT_TOKENS and res.upstream_api(RESPONSES) != RESPONSES:
+                raise GatewayError(400, f"Counting input tokens ({INPUT_TOKENS}) needs a backend that speaks the "
+                                        f"Responses API; the model '{model}' is served on {PATHS[res.mode]} only",
+                                   param="model", code="unsupported_api")
             return self._route(self._plan(target, request=body))
         upstream_api = res.upstream_api(self.client_api)
         if upstream_api is None:

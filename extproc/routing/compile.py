@@ -172,8 +172,12 @@ _WITH_PROCESSOR = {"envoy.filters.http.ext_proc": _any(rc.FilterConfig(config=_a
     ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides()))))}
 
 
-def _timeout(config: Config) -> duration_pb2.Duration:
-    return duration_pb2.Duration(seconds=config.limits.upstream_timeout_seconds)
+def _to_backend(config: Config, cluster: str, **kw: Any) -> rc.RouteAction:
+    """A route's action toward a backend. `upstream_timeout_seconds` bounds how long the upstream may stay
+    silent (Envoy's 504 before the answer starts), not the whole answer: a total bound would cut a long
+    stream that is still sending, mid-way, with no terminal event a client could read."""
+    return rc.RouteAction(cluster=cluster, timeout=duration_pb2.Duration(seconds=0),
+                          idle_timeout=duration_pb2.Duration(seconds=config.limits.upstream_timeout_seconds), **kw)
 
 
 def _headers(config: Config) -> list[rc.HeaderMatcher]:
@@ -186,7 +190,7 @@ def fast_route(config: Config, backend: Backend, client_api: str,
                models: list[metadata_pb2.MetadataMatcher]) -> list[rc.Route]:
     """Straight to the backend, one route per alternative in `conditions`."""
     path = PATHS[client_api]
-    action = rc.RouteAction(cluster=backend_cluster(backend), timeout=_timeout(config))
+    action = _to_backend(config, backend_cluster(backend))
     if backend.cluster:
         action.auto_host_rewrite.value = True
     elif len(backend.endpoints) > 1:  # prefix-cache affinity where the request carries a session
@@ -228,13 +232,11 @@ def processor_routes(config: Config) -> tuple[list[rc.Route], list[rc.Route]]:
                            retriable_headers=present(H_RETRY))
     first = [websocket,
              rc.Route(name="processor:first-contact", match=rc.RouteMatch(prefix="/", headers=present(
-                 H_ENDPOINT, H_FIRST_CONTACT)), route=rc.RouteAction(
-                 cluster=FIRST_CONTACT_CLUSTER, timeout=_timeout(config), retry_policy=retry)),
+                 H_ENDPOINT, H_FIRST_CONTACT)), route=_to_backend(config, FIRST_CONTACT_CLUSTER, retry_policy=retry)),
              rc.Route(name="processor:endpoint", match=rc.RouteMatch(prefix="/", headers=present(H_ENDPOINT)),
-                      route=rc.RouteAction(cluster=ENDPOINTS_CLUSTER, timeout=_timeout(config)))]
+                      route=_to_backend(config, ENDPOINTS_CLUSTER))]
     for cluster in dict.fromkeys(b.cluster for b in config.backends if b.cluster):
-        action = rc.RouteAction(cluster=cluster, timeout=_timeout(config),
-                                auto_host_rewrite=wrappers_pb2.BoolValue(value=True))
+        action = _to_backend(config, cluster, auto_host_rewrite=wrappers_pb2.BoolValue(value=True))
         first.append(rc.Route(name=f"processor:{cluster}", route=action, match=rc.RouteMatch(prefix="/", headers=[
             rc.HeaderMatcher(name=H_CLUSTER, string_match=string_pb2.StringMatcher(exact=cluster))])))
     return first, [rc.Route(name="processor", match=rc.RouteMatch(prefix="/"), direct_response=_no_route())]

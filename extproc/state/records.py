@@ -78,6 +78,8 @@ def input_items(inp: Any) -> list[dict[str, Any]]:
             raise invalid(f"input[{i}]", "expected an input item object")
         item = dict(item)
         kind = item.setdefault("type", "message")
+        if not isinstance(kind, str):
+            raise invalid(f"input[{i}].type", "expected an item type string")
         if kind == "message":
             role = item.get("role", "user")
             if isinstance(item.get("content"), str):

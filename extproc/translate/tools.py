@@ -109,10 +109,14 @@ def _add(out: ToolMap, tool: Any, field: str, namespace: str | None) -> None:
     out.names[chat_name] = ChatName(name, namespace, kind == "custom")
     fn: dict[str, Any] = {"name": chat_name}
     description = tool.get("description") or ""
+    if not isinstance(description, str):
+        raise invalid(f"{field}.description", "expected a string")
     if namespace:
         description = f"[{namespace}] {description}".strip()
     if kind == "custom":
         fmt = tool.get("format") or {}
+        if not isinstance(fmt, dict):
+            raise invalid(f"{field}.format", "expected a format object")
         if fmt.get("type") == "grammar" and isinstance(fmt.get("definition"), str):
             description += f"\nThe input must follow this {fmt.get('syntax', '')} grammar:\n{fmt['definition']}"
         fn["parameters"] = _CUSTOM_PARAMETERS

@@ -77,3 +77,85 @@ def test_an_upstream_error_body_of_any_depth_keeps_only_its_strings():
     body = b'{"error": {"message": "no", "type": ' + deep + b', "code": ' + deep + b"}}"
     assert upstream_error_payload(400, body) == {"message": "no", "type": "invalid_request_error", "param": None,
                                                  "code": None}
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/responses/", "/v1/chat/completions/", "/v1/models/", "/v1/responses/resp_1/", "/v1/responses/resp_1/cancel/",
+    "/v1/responses/resp_1;x", "/v1/responses/resp%5F1", "/v1/responses/resp_1/other", "/v1/responses/compact/",
+    "/v1/responses/input_tokens/",
+])
+def test_another_spelling_of_a_sidecar_path_is_refused_not_passed_on(path):
+    """An upstream may read these as the sidecar's own paths, which would skip its tenancy checks."""
+    with pytest.raises(GatewayError) as e:
+        check_request_line("GET", path + "?a=b", has_body=False)
+    assert (e.value.status, e.value.code) == (404, "invalid_url")
+    assert e.value.message == f"Invalid URL (GET {path})"
+
+
+@pytest.mark.parametrize("path", ["/", "/v1/embeddings/", "/v1/files/f1/", "/v1/chat/completions/chatcmpl-1",
+                                  "/v1/models/gpt-4o", "/healthz"])
+def test_other_paths_keep_passing_through_whatever_their_spelling(path):
+    check_request_line("GET", path, has_body=False)
+
+
+def _exchange(cfg: str = CFG) -> Exchange:
+    return Exchange(Gateway(parse_config(cfg, env={})))
+
+
+def _post(ex: Exchange, path: str, body: dict):
+    ex.request_headers({":method": "POST", ":path": path, "content-type": "application/json"}, False)
+    return ex.request_body(json.dumps(body).encode())
+
+
+def test_input_token_counting_goes_to_a_responses_backend_untranslated():
+    cfg = CFG + """
+  - name: codex
+    api: responses
+    models: ["gpt-5*"]
+    endpoints: ["127.0.0.1:8002"]
+"""
+    act = _post(ex := _exchange(cfg), "/v1/responses/input_tokens", {"model": "gpt-5", "input": "count me"})
+    assert act.immediate is None and act.body is None  # the client's bytes, as sent
+    assert ex.target is not None and ex.target.backend.name == "codex" and not ex.translated
+    assert ":path" not in dict(act.set_headers)
+
+
+def test_input_token_counting_on_a_chat_only_model_says_why_it_cannot():
+    with pytest.raises(GatewayError) as e:
+        _post(_exchange(), "/v1/responses/input_tokens", {"model": "llama-3", "input": "count me"})
+    assert (e.value.status, e.value.code, e.value.param) == (400, "unsupported_api", "model")
+    assert "/v1/chat/completions only" in e.value.message
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": [{"type": [], "role": "user", "content": "hi"}]}, "input[0].type"),
+    ({"input": [{"type": {}, "role": "user", "content": "hi"}]}, "input[0].type"),
+    ({"input": "hi", "tools": [{"type": "custom", "name": "g", "format": "x"}]}, "tools[0].format"),
+    ({"input": "hi", "tools": [{"type": "custom", "name": "g", "format": [None]}]}, "tools[0].format"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "g", "description": ["x"]}]}, "tools[0].description"),
+])
+def test_a_wrongly_typed_field_is_a_400_naming_it(body, param):
+    with pytest.raises(GatewayError) as e:
+        _post(_exchange(), "/v1/responses", {"model": "llama-3", **body})
+    assert (e.value.status, e.value.code, e.value.param) == (400, "invalid_value", param)
+
+
+def test_a_shape_nothing_checked_for_is_the_clients_400_not_a_500(monkeypatch, caplog):
+    """The net under the request side: whatever a check missed is answered as a client error, and
+    logged with its traceback, including in code that runs after a store read."""
+    from extproc.exchange.request import RequestSide
+    from extproc.state.lookup import Lookup
+
+    def broken(self, raw):
+        return Lookup(("k",), lambda values: {}["missing"])
+
+    monkeypatch.setattr(RequestSide, "on_body", broken)
+    ex = _exchange()
+    ex.request_headers({":method": "POST", ":path": "/v1/responses", "content-type": "application/json"}, False)
+    step = ex.request_body(b"{}")
+    assert isinstance(step, Lookup) and step.keys == ("k",)
+    with pytest.raises(GatewayError) as e:
+        step.then([None])
+    assert (e.value.status, e.value.code) == (400, "invalid_request")
+    assert "KeyError" in e.value.message
+    assert "request the sidecar could not use" in caplog.text and "Traceback" in caplog.text

@@ -3,6 +3,7 @@
 Upstream side: a test upstream sends each kind of broken answer, both translation directions,
 buffered and streamed. The client gets a 502 `bad_upstream_response` in the OpenAI shape, or (mid
 stream) an error event and the stream's terminal event; never a 500, an empty 200 or a cut stream.
+A status that is neither a success nor an error (302, 304, 999) is a 502.
 
 Client side: raw HTTP (http.client, a socket for HTTP/1.0) with duplicate keys, escapes, deep
 nesting, odd paths, wrong methods and media types. Each case is followed by a good request that
@@ -199,6 +200,27 @@ def test_a_chat_stream_that_stops_without_finishing_still_ends(gw):
     events = sse_events(body)
     assert status == 200 and check_stream(events)["status"] == "failed"
     assert events[-2]["error"]["code"] == "upstream_incomplete"
+
+
+# -- statuses that are neither a success nor an error ------------------------------------------------------
+
+@pytest.mark.parametrize("status", [302, 304, 999])
+@pytest.mark.parametrize("client_api", ["responses", "chat"])
+def test_an_odd_upstream_status_is_a_502_for_a_translated_request(gw, status, client_api):
+    upstream, path, body = (gw.chat, "/v1/responses", {"model": CHAT_MODEL, "input": "hi"}) if client_api == "responses" \
+        else (gw.resp, "/v1/chat/completions", {**CHAT_BODY, "model": RESPONSES_MODEL})
+    upstream.script.append(Reply(error=(status, {"moved": "elsewhere"})))
+    got, headers, answer = call(gw, "POST", path, body)
+    err = error_of(got, answer, 502, "bad_upstream_response")
+    assert err["message"] == f"the upstream returned a response the gateway cannot use: status {status}"
+    assert headers["content-type"] == "application/json"
+    assert_still_serving(gw)
+
+
+def test_an_odd_upstream_status_passed_through_is_left_alone(gw):
+    gw.chat.script.append(Reply(error=(302, {"moved": "elsewhere"})))
+    status, _, body = call(gw, "POST", "/v1/chat/completions", CHAT_BODY)
+    assert (status, json.loads(body)) == (302, {"moved": "elsewhere"})
 
 
 # -- hostile client requests --------------------------------------------------------------------------

@@ -13,7 +13,8 @@ exchange, or None when nothing more is needed (Envoy passes the answer on untouc
 | Observe          | an untranslated 2xx whose id or usage must be read    | STREAMED             |
 
 Upstream bytes are untrusted: whatever a translator cannot use becomes a 502 `bad_upstream_response`
-in the client's shape, or mid-stream the client's terminal error events.
+in the client's shape, or mid-stream the client's terminal error events. A translated answer whose
+status is neither a success nor an error (a 304, a 1xx, a 999) is such a 502 too.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Protocol
 import orjson
 
 from extproc.api import PATHS
-from extproc.errors import BadUpstream, GatewayError, upstream_error_payload
+from extproc.errors import BadUpstream, GatewayError, bad_upstream, upstream_error_payload, usable_status
 from extproc.exchange.actions import BUFFERED, STREAMED, Action, Writes, new_body
 from extproc.exchange.plan import Plan
 from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
@@ -41,11 +42,6 @@ log = logging.getLogger("extproc")
 _UNREACHABLE = (b"upstream connect error", b"no healthy upstream", b"upstream_reset_before_response_started",
                 b"delayed_connect_error")
 _LEARNABLE = (400, 404, 405, 422)
-
-
-def bad_upstream(why: str) -> GatewayError:
-    return GatewayError(502, f"the upstream returned a response the gateway cannot use: {why}",
-                        code="bad_upstream_response")
 
 
 class ResponseHandler(Protocol):
@@ -259,6 +255,8 @@ class Observe:
 def choose(plan: Plan, status: int, headers: dict[str, str], outcome: Outcome) -> ResponseHandler | Action:
     """The handler for this answer, or the final Action when the answer needs nothing more."""
     if plan.pair is not None:
+        if not usable_status(status):
+            raise bad_upstream(f"status {status}")
         decoder = decoder_for(headers.get("content-encoding", "identity"))
         remove: tuple[str, ...] = ("content-length",)
         if not isinstance(decoder, Identity):

@@ -43,9 +43,22 @@ class BadUpstream(GatewayError):
         self.field = field
 
 
+def bad_upstream(why: str) -> GatewayError:
+    return GatewayError(502, f"the upstream returned a response the gateway cannot use: {why}",
+                        code="bad_upstream_response")
+
+
+def usable_status(status: int) -> bool:
+    """A status a translated answer can keep: a success, or an error the client's SDK raises. Any other
+    (1xx, 3xx such as a 304 that may not carry a body, 600 and up) becomes a 502."""
+    return 200 <= status < 300 or 400 <= status < 600
+
+
 def empty_answer(status: int) -> GatewayError:
     """A translated request's answer with no body at all: a success is the upstream's fault (502), an
     error keeps its status, in the OpenAI shape."""
+    if not usable_status(status):
+        return bad_upstream(f"status {status}")
     if status < 300:
         return BadUpstream("body", "is empty")
     payload = upstream_error_payload(status, b"")

@@ -3,6 +3,8 @@
 Upstream side: a test upstream sends each kind of broken answer, both translation directions,
 buffered and streamed. The client gets a 502 `bad_upstream_response` in the OpenAI shape, or (mid
 stream) an error event and the stream's terminal event; never a 500, an empty 200 or a cut stream.
+A stream answered with one JSON body still reaches the client as a whole stream; a status that is
+neither a success nor an error (302, 304, 999) is a 502.
 
 Client side: raw HTTP (http.client, a socket for HTTP/1.0) with duplicate keys, escapes, deep
 nesting, odd paths, wrong methods and media types. Each case is followed by a good request that
@@ -199,6 +201,118 @@ def test_a_chat_stream_that_stops_without_finishing_still_ends(gw):
     events = sse_events(body)
     assert status == 200 and check_stream(events)["status"] == "failed"
     assert events[-2]["error"]["code"] == "upstream_incomplete"
+
+
+# -- a stream asked for, one JSON body answered (a provider that ignores `stream`) ------------------------
+
+CALLING_CHAT = _chat_answer(choices=[{"index": 0, "finish_reason": "tool_calls", "message": {
+    "role": "assistant", "content": "Checking.", "tool_calls": [
+        {"id": "call_w", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Bern"}'}}]}}],
+    usage={"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18})
+WEATHER = {"type": "function", "name": "weather", "parameters": {"type": "object", "properties": {}}}
+
+
+def test_a_json_chat_answer_reaches_a_streaming_responses_client_as_a_whole_stream(gw):
+    gw.chat.script.append(Reply(body=CALLING_CHAT))
+    status, headers, body = call(gw, "POST", "/v1/responses",
+                                 {"model": CHAT_MODEL, "input": "weather?", "stream": True, "tools": [WEATHER]})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert gw.chat.last["body"]["stream"] is True  # the upstream was asked for a stream, and ignored it
+    events = sse_events(body)
+    final = check_stream(events)  # schema-valid events, ordered item and part lifecycles, one terminal event
+    assert events[-1]["type"] == "response.completed" and final["status"] == "completed"
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Checking."
+    [args] = [e["arguments"] for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert args == '{"city": "Bern"}'
+    assert [i["type"] for i in final["output"]] == ["message", "function_call"]
+    assert (final["usage"]["input_tokens"], final["usage"]["output_tokens"]) == (11, 7)
+
+
+def test_the_openai_sdk_streams_a_json_chat_answer_to_its_end(gw):
+    gw.chat.script.append(Reply(body=_chat_answer(choices=[{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "a whole answer"}}])))
+    events = list(gw.client().responses.create(model=CHAT_MODEL, input="hi", stream=True))
+    assert events[-1].type == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "a whole answer"
+    assert events[-1].response.output_text == "a whole answer"
+    # the streamed response is kept like any other: the next turn continues from it
+    gw.chat.script.append(Reply(text="again"))
+    nxt = gw.client().responses.create(model=CHAT_MODEL, input="more", previous_response_id=events[-1].response.id)
+    assert nxt.output_text == "again"
+    assert [m["content"] for m in gw.chat.last["body"]["messages"]] == ["hi", "a whole answer", "more"]
+
+
+def test_the_openai_sdk_streams_a_json_responses_answer_as_chat_chunks(gw):
+    gw.resp.script.append(Reply(body=_response_answer(usage={"input_tokens": 5, "output_tokens": 2,
+                                                             "total_tokens": 7})))
+    chunks = list(gw.client().chat.completions.create(model=RESPONSES_MODEL, messages=CHAT_BODY["messages"],
+                                                      stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "fine"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (5, 2)
+
+
+def test_a_json_responses_answer_with_a_tool_call_reaches_a_streaming_chat_client(gw):
+    gw.resp.script.append(Reply(body=_response_answer(output=[
+        {"type": "function_call", "id": "fc_1", "call_id": "call_w", "name": "weather",
+         "arguments": '{"city": "Bern"}', "status": "completed"}])))
+    status, headers, body = call(gw, "POST", "/v1/chat/completions",
+                                 {**CHAT_BODY, "model": RESPONSES_MODEL, "stream": True})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert body.endswith(b"data: [DONE]\n\n") and body.count(b"[DONE]") == 1
+    deltas = [c["choices"][0] for c in sse_events(body)]
+    calls = [call for d in deltas for call in d["delta"].get("tool_calls", [])]
+    assert calls[0]["id"] == "call_w" and calls[0]["function"]["name"] == "weather"
+    assert "".join(c["function"]["arguments"] for c in calls) == '{"city": "Bern"}'
+    assert deltas[-1]["finish_reason"] == "tool_calls"
+
+
+def test_a_broken_json_answer_to_a_stream_ends_it_like_a_broken_stream(gw):
+    gw.chat.script.append(Reply(body=b"<html>busy</html>"))
+    status, headers, body = call(gw, "POST", "/v1/responses", {"model": CHAT_MODEL, "input": "hi", "stream": True})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = sse_events(body)
+    assert check_stream(events)["status"] == "failed"
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+    assert events[-2]["error"]["code"] == "bad_upstream_response" and "not JSON" in events[-2]["error"]["message"]
+    gw.resp.script.append(Reply(body=_response_answer(output=5)))
+    status, headers, body = call(gw, "POST", "/v1/chat/completions",
+                                 {**CHAT_BODY, "model": RESPONSES_MODEL, "stream": True})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert body.endswith(b"data: [DONE]\n\n")
+    err = sse_events(body)[-1]["error"]
+    assert err["code"] == "bad_upstream_response" and "'output'" in err["message"]
+    assert_still_serving(gw)
+
+
+def test_a_json_answer_to_a_stream_passed_through_is_left_byte_for_byte(gw):
+    raw = _chat_answer()
+    gw.chat.script.append(Reply(body=raw))
+    status, headers, body = call(gw, "POST", "/v1/chat/completions", {**CHAT_BODY, "stream": True})
+    assert (status, headers["content-type"], body) == (200, "application/json", raw)
+
+
+# -- statuses that are neither a success nor an error ------------------------------------------------------
+
+@pytest.mark.parametrize("status", [302, 304, 999])
+@pytest.mark.parametrize("client_api", ["responses", "chat"])
+def test_an_odd_upstream_status_is_a_502_for_a_translated_request(gw, status, client_api):
+    upstream, path, body = (gw.chat, "/v1/responses", {"model": CHAT_MODEL, "input": "hi"}) if client_api == "responses" \
+        else (gw.resp, "/v1/chat/completions", {**CHAT_BODY, "model": RESPONSES_MODEL})
+    upstream.script.append(Reply(error=(status, {"moved": "elsewhere"})))
+    got, headers, answer = call(gw, "POST", path, body)
+    err = error_of(got, answer, 502, "bad_upstream_response")
+    assert err["message"] == f"the upstream returned a response the gateway cannot use: status {status}"
+    assert headers["content-type"] == "application/json"
+    assert_still_serving(gw)
+
+
+def test_an_odd_upstream_status_passed_through_is_left_alone(gw):
+    gw.chat.script.append(Reply(error=(302, {"moved": "elsewhere"})))
+    status, _, body = call(gw, "POST", "/v1/chat/completions", CHAT_BODY)
+    assert (status, json.loads(body)) == (302, {"moved": "elsewhere"})
 
 
 # -- hostile client requests --------------------------------------------------------------------------

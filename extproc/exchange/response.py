@@ -6,14 +6,16 @@ exchange, or None when nothing more is needed (Envoy passes the answer on untouc
 | handler          | when                                                  | Envoy sends the body |
 |------------------|-------------------------------------------------------|----------------------|
 | TranslateBuffered| a translated answer that is not an SSE stream         | BUFFERED             |
-| TranslateStream  | a translated 200 SSE stream                           | STREAMED             |
+| TranslateStream  | a translated 2xx SSE stream                           | STREAMED             |
+| ReplayAsStream   | a translated 2xx JSON answer to a streamed request    | BUFFERED             |
 | ExplainLostPin   | a request routed by a pin got Envoy's 503             | BUFFERED             |
 | LearnRejection   | a model of unknown API got a 400/404/405/422          | BUFFERED             |
 | ScrubKey         | an untranslated error from a backend given our key    | BUFFERED             |
 | Observe          | an untranslated 2xx whose id or usage must be read    | STREAMED             |
 
 Upstream bytes are untrusted: whatever a translator cannot use becomes a 502 `bad_upstream_response`
-in the client's shape, or mid-stream the client's terminal error events.
+in the client's shape, or mid-stream the client's terminal error events. A translated answer whose
+status is neither a success nor an error (a 304, a 1xx, a 999) is such a 502 too.
 """
 
 from __future__ import annotations
@@ -21,19 +23,19 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
 from extproc.api import PATHS
-from extproc.errors import BadUpstream, GatewayError, upstream_error_payload
+from extproc.errors import BadUpstream, GatewayError, bad_upstream, upstream_error_payload, usable_status
 from extproc.exchange.actions import BUFFERED, STREAMED, Action, Writes, new_body
 from extproc.exchange.plan import Plan
 from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
 from extproc.routing.gateway import H_RETRIED
 from extproc.routing.modes import rejection_needs
 from extproc.state.pinning import IdRecorder
-from extproc.translate.pairs import StreamTranslator, TranslatorPair
+from extproc.translate.pairs import Answer, StreamTranslator, TranslatorPair
 
 log = logging.getLogger("extproc")
 
@@ -41,11 +43,7 @@ log = logging.getLogger("extproc")
 _UNREACHABLE = (b"upstream connect error", b"no healthy upstream", b"upstream_reset_before_response_started",
                 b"delayed_connect_error")
 _LEARNABLE = (400, 404, 405, 422)
-
-
-def bad_upstream(why: str) -> GatewayError:
-    return GatewayError(502, f"the upstream returned a response the gateway cannot use: {why}",
-                        code="bad_upstream_response")
+_SSE = ("content-type", "text/event-stream; charset=utf-8")
 
 
 class ResponseHandler(Protocol):
@@ -125,6 +123,12 @@ class TranslateBuffered:
         data = self.decoder.decode(chunk, end_of_stream)
         if not 200 <= self.status < 300:
             return new_body(orjson.dumps({"error": upstream_error_payload(self.status, scrub(data, self.plan))}))
+        doc, answer = self._translate(data)
+        self.outcome.account(self.plan, self.status, usage_of(doc), lambda: text_bytes(data))
+        return new_body(orjson.dumps(answer.body), writes=self.plan.keep_turn(answer.response))
+
+    def _translate(self, data: bytes) -> tuple[dict[str, Any], Answer]:
+        """The upstream's answer checked and translated: its JSON object, and the client's answer."""
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -132,14 +136,34 @@ class TranslateBuffered:
         if not isinstance(doc, dict):
             raise bad_upstream("the body is not a JSON object")
         try:
-            answer = self.pair.response(doc)
-            out = orjson.dumps(answer.body)
+            return doc, self.pair.response(doc)
         except BadUpstream:  # the translator named the field it could not use
             raise
         except Exception as e:  # the translator met a shape it cannot use
             raise bad_upstream(_why(e)) from None
-        self.outcome.account(self.plan, self.status, usage_of(doc), lambda: text_bytes(data))
-        return new_body(out, writes=self.plan.keep_turn(answer.response))
+
+
+class ReplayAsStream(TranslateBuffered):
+    """A streamed request answered with one JSON body (a provider that ignores `stream`): checked and
+    translated as any buffered answer is, then sent as the complete stream the client asked for, by
+    the stream translator fed the upstream's answer as the stream that would have carried it. An
+    answer it cannot use ends that stream the way a broken stream ends."""
+
+    def __init__(self, plan: Plan, pair: TranslatorPair, status: int, decoder: Decoder, remove: tuple[str, ...],
+                 outcome: Outcome):
+        super().__init__(plan, pair, status, decoder, remove, outcome)
+        self.translator = pair.stream()
+
+    def headers_action(self) -> Action:
+        return Action(set_headers=[_SSE, *self.plan.notes()], remove_headers=self.remove, response_body_mode=BUFFERED)
+
+    def body(self, chunk: bytes, end_of_stream: bool) -> Action:
+        try:
+            doc, _ = self._translate(self.decoder.decode(chunk, end_of_stream))
+            out = self.translator.replay(doc)
+        except Exception as e:
+            return new_body(_failed(self.translator, e))
+        return new_body(out, writes=_ended(self.plan, self.translator, self.outcome))
 
 
 class TranslateStream:
@@ -149,8 +173,7 @@ class TranslateStream:
         self.outcome = outcome
 
     def headers_action(self) -> Action:
-        return Action(set_headers=[("content-type", "text/event-stream; charset=utf-8"), *self.plan.notes()],
-                      remove_headers=self.remove, response_body_mode=STREAMED)
+        return Action(set_headers=[_SSE, *self.plan.notes()], remove_headers=self.remove, response_body_mode=STREAMED)
 
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
         try:
@@ -159,12 +182,21 @@ class TranslateStream:
                 return Action(body=out)
             out += self.translator.close()
         except Exception as e:  # a chunk the translator cannot use (or cannot decode): end the stream properly
-            err = e if isinstance(e, GatewayError) else bad_upstream(_why(e))
-            return Action(body=self.translator.fail(err.code or "upstream_error", err.message), done=True)
-        final = self.translator.response
-        self.outcome.account(self.plan, 200, usage_of(final),
-                             lambda: text_bytes(orjson.dumps(final.get("output"))) if final else 0)
-        return Action(body=out, writes=self.plan.keep_turn(final), done=True)
+            return Action(body=_failed(self.translator, e), done=True)
+        return Action(body=out, writes=_ended(self.plan, self.translator, self.outcome), done=True)
+
+
+def _failed(translator: StreamTranslator, e: Exception) -> bytes:
+    """The client's stream ended with an error event: the GatewayError's own, else a 502's."""
+    err = e if isinstance(e, GatewayError) else bad_upstream(_why(e))
+    return translator.fail(err.code or "upstream_error", err.message)
+
+
+def _ended(plan: Plan, translator: StreamTranslator, outcome: Outcome) -> Writes:
+    """A translated stream that ended: its usage counted, its Response kept for the next turn."""
+    final = translator.response
+    outcome.account(plan, 200, usage_of(final), lambda: text_bytes(orjson.dumps(final.get("output"))) if final else 0)
+    return plan.keep_turn(final)
 
 
 class Buffered:
@@ -259,13 +291,17 @@ class Observe:
 def choose(plan: Plan, status: int, headers: dict[str, str], outcome: Outcome) -> ResponseHandler | Action:
     """The handler for this answer, or the final Action when the answer needs nothing more."""
     if plan.pair is not None:
+        if not usable_status(status):
+            raise bad_upstream(f"status {status}")
         decoder = decoder_for(headers.get("content-encoding", "identity"))
         remove: tuple[str, ...] = ("content-length",)
         if not isinstance(decoder, Identity):
             remove += ("content-encoding",)
         sse = headers.get("content-type", "").lower().startswith("text/event-stream")
-        if plan.stream and status == 200 and sse and not isinstance(decoder, Undecodable):
-            return TranslateStream(plan, plan.pair.stream(), decoder, remove, outcome)
+        if plan.stream and 200 <= status < 300 and not isinstance(decoder, Undecodable):
+            if sse:
+                return TranslateStream(plan, plan.pair.stream(), decoder, remove, outcome)
+            return ReplayAsStream(plan, plan.pair, status, decoder, remove, outcome)
         return TranslateBuffered(plan, plan.pair, status, decoder, remove, outcome)
     if plan.pinned_id and status == 503:
         return ExplainLostPin(plan)

@@ -80,3 +80,6 @@ def encode(data: bytes, event: str | None = None) -> bytes:
     if event is None:
         return b"data: " + data + b"\n\n"
     return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+
+
+DONE = encode(b"[DONE]")  # the end of a chat completion stream

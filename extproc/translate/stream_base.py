@@ -1,5 +1,9 @@
 """What both stream translators share: SSE decoded as it arrives, output collected, one ending.
 
+`replay` translates an answer the upstream sent whole (a JSON body although the client asked for a
+stream) the same way: the answer is first written as the upstream's own stream that would have
+carried it, then fed through the translator, so the client gets the complete stream it asked for.
+
 An upstream event without the shape a translator needs (`BadUpstream`) ends the client's stream
 the way any upstream failure does: an error event and the terminal event, never a cut stream.
 """
@@ -27,8 +31,8 @@ def event_json(data: str) -> dict[str, Any]:
 
 
 class SSETranslator:
-    """Subclasses handle one upstream event (`_event`), end a stream that stopped early
-    (`_end_early`) and end one with an error (`_fail`)."""
+    """Subclasses handle one upstream event (`_event`), write a whole answer as upstream events
+    (`_as_stream`), end a stream that stopped early (`_end_early`) and end one with an error (`_fail`)."""
 
     def __init__(self) -> None:
         self.decoder = SSEDecoder()
@@ -46,6 +50,10 @@ class SSETranslator:
         if not self.ended:
             self._end_early()
         return self._take()
+
+    def replay(self, doc: dict[str, Any]) -> bytes:
+        """A complete upstream answer, translated as the stream that would have carried it."""
+        return self.feed(self._as_stream(doc)) + self.close()
 
     def fail(self, code: str, message: str) -> bytes:
         """End the stream now with an error; returns the bytes for the client."""
@@ -65,6 +73,9 @@ class SSETranslator:
         return out
 
     def _event(self, data: str) -> None:
+        raise NotImplementedError
+
+    def _as_stream(self, doc: dict[str, Any]) -> bytes:
         raise NotImplementedError
 
     def _end_early(self) -> None:

@@ -15,6 +15,7 @@ import orjson
 from extproc.translate.common import (
     at,
     count,
+    need,
     new_id,
     now,
     objects,
@@ -27,11 +28,12 @@ from extproc.translate.resp_chat_to_responses import (
     chat_reasoning,
     finish,
     message_item,
+    message_text,
     reasoning_item,
     response_shell,
     wants_encrypted_reasoning,
 )
-from extproc.translate.sse import encode
+from extproc.translate.sse import DONE, encode
 from extproc.translate.stream_base import SSETranslator, event_json
 from extproc.translate.tools import ToolMap, custom_input, encode_reasoning, tool_map
 
@@ -118,6 +120,19 @@ class ChatToResponsesStream(SSETranslator):
             self.response["model"] = model
         self._emit("response.created", response=self.response)
         self._emit("response.in_progress", response=self.response)
+
+    def _as_stream(self, doc: dict[str, Any]) -> bytes:
+        """A chat.completion as one chunk carrying its whole first choice, then [DONE]; a choice
+        without a finish_reason finished all the same (the answer is complete), as it does buffered."""
+        where, choice = next(objects(doc, "choices"))
+        message = need(choice, "message", dict, where)
+        mw = at(where, "message")
+        delta = {**message, "content": message_text(message, mw),
+                 "tool_calls": [{**call, "index": i} for i, (_, call) in enumerate(objects(message, "tool_calls", mw))]}
+        finish_reason = read(choice, "finish_reason", str, where) or "stop"
+        chunk = {**doc, "object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        return encode(orjson.dumps(chunk)) + DONE
 
     def _end_early(self) -> None:
         self._finish()  # fails the response when no finish_reason came

@@ -14,16 +14,17 @@ from extproc.translate.common import (
     count,
     finish_reason,
     now,
+    objects,
     read,
     upstream_failure,
     usage_responses_to_chat,
 )
-from extproc.translate.resp_responses_to_chat import chat_id
-from extproc.translate.sse import encode
+from extproc.translate.resp_responses_to_chat import chat_id, reasoning_text
+from extproc.translate.sse import DONE, encode
 from extproc.translate.stream_base import SSETranslator, event_json
 
-DONE = b"data: [DONE]\n\n"
 _DELTA_KEYS = {"response.output_text.delta": "content", "response.refusal.delta": "refusal"}
+_PART_TEXT = {"output_text": "text", "refusal": "refusal"}  # message part type -> its text field
 
 
 class _Call:
@@ -71,6 +72,23 @@ class ResponsesToChatStream(SSETranslator):
             self.created = created or self.created
         self.started = True
         self._chunk({"role": "assistant"})  # content stays null for a turn that only calls tools
+
+    def _as_stream(self, doc: dict[str, Any]) -> bytes:
+        """A Response as the events this translator reads: created, the deltas of each output item
+        (a tool call whole, as its output_item.done), then the terminal event its status names."""
+        events: list[dict[str, Any]] = [{"type": "response.created", "response": doc}]
+        for where, item in objects(doc, "output"):
+            kind = item.get("type")
+            if kind == "message":
+                events += [{"type": f"response.{part['type']}.delta", "delta": part.get(_PART_TEXT[part["type"]])}
+                           for _, part in objects(item, "content", where) if part.get("type") in _PART_TEXT]
+            elif kind == "reasoning":
+                events.append({"type": "response.reasoning_summary_text.delta", "delta": reasoning_text(item, where)})
+            elif kind in ("function_call", "custom_tool_call"):
+                events.append({"type": "response.output_item.done", "item": item})
+        failed = read(doc, "status", str) == "failed"
+        events.append({"type": "response.failed" if failed else "response.completed", "response": doc})
+        return b"".join(encode(orjson.dumps(ev)) for ev in events)
 
     def _end_early(self) -> None:
         self._fail("upstream_incomplete", "the upstream stream ended before the response completed")

@@ -24,8 +24,11 @@ import orjson
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from extproc.config import parse_config
 from extproc.errors import BadUpstream, GatewayError
+from extproc.exchange import Exchange
 from extproc.exchange.body import MAX_DEPTH, parse_body
+from extproc.routing.gateway import Gateway
 from extproc.translate import (
     req_chat_to_responses,
     req_responses_to_chat,
@@ -443,8 +446,8 @@ def responses_request(draw: st.DrawFn) -> dict[str, Any]:
         if draw(st.booleans()):
             items.append({"type": "reasoning", "summary": [{"type": "summary_text", "text": draw(text)}]})
     body = {"model": "m", "input": draw(text.filter(bool)) if draw(st.booleans()) else items,
-            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}, {"type": "custom", "name": "g"},
-                      {"type": "web_search"}]}
+            "tools": [{"type": "function", "name": "f", "description": "does f", "parameters": {"type": "object"}},
+                      {"type": "custom", "name": "g", "format": {"type": "text"}}, {"type": "web_search"}]}
     optional = {"instructions": text, "max_output_tokens": st.integers(1, 10**6), "stream": st.booleans(),
                 "store": st.booleans(), "temperature": st.floats(0, 2), "reasoning": st.just({"effort": "low"}),
                 "text": st.just({"format": {"type": "json_object"}}), "tool_choice": st.sampled_from(["auto", "required"])}
@@ -536,3 +539,30 @@ def test_any_bytes_parse_to_an_object_or_a_400(raw):
         assert e.status == 400 and e.code in ("invalid_json", "duplicate_key")
         return
     assert isinstance(body, dict)
+
+
+_ONLY = "backends: [{name: only, api: %s, translate: true, models: ['*'], endpoints: ['127.0.0.1:9']}]"
+GATEWAYS = {"chat": Gateway(parse_config(_ONLY % "chat", env={})),  # a Responses client's request is translated
+            "responses": Gateway(parse_config(_ONLY % "responses", env={}))}  # and a chat client's
+
+
+@given(st.one_of(responses_request().flatmap(lambda b: st.tuples(st.just("/v1/responses"), broken(b))),
+                 chat_request().flatmap(lambda b: st.tuples(st.just("/v1/chat/completions"), broken(b)))))
+def test_a_request_broken_anywhere_is_routed_or_refused_naming_the_field(case):
+    """The whole request side (records, tools, translation), not only the translators: a realistic
+    request with one value of a wrong type or one part missing is translated or refused with a 4xx;
+    never an exception, and never the net for shapes nothing checked (a 400 `invalid_request`)."""
+    path, (body, was_broken) = case
+    ex = Exchange(GATEWAYS["chat" if path == "/v1/responses" else "responses"])
+    ex.request_headers({":method": "POST", ":path": path, "content-type": "application/json"}, False)
+    try:
+        act = ex.request_body(json.dumps(body).encode())
+    except GatewayError as e:
+        event(f"refused: {e.code}")
+        assert was_broken, e.message  # a valid request is never refused
+        assert 400 <= e.status < 500 and e.code != "invalid_request", e.message
+        return
+    event("translated")
+    assert act.immediate is None and act.body is not None
+    sent = orjson.loads(act.body)
+    assert sent["model"] == body["model"] and ("messages" in sent) is (path == "/v1/responses")

@@ -423,3 +423,25 @@ def test_codex_cli_first_contact_with_a_model_of_unknown_api(sf, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Codex reached a chat-only model at once." in run.stdout
     assert [r["path"] for r in sf.vllm.requests] == ["/v1/responses", "/v1/chat/completions"]
+
+
+def test_a_websocket_upgrade_with_a_json_content_type_still_upgrades(sf):
+    """Nothing waits for the body of an upgrade (it never ends): the socket opens and serves a turn."""
+    sf.chat.script.append(Reply(text="upgraded"))
+    with connect(sf.ws_url, additional_headers={"content-type": "application/json"}, open_timeout=30) as ws:
+        assert text_of(ws_turn(ws, model="llama-3", input="x")) == "upgraded"
+
+
+def test_only_a_get_upgrades_anything_else_is_a_json_403(sf):
+    host, port = sf.url.removeprefix("http://").split(":")
+    import http.client
+
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/responses", body=b"", headers={
+        "connection": "upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+        "sec-websocket-key": base64.b64encode(b"0123456789abcdef").decode()})
+    resp = conn.getresponse()
+    err = json.loads(resp.read())["error"]
+    conn.close()
+    assert resp.status == 403 and resp.getheader("content-type") == "application/json"
+    assert err["code"] == "upgrade_failed" and "GET /v1/responses" in err["message"]

@@ -97,6 +97,13 @@ def test_another_tenant_sees_an_unknown_id_on_every_path(tenanted: Tenanted, mod
         with pytest.raises(openai.NotFoundError) as e:
             attempt()
         assert e.value.body["code"] in ("response_not_found", "previous_response_not_found")
+    if model.startswith("gpt-oss"):  # counting tokens continues a conversation too: the same check
+        count = {"model": model, "input": "how long?", "previous_response_id": rid}
+        status, err = tenanted.raw("POST", "/v1/responses/input_tokens", count, key="sk-bob")
+        assert (status, err["error"]["code"]) == (404, "previous_response_not_found")
+        status, counted = tenanted.raw("POST", "/v1/responses/input_tokens", count, key="sk-alice")
+        assert status == 200 and counted["object"] == "response.input_tokens"
+        assert tenanted.resp.last["body"]["previous_response_id"] == rid
     # An id nobody made gets exactly the same answer as Alice's id gets for Bob.
     status, unknown = tenanted.raw("GET", "/v1/responses/resp_doesnotexist", key="sk-bob")
     status_b, theirs = tenanted.raw("GET", f"/v1/responses/{rid}", key="sk-bob")

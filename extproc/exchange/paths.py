@@ -11,6 +11,8 @@ other path (embeddings, completions, audio, files...) passes through to the back
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 from extproc.api import API_OF_PATH
 from extproc.errors import GatewayError
 from extproc.state.records import RESOURCE_RE
@@ -32,12 +34,18 @@ def allowed_methods(path: str) -> tuple[str, ...] | None:
     return _RESOURCE_METHODS[resource.group(2) or ""] if resource else None
 
 
+_OURS = {path.lower() for path in _FIXED}
+
+
 def _unknown_spelling(bare: str) -> bool:
-    """A path the sidecar would not recognise but an upstream might read as one of its own (a trailing
-    slash, an id with other characters): passed on, it would skip the sidecar's tenancy and routing."""
-    if bare.startswith(FAMILY) and allowed_methods(bare) is None:
-        return True
-    return len(bare) > 1 and bare.endswith("/") and allowed_methods(bare.rstrip("/")) is not None
+    """A path the sidecar does not recognise but a lenient upstream may read as one of its own: passed on,
+    it would skip the sidecar's tenancy and routing. Lenient readings: a trailing slash, `;params` in a
+    segment (servlet containers drop them), another letter case, escapes decoded once more; and anything
+    else under FAMILY."""
+    if allowed_methods(bare) is not None:
+        return False
+    lenient = "/".join(segment.partition(";")[0] for segment in unquote(bare).split("/")).rstrip("/").lower()
+    return lenient.startswith(FAMILY) or lenient in _OURS
 
 
 def check_request_line(method: str, path: str, has_body: bool) -> None:

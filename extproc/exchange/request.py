@@ -9,6 +9,7 @@ last the rewrite and routing headers for Envoy.
 from __future__ import annotations
 
 import logging
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -33,6 +34,14 @@ log = logging.getLogger("extproc")
 MODE_HEADER = "x-gateway-model-mode"  # per-request mode override, when discovery.allow_mode_header
 
 
+class Call(StrEnum):
+    """Which POST of the Responses API a request is: only CREATE makes a turn the sidecar keeps."""
+
+    CREATE = "create"  # /v1/responses
+    COMPACT = "compact"  # /v1/responses/compact: summarised on chat-only backends
+    COUNT = "count"  # /v1/responses/input_tokens: only a Responses backend can count
+
+
 class RequestSide:
     def __init__(self, gw: Gateway):
         self.gw = gw
@@ -42,7 +51,7 @@ class RequestSide:
         self.client_api: str | None = None
         self.model: str | None = None
         self.plan: Plan | None = None  # set once the request is routed
-        self.compacting = False  # POST /v1/responses/compact: a Responses request that makes no turn
+        self.call = Call.CREATE
         self.pinning = Pinning(gw, {})
 
     @property
@@ -57,10 +66,10 @@ class RequestSide:
         self.pinning = Pinning(self.gw, headers)
         bare = self.path.partition("?")[0]
         self.client_api = API_OF_PATH.get(bare)
-        if bare == compact.PATH:  # not the resource of a response with id "compact"
-            self.client_api, self.compacting = RESPONSES, True
+        if bare in (compact.PATH, INPUT_TOKENS):  # not the resources of responses with ids "compact", "input_tokens"
+            self.client_api, self.call = RESPONSES, Call.COMPACT if bare == compact.PATH else Call.COUNT
             return Action()
-        resource = rec.RESOURCE_RE.match(bare) if bare != INPUT_TOKENS else None
+        resource = rec.RESOURCE_RE.match(bare)
         if resource is not None:
             lookup = self.pinning.resource(self.method, resource.group(1), resource.group(2) or "", self.query)
             return lookup.map(self._resource)
@@ -94,7 +103,7 @@ class RequestSide:
             return self._pass_on()
         check_json_request(self.headers)
         body = parse_body(raw)
-        if self.compacting:
+        if self.call is Call.COMPACT:
             compact.check_request(body)
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -127,23 +136,24 @@ class RequestSide:
         assert res is not None
         target = self.gw.target(res.backend, placement_key(body, self.headers))
         if self.client_api is None:  # another OpenAI path (embeddings, ...): to the backend of its model
-            if self.path.partition("?")[0] == INPUT_TOKENS and res.upstream_api(RESPONSES) != RESPONSES:
-                raise GatewayError(400, f"Counting input tokens ({INPUT_TOKENS}) needs a backend that speaks the "
-                                        f"Responses API; the model '{model}' is served on {PATHS[res.mode]} only",
-                                   param="model", code="unsupported_api")
             return self._route(self._plan(target, request=body))
+        if self.call is Call.COUNT and res.upstream_api(RESPONSES) != RESPONSES:
+            raise GatewayError(400, f"Counting input tokens ({INPUT_TOKENS}) needs a backend that speaks the "
+                                    f"Responses API; the model '{model}' is served on {PATHS[res.mode]} only",
+                               param="model", code="unsupported_api")
         upstream_api = res.upstream_api(self.client_api)
         if upstream_api is None:
             path = PATHS[res.mode]
             raise GatewayError(400, f"The model '{model}' is only available on {path}, and translation is turned "
                                     f"off for it: call {path} instead", param="model", code="unsupported_api")
-        learning = res.learning and self.client_api not in (learned.ok if learned else ())
+        # A count teaches nothing about the model's API (a backend may serve Responses but not counting).
+        learning = res.learning and self.client_api not in (learned.ok if learned else ()) and self.call is not Call.COUNT
         pair = pair_for(self.client_api, upstream_api, body, model, res.backend)
-        if self.compacting and pair is not None:
+        if self.call is Call.COMPACT and pair is not None:
             pair = compact.CompactOnChat(res.backend, self.gw.sealer, self.pinning.tenant)
         plan = self._plan(target, request=body, stream=body.get("stream", False) is True, pair=pair,
                           facts=ModelFacts(self.gw, backend.name, model, self.client_api, learned) if learning else None)
-        plan.observe_usage = plan.pair is None and self.gw.config.usage_accounting == "all"
+        plan.observe_usage = plan.pair is None and self.gw.config.usage_accounting == "all" and self.call is not Call.COUNT
         if self.client_api != RESPONSES:
             return self._route(plan, plan.pair.request(body) if plan.pair is not None else None)
         prev = body.get("previous_response_id")
@@ -158,7 +168,7 @@ class RequestSide:
         """A Responses request sent on, a conversation the sidecar kept merged into its input."""
         body = plan.request
         plan.target, plan.pinned_id = cont.target, cont.pinned_id
-        keep = body.get("store") is not False and not self.compacting
+        keep = body.get("store") is not False and self.call is Call.CREATE
         opened = compact.open_items(body.get("input"), self.gw.sealer, self.pinning.tenant, plan.pair is not None)
         if opened is not None:  # the sidecar's own compaction items: their summaries instead
             body = {**body, "input": opened}

@@ -223,7 +223,8 @@ def processor_routes(config: Config) -> tuple[list[rc.Route], list[rc.Route]]:
     # back through this listener as a request of its own, so no processor on the socket itself.
     websocket = rc.Route(name="websocket", typed_per_filter_config=_NO_PROCESSOR, match=rc.RouteMatch(
         path=PATHS[RESPONSES], headers=[rc.HeaderMatcher(name="upgrade", string_match=string_pb2.StringMatcher(
-            exact="websocket", ignore_case=True))]), route=rc.RouteAction(
+            exact="websocket", ignore_case=True)), rc.HeaderMatcher(name=":method", string_match=string_pb2.StringMatcher(
+                exact="GET"))]), route=rc.RouteAction(
         cluster=WEBSOCKET_CLUSTER, timeout=duration_pb2.Duration(seconds=0),
         upgrade_configs=[rc.RouteAction.UpgradeConfig(upgrade_type="websocket", enabled=wrappers_pb2.BoolValue(value=True))]))
     # First contact with a model of unknown API: a rejection naming the other API becomes one retry

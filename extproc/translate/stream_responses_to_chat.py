@@ -111,7 +111,9 @@ class ResponsesToChatStream(SSETranslator):
             return
         if kind in ("response.failed", "error"):
             response = ev.get("response")
-            err = ev.get("error") or (response.get("error") if isinstance(response, dict) else None)
+            # An `error` event carries code and message itself (the spec's ErrorStreamEvent); some servers nest them.
+            err = ev.get("error") or (response.get("error") if isinstance(response, dict) else None) or \
+                (ev if kind == "error" else None)
             self._fail(*upstream_failure(err, "the upstream response failed"))
             return
         self._start(None)

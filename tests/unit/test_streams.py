@@ -154,3 +154,15 @@ def test_failure_is_an_error_chunk_then_done(raw):
     chunks, out = to_chat([raw])
     assert "error" in chunks[-1] and chunks[-1]["error"]["message"]
     assert out.endswith(b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("event", [
+    {"type": "error", "code": "server_overloaded", "message": "overloaded, retry", "param": None, "sequence_number": 1},
+    {"type": "error", "error": {"code": "server_overloaded", "message": "overloaded, retry"}, "sequence_number": 1},
+], ids=["spec", "nested"])
+def test_an_error_event_keeps_the_upstreams_code_and_message(event):
+    raw = b'event: error\ndata: ' + json.dumps(event).encode() + b"\n\n"
+    chunks, out = to_chat([raw])
+    assert chunks[-1]["error"]["message"] == "overloaded, retry"
+    assert chunks[-1]["error"]["code"] == "server_overloaded"
+    assert out.endswith(b"data: [DONE]\n\n")

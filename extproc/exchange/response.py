@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import orjson
 
 from extproc.api import PATHS
-from extproc.errors import BadUpstream, GatewayError, bad_upstream, upstream_error_payload, usable_status
+from extproc.errors import GatewayError, bad_upstream, upstream_error_payload, usable_status
 from extproc.exchange.actions import BUFFERED, STREAMED, Action, Writes, new_body
 from extproc.exchange.plan import Plan
 from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
@@ -137,7 +137,7 @@ class TranslateBuffered:
             raise bad_upstream("the body is not a JSON object")
         try:
             return doc, self.pair.response(doc)
-        except BadUpstream:  # the translator named the field it could not use
+        except GatewayError:  # the translator named the field it could not use, or the upstream's own failure
             raise
         except Exception as e:  # the translator met a shape it cannot use
             raise bad_upstream(_why(e)) from None

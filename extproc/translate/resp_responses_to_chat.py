@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.errors import BadUpstream
+from extproc.errors import BadUpstream, GatewayError
 from extproc.translate.common import (
     NUMBER,
     at,
@@ -14,6 +14,7 @@ from extproc.translate.common import (
     now,
     objects,
     read,
+    upstream_failure,
     usage_responses_to_chat,
 )
 
@@ -54,7 +55,14 @@ def _logprob(entry: dict[str, Any], where: str, top: bool = True) -> dict[str, A
 
 
 def translate_response(resp: dict[str, Any], model: str) -> dict[str, Any]:
-    """The chat.completion for a Response; BadUpstream when the answer lacks what it needs."""
+    """The chat.completion for a Response; BadUpstream when the answer lacks what it needs. A Response
+    that failed is the upstream's error (502); one not finished yet cannot be a completion."""
+    status = read(resp, "status", str)
+    if status in ("queued", "in_progress"):
+        raise BadUpstream("status", f"is {status!r}: the response is not finished")
+    if status in ("failed", "cancelled"):
+        code, message = upstream_failure(resp.get("error"), f"the upstream's response {status}")
+        raise GatewayError(502, message, code=code)
     text: list[str] = []
     refusal: list[str] = []
     reasoning: list[str] = []

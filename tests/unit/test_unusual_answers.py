@@ -145,9 +145,9 @@ def test_a_json_answer_of_a_failed_response_ends_the_chat_stream_with_its_error(
               "error": {"code": "server_error", "message": "model crashed"}}
     _, act = json_answer(chat_stream(gateway), answer)
     chunks = chat_chunks(act.body)
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     assert chunks[-1] == {"error": {"message": "model crashed", "type": "server_error", "param": None,
                                     "code": "server_error"}}
+    assert act.body.endswith(b"data: [DONE]\n\n")
 
 
 def test_a_json_chat_answer_without_finish_reason_is_a_completed_stream(gateway):
@@ -246,3 +246,20 @@ def test_a_201_json_answer_is_translated_and_a_201_stream_streamed(gateway):
     ex = responses_stream(gateway)
     head = ex.response_headers({":status": "201", "content-type": "text/event-stream"})
     assert head.response_body_mode == STREAMED
+
+
+@pytest.mark.parametrize(("status", "code", "message"), [
+    ("failed", "server_error", "model crashed"), ("cancelled", "upstream_error", "the upstream's response cancelled"),
+    ("queued", "bad_upstream_response", "'status' is 'queued': the response is not finished"),
+    ("in_progress", "bad_upstream_response", "'status' is 'in_progress': the response is not finished"),
+])
+def test_a_json_response_that_is_not_a_finished_answer_is_a_502_for_a_chat_client(status, code, message):
+    """A failed or cancelled Response is the upstream's error; a queued or running one is no completion
+    (the sidecar never asks a chat client's request to run in the background)."""
+    from extproc.translate.resp_responses_to_chat import translate_response
+
+    answer = {**RESPONSE_ANSWER, "status": status,
+              **({"error": {"code": "server_error", "message": "model crashed"}} if status == "failed" else {})}
+    with pytest.raises(GatewayError) as e:
+        translate_response(answer, "m")
+    assert (e.value.status, e.value.code) == (502, code) and message in e.value.message

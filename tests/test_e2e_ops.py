@@ -379,6 +379,22 @@ def test_an_upstream_error_quoting_the_key_reaches_the_client_without_it(ops):
     assert [SECRET in body for body in key_quoting_errors(ops)] == [False, False]
 
 
+def test_a_compressed_upstream_error_quoting_the_key_is_read_and_scrubbed(ops):
+    """Passed through, an error may come compressed (the client accepts gzip): decoded and scrubbed; one
+    in an encoding the sidecar cannot read is withheld, since it may quote the key."""
+    client = ops.client()
+    for encoding, withheld in (("gzip", False), ("br", True)):
+        ops.chat.script.append(Reply(gzip=True, content_encoding=encoding, error=(401, {"error": {
+            "message": f"Incorrect API key provided: {SECRET}.", "type": "invalid_request_error",
+            "code": "invalid_api_key"}})))
+        with pytest.raises(openai.AuthenticationError) as e:
+            client.chat.completions.create(model="ops-a", messages=[{"role": "user", "content": "hi"}])
+        body = e.value.response.text
+        assert SECRET not in body and "content-encoding" not in e.value.response.headers
+        assert ("Incorrect API key provided: [redacted]" in body) is not withheld
+        assert (e.value.body["code"] == "upstream_error_withheld") is withheld
+
+
 def test_upstream_silence_is_bounded_but_a_long_stream_is_not(ops):
     """limits.upstream_timeout_seconds (600 s by default; 1 s here) bounds how long an upstream may stay
     silent: a stalled one is a 504 in the OpenAI shape, while a stream that lasts longer in all but keeps

@@ -55,6 +55,7 @@ class Reply:
     drop: threading.Event | None = None
     usage: bool = True
     gzip: bool = False  # compress the answer even though the request asked for identity
+    content_encoding: str = "gzip"  # the label it gets: another one makes bytes the sidecar cannot read
     pieces: int = 3  # deltas per streamed text
     delay: float = 0.0  # seconds between streamed text deltas (a slow model)
     stall: float = 0.0  # seconds to wait before answering at all (a stuck model)
@@ -126,12 +127,14 @@ class _Handler(JSONHandler):
     """Sends gzip when the reply says so, as some proxies in front of real servers do."""
 
     gz: Any = None
+    encoding_label = "gzip"
 
     def reply_for(self, echo: str) -> Reply:
         reply = self.upstream.next_reply(echo)
         if reply.stall:
             time.sleep(reply.stall)
         self.gz = zlib.compressobj(wbits=31) if reply.gzip else None
+        self.encoding_label = reply.content_encoding
         return reply
 
     def send_broken(self, reply: Reply, stream: bool) -> bool:
@@ -156,7 +159,7 @@ class _Handler(JSONHandler):
             return super().send_json(status, doc, headers)
         body = self.gz.compress(json.dumps(doc).encode()) + self.gz.flush()
         self.send_response(status)
-        for k, v in {"content-type": "application/json", "content-encoding": "gzip",
+        for k, v in {"content-type": "application/json", "content-encoding": self.encoding_label,
                      "content-length": str(len(body)), **(headers or {})}.items():
             self.send_header(k, v)
         self.end_headers()

@@ -11,6 +11,7 @@ other path (embeddings, completions, audio, files...) passes through to the back
 
 from __future__ import annotations
 
+import re
 from urllib.parse import unquote
 
 from extproc.api import API_OF_PATH
@@ -19,7 +20,6 @@ from extproc.state.records import RESOURCE_RE
 from extproc.translate import compact
 
 INPUT_TOKENS = "/v1/responses/input_tokens"  # token counting: to the model's backend when it speaks Responses
-FAMILY = "/v1/responses/"  # every path under it is the sidecar's: an unknown one is refused, never passed on
 _RESOURCE_METHODS = {"": ("GET", "DELETE"), "/cancel": ("POST",), "/input_items": ("GET",)}
 _WITH_BODY = (*API_OF_PATH, compact.PATH, INPUT_TOKENS)  # POSTs that are API calls: a JSON body is required
 _FIXED = {**{path: ("POST",) for path in _WITH_BODY}, "/v1/models": ("GET",)}
@@ -34,18 +34,20 @@ def allowed_methods(path: str) -> tuple[str, ...] | None:
     return _RESOURCE_METHODS[resource.group(2) or ""] if resource else None
 
 
-_OURS = {path.lower() for path in _FIXED}
+# A lenient reading of a path that names one of the sidecar's: under any prefix (`/responses`,
+# `/openai/v1/responses/...`: servers that serve both spellings, or mount the API elsewhere).
+_READS_AS_OURS = re.compile(r"(?:^|/)(?:responses(?:/.*)?|chat/completions|models)$")
 
 
 def _unknown_spelling(bare: str) -> bool:
     """A path the sidecar does not recognise but a lenient upstream may read as one of its own: passed on,
     it would skip the sidecar's tenancy and routing. Lenient readings: a trailing slash, `;params` in a
-    segment (servlet containers drop them), another letter case, escapes decoded once more; and anything
-    else under FAMILY."""
+    segment (servlet containers drop them), another letter case, escapes decoded once more, another
+    prefix than `/v1`; and anything under a `responses` segment that is not one of its paths."""
     if allowed_methods(bare) is not None:
         return False
     lenient = "/".join(segment.partition(";")[0] for segment in unquote(bare).split("/")).rstrip("/").lower()
-    return lenient.startswith(FAMILY) or lenient in _OURS
+    return _READS_AS_OURS.search(lenient) is not None
 
 
 def check_request_line(method: str, path: str, has_body: bool) -> None:

@@ -224,8 +224,8 @@ class ExplainLostPin(Buffered):
 class LearnRejection(Buffered):
     """The upstream may say the model needs the other API: remember it, and say a retry will work."""
 
-    def __init__(self, plan: Plan, status: int, outcome: Outcome):
-        self.plan, self.status, self.outcome = plan, status, outcome
+    def __init__(self, plan: Plan, status: int, encoding: str, outcome: Outcome):
+        self.plan, self.status, self.encoding, self.outcome = plan, status, encoding, outcome
 
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
         plan = self.plan
@@ -233,7 +233,8 @@ class LearnRejection(Buffered):
         assert facts is not None and plan.client_api is not None
         needs = rejection_needs(self.status, chunk, plan.client_api)
         if needs is None:
-            return ScrubKey(plan).body(chunk, end_of_stream)  # any other error goes to the client as it is
+            # any other error goes to the client as it is, without the key
+            return ScrubKey(plan, self.status, self.encoding).body(chunk, end_of_stream)
         log.info("model=%s backend=%s: learned that it needs the %s API", plan.model, plan.target.backend.name, needs)
         writes = facts.needs(needs)
         self.outcome.learned_fact = "needs_" + needs
@@ -254,14 +255,23 @@ def scrub(body: bytes, plan: Plan) -> bytes:
 
 
 class ScrubKey(Buffered):
-    """An untranslated error from a backend that got the sidecar's own key: read, and the key removed."""
+    """An untranslated error from a backend that got the sidecar's own key: read (decoded, when the
+    upstream compressed it for a client that accepts that), and the key removed. One in an encoding
+    the sidecar cannot read is withheld: it may quote the key."""
 
-    def __init__(self, plan: Plan):
-        self.plan = plan
+    def __init__(self, plan: Plan, status: int, encoding: str):
+        self.plan, self.status, self.encoding = plan, status, encoding
 
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
-        clean = scrub(chunk, self.plan)
-        return new_body(clean) if clean != chunk else Action(done=True)
+        try:
+            plain = decoder_for(self.encoding).decode(chunk, True)
+        except GatewayError:  # an encoding it cannot read, or a corrupt body
+            withheld = GatewayError(self.status, f"the upstream's error, in content-encoding {self.encoding!r}, "
+                                                 "is withheld: the gateway cannot read it to remove its own key",
+                                    code="upstream_error_withheld")
+            return new_body(withheld.body(), remove_headers=("content-encoding",))
+        clean = scrub(plain, self.plan)
+        return new_body(clean, remove_headers=("content-encoding",)) if clean != plain else Action(done=True)
 
 
 class Observe:
@@ -311,10 +321,11 @@ def choose(plan: Plan, status: int, headers: dict[str, str], outcome: Outcome) -
         scanner = UsageScanner(sse=headers.get("content-type", "").startswith("text/event-stream")) \
             if ok and plan.observe_usage else None
         return Observe(plan, None, scanner, [], outcome) if scanner is not None else Action(done=True)
+    encoding = headers.get("content-encoding", "identity")
     if plan.facts is not None and status in _LEARNABLE:
-        return LearnRejection(plan, status, outcome)
+        return LearnRejection(plan, status, encoding, outcome)
     if status >= 400 and plan.target.backend.api_key:
-        return ScrubKey(plan)
+        return ScrubKey(plan, status, encoding)
     writes: Writes = []
     if plan.facts is not None and ok:
         writes = plan.facts.answered()

@@ -84,6 +84,7 @@ def test_an_upstream_error_body_of_any_depth_keeps_only_its_strings():
     "/v1/responses/resp_1;x", "/v1/responses/resp%5F1", "/v1/responses/resp_1/other", "/v1/responses/compact/",
     "/v1/responses/input_tokens/", "/v1/responses;/resp_1", "/v1/responses;x", "/v1;a/responses", "/V1/responses/resp_1",
     "/v1/Responses", "/v1/CHAT/completions", "/v1/chat/completions;x", "/v1/models;x", "/v1/responses%2F",
+    "/responses", "/responses/resp_1", "/chat/completions", "/openai/v1/responses/resp_1", "/api/v2/responses",
 ])
 def test_another_spelling_of_a_sidecar_path_is_refused_not_passed_on(path):
     """An upstream may read these as the sidecar's own paths, which would skip its tenancy checks."""
@@ -95,7 +96,8 @@ def test_another_spelling_of_a_sidecar_path_is_refused_not_passed_on(path):
 
 @pytest.mark.parametrize("path", ["/", "/v1/embeddings/", "/v1/files/f1/", "/v1/chat/completions/chatcmpl-1",
                                   "/v1/models/gpt-4o", "/healthz", "/v1/embeddings;x", "/V1/Embeddings",
-                                  "/v1/responses/resp_ABC", "/v1/responses/RESP_1/input_items"])
+                                  "/v1/responses/resp_ABC", "/v1/responses/RESP_1/input_items", "/v1/files/responses.jsonl",
+                                  "/v1/chat/completions/chatcmpl-1/messages", "/chat/completions/chatcmpl-1"])
 def test_other_paths_keep_passing_through_whatever_their_spelling(path):
     check_request_line("GET", path, has_body=False)
 

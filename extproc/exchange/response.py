@@ -231,7 +231,11 @@ class LearnRejection(Buffered):
         plan = self.plan
         facts = plan.facts
         assert facts is not None and plan.client_api is not None
-        needs = rejection_needs(self.status, chunk, plan.client_api)
+        try:  # a rejection compressed for the client is read as well
+            plain = decoder_for(self.encoding).decode(chunk, True)
+        except GatewayError:
+            plain = b""
+        needs = rejection_needs(self.status, plain, plan.client_api)
         if needs is None:
             # any other error goes to the client as it is, without the key
             return ScrubKey(plan, self.status, self.encoding).body(chunk, end_of_stream)
@@ -244,7 +248,7 @@ class LearnRejection(Buffered):
         body = GatewayError(self.status, f"The model '{plan.model}' is only available on {path} at this backend; "
                                          f"the gateway has learned this, {retry}.",
                             param="model", code="model_api_learned").body()
-        return new_body(body, writes=writes, write_ttl=facts.ttl)
+        return new_body(body, writes=writes, write_ttl=facts.ttl, remove_headers=("content-encoding",))
 
 
 def scrub(body: bytes, plan: Plan) -> bytes:

@@ -151,3 +151,18 @@ def test_mode_header_only_when_allowed():
     assert ":path" not in dict(act.set_headers) and "x-gateway-model-mode" in act.remove_headers
     with pytest.raises(GatewayError):
         exchange(gw, "/v1/chat/completions", {"model": ""})
+
+
+def test_a_rejection_compressed_for_the_client_is_learned_and_sent_plain():
+    import gzip
+
+    gw = Gateway(parse_config(CFG, env={}))
+    ex, step = exchange(gw, "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    assert isinstance(step, Lookup)
+    step.then([None])
+    ex.response_headers({":status": "400", "content-type": "application/json", "content-encoding": "gzip"})
+    out = ex.response_body(gzip.compress(err("This model is only supported in v1/responses and not in "
+                                             "v1/chat/completions.")), True)
+    assert json.loads(out.body)["error"]["code"] == "model_api_learned"  # plain JSON, and labelled so
+    assert "content-encoding" in out.remove_headers
+    assert out.writes == [("mode:up:m", Learned(RESPONSES).dumps())]

@@ -87,6 +87,15 @@ def objects(doc: dict[str, Any], key: str, where: str = "") -> Iterator[tuple[st
         yield path, item
 
 
+def first_choice(chat: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(path, choice) of a chat.completion's first choice: the one with `index` 0 wherever it is listed
+    (streams read only that one), else the first listed."""
+    choices = list(objects(chat, "choices"))
+    if not choices:
+        raise BadUpstream("choices", "is missing or empty")
+    return next((c for c in choices if c[1].get("index") == 0), choices[0])
+
+
 def count(doc: dict[str, Any], key: str, where: str = "") -> int:
     """A token count or timestamp of an upstream answer: a non-negative integer, 0 when absent."""
     value = doc.get(key)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.errors import BadUpstream
 from extproc.translate.common import (
     FINISH_TO_STATUS,
     count,
+    first_choice,
     need,
     new_id,
     now,
@@ -128,10 +128,7 @@ def translate_response(chat: dict[str, Any], request: dict[str, Any], response_i
     resp = response_shell(request, response_id or new_id("resp_"), count(chat, "created") or now())
     if model := read(chat, "model", str):
         resp["model"] = model
-    choices = list(objects(chat, "choices"))
-    if not choices:
-        raise BadUpstream("choices", "is missing or empty")
-    at_choice, choice = choices[0]
+    at_choice, choice = first_choice(chat)
     message = need(choice, "message", dict, at_choice)
     where = f"{at_choice}.message"
     reason = read(choice, "finish_reason", str, at_choice)

@@ -15,6 +15,7 @@ import orjson
 from extproc.translate.common import (
     at,
     count,
+    first_choice,
     need,
     new_id,
     now,
@@ -124,7 +125,7 @@ class ChatToResponsesStream(SSETranslator):
     def _as_stream(self, doc: dict[str, Any]) -> bytes:
         """A chat.completion as one chunk carrying its whole first choice, then [DONE]; a choice
         without a finish_reason finished all the same (the answer is complete), as it does buffered."""
-        where, choice = next(objects(doc, "choices"))
+        where, choice = first_choice(doc)
         message = need(choice, "message", dict, where)
         mw = at(where, "message")
         delta = {**message, "content": message_text(message, mw),

@@ -107,3 +107,11 @@ def test_responses_refusal():
     out = responses_to_chat(response([{"type": "message", "id": "m", "role": "assistant",
                                        "content": [{"type": "refusal", "refusal": "nope"}]}]), "m")
     assert out["choices"][0]["message"]["refusal"] == "nope" and out["choices"][0]["message"]["content"] is None
+
+
+def test_the_first_choice_is_the_one_with_index_0_wherever_it_is_listed():
+    doc = chat({"content": "first"})
+    second = {"index": 1, "message": {"role": "assistant", "content": "second"}, "finish_reason": "stop"}
+    doc["choices"] = [second, *doc["choices"]]
+    resp = chat_to_responses(doc, REQUEST, "resp_1")
+    assert resp["output"][0]["content"][0]["text"] == "first"

@@ -39,13 +39,11 @@ def allowed_methods(path: str) -> tuple[str, ...] | None:
 _READS_AS_OURS = re.compile(r"(?:^|/)(?:responses(?:/.*)?|chat/completions|models)$")
 
 
-def _unknown_spelling(bare: str) -> bool:
-    """A path the sidecar does not recognise but a lenient upstream may read as one of its own: passed on,
+def _reads_as_ours(bare: str) -> bool:
+    """Whether a lenient upstream may read a path the sidecar does not handle as one it does: passed on,
     it would skip the sidecar's tenancy and routing. Lenient readings: a trailing slash, `;params` in a
     segment (servlet containers drop them), another letter case, escapes decoded once more, another
-    prefix than `/v1`; and anything under a `responses` segment that is not one of its paths."""
-    if allowed_methods(bare) is not None:
-        return False
+    prefix than `/v1`; and anything under a `responses` segment."""
     lenient = "/".join(segment.partition(";")[0] for segment in unquote(bare).split("/")).rstrip("/").lower()
     return _READS_AS_OURS.search(lenient) is not None
 
@@ -54,10 +52,10 @@ def check_request_line(method: str, path: str, has_body: bool) -> None:
     """Refuse, before anything is routed, another spelling of a handled path (404), a wrong method on
     one (405) and an API call without a body (400)."""
     bare = path.partition("?")[0]
-    if _unknown_spelling(bare):
-        raise GatewayError(404, f"Invalid URL ({method} {bare})", code="invalid_url")
-    allowed = allowed_methods(path)
+    allowed = allowed_methods(bare)
     if allowed is None:
+        if _reads_as_ours(bare):
+            raise GatewayError(404, f"Invalid URL ({method} {bare})", code="invalid_url")
         return
     if method not in allowed:
         raise GatewayError(405, f"{method} is not supported on {bare}; use {' or '.join(allowed)}",

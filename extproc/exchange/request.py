@@ -137,11 +137,11 @@ class RequestSide:
         target = self.gw.target(res.backend, placement_key(body, self.headers))
         if self.client_api is None:  # another OpenAI path (embeddings, ...): to the backend of its model
             return self._route(self._plan(target, request=body))
-        if self.call is Call.COUNT and res.upstream_api(RESPONSES) != RESPONSES:
+        upstream_api = res.upstream_api(self.client_api)
+        if self.call is Call.COUNT and upstream_api != RESPONSES:
             raise GatewayError(400, f"Counting input tokens ({INPUT_TOKENS}) needs a backend that speaks the "
                                     f"Responses API; the model '{model}' is served on {PATHS[res.mode]} only",
                                param="model", code="unsupported_api")
-        upstream_api = res.upstream_api(self.client_api)
         if upstream_api is None:
             path = PATHS[res.mode]
             raise GatewayError(400, f"The model '{model}' is only available on {path}, and translation is turned "

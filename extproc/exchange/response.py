@@ -231,14 +231,11 @@ class LearnRejection(Buffered):
         plan = self.plan
         facts = plan.facts
         assert facts is not None and plan.client_api is not None
-        try:  # a rejection compressed for the client is read as well
-            plain = decoder_for(self.encoding).decode(chunk, True)
-        except GatewayError:
-            plain = b""
-        needs = rejection_needs(self.status, plain, plan.client_api)
+        plain = _plain(chunk, self.encoding)  # a rejection compressed for the client is read as well
+        needs = rejection_needs(self.status, plain or b"", plan.client_api)
         if needs is None:
             # any other error goes to the client as it is, without the key
-            return ScrubKey(plan, self.status, self.encoding).body(chunk, end_of_stream)
+            return ScrubKey(plan, self.status, self.encoding).scrubbed(plain)
         log.info("model=%s backend=%s: learned that it needs the %s API", plan.model, plan.target.backend.name, needs)
         writes = facts.needs(needs)
         self.outcome.learned_fact = "needs_" + needs
@@ -249,6 +246,15 @@ class LearnRejection(Buffered):
                                          f"the gateway has learned this, {retry}.",
                             param="model", code="model_api_learned").body()
         return new_body(body, writes=writes, write_ttl=facts.ttl, remove_headers=("content-encoding",))
+
+
+def _plain(chunk: bytes, encoding: str) -> bytes | None:
+    """A whole untranslated answer decoded (gzip, deflate); None in an encoding the sidecar cannot read,
+    or corrupt."""
+    try:
+        return decoder_for(encoding).decode(chunk, True)
+    except GatewayError:
+        return None
 
 
 def scrub(body: bytes, plan: Plan) -> bytes:
@@ -267,9 +273,11 @@ class ScrubKey(Buffered):
         self.plan, self.status, self.encoding = plan, status, encoding
 
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
-        try:
-            plain = decoder_for(self.encoding).decode(chunk, True)
-        except GatewayError:  # an encoding it cannot read, or a corrupt body
+        return self.scrubbed(_plain(chunk, self.encoding))
+
+    def scrubbed(self, plain: bytes | None) -> Action:
+        """The action for the decoded body (None: it could not be decoded)."""
+        if plain is None:
             withheld = GatewayError(self.status, f"the upstream's error, in content-encoding {self.encoding!r}, "
                                                  "is withheld: the gateway cannot read it to remove its own key",
                                     code="upstream_error_withheld")

@@ -74,8 +74,9 @@ class ResponsesToChatStream(SSETranslator):
         self._chunk({"role": "assistant"})  # content stays null for a turn that only calls tools
 
     def _as_stream(self, doc: dict[str, Any]) -> bytes:
-        """A Response as the events this translator reads: created, the deltas of each output item
-        (a tool call whole, as its output_item.done), then the terminal event its status names."""
+        """A finished Response (`translate_response` has refused the others) as the events this translator
+        reads: created, the deltas of each output item (a tool call whole, as its output_item.done), then
+        completed, whose status says whether it was incomplete."""
         events: list[dict[str, Any]] = [{"type": "response.created", "response": doc}]
         for where, item in objects(doc, "output"):
             kind = item.get("type")
@@ -86,8 +87,7 @@ class ResponsesToChatStream(SSETranslator):
                 events.append({"type": "response.reasoning_summary_text.delta", "delta": reasoning_text(item, where)})
             elif kind in ("function_call", "custom_tool_call"):
                 events.append({"type": "response.output_item.done", "item": item})
-        failed = read(doc, "status", str) == "failed"
-        events.append({"type": "response.failed" if failed else "response.completed", "response": doc})
+        events.append({"type": "response.completed", "response": doc})  # failed ones never get here
         return b"".join(encode(orjson.dumps(ev)) for ev in events)
 
     def _end_early(self) -> None:

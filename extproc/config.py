@@ -57,6 +57,9 @@ class Backend:
     path_prefix: str = ""
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)  # resolved from api_key_env, never logged
+    # The backend checks each caller's own key (sent on as the client gave it), so a response id the
+    # sidecar never recorded may be sent there for the backend to judge; otherwise such ids are refused.
+    authenticates_callers: bool = False
     translate: bool = True
     chat_max_tokens_field: str = "max_completion_tokens"
     vnodes: int = 160
@@ -447,7 +450,8 @@ class _Validator:
 
     def backend(self, node: yaml.Node, key: str) -> Backend | None:
         allowed = {"name", "api", "models", "endpoints", "cluster", "path_prefix", "api_key_env",
-                   "translate", "chat_max_tokens_field", "vnodes", "hosted_tools", "replay_reasoning"}
+                   "translate", "chat_max_tokens_field", "vnodes", "hosted_tools", "replay_reasoning",
+                   "authenticates_callers"}
         m = self.mapping(node, key, allowed)
         before = len(self.problems)
         for req in ("name", "api", "models"):
@@ -484,6 +488,12 @@ class _Validator:
                                  f"environment variable {var} is not set or empty: this backend's requests "
                                  "get 503 backend_unconfigured until the sidecar runs with it set")
                 kw["api_key_env"], kw["api_key"] = var, value
+        if "authenticates_callers" in m:
+            kw["authenticates_callers"] = self.scalar(m["authenticates_callers"], f"{key}.authenticates_callers", bool)
+            if kw["authenticates_callers"] and "api_key_env" in m:
+                self.problem(m["authenticates_callers"], f"{key}.authenticates_callers",
+                             "a backend sent the sidecar's own key (api_key_env) sees one caller, never each "
+                             "caller's key: it cannot tell callers apart")
         if "translate" in m:
             kw["translate"] = self.scalar(m["translate"], f"{key}.translate", bool)
         if "chat_max_tokens_field" in m:

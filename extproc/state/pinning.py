@@ -8,8 +8,12 @@
 - Recording: the id of every stored Responses answer is pinned to its instance (`IdRecorder`); every
   translated Response is kept as a turn (`turn_writes`).
 
-Records are per tenant (`records.pin_key`/`turn_key`): another tenant's id reads as unknown.
-Store reads are `Lookup`s; the decision names are `PinDecision`, counted in metrics.
+Records are per tenant (`records.pin_key`/`turn_key`), and every id's owner is recorded beside them
+(`records.owner_key`): an id recorded for another tenant gets the unknown id's 404 without reaching
+an upstream. An id the sidecar never recorded is sent on (placed by the ring) only to a backend
+declared to check each caller's own key (`authenticates_callers`); anywhere else it is refused, since
+such a backend would serve whoever names the id. Store reads are `Lookup`s; the decision names are
+`PinDecision`, counted in metrics.
 """
 
 from __future__ import annotations
@@ -45,12 +49,20 @@ class PinDecision(StrEnum):
     TURN_MISS = "turn_miss"  # a chat-only backend and no held turn: unknown id
     STATE_UNAVAILABLE = "state_unavailable"  # the store did not answer where only it could
     UNKNOWN_ID = "unknown_id"  # no record in this tenant, and the backend cannot tell tenants apart
+    OTHER_TENANT = "other_tenant"  # recorded for another tenant: answered as an unknown id
 
 
-def shares_credential(backend: Backend) -> bool:
-    """The sidecar sends the backend its own key: every tenant looks the same to the backend, so only
-    ids recorded for the caller's tenant may reach it (no placement by the ring for unknown ids)."""
-    return backend.api_key_env is not None  # configured with a key, even one not set yet
+def tells_callers_apart(backend: Backend) -> bool:
+    """Whether the backend itself checks whose a response is: declared to authenticate each caller by
+    the caller's own key, and sent no key of the sidecar's (with one, every tenant looks the same to
+    it). Only such a backend may be sent an id the sidecar holds no record of; any other (a vLLM or
+    Ollama server, or one holding the gateway's key) would serve whoever names the id."""
+    return backend.authenticates_callers and backend.api_key_env is None
+
+
+def _state_keys(tenant: str, response_id: str) -> tuple[str, str, str]:
+    """What says where an id lives and whose it is: one multi-get."""
+    return rec.turn_key(tenant, response_id), rec.pin_key(tenant, response_id), rec.owner_key(response_id)
 
 
 @dataclass(slots=True)
@@ -107,13 +119,13 @@ class Pinning:
 
     def continue_from(self, prev: str, model: str, res: Resolution, target: Target,
                       translated: bool) -> Lookup[Continuation]:
-        keys = (rec.turn_key(self.tenant, prev), rec.pin_key(self.tenant, prev))
-        return Lookup(keys, lambda values: self._continued(prev, model, res, target, translated, values))
+        return Lookup(_state_keys(self.tenant, prev),
+                      lambda values: self._continued(prev, model, res, target, translated, values))
 
     def _continued(self, prev: str, model: str, res: Resolution, target: Target, translated: bool,
                    values: Values) -> Continuation | Lookup[Continuation]:
         if values is None:
-            if translated or shares_credential(res.backend):  # only the store can say whose it is
+            if translated or not tells_callers_apart(res.backend):  # only the store can say whose it is
                 self._decide(PinDecision.STATE_UNAVAILABLE)
                 raise state_unavailable()
             log.warning("previous_response_id %s: store unavailable, routing by ring", prev)
@@ -132,7 +144,9 @@ class Pinning:
                                         "cannot continue it", param="previous_response_id",
                                    code="previous_response_not_found")
             return Continuation(self.pinned_target(prev, pin), self._decide(PinDecision.PIN_HIT), pinned_id=prev)
-        if translated or shares_credential(res.backend):
+        if self._owned_elsewhere(values):
+            raise rec.previous_not_found(prev)
+        if translated or not tells_callers_apart(res.backend):
             self._decide(PinDecision.TURN_MISS if translated else PinDecision.UNKNOWN_ID)
             raise rec.previous_not_found(prev)
         log.info("previous_response_id %s: no pin recorded, routing by ring", prev)
@@ -156,6 +170,14 @@ class Pinning:
         return Continuation(target, self._decide(PinDecision.TURN_HIT), rec.history([*held, turn]),
                             rec.chain(turn, prev))
 
+    def _owned_elsewhere(self, values: list[bytes | None]) -> bool:
+        """The id is recorded for another tenant (no turn or pin of the caller's names it)."""
+        owner = values[2]
+        if owner is None or owner.decode() == self.tenant:
+            return False
+        self._decide(PinDecision.OTHER_TENANT)
+        return True
+
     def pinned_target(self, response_id: str, pin: rec.Pin) -> Target:
         backend = self.gw.config.backend(pin.backend)
         if backend is None or (pin.endpoint is not None and pin.endpoint not in {e.address for e in backend.endpoints}):
@@ -169,8 +191,8 @@ class Pinning:
     # -- /v1/responses/{id}[/cancel|/input_items] --------------------------------------------------
 
     def resource(self, method: str, response_id: str, suffix: str, query: str) -> Lookup[Answered | Forwarded]:
-        keys = (rec.turn_key(self.tenant, response_id), rec.pin_key(self.tenant, response_id))
-        return Lookup(keys, lambda values: self._resource(method, response_id, suffix, query, values))
+        return Lookup(_state_keys(self.tenant, response_id),
+                      lambda values: self._resource(method, response_id, suffix, query, values))
 
     def _resource(self, method: str, response_id: str, suffix: str, query: str,
                   values: Values) -> Answered | Forwarded:
@@ -189,7 +211,9 @@ class Pinning:
         if pin is not None:
             return Forwarded(self.pinned_target(response_id, pin), self._decide(PinDecision.PIN_HIT), response_id)
         backend = self.gw.responses_backend
-        if backend is None or shares_credential(backend):
+        if values is not None and self._owned_elsewhere(values):
+            raise rec.response_not_found(response_id)
+        if backend is None or not tells_callers_apart(backend):
             if values is None and backend is not None:
                 self._decide(PinDecision.STATE_UNAVAILABLE)
                 raise state_unavailable()
@@ -208,7 +232,7 @@ class Pinning:
         if len(record) > self.gw.config.state.max_record_bytes:
             log.warning("response %s not stored: %d bytes exceeds state.max_record_bytes", response["id"], len(record))
             return []
-        return [(rec.turn_key(self.tenant, response["id"]), record)]
+        return [(rec.turn_key(self.tenant, response["id"]), record), rec.owner_write(self.tenant, response["id"])]
 
 
 class IdRecorder:
@@ -230,5 +254,5 @@ class IdRecorder:
         if found is None:
             log.warning("no response id in the first %d bytes of the reply; not pinned", len(self.seen))
             return []
-        pin = rec.Pin(self.target.backend.name, self.target.endpoint)
-        return [(rec.pin_key(self.tenant, found.group(1).decode()), pin.dumps())]
+        pin, response_id = rec.Pin(self.target.backend.name, self.target.endpoint), found.group(1).decode()
+        return [(rec.pin_key(self.tenant, response_id), pin.dumps()), rec.owner_write(self.tenant, response_id)]

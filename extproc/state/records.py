@@ -1,7 +1,8 @@
 """Responses state the sidecar keeps: pins (which instance produced a response id) and whole turns.
 
 Sans-IO: records in and out as bytes, no store access. Two kinds of record, keyed by tenant and
-response id (the decisions that use them are in `state.pinning`):
+response id, and the owner of each id under the id alone (the decisions that use them are in
+`state.pinning`):
 
 - pin: `{"backend", "endpoint"}` for every response a Responses backend produced through the sidecar,
   so `previous_response_id` and `/v1/responses/{id}...` reach the instance that holds that state;
@@ -32,6 +33,16 @@ def pin_key(tenant: str, response_id: str) -> str:
 
 def turn_key(tenant: str, response_id: str) -> str:
     return f"turn:{tenant}:{response_id}"
+
+
+def owner_key(response_id: str) -> str:
+    """Who made a response, whatever tenant asks: written with every pin and turn, so an id recorded
+    for another tenant is refused before it reaches any upstream."""
+    return f"owner:{response_id}"
+
+
+def owner_write(tenant: str, response_id: str) -> tuple[str, bytes]:
+    return owner_key(response_id), tenant.encode()
 
 
 @dataclass(frozen=True, slots=True)

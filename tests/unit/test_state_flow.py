@@ -21,6 +21,7 @@ backends:
     api: responses
     models: ["gpt-oss-*"]
     endpoints: ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+    authenticates_callers: true  # so that an id with no record is placed by the ring
   - name: chat
     api: chat
     models: ["llama-*"]
@@ -69,7 +70,8 @@ def test_reply_id_is_pinned_from_the_first_chunk_only(gateway):
     assert ex.response_body(b'event: response.created\ndata: {"type":"response.created","sequence_number":0,"res', False).writes == []
     act = ex.response_body(b'ponse":{"id":"resp_abc","object":"response"}}\n\n', False)
     assert act.done and act.body is None
-    assert act.writes == [("pin:anonymous:resp_abc", conv.Pin("resp", endpoint_of(ex)).dumps())]
+    assert act.writes == [("pin:anonymous:resp_abc", conv.Pin("resp", endpoint_of(ex)).dumps()),
+                          ("owner:resp_abc", b"anonymous")]
 
 
 def endpoint_of(ex: Exchange) -> str:
@@ -120,7 +122,7 @@ def test_chat_backend_rebuilds_the_chain_in_two_lookups(gateway):
     ex.request_headers({":method": "POST", ":path": "/v1/responses", "content-type": "application/json"}, False)
     step = ex.request_body(json.dumps({"model": "llama-3", "input": "who am I?", "previous_response_id": "r2",
                                        "instructions": "be brief"}).encode())
-    assert isinstance(step, Lookup) and step.keys == ("turn:anonymous:r2", "pin:anonymous:r2")
+    assert isinstance(step, Lookup) and step.keys == ("turn:anonymous:r2", "pin:anonymous:r2", "owner:r2")
     step = step.then([store.get(k) for k in step.keys])
     assert isinstance(step, Lookup) and step.keys == ("turn:anonymous:r1",)  # all ancestors at once
     act = run(step, store)
@@ -134,9 +136,10 @@ def test_chat_backend_rebuilds_the_chain_in_two_lookups(gateway):
         {"index": 0, "message": {"role": "assistant", "content": "Zed"}, "finish_reason": "stop"}]}).encode(), True)
     doc = json.loads(out.body)
     assert doc["previous_response_id"] == "r2"
-    ((key, raw),) = out.writes
+    ((key, raw), owner) = out.writes
     record = json.loads(raw)
     assert key == "turn:anonymous:" + doc["id"] and record["ancestors"] == ["r1", "r2"]
+    assert owner == ("owner:" + doc["id"], b"anonymous")
     assert record["input"][0]["content"] == [{"type": "input_text", "text": "who am I?"}]
 
 
@@ -217,6 +220,6 @@ backends:
     ex, act = send(gw, "/v1/responses", {"model": "gpt-5", "input": "hi"}, {})
     ex.response_headers({":status": "200", "content-type": "application/json"})
     out = ex.response_body(b'{"id": "resp_oa", "object": "response"}', True)
-    assert out.writes == [("pin:anonymous:resp_oa", conv.Pin("openai", None).dumps())]
+    assert out.writes == [("pin:anonymous:resp_oa", conv.Pin("openai", None).dumps()), ("owner:resp_oa", b"anonymous")]
     _, act = send(gw, "/v1/responses/resp_oa", None, dict(out.writes), method="GET")
     assert dict(act.set_headers)["x-gateway-cluster"] == "openai"

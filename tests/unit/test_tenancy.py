@@ -73,7 +73,9 @@ def run(step, store):
 
 def request(gw, path, body, key, method="POST"):
     ex = Exchange(gw)
-    headers = {":method": method, ":path": path, "content-type": "application/json", "authorization": f"Bearer {key}"}
+    headers = {":method": method, ":path": path, "content-type": "application/json"}
+    if key is not None:  # None: a caller with no credential at all
+        headers["authorization"] = f"Bearer {key}"
     step = ex.request_headers(headers, body is None)
     if body is not None:
         step = ex.request_body(json.dumps(body).encode())
@@ -100,11 +102,54 @@ def test_a_held_turn_is_visible_only_to_its_tenant(gw):
         assert e.value.status == 404, (method, path)
 
 
-def test_a_backend_that_sees_the_clients_own_key_gets_unknown_ids():
-    """Without an injected key the backend tells tenants apart itself: unknown ids go to it by the ring."""
-    gw = Gateway(parse_config(CFG.replace("    api_key_env: RESP_KEY", "#"), env={}), tenant_secret=SECRET)
-    _, step = request(gw, "/v1/responses/r1", None, "mallory", "GET")
+KEYLESS = CFG.replace("    api_key_env: RESP_KEY", "#")  # a vLLM or Ollama server: it checks no key
+VOUCHING = KEYLESS.replace("#  # the sidecar's own key", "    authenticates_callers: true  # each caller's own key")
+
+
+def continuing(rid: str) -> tuple[str, str, dict | None]:
+    return "POST", "/v1/responses", {"model": "gpt-oss-1", "input": "hi", "previous_response_id": rid}
+
+
+RESOURCE_CALLS = [("GET", "/v1/responses/r1", None), ("GET", "/v1/responses/r1/input_items", None),
+                  ("DELETE", "/v1/responses/r1", None), ("POST", "/v1/responses/r1/cancel", None), continuing("r1")]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), RESOURCE_CALLS)
+@pytest.mark.parametrize("caller", ["mallory", None])
+def test_a_backend_that_checks_no_key_gets_no_id_the_sidecar_did_not_record(method, path, body, caller):
+    """Alice's response on a keyless Responses instance: another tenant, or a caller with no key, finds no
+    record of it under their own tenant, and the backend would serve anyone: the unknown id's 404."""
+    gw = Gateway(parse_config(KEYLESS, env={}), tenant_secret=SECRET)
+    store = {rec.pin_key(expected_tenant("alice"), "r1"): rec.Pin("resp", "10.0.0.1:80").dumps(),
+             rec.owner_key("r1"): expected_tenant("alice").encode()}
+    _, step = request(gw, path, body, caller, method)
+    with pytest.raises(GatewayError) as e:
+        run(step, store)
+    assert e.value.status == 404 and e.value.code in ("response_not_found", "previous_response_not_found")
+    with pytest.raises(GatewayError) as e:  # and so is an id nobody recorded
+        run(request(gw, path.replace("r1", "r2"), body and {**body, "previous_response_id": "r2"}, caller, method)[1],
+            store)
+    assert e.value.status == 404
+    _, step = request(gw, path, body, "alice", method)  # Alice's own record still routes her there
+    assert dict(run(step, store).set_headers)["x-gateway-destination-endpoint"] == "10.0.0.1:80"
+
+
+@pytest.mark.parametrize(("method", "path", "body"), RESOURCE_CALLS)
+def test_a_backend_that_checks_each_caller_gets_unknown_ids_but_not_another_tenants(method, path, body):
+    """Declared to authenticate each caller, the backend judges ids the sidecar never saw (placed by the
+    ring); one recorded for another tenant is refused before it reaches the backend."""
+    gw = Gateway(parse_config(VOUCHING, env={}), tenant_secret=SECRET)
+    _, step = request(gw, path, body, "mallory", method)
     assert dict(run(step, {}).set_headers)["x-gateway-destination-endpoint"] == "10.0.0.1:80"
+    ex, step = request(gw, path, body, "mallory", method)
+    with pytest.raises(GatewayError) as e:
+        run(step, {rec.owner_key("r1"): expected_tenant("alice").encode()})
+    assert e.value.status == 404 and ex.pin_decision == "other_tenant"
+
+
+def test_authenticates_callers_cannot_go_with_the_sidecars_own_key():
+    with pytest.raises(ConfigError, match="authenticates_callers"):
+        parse_config(CFG + "    authenticates_callers: true\n", env=ENV)
 
 
 def test_a_pin_is_recorded_under_the_tenant_of_the_request(gw):
@@ -112,7 +157,8 @@ def test_a_pin_is_recorded_under_the_tenant_of_the_request(gw):
     assert not run(step, {}).done
     ex.response_headers({":status": "200", "content-type": "application/json"})
     act = ex.response_body(b'{"id":"resp_9","object":"response"}', True)
-    assert [k for k, _ in act.writes] == [f"pin:{expected_tenant('alice')}:resp_9"]
+    assert act.writes == [(f"pin:{expected_tenant('alice')}:resp_9", rec.Pin("resp", "10.0.0.1:80").dumps()),
+                          ("owner:resp_9", expected_tenant("alice").encode())]
 
 
 def test_phases_follow_envoys_messages(gw):

@@ -99,8 +99,9 @@ def test_a_responses_client_gets_the_whole_event_stream_of_a_json_chat_answer(ga
     assert final["usage"]["input_tokens"] == 11 and final["usage"]["output_tokens"] == 7
     assert (ex.usage.input_tokens, ex.usage.output_tokens, ex.usage.estimated) == (11, 7, False)
     # the turn is kept under the id the client saw, so previous_response_id continues from it
-    [(key, record)] = act.writes
+    [(key, record), (owner, _)] = act.writes
     assert key.startswith("turn:") and key.endswith(":" + final["id"]) and b"Checking." in record
+    assert owner == "owner:" + final["id"]
 
 
 def test_a_chat_client_gets_the_whole_chunk_stream_of_a_json_responses_answer(gateway):

@@ -323,7 +323,7 @@ class _ResponsesHandler(_Handler):
 
     def _stored(self) -> tuple[str, str, dict[str, Any] | None]:
         rid, _, suffix = self.path.removeprefix("/v1/responses/").partition("?")[0].partition("/")
-        return rid, suffix, self.upstream.stored.get(rid)
+        return rid, suffix, self.upstream.visible(rid, self.headers.get("authorization"))
 
     def do_GET(self) -> None:
         self._record(None)
@@ -387,7 +387,8 @@ class _ResponsesHandler(_Handler):
             items = [{**it, "type": "message", "content": [{"type": "input_text", "text": it["content"]}]}
                      if isinstance(it.get("content"), str) else it for it in items]
             self.upstream.stored[response["id"]] = {
-                "response": response, "input": [{"id": f"msg_{uuid.uuid4().hex}", **it} for it in items]}
+                "response": response, "input": [{"id": f"msg_{uuid.uuid4().hex}", **it} for it in items],
+                "caller": self.headers.get("authorization")}
         if body.get("stream"):
             self.responses_stream(response, reply)
         else:
@@ -401,7 +402,7 @@ class _ResponsesHandler(_Handler):
                                      sorted(extra)[0]))
             return True
         prev = body.get("previous_response_id")
-        if prev is not None and prev not in self.upstream.stored:
+        if prev is not None and self.upstream.visible(prev, self.headers.get("authorization")) is None:
             self.send_json(404, _err(f"Previous response with id '{prev}' not found.", "previous_response_not_found",
                                      "previous_response_id"))
             return True
@@ -547,11 +548,21 @@ class _ResponsesHandler(_Handler):
 
 
 class ResponsesServer(_Server):
+    """`per_caller`: as OpenAI, each stored response is visible only to the key that made it (a vLLM or
+    Ollama server, the default, checks no key and serves whoever names the id)."""
+
     handler = _ResponsesHandler
 
-    def __init__(self) -> None:
+    def __init__(self, per_caller: bool = False) -> None:
         self.stored: dict[str, dict[str, Any]] = {}  # ids this instance produced: all it can continue
+        self.per_caller = per_caller
         super().__init__()
+
+    def visible(self, response_id: str, caller: str | None) -> dict[str, Any] | None:
+        stored = self.stored.get(response_id)
+        if stored is None or (self.per_caller and stored.get("caller") != caller):
+            return None
+        return stored
 
     def reset(self) -> None:
         super().reset()

@@ -238,6 +238,26 @@ def test_websocket_errors_are_error_events_and_the_socket_lives_on(sf):
     assert text_of(ok) == "still here"
 
 
+def test_websocket_failed_continuation_evicts_the_cached_response(sf):
+    """Open Responses, WebSocket continuation: a store: false turn continued on the socket fails (the
+    upstream's 500); the response it continued is evicted, so a retry gets previous_response_not_found
+    from the socket itself, and the socket goes on with a fresh turn."""
+    sf.chat.script.extend([Reply(text="uno"), Reply(error=(500, {"error": {"message": "boom", "type": "server_error"}})),
+                           Reply(text="fresh")])
+    with connect(sf.ws_url) as ws:
+        r1 = ws_turn(ws, model="llama-3", input="one", store=False)[-1]["response"]
+        (failed,) = ws_turn(ws, model="llama-3", input="two", store=False, previous_response_id=r1["id"])
+        sent = len(sf.chat.requests)
+        (retry,) = ws_turn(ws, model="llama-3", input="two", store=False, previous_response_id=r1["id"])
+        assert len(sf.chat.requests) == sent  # answered by the socket: nothing persisted can continue it
+        fresh = ws_turn(ws, model="llama-3", input="start over", store=False)
+    for ev in (failed, retry):
+        validate("WebSocketErrorEvent", ev)
+    assert failed["status"] == 500
+    assert (retry["status"], retry["error"]["code"]) == (400, "previous_response_not_found")
+    assert text_of(fresh) == "fresh"
+
+
 def test_websocket_upstream_cut_mid_stream_ends_with_a_terminal_event(sf):
     sf.chat.script.extend([Reply(text="partial answer", cut=True), Reply(text="next turn")])
     with connect(sf.ws_url) as ws:

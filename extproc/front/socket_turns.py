@@ -7,11 +7,17 @@ The server's messages are the streaming events themselves; failures are `WebSock
 Like OpenAI's WebSocket mode, the socket remembers its most recent response, so a turn with
 `store: false` can still be continued by `previous_response_id` on the same socket: the session
 sends the remembered conversation in `input` instead (stored turns are continued by the gateway's
-own state, on any backend).
+own state, on any backend). The connection-local cache follows the Open Responses rules: an unstored
+response that is no longer cached (an older one, or one evicted because a turn continuing it failed)
+is `previous_response_not_found` at once, as it has no persisted fallback; and a socket older than
+the connection limit is told `websocket_connection_limit_reached`.
 """
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -21,6 +27,8 @@ from extproc.errors import GatewayError, invalid, upstream_error_payload
 # Fields a WebSocket `response.create` must not carry (x-openresponses-disallowed in the spec).
 DISALLOWED = ("stream", "stream_options", "background")
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+CONNECTION_LIMIT_SECONDS = 60 * 60  # as OpenAI's WebSocket mode
+_UNSTORED_REMEMBERED = 1024  # ids of a socket's unstored responses kept to answer "not found" for them
 
 
 def error_event(status: int, error: dict[str, Any]) -> str:
@@ -50,16 +58,31 @@ def _as_items(inp: Any) -> list[Any]:
     raise invalid("input", "expected a string or a list of input items")
 
 
+def connection_limit_reached() -> GatewayError:
+    return GatewayError(400, f"WebSocket connections are limited to {CONNECTION_LIMIT_SECONDS // 60} minutes; "
+                             "open a new connection", code="websocket_connection_limit_reached")
+
+
 class SocketSession:
     """One client socket: turns its messages into request bodies, remembers its latest response."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 limit_seconds: float = CONNECTION_LIMIT_SECONDS) -> None:
         self.latest_id: str | None = None  # the most recent completed response on this socket
         self.latest_items: list[dict[str, Any]] = []  # its conversation (input and output items), when unstored
         self._pending_items: list[dict[str, Any]] = []  # the conversation of the turn in flight
+        self._unstored: OrderedDict[str, None] = OrderedDict()  # this socket's store: false responses
+        self._continuing: str | None = None  # the previous_response_id of the turn in flight
+        self._clock, self._closes_at = clock, clock() + limit_seconds
+
+    def remaining(self) -> float:
+        """Seconds until the connection limit: then the socket gets the limit's error event and closes."""
+        return self._closes_at - self._clock()
 
     def request(self, text: str | bytes) -> bytes:
         """The body of the streaming HTTP request for one client message; GatewayError when invalid."""
+        if self.remaining() <= 0:
+            raise connection_limit_reached()
         try:
             msg = orjson.loads(text)
         except orjson.JSONDecodeError as e:
@@ -80,9 +103,21 @@ class SocketSession:
         if prev is not None and prev == self.latest_id and self.latest_items:
             del body["previous_response_id"]
             items = body["input"] = self.latest_items + items
+        elif prev in self._unstored:  # unstored and no longer cached: nothing persisted can continue it
+            raise GatewayError(400, f"Previous response with id '{prev}' not found.", param="previous_response_id",
+                               code="previous_response_not_found")
+        self._continuing = prev
         self._pending_items = items if body.get("store") is False else []
         body["stream"] = True
         return orjson.dumps(body)
+
+    def failed(self) -> None:
+        """The turn in flight failed (an HTTP error, a broken or failed stream): the response it continued
+        is evicted from the socket's cache, so continuing it again is `previous_response_not_found`
+        when it was unstored."""
+        if self._continuing is not None and self._continuing == self.latest_id:
+            self.latest_id, self.latest_items = None, []
+        self._continuing = None
 
     def event(self, data: str) -> bool:
         """One streaming event relayed to the client; True when it ended the turn."""
@@ -94,11 +129,18 @@ class SocketSession:
         if kind not in TERMINAL:
             return False
         response = doc.get("response") if isinstance(doc.get("response"), dict) else {}
-        if kind != "response.failed" and isinstance(response.get("id"), str):
+        if kind == "response.failed":
+            self.failed()
+        elif isinstance(response.get("id"), str):
             self.latest_id = response["id"]
             output = response.get("output") if isinstance(response.get("output"), list) else []
             # Unstored items have no id the backend knows: they are sent again without one.
             self.latest_items = [*self._pending_items, *({k: v for k, v in item.items() if k != "id"}
                                                          for item in output if isinstance(item, dict))] \
                 if self._pending_items else []
+            if self._pending_items:
+                self._unstored[response["id"]] = None
+                while len(self._unstored) > _UNSTORED_REMEMBERED:
+                    self._unstored.popitem(last=False)
+            self._continuing = None
         return True

@@ -16,7 +16,14 @@ from aiohttp import web
 
 from extproc.config import Config
 from extproc.errors import GatewayError
-from extproc.front.socket_turns import SocketSession, error_event, gateway_error_event, upstream_error_event
+from extproc.front.socket_turns import (
+    CONNECTION_LIMIT_SECONDS,
+    SocketSession,
+    connection_limit_reached,
+    error_event,
+    gateway_error_event,
+    upstream_error_event,
+)
 from extproc.translate.sse import Event, SSEDecoder
 
 log = logging.getLogger("extproc")
@@ -37,9 +44,11 @@ def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
 class FrontDoor:
     """The listener and the HTTP client its messages use."""
 
-    def __init__(self, config: Callable[[], Config], gateway: str | None = None):
+    def __init__(self, config: Callable[[], Config], gateway: str | None = None,
+                 limit_seconds: float = CONNECTION_LIMIT_SECONDS):
         self.config = config
         self.gateway = gateway  # overrides the config's websocket_gateway (EXTPROC_WEBSOCKET_GATEWAY)
+        self.limit_seconds = limit_seconds  # how long one socket may live
         self.http: aiohttp.ClientSession | None = None
         self.runner: web.AppRunner | None = None
 
@@ -74,13 +83,22 @@ class FrontDoor:
             return web.Response(status=426, body=err.body(), content_type="application/json")
         await ws.prepare(request)
         headers = forwarded_headers(request.headers)
-        session = SocketSession()
-        async for msg in ws:  # one turn at a time, in order, as the specification has it
+        session = SocketSession(limit_seconds=self.limit_seconds)
+        while (remaining := session.remaining()) > 0:  # one turn at a time, in order, as the specification has it
+            try:
+                msg = await ws.receive(timeout=remaining)
+            except TimeoutError:
+                break
             if msg.type == aiohttp.WSMsgType.TEXT:
                 await self.turn(ws, session, headers, msg.data)
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 await ws.send_str(error_event(400, {"code": "unsupported_message",
                                                     "message": "send response.create events as text messages"}))
+            else:  # closing, closed or broken
+                return ws
+        if not ws.closed:
+            await ws.send_str(gateway_error_event(connection_limit_reached()))
+            await ws.close()
         return ws
 
     async def turn(self, ws: web.WebSocketResponse, session: SocketSession, headers: dict[str, str], text: str) -> None:
@@ -89,13 +107,14 @@ class FrontDoor:
             body = session.request(text)
         except GatewayError as e:
             await ws.send_str(gateway_error_event(e))
-            return
+            return  # a refused message is no turn: the cache is left as it was
         assert self.http is not None
         url = self.gateway_url() + "/v1/responses"
         try:
             async with self.http.post(url, data=body, headers={**headers, "content-type": "application/json",
                                                                 "accept": "text/event-stream"}) as resp:
                 if resp.status != 200 or resp.content_type != "text/event-stream":
+                    session.failed()
                     await ws.send_str(upstream_error_event(resp.status if resp.status != 200 else 502,
                                                            await resp.content.read(_ERROR_BODY_LIMIT)))
                     return
@@ -107,6 +126,8 @@ class FrontDoor:
         except (TimeoutError, aiohttp.ClientError) as e:
             log.warning("WebSocket turn: the gateway at %s failed: %r", url, e)
             ended = False
+        if not ended:
+            session.failed()
         if not ended and not ws.closed:
             await ws.send_str(error_event(502, {"code": "stream_ended", "type": "server_error",
                                                 "message": "the response stream ended before it completed"}))

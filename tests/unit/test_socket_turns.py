@@ -75,3 +75,69 @@ def test_error_events_carry_status_and_a_string_code():
                                                   "code": "invalid_request_error"}}
     ev = json.loads(upstream_error_event(503, b"upstream connect error"))
     assert ev["status"] == 503 and ev["error"]["message"] and isinstance(ev["error"]["code"], str)
+
+
+def create(**fields) -> str:
+    return json.dumps({"type": "response.create", "model": "m", **fields})
+
+
+def test_a_failed_continuation_evicts_the_unstored_response_it_continued():
+    """Open Responses, WebSocket continuation: a turn continuing from a cached response fails, so that
+    response leaves the cache; being unstored, continuing it again is previous_response_not_found."""
+    s = SocketSession()
+    s.request(create(input="one", store=False))
+    s.event(completed("resp_1", "uno"))
+    s.request(create(input="two", store=False, previous_response_id="resp_1"))
+    s.failed()  # e.g. the upstream answered 500
+    with pytest.raises(GatewayError) as e:
+        s.request(create(input="two again", store=False, previous_response_id="resp_1"))
+    assert (e.value.status, e.value.code, e.value.param) == (400, "previous_response_not_found", "previous_response_id")
+
+
+def test_a_failed_stream_evicts_too_and_a_stored_response_is_left_to_the_gateway():
+    s = SocketSession()
+    s.request(create(input="one", store=False))
+    s.event(completed("resp_1", "uno"))
+    s.request(create(input="two", store=False, previous_response_id="resp_1"))
+    assert s.event(json.dumps({"type": "response.failed", "response": {"id": "resp_2"}})) is True
+    with pytest.raises(GatewayError):
+        s.request(create(input="x", store=False, previous_response_id="resp_1"))
+    s.request(create(input="stored"))
+    s.event(completed("resp_3", "tres"))
+    s.request(create(input="four", previous_response_id="resp_3"))
+    s.failed()  # resp_3 is stored: the gateway may still continue it from its own state
+    assert json.loads(s.request(create(input="four", previous_response_id="resp_3")))["previous_response_id"] == "resp_3"
+
+
+def test_an_older_unstored_response_is_not_found_and_a_newer_one_continues():
+    s = SocketSession()
+    s.request(create(input="one", store=False))
+    s.event(completed("resp_1", "uno"))
+    s.request(create(input="two", store=False))
+    s.event(completed("resp_2", "dos"))
+    with pytest.raises(GatewayError) as e:  # only the latest is cached, and an unstored one has no fallback
+        s.request(create(input="x", store=False, previous_response_id="resp_1"))
+    assert e.value.code == "previous_response_not_found"
+    body = json.loads(s.request(create(input="three", store=False, previous_response_id="resp_2")))
+    assert [i["content"] for i in body["input"] if i.get("role") == "user"] == ["two", "three"]
+
+
+def test_a_refused_message_leaves_the_cache_alone():
+    s = SocketSession()
+    s.request(create(input="one", store=False))
+    s.event(completed("resp_1", "uno"))
+    with pytest.raises(GatewayError):
+        s.request(create(input="x", stream=True, previous_response_id="resp_1"))
+    assert "previous_response_id" not in json.loads(s.request(create(input="two", previous_response_id="resp_1")))
+
+
+def test_the_connection_limit_is_an_error_with_its_code():
+    now = [0.0]
+    s = SocketSession(clock=lambda: now[0], limit_seconds=3600)
+    s.request(create(input="one"))
+    now[0] = 3599.5
+    assert s.remaining() == 0.5
+    now[0] = 3600.0
+    with pytest.raises(GatewayError) as e:
+        s.request(create(input="two"))
+    assert e.value.code == "websocket_connection_limit_reached"

@@ -13,7 +13,7 @@ import sys
 from extproc.config import ConfigError, load_config
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the ext_proc gRPC sidecar")
@@ -48,38 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo-backend", help="a small chat-only backend that echoes")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
-    args = parser.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.command == "check-config":
-        try:
-            cfg = load_config(args.config)
-        except ConfigError as e:
-            for problem in e.problems:
-                print(problem, file=sys.stderr)
-            return 1
-        for warning in cfg.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
-        print(f"{args.config}: OK ({len(cfg.backends)} backends, {len(cfg.model_rules)} model rules, "
-              f"{len(cfg.warnings)} warnings)")
-        return 1 if args.strict and cfg.warnings else 0
+        return _check_config(args.config, args.strict)
     if args.command == "resolve":
         return asyncio.run(_resolve(args.config, args.model))
     if args.command == "learned":
         return asyncio.run(_learned(args.config, args.forget))
     if args.command == "serve":
-        from extproc.envoy.server import serve
-
-        try:
-            if args.workers > 1:
-                return _supervise(args.config, args.workers)
-            _event_loop_policy()
-            asyncio.run(serve(args.config))
-        except ConfigError as e:
-            for problem in e.problems:
-                print(problem, file=sys.stderr)
-            return 1
-        return 0
+        return _serve(args.config, args.workers)
     if args.command == "stack":
         from extproc.local.stack import StackPorts, run_local
 
@@ -90,6 +72,35 @@ def main(argv: list[str] | None = None) -> int:
         from extproc.local.demo_backend import serve as serve_demo
 
         serve_demo(args.host, args.port)
+    return 0
+
+
+def _check_config(path: str, strict: bool) -> int:
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{path}: OK ({len(cfg.backends)} backends, {len(cfg.model_rules)} model rules, "
+          f"{len(cfg.warnings)} warnings)")
+    return 1 if strict and cfg.warnings else 0
+
+
+def _serve(config_path: str, workers: int) -> int:
+    from extproc.envoy.server import serve
+
+    try:
+        if workers > 1:
+            return _supervise(config_path, workers)
+        _event_loop_policy()
+        asyncio.run(serve(config_path))
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 1
     return 0
 
 

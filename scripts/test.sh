@@ -25,6 +25,7 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 .venv/bin/ruff check .
+.venv/bin/mypy  # --strict over extproc/, configured in pyproject.toml
 # pytest exits 5 when a -k selects nothing in one of the two runs: not a failure
 run_pytest() { .venv/bin/python -m pytest -q "$@" || [ $? -eq 5 ]; }
 # The unit tests need the core alone: run them where openai, Envoy and the e2e helpers cannot be imported.

@@ -1,22 +1,20 @@
 """The gRPC shell: Envoy's ext_proc stream in, `Exchange` decisions out as ProcessingResponses.
 
-All decisions live in `flow.Exchange`; this module only converts messages and runs the server.
+All decisions live in `extproc.exchange.Exchange`; this module only converts messages and runs the
+server (`running` holds what the sidecar does beside: reloads, `dns:` names, the admin pages).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
-import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
-from urllib.parse import parse_qs
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
-import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.accesslog.v3 import als_pb2_grpc
@@ -26,8 +24,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc.config import Config, ConfigError, ListenTLS, load_config
+from extproc.config import ListenTLS, load_config
 from extproc.envoy import xds
+from extproc.envoy.running import GatewayHolder, Sidecar, every, tenant_secret, watch_file
 from extproc.errors import GatewayError
 from extproc.exchange import Action, Exchange, Lookup, Step, error_action
 from extproc.exchange.first_contact import ROLE, FirstContact
@@ -35,13 +34,11 @@ from extproc.front.websocket import FrontDoor
 from extproc.ops import access_log
 from extproc.ops.admin import TOKEN_ENV, start_admin
 from extproc.ops.logs import configure_logging
-from extproc.ops.metrics import CONTENT_TYPE, ExchangeTimer, Metrics
+from extproc.ops.metrics import ExchangeTimer, Metrics
 from extproc.ops.record import record
 from extproc.routing.discovery import discover_forever
 from extproc.routing.gateway import Gateway
-from extproc.routing.modes import forget_learned, list_learned
 from extproc.state.store import Store, StoreUnavailable, open_store
-from extproc.state.tenancy import SECRET_KEY
 
 log = logging.getLogger("extproc")
 
@@ -102,20 +99,13 @@ def to_proto(kind: str, act: Action) -> pb.ProcessingResponse:
     return resp
 
 
-class GatewayHolder:
-    """The current Gateway; a reload swaps it while in-flight exchanges keep the one they started with."""
-
-    def __init__(self, gateway: Gateway):
-        self.gateway = gateway
-
-
-class Processor(pb_grpc.ExternalProcessorServicer):
+class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated base, no stubs
     def __init__(self, holder: GatewayHolder, store: Store, metrics: Metrics | None = None):
         self.holder = holder
         self.store = store
         self.metrics = metrics or Metrics()
 
-    async def _fetch(self, lookup: Lookup) -> list[bytes | None] | None:
+    async def _fetch(self, lookup: Lookup[Action]) -> list[bytes | None] | None:
         try:
             return await self.store.get_many(lookup.keys)
         except StoreUnavailable as e:
@@ -158,7 +148,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
             return error_action(ex.failure)
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
-                      context: grpc.aio.ServicerContext) -> None:
+                      context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse]) -> None:
         """One HTTP exchange. context.read()/write() rather than an async generator: measured 15-25%
         more requests per second through grpc.aio (benchmarks/floor_processor.py)."""
         # The upstream filter of first-contact requests names itself in the stream's metadata.
@@ -190,7 +180,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):
         record(ex, self.metrics, timer, self.holder.gateway.classifier.label_for)
 
 
-def _with_metadata(resp: pb.ProcessingResponse, meta: dict) -> pb.ProcessingResponse:
+def _with_metadata(resp: pb.ProcessingResponse, meta: dict[str, Any]) -> pb.ProcessingResponse:
     """Dynamic metadata for Envoy's access log (namespace llm_gateway); the shared replies are copied."""
     out = pb.ProcessingResponse()
     out.CopyFrom(resp)
@@ -215,6 +205,44 @@ def _bind(server: grpc.aio.Server, listen: str, tls: ListenTLS | None) -> None:
         raise OSError(f"cannot listen on {listen}")
 
 
+class _Services:
+    """The gRPC server and what its shutdown has to end: the long xDS and access-log streams, health."""
+
+    def __init__(self, sidecar: Sidecar):
+        holder = sidecar.holder
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ("grpc.so_reuseport", 1),
+        ])
+        pb_grpc.add_ExternalProcessorServicer_to_server(Processor(holder, sidecar.store, sidecar.metrics), self.server)
+        self.long_streams = xds.LongStreams()
+        # Envoy's routes (the fast path) and the access log of what took it
+        self.discovery = xds.Discovery(self.long_streams)
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.discovery, self.server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log.AccessLog(
+            sidecar.metrics, self.long_streams, lambda model: holder.gateway.classifier.label_for(model)), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+
+    async def start(self, listen: str, tls: ListenTLS | None) -> None:
+        _bind(self.server, listen, tls)
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("envoy.service.ext_proc.v3.ExternalProcessor", health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        self.long_streams.end()
+        await self.server.stop(grace=grace)
+
+
+def _listen(env: str, configured: str | None) -> str | None:
+    """A listener's address, the environment first; None when it is off."""
+    listen = os.environ.get(env, configured or "")
+    return listen if listen and listen != "off" else None
+
+
 async def serve(config_path: str) -> None:
     config = load_config(config_path)
     configure_logging(config.log_format, os.environ.get("EXTPROC_LOG_LEVEL", config.log_level))
@@ -222,165 +250,35 @@ async def serve(config_path: str) -> None:
         log.warning("config: %s", warning)
     store = open_store(config.state)
     holder = GatewayHolder(Gateway(config, tenant_secret=await tenant_secret(config, store)))
-    metrics = Metrics()
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", _MAX_MESSAGE),
-        ("grpc.max_send_message_length", _MAX_MESSAGE),
-        ("grpc.so_reuseport", 1),
-    ])
-    pb_grpc.add_ExternalProcessorServicer_to_server(Processor(holder, store, metrics), server)
-    long_streams = xds.LongStreams()
-    discovery = xds.Discovery(long_streams)  # Envoy's routes (the fast path) and the access log of what took it
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(discovery, server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log.AccessLog(
-        metrics, long_streams, lambda model: holder.gateway.classifier.label_for(model)), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    sidecar = Sidecar(config_path, holder, store, Metrics())
+    services = _Services(sidecar)
     listen = os.environ.get("EXTPROC_LISTEN", config.listen)
-    _bind(server, listen, config.listen_tls)
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("envoy.service.ext_proc.v3.ExternalProcessor", health_pb2.HealthCheckResponse.SERVING)
+    await services.start(listen, config.listen_tls)
     log.info("ext_proc sidecar listening on %s with %d backends, state in %s", listen, len(config.backends),
              config.state.store)
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def install(new: Config) -> None:
-        """A new config for new exchanges; what was discovered and learned carries over."""
-        holder.gateway = Gateway(new, holder.gateway.knowledge, tenant_secret=holder.gateway.tenant_secret)
-
-    def reload() -> None:
-        try:
-            new = load_config(config_path)
-            if new.state != holder.gateway.config.state:
-                log.warning("config reload: 'state' changes take effect at the next restart")
-            install(new)
-            log.info("config reloaded from %s", config_path)
-            for warning in new.warnings:
-                log.warning("config: %s", warning)
-        except ConfigError as e:
-            log.error("config reload rejected, keeping the running config:\n%s", e)
-
-    def unavailable(e: StoreUnavailable) -> tuple[int, bytes, str]:
-        return 503, f"state store unavailable: {e}\n".encode(), "text/plain"
-
-    async def ready(_query: str) -> tuple[int, bytes, str]:
-        """Ready when the config is loaded and the state store answers; backends that cannot serve yet
-        (a missing key, no instances) are named but do not hold the others back."""
-        try:
-            await store.get_many(("ready-probe",))
-        except StoreUnavailable as e:
-            return unavailable(e)
-        return 200, "".join(f"{line}\n" for line in ["ready", *holder.gateway.config.unserved()]).encode(), "text/plain"
-
-    async def healthy(_query: str) -> tuple[int, bytes, str]:
-        return 200, b"ok\n", "text/plain"
-
-    async def metrics_page(_query: str) -> tuple[int, bytes, str]:
-        return 200, metrics.render(), CONTENT_TYPE
-
-    async def learned(_query: str) -> tuple[int, bytes, str]:
-        """Model APIs learned at run time (shared ones too, with a shared store)."""
-        try:
-            known = await list_learned(store)
-        except StoreUnavailable as e:
-            return unavailable(e)
-        return 200, orjson.dumps({name: fact.as_dict() for name, fact in known.items()}), "application/json"
-
-    async def forget(query: str) -> tuple[int, bytes, str]:
-        """DELETE /learned?model=BACKEND:MODEL (repeatable), or ?all=1."""
-        params = parse_qs(query)
-        try:
-            gone = await forget_learned(store, params.get("model", []), everything=bool(params.get("all")))
-        except StoreUnavailable as e:
-            return unavailable(e)
-        holder.gateway.knowledge.forget_all()
-        return 200, orjson.dumps({"forgotten": gone}), "application/json"
-
-    admin_listen = os.environ.get("EXTPROC_ADMIN_LISTEN", config.admin_listen or "")
-    admin = None
-    if admin_listen and admin_listen != "off":
-        admin = await start_admin(admin_listen, {"GET /healthz": healthy, "GET /readyz": ready,
-                                                 "GET /metrics": metrics_page, "GET /learned": learned,
-                                                 "DELETE /learned": forget}, os.environ.get(TOKEN_ENV) or None)
-
-    websocket_listen = os.environ.get("EXTPROC_WEBSOCKET_LISTEN", config.websocket_listen or "")
-    front = None
-    if websocket_listen and websocket_listen != "off":
+    admin = front = None
+    if (admin_listen := _listen("EXTPROC_ADMIN_LISTEN", config.admin_listen)) is not None:
+        admin = await start_admin(admin_listen, sidecar.admin_routes(), os.environ.get(TOKEN_ENV) or None)
+    if (websocket_listen := _listen("EXTPROC_WEBSOCKET_LISTEN", config.websocket_listen)) is not None:
         front = FrontDoor(lambda: holder.gateway.config, os.environ.get("EXTPROC_WEBSOCKET_GATEWAY"))
         await front.start(websocket_listen)
-
-    def follow_dns() -> None:
-        """`dns:` endpoints (a headless Service): the ring follows the addresses as they change."""
-        current = holder.gateway.config
-        backends = []
-        for b in current.backends:
-            endpoints = b.resolve_dns() if b.dns_names else None
-            backends.append(b if endpoints is None else dataclasses.replace(b, endpoints=endpoints))
-        if [b.endpoints for b in backends] != [b.endpoints for b in current.backends]:
-            log.info("dns endpoints changed; ring rebuilt")
-            install(dataclasses.replace(current, backends=tuple(backends)))
-
     tasks = [asyncio.create_task(discover_forever(lambda: holder.gateway)),
-             asyncio.create_task(xds.follow(discovery, lambda: holder.gateway, store)),
-             asyncio.create_task(watch_file(config_path, reload)),
-             asyncio.create_task(every(lambda: holder.gateway.config.discovery.interval_seconds, follow_dns))]
-    loop.add_signal_handler(signal.SIGHUP, reload)
+             asyncio.create_task(xds.follow(services.discovery, lambda: holder.gateway, store)),
+             asyncio.create_task(watch_file(config_path, sidecar.reload)),
+             asyncio.create_task(every(lambda: holder.gateway.config.discovery.interval_seconds, sidecar.follow_dns))]
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, sidecar.reload)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping: no new streams, %ss for those in flight", os.environ.get("EXTPROC_SHUTDOWN_GRACE", "30"))
+    grace = os.environ.get("EXTPROC_SHUTDOWN_GRACE", "30")
+    log.info("stopping: no new streams, %ss for those in flight", grace)
     for task in tasks:
         task.cancel()
-    await health_servicer.enter_graceful_shutdown()
-    long_streams.end()
-    await server.stop(grace=float(os.environ.get("EXTPROC_SHUTDOWN_GRACE", "30")))
+    await services.stop(float(grace))
     if admin is not None:
         await admin.cleanup()
     if front is not None:
         await front.close()
     await store.close()
-
-
-async def tenant_secret(config: Config, store: Store) -> bytes:
-    """The HMAC key of tenant ids: from the environment, else one random secret the replicas sharing
-    the store agree on (the first to start writes it). Without it no stored record can be found, so
-    start-up waits for the store."""
-    given = os.environ.get(config.tenancy.secret_env)
-    if given:
-        return given.encode()
-    while True:
-        try:
-            return await store.add(SECRET_KEY, secrets.token_hex(32).encode())
-        except StoreUnavailable as e:
-            log.warning("waiting for the state store to read the tenant secret: %s", e)
-            await asyncio.sleep(1)
-
-
-async def every(seconds: Callable[[], float], action: Callable[[], None]) -> None:
-    while True:
-        await asyncio.sleep(seconds())
-        try:
-            await asyncio.to_thread(action)  # name resolution blocks
-        except Exception:
-            log.exception("periodic task failed")
-
-
-async def watch_file(path: str, on_change: Callable[[], None], interval: float = 2.0) -> None:
-    """Reload when the config file changes (a ConfigMap update included), as SIGHUP does."""
-    def stamp() -> tuple[float, int] | None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return st.st_mtime, st.st_size
-
-    last = stamp()
-    while True:
-        await asyncio.sleep(interval)
-        now = stamp()
-        if now is not None and now != last:
-            last = now
-            on_change()

@@ -84,7 +84,7 @@ class Snapshot:
         self.version = digest.hexdigest()[:16]
 
 
-class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]  # generated base, no stubs
     def __init__(self, streams: LongStreams) -> None:
         self.long = streams
         self.snapshot: Snapshot | None = None
@@ -101,7 +101,7 @@ class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return True
 
     async def StreamAggregatedResources(self, request_iterator: AsyncIterator[pb.DiscoveryRequest],
-                                        context: grpc.aio.ServicerContext) -> None:
+                                        context: grpc.aio.ServicerContext[pb.DiscoveryRequest, pb.DiscoveryResponse]) -> None:
         subscribed: set[str] = set()
         sent: dict[str, str] = {}
         wake = asyncio.Event()
@@ -129,7 +129,7 @@ class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             reader.cancel()
 
     @staticmethod
-    async def _send(context: grpc.aio.ServicerContext, snap: Snapshot, subscribed: set[str], sent: dict[str, str]) -> None:
+    async def _send(context: grpc.aio.ServicerContext[pb.DiscoveryRequest, pb.DiscoveryResponse], snap: Snapshot, subscribed: set[str], sent: dict[str, str]) -> None:
         for kind in ORDER:
             if kind in subscribed and sent.get(kind) != snap.version:
                 await context.write(pb.DiscoveryResponse(version_info=snap.version, type_url=kind,

@@ -128,12 +128,12 @@ class SocketSession:
         kind = doc.get("type") if isinstance(doc, dict) else None
         if kind not in TERMINAL:
             return False
-        response = doc.get("response") if isinstance(doc.get("response"), dict) else {}
+        response: dict[str, Any] = doc["response"] if isinstance(doc.get("response"), dict) else {}
         if kind == "response.failed":
             self.failed()
         elif isinstance(response.get("id"), str):
             self.latest_id = response["id"]
-            output = response.get("output") if isinstance(response.get("output"), list) else []
+            output: list[Any] = response["output"] if isinstance(response.get("output"), list) else []
             # Unstored items have no id the backend knows: they are sent again without one.
             self.latest_items = [*self._pending_items, *({k: v for k, v in item.items() if k != "id"}
                                                          for item in output if isinstance(item, dict))] \

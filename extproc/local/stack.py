@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -60,7 +61,8 @@ def _pick_port() -> int:
         return random.choice(_PICK_FROM)
     with socket.socket() as s:  # an unusual ephemeral range: let the kernel choose
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _bindable(port: int) -> bool:
@@ -126,7 +128,7 @@ def render_envoy_config(listen_port: int, admin_port: int, extproc_port: int, sr
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def _use_local_trust_store(cluster: dict) -> None:
+def _use_local_trust_store(cluster: dict[str, Any]) -> None:
     """A provider cluster's CA bundle is Debian's path (the Envoy image's); on a host without that file
     (macOS, Fedora) the local stack uses the bundle Python's ssl uses here instead, still verifying."""
     tls = cluster.get("transport_socket", {}).get("typed_config", {}).get("common_tls_context", {})
@@ -143,16 +145,22 @@ def _use_local_trust_store(cluster: dict) -> None:
             ca["filename"] = found
 
 
-def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {port}")
+            raise RuntimeError(f"{_program(proc)} exited with {proc.returncode} before listening on {port}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def _program(proc: subprocess.Popen[bytes]) -> str:
+    """The program a process runs, for messages (Stack starts every process with an argument list)."""
+    first = proc.args[0] if isinstance(proc.args, list) else proc.args
+    return first if isinstance(first, str) else repr(first)
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> bool:
@@ -185,9 +193,9 @@ class Stack:
     """Processes started for one local stack; `stop()` ends them all."""
 
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="extproc-stack-")))
-    procs: list[subprocess.Popen] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                 start_new_session=True)
@@ -195,12 +203,12 @@ class Stack:
         return proc
 
     def start_sidecar(self, config_path: str | Path, env: dict[str, str] | None = None,
-                      name: str = "sidecar") -> subprocess.Popen:
+                      name: str = "sidecar") -> subprocess.Popen[bytes]:
         return self.spawn(name, [sys.executable, "-m", "extproc", "serve", "--config", str(config_path)], env)
 
     def start_envoy(self, listen_port: int, admin_port: int, extproc_port: int, listen_address: str | None = None,
-                    patch: Callable[[dict], None] | None = None, args: tuple[str, ...] = (),
-                    websocket_port: int | None = None) -> subprocess.Popen:
+                    patch: Callable[[dict[str, Any]], None] | None = None, args: tuple[str, ...] = (),
+                    websocket_port: int | None = None) -> subprocess.Popen[bytes]:
         """Envoy on deploy/envoy.yaml with its ports replaced; `patch` may change more of the parsed config
         (tests point a provider cluster at a local server), `args` add command-line options."""
         text = render_envoy_config(listen_port, admin_port, extproc_port, listen_address=listen_address,
@@ -295,7 +303,7 @@ Ctrl-C stops everything.""", flush=True)
             time.sleep(0.5)
         for p in stack.procs:
             if p.poll() is not None:
-                print(f"{p.args[0]} exited with {p.returncode}; see {stack.workdir}", file=sys.stderr)
+                print(f"{_program(p)} exited with {p.returncode}; see {stack.workdir}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

@@ -49,14 +49,14 @@ def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: 
             metrics.token_usage.observe(int(fields[key].number_value), *labels, kind_label)
 
 
-class AccessLog(als_pb2_grpc.AccessLogServiceServicer):
+class AccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  # generated base, no stubs
     def __init__(self, metrics: Metrics, streams: LongStreams, label_for: Callable[[str | None], str]):
         self.metrics = metrics
         self.streams = streams
         self.label_for = label_for  # bounds the model label, as for processed requests
 
     async def StreamAccessLogs(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
-                               context: grpc.aio.ServicerContext) -> als_pb2.StreamAccessLogsResponse:
+                               context: grpc.aio.ServicerContext[als_pb2.StreamAccessLogsMessage, als_pb2.StreamAccessLogsResponse]) -> als_pb2.StreamAccessLogsResponse:
         async for message in self.streams.messages(request_iterator):
             for entry in message.http_logs.log_entry:
                 try:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from extproc.ops.metrics import ExchangeTimer, Metrics
 
 if TYPE_CHECKING:
-    from extproc.exchange.flow import Exchange
+    from extproc.exchange import Exchange
 
 log = logging.getLogger("extproc")
 OPERATION = "chat"  # gen_ai.operation.name: the conventions' value for Chat Completions and Responses alike
@@ -66,7 +66,7 @@ def record(ex: Exchange, metrics: Metrics, timer: ExchangeTimer, label_for: Call
                         ("reasoning", u.reasoning_tokens)):
             m.tokens.inc(model, backend, kind, est, by=n)
     if (ex.method or ex.path) and log.isEnabledFor(logging.INFO):
-        fields = {"request_id": ex.headers.get("x-request-id"), "method": ex.method, "path": ex.path,
+        fields: dict[str, object] = {"request_id": ex.headers.get("x-request-id"), "method": ex.method, "path": ex.path,
                   "model": ex.model, "client_api": ex.client_api, "upstream_api": ex.upstream_api,
                   "backend": backend or None, "endpoint": ex.target.endpoint if ex.target else None,
                   "translated": ex.translated, "stream": ex.stream, "pin": ex.pin_decision, "status": status,

@@ -57,7 +57,7 @@ def _mode_of(entry: dict[str, Any]) -> str | None:
             return BOTH if chat and responses else CHAT if chat else RESPONSES
     for key in ("mode", "api", "type"):
         value = entry.get(key)
-        if value in (CHAT, RESPONSES, BOTH):
+        if isinstance(value, str) and value in (CHAT, RESPONSES, BOTH):
             return value
     return None
 

@@ -1,6 +1,6 @@
 """Key-value stores for response pins and sidecar-held conversations, behind one small async interface.
 
-The exchange logic (`flow`, `conversations`) never touches a store: it asks for keys and returns
+The exchange logic (`extproc.exchange`, `extproc.state.pinning`) never touches a store: it asks for keys and returns
 writes, and the gRPC shell runs them here. Every backend bounds each call by `timeout_ms`; a failed
 or slow call raises `StoreUnavailable`, which the exchange turns into ring fallback or a clear error.
 """
@@ -12,10 +12,12 @@ import contextlib
 import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Awaitable, Iterator
+from typing import Any, Protocol, TypeVar, cast
 
 from extproc.config import State
+
+T = TypeVar("T")
 
 PREFIX = "extproc:"
 
@@ -131,7 +133,8 @@ class SQLiteStore:
         try:
             with self.db:
                 self.db.execute("INSERT OR IGNORE INTO kv VALUES (?, ?, ?)", (key, value, time.time() + FOREVER))
-            return self.db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()[0]
+            kept: bytes = self.db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()[0]
+            return kept
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite: {e}") from None
 
@@ -161,17 +164,18 @@ class RedisStore:
 
         self.ttl = ttl
         self.timeout = timeout
-        tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": ca_file} \
+        tls: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": ca_file} \
             if url.startswith("rediss://") else {}
         self.redis = aioredis.Redis.from_url(url, password=password, socket_timeout=timeout,
                                              socket_connect_timeout=timeout, health_check_interval=30, **tls)
 
-    async def _run(self, coro):  # type: ignore[no-untyped-def]
+    async def _run(self, coro: Awaitable[T]) -> T:
         with _redis_errors():
             return await asyncio.wait_for(coro, self.timeout)
 
     async def get_many(self, keys: tuple[str, ...]) -> list[bytes | None]:
-        return await self._run(self.redis.mget([PREFIX + k for k in keys]))
+        values = await self._run(self.redis.mget([PREFIX + k for k in keys]))
+        return cast(list[bytes | None], values)  # no decode_responses: redis answers bytes
 
     async def write(self, writes: list[tuple[str, bytes | None]], ttl: int | None = None) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -191,7 +195,7 @@ class RedisStore:
     async def add(self, key: str, value: bytes) -> bytes:
         await self._run(self.redis.set(PREFIX + key, value, nx=True))
         kept = await self._run(self.redis.get(PREFIX + key))
-        return kept if kept is not None else value
+        return cast(bytes, kept) if kept is not None else value  # bytes, as in get_many
 
     async def close(self) -> None:
         await self.redis.aclose()

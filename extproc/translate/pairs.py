@@ -25,7 +25,8 @@ from extproc.translate.tools import ToolMap, tool_map
 
 
 class StreamTranslator(Protocol):
-    response: dict[str, Any] | None  # the final Response object, once the stream has ended
+    @property
+    def response(self) -> dict[str, Any] | None: ...  # the final Response object, once the stream has ended
 
     def feed(self, data: bytes) -> bytes: ...
     def close(self) -> bytes: ...

@@ -26,7 +26,7 @@ _KNOWN = {"model", "input", "instructions", "max_output_tokens", "reasoning", "t
 def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_completion_tokens",
                       hosted_tools: str = "drop", replay_reasoning: bool = False,
                       tools: ToolMap | None = None) -> dict[str, Any]:
-    """A conversation the sidecar keeps arrives here already merged into `input` (see `conversations`).
+    """A conversation the sidecar keeps arrives here already merged into `input` (see `extproc.state.pinning`).
 
     hosted_tools: `drop` removes tools a chat backend cannot run (the caller reports them), `reject`
     refuses the request. replay_reasoning: send earlier reasoning back as `reasoning_content`.
@@ -55,6 +55,12 @@ def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_comp
     for key in _COPIED:
         if body.get(key) is not None:
             out[key] = body[key]
+    _options(body, out, tools, max_tokens_field)
+    return out
+
+
+def _options(body: dict[str, Any], out: dict[str, Any], tools: ToolMap, max_tokens_field: str) -> None:
+    """The generation settings, each checked and renamed into `out` (in the order chat servers see them)."""
     max_tokens = expect(body, "max_output_tokens", int, "an integer")
     if max_tokens is not None:
         if max_tokens < 1:
@@ -87,7 +93,6 @@ def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_comp
     if stream:
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}
-    return out
 
 
 def input_messages(inp: Any, tools: ToolMap | None = None, replay_reasoning: bool = False) -> list[dict[str, Any]]:
@@ -190,7 +195,8 @@ def _parts(content: Any, field: str) -> str | list[dict[str, Any]]:
         else:
             raise invalid(f"{f}.type", f"unknown content part type {kind!r}")
     if len(parts) == 1 and parts[0]["type"] == "text":
-        return parts[0]["text"]  # the plain form every chat server accepts
+        text: str = parts[0]["text"]
+        return text  # the plain form every chat server accepts
     return parts
 
 
@@ -204,10 +210,13 @@ def _tool_choice(choice: Any, tools: ToolMap) -> Any:
             return {"type": "function", "function": {"name": tools.chat_name(choice["name"], choice.get("namespace"))}}
         if kind == "allowed_tools":
             allowed = []
-            for t in choice.get("tools") or []:
+            for i, t in enumerate(choice.get("tools") or []):
                 if not isinstance(t, dict) or t.get("type") not in ("function", "custom"):
                     continue  # a hosted tool: dropped along with the tool itself
-                allowed.append({"type": "function", "function": {"name": tools.chat_name(t.get("name"), t.get("namespace"))}})
+                name = t.get("name")
+                if not isinstance(name, str):
+                    raise invalid(f"tool_choice.tools[{i}].name", "expected a string")
+                allowed.append({"type": "function", "function": {"name": tools.chat_name(name, t.get("namespace"))}})
             return {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode", "auto"), "tools": allowed}}
         if kind in tools.hosted:
             return None

@@ -31,7 +31,7 @@ def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
 
 def response_shell(request: dict[str, Any], response_id: str, created_at: int) -> dict[str, Any]:
     """A Response with the request's settings echoed; status, output and usage are filled by the caller."""
-    reasoning = request.get("reasoning") if isinstance(request.get("reasoning"), dict) else {}
+    reasoning: dict[str, Any] = request["reasoning"] if isinstance(request.get("reasoning"), dict) else {}
     text = dict(request["text"]) if isinstance(request.get("text"), dict) else {}
     text.setdefault("format", {"type": "text"})
     fmt = text["format"]
@@ -108,7 +108,7 @@ def finish(resp: dict[str, Any], finish_reason: str | None, usage: dict[str, Any
 def chat_reasoning(message: dict[str, Any], where: str) -> str | None:
     """Reasoning text as vLLM (`reasoning_content`), OpenRouter/Ollama (`reasoning`) and others send it."""
     for key in ("reasoning_content", "reasoning"):
-        value = read(message, key, str, where)
+        value: str | None = read(message, key, str, where)
         if value:
             return value
     return None

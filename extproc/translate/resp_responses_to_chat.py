@@ -61,8 +61,8 @@ def translate_response(resp: dict[str, Any], model: str) -> dict[str, Any]:
     if status in ("queued", "in_progress"):
         raise BadUpstream("status", f"is {status!r}: the response is not finished")
     if status in ("failed", "cancelled"):
-        code, message = upstream_failure(resp.get("error"), f"the upstream's response {status}")
-        raise GatewayError(502, message, code=code)
+        code, why = upstream_failure(resp.get("error"), f"the upstream's response {status}")
+        raise GatewayError(502, why, code=code)
     text: list[str] = []
     refusal: list[str] = []
     reasoning: list[str] = []

@@ -133,9 +133,10 @@ class ResponsesToChatStream(SSETranslator):
         elif kind in ("response.function_call_arguments.delta", "response.custom_tool_call_input.delta",
                       "response.function_call_arguments.done"):
             text = read(ev, "arguments" if kind.endswith(".done") else "delta", str)
-            call = self.calls.get(read(ev, "item_id", str) or "")
-            if call is None or not text:
+            known = self.calls.get(read(ev, "item_id", str) or "")
+            if known is None or not text:
                 return
+            call = known
             if kind.endswith(".done"):
                 self._complete_args(call, text)
             else:

@@ -66,9 +66,8 @@ def custom_input(arguments: str) -> str:
         doc = orjson.loads(arguments)
     except orjson.JSONDecodeError:
         return arguments  # not JSON: the model wrote the input itself
-    if isinstance(doc, dict) and isinstance(doc.get("input"), str):
-        return doc["input"]
-    return arguments
+    given = doc.get("input") if isinstance(doc, dict) else None
+    return given if isinstance(given, str) else arguments
 
 
 def custom_arguments(text: str) -> str:
@@ -146,6 +145,6 @@ def decode_reasoning(item: dict[str, Any]) -> str | None:
             return base64.b64decode(enc[len(REASONING_PREFIX):], altchars=b"-_", validate=True).decode()
         except (ValueError, UnicodeDecodeError):
             return None
-    parts = [p.get("text") for key in ("content", "summary") for p in item.get(key) or ()
+    parts = [p["text"] for key in ("content", "summary") for p in item.get(key) or ()
              if isinstance(p, dict) and isinstance(p.get("text"), str)]
     return "\n".join(parts) or None

@@ -133,3 +133,11 @@ def test_invalid_input(body, param):
     with pytest.raises(GatewayError) as e:
         tr(**body)
     assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_an_allowed_tool_without_a_name_is_the_clients_error():
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    choice = {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "f"}, {"type": "function"}]}
+    with pytest.raises(GatewayError) as e:
+        tr(tools=tools, tool_choice=choice)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "tool_choice.tools[1].name", "invalid_value")

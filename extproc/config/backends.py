@@ -1,0 +1,154 @@
+"""The `backends:` section: each backend's API, models, and where its instances are."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+from extproc.api import BACKEND_APIS
+from extproc.config.addresses import host_port, resolve
+from extproc.config.model import MAX_TOKENS_FIELDS, Backend, Endpoint
+from extproc.config.reader import Reader
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_ALLOWED = {"name", "api", "models", "endpoints", "cluster", "path_prefix", "api_key_env",
+            "translate", "chat_max_tokens_field", "vnodes", "hosted_tools", "replay_reasoning",
+            "authenticates_callers"}
+
+
+def backends(r: Reader, root: yaml.Node, top: dict[str, yaml.Node]) -> list[Backend]:
+    out: list[Backend] = []
+    if "backends" not in top:
+        r.problem(root, "backends", "required: list at least one backend")
+    elif not isinstance(top["backends"], yaml.SequenceNode) or not top["backends"].value:
+        r.problem(top["backends"], "backends", "must be a non-empty list")
+    else:
+        seen: set[str] = set()
+        for i, bnode in enumerate(top["backends"].value):
+            b = backend(r, bnode, f"backends[{i}]")
+            if b is None:
+                continue
+            if b.name in seen:
+                r.problem(bnode, f"backends[{i}].name", f"duplicate backend name {b.name!r}")
+            seen.add(b.name)
+            out.append(b)
+    return out
+
+
+def backend(r: Reader, node: yaml.Node, key: str) -> Backend | None:
+    m = r.mapping(node, key, _ALLOWED)
+    before = len(r.problems)
+    for req in ("name", "api", "models"):
+        if req not in m:
+            r.problem(node, f"{key}.{req}", "required")
+    name = r.scalar(m["name"], f"{key}.name", str) if "name" in m else None
+    if name is not None and not _NAME_RE.match(name):
+        r.problem(m["name"], f"{key}.name", "use letters, digits, '.', '_' or '-' (at most 63)")
+    api = r.choice(m["api"], f"{key}.api", BACKEND_APIS) if "api" in m else None
+    models = r.string_list(m["models"], f"{key}.models") if "models" in m else []
+    if "models" in m and not models:
+        r.problem(m["models"], f"{key}.models", "must list at least one model name or pattern")
+    endpoints, dns_names, dns_weights = _endpoints(r, m["endpoints"], f"{key}.endpoints") \
+        if "endpoints" in m else ((), (), ())
+    cluster = r.scalar(m["cluster"], f"{key}.cluster", str) if "cluster" in m else None
+    if ("endpoints" in m) == ("cluster" in m):
+        r.problem(node, key, "give exactly one of 'endpoints' (instances the sidecar picks) "
+                             "or 'cluster' (an Envoy cluster named in deploy/envoy.yaml)")
+    kw = _options(r, m, key)
+    if len(r.problems) > before or name is None or api is None:
+        return None
+    return Backend(name=name, api=api, models=tuple(models), endpoints=endpoints, cluster=cluster,
+                   dns_names=dns_names, dns_weights=dns_weights, **kw)
+
+
+def _options(r: Reader, m: dict[str, yaml.Node], key: str) -> dict[str, Any]:
+    """The optional keys, each checked on its own."""
+    kw: dict[str, Any] = {}
+    if "path_prefix" in m:
+        p = r.scalar(m["path_prefix"], f"{key}.path_prefix", str)
+        if p is not None and p and (not p.startswith("/") or p.endswith("/")):
+            r.problem(m["path_prefix"], f"{key}.path_prefix", "must start with '/' and not end with '/'")
+        elif p is not None:
+            kw["path_prefix"] = p
+    if "api_key_env" in m and (var := r.env_name(m["api_key_env"], f"{key}.api_key_env")) is not None:
+        value = r.env.get(var)
+        if not value:
+            r.warning(m["api_key_env"], f"{key}.api_key_env",
+                      f"environment variable {var} is not set or empty: this backend's requests "
+                      "get 503 backend_unconfigured until the sidecar runs with it set")
+        kw["api_key_env"], kw["api_key"] = var, value
+    if "authenticates_callers" in m:
+        kw["authenticates_callers"] = r.scalar(m["authenticates_callers"], f"{key}.authenticates_callers", bool)
+        if kw["authenticates_callers"] and "api_key_env" in m:
+            r.problem(m["authenticates_callers"], f"{key}.authenticates_callers",
+                      "a backend sent the sidecar's own key (api_key_env) sees one caller, never each "
+                      "caller's key: it cannot tell callers apart")
+    if "translate" in m:
+        kw["translate"] = r.scalar(m["translate"], f"{key}.translate", bool)
+    if "chat_max_tokens_field" in m:
+        kw["chat_max_tokens_field"] = r.choice(
+            m["chat_max_tokens_field"], f"{key}.chat_max_tokens_field", MAX_TOKENS_FIELDS)
+    if "hosted_tools" in m:
+        kw["hosted_tools"] = r.choice(m["hosted_tools"], f"{key}.hosted_tools", ("drop", "reject"))
+    if "replay_reasoning" in m:
+        kw["replay_reasoning"] = r.scalar(m["replay_reasoning"], f"{key}.replay_reasoning", bool)
+    if "vnodes" in m:
+        kw["vnodes"] = r.bounded(m["vnodes"], f"{key}.vnodes", 1, 4096)
+    return kw
+
+
+def _endpoints(r: Reader, node: yaml.Node, key: str) -> tuple[tuple[Endpoint, ...], tuple[str, ...], tuple[int, ...]]:
+    """The endpoints, and the `dns:` names among them (re-resolved while running)."""
+    if not isinstance(node, yaml.SequenceNode) or not node.value:
+        r.problem(node, key, "must be a non-empty list of 'host:port' or {address, weight}")
+        return (), (), ()
+    out: list[Endpoint] = []
+    dns_names: list[str] = []
+    dns_weights: list[int] = []
+    for i, item in enumerate(node.value):
+        k = f"{key}[{i}]"
+        entry = _entry(r, item, k)
+        if entry is None:
+            continue
+        addr_node, addr, weight, every_address = entry
+        if every_address:
+            dns_names.append(addr)
+            dns_weights.append(weight)
+        resolved = resolve(addr, every_address)
+        if not resolved and every_address and host_port(addr) is not None:
+            r.warning(addr_node, k, f"{addr!r} does not resolve now: no instances until it does (re-resolved "
+                                    "every discovery.interval_seconds); its requests get 503 no_endpoints")
+            continue
+        if not resolved:
+            r.problem(addr_node, k, f"{addr!r} is not 'host:port' with a resolvable host and a port 1-65535")
+            continue
+        for address in resolved:
+            if any(e.address == address for e in out):
+                r.problem(addr_node, k, f"duplicate endpoint {address}")
+                continue
+            out.append(Endpoint(address, weight, addr if every_address else None))
+    return tuple(out), tuple(dns_names), tuple(dns_weights)
+
+
+def _entry(r: Reader, item: yaml.Node, k: str) -> tuple[yaml.Node, str, int, bool] | None:
+    """One `endpoints:` item: its address node and text, its weight, and whether it is a `dns:` name."""
+    weight = 1
+    every_address = False
+    addr_node = item
+    if isinstance(item, yaml.MappingNode):
+        m = r.mapping(item, k, {"address", "dns", "weight"})
+        if ("address" in m) == ("dns" in m):
+            r.problem(item, k, "give exactly one of 'address' (one instance) or 'dns' (every address "
+                               "a name resolves to, e.g. a headless Service)")
+            return None
+        every_address = "dns" in m
+        if "weight" in m:
+            weight = r.scalar(m["weight"], f"{k}.weight", int) or 0
+            if not 1 <= weight <= 100:
+                r.problem(m["weight"], f"{k}.weight", "must be between 1 and 100")
+                return None
+        addr_node = m["dns" if every_address else "address"]
+    addr = r.scalar(addr_node, k, str)
+    return None if addr is None else (addr_node, addr, weight, every_address)

@@ -89,6 +89,7 @@ class ModelRule:
 class Limits:
     max_body_bytes: int = 48 * 1024 * 1024  # below Envoy's 64 MiB buffer: the sidecar answers first
     upstream_timeout_seconds: int = 600  # how long a backend may stay silent (the compiled routes' idle timeout)
+    websocket_max_seconds: int = 3600  # how long one WebSocket-mode socket lives (OpenAI's limit: 60 minutes)
 
 
 STORES = ("memory", "sqlite", "redis")

@@ -60,7 +60,7 @@ def listen_tls(r: Reader, node: yaml.Node) -> ListenTLS | None:
 
 
 def limits(r: Reader, node: yaml.Node) -> Limits | None:
-    lim = r.mapping(node, "limits", {"max_body_bytes", "upstream_timeout_seconds"})
+    lim = r.mapping(node, "limits", {"max_body_bytes", "upstream_timeout_seconds", "websocket_max_seconds"})
     before = len(r.problems)
     kw: dict[str, Any] = {}
     if "max_body_bytes" in lim:
@@ -71,6 +71,8 @@ def limits(r: Reader, node: yaml.Node) -> Limits | None:
     if "upstream_timeout_seconds" in lim:
         kw["upstream_timeout_seconds"] = r.bounded(lim["upstream_timeout_seconds"],
                                                    "limits.upstream_timeout_seconds", 1, 86400)
+    if "websocket_max_seconds" in lim:
+        kw["websocket_max_seconds"] = r.bounded(lim["websocket_max_seconds"], "limits.websocket_max_seconds", 1, 86400)
     return Limits(**kw) if kw and len(r.problems) == before else None
 
 

@@ -22,12 +22,12 @@ from typing import Any
 
 import orjson
 
+from extproc.config import Limits
 from extproc.errors import GatewayError, invalid, upstream_error_payload
 
 # Fields a WebSocket `response.create` must not carry (x-openresponses-disallowed in the spec).
 DISALLOWED = ("stream", "stream_options", "background")
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
-CONNECTION_LIMIT_SECONDS = 60 * 60  # as OpenAI's WebSocket mode
 _UNSTORED_REMEMBERED = 1024  # ids of a socket's unstored responses kept to answer "not found" for them
 
 
@@ -59,7 +59,7 @@ def _as_items(inp: Any) -> list[Any]:
 
 
 def connection_limit_reached() -> GatewayError:
-    return GatewayError(400, f"WebSocket connections are limited to {CONNECTION_LIMIT_SECONDS // 60} minutes; "
+    return GatewayError(400, "this WebSocket connection has reached its time limit (limits.websocket_max_seconds); "
                              "open a new connection", code="websocket_connection_limit_reached")
 
 
@@ -67,7 +67,7 @@ class SocketSession:
     """One client socket: turns its messages into request bodies, remembers its latest response."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
-                 limit_seconds: float = CONNECTION_LIMIT_SECONDS) -> None:
+                 limit_seconds: float = Limits.websocket_max_seconds) -> None:
         self.latest_id: str | None = None  # the most recent completed response on this socket
         self.latest_items: list[dict[str, Any]] = []  # its conversation (input and output items), when unstored
         self._pending_items: list[dict[str, Any]] = []  # the conversation of the turn in flight

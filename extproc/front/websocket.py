@@ -17,7 +17,6 @@ from aiohttp import web
 from extproc.config import Config
 from extproc.errors import GatewayError
 from extproc.front.socket_turns import (
-    CONNECTION_LIMIT_SECONDS,
     SocketSession,
     connection_limit_reached,
     error_event,
@@ -44,11 +43,9 @@ def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
 class FrontDoor:
     """The listener and the HTTP client its messages use."""
 
-    def __init__(self, config: Callable[[], Config], gateway: str | None = None,
-                 limit_seconds: float = CONNECTION_LIMIT_SECONDS):
+    def __init__(self, config: Callable[[], Config], gateway: str | None = None):
         self.config = config
         self.gateway = gateway  # overrides the config's websocket_gateway (EXTPROC_WEBSOCKET_GATEWAY)
-        self.limit_seconds = limit_seconds  # how long one socket may live
         self.http: aiohttp.ClientSession | None = None
         self.runner: web.AppRunner | None = None
 
@@ -83,7 +80,7 @@ class FrontDoor:
             return web.Response(status=426, body=err.body(), content_type="application/json")
         await ws.prepare(request)
         headers = forwarded_headers(request.headers)
-        session = SocketSession(limit_seconds=self.limit_seconds)
+        session = SocketSession(limit_seconds=self.config().limits.websocket_max_seconds)
         while (remaining := session.remaining()) > 0:  # one turn at a time, in order, as the specification has it
             try:
                 msg = await ws.receive(timeout=remaining)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from extproc.exchange.actions import Writes
@@ -51,8 +52,34 @@ class Turn:
     ancestors: list[str]
 
 
-@dataclass(slots=True)
+class Need(StrEnum):
+    """What the answer must be read for; a plan with none ends the exchange with the request."""
+
+    TRANSLATE = "translate"  # translated back into the client's API (`Plan.pair`)
+    KEEP_TURN = "keep_turn"  # the translated Response kept as a turn (`Plan.turn`)
+    RECORD_ID = "record_id"  # the reply's id pinned to the target (a stored Responses answer)
+    OBSERVE_USAGE = "observe_usage"  # usage read from an untranslated answer
+    LEARN = "learn"  # the model's API is unknown: learned from the answer (`Plan.facts`)
+    EXPLAIN_LOST_PIN = "explain_lost_pin"  # routed by a pin (`Plan.pinned_id`): a lost instance explained
+    SCRUB_KEY = "scrub_key"  # the backend was given the sidecar's key: errors may quote it
+
+
+Needs = frozenset[Need]
+
+
+def needs_of(*, translated: bool, keep_turn: bool, record_id: bool, observe_usage: bool, learn: bool,
+             pinned: bool, given_key: bool) -> Needs:
+    """What a request's answer must be read for, from what the request side decided about it."""
+    decided = ((Need.TRANSLATE, translated), (Need.KEEP_TURN, keep_turn), (Need.RECORD_ID, record_id),
+               (Need.OBSERVE_USAGE, observe_usage), (Need.LEARN, learn), (Need.EXPLAIN_LOST_PIN, pinned),
+               (Need.SCRUB_KEY, given_key))
+    return frozenset(need for need, applies in decided if applies)
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
+    """Where the request goes and what its answer needs: decided once, by the request side."""
+
     target: Target
     pinning: Pinning  # the request's state decisions, and its tenant
     client_api: str | None = None  # None: not an API path, passed on as it is
@@ -60,21 +87,14 @@ class Plan:
     request: dict[str, Any] = field(default_factory=dict)
     pair: TranslatorPair | None = None  # set: translated both ways
     stream: bool = False
-    # What the answer must be read for (all unset: the exchange ends with the request):
-    record_id: bool = False  # pin the reply's id to `target` (a stored Responses answer)
-    observe_usage: bool = False  # read usage from an untranslated answer
     facts: ModelFacts | None = None  # the model's API is unknown: learn it from the answer
     pinned_id: str | None = None  # routed by a pin: explain a lost instance
     turn: Turn | None = None  # keep the translated answer as a turn
+    needs: Needs = frozenset()
 
     @property
     def upstream_api(self) -> str | None:
         return self.pair.upstream_api if self.pair is not None else self.client_api
-
-    @property
-    def watches_answer(self) -> bool:
-        return (self.pair is not None or self.record_id or self.observe_usage or self.facts is not None
-                or self.pinned_id is not None or bool(self.target.backend.api_key))  # errors may quote the key
 
     @property
     def dropped_tools(self) -> list[str]:

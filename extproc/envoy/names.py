@@ -9,7 +9,6 @@ data; tests/unit/test_envoy_names.py checks it does, and `extproc envoy-rules` p
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any
 
 # Headers the sidecar sets for Envoy's route table; client-sent copies are always removed.
@@ -33,8 +32,8 @@ NAMESPACE = "llm_gateway"  # dynamic metadata: Envoy's filters write it, the pro
 LEARNABLE_STATUSES = (400, 404, 405, 422)
 
 
-class Key(StrEnum):
-    """Keys in NAMESPACE."""
+class Key:
+    """Keys in NAMESPACE (plain strings: they are dict keys orjson and protobuf take as they are)."""
 
     MODEL = "model"
     STREAM = "stream"
@@ -55,7 +54,7 @@ class Key(StrEnum):
 Path = tuple[str, ...]
 
 # The request body fields the compiled routes match on (`routing.needs.Facts` reads the same ones).
-REQUEST_FIELDS: tuple[tuple[Path, Key], ...] = (
+REQUEST_FIELDS: tuple[tuple[Path, str], ...] = (
     (("model",), Key.MODEL),
     (("stream",), Key.STREAM),
     (("stream_options", "include_usage"), Key.INCLUDE_USAGE),
@@ -65,13 +64,13 @@ REQUEST_FIELDS: tuple[tuple[Path, Key], ...] = (
     (("conversation", "id"), Key.CONVERSATION),  # the object form
 )
 # Token usage inside a `usage` object, in each API's naming.
-CHAT_USAGE: tuple[tuple[Path, Key], ...] = (
+CHAT_USAGE: tuple[tuple[Path, str], ...] = (
     (("prompt_tokens",), Key.INPUT_TOKENS),
     (("completion_tokens",), Key.OUTPUT_TOKENS),
     (("prompt_tokens_details", "cached_tokens"), Key.CACHED_TOKENS),
     (("completion_tokens_details", "reasoning_tokens"), Key.REASONING_TOKENS),
 )
-RESPONSES_USAGE: tuple[tuple[Path, Key], ...] = (
+RESPONSES_USAGE: tuple[tuple[Path, str], ...] = (
     (("input_tokens",), Key.INPUT_TOKENS),
     (("output_tokens",), Key.OUTPUT_TOKENS),
     (("input_tokens_details", "cached_tokens"), Key.CACHED_TOKENS),
@@ -81,9 +80,9 @@ JSON_CONTENT_TYPES = "application/json(;.*)?"
 MAX_SSE_EVENT_BYTES = 8 * 1024 * 1024
 
 
-def _rule(path: Path, key: Key, kind: str) -> dict[str, Any]:
+def _rule(path: Path, key: str, kind: str) -> dict[str, Any]:
     return {"selectors": [{"key": p} for p in path],
-            "on_present": {"metadata_namespace": NAMESPACE, "key": str(key), "type": kind}}
+            "on_present": {"metadata_namespace": NAMESPACE, "key": key, "type": kind}}
 
 
 def json_to_metadata_rules() -> dict[str, Any]:

@@ -16,12 +16,13 @@ import orjson
 
 from extproc.api import API_OF_PATH, AUTO, BOTH, PATHS, RESPONSES
 from extproc.config import Backend
+from extproc.envoy.names import H_FIRST_CONTACT, MODE_HEADER, ROUTING_HEADERS
 from extproc.errors import GatewayError, invalid
 from extproc.exchange.actions import Action, Step, answer
 from extproc.exchange.body import check_json_request, is_json, parse_body
 from extproc.exchange.paths import INPUT_TOKENS, check_request_line
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
-from extproc.routing.gateway import H_FIRST_CONTACT, ROUTING_HEADERS, Gateway, Target, placement_key
+from extproc.routing.gateway import Gateway, Target, placement_key
 from extproc.routing.modes import Learned, learned_key
 from extproc.state import records as rec
 from extproc.state.lookup import Lookup, Values, then
@@ -30,8 +31,6 @@ from extproc.translate import compact
 from extproc.translate.pairs import pair_for
 
 log = logging.getLogger("extproc")
-
-MODE_HEADER = "x-gateway-model-mode"  # per-request mode override, when discovery.allow_mode_header
 
 
 class Call(StrEnum):

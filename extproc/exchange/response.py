@@ -28,11 +28,11 @@ from typing import Any, Protocol
 import orjson
 
 from extproc.api import PATHS
+from extproc.envoy.names import H_RETRIED, LEARNABLE_STATUSES
 from extproc.errors import GatewayError, bad_upstream, upstream_error_payload, usable_status
 from extproc.exchange.actions import BUFFERED, STREAMED, Action, Writes, new_body
 from extproc.exchange.plan import Plan
 from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
-from extproc.routing.gateway import H_RETRIED
 from extproc.routing.modes import rejection_needs
 from extproc.state.pinning import IdRecorder
 from extproc.translate.pairs import Answer, StreamTranslator, TranslatorPair
@@ -42,7 +42,6 @@ log = logging.getLogger("extproc")
 # What Envoy's reply says when it could not reach the upstream instance at all.
 _UNREACHABLE = (b"upstream connect error", b"no healthy upstream", b"upstream_reset_before_response_started",
                 b"delayed_connect_error")
-_LEARNABLE = (400, 404, 405, 422)
 _SSE = ("content-type", "text/event-stream; charset=utf-8")
 
 
@@ -334,7 +333,7 @@ def choose(plan: Plan, status: int, headers: dict[str, str], outcome: Outcome) -
             if ok and plan.observe_usage else None
         return Observe(plan, None, scanner, [], outcome) if scanner is not None else Action(done=True)
     encoding = headers.get("content-encoding", "identity")
-    if plan.facts is not None and status in _LEARNABLE:
+    if plan.facts is not None and status in LEARNABLE_STATUSES:
         return LearnRejection(plan, status, encoding, outcome)
     if status >= 400 and plan.target.backend.api_key:
         return ScrubKey(plan, status, encoding)

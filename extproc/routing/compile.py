@@ -146,7 +146,7 @@ def _is(key: str, value: bool, invert: bool = False) -> metadata_pb2.MetadataMat
 
 # How Envoy sees each of `needs.Facts`' booleans: (metadata key, bool it must equal or None for present,
 # whether the fact is the match) or a header present. Every boolean of Facts is here.
-_FACT_METADATA: dict[str, tuple[Key, bool | None, bool]] = {
+_FACT_METADATA: dict[str, tuple[str, bool | None, bool]] = {
     "stream": (Key.STREAM, True, True), "include_usage": (Key.INCLUDE_USAGE, True, True),
     "stored": (Key.STORE, False, False), "previous_response_id": (Key.PREVIOUS_RESPONSE_ID, None, True),
     "conversation": (Key.CONVERSATION, None, True)}

@@ -21,7 +21,10 @@ How the processor uses it (`exchange/request.py`), once it has the resolution an
     n & REFUSALS               -> the processor's own checks answer it (415, 404, 400, 503): nothing else
     watches(n, pinned)         -> Plan.watches_answer: whether the exchange reads the answer at all
 A request the processor passes on without an API decision (another path, `/v1/responses/{id}`) has
-`passed_on(backend)`.
+`passed_on(backend)`. The call's own rules (a count neither learns nor counts usage, only a create
+keeps a turn) are here, under `Facts.call`, rather than in per-call flags on the request side.
+tests/unit/test_one_decision.py drives every kind of model and every Facts through the processor and
+through Envoy's compiled routes, and holds both to this function.
 """
 
 from __future__ import annotations

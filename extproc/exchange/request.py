@@ -9,7 +9,6 @@ last the rewrite and routing headers for Envoy.
 from __future__ import annotations
 
 import logging
-from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -24,6 +23,7 @@ from extproc.exchange.paths import INPUT_TOKENS, check_request_line
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
 from extproc.routing.gateway import Gateway, Target, placement_key
 from extproc.routing.modes import Learned, learned_key
+from extproc.routing.needs import Call
 from extproc.state import records as rec
 from extproc.state.lookup import Lookup, Values, then
 from extproc.state.pinning import Answered, Continuation, Forwarded, Pinning
@@ -31,14 +31,6 @@ from extproc.translate import compact
 from extproc.translate.pairs import pair_for
 
 log = logging.getLogger("extproc")
-
-
-class Call(StrEnum):
-    """Which POST of the Responses API a request is: only CREATE makes a turn the sidecar keeps."""
-
-    CREATE = "create"  # /v1/responses
-    COMPACT = "compact"  # /v1/responses/compact: summarised on chat-only backends
-    COUNT = "count"  # /v1/responses/input_tokens: only a Responses backend can count
 
 
 class RequestSide:

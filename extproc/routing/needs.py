@@ -65,7 +65,9 @@ class Need(Enum):
     INJECT_KEY = "inject_key"  # the backend's API key added (and scrubbed from errors that quote it)
     MODE_OVERRIDE = "mode_override"  # the client's x-gateway-model-mode header honoured
     CONTINUE = "continue"  # a previous_response_id: the conversation is found (pin, held turns)
-    CONVERSATION = "conversation"  # a provider-held `conversation`: left to the processor
+    # A provider-held `conversation`: Envoy leaves it to the processor, as it always has, though the
+    # processor only passes it on (drop this need and such requests take the fast path).
+    CONVERSATION = "conversation"
     RECORD_ID = "record_id"  # a stored answer from a Responses backend: its id pinned to the instance
     KEEP_TURN = "keep_turn"  # a stored turn of a translated conversation: the sidecar keeps it
     ESTIMATE_USAGE = "estimate_usage"  # usage of an answer that reports none (a chat stream without include_usage)
@@ -114,7 +116,8 @@ FACT_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Facts) if
 
 def needs(config: Config, res: Resolution | None, facts: Facts, learned: Learned | None = None) -> Needs:
     """Everything this request needs. A refusal is the whole answer: the processor's checks answer it, in
-    the order they run (the body's encoding, the model, its API, the backend's readiness)."""
+    the order they run (the body's encoding, the model, its API; the backend's readiness last, after a
+    translator or the state may have refused the request on their own grounds)."""
     if facts.content_encoding:
         return frozenset({Need.COMPRESSED})
     if res is None:

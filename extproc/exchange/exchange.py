@@ -13,6 +13,7 @@ import logging
 from enum import Enum
 from typing import Any
 
+from extproc.envoy.names import Key
 from extproc.errors import GatewayError, empty_answer
 from extproc.exchange.actions import Action, Step
 from extproc.exchange.request import RequestSide
@@ -173,12 +174,12 @@ class Exchange:
         return self.outcome.usage
 
     def metadata(self) -> dict[str, Any] | None:
-        """What Envoy's access log may show of this exchange (dynamic metadata, namespace llm_gateway)."""
+        """What Envoy's access log may show of this exchange (dynamic metadata, names.NAMESPACE)."""
         if self.model is None:
             return None
-        out: dict[str, Any] = {"model": self.model, "client_api": self.client_api or "",
-                               "upstream_api": self.upstream_api or self.client_api or "",
-                               "backend": self.target.backend.name if self.target else ""}
+        out: dict[str, Any] = {Key.MODEL: self.model, Key.CLIENT_API: self.client_api or "",
+                               Key.UPSTREAM_API: self.upstream_api or self.client_api or "",
+                               Key.BACKEND: self.target.backend.name if self.target else ""}
         if self.usage is not None:
             out.update(self.usage.as_metadata())
         return out

@@ -25,18 +25,16 @@ from typing import Any
 import orjson
 
 from extproc.api import API_OF_PATH, PATHS
+from extproc.envoy.names import H_BACKEND, H_FIRST_CONTACT, H_RETRIED, H_RETRY, LEARNABLE_STATUSES
 from extproc.errors import GatewayError, upstream_error_payload
 from extproc.exchange.actions import BUFFERED, Action, Step, new_body
 from extproc.exchange.exchange import Exchange, Lifecycle
 from extproc.exchange.plan import ModelFacts
-from extproc.routing.gateway import H_BACKEND, H_FIRST_CONTACT, H_RETRIED, H_RETRY, Gateway
+from extproc.routing.gateway import Gateway
 from extproc.routing.modes import rejection_needs
 from extproc.state.lookup import Decision, Reads, awaited, start
 
 log = logging.getLogger("extproc")
-
-ROLE = "first-contact"  # gRPC metadata x-extproc-role of the upstream filter's streams
-_LEARNABLE = (400, 404, 405, 422)
 
 
 def first_attempt_key(request_id: str) -> str:
@@ -82,7 +80,7 @@ class Probe:
         self.life.enter("response_headers")
         status = headers.get(":status", "")
         self.status = int(status) if status.isdigit() else 0
-        if self.status in _LEARNABLE and self.model is not None:
+        if self.status in LEARNABLE_STATUSES and self.model is not None:
             return self.life.move("response_headers", Action(response_body_mode=BUFFERED))
         return self.life.move("response_headers", Action(done=True))
 

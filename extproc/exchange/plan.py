@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from extproc.exchange.actions import Writes
 from extproc.routing.gateway import Gateway, Target
 from extproc.routing.modes import LOCAL_TTL, Learned, learned_key
+from extproc.routing.needs import Needs, watches
 from extproc.state.pinning import Pinning
 from extproc.translate.pairs import TranslatorPair
 
@@ -52,45 +52,26 @@ class Turn:
     ancestors: list[str]
 
 
-class Need(StrEnum):
-    """What the answer must be read for; a plan with none ends the exchange with the request."""
-
-    TRANSLATE = "translate"  # translated back into the client's API (`Plan.pair`)
-    KEEP_TURN = "keep_turn"  # the translated Response kept as a turn (`Plan.turn`)
-    RECORD_ID = "record_id"  # the reply's id pinned to the target (a stored Responses answer)
-    OBSERVE_USAGE = "observe_usage"  # usage read from an untranslated answer
-    LEARN = "learn"  # the model's API is unknown: learned from the answer (`Plan.facts`)
-    EXPLAIN_LOST_PIN = "explain_lost_pin"  # routed by a pin (`Plan.pinned_id`): a lost instance explained
-    SCRUB_KEY = "scrub_key"  # the backend was given the sidecar's key: errors may quote it
-
-
-Needs = frozenset[Need]
-
-
-def needs_of(*, translated: bool, keep_turn: bool, record_id: bool, observe_usage: bool, learn: bool,
-             pinned: bool, given_key: bool) -> Needs:
-    """What a request's answer must be read for, from what the request side decided about it."""
-    decided = ((Need.TRANSLATE, translated), (Need.KEEP_TURN, keep_turn), (Need.RECORD_ID, record_id),
-               (Need.OBSERVE_USAGE, observe_usage), (Need.LEARN, learn), (Need.EXPLAIN_LOST_PIN, pinned),
-               (Need.SCRUB_KEY, given_key))
-    return frozenset(need for need, applies in decided if applies)
-
-
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Where the request goes and what its answer needs: decided once, by the request side."""
+    """Where the request goes and what its answer needs (`routing.needs`, with the data each need
+    uses): decided once, by the request side."""
 
     target: Target
     pinning: Pinning  # the request's state decisions, and its tenant
     client_api: str | None = None  # None: not an API path, passed on as it is
     model: str | None = None
     request: dict[str, Any] = field(default_factory=dict)
-    pair: TranslatorPair | None = None  # set: translated both ways
-    stream: bool = False
-    facts: ModelFacts | None = None  # the model's API is unknown: learn it from the answer
-    pinned_id: str | None = None  # routed by a pin: explain a lost instance
-    turn: Turn | None = None  # keep the translated answer as a turn
     needs: Needs = frozenset()
+    pair: TranslatorPair | None = None  # Need.TRANSLATE: translated both ways
+    stream: bool = False
+    facts: ModelFacts | None = None  # Need.LEARN: the model's API is unknown, learned from the answer
+    turn: Turn | None = None  # Need.KEEP_TURN: the translated answer kept as a turn
+    pinned_id: str | None = None  # routed by a pin: a lost instance is explained
+
+    @property
+    def watches_answer(self) -> bool:
+        return watches(self.needs, self.pinned_id is not None)
 
     @property
     def upstream_api(self) -> str | None:

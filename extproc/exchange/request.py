@@ -15,20 +15,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Generator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
 from extproc.api import API_OF_PATH, AUTO, BOTH, PATHS, RESPONSES
 from extproc.config import Backend
+from extproc.envoy.names import H_FIRST_CONTACT, MODE_HEADER, ROUTING_HEADERS
 from extproc.errors import GatewayError, invalid
 from extproc.exchange.actions import Action, answer
 from extproc.exchange.body import check_json_request, is_json, parse_body
 from extproc.exchange.paths import INPUT_TOKENS, check_request_line
-from extproc.exchange.plan import ModelFacts, Plan, Turn, needs_of, remember
+from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
 from extproc.routing.classify import Resolution
-from extproc.routing.gateway import H_FIRST_CONTACT, ROUTING_HEADERS, Gateway, Target, placement_key
+from extproc.routing.gateway import Gateway, Target, placement_key
 from extproc.routing.modes import Learned, learned_key
+from extproc.routing.needs import Call, Facts, Need, needs, passed_on
 from extproc.state import records as rec
 from extproc.state.lookup import Decision, Reads
 from extproc.state.pinning import Answered, Continuation, Pinning
@@ -36,8 +39,6 @@ from extproc.translate import compact
 from extproc.translate.pairs import TranslatorPair, pair_for
 
 log = logging.getLogger("extproc")
-
-MODE_HEADER = "x-gateway-model-mode"  # per-request mode override, when discovery.allow_mode_header
 
 Handled = Action | Decision[Action]  # a handler's answer: at once, or after store reads
 
@@ -74,7 +75,7 @@ class PassOn:
         body = parse_body(raw)
         model, _ = side.model_of(body)
         target = side.target_for(side.resolve(model, None), body)
-        return side.route(Plan(target, side.pinning, model=model, request=body))
+        return side.route(Plan(target, side.pinning, model=model, request=body, needs=passed_on(target.backend)))
 
 
 class ModelList(PassOn):
@@ -97,15 +98,40 @@ class Resource(PassOn):
                                                    side.query)
         if isinstance(outcome, Answered):
             return answer(outcome.status, outcome.body, outcome.writes)
-        return side.route(Plan(outcome.target, side.pinning, pinned_id=outcome.pinned_id))
+        return side.route(Plan(outcome.target, side.pinning, needs=passed_on(outcome.target.backend),
+                               pinned_id=outcome.pinned_id))
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """An API call resolved, before it is sent: what its plan is made of."""
+
+    body: dict[str, Any]
+    model: str
+    res: Resolution
+    learned: Learned | None
+    facts: Facts
+    pair: TranslatorPair | None
+
+    def plan(self, side: RequestSide, target: Target, pinned_id: str | None = None, turn: Turn | None = None) -> Plan:
+        """The plan of the call sent to `target`, with what it needs there (`routing.needs`; a pin may
+        name another backend than the model's)."""
+        res = self.res if target.backend.name == self.res.backend.name else \
+            dataclasses.replace(self.res, backend=target.backend)
+        n = needs(side.gw.config, res, self.facts, self.learned)
+        client_api = self.facts.client_api
+        learning = ModelFacts(side.gw, self.res.backend.name, self.model, client_api, self.learned) \
+            if Need.LEARN in n else None
+        return Plan(target, side.pinning, client_api=client_api, model=self.model, request=self.body, needs=n,
+                    pair=self.pair, stream=self.facts.stream, facts=learning,
+                    turn=turn if Need.KEEP_TURN in n else None, pinned_id=pinned_id)
 
 
 class ApiCall:
     """A POST of one API family: routed by its model, translated both ways when the model's backend
     speaks the other API. A family added to `api.PATHS` is one of these."""
 
-    learns = True  # the answer may teach the model's API
-    observes_usage = True  # with `usage_accounting: all`, usage is read from an untranslated answer
+    call = Call.CREATE
 
     def __init__(self, client_api: str):
         self.client_api: str | None = client_api
@@ -139,66 +165,57 @@ class ApiCall:
         model, backend = side.model_of(body)
         learned = yield from side.learned(backend, model)
         res = side.resolve(model, learned)
-        upstream_api = self.upstream_api(model, res, client_api)
-        pair = self.translator(side, body, model, res, upstream_api)
-        learning = res.learning and self.learns and client_api not in (learned.ok if learned else ())
-        plan = Plan(side.target_for(res, body), side.pinning, client_api=client_api, model=model, request=body,
-                    pair=pair, stream=body.get("stream", False) is True,
-                    facts=ModelFacts(side.gw, backend.name, model, client_api, learned) if learning else None)
-        observe_usage = pair is None and side.gw.config.usage_accounting == "all" and self.observes_usage
-        return (yield from decided(self.send(side, plan, res, observe_usage)))
+        pair = self.translator(side, body, model, res, self.upstream_api(model, res, client_api))
+        call = Resolved(body, model, res, learned, Facts.of(client_api, self.call, body, side.headers), pair)
+        return (yield from decided(self.send(side, call)))
 
-    def send(self, side: RequestSide, plan: Plan, res: Resolution, observe_usage: bool) -> Handled:
+    def send(self, side: RequestSide, call: Resolved) -> Handled:
         """The call on its way, translated if need be."""
-        body = plan.pair.request(plan.request) if plan.pair is not None else None
-        return side.route(plan, body, observe_usage=observe_usage)
+        plan = call.plan(side, side.target_for(call.res, call.body))
+        return side.route(plan, call.pair.request(call.body) if call.pair is not None else None)
 
 
 class ResponsesCall(ApiCall):
     """`POST /v1/responses`: a turn that may continue a conversation (`previous_response_id`), and
     whose stored answer the sidecar keeps: pinned to its instance, or held as a translated turn."""
 
-    keeps = True
-
     def __init__(self) -> None:
         super().__init__(RESPONSES)
 
-    def send(self, side: RequestSide, plan: Plan, res: Resolution, observe_usage: bool) -> Decision[Action]:
+    def send(self, side: RequestSide, call: Resolved) -> Decision[Action]:
         """A conversation the sidecar kept merged into the input, or the request sent where it lives."""
-        body, model = plan.request, plan.model or ""
+        body, target = call.body, side.target_for(call.res, call.body)
         prev = body.get("previous_response_id")
-        cont = Continuation(plan.target)
+        cont = Continuation(target)
         if prev is not None:
             if not isinstance(prev, str) or not prev:
                 raise invalid("previous_response_id", "expected a response id string")
-            cont = yield from side.pinning.continue_from(prev, model, res, plan.target, plan.pair is not None)
-        plan = dataclasses.replace(plan, target=cont.target, pinned_id=cont.pinned_id)
-        keep = body.get("store") is not False and self.keeps
-        opened = compact.open_items(body.get("input"), side.gw.sealer, side.pinning.tenant, plan.pair is not None)
+            cont = yield from side.pinning.continue_from(prev, call.model, call.res, target, call.pair is not None)
+        opened = compact.open_items(body.get("input"), side.gw.sealer, side.pinning.tenant, call.pair is not None)
         if opened is not None:  # the sidecar's own compaction items: their summaries instead
             body = {**body, "input": opened}
-        if (pair := plan.pair) is not None:
+        if (pair := call.pair) is not None:
             items = rec.input_items(body.get("input"))
-            if keep:
-                plan = dataclasses.replace(plan, turn=Turn(items, cont.ancestors))
+            plan = call.plan(side, cont.target, cont.pinned_id, Turn(items, cont.ancestors))
             new = pair.request({**body, "input": cont.prior + items} if cont.prior else body)
             if pair.dropped_tools:
-                log.info("model=%s backend=%s: hosted tools dropped: %s", model, plan.target.backend.name,
+                log.info("model=%s backend=%s: hosted tools dropped: %s", call.model, plan.target.backend.name,
                          ",".join(pair.dropped_tools))
             return side.route(plan, new)
-        # A Responses backend keeps its own state: pin the reply's id to the instance that made it
-        # (endpoint backends and clusters alike: GET /v1/responses/{id} must find it).
+        # A Responses backend keeps its own state: the plan pins the reply's id to the instance that
+        # made it (Need.RECORD_ID; endpoint backends and clusters alike: GET /v1/responses/{id} must find it).
+        plan = call.plan(side, cont.target, cont.pinned_id)
         if cont.prior:  # the conversation so far was kept by the sidecar: hand it over whole
             new = {k: v for k, v in body.items() if k != "previous_response_id"}
             new["input"] = cont.prior + rec.input_items(body.get("input"))
-            return side.route(plan, new, record_id=keep, observe_usage=observe_usage)
-        return side.route(plan, body if opened is not None else None, record_id=keep, observe_usage=observe_usage)
+            return side.route(plan, new)
+        return side.route(plan, body if opened is not None else None)
 
 
 class Compact(ResponsesCall):
     """`POST /v1/responses/compact`: summarised by the sidecar on chat-only backends; not a turn."""
 
-    keeps = False
+    call = Call.COMPACT
 
     def check(self, body: dict[str, Any]) -> None:
         compact.check_request(body)
@@ -211,10 +228,10 @@ class Compact(ResponsesCall):
 
 
 class CountTokens(ResponsesCall):
-    """`POST /v1/responses/input_tokens`: only a Responses backend can count; a count teaches nothing
-    about the model's API (a backend may serve Responses but not counting), and has no usage."""
+    """`POST /v1/responses/input_tokens`: only a Responses backend can count (what a count needs is
+    `routing.needs`': no turn, no usage, nothing learned)."""
 
-    keeps = learns = observes_usage = False
+    call = Call.COUNT
 
     def upstream_api(self, model: str, res: Resolution, client_api: str) -> str:
         if res.upstream_api(client_api) != RESPONSES:
@@ -286,7 +303,8 @@ class RequestSide:
     def pass_on(self) -> Action:
         """To the default backend: a request with nothing to route by."""
         b = self.gw.default_backend
-        return self.route(Plan(self.gw.target(b, placement_key({}, self.headers)), self.pinning))
+        target = self.gw.target(b, placement_key({}, self.headers))
+        return self.route(Plan(target, self.pinning, needs=passed_on(b)))
 
     def model_of(self, body: dict[str, Any]) -> tuple[str, Backend]:
         """The body's `model`, and the backend that serves it."""
@@ -323,15 +341,10 @@ class RequestSide:
     def target_for(self, res: Resolution, body: dict[str, Any]) -> Target:
         return self.gw.target(res.backend, placement_key(body, self.headers))
 
-    def route(self, plan: Plan, body: dict[str, Any] | None = None, *, record_id: bool = False,
-              observe_usage: bool = False) -> Action:
-        """The plan, with what its answer needs, made final; Envoy's routing for it: routing headers, the
-        rewritten path and body."""
+    def route(self, plan: Plan, body: dict[str, Any] | None = None) -> Action:
+        """The request's plan, final; Envoy's routing for it: routing headers, the rewritten path and body."""
+        self.plan = plan
         target = plan.target
-        plan = self.plan = dataclasses.replace(plan, needs=needs_of(
-            translated=plan.pair is not None, keep_turn=plan.turn is not None, record_id=record_id,
-            observe_usage=observe_usage, learn=plan.facts is not None, pinned=plan.pinned_id is not None,
-            given_key=bool(target.backend.api_key)))
         if (unserved := target.backend.unserved()) is not None:  # a missing key or no instances yet
             raise GatewayError(503, unserved.message, code=unserved.code)
         path = self.path
@@ -351,4 +364,4 @@ class RequestSide:
             headers.append(("content-length", str(len(raw))))
             headers.append(("accept-encoding", "identity"))  # translated answers must arrive readable
         return Action(set_headers=headers, remove_headers=remove, body=raw, clear_route_cache=True,
-                      done=not plan.needs)
+                      done=not plan.watches_answer)

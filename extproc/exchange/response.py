@@ -1,6 +1,6 @@
 """The response side: one handler per kind of answer, chosen once at response headers (sans-IO).
 
-`kind_of` reads what the request's plan needs (`plan.Need`) and the answer's status and headers,
+`kind_of` reads what the request's plan needs (`routing.needs.Need`) and the answer's status and headers,
 and names the one `AnswerKind` of the answer; `choose` returns that kind's handler, which owns the
 rest of the exchange (the first rule that applies, in this order):
 
@@ -31,12 +31,13 @@ from typing import Any, Protocol
 import orjson
 
 from extproc.api import PATHS
+from extproc.envoy.names import H_RETRIED, LEARNABLE_STATUSES
 from extproc.errors import GatewayError, bad_upstream, upstream_error_payload, usable_status
 from extproc.exchange.actions import BUFFERED, STREAMED, Action, Writes, new_body
-from extproc.exchange.plan import Need, Plan
+from extproc.exchange.plan import Plan
 from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
-from extproc.routing.gateway import H_RETRIED
 from extproc.routing.modes import rejection_needs
+from extproc.routing.needs import USAGE, Need
 from extproc.state.pinning import IdRecorder
 from extproc.translate.pairs import Answer, StreamTranslator
 
@@ -45,7 +46,6 @@ log = logging.getLogger("extproc")
 # What Envoy's reply says when it could not reach the upstream instance at all.
 _UNREACHABLE = (b"upstream connect error", b"no healthy upstream", b"upstream_reset_before_response_started",
                 b"delayed_connect_error")
-_LEARNABLE = (400, 404, 405, 422)
 _SSE = ("content-type", "text/event-stream; charset=utf-8")
 
 
@@ -324,7 +324,7 @@ class Observe:
             outcome.learned_fact = "answers_" + (plan.client_api or "")
         self.recorder = IdRecorder(plan.pinning.tenant, plan.target, reply.sse) \
             if Need.RECORD_ID in plan.needs and reply.status == 200 and retried is None else None
-        self.scanner = UsageScanner(sse=reply.sse) if Need.OBSERVE_USAGE in plan.needs and reply.ok else None
+        self.scanner = UsageScanner(sse=reply.sse) if plan.needs & USAGE and reply.ok else None
 
     def headers_action(self) -> Action:
         reads = self.recorder is not None or self.scanner is not None
@@ -378,12 +378,12 @@ def kind_of(plan: Plan, reply: Reply) -> AnswerKind:
         if plan.stream and reply.ok and not isinstance(decoder_for(reply.encoding), Undecodable):
             return AnswerKind.TRANSLATE_STREAM if reply.sse else AnswerKind.REPLAY_AS_STREAM
         return AnswerKind.TRANSLATE_BUFFERED
-    if Need.EXPLAIN_LOST_PIN in plan.needs and status == 503:
+    if plan.pinned_id is not None and status == 503:
         return AnswerKind.EXPLAIN_LOST_PIN
     if _retried_as(plan, reply) is None:
-        if Need.LEARN in plan.needs and status in _LEARNABLE:
+        if Need.LEARN in plan.needs and status in LEARNABLE_STATUSES:
             return AnswerKind.LEARN_REJECTION
-        if Need.SCRUB_KEY in plan.needs and status >= 400:
+        if Need.INJECT_KEY in plan.needs and status >= 400:
             return AnswerKind.SCRUB_KEY
     return AnswerKind.OBSERVE
 

@@ -282,7 +282,7 @@ def test_a_drift_on_either_side_is_found(monkeypatch):
 
     extra = CONFIGS["usage translated"]
     with monkeypatch.context() as m:  # Envoy reads `store` the wrong way round
-        m.setitem(compiler._FACT_METADATA, "stored", (compiler.Key.STORE, False, True))
+        m.setitem(compiler._FACT_METADATA, "stored", (*compiler._FACT_METADATA["stored"][:2], True))
         assert any("Envoy takes" in line for line in mismatches(extra))
     with monkeypatch.context() as m:  # the processor forgets the backend's key
         m.setattr(Target, "headers", lambda self: [(H_BACKEND, self.backend.name)])

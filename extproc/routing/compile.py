@@ -136,21 +136,16 @@ def model_globs(patterns: list[str]) -> metadata_pb2.MetadataMatcher:
                  value_pb2.ValueMatcher(or_match=value_pb2.OrMatcher(value_matchers=each)))
 
 
-def _absent(key: str) -> metadata_pb2.MetadataMatcher:
-    return _meta(key, value_pb2.ValueMatcher(present_match=True), invert=True)
-
-
-def _is(key: str, value: bool, invert: bool = False) -> metadata_pb2.MetadataMatcher:
-    return _meta(key, value_pb2.ValueMatcher(bool_match=value), invert=invert)
-
-
-# How Envoy sees each of `needs.Facts`' booleans: (metadata key, bool it must equal or None for present,
-# whether the fact is the match) or a header present. Every boolean of Facts is here.
-_FACT_METADATA: dict[str, tuple[str, bool | None, bool]] = {
-    "stream": (Key.STREAM, True, True), "include_usage": (Key.INCLUDE_USAGE, True, True),
-    "stored": (Key.STORE, False, False), "previous_response_id": (Key.PREVIOUS_RESPONSE_ID, None, True),
-    "conversation": (Key.CONVERSATION, None, True)}
+# How Envoy sees each boolean of `needs.Facts`: a header present, or a metadata key (json_to_metadata's)
+# with the matcher that matches when the fact holds (True) or when it does not (False).
 _FACT_HEADERS = {"content_encoding": "content-encoding", "mode_header": MODE_HEADER}
+_PRESENT = value_pb2.ValueMatcher(present_match=True)
+_FACT_METADATA: dict[str, tuple[str, value_pb2.ValueMatcher, bool]] = {
+    "stream": (Key.STREAM, value_pb2.ValueMatcher(bool_match=True), True),
+    "include_usage": (Key.INCLUDE_USAGE, value_pb2.ValueMatcher(bool_match=True), True),
+    "stored": (Key.STORE, value_pb2.ValueMatcher(bool_match=False), False),
+    "previous_response_id": (Key.PREVIOUS_RESPONSE_ID, _PRESENT, True),
+    "conversation": (Key.CONVERSATION, _PRESENT, True)}
 
 
 def _condition(cond: Condition) -> tuple[list[metadata_pb2.MetadataMatcher], list[rc.HeaderMatcher]]:
@@ -159,11 +154,9 @@ def _condition(cond: Condition) -> tuple[list[metadata_pb2.MetadataMatcher], lis
     for fact, holds in cond:
         if fact in _FACT_HEADERS:
             headers.append(rc.HeaderMatcher(name=_FACT_HEADERS[fact], present_match=True, invert_match=not holds))
-            continue
-        key, value, matched = _FACT_METADATA[fact]
-        invert = holds != matched
-        meta.append(_absent(key) if value is None and invert else
-                    _meta(key, value_pb2.ValueMatcher(present_match=True)) if value is None else _is(key, value, invert))
+        else:
+            key, matcher, matches_when = _FACT_METADATA[fact]
+            meta.append(_meta(key, matcher, invert=holds != matches_when))
     return meta, headers
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from extproc.api import PATHS
 from extproc.cli import main
 from extproc.envoy.names import (
     FIRST_CONTACT_ROLE,
@@ -88,6 +89,18 @@ def test_headers_and_metadata_shared_with_the_sidecar(envoy):
     assert upstream == [[{"key": ROLE_METADATA, "value": FIRST_CONTACT_ROLE}]]
     original_dst = [c for c in envoy["static_resources"]["clusters"] if c["type"] == "ORIGINAL_DST"]
     assert {c["original_dst_lb_config"]["http_header_name"] for c in original_dst} == {H_ENDPOINT}
+
+
+def test_the_metadata_filter_runs_on_the_paths_with_fast_routes(envoy):
+    """json_to_metadata is skipped except on the create paths of the two APIs, the only ones routed fast."""
+    [delegate] = named(envoy, "envoy.filters.http.match_delegate")
+    [matcher] = delegate["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
+    [not_path, _upgrade] = matcher["predicate"]["or_matcher"]["predicate"]
+    regex = not_path["not_matcher"]["single_predicate"]["value_match"]["safe_regex"]["regex"]
+    for path in PATHS.values():
+        assert re.fullmatch(regex, path) and re.fullmatch(regex, path + "?x=1"), path
+    for path in ("/v1/responses/compact", "/v1/embeddings", "/v1/responses/resp_1"):
+        assert not re.fullmatch(regex, path), path
 
 
 def test_envoy_rules_command_prints_the_generated_rules(capsys):

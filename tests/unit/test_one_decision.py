@@ -192,8 +192,9 @@ def process(gw: Gateway, store: dict[str, bytes], api: str, body: dict[str, Any]
     if not act.done:  # the answer a real upstream sends, and what the processor does with it
         upstream = ex.upstream_api or api
         ctype, answer = upstream_answer(upstream, json.loads(act.body) if act.body else body)
-        writes = list(ex.response_headers({":status": "200", "content-type": ctype}).writes)
-        if ex.handler is not None:
+        headed = ex.response_headers({":status": "200", "content-type": ctype})
+        writes = list(headed.writes)
+        if not headed.done:
             writes += ex.response_body(answer, True).writes
         if any(k.startswith("pin:") and k.endswith(":" + UPSTREAM_ID) for k, _ in writes):
             seen.add(Need.RECORD_ID)
@@ -282,7 +283,7 @@ def test_a_drift_on_either_side_is_found(monkeypatch):
 
     extra = CONFIGS["usage translated"]
     with monkeypatch.context() as m:  # Envoy reads `store` the wrong way round
-        m.setitem(compiler._FACT_METADATA, "stored", (compiler.Key.STORE, False, True))
+        m.setitem(compiler._FACT_METADATA, "stored", (*compiler._FACT_METADATA["stored"][:2], True))
         assert any("Envoy takes" in line for line in mismatches(extra))
     with monkeypatch.context() as m:  # the processor forgets the backend's key
         m.setattr(Target, "headers", lambda self: [(H_BACKEND, self.backend.name)])

@@ -12,8 +12,8 @@ Records are per tenant (`records.pin_key`/`turn_key`), and every id's owner is r
 (`records.owner_key`): an id recorded for another tenant gets the unknown id's 404 without reaching
 an upstream. An id the sidecar never recorded is sent on (placed by the ring) only to a backend
 declared to check each caller's own key (`authenticates_callers`); anywhere else it is refused, since
-such a backend would serve whoever names the id. Store reads are `Lookup`s; the decision names are
-`PinDecision`, counted in metrics.
+such a backend would serve whoever names the id. The decisions are straight-line generators that
+yield their store reads (`state.lookup`); their names are `PinDecision`, counted in metrics.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """One HTTP exchange through the sidecar: Envoy's messages in, `Action`s (or store `Lookup`s) out.
 
-The phases are explicit (`Phase`), and `_MOVES` is the whole lifecycle: which Envoy message each
-phase accepts and which phase it leads to (`Lifecycle`, shared with the first-contact attempts). The
+The phases are explicit (`phases.Phase`), and `phases._MOVES` is the whole lifecycle: which Envoy
+message each phase accepts and which phase it leads to (`Lifecycle`, shared with the first-contact
+attempts). The
 request side (`request.RequestSide`) resolves the request into an immutable `Plan`; at response
 headers `response.choose` picks the one handler that owns the rest of the answer. An Action with
 `done` closes the exchange early: Envoy passes the rest through untouched. Nothing here does I/O.
@@ -10,12 +11,12 @@ headers `response.choose` picks the one handler that owns the rest of the answer
 from __future__ import annotations
 
 import logging
-from enum import Enum
 from typing import Any
 
 from extproc.envoy.names import Key
 from extproc.errors import GatewayError, empty_answer
 from extproc.exchange.actions import Action, Step
+from extproc.exchange.phases import Lifecycle, Phase
 from extproc.exchange.request import RequestSide
 from extproc.exchange.response import Outcome, ResponseHandler, choose
 from extproc.ops.usage import Usage
@@ -23,42 +24,6 @@ from extproc.routing.gateway import Gateway, Target
 from extproc.state.lookup import Decision, start
 
 log = logging.getLogger("extproc")
-
-
-class Phase(Enum):
-    REQUEST = "request"  # waiting for request headers
-    REQUEST_BODY = "request_body"  # headers seen, the body decides
-    ROUTED = "routed"  # Envoy routes the request; a body may still pass
-    ANSWER = "answer"  # a handler reads the answer's body
-    DONE = "done"
-
-
-# Envoy message kind -> (the phases that accept it, the phase it leads to). An Action with `done`
-# leads to DONE instead, and request headers that routed the request already lead to ROUTED.
-_MOVES: dict[str, tuple[tuple[Phase, ...], Phase]] = {
-    "request_headers": ((Phase.REQUEST,), Phase.REQUEST_BODY),
-    "request_body": ((Phase.REQUEST_BODY, Phase.ROUTED), Phase.ROUTED),
-    # before routing too: Envoy's own reply (a 413)
-    "response_headers": ((Phase.REQUEST, Phase.REQUEST_BODY, Phase.ROUTED), Phase.ANSWER),
-    "response_body": ((Phase.ANSWER,), Phase.ANSWER),
-}
-
-
-class Lifecycle:
-    """Where an exchange is among Envoy's messages, moved by `_MOVES` alone."""
-
-    def __init__(self) -> None:
-        self.phase = Phase.REQUEST
-
-    def enter(self, kind: str) -> None:
-        if self.phase not in _MOVES[kind][0]:
-            raise RuntimeError(f"Envoy sent {kind} in phase {self.phase.value}")
-
-    def move(self, kind: str, act: Action, routed: bool = False) -> Action:
-        """`act` answers a message of `kind`: the phase it leads to."""
-        nxt = _MOVES[kind][1]
-        self.phase = Phase.DONE if act.done else Phase.ROUTED if routed and nxt is Phase.REQUEST_BODY else nxt
-        return act
 
 
 class Exchange:

@@ -1,8 +1,8 @@
-"""First contact with a model of unknown API, from the upstream side: a rejection becomes a retry (sans-IO).
+"""First contact with a model of unknown API, both sides of it: a rejection becomes a retry (sans-IO).
 
-A request to a model whose API nobody has said (a backend declared `auto` or `both`) is sent on the
-client's API, marked `x-gateway-first-contact` (its value: the caller's tenant), and Envoy routes it
-to the `endpoints_first_contact` cluster, whose upstream filter is this processor again (gRPC metadata
+A request to a model whose API nobody has said (a backend declared `auto` or `both`: `Need.LEARN`)
+is sent on the client's API, marked `x-gateway-first-contact` by the client-side exchange (`mark`,
+its value the caller's tenant), and Envoy routes it to the `endpoints_first_contact` cluster, whose upstream filter is this processor again (gRPC metadata
 `x-extproc-role: first-contact`), once per attempt (`x-envoy-attempt-count`):
 
 - `Probe` (attempt 1) passes the request on untouched and reads the answer only when it is a
@@ -13,14 +13,17 @@ to the `endpoints_first_contact` cluster, whose upstream filter is this processo
 - `Retry` (attempt 2) is an ordinary `Exchange` on the same request, which now resolves to the other
   API from the learned fact and is translated both ways, streaming or not. Its answer carries
   `x-gateway-retried-as: <api>`, so the client-side exchange reads it as an answer in the client's
-  API; when it fails too, its error names both upstream messages.
+  API (`retried_as`); when it fails too, its error names both upstream messages.
+
+The shell picks `FirstContact` for a stream of the upstream filter; its attempts keep their phases by
+the exchange's table (`phases`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -28,13 +31,36 @@ from extproc.api import API_OF_PATH, PATHS
 from extproc.envoy.names import H_BACKEND, H_FIRST_CONTACT, H_RETRIED, H_RETRY, LEARNABLE_STATUSES
 from extproc.errors import GatewayError, upstream_error_payload
 from extproc.exchange.actions import BUFFERED, Action, Step, new_body
-from extproc.exchange.exchange import Exchange, Lifecycle
-from extproc.exchange.plan import ModelFacts
+from extproc.exchange.phases import Lifecycle
+from extproc.exchange.plan import ModelFacts, Plan
 from extproc.routing.gateway import Gateway
 from extproc.routing.modes import rejection_needs
+from extproc.routing.needs import Need
 from extproc.state.lookup import Decision, Reads, awaited, start
 
+if TYPE_CHECKING:
+    from extproc.exchange.exchange import Exchange
+
 log = logging.getLogger("extproc")
+
+
+# -- the client-side exchange's part ----------------------------------------------------------------
+
+def mark(plan: Plan) -> list[tuple[str, str]]:
+    """The request header that sends a request to the first-contact cluster, where Envoy may retry it
+    on the other API: a model whose API is learned from its answer, sent to one instance."""
+    if Need.LEARN in plan.needs and plan.target.endpoint is not None:
+        return [(H_FIRST_CONTACT, plan.pinning.tenant)]
+    return []
+
+
+def retried_as(plan: Plan, headers: dict[str, str]) -> str | None:
+    """The API the upstream side retried a first contact on, and translated its answer from (it
+    recorded what it learned, and the turn)."""
+    return headers.get(H_RETRIED) if Need.LEARN in plan.needs else None
+
+
+# -- the upstream filter's attempts -----------------------------------------------------------------
 
 
 def first_attempt_key(request_id: str) -> str:
@@ -131,6 +157,8 @@ class Retry:
             first = {}
         self.first = first if isinstance(first, dict) else {}
         tenant = self.first.get("tenant")  # the caller's: the request carries the backend's key now
+        from extproc.exchange.exchange import Exchange  # here: the exchange imports this module's client side
+
         self.ex = Exchange(self.gw, tenant if isinstance(tenant, str) else None)
         act = yield from awaited(self.ex.request_headers(self.headers, end_of_stream))
         return _in_upstream(act, remove=(*act.remove_headers, H_FIRST_CONTACT))  # never sent to the backend

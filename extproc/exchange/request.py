@@ -26,6 +26,7 @@ from extproc.envoy.names import H_FIRST_CONTACT, MODE_HEADER, ROUTING_HEADERS
 from extproc.errors import GatewayError, invalid
 from extproc.exchange.actions import Action, answer
 from extproc.exchange.body import check_json_request, is_json, parse_body
+from extproc.exchange.first_contact import mark
 from extproc.exchange.paths import INPUT_TOKENS, check_request_line
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
 from extproc.routing.classify import Resolution
@@ -351,8 +352,7 @@ class RequestSide:
         if plan.pair is not None:
             path = PATHS[plan.pair.upstream_api] + ("?" + self.query if "?" in self.path else "")
         headers = target.headers()
-        if plan.facts is not None and target.endpoint is not None:  # Envoy retries it on the other API if need be
-            headers.append((H_FIRST_CONTACT, self.pinning.tenant))
+        headers += mark(plan)
         if target.backend.path_prefix:
             path = target.backend.path_prefix + path
         if path != self.path:

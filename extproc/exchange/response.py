@@ -31,9 +31,10 @@ from typing import Any, Protocol
 import orjson
 
 from extproc.api import PATHS
-from extproc.envoy.names import H_RETRIED, LEARNABLE_STATUSES
+from extproc.envoy.names import LEARNABLE_STATUSES
 from extproc.errors import GatewayError, bad_upstream, upstream_error_payload, usable_status
 from extproc.exchange.actions import BUFFERED, STREAMED, Action, Writes, new_body
+from extproc.exchange.first_contact import retried_as
 from extproc.exchange.plan import Plan
 from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
 from extproc.routing.modes import rejection_needs
@@ -315,7 +316,7 @@ class Observe:
     def __init__(self, plan: Plan, reply: Reply, outcome: Outcome):
         self.plan, self.outcome = plan, outcome
         self.writes: Writes = []
-        retried = _retried_as(plan, reply)
+        retried = retried_as(plan, reply.headers)
         if retried is not None:  # the upstream side learned it, and translated and recorded the answer
             outcome.learned_fact = "needs_" + retried
         elif Need.LEARN in plan.needs and reply.ok:
@@ -343,11 +344,6 @@ class Observe:
                 self.outcome.account(self.plan, 200, scanner.usage, lambda: scanner.output_bytes)
         reading_id = self.recorder is not None and not self.recorder.done
         return Action(writes=writes, done=end_of_stream or (scanner is None and not reading_id))
-
-
-def _retried_as(plan: Plan, reply: Reply) -> str | None:
-    """A first contact retried on the other API and translated by the upstream side: that API."""
-    return reply.headers.get(H_RETRIED) if Need.LEARN in plan.needs else None
 
 
 class AnswerKind(StrEnum):
@@ -380,7 +376,7 @@ def kind_of(plan: Plan, reply: Reply) -> AnswerKind:
         return AnswerKind.TRANSLATE_BUFFERED
     if plan.pinned_id is not None and status == 503:
         return AnswerKind.EXPLAIN_LOST_PIN
-    if _retried_as(plan, reply) is None:
+    if retried_as(plan, reply.headers) is None:
         if Need.LEARN in plan.needs and status in LEARNABLE_STATUSES:
             return AnswerKind.LEARN_REJECTION
         if Need.INJECT_KEY in plan.needs and status >= 400:

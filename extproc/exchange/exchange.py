@@ -2,10 +2,10 @@
 
 The phases are explicit (`phases.Phase`), and `phases._MOVES` is the whole lifecycle: which Envoy
 message each phase accepts and which phase it leads to (`Lifecycle`, shared with the first-contact
-attempts). The
-request side (`request.RequestSide`) resolves the request into an immutable `Plan`; at response
-headers `response.choose` picks the one handler that owns the rest of the answer. An Action with
-`done` closes the exchange early: Envoy passes the rest through untouched. Nothing here does I/O.
+attempts). The request side (`request.RequestSide`) resolves the request into an immutable `Plan`;
+at response headers `response.choose` picks the one handler that owns the rest of the answer. An
+Action with `done` closes the exchange early: Envoy passes the rest through untouched. Nothing here
+does I/O.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 A request to a model whose API nobody has said (a backend declared `auto` or `both`: `Need.LEARN`)
 is sent on the client's API, marked `x-gateway-first-contact` by the client-side exchange (`mark`,
-its value the caller's tenant), and Envoy routes it to the `endpoints_first_contact` cluster, whose upstream filter is this processor again (gRPC metadata
-`x-extproc-role: first-contact`), once per attempt (`x-envoy-attempt-count`):
+its value the caller's tenant), and Envoy routes it to the `endpoints_first_contact` cluster, whose
+upstream filter is this processor again (gRPC metadata `x-extproc-role: first-contact`), once per
+attempt (`x-envoy-attempt-count`):
 
 - `Probe` (attempt 1) passes the request on untouched and reads the answer only when it is a
   400/404/405/422. When the rejection says the model needs the other API (`rejection_needs`: never
@@ -61,7 +62,6 @@ def retried_as(plan: Plan, headers: dict[str, str]) -> str | None:
 
 
 # -- the upstream filter's attempts -----------------------------------------------------------------
-
 
 def first_attempt_key(request_id: str) -> str:
     """Envoy's request id, the same for both attempts (Envoy makes its own for outside clients)."""

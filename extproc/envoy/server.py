@@ -1,6 +1,6 @@
 """The gRPC shell: Envoy's ext_proc stream in, `Exchange` decisions out as ProcessingResponses.
 
-All decisions live in `exchange.Exchange`; this module only converts messages and runs the server.
+All decisions live in `flow.Exchange`; this module only converts messages and runs the server.
 """
 
 from __future__ import annotations

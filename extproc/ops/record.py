@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from extproc.ops.metrics import ExchangeTimer, Metrics
 
 if TYPE_CHECKING:
-    from extproc.exchange.exchange import Exchange
+    from extproc.exchange.flow import Exchange
 
 log = logging.getLogger("extproc")
 OPERATION = "chat"  # gen_ai.operation.name: the conventions' value for Chat Completions and Responses alike

@@ -1,10 +1,11 @@
 """The sidecar's decisions compiled into Envoy routes and clusters: the fast path (sans-IO, pure).
 
-Envoy's `json_to_metadata` filter puts the body's `model` (and the few fields that say whether a
-request involves state) into dynamic metadata, namespace `llm_gateway`; the routes compiled here match
-on it. A request whose client API is the model's API, and that creates or reads no state, goes
-straight to its backend with the processor disabled for that route (`ExtProcPerRoute.disabled`).
-Everything else falls through to the routes the processor needs, exactly as before.
+Envoy's `json_to_metadata` filter puts the body's `model` (and the few fields that say what else the
+request needs) into dynamic metadata (`envoy.names`); the routes compiled here match on it. A request
+whose needs (`routing.needs`) Envoy alone can meet goes straight to its backend with the processor
+disabled for that route (`ExtProcPerRoute.disabled`): for each model and client API, `needs.survey`
+says under which combinations of the facts Envoy sees, and those become the route's conditions.
+Everything else falls through to the routes the processor needs.
 
 The route list is ordered so that Envoy's first match gives the same answer as `Classifier.resolve`:
 first every model name known exactly (config, `/v1/models`, learned), each routed by `resolve`
@@ -43,7 +44,7 @@ from extproc.envoy.names import (
 from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.classify import Classifier, Resolution, combine, is_glob
 from extproc.routing.modes import Knowledge, Learned
-from extproc.routing.needs import Condition, Survey, envoy_can, explain, ordered, survey
+from extproc.routing.needs import Condition, envoy_can, explain, ordered, survey
 
 ROUTE_CONFIG = "llm"  # the route configuration deploy/envoy.yaml asks for over RDS
 FAST = "fast"  # route names "fast:<api>:<backend>": the access-log service counts these
@@ -69,11 +70,7 @@ class PathChoice:
 def decide(config: Config, res: Resolution | None, client_api: str, learned: Learned | None = None) -> PathChoice:
     """The path for a client API, read from `needs.survey`: fast when some requests need only what Envoy
     alone can do; the reason names what keeps the others on the processor."""
-    return _choice(config, res, client_api, survey(config, res, client_api, learned))
-
-
-def _choice(config: Config, res: Resolution | None, client_api: str, s: Survey) -> PathChoice:
-    can = envoy_can(config)
+    s, can = survey(config, res, client_api, learned), envoy_can(config)
     if not s.when:
         return PathChoice(False, explain(ordered(s.plain - can)[0], res, client_api))
     assert res is not None

@@ -1,4 +1,4 @@
-"""Command line: `extproc serve`, `check-config`, `resolve`, `learned`, `stack`, `demo-backend`."""
+"""Command line: `extproc serve`, `check-config`, `resolve`, `learned`, `envoy-rules`, `stack`, `demo-backend`."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--forget", metavar="BACKEND:MODEL", action="append", default=[],
                    help="drop one learned entry (repeatable); 'all' drops every one")
+    sub.add_parser("envoy-rules", help="print the json_to_metadata and sse_to_metadata rules deploy/envoy.yaml "
+                                       "must hold (two YAML documents), made from extproc/envoy/names.py")
     p = sub.add_parser("stack", help="run Envoy, the sidecar and the demo backend locally (Ctrl-C stops)")
     p.add_argument("--config", default="deploy/config.yaml")
     p.add_argument("--port", type=int, default=10000, help="Envoy's listener (default: %(default)s)")
@@ -60,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_resolve(args.config, args.model))
     if args.command == "learned":
         return asyncio.run(_learned(args.config, args.forget))
+    if args.command == "envoy-rules":
+        _envoy_rules()
+        return 0
     if args.command == "serve":
         return _serve(args.config, args.workers)
     if args.command == "stack":
@@ -147,6 +152,18 @@ async def _resolve(config_path: str, model: str) -> int:
     print("(the fast path is taken behind the project's own Envoy config, deploy/envoy.yaml; an Envoy the "
           "sidecar does not configure sends every request through the processor)")
     return 0
+
+
+def _envoy_rules() -> None:
+    """What to paste into deploy/envoy.yaml after changing extproc/envoy/names.py (a test compares them)."""
+    import yaml
+
+    from extproc.envoy.names import json_to_metadata_rules, sse_to_metadata_rules
+
+    print("# json_to_metadata: the typed_config of the match_delegate's extension_config")
+    print(yaml.safe_dump(json_to_metadata_rules(), sort_keys=False, default_flow_style=None, width=120), end="")
+    print("---\n# sse_to_metadata: its typed_config")
+    print(yaml.safe_dump({"response_rules": sse_to_metadata_rules()}, sort_keys=False, default_flow_style=None, width=120), end="")
 
 
 async def _learned(config_path: str, forget: list[str]) -> int:

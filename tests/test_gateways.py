@@ -25,8 +25,8 @@ import jsonschema
 import pytest
 import yaml
 
+from extproc.envoy.names import H_BACKEND, H_ENDPOINT
 from extproc.local.stack import ENVOY_YAML, REPO, find_envoy
-from extproc.routing.gateway import H_BACKEND, H_ENDPOINT
 
 GATEWAYS = REPO / "deploy" / "gateways"
 # Where Envoy Gateway's CRD schemas may be kept: tests/data/crds, or shared/reference/crds beside the repo.

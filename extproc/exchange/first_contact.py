@@ -1,9 +1,10 @@
-"""First contact with a model of unknown API, from the upstream side: a rejection becomes a retry (sans-IO).
+"""First contact with a model of unknown API, both sides of it: a rejection becomes a retry (sans-IO).
 
-A request to a model whose API nobody has said (a backend declared `auto` or `both`) is sent on the
-client's API, marked `x-gateway-first-contact` (its value: the caller's tenant), and Envoy routes it
-to the `endpoints_first_contact` cluster, whose upstream filter is this processor again (gRPC metadata
-`x-extproc-role: first-contact`), once per attempt (`x-envoy-attempt-count`):
+A request to a model whose API nobody has said (a backend declared `auto` or `both`: `Need.LEARN`)
+is sent on the client's API, marked `x-gateway-first-contact` by the client-side exchange (`mark`,
+its value the caller's tenant), and Envoy routes it to the `endpoints_first_contact` cluster, whose
+upstream filter is this processor again (gRPC metadata `x-extproc-role: first-contact`), once per
+attempt (`x-envoy-attempt-count`):
 
 - `Probe` (attempt 1) passes the request on untouched and reads the answer only when it is a
   400/404/405/422. When the rejection says the model needs the other API (`rejection_needs`: never
@@ -13,30 +14,54 @@ to the `endpoints_first_contact` cluster, whose upstream filter is this processo
 - `Retry` (attempt 2) is an ordinary `Exchange` on the same request, which now resolves to the other
   API from the learned fact and is translated both ways, streaming or not. Its answer carries
   `x-gateway-retried-as: <api>`, so the client-side exchange reads it as an answer in the client's
-  API; when it fails too, its error names both upstream messages.
+  API (`retried_as`); when it fails too, its error names both upstream messages.
+
+The shell picks `FirstContact` for a stream of the upstream filter; its attempts keep their phases by
+the exchange's table (`phases`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from extproc.api import API_OF_PATH, PATHS
+from extproc.envoy.names import H_BACKEND, H_FIRST_CONTACT, H_RETRIED, H_RETRY, LEARNABLE_STATUSES
 from extproc.errors import GatewayError, upstream_error_payload
 from extproc.exchange.actions import BUFFERED, Action, Step, new_body
-from extproc.exchange.exchange import Exchange
-from extproc.exchange.plan import ModelFacts
-from extproc.routing.gateway import H_BACKEND, H_FIRST_CONTACT, H_RETRIED, H_RETRY, Gateway
+from extproc.exchange.phases import Lifecycle
+from extproc.exchange.plan import ModelFacts, Plan
+from extproc.routing.gateway import Gateway
 from extproc.routing.modes import rejection_needs
-from extproc.state.lookup import Lookup, Values, then
+from extproc.routing.needs import Need
+from extproc.state.lookup import Decision, Reads, awaited, start
+
+if TYPE_CHECKING:
+    from extproc.exchange.exchange import Exchange
 
 log = logging.getLogger("extproc")
 
-ROLE = "first-contact"  # gRPC metadata x-extproc-role of the upstream filter's streams
-_LEARNABLE = (400, 404, 405, 422)
 
+# -- the client-side exchange's part ----------------------------------------------------------------
+
+def mark(plan: Plan) -> list[tuple[str, str]]:
+    """The request header that sends a request to the first-contact cluster, where Envoy may retry it
+    on the other API: a model whose API is learned from its answer, sent to one instance."""
+    if Need.LEARN in plan.needs and plan.target.endpoint is not None:
+        return [(H_FIRST_CONTACT, plan.pinning.tenant)]
+    return []
+
+
+def retried_as(plan: Plan, headers: dict[str, str]) -> str | None:
+    """The API the upstream side retried a first contact on, and translated its answer from (it
+    recorded what it learned, and the turn)."""
+    return headers.get(H_RETRIED) if Need.LEARN in plan.needs else None
+
+
+# -- the upstream filter's attempts -----------------------------------------------------------------
 
 def first_attempt_key(request_id: str) -> str:
     """Envoy's request id, the same for both attempts (Envoy makes its own for outside clients)."""
@@ -59,26 +84,37 @@ class Probe:
         self.gw = gw
         self.headers = _client_path(gw, headers)
         self.tenant = headers.get(H_FIRST_CONTACT, "")
+        self.life = Lifecycle()
         self.status = 0
         self.model: str | None = None
 
-    def request_body(self, raw: bytes) -> Action:
+    def request_headers(self, end_of_stream: bool) -> Step:
+        self.life.enter("request_headers")
+        return self.life.move("request_headers", Action(remove_headers=(H_FIRST_CONTACT,)))
+
+    def request_body(self, raw: bytes) -> Step:
+        self.life.enter("request_body")
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             body = None
         model = body.get("model") if isinstance(body, dict) else None
         self.model = model if isinstance(model, str) else None
-        return Action()
+        return self.life.move("request_body", Action())
 
     def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Action:
+        self.life.enter("response_headers")
         status = headers.get(":status", "")
         self.status = int(status) if status.isdigit() else 0
-        if self.status in _LEARNABLE and self.model is not None:
-            return Action(response_body_mode=BUFFERED)
-        return Action(done=True)
+        if self.status in LEARNABLE_STATUSES and self.model is not None:
+            return self.life.move("response_headers", Action(response_body_mode=BUFFERED))
+        return self.life.move("response_headers", Action(done=True))
 
     def response_body(self, chunk: bytes, end_of_stream: bool) -> Action:
+        self.life.enter("response_body")
+        return self.life.move("response_body", self._retry_or_not(chunk))
+
+    def _retry_or_not(self, chunk: bytes) -> Action:
         client_api = API_OF_PATH.get(self.headers.get(":path", "").partition("?")[0])
         backend = self.headers.get(H_BACKEND, "")
         needs = rejection_needs(self.status, chunk, client_api) if client_api else None
@@ -97,63 +133,76 @@ class Probe:
 
 
 class Retry:
-    """Attempt 2: the request through an ordinary exchange (now translated), its failure explained."""
+    """Attempt 2: the request through an ordinary exchange (now translated) for the caller's tenant
+    recorded by attempt 1, its failure explained."""
 
     def __init__(self, gw: Gateway, headers: dict[str, str]):
-        self.ex = Exchange(gw)
+        self.gw = gw
         self.headers = _client_path(gw, headers)
         self.first: dict[str, Any] = {}
+        self.ex: Exchange | None = None  # made once attempt 1's record is read
 
     @property
     def model(self) -> str | None:
-        return self.ex.model
+        return self.ex.model if self.ex is not None else None
 
     def request_headers(self, end_of_stream: bool) -> Step:
-        key = first_attempt_key(self.headers.get("x-request-id", ""))
-        return Lookup((key,), lambda values: self._start(values, end_of_stream))
+        return start(self._start(end_of_stream))
 
-    def _start(self, values: Values, end_of_stream: bool) -> Step:
+    def _start(self, end_of_stream: bool) -> Decision[Action]:
+        values = yield Reads((first_attempt_key(self.headers.get("x-request-id", "")),))
         try:
             first = orjson.loads(values[0]) if values and values[0] else {}
         except orjson.JSONDecodeError:
             first = {}
         self.first = first if isinstance(first, dict) else {}
-        step = self.ex.request_headers(self.headers, end_of_stream)
-        if isinstance(self.first.get("tenant"), str):  # the caller's: the request carries the backend's key now
-            self.ex.req.pinning.tenant = self.first["tenant"]
-        return then(step, _in_upstream)
+        tenant = self.first.get("tenant")  # the caller's: the request carries the backend's key now
+        from extproc.exchange.exchange import Exchange  # here: the exchange imports this module's client side
+
+        self.ex = Exchange(self.gw, tenant if isinstance(tenant, str) else None)
+        act = yield from awaited(self.ex.request_headers(self.headers, end_of_stream))
+        return _in_upstream(act, remove=(*act.remove_headers, H_FIRST_CONTACT))  # never sent to the backend
 
     def request_body(self, raw: bytes) -> Step:
-        return then(self.ex.request_body(raw), _in_upstream)
+        assert self.ex is not None
+        return start(_in_upstream_after(self.ex.request_body(raw)))
 
     def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Action:
+        assert self.ex is not None
         act = self.ex.response_headers(headers, end_of_stream)
         if self.ex.translated:
             act.set_headers.append((H_RETRIED, self.ex.upstream_api or ""))
         return act
 
     def response_body(self, chunk: bytes, end_of_stream: bool) -> Action:
-        act = self.ex.response_body(chunk, end_of_stream)
-        if 200 <= self.ex.status < 300 or act.body is None or not end_of_stream:
+        ex = self.ex
+        assert ex is not None
+        act = ex.response_body(chunk, end_of_stream)
+        if 200 <= ex.status < 300 or act.body is None or not end_of_stream:
             return act
-        second = upstream_error_payload(self.ex.status, act.body)
+        second = upstream_error_payload(ex.status, act.body)
         tried = PATHS.get(self.first.get("api", ""), "the client's API")
-        message = (f"The model '{self.ex.model}' was tried on both APIs. {tried} answered "
+        message = (f"The model '{ex.model}' was tried on both APIs. {tried} answered "
                    f"{self.first.get('status', '?')}: {self.first.get('message') or 'rejected'}; "
-                   f"{PATHS.get(self.ex.upstream_api or '', 'the other API')} answered {self.ex.status}: "
+                   f"{PATHS.get(ex.upstream_api or '', 'the other API')} answered {ex.status}: "
                    f"{second.get('message')}")
         return new_body(orjson.dumps({"error": {**second, "message": message}}), writes=act.writes)
 
 
-def _in_upstream(act: Action) -> Action:
+def _in_upstream(act: Action, remove: tuple[str, ...] | None = None) -> Action:
     """The route is chosen already: re-matching it means nothing to an upstream filter."""
-    act.clear_route_cache = False
-    return act
+    return dataclasses.replace(act, clear_route_cache=False,
+                               remove_headers=act.remove_headers if remove is None else remove)
+
+
+def _in_upstream_after(step: Step) -> Decision[Action]:
+    return _in_upstream((yield from awaited(step)))
 
 
 class FirstContact:
     """One upstream-filter stream, an attempt of a first-contact request; the shell drives it like an
-    `Exchange` (no metrics or access-log metadata of its own: the client-side exchange reports it)."""
+    `Exchange` (no metrics or access-log metadata of its own: the client-side exchange reports it).
+    Each attempt keeps its phases by the exchange's table."""
 
     def __init__(self, gw: Gateway):
         self.gw = gw
@@ -161,24 +210,25 @@ class FirstContact:
         self.failure: GatewayError | None = None  # set by the shell when the sidecar answered with an error
 
     def request_headers(self, headers: dict[str, str], end_of_stream: bool) -> Step:
-        strip = Action(remove_headers=(H_FIRST_CONTACT,))
-        if int(headers.get("x-envoy-attempt-count", "1") or 1) <= 1:
-            self.attempt = Probe(self.gw, headers)
-            return strip
-        self.attempt = Retry(self.gw, headers)
-        return then(self.attempt.request_headers(end_of_stream), _without_marker)
+        if self.attempt is not None:
+            raise RuntimeError("Envoy sent request_headers twice")
+        first = int(headers.get("x-envoy-attempt-count", "1") or 1) <= 1
+        self.attempt = Probe(self.gw, headers) if first else Retry(self.gw, headers)
+        return self.attempt.request_headers(end_of_stream)
+
+    def _current(self, kind: str) -> Probe | Retry:
+        if self.attempt is None:
+            raise RuntimeError(f"Envoy sent {kind} before request_headers")
+        return self.attempt
 
     def request_body(self, raw: bytes) -> Step:
-        assert self.attempt is not None
-        return self.attempt.request_body(raw)
+        return self._current("request_body").request_body(raw)
 
     def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Action:
-        assert self.attempt is not None
-        return self.attempt.response_headers(headers, end_of_stream)
+        return self._current("response_headers").response_headers(headers, end_of_stream)
 
     def response_body(self, chunk: bytes, end_of_stream: bool) -> Action:
-        assert self.attempt is not None
-        return self.attempt.response_body(chunk, end_of_stream)
+        return self._current("response_body").response_body(chunk, end_of_stream)
 
     def metadata(self) -> None:
         return None
@@ -198,8 +248,3 @@ class FirstContact:
     @property
     def model(self) -> str | None:
         return self.attempt.model if self.attempt is not None else None
-
-
-def _without_marker(act: Action) -> Action:
-    act.remove_headers = (*act.remove_headers, H_FIRST_CONTACT)  # never sent to the backend
-    return act

@@ -9,6 +9,7 @@ from typing import Any
 from extproc.exchange.actions import Writes
 from extproc.routing.gateway import Gateway, Target
 from extproc.routing.modes import LOCAL_TTL, Learned, learned_key
+from extproc.routing.needs import Needs, watches
 from extproc.state.pinning import Pinning
 from extproc.translate.pairs import TranslatorPair
 
@@ -51,30 +52,30 @@ class Turn:
     ancestors: list[str]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Plan:
+    """Where the request goes and what its answer needs (`routing.needs`, with the data each need
+    uses): decided once, by the request side."""
+
     target: Target
     pinning: Pinning  # the request's state decisions, and its tenant
     client_api: str | None = None  # None: not an API path, passed on as it is
     model: str | None = None
     request: dict[str, Any] = field(default_factory=dict)
-    pair: TranslatorPair | None = None  # set: translated both ways
+    needs: Needs = frozenset()
+    pair: TranslatorPair | None = None  # Need.TRANSLATE: translated both ways
     stream: bool = False
-    # What the answer must be read for (all unset: the exchange ends with the request):
-    record_id: bool = False  # pin the reply's id to `target` (a stored Responses answer)
-    observe_usage: bool = False  # read usage from an untranslated answer
-    facts: ModelFacts | None = None  # the model's API is unknown: learn it from the answer
-    pinned_id: str | None = None  # routed by a pin: explain a lost instance
-    turn: Turn | None = None  # keep the translated answer as a turn
+    facts: ModelFacts | None = None  # Need.LEARN: the model's API is unknown, learned from the answer
+    turn: Turn | None = None  # Need.KEEP_TURN: the translated answer kept as a turn
+    pinned_id: str | None = None  # routed by a pin: a lost instance is explained
+
+    @property
+    def watches_answer(self) -> bool:
+        return watches(self.needs, self.pinned_id is not None)
 
     @property
     def upstream_api(self) -> str | None:
         return self.pair.upstream_api if self.pair is not None else self.client_api
-
-    @property
-    def watches_answer(self) -> bool:
-        return (self.pair is not None or self.record_id or self.observe_usage or self.facts is not None
-                or self.pinned_id is not None or bool(self.target.backend.api_key))  # errors may quote the key
 
     @property
     def dropped_tools(self) -> list[str]:

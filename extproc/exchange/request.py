@@ -1,110 +1,314 @@
-"""The request side: request headers and body resolved once into a `Plan` and Envoy's routing (sans-IO).
+"""The request side: request headers and body resolved once into an immutable `Plan` and Envoy's routing (sans-IO).
 
-Order of decisions: the path (an API path, a `/v1/responses/{id}` resource, `/v1/models`, or anything
-else, passed on), the body (media type, one strict parse, `model`), the model's backend and API
-(learned facts may need a store read), then state (`previous_response_id`, in `state.pinning`), and
-last the rewrite and routing headers for Envoy.
+Each path has one handler, picked from a table (`handler_for`): a POST of an API family (`ApiCall`
+for every path in `api.PATHS`, `ResponsesCall` for `/v1/responses`, and its `Compact` and
+`CountTokens` calls), a `/v1/responses/{id}` `Resource`, `ModelList`, and `PassOn` for anything
+else. A handler is straight-line code: where it needs the store it yields its reads (`Reads`, see
+`state.lookup`) and goes on with the values. Order of decisions for an API call: the body (media
+type, one strict parse, `model`), the model's backend and API (learned facts may need a store read),
+then state (`previous_response_id`, in `state.pinning`), and last the `Plan`, with the rewrite and
+routing headers for Envoy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from enum import StrEnum
-from typing import Any
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import orjson
 
 from extproc.api import API_OF_PATH, AUTO, BOTH, PATHS, RESPONSES
 from extproc.config import Backend
+from extproc.envoy.names import H_FIRST_CONTACT, MODE_HEADER, ROUTING_HEADERS
 from extproc.errors import GatewayError, invalid
-from extproc.exchange.actions import Action, Step, answer
+from extproc.exchange.actions import Action, answer
 from extproc.exchange.body import check_json_request, is_json, parse_body
+from extproc.exchange.first_contact import mark
 from extproc.exchange.paths import INPUT_TOKENS, check_request_line
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
-from extproc.routing.gateway import H_FIRST_CONTACT, ROUTING_HEADERS, Gateway, Target, placement_key
+from extproc.routing.classify import Resolution
+from extproc.routing.gateway import Gateway, Target, placement_key
 from extproc.routing.modes import Learned, learned_key
+from extproc.routing.needs import Call, Facts, Need, needs, passed_on
 from extproc.state import records as rec
-from extproc.state.lookup import Lookup, Values, then
-from extproc.state.pinning import Answered, Continuation, Forwarded, Pinning
+from extproc.state.lookup import Decision, Reads
+from extproc.state.pinning import Answered, Continuation, Pinning
 from extproc.translate import compact
-from extproc.translate.pairs import pair_for
+from extproc.translate.pairs import TranslatorPair, pair_for
 
 log = logging.getLogger("extproc")
 
-MODE_HEADER = "x-gateway-model-mode"  # per-request mode override, when discovery.allow_mode_header
+Handled = Action | Decision[Action]  # a handler's answer: at once, or after store reads
 
 
-class Call(StrEnum):
-    """Which POST of the Responses API a request is: only CREATE makes a turn the sidecar keeps."""
+def decided(step: Handled) -> Decision[Action]:
+    """`yield from decided(step)`: the handler's Action, once the reads it needs are answered."""
+    if isinstance(step, Generator):
+        return (yield from step)
+    return step
 
-    CREATE = "create"  # /v1/responses
-    COMPACT = "compact"  # /v1/responses/compact: summarised on chat-only backends
-    COUNT = "count"  # /v1/responses/input_tokens: only a Responses backend can count
+
+class PathHandler(Protocol):
+    """What the request side does with one kind of path."""
+
+    client_api: str | None  # the API family it is a call of; None: not an API call
+
+    def on_headers(self, side: RequestSide, end_of_stream: bool) -> Handled: ...
+    def on_body(self, side: RequestSide, raw: bytes) -> Handled: ...
+
+
+class PassOn:
+    """Any path that is not the sidecar's (embeddings, completions, files...): a JSON body goes to the
+    backend of its `model`, anything else, body-less requests too, to the default backend."""
+
+    client_api: str | None = None
+
+    def on_headers(self, side: RequestSide, end_of_stream: bool) -> Handled:
+        return side.pass_on() if end_of_stream else Action()  # else the body decides
+
+    def on_body(self, side: RequestSide, raw: bytes) -> Handled:
+        if not is_json(side.headers.get("content-type", "")):
+            return side.pass_on()
+        check_json_request(side.headers)
+        body = parse_body(raw)
+        model, _ = side.model_of(body)
+        target = side.target_for(side.resolve(model, None), body)
+        return side.route(Plan(target, side.pinning, model=model, request=body, needs=passed_on(target.backend)))
+
+
+class ModelList(PassOn):
+    """`GET /v1/models`: the sidecar's own list of the models it routes."""
+
+    def on_headers(self, side: RequestSide, end_of_stream: bool) -> Handled:
+        if not end_of_stream:
+            return Action()
+        return answer(200, orjson.dumps({"object": "list", "data": side.gw.model_list()}))
+
+
+class Resource(PassOn):
+    """`/v1/responses/{id}[/cancel|/input_items]`: answered from a held turn, else sent where the
+    response lives; decided at the headers (a body, if any, passes on)."""
+
+    def on_headers(self, side: RequestSide, end_of_stream: bool) -> Decision[Action]:
+        resource = rec.RESOURCE_RE.match(side.bare)
+        assert resource is not None
+        outcome = yield from side.pinning.resource(side.method, resource.group(1), resource.group(2) or "",
+                                                   side.query)
+        if isinstance(outcome, Answered):
+            return answer(outcome.status, outcome.body, outcome.writes)
+        return side.route(Plan(outcome.target, side.pinning, needs=passed_on(outcome.target.backend),
+                               pinned_id=outcome.pinned_id))
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """An API call resolved, before it is sent: what its plan is made of."""
+
+    body: dict[str, Any]
+    model: str
+    res: Resolution
+    learned: Learned | None
+    facts: Facts
+    pair: TranslatorPair | None
+
+    def plan(self, side: RequestSide, target: Target, pinned_id: str | None = None, turn: Turn | None = None) -> Plan:
+        """The plan of the call sent to `target`, with what it needs there (`routing.needs`; a pin may
+        name another backend than the model's)."""
+        res = self.res if target.backend.name == self.res.backend.name else \
+            dataclasses.replace(self.res, backend=target.backend)
+        n = needs(side.gw.config, res, self.facts, self.learned)
+        client_api = self.facts.client_api
+        learning = ModelFacts(side.gw, self.res.backend.name, self.model, client_api, self.learned) \
+            if Need.LEARN in n else None
+        return Plan(target, side.pinning, client_api=client_api, model=self.model, request=self.body, needs=n,
+                    pair=self.pair, stream=self.facts.stream, facts=learning,
+                    turn=turn if Need.KEEP_TURN in n else None, pinned_id=pinned_id)
+
+
+class ApiCall:
+    """A POST of one API family: routed by its model, translated both ways when the model's backend
+    speaks the other API. A family added to `api.PATHS` is one of these."""
+
+    call = Call.CREATE
+
+    def __init__(self, client_api: str):
+        self.client_api: str | None = client_api
+
+    def on_headers(self, side: RequestSide, end_of_stream: bool) -> Handled:
+        return Action()  # the body decides (`check_request_line` refused a call without one)
+
+    def check(self, body: dict[str, Any]) -> None:
+        """What this call requires of its body beyond the family's."""
+
+    def upstream_api(self, model: str, res: Resolution, client_api: str) -> str:
+        """The API the call goes out on."""
+        upstream_api = res.upstream_api(client_api)
+        if upstream_api is None:
+            path = PATHS[res.mode]
+            raise GatewayError(400, f"The model '{model}' is only available on {path}, and translation is turned "
+                                    f"off for it: call {path} instead", param="model", code="unsupported_api")
+        return upstream_api
+
+    def translator(self, side: RequestSide, body: dict[str, Any], model: str, res: Resolution,
+                   upstream_api: str) -> TranslatorPair | None:
+        assert self.client_api is not None
+        return pair_for(self.client_api, upstream_api, body, model, res.backend)
+
+    def on_body(self, side: RequestSide, raw: bytes) -> Decision[Action]:
+        client_api = self.client_api
+        assert client_api is not None
+        check_json_request(side.headers)
+        body = parse_body(raw)
+        self.check(body)
+        model, backend = side.model_of(body)
+        learned = yield from side.learned(backend, model)
+        res = side.resolve(model, learned)
+        pair = self.translator(side, body, model, res, self.upstream_api(model, res, client_api))
+        call = Resolved(body, model, res, learned, Facts.of(client_api, self.call, body, side.headers), pair)
+        return (yield from decided(self.send(side, call)))
+
+    def send(self, side: RequestSide, call: Resolved) -> Handled:
+        """The call on its way, translated if need be."""
+        plan = call.plan(side, side.target_for(call.res, call.body))
+        return side.route(plan, call.pair.request(call.body) if call.pair is not None else None)
+
+
+class ResponsesCall(ApiCall):
+    """`POST /v1/responses`: a turn that may continue a conversation (`previous_response_id`), and
+    whose stored answer the sidecar keeps: pinned to its instance, or held as a translated turn."""
+
+    def __init__(self) -> None:
+        super().__init__(RESPONSES)
+
+    def send(self, side: RequestSide, call: Resolved) -> Decision[Action]:
+        """A conversation the sidecar kept merged into the input, or the request sent where it lives."""
+        body, target = call.body, side.target_for(call.res, call.body)
+        prev = body.get("previous_response_id")
+        cont = Continuation(target)
+        if prev is not None:
+            if not isinstance(prev, str) or not prev:
+                raise invalid("previous_response_id", "expected a response id string")
+            cont = yield from side.pinning.continue_from(prev, call.model, call.res, target, call.pair is not None)
+        opened = compact.open_items(body.get("input"), side.gw.sealer, side.pinning.tenant, call.pair is not None)
+        if opened is not None:  # the sidecar's own compaction items: their summaries instead
+            body = {**body, "input": opened}
+        if (pair := call.pair) is not None:
+            items = rec.input_items(body.get("input"))
+            plan = call.plan(side, cont.target, cont.pinned_id, Turn(items, cont.ancestors))
+            new = pair.request({**body, "input": cont.prior + items} if cont.prior else body)
+            if pair.dropped_tools:
+                log.info("model=%s backend=%s: hosted tools dropped: %s", call.model, plan.target.backend.name,
+                         ",".join(pair.dropped_tools))
+            return side.route(plan, new)
+        # A Responses backend keeps its own state: the plan pins the reply's id to the instance that
+        # made it (Need.RECORD_ID; endpoint backends and clusters alike: GET /v1/responses/{id} must find it).
+        plan = call.plan(side, cont.target, cont.pinned_id)
+        if cont.prior:  # the conversation so far was kept by the sidecar: hand it over whole
+            new = {k: v for k, v in body.items() if k != "previous_response_id"}
+            new["input"] = cont.prior + rec.input_items(body.get("input"))
+            return side.route(plan, new)
+        return side.route(plan, body if opened is not None else None)
+
+
+class Compact(ResponsesCall):
+    """`POST /v1/responses/compact`: summarised by the sidecar on chat-only backends; not a turn."""
+
+    call = Call.COMPACT
+
+    def check(self, body: dict[str, Any]) -> None:
+        compact.check_request(body)
+
+    def translator(self, side: RequestSide, body: dict[str, Any], model: str, res: Resolution,
+                   upstream_api: str) -> TranslatorPair | None:
+        if super().translator(side, body, model, res, upstream_api) is None:
+            return None
+        return compact.CompactOnChat(res.backend, side.gw.sealer, side.pinning.tenant)
+
+
+class CountTokens(ResponsesCall):
+    """`POST /v1/responses/input_tokens`: only a Responses backend can count (what a count needs is
+    `routing.needs`': no turn, no usage, nothing learned)."""
+
+    call = Call.COUNT
+
+    def upstream_api(self, model: str, res: Resolution, client_api: str) -> str:
+        if res.upstream_api(client_api) != RESPONSES:
+            raise GatewayError(400, f"Counting input tokens ({INPUT_TOKENS}) needs a backend that speaks the "
+                                    f"Responses API; the model '{model}' is served on {PATHS[res.mode]} only",
+                               param="model", code="unsupported_api")
+        return RESPONSES
+
+
+# The paths with a handler of their own (checked before the `/v1/responses/{id}` pattern, which
+# `compact` and `input_tokens` also match); a family added to `api.PATHS` gets an `ApiCall`.
+_HANDLERS: dict[str, PathHandler] = {**{path: ApiCall(api) for path, api in API_OF_PATH.items()},
+                                     PATHS[RESPONSES]: ResponsesCall(), compact.PATH: Compact(),
+                                     INPUT_TOKENS: CountTokens(), "/v1/models": ModelList()}
+_RESOURCE, _PASS_ON = Resource(), PassOn()
+
+
+def handler_for(bare: str) -> PathHandler:
+    """The handler of a path (query string removed)."""
+    if bare in _HANDLERS:
+        return _HANDLERS[bare]
+    return _RESOURCE if rec.RESOURCE_RE.match(bare) else _PASS_ON
 
 
 class RequestSide:
-    def __init__(self, gw: Gateway):
+    def __init__(self, gw: Gateway, tenant: str | None = None):
         self.gw = gw
+        self.tenant = tenant  # given: the caller's, when the request carries another key (a first-contact retry)
         self.headers: dict[str, str] = {}
         self.method = ""
         self.path = ""
-        self.client_api: str | None = None
         self.model: str | None = None
         self.plan: Plan | None = None  # set once the request is routed
-        self.call = Call.CREATE
-        self.pinning = Pinning(gw, {})
+        self.handler: PathHandler = _PASS_ON
+        self.pinning = Pinning(gw, {}, tenant)
+
+    @property
+    def bare(self) -> str:
+        return self.path.partition("?")[0]
 
     @property
     def query(self) -> str:
         return self.path.partition("?")[2]
 
-    def on_headers(self, headers: dict[str, str], end_of_stream: bool) -> Step:
+    @property
+    def client_api(self) -> str | None:
+        return self.handler.client_api
+
+    def on_headers(self, headers: dict[str, str], end_of_stream: bool) -> Decision[Action]:
         self.headers = headers
         self.method = headers.get(":method", "")
         self.path = headers.get(":path", "")
         check_request_line(self.method, self.path, has_body=not end_of_stream)
-        self.pinning = Pinning(self.gw, headers)
-        bare = self.path.partition("?")[0]
-        self.client_api = API_OF_PATH.get(bare)
-        if bare in (compact.PATH, INPUT_TOKENS):  # not the resources of responses with ids "compact", "input_tokens"
-            self.client_api, self.call = RESPONSES, Call.COMPACT if bare == compact.PATH else Call.COUNT
-            return Action()
-        resource = rec.RESOURCE_RE.match(bare)
-        if resource is not None:
-            lookup = self.pinning.resource(self.method, resource.group(1), resource.group(2) or "", self.query)
-            return lookup.map(self._resource)
-        if not end_of_stream:
-            return Action()  # the buffered body comes next; decide there
-        if self.method == "GET" and bare == "/v1/models":
-            return answer(200, orjson.dumps({"object": "list", "data": self.gw.model_list()}))
-        return self._pass_on()  # a body-less request with nothing to route by: the default backend takes it
+        self.pinning = Pinning(self.gw, headers, self.tenant)
+        self.handler = handler_for(self.bare)
+        return (yield from decided(self.handler.on_headers(self, end_of_stream)))
 
-    def _resource(self, outcome: Answered | Forwarded) -> Action:
-        if isinstance(outcome, Answered):
-            return answer(outcome.status, outcome.body, outcome.writes)
-        return self._route(self._plan(outcome.target, pinned_id=outcome.pinned_id))
-
-    def _plan(self, target: Target, **kw: Any) -> Plan:
-        return Plan(target=target, pinning=self.pinning, client_api=self.client_api,
-                    model=self.model, **kw)
-
-    def _pass_on(self) -> Action:
-        b = self.gw.default_backend
-        return self._route(self._plan(self.gw.target(b, placement_key({}, self.headers))))
-
-    def on_body(self, raw: bytes) -> Step:
+    def on_body(self, raw: bytes) -> Decision[Action]:
         if self.plan is not None:  # already routed from its headers (POST /v1/responses/{id}/cancel)
             return Action()
         limit = self.gw.config.limits.max_body_bytes
         if len(raw) > limit:
             raise GatewayError(413, f"request body of {len(raw)} bytes exceeds the gateway limit of {limit} bytes",
                                code="request_too_large")
-        if self.client_api is None and not is_json(self.headers.get("content-type", "")):
-            return self._pass_on()
-        check_json_request(self.headers)
-        body = parse_body(raw)
-        if self.call is Call.COMPACT:
-            compact.check_request(body)
+        return (yield from decided(self.handler.on_body(self, raw)))
+
+    # -- what the handlers share ------------------------------------------------------------------
+
+    def pass_on(self) -> Action:
+        """To the default backend: a request with nothing to route by."""
+        b = self.gw.default_backend
+        target = self.gw.target(b, placement_key({}, self.headers))
+        return self.route(Plan(target, self.pinning, needs=passed_on(b)))
+
+    def model_of(self, body: dict[str, Any]) -> tuple[str, Backend]:
+        """The body's `model`, and the backend that serves it."""
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "'model' is required and must be a non-empty string", param="model",
@@ -114,84 +318,32 @@ class RequestSide:
         if backend is None:
             raise GatewayError(404, f"The model '{model}' does not exist or no backend serves it",
                                param="model", code="model_not_found")
-        learned = None
-        if backend.api in (AUTO, BOTH) and self.client_api is not None:
-            learned = self.gw.knowledge.learned(backend.name, model, self.gw.clock())
-            if learned is None:  # not known here lately: what have the other replicas learned?
-                return Lookup((learned_key(backend.name, model),),
-                              lambda values: self._resolve(body, backend, self._shared_learned(backend, values)))
-        return self._resolve(body, backend, learned)
+        return model, backend
 
-    def _shared_learned(self, backend: Backend, values: Values) -> Learned:
-        assert self.model is not None
-        learned = Learned.loads(values[0] if values else None)
-        if values is not None:  # a store outage is not remembered as "nothing learned"
-            remember(self.gw, backend.name, self.model, learned)
+    def learned(self, backend: Backend, model: str) -> Decision[Learned | None]:
+        """What is known of the API of a model whose backend did not declare it: this replica's copy,
+        else what the other replicas learned (a store outage is not remembered as "nothing learned")."""
+        if backend.api not in (AUTO, BOTH):
+            return None
+        learned = self.gw.knowledge.learned(backend.name, model, self.gw.clock())
+        if learned is None:
+            values = yield Reads((learned_key(backend.name, model),))
+            learned = Learned.loads(values[0] if values else None)
+            if values is not None:
+                remember(self.gw, backend.name, model, learned)
         return learned
 
-    def _resolve(self, body: dict[str, Any], backend: Backend, learned: Learned | None) -> Step:
-        model = self.model or ""
+    def resolve(self, model: str, learned: Learned | None) -> Resolution:
         override = self.headers.get(MODE_HEADER) if self.gw.config.discovery.allow_mode_header else None
         res = self.gw.classifier.resolve(model, override=override, learned=learned)
         assert res is not None
-        target = self.gw.target(res.backend, placement_key(body, self.headers))
-        if self.client_api is None:  # another OpenAI path (embeddings, ...): to the backend of its model
-            return self._route(self._plan(target, request=body))
-        upstream_api = res.upstream_api(self.client_api)
-        if self.call is Call.COUNT and upstream_api != RESPONSES:
-            raise GatewayError(400, f"Counting input tokens ({INPUT_TOKENS}) needs a backend that speaks the "
-                                    f"Responses API; the model '{model}' is served on {PATHS[res.mode]} only",
-                               param="model", code="unsupported_api")
-        if upstream_api is None:
-            path = PATHS[res.mode]
-            raise GatewayError(400, f"The model '{model}' is only available on {path}, and translation is turned "
-                                    f"off for it: call {path} instead", param="model", code="unsupported_api")
-        # A count teaches nothing about the model's API (a backend may serve Responses but not counting).
-        learning = res.learning and self.client_api not in (learned.ok if learned else ()) and self.call is not Call.COUNT
-        pair = pair_for(self.client_api, upstream_api, body, model, res.backend)
-        if self.call is Call.COMPACT and pair is not None:
-            pair = compact.CompactOnChat(res.backend, self.gw.sealer, self.pinning.tenant)
-        plan = self._plan(target, request=body, stream=body.get("stream", False) is True, pair=pair,
-                          facts=ModelFacts(self.gw, backend.name, model, self.client_api, learned) if learning else None)
-        plan.observe_usage = plan.pair is None and self.gw.config.usage_accounting == "all" and self.call is not Call.COUNT
-        if self.client_api != RESPONSES:
-            return self._route(plan, plan.pair.request(body) if plan.pair is not None else None)
-        prev = body.get("previous_response_id")
-        if prev is None:
-            return self._forward(plan, Continuation(target))
-        if not isinstance(prev, str) or not prev:
-            raise invalid("previous_response_id", "expected a response id string")
-        return then(self.pinning.continue_from(prev, model, res, target, plan.pair is not None),
-                    lambda cont: self._forward(plan, cont))
+        return res
 
-    def _forward(self, plan: Plan, cont: Continuation) -> Action:
-        """A Responses request sent on, a conversation the sidecar kept merged into its input."""
-        body = plan.request
-        plan.target, plan.pinned_id = cont.target, cont.pinned_id
-        keep = body.get("store") is not False and self.call is Call.CREATE
-        opened = compact.open_items(body.get("input"), self.gw.sealer, self.pinning.tenant, plan.pair is not None)
-        if opened is not None:  # the sidecar's own compaction items: their summaries instead
-            body = {**body, "input": opened}
-        if plan.pair is not None:
-            items = rec.input_items(body.get("input"))
-            if keep:
-                plan.turn = Turn(items, cont.ancestors)
-            merged = {**body, "input": cont.prior + items} if cont.prior else body
-            new = plan.pair.request(merged)
-            if plan.pair.dropped_tools:
-                log.info("model=%s backend=%s: hosted tools dropped: %s", self.model, plan.target.backend.name,
-                         ",".join(plan.pair.dropped_tools))
-            return self._route(plan, new)
-        # A Responses backend keeps its own state: pin the reply's id to the instance that made it.
-        plan.record_id = keep  # endpoint backends and clusters alike: GET /v1/responses/{id} must find it
-        if cont.prior:  # the conversation so far was kept by the sidecar: hand it over whole
-            new = {k: v for k, v in body.items() if k != "previous_response_id"}
-            new["input"] = cont.prior + rec.input_items(body.get("input"))
-            return self._route(plan, new)
-        return self._route(plan, body if opened is not None else None)
+    def target_for(self, res: Resolution, body: dict[str, Any]) -> Target:
+        return self.gw.target(res.backend, placement_key(body, self.headers))
 
-    def _route(self, plan: Plan, body: dict[str, Any] | None = None) -> Action:
-        """Envoy's routing for the plan: routing headers, the rewritten path and body."""
+    def route(self, plan: Plan, body: dict[str, Any] | None = None) -> Action:
+        """The request's plan, final; Envoy's routing for it: routing headers, the rewritten path and body."""
         self.plan = plan
         target = plan.target
         if (unserved := target.backend.unserved()) is not None:  # a missing key or no instances yet
@@ -200,8 +352,7 @@ class RequestSide:
         if plan.pair is not None:
             path = PATHS[plan.pair.upstream_api] + ("?" + self.query if "?" in self.path else "")
         headers = target.headers()
-        if plan.facts is not None and target.endpoint is not None:  # Envoy retries it on the other API if need be
-            headers.append((H_FIRST_CONTACT, self.pinning.tenant))
+        headers += mark(plan)
         if target.backend.path_prefix:
             path = target.backend.path_prefix + path
         if path != self.path:
@@ -214,4 +365,3 @@ class RequestSide:
             headers.append(("accept-encoding", "identity"))  # translated answers must arrive readable
         return Action(set_headers=headers, remove_headers=remove, body=raw, clear_route_cache=True,
                       done=not plan.watches_answer)
-

@@ -1,17 +1,18 @@
 """The response side: one handler per kind of answer, chosen once at response headers (sans-IO).
 
-`choose` reads the request's plan and the status, and returns the handler that owns the rest of the
-exchange, or None when nothing more is needed (Envoy passes the answer on untouched):
+`kind_of` reads what the request's plan needs (`routing.needs.Need`) and the answer's status and headers,
+and names the one `AnswerKind` of the answer; `choose` returns that kind's handler, which owns the
+rest of the exchange (the first rule that applies, in this order):
 
-| handler          | when                                                  | Envoy sends the body |
-|------------------|-------------------------------------------------------|----------------------|
-| TranslateBuffered| a translated answer that is not an SSE stream         | BUFFERED             |
-| TranslateStream  | a translated 2xx SSE stream                           | STREAMED             |
-| ReplayAsStream   | a translated 2xx JSON answer to a streamed request    | BUFFERED             |
-| ExplainLostPin   | a request routed by a pin got Envoy's 503             | BUFFERED             |
-| LearnRejection   | a model of unknown API got a 400/404/405/422          | BUFFERED             |
-| ScrubKey         | an untranslated error from a backend given our key    | BUFFERED             |
-| Observe          | an untranslated 2xx whose id or usage must be read    | STREAMED             |
+| kind / handler     | when                                                       | Envoy sends the body |
+|--------------------|------------------------------------------------------------|----------------------|
+| TranslateStream    | a translated 2xx SSE stream                                | STREAMED             |
+| ReplayAsStream     | a translated 2xx JSON answer to a streamed request         | BUFFERED             |
+| TranslateBuffered  | any other translated answer                                | BUFFERED             |
+| ExplainLostPin     | a request routed by a pin got Envoy's 503                  | BUFFERED             |
+| LearnRejection     | a model of unknown API got a 400/404/405/422               | BUFFERED             |
+| ScrubKey           | an untranslated error from a backend given our key         | BUFFERED             |
+| Observe            | anything else: learned as answered, its id or usage read   | STREAMED, or none    |
 
 Upstream bytes are untrusted: whatever a translator cannot use becomes a 502 `bad_upstream_response`
 in the client's shape, or mid-stream the client's terminal error events. A translated answer whose
@@ -23,26 +24,29 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 import orjson
 
 from extproc.api import PATHS
+from extproc.envoy.names import LEARNABLE_STATUSES
 from extproc.errors import GatewayError, bad_upstream, upstream_error_payload, usable_status
 from extproc.exchange.actions import BUFFERED, STREAMED, Action, Writes, new_body
+from extproc.exchange.first_contact import retried_as
 from extproc.exchange.plan import Plan
 from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
-from extproc.routing.gateway import H_RETRIED
 from extproc.routing.modes import rejection_needs
+from extproc.routing.needs import USAGE, Need
 from extproc.state.pinning import IdRecorder
-from extproc.translate.pairs import Answer, StreamTranslator, TranslatorPair
+from extproc.translate.pairs import Answer, StreamTranslator
 
 log = logging.getLogger("extproc")
 
 # What Envoy's reply says when it could not reach the upstream instance at all.
 _UNREACHABLE = (b"upstream connect error", b"no healthy upstream", b"upstream_reset_before_response_started",
                 b"delayed_connect_error")
-_LEARNABLE = (400, 404, 405, 422)
 _SSE = ("content-type", "text/event-stream; charset=utf-8")
 
 
@@ -95,6 +99,26 @@ def decoder_for(encoding: str) -> Decoder:
 
 # -- the handlers ----------------------------------------------------------------------------------
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The answer's status and headers, as the handlers read them."""
+
+    status: int
+    headers: dict[str, str]
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def sse(self) -> bool:
+        return self.headers.get("content-type", "").lower().startswith("text/event-stream")
+
+    @property
+    def encoding(self) -> str:
+        return self.headers.get("content-encoding", "identity")
+
+
 class Outcome:
     """What the answer taught the exchange, read by the shell for metrics and logs."""
 
@@ -109,12 +133,19 @@ class Outcome:
         self.usage = usage
 
 
-class TranslateBuffered:
-    def __init__(self, plan: Plan, pair: TranslatorPair, status: int, decoder: Decoder, remove: tuple[str, ...],
-                 outcome: Outcome):
-        self.plan, self.pair, self.status, self.decoder, self.remove = plan, pair, status, decoder, remove
-        self.outcome = outcome
+class Translated:
+    """A handler of a translated answer: its pair, and how its body is decoded."""
 
+    def __init__(self, plan: Plan, reply: Reply, outcome: Outcome):
+        assert plan.pair is not None
+        self.plan, self.pair, self.status, self.outcome = plan, plan.pair, reply.status, outcome
+        self.decoder = decoder_for(reply.encoding)
+        self.remove: tuple[str, ...] = ("content-length",)
+        if not isinstance(self.decoder, Identity):
+            self.remove += ("content-encoding",)
+
+
+class TranslateBuffered(Translated):
     def headers_action(self) -> Action:
         return Action(set_headers=[("content-type", "application/json"), *self.plan.notes()],
                       remove_headers=self.remove, response_body_mode=BUFFERED)
@@ -149,10 +180,9 @@ class ReplayAsStream(TranslateBuffered):
     the stream translator fed the upstream's answer as the stream that would have carried it. An
     answer it cannot use ends that stream the way a broken stream ends."""
 
-    def __init__(self, plan: Plan, pair: TranslatorPair, status: int, decoder: Decoder, remove: tuple[str, ...],
-                 outcome: Outcome):
-        super().__init__(plan, pair, status, decoder, remove, outcome)
-        self.translator = pair.stream()
+    def __init__(self, plan: Plan, reply: Reply, outcome: Outcome):
+        super().__init__(plan, reply, outcome)
+        self.translator = self.pair.stream()
 
     def headers_action(self) -> Action:
         return Action(set_headers=[_SSE, *self.plan.notes()], remove_headers=self.remove, response_body_mode=BUFFERED)
@@ -166,11 +196,10 @@ class ReplayAsStream(TranslateBuffered):
         return new_body(out, writes=_ended(self.plan, self.translator, self.outcome))
 
 
-class TranslateStream:
-    def __init__(self, plan: Plan, translator: StreamTranslator, decoder: Decoder, remove: tuple[str, ...],
-                 outcome: Outcome):
-        self.plan, self.translator, self.decoder, self.remove = plan, translator, decoder, remove
-        self.outcome = outcome
+class TranslateStream(Translated):
+    def __init__(self, plan: Plan, reply: Reply, outcome: Outcome):
+        super().__init__(plan, reply, outcome)
+        self.translator: StreamTranslator = self.pair.stream()
 
     def headers_action(self) -> Action:
         return Action(set_headers=[_SSE, *self.plan.notes()], remove_headers=self.remove, response_body_mode=STREAMED)
@@ -200,7 +229,10 @@ def _ended(plan: Plan, translator: StreamTranslator, outcome: Outcome) -> Writes
 
 
 class Buffered:
-    """A handler that reads the whole answer and changes nothing at its headers."""
+    """A handler of an untranslated answer that reads it whole and changes nothing at its headers."""
+
+    def __init__(self, plan: Plan, reply: Reply, outcome: Outcome):
+        self.plan, self.status, self.encoding, self.outcome = plan, reply.status, reply.encoding, outcome
 
     def headers_action(self) -> Action:
         return Action(response_body_mode=BUFFERED)
@@ -208,9 +240,6 @@ class Buffered:
 
 class ExplainLostPin(Buffered):
     """Envoy's own 503 for a pinned request means the instance holding the response is gone."""
-
-    def __init__(self, plan: Plan):
-        self.plan = plan
 
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
         if not any(sign in chunk for sign in _UNREACHABLE):
@@ -221,11 +250,28 @@ class ExplainLostPin(Buffered):
                                           "answering; retry later", code="pinned_backend_unavailable").body())
 
 
-class LearnRejection(Buffered):
-    """The upstream may say the model needs the other API: remember it, and say a retry will work."""
+class ScrubKey(Buffered):
+    """An untranslated error from a backend that got the sidecar's own key: read (decoded, when the
+    upstream compressed it for a client that accepts that), and the key removed. One in an encoding
+    the sidecar cannot read is withheld: it may quote the key."""
 
-    def __init__(self, plan: Plan, status: int, encoding: str, outcome: Outcome):
-        self.plan, self.status, self.encoding, self.outcome = plan, status, encoding, outcome
+    def body(self, chunk: bytes, end_of_stream: bool) -> Action:
+        return self.scrubbed(_plain(chunk, self.encoding))
+
+    def scrubbed(self, plain: bytes | None) -> Action:
+        """The action for the decoded body (None: it could not be decoded)."""
+        if plain is None:
+            withheld = GatewayError(self.status, f"the upstream's error, in content-encoding {self.encoding!r}, "
+                                                 "is withheld: the gateway cannot read it to remove its own key",
+                                    code="upstream_error_withheld")
+            return new_body(withheld.body(), remove_headers=("content-encoding",))
+        clean = scrub(plain, self.plan)
+        return new_body(clean, remove_headers=("content-encoding",)) if clean != plain else Action(done=True)
+
+
+class LearnRejection(ScrubKey):
+    """The upstream may say the model needs the other API: remember it, and say a retry will work.
+    Any other rejection goes to the client as it is, without the key."""
 
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
         plan = self.plan
@@ -234,8 +280,7 @@ class LearnRejection(Buffered):
         plain = _plain(chunk, self.encoding)  # a rejection compressed for the client is read as well
         needs = rejection_needs(self.status, plain or b"", plan.client_api)
         if needs is None:
-            # any other error goes to the client as it is, without the key
-            return ScrubKey(plan, self.status, self.encoding).scrubbed(plain)
+            return self.scrubbed(plain)
         log.info("model=%s backend=%s: learned that it needs the %s API", plan.model, plan.target.backend.name, needs)
         writes = facts.needs(needs)
         self.outcome.learned_fact = "needs_" + needs
@@ -264,37 +309,28 @@ def scrub(body: bytes, plan: Plan) -> bytes:
     return body.replace(key.encode(), b"[redacted]") if key else body
 
 
-class ScrubKey(Buffered):
-    """An untranslated error from a backend that got the sidecar's own key: read (decoded, when the
-    upstream compressed it for a client that accepts that), and the key removed. One in an encoding
-    the sidecar cannot read is withheld: it may quote the key."""
-
-    def __init__(self, plan: Plan, status: int, encoding: str):
-        self.plan, self.status, self.encoding = plan, status, encoding
-
-    def body(self, chunk: bytes, end_of_stream: bool) -> Action:
-        return self.scrubbed(_plain(chunk, self.encoding))
-
-    def scrubbed(self, plain: bytes | None) -> Action:
-        """The action for the decoded body (None: it could not be decoded)."""
-        if plain is None:
-            withheld = GatewayError(self.status, f"the upstream's error, in content-encoding {self.encoding!r}, "
-                                                 "is withheld: the gateway cannot read it to remove its own key",
-                                    code="upstream_error_withheld")
-            return new_body(withheld.body(), remove_headers=("content-encoding",))
-        clean = scrub(plain, self.plan)
-        return new_body(clean, remove_headers=("content-encoding",)) if clean != plain else Action(done=True)
-
-
 class Observe:
-    """An answer in the client's own API, passed on untouched while its id and usage are read."""
+    """An answer in the client's own API, passed on untouched: what it teaches of the model's API
+    recorded, its id pinned and its usage read as the plan needs (or nothing more to do)."""
 
-    def __init__(self, plan: Plan, recorder: IdRecorder | None, scanner: UsageScanner | None, writes: Writes,
-                 outcome: Outcome):
-        self.plan, self.recorder, self.scanner, self.writes, self.outcome = plan, recorder, scanner, writes, outcome
+    def __init__(self, plan: Plan, reply: Reply, outcome: Outcome):
+        self.plan, self.outcome = plan, outcome
+        self.writes: Writes = []
+        retried = retried_as(plan, reply.headers)
+        if retried is not None:  # the upstream side learned it, and translated and recorded the answer
+            outcome.learned_fact = "needs_" + retried
+        elif Need.LEARN in plan.needs and reply.ok:
+            assert plan.facts is not None
+            self.writes = plan.facts.answered()
+            outcome.learned_fact = "answers_" + (plan.client_api or "")
+        self.recorder = IdRecorder(plan.pinning.tenant, plan.target, reply.sse) \
+            if Need.RECORD_ID in plan.needs and reply.status == 200 and retried is None else None
+        self.scanner = UsageScanner(sse=reply.sse) if plan.needs & USAGE and reply.ok else None
 
     def headers_action(self) -> Action:
-        return Action(response_body_mode=STREAMED, writes=self.writes, write_ttl=self.plan.learned_ttl(self.writes))
+        reads = self.recorder is not None or self.scanner is not None
+        return Action(response_body_mode=STREAMED if reads else None, writes=self.writes,
+                      write_ttl=self.plan.learned_ttl(self.writes), done=not reads)
 
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
         writes: Writes = []
@@ -310,44 +346,48 @@ class Observe:
         return Action(writes=writes, done=end_of_stream or (scanner is None and not reading_id))
 
 
-def choose(plan: Plan, status: int, headers: dict[str, str], outcome: Outcome) -> ResponseHandler | Action:
-    """The handler for this answer, or the final Action when the answer needs nothing more."""
-    if plan.pair is not None:
+class AnswerKind(StrEnum):
+    """What the rest of an answer is, decided once at its headers (`kind_of`): each has one handler."""
+
+    TRANSLATE_BUFFERED = "translate_buffered"
+    TRANSLATE_STREAM = "translate_stream"
+    REPLAY_AS_STREAM = "replay_as_stream"
+    EXPLAIN_LOST_PIN = "explain_lost_pin"
+    LEARN_REJECTION = "learn_rejection"
+    SCRUB_KEY = "scrub_key"
+    OBSERVE = "observe"
+
+
+_HANDLERS: dict[AnswerKind, Callable[[Plan, Reply, Outcome], ResponseHandler]] = {
+    AnswerKind.TRANSLATE_BUFFERED: TranslateBuffered, AnswerKind.TRANSLATE_STREAM: TranslateStream,
+    AnswerKind.REPLAY_AS_STREAM: ReplayAsStream, AnswerKind.EXPLAIN_LOST_PIN: ExplainLostPin,
+    AnswerKind.LEARN_REJECTION: LearnRejection, AnswerKind.SCRUB_KEY: ScrubKey, AnswerKind.OBSERVE: Observe,
+}
+
+
+def kind_of(plan: Plan, reply: Reply) -> AnswerKind:
+    """The answer's kind, from what the plan needs and the answer's status and headers."""
+    status = reply.status
+    if Need.TRANSLATE in plan.needs:
         if not usable_status(status):
             raise bad_upstream(f"status {status}")
-        decoder = decoder_for(headers.get("content-encoding", "identity"))
-        remove: tuple[str, ...] = ("content-length",)
-        if not isinstance(decoder, Identity):
-            remove += ("content-encoding",)
-        sse = headers.get("content-type", "").lower().startswith("text/event-stream")
-        if plan.stream and 200 <= status < 300 and not isinstance(decoder, Undecodable):
-            if sse:
-                return TranslateStream(plan, plan.pair.stream(), decoder, remove, outcome)
-            return ReplayAsStream(plan, plan.pair, status, decoder, remove, outcome)
-        return TranslateBuffered(plan, plan.pair, status, decoder, remove, outcome)
-    if plan.pinned_id and status == 503:
-        return ExplainLostPin(plan)
-    ok = 200 <= status < 300
-    if plan.facts is not None and H_RETRIED in headers:  # first contact, retried on the other API and translated
-        outcome.learned_fact = "needs_" + headers[H_RETRIED]
-        scanner = UsageScanner(sse=headers.get("content-type", "").startswith("text/event-stream")) \
-            if ok and plan.observe_usage else None
-        return Observe(plan, None, scanner, [], outcome) if scanner is not None else Action(done=True)
-    encoding = headers.get("content-encoding", "identity")
-    if plan.facts is not None and status in _LEARNABLE:
-        return LearnRejection(plan, status, encoding, outcome)
-    if status >= 400 and plan.target.backend.api_key:
-        return ScrubKey(plan, status, encoding)
-    writes: Writes = []
-    if plan.facts is not None and ok:
-        writes = plan.facts.answered()
-        outcome.learned_fact = "answers_" + (plan.client_api or "")
-    recorder = IdRecorder(plan.pinning.tenant, plan.target) if plan.record_id and status == 200 else None
-    scanner = UsageScanner(sse=headers.get("content-type", "").startswith("text/event-stream")) \
-        if ok and plan.observe_usage else None
-    if recorder is not None or scanner is not None:
-        return Observe(plan, recorder, scanner, writes, outcome)
-    return Action(writes=writes, write_ttl=plan.learned_ttl(writes), done=True)
+        if plan.stream and reply.ok and not isinstance(decoder_for(reply.encoding), Undecodable):
+            return AnswerKind.TRANSLATE_STREAM if reply.sse else AnswerKind.REPLAY_AS_STREAM
+        return AnswerKind.TRANSLATE_BUFFERED
+    if plan.pinned_id is not None and status == 503:
+        return AnswerKind.EXPLAIN_LOST_PIN
+    if retried_as(plan, reply.headers) is None:
+        if Need.LEARN in plan.needs and status in LEARNABLE_STATUSES:
+            return AnswerKind.LEARN_REJECTION
+        if Need.INJECT_KEY in plan.needs and status >= 400:
+            return AnswerKind.SCRUB_KEY
+    return AnswerKind.OBSERVE
+
+
+def choose(plan: Plan, status: int, headers: dict[str, str], outcome: Outcome) -> ResponseHandler:
+    """The handler that owns the rest of the answer."""
+    reply = Reply(status, headers)
+    return _HANDLERS[kind_of(plan, reply)](plan, reply, outcome)
 
 
 def _why(e: Exception) -> str:

@@ -16,14 +16,15 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from extproc.envoy.names import NAMESPACE, Key
 from extproc.envoy.xds import LongStreams
 from extproc.ops.metrics import Metrics
 from extproc.ops.record import OPERATION, status_outcome
-from extproc.routing.compile import FAST, NAMESPACE
+from extproc.routing.compile import FAST
 
 log = logging.getLogger("extproc")
-TOKEN_KINDS = (("input", "input_tokens"), ("output", "output_tokens"), ("cached", "cached_tokens"),
-               ("reasoning", "reasoning_tokens"))
+TOKEN_KINDS = (("input", Key.INPUT_TOKENS), ("output", Key.OUTPUT_TOKENS), ("cached", Key.CACHED_TOKENS),
+               ("reasoning", Key.REASONING_TOKENS))
 
 
 def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: Callable[[str | None], str]) -> None:
@@ -34,7 +35,7 @@ def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: 
     if kind != FAST or not backend:
         return
     fields = common.metadata.filter_metadata[NAMESPACE].fields if NAMESPACE in common.metadata.filter_metadata else {}
-    model = label_for(fields["model"].string_value if "model" in fields else None)
+    model = label_for(fields[Key.MODEL].string_value if Key.MODEL in fields else None)
     status = entry.response.response_code.value
     metrics.requests.inc(client_api, client_api, backend, model, status_outcome(status))
     for kind_label, key in TOKEN_KINDS:
@@ -44,7 +45,7 @@ def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: 
     labels = (OPERATION, backend, model)
     took = common.time_to_last_downstream_tx_byte
     metrics.request_duration.observe(took.seconds + took.nanos / 1e9, *labels, "" if 200 <= status < 300 else str(status))
-    for kind_label, key in (("input", "input_tokens"), ("output", "output_tokens")):
+    for kind_label, key in TOKEN_KINDS[:2]:
         if key in fields:
             metrics.token_usage.observe(int(fields[key].number_value), *labels, kind_label)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from extproc.envoy.names import Key
 from extproc.translate.sse import SSEDecoder
 
 BYTES_PER_TOKEN = 4
@@ -30,9 +31,10 @@ class Usage:
     estimated: bool = False
 
     def as_metadata(self) -> dict[str, Any]:
-        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "cached_tokens": self.cached_tokens, "reasoning_tokens": self.reasoning_tokens,
-                "usage_estimated": self.estimated}
+        """As the dynamic metadata Envoy's access log prints (keys as json_to_metadata writes them)."""
+        return {Key.INPUT_TOKENS: self.input_tokens, Key.OUTPUT_TOKENS: self.output_tokens,
+                Key.CACHED_TOKENS: self.cached_tokens, Key.REASONING_TOKENS: self.reasoning_tokens,
+                Key.USAGE_ESTIMATED: self.estimated}
 
 
 def _int(v: Any) -> int:

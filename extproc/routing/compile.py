@@ -1,10 +1,11 @@
 """The sidecar's decisions compiled into Envoy routes and clusters: the fast path (sans-IO, pure).
 
-Envoy's `json_to_metadata` filter puts the body's `model` (and the few fields that say whether a
-request involves state) into dynamic metadata, namespace `llm_gateway`; the routes compiled here match
-on it. A request whose client API is the model's API, and that creates or reads no state, goes
-straight to its backend with the processor disabled for that route (`ExtProcPerRoute.disabled`).
-Everything else falls through to the routes the processor needs, exactly as before.
+Envoy's `json_to_metadata` filter puts the body's `model` (and the few fields that say what else the
+request needs) into dynamic metadata (`envoy.names`); the routes compiled here match on it. A request
+whose needs (`routing.needs`) Envoy alone can meet goes straight to its backend with the processor
+disabled for that route (`ExtProcPerRoute.disabled`): for each model and client API, `needs.survey`
+says under which combinations of the facts Envoy sees, and those become the route's conditions.
+Everything else falls through to the routes the processor needs.
 
 The route list is ordered so that Envoy's first match gives the same answer as `Classifier.resolve`:
 first every model name known exactly (config, `/v1/models`, learned), each routed by `resolve`
@@ -16,7 +17,7 @@ decision does not depend on the finer ones. Names no route matches keep the proc
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -30,19 +31,26 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from extproc.api import AUTO, BOTH, CHAT, PATHS, RESPONSES
 from extproc.config import Backend, Config
+from extproc.envoy.names import (
+    H_CLUSTER,
+    H_ENDPOINT,
+    H_FIRST_CONTACT,
+    H_RETRY,
+    MODE_HEADER,
+    NAMESPACE,
+    SESSION_HEADERS,
+    Key,
+)
 from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.classify import Classifier, Resolution, combine, is_glob
-from extproc.routing.gateway import H_CLUSTER, H_ENDPOINT, H_FIRST_CONTACT, H_RETRY
 from extproc.routing.modes import Knowledge, Learned
+from extproc.routing.needs import Condition, envoy_can, explain, ordered, survey
 
-NAMESPACE = "llm_gateway"  # dynamic metadata Envoy's json_to_metadata writes (deploy/envoy.yaml)
 ROUTE_CONFIG = "llm"  # the route configuration deploy/envoy.yaml asks for over RDS
 FAST = "fast"  # route names "fast:<api>:<backend>": the access-log service counts these
 ENDPOINTS_CLUSTER = "endpoints"  # ORIGINAL_DST cluster for instances the processor picked
 FIRST_CONTACT_CLUSTER = "endpoints_first_contact"  # the same, with the processor as upstream filter
 WEBSOCKET_CLUSTER = "websocket"  # the sidecar's WebSocket front door
-SESSION_HEADERS = ("session-id", "x-session-id", "conversation-id", "thread-id")  # as gateway.placement_key
-MODE_HEADER = "x-gateway-model-mode"
 NO_ROUTE = b'{"error":{"message":"no backend selected","type":"invalid_request_error","param":null,"code":"no_route"}}'
 
 
@@ -60,31 +68,17 @@ class PathChoice:
 
 
 def decide(config: Config, res: Resolution | None, client_api: str, learned: Learned | None = None) -> PathChoice:
-    """The path for a client API: fast only when Envoy alone does exactly what the processor would."""
-    if res is None:
-        return PathChoice(False, "no backend serves this model: the processor answers 404")
-    upstream = res.upstream_api(client_api)
-    if upstream is None:
-        return PathChoice(False, "translation is off for this model: the processor answers 400")
-    if upstream != client_api:
-        return PathChoice(False, f"translated to the {upstream} API")
-    if res.learning and client_api not in (learned.ok if learned else ()):
-        return PathChoice(False, "the model's API is still being learned from the backend's answers")
-    if not config.fast_path:
-        return PathChoice(False, "fast_path is off in the config")
-    if res.backend.api_key_env:
-        return PathChoice(False, "the backend has an API key, which only the processor adds")
-    if (unserved := res.backend.unserved()) is not None:
-        return PathChoice(False, f"the processor answers 503 {unserved.code}")
+    """The path for a client API, read from `needs.survey`: fast when some requests need only what Envoy
+    alone can do; the reason names what keeps the others on the processor."""
+    s, can = survey(config, res, client_api, learned), envoy_can(config)
+    if not s.when:
+        return PathChoice(False, explain(ordered(s.plain - can)[0], res, client_api))
+    assert res is not None
     where = f"cluster {res.backend.cluster}" if res.backend.cluster else \
         f"{len(res.backend.endpoints)} instance(s) of {backend_cluster(res.backend)}"
-    if client_api == RESPONSES:
-        return PathChoice(True, f"Envoy routes it to {where}, for requests with store: false and no "
-                                "previous_response_id or conversation (any other keeps the processor: state)")
-    if config.usage_accounting == "all":
-        return PathChoice(True, f"Envoy routes it to {where}; streams without stream_options.include_usage "
-                                "keep the processor (it estimates their usage)")
-    return PathChoice(True, f"Envoy routes it to {where}")
+    others = [explain(n, res, client_api) for n in ordered(s.sometimes - can)]
+    return PathChoice(True, f"Envoy routes it to {where}" +
+                      (f"; these keep the processor: {'; '.join(others)}" if others else ""))
 
 
 # -- matchers -------------------------------------------------------------------------------------
@@ -123,7 +117,7 @@ def _meta(key: str, value: value_pb2.ValueMatcher, invert: bool = False) -> meta
 def model_in(names: list[str]) -> metadata_pb2.MetadataMatcher:
     """One of these exact names: one route for many (a discovered list can name hundreds)."""
     exact = [value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=n)) for n in names]
-    return _meta("model", exact[0] if len(exact) == 1 else
+    return _meta(Key.MODEL, exact[0] if len(exact) == 1 else
                  value_pb2.ValueMatcher(or_match=value_pb2.OrMatcher(value_matchers=exact)))
 
 
@@ -135,25 +129,32 @@ def model_globs(patterns: list[str]) -> metadata_pb2.MetadataMatcher:
     """A name any of these globs matches."""
     each = [value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(
         safe_regex=regex_pb2.RegexMatcher(regex=glob_regex(p)))) for p in patterns]
-    return _meta("model", each[0] if len(each) == 1 else
+    return _meta(Key.MODEL, each[0] if len(each) == 1 else
                  value_pb2.ValueMatcher(or_match=value_pb2.OrMatcher(value_matchers=each)))
 
 
-def _absent(key: str) -> metadata_pb2.MetadataMatcher:
-    return _meta(key, value_pb2.ValueMatcher(present_match=True), invert=True)
+# How Envoy sees each boolean of `needs.Facts`: a header present, or a metadata key (json_to_metadata's)
+# with the matcher that matches when the fact holds (True) or when it does not (False).
+_FACT_HEADERS = {"content_encoding": "content-encoding", "mode_header": MODE_HEADER}
+_PRESENT = value_pb2.ValueMatcher(present_match=True)
+_FACT_METADATA: dict[str, tuple[str, value_pb2.ValueMatcher, bool]] = {
+    "stream": (Key.STREAM, value_pb2.ValueMatcher(bool_match=True), True),
+    "include_usage": (Key.INCLUDE_USAGE, value_pb2.ValueMatcher(bool_match=True), True),
+    "stored": (Key.STORE, value_pb2.ValueMatcher(bool_match=False), False),
+    "previous_response_id": (Key.PREVIOUS_RESPONSE_ID, _PRESENT, True),
+    "conversation": (Key.CONVERSATION, _PRESENT, True)}
 
 
-def _is(key: str, value: bool, invert: bool = False) -> metadata_pb2.MetadataMatcher:
-    return _meta(key, value_pb2.ValueMatcher(bool_match=value), invert=invert)
-
-
-def conditions(config: Config, client_api: str) -> list[list[metadata_pb2.MetadataMatcher]]:
-    """Alternatives (any one suffices) of what else a fast-path request must say, per client API."""
-    if client_api == RESPONSES:  # creates no state at the backend, and continues none
-        return [[_is("store", False), _absent("previous_response_id"), _absent("conversation")]]
-    if config.usage_accounting == "all":  # Envoy can read a stream's usage only if it is sent
-        return [[_is("stream", True, invert=True)], [_is("include_usage", True)]]
-    return [[]]
+def _condition(cond: Condition) -> tuple[list[metadata_pb2.MetadataMatcher], list[rc.HeaderMatcher]]:
+    """One alternative of `needs.Survey.when` as route matchers."""
+    meta, headers = [], []
+    for fact, holds in cond:
+        if fact in _FACT_HEADERS:
+            headers.append(rc.HeaderMatcher(name=_FACT_HEADERS[fact], present_match=True, invert_match=not holds))
+        else:
+            key, matcher, matches_when = _FACT_METADATA[fact]
+            meta.append(_meta(key, matcher, invert=holds != matches_when))
+    return meta, headers
 
 
 # -- routes -------------------------------------------------------------------------------------
@@ -180,15 +181,9 @@ def _to_backend(config: Config, cluster: str, **kw: Any) -> rc.RouteAction:
                           idle_timeout=duration_pb2.Duration(seconds=config.limits.upstream_timeout_seconds), **kw)
 
 
-def _headers(config: Config) -> list[rc.HeaderMatcher]:
-    """Headers a fast-path request must not carry: the processor acts on them."""
-    names = ["content-encoding"] + ([MODE_HEADER] if config.discovery.allow_mode_header else [])
-    return [rc.HeaderMatcher(name=n, present_match=True, invert_match=True) for n in names]
-
-
 def fast_route(config: Config, backend: Backend, client_api: str,
-               models: list[metadata_pb2.MetadataMatcher]) -> list[rc.Route]:
-    """Straight to the backend, one route per alternative in `conditions`."""
+               models: list[metadata_pb2.MetadataMatcher], when: tuple[Condition, ...]) -> list[rc.Route]:
+    """Straight to the backend, one route per alternative of `when`."""
     path = PATHS[client_api]
     action = _to_backend(config, backend_cluster(backend))
     if backend.cluster:
@@ -198,9 +193,12 @@ def fast_route(config: Config, backend: Backend, client_api: str,
                                                             terminal=True) for h in SESSION_HEADERS)
     if backend.path_prefix:
         action.prefix_rewrite = backend.path_prefix + path
-    return [rc.Route(name=f"{FAST}:{client_api}:{backend.name}", route=action, typed_per_filter_config=_NO_PROCESSOR,
-                     match=rc.RouteMatch(path=path, headers=_headers(config), dynamic_metadata=[*models, *extra]))
-            for extra in conditions(config, client_api)]
+    routes = []
+    for meta, headers in map(_condition, when):
+        routes.append(rc.Route(name=f"{FAST}:{client_api}:{backend.name}", route=action,
+                               typed_per_filter_config=_NO_PROCESSOR,
+                               match=rc.RouteMatch(path=path, headers=headers, dynamic_metadata=[*models, *meta])))
+    return routes
 
 
 def processor_route(client_api: str, models: list[metadata_pb2.MetadataMatcher]) -> rc.Route:
@@ -257,7 +255,27 @@ def exact_names(config: Config, knowledge: Knowledge, learned: dict[tuple[str, s
     return [n for n in dict.fromkeys(names) if not is_glob(n)]
 
 
-def _glob_routes(config: Config, client_api: str) -> Iterable[rc.Route]:
+When = tuple[Condition, ...]  # needs.Survey.when: () keeps the processor
+
+
+class _Surveys:
+    """`needs.survey` once per distinct (resolution, learned fact, client API): names decided alike share
+    it, so hundreds of names and glob combinations cost a few surveys. A resolution's `source` only
+    names the rule that decided, for people, so it is no part of the key."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.seen: dict[tuple[Any, ...], When] = {}
+
+    def when(self, res: Resolution | None, client_api: str, learned: Learned | None = None) -> When:
+        key = (replace(res, source="") if res else None, client_api,
+               (learned.mode, frozenset(learned.ok)) if learned else None)
+        if key not in self.seen:
+            self.seen[key] = survey(self.config, res, client_api, learned).when
+        return self.seen[key]
+
+
+def _glob_routes(config: Config, surveys: _Surveys, client_api: str) -> Iterable[rc.Route]:
     """Routes for names only globs match: first backend glob x first rule glob x first catalogue glob,
     in that order of precedence (Envoy's first match then gives each dimension's first match)."""
     rules = [(i, r) for i, r in enumerate(config.model_rules) if is_glob(r.match)]
@@ -265,24 +283,24 @@ def _glob_routes(config: Config, client_api: str) -> Iterable[rc.Route]:
     for backend in config.backends:
         cat_dim: list[tuple[str, str] | None] = [*catalogue, None] if backend.api in (AUTO, BOTH) else [None]
         for pattern in (p for p in backend.models if is_glob(p)):
-            rows: dict[str, list[tuple[str | None, bool]]] = {}
-            rule_entries: list[tuple[str | None, bool | str]] = []
+            rows: dict[str, list[tuple[str | None, When]]] = {}
+            rule_entries: list[tuple[str | None, When | str]] = []
             for r in [*rules, None]:
-                row = [(c[0] if c else None, decide(config, combine(backend, r, c, None, None), client_api).fast)
+                row = [(c[0] if c else None, surveys.when(combine(backend, r, c, None, None), client_api))
                        for c in cat_dim]
-                uniform = {fast for _, fast in row}
-                key: bool | str = uniform.pop() if len(uniform) == 1 else f"row{len(rows)}"
+                uniform = {when for _, when in row}
+                key: When | str = uniform.pop() if len(uniform) == 1 else f"row{len(rows)}"
                 if isinstance(key, str):
                     rows[key] = row
                 rule_entries.append((r[1].match if r else None, key))
             for globs, key in _runs(rule_entries):
                 with_rule = [model_glob(pattern)] + ([model_globs(globs)] if globs else [])
-                if isinstance(key, bool):
+                if not isinstance(key, str):
                     yield from _routes(config, backend, client_api, with_rule, key)
                     continue
-                for cat_globs, fast in _runs(rows[key]):
+                for cat_globs, when in _runs(rows[key]):
                     yield from _routes(config, backend, client_api,
-                                       with_rule + ([model_globs(cat_globs)] if cat_globs else []), fast)
+                                       with_rule + ([model_globs(cat_globs)] if cat_globs else []), when)
 
 
 V = TypeVar("V")
@@ -304,29 +322,31 @@ def _runs(entries: list[tuple[str | None, V]]) -> list[tuple[list[str] | None, V
 
 
 def _routes(config: Config, backend: Backend, client_api: str, models: list[metadata_pb2.MetadataMatcher],
-            fast: bool) -> list[rc.Route]:
-    return fast_route(config, backend, client_api, models) if fast else [processor_route(client_api, models)]
+            when: When) -> list[rc.Route]:
+    return fast_route(config, backend, client_api, models, when) if when else [processor_route(client_api, models)]
 
 
 def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str, str], Learned]) -> Compiled:
     """Routes and clusters for the current config, discoveries and learned facts (`learned` from the
-    state store, by (backend, model)): the same decisions `Classifier.resolve` makes per request."""
+    state store, by (backend, model)): the same decisions `Classifier.resolve` and `needs` make per request."""
     classifier = Classifier(config, knowledge)
+    surveys = _Surveys(config)
     first, last = processor_routes(config)
     middle: list[rc.Route] = []
     for client_api in (CHAT, RESPONSES):
-        groups: dict[Backend | None, list[str]] = {}  # by fast-path backend (None: processor); names never overlap
+        # by fast-path backend and conditions (None: processor); names never overlap
+        groups: dict[tuple[Backend, When] | None, list[str]] = {}
         for name in exact_names(config, knowledge, learned):
             backend = classifier.backend_for(name)
             if backend is None:
                 continue
             fact = learned.get((backend.name, name))
-            fast = decide(config, classifier.resolve(name, learned=fact), client_api, fact).fast
-            groups.setdefault(backend if fast else None, []).append(name)
-        for backend, names in groups.items():
-            middle += fast_route(config, backend, client_api, [model_in(names)]) if backend else \
+            when = surveys.when(classifier.resolve(name, learned=fact), client_api, fact)
+            groups.setdefault((backend, when) if when else None, []).append(name)
+        for group, names in groups.items():
+            middle += fast_route(config, group[0], client_api, [model_in(names)], group[1]) if group else \
                 [processor_route(client_api, [model_in(names)])]
-        middle += _glob_routes(config, client_api)
+        middle += _glob_routes(config, surveys, client_api)
     while middle and middle[-1].name == "processor":  # the catch-all does the same
         middle.pop()
     host = rc.VirtualHost(name=ROUTE_CONFIG, domains=["*"], routes=first + middle + last, typed_per_filter_config=_WITH_PROCESSOR,

@@ -13,20 +13,12 @@ from typing import Any
 
 from extproc.api import AUTO, BOTH, RESPONSES
 from extproc.config import Backend, Config
+from extproc.envoy.names import H_BACKEND, H_CLUSTER, H_ENDPOINT, SESSION_HEADERS
 from extproc.routing.classify import Classifier
 from extproc.routing.modes import Knowledge
 from extproc.routing.ring import HashRing
 from extproc.state.tenancy import Tenants
 from extproc.translate.compact import Sealer, derive_key
-
-# Headers the sidecar sets for Envoy's route table; client-sent copies are always removed.
-H_BACKEND = "x-gateway-backend"
-H_CLUSTER = "x-gateway-cluster"
-H_ENDPOINT = "x-gateway-destination-endpoint"
-ROUTING_HEADERS = (H_BACKEND, H_CLUSTER, H_ENDPOINT)
-# First contact with a model of unknown API (exchange/first_contact.py): the request's mark (its value
-# the caller's tenant), the first attempt's "retry on this API", the retry's "translated to this API".
-H_FIRST_CONTACT, H_RETRY, H_RETRIED = "x-gateway-first-contact", "x-gateway-retry", "x-gateway-retried-as"
 
 
 @dataclass(frozen=True)
@@ -52,7 +44,7 @@ def placement_key(body: dict[str, Any], headers: dict[str, str]) -> str:
         value = body.get(field)
         if isinstance(value, str) and value:
             return value
-    for header in ("session-id", "x-session-id", "conversation-id", "thread-id"):
+    for header in SESSION_HEADERS:
         value = headers.get(header)
         if value:
             return value

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import orjson
 
 from extproc.api import BOTH, CHAT, RESPONSES, other
+from extproc.envoy.names import LEARNABLE_STATUSES
 
 LOCAL_TTL = 30.0  # seconds a replica trusts its own copy of a store record (or of its absence)
 
@@ -95,7 +96,7 @@ def rejection_needs(status: int, body: bytes, tried: str) -> str | None:
     Only 400/404/405/422 count; never 401/403/429 or 5xx. A 404/405 counts when it is about the
     path (a server without that endpoint), not about the model.
     """
-    if status not in (400, 404, 405, 422):
+    if status not in LEARNABLE_STATUSES:
         return None
     text = body[:4000].decode("utf-8", "replace")
     for pattern, needs in _NEEDS:

@@ -12,15 +12,13 @@ Records are per tenant (`records.pin_key`/`turn_key`), and every id's owner is r
 (`records.owner_key`): an id recorded for another tenant gets the unknown id's 404 without reaching
 an upstream. An id the sidecar never recorded is sent on (placed by the ring) only to a backend
 declared to check each caller's own key (`authenticates_callers`); anywhere else it is refused, since
-such a backend would serve whoever names the id. Store reads are `Lookup`s; the decision names are
-`PinDecision`, counted in metrics.
+such a backend would serve whoever names the id. The decisions are straight-line generators that
+yield their store reads (`state.lookup`); their names are `PinDecision`, counted in metrics.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -32,12 +30,14 @@ from extproc.errors import GatewayError
 from extproc.routing.classify import Resolution
 from extproc.routing.gateway import Gateway, Target
 from extproc.state import records as rec
-from extproc.state.lookup import Lookup, Values
+from extproc.state.lookup import Decision, Reads
+from extproc.translate.sse import SSEDecoder
 
 log = logging.getLogger("extproc")
 
-_ID_RE = re.compile(rb'"id"\s*:\s*"([^"\\]{1,200})"')
-_ID_SCAN_LIMIT = 64 * 1024  # a reply whose id is not in its first 64 KiB is not pinned
+_STREAM_LIMIT = 64 * 1024  # a stream whose response.created is not in its first 64 KiB is not pinned
+_BODY_LIMIT = 16 * 1024 * 1024  # a Response body larger than this is not pinned
+_MAX_ID = 200
 Writes = list[tuple[str, bytes | None]]
 
 
@@ -101,15 +101,18 @@ def state_unavailable() -> GatewayError:
 class Pinning:
     """The state decisions of one request: its tenant, its gateway, what it decided."""
 
-    def __init__(self, gw: Gateway, headers: dict[str, str]):
+    def __init__(self, gw: Gateway, headers: dict[str, str], tenant: str | None = None):
         self.gw = gw
         self.headers = headers
+        self._tenant = tenant  # given: the caller's, when the request itself carries the backend's key
         self.decision: PinDecision | None = None
 
-    @functools.cached_property
+    @property
     def tenant(self) -> str:
         """Computed only for requests that touch state (an HMAC per request otherwise)."""
-        return self.gw.tenants.tenant_of(self.headers)
+        if self._tenant is None:
+            self._tenant = self.gw.tenants.tenant_of(self.headers)
+        return self._tenant
 
     def _decide(self, decision: PinDecision) -> PinDecision:
         self.decision = decision
@@ -118,12 +121,8 @@ class Pinning:
     # -- previous_response_id -----------------------------------------------------------------
 
     def continue_from(self, prev: str, model: str, res: Resolution, target: Target,
-                      translated: bool) -> Lookup[Continuation]:
-        return Lookup(_state_keys(self.tenant, prev),
-                      lambda values: self._continued(prev, model, res, target, translated, values))
-
-    def _continued(self, prev: str, model: str, res: Resolution, target: Target, translated: bool,
-                   values: Values) -> Continuation | Lookup[Continuation]:
+                      translated: bool) -> Decision[Continuation]:
+        values = yield Reads(_state_keys(self.tenant, prev))
         if values is None:
             if translated or not tells_callers_apart(res.backend):  # only the store can say whose it is
                 self._decide(PinDecision.STATE_UNAVAILABLE)
@@ -132,11 +131,12 @@ class Pinning:
             return Continuation(self.gw.target(res.backend, prev), self._decide(PinDecision.PIN_FALLBACK))
         turn, pin = rec.load_turn(values[0]), rec.Pin.loads(values[1]) if values[1] else None
         if turn is not None:
-            ancestors = turn.get("ancestors") or []
-            if not ancestors:
-                return self._rebuilt(prev, res, target, translated, turn, [], [])
-            return Lookup(tuple(rec.turn_key(self.tenant, a) for a in ancestors),
-                          lambda vals: self._rebuilt(prev, res, target, translated, turn, ancestors, vals))
+            held = yield from self._held_before(turn)
+            endpoint = turn.get("endpoint")  # same instance as before when it is still there: its prefix cache
+            if translated and endpoint in {e.address for e in res.backend.endpoints}:
+                target = Target(res.backend, endpoint)
+            return Continuation(target, self._decide(PinDecision.TURN_HIT), rec.history([*held, turn]),
+                                rec.chain(turn, prev))
         if pin is not None:
             if translated:
                 raise GatewayError(400, f"Previous response '{prev}' is held by backend '{pin.backend}', but model "
@@ -152,8 +152,12 @@ class Pinning:
         log.info("previous_response_id %s: no pin recorded, routing by ring", prev)
         return Continuation(self.gw.target(res.backend, prev), self._decide(PinDecision.PIN_FALLBACK))
 
-    def _rebuilt(self, prev: str, res: Resolution, target: Target, translated: bool, turn: dict[str, Any],
-                 ancestors: list[str], values: Values) -> Continuation:
+    def _held_before(self, turn: dict[str, Any]) -> Decision[list[dict[str, Any]]]:
+        """The held turns a turn continues, oldest first, all read at once; one expired breaks the chain."""
+        ancestors: list[str] = turn.get("ancestors") or []
+        if not ancestors:
+            return []
+        values = yield Reads(tuple(rec.turn_key(self.tenant, a) for a in ancestors))
         if values is None:
             self._decide(PinDecision.STATE_UNAVAILABLE)
             raise state_unavailable()
@@ -163,12 +167,7 @@ class Pinning:
                 raise GatewayError(404, f"An earlier response in this conversation ('{aid}') has expired or was "
                                         "deleted, so it cannot be continued", param="previous_response_id",
                                    code="previous_response_not_found")
-        endpoint = turn.get("endpoint")  # same instance as before when it is still there: its prefix cache
-        if translated and endpoint in {e.address for e in res.backend.endpoints}:
-            target = Target(res.backend, endpoint)
-        held = [t for t in turns if t is not None]
-        return Continuation(target, self._decide(PinDecision.TURN_HIT), rec.history([*held, turn]),
-                            rec.chain(turn, prev))
+        return [t for t in turns if t is not None]
 
     def _owned_elsewhere(self, values: list[bytes | None]) -> bool:
         """The id is recorded for another tenant (no turn or pin of the caller's names it)."""
@@ -190,12 +189,8 @@ class Pinning:
 
     # -- /v1/responses/{id}[/cancel|/input_items] --------------------------------------------------
 
-    def resource(self, method: str, response_id: str, suffix: str, query: str) -> Lookup[Answered | Forwarded]:
-        return Lookup(_state_keys(self.tenant, response_id),
-                      lambda values: self._resource(method, response_id, suffix, query, values))
-
-    def _resource(self, method: str, response_id: str, suffix: str, query: str,
-                  values: Values) -> Answered | Forwarded:
+    def resource(self, method: str, response_id: str, suffix: str, query: str) -> Decision[Answered | Forwarded]:
+        values = yield Reads(_state_keys(self.tenant, response_id))
         turn = rec.load_turn(values[0]) if values else None
         if turn is not None:
             self._decide(PinDecision.TURN_HIT)
@@ -236,23 +231,58 @@ class Pinning:
 
 
 class IdRecorder:
-    """Pins a Responses answer's id to the instance that made it: the first `"id"` of a Response body,
-    or of a stream's response.created event, read from the first chunks only."""
+    """Pins a Responses answer's id to the instance that made it: the top-level `id` of a Response
+    body, or the `response.id` of a stream's `response.created` event. A body is parsed once whole (one
+    larger than `_BODY_LIMIT` is not pinned); a stream is read only until that event, and at most
+    `_STREAM_LIMIT` bytes."""
 
-    def __init__(self, tenant: str, target: Target):
+    def __init__(self, tenant: str, target: Target, sse: bool):
         self.tenant = tenant
         self.target = target
-        self.seen = b""
+        self.events = SSEDecoder() if sse else None
+        self.body: list[bytes] = []
+        self.size = 0
         self.done = False
 
     def feed(self, chunk: bytes, end_of_stream: bool) -> Writes:
-        self.seen += chunk
-        found = _ID_RE.search(self.seen)
-        if found is None and not end_of_stream and len(self.seen) < _ID_SCAN_LIMIT:
+        self.size += len(chunk)
+        response_id = self._from_stream(chunk) if self.events is not None else self._from_body(chunk, end_of_stream)
+        limit = _STREAM_LIMIT if self.events is not None else _BODY_LIMIT
+        if response_id is None and not end_of_stream and self.size <= limit:
             return []
         self.done = True
-        if found is None:
-            log.warning("no response id in the first %d bytes of the reply; not pinned", len(self.seen))
+        self.body = []
+        if response_id is None:
+            log.warning("no response id in the first %d bytes of the reply; not pinned", self.size)
             return []
-        pin, response_id = rec.Pin(self.target.backend.name, self.target.endpoint), found.group(1).decode()
+        pin = rec.Pin(self.target.backend.name, self.target.endpoint)
         return [(rec.pin_key(self.tenant, response_id), pin.dumps()), rec.owner_write(self.tenant, response_id)]
+
+    def _from_stream(self, chunk: bytes) -> str | None:
+        assert self.events is not None
+        for event in self.events.feed(chunk):
+            doc = _json(event.data.encode())
+            if isinstance(doc, dict) and doc.get("type") == "response.created":
+                response = doc.get("response")
+                return _usable_id(response.get("id") if isinstance(response, dict) else None)
+        return None
+
+    def _from_body(self, chunk: bytes, end_of_stream: bool) -> str | None:
+        if self.size <= _BODY_LIMIT:
+            self.body.append(chunk)
+        if not end_of_stream or self.size > _BODY_LIMIT:
+            return None
+        doc = _json(b"".join(self.body))
+        return _usable_id(doc.get("id") if isinstance(doc, dict) else None)
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _usable_id(value: Any) -> str | None:
+    """An id the sidecar keys records by: a string of at most 200 characters."""
+    return value if isinstance(value, str) and 0 < len(value) <= _MAX_ID else None

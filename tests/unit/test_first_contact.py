@@ -109,3 +109,14 @@ def test_the_client_side_exchange_marks_first_contacts_and_reads_the_retried_ans
     if not head.done:
         ex.response_body(orjson.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}), True)
     assert ex.usage is not None and ex.usage.output_tokens == 2
+
+
+def test_a_first_contact_attempt_keeps_the_exchanges_phases():
+    fc = FirstContact(Gateway(parse_config(CFG, env={})))
+    with pytest.raises(RuntimeError, match="request_body before request_headers"):
+        fc.request_body(b"{}")
+    resolve(fc.request_headers(upstream_headers(1), False), {})
+    with pytest.raises(RuntimeError, match="response_body in phase request_body"):
+        fc.response_body(b"", True)
+    with pytest.raises(RuntimeError, match="request_headers twice"):
+        fc.request_headers(upstream_headers(1), False)

@@ -74,6 +74,34 @@ def test_reply_id_is_pinned_from_the_first_chunk_only(gateway):
                           ("owner:resp_abc", b"anonymous")]
 
 
+def test_a_body_is_pinned_under_its_own_id_not_a_nested_one_listed_first(gateway):
+    """An output item's `id` may come before the Response's own: the pin is under the top-level id."""
+    ex, _ = send(gateway, "/v1/responses", {"model": "gpt-oss-1", "input": "hi"}, {})
+    ex.response_headers({":status": "200", "content-type": "application/json"})
+    body = (b'{"output":[{"id":"msg_1","type":"message","content":[]}],'
+            b'"id":"resp_top","object":"response","status":"completed"}')
+    assert ex.response_body(body[:30], False).writes == []
+    act = ex.response_body(body[30:], True)
+    assert act.writes == [("pin:anonymous:resp_top", conv.Pin("resp", endpoint_of(ex)).dumps()),
+                          ("owner:resp_top", b"anonymous")]
+
+
+def test_a_stream_is_pinned_under_the_id_of_its_response_created_event(gateway):
+    ex, _ = send(gateway, "/v1/responses", {"model": "gpt-oss-1", "input": "hi", "stream": True}, {})
+    ex.response_headers({":status": "200", "content-type": "text/event-stream"})
+    act = ex.response_body(b'data: {"type":"response.created","sequence_number":0,"response":'
+                           b'{"output":[{"id":"msg_1"}],"id":"resp_s","object":"response"}}\n\n', False)
+    assert act.done and act.writes[0] == ("pin:anonymous:resp_s", conv.Pin("resp", endpoint_of(ex)).dumps())
+
+
+def test_a_stream_without_response_created_in_its_first_64_kib_is_not_pinned(gateway):
+    ex, _ = send(gateway, "/v1/responses", {"model": "gpt-oss-1", "input": "hi", "stream": True}, {})
+    ex.response_headers({":status": "200", "content-type": "text/event-stream"})
+    filler = b'data: {"type":"response.in_progress","id":"resp_x"}\n\n' * 1400  # over 64 KiB
+    act = ex.response_body(filler, False)
+    assert act.done and act.writes == []
+
+
 def endpoint_of(ex: Exchange) -> str:
     assert ex.target is not None and ex.target.endpoint is not None
     return ex.target.endpoint

@@ -148,10 +148,11 @@ def test_a_shape_nothing_checked_for_is_the_clients_400_not_a_500(monkeypatch, c
     """The net under the request side: whatever a check missed is answered as a client error, and
     logged with its traceback, including in code that runs after a store read."""
     from extproc.exchange.request import RequestSide
-    from extproc.state.lookup import Lookup
+    from extproc.state.lookup import Lookup, Reads
 
     def broken(self, raw):
-        return Lookup(("k",), lambda values: {}["missing"])
+        yield Reads(("k",))
+        return {}["missing"]
 
     monkeypatch.setattr(RequestSide, "on_body", broken)
     ex = _exchange()

@@ -1,0 +1,108 @@
+"""Every name the sidecar shares with Envoy, in one place, and the Envoy filter rules made from them.
+
+Pure data (no gRPC): the headers the processor sets or reads for Envoy's routes, the dynamic-metadata
+namespace and keys (written by `json_to_metadata` and `sse_to_metadata`, read by the compiled routes,
+the access log and the access-log service), and the statuses that may teach a model's API.
+`deploy/envoy.yaml` holds the rules `json_to_metadata_rules` and `sse_to_metadata_rules` return, as
+data; tests/unit/test_envoy_names.py checks it does, and `extproc envoy-rules` prints them to paste.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Headers the sidecar sets for Envoy's route table; client-sent copies are always removed.
+H_BACKEND = "x-gateway-backend"
+H_CLUSTER = "x-gateway-cluster"
+H_ENDPOINT = "x-gateway-destination-endpoint"
+ROUTING_HEADERS = (H_BACKEND, H_CLUSTER, H_ENDPOINT)
+# First contact with a model of unknown API (exchange/first_contact.py): the request's mark (its value
+# the caller's tenant), the first attempt's "retry on this API", the retry's "translated to this API".
+H_FIRST_CONTACT, H_RETRY, H_RETRIED = "x-gateway-first-contact", "x-gateway-retry", "x-gateway-retried-as"
+# gRPC metadata of the upstream filter's streams (the endpoints_first_contact cluster), and its value.
+ROLE_METADATA, FIRST_CONTACT_ROLE = "x-extproc-role", "first-contact"
+TENANT_HEADER = "x-gateway-tenant"  # the header tenancy.header conventionally names; deploy/envoy.yaml strips it
+MODE_HEADER = "x-gateway-model-mode"  # a client's per-request mode override, when discovery.allow_mode_header
+# Headers that place a session on one instance: the processor's ring and the fast path's hash policy.
+SESSION_HEADERS = ("session-id", "x-session-id", "conversation-id", "thread-id")
+
+NAMESPACE = "llm_gateway"  # dynamic metadata: Envoy's filters write it, the processor too (metadata_options)
+
+# Upstream statuses whose body may say the model needs the other API (routing.modes.rejection_needs).
+LEARNABLE_STATUSES = (400, 404, 405, 422)
+
+
+class Key:
+    """Keys in NAMESPACE (plain strings: they are dict keys orjson and protobuf take as they are)."""
+
+    MODEL = "model"
+    STREAM = "stream"
+    INCLUDE_USAGE = "include_usage"
+    STORE = "store"
+    PREVIOUS_RESPONSE_ID = "previous_response_id"
+    CONVERSATION = "conversation"
+    INPUT_TOKENS = "input_tokens"
+    OUTPUT_TOKENS = "output_tokens"
+    CACHED_TOKENS = "cached_tokens"
+    REASONING_TOKENS = "reasoning_tokens"
+    USAGE_ESTIMATED = "usage_estimated"  # the processor's, like the three below
+    CLIENT_API = "client_api"
+    UPSTREAM_API = "upstream_api"
+    BACKEND = "backend"
+
+
+Path = tuple[str, ...]
+
+# The request body fields the compiled routes match on (`routing.needs.Facts` reads the same ones).
+REQUEST_FIELDS: tuple[tuple[Path, str], ...] = (
+    (("model",), Key.MODEL),
+    (("stream",), Key.STREAM),
+    (("stream_options", "include_usage"), Key.INCLUDE_USAGE),
+    (("store",), Key.STORE),
+    (("previous_response_id",), Key.PREVIOUS_RESPONSE_ID),
+    (("conversation",), Key.CONVERSATION),
+    (("conversation", "id"), Key.CONVERSATION),  # the object form
+)
+# Token usage inside a `usage` object, in each API's naming.
+CHAT_USAGE: tuple[tuple[Path, str], ...] = (
+    (("prompt_tokens",), Key.INPUT_TOKENS),
+    (("completion_tokens",), Key.OUTPUT_TOKENS),
+    (("prompt_tokens_details", "cached_tokens"), Key.CACHED_TOKENS),
+    (("completion_tokens_details", "reasoning_tokens"), Key.REASONING_TOKENS),
+)
+RESPONSES_USAGE: tuple[tuple[Path, str], ...] = (
+    (("input_tokens",), Key.INPUT_TOKENS),
+    (("output_tokens",), Key.OUTPUT_TOKENS),
+    (("input_tokens_details", "cached_tokens"), Key.CACHED_TOKENS),
+    (("output_tokens_details", "reasoning_tokens"), Key.REASONING_TOKENS),
+)
+JSON_CONTENT_TYPES = "application/json(;.*)?"
+MAX_SSE_EVENT_BYTES = 8 * 1024 * 1024
+
+
+def _rule(path: Path, key: str, kind: str) -> dict[str, Any]:
+    return {"selectors": [{"key": p} for p in path],
+            "on_present": {"metadata_namespace": NAMESPACE, "key": key, "type": kind}}
+
+
+def json_to_metadata_rules() -> dict[str, Any]:
+    """`request_rules` and `response_rules` of deploy/envoy.yaml's json_to_metadata filter: the request
+    fields the routes match on, and a JSON answer's `usage` (either API's naming) for the access log."""
+    usage = [*CHAT_USAGE, *RESPONSES_USAGE]
+    return {
+        "request_rules": {"allow_content_types_regex": {"regex": JSON_CONTENT_TYPES},
+                          "rules": [_rule(path, key, "PROTOBUF_VALUE") for path, key in REQUEST_FIELDS]},
+        "response_rules": {"allow_content_types_regex": {"regex": JSON_CONTENT_TYPES},
+                           "rules": [_rule(("usage", *path), key, "NUMBER") for path, key in usage]},
+    }
+
+
+def sse_to_metadata_rules() -> dict[str, Any]:
+    """`response_rules` of deploy/envoy.yaml's sse_to_metadata filter: a stream's usage, in the last chat
+    chunk's `usage` or the Responses `response.completed` event's `response.usage`."""
+    rules = [*((("usage", *path), key) for path, key in CHAT_USAGE),
+             *((("response", "usage", *path), key) for path, key in RESPONSES_USAGE)]
+    return {"max_event_size": MAX_SSE_EVENT_BYTES, "content_parser": {
+        "name": "envoy.content_parsers.json",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser",
+                         "rules": [{"rule": _rule(path, key, "NUMBER")} for path, key in rules]}}}

@@ -1,0 +1,110 @@
+"""deploy/envoy.yaml holds what extproc/envoy/names.py says: the metadata rules exactly as generated, and
+every header, namespace and key it names that the sidecar also names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from extproc.api import PATHS
+from extproc.cli import main
+from extproc.envoy.names import (
+    FIRST_CONTACT_ROLE,
+    H_ENDPOINT,
+    H_FIRST_CONTACT,
+    NAMESPACE,
+    REQUEST_FIELDS,
+    ROLE_METADATA,
+    ROUTING_HEADERS,
+    TENANT_HEADER,
+    Key,
+    json_to_metadata_rules,
+    sse_to_metadata_rules,
+)
+
+ENVOY_YAML = Path(__file__).resolve().parents[2] / "deploy" / "envoy.yaml"
+
+
+@pytest.fixture(scope="module")
+def envoy() -> dict[str, Any]:
+    return yaml.safe_load(ENVOY_YAML.read_text())
+
+
+def named(tree: Any, name: str) -> list[dict[str, Any]]:
+    """Every mapping in the config with this `name`."""
+    found = []
+    if isinstance(tree, dict):
+        if tree.get("name") == name:
+            found.append(tree)
+        tree = list(tree.values())
+    if isinstance(tree, list):
+        for child in tree:
+            found += named(child, name)
+    return found
+
+
+def test_json_to_metadata_rules_are_the_generated_ones(envoy):
+    [flt] = named(envoy, "envoy.filters.http.json_to_metadata")
+    config = flt["typed_config"]
+    assert {k: v for k, v in config.items() if k != "@type"} == json_to_metadata_rules()
+
+
+def test_sse_to_metadata_rules_are_the_generated_ones(envoy):
+    [flt] = named(envoy, "envoy.filters.http.sse_to_metadata")
+    assert flt["typed_config"]["response_rules"] == sse_to_metadata_rules()
+
+
+def test_the_generated_rules_read_the_fields_the_routes_match():
+    """Spelled out here, not from names.py: a request field lost from the rules fails this."""
+    request = json_to_metadata_rules()["request_rules"]["rules"]
+    assert [([s["key"] for s in r["selectors"]], r["on_present"]["key"]) for r in request] == [
+        (["model"], "model"), (["stream"], "stream"), (["stream_options", "include_usage"], "include_usage"),
+        (["store"], "store"), (["previous_response_id"], "previous_response_id"), (["conversation"], "conversation"),
+        (["conversation", "id"], "conversation")]
+    assert len(REQUEST_FIELDS) == len(request)
+
+
+def test_access_log_reads_only_keys_in_the_namespace(envoy):
+    used = re.findall(r"%DYNAMIC_METADATA\(([^:)]+):([^)]+)\)%", ENVOY_YAML.read_text())
+    assert used
+    keys = {v for k, v in vars(Key).items() if k.isupper()}
+    assert {ns for ns, _ in used} == {NAMESPACE}
+    assert {key for _, key in used} <= keys
+
+
+def test_headers_and_metadata_shared_with_the_sidecar(envoy):
+    [mutation] = named(envoy, "envoy.filters.http.header_mutation")
+    removed = {m["remove"] for m in mutation["typed_config"]["mutations"]["request_mutations"] if "remove" in m}
+    assert removed == {*ROUTING_HEADERS, TENANT_HEADER, H_FIRST_CONTACT}
+    ext_procs = named(envoy, "envoy.filters.http.ext_proc")
+    downstream = [f for f in ext_procs if "metadata_options" in f["typed_config"]]
+    assert [f["typed_config"]["metadata_options"]["receiving_namespaces"]["untyped"] for f in downstream] == \
+        [[NAMESPACE]]
+    upstream = [f["typed_config"]["grpc_service"]["initial_metadata"] for f in ext_procs
+                if "initial_metadata" in f["typed_config"]["grpc_service"]]
+    assert upstream == [[{"key": ROLE_METADATA, "value": FIRST_CONTACT_ROLE}]]
+    original_dst = [c for c in envoy["static_resources"]["clusters"] if c["type"] == "ORIGINAL_DST"]
+    assert {c["original_dst_lb_config"]["http_header_name"] for c in original_dst} == {H_ENDPOINT}
+
+
+def test_the_metadata_filter_runs_on_the_paths_with_fast_routes(envoy):
+    """json_to_metadata is skipped except on the create paths of the two APIs, the only ones routed fast."""
+    [delegate] = named(envoy, "envoy.filters.http.match_delegate")
+    [matcher] = delegate["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
+    [not_path, _upgrade] = matcher["predicate"]["or_matcher"]["predicate"]
+    regex = not_path["not_matcher"]["single_predicate"]["value_match"]["safe_regex"]["regex"]
+    for path in PATHS.values():
+        assert re.fullmatch(regex, path) and re.fullmatch(regex, path + "?x=1"), path
+    for path in ("/v1/responses/compact", "/v1/embeddings", "/v1/responses/resp_1"):
+        assert not re.fullmatch(regex, path), path
+
+
+def test_envoy_rules_command_prints_the_generated_rules(capsys):
+    assert main(["envoy-rules"]) == 0
+    first, second = yaml.safe_load_all(capsys.readouterr().out)
+    assert first == json_to_metadata_rules()
+    assert second == {"response_rules": sse_to_metadata_rules()}

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 
 from extproc.api import API_MODES, BACKEND_APIS
+from extproc.routing.key_paths import key_path_problem
 
 MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -64,6 +65,7 @@ class Backend:
     replay_reasoning: bool = False  # send earlier turns' reasoning back as reasoning_content
     dns_names: tuple[str, ...] = ()  # `dns:` entries: re-resolved periodically, the ring follows them
     dns_weights: tuple[int, ...] = ()  # the weight of each `dns:` entry
+    key_paths: tuple[str, ...] = ()  # paths besides the API's that get the key (extproc/routing/key_paths.py)
 
     def unserved(self) -> Unserved | None:
         """Why requests for this backend cannot be sent now (None: they can). The sidecar still starts,
@@ -447,7 +449,7 @@ class _Validator:
 
     def backend(self, node: yaml.Node, key: str) -> Backend | None:
         allowed = {"name", "api", "models", "endpoints", "cluster", "path_prefix", "api_key_env",
-                   "translate", "chat_max_tokens_field", "vnodes", "hosted_tools", "replay_reasoning"}
+                   "translate", "chat_max_tokens_field", "vnodes", "hosted_tools", "replay_reasoning", "key_paths"}
         m = self.mapping(node, key, allowed)
         before = len(self.problems)
         for req in ("name", "api", "models"):
@@ -495,6 +497,10 @@ class _Validator:
             kw["replay_reasoning"] = self.scalar(m["replay_reasoning"], f"{key}.replay_reasoning", bool)
         if "vnodes" in m:
             kw["vnodes"] = self.bounded(m["vnodes"], f"{key}.vnodes", 1, 4096)
+        if "key_paths" in m:
+            kw["key_paths"] = tuple(self.string_list(m["key_paths"], f"{key}.key_paths"))
+            for why in filter(None, map(key_path_problem, kw["key_paths"])):
+                self.problem(m["key_paths"], f"{key}.key_paths", why)
         if len(self.problems) > before:
             return None
         return Backend(name=name, api=api, models=tuple(models), endpoints=endpoints, cluster=cluster,

@@ -16,6 +16,7 @@ from typing import Any
 
 from extproc.errors import GatewayError, empty_answer
 from extproc.exchange.actions import Action, Step
+from extproc.exchange.key_guard import guard
 from extproc.exchange.request import RequestSide
 from extproc.exchange.response import Outcome, ResponseHandler, choose
 from extproc.ops.usage import Usage
@@ -103,6 +104,7 @@ class Exchange:
         if plan.pair is not None and end_of_stream:  # no body to translate: say so in the client's shape
             raise empty_answer(self.status)
         chosen = choose(plan, self.status, headers, self.outcome)
+        chosen = guard(plan, headers, end_of_stream, chosen)  # a keyed backend's answer: never the key
         if isinstance(chosen, Action):
             self.phase = Phase.DONE
             return chosen

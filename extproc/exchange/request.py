@@ -22,6 +22,8 @@ from extproc.exchange.body import check_json_request, is_json, parse_body
 from extproc.exchange.paths import INPUT_TOKENS, check_request_line
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
 from extproc.routing.gateway import H_FIRST_CONTACT, ROUTING_HEADERS, Gateway, Target, placement_key
+from extproc.routing.key_paths import check_key_path
+from extproc.routing.model_name import check_model_name
 from extproc.routing.modes import Learned, learned_key
 from extproc.state import records as rec
 from extproc.state.lookup import Lookup, Values, then
@@ -109,6 +111,7 @@ class RequestSide:
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "'model' is required and must be a non-empty string", param="model",
                                code="invalid_value" if "model" in body else "missing_required_parameter")
+        check_model_name(model)  # no control characters, at most 256 bytes (routing/model_name.py)
         self.model = model
         backend = self.gw.classifier.backend_for(model)
         if backend is None:
@@ -202,6 +205,9 @@ class RequestSide:
         headers = target.headers()
         if plan.facts is not None and target.endpoint is not None:  # Envoy retries it on the other API if need be
             headers.append((H_FIRST_CONTACT, self.pinning.tenant))
+        check_key_path(target.backend, self.method, path)  # the key only where it belongs (routing/key_paths.py)
+        if target.backend.api_key:  # answers the key guard can read (exchange/key_guard.py)
+            headers.append(("accept-encoding", "identity"))
         if target.backend.path_prefix:
             path = target.backend.path_prefix + path
         if path != self.path:

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from extproc.errors import GatewayError
-from extproc.exchange.actions import STREAMED, Action
+from extproc.exchange.actions import BUFFERED, STREAMED, Action
 from extproc.exchange.plan import Plan
 from extproc.exchange.response import Decoder, Identity, Observe, ResponseHandler, Undecodable, decoder_for
 from extproc.ops.redact import KeyForms, StreamScrubber, forms_of
@@ -52,14 +52,18 @@ class KeyGuard:
         self.head = inner if isinstance(inner, Action) else None
         self.scrubber = StreamScrubber(forms)
         self.fixed, self.decoder = fixed, decoder
+        self.buffered = False  # Envoy keeps content-length for a buffered body: it must match the new one
 
     def headers_action(self) -> Action:
         act = self.inner.headers_action() if self.inner is not None else self.head
         assert act is not None
         act.set_headers += self.fixed
-        if self.decoder is not None:  # sent on decoded
-            act.remove_headers = (*act.remove_headers, "content-encoding", "content-length")
         act.response_body_mode = act.response_body_mode or STREAMED
+        self.buffered = act.response_body_mode == BUFFERED
+        if self.decoder is not None:  # sent on decoded
+            act.remove_headers = (*act.remove_headers, "content-encoding")
+        if not self.buffered:  # scrubbed chunks may be shorter than the upstream's
+            act.remove_headers = (*act.remove_headers, "content-length")
         act.done = False
         return act
 
@@ -74,6 +78,8 @@ class KeyGuard:
         clean = self.scrubber.feed(out, end_of_stream)
         if act.body is not None or clean != chunk:
             act.body = clean
-            act.set_headers = [(k, str(len(clean)) if k == "content-length" else v) for k, v in act.set_headers]
+            if self.buffered:
+                act.set_headers = [*((k, v) for k, v in act.set_headers if k != "content-length"),
+                                   ("content-length", str(len(clean)))]
         act.done = end_of_stream
         return act

@@ -32,7 +32,8 @@ from extproc.api import AUTO, BOTH, CHAT, PATHS, RESPONSES
 from extproc.config import Backend, Config
 from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.classify import Classifier, Resolution, combine, is_glob
-from extproc.routing.gateway import H_CLUSTER, H_ENDPOINT, H_FIRST_CONTACT, H_RETRY
+from extproc.routing.gateway import H_BACKEND, H_CLUSTER, H_ENDPOINT, H_FIRST_CONTACT, H_RETRY
+from extproc.routing.model_name import FAST_PATH_NAME
 from extproc.routing.modes import Knowledge, Learned
 
 NAMESPACE = "llm_gateway"  # dynamic metadata Envoy's json_to_metadata writes (deploy/envoy.yaml)
@@ -139,6 +140,11 @@ def model_globs(patterns: list[str]) -> metadata_pb2.MetadataMatcher:
                  value_pb2.ValueMatcher(or_match=value_pb2.OrMatcher(value_matchers=each)))
 
 
+# Names the processor would refuse (routing/model_name.py) never take a fast route: it refuses them.
+_SANE_NAME = _meta("model", value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(
+    safe_regex=regex_pb2.RegexMatcher(regex=FAST_PATH_NAME))))
+
+
 def _absent(key: str) -> metadata_pb2.MetadataMatcher:
     return _meta(key, value_pb2.ValueMatcher(present_match=True), invert=True)
 
@@ -199,7 +205,9 @@ def fast_route(config: Config, backend: Backend, client_api: str,
     if backend.path_prefix:
         action.prefix_rewrite = backend.path_prefix + path
     return [rc.Route(name=f"{FAST}:{client_api}:{backend.name}", route=action, typed_per_filter_config=_NO_PROCESSOR,
-                     match=rc.RouteMatch(path=path, headers=_headers(config), dynamic_metadata=[*models, *extra]))
+                     request_headers_to_remove=[MODE_HEADER],  # the client's to the gateway, not the backend's
+                     match=rc.RouteMatch(path=path, headers=_headers(config),
+                                         dynamic_metadata=[_SANE_NAME, *models, *extra]))
             for extra in conditions(config, client_api)]
 
 
@@ -211,6 +219,12 @@ def processor_route(client_api: str, models: list[metadata_pb2.MetadataMatcher])
 
 def _no_route() -> rc.DirectResponseAction:
     return rc.DirectResponseAction(status=404, body=base_pb2.DataSource(inline_bytes=NO_ROUTE))
+
+
+# The sidecar's routing headers, removed once Envoy has routed by them: no upstream needs them. (The
+# ORIGINAL_DST clusters pick the instance from them after routing: deploy/envoy.yaml removes them there,
+# in an upstream filter.)
+_ROUTED_BY = [H_BACKEND, H_CLUSTER, H_ENDPOINT]
 
 
 def processor_routes(config: Config) -> tuple[list[rc.Route], list[rc.Route]]:
@@ -238,7 +252,8 @@ def processor_routes(config: Config) -> tuple[list[rc.Route], list[rc.Route]]:
                       route=_to_backend(config, ENDPOINTS_CLUSTER))]
     for cluster in dict.fromkeys(b.cluster for b in config.backends if b.cluster):
         action = _to_backend(config, cluster, auto_host_rewrite=wrappers_pb2.BoolValue(value=True))
-        first.append(rc.Route(name=f"processor:{cluster}", route=action, match=rc.RouteMatch(prefix="/", headers=[
+        first.append(rc.Route(name=f"processor:{cluster}", route=action, request_headers_to_remove=_ROUTED_BY,
+                              match=rc.RouteMatch(prefix="/", headers=[
             rc.HeaderMatcher(name=H_CLUSTER, string_match=string_pb2.StringMatcher(exact=cluster))])))
     return first, [rc.Route(name="processor", match=rc.RouteMatch(prefix="/"), direct_response=_no_route())]
 

@@ -28,7 +28,7 @@ from extproc.errors import GatewayError, upstream_error_payload
 from extproc.exchange.actions import BUFFERED, Action, Step, new_body
 from extproc.exchange.exchange import Exchange
 from extproc.exchange.plan import ModelFacts
-from extproc.routing.gateway import H_BACKEND, H_FIRST_CONTACT, H_RETRIED, H_RETRY, Gateway
+from extproc.routing.gateway import H_BACKEND, H_FIRST_CONTACT, H_RETRIED, H_RETRY, ROUTING_HEADERS, Gateway
 from extproc.routing.modes import rejection_needs
 from extproc.state.lookup import Lookup, Values, then
 
@@ -148,6 +148,8 @@ class Retry:
 def _in_upstream(act: Action) -> Action:
     """The route is chosen already: re-matching it means nothing to an upstream filter."""
     act.clear_route_cache = False
+    act.set_headers = [(k, v) for k, v in act.set_headers if k not in ROUTING_HEADERS]  # and no backend needs them
+    act.remove_headers = (*act.remove_headers, *ROUTING_HEADERS)
     return act
 
 

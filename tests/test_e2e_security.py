@@ -203,7 +203,7 @@ def test_model_name_with_newlines_cannot_forge_log_lines(site):
     assert e.value.body["param"] == "model"
     assert ask(site.client(), FORGED) == "echo: hi"  # routed like any gpt-* model
     port = site.urls["good"].rsplit(":", 1)[1]
-    lines = wait_for_lines(lambda: site.stack.log(f"envoy-{port}"), "gpt-forge")
+    lines = wait_for_lines(lambda: site.stack.log(f"envoy-{port}"), "gpt-forge\u2028")  # Envoy writes it as UTF-8
     records = [json.loads(line) for line in lines]  # every line of the access log is one JSON object
     assert all(isinstance(r, dict) for r in records)
     assert [r["model"] for r in records if "gpt-forge" in str(r["model"])] == [refused, FORGED]  # as Envoy read it

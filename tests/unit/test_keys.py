@@ -220,3 +220,16 @@ def test_the_processor_refuses_an_odd_name_before_routing(gw):
     with pytest.raises(GatewayError) as e:
         request(gw, "POST", "/v1/chat/completions", {"model": "open-a\nINFO forged", "messages": []})
     assert (e.value.status, e.value.param) == (400, "model")
+
+
+def test_resolve_says_which_paths_get_the_key(tmp_path, monkeypatch, capsys):
+    from extproc.cli import main
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(CFG)
+    monkeypatch.setenv("KEY", KEY)
+    assert main(["resolve", "--config", str(cfg), "keyed-a"]) == 0
+    assert ("key:      KEY, sent only on /v1/chat/completions, /v1/models, /v1/embeddings, /v1/files/* "
+            "(any other path to this backend: 404)") in capsys.readouterr().out.splitlines()
+    assert main(["resolve", "--config", str(cfg), "open-a"]) == 0
+    assert "key:      none of the gateway's: the client's own credential goes, on any path" in capsys.readouterr().out

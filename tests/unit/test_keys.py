@@ -10,6 +10,8 @@ import re
 from urllib.parse import quote
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extproc.config import ConfigError, parse_config
 from extproc.errors import GatewayError
@@ -233,3 +235,19 @@ def test_resolve_says_which_paths_get_the_key(tmp_path, monkeypatch, capsys):
             "(any other path to this backend: 404)") in capsys.readouterr().out.splitlines()
     assert main(["resolve", "--config", str(cfg), "open-a"]) == 0
     assert "key:      none of the gateway's: the client's own credential goes, on any path" in capsys.readouterr().out
+
+
+@given(st.lists(st.one_of(st.text(max_size=20).map(str.encode), st.sampled_from(forms_written_by_others(KEY))),
+                max_size=8),
+       st.lists(st.integers(min_value=0, max_value=400), max_size=6))
+@settings(max_examples=300, deadline=None)
+def test_any_chunking_of_any_mix_gives_the_whole_bodys_scrub(parts, cuts):
+    """Whatever the text around the key and wherever the chunks end: the streamed result is the whole
+    body scrubbed at once, and no raw or escaped key survives."""
+    data = b"".join(parts)
+    s = StreamScrubber(KeyForms(KEY))
+    bounds = sorted({min(c, len(data)) for c in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *bounds], [*bounds, len(data)], strict=True)]
+    out = b"".join(s.feed(p, False) for p in pieces) + s.feed(b"", True)
+    assert out == KeyForms(KEY).scrub(data)
+    assert not any(f in out for f in forms_written_by_others(KEY)[:7])

@@ -354,3 +354,18 @@ def test_x_forwarded_for_is_the_edges(s):
             hops = [h.strip() for h in sent["x-forwarded-for"].split(",")]
             assert hops[:-1] == [h.strip() for h in claim.split(",")] and ipaddress.ip_address(hops[-1])
             assert sent["x-envoy-external-address"] == "127.0.0.1" and "x-envoy-internal" not in sent
+
+
+def test_the_sdk_reads_those_stream_errors_without_the_key(s):
+    """The same streams as the SDK reads them, passed through and translated: the error it raises holds
+    the upstream's message, without the key."""
+    client = s.client()
+    calls = [lambda: client.chat.completions.create(model="keyed-a", messages=[{"role": "user", "content": "hi"}],
+                                                    stream=True),
+             lambda: client.responses.create(model="keyed-a", input="hi", stream=True)]  # translated
+    for call in calls:
+        s.chat.script.append(Reply(events=CHAT_ERROR_STREAM))
+        with pytest.raises(openai.APIError) as e:
+            list(call())
+        assert e.value.message == "Incorrect API key provided: [redacted]"
+        assert no_key_in(json.dumps(e.value.body))

@@ -117,6 +117,7 @@ async def _resolve(config_path: str, model: str) -> int:
     from extproc.routing.compile import decide
     from extproc.routing.discovery import discover_once
     from extproc.routing.gateway import Gateway
+    from extproc.routing.key_paths import key_paths
     from extproc.routing.modes import Knowledge, Learned, learned_key
     from extproc.state.store import StoreUnavailable, open_store
 
@@ -151,6 +152,11 @@ async def _resolve(config_path: str, model: str) -> int:
               f"{'fast path' if path.fast else 'processor'}: {path.reason}")
     print("(the fast path is taken behind the project's own Envoy config, deploy/envoy.yaml; an Envoy the "
           "sidecar does not configure sends every request through the processor)")
+    if res.backend.api_key_env:  # docs/configuration.md, "Which paths get a backend's key"
+        print(f"key:      {res.backend.api_key_env}, sent only on {', '.join(key_paths(res.backend))} "
+              "(any other path to this backend: 404)")
+    else:
+        print("key:      none of the gateway's: the client's own credential goes, on any path")
     return 0
 
 

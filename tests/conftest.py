@@ -30,6 +30,7 @@ backends:
     models: ["llama-*", "qwen3-8b", "chat-notranslate", "text-embedding-small"]
     endpoints: ["{chat}"]
     api_key_env: VLLM_TEST_KEY
+    key_paths: ["/v1/embeddings"]  # its embeddings model gets the key too
   - name: vllm-strict
     api: chat
     models: ["strict-*"]

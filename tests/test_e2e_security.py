@@ -183,8 +183,9 @@ def test_client_envoy_control_headers_are_ignored(site):
     site.local.reset()
 
 
-FORGED = ('gpt-forge\n{"start_time":"2026-01-01T00:00:00.000Z","method":"POST","path":"/v1/admin","status":200,'
-          '"model":"gpt-5","backend":"openai"}\r\n[2026-01-01T00:00:00.000Z] "POST /v1/chat/completions" 200\u2028x')
+# Line separators but no control characters: a name the gateway routes (one with \n or \r is refused).
+FORGED = ('gpt-forge\u2028{"start_time":"2026-01-01T00:00:00.000Z","method":"POST","path":"/v1/admin","status":200,'
+          '"model":"gpt-5","backend":"openai"}\u2029[2026-01-01T00:00:00.000Z] "POST /v1/chat/completions" 200\u2028x')
 
 
 def wait_for_lines(read: Callable[[], str], needle: str, timeout: float = 10) -> list[str]:
@@ -196,12 +197,16 @@ def wait_for_lines(read: Callable[[], str], needle: str, timeout: float = 10) ->
 
 
 def test_model_name_with_newlines_cannot_forge_log_lines(site):
+    refused = FORGED.replace("\u2028", "\n").replace("\u2029", "\r\n")
+    with pytest.raises(openai.BadRequestError) as e:  # a newline is a control character: no model has one
+        ask(site.client(), refused)
+    assert e.value.body["param"] == "model"
     assert ask(site.client(), FORGED) == "echo: hi"  # routed like any gpt-* model
     port = site.urls["good"].rsplit(":", 1)[1]
-    lines = wait_for_lines(lambda: site.stack.log(f"envoy-{port}"), "gpt-forge")
+    lines = wait_for_lines(lambda: site.stack.log(f"envoy-{port}"), "gpt-forge\u2028")  # Envoy writes it as UTF-8
     records = [json.loads(line) for line in lines]  # every line of the access log is one JSON object
     assert all(isinstance(r, dict) for r in records)
-    assert [r["model"] for r in records if "gpt-forge" in str(r["model"])] == [FORGED]
+    assert [r["model"] for r in records if "gpt-forge" in str(r["model"])] == [refused, FORGED]  # as Envoy read it
     assert not [r for r in records if r["path"] == "/v1/admin" or r["start_time"].startswith("2026-01-01")]
     sidecar = [line for line in wait_for_lines(lambda: site.stack.log("sidecar"), "gpt-forge") if "gpt-forge" in line]
     assert len(sidecar) == 1 and json.loads(sidecar[0])["model"] == FORGED

@@ -64,6 +64,7 @@ class Reply:
     # all); `events` are the SSE data payloads of a 200 stream, sent as they are, then the stream ends.
     body: bytes | None = None
     events: list[bytes] | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # sent with the answer (an echo, a `location`)
 
 
 def _err(message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -150,6 +151,8 @@ class _Handler(JSONHandler):
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(reply.body)))
+        for k, v in reply.headers.items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(reply.body)
         return True
@@ -199,6 +202,12 @@ class _ChatHandler(_Handler):
     def do_GET(self) -> None:
         if self.path == "/v1/models":
             self.send_json(200, {"object": "list", "data": []})
+            return
+        self.upstream.requests.append({"method": "GET", "path": self.path, "headers": dict(self.headers)})
+        if self.path.startswith("/anything"):  # httpbin's echo of the request, as some debugging proxies have
+            self.send_json(200, {"method": "GET", "url": self.path, "headers": dict(self.headers)})
+        elif self.path.startswith("/v1/files"):  # an account's files, as a provider lists them for its key
+            self.send_json(200, {"object": "list", "data": [{"id": "file-secret-training-data", "object": "file"}]})
         else:
             self.send_json(404, {"detail": "Not Found"})
 
@@ -223,14 +232,14 @@ class _ChatHandler(_Handler):
         last_user = next((m.get("content") for m in reversed(body["messages"]) if m.get("role") == "user"), "")
         reply = self.reply_for(last_user if isinstance(last_user, str) else json.dumps(last_user))
         if reply.error:
-            self.send_json(*reply.error)
+            self.send_json(*reply.error, reply.headers)
             return
         if self.send_broken(reply, bool(body.get("stream"))):
             return
         if body.get("stream"):
             self.chat_stream(body, reply)
         else:
-            self.send_json(200, self.completion(body, reply))
+            self.send_json(200, self.completion(body, reply), reply.headers)
 
     def check(self, body: Any) -> str | None:
         if not isinstance(body, dict):
@@ -376,7 +385,7 @@ class _ResponsesHandler(_Handler):
             return
         reply = self.reply_for(self.last_user(body.get("input")))
         if reply.error:
-            self.send_json(*reply.error)
+            self.send_json(*reply.error, reply.headers)
             return
         if self.send_broken(reply, bool(body.get("stream"))):
             return

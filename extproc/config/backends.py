@@ -11,11 +11,12 @@ from extproc.api import BACKEND_APIS
 from extproc.config.addresses import host_port, resolve
 from extproc.config.model import MAX_TOKENS_FIELDS, Backend, Endpoint
 from extproc.config.reader import Reader
+from extproc.routing.key_paths import key_path_problem
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ALLOWED = {"name", "api", "models", "endpoints", "cluster", "path_prefix", "api_key_env",
             "translate", "chat_max_tokens_field", "vnodes", "hosted_tools", "replay_reasoning",
-            "authenticates_callers"}
+            "authenticates_callers", "key_paths"}
 
 
 def backends(r: Reader, root: yaml.Node, top: dict[str, yaml.Node]) -> list[Backend]:
@@ -96,6 +97,10 @@ def _options(r: Reader, m: dict[str, yaml.Node], key: str) -> dict[str, Any]:
         kw["replay_reasoning"] = r.scalar(m["replay_reasoning"], f"{key}.replay_reasoning", bool)
     if "vnodes" in m:
         kw["vnodes"] = r.bounded(m["vnodes"], f"{key}.vnodes", 1, 4096)
+    if "key_paths" in m:
+        kw["key_paths"] = tuple(r.string_list(m["key_paths"], f"{key}.key_paths"))
+        for why in filter(None, map(key_path_problem, kw["key_paths"])):
+            r.problem(m["key_paths"], f"{key}.key_paths", why)
     return kw
 
 

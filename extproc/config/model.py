@@ -52,6 +52,7 @@ class Backend:
     replay_reasoning: bool = False  # send earlier turns' reasoning back as reasoning_content
     dns_names: tuple[str, ...] = ()  # `dns:` entries: re-resolved periodically, the ring follows them
     dns_weights: tuple[int, ...] = ()  # the weight of each `dns:` entry
+    key_paths: tuple[str, ...] = ()  # paths besides the API's that get the key (extproc/routing/key_paths.py)
 
     def unserved(self) -> Unserved | None:
         """Why requests for this backend cannot be sent now (None: they can). The sidecar still starts,

@@ -16,6 +16,7 @@ from typing import Any
 from extproc.envoy.names import Key
 from extproc.errors import GatewayError, empty_answer
 from extproc.exchange.actions import Action, Step
+from extproc.exchange.key_guard import guard
 from extproc.exchange.phases import Lifecycle, Phase
 from extproc.exchange.request import RequestSide
 from extproc.exchange.response import Outcome, ResponseHandler, choose
@@ -75,7 +76,8 @@ class Exchange:
             return self.life.move("response_headers", Action(done=True))
         if plan.pair is not None and end_of_stream:  # no body to translate: say so in the client's shape
             raise empty_answer(self.status)
-        self.handler = choose(plan, self.status, headers, self.outcome)
+        # a keyed backend's answer never carries the key (exchange/key_guard.py)
+        self.handler = guard(plan, headers, end_of_stream, choose(plan, self.status, headers, self.outcome))
         return self.life.move("response_headers", self.handler.headers_action())
 
     def response_body(self, chunk: bytes, end_of_stream: bool) -> Action:

@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from extproc.api import API_OF_PATH, PATHS
-from extproc.envoy.names import H_BACKEND, H_FIRST_CONTACT, H_RETRIED, H_RETRY, LEARNABLE_STATUSES
+from extproc.envoy.names import (
+    H_BACKEND,
+    H_FIRST_CONTACT,
+    H_RETRIED,
+    H_RETRY,
+    LEARNABLE_STATUSES,
+    ROUTING_HEADERS,
+)
 from extproc.errors import GatewayError, upstream_error_payload
 from extproc.exchange.actions import BUFFERED, Action, Step, new_body
 from extproc.exchange.phases import Lifecycle
@@ -191,8 +198,10 @@ class Retry:
 
 def _in_upstream(act: Action, remove: tuple[str, ...] | None = None) -> Action:
     """The route is chosen already: re-matching it means nothing to an upstream filter."""
-    return dataclasses.replace(act, clear_route_cache=False,
-                               remove_headers=act.remove_headers if remove is None else remove)
+    removed = act.remove_headers if remove is None else remove
+    return dataclasses.replace(act, clear_route_cache=False,  # and no backend needs the routing headers
+                               set_headers=[(k, v) for k, v in act.set_headers if k not in ROUTING_HEADERS],
+                               remove_headers=(*removed, *ROUTING_HEADERS))
 
 
 def _in_upstream_after(step: Step) -> Decision[Action]:

@@ -31,6 +31,8 @@ from extproc.exchange.paths import INPUT_TOKENS, check_request_line
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
 from extproc.routing.classify import Resolution
 from extproc.routing.gateway import Gateway, Target, placement_key
+from extproc.routing.key_paths import check_key_path
+from extproc.routing.model_name import check_model_name
 from extproc.routing.modes import Learned, learned_key
 from extproc.routing.needs import Call, Facts, Need, needs, passed_on
 from extproc.state import records as rec
@@ -313,6 +315,7 @@ class RequestSide:
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "'model' is required and must be a non-empty string", param="model",
                                code="invalid_value" if "model" in body else "missing_required_parameter")
+        check_model_name(model)  # no control characters, at most 256 bytes (routing/model_name.py)
         self.model = model
         backend = self.gw.classifier.backend_for(model)
         if backend is None:
@@ -353,6 +356,7 @@ class RequestSide:
             path = PATHS[plan.pair.upstream_api] + ("?" + self.query if "?" in self.path else "")
         headers = target.headers()
         headers += mark(plan)
+        check_key_path(target.backend, self.method, path)  # the key only where it belongs (routing/key_paths.py)
         if target.backend.path_prefix:
             path = target.backend.path_prefix + path
         if path != self.path:
@@ -362,6 +366,7 @@ class RequestSide:
         if body is not None:
             raw = orjson.dumps(body)
             headers.append(("content-length", str(len(raw))))
-            headers.append(("accept-encoding", "identity"))  # translated answers must arrive readable
+        if body is not None or target.backend.api_key:  # translated answers, and those the key guard reads
+            headers.append(("accept-encoding", "identity"))  # (exchange/key_guard.py), must arrive readable
         return Action(set_headers=headers, remove_headers=remove, body=raw, clear_route_cache=True,
                       done=not plan.watches_answer)

@@ -36,6 +36,7 @@ from extproc.errors import GatewayError, bad_upstream, upstream_error_payload, u
 from extproc.exchange.actions import BUFFERED, STREAMED, Action, Writes, new_body
 from extproc.exchange.first_contact import retried_as
 from extproc.exchange.plan import Plan
+from extproc.ops.redact import forms_of
 from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
 from extproc.routing.modes import rejection_needs
 from extproc.routing.needs import USAGE, Need
@@ -306,7 +307,7 @@ def scrub(body: bytes, plan: Plan) -> bytes:
     """An upstream error that quotes the key the sidecar sent it (some providers echo a rejected key)
     never carries it to the client, who never had it."""
     key = plan.target.backend.api_key
-    return body.replace(key.encode(), b"[redacted]") if key else body
+    return forms_of(key).scrub(body) if key else body  # raw, JSON-escaped, URL-encoded, base64
 
 
 class Observe:

@@ -32,6 +32,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from extproc.api import AUTO, BOTH, CHAT, PATHS, RESPONSES
 from extproc.config import Backend, Config
 from extproc.envoy.names import (
+    H_BACKEND,
     H_CLUSTER,
     H_ENDPOINT,
     H_FIRST_CONTACT,
@@ -43,6 +44,7 @@ from extproc.envoy.names import (
 )
 from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.classify import Classifier, Resolution, combine, is_glob
+from extproc.routing.model_name import FAST_PATH_NAME
 from extproc.routing.modes import Knowledge, Learned
 from extproc.routing.needs import Condition, envoy_can, explain, ordered, survey
 
@@ -144,6 +146,10 @@ _FACT_METADATA: dict[str, tuple[str, value_pb2.ValueMatcher, bool]] = {
     "previous_response_id": (Key.PREVIOUS_RESPONSE_ID, _PRESENT, True),
     "conversation": (Key.CONVERSATION, _PRESENT, True)}
 
+# Names the processor would refuse (routing/model_name.py) never take a fast route: it refuses them.
+_SANE_NAME = _meta(Key.MODEL, value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(
+    safe_regex=regex_pb2.RegexMatcher(regex=FAST_PATH_NAME))))
+
 
 def _condition(cond: Condition) -> tuple[list[metadata_pb2.MetadataMatcher], list[rc.HeaderMatcher]]:
     """One alternative of `needs.Survey.when` as route matchers."""
@@ -193,12 +199,10 @@ def fast_route(config: Config, backend: Backend, client_api: str,
                                                             terminal=True) for h in SESSION_HEADERS)
     if backend.path_prefix:
         action.prefix_rewrite = backend.path_prefix + path
-    routes = []
-    for meta, headers in map(_condition, when):
-        routes.append(rc.Route(name=f"{FAST}:{client_api}:{backend.name}", route=action,
-                               typed_per_filter_config=_NO_PROCESSOR,
-                               match=rc.RouteMatch(path=path, headers=headers, dynamic_metadata=[*models, *meta])))
-    return routes
+    return [rc.Route(name=f"{FAST}:{client_api}:{backend.name}", route=action, typed_per_filter_config=_NO_PROCESSOR,
+                     request_headers_to_remove=[MODE_HEADER],  # the client's to the gateway, not the backend's
+                     match=rc.RouteMatch(path=path, headers=headers, dynamic_metadata=[_SANE_NAME, *models, *meta]))
+            for meta, headers in map(_condition, when)]
 
 
 def processor_route(client_api: str, models: list[metadata_pb2.MetadataMatcher]) -> rc.Route:
@@ -209,6 +213,12 @@ def processor_route(client_api: str, models: list[metadata_pb2.MetadataMatcher])
 
 def _no_route() -> rc.DirectResponseAction:
     return rc.DirectResponseAction(status=404, body=base_pb2.DataSource(inline_bytes=NO_ROUTE))
+
+
+# The sidecar's routing headers, removed once Envoy has routed by them: no upstream needs them. (The
+# ORIGINAL_DST clusters pick the instance from them after routing: deploy/envoy.yaml removes them there,
+# in an upstream filter.)
+_ROUTED_BY = [H_BACKEND, H_CLUSTER, H_ENDPOINT]
 
 
 def processor_routes(config: Config) -> tuple[list[rc.Route], list[rc.Route]]:
@@ -236,7 +246,8 @@ def processor_routes(config: Config) -> tuple[list[rc.Route], list[rc.Route]]:
                       route=_to_backend(config, ENDPOINTS_CLUSTER))]
     for cluster in dict.fromkeys(b.cluster for b in config.backends if b.cluster):
         action = _to_backend(config, cluster, auto_host_rewrite=wrappers_pb2.BoolValue(value=True))
-        first.append(rc.Route(name=f"processor:{cluster}", route=action, match=rc.RouteMatch(prefix="/", headers=[
+        first.append(rc.Route(name=f"processor:{cluster}", route=action, request_headers_to_remove=_ROUTED_BY,
+                              match=rc.RouteMatch(prefix="/", headers=[
             rc.HeaderMatcher(name=H_CLUSTER, string_match=string_pb2.StringMatcher(exact=cluster))])))
     return first, [rc.Route(name="processor", match=rc.RouteMatch(prefix="/"), direct_response=_no_route())]
 

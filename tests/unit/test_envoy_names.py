@@ -16,6 +16,8 @@ from extproc.envoy.names import (
     FIRST_CONTACT_ROLE,
     H_ENDPOINT,
     H_FIRST_CONTACT,
+    H_RETRIED,
+    H_RETRY,
     NAMESPACE,
     REQUEST_FIELDS,
     ROLE_METADATA,
@@ -77,9 +79,11 @@ def test_access_log_reads_only_keys_in_the_namespace(envoy):
 
 
 def test_headers_and_metadata_shared_with_the_sidecar(envoy):
-    [mutation] = named(envoy, "envoy.filters.http.header_mutation")
+    mutation, upstream_mutation = named(envoy, "envoy.filters.http.header_mutation")  # the edge's, the instances'
     removed = {m["remove"] for m in mutation["typed_config"]["mutations"]["request_mutations"] if "remove" in m}
-    assert removed == {*ROUTING_HEADERS, TENANT_HEADER, H_FIRST_CONTACT}
+    assert removed == {*ROUTING_HEADERS, TENANT_HEADER, H_FIRST_CONTACT, H_RETRY, H_RETRIED, ROLE_METADATA}
+    assert {m["remove"] for m in upstream_mutation["typed_config"]["mutations"]["request_mutations"]} == \
+        set(ROUTING_HEADERS)
     ext_procs = named(envoy, "envoy.filters.http.ext_proc")
     downstream = [f for f in ext_procs if "metadata_options" in f["typed_config"]]
     assert [f["typed_config"]["metadata_options"]["receiving_namespaces"]["untyped"] for f in downstream] == \

@@ -12,22 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from extproc.errors import BadUpstream
-from extproc.translate.common import json_type
 from extproc.translate.sse import SSEDecoder
-
-
-def event_json(data: str) -> dict[str, Any]:
-    """One upstream stream event's JSON object."""
-    try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise BadUpstream("stream event", "is not JSON") from None
-    if not isinstance(doc, dict):
-        raise BadUpstream("stream event", f"is {json_type(doc)}, expected an object")
-    return doc
 
 
 class SSETranslator:

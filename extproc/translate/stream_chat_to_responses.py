@@ -91,7 +91,7 @@ class ChatToResponsesStream(SSETranslator):
         calls = [ChatToolCall(index=i, id=c.id, function=c.function) for i, c in enumerate(message.tool_calls or ())]
         delta = ChatDelta(content=message.text(), refusal=message.refusal, reasoning_content=message.reasoning_text(),
                           tool_calls=calls)
-        chunk = ChatChunk(created=chat.created, model=chat.model, usage=chat.usage,
+        chunk = ChatChunk(created=chat.created, model=chat.model, usage=chat.usage, error=chat.error,
                           choices=[ChunkChoice(index=0, delta=delta, finish_reason=choice.finish_reason or "stop")])
         return encode(msgspec.json.encode(chunk)) + DONE
 

@@ -107,6 +107,7 @@ class ChatCompletion(_Model):
     choices: list[ChatChoice] | None = None
     usage: ChatUsage | None = None
     service_tier: str | None = None
+    error: Any = None  # an error inside a 200 answer: a stream that replays the answer ends with it
 
 
 class ChunkChoice(_Model):

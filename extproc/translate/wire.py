@@ -3,8 +3,9 @@
 Each model names only the fields a translator reads; every other field is ignored, as before, so
 whatever a provider adds still passes. A value of the wrong type fails the decode with its JSON path,
 raised as `BadUpstream` (502 `bad_upstream_response`) like every other fault of an upstream answer.
-Decoding bytes straight into these models is faster than orjson into dicts followed by the checks
-(benchmarks/micro.py measures both).
+Stream events are decoded from their text straight into these models, at less cost than orjson.loads
+alone; a buffered answer arrives as the exchange's decoded dict and is converted (benchmarks/micro.py
+measures both against the hand checks they replace).
 """
 
 from __future__ import annotations

@@ -1,18 +1,25 @@
-"""Pieces both directions share: ids, usage, finish reasons, field checks of a client's request.
+"""Pieces both directions share: ids, usage, finish reasons, field checks.
 
-A client's request is checked here (`expect`: 400, the client's fault); an upstream's answer, as
-untrusted as a request, is decoded into the typed models of `wire` (502 `BadUpstream`, the upstream's
-fault), so each value a translator uses is checked before it is used.
+Field checks come in two kinds: a client's request (`expect`: 400, the client's fault) and an
+upstream's answer (502 `BadUpstream`, the upstream's fault). An upstream answer is as untrusted as a
+request: the Chat Completions <-> Responses translators decode it into the typed models of `wire`;
+`read`, `need`, `objects` and `count` check the fields of an answer a translator reads as a dict.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from extproc.errors import BadUpstream, invalid
-from extproc.translate.wire import ChatChoice, ChatCompletion, ChatUsage, ResponsesUsage
+from extproc.translate.wire import ChatUsage, ResponsesUsage, convert
+
+NUMBER = (int, float)
+_WHAT: dict[Any, str] = {str: "a string", int: "an integer", dict: "an object", list: "a list", bool: "a boolean",
+                         NUMBER: "a number"}
+_MAX_COUNT = 2**64  # orjson writes unsigned 64-bit integers at most
 
 
 def new_id(prefix: str) -> str:
@@ -37,14 +44,69 @@ def expect(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what: 
     return value
 
 
-def first_choice(chat: ChatCompletion) -> tuple[str, ChatChoice]:
+def json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return _WHAT[type(value)]
+
+
+def at(where: str, key: str | int) -> str:
+    """The JSON path of a field, as error messages name it: `choices[0].message`."""
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    return f"{where}.{key}" if where else key
+
+
+def read(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+    """An optional field of an upstream answer: None when absent or null, else a value of `kind`."""
+    value = doc.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise BadUpstream(at(where, key), f"is {json_type(value)}, expected {_WHAT[kind]}")
+    return value
+
+
+def need(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+    """A field of an upstream answer the translator cannot do without."""
+    value = read(doc, key, kind, where)
+    if value is None:
+        raise BadUpstream(at(where, key), "is missing")
+    return value
+
+
+def objects(doc: dict[str, Any], key: str, where: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, object) for each element of an optional list of objects in an upstream answer."""
+    for i, item in enumerate(read(doc, key, list, where) or ()):
+        path = at(at(where, key), i)
+        if not isinstance(item, dict):
+            raise BadUpstream(path, f"is {json_type(item)}, expected an object")
+        yield path, item
+
+
+def first_choice(chat: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(path, choice) of a chat.completion's first choice: the one with `index` 0 wherever it is listed
     (streams read only that one), else the first listed."""
-    choices = chat.choices or []
+    choices = list(objects(chat, "choices"))
     if not choices:
         raise BadUpstream("choices", "is missing or empty")
-    i = next((i for i, c in enumerate(choices) if c.index == 0), 0)
-    return f"choices[{i}]", choices[i]
+    return next((c for c in choices if c[1].get("index") == 0), choices[0])
+
+
+def count(doc: dict[str, Any], key: str, where: str = "") -> int:
+    """A token count or timestamp of an upstream answer: a non-negative integer, 0 when absent."""
+    value = doc.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, NUMBER) or not 0 <= value < _MAX_COUNT \
+            or value != int(value):
+        shown = f" ({str(value)[:40]!r})" if isinstance(value, (str, int, float)) else ""  # never a deep repr
+        raise BadUpstream(at(where, key), f"is {json_type(value)}{shown}, expected a non-negative integer")
+    return int(value)
 
 
 def upstream_failure(err: Any, default: str) -> tuple[str, str]:
@@ -76,27 +138,16 @@ def text_of(parts: Any, field: str, kinds: tuple[str, ...]) -> str:
     return "".join(out)
 
 
-def usage_chat_to_responses(u: ChatUsage | None) -> dict[str, Any] | None:
-    """The Responses usage object for the chat `usage` of an upstream answer (or chunk)."""
-    if u is None:
-        return None
-    inp, out = u.prompt_tokens or 0, u.completion_tokens or 0
-    cached = u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details else None
-    reasoning = u.completion_tokens_details.reasoning_tokens if u.completion_tokens_details else None
-    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": cached or 0}, "output_tokens": out,
-            "output_tokens_details": {"reasoning_tokens": reasoning or 0}, "total_tokens": u.total_tokens or inp + out}
+def usage_chat_to_responses(doc: dict[str, Any], where: str = "") -> dict[str, Any] | None:
+    """The Responses usage object for the chat `usage` of an upstream answer read as a dict."""
+    u = doc.get("usage")
+    return None if u is None else convert(u, ChatUsage, "usage", at(where, "usage")).as_responses()
 
 
-def usage_responses_to_chat(u: ResponsesUsage | None) -> dict[str, Any] | None:
-    """The chat usage object for the Responses `usage` of an upstream Response."""
-    if u is None:
-        return None
-    inp, out = u.input_tokens or 0, u.output_tokens or 0
-    cached = u.input_tokens_details.cached_tokens if u.input_tokens_details else None
-    reasoning = u.output_tokens_details.reasoning_tokens if u.output_tokens_details else None
-    return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": u.total_tokens or inp + out,
-            "prompt_tokens_details": {"cached_tokens": cached or 0},
-            "completion_tokens_details": {"reasoning_tokens": reasoning or 0}}
+def usage_responses_to_chat(doc: dict[str, Any], where: str = "") -> dict[str, Any] | None:
+    """The chat usage object for the Responses `usage` of an upstream Response read as a dict."""
+    u = doc.get("usage")
+    return None if u is None else convert(u, ResponsesUsage, "usage", at(where, "usage")).as_chat()
 
 
 # Chat finish_reason -> (Response status, incomplete reason)

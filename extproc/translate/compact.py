@@ -25,7 +25,7 @@ from extproc.api import CHAT, RESPONSES
 from extproc.config import Backend
 from extproc.errors import GatewayError, invalid
 from extproc.state.records import input_items
-from extproc.translate.common import new_id, now, usage_chat_to_responses
+from extproc.translate.common import new_id, now
 from extproc.translate.pairs import Answer, StreamTranslator
 from extproc.translate.req_responses_to_chat import translate_request
 from extproc.translate.wire import ChatCompletion, ChatUsage, convert
@@ -128,7 +128,7 @@ def compaction_resource(chat: dict[str, Any], items: list[dict[str, Any]], seale
         raise GatewayError(502, "the upstream returned no summary text for the compaction", code="bad_upstream_response")
     kept = [i for i in items if i.get("type") == "message" and i.get("role") == "user"]
     compaction = {"type": "compaction", "id": new_id("cmp_"), "encrypted_content": sealer.seal(summary, tenant)}
-    usage = usage_chat_to_responses(answer.usage or ChatUsage())  # zeros when none came
+    usage = (answer.usage or ChatUsage()).as_responses()  # zeros when none came
     return {"id": new_id("resp_"), "object": "response.compaction", "created_at": now(),
             "output": [*kept, compaction], "usage": usage}
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.errors import BadUpstream
-from extproc.translate.common import FINISH_TO_STATUS, first_choice, new_id, now, usage_chat_to_responses
+from extproc.translate.common import FINISH_TO_STATUS, new_id, now
 from extproc.translate.tools import ToolMap, encode_reasoning, tool_map
-from extproc.translate.wire import ChatCompletion, convert
+from extproc.translate.wire import ChatCompletion, ChatMessage, convert
 
 
 def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
@@ -97,6 +97,18 @@ def finish(resp: dict[str, Any], finish_reason: str | None, usage: dict[str, Any
     resp["usage"] = usage
 
 
+def chat_reasoning(message: dict[str, Any], where: str) -> str | None:
+    """Reasoning text of a chat message read as a dict, as vLLM (`reasoning_content`), OpenRouter/Ollama
+    (`reasoning`) and others send it."""
+    return convert(message, ChatMessage, "message", where).reasoning_text()
+
+
+def message_text(message: dict[str, Any], where: str) -> str:
+    """A chat message's content read as a dict: a string, or (some servers, even on the response side)
+    text parts."""
+    return convert(message, ChatMessage, "message", where).text()
+
+
 def translate_response(doc: dict[str, Any], request: dict[str, Any], response_id: str | None = None,
                        tools: ToolMap | None = None) -> dict[str, Any]:
     """The Response for a chat.completion; BadUpstream when the answer lacks what it needs."""
@@ -104,7 +116,7 @@ def translate_response(doc: dict[str, Any], request: dict[str, Any], response_id
     resp = response_shell(request, response_id or new_id("resp_"), chat.created or now())
     if chat.model:
         resp["model"] = chat.model
-    at_choice, choice = first_choice(chat)
+    at_choice, choice = chat.first_choice()
     message = choice.message
     if message is None:
         raise BadUpstream(f"{at_choice}.message", "is missing")
@@ -131,7 +143,7 @@ def translate_response(doc: dict[str, Any], request: dict[str, Any], response_id
                                       call_item_id(tools, name), item_status))
     if not output:
         output.append(message_item(new_id("msg_"), "", item_status))
-    finish(resp, reason, usage_chat_to_responses(chat.usage))
+    finish(resp, reason, chat.usage.as_responses() if chat.usage else None)
     if chat.service_tier:
         resp["service_tier"] = chat.service_tier
     return resp

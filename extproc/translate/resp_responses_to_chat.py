@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.errors import BadUpstream, GatewayError
-from extproc.translate.common import finish_reason, now, upstream_failure, usage_responses_to_chat
+from extproc.translate.common import finish_reason, now, upstream_failure
 from extproc.translate.wire import Logprob, OutputItem, ResponseObject, TopLogprob, convert
 
 
@@ -25,6 +25,11 @@ def tool_call_of(item: OutputItem, where: str) -> dict[str, Any] | None:
     if item.type == "function_call":
         return {"id": call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments or ""}}
     return {"id": call_id, "type": "custom", "custom": {"name": item.name, "input": item.input or ""}}
+
+
+def reasoning_text(item: dict[str, Any], where: str) -> str:
+    """Reasoning summary text, else the raw reasoning text, of a reasoning item read as a dict."""
+    return convert(item, OutputItem, "item", where).reasoning_text()
 
 
 def _logprob(entry: TopLogprob) -> dict[str, Any]:
@@ -82,7 +87,7 @@ def translate_response(doc: dict[str, Any], model: str) -> dict[str, Any]:
             "logprobs": {"content": logprobs, "refusal": None} if logprobs else None,
             "finish_reason": finish_reason(resp.status, incomplete, bool(calls)),
         }],
-        "usage": usage_responses_to_chat(resp.usage),
+        "usage": resp.usage.as_chat() if resp.usage else None,
         "service_tier": resp.service_tier,
         "system_fingerprint": None,
     }

@@ -12,8 +12,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from extproc.errors import BadUpstream
+from extproc.translate.common import json_type
 from extproc.translate.sse import SSEDecoder
+
+
+def event_json(data: str) -> dict[str, Any]:
+    """One upstream stream event's JSON object, for a translator that reads events as dicts (the
+    Chat Completions <-> Responses ones decode theirs into `wire` models)."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise BadUpstream("stream event", "is not JSON") from None
+    if not isinstance(doc, dict):
+        raise BadUpstream("stream event", f"is {json_type(doc)}, expected an object")
+    return doc
 
 
 class SSETranslator:

@@ -13,7 +13,7 @@ import msgspec
 import orjson
 
 from extproc.errors import BadUpstream
-from extproc.translate.common import first_choice, new_id, now, upstream_failure, usage_chat_to_responses
+from extproc.translate.common import new_id, now, upstream_failure
 from extproc.translate.resp_chat_to_responses import (
     call_item_id,
     finish,
@@ -84,7 +84,7 @@ class ChatToResponsesStream(SSETranslator):
         """A chat.completion as one chunk carrying its whole first choice, then [DONE]; a choice
         without a finish_reason finished all the same (the answer is complete), as it does buffered."""
         chat = convert(doc, ChatCompletion, "body")
-        where, choice = first_choice(chat)
+        where, choice = chat.first_choice()
         message = choice.message
         if message is None:
             raise BadUpstream(f"{where}.message", "is missing")
@@ -125,7 +125,7 @@ class ChatToResponsesStream(SSETranslator):
         if not self.started:
             self._start(chunk.created or 0, chunk.model)
         if chunk.usage is not None:
-            self.usage = usage_chat_to_responses(chunk.usage)
+            self.usage = chunk.usage.as_responses()
         for choice in chunk.choices or ():
             if choice.index:
                 continue  # only choice 0 is streamed

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from extproc.translate.common import finish_reason, now, upstream_failure, usage_responses_to_chat
+from extproc.translate.common import finish_reason, now, upstream_failure
 from extproc.translate.resp_responses_to_chat import chat_id
 from extproc.translate.sse import DONE, encode
 from extproc.translate.stream_base import SSETranslator
@@ -175,7 +175,7 @@ class ResponsesToChatStream(SSETranslator):
     def _complete(self, response: ResponseObject) -> None:
         status = response.status
         reason = response.incomplete_details.reason if response.incomplete_details else None
-        usage = usage_responses_to_chat(response.usage)
+        usage = response.usage.as_chat() if response.usage else None
         self.response = {"id": response.id, "status": status, "usage": usage,
                          "output": [{"type": "message", "content": [{"type": "output_text", "text": "".join(self.text)}]}]}
         self._chunk({}, finish_reason(status, reason, bool(self.calls)))

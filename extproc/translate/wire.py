@@ -85,6 +85,15 @@ class ChatUsage(_Model):
     prompt_tokens_details: CachedDetails | None = None
     completion_tokens_details: ReasoningDetails | None = None
 
+    def as_responses(self) -> dict[str, Any]:
+        """The Responses usage object with the same counts."""
+        inp, out = self.prompt_tokens or 0, self.completion_tokens or 0
+        cached = self.prompt_tokens_details.cached_tokens if self.prompt_tokens_details else None
+        reasoning = self.completion_tokens_details.reasoning_tokens if self.completion_tokens_details else None
+        return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": cached or 0}, "output_tokens": out,
+                "output_tokens_details": {"reasoning_tokens": reasoning or 0},
+                "total_tokens": self.total_tokens or inp + out}
+
 
 class ResponsesUsage(_Model):
     """Token counts as the Responses API names them."""
@@ -94,6 +103,15 @@ class ResponsesUsage(_Model):
     total_tokens: Count | None = None
     input_tokens_details: CachedDetails | None = None
     output_tokens_details: ReasoningDetails | None = None
+
+    def as_chat(self) -> dict[str, Any]:
+        """The chat usage object with the same counts."""
+        inp, out = self.input_tokens or 0, self.output_tokens or 0
+        cached = self.input_tokens_details.cached_tokens if self.input_tokens_details else None
+        reasoning = self.output_tokens_details.reasoning_tokens if self.output_tokens_details else None
+        return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": self.total_tokens or inp + out,
+                "prompt_tokens_details": {"cached_tokens": cached or 0},
+                "completion_tokens_details": {"reasoning_tokens": reasoning or 0}}
 
 
 class ChatChoice(_Model):
@@ -109,6 +127,14 @@ class ChatCompletion(_Model):
     usage: ChatUsage | None = None
     service_tier: str | None = None
     error: Any = None  # an error inside a 200 answer: a stream that replays the answer ends with it
+
+    def first_choice(self) -> tuple[str, ChatChoice]:
+        """(path, choice) of the first choice: the one with `index` 0 wherever it is listed (streams read
+        only that one), else the first listed."""
+        if not self.choices:
+            raise BadUpstream("choices", "is missing or empty")
+        i = next((i for i, c in enumerate(self.choices) if c.index == 0), 0)
+        return f"choices[{i}]", self.choices[i]
 
 
 class ChunkChoice(_Model):
@@ -227,20 +253,20 @@ def decode(raw: bytes | str, model: type[M], what: str) -> M:
     return out
 
 
-def convert(doc: Any, model: type[M], what: str) -> M:
-    """An already decoded JSON document as `model`."""
+def convert(doc: Any, model: type[M], what: str, where: str = "") -> M:
+    """An already decoded JSON document (found at the path `where` of a larger one) as `model`."""
     try:
         return msgspec.convert(doc, model)
     except msgspec.ValidationError as e:
-        raise _bad(e, what) from None
+        raise _bad(e, what, where) from None
 
 
-def _bad(e: msgspec.ValidationError, what: str) -> BadUpstream:
+def _bad(e: msgspec.ValidationError, what: str, where: str = "") -> BadUpstream:
     """msgspec's `Expected `str | null`, got `int` - at `$.choices[0].delta.content`` as today's
     `'choices[0].delta.content' is an integer, expected a string`."""
     found = _ERROR.match(str(e))
     problem, path = (found["problem"], found["path"]) if found else (str(e), None)
-    field = (path or "").removeprefix(".") or what
+    field = (where + (path or "") if where else (path or "").removeprefix(".")) or what
     got = re.fullmatch(r"Expected `(.+?)`, got `(\w+)`", problem)
     if got:
         expected = " or ".join(_TYPES.get(t, t) for t in got[1].split(" | ") if t != "null")

@@ -41,3 +41,23 @@ def test_unknown_fields_pass_and_null_is_absent():
         wire.ChatChunk, "stream event")
     assert chunk.model is None and chunk.choices is not None
     assert chunk.choices[0].delta is not None and chunk.choices[0].delta.content == "hi"
+
+
+def test_dict_readers_share_the_models_and_name_the_whole_path():
+    from extproc.translate.common import usage_chat_to_responses, usage_responses_to_chat
+    from extproc.translate.resp_chat_to_responses import chat_reasoning, message_text
+    from extproc.translate.resp_responses_to_chat import reasoning_text
+
+    assert usage_chat_to_responses({"usage": {"prompt_tokens": 3, "completion_tokens": 4}}) == {
+        "input_tokens": 3, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 4,
+        "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 7}
+    assert usage_responses_to_chat({}) is None
+    with pytest.raises(BadUpstream) as e:
+        usage_responses_to_chat({"usage": {"input_tokens_details": {"cached_tokens": "9"}}}, "response")
+    assert e.value.field == "response.usage.input_tokens_details.cached_tokens"
+    assert message_text({"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, "m") == "ab"
+    assert chat_reasoning({"reasoning_content": "", "reasoning": "why"}, "m") == "why"
+    assert reasoning_text({"summary": [], "content": [{"type": "reasoning_text", "text": "raw"}]}, "output[0]") == "raw"
+    with pytest.raises(BadUpstream) as e:
+        message_text({"content": [{"text": 1}]}, "choices[0].message")
+    assert e.value.field == "choices[0].message.content[0].text"

@@ -12,6 +12,8 @@ import sys
 import timeit
 from pathlib import Path
 
+import orjson
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -24,8 +26,15 @@ from extproc.ops.metrics import Metrics  # noqa: E402
 from extproc.ops.record import record  # noqa: E402
 from extproc.routing.gateway import Gateway  # noqa: E402
 from extproc.routing.ring import HashRing  # noqa: E402
-from extproc.translate import req_chat_to_responses, req_responses_to_chat  # noqa: E402
+from extproc.translate import (  # noqa: E402
+    req_chat_to_responses,
+    req_responses_to_chat,
+    resp_chat_to_responses,
+    resp_responses_to_chat,
+    wire,
+)
 from extproc.translate.stream_chat_to_responses import ChatToResponsesStream  # noqa: E402
+from extproc.translate.stream_responses_to_chat import ResponsesToChatStream  # noqa: E402
 
 GW = Gateway(parse_config("""
 usage_accounting: translated
@@ -70,6 +79,42 @@ def sse_events(n: int) -> None:
         s.feed(CHUNK)
 
 
+EVENT = b"event: response.output_text.delta\ndata: " + json.dumps({
+    "type": "response.output_text.delta", "sequence_number": 7, "item_id": "msg_1", "output_index": 0,
+    "content_index": 0, "delta": "hello world ", "logprobs": []}).encode() + b"\n\n"
+CREATED = b"data: " + json.dumps({"type": "response.created", "sequence_number": 0, "response": {
+    "id": "resp_1", "object": "response", "created_at": 1, "status": "in_progress", "model": "m", "output": []}}).encode() \
+    + b"\n\n"
+
+
+def responses_events(n: int) -> None:
+    s = ResponsesToChatStream({"model": "m", "stream": True}, "m")
+    s.feed(CREATED)
+    for _ in range(n):
+        s.feed(EVENT)
+
+
+ANSWER_TEXT = "The answer, at some length: " + "lorem ipsum dolor sit amet " * 60  # about 1.6 KB
+USAGE = {"prompt_tokens": 1200, "completion_tokens": 400, "total_tokens": 1600,
+         "prompt_tokens_details": {"cached_tokens": 1024}, "completion_tokens_details": {"reasoning_tokens": 0}}
+CHAT_ANSWER = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1733000000, "model": "llama-3",
+               "system_fingerprint": "fp_1", "usage": USAGE, "choices": [{
+                   "index": 0, "finish_reason": "tool_calls", "logprobs": None, "message": {
+                       "role": "assistant", "content": ANSWER_TEXT, "refusal": None, "tool_calls": [
+                           {"id": "call_1", "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}}]}
+RESPONSE = {"id": "resp_1", "object": "response", "created_at": 1733000000, "status": "completed", "model": "gpt-5.3",
+            "usage": {"input_tokens": 1200, "output_tokens": 400, "total_tokens": 1600,
+                      "input_tokens_details": {"cached_tokens": 1024}, "output_tokens_details": {"reasoning_tokens": 64}},
+            "output": [
+                {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Thinking it over."}]},
+                {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant", "content": [
+                    {"type": "output_text", "text": ANSWER_TEXT, "annotations": [], "logprobs": []}]},
+                {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather",
+                 "arguments": '{"city": "Paris"}', "status": "completed"}]}
+CHUNK_DATA = CHUNK[len(b"data: "):].strip()
+
+
 def finished_stream() -> Exchange:
     """A translated stream (Responses client, chat backend) fed to its end: what the metrics read."""
     ex = Exchange(GW)
@@ -108,11 +153,18 @@ def main() -> int:
         "request chat->responses, 100 KB history": lambda: req_chat_to_responses.translate_request(LARGE),
         "request responses->chat, 100 KB history": lambda: req_responses_to_chat.translate_request(resp_large),
         "SSE chat chunk -> Responses events, per chunk": lambda: sse_events(100),
+        "SSE Responses event -> chat chunks, per event": lambda: responses_events(100),
+        "buffered chat.completion (1.6 KB) -> Response": lambda: resp_chat_to_responses.translate_response(
+            CHAT_ANSWER, {"model": "llama-3"}, "resp_1"),
+        "buffered Response (1.6 KB) -> chat.completion": lambda: resp_responses_to_chat.translate_response(
+            RESPONSE, "m"),
+        "one chat chunk: orjson.loads alone (no checks)": lambda: orjson.loads(CHUNK_DATA),
+        "one chat chunk: typed decode, every field checked": lambda: wire.decode(CHUNK_DATA, wire.ChatChunk, "event"),
         "ring lookup (16 endpoints x 160 vnodes)": lambda: ring.lookup("user-1234"),
         "pass-through request through the exchange + protos": passthrough_request,
         "metrics of one translated stream (23 messages)": stream_metrics,
     }
-    per = {"SSE chat chunk -> Responses events, per chunk": 100}
+    per = {"SSE chat chunk -> Responses events, per chunk": 100, "SSE Responses event -> chat chunks, per event": 100}
     results = {}
     print(f"{'operation':55} {'us/op':>10}")
     for name, fn in cases.items():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up everything the test suite needs on a fresh machine, then runs it (ruff first).
+# Sets up everything the test suite needs on a fresh machine, then runs it (ruff and mypy first).
 # Extra arguments go to both pytest runs (unit, then the rest), e.g. scripts/test.sh -k streaming
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -60,7 +60,7 @@ def surface(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Surface]:
     cfg.write_text(yaml.safe_dump(doc))
     stack = Stack()
     try:
-        demo = stack.spawn("demo", ["python", "-m", "extproc", "demo-backend", "--port", str(demo_port)])
+        demo = stack.spawn("demo", [sys.executable, "-m", "extproc", "demo-backend", "--port", str(demo_port)])
         wait_for_port(demo_port, proc=demo)
         sidecar = stack.start_sidecar(cfg)
         wait_for_port(extproc_port, proc=sidecar)

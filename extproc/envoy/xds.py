@@ -23,6 +23,7 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3 import discovery_pb2 as pb
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 
 from extproc.routing.compile import Compiled, compile_routes
 from extproc.routing.gateway import Gateway
@@ -38,9 +39,9 @@ POLL_SECONDS = 0.1  # how often a reload or a new fact is looked for (cheap: two
 STORE_SECONDS = 5.0  # how often the store's learned facts (other replicas') are read
 
 
-def _pack(msg: object) -> any_pb2.Any:
+def _pack(msg: Message) -> any_pb2.Any:
     out = any_pb2.Any()
-    out.Pack(msg)  # type: ignore[arg-type]
+    out.Pack(msg)
     return out
 
 

@@ -5,4 +5,5 @@
 - `req_responses_to_chat`: a Responses client's request for a chat-only backend.
 - `resp_chat_to_responses`: that backend's chat.completion back into a Response.
 Dicts in, dicts out; a request that cannot be translated raises `GatewayError` (a 400 naming the field).
+The upstream's answers are read through the typed models of `wire` (a 502 naming the field).
 """

@@ -1,8 +1,9 @@
 """Pieces both directions share: ids, usage, finish reasons, field checks.
 
 Field checks come in two kinds: a client's request (`expect`: 400, the client's fault) and an
-upstream's answer (`read`, `need`, `objects`, `count`: 502 `BadUpstream`, the upstream's fault). An
-upstream answer is as untrusted as a request: each value a translator uses is checked here first.
+upstream's answer (502 `BadUpstream`, the upstream's fault). An upstream answer is as untrusted as a
+request: the Chat Completions <-> Responses translators decode it into the typed models of `wire`;
+`read`, `need`, `objects` and `count` check the fields of an answer a translator reads as a dict.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from extproc.errors import BadUpstream, invalid
+from extproc.translate.wire import ChatUsage, ResponsesUsage, convert
 
 NUMBER = (int, float)
 _WHAT: dict[Any, str] = {str: "a string", int: "an integer", dict: "an object", list: "a list", bool: "a boolean",
@@ -137,52 +138,16 @@ def text_of(parts: Any, field: str, kinds: tuple[str, ...]) -> str:
     return "".join(out)
 
 
-@dataclass(frozen=True, slots=True)
-class _UsageKeys:
-    """How one API names the counts of a usage object."""
-
-    input: str
-    output: str
-    input_details: str
-    output_details: str
-
-
-_CHAT_USAGE = _UsageKeys("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
-_RESPONSES_USAGE = _UsageKeys("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
-
-
-def _usage(doc: dict[str, Any], where: str, keys: _UsageKeys) -> tuple[int, int, int, int, int] | None:
-    """(input, output, total, cached, reasoning) of the `usage` object of an upstream answer, checked."""
-    u = read(doc, "usage", dict, where)
-    if u is None:
-        return None
-    where = at(where, "usage")
-    i, o = count(u, keys.input, where), count(u, keys.output, where)
-    idt = read(u, keys.input_details, dict, where) or {}
-    odt = read(u, keys.output_details, dict, where) or {}
-    return (i, o, count(u, "total_tokens", where) or i + o, count(idt, "cached_tokens", at(where, keys.input_details)),
-            count(odt, "reasoning_tokens", at(where, keys.output_details)))
-
-
 def usage_chat_to_responses(doc: dict[str, Any], where: str = "") -> dict[str, Any] | None:
-    """The Responses usage object for the chat `usage` of an upstream answer (or chunk)."""
-    found = _usage(doc, where, _CHAT_USAGE)
-    if found is None:
-        return None
-    inp, out, total, cached, reasoning = found
-    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": out,
-            "output_tokens_details": {"reasoning_tokens": reasoning}, "total_tokens": total}
+    """The Responses usage object for the chat `usage` of an upstream answer read as a dict."""
+    u = doc.get("usage")
+    return None if u is None else convert(u, ChatUsage, "usage", at(where, "usage")).as_responses()
 
 
 def usage_responses_to_chat(doc: dict[str, Any], where: str = "") -> dict[str, Any] | None:
-    """The chat usage object for the Responses `usage` of an upstream Response."""
-    found = _usage(doc, where, _RESPONSES_USAGE)
-    if found is None:
-        return None
-    inp, out, total, cached, reasoning = found
-    return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": total,
-            "prompt_tokens_details": {"cached_tokens": cached},
-            "completion_tokens_details": {"reasoning_tokens": reasoning}}
+    """The chat usage object for the Responses `usage` of an upstream Response read as a dict."""
+    u = doc.get("usage")
+    return None if u is None else convert(u, ResponsesUsage, "usage", at(where, "usage")).as_chat()
 
 
 # Chat finish_reason -> (Response status, incomplete reason)

@@ -25,9 +25,10 @@ from extproc.api import CHAT, RESPONSES
 from extproc.config import Backend
 from extproc.errors import GatewayError, invalid
 from extproc.state.records import input_items
-from extproc.translate.common import new_id, now, usage_chat_to_responses
+from extproc.translate.common import new_id, now
 from extproc.translate.pairs import Answer, StreamTranslator
 from extproc.translate.req_responses_to_chat import translate_request
+from extproc.translate.wire import ChatCompletion, ChatUsage, convert
 
 PATH = "/v1/responses/compact"
 TOKEN_PREFIX = "xpc1."  # sealed by this gateway (format version 1); other items belong to the backend
@@ -120,14 +121,14 @@ def chat_request(body: dict[str, Any], items: list[dict[str, Any]], max_tokens_f
 def compaction_resource(chat: dict[str, Any], items: list[dict[str, Any]], sealer: Sealer,
                         tenant: str) -> dict[str, Any]:
     """The client's answer to a successful summary completion: a `response.compaction` object."""
-    choices = chat.get("choices")
-    message = choices[0].get("message") if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
-    summary = message.get("content") if isinstance(message, dict) else None
+    answer = convert(chat, ChatCompletion, "body")
+    message = answer.choices[0].message if answer.choices else None
+    summary = message.content if message is not None else None
     if not isinstance(summary, str) or not summary.strip():
         raise GatewayError(502, "the upstream returned no summary text for the compaction", code="bad_upstream_response")
     kept = [i for i in items if i.get("type") == "message" and i.get("role") == "user"]
     compaction = {"type": "compaction", "id": new_id("cmp_"), "encrypted_content": sealer.seal(summary, tenant)}
-    usage = usage_chat_to_responses(chat) or usage_chat_to_responses({"usage": {}})  # zeros when none came
+    usage = (answer.usage or ChatUsage()).as_responses()  # zeros when none came
     return {"id": new_id("resp_"), "object": "response.compaction", "created_at": now(),
             "output": [*kept, compaction], "usage": usage}
 

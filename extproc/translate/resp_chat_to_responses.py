@@ -8,18 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.translate.common import (
-    FINISH_TO_STATUS,
-    count,
-    first_choice,
-    need,
-    new_id,
-    now,
-    objects,
-    read,
-    usage_chat_to_responses,
-)
+from extproc.errors import BadUpstream
+from extproc.translate.common import FINISH_TO_STATUS, new_id, now
 from extproc.translate.tools import ToolMap, encode_reasoning, tool_map
+from extproc.translate.wire import ChatCompletion, ChatMessage, convert
 
 
 def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
@@ -106,52 +98,52 @@ def finish(resp: dict[str, Any], finish_reason: str | None, usage: dict[str, Any
 
 
 def chat_reasoning(message: dict[str, Any], where: str) -> str | None:
-    """Reasoning text as vLLM (`reasoning_content`), OpenRouter/Ollama (`reasoning`) and others send it."""
-    for key in ("reasoning_content", "reasoning"):
-        value: str | None = read(message, key, str, where)
-        if value:
-            return value
-    return None
+    """Reasoning text of a chat message read as a dict, as vLLM (`reasoning_content`), OpenRouter/Ollama
+    (`reasoning`) and others send it."""
+    return convert(message, ChatMessage, "message", where).reasoning_text()
 
 
 def message_text(message: dict[str, Any], where: str) -> str:
-    """A chat message's content: a string, or (some servers, even on the response side) text parts."""
-    content = message.get("content")
-    if not isinstance(content, list):
-        return read(message, "content", str, where) or ""
-    return "".join(read(part, "text", str, path) or "" for path, part in objects(message, "content", where))
+    """A chat message's content read as a dict: a string, or (some servers, even on the response side)
+    text parts."""
+    return convert(message, ChatMessage, "message", where).text()
 
 
-def translate_response(chat: dict[str, Any], request: dict[str, Any], response_id: str | None = None,
+def translate_response(doc: dict[str, Any], request: dict[str, Any], response_id: str | None = None,
                        tools: ToolMap | None = None) -> dict[str, Any]:
     """The Response for a chat.completion; BadUpstream when the answer lacks what it needs."""
-    resp = response_shell(request, response_id or new_id("resp_"), count(chat, "created") or now())
-    if model := read(chat, "model", str):
-        resp["model"] = model
-    at_choice, choice = first_choice(chat)
-    message = need(choice, "message", dict, at_choice)
+    chat = convert(doc, ChatCompletion, "body")
+    resp = response_shell(request, response_id or new_id("resp_"), chat.created or now())
+    if chat.model:
+        resp["model"] = chat.model
+    at_choice, choice = chat.first_choice()
+    message = choice.message
+    if message is None:
+        raise BadUpstream(f"{at_choice}.message", "is missing")
     where = f"{at_choice}.message"
-    reason = read(choice, "finish_reason", str, at_choice)
+    reason = choice.finish_reason
     item_status = "incomplete" if reason in ("length", "content_filter") else "completed"
     output = resp["output"]
-    if (thought := chat_reasoning(message, where)) is not None:
+    if (thought := message.reasoning_text()) is not None:
         output.append(reasoning_item(new_id("rs_"), thought))
         if wants_encrypted_reasoning(request):
             output[-1]["encrypted_content"] = encode_reasoning(thought)
-    content = message_text(message, where)
-    refusal = read(message, "refusal", str, where)
-    if content or refusal:
-        output.append(message_item(new_id("msg_"), content, item_status, refusal))
+    content = message.text()
+    if content or message.refusal:
+        output.append(message_item(new_id("msg_"), content, item_status, message.refusal))
     tools = tools or tool_map(request.get("tools"))
-    for path, call in objects(message, "tool_calls", where):
-        fn = need(call, "function", dict, path)
-        name = need(fn, "name", str, f"{path}.function")
-        output.append(tools.call_item(name, read(call, "id", str, path) or new_id("call_"),
-                                      read(fn, "arguments", str, f"{path}.function") or "",
+    for i, call in enumerate(message.tool_calls or ()):
+        path = f"{where}.tool_calls[{i}]"
+        if call.function is None:
+            raise BadUpstream(f"{path}.function", "is missing")
+        name = call.function.name
+        if name is None:
+            raise BadUpstream(f"{path}.function.name", "is missing")
+        output.append(tools.call_item(name, call.id or new_id("call_"), call.function.arguments or "",
                                       call_item_id(tools, name), item_status))
     if not output:
         output.append(message_item(new_id("msg_"), "", item_status))
-    finish(resp, reason, usage_chat_to_responses(chat))
-    if tier := read(chat, "service_tier", str):
-        resp["service_tier"] = tier
+    finish(resp, reason, chat.usage.as_responses() if chat.usage else None)
+    if chat.service_tier:
+        resp["service_tier"] = chat.service_tier
     return resp

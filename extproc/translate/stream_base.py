@@ -20,7 +20,8 @@ from extproc.translate.sse import SSEDecoder
 
 
 def event_json(data: str) -> dict[str, Any]:
-    """One upstream stream event's JSON object."""
+    """One upstream stream event's JSON object, for a translator that reads events as dicts (the
+    Chat Completions <-> Responses ones decode theirs into `wire` models)."""
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError:

@@ -7,36 +7,34 @@ event. Reasoning comes first, as its own item; every tool call is its own functi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import orjson
 
-from extproc.translate.common import (
-    at,
-    count,
-    first_choice,
-    need,
-    new_id,
-    now,
-    objects,
-    read,
-    upstream_failure,
-    usage_chat_to_responses,
-)
+from extproc.errors import BadUpstream
+from extproc.translate.common import new_id, now, upstream_failure
 from extproc.translate.resp_chat_to_responses import (
     call_item_id,
-    chat_reasoning,
     finish,
     message_item,
-    message_text,
     reasoning_item,
     response_shell,
     wants_encrypted_reasoning,
 )
 from extproc.translate.sse import DONE, encode
-from extproc.translate.stream_base import SSETranslator, event_json
+from extproc.translate.stream_base import SSETranslator
 from extproc.translate.tools import ToolMap, custom_input, encode_reasoning, tool_map
+from extproc.translate.wire import (
+    ChatChunk,
+    ChatCompletion,
+    ChatDelta,
+    ChatFunction,
+    ChatToolCall,
+    ChunkChoice,
+    convert,
+    decode,
+)
 
 
 class _Item:
@@ -48,46 +46,6 @@ class _Item:
         self.data = data  # the item as it will appear in the final Response
         self.parts: list[list[str]] = []  # message parts: [type, text]
         self.done_parts = 0  # parts whose `.done` events were sent (parts end in order)
-
-
-@dataclass(frozen=True, slots=True)
-class _Call:
-    """One tool call delta of a chunk, checked."""
-
-    index: int | None
-    call_id: str | None
-    name: str | None
-    arguments: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Delta:
-    """What choice 0 of one chat chunk says, every field checked before any event is sent, so a
-    malformed chunk fails the stream cleanly instead of half-applied."""
-
-    reasoning: str | None
-    content: str | None
-    refusal: str | None
-    calls: list[_Call]
-    finish_reason: str | None
-
-
-def _deltas(chunk: dict[str, Any]) -> list[_Delta]:
-    out = []
-    for where, choice in objects(chunk, "choices"):
-        if count(choice, "index", where) != 0:
-            continue
-        delta = read(choice, "delta", dict, where) or {}
-        dw = at(where, "delta")
-        calls = []
-        for path, call in objects(delta, "tool_calls", dw):
-            fn = read(call, "function", dict, path) or {}
-            fw = at(path, "function")
-            calls.append(_Call(count(call, "index", path) if call.get("index") is not None else None,
-                               read(call, "id", str, path), read(fn, "name", str, fw), read(fn, "arguments", str, fw)))
-        out.append(_Delta(chat_reasoning(delta, dw), read(delta, "content", str, dw), read(delta, "refusal", str, dw),
-                          calls, read(choice, "finish_reason", str, where)))
-    return out
 
 
 class ChatToResponsesStream(SSETranslator):
@@ -125,15 +83,17 @@ class ChatToResponsesStream(SSETranslator):
     def _as_stream(self, doc: dict[str, Any]) -> bytes:
         """A chat.completion as one chunk carrying its whole first choice, then [DONE]; a choice
         without a finish_reason finished all the same (the answer is complete), as it does buffered."""
-        where, choice = first_choice(doc)
-        message = need(choice, "message", dict, where)
-        mw = at(where, "message")
-        delta = {**message, "content": message_text(message, mw),
-                 "tool_calls": [{**call, "index": i} for i, (_, call) in enumerate(objects(message, "tool_calls", mw))]}
-        finish_reason = read(choice, "finish_reason", str, where) or "stop"
-        chunk = {**doc, "object": "chat.completion.chunk",
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
-        return encode(orjson.dumps(chunk)) + DONE
+        chat = convert(doc, ChatCompletion, "body")
+        where, choice = chat.first_choice()
+        message = choice.message
+        if message is None:
+            raise BadUpstream(f"{where}.message", "is missing")
+        calls = [ChatToolCall(index=i, id=c.id, function=c.function) for i, c in enumerate(message.tool_calls or ())]
+        delta = ChatDelta(content=message.text(), refusal=message.refusal, reasoning_content=message.reasoning_text(),
+                          tool_calls=calls)
+        chunk = ChatChunk(created=chat.created, model=chat.model, usage=chat.usage, error=chat.error,
+                          choices=[ChunkChoice(index=0, delta=delta, finish_reason=choice.finish_reason or "stop")])
+        return encode(msgspec.json.encode(chunk)) + DONE
 
     def _end_early(self) -> None:
         self._finish()  # fails the response when no finish_reason came
@@ -158,27 +118,29 @@ class ChatToResponsesStream(SSETranslator):
         if data.strip() == "[DONE]":
             self._finish()
             return
-        chunk = event_json(data)
-        if chunk.get("error") is not None:
-            self._fail(*upstream_failure(chunk["error"], "upstream error"))
+        chunk = decode(data, ChatChunk, "stream event")  # every field checked before any event is sent
+        if chunk.error is not None:
+            self._fail(*upstream_failure(chunk.error, "upstream error"))
             return
-        created, model, usage = count(chunk, "created"), read(chunk, "model", str), usage_chat_to_responses(chunk)
-        deltas = _deltas(chunk)
         if not self.started:
-            self._start(created, model)
-        if usage is not None:
-            self.usage = usage
-        for delta in deltas:
-            if delta.reasoning:
-                self._reasoning_delta(delta.reasoning)
-            if delta.content:
-                self._text_delta("output_text", delta.content)
-            if delta.refusal:
-                self._text_delta("refusal", delta.refusal)
-            for call in delta.calls:
-                self._call_delta(call)
-            if delta.finish_reason:
-                self.finish_reason = delta.finish_reason
+            self._start(chunk.created or 0, chunk.model)
+        if chunk.usage is not None:
+            self.usage = chunk.usage.as_responses()
+        for choice in chunk.choices or ():
+            if choice.index:
+                continue  # only choice 0 is streamed
+            delta = choice.delta
+            if delta is not None:
+                if reasoning := delta.reasoning_text():
+                    self._reasoning_delta(reasoning)
+                if delta.content:
+                    self._text_delta("output_text", delta.content)
+                if delta.refusal:
+                    self._text_delta("refusal", delta.refusal)
+                for call in delta.tool_calls or ():
+                    self._call_delta(call)
+            if choice.finish_reason:
+                self.finish_reason = choice.finish_reason
 
     def _new_item(self, kind: str, data: dict[str, Any]) -> _Item:
         item = _Item(len(self.items), kind, data)
@@ -268,24 +230,25 @@ class ChatToResponsesStream(SSETranslator):
         self._emit("response.output_item.done", output_index=msg.index, item=msg.data)
         self.closed.add(msg.index)
 
-    def _call_delta(self, call: _Call) -> None:
+    def _call_delta(self, call: ChatToolCall) -> None:
         index = len(self.calls) if call.index is None else call.index
+        fn = call.function or ChatFunction()
         item = self.calls.get(index)
         if item is None:
             self._close_reasoning()
             self._close_message("completed")
-            name = call.name or ""
-            data = self.tools.call_item(name, call.call_id or new_id("call_"), "", call_item_id(self.tools, name),
+            name = fn.name or ""
+            data = self.tools.call_item(name, call.id or new_id("call_"), "", call_item_id(self.tools, name),
                                         "completed")
             item = self._new_item(data["type"], data)
             item.parts.append(["arguments", ""])
             self.calls[index] = item
-        if call.arguments:
-            item.parts[0][1] += call.arguments
+        if fn.arguments:
+            item.parts[0][1] += fn.arguments
             if item.kind == "function_call":  # a custom tool's input is JSON-wrapped: sent whole at the end
-                item.data["arguments"] += call.arguments
+                item.data["arguments"] += fn.arguments
                 self._emit("response.function_call_arguments.delta", item_id=item.data["id"],
-                           output_index=item.index, delta=call.arguments)
+                           output_index=item.index, delta=fn.arguments)
 
     # -- the end ------------------------------------------------------------------------------
 

@@ -8,20 +8,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import orjson
 
-from extproc.translate.common import (
-    count,
-    finish_reason,
-    now,
-    objects,
-    read,
-    upstream_failure,
-    usage_responses_to_chat,
-)
-from extproc.translate.resp_responses_to_chat import chat_id, reasoning_text
+from extproc.translate.common import finish_reason, now, upstream_failure
+from extproc.translate.resp_responses_to_chat import chat_id
 from extproc.translate.sse import DONE, encode
-from extproc.translate.stream_base import SSETranslator, event_json
+from extproc.translate.stream_base import SSETranslator
+from extproc.translate.wire import (
+    ArgumentsEvent,
+    DeltaEvent,
+    EventKind,
+    ItemEvent,
+    OutputItem,
+    ResponseEvent,
+    ResponseObject,
+    convert,
+    decode,
+)
 
 _DELTA_KEYS = {"response.output_text.delta": "content", "response.refusal.delta": "refusal"}
 _PART_TEXT = {"output_text": "text", "refusal": "refusal"}  # message part type -> its text field
@@ -61,15 +65,13 @@ class ResponsesToChatStream(SSETranslator):
             chunk["usage"] = None
         self.out.append(encode(orjson.dumps(chunk)))
 
-    def _start(self, response: dict[str, Any] | None) -> None:
+    def _start(self, response: ResponseObject | None) -> None:
         if self.started:
             return
         if response is not None:
-            rid, model = read(response, "id", str, "response"), read(response, "model", str, "response")
-            created = count(response, "created_at", "response")
-            self.id = chat_id(rid) if rid else self.id
-            self.model = model or self.model
-            self.created = created or self.created
+            self.id = chat_id(response.id) if response.id else self.id
+            self.model = response.model or self.model
+            self.created = response.created_at or self.created
         self.started = True
         self._chunk({"role": "assistant"})  # content stays null for a turn that only calls tools
 
@@ -78,17 +80,17 @@ class ResponsesToChatStream(SSETranslator):
         reads: created, the deltas of each output item (a tool call whole, as its output_item.done), then
         completed, whose status says whether it was incomplete."""
         events: list[dict[str, Any]] = [{"type": "response.created", "response": doc}]
-        for where, item in objects(doc, "output"):
-            kind = item.get("type")
-            if kind == "message":
-                events += [{"type": f"response.{part['type']}.delta", "delta": part.get(_PART_TEXT[part["type"]])}
-                           for _, part in objects(item, "content", where) if part.get("type") in _PART_TEXT]
-            elif kind == "reasoning":
-                events.append({"type": "response.reasoning_summary_text.delta", "delta": reasoning_text(item, where)})
-            elif kind in ("function_call", "custom_tool_call"):
+        for item in convert(doc, ResponseObject, "body").output or ():
+            if item.type == "message":
+                events += [{"type": f"response.{part.type}.delta",
+                            "delta": part.text if part.type == "output_text" else part.refusal}
+                           for part in item.content or () if part.type in _PART_TEXT]
+            elif item.type == "reasoning":
+                events.append({"type": "response.reasoning_summary_text.delta", "delta": item.reasoning_text()})
+            elif item.type in ("function_call", "custom_tool_call"):
                 events.append({"type": "response.output_item.done", "item": item})
         events.append({"type": "response.completed", "response": doc})  # failed ones never get here
-        return b"".join(encode(orjson.dumps(ev)) for ev in events)
+        return b"".join(encode(msgspec.json.encode(ev)) for ev in events)
 
     def _end_early(self) -> None:
         self._fail("upstream_incomplete", "the upstream stream ended before the response completed")
@@ -104,12 +106,12 @@ class ResponsesToChatStream(SSETranslator):
     def _event(self, data: str) -> None:
         if data.strip() == "[DONE]":
             return
-        ev = event_json(data)
-        kind = read(ev, "type", str)
+        kind = decode(data, EventKind, "stream event").type
         if kind in ("response.created", "response.in_progress", "response.queued"):
-            self._start(read(ev, "response", dict))
+            self._start(decode(data, ResponseEvent, "stream event").response)
             return
         if kind in ("response.failed", "error"):
+            ev = orjson.loads(data)  # read leniently: the upstream's error is passed on as far as it makes sense
             response = ev.get("response")
             # An `error` event carries code and message itself (the spec's ErrorStreamEvent); some servers nest them.
             err = ev.get("error") or (response.get("error") if isinstance(response, dict) else None) or \
@@ -119,21 +121,22 @@ class ResponsesToChatStream(SSETranslator):
         self._start(None)
         if kind in ("response.output_text.delta", "response.refusal.delta", "response.reasoning_summary_text.delta",
                     "response.reasoning_text.delta"):
-            delta = read(ev, "delta", str)
+            delta = decode(data, DeltaEvent, "stream event").delta
             if delta:
                 self.text.append(delta)
                 self._chunk({_DELTA_KEYS.get(kind, "reasoning_content"): delta})
         elif kind in ("response.output_item.added", "response.output_item.done"):
-            item = read(ev, "item", dict) or {}
-            if item.get("type") in ("function_call", "custom_tool_call"):
-                full = read(item, "arguments", str, "item") or read(item, "input", str, "item") or ""
+            item = decode(data, ItemEvent, "stream event").item or OutputItem()
+            if item.type in ("function_call", "custom_tool_call"):
+                full = item.arguments or item.input or ""
                 call = self._announce(item)
                 if kind == "response.output_item.done":
                     self._complete_args(call, full)
         elif kind in ("response.function_call_arguments.delta", "response.custom_tool_call_input.delta",
                       "response.function_call_arguments.done"):
-            text = read(ev, "arguments" if kind.endswith(".done") else "delta", str)
-            known = self.calls.get(read(ev, "item_id", str) or "")
+            args = decode(data, ArgumentsEvent, "stream event")
+            text = args.arguments if kind.endswith(".done") else args.delta
+            known = self.calls.get(args.item_id or "")
             if known is None or not text:
                 return
             call = known
@@ -142,17 +145,17 @@ class ResponsesToChatStream(SSETranslator):
             else:
                 self._args(call, text)
         elif kind in ("response.completed", "response.incomplete"):
-            self._complete(read(ev, "response", dict) or {})
+            self._complete(decode(data, ResponseEvent, "stream event").response or ResponseObject())
 
-    def _announce(self, item: dict[str, Any]) -> _Call:
-        call_id, name = read(item, "call_id", str, "item"), read(item, "name", str, "item") or ""
-        key = read(item, "id", str, "item") or call_id or ""
+    def _announce(self, item: OutputItem) -> _Call:
+        call_id, name = item.call_id, item.name or ""
+        key = item.id or call_id or ""
         call = self.calls.get(key)
         if call is None:
             call = self.calls[key] = _Call(len(self.calls))
         if not call.announced:
             call.announced = True
-            if item.get("type") == "custom_tool_call":
+            if item.type == "custom_tool_call":
                 head = {"index": call.index, "id": call_id, "type": "custom", "custom": {"name": name, "input": ""}}
             else:
                 head = {"index": call.index, "id": call_id, "type": "function",
@@ -169,12 +172,11 @@ class ResponsesToChatStream(SSETranslator):
         if len(full) > call.sent:
             self._args(call, full[call.sent:])
 
-    def _complete(self, response: dict[str, Any]) -> None:
-        status = read(response, "status", str, "response")
-        reason = read(read(response, "incomplete_details", dict, "response") or {}, "reason", str,
-                      "response.incomplete_details")
-        usage = usage_responses_to_chat(response, "response")
-        self.response = {"id": read(response, "id", str, "response"), "status": status, "usage": usage,
+    def _complete(self, response: ResponseObject) -> None:
+        status = response.status
+        reason = response.incomplete_details.reason if response.incomplete_details else None
+        usage = response.usage.as_chat() if response.usage else None
+        self.response = {"id": response.id, "status": status, "usage": usage,
                          "output": [{"type": "message", "content": [{"type": "output_text", "text": "".join(self.text)}]}]}
         self._chunk({}, finish_reason(status, reason, bool(self.calls)))
         if self.include_usage:

@@ -553,10 +553,10 @@ class ResponsesServer(_Server):
 
     handler = _ResponsesHandler
 
-    def __init__(self, per_caller: bool = False) -> None:
+    def __init__(self, per_caller: bool = False, tls: ssl.SSLContext | None = None) -> None:
         self.stored: dict[str, dict[str, Any]] = {}  # ids this instance produced: all it can continue
         self.per_caller = per_caller
-        super().__init__()
+        super().__init__(tls)
 
     def visible(self, response_id: str, caller: str | None) -> dict[str, Any] | None:
         stored = self.stored.get(response_id)
@@ -615,6 +615,60 @@ class MixedServer(ResponsesServer):
 
     handler = _MixedHandler
 
-    def __init__(self, responses_only: set[str], chat_only: set[str], models: list[dict[str, Any]]) -> None:
+    def __init__(self, responses_only: set[str], chat_only: set[str], models: list[dict[str, Any]],
+                 tls: ssl.SSLContext | None = None) -> None:
         self.responses_only, self.chat_only, self.models = responses_only, chat_only, models
-        super().__init__()
+        super().__init__(tls=tls)
+
+
+class _HostedHandler(_MixedHandler):
+    upstream: HostedServer
+
+    def do_GET(self) -> None:
+        if self._admit():
+            _MixedHandler.do_GET(self)
+
+    def do_POST(self) -> None:
+        if self._admit():
+            _MixedHandler.do_POST(self)
+
+    def _admit(self) -> bool:
+        """What a provider checks first: its own key in its own header, then its own paths."""
+        up = self.upstream
+        up.seen.append({"path": self.path, "headers": dict(self.headers)})
+        header, value = up.expect
+        if self.headers.get(header) != value:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_json(401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                           "param": None, "code": "invalid_api_key"}})
+            return False
+        path = up.own_path(self.path)
+        if path is None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_json(404, {"error": {"code": "404", "message": "Resource not found"}})
+            return False
+        self.path = path
+        return True
+
+
+class HostedServer(MixedServer):
+    """A hosted provider over TLS: answers only with its key (`expect`: header and value; the test may
+    change it, as a rotated key) and only under its path prefix (OpenRouter's /api). `seen` is every
+    request as it arrived, refused ones included."""
+
+    handler = _HostedHandler
+
+    def __init__(self, tls: ssl.SSLContext, expect: tuple[str, str], prefix: str = "",
+                 responses_only: set[str] | frozenset[str] = frozenset(), chat_only: set[str] | frozenset[str] = frozenset(),
+                 models: list[dict[str, Any]] | None = None) -> None:
+        self.expect, self.prefix = expect, prefix
+        self.seen: list[dict[str, Any]] = []
+        super().__init__(set(responses_only), set(chat_only), models or [], tls=tls)
+
+    def own_path(self, path: str) -> str | None:
+        """The OpenAI path a request's path stands for here (None: not one of this provider's)."""
+        return path[len(self.prefix):] if path.startswith(self.prefix + "/v1/") else None
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen.clear()

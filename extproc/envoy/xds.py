@@ -32,7 +32,10 @@ log = logging.getLogger("extproc")
 
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-ORDER = (CLUSTER_TYPE, ROUTE_TYPE)  # make before break: clusters reach Envoy before routes naming them
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+# Make before break: keys (asked for by the clusters that use them) and clusters reach Envoy before the
+# routes naming them.
+ORDER = (SECRET_TYPE, CLUSTER_TYPE, ROUTE_TYPE)
 T = TypeVar("T")
 POLL_SECONDS = 0.1  # how often a reload or a new fact is looked for (cheap: two comparisons)
 STORE_SECONDS = 5.0  # how often the store's learned facts (other replicas') are read
@@ -76,7 +79,8 @@ class Snapshot:
     """The resources of each type, and a version that changes exactly when they do."""
 
     def __init__(self, compiled: Compiled):
-        self.resources = {CLUSTER_TYPE: [_pack(c) for c in compiled.clusters], ROUTE_TYPE: [_pack(compiled.routes)]}
+        self.resources = {SECRET_TYPE: [_pack(s) for s in compiled.secrets],
+                          CLUSTER_TYPE: [_pack(c) for c in compiled.clusters], ROUTE_TYPE: [_pack(compiled.routes)]}
         digest = hashlib.sha256()
         for kind in ORDER:
             for res in self.resources[kind]:
@@ -102,7 +106,7 @@ class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     async def StreamAggregatedResources(self, request_iterator: AsyncIterator[pb.DiscoveryRequest],
                                         context: grpc.aio.ServicerContext[pb.DiscoveryRequest, pb.DiscoveryResponse]) -> None:
-        subscribed: set[str] = set()
+        subscribed: dict[str, tuple[str, ...]] = {}  # type -> the resource names Envoy asked for
         sent: dict[str, str] = {}
         wake = asyncio.Event()
 
@@ -111,8 +115,11 @@ class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 if req.HasField("error_detail"):
                     log.error("xds: Envoy rejected %s version %s: %s", req.type_url.rsplit(".", 1)[-1],
                               req.response_nonce, req.error_detail.message)
-                if req.type_url in ORDER and req.type_url not in subscribed:
-                    subscribed.add(req.type_url)
+                names = tuple(sorted(req.resource_names))
+                if req.type_url in ORDER and subscribed.get(req.type_url) != names:
+                    # A new subscription, or other names (a new cluster asks for its key): answer it again.
+                    subscribed[req.type_url] = names
+                    sent.pop(req.type_url, None)
                     wake.set()
             wake.set()
 
@@ -129,7 +136,8 @@ class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             reader.cancel()
 
     @staticmethod
-    async def _send(context: grpc.aio.ServicerContext[pb.DiscoveryRequest, pb.DiscoveryResponse], snap: Snapshot, subscribed: set[str], sent: dict[str, str]) -> None:
+    async def _send(context: grpc.aio.ServicerContext[pb.DiscoveryRequest, pb.DiscoveryResponse], snap: Snapshot,
+                    subscribed: dict[str, tuple[str, ...]], sent: dict[str, str]) -> None:
         for kind in ORDER:
             if kind in subscribed and sent.get(kind) != snap.version:
                 await context.write(pb.DiscoveryResponse(version_info=snap.version, type_url=kind,

@@ -25,6 +25,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
@@ -32,7 +33,8 @@ from extproc.api import AUTO, BOTH, CHAT, PATHS, RESPONSES
 from extproc.config import Backend, Config
 from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.classify import Classifier, Resolution, combine, is_glob
-from extproc.routing.gateway import H_CLUSTER, H_ENDPOINT, H_FIRST_CONTACT, H_RETRY
+from extproc.routing.gateway import H_CLUSTER, H_ENDPOINT, H_FIRST_CONTACT, H_RETRY, backend_cluster
+from extproc.routing.hosted import authority, hosted_cluster, secrets
 from extproc.routing.modes import Knowledge, Learned
 
 NAMESPACE = "llm_gateway"  # dynamic metadata Envoy's json_to_metadata writes (deploy/envoy.yaml)
@@ -44,11 +46,6 @@ WEBSOCKET_CLUSTER = "websocket"  # the sidecar's WebSocket front door
 SESSION_HEADERS = ("session-id", "x-session-id", "conversation-id", "thread-id")  # as gateway.placement_key
 MODE_HEADER = "x-gateway-model-mode"
 NO_ROUTE = b'{"error":{"message":"no backend selected","type":"invalid_request_error","param":null,"code":"no_route"}}'
-
-
-def backend_cluster(backend: Backend) -> str:
-    """The Envoy cluster a fast-path request to `backend` goes to."""
-    return backend.cluster or f"llm.{backend.name}"
 
 
 @dataclass(frozen=True)
@@ -72,11 +69,12 @@ def decide(config: Config, res: Resolution | None, client_api: str, learned: Lea
         return PathChoice(False, "the model's API is still being learned from the backend's answers")
     if not config.fast_path:
         return PathChoice(False, "fast_path is off in the config")
-    if res.backend.api_key_env:
-        return PathChoice(False, "the backend has an API key, which only the processor adds")
+    if res.backend.keyed and res.backend.hosted is None:
+        return PathChoice(False, "the backend has an API key, which only the processor adds (Envoy holds "
+                                 "the keys of url: backends only)")
     if (unserved := res.backend.unserved()) is not None:
         return PathChoice(False, f"the processor answers 503 {unserved.code}")
-    where = f"cluster {res.backend.cluster}" if res.backend.cluster else \
+    where = f"cluster {backend_cluster(res.backend)}" if res.backend.cluster or res.backend.hosted else \
         f"{len(res.backend.endpoints)} instance(s) of {backend_cluster(res.backend)}"
     if client_api == RESPONSES:
         return PathChoice(True, f"Envoy routes it to {where}, for requests with store: false and no "
@@ -191,9 +189,8 @@ def fast_route(config: Config, backend: Backend, client_api: str,
     """Straight to the backend, one route per alternative in `conditions`."""
     path = PATHS[client_api]
     action = _to_backend(config, backend_cluster(backend))
-    if backend.cluster:
-        action.auto_host_rewrite.value = True
-    elif len(backend.endpoints) > 1:  # prefix-cache affinity where the request carries a session
+    _host(action, backend)
+    if len(backend.endpoints) > 1:  # prefix-cache affinity where the request carries a session
         action.hash_policy.extend(rc.RouteAction.HashPolicy(header=rc.RouteAction.HashPolicy.Header(header_name=h),
                                                             terminal=True) for h in SESSION_HEADERS)
     if backend.path_prefix:
@@ -236,17 +233,28 @@ def processor_routes(config: Config) -> tuple[list[rc.Route], list[rc.Route]]:
                  H_ENDPOINT, H_FIRST_CONTACT)), route=_to_backend(config, FIRST_CONTACT_CLUSTER, retry_policy=retry)),
              rc.Route(name="processor:endpoint", match=rc.RouteMatch(prefix="/", headers=present(H_ENDPOINT)),
                       route=_to_backend(config, ENDPOINTS_CLUSTER))]
-    for cluster in dict.fromkeys(b.cluster for b in config.backends if b.cluster):
-        action = _to_backend(config, cluster, auto_host_rewrite=wrappers_pb2.BoolValue(value=True))
+    for backend in {backend_cluster(b): b for b in config.backends if b.cluster or b.hosted}.values():
+        cluster = backend_cluster(backend)
+        action = _to_backend(config, cluster)
+        _host(action, backend)
         first.append(rc.Route(name=f"processor:{cluster}", route=action, match=rc.RouteMatch(prefix="/", headers=[
             rc.HeaderMatcher(name=H_CLUSTER, string_match=string_pb2.StringMatcher(exact=cluster))])))
     return first, [rc.Route(name="processor", match=rc.RouteMatch(prefix="/"), direct_response=_no_route())]
+
+
+def _host(action: rc.RouteAction, backend: Backend) -> None:
+    """The Host a cluster backend expects: a provider's own name, or the name of an Envoy cluster's host."""
+    if backend.hosted is not None:
+        action.host_rewrite_literal = authority(backend.hosted)
+    elif backend.cluster is not None:
+        action.auto_host_rewrite.value = True
 
 
 @dataclass(frozen=True)
 class Compiled:
     routes: route_pb2.RouteConfiguration
     clusters: list[cluster_pb2.Cluster]
+    secrets: list[secret_pb2.Secret]
 
 
 def exact_names(config: Config, knowledge: Knowledge, learned: dict[tuple[str, str], Learned]) -> list[str]:
@@ -332,7 +340,8 @@ def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str
     host = rc.VirtualHost(name=ROUTE_CONFIG, domains=["*"], routes=first + middle + last, typed_per_filter_config=_WITH_PROCESSOR,
                           include_request_attempt_count=True)  # the first-contact processor tells attempts apart
     return Compiled(route_pb2.RouteConfiguration(name=ROUTE_CONFIG, virtual_hosts=[host]),
-                    [_cluster(b) for b in config.backends if b.endpoints])
+                    [_cluster(b) for b in config.backends if b.endpoints] +
+                    [hosted_cluster(b) for b in config.backends if b.hosted], secrets(config))
 
 
 def _cluster(backend: Backend) -> cluster_pb2.Cluster:

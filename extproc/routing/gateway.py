@@ -15,6 +15,7 @@ from extproc.api import AUTO, BOTH, RESPONSES
 from extproc.config import Backend, Config
 from extproc.routing.classify import Classifier
 from extproc.routing.modes import Knowledge
+from extproc.routing.providers import credential_header
 from extproc.routing.ring import HashRing
 from extproc.state.tenancy import Tenants
 from extproc.translate.compact import Sealer, derive_key
@@ -29,6 +30,12 @@ ROUTING_HEADERS = (H_BACKEND, H_CLUSTER, H_ENDPOINT)
 H_FIRST_CONTACT, H_RETRY, H_RETRIED = "x-gateway-first-contact", "x-gateway-retry", "x-gateway-retried-as"
 
 
+def backend_cluster(backend: Backend) -> str:
+    """The Envoy cluster a backend's requests go to when no instance is picked: the one named by
+    `cluster:`, else the one the sidecar compiles for it (a `url:` backend, the fast path's instances)."""
+    return backend.cluster or f"llm.{backend.name}"
+
+
 @dataclass(frozen=True)
 class Target:
     backend: Backend
@@ -40,9 +47,9 @@ class Target:
         if self.endpoint is not None:
             out.append((H_ENDPOINT, self.endpoint))
         else:
-            out.append((H_CLUSTER, self.backend.cluster or ""))
-        if self.backend.api_key:
-            out.append(("authorization", "Bearer " + self.backend.api_key))
+            out.append((H_CLUSTER, backend_cluster(self.backend)))
+        if (credential := credential_header(self.backend)) is not None:
+            out.append(credential)
         return out
 
 

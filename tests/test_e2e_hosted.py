@@ -1,0 +1,215 @@
+"""End to end: hosted providers declared by `url:`, through the real Envoy on the repo's deploy/envoy.yaml.
+
+The providers are local TLS servers shaped like the real ones (tests/upstreams.py `HostedServer`): an
+OpenAI-like one for `api.openai.localhost` (a name that resolves to loopback, RFC 6761) with a
+certificate from a test CA given as `ca_file`, an OpenRouter-like one that answers only under `/api`,
+and one whose certificate comes from a CA the backend does not trust. The sidecar compiles their
+clusters and hands Envoy their keys as SDS secrets: keyed requests take the fast path (the processor
+never sees them), the key is in no `/config_dump`, and a rotated key file reaches Envoy without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
+
+from .pki import CA
+from .upstreams import HostedServer
+
+OPENAI_KEY, ROUTER_KEY = "sk-openai-test-key-1", "sk-or-test-key"
+CONFIG = """
+listen: 127.0.0.1:{extproc}
+admin_listen: 127.0.0.1:{admin}
+backends:
+  - name: openai
+    api: chat
+    models: ["gpt-*"]
+    url: https://api.openai.localhost:{openai}
+    ca_file: {ca}
+    api_key_file: {key_file}
+  - name: openrouter
+    api: chat
+    models: ["router/*"]
+    url: https://openrouter.localhost:{router}/api
+    ca_file: {ca}
+    api_key_env: ROUTER_KEY
+    headers: {{HTTP-Referer: "https://gateway.example", X-Title: gateway}}
+  - name: forged
+    api: chat
+    models: ["forged-*"]
+    url: https://api.forged.localhost:{forged}
+    ca_file: {ca}
+    api_key_env: ROUTER_KEY
+"""
+
+
+def tls(cert: tuple[Path, Path], sni: list[str | None]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*cert)
+    ctx.sni_callback = lambda _sock, name, _ctx: sni.append(name)  # type: ignore[assignment,misc]
+    return ctx
+
+
+@dataclass
+class Site:
+    url: str
+    envoy_admin: str
+    config: Path
+    key_file: Path
+    stack: Stack
+    servers: dict[str, HostedServer]
+    sni: dict[str, list[str | None]]
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="client-own-key", max_retries=0, timeout=30)
+
+    def envoy(self, path: str) -> str:
+        with urllib.request.urlopen(self.envoy_admin + path, timeout=5) as r:
+            return r.read().decode()
+
+    def processed(self) -> int:
+        """ext_proc streams Envoy opened on the client side: one per request that reached the processor."""
+        stats = json.loads(self.envoy("/stats?filter=^http.llm.ext_proc.streams_started$&format=json"))["stats"]
+        return int(stats[0]["value"]) if stats else 0
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    tmp = Path(tmp_path_factory.mktemp("hosted"))
+    ca, stranger = CA(tmp, "provider-ca"), CA(tmp, "stranger-ca")
+    sni: dict[str, list[str | None]] = {"openai": [], "router": [], "forged": []}
+    servers = {
+        "openai": HostedServer(tls(ca.issue("openai", ["api.openai.localhost"]), sni["openai"]),
+                               ("authorization", "Bearer " + OPENAI_KEY)),
+        "router": HostedServer(tls(ca.issue("router", ["openrouter.localhost"]), sni["router"]),
+                               ("authorization", "Bearer " + ROUTER_KEY), prefix="/api"),
+        "forged": HostedServer(tls(stranger.issue("forged", ["api.forged.localhost"]), sni["forged"]),
+                               ("authorization", "Bearer " + ROUTER_KEY)),
+    }
+    key_file = tmp / "openai.key"
+    key_file.write_text(OPENAI_KEY + "\n")  # as a mounted Secret may hold it
+    extproc, admin, port, envoy_admin = free_port(), free_port(), free_port(), free_port()
+    cfg = tmp / "config.yaml"
+    cfg.write_text(CONFIG.format(extproc=extproc, admin=admin, ca=ca.path, key_file=key_file,
+                                 **{k: s.port for k, s in servers.items()}))
+    stack = Stack()
+    try:
+        sidecar = stack.start_sidecar(cfg, env={"ROUTER_KEY": ROUTER_KEY})
+        wait_for_port(extproc, proc=sidecar)
+        stack.start_envoy(port, envoy_admin, extproc)
+        yield Site(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{envoy_admin}", cfg, key_file, stack, servers, sni)
+    finally:
+        stack.stop()
+        for s in servers.values():
+            s.close()
+
+
+@pytest.fixture
+def hosted(site: Site) -> Site:
+    for s in site.servers.values():
+        s.reset()
+    return site
+
+
+def chat(client: openai.OpenAI, model: str, text: str = "hi") -> str:
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}])
+    return r.choices[0].message.content or ""
+
+
+def test_a_keyed_request_takes_the_fast_path_and_the_provider_sees_envoys_key(hosted):
+    before = hosted.processed()
+    assert chat(hosted.client(), "gpt-5") == "echo: hi"
+    chunks = list(hosted.client().chat.completions.create(
+        model="gpt-5", messages=[{"role": "user", "content": "yo"}], stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: yo"
+    assert hosted.processed() == before  # neither reached the processor
+    openai_ = hosted.servers["openai"]
+    assert [r["headers"]["authorization"] for r in openai_.seen] == ["Bearer " + OPENAI_KEY] * 2  # not the client's
+    assert openai_.seen[0]["headers"]["host"] == f"api.openai.localhost:{openai_.port}"
+    assert hosted.sni["openai"][-1] == "api.openai.localhost"
+
+
+def test_the_processor_path_reaches_the_provider_with_the_key_too(hosted):
+    before = hosted.processed()
+    assert hosted.client().responses.create(model="gpt-5", input="hi").output_text == "echo: hi"  # translated
+    assert hosted.processed() == before + 1
+    assert hosted.servers["openai"].seen[-1]["headers"]["authorization"] == "Bearer " + OPENAI_KEY
+    assert hosted.servers["openai"].seen[-1]["path"] == "/v1/chat/completions"
+
+
+def test_a_path_prefix_and_provider_extras_reach_an_openrouter_like_provider(hosted):
+    router = hosted.servers["router"]
+    assert chat(hosted.client(), "router/llama-3") == "echo: hi"  # the fast path
+    assert hosted.client().responses.create(model="router/llama-3", input="yo").output_text == "echo: yo"
+    assert [r["path"] for r in router.seen] == ["/api/v1/chat/completions"] * 2
+    for r in router.seen:
+        assert r["headers"]["http-referer"] == "https://gateway.example" and r["headers"]["x-title"] == "gateway"
+        assert r["headers"]["authorization"] == "Bearer " + ROUTER_KEY
+
+
+def test_a_provider_whose_certificate_the_ca_file_does_not_vouch_for_never_gets_the_request(hosted):
+    for call in (lambda: chat(hosted.client(), "forged-1"),
+                 lambda: hosted.client().responses.create(model="forged-1", input="hi")):
+        with pytest.raises(openai.APIStatusError) as e:
+            call()
+        assert e.value.status_code == 503 and isinstance(e.value.body, dict)
+        assert e.value.body["type"] == "gateway_error"  # Envoy's own error, in the OpenAI shape
+    assert hosted.servers["forged"].seen == []  # no HTTP request: the handshake failed first
+    assert hosted.sni["forged"]  # it was asked, by name
+
+
+def test_config_dump_shows_the_keys_redacted(hosted):
+    chat(hosted.client(), "gpt-5")
+    dump = hosted.envoy("/config_dump?include_eds")
+    assert OPENAI_KEY not in dump and ROUTER_KEY not in dump
+    secrets = next(c for c in json.loads(dump)["configs"] if c["@type"].endswith("SecretsConfigDump"))
+    active = {s["name"]: s["secret"]["generic_secret"]["secret"] for s in secrets["dynamic_active_secrets"]}
+    assert active == {"key.openai": {"inline_string": "[redacted]"}, "key.openrouter": {"inline_string": "[redacted]"},
+                      "key.forged": {"inline_string": "[redacted]"}}
+
+
+def test_a_rotated_key_file_reaches_envoy_and_the_processor_without_a_restart(hosted):
+    envoy = next(p for p in hosted.stack.procs if "envoy" in str(p.args[0]))
+    rotated = "sk-openai-test-key-2"
+    openai_ = hosted.servers["openai"]
+    try:
+        openai_.expect = ("authorization", "Bearer " + rotated)  # the provider now takes only the new key
+        hosted.key_file.write_text(rotated + "\n")
+        assert wait_until(lambda: _ok(hosted), timeout=20, interval=0.3), "the rotated key did not reach Envoy"
+        assert hosted.client().responses.create(model="gpt-5", input="hi").output_text == "echo: hi"  # processor
+        assert envoy.poll() is None and rotated not in hosted.envoy("/config_dump")
+    finally:
+        openai_.expect = ("authorization", "Bearer " + OPENAI_KEY)
+        hosted.key_file.write_text(OPENAI_KEY + "\n")
+        assert wait_until(lambda: _ok(hosted), timeout=20, interval=0.3)
+
+
+def _ok(site: Site) -> bool:
+    try:
+        return chat(site.client(), "gpt-5") == "echo: hi"
+    except openai.AuthenticationError:
+        return False
+
+
+def test_check_config_and_resolve_show_the_compiled_target(site):
+    out = subprocess.run([sys.executable, "-m", "extproc", "check-config", str(site.config)], capture_output=True,
+                         text=True, env={"ROUTER_KEY": ROUTER_KEY, "PATH": "/usr/bin:/bin"}, check=True).stdout
+    port = site.servers["router"].port
+    assert (f"openrouter: cluster llm.openrouter: https://openrouter.localhost:{port}/api (provider openai), TLS to "
+            "openrouter.localhost (SNI and certificate name checked against ca_file ") in out
+    out = subprocess.run([sys.executable, "-m", "extproc", "resolve", "--config", str(site.config), "gpt-5"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "target:   cluster llm.openai: https://api.openai.localhost:" in out
+    assert "key in Envoy's secret key.openai as authorization" in out
+    assert "chat client -> chat upstream; fast path: Envoy routes it to cluster llm.openai" in out

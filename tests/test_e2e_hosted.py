@@ -25,7 +25,7 @@ import pytest
 from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
 
 from .pki import CA
-from .upstreams import HostedServer
+from .upstreams import AzureServer, HostedServer, Reply
 
 OPENAI_KEY, ROUTER_KEY = "sk-openai-test-key-1", "sk-or-test-key"
 CONFIG = """
@@ -51,7 +51,29 @@ backends:
     url: https://api.forged.localhost:{forged}
     ca_file: {ca}
     api_key_env: ROUTER_KEY
+  - name: azure
+    api: chat
+    models: ["az-*"]
+    url: https://contoso.openai.azure.localhost:{azure}
+    provider: azure
+    api_version: "{api_version}"
+    deployments: {{az-4o: prod-4o}}
+    ca_file: {ca}
+    api_key_env: AZURE_KEY
+  - name: azure-v1
+    api: both
+    models: ["prod-4o", "az1-*"]
+    url: https://contoso.openai.azure.localhost:{azure}
+    provider: azure
+    ca_file: {ca}
+    api_key_env: AZURE_KEY
 """
+AZURE_KEY, API_VERSION = "0123456789abcdef0123456789abcdef", "2024-10-21"
+CONTENT_FILTERED = {"error": {
+    "message": "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. "
+               "Please modify your prompt and retry.", "type": None, "param": "prompt", "code": "content_filter",
+    "status": 400, "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {
+        "hate": {"filtered": False, "severity": "safe"}, "violence": {"filtered": True, "severity": "medium"}}}}}
 
 
 def tls(cert: tuple[Path, Path], sni: list[str | None]) -> ssl.SSLContext:
@@ -88,7 +110,7 @@ class Site:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     tmp = Path(tmp_path_factory.mktemp("hosted"))
     ca, stranger = CA(tmp, "provider-ca"), CA(tmp, "stranger-ca")
-    sni: dict[str, list[str | None]] = {"openai": [], "router": [], "forged": []}
+    sni: dict[str, list[str | None]] = {"openai": [], "router": [], "forged": [], "azure": []}
     servers = {
         "openai": HostedServer(tls(ca.issue("openai", ["api.openai.localhost"]), sni["openai"]),
                                ("authorization", "Bearer " + OPENAI_KEY)),
@@ -96,16 +118,18 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                                ("authorization", "Bearer " + ROUTER_KEY), prefix="/api"),
         "forged": HostedServer(tls(stranger.issue("forged", ["api.forged.localhost"]), sni["forged"]),
                                ("authorization", "Bearer " + ROUTER_KEY)),
+        "azure": AzureServer(tls(ca.issue("azure", ["contoso.openai.azure.localhost"]), sni["azure"]), AZURE_KEY,
+                             API_VERSION, {"prod-4o", "az-mini", "az1-small"}),
     }
     key_file = tmp / "openai.key"
     key_file.write_text(OPENAI_KEY + "\n")  # as a mounted Secret may hold it
     extproc, admin, port, envoy_admin = free_port(), free_port(), free_port(), free_port()
     cfg = tmp / "config.yaml"
-    cfg.write_text(CONFIG.format(extproc=extproc, admin=admin, ca=ca.path, key_file=key_file,
+    cfg.write_text(CONFIG.format(extproc=extproc, admin=admin, ca=ca.path, key_file=key_file, api_version=API_VERSION,
                                  **{k: s.port for k, s in servers.items()}))
     stack = Stack()
     try:
-        sidecar = stack.start_sidecar(cfg, env={"ROUTER_KEY": ROUTER_KEY})
+        sidecar = stack.start_sidecar(cfg, env={"ROUTER_KEY": ROUTER_KEY, "AZURE_KEY": AZURE_KEY})
         wait_for_port(extproc, proc=sidecar)
         stack.start_envoy(port, envoy_admin, extproc)
         yield Site(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{envoy_admin}", cfg, key_file, stack, servers, sni)
@@ -175,8 +199,9 @@ def test_config_dump_shows_the_keys_redacted(hosted):
     assert OPENAI_KEY not in dump and ROUTER_KEY not in dump
     secrets = next(c for c in json.loads(dump)["configs"] if c["@type"].endswith("SecretsConfigDump"))
     active = {s["name"]: s["secret"]["generic_secret"]["secret"] for s in secrets["dynamic_active_secrets"]}
-    assert active == {"key.openai": {"inline_string": "[redacted]"}, "key.openrouter": {"inline_string": "[redacted]"},
-                      "key.forged": {"inline_string": "[redacted]"}}
+    assert active == {f"key.{name}": {"inline_string": "[redacted]"}
+                      for name in ("openai", "openrouter", "forged", "azure", "azure-v1")}
+    assert AZURE_KEY not in dump
 
 
 def test_a_rotated_key_file_reaches_envoy_and_the_processor_without_a_restart(hosted):
@@ -213,3 +238,75 @@ def test_check_config_and_resolve_show_the_compiled_target(site):
     assert "target:   cluster llm.openai: https://api.openai.localhost:" in out
     assert "key in Envoy's secret key.openai as authorization" in out
     assert "chat client -> chat upstream; fast path: Envoy routes it to cluster llm.openai" in out
+
+
+def test_azure_classic_paths_name_the_deployment_and_the_api_version(hosted):
+    azure = hosted.servers["azure"]
+    assert chat(hosted.client(), "az-4o") == "echo: hi"  # deployments maps it
+    assert chat(hosted.client(), "az-mini") == "echo: hi"  # its own deployment name
+    assert hosted.client().responses.create(model="az-4o", input="yo").output_text == "echo: yo"  # translated
+    query = f"?api-version={API_VERSION}"
+    assert [r["path"] for r in azure.seen] == [f"/openai/deployments/prod-4o/chat/completions{query}",
+                                               f"/openai/deployments/az-mini/chat/completions{query}",
+                                               f"/openai/deployments/prod-4o/chat/completions{query}"]
+    assert all(r["headers"]["api-key"] == AZURE_KEY and "authorization" not in r["headers"] for r in azure.seen)
+
+
+def test_azure_v1_paths_take_the_fast_path_responses_included(hosted):
+    """Once each model's API is learned from its first answer (the backend says `both`), Envoy alone."""
+    azure = hosted.servers["azure"]
+
+    def envoy_alone() -> bool:
+        before = hosted.processed()
+        assert chat(hosted.client(), "prod-4o") == "echo: hi"
+        assert hosted.client().responses.create(model="az1-small", input="yo", store=False).output_text == "echo: yo"
+        return hosted.processed() == before
+    assert wait_until(envoy_alone, timeout=20, interval=0.2)
+    assert {r["path"] for r in azure.seen} == {"/openai/v1/chat/completions", "/openai/v1/responses"}
+    assert all(r["headers"]["api-key"] == AZURE_KEY for r in azure.seen)
+
+
+def test_an_azure_deployment_it_does_not_have_is_its_404(hosted):
+    with pytest.raises(openai.NotFoundError) as e:
+        chat(hosted.client(), "az-unknown")
+    assert e.value.status_code == 404
+
+
+def test_azure_content_filter_errors_reach_each_client_in_its_own_shape(hosted):
+    """Passed through, Azure's error is already the chat API's shape and goes untouched; translated for a
+    Responses client it becomes that API's error, code, param and message kept."""
+    azure = hosted.servers["azure"]
+    azure.script.append(Reply(error=(400, CONTENT_FILTERED)))
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(hosted.client(), "az-4o")
+    assert e.value.body == CONTENT_FILTERED["error"]
+    azure.script.append(Reply(error=(400, CONTENT_FILTERED)))
+    with pytest.raises(openai.BadRequestError) as e:
+        hosted.client().responses.create(model="az-4o", input="hi")
+    body = e.value.body
+    assert isinstance(body, dict) and (body["code"], body["param"]) == ("content_filter", "prompt")
+    assert body["message"] == CONTENT_FILTERED["error"]["message"] and isinstance(body["type"], str)
+
+
+def test_an_azure_stream_with_filter_annotations_reaches_a_responses_client_whole(hosted):
+    azure = hosted.servers["azure"]
+    results = {"hate": {"filtered": False, "severity": "safe"}}
+    base = {"id": "chatcmpl-az1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-2024-08-06"}
+    events = [json.dumps({"choices": [], "created": 0, "id": "", "model": "", "object": "",
+                          "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": results}]}),
+              json.dumps({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                               "finish_reason": None, "content_filter_results": {}}]}),
+              json.dumps({**base, "choices": [{"index": 0, "delta": {"content": "fine"}, "finish_reason": None,
+                                               "content_filter_results": results}]}),
+              json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter",
+                                               "content_filter_results": results}]}),
+              "[DONE]"]
+    azure.script.append(Reply(events=[e.encode() for e in events]))
+    with hosted.client().responses.stream(model="az-4o", input="hi") as stream:
+        events = list(stream)
+    kinds = [event.type for event in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.incomplete", kinds
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.output_text == "fine"
+    assert final.status == "incomplete" and final.incomplete_details is not None
+    assert final.incomplete_details.reason == "content_filter"

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs
 
 from extproc.local.demo_backend import JSONHandler
 
@@ -629,8 +630,20 @@ class _HostedHandler(_MixedHandler):
             _MixedHandler.do_GET(self)
 
     def do_POST(self) -> None:
-        if self._admit():
+        sent = self.path
+        if not self._admit():
+            return
+        body = self.read_json()
+        problem = self.upstream.refuse_body(sent, body)
+        if problem is not None:
+            self.send_json(*problem)
+            return
+        self.read_json = lambda: body  # type: ignore[method-assign]
+        try:
             _MixedHandler.do_POST(self)
+        finally:
+            with contextlib.suppress(AttributeError):
+                del self.read_json
 
     def _admit(self) -> bool:
         """What a provider checks first: its own key in its own header, then its own paths."""
@@ -669,6 +682,42 @@ class HostedServer(MixedServer):
         """The OpenAI path a request's path stands for here (None: not one of this provider's)."""
         return path[len(self.prefix):] if path.startswith(self.prefix + "/v1/") else None
 
+    def refuse_body(self, path: str, body: Any) -> tuple[int, Any] | None:
+        """A provider's own refusal of a request it found a path for (None: served)."""
+        return None
+
     def reset(self) -> None:
         super().reset()
         self.seen.clear()
+
+
+DEPLOYMENT_NOT_FOUND = {"error": {"code": "DeploymentNotFound", "message": "The API deployment for this resource "
+                                  "does not exist. If you created the deployment within the last 5 minutes, please "
+                                  "wait a moment and try again."}}
+
+
+class AzureServer(HostedServer):
+    """Azure OpenAI as it answers: the `api-key` header; the classic deployment paths
+    (/openai/deployments/{deployment}/chat/completions, /openai/responses) only with the one
+    api-version it supports, and the v1 paths (/openai/v1/...); deployments it does not have are
+    DeploymentNotFound, on the path or as the body's model where the path names none."""
+
+    def __init__(self, tls: ssl.SSLContext, key: str, api_version: str, deployments: set[str]) -> None:
+        self.api_version, self.deployments = api_version, deployments
+        super().__init__(tls, ("api-key", key))
+
+    def own_path(self, path: str) -> str | None:
+        bare, _, query = path.partition("?")
+        if bare.startswith("/openai/v1/"):
+            return bare[len("/openai"):]
+        if parse_qs(query).get("api-version") != [self.api_version]:
+            return None  # what Azure says for a missing or unsupported api-version: Resource not found
+        parts = bare.split("/")
+        if len(parts) == 6 and parts[:3] == ["", "openai", "deployments"] and "/".join(parts[4:]) == "chat/completions":
+            return "/v1/chat/completions" if parts[3] in self.deployments else None
+        return "/v1" + bare[len("/openai"):] if bare.startswith("/openai/responses") else None
+
+    def refuse_body(self, path: str, body: Any) -> tuple[int, Any] | None:
+        names_deployment = path.startswith("/openai/deployments/")
+        model = body.get("model") if isinstance(body, dict) else None
+        return None if names_deployment or model in self.deployments else (404, DEPLOYMENT_NOT_FOUND)

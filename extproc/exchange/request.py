@@ -23,6 +23,7 @@ from extproc.exchange.paths import INPUT_TOKENS, check_request_line
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
 from extproc.routing.gateway import H_FIRST_CONTACT, ROUTING_HEADERS, Gateway, Target, placement_key
 from extproc.routing.modes import Learned, learned_key
+from extproc.routing.providers import upstream_path, with_deployment
 from extproc.state import records as rec
 from extproc.state.lookup import Lookup, Values, then
 from extproc.state.pinning import Answered, Continuation, Forwarded, Pinning
@@ -202,8 +203,8 @@ class RequestSide:
         headers = target.headers()
         if plan.facts is not None and target.endpoint is not None:  # Envoy retries it on the other API if need be
             headers.append((H_FIRST_CONTACT, self.pinning.tenant))
-        if target.backend.path_prefix:
-            path = target.backend.path_prefix + path
+        path = upstream_path(target.backend, path, plan.model)  # its prefix, or a provider's own shape
+        body = with_deployment(target.backend, body, plan.request)
         if path != self.path:
             headers.append((":path", path))
         remove = tuple(h for h in (*ROUTING_HEADERS, H_FIRST_CONTACT, MODE_HEADER) if h not in {k for k, _ in headers})

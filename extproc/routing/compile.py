@@ -36,6 +36,7 @@ from extproc.routing.classify import Classifier, Resolution, combine, is_glob
 from extproc.routing.gateway import H_CLUSTER, H_ENDPOINT, H_FIRST_CONTACT, H_RETRY, backend_cluster
 from extproc.routing.hosted import authority, hosted_cluster, secrets
 from extproc.routing.modes import Knowledge, Learned
+from extproc.routing.providers import processor_only
 
 NAMESPACE = "llm_gateway"  # dynamic metadata Envoy's json_to_metadata writes (deploy/envoy.yaml)
 ROUTE_CONFIG = "llm"  # the route configuration deploy/envoy.yaml asks for over RDS
@@ -74,6 +75,8 @@ def decide(config: Config, res: Resolution | None, client_api: str, learned: Lea
                                  "the keys of url: backends only)")
     if (unserved := res.backend.unserved()) is not None:
         return PathChoice(False, f"the processor answers 503 {unserved.code}")
+    if (why := processor_only(res.backend)) is not None:
+        return PathChoice(False, why)
     where = f"cluster {backend_cluster(res.backend)}" if res.backend.cluster or res.backend.hosted else \
         f"{len(res.backend.endpoints)} instance(s) of {backend_cluster(res.backend)}"
     if client_api == RESPONSES:

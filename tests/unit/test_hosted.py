@@ -119,3 +119,31 @@ def test_a_key_file_is_read_and_a_missing_one_is_a_warning(tmp_path: Path):
     assert config(f"    url: https://a.example\n    api_key_file: {key}\n").backends[0].api_key == "sk-file"
     cfg = config(f"    url: https://a.example\n    api_key_file: {tmp_path / 'none'}\n")
     assert cfg.backends[0].unserved() is not None and "missing or empty" in cfg.warnings[0]
+
+
+AZURE = ("    url: https://contoso.openai.azure.com\n    provider: azure\n    api_version: '2024-10-21'\n"
+         "    deployments: {gpt-4o: prod 4o}\n")
+
+
+@pytest.mark.parametrize(("entry", "path", "model", "sent"), [
+    (AZURE, "/v1/chat/completions", "gpt-4o", "/openai/deployments/prod%204o/chat/completions?api-version=2024-10-21"),
+    (AZURE, "/v1/chat/completions", "m-mini", "/openai/deployments/m-mini/chat/completions?api-version=2024-10-21"),
+    (AZURE, "/v1/responses?x=1", "gpt-4o", "/openai/responses?api-version=2024-10-21&x=1"),
+    (AZURE, "/v1/responses/resp_1", None, "/openai/responses/resp_1?api-version=2024-10-21"),
+    ("    url: https://contoso.openai.azure.com\n    provider: azure\n", "/v1/responses", "m", "/openai/v1/responses"),
+    ("    url: https://openrouter.ai/api\n", "/v1/chat/completions", "m", "/api/v1/chat/completions"),
+])
+def test_the_upstream_path_of_each_provider_shape(entry, path, model, sent):
+    from extproc.routing.providers import upstream_path
+
+    assert upstream_path(config(entry).backends[0], path, model) == sent
+
+
+def test_a_mapped_model_is_sent_as_its_deployment_and_keeps_the_processor():
+    from extproc.routing.providers import with_deployment
+
+    b = config(AZURE).backends[0]
+    assert with_deployment(b, None, {"model": "gpt-4o", "messages": []}) == {"model": "prod 4o", "messages": []}
+    assert with_deployment(b, None, {"model": "m-1"}) is None  # its own name: the bytes go as they are
+    cfg = config(AZURE)
+    assert not decide(cfg, Classifier(cfg).resolve("m-1"), CHAT).fast

@@ -51,6 +51,12 @@ backends:
     url: https://api.forged.localhost:{forged}
     ca_file: {ca}
     api_key_env: ROUTER_KEY
+  - name: hosted-auto
+    api: auto
+    models: ["hc-*"]
+    url: https://api.mixed.localhost:{mixed}
+    ca_file: {ca}
+    api_key_env: ROUTER_KEY
   - name: azure
     api: chat
     models: ["az-*"]
@@ -100,17 +106,20 @@ class Site:
         with urllib.request.urlopen(self.envoy_admin + path, timeout=5) as r:
             return r.read().decode()
 
+    def stat(self, name: str) -> int:
+        stats = json.loads(self.envoy(f"/stats?filter=^{name}$&format=json"))["stats"]
+        return int(stats[0]["value"]) if stats else 0
+
     def processed(self) -> int:
         """ext_proc streams Envoy opened on the client side: one per request that reached the processor."""
-        stats = json.loads(self.envoy("/stats?filter=^http.llm.ext_proc.streams_started$&format=json"))["stats"]
-        return int(stats[0]["value"]) if stats else 0
+        return self.stat("http.llm.ext_proc.streams_started")
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     tmp = Path(tmp_path_factory.mktemp("hosted"))
     ca, stranger = CA(tmp, "provider-ca"), CA(tmp, "stranger-ca")
-    sni: dict[str, list[str | None]] = {"openai": [], "router": [], "forged": [], "azure": []}
+    sni: dict[str, list[str | None]] = {"openai": [], "router": [], "forged": [], "azure": [], "mixed": []}
     servers = {
         "openai": HostedServer(tls(ca.issue("openai", ["api.openai.localhost"]), sni["openai"]),
                                ("authorization", "Bearer " + OPENAI_KEY)),
@@ -118,6 +127,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                                ("authorization", "Bearer " + ROUTER_KEY), prefix="/api"),
         "forged": HostedServer(tls(stranger.issue("forged", ["api.forged.localhost"]), sni["forged"]),
                                ("authorization", "Bearer " + ROUTER_KEY)),
+        "mixed": HostedServer(tls(ca.issue("mixed", ["api.mixed.localhost"]), sni["mixed"]),
+                              ("authorization", "Bearer " + ROUTER_KEY), responses_only={"hc-resp-1", "hc-resp-2"},
+                              chat_only={"hc-chat-1", "hc-chat-2"}),
         "azure": AzureServer(tls(ca.issue("azure", ["contoso.openai.azure.localhost"]), sni["azure"]), AZURE_KEY,
                              API_VERSION, {"prod-4o", "az-mini", "az1-small"}),
     }
@@ -200,7 +212,7 @@ def test_config_dump_shows_the_keys_redacted(hosted):
     secrets = next(c for c in json.loads(dump)["configs"] if c["@type"].endswith("SecretsConfigDump"))
     active = {s["name"]: s["secret"]["generic_secret"]["secret"] for s in secrets["dynamic_active_secrets"]}
     assert active == {f"key.{name}": {"inline_string": "[redacted]"}
-                      for name in ("openai", "openrouter", "forged", "azure", "azure-v1")}
+                      for name in ("openai", "openrouter", "forged", "hosted-auto", "azure", "azure-v1")}
     assert AZURE_KEY not in dump
 
 
@@ -310,3 +322,27 @@ def test_an_azure_stream_with_filter_annotations_reaches_a_responses_client_whol
     assert final.output_text == "fine"
     assert final.status == "incomplete" and final.incomplete_details is not None
     assert final.incomplete_details.reason == "content_filter"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_first_contact_on_a_hosted_auto_backend_succeeds_in_both_directions(hosted, stream):
+    """A model the provider serves on the other API only: the rejection is retried, translated, inside
+    Envoy (no byte of it reaches the client), the key on both attempts; the next request goes straight."""
+    client, n = hosted.client(), 2 if stream else 1
+    retries = hosted.stat("cluster.llm.hosted-auto.first-contact.upstream_rq_retry")
+    messages = [{"role": "user", "content": "hi"}]
+    if stream:
+        chunks = client.chat.completions.create(model=f"hc-resp-{n}", messages=messages, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: hi"
+        with client.responses.stream(model=f"hc-chat-{n}", input="hi") as s:
+            assert s.get_final_response().output_text == "echo: hi"
+    else:
+        assert chat(client, f"hc-resp-{n}") == "echo: hi"
+        assert client.responses.create(model=f"hc-chat-{n}", input="hi").output_text == "echo: hi"
+    mixed = hosted.servers["mixed"]
+    assert [(r["path"], r["headers"]["authorization"]) for r in mixed.seen] == [
+        (p, "Bearer " + ROUTER_KEY) for p in ("/v1/chat/completions", "/v1/responses", "/v1/responses",
+                                              "/v1/chat/completions")]
+    assert hosted.stat("cluster.llm.hosted-auto.first-contact.upstream_rq_retry") == retries + 2  # Envoy retried
+    assert chat(client, f"hc-resp-{n}") == "echo: hi"  # learned: straight to the Responses API
+    assert mixed.seen[-1]["path"] == "/v1/responses" and len(mixed.seen) == 5

@@ -22,6 +22,7 @@ from extproc.exchange.body import check_json_request, is_json, parse_body
 from extproc.exchange.paths import INPUT_TOKENS, check_request_line
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
 from extproc.routing.gateway import H_FIRST_CONTACT, ROUTING_HEADERS, Gateway, Target, placement_key
+from extproc.routing.hosted import first_contact_ready
 from extproc.routing.modes import Learned, learned_key
 from extproc.routing.providers import upstream_path, with_deployment
 from extproc.state import records as rec
@@ -201,7 +202,7 @@ class RequestSide:
         if plan.pair is not None:
             path = PATHS[plan.pair.upstream_api] + ("?" + self.query if "?" in self.path else "")
         headers = target.headers()
-        if plan.facts is not None and target.endpoint is not None:  # Envoy retries it on the other API if need be
+        if plan.facts is not None and first_contact_ready(target):  # Envoy retries it on the other API if need be
             headers.append((H_FIRST_CONTACT, self.pinning.tenant))
         path = upstream_path(target.backend, path, plan.model)  # its prefix, or a provider's own shape
         body = with_deployment(target.backend, body, plan.request)

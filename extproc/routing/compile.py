@@ -34,7 +34,7 @@ from extproc.config import Backend, Config
 from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.classify import Classifier, Resolution, combine, is_glob
 from extproc.routing.gateway import H_CLUSTER, H_ENDPOINT, H_FIRST_CONTACT, H_RETRY, backend_cluster
-from extproc.routing.hosted import authority, hosted_cluster, secrets
+from extproc.routing.hosted import authority, first_contact_cluster, hosted_clusters, secrets
 from extproc.routing.modes import Knowledge, Learned
 from extproc.routing.providers import processor_only
 
@@ -238,11 +238,21 @@ def processor_routes(config: Config) -> tuple[list[rc.Route], list[rc.Route]]:
                       route=_to_backend(config, ENDPOINTS_CLUSTER))]
     for backend in {backend_cluster(b): b for b in config.backends if b.cluster or b.hosted}.values():
         cluster = backend_cluster(backend)
+        if (twin := first_contact_cluster(backend)) is not None:  # as processor:first-contact, for a url: backend
+            first.append(_first_contact_route(config, backend, twin, retry))
         action = _to_backend(config, cluster)
         _host(action, backend)
         first.append(rc.Route(name=f"processor:{cluster}", route=action, match=rc.RouteMatch(prefix="/", headers=[
             rc.HeaderMatcher(name=H_CLUSTER, string_match=string_pb2.StringMatcher(exact=cluster))])))
     return first, [rc.Route(name="processor", match=rc.RouteMatch(prefix="/"), direct_response=_no_route())]
+
+
+def _first_contact_route(config: Config, backend: Backend, cluster: str, retry: rc.RetryPolicy) -> rc.Route:
+    action = _to_backend(config, cluster, retry_policy=retry)
+    _host(action, backend)
+    return rc.Route(name=f"processor:first-contact:{backend_cluster(backend)}", route=action, match=rc.RouteMatch(
+        prefix="/", headers=[rc.HeaderMatcher(name=H_CLUSTER, string_match=string_pb2.StringMatcher(
+            exact=backend_cluster(backend))), rc.HeaderMatcher(name=H_FIRST_CONTACT, present_match=True)]))
 
 
 def _host(action: rc.RouteAction, backend: Backend) -> None:
@@ -344,7 +354,7 @@ def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str
                           include_request_attempt_count=True)  # the first-contact processor tells attempts apart
     return Compiled(route_pb2.RouteConfiguration(name=ROUTE_CONFIG, virtual_hosts=[host]),
                     [_cluster(b) for b in config.backends if b.endpoints] +
-                    [hosted_cluster(b) for b in config.backends if b.hosted], secrets(config))
+                    [c for b in config.backends if b.hosted for c in hosted_clusters(b)], secrets(config))
 
 
 def _cluster(backend: Backend) -> cluster_pb2.Cluster:

@@ -12,9 +12,17 @@ from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, extension_pb2, protocol_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    extension_pb2,
+    grpc_service_pb2,
+    protocol_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.filters.http.credential_injector.v3 import credential_injector_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
@@ -22,10 +30,10 @@ from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
 from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from extproc.config import Backend, Config, Hosted
-from extproc.routing.gateway import backend_cluster
+from extproc.routing.gateway import Target, backend_cluster
 from extproc.routing.providers import credential_header, provider_of
 
 # The system trust store as the Envoy image (and Debian, Ubuntu) has it: Envoy reads it, not the sidecar.
@@ -71,14 +79,41 @@ def _filter(name: str, config: object) -> hcm.HttpFilter:
     return hcm.HttpFilter(name=name, typed_config=_any(config))
 
 
-def upstream_filters(backend: Backend) -> list[hcm.HttpFilter]:
-    """The cluster's own filters: provider extras, and the key in place of whatever the client sent."""
+def first_contact_cluster(backend: Backend) -> str | None:
+    """The cluster of a first contact with a model of unknown API at a `url:` backend: its own, with the
+    processor watching each attempt (None: the backend has none, its paths are not plain prefixes)."""
+    hosted = backend.hosted
+    if hosted is None or hosted.api_version is not None:
+        return None
+    return f"{backend_cluster(backend)}.first-contact"
+
+
+def _first_contact_processor() -> hcm.HttpFilter:
+    """The processor as the upstream filter of a first contact: as in deploy/envoy.yaml's
+    endpoints_first_contact cluster (role metadata, timeouts, buffered request, routing mutations)."""
+    mode = processing_mode_pb2.ProcessingMode
+    return _filter("envoy.filters.http.ext_proc", ext_proc_pb2.ExternalProcessor(
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name="extproc"),
+            timeout=duration_pb2.Duration(seconds=30),
+            initial_metadata=[base_pb2.HeaderValue(key="x-extproc-role", value="first-contact")]),
+        failure_mode_allow=False, allow_mode_override=True, message_timeout=duration_pb2.Duration(seconds=30),
+        max_message_timeout=duration_pb2.Duration(seconds=600),
+        processing_mode=mode(request_header_mode=mode.SEND, request_body_mode=mode.BUFFERED,
+                             response_header_mode=mode.SEND, response_body_mode=mode.NONE),
+        mutation_rules=mutation_rules_pb2.HeaderMutationRules(allow_all_routing=wrappers_pb2.BoolValue(value=True),
+                                                          allow_envoy=wrappers_pb2.BoolValue(value=False))))
+
+
+def upstream_filters(backend: Backend, first_contact: bool = False) -> list[hcm.HttpFilter]:
+    """The cluster's own filters: at a first contact the processor first (it may translate the retry),
+    then the provider extras, and the key in place of whatever the client sent."""
     hosted = backend.hosted
     assert hosted is not None
     mutations = [mutation_rules_pb2.HeaderMutation(append=base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=k, value=v), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
         for k, v in hosted.headers]
-    out = []
+    out = [_first_contact_processor()] if first_contact else []
     if holds_key(backend):  # the client's own credentials never reach the provider with the gateway's key
         auth = provider_of(hosted.provider).auth_header
         mutations[:0] = [mutation_rules_pb2.HeaderMutation(remove=h) for h in dict.fromkeys(("authorization", auth))]
@@ -98,9 +133,10 @@ def upstream_filters(backend: Backend) -> list[hcm.HttpFilter]:
     return out
 
 
-def _protocol_options(backend: Backend, hosted: Hosted) -> hpo.HttpProtocolOptions:
+def _protocol_options(backend: Backend, hosted: Hosted, first_contact: bool) -> hpo.HttpProtocolOptions:
     common = protocol_pb2.HttpProtocolOptions(idle_timeout=duration_pb2.Duration(seconds=IDLE_TIMEOUT_SECONDS))
-    opts = hpo.HttpProtocolOptions(common_http_protocol_options=common, http_filters=upstream_filters(backend))
+    opts = hpo.HttpProtocolOptions(common_http_protocol_options=common,
+                                   http_filters=upstream_filters(backend, first_contact))
     if hosted.scheme == "https":  # HTTP/2 when the provider's TLS offers it, else HTTP/1.1
         opts.auto_config.CopyFrom(hpo.HttpProtocolOptions.AutoHttpConfig(
             http_protocol_options=protocol_pb2.Http1ProtocolOptions(),
@@ -123,11 +159,18 @@ def _tls(hosted: Hosted) -> base_pb2.TransportSocket:
     return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(context))
 
 
-def hosted_cluster(backend: Backend) -> cluster_pb2.Cluster:
+def hosted_clusters(backend: Backend) -> list[cluster_pb2.Cluster]:
+    """The provider's cluster, and its first-contact twin when it has one."""
+    out = [_hosted_cluster(backend, backend_cluster(backend), first_contact=False)]
+    if (twin := first_contact_cluster(backend)) is not None:
+        out.append(_hosted_cluster(backend, twin, first_contact=True))
+    return out
+
+
+def _hosted_cluster(backend: Backend, name: str, first_contact: bool) -> cluster_pb2.Cluster:
     """The provider's cluster: one DNS name, followed as it changes (LOGICAL_DNS)."""
     hosted = backend.hosted
     assert hosted is not None
-    name = backend_cluster(backend)
     sock = address_pb2.SocketAddress(address=hosted.host, port_value=hosted.port)
     cluster = cluster_pb2.Cluster(
         name=name, type=cluster_pb2.Cluster.LOGICAL_DNS, dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED,
@@ -135,7 +178,7 @@ def hosted_cluster(backend: Backend) -> cluster_pb2.Cluster:
         load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[
             endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[endpoint_components_pb2.LbEndpoint(
                 endpoint=endpoint_components_pb2.Endpoint(address=address_pb2.Address(socket_address=sock)))])]))
-    cluster.typed_extension_protocol_options[PROTOCOL_OPTIONS].CopyFrom(_any(_protocol_options(backend, hosted)))
+    cluster.typed_extension_protocol_options[PROTOCOL_OPTIONS].CopyFrom(_any(_protocol_options(backend, hosted, first_contact)))
     if hosted.scheme == "https":
         cluster.transport_socket.CopyFrom(_tls(hosted))
     return cluster
@@ -156,3 +199,9 @@ def describe(backend: Backend) -> str:
     extras = f", headers {', '.join(k for k, _ in hosted.headers)}" if hosted.headers else ""
     return (f"cluster {backend_cluster(backend)}: {hosted.scheme}://{authority(hosted)}{backend.path_prefix} "
             f"(provider {hosted.provider}), {tls}, {key}{extras}")
+
+
+def first_contact_ready(target: Target) -> bool:
+    """Envoy can retry a first contact to this target on the other API: an instance of an `endpoints`
+    backend (the static endpoints_first_contact cluster), or a `url:` backend with a twin cluster."""
+    return target.endpoint is not None or first_contact_cluster(target.backend) is not None

@@ -1,8 +1,8 @@
-"""Envoy's routes and backend clusters, served live over ADS on the sidecar's gRPC port.
+"""Envoy's routes, backend clusters and keys (SDS secrets), served live over ADS on the sidecar's gRPC port.
 
-State of the world: every stream gets the whole current set of each type it subscribed to (clusters
-first, then the route configuration, so routes never name a cluster Envoy lacks), again whenever the
-compiled result changes. Why ADS rather than files: Envoy already dials this port (the `extproc`
+State of the world: every stream gets the whole current set of each type it subscribed to (secrets,
+clusters, then the route configuration, so routes never name a cluster Envoy lacks), again whenever
+the compiled result changes or Envoy asks for other names (a new cluster asks for its secret). Why ADS rather than files: Envoy already dials this port (the `extproc`
 cluster), so docker compose and Kubernetes need no shared volume, and a change is pushed at once.
 
 `follow()` recompiles when the config is reloaded, when discovery or learning changes a fact

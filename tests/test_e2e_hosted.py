@@ -10,10 +10,13 @@ never sees them), the key is in no `/config_dump`, and a rotated key file reache
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import ssl
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,6 +54,11 @@ backends:
     url: https://api.forged.localhost:{forged}
     ca_file: {ca}
     api_key_env: ROUTER_KEY
+  - name: h2
+    api: chat
+    models: ["h2-*"]
+    url: https://h2.provider.localhost:{h2}
+    ca_file: {ca}
   - name: hosted-auto
     api: auto
     models: ["hc-*"]
@@ -89,6 +97,32 @@ def tls(cert: tuple[Path, Path], sni: list[str | None]) -> ssl.SSLContext:
     return ctx
 
 
+class PrefaceRecorder:
+    """A TLS server offering HTTP/2 by ALPN that records what each client chose and its first bytes."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
+        self.sock = ctx.wrap_socket(socket.create_server(("127.0.0.1", 0)), server_side=True)
+        self.port = self.sock.getsockname()[1]
+        self.seen: list[tuple[str | None, bytes]] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except ssl.SSLError:
+                continue  # a client that gave up on the handshake
+            except OSError:
+                return  # closed
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(10)
+                self.seen.append((conn.selected_alpn_protocol(), conn.recv(24)))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @dataclass
 class Site:
     url: str
@@ -98,6 +132,7 @@ class Site:
     stack: Stack
     servers: dict[str, HostedServer]
     sni: dict[str, list[str | None]]
+    h2: PrefaceRecorder
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="client-own-key", max_retries=0, timeout=30)
@@ -133,20 +168,23 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         "azure": AzureServer(tls(ca.issue("azure", ["contoso.openai.azure.localhost"]), sni["azure"]), AZURE_KEY,
                              API_VERSION, {"prod-4o", "az-mini", "az1-small"}),
     }
+    h2 = PrefaceRecorder(tls(ca.issue("h2", ["h2.provider.localhost"]), []))
     key_file = tmp / "openai.key"
     key_file.write_text(OPENAI_KEY + "\n")  # as a mounted Secret may hold it
     extproc, admin, port, envoy_admin = free_port(), free_port(), free_port(), free_port()
     cfg = tmp / "config.yaml"
     cfg.write_text(CONFIG.format(extproc=extproc, admin=admin, ca=ca.path, key_file=key_file, api_version=API_VERSION,
-                                 **{k: s.port for k, s in servers.items()}))
+                                 h2=h2.port, **{k: s.port for k, s in servers.items()}))
     stack = Stack()
     try:
         sidecar = stack.start_sidecar(cfg, env={"ROUTER_KEY": ROUTER_KEY, "AZURE_KEY": AZURE_KEY})
         wait_for_port(extproc, proc=sidecar)
         stack.start_envoy(port, envoy_admin, extproc)
-        yield Site(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{envoy_admin}", cfg, key_file, stack, servers, sni)
+        yield Site(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{envoy_admin}", cfg, key_file, stack, servers, sni,
+                   h2)
     finally:
         stack.stop()
+        h2.close()
         for s in servers.values():
             s.close()
 
@@ -203,6 +241,13 @@ def test_a_provider_whose_certificate_the_ca_file_does_not_vouch_for_never_gets_
         assert e.value.body["type"] == "gateway_error"  # Envoy's own error, in the OpenAI shape
     assert hosted.servers["forged"].seen == []  # no HTTP request: the handshake failed first
     assert hosted.sni["forged"]  # it was asked, by name
+
+
+def test_a_provider_offering_http2_is_spoken_to_in_http2_and_others_in_http11(hosted):
+    with pytest.raises(openai.APIStatusError):
+        chat(hosted.client(), "h2-model")  # the recorder answers nothing: only what Envoy chose matters here
+    assert hosted.h2.seen and hosted.h2.seen[0] == ("h2", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # the h2 preface
+    assert chat(hosted.client(), "gpt-5") == "echo: hi"  # a provider offering no ALPN (HTTP/1.1 only) still answers
 
 
 def test_config_dump_shows_the_keys_redacted(hosted):

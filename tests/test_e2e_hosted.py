@@ -74,6 +74,15 @@ backends:
     deployments: {{az-4o: prod-4o}}
     ca_file: {ca}
     api_key_env: AZURE_KEY
+  - name: azure-responses
+    api: responses
+    models: ["azr-*"]
+    url: https://contoso.openai.azure.localhost:{azure}
+    provider: azure
+    api_version: "{api_version}"
+    deployments: {{azr-4o: prod-4o}}
+    ca_file: {ca}
+    api_key_env: AZURE_KEY
   - name: azure-v1
     api: both
     models: ["prod-4o", "az1-*"]
@@ -257,7 +266,8 @@ def test_config_dump_shows_the_keys_redacted(hosted):
     secrets = next(c for c in json.loads(dump)["configs"] if c["@type"].endswith("SecretsConfigDump"))
     active = {s["name"]: s["secret"]["generic_secret"]["secret"] for s in secrets["dynamic_active_secrets"]}
     assert active == {f"key.{name}": {"inline_string": "[redacted]"}
-                      for name in ("openai", "openrouter", "forged", "hosted-auto", "azure", "azure-v1")}
+                      for name in ("openai", "openrouter", "forged", "hosted-auto", "azure", "azure-responses",
+                                   "azure-v1")}
     assert AZURE_KEY not in dump
 
 
@@ -307,6 +317,13 @@ def test_azure_classic_paths_name_the_deployment_and_the_api_version(hosted):
                                                f"/openai/deployments/az-mini/chat/completions{query}",
                                                f"/openai/deployments/prod-4o/chat/completions{query}"]
     assert all(r["headers"]["api-key"] == AZURE_KEY and "authorization" not in r["headers"] for r in azure.seen)
+
+
+def test_azure_classic_responses_name_the_deployment_in_the_body(hosted):
+    azure = hosted.servers["azure"]
+    assert hosted.client().responses.create(model="azr-4o", input="hi", store=False).output_text == "echo: hi"
+    assert azure.seen[-1]["path"] == f"/openai/responses?api-version={API_VERSION}"
+    assert azure.requests[-1]["body"]["model"] == "prod-4o"  # Azure knows it by its deployment
 
 
 def test_azure_v1_paths_take_the_fast_path_responses_included(hosted):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -100,8 +99,9 @@ def _hosted(r: Reader, m: dict[str, yaml.Node], key: str, api: str | None) -> tu
     if api is not None and api not in (AUTO, BOTH) and api not in row.apis:
         r.problem(m["api"], f"{key}.api", f"provider {row.name} serves {', '.join(row.apis)} only")
     ca_file = r.scalar(m["ca_file"], f"{key}.ca_file", str) if "ca_file" in m else None
-    if ca_file is not None and not os.access(ca_file, os.R_OK):
-        r.problem(m["ca_file"], f"{key}.ca_file", f"cannot read {ca_file}")
+    ca_pem = _pem(ca_file) if ca_file is not None else None
+    if ca_file is not None and ca_pem is None:
+        r.problem(m["ca_file"], f"{key}.ca_file", f"cannot read {ca_file} as a PEM certificate bundle")
     if ca_file is not None and parts.scheme != "https":
         r.problem(m["ca_file"], f"{key}.ca_file", "only with an https:// url")
     api_version = _text(r, m["api_version"], f"{key}.api_version") if "api_version" in m else None
@@ -116,8 +116,18 @@ def _hosted(r: Reader, m: dict[str, yaml.Node], key: str, api: str | None) -> tu
             r.problem(m["headers"], f"{key}.headers.{header}", "not a header name a provider extra may set "
                                                               f"(reserved: {', '.join(sorted(_RESERVED_HEADERS))})")
     prefix = parts.path.rstrip("/")
-    return Hosted(parts.scheme, parts.hostname, port, row.name, ca_file, tuple((h.lower(), v) for h, v in headers),
-                  api_version, deployments), prefix + (row.path_prefix if api_version is None else "")
+    return Hosted(parts.scheme, parts.hostname, port, row.name, ca_file, ca_pem,
+                  tuple((h.lower(), v) for h, v in headers), api_version, deployments), prefix + (row.path_prefix if api_version is None else "")
+
+
+def _pem(path: str) -> str | None:
+    """A CA bundle's text (None: unreadable, or no certificate in it)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if "-----BEGIN CERTIFICATE-----" in text else None
 
 
 def _text(r: Reader, node: yaml.Node, key: str) -> str | None:

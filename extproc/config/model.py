@@ -41,6 +41,7 @@ class Hosted:
     port: int
     provider: str = "openai"  # a row of routing.providers.PROVIDERS: its auth header and scheme, its APIs
     ca_file: str | None = None  # a PEM bundle that replaces the system trust store
+    ca_pem: str | None = field(default=None, repr=False)  # its text, read at load (Envoy gets it inline)
     headers: tuple[tuple[str, str], ...] = ()  # provider extras sent with every request (HTTP-Referer, ...)
     api_version: str | None = None  # Azure's api-version query (its classic deployment paths)
     deployments: tuple[tuple[str, str], ...] = ()  # Azure: client model name -> deployment name

@@ -155,9 +155,12 @@ async def every(seconds: Callable[[], float], action: Callable[[], Awaitable[Non
 
 
 def watched_files(config_path: str, config: Config) -> list[str]:
-    """The files whose change reloads the config: the file itself and each backend's `api_key_file`
-    (a mounted Secret rotated in place), so a new key reaches the processor and Envoy without a restart."""
-    return [config_path, *dict.fromkeys(b.api_key_file for b in config.backends if b.api_key_file)]
+    """The files whose change reloads the config: the file itself, each backend's `api_key_file` (a
+    mounted Secret rotated in place) and `ca_file`, so a new key or CA reaches the processor and Envoy
+    without a restart."""
+    keys = [b.api_key_file for b in config.backends if b.api_key_file]
+    cas = [b.hosted.ca_file for b in config.backends if b.hosted and b.hosted.ca_file]
+    return [config_path, *dict.fromkeys(keys + cas)]
 
 
 async def watch_files(paths: Callable[[], list[str]], on_change: Callable[[], None], interval: float = 2.0) -> None:

@@ -148,10 +148,8 @@ def _protocol_options(backend: Backend, hosted: Hosted, first_contact: bool) -> 
 
 def _tls(hosted: Hosted) -> base_pb2.TransportSocket:
     """TLS that sends the key only to a server proving the provider's name, by the trust store given."""
-    ca = base_pb2.DataSource(filename=SYSTEM_CA_BUNDLE)
-    if hosted.ca_file is not None:  # the sidecar reads it, so only the sidecar needs the file mounted
-        with open(hosted.ca_file, encoding="utf-8") as f:
-            ca = base_pb2.DataSource(inline_string=f.read())
+    ca = base_pb2.DataSource(filename=SYSTEM_CA_BUNDLE) if hosted.ca_pem is None else \
+        base_pb2.DataSource(inline_string=hosted.ca_pem)  # read by the sidecar: only it needs the file
     context = tls_pb2.UpstreamTlsContext(sni=hosted.host, common_tls_context=tls_pb2.CommonTlsContext(
         alpn_protocols=["h2", "http/1.1"], validation_context=common_pb2.CertificateValidationContext(
             trusted_ca=ca, match_typed_subject_alt_names=[common_pb2.SubjectAltNameMatcher(

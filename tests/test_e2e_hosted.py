@@ -391,7 +391,7 @@ def test_first_contact_on_a_hosted_auto_backend_succeeds_in_both_directions(host
     """A model the provider serves on the other API only: the rejection is retried, translated, inside
     Envoy (no byte of it reaches the client), the key on both attempts; the next request goes straight."""
     client, n = hosted.client(), 2 if stream else 1
-    retries = hosted.stat("cluster.llm.hosted-auto.first-contact.upstream_rq_retry")
+    retries = hosted.stat("cluster.first-contact.llm.hosted-auto.upstream_rq_retry")
     messages = [{"role": "user", "content": "hi"}]
     if stream:
         chunks = client.chat.completions.create(model=f"hc-resp-{n}", messages=messages, stream=True)
@@ -405,6 +405,6 @@ def test_first_contact_on_a_hosted_auto_backend_succeeds_in_both_directions(host
     assert [(r["path"], r["headers"]["authorization"]) for r in mixed.seen] == [
         (p, "Bearer " + ROUTER_KEY) for p in ("/v1/chat/completions", "/v1/responses", "/v1/responses",
                                               "/v1/chat/completions")]
-    assert hosted.stat("cluster.llm.hosted-auto.first-contact.upstream_rq_retry") == retries + 2  # Envoy retried
+    assert hosted.stat("cluster.first-contact.llm.hosted-auto.upstream_rq_retry") == retries + 2  # Envoy retried
     assert chat(client, f"hc-resp-{n}") == "echo: hi"  # learned: straight to the Responses API
     assert mixed.seen[-1]["path"] == "/v1/responses" and len(mixed.seen) == 5

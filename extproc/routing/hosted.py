@@ -85,7 +85,7 @@ def first_contact_cluster(backend: Backend) -> str | None:
     hosted = backend.hosted
     if hosted is None or hosted.api_version is not None:
         return None
-    return f"{backend_cluster(backend)}.first-contact"
+    return f"first-contact.{backend_cluster(backend)}"  # never a backend's own (those start with llm.)
 
 
 def _first_contact_processor() -> hcm.HttpFilter:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -71,9 +72,38 @@ def envoy_alone_config(listen_port: int, admin_port: int) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def start_envoy_alone(stack: Stack) -> int:
+@dataclass(frozen=True)
+class Hosted:
+    """A hosted-style provider: TLS for `name` from a test CA, answering only with `key`."""
+
+    name: str
+    port: int
+    ca: Path
+    key: str
+
+
+def start_envoy_alone(stack: Stack, hosted: Hosted | None = None) -> int:
+    """Envoy alone; with `hosted`, also a static TLS cluster to it holding its key, taken by requests
+    that carry `x-bench-hosted` (what an operator would write by hand without the sidecar)."""
     port, admin = free_port(), free_port()
-    return _spawn_envoy(stack, yaml.safe_load(envoy_alone_config(port, admin)), port, admin)
+    doc = yaml.safe_load(envoy_alone_config(port, admin))
+    if hosted is not None:
+        doc["static_resources"]["clusters"].append({
+            "name": "hosted", "type": "LOGICAL_DNS", "dns_lookup_family": "V4_PREFERRED", "connect_timeout": "10s",
+            "load_assignment": {"cluster_name": "hosted", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": hosted.name, "port_value": hosted.port}}}}]}]},
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": hosted.name, "common_tls_context": {"validation_context": {
+                    "trusted_ca": {"filename": str(hosted.ca)},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": hosted.name}}]}}}}})
+        host = _hcm(doc)["route_config"]["virtual_hosts"][0]
+        host["routes"].insert(0, {"match": {"prefix": "/", "headers": [{"name": "x-bench-hosted", "present_match": True}]},
+                                  "route": {"cluster": "hosted", "host_rewrite_literal": f"{hosted.name}:{hosted.port}"},
+                                  "request_headers_to_add": [{"header": {"key": "authorization",
+                                                                         "value": "Bearer " + hosted.key},
+                                                              "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]})
+    return _spawn_envoy(stack, doc, port, admin)
 
 
 def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1) -> int:
@@ -122,12 +152,26 @@ def _spawn_envoy(stack: Stack, doc: dict, port: int, admin: int) -> int:
     return port
 
 
-def start_nginx(stack: Stack) -> int:
-    """A fast canned upstream (Debian's nginx): both APIs answer at once, non-streaming."""
+def start_hosted(stack: Stack, name: str = "bench.provider.localhost") -> Hosted:
+    """nginx as a keyed hosted provider over TLS, for a name that resolves to loopback (RFC 6761)."""
+    from tests.pki import CA
+
+    root = Path(tempfile.mkdtemp(prefix="bench-pki-", dir=stack.workdir))
+    ca = CA(root, "bench-ca")
+    key = "sk-bench-hosted-key"
+    port = start_nginx(stack, tls=ca.issue("provider", [name]), key=key)
+    return Hosted(name, port, ca.path, key)
+
+
+def start_nginx(stack: Stack, tls: tuple[Path, Path] | None = None, key: str | None = None) -> int:
+    """A fast canned upstream (Debian's nginx): both APIs answer at once, non-streaming; with `tls`
+    (certificate and key files) HTTPS only, and with `key` a 401 for any request without it."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     port = free_port()
     root = Path(tempfile.mkdtemp(prefix="bench-nginx-", dir=stack.workdir))
     root.chmod(0o777)
+    listen = f"127.0.0.1:{port}" + (f" ssl;\n    ssl_certificate {tls[0]};\n    ssl_certificate_key {tls[1]}" if tls else "")
+    check = f"if ($http_authorization != \"Bearer {key}\") {{ return 401 '{{}}'; }}" if key else ""
 
     def body(doc: dict) -> str:
         return json.dumps(doc).replace("'", "\\'")
@@ -147,8 +191,9 @@ http {{
   scgi_temp_path {root}/scgi;
   keepalive_requests 1000000;
   server {{
-    listen 127.0.0.1:{port};
+    listen {listen};
     default_type application/json;
+    {check}
     location = /v1/chat/completions {{ return 200 '{body(CHAT_BODY)}'; }}
     location = /v1/responses {{ return 200 '{body(RESPONSES_BODY)}'; }}
   }}

@@ -4,7 +4,7 @@ Starts the real stack (Envoy from the wheel, the sidecar, nginx as a fast canned
 asyncio streaming upstream), loads it with wrk (non-streaming) and an asyncio client (streaming), and
 prints scenario, Envoy alone, sidecar, ratio, peer, ratio. Writes benchmarks/results/run.json.
 
-    .venv/bin/python benchmarks/run.py [--duration 10] [--no-peer] [--only passthrough,translated,...]
+    .venv/bin/python benchmarks/run.py [--duration 10] [--no-peer] [--only passthrough,hosted,translated,...]
 
 Needs Debian's wrk and nginx (`apt-get install wrk nginx-light`). The peer, LiteLLM's proxy, is
 installed into benchmarks/.peer/ on first use; its rows are skipped with a message when it cannot be.
@@ -33,6 +33,7 @@ from common import (
     start_envoy_alone,
     start_envoy_with_processor,
     start_gateway,
+    start_hosted,
     start_nginx,
     wait_for_port,
 )
@@ -44,6 +45,7 @@ PEER_VENV = REPO / "benchmarks" / ".peer" / "litellm"
 CHAT_REQ = {"model": "bench", "messages": [{"role": "user", "content": "Say something short."}]}
 RESP_REQ = {"model": "bench", "input": "Say something short."}
 RESP_FAST_REQ = {"model": "bench-r", "input": "Say something short.", "store": False}
+HOSTED_REQ = {"model": "bench-hosted", "messages": CHAT_REQ["messages"]}
 
 
 # -- load generators ----------------------------------------------------------------------------
@@ -187,7 +189,10 @@ def main() -> int:
         streamer = free_port()
         stack.spawn("stream-upstream", [sys.executable, str(REPO / "benchmarks" / "stream_upstream.py"), str(streamer)])
         wait_for_port(streamer)
-        alone = start_envoy_alone(stack)
+        hosted = start_hosted(stack)
+        alone = start_envoy_alone(stack, hosted)
+        hosted_key = stack.workdir / "hosted.key"
+        hosted_key.write_text(hosted.key)
         backends = f"""
 - name: fast
   api: chat
@@ -201,6 +206,12 @@ def main() -> int:
   api: chat
   models: ["stream"]
   endpoints: ["127.0.0.1:{streamer}"]
+- name: hosted
+  api: chat
+  models: ["bench-hosted"]
+  url: https://{hosted.name}:{hosted.port}
+  ca_file: {hosted.ca}
+  api_key_file: {hosted_key}
 """
         # The processor path rows keep measuring the processor: fast_path off sends everything through it.
         gw = start_gateway(stack, backends, extra="fast_path: false")
@@ -244,6 +255,14 @@ def main() -> int:
                         ">= 0.40 x alone" if c == c8 else "")
                     row(f"processor path added median latency, {name}, c={c}", None, lat - base_lat, None, "ms",
                         "<= 1 ms")
+        if not only or "hosted" in only:
+            print("keyed hosted provider over TLS (url:, Envoy holds the key), fast path, wrk -c8 and -c1:")
+            for c in (c8, 1):
+                base_rps, base_lat = wrk(f"http://127.0.0.1:{alone}/v1/chat/completions", HOSTED_REQ,
+                                         {"x-bench-hosted": "1"}, d, c)  # a static cluster holding the key
+                rps, lat = wrk(f"http://127.0.0.1:{gw_fast}/v1/chat/completions", HOSTED_REQ, {}, d, c)
+                row(f"keyed hosted fast path throughput, c={c}", base_rps, rps, None, "req/s", ">= 0.60 x alone")
+                row(f"keyed hosted fast path added median latency, c={c}", None, lat - base_lat, None, "ms", "")
         if not only or "translated" in only:
             print("translated non-streaming (Responses client, chat-only model), wrk -c8:")
             base_rps, _ = wrk(f"http://127.0.0.1:{alone}/v1/chat/completions", CHAT_REQ, to_nginx, d, c8)

@@ -91,6 +91,11 @@ def _check_config(path: str, strict: bool) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: OK ({len(cfg.backends)} backends, {len(cfg.model_rules)} model rules, "
           f"{len(cfg.warnings)} warnings)")
+    from extproc.routing.hosted import describe
+
+    for b in cfg.backends:
+        if b.hosted is not None:
+            print(f"  {b.name}: {describe(b)}")
     return 1 if strict and cfg.warnings else 0
 
 
@@ -143,7 +148,9 @@ async def _resolve(config_path: str, model: str) -> int:
             await store.close()
     res = Classifier(cfg, knowledge).resolve(model, learned=learned)
     assert res is not None
-    print(f"model:    {model}\nbackend:  {res.backend.name}\nmode:     {res.mode}\n"
+    from extproc.routing.hosted import describe
+
+    print(f"model:    {model}\nbackend:  {res.backend.name}\ntarget:   {describe(res.backend)}\nmode:     {res.mode}\n"
           f"decided:  {res.source}\ntranslate: {'allowed' if res.translate else 'off'}")
     for client in (CHAT, RESPONSES):
         up = res.upstream_api(client)

@@ -122,7 +122,7 @@ def test_config_block_passes_check_config(block, tmp_path, monkeypatch, capsys):
     for path in block.option("files"):
         local = tmp_path / "root" / path.lstrip("/")
         local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_text("")
+        local.write_text("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")  # what a CA bundle starts with
         assert path in text, f"{block.where}: files= names {path}, which the block does not use"
         text = text.replace(path, str(local))
     for var in [v for v in os.environ if v.startswith(("EXTPROC_", "OPENAI_"))]:

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs
 
 from extproc.local.demo_backend import JSONHandler
 
@@ -562,10 +563,10 @@ class ResponsesServer(_Server):
 
     handler = _ResponsesHandler
 
-    def __init__(self, per_caller: bool = False) -> None:
+    def __init__(self, per_caller: bool = False, tls: ssl.SSLContext | None = None) -> None:
         self.stored: dict[str, dict[str, Any]] = {}  # ids this instance produced: all it can continue
         self.per_caller = per_caller
-        super().__init__()
+        super().__init__(tls)
 
     def visible(self, response_id: str, caller: str | None) -> dict[str, Any] | None:
         stored = self.stored.get(response_id)
@@ -624,6 +625,108 @@ class MixedServer(ResponsesServer):
 
     handler = _MixedHandler
 
-    def __init__(self, responses_only: set[str], chat_only: set[str], models: list[dict[str, Any]]) -> None:
+    def __init__(self, responses_only: set[str], chat_only: set[str], models: list[dict[str, Any]],
+                 tls: ssl.SSLContext | None = None) -> None:
         self.responses_only, self.chat_only, self.models = responses_only, chat_only, models
-        super().__init__()
+        super().__init__(tls=tls)
+
+
+class _HostedHandler(_MixedHandler):
+    upstream: HostedServer
+
+    def do_GET(self) -> None:
+        if self._admit():
+            _MixedHandler.do_GET(self)
+
+    def do_POST(self) -> None:
+        sent = self.path
+        if not self._admit():
+            return
+        body = self.read_json()
+        problem = self.upstream.refuse_body(sent, body)
+        if problem is not None:
+            self.send_json(*problem)
+            return
+        self.read_json = lambda: body  # type: ignore[method-assign]
+        try:
+            _MixedHandler.do_POST(self)
+        finally:
+            with contextlib.suppress(AttributeError):
+                del self.read_json
+
+    def _admit(self) -> bool:
+        """What a provider checks first: its own key in its own header, then its own paths."""
+        up = self.upstream
+        up.seen.append({"path": self.path, "headers": dict(self.headers)})
+        header, value = up.expect
+        if self.headers.get(header) != value:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_json(401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                           "param": None, "code": "invalid_api_key"}})
+            return False
+        path = up.own_path(self.path)
+        if path is None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_json(404, {"error": {"code": "404", "message": "Resource not found"}})
+            return False
+        self.path = path
+        return True
+
+
+class HostedServer(MixedServer):
+    """A hosted provider over TLS: answers only with its key (`expect`: header and value; the test may
+    change it, as a rotated key) and only under its path prefix (OpenRouter's /api). `seen` is every
+    request as it arrived, refused ones included."""
+
+    handler = _HostedHandler
+
+    def __init__(self, tls: ssl.SSLContext, expect: tuple[str, str], prefix: str = "",
+                 responses_only: set[str] | frozenset[str] = frozenset(), chat_only: set[str] | frozenset[str] = frozenset(),
+                 models: list[dict[str, Any]] | None = None) -> None:
+        self.expect, self.prefix = expect, prefix
+        self.seen: list[dict[str, Any]] = []
+        super().__init__(set(responses_only), set(chat_only), models or [], tls=tls)
+
+    def own_path(self, path: str) -> str | None:
+        """The OpenAI path a request's path stands for here (None: not one of this provider's)."""
+        return path[len(self.prefix):] if path.startswith(self.prefix + "/v1/") else None
+
+    def refuse_body(self, path: str, body: Any) -> tuple[int, Any] | None:
+        """A provider's own refusal of a request it found a path for (None: served)."""
+        return None
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen.clear()
+
+
+DEPLOYMENT_NOT_FOUND = {"error": {"code": "DeploymentNotFound", "message": "The API deployment for this resource "
+                                  "does not exist. If you created the deployment within the last 5 minutes, please "
+                                  "wait a moment and try again."}}
+
+
+class AzureServer(HostedServer):
+    """Azure OpenAI as it answers: the `api-key` header; the classic deployment paths
+    (/openai/deployments/{deployment}/chat/completions, /openai/responses) only with the one
+    api-version it supports, and the v1 paths (/openai/v1/...); deployments it does not have are
+    DeploymentNotFound, on the path or as the body's model where the path names none."""
+
+    def __init__(self, tls: ssl.SSLContext, key: str, api_version: str, deployments: set[str]) -> None:
+        self.api_version, self.deployments = api_version, deployments
+        super().__init__(tls, ("api-key", key))
+
+    def own_path(self, path: str) -> str | None:
+        bare, _, query = path.partition("?")
+        if bare.startswith("/openai/v1/"):
+            return bare[len("/openai"):]
+        if parse_qs(query).get("api-version") != [self.api_version]:
+            return None  # what Azure says for a missing or unsupported api-version: Resource not found
+        parts = bare.split("/")
+        if len(parts) == 6 and parts[:3] == ["", "openai", "deployments"] and "/".join(parts[4:]) == "chat/completions":
+            return "/v1/chat/completions" if parts[3] in self.deployments else None
+        return "/v1" + bare[len("/openai"):] if bare.startswith("/openai/responses") else None
+
+    def refuse_body(self, path: str, body: Any) -> tuple[int, Any] | None:
+        names_deployment = path.startswith("/openai/deployments/")
+        model = body.get("model") if isinstance(body, dict) else None
+        return None if names_deployment or model in self.deployments else (404, DEPLOYMENT_NOT_FOUND)

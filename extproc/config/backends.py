@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
-from extproc.api import BACKEND_APIS
+from extproc.api import AUTO, BACKEND_APIS, BOTH
 from extproc.config.addresses import host_port, resolve
-from extproc.config.model import MAX_TOKENS_FIELDS, Backend, Endpoint
+from extproc.config.model import MAX_TOKENS_FIELDS, Backend, Endpoint, Hosted
 from extproc.config.reader import Reader
 from extproc.routing.key_paths import key_path_problem
+from extproc.routing.providers import PROVIDERS
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ALLOWED = {"name", "api", "models", "endpoints", "cluster", "path_prefix", "api_key_env",
             "translate", "chat_max_tokens_field", "vnodes", "hosted_tools", "replay_reasoning",
-            "authenticates_callers", "key_paths"}
+            "authenticates_callers", "url", "ca_file", "headers", "provider", "api_version", "deployments",
+            "api_key_file", "key_paths"}
+_HOSTED_ONLY = ("ca_file", "headers", "provider", "api_version", "deployments")
+_HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+# Headers `headers:` may not set: the key's, and those Envoy or the sidecar own.
+_RESERVED_HEADERS = {"authorization", "api-key", "host", "content-length", "content-type", "transfer-encoding",
+                     "connection", "te", "upgrade", "proxy-authorization"}
 
 
 def backends(r: Reader, root: yaml.Node, top: dict[str, yaml.Node]) -> list[Backend]:
@@ -54,14 +62,95 @@ def backend(r: Reader, node: yaml.Node, key: str) -> Backend | None:
     endpoints, dns_names, dns_weights = _endpoints(r, m["endpoints"], f"{key}.endpoints") \
         if "endpoints" in m else ((), (), ())
     cluster = r.scalar(m["cluster"], f"{key}.cluster", str) if "cluster" in m else None
-    if ("endpoints" in m) == ("cluster" in m):
-        r.problem(node, key, "give exactly one of 'endpoints' (instances the sidecar picks) "
-                             "or 'cluster' (an Envoy cluster named in deploy/envoy.yaml)")
+    if sum(k in m for k in ("endpoints", "cluster", "url")) != 1:
+        r.problem(node, key, "give exactly one of 'endpoints' (instances the sidecar picks), 'url' (a hosted "
+                             "provider: the sidecar compiles its Envoy cluster) or 'cluster' (an Envoy cluster "
+                             "named in deploy/envoy.yaml)")
+    for extra in (k for k in _HOSTED_ONLY if k in m and "url" not in m):
+        r.problem(m[extra], f"{key}.{extra}", "only for a backend given by 'url'")
+    hosted, prefix = _hosted(r, m, key, api) if "url" in m else (None, "")
     kw = _options(r, m, key)
+    if prefix and "path_prefix" in m:
+        r.problem(m["path_prefix"], f"{key}.path_prefix", "the url's path is the prefix already: give one of them")
     if len(r.problems) > before or name is None or api is None:
         return None
-    return Backend(name=name, api=api, models=tuple(models), endpoints=endpoints, cluster=cluster,
+    if prefix:
+        kw["path_prefix"] = prefix
+    return Backend(name=name, api=api, models=tuple(models), endpoints=endpoints, cluster=cluster, hosted=hosted,
                    dns_names=dns_names, dns_weights=dns_weights, **kw)
+
+
+def _hosted(r: Reader, m: dict[str, yaml.Node], key: str, api: str | None) -> tuple[Hosted | None, str]:
+    """A `url:` backend: scheme, host, port and path prefix, its provider's row and the provider extras."""
+    text = r.scalar(m["url"], f"{key}.url", str)
+    if text is None:
+        return None, ""
+    parts = urlsplit(text)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = 0
+    if parts.scheme not in ("https", "http") or not parts.hostname or not 1 <= port <= 65535 or parts.username \
+            or parts.password or parts.query or parts.fragment or "%" in parts.path:
+        r.problem(m["url"], f"{key}.url", "must be https://host[:port][/path prefix] (http:// only for a "
+                                          "provider on a trusted network), without credentials, query or fragment")
+        return None, ""
+    provider = r.choice(m["provider"], f"{key}.provider", tuple(PROVIDERS)) if "provider" in m else "openai"
+    row = PROVIDERS.get(provider or "openai", PROVIDERS["openai"])
+    if api is not None and api not in (AUTO, BOTH) and api not in row.apis:
+        r.problem(m["api"], f"{key}.api", f"provider {row.name} serves {', '.join(row.apis)} only")
+    ca_file = r.scalar(m["ca_file"], f"{key}.ca_file", str) if "ca_file" in m else None
+    ca_pem = _pem(ca_file) if ca_file is not None else None
+    if ca_file is not None and ca_pem is None:
+        r.problem(m["ca_file"], f"{key}.ca_file", f"cannot read {ca_file} as a PEM certificate bundle")
+    if ca_file is not None and parts.scheme != "https":
+        r.problem(m["ca_file"], f"{key}.ca_file", "only with an https:// url")
+    api_version = _text(r, m["api_version"], f"{key}.api_version") if "api_version" in m else None
+    if api_version is not None and not row.versioned_paths:
+        r.problem(m["api_version"], f"{key}.api_version", f"provider {row.name} has no versioned paths")
+    deployments = _string_map(r, m["deployments"], f"{key}.deployments") if "deployments" in m else ()
+    if deployments and not row.versioned_paths:
+        r.problem(m["deployments"], f"{key}.deployments", f"provider {row.name} has no deployments")
+    headers = _string_map(r, m["headers"], f"{key}.headers") if "headers" in m else ()
+    for header, _ in headers:
+        if not _HEADER_RE.match(header) or header.lower() in _RESERVED_HEADERS:
+            r.problem(m["headers"], f"{key}.headers.{header}", "not a header name a provider extra may set "
+                                                              f"(reserved: {', '.join(sorted(_RESERVED_HEADERS))})")
+    prefix = parts.path.rstrip("/")
+    return Hosted(parts.scheme, parts.hostname, port, row.name, ca_file, ca_pem,
+                  tuple((h.lower(), v) for h, v in headers), api_version, deployments), prefix + (row.path_prefix if api_version is None else "")
+
+
+def _pem(path: str) -> str | None:
+    """A CA bundle's text (None: unreadable, or no certificate in it)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if "-----BEGIN CERTIFICATE-----" in text else None
+
+
+def _text(r: Reader, node: yaml.Node, key: str) -> str | None:
+    """A scalar as written (2024-10-21 stays text rather than becoming a date)."""
+    if not isinstance(node, yaml.ScalarNode) or not node.value:
+        r.problem(node, key, "must be a non-empty string")
+        return None
+    return str(node.value)
+
+
+def _string_map(r: Reader, node: yaml.Node, key: str) -> tuple[tuple[str, str], ...]:
+    """A mapping of strings to strings, in file order."""
+    if not isinstance(node, yaml.MappingNode):
+        r.problem(node, key, "must be a mapping of names to strings")
+        return ()
+    out: list[tuple[str, str]] = []
+    for k, v in node.value:
+        name = r.scalar(k, key, str)
+        value = r.scalar(v, f"{key}.{name}", str)
+        if name is not None and value is not None:
+            out.append((name, value))
+    return tuple(out)
 
 
 def _options(r: Reader, m: dict[str, yaml.Node], key: str) -> dict[str, Any]:
@@ -80,9 +169,17 @@ def _options(r: Reader, m: dict[str, yaml.Node], key: str) -> dict[str, Any]:
                       f"environment variable {var} is not set or empty: this backend's requests "
                       "get 503 backend_unconfigured until the sidecar runs with it set")
         kw["api_key_env"], kw["api_key"] = var, value
+    if "api_key_file" in m and (path := r.scalar(m["api_key_file"], f"{key}.api_key_file", str)) is not None:
+        if "api_key_env" in m:
+            r.problem(m["api_key_file"], f"{key}.api_key_file", "give one of api_key_env and api_key_file")
+        kw["api_key_file"], kw["api_key"] = path, read_key(path)
+        if kw["api_key"] is None:
+            r.warning(m["api_key_file"], f"{key}.api_key_file",
+                      f"{path} is missing or empty: this backend's requests get 503 backend_unconfigured "
+                      "until it holds a key (the sidecar re-reads it when it changes)")
     if "authenticates_callers" in m:
         kw["authenticates_callers"] = r.scalar(m["authenticates_callers"], f"{key}.authenticates_callers", bool)
-        if kw["authenticates_callers"] and "api_key_env" in m:
+        if kw["authenticates_callers"] and ("api_key_env" in m or "api_key_file" in m):
             r.problem(m["authenticates_callers"], f"{key}.authenticates_callers",
                       "a backend sent the sidecar's own key (api_key_env) sees one caller, never each "
                       "caller's key: it cannot tell callers apart")
@@ -102,6 +199,15 @@ def _options(r: Reader, m: dict[str, yaml.Node], key: str) -> dict[str, Any]:
         for why in filter(None, map(key_path_problem, kw["key_paths"])):
             r.problem(m["key_paths"], f"{key}.key_paths", why)
     return kw
+
+
+def read_key(path: str) -> str | None:
+    """A key file's key (a mounted Secret holds it with or without a final newline); None when unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _endpoints(r: Reader, node: yaml.Node, key: str) -> tuple[tuple[Endpoint, ...], tuple[str, ...], tuple[int, ...]]:

@@ -33,15 +33,36 @@ class Unserved:
 
 
 @dataclass(frozen=True)
+class Hosted:
+    """A provider reached by `url:`: the sidecar compiles its Envoy cluster (DNS, TLS, SNI, SAN check)."""
+
+    scheme: str  # https | http (http only for a provider on loopback or a private network)
+    host: str
+    port: int
+    provider: str = "openai"  # a row of routing.providers.PROVIDERS: its auth header and scheme, its APIs
+    ca_file: str | None = None  # a PEM bundle that replaces the system trust store
+    ca_pem: str | None = field(default=None, repr=False)  # its text, read at load (Envoy gets it inline)
+    headers: tuple[tuple[str, str], ...] = ()  # provider extras sent with every request (HTTP-Referer, ...)
+    api_version: str | None = None  # Azure's api-version query (its classic deployment paths)
+    deployments: tuple[tuple[str, str], ...] = ()  # Azure: client model name -> deployment name
+
+    def deployment(self, model: str) -> str:
+        """The Azure deployment a model is sent to: its own name unless `deployments` maps it."""
+        return dict(self.deployments).get(model, model)
+
+
+@dataclass(frozen=True)
 class Backend:
     name: str
     api: str  # chat | responses | both
     models: tuple[str, ...]
     endpoints: tuple[Endpoint, ...] = ()
     cluster: str | None = None
+    hosted: Hosted | None = None  # `url:` given: a provider whose cluster the sidecar compiles
     path_prefix: str = ""
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)  # resolved from api_key_env, never logged
+    api_key_file: str | None = None  # the key read from this file (a mounted Secret), re-read when it changes
     # The backend checks each caller's own key (sent on as the client gave it), so a response id the
     # sidecar never recorded may be sent there for it to judge; otherwise such ids are refused.
     authenticates_callers: bool = False
@@ -61,10 +82,18 @@ class Backend:
             return Unserved("backend_unconfigured", f"Backend '{self.name}' is not configured: the environment "
                                                     f"variable {self.api_key_env} (its api_key_env) is not set "
                                                     "in the gateway sidecar")
-        if self.cluster is None and not self.endpoints:
+        if self.api_key_file and not self.api_key:
+            return Unserved("backend_unconfigured", f"Backend '{self.name}' is not configured: its api_key_file "
+                                                    f"{self.api_key_file} is missing or empty in the gateway sidecar")
+        if self.cluster is None and self.hosted is None and not self.endpoints:
             return Unserved("no_endpoints", f"Backend '{self.name}' has no instances: "
                                             f"{', '.join(self.dns_names)} resolves to no address yet")
         return None
+
+    @property
+    def keyed(self) -> bool:
+        """The sidecar sends this backend a key of its own (from api_key_env or api_key_file)."""
+        return bool(self.api_key_env or self.api_key_file)
 
     def resolve_dns(self) -> tuple[Endpoint, ...] | None:
         """The endpoints with the `dns:` entries resolved again (None when a name does not resolve now:

@@ -154,19 +154,30 @@ async def every(seconds: Callable[[], float], action: Callable[[], Awaitable[Non
             log.exception("periodic task failed")
 
 
-async def watch_file(path: str, on_change: Callable[[], None], interval: float = 2.0) -> None:
-    """Reload when the config file changes (a ConfigMap update included), as SIGHUP does."""
-    def stamp() -> tuple[float, int] | None:
+def watched_files(config_path: str, config: Config) -> list[str]:
+    """The files whose change reloads the config: the file itself, each backend's `api_key_file` (a
+    mounted Secret rotated in place) and `ca_file`, so a new key or CA reaches the processor and Envoy
+    without a restart."""
+    keys = [b.api_key_file for b in config.backends if b.api_key_file]
+    cas = [b.hosted.ca_file for b in config.backends if b.hosted and b.hosted.ca_file]
+    return [config_path, *dict.fromkeys(keys + cas)]
+
+
+async def watch_files(paths: Callable[[], list[str]], on_change: Callable[[], None], interval: float = 2.0) -> None:
+    """Reload when one of the files changes (a ConfigMap or Secret update included), as SIGHUP does. A
+    file newly watched (a reload named it) is stamped first, not counted as a change."""
+    def stamp(path: str) -> tuple[float, int, int] | None:
         try:
-            st = os.stat(path)
+            st = os.stat(path)  # follows the symlinks a mounted volume swaps on update
         except OSError:
             return None
-        return st.st_mtime, st.st_size
+        return st.st_mtime, st.st_size, st.st_ino
 
-    last = stamp()
+    last = {p: stamp(p) for p in paths()}
     while True:
         await asyncio.sleep(interval)
-        now = stamp()
-        if now is not None and now != last:
-            last = now
+        now = {p: stamp(p) for p in paths()}
+        changed = any(p in last and now[p] is not None and now[p] != last[p] for p in now)
+        last = now
+        if changed:
             on_change()

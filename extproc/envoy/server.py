@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.config import ListenTLS, load_config
 from extproc.envoy import xds
 from extproc.envoy.names import FIRST_CONTACT_ROLE, NAMESPACE, ROLE_METADATA
-from extproc.envoy.running import GatewayHolder, Sidecar, every, tenant_secret, watch_file
+from extproc.envoy.running import GatewayHolder, Sidecar, every, tenant_secret, watch_files, watched_files
 from extproc.errors import GatewayError
 from extproc.exchange import Action, Exchange, Lookup, Step, error_action
 from extproc.exchange.first_contact import FirstContact
@@ -264,7 +264,7 @@ async def serve(config_path: str) -> None:
         await front.start(websocket_listen)
     tasks = [asyncio.create_task(discover_forever(lambda: holder.gateway)),
              asyncio.create_task(xds.follow(services.discovery, lambda: holder.gateway, store)),
-             asyncio.create_task(watch_file(config_path, sidecar.reload)),
+             asyncio.create_task(watch_files(lambda: watched_files(config_path, holder.gateway.config), sidecar.reload)),
              asyncio.create_task(every(lambda: holder.gateway.config.discovery.interval_seconds, sidecar.follow_dns))]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -1,8 +1,8 @@
-"""Envoy's routes and backend clusters, served live over ADS on the sidecar's gRPC port.
+"""Envoy's routes, backend clusters and keys (SDS secrets), served live over ADS on the sidecar's gRPC port.
 
-State of the world: every stream gets the whole current set of each type it subscribed to (clusters
-first, then the route configuration, so routes never name a cluster Envoy lacks), again whenever the
-compiled result changes. Why ADS rather than files: Envoy already dials this port (the `extproc`
+State of the world: every stream gets the whole current set of each type it subscribed to (secrets,
+clusters, then the route configuration, so routes never name a cluster Envoy lacks), again whenever
+the compiled result changes or Envoy asks for other names (a new cluster asks for its secret). Why ADS rather than files: Envoy already dials this port (the `extproc`
 cluster), so docker compose and Kubernetes need no shared volume, and a change is pushed at once.
 
 `follow()` recompiles when the config is reloaded, when discovery or learning changes a fact
@@ -33,7 +33,10 @@ log = logging.getLogger("extproc")
 
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-ORDER = (CLUSTER_TYPE, ROUTE_TYPE)  # make before break: clusters reach Envoy before routes naming them
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+# Make before break: keys (asked for by the clusters that use them) and clusters reach Envoy before the
+# routes naming them.
+ORDER = (SECRET_TYPE, CLUSTER_TYPE, ROUTE_TYPE)
 T = TypeVar("T")
 POLL_SECONDS = 0.1  # how often a reload or a new fact is looked for (cheap: two comparisons)
 STORE_SECONDS = 5.0  # how often the store's learned facts (other replicas') are read
@@ -77,7 +80,8 @@ class Snapshot:
     """The resources of each type, and a version that changes exactly when they do."""
 
     def __init__(self, compiled: Compiled):
-        self.resources = {CLUSTER_TYPE: [_pack(c) for c in compiled.clusters], ROUTE_TYPE: [_pack(compiled.routes)]}
+        self.resources = {SECRET_TYPE: [_pack(s) for s in compiled.secrets],
+                          CLUSTER_TYPE: [_pack(c) for c in compiled.clusters], ROUTE_TYPE: [_pack(compiled.routes)]}
         digest = hashlib.sha256()
         for kind in ORDER:
             for res in self.resources[kind]:
@@ -103,7 +107,7 @@ class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     async def StreamAggregatedResources(self, request_iterator: AsyncIterator[pb.DiscoveryRequest],
                                         context: grpc.aio.ServicerContext[pb.DiscoveryRequest, pb.DiscoveryResponse]) -> None:
-        subscribed: set[str] = set()
+        subscribed: dict[str, tuple[str, ...]] = {}  # type -> the resource names Envoy asked for
         sent: dict[str, str] = {}
         wake = asyncio.Event()
 
@@ -112,8 +116,11 @@ class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 if req.HasField("error_detail"):
                     log.error("xds: Envoy rejected %s version %s: %s", req.type_url.rsplit(".", 1)[-1],
                               req.response_nonce, req.error_detail.message)
-                if req.type_url in ORDER and req.type_url not in subscribed:
-                    subscribed.add(req.type_url)
+                names = tuple(sorted(req.resource_names))
+                if req.type_url in ORDER and subscribed.get(req.type_url) != names:
+                    # A new subscription, or other names (a new cluster asks for its key): answer it again.
+                    subscribed[req.type_url] = names
+                    sent.pop(req.type_url, None)
                     wake.set()
             wake.set()
 
@@ -130,7 +137,8 @@ class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             reader.cancel()
 
     @staticmethod
-    async def _send(context: grpc.aio.ServicerContext[pb.DiscoveryRequest, pb.DiscoveryResponse], snap: Snapshot, subscribed: set[str], sent: dict[str, str]) -> None:
+    async def _send(context: grpc.aio.ServicerContext[pb.DiscoveryRequest, pb.DiscoveryResponse], snap: Snapshot,
+                    subscribed: dict[str, tuple[str, ...]], sent: dict[str, str]) -> None:
         for kind in ORDER:
             if kind in subscribed and sent.get(kind) != snap.version:
                 await context.write(pb.DiscoveryResponse(version_info=snap.version, type_url=kind,

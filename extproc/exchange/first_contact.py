@@ -42,6 +42,7 @@ from extproc.exchange.actions import BUFFERED, Action, Step, new_body
 from extproc.exchange.phases import Lifecycle
 from extproc.exchange.plan import ModelFacts, Plan
 from extproc.routing.gateway import Gateway
+from extproc.routing.hosted import first_contact_ready
 from extproc.routing.modes import rejection_needs
 from extproc.routing.needs import Need
 from extproc.state.lookup import Decision, Reads, awaited, start
@@ -56,8 +57,9 @@ log = logging.getLogger("extproc")
 
 def mark(plan: Plan) -> list[tuple[str, str]]:
     """The request header that sends a request to the first-contact cluster, where Envoy may retry it
-    on the other API: a model whose API is learned from its answer, sent to one instance."""
-    if Need.LEARN in plan.needs and plan.target.endpoint is not None:
+    on the other API: a model whose API is learned from its answer, sent to one instance or to a `url:`
+    backend's first-contact twin cluster."""
+    if Need.LEARN in plan.needs and first_contact_ready(plan.target):
         return [(H_FIRST_CONTACT, plan.pinning.tenant)]
     return []
 

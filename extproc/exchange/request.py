@@ -35,6 +35,7 @@ from extproc.routing.key_paths import check_key_path
 from extproc.routing.model_name import check_model_name
 from extproc.routing.modes import Learned, learned_key
 from extproc.routing.needs import Call, Facts, Need, needs, passed_on
+from extproc.routing.providers import upstream_path, with_deployment
 from extproc.state import records as rec
 from extproc.state.lookup import Decision, Reads
 from extproc.state.pinning import Answered, Continuation, Pinning
@@ -357,8 +358,8 @@ class RequestSide:
         headers = target.headers()
         headers += mark(plan)
         check_key_path(target.backend, self.method, path)  # the key only where it belongs (routing/key_paths.py)
-        if target.backend.path_prefix:
-            path = target.backend.path_prefix + path
+        path = upstream_path(target.backend, path, plan.model)  # its prefix, or a provider's own shape
+        body = with_deployment(target.backend, body, plan.request)
         if path != self.path:
             headers.append((":path", path))
         remove = tuple(h for h in (*ROUTING_HEADERS, H_FIRST_CONTACT, MODE_HEADER) if h not in {k for k, _ in headers})

@@ -26,6 +26,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
@@ -44,6 +45,8 @@ from extproc.envoy.names import (
 )
 from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.classify import Classifier, Resolution, combine, is_glob
+from extproc.routing.gateway import backend_cluster
+from extproc.routing.hosted import authority, first_contact_cluster, hosted_clusters, secrets
 from extproc.routing.model_name import FAST_PATH_NAME
 from extproc.routing.modes import Knowledge, Learned
 from extproc.routing.needs import Condition, envoy_can, explain, ordered, survey
@@ -54,11 +57,6 @@ ENDPOINTS_CLUSTER = "endpoints"  # ORIGINAL_DST cluster for instances the proces
 FIRST_CONTACT_CLUSTER = "endpoints_first_contact"  # the same, with the processor as upstream filter
 WEBSOCKET_CLUSTER = "websocket"  # the sidecar's WebSocket front door
 NO_ROUTE = b'{"error":{"message":"no backend selected","type":"invalid_request_error","param":null,"code":"no_route"}}'
-
-
-def backend_cluster(backend: Backend) -> str:
-    """The Envoy cluster a fast-path request to `backend` goes to."""
-    return backend.cluster or f"llm.{backend.name}"
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ def decide(config: Config, res: Resolution | None, client_api: str, learned: Lea
     if not s.when:
         return PathChoice(False, explain(ordered(s.plain - can)[0], res, client_api))
     assert res is not None
-    where = f"cluster {res.backend.cluster}" if res.backend.cluster else \
+    where = f"cluster {backend_cluster(res.backend)}" if res.backend.cluster or res.backend.hosted else \
         f"{len(res.backend.endpoints)} instance(s) of {backend_cluster(res.backend)}"
     others = [explain(n, res, client_api) for n in ordered(s.sometimes - can)]
     return PathChoice(True, f"Envoy routes it to {where}" +
@@ -192,9 +190,8 @@ def fast_route(config: Config, backend: Backend, client_api: str,
     """Straight to the backend, one route per alternative of `when`."""
     path = PATHS[client_api]
     action = _to_backend(config, backend_cluster(backend))
-    if backend.cluster:
-        action.auto_host_rewrite.value = True
-    elif len(backend.endpoints) > 1:  # prefix-cache affinity where the request carries a session
+    _host(action, backend)
+    if len(backend.endpoints) > 1:  # prefix-cache affinity where the request carries a session
         action.hash_policy.extend(rc.RouteAction.HashPolicy(header=rc.RouteAction.HashPolicy.Header(header_name=h),
                                                             terminal=True) for h in SESSION_HEADERS)
     if backend.path_prefix:
@@ -244,18 +241,39 @@ def processor_routes(config: Config) -> tuple[list[rc.Route], list[rc.Route]]:
                  H_ENDPOINT, H_FIRST_CONTACT)), route=_to_backend(config, FIRST_CONTACT_CLUSTER, retry_policy=retry)),
              rc.Route(name="processor:endpoint", match=rc.RouteMatch(prefix="/", headers=present(H_ENDPOINT)),
                       route=_to_backend(config, ENDPOINTS_CLUSTER))]
-    for cluster in dict.fromkeys(b.cluster for b in config.backends if b.cluster):
-        action = _to_backend(config, cluster, auto_host_rewrite=wrappers_pb2.BoolValue(value=True))
+    for backend in {backend_cluster(b): b for b in config.backends if b.cluster or b.hosted}.values():
+        cluster = backend_cluster(backend)
+        if (twin := first_contact_cluster(backend)) is not None:  # as processor:first-contact, for a url: backend
+            first.append(_first_contact_route(config, backend, twin, retry))
+        action = _to_backend(config, cluster)
+        _host(action, backend)
         first.append(rc.Route(name=f"processor:{cluster}", route=action, request_headers_to_remove=_ROUTED_BY,
                               match=rc.RouteMatch(prefix="/", headers=[
             rc.HeaderMatcher(name=H_CLUSTER, string_match=string_pb2.StringMatcher(exact=cluster))])))
     return first, [rc.Route(name="processor", match=rc.RouteMatch(prefix="/"), direct_response=_no_route())]
 
 
+def _first_contact_route(config: Config, backend: Backend, cluster: str, retry: rc.RetryPolicy) -> rc.Route:
+    action = _to_backend(config, cluster, retry_policy=retry)
+    _host(action, backend)
+    return rc.Route(name=f"processor:first-contact:{backend_cluster(backend)}", route=action, match=rc.RouteMatch(
+        prefix="/", headers=[rc.HeaderMatcher(name=H_CLUSTER, string_match=string_pb2.StringMatcher(
+            exact=backend_cluster(backend))), rc.HeaderMatcher(name=H_FIRST_CONTACT, present_match=True)]))
+
+
+def _host(action: rc.RouteAction, backend: Backend) -> None:
+    """The Host a cluster backend expects: a provider's own name, or the name of an Envoy cluster's host."""
+    if backend.hosted is not None:
+        action.host_rewrite_literal = authority(backend.hosted)
+    elif backend.cluster is not None:
+        action.auto_host_rewrite.value = True
+
+
 @dataclass(frozen=True)
 class Compiled:
     routes: route_pb2.RouteConfiguration
     clusters: list[cluster_pb2.Cluster]
+    secrets: list[secret_pb2.Secret]
 
 
 def exact_names(config: Config, knowledge: Knowledge, learned: dict[tuple[str, str], Learned]) -> list[str]:
@@ -363,7 +381,8 @@ def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str
     host = rc.VirtualHost(name=ROUTE_CONFIG, domains=["*"], routes=first + middle + last, typed_per_filter_config=_WITH_PROCESSOR,
                           include_request_attempt_count=True)  # the first-contact processor tells attempts apart
     return Compiled(route_pb2.RouteConfiguration(name=ROUTE_CONFIG, virtual_hosts=[host]),
-                    [_cluster(b) for b in config.backends if b.endpoints])
+                    [_cluster(b) for b in config.backends if b.endpoints] +
+                    [c for b in config.backends if b.hosted for c in hosted_clusters(b)], secrets(config))
 
 
 def _cluster(backend: Backend) -> cluster_pb2.Cluster:

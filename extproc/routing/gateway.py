@@ -16,9 +16,16 @@ from extproc.config import Backend, Config
 from extproc.envoy.names import H_BACKEND, H_CLUSTER, H_ENDPOINT, SESSION_HEADERS
 from extproc.routing.classify import Classifier
 from extproc.routing.modes import Knowledge
+from extproc.routing.providers import credential_header, envoy_holds_key
 from extproc.routing.ring import HashRing
 from extproc.state.tenancy import Tenants
 from extproc.translate.compact import Sealer, derive_key
+
+
+def backend_cluster(backend: Backend) -> str:
+    """The Envoy cluster a backend's requests go to when no instance is picked: the one named by
+    `cluster:`, else the one the sidecar compiles for it (a `url:` backend, the fast path's instances)."""
+    return backend.cluster or f"llm.{backend.name}"
 
 
 @dataclass(frozen=True)
@@ -32,9 +39,9 @@ class Target:
         if self.endpoint is not None:
             out.append((H_ENDPOINT, self.endpoint))
         else:
-            out.append((H_CLUSTER, self.backend.cluster or ""))
-        if self.backend.api_key:
-            out.append(("authorization", "Bearer " + self.backend.api_key))
+            out.append((H_CLUSTER, backend_cluster(self.backend)))
+        if not envoy_holds_key(self.backend) and (credential := credential_header(self.backend)) is not None:
+            out.append(credential)
         return out
 
 

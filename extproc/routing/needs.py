@@ -41,6 +41,7 @@ from extproc.config import Backend, Config
 from extproc.envoy.names import MODE_HEADER
 from extproc.routing.classify import Resolution
 from extproc.routing.modes import Learned
+from extproc.routing.providers import envoy_holds_key, processor_only
 
 
 class Call(StrEnum):
@@ -63,6 +64,7 @@ class Need(Enum):
     LEARN = "learn"  # the model's API is learned from the answer
     ROUTE = "route"  # sent to the model's backend
     INJECT_KEY = "inject_key"  # the backend's API key added (and scrubbed from errors that quote it)
+    PROVIDER_SHAPE = "provider_shape"  # a provider's own paths or deployment names (Azure's), set by the processor
     MODE_OVERRIDE = "mode_override"  # the client's x-gateway-model-mode header honoured
     CONTINUE = "continue"  # a previous_response_id: the conversation is found (pin, held turns)
     # A provider-held `conversation`: Envoy leaves it to the processor, as it always has, though the
@@ -137,8 +139,10 @@ def needs(config: Config, res: Resolution | None, facts: Facts, learned: Learned
     # A count teaches nothing about the model's API (a backend may serve Responses but not counting).
     if res.learning and client not in (learned.ok if learned else ()) and facts.call is not Call.COUNT:
         out.add(Need.LEARN)
-    if res.backend.api_key_env:
+    if processor_adds_key(res.backend):
         out.add(Need.INJECT_KEY)
+    if processor_only(res.backend) is not None:
+        out.add(Need.PROVIDER_SHAPE)
     if facts.mode_header and config.discovery.allow_mode_header:
         out.add(Need.MODE_OVERRIDE)
     if client == RESPONSES:
@@ -155,9 +159,15 @@ def needs(config: Config, res: Resolution | None, facts: Facts, learned: Learned
     return frozenset(out)
 
 
+def processor_adds_key(backend: Backend) -> bool:
+    """The sidecar's key goes with the request only if the processor adds it: Envoy holds the keys of
+    `url:` backends (SDS secrets, injected by their clusters), on the fast path and the processor's alike."""
+    return backend.keyed and not envoy_holds_key(backend)
+
+
 def passed_on(backend: Backend) -> Needs:
     """A request sent to a backend without an API decision (another path, a `/v1/responses/{id}`)."""
-    return frozenset({Need.ROUTE, Need.INJECT_KEY} if backend.api_key_env else {Need.ROUTE})
+    return frozenset({Need.ROUTE, Need.INJECT_KEY} if processor_adds_key(backend) else {Need.ROUTE})
 
 
 def watches(n: Needs, pinned: bool) -> bool:
@@ -247,7 +257,9 @@ _WHY = {
     Need.SIDECAR_CALL: "a compact or input-token count, which the sidecar checks",
     Need.LEARN: "the model's API is still being learned from the backend's answers",
     Need.ROUTE: "fast_path is off in the config",
-    Need.INJECT_KEY: "the backend has an API key, which only the processor adds",
+    Need.INJECT_KEY: "the backend has an API key, which only the processor adds (Envoy holds the keys of url: "
+                     "backends only)",
+    Need.PROVIDER_SHAPE: "the provider's versioned paths or deployment names, which the processor sets",
     Need.MODE_OVERRIDE: "an x-gateway-model-mode header (the processor honours it)",
     Need.CONTINUE: "a previous_response_id (the processor finds the conversation)",
     Need.CONVERSATION: "a conversation (the processor passes it on)",

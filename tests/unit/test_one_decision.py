@@ -63,15 +63,28 @@ backends:
     models: ["open-*"]
     endpoints: ["10.0.0.5:8000"]
     path_prefix: /openai
+  - name: azure
+    api: chat
+    models: ["az-*"]
+    url: https://res.openai.azure.com
+    provider: azure
+    api_version: "2024-10-21"
+    api_key_env: KEY
+  - name: hostkey
+    api: chat
+    models: ["hk-*"]
+    url: https://api.provider.example
+    api_key_env: KEY
 model_rules:
   - match: "nt-*"
     mode: responses
     translate: false
 """
 # One model of each kind: chat, Responses, keyed, unserved, both APIs, learning, learned ok, learned
-# "needs Responses", the catalogue's Responses model on an auto backend, translation off, no backend.
+# "needs Responses", the catalogue's Responses model on an auto backend, translation off, no backend, Azure's
+# versioned shape, a keyed url: backend (Envoy holds its key).
 MODELS = ["llama-3", "resp-1", "keyed-1", "unset-1", "gpt-4o", "open-new", "open-ok", "open-resp", "open-codex-1",
-          "nt-1", "nobody"]
+          "nt-1", "nobody", "az-1", "hk-1"]
 LEARNED = {("open", "open-ok"): Learned(None, {CHAT}), ("open", "open-resp"): Learned(RESPONSES)}
 CONFIGS = {
     "usage all, mode header honoured": "usage_accounting: all\ndiscovery: {allow_mode_header: true}\n",
@@ -183,6 +196,8 @@ def process(gw: Gateway, store: dict[str, bytes], api: str, body: dict[str, Any]
         seen.add(Need.TRANSLATE)
     if "authorization" in set_headers:
         seen.add(Need.INJECT_KEY)
+    if "api-version=" in set_headers.get(":path", ""):
+        seen.add(Need.PROVIDER_SHAPE)
     if H_FIRST_CONTACT in set_headers:
         seen.add(Need.LEARN)
     if any(PREVIOUS in k for k in asked):

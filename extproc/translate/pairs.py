@@ -10,15 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from extproc.api import CHAT, RESPONSES
+from extproc.api import CHAT, MESSAGES, RESPONSES
 from extproc.config import Backend
 from extproc.translate import (
     req_chat_to_responses,
+    req_messages_to_chat,
     req_responses_to_chat,
+    resp_chat_to_messages,
     resp_chat_to_responses,
     resp_responses_to_chat,
 )
 from extproc.translate.common import new_id
+from extproc.translate.stream_chat_to_messages import ChatToMessagesStream
 from extproc.translate.stream_chat_to_responses import ChatToResponsesStream
 from extproc.translate.stream_responses_to_chat import ResponsesToChatStream
 from extproc.translate.tools import ToolMap, tool_map
@@ -46,6 +49,7 @@ class TranslatorPair(Protocol):
     client_api: str
     upstream_api: str
     dropped_tools: list[str]  # hosted tools removed for a chat backend, reported to the client
+    dropped_fields: list[str]  # request fields the upstream API has no place for, reported to the client
 
     def request(self, body: dict[str, Any]) -> dict[str, Any]: ...
     def response(self, doc: dict[str, Any]) -> Answer: ...
@@ -61,6 +65,7 @@ class ChatOnResponses:
     client_api: str = CHAT
     upstream_api: str = RESPONSES
     dropped_tools: list[str] = field(default_factory=list)
+    dropped_fields: list[str] = field(default_factory=list)
 
     def request(self, body: dict[str, Any]) -> dict[str, Any]:
         return req_chat_to_responses.translate_request(body)
@@ -82,6 +87,7 @@ class ResponsesOnChat:
     client_api: str = RESPONSES
     upstream_api: str = CHAT
     dropped_tools: list[str] = field(init=False)
+    dropped_fields: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.tools = tool_map(self.request_body.get("tools"))
@@ -101,11 +107,42 @@ class ResponsesOnChat:
         return ChatToResponsesStream(self.request_body, tools=self.tools)
 
 
+@dataclass(slots=True)
+class MessagesOnChat:
+    """An Anthropic Messages client on a chat-only model."""
+
+    request_body: dict[str, Any]
+    model: str
+    backend: Backend
+    client_api: str = MESSAGES
+    upstream_api: str = CHAT
+    dropped_tools: list[str] = field(default_factory=list)
+    dropped_fields: list[str] = field(default_factory=list)
+
+    @property
+    def stop(self) -> list[str]:
+        stop = self.request_body.get("stop_sequences")
+        return stop if isinstance(stop, list) else []
+
+    def request(self, body: dict[str, Any]) -> dict[str, Any]:
+        out, self.dropped_fields = req_messages_to_chat.translate_request(
+            body, max_tokens_field=self.backend.chat_max_tokens_field, replay_reasoning=self.backend.replay_reasoning)
+        return out
+
+    def response(self, doc: dict[str, Any]) -> Answer:
+        return Answer(resp_chat_to_messages.translate_response(doc, self.model, self.stop))
+
+    def stream(self) -> StreamTranslator:
+        return ChatToMessagesStream(self.model, self.stop)
+
+
 def pair_for(client_api: str, upstream_api: str, body: dict[str, Any], model: str,
              backend: Backend) -> TranslatorPair | None:
     """The pair for this direction, or None when both sides speak the same API."""
     if client_api == upstream_api:
         return None
+    if client_api == MESSAGES:
+        return MessagesOnChat(body, model, backend)
     if client_api == CHAT:
         return ChatOnResponses(body, model)
     return ResponsesOnChat(body, backend)

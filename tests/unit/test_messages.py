@@ -1,0 +1,270 @@
+"""Anthropic Messages clients on chat-only backends: the request, the buffered answer and the stream,
+field by field, against expected values written out here (sans-IO)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from extproc.errors import BadUpstream, GatewayError
+from extproc.translate import req_messages_to_chat, resp_chat_to_messages
+from extproc.translate.sse import encode
+from extproc.translate.stream_chat_to_messages import ChatToMessagesStream
+from extproc.translate.tools import encode_reasoning
+from tests.messages_conformance import check_messages_stream, messages_events
+
+TOOL = {"name": "get_weather", "description": "Weather of a city",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}, "cache_control": {"type": "ephemeral"}}
+
+
+def chat(body: dict, **kw) -> tuple[dict, list[str]]:
+    return req_messages_to_chat.translate_request({"model": "m", "max_tokens": 64, **body}, **kw)
+
+
+# -- the request ------------------------------------------------------------------------------------
+
+def test_a_full_request_maps_field_by_field():
+    body = {
+        "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}},
+                   {"type": "text", "text": "Use tools."}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Look:"},
+                                         {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                      "data": "iVBOR"}},
+                                         {"type": "image", "source": {"type": "url", "url": "https://x/y.jpg"}}]},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "Paris?", "signature": "sig"},
+                                              {"type": "redacted_thinking", "data": "opaque"},
+                                              {"type": "text", "text": "Checking."},
+                                              {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                               "input": {"city": "Paris"}},
+                                              {"type": "tool_use", "id": "toolu_2", "name": "get_weather",
+                                               "input": {"city": "Rome"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"},
+                                         {"type": "tool_result", "tool_use_id": "toolu_2", "is_error": True,
+                                          "content": [{"type": "text", "text": "timeout"}]},
+                                         {"type": "text", "text": "And now?"}]},
+        ],
+        "tools": [TOOL], "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+        "stop_sequences": ["END"], "temperature": 0.2, "top_p": 0.9, "top_k": 5, "metadata": {"user_id": "u-1"},
+        "stream": True, "thinking": {"type": "enabled", "budget_tokens": 8000},
+    }
+    out, dropped = chat(body, max_tokens_field="max_tokens")
+    assert dropped == ["top_k"]
+    assert out == {
+        "model": "m", "max_tokens": 64, "temperature": 0.2, "top_p": 0.9, "user": "u-1", "stop": ["END"],
+        "reasoning_effort": "medium",
+        "messages": [
+            {"role": "system", "content": "Be brief.\n\nUse tools."},
+            {"role": "user", "content": [{"type": "text", "text": "Look:"},
+                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}},
+                                         {"type": "image_url", "image_url": {"url": "https://x/y.jpg"}}]},
+            {"role": "assistant", "content": "Checking.", "tool_calls": [
+                {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+                {"id": "toolu_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"},
+            {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: timeout"},
+            {"role": "user", "content": "And now?"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                    "parameters": TOOL["input_schema"]}}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "parallel_tool_calls": False,
+        "stream": True, "stream_options": {"include_usage": True},
+    }
+
+
+def test_thinking_goes_back_only_where_the_backend_takes_it():
+    body = {"messages": [{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s"},
+                                                           {"type": "text", "text": "a"}]},
+                         {"role": "user", "content": "q2"}]}
+    assert chat(body)[0]["messages"][1] == {"role": "assistant", "content": "a"}
+    assert chat(body, replay_reasoning=True)[0]["messages"][1] == {"role": "assistant", "content": "a",
+                                                                    "reasoning_content": "t"}
+
+
+@pytest.mark.parametrize(("choice", "expected"), [({"type": "auto"}, "auto"), ({"type": "any"}, "required"),
+                                                   ({"type": "none"}, "none")])
+def test_tool_choice_modes(choice, expected):
+    out, _ = chat({"messages": [{"role": "user", "content": "q"}], "tools": [TOOL], "tool_choice": choice})
+    assert out["tool_choice"] == expected and "parallel_tool_calls" not in out
+
+
+@pytest.mark.parametrize(("budget", "effort"), [(1024, "low"), (4096, "medium"), (16384, "high")])
+def test_thinking_budget_is_an_effort(budget, effort):
+    out, _ = chat({"messages": [{"role": "user", "content": "q"}], "thinking": {"type": "enabled", "budget_tokens": budget}})
+    assert out["reasoning_effort"] == effort
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": [{"role": "user", "content": "q"}], "betas": ["x"]}, "betas"),
+    ({"messages": [{"role": "user", "content": "q"}], "container": "c"}, "container"),
+    ({"messages": [{"role": "user", "content": "q"}], "max_tokens": None}, "max_tokens"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "system", "content": "q"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": "r"}]}]},
+     "messages[0].content[0].tool_use_id"),
+    ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]},
+     "messages[0].content[0].source.type"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "f", "input": {}}]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a", "content": [
+                       {"type": "image", "source": {"type": "url", "url": "https://x"}}]}]}]},
+     "messages[1].content[0].content[0]"),
+    ({"messages": [{"role": "user", "content": "q"}], "tools": [{"type": "web_search_20250305", "name": "web_search"}]},
+     "tools[0].type"),
+    ({"messages": [{"role": "user", "content": "q"}], "tools": [TOOL], "tool_choice": {"type": "tool", "name": "nope"}},
+     "tool_choice.name"),
+    ({"messages": [{"role": "user", "content": "q"}], "metadata": {"user_id": "u", "org": "o"}}, "metadata.org"),
+    ({"messages": [{"role": "user", "content": "q"}], "thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
+])
+def test_what_cannot_be_mapped_is_refused_naming_the_field(body, param):
+    with pytest.raises(GatewayError) as e:
+        chat(body)
+    assert e.value.status == 400 and e.value.param == param, e.value.message
+
+
+# -- the buffered answer ----------------------------------------------------------------------------
+
+def completion(message: dict, finish: str = "stop", usage: dict | None = None, **choice) -> dict:
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "qwen3",
+            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish, **choice}],
+            "usage": usage}
+
+
+def test_an_answer_with_reasoning_text_and_parallel_calls():
+    doc = completion({"content": "Let me check.", "reasoning_content": "two cities",
+                      "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": '{"city":"Paris"}'}},
+                                     {"id": "c2", "type": "function", "function": {"name": "w", "arguments": ""}}]},
+                     "tool_calls", {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120,
+                                    "prompt_tokens_details": {"cached_tokens": 64}})
+    out = resp_chat_to_messages.translate_response(doc, "asked", [])
+    assert out["id"].startswith("msg_") and out["type"] == "message" and out["role"] == "assistant"
+    assert out["model"] == "qwen3"
+    assert out["content"] == [{"type": "thinking", "thinking": "two cities", "signature": encode_reasoning("two cities")},
+                              {"type": "text", "text": "Let me check."},
+                              {"type": "tool_use", "id": "c1", "name": "w", "input": {"city": "Paris"}},
+                              {"type": "tool_use", "id": "c2", "name": "w", "input": {}}]
+    assert (out["stop_reason"], out["stop_sequence"]) == ("tool_use", None)
+    assert out["usage"] == {"input_tokens": 36, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 64,
+                            "output_tokens": 20}
+
+
+@pytest.mark.parametrize(("finish", "extra", "expected"), [
+    ("stop", {}, ("end_turn", None)), ("length", {}, ("max_tokens", None)), ("content_filter", {}, ("refusal", None)),
+    ("stop", {"stop_reason": "END"}, ("stop_sequence", "END")),  # vLLM names the stop string it met
+    ("stop", {"stop_reason": "OTHER"}, ("end_turn", None)), ("stop", {"stop_reason": 128001}, ("end_turn", None)),
+])
+def test_stop_reasons(finish, extra, expected):
+    out = resp_chat_to_messages.translate_response(completion({"content": "x"}, finish, **extra), "m", ["END"])
+    assert (out["stop_reason"], out["stop_sequence"]) == expected
+
+
+def test_a_refusal_is_text_with_stop_reason_refusal():
+    out = resp_chat_to_messages.translate_response(completion({"content": None, "refusal": "No."}), "m", [])
+    assert out["content"] == [{"type": "text", "text": "No."}] and out["stop_reason"] == "refusal"
+
+
+@pytest.mark.parametrize(("message", "field"), [
+    ({"content": 3}, "choices[0].message.content"),
+    ({"tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]},
+     "choices[0].message.tool_calls[0].function.arguments"),
+    ({"tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}]},
+     "choices[0].message.tool_calls[0].function.arguments"),
+])
+def test_an_answer_it_cannot_use_is_a_502_naming_the_field(message, field):
+    with pytest.raises(BadUpstream) as e:
+        resp_chat_to_messages.translate_response(completion(message), "m", [])
+    assert e.value.field == field
+
+
+# -- the stream -------------------------------------------------------------------------------------
+
+def chunk(delta: dict, finish: str | None = None, **choice) -> bytes:
+    return encode(json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "qwen3",
+                              "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **choice}]}).encode())
+
+
+USAGE = encode(json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "qwen3", "choices": [],
+                           "usage": {"prompt_tokens": 50, "completion_tokens": 9, "total_tokens": 59,
+                                     "prompt_tokens_details": {"cached_tokens": 10}}}).encode())
+DONE = b"data: [DONE]\n\n"
+# vLLM's way: every call announced, then the arguments interleaved
+RECORDED = b"".join([
+    chunk({"role": "assistant", "content": ""}), chunk({"reasoning_content": "Two "}), chunk({"reasoning_content": "cities."}),
+    chunk({"content": "Checking "}), chunk({"content": "both."}),
+    chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "w", "arguments": ""}}]}),
+    chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "w", "arguments": ""}}]}),
+    chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]}),
+    chunk({"tool_calls": [{"index": 1, "function": {"arguments": '{"city":'}}]}),
+    chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}),
+    chunk({"tool_calls": [{"index": 1, "function": {"arguments": '"Rome"}'}}]}),
+    chunk({}, "tool_calls"), USAGE, DONE])
+
+
+def translate(chunks: list[bytes], stop: list[str] | None = None) -> list[dict]:
+    t = ChatToMessagesStream("asked", stop or [])
+    return messages_events(b"".join(t.feed(c) for c in chunks) + t.close())
+
+
+def test_a_recorded_stream_follows_the_grammar_and_carries_everything():
+    events = translate([RECORDED])
+    msg = check_messages_stream(events)
+    assert msg["error"] is None and msg["model"] == "qwen3"
+    assert msg["content"] == [{"type": "thinking", "thinking": "Two cities.", "signature": encode_reasoning("Two cities.")},
+                              {"type": "text", "text": "Checking both."},
+                              {"type": "tool_use", "id": "call_a", "name": "w", "input": {"city": "Paris"}},
+                              {"type": "tool_use", "id": "call_b", "name": "w", "input": {"city": "Rome"}}]
+    assert msg["stop_reason"] == "tool_use"
+    assert msg["usage"] == {"input_tokens": 40, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 10,
+                            "output_tokens": 9}
+    # the first call streams as it comes, the held one arrives whole
+    args = [e["delta"]["partial_json"] for e in events if e.get("delta", {}).get("type") == "input_json_delta"]
+    assert args == ['{"city":', '"Paris"}', '{"city":"Rome"}']
+
+
+def test_every_split_point_gives_the_same_stream():
+    whole = [{k: v for k, v in e.items() if k != "message"} for e in translate([RECORDED])]
+    for cut in range(1, len(RECORDED)):
+        got = [{k: v for k, v in e.items() if k != "message"} for e in translate([RECORDED[:cut], RECORDED[cut:]])]
+        assert got == whole, cut
+
+
+def test_a_stop_sequence_in_a_stream():
+    events = translate([chunk({"content": "a"}), chunk({}, "stop", stop_reason="END"), DONE], ["END"])
+    msg = check_messages_stream(events)
+    assert (msg["stop_reason"], msg["stop_sequence"]) == ("stop_sequence", "END")
+
+
+@pytest.mark.parametrize(("chunks", "message"), [
+    ([chunk({"content": "half"})], "ended before the model finished"),  # cut off: no finish_reason
+    ([chunk({"content": "x"}), encode(b'{"error": {"message": "overloaded", "code": "overloaded"}}')], "overloaded"),
+    ([chunk({"content": "x"}), b"data: {not json\n\n"], "is not JSON"),
+    ([chunk({"tool_calls": [{"index": 0, "id": "c", "function": {"name": "f", "arguments": "[1"}}]}), chunk({}, "tool_calls"),
+      DONE], "is not JSON"),
+])
+def test_a_broken_stream_ends_with_an_error_event(chunks, message):
+    msg = check_messages_stream(translate(chunks))
+    assert msg["error"] is not None and message in msg["error"]["message"], msg["error"]
+
+
+def test_an_upstream_overload_keeps_its_anthropic_type():
+    msg = check_messages_stream(translate([encode(b'{"error": {"message": "busy", "code": "overloaded"}}')]))
+    assert msg["error"] == {"type": "overloaded_error", "message": "busy"}
+
+
+def test_a_json_answer_to_a_streamed_request_is_replayed_as_the_stream():
+    t = ChatToMessagesStream("m", [])
+    doc = completion({"content": "hi", "tool_calls": [{"id": "c1", "type": "function",
+                                                       "function": {"name": "f", "arguments": '{"a":1}'}}]}, "tool_calls")
+    msg = check_messages_stream(messages_events(t.replay(doc)))
+    assert msg["content"] == [{"type": "text", "text": "hi"}, {"type": "tool_use", "id": "c1", "name": "f", "input": {"a": 1}}]
+    assert t.response is not None and t.response["usage"]["input_tokens"] == 0
+
+
+def test_the_usage_accounting_reads_the_whole_input():
+    t = ChatToMessagesStream("m", [])
+    t.feed(RECORDED)
+    t.close()
+    assert t.response is not None
+    assert t.response["usage"] == {"input_tokens": 50, "output_tokens": 9, "input_tokens_details": {"cached_tokens": 10}}

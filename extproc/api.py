@@ -13,6 +13,13 @@ PATHS = {CHAT: "/v1/chat/completions", RESPONSES: "/v1/responses", MESSAGES: "/v
 API_OF_PATH = {path: api for api, path in PATHS.items()}
 
 
+def api_of(path: str) -> str | None:
+    """The API family whose shape a request's errors take: its own API path or a sub-path of one
+    (`/v1/messages/count_tokens`, `/v1/responses/{id}`)."""
+    bare = path.partition("?")[0]
+    return next((api for api, prefix in PATHS.items() if bare == prefix or bare.startswith(prefix + "/")), None)
+
+
 def other(api: str) -> str:
     """The other API family."""
     return RESPONSES if api == CHAT else CHAT

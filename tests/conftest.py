@@ -17,6 +17,7 @@ import pytest
 from extproc.local.stack import Stack, free_port, wait_for_port
 
 if TYPE_CHECKING:
+    import anthropic
     import openai
 
     from .upstreams import ChatServer, ResponsesServer
@@ -60,6 +61,12 @@ class Gateway:
         import openai
 
         return openai.OpenAI(base_url=self.url + "/v1", api_key="client-key", **{"max_retries": 0, "timeout": 30, **kw})
+
+    def anthropic(self, **kw) -> anthropic.Anthropic:
+        """The official Anthropic client, pointed at the gateway as ANTHROPIC_BASE_URL would."""
+        import anthropic
+
+        return anthropic.Anthropic(base_url=self.url, api_key="client-key", **{"max_retries": 0, "timeout": 30, **kw})
 
 
 @pytest.fixture(scope="session")

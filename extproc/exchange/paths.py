@@ -36,7 +36,7 @@ def allowed_methods(path: str) -> tuple[str, ...] | None:
 
 # A lenient reading of a path that names one of the sidecar's: under any prefix (`/responses`,
 # `/openai/v1/responses/...`: servers that serve both spellings, or mount the API elsewhere).
-_READS_AS_OURS = re.compile(r"(?:^|/)(?:responses(?:/.*)?|chat/completions|models)$")
+_READS_AS_OURS = re.compile(r"(?:^|/)(?:responses(?:/.*)?|chat/completions|models)$|(?:^|/)v1/messages(?:/.*)?$")
 
 
 def _reads_as_ours(bare: str) -> bool:

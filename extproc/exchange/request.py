@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from extproc.api import API_OF_PATH, AUTO, BOTH, PATHS, RESPONSES
+from extproc.api import API_OF_PATH, AUTO, BOTH, MESSAGES, PATHS, RESPONSES
 from extproc.config import Backend
 from extproc.errors import GatewayError, invalid
 from extproc.exchange.actions import Action, Step, answer
@@ -147,7 +147,8 @@ class RequestSide:
             raise GatewayError(400, f"The model '{model}' is only available on {path}, and translation is turned "
                                     f"off for it: call {path} instead", param="model", code="unsupported_api")
         # A count teaches nothing about the model's API (a backend may serve Responses but not counting).
-        learning = res.learning and self.client_api not in (learned.ok if learned else ()) and self.call is not Call.COUNT
+        learning = res.learning and self.client_api not in (learned.ok if learned else ()) and self.call is not Call.COUNT \
+            and self.client_api != MESSAGES  # Messages hook: a model's API is learned from OpenAI clients only
         pair = pair_for(self.client_api, upstream_api, body, model, res.backend)
         if self.call is Call.COMPACT and pair is not None:
             pair = compact.CompactOnChat(res.backend, self.gw.sealer, self.pinning.tenant)

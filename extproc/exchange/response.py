@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import orjson
 
 from extproc.api import PATHS
-from extproc.errors import GatewayError, bad_upstream, upstream_error_payload, usable_status
+from extproc.errors import GatewayError, bad_upstream, error_doc, upstream_error_payload, usable_status
 from extproc.exchange.actions import BUFFERED, STREAMED, Action, Writes, new_body
 from extproc.exchange.plan import Plan
 from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
@@ -122,7 +122,8 @@ class TranslateBuffered:
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
         data = self.decoder.decode(chunk, end_of_stream)
         if not 200 <= self.status < 300:
-            return new_body(orjson.dumps({"error": upstream_error_payload(self.status, scrub(data, self.plan))}))
+            payload = upstream_error_payload(self.status, scrub(data, self.plan))
+            return new_body(orjson.dumps(error_doc(self.plan.client_api, self.status, payload)))
         doc, answer = self._translate(data)
         self.outcome.account(self.plan, self.status, usage_of(doc), lambda: text_bytes(data))
         return new_body(orjson.dumps(answer.body), writes=self.plan.keep_turn(answer.response))

@@ -19,7 +19,9 @@ from extproc.translate.common import NUMBER, count, expect, json_type, read
 from extproc.translate.tools import REASONING_PREFIX, encode_reasoning
 
 _ACCEPTED = {"model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream", "temperature",
-             "top_p", "top_k", "tools", "tool_choice", "thinking", "service_tier"}
+             "top_p", "top_k", "tools", "tool_choice", "thinking", "output_config"}
+# Accepted and not forwarded: how Anthropic's own service places, caches, bills or reports a request.
+_LOCAL = {"service_tier", "cache_control", "inference_geo", "speed", "diagnostics", "user_profile_id", "workspace_id"}
 _REFUSED = {
     "container": "code-execution containers run only on Anthropic",
     "mcp_servers": "remote MCP servers are connected by Anthropic's own service",
@@ -27,6 +29,7 @@ _REFUSED = {
 }
 # thinking.budget_tokens -> the effort an OpenAI reasoning model is asked for
 _EFFORTS = ((4096, "low"), (16384, "medium"))
+_OUTPUT_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,13 +120,14 @@ class MessagesRequest:
     tools: list[Tool] = field(default_factory=list)
     choice: ToolChoice | None = None
     effort: str | None = None  # thinking asked for, as an OpenAI reasoning effort
+    schema: dict[str, Any] | None = None  # structured output: the JSON schema the answer follows
     dropped: list[str] = field(default_factory=list)  # fields the target API has no place for
 
 
 def read_request(body: dict[str, Any], target_api: str) -> MessagesRequest:
     """The Messages request checked: a 400 naming the field for whatever cannot be used."""
     for key in body:
-        if key not in _ACCEPTED and key not in _REFUSED:
+        if key not in _ACCEPTED and key not in _LOCAL and key not in _REFUSED:
             raise unsupported(key, target_api, "unknown Messages API field")
     for key, why in _REFUSED.items():
         if body.get(key) is not None:
@@ -150,6 +154,17 @@ def read_request(body: dict[str, Any], target_api: str) -> MessagesRequest:
     req.tools = _tools(body.get("tools"), target_api)
     req.choice = _choice(body.get("tool_choice"), {t.name for t in req.tools})
     req.effort = _effort(body.get("thinking"))
+    output = expect(body, "output_config", dict, "an object") or {}
+    effort = expect(output, "effort", str, "a string") if output else None
+    if effort is not None:
+        if effort not in _OUTPUT_EFFORTS:
+            raise invalid("output_config.effort", f"expected one of {', '.join(_OUTPUT_EFFORTS)}")
+        req.effort = _OUTPUT_EFFORTS[effort]
+    fmt = expect(output, "format", dict, "an object") if output else None
+    if fmt is not None:
+        if fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+            raise invalid("output_config.format", "expected {'type': 'json_schema', 'schema': {...}}")
+        req.schema = fmt["schema"]
     return req
 
 
@@ -307,8 +322,8 @@ def _effort(thinking: Any) -> str | None:
     if thinking is None:
         return None
     kind = thinking.get("type") if isinstance(thinking, dict) else None
-    if not isinstance(thinking, dict) or kind not in ("enabled", "disabled", "adaptive"):
-        raise invalid("thinking.type", "expected 'enabled', 'disabled' or 'adaptive'")
+    if not isinstance(thinking, dict) or kind not in ("enabled", "disabled", "adaptive", "between_tools"):
+        raise invalid("thinking.type", "expected 'enabled', 'disabled', 'adaptive' or 'between_tools'")
     if kind == "disabled":
         return None
     budget = expect(thinking, "budget_tokens", int, "an integer")

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from extproc.api import CHAT, MESSAGES, RESPONSES
 from extproc.config import Backend
+from extproc.errors import unsupported
 from extproc.translate import (
     req_chat_to_responses,
     req_messages_to_chat,
@@ -142,6 +143,8 @@ def pair_for(client_api: str, upstream_api: str, body: dict[str, Any], model: st
     if client_api == upstream_api:
         return None
     if client_api == MESSAGES:
+        if upstream_api != CHAT:
+            raise unsupported("model", upstream_api, "Messages clients reach Chat Completions models only, so far")
         return MessagesOnChat(body, model, backend)
     if client_api == CHAT:
         return ChatOnResponses(body, model)

@@ -41,6 +41,9 @@ def to_chat(req: MessagesRequest, max_tokens_field: str, replay_reasoning: bool)
         out["stop"] = req.stop
     if req.effort is not None:
         out["reasoning_effort"] = req.effort
+    if req.schema is not None:
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": req.schema,
+                                                                         "strict": True}}
     if req.tools:
         out["tools"] = [{"type": "function", "function": {"name": t.name, "parameters": t.schema,
                                                           **({"description": t.description} if t.description else {})}}

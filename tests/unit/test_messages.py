@@ -7,7 +7,9 @@ import json
 
 import pytest
 
+from extproc.api import api_of
 from extproc.errors import BadUpstream, GatewayError
+from extproc.exchange.paths import check_request_line
 from extproc.translate import req_messages_to_chat, resp_chat_to_messages
 from extproc.translate.sse import encode
 from extproc.translate.stream_chat_to_messages import ChatToMessagesStream
@@ -268,3 +270,32 @@ def test_the_usage_accounting_reads_the_whole_input():
     t.close()
     assert t.response is not None
     assert t.response["usage"] == {"input_tokens": 50, "output_tokens": 9, "input_tokens_details": {"cached_tokens": 10}}
+
+
+# -- the ingress ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/v1/messages/", "/v1/Messages", "/v1/messages;x", "/anthropic/v1/messages"])
+def test_other_spellings_of_the_messages_path_are_refused(path):
+    with pytest.raises(GatewayError) as e:
+        check_request_line("POST", path, has_body=True)
+    assert e.value.status == 404
+
+
+def test_the_messages_path_takes_post_with_a_body():
+    check_request_line("POST", "/v1/messages", has_body=True)
+    check_request_line("GET", "/v1/chat/completions/chatcmpl-1/messages", has_body=False)  # stored completions
+    with pytest.raises(GatewayError) as e:
+        check_request_line("POST", "/v1/messages", has_body=False)
+    assert e.value.status == 400
+
+
+@pytest.mark.parametrize(("status", "kind"), [(400, "invalid_request_error"), (401, "authentication_error"),
+                                               (403, "permission_error"), (404, "not_found_error"),
+                                               (413, "request_too_large"), (429, "rate_limit_error"),
+                                               (500, "api_error"), (502, "api_error"), (503, "overloaded_error"),
+                                               (529, "overloaded_error")])
+def test_errors_for_messages_clients_take_anthropics_shape(status, kind):
+    err = GatewayError(status, "nope", code="c", param="p")
+    assert json.loads(err.body(api_of("/v1/messages?beta=true"))) == {"type": "error",
+                                                                       "error": {"type": kind, "message": "nope"}}
+    assert json.loads(err.body(api_of("/v1/chat/completions")))["error"]["message"] == "nope"

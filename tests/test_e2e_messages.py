@@ -194,3 +194,89 @@ def test_the_tenant_is_named_by_x_api_key(gw):
                           {"x-api-key": "tenant-a", "anthropic-version": "2023-06-01",
                            "anthropic-beta": "prompt-caching-2024-07-31"})
     assert status == 200 and json.loads(raw)["content"][0]["text"] == "ok"
+
+
+# -- a Responses-only model (the strict Codex-like test upstream) --------------------------------------
+
+RESP_USAGE = {"input_tokens": 8, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 0, "output_tokens": 7}
+
+
+def test_messages_create_on_a_responses_only_model(gw):
+    gw.resp.script.append(Reply(text="Hello from codex", reasoning="short answer"))
+    out = gw.anthropic().messages.create(model="gpt-5.3-codex", max_tokens=50, system="Be brief.",
+                                         stop_sequences=["###"], metadata={"user_id": "u-9"},
+                                         thinking={"type": "enabled", "budget_tokens": 2048},
+                                         messages=[{"role": "user", "content": "hi"}])
+    assert [b.type for b in out.content] == ["thinking", "text"]
+    assert out.content[0].thinking == "short answer" and out.content[0].signature
+    assert out.content[1].text == "Hello from codex" and out.stop_reason == "end_turn"
+    assert _usage(out.usage) == RESP_USAGE
+    sent = gw.resp.last
+    assert sent["path"] == "/v1/responses"
+    assert sent["body"] == {"model": "gpt-5.3-codex", "input": [{"type": "message", "role": "user", "content": "hi"}],
+                            "instructions": "Be brief.", "max_output_tokens": 50, "store": False,
+                            "safety_identifier": "u-9", "reasoning": {"effort": "low", "summary": "auto"},
+                            "include": ["reasoning.encrypted_content"]}
+
+
+def test_messages_stream_on_a_responses_only_model(gw):
+    gw.resp.script.append(Reply(text="It is sunny.", reasoning="weather question"))
+    with gw.anthropic().messages.stream(model="gpt-5.3-codex", max_tokens=64,
+                                        messages=[{"role": "user", "content": "Weather?"}]) as stream:
+        texts = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert "".join(texts) == "It is sunny."
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in final.content] == [
+        ("thinking", "weather question"), ("text", "It is sunny.")]
+    assert final.stop_reason == "end_turn" and _usage(final.usage) == RESP_USAGE
+    body = {"model": "gpt-5.3-codex", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    gw.resp.script.append(Reply(text="ok", calls=[("get_weather", '{"city":"Paris"}'), ("get_weather", '{"city":"Rome"}')]))
+    msg = check_messages_stream(messages_events(call(gw, "POST", "/v1/messages", body)[2]))
+    assert [b["type"] for b in msg["content"]] == ["text", "tool_use", "tool_use"]
+    assert [b["input"] for b in msg["content"][1:]] == [{"city": "Paris"}, {"city": "Rome"}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_loop_on_a_responses_only_model(gw, stream):
+    client = gw.anthropic()
+    gw.resp.script.extend([Reply(text=None, reasoning="need both", calls=[("get_weather", '{"city":"Paris"}'),
+                                                                          ("get_weather", '{"city":"Rome"}')]),
+                           Reply(text="Paris sunny, Rome rainy.")])
+    messages: list = [{"role": "user", "content": "Weather in Paris and Rome?"}]
+    kw = {"model": "gpt-5.3-codex", "max_tokens": 128, "tools": [WEATHER],
+          "tool_choice": {"type": "any", "disable_parallel_tool_use": False}}
+    if stream:
+        with client.messages.stream(messages=messages, **kw) as s:
+            first = s.get_final_message()
+    else:
+        first = client.messages.create(messages=messages, **kw)
+    assert first.stop_reason == "tool_use"
+    uses = [b for b in first.content if b.type == "tool_use"]
+    assert [(u.name, u.input) for u in uses] == [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
+    messages += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": u.id, "content": "sunny"}
+                                              for u in uses]}]
+    second = client.messages.create(messages=messages, **kw)
+    assert second.content[0].text == "Paris sunny, Rome rainy."
+    sent = gw.resp.last["body"]
+    assert sent["tool_choice"] == "required"
+    assert sent["tools"] == [{"type": "function", "name": "get_weather", "description": "Weather for a city",
+                              "parameters": WEATHER["input_schema"], "strict": False}]
+    assert [i["type"] for i in sent["input"]] == ["message", "function_call", "function_call", "function_call_output",
+                                                  "function_call_output"]
+    assert [i["call_id"] for i in sent["input"][1:]] == [uses[0].id, uses[1].id, uses[0].id, uses[1].id]
+
+
+def test_stop_sequences_dropped_for_a_responses_model_are_named(gw):
+    raw = gw.anthropic().messages.with_raw_response.create(
+        model="gpt-5.3-codex", max_tokens=16, stop_sequences=["END"], messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["x-gateway-dropped-fields"] == "stop_sequences"
+    assert "stop" not in gw.resp.last["body"]
+
+
+def test_a_responses_upstream_error_in_anthropics_shape(gw):
+    gw.resp.script.append(Reply(error=(429, {"error": {"message": "Rate limit reached", "type": "requests",
+                                                        "code": "rate_limit_exceeded"}})))
+    with pytest.raises(anthropic.RateLimitError) as e:
+        gw.anthropic().messages.create(model="gpt-5.3-codex", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+    assert _anthropic_error(e.value) == {"type": "rate_limit_error", "message": "Rate limit reached"}

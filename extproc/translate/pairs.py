@@ -12,19 +12,21 @@ from typing import Any, Protocol
 
 from extproc.api import CHAT, MESSAGES, RESPONSES
 from extproc.config import Backend
-from extproc.errors import unsupported
 from extproc.translate import (
     req_chat_to_responses,
     req_messages_to_chat,
+    req_messages_to_responses,
     req_responses_to_chat,
     resp_chat_to_messages,
     resp_chat_to_responses,
     resp_responses_to_chat,
+    resp_responses_to_messages,
 )
 from extproc.translate.common import new_id
 from extproc.translate.stream_chat_to_messages import ChatToMessagesStream
 from extproc.translate.stream_chat_to_responses import ChatToResponsesStream
 from extproc.translate.stream_responses_to_chat import ResponsesToChatStream
+from extproc.translate.stream_responses_to_messages import ResponsesToMessagesStream
 from extproc.translate.tools import ToolMap, tool_map
 
 
@@ -137,15 +139,35 @@ class MessagesOnChat:
         return ChatToMessagesStream(self.model, self.stop)
 
 
+@dataclass(slots=True)
+class MessagesOnResponses:
+    """An Anthropic Messages client on a model that answers only on the Responses API."""
+
+    request_body: dict[str, Any]
+    model: str
+    client_api: str = MESSAGES
+    upstream_api: str = RESPONSES
+    dropped_tools: list[str] = field(default_factory=list)
+    dropped_fields: list[str] = field(default_factory=list)
+
+    def request(self, body: dict[str, Any]) -> dict[str, Any]:
+        out, self.dropped_fields = req_messages_to_responses.translate_request(body)
+        return out
+
+    def response(self, doc: dict[str, Any]) -> Answer:
+        return Answer(resp_responses_to_messages.translate_response(doc, self.model))
+
+    def stream(self) -> StreamTranslator:
+        return ResponsesToMessagesStream(self.model)
+
+
 def pair_for(client_api: str, upstream_api: str, body: dict[str, Any], model: str,
              backend: Backend) -> TranslatorPair | None:
     """The pair for this direction, or None when both sides speak the same API."""
     if client_api == upstream_api:
         return None
     if client_api == MESSAGES:
-        if upstream_api != CHAT:
-            raise unsupported("model", upstream_api, "Messages clients reach Chat Completions models only, so far")
-        return MessagesOnChat(body, model, backend)
+        return MessagesOnChat(body, model, backend) if upstream_api == CHAT else MessagesOnResponses(body, model)
     if client_api == CHAT:
         return ChatOnResponses(body, model)
     return ResponsesOnChat(body, backend)

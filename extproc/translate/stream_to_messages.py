@@ -89,9 +89,12 @@ class MessagesStream(SSETranslator):
         self._delta({"type": "thinking_delta", "thinking": text})
 
     def signature(self, signature: str) -> None:
-        """The upstream's own signature for the thinking block just streamed (sent as it closes)."""
-        if self.open is not None and self.open["type"] == "thinking":
-            self.open["signature"] = signature
+        """The upstream's own signature for the thinking block just streamed (sent as it closes); one
+        for reasoning that was not shown opens its block, empty."""
+        if self.open is None or self.open["type"] != "thinking":
+            self._block({"type": "thinking", "thinking": "", "signature": ""})
+        assert self.open is not None
+        self.open["signature"] = signature
 
     def tool_use(self, call_id: str, name: str) -> None:
         self._block({"type": "tool_use", "id": call_id, "name": name, "input": {}})

@@ -13,8 +13,14 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from extproc.errors import GatewayError
-from extproc.translate import req_messages_to_chat, resp_chat_to_messages
+from extproc.translate import (
+    req_messages_to_chat,
+    req_messages_to_responses,
+    resp_chat_to_messages,
+    resp_responses_to_messages,
+)
 from extproc.translate.stream_chat_to_messages import ChatToMessagesStream
+from extproc.translate.stream_responses_to_messages import ResponsesToMessagesStream
 from tests.messages_conformance import STOP_REASONS, check_messages_stream, messages_events
 from tests.unit.test_fuzz import (
     CHAT_FIELDS,
@@ -26,6 +32,8 @@ from tests.unit.test_fuzz import (
     is_bad_upstream,
     name,
     pieces,
+    response_events,
+    response_object,
     sse,
     text,
     wire,
@@ -88,6 +96,41 @@ def test_any_chat_stream_becomes_a_valid_messages_stream(case, done, cuts):
     assert [(b["name"], json.dumps(b["input"])) for b in msg["content"] if b["type"] == "tool_use"] == turn["calls"]
 
 
+@given(chat_turn().map(_json_turn).flatmap(lambda turn: st.tuples(st.just(turn), broken(response_object(turn)))))
+def test_any_responses_answer_becomes_a_valid_message_or_a_502(case):
+    turn, (doc, was_broken) = case
+    try:
+        out = resp_responses_to_messages.translate_response(wire(doc), "m")
+    except GatewayError as e:
+        assert was_broken and is_bad_upstream(e), e
+        return
+    _check_message(out)
+    if was_broken:
+        return
+    texts = "".join(b["text"] for b in out["content"] if b["type"] == "text")
+    assert texts == (turn["text"] or "") + (turn["refusal"] or "")
+    assert [(b["name"], json.dumps(b["input"])) for b in out["content"] if b["type"] == "tool_use"] == turn["calls"]
+    status_stop = {"length": "max_tokens", "content_filter": "refusal"}.get(turn["finish"])
+    assert out["stop_reason"] == status_stop or (status_stop is None and out["stop_reason"] in ("end_turn", "tool_use",
+                                                                                               "refusal"))
+
+
+@given(broken_stream(lambda turn: response_events(_json_turn(turn))), st.lists(st.integers(0, 10**6), max_size=4))
+def test_any_responses_stream_becomes_a_valid_messages_stream(case, cuts):
+    turn, events, was_broken = case
+    t = ResponsesToMessagesStream("m")
+    raw = b"".join(t.feed(p) for p in pieces(sse(events, False), cuts)) + t.close()
+    msg = check_messages_stream(messages_events(raw))
+    if was_broken:
+        event("error" if msg["error"] else "translated, broken")
+        return
+    assert msg["error"] is None, msg["error"]
+    turn = _json_turn(turn)
+    texts = "".join(b["text"] for b in msg["content"] if b["type"] == "text")
+    assert texts == (turn["text"] or "") + (turn["refusal"] or "")
+    assert [(b["name"], json.dumps(b["input"])) for b in msg["content"] if b["type"] == "tool_use"] == turn["calls"]
+
+
 # -- client requests ----------------------------------------------------------------------------------
 
 tool = st.fixed_dictionaries({"name": name, "description": text,
@@ -118,6 +161,26 @@ def messages_request(draw: st.DrawFn) -> dict[str, Any]:
         if draw(st.booleans()):
             body[key] = draw(strategy)
     return body
+
+
+@given(messages_request().flatmap(broken))
+def test_a_messages_request_broken_anywhere_is_translated_for_responses_or_refused(case):
+    body, was_broken = case
+    try:
+        out, dropped = req_messages_to_responses.translate_request(body)
+    except GatewayError as e:
+        assert was_broken, e.message
+        assert e.status == 400 and e.param, e.message
+        return
+    except KeyError as e:
+        assert was_broken and e.args == ("model",)
+        return
+    calls: set[str] = set()
+    for item in out["input"]:  # every tool output answers a call made before it
+        calls |= {item["call_id"]} if item["type"] == "function_call" else set()
+        assert item["type"] != "function_call_output" or item["call_id"] in calls
+    assert set(dropped) <= {"top_k", "stop_sequences"} and out["store"] is False
+    orjson.dumps(out)
 
 
 @given(messages_request().flatmap(broken))

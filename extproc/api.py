@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 CHAT, RESPONSES = "chat", "responses"
-MESSAGES = "messages"  # Anthropic's Messages API: a client API, translated to either OpenAI API
+MESSAGES = "messages"  # Anthropic's Messages API: a client API and a backend API, translated to and from both
 BOTH = "both"  # a model that answers on either API
 AUTO = "auto"  # a backend's models whose API nobody has said: sent on the client's API, and watched
-API_MODES = (CHAT, RESPONSES, BOTH)  # what a model can be declared or resolved to
+API_MODES = (CHAT, RESPONSES, BOTH, MESSAGES)  # what a model can be declared or resolved to
 BACKEND_APIS = (*API_MODES, AUTO)
 
 PATHS = {CHAT: "/v1/chat/completions", RESPONSES: "/v1/responses", MESSAGES: "/v1/messages"}

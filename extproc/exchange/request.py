@@ -208,6 +208,7 @@ class RequestSide:
         if path != self.path:
             headers.append((":path", path))
         remove = tuple(h for h in (*ROUTING_HEADERS, H_FIRST_CONTACT, MODE_HEADER) if h not in {k for k, _ in headers})
+        remove += target.foreign_credentials()  # Messages hook: x-api-key and authorization by backend API
         raw = None
         if body is not None:
             raw = orjson.dumps(body)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.api import AUTO, BOTH, RESPONSES
+from extproc.api import AUTO, BOTH, MESSAGES, RESPONSES
 from extproc.config import Backend, Config
 from extproc.routing.classify import Classifier
 from extproc.routing.modes import Knowledge
@@ -23,6 +23,7 @@ from extproc.translate.compact import Sealer, derive_key
 H_BACKEND = "x-gateway-backend"
 H_CLUSTER = "x-gateway-cluster"
 H_ENDPOINT = "x-gateway-destination-endpoint"
+ANTHROPIC_VERSION = "2023-06-01"
 ROUTING_HEADERS = (H_BACKEND, H_CLUSTER, H_ENDPOINT)
 # First contact with a model of unknown API (exchange/first_contact.py): the request's mark (its value
 # the caller's tenant), the first attempt's "retry on this API", the retry's "translated to this API".
@@ -41,9 +42,20 @@ class Target:
             out.append((H_ENDPOINT, self.endpoint))
         else:
             out.append((H_CLUSTER, self.backend.cluster or ""))
-        if self.backend.api_key:
+        if self.backend.api == MESSAGES:  # Anthropic's auth and version headers (the only version there is)
+            out.append(("anthropic-version", ANTHROPIC_VERSION))
+            if self.backend.api_key:
+                out.append(("x-api-key", self.backend.api_key))
+        elif self.backend.api_key:
             out.append(("authorization", "Bearer " + self.backend.api_key))
         return out
+
+    def foreign_credentials(self) -> tuple[str, ...]:
+        """The client's credential headers that must not reach a backend the sidecar holds the key for:
+        the ones its own key is not sent in (a Messages backend takes `x-api-key`, the others `authorization`)."""
+        if not self.backend.api_key:
+            return ()
+        return ("authorization",) if self.backend.api == MESSAGES else ("x-api-key",)
 
 
 def placement_key(body: dict[str, Any], headers: dict[str, str]) -> str:

@@ -7,31 +7,36 @@ three steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from extproc.api import CHAT, MESSAGES, RESPONSES
 from extproc.config import Backend
 from extproc.translate import (
+    req_chat_to_messages,
     req_chat_to_responses,
     req_messages_to_chat,
     req_messages_to_responses,
     req_responses_to_chat,
     resp_chat_to_messages,
     resp_chat_to_responses,
+    resp_messages_to_chat,
     resp_responses_to_chat,
     resp_responses_to_messages,
 )
 from extproc.translate.common import new_id
 from extproc.translate.stream_chat_to_messages import ChatToMessagesStream
 from extproc.translate.stream_chat_to_responses import ChatToResponsesStream
+from extproc.translate.stream_messages_to_chat import MessagesToChatStream
 from extproc.translate.stream_responses_to_chat import ResponsesToChatStream
 from extproc.translate.stream_responses_to_messages import ResponsesToMessagesStream
 from extproc.translate.tools import ToolMap, tool_map
 
 
 class StreamTranslator(Protocol):
-    response: dict[str, Any] | None  # the final Response object, once the stream has ended
+    @property
+    def response(self) -> dict[str, Any] | None: ...  # the final Response object, once the stream has ended
 
     def feed(self, data: bytes) -> bytes: ...
     def close(self) -> bytes: ...
@@ -161,6 +166,89 @@ class MessagesOnResponses:
         return ResponsesToMessagesStream(self.model)
 
 
+@dataclass(slots=True)
+class ChatOnMessages:
+    """A Chat Completions client on a backend that serves only Anthropic's Messages API."""
+
+    request_body: dict[str, Any]
+    model: str
+    client_api: str = CHAT
+    upstream_api: str = MESSAGES
+    dropped_tools: list[str] = field(default_factory=list)
+    dropped_fields: list[str] = field(default_factory=list)
+
+    def request(self, body: dict[str, Any]) -> dict[str, Any]:
+        return req_chat_to_messages.translate_request(body)
+
+    def response(self, doc: dict[str, Any]) -> Answer:
+        return Answer(resp_messages_to_chat.translate_response(doc, self.model))
+
+    def stream(self) -> StreamTranslator:
+        return MessagesToChatStream(self.request_body, self.model)
+
+
+class Chained:
+    """Two stream translators in a row: each upstream chunk through the first, its output through the
+    second. The second's Response is the stream's."""
+
+    def __init__(self, first: StreamTranslator, second: StreamTranslator,
+                 answer: Callable[[dict[str, Any]], dict[str, Any]]):
+        self.first, self.second, self.answer = first, second, answer
+
+    @property
+    def response(self) -> dict[str, Any] | None:
+        return self.second.response
+
+    def feed(self, data: bytes) -> bytes:
+        return self.second.feed(self.first.feed(data))
+
+    def close(self) -> bytes:
+        return self.second.feed(self.first.close()) + self.second.close()
+
+    def replay(self, doc: dict[str, Any]) -> bytes:
+        return self.second.replay(self.answer(doc))
+
+    def fail(self, code: str, message: str) -> bytes:
+        return self.second.fail(code, message)
+
+
+@dataclass(slots=True)
+class ResponsesOnMessages:
+    """A Responses client on a Messages backend: through the chat shape both directions already have
+    (Responses as chat, chat as Messages, and back), with the turns kept by the sidecar as on a chat
+    backend. Thinking comes back as reasoning text; its signature does not survive the chat shape."""
+
+    request_body: dict[str, Any]
+    backend: Backend
+    model: str
+    tools: ToolMap = field(init=False)
+    client_api: str = RESPONSES
+    upstream_api: str = MESSAGES
+    dropped_tools: list[str] = field(init=False)
+    dropped_fields: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tools = tool_map(self.request_body.get("tools"))
+        self.dropped_tools = self.tools.hosted
+
+    def request(self, body: dict[str, Any]) -> dict[str, Any]:
+        chat = req_responses_to_chat.translate_request(body, hosted_tools=self.backend.hosted_tools, tools=self.tools)
+        return req_chat_to_messages.translate_request(chat)
+
+    def _chat(self, doc: dict[str, Any]) -> dict[str, Any]:
+        return resp_messages_to_chat.translate_response(doc, self.model)
+
+    def response(self, doc: dict[str, Any]) -> Answer:
+        resp = resp_chat_to_responses.translate_response(self._chat(doc), self.request_body, new_id("resp_"),
+                                                         tools=self.tools)
+        return Answer(resp, resp)
+
+    def stream(self) -> StreamTranslator:
+        chat_request = {"stream_options": {"include_usage": True}}
+        return Chained(MessagesToChatStream(chat_request, self.model),
+                       ChatToResponsesStream(self.request_body, tools=self.tools), self._chat)
+
+
 def pair_for(client_api: str, upstream_api: str, body: dict[str, Any], model: str,
              backend: Backend) -> TranslatorPair | None:
     """The pair for this direction, or None when both sides speak the same API."""
@@ -168,6 +256,8 @@ def pair_for(client_api: str, upstream_api: str, body: dict[str, Any], model: st
         return None
     if client_api == MESSAGES:
         return MessagesOnChat(body, model, backend) if upstream_api == CHAT else MessagesOnResponses(body, model)
+    if upstream_api == MESSAGES:
+        return ChatOnMessages(body, model) if client_api == CHAT else ResponsesOnMessages(body, backend, model)
     if client_api == CHAT:
         return ChatOnResponses(body, model)
     return ResponsesOnChat(body, backend)

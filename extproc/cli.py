@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _resolve(config_path: str, model: str) -> int:
     """The decision a request for `model` gets: config, the backend's /v1/models (read now) and what the
     state store says was learned."""
-    from extproc.api import CHAT, RESPONSES
+    from extproc.api import CHAT, MESSAGES, RESPONSES
     from extproc.routing.classify import Classifier
     from extproc.routing.compile import decide
     from extproc.routing.discovery import discover_once
@@ -128,11 +128,14 @@ async def _resolve(config_path: str, model: str) -> int:
     assert res is not None
     print(f"model:    {model}\nbackend:  {res.backend.name}\nmode:     {res.mode}\n"
           f"decided:  {res.source}\ntranslate: {'allowed' if res.translate else 'off'}")
-    for client in (CHAT, RESPONSES):
+    for client in (CHAT, RESPONSES, MESSAGES):
         up = res.upstream_api(client)
         path = decide(cfg, res, client, learned)
+        fast, reason = path.fast, path.reason
+        if client == MESSAGES and fast:  # no fast route is compiled for /v1/messages
+            fast, reason = False, "Messages requests always take the processor (passed through untranslated)"
         print(f"{client} client -> {up + ' upstream' if up else 'refused (400)'}; "
-              f"{'fast path' if path.fast else 'processor'}: {path.reason}")
+              f"{'fast path' if fast else 'processor'}: {reason}")
     print("(the fast path is taken behind the project's own Envoy config, deploy/envoy.yaml; an Envoy the "
           "sidecar does not configure sends every request through the processor)")
     return 0

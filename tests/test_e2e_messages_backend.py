@@ -176,3 +176,25 @@ def test_a_raw_messages_passthrough_stream_keeps_anthropics_grammar(gw):
     assert status == 200
     msg = check_messages_stream(messages_events(raw))
     assert msg["usage"]["cache_read_input_tokens"] == MESSAGES_USAGE["cache_read_input_tokens"]
+
+
+# -- count_tokens --------------------------------------------------------------------------------------
+
+def test_count_tokens_goes_to_a_messages_backend(gw):
+    out = gw.anthropic().messages.count_tokens(model="claude-sonnet-4-5", system="Be brief.",
+                                               messages=[{"role": "user", "content": "hello"}])
+    assert out.input_tokens == 42  # the backend's own count
+    assert gw.msgs.last["path"] == "/v1/messages/count_tokens"
+    assert gw.msgs.last["headers"]["x-api-key"] == ANTHROPIC_KEY
+
+
+@pytest.mark.parametrize("model", ["llama-3-8b", "gpt-5.3-codex"])
+def test_count_tokens_for_an_openai_model_is_the_sidecars_estimate(gw, model):
+    messages = [{"role": "user", "content": "x" * 400}]
+    raw = gw.anthropic().messages.with_raw_response.count_tokens(model=model, messages=messages)
+    expected = len(json.dumps([None, messages, None], separators=(",", ":"))) // 4  # 4 bytes a token
+    assert raw.parse().input_tokens == expected and raw.headers["x-gateway-estimated"] == "true"
+    assert not gw.chat.requests and not gw.resp.requests  # no OpenAI API counts a Messages request
+    with pytest.raises(anthropic.BadRequestError) as e:
+        gw.anthropic().messages.count_tokens(model=model, messages=[{"role": "robot", "content": "x"}])
+    assert "messages[0].role" in e.value.response.json()["error"]["message"]

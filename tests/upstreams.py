@@ -639,6 +639,13 @@ class _MessagesHandler(_Handler):
         body = self.read_json()
         self.upstream.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
                                        "raw": self.raw_body})
+        if self.path == "/v1/messages/count_tokens":
+            extra = set(body) - {"model", "messages", "system", "tools", "tool_choice", "thinking", "output_config"}
+            if extra:
+                self.send_json(*_anthropic_err(400, "invalid_request_error", f"{sorted(extra)[0]}: Extra inputs are not permitted"))
+            else:
+                self.send_json(200, {"input_tokens": 42})
+            return
         if self.path != "/v1/messages":
             self.send_json(*_anthropic_err(404, "not_found_error", f"Not found: {self.path}"))
             return

@@ -34,9 +34,10 @@ def error_action(err: GatewayError, api: str | None = None) -> Action:
     return Action(immediate=(err.status, err.body(api), "application/json"), set_headers=list(err.headers), done=True)
 
 
-def answer(status: int, body: bytes, writes: Writes | None = None) -> Action:
+def answer(status: int, body: bytes, writes: Writes | None = None, headers: tuple[tuple[str, str], ...] = ()) -> Action:
     """The sidecar answers the request itself (JSON)."""
-    return Action(immediate=(status, body, "application/json"), writes=writes or [], done=True)
+    return Action(immediate=(status, body, "application/json"), set_headers=list(headers), writes=writes or [],
+                  done=True)
 
 
 def new_body(body: bytes, **kw: object) -> Action:

@@ -19,7 +19,7 @@ from extproc.config import Backend
 from extproc.errors import GatewayError, invalid
 from extproc.exchange.actions import Action, Step, answer
 from extproc.exchange.body import check_json_request, is_json, parse_body
-from extproc.exchange.paths import INPUT_TOKENS, check_request_line
+from extproc.exchange.paths import COUNT_TOKENS, INPUT_TOKENS, check_request_line
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
 from extproc.routing.gateway import H_FIRST_CONTACT, ROUTING_HEADERS, Gateway, Target, placement_key
 from extproc.routing.modes import Learned, learned_key
@@ -27,6 +27,7 @@ from extproc.state import records as rec
 from extproc.state.lookup import Lookup, Values, then
 from extproc.state.pinning import Answered, Continuation, Forwarded, Pinning
 from extproc.translate import compact
+from extproc.translate.messages import ESTIMATED_HEADER, estimated_input_tokens
 from extproc.translate.pairs import pair_for
 
 log = logging.getLogger("extproc")
@@ -39,7 +40,7 @@ class Call(StrEnum):
 
     CREATE = "create"  # /v1/responses
     COMPACT = "compact"  # /v1/responses/compact: summarised on chat-only backends
-    COUNT = "count"  # /v1/responses/input_tokens: only a Responses backend can count
+    COUNT = "count"  # /v1/responses/input_tokens (only a Responses backend counts), /v1/messages/count_tokens
 
 
 class RequestSide:
@@ -68,6 +69,9 @@ class RequestSide:
         self.client_api = API_OF_PATH.get(bare)
         if bare in (compact.PATH, INPUT_TOKENS):  # not the resources of responses with ids "compact", "input_tokens"
             self.client_api, self.call = RESPONSES, Call.COMPACT if bare == compact.PATH else Call.COUNT
+            return Action()
+        if bare == COUNT_TOKENS:  # Messages hook: Anthropic's token count
+            self.client_api, self.call = MESSAGES, Call.COUNT
             return Action()
         resource = rec.RESOURCE_RE.match(bare)
         if resource is not None:
@@ -138,7 +142,10 @@ class RequestSide:
         if self.client_api is None:  # another OpenAI path (embeddings, ...): to the backend of its model
             return self._route(self._plan(target, request=body))
         upstream_api = res.upstream_api(self.client_api)
-        if self.call is Call.COUNT and upstream_api != RESPONSES:
+        if self.call is Call.COUNT and self.client_api == MESSAGES and upstream_api != MESSAGES:  # Messages hook
+            count = orjson.dumps({"input_tokens": estimated_input_tokens(body)})
+            return answer(200, count, headers=((ESTIMATED_HEADER, "true"),))
+        if self.call is Call.COUNT and upstream_api != RESPONSES and self.client_api != MESSAGES:
             raise GatewayError(400, f"Counting input tokens ({INPUT_TOKENS}) needs a backend that speaks the "
                                     f"Responses API; the model '{model}' is served on {PATHS[res.mode]} only",
                                param="model", code="unsupported_api")

@@ -99,7 +99,8 @@ def combine(backend: Backend, rule_hit: tuple[int, ModelRule] | None, catalogue_
     mode, source = backend.api, f"backend {backend.name} api"
     open_api = backend.api in (AUTO, BOTH)
     if open_api:
-        if catalogue_hit is not None:
+        # A Claude name says Messages only of a backend nobody described: one declared `both` speaks OpenAI's.
+        if catalogue_hit is not None and (catalogue_hit[1] != MESSAGES or backend.api == AUTO):
             mode, source = catalogue_hit[1], f"built-in catalogue {catalogue_hit[0]!r}"
         if discovered is not None:
             mode, source = discovered, f"backend {backend.name} /v1/models"

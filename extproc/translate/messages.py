@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from extproc.errors import BadUpstream, invalid, unsupported
+from extproc.ops.usage import BYTES_PER_TOKEN
 from extproc.translate.common import NUMBER, count, expect, json_type, read
 from extproc.translate.tools import REASONING_PREFIX, encode_reasoning
 
@@ -166,6 +167,17 @@ def read_request(body: dict[str, Any], target_api: str) -> MessagesRequest:
             raise invalid("output_config.format", "expected {'type': 'json_schema', 'schema': {...}}")
         req.schema = fmt["schema"]
     return req
+
+
+ESTIMATED_HEADER = "x-gateway-estimated"  # the answer's count is the sidecar's estimate, not the model's
+
+
+def estimated_input_tokens(body: dict[str, Any]) -> int:
+    """A count_tokens request for a model whose API cannot count: checked as a Messages request (a
+    400 naming the field), then estimated at the usage estimate's rate (bytes of its text and tools)."""
+    read_request({**body, "max_tokens": 1}, "chat")
+    text = orjson.dumps([body.get(k) for k in ("system", "messages", "tools")])
+    return max(1, len(text) // BYTES_PER_TOKEN)
 
 
 def _system(system: Any) -> str | None:

@@ -8,8 +8,10 @@ import json
 import pytest
 
 from extproc.api import api_of
+from extproc.config import parse_config
 from extproc.errors import BadUpstream, GatewayError
 from extproc.exchange.paths import check_request_line
+from extproc.routing.classify import Classifier
 from extproc.translate import req_messages_to_chat, resp_chat_to_messages
 from extproc.translate.sse import encode
 from extproc.translate.stream_chat_to_messages import ChatToMessagesStream
@@ -299,3 +301,21 @@ def test_errors_for_messages_clients_take_anthropics_shape(status, kind):
     assert json.loads(err.body(api_of("/v1/messages?beta=true"))) == {"type": "error",
                                                                        "error": {"type": kind, "message": "nope"}}
     assert json.loads(err.body(api_of("/v1/chat/completions")))["error"]["message"] == "nope"
+
+
+# -- classification ---------------------------------------------------------------------------------
+
+_BACKEND = "backends: [{name: b, api: %s, models: ['*'], endpoints: ['127.0.0.1:9']}]"
+
+
+@pytest.mark.parametrize(("api", "mode", "chat_client_sends"), [
+    ("auto", "messages", "messages"),  # a backend nobody described: Claude names answer on Messages
+    ("both", "both", "chat"),  # declared to speak both OpenAI APIs: the catalogue does not overrule it
+    ("chat", "chat", "chat"),
+    ("messages", "messages", "messages"),
+])
+def test_claude_model_names_in_the_catalogue(api, mode, chat_client_sends):
+    res = Classifier(parse_config(_BACKEND % api, env={})).resolve("claude-sonnet-4-5")
+    assert res is not None and res.mode == mode
+    assert res.upstream_api("chat") == chat_client_sends
+    assert res.upstream_api("messages") == ("messages" if mode == "messages" else "chat")

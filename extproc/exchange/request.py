@@ -206,7 +206,9 @@ class RequestSide:
             raise GatewayError(503, unserved.message, code=unserved.code)
         path = self.path
         if plan.pair is not None:
-            path = PATHS[plan.pair.upstream_api] + ("?" + self.query if "?" in self.path else "")
+            # Messages hook: Anthropic's query (`?beta=true`) means nothing to another API
+            keep_query = "?" in self.path and MESSAGES not in (plan.pair.client_api, plan.pair.upstream_api)
+            path = PATHS[plan.pair.upstream_api] + ("?" + self.query if keep_query else "")
         headers = target.headers()
         if plan.facts is not None and target.endpoint is not None:  # Envoy retries it on the other API if need be
             headers.append((H_FIRST_CONTACT, self.pinning.tenant))

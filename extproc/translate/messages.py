@@ -26,8 +26,10 @@ _LOCAL = {"service_tier", "cache_control", "inference_geo", "speed", "diagnostic
 _REFUSED = {
     "container": "code-execution containers run only on Anthropic",
     "mcp_servers": "remote MCP servers are connected by Anthropic's own service",
-    "context_management": "context editing is done by Anthropic's own service",
 }
+# Dropped and named: Anthropic's service would trim the context (Claude Code asks for it); elsewhere the
+# whole context is sent, which asks more of the model but changes no answer the client can rely on.
+_DROPPED = ("context_management",)
 # thinking.budget_tokens -> the effort an OpenAI reasoning model is asked for
 _EFFORTS = ((4096, "low"), (16384, "medium"))
 _OUTPUT_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
@@ -89,7 +91,7 @@ Block = Text | Image | ToolUse | ToolResult | Thinking
 
 @dataclass(frozen=True, slots=True)
 class Turn:
-    role: str  # user | assistant
+    role: str  # user | assistant | system (an instruction at its place in the conversation)
     blocks: list[Block]
 
 
@@ -128,7 +130,7 @@ class MessagesRequest:
 def read_request(body: dict[str, Any], target_api: str) -> MessagesRequest:
     """The Messages request checked: a 400 naming the field for whatever cannot be used."""
     for key in body:
-        if key not in _ACCEPTED and key not in _LOCAL and key not in _REFUSED:
+        if key not in _ACCEPTED and key not in _LOCAL and key not in _REFUSED and key not in _DROPPED:
             raise unsupported(key, target_api, "unknown Messages API field")
     for key, why in _REFUSED.items():
         if body.get(key) is not None:
@@ -143,6 +145,7 @@ def read_request(body: dict[str, Any], target_api: str) -> MessagesRequest:
     req.top_p = expect(body, "top_p", NUMBER, "a number")
     if expect(body, "top_k", int, "an integer") is not None:
         req.dropped.append("top_k")
+    req.dropped += [key for key in _DROPPED if body.get(key) is not None]
     stop = expect(body, "stop_sequences", list, "a list of strings") or []
     if not all(isinstance(s, str) for s in stop):
         raise invalid("stop_sequences", "expected a list of strings")
@@ -203,8 +206,8 @@ def _turns(messages: Any, target_api: str) -> list[Turn]:
         if not isinstance(m, dict):
             raise invalid(where, "expected a message object")
         role = m.get("role")
-        if role not in ("user", "assistant"):
-            raise invalid(f"{where}.role", f"expected 'user' or 'assistant', got {role!r}")
+        if role not in ("user", "assistant", "system"):
+            raise invalid(f"{where}.role", f"expected 'user', 'assistant' or 'system', got {role!r}")
         content = m.get("content")
         if isinstance(content, str):
             blocks: list[Block] = [Text(content)]
@@ -230,6 +233,8 @@ def _block(block: Any, where: str, role: str, calls: set[str], target_api: str) 
         raise invalid(where, "expected a content block object")
     if kind == "text":
         return Text(_string(block, "text", where))
+    if role == "system":
+        raise invalid(f"{where}.type", "a system message holds text blocks only")
     if kind == "image" and role == "user":
         return _image(block, where, target_api)
     if kind == "tool_use" and role == "assistant":

@@ -32,7 +32,10 @@ def translate_request(body: dict[str, Any], *, max_tokens_field: str = "max_comp
 def to_chat(req: MessagesRequest, max_tokens_field: str, replay_reasoning: bool) -> dict[str, Any]:
     messages: list[dict[str, Any]] = [{"role": "system", "content": req.system}] if req.system else []
     for turn in req.turns:
-        messages.extend(_assistant(turn, replay_reasoning) if turn.role == "assistant" else _user(turn))
+        if turn.role == "system":
+            messages.append({"role": "system", "content": "".join(b.text for b in turn.blocks if isinstance(b, Text))})
+        else:
+            messages.extend(_assistant(turn, replay_reasoning) if turn.role == "assistant" else _user(turn))
     out: dict[str, Any] = {"model": req.model, "messages": messages, max_tokens_field: req.max_tokens}
     for key, value in (("temperature", req.temperature), ("top_p", req.top_p), ("user", req.user)):
         if value is not None:

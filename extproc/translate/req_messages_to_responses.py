@@ -32,7 +32,11 @@ def translate_request(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
 def to_responses(req: MessagesRequest) -> dict[str, Any]:
     items: list[dict[str, Any]] = []
     for turn in req.turns:
-        items.extend(_assistant(turn) if turn.role == "assistant" else _user(turn))
+        if turn.role == "system":
+            items.append({"type": "message", "role": "system",
+                          "content": "".join(b.text for b in turn.blocks if isinstance(b, Text))})
+        else:
+            items.extend(_assistant(turn) if turn.role == "assistant" else _user(turn))
     out: dict[str, Any] = {"model": req.model, "input": items, "max_output_tokens": req.max_tokens, "store": False}
     if req.system:
         out["instructions"] = req.system

@@ -105,7 +105,7 @@ def test_thinking_budget_is_an_effort(budget, effort):
     ({"messages": [{"role": "user", "content": "q"}], "container": "c"}, "container"),
     ({"messages": [{"role": "user", "content": "q"}], "max_tokens": None}, "max_tokens"),
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "system", "content": "q"}]}, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "q"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": "r"}]}]},
      "messages[0].content[0].tool_use_id"),
     ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "messages[0].content[0]"),
@@ -319,3 +319,17 @@ def test_claude_model_names_in_the_catalogue(api, mode, chat_client_sends):
     assert res is not None and res.mode == mode
     assert res.upstream_api("chat") == chat_client_sends
     assert res.upstream_api("messages") == ("messages" if mode == "messages" else "chat")
+
+
+def test_a_system_turn_keeps_its_place_and_context_management_is_dropped_and_named():
+    body = {"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]},
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                         {"role": "system", "content": [{"type": "text", "text": "Now be brief."}]},
+                         {"role": "user", "content": "q2"}]}
+    out, dropped = chat(body)
+    assert dropped == ["context_management"]
+    assert out["messages"] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                               {"role": "system", "content": "Now be brief."}, {"role": "user", "content": "q2"}]
+    with pytest.raises(GatewayError) as e:
+        chat({"messages": [{"role": "system", "content": [{"type": "image", "source": {}}]}]})
+    assert e.value.param == "messages[0].content[0].type"

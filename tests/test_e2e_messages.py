@@ -213,6 +213,7 @@ def test_messages_create_on_a_responses_only_model(gw):
     assert _usage(out.usage) == RESP_USAGE
     sent = gw.resp.last
     assert sent["path"] == "/v1/responses"
+    assert sent["headers"]["authorization"] == "Bearer client-key"  # the SDK's x-api-key, as OpenAI reads keys
     assert sent["body"] == {"model": "gpt-5.3-codex", "input": [{"type": "message", "role": "user", "content": "hi"}],
                             "instructions": "Be brief.", "max_output_tokens": 50, "store": False,
                             "safety_identifier": "u-9", "reasoning": {"effort": "low", "summary": "auto"},

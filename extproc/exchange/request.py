@@ -209,7 +209,7 @@ class RequestSide:
             # Messages hook: Anthropic's query (`?beta=true`) means nothing to another API
             keep_query = "?" in self.path and MESSAGES not in (plan.pair.client_api, plan.pair.upstream_api)
             path = PATHS[plan.pair.upstream_api] + ("?" + self.query if keep_query else "")
-        headers = target.headers()
+        headers = target.headers() + target.client_credentials(self.headers, plan.client_api)  # Messages hook
         if plan.facts is not None and target.endpoint is not None:  # Envoy retries it on the other API if need be
             headers.append((H_FIRST_CONTACT, self.pinning.tenant))
         if target.backend.path_prefix:

@@ -50,6 +50,20 @@ class Target:
             out.append(("authorization", "Bearer " + self.backend.api_key))
         return out
 
+    def client_credentials(self, client: dict[str, str], client_api: str | None) -> list[tuple[str, str]]:
+        """A backend the sidecar holds no key for gets the client's key in the header its API reads it
+        from, when the client speaks the other family: an OpenAI client's bearer token as a Messages
+        backend's `x-api-key`, an Anthropic client's `x-api-key` as an OpenAI backend's bearer token."""
+        if self.backend.api_key or client_api is None or (client_api == MESSAGES) == (self.backend.api == MESSAGES):
+            return []
+        scheme, _, token = client.get("authorization", "").partition(" ")
+        if self.backend.api == MESSAGES and "x-api-key" not in client and scheme.lower() == "bearer" and token:
+            return [("x-api-key", token.strip())]
+        key = client.get("x-api-key", "")
+        if self.backend.api != MESSAGES and "authorization" not in client and key:
+            return [("authorization", "Bearer " + key)]
+        return []
+
     def foreign_credentials(self) -> tuple[str, ...]:
         """The client's credential headers that must not reach a backend the sidecar holds the key for:
         the ones its own key is not sent in (a Messages backend takes `x-api-key`, the others `authorization`)."""

@@ -12,6 +12,7 @@ from extproc.config import parse_config
 from extproc.errors import BadUpstream, GatewayError
 from extproc.exchange.paths import check_request_line
 from extproc.routing.classify import Classifier
+from extproc.routing.gateway import Gateway
 from extproc.translate import req_messages_to_chat, resp_chat_to_messages
 from extproc.translate.sse import encode
 from extproc.translate.stream_chat_to_messages import ChatToMessagesStream
@@ -333,3 +334,25 @@ def test_a_system_turn_keeps_its_place_and_context_management_is_dropped_and_nam
     with pytest.raises(GatewayError) as e:
         chat({"messages": [{"role": "system", "content": [{"type": "image", "source": {}}]}]})
     assert e.value.param == "messages[0].content[0].type"
+
+
+@pytest.mark.parametrize(("api", "client_api", "client", "sent"), [
+    ("messages", "chat", {"authorization": "Bearer k1"}, [("x-api-key", "k1")]),
+    ("chat", "messages", {"x-api-key": "k2"}, [("authorization", "Bearer k2")]),
+    ("messages", "messages", {"x-api-key": "k3"}, []),  # its own header, passed on as it is
+    ("chat", "chat", {"x-api-key": "k4"}, []),
+    ("chat", "messages", {"x-api-key": "k5", "authorization": "Bearer other"}, []),  # the client chose
+])
+def test_the_clients_key_goes_in_the_header_the_backends_api_reads(api, client_api, client, sent):
+    gw = Gateway(parse_config(_BACKEND % api, env={}))
+    assert gw.target(gw.config.backends[0], "k").client_credentials(client, client_api) == sent
+
+
+def test_the_sidecars_key_replaces_the_clients_in_either_header():
+    cfg = "backends: [{name: b, api: %s, models: ['*'], endpoints: ['127.0.0.1:9'], api_key_env: K}]"
+    for api, header, removed in (("messages", ("x-api-key", "sk"), ("authorization",)),
+                                 ("chat", ("authorization", "Bearer sk"), ("x-api-key",))):
+        gw = Gateway(parse_config(cfg % api, env={"K": "sk"}))
+        target = gw.target(gw.config.backends[0], "k")
+        assert header in target.headers() and target.foreign_credentials() == removed
+        assert target.client_credentials({"x-api-key": "c", "authorization": "Bearer c"}, "messages") == []

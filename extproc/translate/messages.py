@@ -397,8 +397,11 @@ def usage_of_responses(doc: dict[str, Any], where: str = "") -> dict[str, Any] |
     return usage_from(doc, where, "input_tokens", "output_tokens", "input_tokens_details")
 
 
-def accounted(message: dict[str, Any]) -> dict[str, Any]:
-    """A Message as the usage accounting reads answers: input counted whole, cached input within it."""
+def accounted(message: dict[str, Any], reported: bool) -> dict[str, Any]:
+    """A Message as the usage accounting reads answers: input counted whole, cached input within it;
+    no usage when the upstream reported none (the accounting then estimates it)."""
+    if not reported:
+        return {"usage": None, "output": message.get("content")}
     u = message.get("usage") or {}
     cached = u.get("cache_read_input_tokens", 0)
     total = u.get("input_tokens", 0) + u.get("cache_creation_input_tokens", 0) + cached

@@ -115,7 +115,7 @@ class MessagesStream(SSETranslator):
                    usage=message["usage"])
         self._send("message_stop")
         self.ended = True
-        self.response = accounted(message)
+        self.response = accounted(message, reported=usage is not None)
 
     def _finish(self) -> None:
         """The upstream's stream has ended (its own end marker, or no more bytes)."""

@@ -209,7 +209,8 @@ class RequestSide:
             # Messages hook: Anthropic's query (`?beta=true`) means nothing to another API
             keep_query = "?" in self.path and MESSAGES not in (plan.pair.client_api, plan.pair.upstream_api)
             path = PATHS[plan.pair.upstream_api] + ("?" + self.query if keep_query else "")
-        headers = target.headers() + target.client_credentials(self.headers, plan.client_api)  # Messages hook
+        up = plan.upstream_api  # Messages hook: each API's key header (and Anthropic's version)
+        headers = target.headers(up) + target.client_credentials(self.headers, plan.client_api, up)
         if plan.facts is not None and target.endpoint is not None:  # Envoy retries it on the other API if need be
             headers.append((H_FIRST_CONTACT, self.pinning.tenant))
         if target.backend.path_prefix:
@@ -217,7 +218,7 @@ class RequestSide:
         if path != self.path:
             headers.append((":path", path))
         remove = tuple(h for h in (*ROUTING_HEADERS, H_FIRST_CONTACT, MODE_HEADER) if h not in {k for k, _ in headers})
-        remove += target.foreign_credentials()  # Messages hook: x-api-key and authorization by backend API
+        remove += target.foreign_credentials(up)  # Messages hook: the client's other credential header
         raw = None
         if body is not None:
             raw = orjson.dumps(body)

@@ -35,14 +35,20 @@ class Target:
     backend: Backend
     endpoint: str | None  # ip:port for endpoint backends, None for Envoy-cluster backends
 
-    def headers(self) -> list[tuple[str, str]]:
-        """Routing headers for this target (the caller removes the others)."""
+    def speaks_messages(self, api: str | None) -> bool:
+        """Whether the request goes out on Anthropic's API: `api` is the request's upstream API (a model
+        of an `auto` backend may be a Messages one), else the backend's declared one."""
+        return (api or self.backend.api) == MESSAGES
+
+    def headers(self, api: str | None = None) -> list[tuple[str, str]]:
+        """Routing headers for this target (the caller removes the others), with the backend's key in the
+        header the request's upstream API (`api`) reads it from."""
         out = [(H_BACKEND, self.backend.name)]
         if self.endpoint is not None:
             out.append((H_ENDPOINT, self.endpoint))
         else:
             out.append((H_CLUSTER, self.backend.cluster or ""))
-        if self.backend.api == MESSAGES:  # Anthropic's auth and version headers (the only version there is)
+        if self.speaks_messages(api):  # Anthropic's auth and version headers (the only version there is)
             out.append(("anthropic-version", ANTHROPIC_VERSION))
             if self.backend.api_key:
                 out.append(("x-api-key", self.backend.api_key))
@@ -50,26 +56,28 @@ class Target:
             out.append(("authorization", "Bearer " + self.backend.api_key))
         return out
 
-    def client_credentials(self, client: dict[str, str], client_api: str | None) -> list[tuple[str, str]]:
+    def client_credentials(self, client: dict[str, str], client_api: str | None,
+                           api: str | None = None) -> list[tuple[str, str]]:
         """A backend the sidecar holds no key for gets the client's key in the header its API reads it
         from, when the client speaks the other family: an OpenAI client's bearer token as a Messages
         backend's `x-api-key`, an Anthropic client's `x-api-key` as an OpenAI backend's bearer token."""
-        if self.backend.api_key or client_api is None or (client_api == MESSAGES) == (self.backend.api == MESSAGES):
+        messages = self.speaks_messages(api)
+        if self.backend.api_key or client_api is None or (client_api == MESSAGES) == messages:
             return []
         scheme, _, token = client.get("authorization", "").partition(" ")
-        if self.backend.api == MESSAGES and "x-api-key" not in client and scheme.lower() == "bearer" and token:
+        if messages and "x-api-key" not in client and scheme.lower() == "bearer" and token:
             return [("x-api-key", token.strip())]
         key = client.get("x-api-key", "")
-        if self.backend.api != MESSAGES and "authorization" not in client and key:
+        if not messages and "authorization" not in client and key:
             return [("authorization", "Bearer " + key)]
         return []
 
-    def foreign_credentials(self) -> tuple[str, ...]:
+    def foreign_credentials(self, api: str | None = None) -> tuple[str, ...]:
         """The client's credential headers that must not reach a backend the sidecar holds the key for:
         the ones its own key is not sent in (a Messages backend takes `x-api-key`, the others `authorization`)."""
         if not self.backend.api_key:
             return ()
-        return ("authorization",) if self.backend.api == MESSAGES else ("x-api-key",)
+        return ("authorization",) if self.speaks_messages(api) else ("x-api-key",)
 
 
 def placement_key(body: dict[str, Any], headers: dict[str, str]) -> str:

@@ -362,3 +362,11 @@ def test_a_stream_without_usage_leaves_the_accounting_to_estimate():
     t = ChatToMessagesStream("m", [])
     msg = check_messages_stream(messages_events(t.feed(chunk({"content": "hi"}) + chunk({}, "stop") + DONE)))
     assert msg["usage"]["output_tokens"] == 0 and t.response is not None and t.response["usage"] is None
+
+
+def test_a_claude_model_of_an_auto_backend_gets_anthropics_headers():
+    cfg = "backends: [{name: b, api: auto, models: ['*'], endpoints: ['127.0.0.1:9'], api_key_env: K}]"
+    gw = Gateway(parse_config(cfg, env={"K": "sk"}))
+    target = gw.target(gw.config.backends[0], "k")
+    assert ("x-api-key", "sk") in target.headers("messages") and ("anthropic-version", "2023-06-01") in target.headers("messages")
+    assert ("authorization", "Bearer sk") in target.headers("chat") and target.foreign_credentials("messages") == ("authorization",)

@@ -198,3 +198,23 @@ def test_count_tokens_for_an_openai_model_is_the_sidecars_estimate(gw, model):
     with pytest.raises(anthropic.BadRequestError) as e:
         gw.anthropic().messages.count_tokens(model=model, messages=[{"role": "robot", "content": "x"}])
     assert "messages[0].role" in e.value.response.json()["error"]["message"]
+
+
+def test_a_reasoning_responses_client_tool_loop_on_a_messages_backend(gw):
+    """Codex's way (reasoning asked for, a tool loop): the first turn thinks; the tool result goes back
+    without thinking, since no signed thinking block survives for it (the strict upstream, like
+    Anthropic, refuses a tool loop with thinking enabled and no thinking block)."""
+    client = gw.client()
+    gw.msgs.script.extend([Reply(text=None, reasoning="need the weather", calls=[("get_weather", '{"city": "Oslo"}')]),
+                           Reply(text="Cold.")])
+    tools = [{"type": "function", "name": "get_weather", "parameters": WEATHER["function"]["parameters"]}]
+    r1 = client.responses.create(model="claude-sonnet-4-5", input="Oslo?", tools=tools, reasoning={"effort": "low"},
+                                 store=False, include=["reasoning.encrypted_content"])
+    assert gw.msgs.last["body"]["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert [o.type for o in r1.output] == ["reasoning", "function_call"]
+    call = r1.output[1]
+    r2 = client.responses.create(model="claude-sonnet-4-5", tools=tools, reasoning={"effort": "low"}, store=False,
+                                 input=[{"role": "user", "content": "Oslo?"},
+                                        *[o.model_dump(exclude_none=True) for o in r1.output],
+                                        {"type": "function_call_output", "call_id": call.call_id, "output": "-5C"}])
+    assert r2.output_text == "Cold." and "thinking" not in gw.msgs.last["body"]

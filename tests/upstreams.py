@@ -685,6 +685,8 @@ class _MessagesHandler(_Handler):
         thinking = body.get("thinking") or {}
         if thinking.get("type") == "enabled" and not thinking.get("budget_tokens", 0) < body["max_tokens"]:
             return "`max_tokens` must be greater than `thinking.budget_tokens`"
+        if thinking.get("type") == "enabled" and (body.get("tool_choice") or {}).get("type") in ("any", "tool"):
+            return "Thinking may not be enabled when tool_choice forces tool use."
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return "messages: at least one message is required"
@@ -710,6 +712,14 @@ class _MessagesHandler(_Handler):
                     return f"messages.{i}.content.{j}: unexpected `tool_use_id` found in `tool_result` blocks"
                 if b["type"] == "thinking" and not str(b.get("signature", "")).startswith("sig-"):
                     return f"messages.{i}.content.{j}.signature: Invalid `signature` in `thinking` block"
+        last_assistant = next((m for m in reversed(messages) if m["role"] == "assistant"), None)
+        in_tool_loop = last_assistant is not None and messages[-1]["role"] == "user" and any(
+            isinstance(b, dict) and b.get("type") == "tool_result" for b in messages[-1]["content"])
+        if thinking.get("type") == "enabled" and in_tool_loop and not (
+                isinstance(last_assistant["content"], list)
+                and last_assistant["content"][0].get("type") in ("thinking", "redacted_thinking")):
+            return ("Expected thinking or redacted_thinking, but found tool_use. When thinking is enabled, a final "
+                    "assistant message must start with a thinking block. To avoid this requirement, disable thinking.")
         return None
 
     def message(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:

@@ -77,11 +77,8 @@ def translate_request(body: dict[str, Any]) -> dict[str, Any]:
     if user:
         out["metadata"] = {"user_id": user}
     effort = expect(body, "reasoning_effort", str, "a string")
-    if effort is not None and effort != "none":
-        if effort not in BUDGETS:
-            raise invalid("reasoning_effort", f"expected one of {', '.join(BUDGETS)}")
-        out["thinking"] = {"type": "enabled", "budget_tokens": BUDGETS[effort]}
-        out["max_tokens"] += BUDGETS[effort]  # thinking counts toward max_tokens, and must stay below it
+    if effort is not None and effort not in (*BUDGETS, "none"):
+        raise invalid("reasoning_effort", f"expected one of {', '.join(BUDGETS)}")
     fmt = expect(body, "response_format", dict, "an object")
     if fmt is not None and fmt.get("type") != "text":
         out["output_config"] = {"format": _format(fmt)}
@@ -93,9 +90,22 @@ def translate_request(body: dict[str, Any]) -> dict[str, Any]:
             choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
         if choice is not None:
             out["tool_choice"] = choice
+    if effort in BUDGETS and _may_think(out):
+        out["thinking"] = {"type": "enabled", "budget_tokens": BUDGETS[effort]}
+        out["max_tokens"] += BUDGETS[effort]  # thinking counts toward max_tokens, and must stay below it
     if expect(body, "stream", bool, "a boolean"):
         out["stream"] = True
     return out
+
+
+def _may_think(out: dict[str, Any]) -> bool:
+    """Whether Anthropic takes thinking for this request. It refuses it with a forced tool choice, and in
+    a tool loop whose assistant turn has no thinking block: a chat client keeps no signed thinking to
+    hand back, so such a request goes without (Anthropic's own advice), and the next turn thinks again."""
+    if out.get("tool_choice", {}).get("type") in ("any", "tool"):
+        return False
+    last = out["messages"][-1]
+    return not (last["role"] == "user" and any(b["type"] == "tool_result" for b in last["content"]))
 
 
 def _format(fmt: dict[str, Any]) -> dict[str, Any]:

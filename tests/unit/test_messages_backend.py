@@ -38,8 +38,9 @@ def test_a_chat_request_maps_field_by_field():
                 {"role": "tool", "tool_call_id": "c2", "content": [{"type": "text", "text": "r2"}]},
                 {"role": "user", "content": "thanks"}]}
     assert req_chat_to_messages.translate_request(body) == {
-        "model": "claude-x", "max_tokens": 100 + 4096, "system": "Sys.\n\nDev.", "temperature": 0.1, "top_p": 0.5,
-        "stop_sequences": ["END"], "metadata": {"user_id": "u"}, "thinking": {"type": "enabled", "budget_tokens": 4096},
+        # no thinking: Anthropic refuses it with a forced tool choice (test_thinking_only_where_anthropic_takes_it)
+        "model": "claude-x", "max_tokens": 100, "system": "Sys.\n\nDev.", "temperature": 0.1, "top_p": 0.5,
+        "stop_sequences": ["END"], "metadata": {"user_id": "u"},
         "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}, "stream": True,
         "tools": [{"name": "w", "description": "Weather", "input_schema": {"type": "object"}}],
         "tool_choice": {"type": "tool", "name": "w", "disable_parallel_tool_use": True},
@@ -209,3 +210,18 @@ def test_any_messages_stream_becomes_a_chat_stream_that_ends(case, cuts):
         assert not errors
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in out[:-1] if c.get("choices"))
         assert text == (turn["text"] or "")
+
+
+@pytest.mark.parametrize(("extra", "thinks"), [
+    ({}, True),
+    ({"tool_choice": "required"}, False),  # Anthropic refuses thinking with a forced tool choice
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                                         "function": {"name": "w", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": "c", "content": "r"}]}, False),  # mid tool loop, no signed thinking
+])
+def test_thinking_only_where_anthropic_takes_it(extra, thinks):
+    body = {"model": "m", "max_tokens": 10, "reasoning_effort": "low", "tools": [WEATHER],
+            "messages": [{"role": "user", "content": "q"}], **extra}
+    out = req_chat_to_messages.translate_request(body)
+    assert ("thinking" in out) is thinks and out["max_tokens"] == (10 + 1024 if thinks else 10)

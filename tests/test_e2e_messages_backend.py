@@ -200,21 +200,64 @@ def test_count_tokens_for_an_openai_model_is_the_sidecars_estimate(gw, model):
     assert "messages[0].role" in e.value.response.json()["error"]["message"]
 
 
-def test_a_reasoning_responses_client_tool_loop_on_a_messages_backend(gw):
-    """Codex's way (reasoning asked for, a tool loop): the first turn thinks; the tool result goes back
-    without thinking, since no signed thinking block survives for it (the strict upstream, like
-    Anthropic, refuses a tool loop with thinking enabled and no thinking block)."""
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reasoning_responses_client_hands_claudes_signed_thinking_back(gw, stream):
+    """Codex's way (reasoning asked for, store false, the items replayed, a tool loop): the thinking
+    Claude signed comes back sealed in the reasoning item and starts the assistant turn of the tool
+    result, which Anthropic (and the strict upstream) require for a tool loop with thinking."""
     client = gw.client()
     gw.msgs.script.extend([Reply(text=None, reasoning="need the weather", calls=[("get_weather", '{"city": "Oslo"}')]),
                            Reply(text="Cold.")])
     tools = [{"type": "function", "name": "get_weather", "parameters": WEATHER["function"]["parameters"]}]
-    r1 = client.responses.create(model="claude-sonnet-4-5", input="Oslo?", tools=tools, reasoning={"effort": "low"},
-                                 store=False, include=["reasoning.encrypted_content"])
-    assert gw.msgs.last["body"]["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    kw = {"model": "claude-sonnet-4-5", "tools": tools, "reasoning": {"effort": "low"}, "store": False,
+          "include": ["reasoning.encrypted_content"]}
+    if stream:
+        with client.responses.stream(input="Oslo?", **kw) as s:
+            r1 = s.get_final_response()
+    else:
+        r1 = client.responses.create(input="Oslo?", **kw)
+    first = gw.msgs.last["body"]
+    assert first["thinking"] == {"type": "enabled", "budget_tokens": 1024}
     assert [o.type for o in r1.output] == ["reasoning", "function_call"]
+    assert r1.output[0].summary[0].text == "need the weather" and r1.output[0].encrypted_content
     call = r1.output[1]
-    r2 = client.responses.create(model="claude-sonnet-4-5", tools=tools, reasoning={"effort": "low"}, store=False,
-                                 input=[{"role": "user", "content": "Oslo?"},
+    r2 = client.responses.create(input=[{"role": "user", "content": "Oslo?"},
                                         *[o.model_dump(exclude_none=True) for o in r1.output],
-                                        {"type": "function_call_output", "call_id": call.call_id, "output": "-5C"}])
-    assert r2.output_text == "Cold." and "thinking" not in gw.msgs.last["body"]
+                                        {"type": "function_call_output", "call_id": call.call_id, "output": "-5C"}],
+                                 **kw)
+    assert r2.output_text == "Cold."
+    sent = gw.msgs.last["body"]
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    thinking = sent["messages"][1]["content"][0]
+    assert thinking["type"] == "thinking" and thinking["thinking"] == "need the weather"
+    assert thinking["signature"].startswith("sig-")  # the upstream's own, as it made it
+
+
+def test_signed_thinking_survives_in_the_turns_the_sidecar_holds(gw):
+    client = gw.client()
+    gw.msgs.script.extend([Reply(text=None, reasoning="plan", calls=[("get_weather", '{"city": "Oslo"}')]),
+                           Reply(text="Cold.")])
+    tools = [{"type": "function", "name": "get_weather", "parameters": WEATHER["function"]["parameters"]}]
+    r1 = client.responses.create(model="claude-sonnet-4-5", input="Oslo?", tools=tools, reasoning={"effort": "low"})
+    call = next(o for o in r1.output if o.type == "function_call")
+    r2 = client.responses.create(model="claude-sonnet-4-5", previous_response_id=r1.id, tools=tools,
+                                 reasoning={"effort": "low"},
+                                 input=[{"type": "function_call_output", "call_id": call.call_id, "output": "-5C"}])
+    assert r2.output_text == "Cold."
+    assert gw.msgs.last["body"]["messages"][1]["content"][0]["signature"].startswith("sig-")
+
+
+def test_without_signed_thinking_a_tool_loop_goes_without_thinking(gw):
+    """A chat client keeps no signature: its tool result goes back without thinking (else Anthropic
+    refuses the request), and the turn after thinks again."""
+    client = gw.client()
+    gw.msgs.script.extend([Reply(text=None, reasoning="plan", calls=[("get_weather", '{"city": "Oslo"}')]),
+                           Reply(text="Cold.")])
+    kw = {"model": "claude-sonnet-4-5", "tools": [WEATHER], "reasoning_effort": "low"}
+    out = client.chat.completions.create(messages=[{"role": "user", "content": "Oslo?"}], **kw)
+    assert "thinking" in gw.msgs.last["body"]
+    calls = out.choices[0].message.tool_calls
+    client.chat.completions.create(messages=[{"role": "user", "content": "Oslo?"},
+                                             out.choices[0].message.model_dump(exclude_none=True),
+                                             {"role": "tool", "tool_call_id": calls[0].id, "content": "-5C"}], **kw)
+    assert "thinking" not in gw.msgs.last["body"]

@@ -26,6 +26,7 @@ from extproc.translate import (
     resp_responses_to_messages,
 )
 from extproc.translate.common import new_id
+from extproc.translate.responses_on_messages import SealThinking, blocks_of, seal_output, thinking_runs
 from extproc.translate.stream_chat_to_messages import ChatToMessagesStream
 from extproc.translate.stream_chat_to_responses import ChatToResponsesStream
 from extproc.translate.stream_messages_to_chat import MessagesToChatStream
@@ -216,7 +217,8 @@ class Chained:
 class ResponsesOnMessages:
     """A Responses client on a Messages backend: through the chat shape both directions already have
     (Responses as chat, chat as Messages, and back), with the turns kept by the sidecar as on a chat
-    backend. Thinking comes back as reasoning text; its signature does not survive the chat shape."""
+    backend. Thinking comes back as reasoning items that seal the signed blocks, handed back to Claude
+    when they return (`responses_on_messages`)."""
 
     request_body: dict[str, Any]
     backend: Backend
@@ -233,7 +235,7 @@ class ResponsesOnMessages:
 
     def request(self, body: dict[str, Any]) -> dict[str, Any]:
         chat = req_responses_to_chat.translate_request(body, hosted_tools=self.backend.hosted_tools, tools=self.tools)
-        return req_chat_to_messages.translate_request(chat)
+        return req_chat_to_messages.translate_request(chat, thinking=thinking_runs(body.get("input")))
 
     def _chat(self, doc: dict[str, Any]) -> dict[str, Any]:
         return resp_messages_to_chat.translate_response(doc, self.model)
@@ -241,12 +243,13 @@ class ResponsesOnMessages:
     def response(self, doc: dict[str, Any]) -> Answer:
         resp = resp_chat_to_responses.translate_response(self._chat(doc), self.request_body, new_id("resp_"),
                                                          tools=self.tools)
+        seal_output(resp["output"], blocks_of(doc))
         return Answer(resp, resp)
 
     def stream(self) -> StreamTranslator:
-        chat_request = {"stream_options": {"include_usage": True}}
-        return Chained(MessagesToChatStream(chat_request, self.model),
-                       ChatToResponsesStream(self.request_body, tools=self.tools), self._chat)
+        messages = MessagesToChatStream({"stream_options": {"include_usage": True}}, self.model)
+        return SealThinking(Chained(messages, ChatToResponsesStream(self.request_body, tools=self.tools), self._chat),
+                            messages)
 
 
 def pair_for(client_api: str, upstream_api: str, body: dict[str, Any], model: str,

@@ -42,7 +42,9 @@ _KNOWN = {"model", "messages", "max_tokens", "max_completion_tokens", "temperatu
 _DATA_URL = re.compile(r"data:([^;,]+);base64,(.*)", re.S)
 
 
-def translate_request(body: dict[str, Any]) -> dict[str, Any]:
+def translate_request(body: dict[str, Any], thinking: list[list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """`thinking`: Anthropic's signed thinking blocks to hand back, per assistant turn in order (a
+    Responses client's, from the reasoning items the sidecar sealed them in)."""
     for key in body:
         if key not in _KNOWN:
             raise unsupported(key, "messages", "unknown Chat Completions field")
@@ -55,6 +57,9 @@ def translate_request(body: dict[str, Any]) -> dict[str, Any]:
     if expect(body, "logprobs", bool, "a boolean"):
         raise unsupported("logprobs", "messages", "the Messages API has no logprobs")
     system, turns = _turns(body.get("messages"))
+    assistant = [t for t in turns if t["role"] == "assistant"]
+    for turn, blocks in zip(assistant, thinking or (), strict=False):
+        turn["content"][:0] = blocks
     key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = expect(body, key, int, "an integer")
     if max_tokens is not None and max_tokens < 1:
@@ -100,12 +105,17 @@ def translate_request(body: dict[str, Any]) -> dict[str, Any]:
 
 def _may_think(out: dict[str, Any]) -> bool:
     """Whether Anthropic takes thinking for this request. It refuses it with a forced tool choice, and in
-    a tool loop whose assistant turn has no thinking block: a chat client keeps no signed thinking to
-    hand back, so such a request goes without (Anthropic's own advice), and the next turn thinks again."""
+    a tool loop whose assistant turn does not start with a thinking block: a chat client keeps no signed
+    thinking to hand back, so such a request goes without (Anthropic's own advice), and the next turn
+    thinks again."""
     if out.get("tool_choice", {}).get("type") in ("any", "tool"):
         return False
-    last = out["messages"][-1]
-    return not (last["role"] == "user" and any(b["type"] == "tool_result" for b in last["content"]))
+    messages = out["messages"]
+    last = messages[-1]
+    if not (last["role"] == "user" and any(b["type"] == "tool_result" for b in last["content"])):
+        return True
+    turn = next((m for m in reversed(messages) if m["role"] == "assistant"), None)
+    return turn is not None and turn["content"][0]["type"] in ("thinking", "redacted_thinking")
 
 
 def _format(fmt: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ class MessagesToChatStream(SSETranslator):
         self.usage: dict[str, Any] = {}  # the Messages usage so far (message_start, then message_delta)
         self.finish: str | None = None
         self.text: list[str] = []
+        self.thinking: list[dict[str, Any]] = []  # thinking blocks as streamed, signatures included
         self.response: dict[str, Any] | None = None
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> None:
@@ -56,6 +57,11 @@ class MessagesToChatStream(SSETranslator):
                 delta = {"type": f"{kind}_delta", kind: read(block, kind, str, where) or ""}
                 events += [{"type": "content_block_start", "index": i, "content_block": {"type": kind, kind: ""}},
                            {"type": "content_block_delta", "index": i, "delta": delta}]
+                if kind == "thinking":
+                    events.append({"type": "content_block_delta", "index": i, "delta": {
+                        "type": "signature_delta", "signature": read(block, "signature", str, where) or ""}})
+            elif kind == "redacted_thinking":
+                events.append({"type": "content_block_start", "index": i, "content_block": block})
             events.append({"type": "content_block_stop", "index": i})
         events += [{"type": "message_delta", "delta": {"stop_reason": doc.get("stop_reason")}, "usage": doc.get("usage")},
                    {"type": "message_stop"}]
@@ -85,6 +91,10 @@ class MessagesToChatStream(SSETranslator):
             block = read(ev, "content_block", dict) or {}
             btype = read(block, "type", str, "content_block") or ""
             self.blocks[index] = btype
+            if btype == "thinking":
+                self.thinking.append({"type": "thinking", "thinking": "", "signature": ""})
+            elif btype == "redacted_thinking":
+                self.thinking.append({"type": "redacted_thinking", "data": read(block, "data", str, "content_block") or ""})
             if btype == "tool_use":
                 call = tool_call({**block, "input": {}}, "content_block")
                 self.calls[index] = len(self.calls)
@@ -107,7 +117,11 @@ class MessagesToChatStream(SSETranslator):
             self.text.append(text)
             self._chunk({"content": text})
         elif kind == "thinking_delta" and (text := read(delta, "thinking", str, "delta")):
+            if self.blocks.get(index) == "thinking":
+                self.thinking[-1]["thinking"] += text
             self._chunk({"reasoning_content": text})
+        elif kind == "signature_delta" and self.blocks.get(index) == "thinking" and self.thinking:
+            self.thinking[-1]["signature"] = read(delta, "signature", str, "delta") or ""
         elif kind == "input_json_delta" and index in self.calls and (part := read(delta, "partial_json", str, "delta")):
             self._chunk({"tool_calls": [{"index": self.calls[index], "function": {"arguments": part}}]})
 

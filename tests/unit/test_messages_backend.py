@@ -11,12 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from extproc.config import parse_config
 from extproc.errors import BadUpstream, GatewayError
-from extproc.translate import req_chat_to_messages, resp_messages_to_chat
+from extproc.translate import req_chat_to_messages, resp_messages_to_chat, responses_on_messages
+from extproc.translate.pairs import ResponsesOnMessages
 from extproc.translate.sse import SSEDecoder, encode
 from extproc.translate.stream_messages_to_chat import MessagesToChatStream
 from tests.unit.test_fuzz import CHAT_COMPLETION, broken, chat_turn, check, is_bad_upstream, pieces, wire
 
+_MESSAGES_BACKEND = "backends: [{name: c, api: messages, models: ['*'], endpoints: ['127.0.0.1:9']}]"
 WEATHER = {"type": "function", "function": {"name": "w", "description": "Weather", "parameters": {"type": "object"}}}
 
 
@@ -225,3 +228,52 @@ def test_thinking_only_where_anthropic_takes_it(extra, thinks):
             "messages": [{"role": "user", "content": "q"}], **extra}
     out = req_chat_to_messages.translate_request(body)
     assert ("thinking" in out) is thinks and out["max_tokens"] == (10 + 1024 if thinks else 10)
+
+
+# -- a Responses client's reasoning handed back to Claude ----------------------------------------------
+
+SIGNED = [{"type": "thinking", "thinking": "plan", "signature": "sig-1"}, {"type": "redacted_thinking", "data": "x"}]
+
+
+def test_sealed_thinking_opens_again_and_nothing_else_does():
+    assert responses_on_messages.unseal(responses_on_messages.seal(SIGNED)) == SIGNED
+    assert responses_on_messages.unseal("extproc.t1.not-base64!") == []
+    assert responses_on_messages.unseal("gAAAA-openai-encrypted") == []
+    assert responses_on_messages.unseal(responses_on_messages.PREFIX + "W3sidHlwZSI6ICJ0ZXh0In1d") == []  # a text block
+
+
+def test_thinking_goes_back_to_the_assistant_turn_it_came_with():
+    sealed = responses_on_messages.seal(SIGNED[:1])
+    items = [{"role": "user", "content": "q"},
+             {"type": "reasoning", "summary": [], "encrypted_content": sealed},
+             {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": "r"},
+             {"role": "developer", "content": "note"},  # neither starts nor ends a turn
+             {"role": "assistant", "content": "a"},
+             {"role": "user", "content": "q2"},
+             {"type": "reasoning", "summary": [], "encrypted_content": "gAAAA-someone-elses"},
+             {"type": "function_call", "call_id": "c2", "name": "w", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c2", "output": "r2"}]
+    runs = responses_on_messages.thinking_runs(items)
+    assert runs == [SIGNED[:1], [], []]
+    body = {"model": "claude-x", "tools": [{"type": "function", "name": "w", "parameters": {"type": "object"}}],
+            "reasoning": {"effort": "low"}, "input": items}
+    pair = ResponsesOnMessages(body, parse_config(_MESSAGES_BACKEND, env={}).backends[0], "claude-x")
+    out = pair.request(body)
+    assistant = [t for t in out["messages"] if t["role"] == "assistant"]
+    assert assistant[0]["content"][0] == SIGNED[0] and assistant[1]["content"] == [{"type": "text", "text": "a"}]
+    assert "thinking" not in out  # the last tool loop's turn has no signed thinking: Anthropic would refuse it
+
+
+def test_a_streamed_reasoning_item_carries_the_signed_blocks():
+    message = {**MESSAGE, "content": [MESSAGE["content"][0], MESSAGE["content"][2]]}
+    body = {"model": "claude-x", "input": "q", "tools": [{"type": "function", "name": "w", "parameters": {}}]}
+    pair = ResponsesOnMessages(body, parse_config(_MESSAGES_BACKEND, env={}).backends[0], "claude-x")
+    t = pair.stream()
+    raw = t.feed(sse(events(message))) + t.close()
+    done = [e for e in chunks_of(raw) if e["type"] == "response.output_item.done" and e["item"]["type"] == "reasoning"]
+    assert responses_on_messages.unseal(done[0]["item"]["encrypted_content"]) == [MESSAGE["content"][0]]
+    assert t.response is not None
+    assert responses_on_messages.unseal(t.response["output"][0]["encrypted_content"]) == [MESSAGE["content"][0]]
+    buffered = pair.response(message).body
+    assert responses_on_messages.unseal(buffered["output"][0]["encrypted_content"]) == [MESSAGE["content"][0]]

@@ -131,11 +131,8 @@ async def _resolve(config_path: str, model: str) -> int:
     for client in (CHAT, RESPONSES, MESSAGES):
         up = res.upstream_api(client)
         path = decide(cfg, res, client, learned)
-        fast, reason = path.fast, path.reason
-        if client == MESSAGES and fast:  # no fast route is compiled for /v1/messages
-            fast, reason = False, "Messages requests always take the processor (passed through untranslated)"
         print(f"{client} client -> {up + ' upstream' if up else 'refused (400)'}; "
-              f"{'fast path' if fast else 'processor'}: {reason}")
+              f"{'fast path' if path.fast else 'processor'}: {path.reason}")
     print("(the fast path is taken behind the project's own Envoy config, deploy/envoy.yaml; an Envoy the "
           "sidecar does not configure sends every request through the processor)")
     return 0

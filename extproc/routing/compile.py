@@ -28,7 +28,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
-from extproc.api import AUTO, BOTH, CHAT, PATHS, RESPONSES
+from extproc.api import AUTO, BOTH, CHAT, MESSAGES, PATHS, RESPONSES
 from extproc.config import Backend, Config
 from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.classify import Classifier, Resolution, combine, is_glob
@@ -78,6 +78,8 @@ def decide(config: Config, res: Resolution | None, client_api: str, learned: Lea
         return PathChoice(False, f"the processor answers 503 {unserved.code}")
     where = f"cluster {res.backend.cluster}" if res.backend.cluster else \
         f"{len(res.backend.endpoints)} instance(s) of {backend_cluster(res.backend)}"
+    if client_api == MESSAGES:
+        return PathChoice(True, f"Envoy routes it to {where}")
     if client_api == RESPONSES:
         return PathChoice(True, f"Envoy routes it to {where}, for requests with store: false and no "
                                 "previous_response_id or conversation (any other keeps the processor: state)")
@@ -151,6 +153,8 @@ def conditions(config: Config, client_api: str) -> list[list[metadata_pb2.Metada
     """Alternatives (any one suffices) of what else a fast-path request must say, per client API."""
     if client_api == RESPONSES:  # creates no state at the backend, and continues none
         return [[_is("store", False), _absent("previous_response_id"), _absent("conversation")]]
+    if client_api == MESSAGES:  # stateless, and its streams always carry their usage
+        return [[]]
     if config.usage_accounting == "all":  # Envoy can read a stream's usage only if it is sent
         return [[_is("stream", True, invert=True)], [_is("include_usage", True)]]
     return [[]]
@@ -314,7 +318,7 @@ def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str
     classifier = Classifier(config, knowledge)
     first, last = processor_routes(config)
     middle: list[rc.Route] = []
-    for client_api in (CHAT, RESPONSES):
+    for client_api in (CHAT, RESPONSES, MESSAGES):
         groups: dict[Backend | None, list[str]] = {}  # by fast-path backend (None: processor); names never overlap
         for name in exact_names(config, knowledge, learned):
             backend = classifier.backend_for(name)

@@ -12,7 +12,9 @@ from extproc.config import parse_config
 from extproc.errors import BadUpstream, GatewayError
 from extproc.exchange.paths import check_request_line
 from extproc.routing.classify import Classifier
+from extproc.routing.compile import compile_routes, decide
 from extproc.routing.gateway import Gateway
+from extproc.routing.modes import Knowledge
 from extproc.translate import req_messages_to_chat, resp_chat_to_messages
 from extproc.translate.sse import encode
 from extproc.translate.stream_chat_to_messages import ChatToMessagesStream
@@ -370,3 +372,19 @@ def test_a_claude_model_of_an_auto_backend_gets_anthropics_headers():
     target = gw.target(gw.config.backends[0], "k")
     assert ("x-api-key", "sk") in target.headers("messages") and ("anthropic-version", "2023-06-01") in target.headers("messages")
     assert ("authorization", "Bearer sk") in target.headers("chat") and target.foreign_credentials("messages") == ("authorization",)
+
+
+# -- the fast path ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("key", "fast"), [(False, True), (True, False)])
+def test_messages_to_a_keyless_messages_backend_are_compiled_into_a_fast_route(key, fast):
+    cfg = parse_config("backends: [{name: b, api: messages, models: ['claude-*'], endpoints: ['127.0.0.1:9']"
+                       + (", api_key_env: K" if key else "") + "}]", env={"K": "sk"})
+    res = Classifier(cfg).resolve("claude-x")
+    assert decide(cfg, res, "messages").fast is fast
+    assert decide(cfg, res, "chat").fast is False  # translated: the processor
+    routes = compile_routes(cfg, Knowledge(), {}).routes.virtual_hosts[0].routes
+    fast_routes = [r for r in routes if r.name == "fast:messages:b"]
+    assert bool(fast_routes) is fast
+    if fast:
+        assert fast_routes[0].match.path == "/v1/messages" and not fast_routes[0].match.headers[1:]

@@ -117,7 +117,7 @@ def _serve(config_path: str, workers: int) -> int:
 async def _resolve(config_path: str, model: str) -> int:
     """The decision a request for `model` gets: config, the backend's /v1/models (read now) and what the
     state store says was learned."""
-    from extproc.api import CHAT, RESPONSES
+    from extproc.api import CHAT, MESSAGES, RESPONSES
     from extproc.routing.classify import Classifier
     from extproc.routing.compile import decide
     from extproc.routing.discovery import discover_once
@@ -152,7 +152,7 @@ async def _resolve(config_path: str, model: str) -> int:
 
     print(f"model:    {model}\nbackend:  {res.backend.name}\ntarget:   {describe(res.backend)}\nmode:     {res.mode}\n"
           f"decided:  {res.source}\ntranslate: {'allowed' if res.translate else 'off'}")
-    for client in (CHAT, RESPONSES):
+    for client in (CHAT, RESPONSES, MESSAGES):
         up = res.upstream_api(client)
         path = decide(cfg, res, client, learned)
         print(f"{client} client -> {up + ' upstream' if up else 'refused (400)'}; "

@@ -1,4 +1,5 @@
-"""Errors in the OpenAI shape both APIs share: {"error": {message, type, param, code}}."""
+"""Errors in the client's API shape: the OpenAI one both OpenAI APIs share, {"error": {message, type, param,
+code}}, and Anthropic's, {"type": "error", "error": {type, message}}, for Messages clients."""
 
 from __future__ import annotations
 
@@ -6,11 +7,27 @@ from typing import Any
 
 import orjson
 
-from extproc.api import PATHS
+from extproc.api import MESSAGES, PATHS
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
           415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+
+# Anthropic's error types by status (its SDKs pick the exception class by status, the type says why).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def error_doc(api: str | None, status: int, payload: dict[str, Any]) -> dict[str, Any]:
+    """An error object (`payload` in the OpenAI shape) as the client's API writes errors."""
+    if api == MESSAGES:
+        return {"type": "error", "error": {"type": anthropic_type(status), "message": payload["message"]}}
+    return {"error": payload}
 
 
 class GatewayError(Exception):
@@ -29,8 +46,9 @@ class GatewayError(Exception):
     def payload(self) -> dict[str, Any]:
         return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
 
-    def body(self) -> bytes:
-        return orjson.dumps({"error": self.payload()})
+    def body(self, api: str | None = None) -> bytes:
+        """The error in the shape of the client's API (None: the OpenAI shape)."""
+        return orjson.dumps(error_doc(api, self.status, self.payload()))
 
 
 class BadUpstream(GatewayError):

@@ -10,11 +10,11 @@ if ! command -v redis-server >/dev/null; then  # real Redis for the shared-state
     || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q redis-server >/dev/null; }
 fi
 # npm packages, pinned, into .tools (without npm the tests that need them skip and say why): Codex CLI
-# for the agent-client tests; the Gateway API and Istio models and TypeScript, which validate
+# and Claude Code for the agent-client tests; the Gateway API and Istio models and TypeScript, which validate
 # deploy/gateways (tests/test_gateways.py).
 if command -v npm >/dev/null; then
   missing=()
-  for spec in @openai/codex@0.169.0 @kubernetes-models/gateway-api@2.0.0 @kubernetes-models/istio@3.0.1 typescript@5.9.3; do
+  for spec in @openai/codex@0.169.0 @anthropic-ai/claude-code@2.1.328 @kubernetes-models/gateway-api@2.0.0 @kubernetes-models/istio@3.0.1 typescript@5.9.3; do
     [ -f ".tools/node_modules/${spec%@*}/package.json" ] || missing+=("$spec")
   done
   if [ ${#missing[@]} -gt 0 ]; then

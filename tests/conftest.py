@@ -17,9 +17,10 @@ import pytest
 from extproc.local.stack import Stack, free_port, wait_for_port
 
 if TYPE_CHECKING:
+    import anthropic
     import openai
 
-    from .upstreams import ChatServer, ResponsesServer
+    from .upstreams import ChatServer, MessagesServer, ResponsesServer
 
 CONFIG = """
 listen: 127.0.0.1:{extproc_port}
@@ -40,6 +41,11 @@ backends:
     api: responses
     models: ["gpt-5.3-codex", "resp-*"]
     endpoints: ["{resp}"]
+  - name: claude
+    api: messages
+    models: ["claude-*"]
+    endpoints: ["{msgs}"]
+    api_key_env: ANTHROPIC_TEST_KEY
 model_rules:
   - match: "resp-notranslate"
     translate: false
@@ -47,6 +53,7 @@ model_rules:
     translate: false
 """
 API_KEY = "sk-test-upstream-secret"
+ANTHROPIC_KEY = "sk-ant-test-secret"
 
 
 @dataclass
@@ -56,38 +63,48 @@ class Gateway:
     resp: ResponsesServer
     stack: Stack
     admin: str
+    msgs: MessagesServer
 
     def client(self, **kw) -> openai.OpenAI:
         import openai
 
         return openai.OpenAI(base_url=self.url + "/v1", api_key="client-key", **{"max_retries": 0, "timeout": 30, **kw})
 
+    def anthropic(self, **kw) -> anthropic.Anthropic:
+        """The official Anthropic client, pointed at the gateway as ANTHROPIC_BASE_URL would."""
+        import anthropic
+
+        return anthropic.Anthropic(base_url=self.url, api_key="client-key", **{"max_retries": 0, "timeout": 30, **kw})
+
 
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    from .upstreams import ChatServer, ResponsesServer
+    from .upstreams import ChatServer, MessagesServer, ResponsesServer
 
-    chat, resp = ChatServer(), ResponsesServer()
+    chat, resp, msgs = ChatServer(), ResponsesServer(), MessagesServer(ANTHROPIC_KEY)
     extproc_port, port, admin = free_port(), free_port(), free_port()
     cfg = Path(tmp_path_factory.mktemp("gw")) / "config.yaml"
     admin_port = free_port()
-    cfg.write_text(CONFIG.format(extproc_port=extproc_port, chat=chat.address, resp=resp.address, admin_port=admin_port))
+    cfg.write_text(CONFIG.format(extproc_port=extproc_port, chat=chat.address, resp=resp.address, msgs=msgs.address,
+                                 admin_port=admin_port))
     stack = Stack()
     try:
-        sidecar = stack.start_sidecar(cfg, env={"VLLM_TEST_KEY": API_KEY})
+        sidecar = stack.start_sidecar(cfg, env={"VLLM_TEST_KEY": API_KEY, "ANTHROPIC_TEST_KEY": ANTHROPIC_KEY})
         wait_for_port(extproc_port, proc=sidecar)
         stack.start_envoy(port, admin, extproc_port)
-        yield Gateway(f"http://127.0.0.1:{port}", chat, resp, stack, f"http://127.0.0.1:{admin_port}")
+        yield Gateway(f"http://127.0.0.1:{port}", chat, resp, stack, f"http://127.0.0.1:{admin_port}", msgs)
     finally:
         stack.stop()
         chat.close()
         resp.close()
+        msgs.close()
 
 
 @pytest.fixture
 def gw(gateway: Gateway) -> Gateway:
     gateway.chat.reset()
     gateway.resp.reset()
+    gateway.msgs.reset()
     return gateway
 
 

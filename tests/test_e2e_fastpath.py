@@ -25,7 +25,7 @@ from extproc.routing.classify import Classifier
 from extproc.routing.compile import decide
 from extproc.routing.modes import Knowledge, Learned, parse_models
 
-from .upstreams import ChatServer, MixedServer, ResponsesServer
+from .upstreams import ChatServer, MessagesServer, MixedServer, ResponsesServer
 
 CONFIG = """
 listen: 127.0.0.1:{extproc}
@@ -43,6 +43,10 @@ backends:
     api: auto
     models: ["mix-*"]
     endpoints: ["{mixed}"]
+  - name: anth
+    api: messages
+    models: ["anth-*"]
+    endpoints: ["{anth}"]
 model_rules:
   - match: "llama-r*"
     mode: responses
@@ -97,9 +101,10 @@ class Fast:
 def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fast]:
     chat, resp = ChatServer(), ResponsesServer()
     mixed = MixedServer(responses_only={"mix-resp", "mix-learn-resp"}, chat_only={"mix-chat"}, models=MIXED_MODELS)
+    anth = MessagesServer()
     extproc, admin, port, envoy_admin = free_port(), free_port(), free_port(), free_port()
     render = {"extproc": extproc, "admin": admin, "chat": chat.address, "resp": resp.address,
-              "mixed": mixed.address, "moved_here": '"moved-1"', "moved_there": '"resp-only"'}
+              "mixed": mixed.address, "anth": anth.address, "moved_here": '"moved-1"', "moved_there": '"resp-only"'}
     cfg = Path(tmp_path_factory.mktemp("fast")) / "config.yaml"
     cfg.write_text(CONFIG.format(**render))
     stack = Stack()
@@ -109,10 +114,10 @@ def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fast]:
         wait_for_port(admin, proc=sidecar)
         stack.start_envoy(port, envoy_admin, extproc)  # ready only once the sidecar's routes arrived
         yield Fast(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", f"http://127.0.0.1:{envoy_admin}", cfg,
-                   render, stack, {"chat": chat, "resp": resp, "mixed": mixed})
+                   render, stack, {"chat": chat, "resp": resp, "mixed": mixed, "anth": anth})
     finally:
         stack.stop()
-        for server in (chat, resp, mixed):
+        for server in (chat, resp, mixed, anth):
             server.close()
 
 
@@ -147,6 +152,26 @@ def test_fast_path_skips_the_processor_and_still_counts_usage(fast):
     eventually(lambda: fast.metric("extproc_tokens_total", model="resp-*", kind="input") - resp_in == 22,
                "usage of two fast-path Responses answers counted")
     assert fast.metric("extproc_requests_total", model="llama-*", client_api="chat", backend="chat", outcome="ok") >= 2
+
+
+def test_messages_to_a_messages_backend_take_the_fast_path_and_count_usage(fast):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=fast.url, api_key="k", max_retries=0, timeout=30)
+    before = fast.processed()
+    tokens = {kind: fast.metric("extproc_tokens_total", model="anth-*", kind=kind) for kind in ("input", "output", "cached")}
+    out = client.messages.create(model="anth-1", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+    assert out.content[0].text == "echo: hi"
+    with client.messages.stream(model="anth-1", max_tokens=16, messages=[{"role": "user", "content": "yo"}]) as s:
+        assert s.get_final_message().content[0].text == "echo: yo"
+    assert fast.processed() == before  # never asked
+    # The Anthropic test upstream reports 8 uncached + 3 cached input tokens and 7 output per answer:
+    # counted as OpenAI counts them, 11 input of which 3 cached.
+    want = {"input": 22, "output": 14, "cached": 6}
+    eventually(lambda: {k: fast.metric("extproc_tokens_total", model="anth-*", kind=k) - v for k, v in tokens.items()}
+               == want, "usage of two fast-path Messages answers counted")
+    assert _path_of(fast, lambda: fast.client().chat.completions.create(
+        model="anth-1", messages=[{"role": "user", "content": "a"}])) == "processor"  # translated
 
 
 def test_state_translation_and_uncountable_streams_keep_the_processor(fast):

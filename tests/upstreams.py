@@ -6,6 +6,9 @@
   /v1/chat/completions, 400 on `messages` or any field the Responses API does not define. Stateful
   like a vLLM instance: it only knows the response ids it produced itself (404 otherwise), for
   `previous_response_id` and GET/DELETE/cancel/input_items.
+- `MessagesServer`: an Anthropic-compatible server. 404 on every path but /v1/messages, 400 in
+  Anthropic's error shape on unknown fields, turns that do not alternate, tool results that answer
+  no earlier tool_use, and thinking blocks without a signature it made; `x-api-key` checked.
 
 Each reply is taken from `script` (a queue of `Reply`), else an echo of the last user text.
 """
@@ -730,3 +733,170 @@ class AzureServer(HostedServer):
         names_deployment = path.startswith("/openai/deployments/")
         model = body.get("model") if isinstance(body, dict) else None
         return None if names_deployment or model in self.deployments else (404, DEPLOYMENT_NOT_FOUND)
+
+
+MESSAGES_FIELDS = {
+    "model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream", "temperature", "top_p",
+    "top_k", "tools", "tool_choice", "thinking", "service_tier", "container", "mcp_servers", "context_management",
+    "output_config", "cache_control", "inference_geo", "speed",
+}
+_BLOCKS = {"user": {"text", "image", "tool_result", "document"},
+           "assistant": {"text", "tool_use", "thinking", "redacted_thinking"}}
+MESSAGES_USAGE = {"input_tokens": 8, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 3, "output_tokens": 7}
+
+
+def _anthropic_err(status: int, kind: str, message: str) -> tuple[int, dict[str, Any]]:
+    return status, {"type": "error", "error": {"type": kind, "message": message}}
+
+
+class _MessagesHandler(_Handler):
+    """Anthropic's API as a Claude-compatible server answers it: /v1/messages only, `anthropic-version`
+    required, unknown fields and malformed turns refused in Anthropic's error shape."""
+
+    upstream: MessagesServer
+
+    def do_GET(self) -> None:
+        self.send_json(*_anthropic_err(404, "not_found_error", f"Not found: {self.path}"))
+
+    def do_POST(self) -> None:
+        body = self.read_json()
+        self.upstream.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
+                                       "raw": self.raw_body})
+        if self.path == "/v1/messages/count_tokens":
+            extra = set(body) - {"model", "messages", "system", "tools", "tool_choice", "thinking", "output_config"}
+            if extra:
+                self.send_json(*_anthropic_err(400, "invalid_request_error", f"{sorted(extra)[0]}: Extra inputs are not permitted"))
+            else:
+                self.send_json(200, {"input_tokens": 42})
+            return
+        if self.path != "/v1/messages":
+            self.send_json(*_anthropic_err(404, "not_found_error", f"Not found: {self.path}"))
+            return
+        if not self.headers.get("anthropic-version"):
+            self.send_json(*_anthropic_err(400, "invalid_request_error", "anthropic-version: header is required"))
+            return
+        key = self.upstream.api_key
+        if key is not None and self.headers.get("x-api-key") != key:
+            self.send_json(*_anthropic_err(401, "authentication_error", "invalid x-api-key"))
+            return
+        problem = self.check(body)
+        if problem:
+            self.send_json(*_anthropic_err(400, "invalid_request_error", problem))
+            return
+        last = body["messages"][-1]["content"]
+        reply = self.reply_for(last if isinstance(last, str) else json.dumps(last))
+        if reply.error:
+            self.send_json(*reply.error)
+            return
+        if self.send_broken(reply, bool(body.get("stream"))):
+            return
+        message = self.message(body, reply)
+        if body.get("stream"):
+            self.stream(message, reply)
+        else:
+            self.send_json(200, message)
+
+    @staticmethod
+    def check(body: Any) -> str | None:
+        if not isinstance(body, dict):
+            return "body: expected an object"
+        extra = set(body) - MESSAGES_FIELDS
+        if extra:
+            return f"{sorted(extra)[0]}: Extra inputs are not permitted"
+        if not isinstance(body.get("max_tokens"), int):
+            return "max_tokens: Field required"
+        thinking = body.get("thinking") or {}
+        if thinking.get("type") == "enabled" and not thinking.get("budget_tokens", 0) < body["max_tokens"]:
+            return "`max_tokens` must be greater than `thinking.budget_tokens`"
+        if thinking.get("type") == "enabled" and (body.get("tool_choice") or {}).get("type") in ("any", "tool"):
+            return "Thinking may not be enabled when tool_choice forces tool use."
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return "messages: at least one message is required"
+        uses: set[str] = set()
+        for i, m in enumerate(messages):
+            role = m.get("role")
+            if role not in _BLOCKS:
+                return f"messages.{i}.role: Input should be 'user' or 'assistant'"
+            if i and messages[i - 1].get("role") == role:
+                return f"messages.{i}: roles must alternate between 'user' and 'assistant'"
+            content = m.get("content")
+            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not isinstance(blocks, list) or not blocks:
+                return f"messages.{i}.content: expected a string or a non-empty list"
+            for j, b in enumerate(blocks):
+                if b.get("type") not in _BLOCKS[role]:
+                    return f"messages.{i}.content.{j}.type: {b.get('type')!r} is not valid in a {role} message"
+                if b["type"] == "tool_use":
+                    if not isinstance(b.get("input"), dict):
+                        return f"messages.{i}.content.{j}.input: expected an object"
+                    uses.add(b["id"])
+                if b["type"] == "tool_result" and b.get("tool_use_id") not in uses:
+                    return f"messages.{i}.content.{j}: unexpected `tool_use_id` found in `tool_result` blocks"
+                if b["type"] == "thinking" and not str(b.get("signature", "")).startswith("sig-"):
+                    return f"messages.{i}.content.{j}.signature: Invalid `signature` in `thinking` block"
+        last_assistant = next((m for m in reversed(messages) if m["role"] == "assistant"), None)
+        in_tool_loop = last_assistant is not None and messages[-1]["role"] == "user" and any(
+            isinstance(b, dict) and b.get("type") == "tool_result" for b in messages[-1]["content"])
+        if thinking.get("type") == "enabled" and in_tool_loop and not (
+                isinstance(last_assistant["content"], list)
+                and last_assistant["content"][0].get("type") in ("thinking", "redacted_thinking")):
+            return ("Expected thinking or redacted_thinking, but found tool_use. When thinking is enabled, a final "
+                    "assistant message must start with a thinking block. To avoid this requirement, disable thinking.")
+        return None
+
+    def message(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        if reply.reasoning:
+            content.append({"type": "thinking", "thinking": reply.reasoning, "signature": "sig-" + uuid.uuid4().hex})
+        if reply.text:
+            content.append({"type": "text", "text": reply.text})
+        content += [{"type": "tool_use", "id": f"toolu_{i}_{uuid.uuid4().hex[:6]}", "name": n, "input": json.loads(a)}
+                    for i, (n, a) in enumerate(reply.calls)]
+        stop = "tool_use" if reply.calls else {"length": "max_tokens", "content_filter": "refusal"}.get(reply.finish,
+                                                                                                       "end_turn")
+        return {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "model": body["model"],
+                "content": content, "stop_reason": stop, "stop_sequence": None,
+                "usage": dict(MESSAGES_USAGE) if reply.usage else {"input_tokens": 0, "output_tokens": 0}}
+
+    def stream(self, message: dict[str, Any], reply: Reply) -> None:
+        self.start_sse()
+
+        def send(kind: str, **fields: Any) -> None:
+            self.send_chunk(f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n".encode())
+
+        send("message_start", message={**message, "content": [], "stop_reason": None,
+                                       "usage": {**message["usage"], "output_tokens": 1}})
+        send("ping")
+        for i, block in enumerate(message["content"]):
+            kind = block["type"]
+            empty = {"tool_use": {**block, "input": {}}, "text": {"type": "text", "text": ""},
+                     "thinking": {"type": "thinking", "thinking": "", "signature": ""}}[kind]
+            send("content_block_start", index=i, content_block=empty)
+            if kind == "tool_use":
+                deltas = [{"type": "input_json_delta", "partial_json": p} for p in _pieces(json.dumps(block["input"]))]
+            elif kind == "thinking":
+                deltas = [{"type": "thinking_delta", "thinking": p} for p in _pieces(block["thinking"])]
+                deltas.append({"type": "signature_delta", "signature": block["signature"]})
+            else:
+                deltas = [{"type": "text_delta", "text": p} for p in _pieces(block["text"], reply.pieces)]
+            for delta in deltas:
+                send("content_block_delta", index=i, delta=delta)
+            send("content_block_stop", index=i)
+        if reply.cut:
+            self.stop(reply)
+            return
+        send("message_delta", delta={"stop_reason": message["stop_reason"], "stop_sequence": None},
+             usage=message["usage"])
+        send("message_stop")
+        self.end_chunks()
+
+
+class MessagesServer(_Server):
+    """An Anthropic-compatible server (hosted Claude): answers /v1/messages only."""
+
+    handler = _MessagesHandler
+
+    def __init__(self, api_key: str | None = None) -> None:
+        self.api_key = api_key
+        super().__init__()

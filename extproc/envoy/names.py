@@ -9,7 +9,10 @@ data; tests/unit/test_envoy_names.py checks it does, and `extproc envoy-rules` p
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from extproc.api import PATHS
 
 # Headers the sidecar sets for Envoy's route table; client-sent copies are always removed.
 H_BACKEND = "x-gateway-backend"
@@ -25,6 +28,9 @@ TENANT_HEADER = "x-gateway-tenant"  # the header tenancy.header conventionally n
 MODE_HEADER = "x-gateway-model-mode"  # a client's per-request mode override, when discovery.allow_mode_header
 # Headers that place a session on one instance: the processor's ring and the fast path's hash policy.
 SESSION_HEADERS = ("session-id", "x-session-id", "conversation-id", "thread-id")
+
+# The API paths (query string allowed) whose JSON bodies json_to_metadata reads; every other path skips it.
+API_PATH_REGEX = "/v1/(" + "|".join(re.escape(p.removeprefix("/v1/")) for p in PATHS.values()) + r")(\?.*)?"
 
 NAMESPACE = "llm_gateway"  # dynamic metadata: Envoy's filters write it, the processor too (metadata_options)
 
@@ -45,6 +51,7 @@ class Key:
     OUTPUT_TOKENS = "output_tokens"
     CACHED_TOKENS = "cached_tokens"
     REASONING_TOKENS = "reasoning_tokens"
+    CACHE_WRITE_TOKENS = "cache_creation_tokens"  # Anthropic's cache writes: input it counts apart
     USAGE_ESTIMATED = "usage_estimated"  # the processor's, like the three below
     CLIENT_API = "client_api"
     UPSTREAM_API = "upstream_api"
@@ -76,6 +83,14 @@ RESPONSES_USAGE: tuple[tuple[Path, str], ...] = (
     (("input_tokens_details", "cached_tokens"), Key.CACHED_TOKENS),
     (("output_tokens_details", "reasoning_tokens"), Key.REASONING_TOKENS),
 )
+# Anthropic's Messages: cached input (read and written) apart from input_tokens (the access-log service
+# adds it back, as OpenAI counts input).
+MESSAGES_USAGE: tuple[tuple[Path, str], ...] = (
+    (("input_tokens",), Key.INPUT_TOKENS),
+    (("output_tokens",), Key.OUTPUT_TOKENS),
+    (("cache_read_input_tokens",), Key.CACHED_TOKENS),
+    (("cache_creation_input_tokens",), Key.CACHE_WRITE_TOKENS),
+)
 JSON_CONTENT_TYPES = "application/json(;.*)?"
 MAX_SSE_EVENT_BYTES = 8 * 1024 * 1024
 
@@ -87,8 +102,8 @@ def _rule(path: Path, key: str, kind: str) -> dict[str, Any]:
 
 def json_to_metadata_rules() -> dict[str, Any]:
     """`request_rules` and `response_rules` of deploy/envoy.yaml's json_to_metadata filter: the request
-    fields the routes match on, and a JSON answer's `usage` (either API's naming) for the access log."""
-    usage = [*CHAT_USAGE, *RESPONSES_USAGE]
+    fields the routes match on, and a JSON answer's `usage` (any API's naming) for the access log."""
+    usage = list(dict.fromkeys((*CHAT_USAGE, *RESPONSES_USAGE, *MESSAGES_USAGE)))  # Messages shares two
     return {
         "request_rules": {"allow_content_types_regex": {"regex": JSON_CONTENT_TYPES},
                           "rules": [_rule(path, key, "PROTOBUF_VALUE") for path, key in REQUEST_FIELDS]},
@@ -99,9 +114,12 @@ def json_to_metadata_rules() -> dict[str, Any]:
 
 def sse_to_metadata_rules() -> dict[str, Any]:
     """`response_rules` of deploy/envoy.yaml's sse_to_metadata filter: a stream's usage, in the last chat
-    chunk's `usage` or the Responses `response.completed` event's `response.usage`."""
+    chunk's `usage`, the Responses `response.completed` event's `response.usage`, or Anthropic's
+    `message_start` (`message.usage`) and `message_delta` (`usage`, the later counts)."""
     rules = [*((("usage", *path), key) for path, key in CHAT_USAGE),
-             *((("response", "usage", *path), key) for path, key in RESPONSES_USAGE)]
+             *((("response", "usage", *path), key) for path, key in RESPONSES_USAGE),
+             *((("message", "usage", *path), key) for path, key in MESSAGES_USAGE),
+             *((("usage", *path), key) for path, key in MESSAGES_USAGE)]
     return {"max_event_size": MAX_SSE_EVENT_BYTES, "content_parser": {
         "name": "envoy.content_parsers.json",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser",

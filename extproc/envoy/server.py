@@ -24,6 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extproc.api import api_of
 from extproc.config import ListenTLS, load_config
 from extproc.envoy import xds
 from extproc.envoy.names import FIRST_CONTACT_ROLE, NAMESPACE, ROLE_METADATA
@@ -141,11 +142,11 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
             if e.status >= 500:
                 log.warning("%s %s model=%s: %s", ex.method, ex.path, ex.model, e.message)
             ex.failure = e
-            return error_action(e)
+            return error_action(e, api_of(ex.path))
         except Exception:
             log.exception("%s %s model=%s: internal error in %s", ex.method, ex.path, ex.model, kind)
             ex.failure = GatewayError(500, "internal error in the gateway sidecar", code="gateway_error")
-            return error_action(ex.failure)
+            return error_action(ex.failure, api_of(ex.path))
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse]) -> None:

@@ -29,13 +29,15 @@ class Action:
 Step = Action | Lookup[Action]
 
 
-def error_action(err: GatewayError) -> Action:
-    return Action(immediate=(err.status, err.body(), "application/json"), set_headers=list(err.headers), done=True)
+def error_action(err: GatewayError, api: str | None = None) -> Action:
+    """The sidecar's own answer with an error, in the shape of the client's API."""
+    return Action(immediate=(err.status, err.body(api), "application/json"), set_headers=list(err.headers), done=True)
 
 
-def answer(status: int, body: bytes, writes: Writes | None = None) -> Action:
+def answer(status: int, body: bytes, writes: Writes | None = None, headers: tuple[tuple[str, str], ...] = ()) -> Action:
     """The sidecar answers the request itself (JSON)."""
-    return Action(immediate=(status, body, "application/json"), writes=writes or [], done=True)
+    return Action(immediate=(status, body, "application/json"), set_headers=list(headers), writes=writes or [],
+                  done=True)
 
 
 def new_body(body: bytes, **kw: object) -> Action:

@@ -20,8 +20,9 @@ from extproc.state.records import RESOURCE_RE
 from extproc.translate import compact
 
 INPUT_TOKENS = "/v1/responses/input_tokens"  # token counting: to the model's backend when it speaks Responses
+COUNT_TOKENS = "/v1/messages/count_tokens"  # Anthropic's: to a Messages backend, else estimated by the sidecar
 _RESOURCE_METHODS = {"": ("GET", "DELETE"), "/cancel": ("POST",), "/input_items": ("GET",)}
-_WITH_BODY = (*API_OF_PATH, compact.PATH, INPUT_TOKENS)  # POSTs that are API calls: a JSON body is required
+_WITH_BODY = (*API_OF_PATH, compact.PATH, INPUT_TOKENS, COUNT_TOKENS)  # POSTs that are API calls: a JSON body is required
 _FIXED = {**{path: ("POST",) for path in _WITH_BODY}, "/v1/models": ("GET",)}
 
 
@@ -36,7 +37,7 @@ def allowed_methods(path: str) -> tuple[str, ...] | None:
 
 # A lenient reading of a path that names one of the sidecar's: under any prefix (`/responses`,
 # `/openai/v1/responses/...`: servers that serve both spellings, or mount the API elsewhere).
-_READS_AS_OURS = re.compile(r"(?:^|/)(?:responses(?:/.*)?|chat/completions|models)$")
+_READS_AS_OURS = re.compile(r"(?:^|/)(?:responses(?:/.*)?|chat/completions|models)$|(?:^|/)v1/messages(?:/.*)?$")
 
 
 def _reads_as_ours(bare: str) -> bool:

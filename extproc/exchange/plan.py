@@ -84,7 +84,10 @@ class Plan:
 
     def notes(self) -> list[tuple[str, str]]:
         """Response headers that tell the client what translation changed."""
-        return [("x-gateway-dropped-tools", ",".join(self.dropped_tools))] if self.dropped_tools else []
+        notes = [("x-gateway-dropped-tools", ",".join(self.dropped_tools))] if self.dropped_tools else []
+        if self.pair is not None and self.pair.dropped_fields:  # fields the upstream API has no place for
+            notes.append(("x-gateway-dropped-fields", ",".join(self.pair.dropped_fields)))
+        return notes
 
     def learned_ttl(self, writes: Writes) -> int | None:
         """The TTL of learned-fact writes (None: no such writes, the store's default)."""

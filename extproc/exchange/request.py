@@ -2,12 +2,13 @@
 
 Each path has one handler, picked from a table (`handler_for`): a POST of an API family (`ApiCall`
 for every path in `api.PATHS`, `ResponsesCall` for `/v1/responses`, and its `Compact` and
-`CountTokens` calls), a `/v1/responses/{id}` `Resource`, `ModelList`, and `PassOn` for anything
-else. A handler is straight-line code: where it needs the store it yields its reads (`Reads`, see
-`state.lookup`) and goes on with the values. Order of decisions for an API call: the body (media
-type, one strict parse, `model`), the model's backend and API (learned facts may need a store read),
-then state (`previous_response_id`, in `state.pinning`), and last the `Plan`, with the rewrite and
-routing headers for Envoy.
+`CountTokens` calls; `MessagesCount` for Anthropic's `/v1/messages/count_tokens`), a
+`/v1/responses/{id}` `Resource`, `ModelList`, and `PassOn` for anything else. A handler is
+straight-line code: where it needs the store it yields its reads (`Reads`, see `state.lookup`) and
+goes on with the values. Order of decisions for an API call: the body (media type, one strict parse,
+`model`), the model's backend and API (learned facts may need a store read), then state
+(`previous_response_id`, in `state.pinning`), and last the `Plan`, with the rewrite and routing
+headers for Envoy.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ from typing import Any, Protocol
 
 import orjson
 
-from extproc.api import API_OF_PATH, AUTO, BOTH, PATHS, RESPONSES
+from extproc.api import API_OF_PATH, AUTO, BOTH, MESSAGES, PATHS, RESPONSES
 from extproc.config import Backend
 from extproc.envoy.names import H_FIRST_CONTACT, MODE_HEADER, ROUTING_HEADERS
 from extproc.errors import GatewayError, invalid
 from extproc.exchange.actions import Action, answer
 from extproc.exchange.body import check_json_request, is_json, parse_body
 from extproc.exchange.first_contact import mark
-from extproc.exchange.paths import INPUT_TOKENS, check_request_line
+from extproc.exchange.paths import COUNT_TOKENS, INPUT_TOKENS, check_request_line
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
 from extproc.routing.classify import Resolution
 from extproc.routing.gateway import Gateway, Target, placement_key
@@ -40,6 +41,7 @@ from extproc.state import records as rec
 from extproc.state.lookup import Decision, Reads
 from extproc.state.pinning import Answered, Continuation, Pinning
 from extproc.translate import compact
+from extproc.translate.messages import ESTIMATED_HEADER, estimated_input_tokens
 from extproc.translate.pairs import TranslatorPair, pair_for
 
 log = logging.getLogger("extproc")
@@ -245,11 +247,33 @@ class CountTokens(ResponsesCall):
         return RESPONSES
 
 
+class MessagesCount(ApiCall):
+    """Anthropic's `POST /v1/messages/count_tokens`: counted by a Messages backend as it is; for a model on
+    another API the sidecar's estimate answers, marked (Need.ESTIMATE_COUNT), once the request is checked."""
+
+    call = Call.COUNT
+
+    def __init__(self) -> None:
+        super().__init__(MESSAGES)
+
+    def translator(self, side: RequestSide, body: dict[str, Any], model: str, res: Resolution,
+                   upstream_api: str) -> TranslatorPair | None:
+        return None  # counted on the model's own API, or estimated
+
+    def send(self, side: RequestSide, call: Resolved) -> Handled:
+        plan = call.plan(side, side.target_for(call.res, call.body))
+        if Need.ESTIMATE_COUNT in plan.needs:
+            count = orjson.dumps({"input_tokens": estimated_input_tokens(call.body)})
+            return answer(200, count, headers=((ESTIMATED_HEADER, "true"),))
+        return side.route(plan)
+
+
 # The paths with a handler of their own (checked before the `/v1/responses/{id}` pattern, which
 # `compact` and `input_tokens` also match); a family added to `api.PATHS` gets an `ApiCall`.
 _HANDLERS: dict[str, PathHandler] = {**{path: ApiCall(api) for path, api in API_OF_PATH.items()},
                                      PATHS[RESPONSES]: ResponsesCall(), compact.PATH: Compact(),
-                                     INPUT_TOKENS: CountTokens(), "/v1/models": ModelList()}
+                                     INPUT_TOKENS: CountTokens(), COUNT_TOKENS: MessagesCount(),
+                                     "/v1/models": ModelList()}
 _RESOURCE, _PASS_ON = Resource(), PassOn()
 
 
@@ -353,9 +377,11 @@ class RequestSide:
         if (unserved := target.backend.unserved()) is not None:  # a missing key or no instances yet
             raise GatewayError(503, unserved.message, code=unserved.code)
         path = self.path
-        if plan.pair is not None:
-            path = PATHS[plan.pair.upstream_api] + ("?" + self.query if "?" in self.path else "")
-        headers = target.headers()
+        if plan.pair is not None:  # Anthropic's query (`?beta=true`) means nothing to another API, nor theirs to it
+            keep_query = "?" in self.path and MESSAGES not in (plan.pair.client_api, plan.pair.upstream_api)
+            path = PATHS[plan.pair.upstream_api] + ("?" + self.query if keep_query else "")
+        up = plan.upstream_api  # each API's key header (and Anthropic's version), the client's key moved to it
+        headers = target.headers(up) + target.client_credentials(self.headers, plan.client_api, up)
         headers += mark(plan)
         check_key_path(target.backend, self.method, path)  # the key only where it belongs (routing/key_paths.py)
         path = upstream_path(target.backend, path, plan.model)  # its prefix, or a provider's own shape
@@ -363,6 +389,7 @@ class RequestSide:
         if path != self.path:
             headers.append((":path", path))
         remove = tuple(h for h in (*ROUTING_HEADERS, H_FIRST_CONTACT, MODE_HEADER) if h not in {k for k, _ in headers})
+        remove += target.foreign_credentials(up)  # the client's credential in the header the key does not go in
         raw = None
         if body is not None:
             raw = orjson.dumps(body)

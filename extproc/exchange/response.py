@@ -32,7 +32,7 @@ import orjson
 
 from extproc.api import PATHS
 from extproc.envoy.names import LEARNABLE_STATUSES
-from extproc.errors import GatewayError, bad_upstream, upstream_error_payload, usable_status
+from extproc.errors import GatewayError, bad_upstream, error_doc, upstream_error_payload, usable_status
 from extproc.exchange.actions import BUFFERED, STREAMED, Action, Writes, new_body
 from extproc.exchange.first_contact import retried_as
 from extproc.exchange.plan import Plan
@@ -154,7 +154,8 @@ class TranslateBuffered(Translated):
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
         data = self.decoder.decode(chunk, end_of_stream)
         if not 200 <= self.status < 300:
-            return new_body(orjson.dumps({"error": upstream_error_payload(self.status, scrub(data, self.plan))}))
+            payload = upstream_error_payload(self.status, scrub(data, self.plan))
+            return new_body(orjson.dumps(error_doc(self.plan.client_api, self.status, payload)))
         doc, answer = self._translate(data)
         self.outcome.account(self.plan, self.status, usage_of(doc), lambda: text_bytes(data))
         return new_body(orjson.dumps(answer.body), writes=self.plan.keep_turn(answer.response))
@@ -265,7 +266,7 @@ class ScrubKey(Buffered):
             withheld = GatewayError(self.status, f"the upstream's error, in content-encoding {self.encoding!r}, "
                                                  "is withheld: the gateway cannot read it to remove its own key",
                                     code="upstream_error_withheld")
-            return new_body(withheld.body(), remove_headers=("content-encoding",))
+            return new_body(withheld.body(self.plan.client_api), remove_headers=("content-encoding",))
         clean = scrub(plain, self.plan)
         return new_body(clean, remove_headers=("content-encoding",)) if clean != plain else Action(done=True)
 

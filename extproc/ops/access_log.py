@@ -16,6 +16,7 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from extproc.api import MESSAGES
 from extproc.envoy.names import NAMESPACE, Key
 from extproc.envoy.xds import LongStreams
 from extproc.ops.metrics import Metrics
@@ -38,16 +39,21 @@ def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: 
     model = label_for(fields[Key.MODEL].string_value if Key.MODEL in fields else None)
     status = entry.response.response_code.value
     metrics.requests.inc(client_api, client_api, backend, model, status_outcome(status))
+    counts = {key: int(fields[key].number_value) for key in (*(k for _, k in TOKEN_KINDS), Key.CACHE_WRITE_TOKENS)
+              if key in fields}
+    if client_api == MESSAGES:  # Anthropic counts cached input apart from input_tokens; OpenAI within
+        counts[Key.INPUT_TOKENS] = counts.get(Key.INPUT_TOKENS, 0) + counts.get(Key.CACHED_TOKENS, 0) + \
+            counts.pop(Key.CACHE_WRITE_TOKENS, 0)
     for kind_label, key in TOKEN_KINDS:
-        if key in fields and (n := int(fields[key].number_value)) > 0:
+        if (n := counts.get(key, 0)) > 0:
             metrics.tokens.inc(model, backend, kind_label, "false", by=n)
     # The GenAI metrics, as record._genai has them (Envoy saw every answer to its end; no stream timing).
     labels = (OPERATION, backend, model)
     took = common.time_to_last_downstream_tx_byte
     metrics.request_duration.observe(took.seconds + took.nanos / 1e9, *labels, "" if 200 <= status < 300 else str(status))
     for kind_label, key in TOKEN_KINDS[:2]:
-        if key in fields:
-            metrics.token_usage.observe(int(fields[key].number_value), *labels, kind_label)
+        if key in counts:
+            metrics.token_usage.observe(counts[key], *labels, kind_label)
 
 
 class AccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  # generated base, no stubs

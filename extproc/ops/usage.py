@@ -47,10 +47,14 @@ def _detail(u: dict[str, Any], details: str, key: str) -> int:
 
 
 def parse_usage(u: Any) -> Usage | None:
-    """Chat (`prompt_tokens`...) or Responses (`input_tokens`...) usage; a value of the wrong type
+    """Chat (`prompt_tokens`...), Responses (`input_tokens`...) or Messages usage; a value of the wrong type
     counts as none (an answer passed through is the upstream's, and is never failed for it)."""
     if not isinstance(u, dict):
         return None
+    if "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u:  # Anthropic: cached input apart
+        cached = _int(u.get("cache_read_input_tokens"))
+        return Usage(_int(u.get("input_tokens")) + _int(u.get("cache_creation_input_tokens")) + cached,
+                     _int(u.get("output_tokens")), cached)
     if "input_tokens" in u or "output_tokens" in u:
         return Usage(_int(u.get("input_tokens")), _int(u.get("output_tokens")),
                      _detail(u, "input_tokens_details", "cached_tokens"),

@@ -15,4 +15,5 @@ CATALOGUE: tuple[tuple[str, str], ...] = (
     ("gpt-4o-mini-audio-preview*", "chat"),
     ("gpt-4o-search-preview*", "chat"),
     ("gpt-4o-mini-search-preview*", "chat"),
+    ("claude-*", "messages"),  # Anthropic's models, on a backend of unknown API (classify: `auto` ones only)
 )

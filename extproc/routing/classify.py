@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from extproc.api import API_MODES, AUTO, BOTH
+from extproc.api import API_MODES, AUTO, BOTH, CHAT, MESSAGES
 from extproc.config import Backend, Config, ModelRule
 from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.modes import Knowledge, Learned
@@ -26,7 +26,10 @@ class Resolution:
     learning: bool = False  # only the backend's declaration decided: watch the answer to learn
 
     def upstream_api(self, client_api: str) -> str | None:
-        """The client's own API when the model speaks it, else the other one; None when not allowed."""
+        """The client's own API when the model speaks it, else the other one; None when not allowed. A
+        Messages client reaches a model of either OpenAI API (or of unknown API) on Chat Completions."""
+        if client_api == MESSAGES and self.mode in (BOTH, AUTO):
+            return CHAT if self.translate else None
         if self.mode in (BOTH, AUTO, client_api):
             return client_api
         return self.mode if self.translate else None
@@ -96,7 +99,8 @@ def combine(backend: Backend, rule_hit: tuple[int, ModelRule] | None, catalogue_
     mode, source = backend.api, f"backend {backend.name} api"
     open_api = backend.api in (AUTO, BOTH)
     if open_api:
-        if catalogue_hit is not None:
+        # A Claude name says Messages only of a backend nobody described: one declared `both` speaks OpenAI's.
+        if catalogue_hit is not None and (catalogue_hit[1] != MESSAGES or backend.api == AUTO):
             mode, source = catalogue_hit[1], f"built-in catalogue {catalogue_hit[0]!r}"
         if discovered is not None:
             mode, source = discovered, f"backend {backend.name} /v1/models"

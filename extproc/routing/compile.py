@@ -30,7 +30,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
-from extproc.api import AUTO, BOTH, CHAT, PATHS, RESPONSES
+from extproc.api import AUTO, BOTH, PATHS, RESPONSES
 from extproc.config import Backend, Config
 from extproc.envoy.names import (
     H_BACKEND,
@@ -362,7 +362,7 @@ def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str
     surveys = _Surveys(config)
     first, last = processor_routes(config)
     middle: list[rc.Route] = []
-    for client_api in (CHAT, RESPONSES):
+    for client_api in PATHS:  # every client API family
         # by fast-path backend and conditions (None: processor); names never overlap
         groups: dict[tuple[Backend, When] | None, list[str]] = {}
         for name in exact_names(config, knowledge, learned):

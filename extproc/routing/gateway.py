@@ -11,12 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.api import AUTO, BOTH, RESPONSES
+from extproc.api import AUTO, BOTH, MESSAGES, RESPONSES
 from extproc.config import Backend, Config
 from extproc.envoy.names import H_BACKEND, H_CLUSTER, H_ENDPOINT, SESSION_HEADERS
 from extproc.routing.classify import Classifier
 from extproc.routing.modes import Knowledge
-from extproc.routing.providers import credential_header, envoy_holds_key
+from extproc.routing.providers import ANTHROPIC_VERSION, credential_header, envoy_holds_key
 from extproc.routing.ring import HashRing
 from extproc.state.tenancy import Tenants
 from extproc.translate.compact import Sealer, derive_key
@@ -33,16 +33,49 @@ class Target:
     backend: Backend
     endpoint: str | None  # ip:port for endpoint backends, None for Envoy-cluster backends
 
-    def headers(self) -> list[tuple[str, str]]:
-        """Routing headers for this target (the caller removes the others)."""
+    def speaks_messages(self, api: str | None) -> bool:
+        """Whether the request goes out on Anthropic's API: `api` is the request's upstream API (a model
+        of an `auto` backend may be a Messages one), else the backend's declared one."""
+        return (api or self.backend.api) == MESSAGES
+
+    def headers(self, api: str | None = None) -> list[tuple[str, str]]:
+        """Routing headers for this target (the caller removes the others), with the backend's key in the
+        header the request's upstream API (`api`) reads it from."""
         out = [(H_BACKEND, self.backend.name)]
         if self.endpoint is not None:
             out.append((H_ENDPOINT, self.endpoint))
         else:
             out.append((H_CLUSTER, backend_cluster(self.backend)))
-        if not envoy_holds_key(self.backend) and (credential := credential_header(self.backend)) is not None:
+        if self.speaks_messages(api):  # Anthropic's version header (the only version there is)
+            out.append(("anthropic-version", ANTHROPIC_VERSION))
+        if not envoy_holds_key(self.backend) and (credential := credential_header(self.backend, api)) is not None:
             out.append(credential)
         return out
+
+    def client_credentials(self, client: dict[str, str], client_api: str | None,
+                           api: str | None = None) -> list[tuple[str, str]]:
+        """A backend the sidecar holds no key for gets the client's key in the header its API reads it
+        from, when the client speaks the other family: an OpenAI client's bearer token as a Messages
+        backend's `x-api-key`, an Anthropic client's `x-api-key` as an OpenAI backend's bearer token."""
+        messages = self.speaks_messages(api)
+        if self.backend.api_key or client_api is None or (client_api == MESSAGES) == messages:
+            return []
+        scheme, _, token = client.get("authorization", "").partition(" ")
+        if messages and "x-api-key" not in client and scheme.lower() == "bearer" and token:
+            return [("x-api-key", token.strip())]
+        key = client.get("x-api-key", "")
+        if not messages and "authorization" not in client and key:
+            return [("authorization", "Bearer " + key)]
+        return []
+
+    def foreign_credentials(self, api: str | None = None) -> tuple[str, ...]:
+        """The client's credential headers that must not reach a backend the processor adds the key for:
+        the ones its own key is not sent in (a Messages backend takes `x-api-key`, the others `authorization`;
+        Envoy removes both for the `url:` backends whose key it holds)."""
+        credential = None if envoy_holds_key(self.backend) else credential_header(self.backend, api)
+        if credential is None:
+            return ()
+        return tuple(h for h in ("authorization", "x-api-key") if h != credential[0])
 
 
 def placement_key(body: dict[str, Any], headers: dict[str, str]) -> str:

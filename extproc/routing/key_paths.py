@@ -3,7 +3,8 @@
 A backend with `api_key_env` gets the gateway's key, and for a hosted provider that key may be an
 organisation's admin key: files, batches, users, stored completions, conversations. So the key goes
 only to the paths of the backend's API family that the sidecar routes (`/v1/chat/completions` for a
-chat backend; `/v1/responses` and its resources for a Responses backend; both for `both` and `auto`;
+chat backend; `/v1/responses` and its resources for a Responses backend; both for `both`; `/v1/messages` and its
+`count_tokens` for a Messages backend; all three for `auto`, whose Claude models speak Messages;
 `/v1/models` for all), plus the `key_paths` the operator lists for the backend (`/v1/embeddings`, or
 `/v1/files/*` for everything below `/v1/files`). Any other path to a keyed backend is a 404 in the
 OpenAI shape and never reaches the upstream. A backend without a key gets the client's own
@@ -16,7 +17,7 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
-from extproc.api import AUTO, BOTH, CHAT, PATHS, RESPONSES
+from extproc.api import AUTO, BOTH, CHAT, MESSAGES, PATHS, RESPONSES
 from extproc.errors import GatewayError
 
 if TYPE_CHECKING:  # the config validates key_paths with this module
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # the config validates key_paths with this module
 log = logging.getLogger("extproc")
 
 _RESPONSES_PATHS = (PATHS[RESPONSES], PATHS[RESPONSES] + "/*")  # compact, input_tokens, {id}, {id}/cancel ...
+_MESSAGES_PATHS = (PATHS[MESSAGES], PATHS[MESSAGES] + "/*")  # count_tokens
 _MODELS = ("/v1/models",)
 _SEGMENT = re.compile(r"^[A-Za-z0-9._~-]+$")
 
@@ -33,7 +35,8 @@ def api_paths(backend: Backend) -> tuple[str, ...]:
     """The paths of the backend's API family the sidecar routes."""
     chat = (PATHS[CHAT],) if backend.api in (CHAT, BOTH, AUTO) else ()
     responses = _RESPONSES_PATHS if backend.api in (RESPONSES, BOTH, AUTO) else ()
-    return (*chat, *responses, *_MODELS)
+    messages = _MESSAGES_PATHS if backend.api in (MESSAGES, AUTO) else ()
+    return (*chat, *responses, *messages, *_MODELS)
 
 
 def key_paths(backend: Backend) -> tuple[str, ...]:

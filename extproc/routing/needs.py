@@ -18,6 +18,7 @@ How the processor uses it (`exchange/request.py`), once it has the resolution an
     n & USAGE                  -> Plan.observe_usage: read (or estimate) an untranslated answer's usage
     Need.INJECT_KEY in n       -> the backend's key is added; an error quoting it is scrubbed
     Need.CONTINUE in n         -> state.pinning finds the conversation (a pin may then need explaining)
+    Need.ESTIMATE_COUNT in n   -> the sidecar answers a Messages token count with its estimate
     n & REFUSALS               -> the processor's own checks answer it (415, 404, 400, 503): nothing else
     watches(n, pinned)         -> Plan.watches_answer: whether the exchange reads the answer at all
 A request the processor passes on without an API decision (another path, `/v1/responses/{id}`) has
@@ -36,7 +37,7 @@ from enum import Enum, StrEnum
 from itertools import product
 from typing import Any
 
-from extproc.api import RESPONSES
+from extproc.api import CHAT, MESSAGES, RESPONSES
 from extproc.config import Backend, Config
 from extproc.envoy.names import MODE_HEADER
 from extproc.routing.classify import Resolution
@@ -47,9 +48,9 @@ from extproc.routing.providers import envoy_holds_key, processor_only
 class Call(StrEnum):
     """Which POST of an API a request is: only CREATE makes a turn, and only CREATE has fast routes."""
 
-    CREATE = "create"  # /v1/chat/completions, /v1/responses
+    CREATE = "create"  # /v1/chat/completions, /v1/responses, /v1/messages
     COMPACT = "compact"  # /v1/responses/compact: summarised on chat-only backends
-    COUNT = "count"  # /v1/responses/input_tokens: only a Responses backend can count
+    COUNT = "count"  # /v1/responses/input_tokens, /v1/messages/count_tokens: counted on the model's own API
 
 
 class Need(Enum):
@@ -61,6 +62,7 @@ class Need(Enum):
     UNAVAILABLE = "unavailable"  # refused: the backend cannot serve yet (503)
     TRANSLATE = "translate"  # the request and its answer translated between the two APIs
     SIDECAR_CALL = "sidecar_call"  # a compact or an input-token count: the sidecar checks (or serves) it
+    ESTIMATE_COUNT = "estimate_count"  # a Messages token count for a model on another API: the sidecar's estimate
     LEARN = "learn"  # the model's API is learned from the answer
     ROUTE = "route"  # sent to the model's backend
     INJECT_KEY = "inject_key"  # the backend's API key added (and scrubbed from errors that quote it)
@@ -126,8 +128,10 @@ def needs(config: Config, res: Resolution | None, facts: Facts, learned: Learned
         return frozenset({Need.NO_BACKEND})
     client = facts.client_api
     upstream = res.upstream_api(client)
-    if upstream is None or (facts.call is Call.COUNT and upstream != RESPONSES):
-        return frozenset({Need.UNSUPPORTED_API})
+    if upstream is None or (facts.call is Call.COUNT and upstream != client and client != MESSAGES):
+        return frozenset({Need.UNSUPPORTED_API})  # only a Responses backend counts Responses input
+    if facts.call is Call.COUNT and upstream != client:  # Anthropic's count, for a model on another API
+        return frozenset({Need.SIDECAR_CALL, Need.ESTIMATE_COUNT})
     if res.backend.unserved() is not None:
         return frozenset({Need.UNAVAILABLE})
     out = {Need.ROUTE}
@@ -136,8 +140,10 @@ def needs(config: Config, res: Resolution | None, facts: Facts, learned: Learned
         out.add(Need.TRANSLATE)
     if facts.call is not Call.CREATE:
         out.add(Need.SIDECAR_CALL)
-    # A count teaches nothing about the model's API (a backend may serve Responses but not counting).
-    if res.learning and client not in (learned.ok if learned else ()) and facts.call is not Call.COUNT:
+    # A count teaches nothing about the model's API (a backend may serve Responses but not counting), and a
+    # model's API is learned from OpenAI clients only (a Messages client's request goes out as chat).
+    if res.learning and client not in (learned.ok if learned else ()) and facts.call is not Call.COUNT \
+            and client != MESSAGES:
         out.add(Need.LEARN)
     if processor_adds_key(res.backend):
         out.add(Need.INJECT_KEY)
@@ -153,8 +159,9 @@ def needs(config: Config, res: Resolution | None, facts: Facts, learned: Learned
         if facts.stored and facts.call is Call.CREATE:
             out.add(Need.KEEP_TURN if translated else Need.RECORD_ID)
     if not translated and config.usage_accounting == "all" and facts.call is not Call.COUNT:
-        # A translator counts its own answers; a chat stream reports usage only when asked to.
-        reported = client == RESPONSES or not facts.stream or facts.include_usage
+        # A translator counts its own answers; a chat stream reports usage only when asked to (Responses
+        # and Messages streams always do).
+        reported = client != CHAT or not facts.stream or facts.include_usage
         out.add(Need.COUNT_USAGE if reported else Need.ESTIMATE_USAGE)
     return frozenset(out)
 
@@ -255,6 +262,7 @@ _WHY = {
     Need.UNAVAILABLE: "the processor answers 503 {code}",
     Need.TRANSLATE: "translated to the {upstream} API",
     Need.SIDECAR_CALL: "a compact or input-token count, which the sidecar checks",
+    Need.ESTIMATE_COUNT: "a token count the model's API cannot make: the sidecar estimates it",
     Need.LEARN: "the model's API is still being learned from the backend's answers",
     Need.ROUTE: "fast_path is off in the config",
     Need.INJECT_KEY: "the backend has an API key, which only the processor adds (Envoy holds the keys of url: "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from extproc.api import CHAT, RESPONSES
+from extproc.api import CHAT, MESSAGES, RESPONSES
 
 if TYPE_CHECKING:
     from extproc.config.model import Backend
@@ -32,8 +32,13 @@ class Provider:
 
 
 OPENAI = Provider("openai", "authorization", "Bearer ", (CHAT, RESPONSES))
+# Anthropic's Messages API, wherever it is served (api: messages, a Claude model of an auto backend): the key
+# as x-api-key, and the API's one version, which the processor sends on every request it makes there.
+ANTHROPIC = Provider("anthropic", "x-api-key", "", (MESSAGES,))
+ANTHROPIC_VERSION = "2023-06-01"
 PROVIDERS = {p.name: p for p in (
-    OPENAI,  # also every OpenAI-compatible server reached by URL: OpenRouter, Groq, Together, vLLM behind TLS
+    OPENAI,
+    ANTHROPIC,  # also every OpenAI-compatible server reached by URL: OpenRouter, Groq, Together, vLLM behind TLS
     Provider("azure", "api-key", "", (CHAT, RESPONSES), path_prefix="/openai", versioned_root="/openai",
              versioned_paths=(("/v1/chat/completions", "/openai/deployments/{deployment}/chat/completions"),
                               ("/v1/embeddings", "/openai/deployments/{deployment}/embeddings"))),
@@ -51,11 +56,14 @@ def envoy_holds_key(backend: Backend) -> bool:
     return backend.hosted is not None and backend.api_key is not None
 
 
-def credential_header(backend: Backend) -> tuple[str, str] | None:
-    """The header carrying the sidecar's key to `backend` (None: it has none, or none is set)."""
+def credential_header(backend: Backend, api: str | None = None) -> tuple[str, str] | None:
+    """The header carrying the sidecar's key to `backend` for a request on `api` (None: the backend's own
+    API); None when it has no key set. A Messages request takes Anthropic's header wherever it goes."""
     if not backend.api_key:
         return None
-    return provider_of(backend.hosted.provider if backend.hosted else None).credential(backend.api_key)
+    row = ANTHROPIC if (api or backend.api) == MESSAGES else \
+        provider_of(backend.hosted.provider if backend.hosted else None)
+    return row.credential(backend.api_key)
 
 
 def upstream_path(backend: Backend, path: str, model: str | None) -> str:

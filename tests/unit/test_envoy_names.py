@@ -13,6 +13,7 @@ import yaml
 from extproc.api import PATHS
 from extproc.cli import main
 from extproc.envoy.names import (
+    API_PATH_REGEX,
     FIRST_CONTACT_ROLE,
     H_ENDPOINT,
     H_FIRST_CONTACT,
@@ -58,6 +59,14 @@ def test_json_to_metadata_rules_are_the_generated_ones(envoy):
 def test_sse_to_metadata_rules_are_the_generated_ones(envoy):
     [flt] = named(envoy, "envoy.filters.http.sse_to_metadata")
     assert flt["typed_config"]["response_rules"] == sse_to_metadata_rules()
+
+
+def test_json_to_metadata_reads_the_bodies_of_every_api_path():
+    assert f'regex: "{API_PATH_REGEX}"'.replace("\\", "\\\\") in ENVOY_YAML.read_text()
+    skipped = re.compile(API_PATH_REGEX)
+    for path in ("/v1/chat/completions", "/v1/responses?x=1", "/v1/messages", "/v1/messages?beta=true"):
+        assert skipped.fullmatch(path)
+    assert not skipped.fullmatch("/v1/messages/count_tokens") and not skipped.fullmatch("/v1/embeddings")
 
 
 def test_the_generated_rules_read_the_fields_the_routes_match():

@@ -115,6 +115,32 @@ def test_the_processor_path_names_the_compiled_cluster_and_leaves_the_key_to_env
     assert [s.generic_secret.secret.inline_string for s in compile_routes(cfg, Knowledge(), {}).secrets] == ["az-1"]
 
 
+def test_anthropic_is_a_provider_row_whose_key_envoy_holds_as_x_api_key():
+    """A url: backend of Anthropic's: Envoy injects its key as x-api-key (removing the client's `authorization`
+    and `x-api-key`); the processor sends only the API's version; it serves Messages only."""
+    cfg = parse_config("backends:\n  - name: p\n    api: messages\n    models: [\"claude-*\"]\n"
+                       "    url: https://api.anthropic.com\n    provider: anthropic\n    api_key_env: K\n",
+                       env={"K": "sk-ant-1"})
+    compiled = compile_routes(cfg, Knowledge(), {})
+    assert [s.generic_secret.secret.inline_string for s in compiled.secrets] == ["sk-ant-1"]
+    opts = hpo.HttpProtocolOptions()
+    next(c for c in compiled.clusters if c.name == "llm.p").typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Unpack(opts)
+    mutation, injector, generic = header_mutation_pb2.HeaderMutation(), credential_injector_pb2.CredentialInjector(), \
+        generic_pb2.Generic()
+    opts.http_filters[0].typed_config.Unpack(mutation)
+    opts.http_filters[1].typed_config.Unpack(injector)
+    injector.credential.typed_config.Unpack(generic)
+    assert [r.remove for r in mutation.mutations.request_mutations] == ["authorization", "x-api-key"]
+    assert generic.header == "x-api-key"
+    target = Gateway(cfg).target(cfg.backends[0], "k")
+    assert dict(target.headers("messages")) == {"x-gateway-backend": "p", "x-gateway-cluster": "llm.p",
+                                                "anthropic-version": "2023-06-01"}
+    assert target.foreign_credentials("messages") == ()  # Envoy removes both
+    assert "provider anthropic serves messages only" in problems("    url: https://api.anthropic.com\n"
+                                                                 "    provider: anthropic\n")
+
+
 def test_a_key_file_is_read_and_a_missing_one_is_a_warning(tmp_path: Path):
     key = tmp_path / "key"
     key.write_text("sk-file\n")

@@ -39,6 +39,11 @@ backends:
     api: chat
     models: ["open-*"]
     endpoints: ["127.0.0.1:8003"]
+  - name: anth
+    api: messages
+    models: ["claude-*"]
+    endpoints: ["127.0.0.1:8004"]
+    api_key_env: KEY
 """
 
 
@@ -109,6 +114,10 @@ def test_response_headers_carrying_the_key_are_rewritten():
     ("resp", "/v1/responses", True), ("resp", "/v1/responses/resp_1/input_items", True),
     ("resp", "/v1/responses/compact", True), ("resp", "/v1/chat/completions", False), ("resp", "/v1/embeddings", False),
     ("open", "/v1/organization/users", True),  # no key of the gateway's: the client's own credential goes
+    ("resp", "/v1/messages", False), ("keyed", "/v1/messages", False),  # a Messages backend's paths are its own
+    ("anth", "/v1/messages", True), ("anth", "/v1/messages?beta=true", True), ("anth", "/v1/messages/count_tokens", True),
+    ("anth", "/v1/chat/completions", False), ("anth", "/v1/responses", False), ("anth", "/v1/messages/batches", True),
+    ("anth", "/v1/messagesx", False), ("anth", "/v1/files/f-1", False),
 ])
 def test_which_paths_get_the_key(gw, backend, path, allowed):
     assert key_allowed(gw.config.backend(backend), path) is allowed

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from extproc.api import CHAT, PATHS, RESPONSES, other
+from extproc.api import CHAT, MESSAGES, PATHS, RESPONSES, other
 from extproc.config import parse_config
 from extproc.envoy.names import H_BACKEND, H_FIRST_CONTACT, MODE_HEADER, REQUEST_FIELDS
 from extproc.errors import GatewayError
@@ -75,6 +75,15 @@ backends:
     models: ["hk-*"]
     url: https://api.provider.example
     api_key_env: KEY
+  - name: anth
+    api: messages
+    models: ["anth-*"]
+    endpoints: ["10.0.0.7:8000"]
+  - name: anthkey
+    api: messages
+    models: ["ak-*"]
+    endpoints: ["10.0.0.8:8000"]
+    api_key_env: KEY
 model_rules:
   - match: "nt-*"
     mode: responses
@@ -82,9 +91,10 @@ model_rules:
 """
 # One model of each kind: chat, Responses, keyed, unserved, both APIs, learning, learned ok, learned
 # "needs Responses", the catalogue's Responses model on an auto backend, translation off, no backend, Azure's
-# versioned shape, a keyed url: backend (Envoy holds its key).
+# versioned shape, a keyed url: backend (Envoy holds its key), a Messages backend, a keyed one.
 MODELS = ["llama-3", "resp-1", "keyed-1", "unset-1", "gpt-4o", "open-new", "open-ok", "open-resp", "open-codex-1",
-          "nt-1", "nobody", "az-1", "hk-1"]
+          "nt-1", "nobody", "az-1", "hk-1", "anth-1", "ak-1"]
+APIS = tuple(PATHS)  # every client API: Chat, Responses, Messages
 LEARNED = {("open", "open-ok"): Learned(None, {CHAT}), ("open", "open-resp"): Learned(RESPONSES)}
 CONFIGS = {
     "usage all, mode header honoured": "usage_accounting: all\ndiscovery: {allow_mode_header: true}\n",
@@ -97,7 +107,9 @@ PREVIOUS, UPSTREAM_ID = "resp_prev1", "resp_up1"
 def request(api: str, model: str, facts: dict[str, bool], mode: str | None) -> tuple[dict[str, Any], dict[str, str]]:
     """The body and headers of a request with these facts, written as a client writes them."""
     body: dict[str, Any] = {"model": model}
-    body.update({"messages": [{"role": "user", "content": "hi"}]} if api == CHAT else {"input": "hi"})
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if api != RESPONSES else {"input": "hi"})
+    if api == MESSAGES:
+        body["max_tokens"] = 16
     if facts["stream"]:
         body["stream"] = True
     if facts["include_usage"]:
@@ -130,6 +142,23 @@ def upstream_answer(api: str, sent: dict[str, Any]) -> tuple[str, bytes]:
     """(content-type, body) as a real upstream of `api` answers the request it got: a chat stream
     carries usage only when stream_options.include_usage asked for it; Responses always report it."""
     stream = sent.get("stream") is True
+    if api == MESSAGES:  # Anthropic reports usage in every answer, streamed or not
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "model": sent["model"],
+                   "content": [{"type": "text", "text": "yo"}], "stop_reason": "end_turn", "stop_sequence": None,
+                   "usage": {"input_tokens": 3, "output_tokens": 2}}
+        if not stream:
+            return "application/json", json.dumps(message).encode()
+        stream_events = [
+            {"type": "message_start", "message": {**message, "content": [], "stop_reason": None,
+                                                  "usage": {"input_tokens": 3, "output_tokens": 1}}},
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "yo"}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+             "usage": {"output_tokens": 2}},
+            {"type": "message_stop"}]
+        return "text/event-stream", b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode()
+                                             for e in stream_events)
     if api == CHAT:
         if not stream:
             return "application/json", json.dumps({
@@ -194,7 +223,7 @@ def process(gw: Gateway, store: dict[str, bytes], api: str, body: dict[str, Any]
     seen = {Need.ROUTE} if H_BACKEND in set_headers else set()
     if ex.translated:
         seen.add(Need.TRANSLATE)
-    if "authorization" in set_headers:
+    if "authorization" in set_headers or "x-api-key" in set_headers:
         seen.add(Need.INJECT_KEY)
     if "api-version=" in set_headers.get(":path", ""):
         seen.add(Need.PROVIDER_SHAPE)
@@ -232,7 +261,7 @@ def mismatches(extra: str) -> list[str]:
     classifier = Classifier(cfg, Knowledge())
     names = [n for n in Facts.__dataclass_fields__ if n not in ("client_api", "call")]
     bad = []
-    for model, api in itertools.product(MODELS, (CHAT, RESPONSES)):
+    for model, api in itertools.product(MODELS, APIS):
         backend = classifier.backend_for(model)
         learned = LEARNED.get((backend.name, model)) if backend else None
         plain: dict[tuple[bool, ...], Seen] = {}  # the same request without the mode header
@@ -279,7 +308,7 @@ def test_the_combinations_reach_every_need_and_both_paths():
     classifier = Classifier(cfg, Knowledge())
     reached: set[Need] = set()
     fast = set()
-    for model, api in itertools.product(MODELS, (CHAT, RESPONSES)):
+    for model, api in itertools.product(MODELS, APIS):
         backend = classifier.backend_for(model)
         learned = LEARNED.get((backend.name, model)) if backend else None
         res = classifier.resolve(model, learned=learned) if backend else None
@@ -287,7 +316,8 @@ def test_the_combinations_reach_every_need_and_both_paths():
             n = needs(cfg, res, Facts(api, Call.CREATE, *values), learned)
             reached |= n
             fast.add(is_fast(cfg, n))
-    assert reached == set(Need) - {Need.SIDECAR_CALL}  # compact and count have no fast route to compare
+    # compact and count have no fast route to compare
+    assert reached == set(Need) - {Need.SIDECAR_CALL, Need.ESTIMATE_COUNT}
     assert fast == {True, False}
 
 
@@ -301,5 +331,5 @@ def test_a_drift_on_either_side_is_found(monkeypatch):
         m.setitem(compiler._FACT_METADATA, "stored", (*compiler._FACT_METADATA["stored"][:2], True))
         assert any("Envoy takes" in line for line in mismatches(extra))
     with monkeypatch.context() as m:  # the processor forgets the backend's key
-        m.setattr(Target, "headers", lambda self: [(H_BACKEND, self.backend.name)])
+        m.setattr(Target, "headers", lambda self, api=None: [(H_BACKEND, self.backend.name)])
         assert any("keyed-1" in line and "the processor did" in line for line in mismatches(extra))

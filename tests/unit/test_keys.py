@@ -197,6 +197,21 @@ def test_a_buffered_error_keeps_a_true_content_length(gw):
     assert dict(act.set_headers)["content-length"] == str(len(act.body))
 
 
+def test_a_messages_backends_key_goes_as_x_api_key_and_is_never_reflected(gw):
+    """The key moves to Anthropic's header, the client's bearer token is removed, and the answer (an
+    Anthropic error quoting the key, a header echoing it) comes back without it, in Anthropic's shape."""
+    ex, act = request(gw, "POST", "/v1/messages", {"model": "claude-x", "max_tokens": 8,
+                                                   "messages": [{"role": "user", "content": "x"}]})
+    sent = dict(act.set_headers)
+    assert sent["x-api-key"] == KEY and "authorization" not in sent and "authorization" in act.remove_headers
+    assert ("accept-encoding", "identity") in act.set_headers
+    head = ex.response_headers({":status": "401", "content-type": "application/json", "x-echo": KEY})
+    assert ("x-echo", "[redacted]") in head.set_headers
+    body = ex.response_body(b'{"type": "error", "error": {"type": "authentication_error", "message": "bad ' +
+                            KEY.encode() + b'"}}', True).body
+    assert body == b'{"type": "error", "error": {"type": "authentication_error", "message": "bad [redacted]"}}'
+
+
 def test_a_backend_without_a_key_is_left_alone(gw):
     _, act = request(gw, "POST", "/v1/embeddings", {"model": "open-a", "input": "x"})
     assert act.done and "authorization" not in dict(act.set_headers)  # its answer is Envoy's to pass on

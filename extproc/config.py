@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 
 from extproc.api import API_MODES, BACKEND_APIS
+from extproc.clients import Clients, parse_clients, settle
 
 MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -166,6 +167,7 @@ class Config:
     usage_accounting: str = "all"  # all: read usage from passed-through answers too; translated: only those
     log_format: str = "json"  # json (one object per line) | text
     fast_path: bool = True  # compile pass-through decisions into Envoy routes (served over xDS), see routing.compile
+    clients: Clients | None = None  # the keys that may use the gateway (extproc/clients.py); None: any caller
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()  # problems that do not stop the load: a backend that cannot serve yet
 
@@ -286,15 +288,17 @@ class _Validator:
         top = self.mapping(root, "", {"listen", "log_level", "backends", "model_rules", "limits", "state",
                                       "discovery", "admin_listen", "usage_accounting", "log_format", "listen_tls",
                                       "tenancy", "websocket_listen", "websocket_gateway",
-                                      "fast_path"})
+                                      "fast_path", "clients"})
         kw: dict[str, Any] = {"source": self.source, **self.top_scalars(top)}
         sections = {"listen_tls": self.listen_tls, "limits": self.limits, "discovery": self.discovery,
-                    "state": self.state, "tenancy": self.tenancy}
+                    "state": self.state, "tenancy": self.tenancy, "clients": lambda n: parse_clients(self, n)}
         for name, parse in sections.items():
             if name in top and (value := parse(top[name])) is not None:
                 kw[name] = value
         backends = self.backends(root, top)
         rules = self.rules(top["model_rules"]) if "model_rules" in top else []
+        kw.setdefault("tenancy", Tenancy())
+        settle(self, top.get("backends", root), kw, backends)
         if self.problems:
             raise ConfigError(self.problems)
         return Config(backends=tuple(backends), model_rules=tuple(rules), warnings=tuple(self.warnings), **kw)

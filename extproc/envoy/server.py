@@ -23,11 +23,14 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extproc.clients import TENANT_HEADER
 from extproc.config import Config, ConfigError, ListenTLS, load_config
 from extproc.envoy import xds
+from extproc.envoy.ratelimit import RateLimits, TenantMeter
 from extproc.errors import GatewayError
 from extproc.exchange import Action, Exchange, Lookup, Step, error_action
 from extproc.exchange.first_contact import ROLE, FirstContact
@@ -110,10 +113,12 @@ class GatewayHolder:
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, holder: GatewayHolder, store: Store, metrics: Metrics | None = None):
+    def __init__(self, holder: GatewayHolder, store: Store, metrics: Metrics | None = None,
+                 tenants: TenantMeter | None = None):
         self.holder = holder
         self.store = store
         self.metrics = metrics or Metrics()
+        self.tenants = tenants
 
     async def _fetch(self, lookup: Lookup) -> list[bytes | None] | None:
         try:
@@ -188,6 +193,9 @@ class Processor(pb_grpc.ExternalProcessorServicer):
 
     def _record(self, ex: Exchange, timer: ExchangeTimer) -> None:
         record(ex, self.metrics, timer, self.holder.gateway.classifier.label_for)
+        if self.tenants is not None and ex.client_api is not None:
+            u = ex.usage
+            self.tenants.count(ex.headers.get(TENANT_HEADER), u.input_tokens if u else 0, u.output_tokens if u else 0)
 
 
 def _with_metadata(resp: pb.ProcessingResponse, meta: dict) -> pb.ProcessingResponse:
@@ -228,12 +236,15 @@ async def serve(config_path: str) -> None:
         ("grpc.max_send_message_length", _MAX_MESSAGE),
         ("grpc.so_reuseport", 1),
     ])
-    pb_grpc.add_ExternalProcessorServicer_to_server(Processor(holder, store, metrics), server)
+    tenants = TenantMeter(lambda: holder.gateway.config.clients, store, metrics)  # the `clients` section's
+    pb_grpc.add_ExternalProcessorServicer_to_server(Processor(holder, store, metrics, tenants), server)
     long_streams = xds.LongStreams()
     discovery = xds.Discovery(long_streams)  # Envoy's routes (the fast path) and the access log of what took it
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(discovery, server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log.AccessLog(
-        metrics, long_streams, lambda model: holder.gateway.classifier.label_for(model)), server)
+        metrics, long_streams, lambda model: holder.gateway.classifier.label_for(model), tenants), server)
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
+        RateLimits(lambda: holder.gateway.config.clients, store, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     listen = os.environ.get("EXTPROC_LISTEN", config.listen)

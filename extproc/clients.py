@@ -195,16 +195,17 @@ def _budget(r: Reader, node: yaml.Node, key: str) -> Budget | None:
     return Budget(tokens, per) if tokens is not None and per is not None else None
 
 
-def settle(r: Reader, node: yaml.Node, kw: dict[str, Any], backends: list[Any]) -> None:
-    """What the section changes elsewhere in the config (`kw`: the Config's arguments, `tenancy`
-    included): with it, the tenant is the header Envoy sets after the key check; without it, a warning
+def settle(r: Reader, node: yaml.Node, kw: dict[str, Any]) -> None:
+    """What the section changes elsewhere in the config (`node`: the backends' list; `kw`: the Config's
+    arguments, `tenancy` included): with it, the tenant is the header Envoy sets after the key check; without it, a warning
     for every backend key any caller could spend."""
-    clients = kw.get("clients")
-    if clients is None:
-        for i, b in enumerate(backends):
-            if b.api_key_env:
-                r.warning(node, f"backends[{i}].api_key_env", "no 'clients' section: any caller that reaches the "
-                                                             "gateway spends this key (list the keys that may)")
+    if kw.get("clients") is None:
+        items = node.value if isinstance(node, yaml.SequenceNode) else []
+        for i, item in enumerate(items):
+            found = [v for k, v in (item.value if isinstance(item, yaml.MappingNode) else []) if k.value == "api_key_env"]
+            if found:
+                r.warning(found[0], f"backends[{i}].api_key_env", "no 'clients' section: any caller that reaches the "
+                                                                 "gateway spends this key (list the keys that may)")
         return
     tenancy = kw["tenancy"]
     if tenancy.header not in (None, TENANT_HEADER):

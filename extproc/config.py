@@ -298,7 +298,7 @@ class _Validator:
         backends = self.backends(root, top)
         rules = self.rules(top["model_rules"]) if "model_rules" in top else []
         kw.setdefault("tenancy", Tenancy())
-        settle(self, top.get("backends", root), kw, backends)
+        settle(self, top.get("backends", root), kw)
         if self.problems:
             raise ConfigError(self.problems)
         return Config(backends=tuple(backends), model_rules=tuple(rules), warnings=tuple(self.warnings), **kw)

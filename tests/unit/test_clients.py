@@ -77,7 +77,7 @@ def test_a_key_twice_and_a_tenant_with_two_sets_of_limits_are_refused():
 
 
 def test_clients_and_another_tenancy_header_conflict():
-    with pytest.raises(ConfigError, match="leave tenancy.header out"):
+    with pytest.raises(ConfigError, match=r"leave tenancy\.header out"):
         load(f"tenancy: {{header: x-user}}\nclients:\n  - {{key_sha256: '{SHA_BOB}', tenant: a}}\n")
 
 

@@ -2,9 +2,9 @@
 
 When the section is present, Envoy itself refuses every request without a listed key (a Lua filter in
 deploy/envoy.yaml hashes the caller's key and looks it up), on the fast path too, before anything is
-routed. The sidecar hands Envoy the hashes over ADS (`lua_context`, put on the virtual host by
-routing.compile), so a config reload changes the accepted keys and no key is ever held in clear: a
-`key_env` variable is hashed at load and dropped. A listed key's tenant names the caller's stored
+routed. The sidecar hands Envoy the script with the hashes over ADS (`lua_source`, put on the virtual
+host by routing.compile), so a config reload changes the accepted keys and no key is ever held in
+clear: a `key_env` variable is hashed at load and dropped. A listed key's tenant names the caller's stored
 state (`tenancy.header` becomes the header Envoy sets) and its limits (quota.py).
 """
 
@@ -15,6 +15,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Protocol, TypeVar
 
 import yaml
@@ -26,6 +27,7 @@ _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MODEL_GLOB_RE = re.compile(r"^[^\[\]]+$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 T = TypeVar("T")
+_SCRIPT = (resources.files("extproc") / "clients.lua").read_text()
 
 
 class Reader(Protocol):
@@ -99,17 +101,25 @@ def lua_pattern(glob: str) -> str:
     return "^" + "".join(out) + "$"
 
 
-def lua_context(clients: Clients) -> dict[str, Any]:
-    """The Lua filters' `filter_context`: each key hash (Envoy converts only the entry it looks up) with
-    its tenant, whether Envoy asks the rate-limit service about it (only tenants with limits: the
-    others cost no call), and its models as patterns."""
-    keys: dict[str, Any] = {}
+def _lua_string(text: str) -> str:
+    """A Lua string literal holding `text` whatever it contains: every other byte as a decimal escape."""
+    return '"' + "".join(chr(b) if chr(b).isascii() and chr(b).isalnum() else f"\\{b:03d}"
+                         for b in text.encode()) + '"'
+
+
+def lua_source(clients: Clients, stage: str) -> str:
+    """The script for one of Envoy's two Lua stages (`key`, `models`): clients.lua after its table of key
+    hashes, each with its tenant, whether Envoy asks the rate-limit service about it (only tenants with
+    limits: the others cost no call) and, for the models stage, its models as patterns."""
+    rows = []
     for c in clients.entries:
-        entry: dict[str, Any] = {"tenant": c.tenant, "limited": c.limits.any}
+        if stage == "models" and c.models is None:
+            continue
+        fields = [f"tenant = {_lua_string(c.tenant)}", f"limited = {str(c.limits.any).lower()}"]
         if c.models is not None:
-            entry["models"] = [lua_pattern(m) for m in c.models]
-        keys[c.key_sha256] = entry
-    return keys
+            fields.append("models = {" + ", ".join(_lua_string(lua_pattern(m)) for m in c.models) + "}")
+        rows.append(f"  [{_lua_string(c.key_sha256)}] = {{{', '.join(fields)}}},\n")
+    return f"local STAGE, KEYS = {_lua_string(stage)}, {{\n{''.join(rows)}}}\n" + _SCRIPT
 
 
 def parse_clients(r: Reader, node: yaml.Node) -> Clients | None:

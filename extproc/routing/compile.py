@@ -27,10 +27,10 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
-from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from extproc.api import AUTO, BOTH, CHAT, PATHS, RESPONSES
-from extproc.clients import TENANT_HEADER, lua_context
+from extproc.clients import TENANT_HEADER, lua_source
 from extproc.config import Backend, Config
 from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.classify import Classifier, Resolution, combine, is_glob
@@ -343,13 +343,12 @@ CLIENT_FILTERS = {"envoy.filters.http.lua.clients": "key", "envoy.filters.http.l
 
 def _client_keys(config: Config, host: rc.VirtualHost) -> None:
     """The `clients` section for deploy/envoy.yaml's two Lua stages (key, then model allow-list): the
-    keys' hashes as their context, on every route; the tenant header Envoy sets stays out of upstreams."""
+    script with the keys' hashes, on every route; the tenant header Envoy sets stays out of upstreams."""
     if config.clients is None:
         return
     for name, stage in CLIENT_FILTERS.items():
-        context = struct_pb2.Struct()
-        context.update({**lua_context(config.clients), "stage": stage})
-        host.typed_per_filter_config[name].Pack(lua_pb2.LuaPerRoute(name="clients", filter_context=context))
+        host.typed_per_filter_config[name].Pack(lua_pb2.LuaPerRoute(
+            source_code=base_pb2.DataSource(inline_string=lua_source(config.clients, stage))))
     host.request_headers_to_remove.append(TENANT_HEADER)
 
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from extproc import quota
-from extproc.clients import TENANT_HEADER, Budget, TenantLimits, lua_context, lua_pattern
+from extproc.clients import TENANT_HEADER, Budget, TenantLimits, lua_pattern, lua_source
 from extproc.config import ConfigError, parse_config
 from extproc.state.store import MemoryStore, SQLiteStore
 
@@ -88,11 +88,15 @@ def test_without_clients_a_backend_key_is_a_warning():
     assert any("no 'clients' section: any caller" in w for w in cfg.warnings)
 
 
-def test_lua_context_holds_hashes_tenants_limits_and_patterns():
-    cfg = load(f"clients:\n  - {{key_sha256: '{SHA_BOB}', tenant: bob, models: ['gpt-5.?-*'], tokens_per_minute: 9}}\n")
-    ctx = lua_context(cfg.clients)
-    assert ctx == {SHA_BOB: {"tenant": "bob", "limited": True, "models": ["^gpt%-5%..%-.*$"]}}
-    assert "sk-bob" not in json.dumps(ctx)
+def test_lua_source_holds_hashes_tenants_limits_and_patterns_never_a_key():
+    cfg = load(f"clients:\n  - {{key_sha256: '{SHA_BOB}', tenant: bob, models: ['gpt-5.?-*'], tokens_per_minute: 9}}\n"
+               "  - {key_env: K, tenant: x.y}\n", env={"K": "sk-other"})
+    key, models = lua_source(cfg.clients, "key"), lua_source(cfg.clients, "models")
+    assert key.startswith('local STAGE, KEYS = "key", {\n'
+                          f'  ["{SHA_BOB}"] = {{tenant = "bob", limited = true, models = {{"\\094gpt\\037\\0455\\037\\046\\046\\037\\045\\046\\042\\036"}}}},\n'
+                          f'  ["{hashlib.sha256(b"sk-other").hexdigest()}"] = {{tenant = "x\\046y", limited = false}},\n}}\n')
+    assert models.startswith('local STAGE, KEYS = "models", {\n' f'  ["{SHA_BOB}"]') and "sk-other" not in models
+    assert "function envoy_on_request" in key and "sk-bob" not in key
 
 
 def test_lua_pattern_escapes_every_magic_character():

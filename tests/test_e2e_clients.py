@@ -191,6 +191,13 @@ def test_a_keys_models_hold_on_the_fast_path_and_the_processor_path(kd):
     assert [r["body"]["model"] for r in kd.chat.requests + kd.resp.requests] == ["llama-3-8b", "resp-a"]
 
 
+@pytest.mark.parametrize("path", ["/v1/responses/compact", "/v1/embeddings"])
+def test_a_keys_models_hold_on_the_other_paths_too(kd, path):
+    status, body = kd.raw(path, {"model": "gpt-5.3-codex", "input": "hi"}, {"authorization": f"Bearer {BOB}"})
+    assert (status, body["error"]["code"]) == (403, "model_not_allowed")
+    assert kd.chat.requests == [] and kd.resp.requests == []
+
+
 def test_a_websocket_upgrade_needs_a_listed_key_and_its_turns_keep_the_keys_models(kd):
     for headers in ({}, {"authorization": "Bearer sk-wrong"}):
         with pytest.raises(InvalidStatus) as e:

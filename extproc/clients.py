@@ -52,7 +52,7 @@ class Budget:
 
 @dataclass(frozen=True)
 class TenantLimits:
-    """A tenant's limits; every key of one tenant shares them (and their counters)."""
+    """A tenant's limits, given on one of its keys; every key of the tenant shares them (and their counters)."""
 
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
@@ -128,17 +128,20 @@ def parse_clients(r: Reader, node: yaml.Node) -> Clients | None:
         r.problem(node, "clients", "must be a non-empty list of {key_env | key_sha256, tenant, ...}")
         return None
     entries: list[Client] = []
+    given: dict[str, TenantLimits] = {}  # a tenant's limits, from whichever of its keys gives them
     for i, item in enumerate(node.value):
         if (client := _client(r, item, f"clients[{i}]")) is None:
             continue
         if any(c.key_sha256 == client.key_sha256 for c in entries):
             r.problem(item, f"clients[{i}]", "the same key is listed twice")
-        elif any(c.tenant == client.tenant and c.limits != client.limits for c in entries):
-            r.problem(item, f"clients[{i}]", f"tenant {client.tenant!r} is given other limits by an earlier "
-                                             "entry: a tenant's keys share one set of limits, give the same")
+        elif client.limits.any and given.setdefault(client.tenant, client.limits) != client.limits:
+            r.problem(item, f"clients[{i}]", f"tenant {client.tenant!r} has limits on an earlier key: a tenant's "
+                                             "keys share one set of limits, give them on one of its keys")
         else:
             entries.append(client)
-    return Clients(tuple(entries)) if len(entries) == len(node.value) else None
+    if len(entries) != len(node.value):
+        return None
+    return Clients(tuple(dataclasses.replace(c, limits=given.get(c.tenant, TenantLimits())) for c in entries))
 
 
 def _client(r: Reader, node: yaml.Node, key: str) -> Client | None:

@@ -76,6 +76,13 @@ def test_a_key_twice_and_a_tenant_with_two_sets_of_limits_are_refused():
              "  - {key_env: K, tenant: a, requests_per_minute: 2}\n", env={"K": "sk-other"})
 
 
+def test_a_tenants_limits_given_on_one_key_hold_for_all_its_keys():
+    cfg = load(f"clients:\n  - {{key_sha256: '{SHA_BOB}', tenant: a}}\n  - {{key_env: K, tenant: a, requests_per_minute: 2}}\n"
+               "  - {key_env: L, tenant: b}\n", env={"K": "sk-other", "L": "sk-third"})
+    assert [c.limits for c in cfg.clients.entries] == [TenantLimits(requests_per_minute=2)] * 2 + [TenantLimits()]
+    assert 'limited = true' in lua_source(cfg.clients, "key").splitlines()[1]
+
+
 def test_clients_and_another_tenancy_header_conflict():
     with pytest.raises(ConfigError, match=r"leave tenancy\.header out"):
         load(f"tenancy: {{header: x-user}}\nclients:\n  - {{key_sha256: '{SHA_BOB}', tenant: a}}\n")

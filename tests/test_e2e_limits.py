@@ -5,7 +5,8 @@ A tenant over its requests per minute gets a 429 in its API's shape from either 
 `retry-after` and OpenAI's `x-ratelimit-*` headers, while another tenant goes on; tokens counted from
 fast-path answers (buffered and streamed, via Envoy's access log) and from processor-path answers
 (the sidecar's own reading) refuse the tenant's next request on the other replica, per minute and per
-day; the per-tenant metrics carry only the config's tenant names.
+day; a WebSocket's turns are requests, its upgrade is not; the per-tenant metrics carry only the
+config's tenant names.
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ from pathlib import Path
 
 import openai
 import pytest
+from websockets.sync.client import connect
 
 from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
 
+from .test_e2e_surface import ws_turn
 from .upstreams import ChatServer
 
 KEYS = {"LIMITED_KEY": "sk-limited", "FREE_KEY": "sk-free", "TPM_KEY": "sk-tpm", "TPM_PROC_KEY": "sk-tpm-proc",
-        "BUDGET_KEY": "sk-budget"}
+        "BUDGET_KEY": "sk-budget", "SOCKET_KEY": "sk-socket"}
 CONFIG = """
 listen: 127.0.0.1:{extproc}
 admin_listen: 127.0.0.1:{admin}
-websocket_listen: off
+websocket_listen: 127.0.0.1:{ws}
+websocket_gateway: http://127.0.0.1:{port}
 state: {{store: redis, redis_url: "{redis}"}}
 backends:
   - name: chat
@@ -42,6 +46,7 @@ clients:
   - {{key_env: TPM_KEY, tenant: tpm, tokens_per_minute: 30}}
   - {{key_env: TPM_PROC_KEY, tenant: tpm-proc, tokens_per_minute: 30}}
   - {{key_env: BUDGET_KEY, tenant: budget, token_budget: {{tokens: 20, per: day}}}}
+  - {{key_env: SOCKET_KEY, tenant: socket, requests_per_minute: 2}}
 """
 TOKENS = 18  # the test upstream's usage per answer: 11 in, 7 out
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -51,6 +56,10 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 class Replica:
     url: str
     admin: str
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://") + "/v1/responses"
 
     def client(self, key: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=30)
@@ -70,11 +79,13 @@ def replicas(tmp_path_factory: pytest.TempPathFactory, redis_server) -> Iterator
     try:
         out = []
         for i in range(2):
-            extproc, admin, port = free_port(), free_port(), free_port()
+            extproc, admin, port, ws = free_port(), free_port(), free_port(), free_port()
             cfg = tmp / f"config-{i}.yaml"
-            cfg.write_text(CONFIG.format(extproc=extproc, admin=admin, redis=redis_server.url, chat=chat.address))
+            cfg.write_text(CONFIG.format(extproc=extproc, admin=admin, redis=redis_server.url, chat=chat.address,
+                                         ws=ws, port=port))
             wait_for_port(extproc, proc=stack.start_sidecar(cfg, env=KEYS, name=f"sidecar-{i}"))
-            stack.start_envoy(port, free_port(), extproc)
+            wait_for_port(ws)
+            stack.start_envoy(port, free_port(), extproc, websocket_port=ws)
             out.append(Replica(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"))
         yield out[0], out[1]
     finally:
@@ -106,11 +117,27 @@ def test_a_tenant_over_its_requests_per_minute_is_refused_by_both_replicas(repli
         assert headers["x-ratelimit-remaining-requests"] == "0"
         assert 1 <= int(headers["retry-after"]) <= 60
         assert "tenant limited (limit 3)" in e.value.message
+    # A streamed request the processor translates gets the 429 as it is, as the SDK expects.
+    with pytest.raises(openai.RateLimitError):
+        a.client("sk-limited").responses.create(model="llama-3", input="hi", stream=True)
     # Another tenant is not affected, on either replica.
     for replica in (a, b):
         assert replica.client("sk-free").chat.completions.create(model="llama-3", messages=MESSAGES).choices
     assert a.metric("extproc_rate_limited_total", tenant="limited", limit="requests") + \
-        b.metric("extproc_rate_limited_total", tenant="limited", limit="requests") == 2
+        b.metric("extproc_rate_limited_total", tenant="limited", limit="requests") == 3
+
+
+def test_a_sockets_turns_are_requests_and_its_upgrade_is_not(replicas, fresh_minute):
+    a, b = replicas
+    headers = {"authorization": "Bearer sk-socket"}
+    with connect(a.ws_url, additional_headers=headers, open_timeout=30) as ws:
+        assert [ws_turn(ws, model="llama-3", input="hi")[-1]["type"] for _ in range(2)] == ["response.completed"] * 2
+        (refused,) = ws_turn(ws, model="llama-3", input="hi")
+    assert refused["type"] == "error" and refused["status"] == 429
+    assert refused["error"]["code"] == "rate_limit_exceeded"
+    with connect(b.ws_url, additional_headers=headers, open_timeout=30) as ws:  # over the limit, still a socket
+        (refused,) = ws_turn(ws, model="llama-3", input="hi")
+    assert refused["status"] == 429
 
 
 def refused_for_tokens(replica: Replica, key: str) -> openai.RateLimitError | None:
@@ -167,4 +194,4 @@ def test_a_daily_token_budget_refuses_until_the_day_ends(replicas):
     metrics = urllib.request.urlopen(a.admin + "/metrics", timeout=5).read().decode()
     tenants = {json.loads('"' + part.split('"')[1] + '"') for line in metrics.splitlines()
                if line.startswith("extproc_tenant_") for part in line.split("tenant=")[1:]}
-    assert tenants <= {"limited", "free", "tpm", "tpm-proc", "budget"}
+    assert tenants <= {"limited", "free", "tpm", "tpm-proc", "budget", "socket"}

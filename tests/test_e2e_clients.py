@@ -148,6 +148,13 @@ def test_no_key_or_a_wrong_key_is_a_401_before_anything_is_routed(kd, headers):
     assert kd.seen() == before  # refused by Envoy: the processor was never asked about them
 
 
+def test_the_refusal_on_anthropic_messages_is_in_its_shape(kd):
+    status, body = kd.raw("/v1/messages", {"model": "claude-x", "max_tokens": 8, "messages": []},
+                          {"x-api-key": "sk-wrong", "anthropic-version": "2023-06-01"})
+    assert (status, body) == (401, {"type": "error", "error": {"type": "authentication_error",
+                                                               "message": REFUSED["message"]}})
+
+
 def test_the_sdks_see_an_authentication_error_on_both_apis(kd):
     client = kd.client("sk-wrong")
     with pytest.raises(openai.AuthenticationError) as chat:

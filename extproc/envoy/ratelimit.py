@@ -69,7 +69,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValue:
     return base_pb2.HeaderValue(key=key, value=value)
 
 
-class RateLimits(rls_pb2_grpc.RateLimitServiceServicer):
+class RateLimits(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]  # generated base, no stubs
     def __init__(self, clients: Callable[[], Clients | None], store: Store, metrics: Metrics,
                  clock: Callable[[], float] = time.time):
         self.clients = clients
@@ -77,8 +77,8 @@ class RateLimits(rls_pb2_grpc.RateLimitServiceServicer):
         self.metrics = metrics
         self.clock = clock
 
-    async def ShouldRateLimit(self, request: rls_pb2.RateLimitRequest,
-                              context: grpc.aio.ServicerContext) -> rls_pb2.RateLimitResponse:
+    async def ShouldRateLimit(self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext[
+            rls_pb2.RateLimitRequest, rls_pb2.RateLimitResponse]) -> rls_pb2.RateLimitResponse:
         entries = {e.key: e.value for d in request.descriptors[:1] for e in d.entries}
         tenant, path = entries.get("tenant", ""), entries.get("path", "")
         clients = self.clients()

@@ -192,3 +192,20 @@ def test_counters_add_up_and_expire(kind: str, tmp_path, monkeypatch):
         return out
 
     assert asyncio.run(run()) == [[1, 0], [2, 5], [4], [1]]
+
+
+def test_the_compiled_routes_carry_the_key_check_only_with_a_clients_section():
+    from envoy.extensions.filters.http.lua.v3 import lua_pb2
+
+    from extproc.routing.compile import compile_routes
+    from extproc.routing.modes import Knowledge
+
+    plain = compile_routes(load(""), Knowledge(), {}).routes.virtual_hosts[0]
+    assert not any("lua" in name for name in plain.typed_per_filter_config) and not plain.request_headers_to_remove
+    keyed = compile_routes(load(f"clients:\n  - {{key_sha256: '{SHA_BOB}', tenant: bob}}\n"), Knowledge(), {})
+    host = keyed.routes.virtual_hosts[0]
+    for name, stage in (("envoy.filters.http.lua.clients", "key"), ("envoy.filters.http.lua.client_models", "models")):
+        per_route = lua_pb2.LuaPerRoute()
+        assert host.typed_per_filter_config[name].Unpack(per_route)
+        assert per_route.source_code.inline_string.startswith(f'local STAGE, KEYS = "{stage}"')
+    assert list(host.request_headers_to_remove) == [TENANT_HEADER]

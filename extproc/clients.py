@@ -159,7 +159,10 @@ def _client(r: Reader, node: yaml.Node, key: str) -> Client | None:
     models = None
     if "models" in m:
         models = tuple(r.string_list(m["models"], f"{key}.models"))
-        for j, name in enumerate(models):
+        if not models:
+            r.problem(m["models"], f"{key}.models", "must list at least one model name or glob (leave it out: any)")
+            models = None
+        for j, name in enumerate(models or ()):
             if not _MODEL_GLOB_RE.match(name):
                 r.problem(m["models"], f"{key}.models[{j}]", "a model name or a glob with '*' and '?' (no '[...]')")
                 models = None

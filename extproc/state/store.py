@@ -225,13 +225,14 @@ class RedisStore:
         return kept if kept is not None else value
 
     async def incr(self, changes: list[tuple[str, int, int]]) -> list[int]:
-        """INCRBY and EXPIRE NX per counter, all in one round trip (atomic per counter, so replicas agree)."""
-        pipe = self.redis.pipeline(transaction=False)
+        """Per counter a SET NX with its TTL (a new window's) and an INCRBY, in one MULTI round trip: atomic,
+        so replicas agree and a counter never outlives its window (any Redis since 2.6.12)."""
+        pipe = self.redis.pipeline(transaction=True)
         for key, by, ttl in changes:
+            pipe.set(PREFIX + key, 0, ex=ttl, nx=True)
             pipe.incrby(PREFIX + key, by)
-            pipe.expire(PREFIX + key, ttl, nx=True)
         results = await self._run(pipe.execute())
-        return [int(v) for v in results[::2]]
+        return [int(v) for v in results[1::2]]
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 from datetime import UTC, datetime
+from time import time_ns
 
 import pytest
 
@@ -57,6 +58,7 @@ clients:
     (f"{{key_sha256: '{SHA_BOB}'}}", "tenant: required"),
     (f"{{key_sha256: '{SHA_BOB}', tenant: 'a b'}}", "use letters, digits"),
     (f"{{key_sha256: '{SHA_BOB}', tenant: a, models: ['x[12]']}}", "no '[...]'"),
+    (f"{{key_sha256: '{SHA_BOB}', tenant: a, models: []}}", "must list at least one model"),
     (f"{{key_sha256: '{SHA_BOB}', tenant: a, requests_per_minute: 0}}", "between 1 and"),
     (f"{{key_sha256: '{SHA_BOB}', tenant: a, token_budget: {{tokens: 5, per: week}}}}", "must be one of day, month"),
     (f"{{key_sha256: '{SHA_BOB}', tenant: a, token_budget: {{per: day}}}}", "token_budget.tokens: required"),
@@ -209,3 +211,23 @@ def test_the_compiled_routes_carry_the_key_check_only_with_a_clients_section():
         assert host.typed_per_filter_config[name].Unpack(per_route)
         assert per_route.source_code.inline_string.startswith(f'local STAGE, KEYS = "{stage}"')
     assert list(host.request_headers_to_remove) == [TENANT_HEADER]
+
+
+def test_redis_counters_are_shared_and_keep_their_windows_ttl(redis_server):
+    import redis
+
+    from extproc.state.store import RedisStore
+
+    key = f"quota:test:{time_ns()}"
+
+    async def run() -> list[list[int]]:
+        replicas = [RedisStore(redis_server.url, ttl=3600, timeout=1.0) for _ in range(2)]
+        out = [await replicas[0].incr([(key, 1, 90)]), await replicas[1].incr([(key, 1, 5000)]),
+               await replicas[0].incr([(key, 0, 90), (key + ":other", 7, 90)])]
+        for r in replicas:
+            await r.close()
+        return out
+
+    assert asyncio.run(run()) == [[1], [2], [2, 7]]
+    ttl = redis.Redis.from_url(redis_server.url).ttl("extproc:" + key)
+    assert 80 <= ttl <= 90  # the first increment's window; a later one does not extend it

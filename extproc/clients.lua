@@ -61,8 +61,12 @@ local REFUSALS = {
            "a valid API key is required: this gateway takes only the keys its clients section lists"},
   [403] = {"model_not_allowed", "permission_error", "this API key may not use this model"}}
 -- The refusal in the caller's API's shape: Anthropic Messages, or OpenAI's (Chat and Responses alike).
+-- The refusal first marks the request and has its route found again: the compiled routes send a marked
+-- request to a route without the processor, so Envoy's reply opens no ext_proc stream to the sidecar.
 local function refuse(handle, status)
   local code, kind, message = unpack(REFUSALS[status])
+  handle:headers():replace("x-gateway-refused", tostring(status))
+  handle:clearRouteCache()
   local body
   if (handle:headers():get(":path") or ""):find("^/v1/messages") then
     body = '{"type":"error","error":{"type":"' .. kind .. '","message":"' .. message .. '"}}'

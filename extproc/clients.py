@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 import yaml
 
 TENANT_HEADER = "x-gateway-tenant"  # set by Envoy's Lua filter after a key check; client copies removed
+REFUSED_HEADER = "x-gateway-refused"  # set by the Lua filter on a request it refuses (clients.lua)
 BUDGET_PERIODS = ("day", "month")
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")

@@ -139,13 +139,13 @@ REFUSED = {"message": "a valid API key is required: this gateway takes only the 
                                      {"authorization": "Basic " + KEYS["ALICE_KEY"]},
                                      {"authorization": "Bearer " + KEYS["ALICE_KEY"] + "x"}])
 def test_no_key_or_a_wrong_key_is_a_401_before_anything_is_routed(kd, headers):
-    before = kd.seen()
+    before = kd.seen(), kd.processed()
     for path, body in [("/v1/chat/completions", CHAT), ("/v1/chat/completions", {**CHAT, "model": "gpt-5.3-codex"}),
                        ("/v1/responses", {"model": "llama-3-8b", "input": "hi"}),
                        ("/v1/responses", {"model": "resp-a", "input": "hi", "store": False}), ("/v1/models", None)]:
         assert kd.raw(path, body, headers) == (401, {"error": REFUSED}), (path, body)
     assert kd.chat.requests == [] and kd.resp.requests == []
-    assert kd.seen() == before  # refused by Envoy: the processor was never asked about them
+    assert (kd.seen(), kd.processed()) == before  # refused by Envoy: not even a stream to the processor
 
 
 def test_the_refusal_on_anthropic_messages_is_in_its_shape(kd):

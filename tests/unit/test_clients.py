@@ -197,6 +197,7 @@ def test_counters_add_up_and_expire(kind: str, tmp_path, monkeypatch):
 
 
 def test_the_compiled_routes_carry_the_key_check_only_with_a_clients_section():
+    from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
     from envoy.extensions.filters.http.lua.v3 import lua_pb2
 
     from extproc.routing.compile import compile_routes
@@ -211,6 +212,11 @@ def test_the_compiled_routes_carry_the_key_check_only_with_a_clients_section():
         assert host.typed_per_filter_config[name].Unpack(per_route)
         assert per_route.source_code.inline_string.startswith(f'local STAGE, KEYS = "{stage}"')
     assert list(host.request_headers_to_remove) == [TENANT_HEADER]
+    refused = host.routes[0]  # a request the script refuses: Envoy's reply opens no stream to the processor
+    assert [(h.name, h.present_match) for h in refused.match.headers] == [("x-gateway-refused", True)]
+    off = ext_proc_pb2.ExtProcPerRoute()
+    assert refused.typed_per_filter_config["envoy.filters.http.ext_proc"].Unpack(off) and off.disabled
+    assert plain.routes[0].name != "refused"
 
 
 def test_redis_counters_are_shared_and_keep_their_windows_ttl(redis_server):

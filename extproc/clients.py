@@ -27,7 +27,7 @@ _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MODEL_GLOB_RE = re.compile(r"^[^\[\]]+$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-T = TypeVar("T")
+T = TypeVar("T", str, int, bool)  # what a config scalar may be (as the config reader has it)
 _SCRIPT = (resources.files("extproc") / "clients.lua").read_text()
 
 

@@ -17,12 +17,14 @@ from extproc.envoy.names import (
     H_ENDPOINT,
     H_FIRST_CONTACT,
     NAMESPACE,
+    REFUSED_HEADER,
     REQUEST_FIELDS,
     ROLE_METADATA,
     ROUTING_HEADERS,
     TENANT_HEADER,
     Key,
     json_to_metadata_rules,
+    model_reader_rules,
     sse_to_metadata_rules,
 )
 
@@ -48,9 +50,18 @@ def named(tree: Any, name: str) -> list[dict[str, Any]]:
 
 
 def test_json_to_metadata_rules_are_the_generated_ones(envoy):
-    [flt] = named(envoy, "envoy.filters.http.json_to_metadata")
+    [delegate] = named(envoy, "envoy.filters.http.match_delegate")
+    [flt] = named(delegate, "envoy.filters.http.json_to_metadata")
     config = flt["typed_config"]
     assert {k: v for k, v in config.items() if k != "@type"} == json_to_metadata_rules()
+
+
+def test_the_other_paths_model_reader_is_the_generated_one(envoy):
+    """The key check's models stage reads the model on every other path with a JSON body."""
+    [delegate] = named(envoy, "envoy.filters.http.match_delegate.request_model")
+    [flt] = named(delegate, "envoy.filters.http.json_to_metadata")
+    assert {k: v for k, v in flt["typed_config"].items() if k != "@type"} == model_reader_rules()
+    assert [r["on_present"]["key"] for r in model_reader_rules()["request_rules"]["rules"]] == ["model"]
 
 
 def test_sse_to_metadata_rules_are_the_generated_ones(envoy):
@@ -79,7 +90,7 @@ def test_access_log_reads_only_keys_in_the_namespace(envoy):
 def test_headers_and_metadata_shared_with_the_sidecar(envoy):
     [mutation] = named(envoy, "envoy.filters.http.header_mutation")
     removed = {m["remove"] for m in mutation["typed_config"]["mutations"]["request_mutations"] if "remove" in m}
-    assert removed == {*ROUTING_HEADERS, TENANT_HEADER, H_FIRST_CONTACT}
+    assert removed == {*ROUTING_HEADERS, TENANT_HEADER, REFUSED_HEADER, H_FIRST_CONTACT}
     ext_procs = named(envoy, "envoy.filters.http.ext_proc")
     downstream = [f for f in ext_procs if "metadata_options" in f["typed_config"]]
     assert [f["typed_config"]["metadata_options"]["receiving_namespaces"]["untyped"] for f in downstream] == \

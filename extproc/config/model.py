@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from extproc.clients import Clients
 from extproc.config.addresses import resolve
 
 MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
@@ -186,6 +187,7 @@ class Config:
     usage_accounting: str = "all"  # all: read usage from passed-through answers too; translated: only those
     log_format: str = "json"  # json (one object per line) | text
     fast_path: bool = True  # compile pass-through decisions into Envoy routes (served over xDS), see routing.compile
+    clients: Clients | None = None  # the keys that may use the gateway (extproc/clients.py); None: any caller
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()  # problems that do not stop the load: a backend that cannot serve yet
 

@@ -11,13 +11,14 @@ from typing import Any
 
 import yaml
 
+from extproc.clients import parse_clients, settle
 from extproc.config import backends, sections, state
-from extproc.config.model import Config, ConfigError
+from extproc.config.model import Config, ConfigError, Tenancy
 from extproc.config.reader import Reader
 
 SECTIONS: dict[str, Callable[[Reader, yaml.Node], Any]] = {
     "listen_tls": sections.listen_tls, "limits": sections.limits, "discovery": sections.discovery,
-    "state": state.state, "tenancy": sections.tenancy,
+    "state": state.state, "tenancy": sections.tenancy, "clients": parse_clients,
 }
 _SCALARS = {"listen", "log_level", "admin_listen", "usage_accounting", "log_format", "websocket_listen",
             "websocket_gateway", "fast_path"}
@@ -34,6 +35,8 @@ def validate(root: yaml.Node | None, source: str, env: Mapping[str, str]) -> Con
             kw[name] = value
     found = backends.backends(r, root, top)
     rules = sections.rules(r, top["model_rules"]) if "model_rules" in top else []
+    kw.setdefault("tenancy", Tenancy())
+    settle(r, top.get("backends", root), kw)
     if r.problems:
         raise ConfigError(r.problems)
     return Config(backends=tuple(found), model_rules=tuple(rules), warnings=tuple(r.warnings), **kw)

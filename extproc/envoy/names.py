@@ -25,6 +25,9 @@ H_FIRST_CONTACT, H_RETRY, H_RETRIED = "x-gateway-first-contact", "x-gateway-retr
 # gRPC metadata of the upstream filter's streams (the endpoints_first_contact cluster), and its value.
 ROLE_METADATA, FIRST_CONTACT_ROLE = "x-extproc-role", "first-contact"
 TENANT_HEADER = "x-gateway-tenant"  # the header tenancy.header conventionally names; deploy/envoy.yaml strips it
+# (with a `clients` section Envoy's key check sets it: extproc/clients.lua), and the key check's mark on a
+# request it refuses, which the compiled routes send to a route without the processor.
+REFUSED_HEADER = "x-gateway-refused"
 MODE_HEADER = "x-gateway-model-mode"  # a client's per-request mode override, when discovery.allow_mode_header
 # Headers that place a session on one instance: the processor's ring and the fast path's hash policy.
 SESSION_HEADERS = ("session-id", "x-session-id", "conversation-id", "thread-id")
@@ -56,6 +59,9 @@ class Key:
     CLIENT_API = "client_api"
     UPSTREAM_API = "upstream_api"
     BACKEND = "backend"
+    TENANT = "tenant"  # Envoy's key check's (extproc/clients.lua), like the two below
+    CLIENT = "client"  # the key's hash, for the models stage
+    LIMITED = "limited"  # the tenant, when it has limits: the rate-limit filter's descriptor
 
 
 Path = tuple[str, ...]
@@ -110,6 +116,13 @@ def json_to_metadata_rules() -> dict[str, Any]:
         "response_rules": {"allow_content_types_regex": {"regex": JSON_CONTENT_TYPES},
                            "rules": [_rule(("usage", *path), key, "NUMBER") for path, key in usage]},
     }
+
+
+def model_reader_rules() -> dict[str, Any]:
+    """`request_rules` of deploy/envoy.yaml's second json_to_metadata filter, on the other paths: the
+    body's model alone, for the key check's models stage."""
+    request = json_to_metadata_rules()["request_rules"]
+    return {"request_rules": {**request, "rules": [r for r in request["rules"] if r["selectors"] == [{"key": "model"}]]}}
 
 
 def sse_to_metadata_rules() -> dict[str, Any]:

@@ -21,13 +21,15 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.api import api_of
 from extproc.config import ListenTLS, load_config
 from extproc.envoy import xds
-from extproc.envoy.names import FIRST_CONTACT_ROLE, NAMESPACE, ROLE_METADATA
+from extproc.envoy.names import FIRST_CONTACT_ROLE, NAMESPACE, ROLE_METADATA, TENANT_HEADER
+from extproc.envoy.ratelimit import RateLimits, TenantMeter
 from extproc.envoy.running import GatewayHolder, Sidecar, every, tenant_secret, watch_files, watched_files
 from extproc.errors import GatewayError
 from extproc.exchange import Action, Exchange, Lookup, Step, error_action
@@ -101,10 +103,12 @@ def to_proto(kind: str, act: Action) -> pb.ProcessingResponse:
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated base, no stubs
-    def __init__(self, holder: GatewayHolder, store: Store, metrics: Metrics | None = None):
+    def __init__(self, holder: GatewayHolder, store: Store, metrics: Metrics | None = None,
+                 tenants: TenantMeter | None = None):
         self.holder = holder
         self.store = store
         self.metrics = metrics or Metrics()
+        self.tenants = tenants
 
     async def _fetch(self, lookup: Lookup[Any]) -> list[bytes | None] | None:
         try:
@@ -179,6 +183,9 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
 
     def _record(self, ex: Exchange, timer: ExchangeTimer) -> None:
         record(ex, self.metrics, timer, self.holder.gateway.classifier.label_for)
+        if self.tenants is not None and ex.client_api is not None:
+            u = ex.usage
+            self.tenants.count(ex.headers.get(TENANT_HEADER), u.input_tokens if u else 0, u.output_tokens if u else 0)
 
 
 def _with_metadata(resp: pb.ProcessingResponse, meta: dict[str, Any]) -> pb.ProcessingResponse:
@@ -216,13 +223,18 @@ class _Services:
             ("grpc.max_send_message_length", _MAX_MESSAGE),
             ("grpc.so_reuseport", 1),
         ])
-        pb_grpc.add_ExternalProcessorServicer_to_server(Processor(holder, sidecar.store, sidecar.metrics), self.server)
+        tenants = TenantMeter(lambda: holder.gateway.config.clients, sidecar.store, sidecar.metrics)  # `clients`
+        pb_grpc.add_ExternalProcessorServicer_to_server(Processor(holder, sidecar.store, sidecar.metrics, tenants),
+                                                        self.server)
         self.long_streams = xds.LongStreams()
         # Envoy's routes (the fast path) and the access log of what took it
         self.discovery = xds.Discovery(self.long_streams)
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.discovery, self.server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log.AccessLog(
-            sidecar.metrics, self.long_streams, lambda model: holder.gateway.classifier.label_for(model)), self.server)
+            sidecar.metrics, self.long_streams, lambda model: holder.gateway.classifier.label_for(model), tenants),
+            self.server)
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
+            RateLimits(lambda: holder.gateway.config.clients, sidecar.store, sidecar.metrics), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 

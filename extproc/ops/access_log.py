@@ -18,6 +18,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from extproc.api import MESSAGES
 from extproc.envoy.names import NAMESPACE, Key
+from extproc.envoy.ratelimit import TenantMeter
 from extproc.envoy.xds import LongStreams
 from extproc.ops.metrics import Metrics
 from extproc.ops.record import OPERATION, status_outcome
@@ -28,7 +29,8 @@ TOKEN_KINDS = (("input", Key.INPUT_TOKENS), ("output", Key.OUTPUT_TOKENS), ("cac
                ("reasoning", Key.REASONING_TOKENS))
 
 
-def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: Callable[[str | None], str]) -> None:
+def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: Callable[[str | None], str],
+          tenants: TenantMeter | None = None) -> None:
     """One fast-path request in the metrics; entries from other routes are ignored."""
     common = entry.common_properties
     kind, _, rest = common.route_name.partition(":")
@@ -54,11 +56,15 @@ def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: 
     for kind_label, key in TOKEN_KINDS[:2]:
         if key in counts:
             metrics.token_usage.observe(counts[key], *labels, kind_label)
+    if tenants is not None and Key.TENANT in fields:  # set by Envoy's key check (extproc/clients.lua)
+        tenants.count(fields[Key.TENANT].string_value, counts.get(Key.INPUT_TOKENS, 0), counts.get(Key.OUTPUT_TOKENS, 0))
 
 
 class AccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  # generated base, no stubs
-    def __init__(self, metrics: Metrics, streams: LongStreams, label_for: Callable[[str | None], str]):
+    def __init__(self, metrics: Metrics, streams: LongStreams, label_for: Callable[[str | None], str],
+                 tenants: TenantMeter | None = None):
         self.metrics = metrics
+        self.tenants = tenants
         self.streams = streams
         self.label_for = label_for  # bounds the model label, as for processed requests
 
@@ -67,7 +73,7 @@ class AccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  #
         async for message in self.streams.messages(request_iterator):
             for entry in message.http_logs.log_entry:
                 try:
-                    count(self.metrics, entry, self.label_for)
+                    count(self.metrics, entry, self.label_for, self.tenants)
                 except Exception:  # one odd entry must not end the stream (Envoy would drop the rest)
                     log.exception("access log entry not counted")
         return als_pb2.StreamAccessLogsResponse()

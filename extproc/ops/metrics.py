@@ -123,10 +123,16 @@ class Metrics(Collector):
                                              "headers to the first chunk of a streamed answer", GENAI, TTFT_BUCKETS)
         self.time_per_output_token = Histogram("gen_ai_server_time_per_output_token_seconds", "Time per output token "
                                                "after the first chunk of a streamed answer", GENAI, TPOT_BUCKETS)
+        # Per tenant of the `clients` section (its names only): answers, tokens, and requests refused by a limit.
+        self.tenant_requests = Counter("extproc_tenant_requests", "Answered requests by listed tenant", ("tenant",))
+        self.tenant_tokens = Counter("extproc_tenant_tokens", "Token usage by listed tenant and kind (input, output)",
+                                     ("tenant", "kind"))
+        self.rate_limited = Counter("extproc_rate_limited", "Requests refused with a 429 by tenant and the limit "
+                                    "that refused (requests, tokens, budget)", ("tenant", "limit"))
         self.all: tuple[Counter | Histogram, ...] = (
             self.requests, self.translations, self.phase_seconds, self.stream_chunks, self.pins, self.learned,
             self.store_errors, self.tokens, self.token_usage, self.request_duration, self.time_to_first_token,
-            self.time_per_output_token)
+            self.time_per_output_token, self.tenant_requests, self.tenant_tokens, self.rate_limited)
         self._phases = {kind: self.phase_seconds.child(kind) for kind in KINDS}
         self.registry = CollectorRegistry(auto_describe=False)  # the sidecar's numbers only
         self.registry.register(self)

@@ -31,6 +31,7 @@ class Store(Protocol):
     async def write(self, writes: list[tuple[str, bytes | None]], ttl: int | None = None) -> None: ...  # None deletes
     async def scan(self, prefix: str) -> list[tuple[str, bytes]]: ...  # for the admin command, not requests
     async def add(self, key: str, value: bytes) -> bytes: ...  # set unless present, never expires; the value kept
+    async def incr(self, changes: list[tuple[str, int, int]]) -> list[int]: ...  # counters: (key, by, ttl) -> values
     async def close(self) -> None: ...
 
 
@@ -71,6 +72,9 @@ class MemoryStore:
                 value = bytes(memoryview(value))
                 self.data[key] = (expires, value)
                 self.size += len(key) + len(value)
+        self._bound()
+
+    def _bound(self) -> None:
         while self.data and (len(self.data) > self.max_entries or self.size > self.max_bytes):
             self._drop(next(iter(self.data)))
 
@@ -88,6 +92,21 @@ class MemoryStore:
             await self.write([(key, value)], FOREVER)
             kept = value
         return kept
+
+    async def incr(self, changes: list[tuple[str, int, int]]) -> list[int]:
+        """Each counter plus its increment; a new one expires `ttl` seconds on, a running one keeps its end."""
+        out = []
+        for key, by, ttl in changes:
+            hit = self.data.get(key)
+            now = time.monotonic()
+            expires, value = (hit[0], int(hit[1]) + by) if hit is not None and hit[0] >= now else (now + ttl, by)
+            self._drop(key)
+            raw = str(value).encode()
+            self.data[key] = (expires, raw)
+            self.size += len(key) + len(raw)
+            out.append(value)
+        self._bound()
+        return out
 
     async def close(self) -> None:
         self.data.clear()
@@ -135,6 +154,18 @@ class SQLiteStore:
                 self.db.execute("INSERT OR IGNORE INTO kv VALUES (?, ?, ?)", (key, value, time.time() + FOREVER))
             kept: bytes = self.db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()[0]
             return kept
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite: {e}") from None
+
+    async def incr(self, changes: list[tuple[str, int, int]]) -> list[int]:
+        now = time.time()
+        try:
+            with self.db:
+                return [self.db.execute(
+                    "INSERT INTO kv VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                    "value = CASE WHEN expires < ? THEN excluded.value ELSE CAST(value AS INTEGER) + ? END, "
+                    "expires = CASE WHEN expires < ? THEN excluded.expires ELSE expires END RETURNING value",
+                    (key, by, now + ttl, now, by, now)).fetchone()[0] for key, by, ttl in changes]
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite: {e}") from None
 
@@ -196,6 +227,16 @@ class RedisStore:
         await self._run(self.redis.set(PREFIX + key, value, nx=True))
         kept = await self._run(self.redis.get(PREFIX + key))
         return cast(bytes, kept) if kept is not None else value  # bytes, as in get_many
+
+    async def incr(self, changes: list[tuple[str, int, int]]) -> list[int]:
+        """Per counter a SET NX with its TTL (a new window's) and an INCRBY, in one MULTI round trip: atomic,
+        so replicas agree and a counter never outlives its window (any Redis since 2.6.12)."""
+        pipe = self.redis.pipeline(transaction=True)
+        for key, by, ttl in changes:
+            pipe.set(PREFIX + key, 0, ex=ttl, nx=True)
+            pipe.incrby(PREFIX + key, by)
+        results = await self._run(pipe.execute())
+        return [int(v) for v in results[1::2]]
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -20,12 +20,14 @@ from extproc.envoy.names import (
     H_RETRIED,
     H_RETRY,
     NAMESPACE,
+    REFUSED_HEADER,
     REQUEST_FIELDS,
     ROLE_METADATA,
     ROUTING_HEADERS,
     TENANT_HEADER,
     Key,
     json_to_metadata_rules,
+    model_reader_rules,
     sse_to_metadata_rules,
 )
 
@@ -51,9 +53,18 @@ def named(tree: Any, name: str) -> list[dict[str, Any]]:
 
 
 def test_json_to_metadata_rules_are_the_generated_ones(envoy):
-    [flt] = named(envoy, "envoy.filters.http.json_to_metadata")
+    [delegate] = named(envoy, "envoy.filters.http.match_delegate")
+    [flt] = named(delegate, "envoy.filters.http.json_to_metadata")
     config = flt["typed_config"]
     assert {k: v for k, v in config.items() if k != "@type"} == json_to_metadata_rules()
+
+
+def test_the_other_paths_model_reader_is_the_generated_one(envoy):
+    """The key check's models stage reads the model on every other path with a JSON body."""
+    [delegate] = named(envoy, "envoy.filters.http.match_delegate.request_model")
+    [flt] = named(delegate, "envoy.filters.http.json_to_metadata")
+    assert {k: v for k, v in flt["typed_config"].items() if k != "@type"} == model_reader_rules()
+    assert [r["on_present"]["key"] for r in model_reader_rules()["request_rules"]["rules"]] == ["model"]
 
 
 def test_sse_to_metadata_rules_are_the_generated_ones(envoy):
@@ -90,7 +101,7 @@ def test_access_log_reads_only_keys_in_the_namespace(envoy):
 def test_headers_and_metadata_shared_with_the_sidecar(envoy):
     mutation, upstream_mutation = named(envoy, "envoy.filters.http.header_mutation")  # the edge's, the instances'
     removed = {m["remove"] for m in mutation["typed_config"]["mutations"]["request_mutations"] if "remove" in m}
-    assert removed == {*ROUTING_HEADERS, TENANT_HEADER, H_FIRST_CONTACT, H_RETRY, H_RETRIED, ROLE_METADATA}
+    assert removed == {*ROUTING_HEADERS, TENANT_HEADER, REFUSED_HEADER, H_FIRST_CONTACT, H_RETRY, H_RETRIED, ROLE_METADATA}
     assert {m["remove"] for m in upstream_mutation["typed_config"]["mutations"]["request_mutations"]} == \
         set(ROUTING_HEADERS)
     ext_procs = named(envoy, "envoy.filters.http.ext_proc")
@@ -114,6 +125,14 @@ def test_the_metadata_filter_runs_on_the_paths_with_fast_routes(envoy):
         assert re.fullmatch(regex, path) and re.fullmatch(regex, path + "?x=1"), path
     for path in ("/v1/responses/compact", "/v1/embeddings", "/v1/responses/resp_1"):
         assert not re.fullmatch(regex, path), path
+
+
+def test_the_other_paths_model_reader_skips_exactly_the_api_paths(envoy):
+    """The allow-list's second model reader runs where the API paths' reader does not: the same regex."""
+    [delegate] = named(envoy, "envoy.filters.http.match_delegate.request_model")
+    [matcher] = delegate["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
+    [path, _upgrade] = matcher["predicate"]["or_matcher"]["predicate"]
+    assert path["single_predicate"]["value_match"]["safe_regex"]["regex"] == API_PATH_REGEX
 
 
 def test_envoy_rules_command_prints_the_generated_rules(capsys):

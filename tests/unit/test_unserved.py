@@ -43,8 +43,9 @@ def request(gateway: Gateway, model: str):
 
 def test_missing_key_and_unresolved_name_are_warnings_with_their_lines():
     cfg = parse_config(CFG, source="c.yaml", env={})
-    assert [w.split(": ")[0] for w in cfg.warnings] == ["c.yaml:11", "c.yaml:16"]
+    assert [w.split(": ")[0] for w in cfg.warnings] == ["c.yaml:11", "c.yaml:16", "c.yaml:16"]
     assert "UNSERVED_TEST_KEY is not set" in cfg.warnings[1] and "backend_unconfigured" in cfg.warnings[1]
+    assert "no 'clients' section: any caller that reaches the gateway spends this key" in cfg.warnings[2]
     assert "'fleet.does-not-resolve.invalid:8000' does not resolve now" in cfg.warnings[0]
     fleet = cfg.backend("fleet")
     assert fleet is not None and fleet.endpoints == () and fleet.dns_names == ("fleet.does-not-resolve.invalid:8000",)
@@ -56,7 +57,7 @@ def test_missing_key_and_unresolved_name_are_warnings_with_their_lines():
 
 def test_a_set_key_is_no_warning():
     cfg = parse_config(CFG.replace("dns: fleet.does-not-resolve.invalid", "dns: localhost"), env={"UNSERVED_TEST_KEY": "k"})
-    assert cfg.warnings == () and cfg.unserved() == []
+    assert [w for w in cfg.warnings if "no 'clients' section" not in w] == [] and cfg.unserved() == []
 
 
 def test_a_bad_dns_entry_is_still_an_error():
@@ -87,6 +88,6 @@ def test_check_config_warns_and_exits_0_unless_strict(tmp_path, capsys, monkeypa
     path.write_text(CFG)
     assert main(["check-config", str(path)]) == 0
     out = capsys.readouterr()
-    assert out.err.count("warning: ") == 2 and "UNSERVED_TEST_KEY" in out.err
-    assert "OK (3 backends, 0 model rules, 2 warnings)" in out.out
+    assert out.err.count("warning: ") == 3 and "UNSERVED_TEST_KEY" in out.err and "no 'clients' section" in out.err
+    assert "OK (3 backends, 0 model rules, 3 warnings)" in out.out
     assert main(["check-config", "--strict", str(path)]) == 1

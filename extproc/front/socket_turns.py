@@ -26,6 +26,7 @@ from extproc.config import Limits
 from extproc.errors import GatewayError, invalid, upstream_error_payload
 
 # Fields a WebSocket `response.create` must not carry (x-openresponses-disallowed in the spec).
+# `stream: true` is tolerated, as OpenAI does: Codex CLI sends it over the socket, whose turns always stream.
 DISALLOWED = ("stream", "stream_options", "background")
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 _UNSTORED_REMEMBERED = 1024  # ids of a socket's unstored responses kept to answer "not found" for them
@@ -91,6 +92,8 @@ class SocketSession:
             kind = msg.get("type") if isinstance(msg, dict) else None
             raise GatewayError(400, f"unsupported client event type {kind!r}: expected 'response.create'",
                                param="type", code="unsupported_event")
+        if msg.get("stream") is True:
+            del msg["stream"]
         for key in DISALLOWED:
             if key in msg:
                 raise GatewayError(400, f"'{key}' must not be sent in a WebSocket response.create message",

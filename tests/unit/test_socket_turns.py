@@ -21,11 +21,17 @@ def test_a_create_message_becomes_a_streaming_request_body():
     assert body == {"model": "m", "input": "hi", "stream": True}
 
 
+def test_stream_true_is_tolerated_as_codex_sends_it():
+    """Codex CLI's WebSocket mode sends `stream: true`; a socket's turns stream anyway."""
+    sent = json.dumps({"type": "response.create", "model": "m", "input": "hi", "stream": True})
+    assert json.loads(SocketSession().request(sent)) == {"model": "m", "input": "hi", "stream": True}
+
+
 @pytest.mark.parametrize(("message", "code", "param"), [
     ("{", "invalid_json", None),
     (json.dumps({"type": "response.cancel"}), "unsupported_event", "type"),
     (json.dumps(["response.create"]), "unsupported_event", "type"),
-    (json.dumps({"type": "response.create", "model": "m", "stream": True}), "unsupported_parameter", "stream"),
+    (json.dumps({"type": "response.create", "model": "m", "stream": False}), "unsupported_parameter", "stream"),
     (json.dumps({"type": "response.create", "model": "m", "background": False}), "unsupported_parameter", "background"),
     (json.dumps({"type": "response.create", "model": "m", "previous_response_id": 3}), "invalid_value",
      "previous_response_id"),
@@ -127,7 +133,7 @@ def test_a_refused_message_leaves_the_cache_alone():
     s.request(create(input="one", store=False))
     s.event(completed("resp_1", "uno"))
     with pytest.raises(GatewayError):
-        s.request(create(input="x", stream=True, previous_response_id="resp_1"))
+        s.request(create(input="x", stream=False, previous_response_id="resp_1"))
     assert "previous_response_id" not in json.loads(s.request(create(input="two", previous_response_id="resp_1")))
 
 

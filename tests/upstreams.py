@@ -5,7 +5,8 @@
 - `ResponsesServer`: a Responses-only server (Codex-model style). 400 "use /v1/responses" on
   /v1/chat/completions, 400 on `messages` or any field the Responses API does not define. Stateful
   like a vLLM instance: it only knows the response ids it produced itself (404 otherwise), for
-  `previous_response_id` and GET/DELETE/cancel/input_items.
+  `previous_response_id` and GET/DELETE/cancel/input_items. A `compaction_trigger` last in `input` is
+  answered with one opaque compaction item (elsewhere: 400, as OpenAI).
 
 Each reply is taken from `script` (a queue of `Reply`), else an echo of the last user text.
 """
@@ -381,6 +382,10 @@ class _ResponsesHandler(_Handler):
         if self.send_broken(reply, bool(body.get("stream"))):
             return
         response = self.response(body, reply)
+        inp = body.get("input")
+        if isinstance(inp, list) and inp and inp[-1].get("type") == "compaction_trigger":  # compaction, as OpenAI's
+            response["output"] = [{"type": "compaction", "id": "cmp_" + uuid.uuid4().hex,
+                                   "encrypted_content": COMPACTED + uuid.uuid4().hex}]
         if body.get("store") is not False:
             inp = body.get("input")
             items = [{"role": "user", "content": inp}] if isinstance(inp, str) else list(inp)
@@ -460,6 +465,9 @@ class _ResponsesHandler(_Handler):
             elif kind == "compaction":
                 if not str(item.get("encrypted_content", "")).startswith(COMPACTED):
                     return "Invalid encrypted_content: not produced by this server's compaction"
+            elif kind == "compaction_trigger":
+                if item is not inp[-1]:
+                    return "The 'compaction_trigger' item must be the final input item."
             elif kind == "function_call_output":
                 if item.get("call_id") not in calls:
                     return f"No tool call found for function call output with call_id {item.get('call_id')}."
@@ -529,6 +537,8 @@ class _ResponsesHandler(_Handler):
                 send("response.output_text.done", item_id=item["id"], output_index=idx, content_index=0, text=text)
                 send("response.content_part.done", item_id=item["id"], output_index=idx, content_index=0,
                      part=item["content"][0])
+            elif kind == "compaction":
+                send("response.output_item.added", output_index=idx, item=item)
             elif kind == "function_call":
                 send("response.output_item.added", output_index=idx,
                      item={**item, "arguments": "", "status": "in_progress"})

@@ -26,7 +26,7 @@ from extproc.routing.modes import Learned, learned_key
 from extproc.state import records as rec
 from extproc.state.lookup import Lookup, Values, then
 from extproc.state.pinning import Answered, Continuation, Forwarded, Pinning
-from extproc.translate import compact
+from extproc.translate import compact, compact_trigger
 from extproc.translate.pairs import pair_for
 
 log = logging.getLogger("extproc")
@@ -151,6 +151,10 @@ class RequestSide:
         pair = pair_for(self.client_api, upstream_api, body, model, res.backend)
         if self.call is Call.COMPACT and pair is not None:
             pair = compact.CompactOnChat(res.backend, self.gw.sealer, self.pinning.tenant)
+        # hook (compaction inside /v1/responses): a trigger last in `input` is compacted on chat backends
+        if self.call is Call.CREATE and self.client_api == RESPONSES and compact_trigger.triggered(body) \
+                and pair is not None:
+            pair = compact_trigger.TriggerOnChat(body, res.backend, self.gw.sealer, self.pinning.tenant)
         plan = self._plan(target, request=body, stream=body.get("stream", False) is True, pair=pair,
                           facts=ModelFacts(self.gw, backend.name, model, self.client_api, learned) if learning else None)
         plan.observe_usage = plan.pair is None and self.gw.config.usage_accounting == "all" and self.call is not Call.COUNT
@@ -172,11 +176,13 @@ class RequestSide:
         opened = compact.open_items(body.get("input"), self.gw.sealer, self.pinning.tenant, plan.pair is not None)
         if opened is not None:  # the sidecar's own compaction items: their summaries instead
             body = {**body, "input": opened}
+        # hook (held history): cut to its compacted window, the sidecar's compaction items opened
+        prior = compact_trigger.held_context(cont.prior, self.gw.sealer, self.pinning.tenant, plan.pair is not None)
         if plan.pair is not None:
             items = rec.input_items(body.get("input"))
             if keep:
                 plan.turn = Turn(items, cont.ancestors)
-            merged = {**body, "input": cont.prior + items} if cont.prior else body
+            merged = {**body, "input": prior + items} if prior else body
             new = plan.pair.request(merged)
             if plan.pair.dropped_tools:
                 log.info("model=%s backend=%s: hosted tools dropped: %s", self.model, plan.target.backend.name,
@@ -184,9 +190,9 @@ class RequestSide:
             return self._route(plan, new)
         # A Responses backend keeps its own state: pin the reply's id to the instance that made it.
         plan.record_id = keep  # endpoint backends and clusters alike: GET /v1/responses/{id} must find it
-        if cont.prior:  # the conversation so far was kept by the sidecar: hand it over whole
+        if prior:  # the conversation so far was kept by the sidecar: hand it over whole
             new = {k: v for k, v in body.items() if k != "previous_response_id"}
-            new["input"] = cont.prior + rec.input_items(body.get("input"))
+            new["input"] = prior + rec.input_items(body.get("input"))
             return self._route(plan, new)
         return self._route(plan, body if opened is not None else None)
 

@@ -9,6 +9,7 @@ from typing import Any
 from extproc.exchange.actions import Writes
 from extproc.routing.gateway import Gateway, Target
 from extproc.routing.modes import LOCAL_TTL, Learned, learned_key
+from extproc.state.conversations import Held
 from extproc.state.pinning import Pinning
 from extproc.translate.pairs import TranslatorPair
 
@@ -66,6 +67,7 @@ class Plan:
     facts: ModelFacts | None = None  # the model's API is unknown: learn it from the answer
     pinned_id: str | None = None  # routed by a pin: explain a lost instance
     turn: Turn | None = None  # keep the translated answer as a turn
+    conversation: Held | None = None  # append the turn to the conversation it continues
 
     @property
     def upstream_api(self) -> str | None:
@@ -90,6 +92,8 @@ class Plan:
         return self.facts.ttl if writes and self.facts is not None else None
 
     def keep_turn(self, response: dict[str, Any] | None) -> Writes:
-        if self.turn is None:
-            return []
-        return self.pinning.turn_writes(response, self.turn.items, self.turn.ancestors, self.target.endpoint)
+        writes = [] if self.turn is None else \
+            self.pinning.turn_writes(response, self.turn.items, self.turn.ancestors, self.target.endpoint)
+        if self.conversation is not None:  # hook (conversations)
+            writes += self.conversation.append(response)
+        return writes

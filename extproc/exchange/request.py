@@ -23,6 +23,7 @@ from extproc.exchange.paths import INPUT_TOKENS, check_request_line
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
 from extproc.routing.gateway import H_FIRST_CONTACT, ROUTING_HEADERS, Gateway, Target, placement_key
 from extproc.routing.modes import Learned, learned_key
+from extproc.state import conversations
 from extproc.state import records as rec
 from extproc.state.lookup import Lookup, Values, then
 from extproc.state.pinning import Answered, Continuation, Forwarded, Pinning
@@ -53,6 +54,7 @@ class RequestSide:
         self.plan: Plan | None = None  # set once the request is routed
         self.call = Call.CREATE
         self.pinning = Pinning(gw, {})
+        self.conversation_route: conversations.Route | None = None  # a Conversations API path
 
     @property
     def query(self) -> str:
@@ -69,6 +71,9 @@ class RequestSide:
         if bare in (compact.PATH, INPUT_TOKENS):  # not the resources of responses with ids "compact", "input_tokens"
             self.client_api, self.call = RESPONSES, Call.COMPACT if bare == compact.PATH else Call.COUNT
             return Action()
+        self.conversation_route = conversations.route(bare)  # hook (conversations): answered by the sidecar
+        if self.conversation_route is not None:
+            return self._conversation(None) if end_of_stream else Action()
         resource = rec.RESOURCE_RE.match(bare)
         if resource is not None:
             lookup = self.pinning.resource(self.method, resource.group(1), resource.group(2) or "", self.query)
@@ -83,6 +88,12 @@ class RequestSide:
         if isinstance(outcome, Answered):
             return answer(outcome.status, outcome.body, outcome.writes)
         return self._route(self._plan(outcome.target, pinned_id=outcome.pinned_id))
+
+    def _conversation(self, body: dict[str, Any] | None) -> Step:
+        assert self.conversation_route is not None
+        calls = conversations.Conversations(self.pinning.tenant, self.gw.config.state.max_record_bytes)
+        return then(calls.call(self.method, self.conversation_route, self.query, body),
+                    lambda reply: answer(reply.status, reply.body, reply.writes))
 
     def _plan(self, target: Target, **kw: Any) -> Plan:
         return Plan(target=target, pinning=self.pinning, client_api=self.client_api,
@@ -99,6 +110,9 @@ class RequestSide:
         if len(raw) > limit:
             raise GatewayError(413, f"request body of {len(raw)} bytes exceeds the gateway limit of {limit} bytes",
                                code="request_too_large")
+        if self.conversation_route is not None:  # hook (conversations): a JSON body, answered by the sidecar
+            check_json_request(self.headers)
+            return self._conversation(parse_body(raw))
         if self.client_api is None and not is_json(self.headers.get("content-type", "")):
             return self._pass_on()
         check_json_request(self.headers)
@@ -160,6 +174,8 @@ class RequestSide:
         plan.observe_usage = plan.pair is None and self.gw.config.usage_accounting == "all" and self.call is not Call.COUNT
         if self.client_api != RESPONSES:
             return self._route(plan, plan.pair.request(body) if plan.pair is not None else None)
+        if body.get("conversation") is not None:  # hook (conversations): the history is the conversation's
+            return self._in_conversation(plan, body, target)
         prev = body.get("previous_response_id")
         if prev is None:
             return self._forward(plan, Continuation(target))
@@ -167,6 +183,20 @@ class RequestSide:
             raise invalid("previous_response_id", "expected a response id string")
         return then(self.pinning.continue_from(prev, model, res, target, plan.pair is not None),
                     lambda cont: self._forward(plan, cont))
+
+    def _in_conversation(self, plan: Plan, body: dict[str, Any], target: Target) -> Step:
+        """A turn in a conversation the sidecar holds: its items are the history (docs/state.md)."""
+        if plan.pair is None:
+            raise GatewayError(400, f"Conversations are kept by the gateway and continue on models served on "
+                                    f"chat completions; the model '{self.model}' is served by a Responses backend: "
+                                    "send the conversation's items as input, or use previous_response_id",
+                               param="conversation", code="unsupported_parameter")
+        lookup = conversations.Turns(self.pinning.tenant, self.gw.config.state.max_record_bytes).held(body)
+
+        def continued(held: conversations.Held) -> Action:
+            plan.request, plan.conversation = {k: v for k, v in body.items() if k != "conversation"}, held
+            return self._forward(plan, Continuation(target, prior=held.items))
+        return lookup.map(continued)
 
     def _forward(self, plan: Plan, cont: Continuation) -> Action:
         """A Responses request sent on, a conversation the sidecar kept merged into its input."""
@@ -182,6 +212,8 @@ class RequestSide:
             items = rec.input_items(body.get("input"))
             if keep:
                 plan.turn = Turn(items, cont.ancestors)
+            if plan.conversation is not None:  # hook (conversations): appended when the answer ends
+                plan.conversation.input = items
             merged = {**body, "input": prior + items} if prior else body
             new = plan.pair.request(merged)
             if plan.pair.dropped_tools:

@@ -1,7 +1,8 @@
-"""End to end: the Conversations API the sidecar holds, through the real Envoy, with the official openai
-SDK and the Agents SDK, on two replicas (each an Envoy with its own sidecar) sharing a real Redis.
+"""End to end: the state the sidecar holds for chat-only backends beyond previous_response_id (the
+Conversations API, background responses), through the real Envoy, with the official openai SDK and the
+Agents SDK, on two replicas (each an Envoy with its own sidecar) sharing a real Redis.
 
-Every call alternates replicas, so each one depends on the shared record.
+Calls alternate replicas, so each one depends on the shared records.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
+import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from extproc.local.stack import Stack, free_port, wait_for_port
+from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
 
 from .conformance import check_stream, validate_response
 from .conftest import RedisServer
@@ -25,6 +29,10 @@ from .upstreams import ChatServer, Reply, ResponsesServer
 CONFIG = """
 listen: 127.0.0.1:{port}
 admin_listen: 127.0.0.1:{admin_port}
+websocket_listen: "off"
+websocket_gateway: http://127.0.0.1:{envoy}
+limits:
+  background_max_runs: 2
 state:
   store: redis
   redis_url: {redis}
@@ -43,8 +51,16 @@ backends:
 @dataclass
 class Replicas:
     urls: list[str]
+    admins: list[str]
     chat: list[ChatServer]
     resp: ResponsesServer
+
+    def background_runs(self, replica: int, outcome: str) -> float:
+        """extproc_background_runs_total{outcome} of one replica, from its admin port's /metrics."""
+        with urllib.request.urlopen(self.admins[replica] + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        found = re.search(rf'^extproc_background_runs_total{{outcome="{outcome}"}} (\S+)$', text, re.M)
+        return float(found.group(1)) if found else 0.0
 
     def clients(self, api_key: str = "k") -> Iterator[openai.OpenAI]:
         """Clients that alternate between the two replicas, forever."""
@@ -57,21 +73,21 @@ class Replicas:
 
 @pytest.fixture(scope="module")
 def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
-    chat, resp = [ChatServer(), ChatServer()], ResponsesServer()
+    chat, resp = [ChatServer()], ResponsesServer()  # one chat instance: its script is the conversation's
     stack = Stack()
     tmp = Path(tmp_path_factory.mktemp("conversations"))
-    urls = []
+    urls, admins = [], []
     try:
         for i in range(2):
-            port = free_port()
+            port, listen, admin = free_port(), free_port(), free_port()
+            admins.append(f"http://127.0.0.1:{admin}")
             cfg = tmp / f"config-{i}.yaml"
-            cfg.write_text(CONFIG.format(port=port, admin_port=free_port(), redis=redis_server.url, resp=resp.address,
-                                         chat=", ".join(f'"{s.address}"' for s in chat)))
+            cfg.write_text(CONFIG.format(port=port, admin_port=admin, redis=redis_server.url, resp=resp.address,
+                                         chat=", ".join(f'"{s.address}"' for s in chat), envoy=listen))
             wait_for_port(port, proc=stack.start_sidecar(cfg))
-            listen = free_port()
             stack.start_envoy(listen, free_port(), port)
             urls.append(f"http://127.0.0.1:{listen}")
-        yield Replicas(urls, chat, resp)
+        yield Replicas(urls, admins, chat, resp)
     finally:
         stack.stop()
         for server in (*chat, resp):
@@ -202,3 +218,71 @@ def test_agents_sdk_conversations_session_recalls_an_earlier_turn(rp):
     last = rp.chat_requests()[-1]["messages"]
     assert [(m["role"], m["content"]) for m in last if m["role"] != "system"] == [
         ("user", "My name is Zed."), ("assistant", "Nice to meet you, Zed."), ("user", "What is my name?")]
+
+
+# -- background responses -----------------------------------------------------------------------------
+
+def test_a_background_response_on_a_chat_backend_is_polled_to_completion_on_the_other_replica(rp):
+    hold = threading.Event()
+    for server in rp.chat:
+        server.script.append(Reply(text="Deep answer.", hold=hold))
+    first, second = itertools.islice(rp.clients(), 2)
+    queued = first.responses.create(model="llama-3", input="research this", background=True)
+    assert (queued.status, queued.background, queued.output) == ("queued", True, [])
+    assert wait_until(lambda: second.responses.retrieve(queued.id).status == "in_progress", timeout=20)
+    hold.set()
+    assert wait_until(lambda: second.responses.retrieve(queued.id).status == "completed", timeout=20)
+    raw = second.responses.with_raw_response.retrieve(queued.id)
+    done = json.loads(raw.text)
+    validate_response(done)
+    assert done["id"] == queued.id and done["background"] is True
+    assert done["output"][0]["content"][0]["text"] == "Deep answer."
+    assert [i.content[0].text for i in first.responses.input_items.list(queued.id)] == ["research this"]
+    sent = rp.chat_requests()
+    assert len(sent) == 1 and sent[0]["messages"] == [{"role": "user", "content": "research this"}]
+    # A background turn continues like any other: previous_response_id rebuilds it.
+    follow = second.responses.create(model="llama-3", previous_response_id=queued.id, input="and then?")
+    assert follow.status == "completed"
+    assert [m["content"] for m in rp.chat_requests()[-1]["messages"]] == ["research this", "Deep answer.", "and then?"]
+    with pytest.raises(openai.NotFoundError):  # another tenant polls nothing
+        next(rp.clients("other-key")).responses.retrieve(queued.id)
+
+
+def test_a_background_response_is_cancelled_and_stays_cancelled(rp):
+    hold = threading.Event()
+    for server in rp.chat:
+        server.script.append(Reply(text="too late", hold=hold))
+    first, second = itertools.islice(rp.clients(), 2)
+    cancelled_before = rp.background_runs(0, "cancelled")
+    queued = first.responses.create(model="llama-3", input="long job", background=True)
+    assert wait_until(lambda: first.responses.retrieve(queued.id).status == "in_progress", timeout=20)
+    with pytest.raises(openai.NotFoundError):
+        next(rp.clients("other-key")).responses.cancel(queued.id)
+    assert second.responses.cancel(queued.id).status == "cancelled"
+    hold.set()
+    assert wait_until(lambda: rp.background_runs(0, "cancelled") == cancelled_before + 1, timeout=20)
+    assert first.responses.retrieve(queued.id).status == "cancelled"
+    assert second.responses.cancel(queued.id).status == "cancelled"  # again: answered as it is
+    sync = first.responses.create(model="llama-3", input="quick")
+    with pytest.raises(openai.BadRequestError, match="background=true"):
+        first.responses.cancel(sync.id)
+
+
+def test_background_refusals_and_the_replica_limit(rp):
+    client = next(rp.clients())
+    for extra, param in (({"stream": True}, "stream"), ({"store": False}, "store")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model="llama-3", input="x", background=True, **extra)
+        assert e.value.body["param"] == param
+    hold = threading.Event()
+    for server in rp.chat:
+        server.script.extend([Reply(text="a", hold=hold), Reply(text="b", hold=hold)])
+    running = [client.responses.create(model="llama-3", input=f"job {n}", background=True) for n in range(2)]
+    try:
+        with pytest.raises(openai.RateLimitError) as e:  # limits.background_max_runs: 2 on this replica
+            client.responses.create(model="llama-3", input="one more", background=True)
+        assert e.value.code == "background_limit_reached"
+    finally:
+        hold.set()
+    for r in running:
+        assert wait_until(lambda r=r: client.responses.retrieve(r.id).status == "completed", timeout=20)

@@ -60,7 +60,8 @@ class Reply:
     pieces: int = 3  # deltas per streamed text
     delay: float = 0.0  # seconds between streamed text deltas (a slow model)
     stall: float = 0.0  # seconds to wait before answering at all (a stuck model)
-    hold: threading.Event | None = None  # a stream waits after its first chunk until this is set (at most 30 s)
+    hold: threading.Event | None = None  # a stream waits after its first chunk, a chat answer before it is
+    # sent, until this is set (at most 30 s)
     # A broken provider: `body` is sent as a 200 JSON answer whatever it holds (b"" for no body at
     # all); `events` are the SSE data payloads of a 200 stream, sent as they are, then the stream ends.
     body: bytes | None = None
@@ -231,6 +232,8 @@ class _ChatHandler(_Handler):
         if body.get("stream"):
             self.chat_stream(body, reply)
         else:
+            if reply.hold is not None:  # a slow model: the answer comes once the test lets it
+                reply.hold.wait(timeout=30)
             self.send_json(200, self.completion(body, reply))
 
     def check(self, body: Any) -> str | None:

@@ -23,7 +23,7 @@ from extproc.exchange.paths import INPUT_TOKENS, check_request_line
 from extproc.exchange.plan import ModelFacts, Plan, Turn, remember
 from extproc.routing.gateway import H_FIRST_CONTACT, ROUTING_HEADERS, Gateway, Target, placement_key
 from extproc.routing.modes import Learned, learned_key
-from extproc.state import conversations
+from extproc.state import background, conversations
 from extproc.state import records as rec
 from extproc.state.lookup import Lookup, Values, then
 from extproc.state.pinning import Answered, Continuation, Forwarded, Pinning
@@ -55,6 +55,7 @@ class RequestSide:
         self.call = Call.CREATE
         self.pinning = Pinning(gw, {})
         self.conversation_route: conversations.Route | None = None  # a Conversations API path
+        self.background = False  # a background turn the sidecar runs itself (chat models)
 
     @property
     def query(self) -> str:
@@ -169,6 +170,9 @@ class RequestSide:
         if self.call is Call.CREATE and self.client_api == RESPONSES and compact_trigger.triggered(body) \
                 and pair is not None:
             pair = compact_trigger.TriggerOnChat(body, res.backend, self.gw.sealer, self.pinning.tenant)
+        # hook (background): on a chat model the sidecar runs it; a Responses backend takes it as sent
+        self.background = self.call is Call.CREATE and self.client_api == RESPONSES and \
+            background.requested(body, pair is not None)
         plan = self._plan(target, request=body, stream=body.get("stream", False) is True, pair=pair,
                           facts=ModelFacts(self.gw, backend.name, model, self.client_api, learned) if learning else None)
         plan.observe_usage = plan.pair is None and self.gw.config.usage_accounting == "all" and self.call is not Call.COUNT
@@ -200,6 +204,10 @@ class RequestSide:
 
     def _forward(self, plan: Plan, cont: Continuation) -> Action:
         """A Responses request sent on, a conversation the sidecar kept merged into its input."""
+        if self.background:  # hook (background): answered queued now, run by the sidecar's shell
+            run = background.Run.start(plan.request, self.pinning.tenant, self.headers, cont.ancestors)
+            queued, writes = run.queued()
+            return Action(immediate=(200, queued, "application/json"), writes=writes, done=True, background=run)
         body = plan.request
         plan.target, plan.pinned_id = cont.target, cont.pinned_id
         keep = body.get("store") is not False and self.call is Call.CREATE

@@ -186,13 +186,31 @@ def test_another_tenant_gets_404_on_every_new_path(rp):
     assert rp.chat_requests() == []
 
 
-def test_a_conversation_with_a_model_on_a_responses_backend_is_refused_clearly(rp):
-    client = next(rp.clients())
-    conv = client.conversations.create()
-    with pytest.raises(openai.BadRequestError) as e:
-        client.responses.create(model="gpt-5.3-codex", conversation=conv.id, input="hello")
-    assert (e.value.code, e.value.body["param"]) == ("unsupported_parameter", "conversation")
-    assert rp.resp.requests == []
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_conversation_across_a_chat_model_and_a_responses_backend(rp, stream):
+    """The sidecar holds the conversation: a Responses backend gets its items as input (no conversation id
+    it would not know), and its answer, read on the way, is appended like a chat model's."""
+    clients = rp.clients()
+    conv = next(clients).conversations.create()
+    rp.chat[0].script.extend([Reply(text="Noted, Zed."), Reply(text="You are Zed, and you like tea.")])
+    rp.resp.script.append(Reply(text="Tea, then."))
+    next(clients).responses.create(model="llama-3", conversation=conv.id, input="I am Zed")
+    if stream:
+        with next(clients).responses.create(model="gpt-5.3-codex", conversation=conv.id, input="I like tea",
+                                            stream=True) as s:
+            events = [e.model_dump(mode="json", exclude_unset=True) for e in s]
+        assert events[-1]["type"] == "response.completed"
+    else:
+        assert next(clients).responses.create(model="gpt-5.3-codex", conversation=conv.id,
+                                              input="I like tea").output_text == "Tea, then."
+    (sent,) = [r["body"] for r in rp.resp.requests]
+    assert "conversation" not in sent
+    assert [i["content"][0]["text"] for i in sent["input"]] == ["I am Zed", "Noted, Zed.", "I like tea"]
+    r3 = next(clients).responses.create(model="llama-3", conversation=conv.id, input="who am I?")
+    assert r3.output_text == "You are Zed, and you like tea."
+    assert [m["content"] for m in rp.chat_requests()[-1]["messages"]] == [
+        "I am Zed", "Noted, Zed.", "I like tea", "Tea, then.", "who am I?"]
+    assert len(list(next(clients).conversations.items.list(conv.id))) == 6
 
 
 def test_agents_sdk_conversations_session_recalls_an_earlier_turn(rp):

@@ -76,7 +76,8 @@ class Plan:
     @property
     def watches_answer(self) -> bool:
         return (self.pair is not None or self.record_id or self.observe_usage or self.facts is not None
-                or self.pinned_id is not None or bool(self.target.backend.api_key))  # errors may quote the key
+                or self.pinned_id is not None or self.conversation is not None  # hook (conversations)
+                or bool(self.target.backend.api_key))  # errors may quote the key
 
     @property
     def dropped_tools(self) -> list[str]:

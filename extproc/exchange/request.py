@@ -189,12 +189,8 @@ class RequestSide:
                     lambda cont: self._forward(plan, cont))
 
     def _in_conversation(self, plan: Plan, body: dict[str, Any], target: Target) -> Step:
-        """A turn in a conversation the sidecar holds: its items are the history (docs/state.md)."""
-        if plan.pair is None:
-            raise GatewayError(400, f"Conversations are kept by the gateway and continue on models served on "
-                                    f"chat completions; the model '{self.model}' is served by a Responses backend: "
-                                    "send the conversation's items as input, or use previous_response_id",
-                               param="conversation", code="unsupported_parameter")
+        """A turn in a conversation the sidecar holds: its items are the history, handed to a Responses
+        backend as `input` (docs/state.md)."""
         lookup = conversations.Turns(self.pinning.tenant, self.gw.config.state.max_record_bytes).held(body)
 
         def continued(held: conversations.Held) -> Action:
@@ -230,9 +226,12 @@ class RequestSide:
             return self._route(plan, new)
         # A Responses backend keeps its own state: pin the reply's id to the instance that made it.
         plan.record_id = keep  # endpoint backends and clusters alike: GET /v1/responses/{id} must find it
-        if prior:  # the conversation so far was kept by the sidecar: hand it over whole
+        if prior or plan.conversation is not None:  # the conversation so far was kept by the sidecar: hand it over whole
+            items = rec.input_items(body.get("input"))
+            if plan.conversation is not None:  # hook (conversations): its answer is read and appended
+                plan.conversation.input = items
             new = {k: v for k, v in body.items() if k != "previous_response_id"}
-            new["input"] = prior + rec.input_items(body.get("input"))
+            new["input"] = prior + items
             return self._route(plan, new)
         return self._route(plan, body if opened is not None else None)
 

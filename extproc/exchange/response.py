@@ -34,6 +34,7 @@ from extproc.exchange.plan import Plan
 from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
 from extproc.routing.gateway import H_RETRIED
 from extproc.routing.modes import rejection_needs
+from extproc.state.conversations import AnswerReader
 from extproc.state.pinning import IdRecorder
 from extproc.translate.pairs import Answer, StreamTranslator, TranslatorPair
 
@@ -290,8 +291,9 @@ class Observe:
     """An answer in the client's own API, passed on untouched while its id and usage are read."""
 
     def __init__(self, plan: Plan, recorder: IdRecorder | None, scanner: UsageScanner | None, writes: Writes,
-                 outcome: Outcome):
+                 outcome: Outcome, reader: AnswerReader | None = None):
         self.plan, self.recorder, self.scanner, self.writes, self.outcome = plan, recorder, scanner, writes, outcome
+        self.reader = reader  # the Response of a turn in a conversation, appended at the end
 
     def headers_action(self) -> Action:
         return Action(response_body_mode=STREAMED, writes=self.writes, write_ttl=self.plan.learned_ttl(self.writes))
@@ -306,8 +308,12 @@ class Observe:
             if end_of_stream:
                 scanner.finish()
                 self.outcome.account(self.plan, 200, scanner.usage, lambda: scanner.output_bytes)
+        if self.reader is not None:  # hook (conversations)
+            self.reader.feed(chunk, end_of_stream)
+            if end_of_stream and self.plan.conversation is not None:
+                writes = [*writes, *self.plan.conversation.append(self.reader.response)]
         reading_id = self.recorder is not None and not self.recorder.done
-        return Action(writes=writes, done=end_of_stream or (scanner is None and not reading_id))
+        return Action(writes=writes, done=end_of_stream or (scanner is None and not reading_id and self.reader is None))
 
 
 def choose(plan: Plan, status: int, headers: dict[str, str], outcome: Outcome) -> ResponseHandler | Action:
@@ -328,11 +334,13 @@ def choose(plan: Plan, status: int, headers: dict[str, str], outcome: Outcome) -
     if plan.pinned_id and status == 503:
         return ExplainLostPin(plan)
     ok = 200 <= status < 300
+    sse = headers.get("content-type", "").startswith("text/event-stream")
+    reader = AnswerReader(sse, plan.pinning.gw.config.state.max_record_bytes) \
+        if ok and plan.conversation is not None else None  # hook (conversations)
     if plan.facts is not None and H_RETRIED in headers:  # first contact, retried on the other API and translated
         outcome.learned_fact = "needs_" + headers[H_RETRIED]
-        scanner = UsageScanner(sse=headers.get("content-type", "").startswith("text/event-stream")) \
-            if ok and plan.observe_usage else None
-        return Observe(plan, None, scanner, [], outcome) if scanner is not None else Action(done=True)
+        scanner = UsageScanner(sse=sse) if ok and plan.observe_usage else None
+        return Observe(plan, None, scanner, [], outcome, reader) if scanner or reader else Action(done=True)
     encoding = headers.get("content-encoding", "identity")
     if plan.facts is not None and status in _LEARNABLE:
         return LearnRejection(plan, status, encoding, outcome)
@@ -343,10 +351,9 @@ def choose(plan: Plan, status: int, headers: dict[str, str], outcome: Outcome) -
         writes = plan.facts.answered()
         outcome.learned_fact = "answers_" + (plan.client_api or "")
     recorder = IdRecorder(plan.pinning.tenant, plan.target) if plan.record_id and status == 200 else None
-    scanner = UsageScanner(sse=headers.get("content-type", "").startswith("text/event-stream")) \
-        if ok and plan.observe_usage else None
-    if recorder is not None or scanner is not None:
-        return Observe(plan, recorder, scanner, writes, outcome)
+    scanner = UsageScanner(sse=sse) if ok and plan.observe_usage else None
+    if recorder is not None or scanner is not None or reader is not None:
+        return Observe(plan, recorder, scanner, writes, outcome, reader)
     return Action(writes=writes, write_ttl=plan.learned_ttl(writes), done=True)
 
 

@@ -27,6 +27,7 @@ from extproc.errors import GatewayError, invalid
 from extproc.state.lookup import Lookup, Values
 from extproc.state.records import input_items, input_items_page
 from extproc.translate.common import new_id, now
+from extproc.translate.sse import SSEDecoder
 
 log = logging.getLogger("extproc")
 
@@ -261,6 +262,42 @@ class Held:
             log.warning("conversation %s not extended: %d bytes exceeds state.max_record_bytes", record.id, len(raw))
             return []
         return [(conversation_key(self.tenant, record.id), raw)]
+
+
+_TERMINAL = ('"response.completed"', '"response.incomplete"')
+
+
+class AnswerReader:
+    """The Response of an answer passed through from a Responses backend, read on the way without
+    changing it: a JSON body whole (up to `limit` bytes), or a stream's terminal event."""
+
+    def __init__(self, sse: bool, limit: int):
+        self.decoder = SSEDecoder() if sse else None
+        self.limit = limit
+        self.body: list[bytes] = []
+        self.size = 0
+        self.response: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes, end_of_stream: bool) -> None:
+        if self.decoder is None:
+            self.size += len(chunk)
+            if self.size <= self.limit:
+                self.body.append(chunk)
+            if end_of_stream and self.size <= self.limit:
+                self._found(b"".join(self.body), None)
+            return
+        for ev in [*self.decoder.feed(chunk), *(self.decoder.close() if end_of_stream else ())]:
+            if any(kind in ev.data[:200] for kind in _TERMINAL):
+                self._found(ev.data.encode(), "response")
+
+    def _found(self, raw: bytes, inside: str | None) -> None:
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        doc = doc.get(inside) if inside is not None and isinstance(doc, dict) else doc
+        if isinstance(doc, dict) and isinstance(doc.get("output"), list):
+            self.response = doc
 
 
 class Turns:

@@ -210,7 +210,41 @@ def test_conversation_refusals_on_responses(gateway):
              400, "mutually_exclusive_parameters"),
             ({"model": "llama-3", "input": "x", "conversation": 3}, 400, "invalid_value"),
             ({"model": "llama-3", "input": "x", "conversation": {"name": "x"}}, 400, "invalid_value"),
-            ({"model": "gpt-oss-1", "input": "x", "conversation": conv["id"]}, 400, "unsupported_parameter"),
             ({"model": "llama-3", "input": "x", "conversation": "conv_unknown"}, 404, "conversation_not_found")):
         got, err = call(gateway, store, "POST", "/v1/responses", body)
         assert (got, err["error"]["code"], err["error"]["param"]) == (status, code, "conversation"), body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_responses_backend_gets_the_items_as_input_and_its_answer_is_appended(gateway, stream):
+    store = Store()
+    _, conv = call(gateway, store, "POST", "/v1/conversations", {"items": [{"role": "user", "content": "I am Zed"}]})
+    cid = conv["id"]
+    ex = Exchange(gateway)
+    ex.request_headers({":method": "POST", ":path": "/v1/responses", "content-type": "application/json",
+                        "authorization": "Bearer k1"}, False)
+    act = store.run(ex.request_body(json.dumps({"model": "gpt-oss-1", "input": "who am I?", "conversation": cid,
+                                                "stream": stream}).encode()))
+    sent = json.loads(act.body)
+    assert "conversation" not in sent and [i["content"][0]["text"] for i in sent["input"]] == ["I am Zed", "who am I?"]
+    response = {"id": "resp_up", "object": "response", "status": "completed", "output": [
+        {"type": "message", "id": "msg_up", "role": "assistant", "status": "completed",
+         "content": [{"type": "output_text", "text": "Zed", "annotations": []}]}]}
+    ctype = "text/event-stream" if stream else "application/json"
+    ex.response_headers({":status": "200", "content-type": ctype})
+    if stream:
+        events = [{"type": "response.created", "response": {**response, "status": "in_progress", "output": []}},
+                  {"type": "response.completed", "response": response}]
+        raw = b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+        chunks = [raw[:40], raw[40:]]
+    else:
+        raw = json.dumps(response).encode()
+        chunks = [raw[:10], raw[10:]]
+    first = store.run(ex.response_body(chunks[0], False))
+    assert first.body is None and not first.done  # passed through untouched, read on the way
+    last = store.run(ex.response_body(chunks[1], True))
+    assert last.body is None and last.done
+    record = Record.loads(store[conversation_key(ex.req.pinning.tenant, cid)])
+    assert [i["content"][0]["text"] for i in record.items] == ["I am Zed", "who am I?", "Zed"]
+    assert record.items[1]["id"] == sent["input"][1]["id"]  # the items as the backend saw them
+    assert store[f"pin:{ex.req.pinning.tenant}:resp_up"]  # and its id pinned, as any stored answer

@@ -213,6 +213,24 @@ def test_one_conversation_across_a_chat_model_and_a_responses_backend(rp, stream
     assert len(list(next(clients).conversations.items.list(conv.id))) == 6
 
 
+def test_compaction_inside_a_conversation(rp):
+    """A compaction_trigger turn in a conversation appends the sealed item (not the trigger); the turns
+    after it see the compacted window: the user messages, the summary, what follows."""
+    clients = rp.clients()
+    conv = next(clients).conversations.create(items=[{"type": "message", "role": "user", "content": "I am Zed"},
+                                                     {"type": "message", "role": "assistant", "content": "hi Zed"}])
+    rp.chat[0].script.extend([Reply(text="User is Zed."), Reply(text="Zed.")])
+    compacted = next(clients).responses.create(model="llama-3", conversation=conv.id, store=False,
+                                               input=[{"type": "compaction_trigger"}])
+    (item,) = compacted.output
+    assert item.type == "compaction"
+    items = list(next(clients).conversations.items.list(conv.id, order="asc"))
+    assert [i.type for i in items] == ["message", "message", "compaction"] and items[-1].id == item.id
+    assert next(clients).responses.create(model="llama-3", conversation=conv.id, input="who?").output_text == "Zed."
+    assert [m["content"] for m in rp.chat_requests()[-1]["messages"]] == [
+        "I am Zed", "Summary of the earlier conversation (compacted):\n\nUser is Zed.", "who?"]
+
+
 def test_agents_sdk_conversations_session_recalls_an_earlier_turn(rp):
     agents = pytest.importorskip("agents")
     from openai import AsyncOpenAI

@@ -426,6 +426,20 @@ def test_compaction_trigger_passes_through_to_the_responses_instance_holding_the
     assert len(sent) == 4 and all(b["input"] == [TRIGGER] for b in sent)  # untouched, each at its r1's instance
 
 
+def test_background_passes_through_to_the_responses_instance_that_runs_it(sf):
+    """A Responses backend runs background responses itself: create, poll and cancel reach the instance
+    holding each id (each knows only its own)."""
+    client = sf.client()
+    for n in range(4):
+        r = client.responses.create(model="gpt-5.3-codex", input=f"job {n}", background=True)
+        assert client.responses.retrieve(r.id).id == r.id
+        with pytest.raises(openai.BadRequestError, match="synchronous"):  # this test server runs them at once
+            client.responses.cancel(r.id)
+    sent = [r for server in sf.resp for r in server.requests if r["method"] == "POST" and r["path"] == "/v1/responses"]
+    assert len(sent) == 4 and all(r["body"]["background"] is True for r in sent)  # untouched
+    assert sum(r["method"] == "GET" for server in sf.resp for r in server.requests) == 4
+
+
 def test_a_compaction_trigger_that_is_not_last_is_refused_on_both_backends(sf):
     for model in ("llama-3", "gpt-5.3-codex"):
         with pytest.raises(openai.BadRequestError) as e:

@@ -137,7 +137,7 @@ def no_key_in(data: bytes | str) -> bool:
 # -- keys only where they belong ------------------------------------------------------------------
 
 ELSEWHERE = [("GET", "/v1/files", None), ("GET", "/v1/batches", None), ("GET", "/v1/organization/users", None),
-             ("GET", "/v1/conversations/conv_1", None), ("GET", "/v1/chat/completions/chatcmpl-1", None),
+             ("GET", "/v1/vector_stores/vs_1", None), ("GET", "/v1/chat/completions/chatcmpl-1", None),
              ("GET", "/v1/models/keyed-a", None), ("GET", "/anything-else", None),
              ("POST", "/v1/embeddings", {"model": "keyed-a", "input": "x"}),
              ("POST", "/v1/images/generations", {"model": "keyed-a", "prompt": "x"}),
@@ -152,6 +152,15 @@ def test_a_keyed_backend_is_reached_only_on_its_paths(s, method, path, body):
     assert status == 404 and headers["content-type"] == "application/json"
     assert json.loads(raw) == {"error": {"message": f"Invalid URL ({method} {path})", "type": "invalid_request_error",
                                          "param": None, "code": "invalid_url"}}
+    assert s.seen == []
+
+
+def test_conversations_are_the_sidecars_own_never_the_keyed_backends(s):
+    """The Conversations API is answered by the sidecar for every backend: an id nobody created is its
+    own 404, and neither the key nor the request reaches an upstream."""
+    status, headers, raw = s.call("GET", "/v1/conversations/conv_1")
+    assert status == 404 and headers["content-type"] == "application/json"
+    assert json.loads(raw)["error"]["code"] == "conversation_not_found"
     assert s.seen == []
 
 

@@ -361,6 +361,95 @@ def test_compact_refusals_match_v1_responses(sf):
     assert sf.chat.requests == []
 
 
+# -- compaction inside /v1/responses (compaction_trigger) ---------------------------------------
+
+TRIGGER = {"type": "compaction_trigger"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_compaction_trigger_on_a_chat_backend_and_the_conversation_after_it(sf, stream):
+    """Newer Codex CLI: a plain /v1/responses whose last item is the trigger gets one sealed compaction
+    item as the Response's output; the next request carries it and the summary reaches the chat model."""
+    client = sf.client()
+    sf.chat.script.extend([Reply(text="Lisbon trip: Friday flight, Alfama; budget open."), Reply(text="900 EUR.")])
+    body = {"model": "llama-3", "store": False, "instructions": "You plan trips.", "input": [*CONVERSATION, TRIGGER]}
+    if stream:
+        events = stream_events(client, **body)
+        final = check_stream(events)
+        assert [e["type"] for e in events] == ["response.created", "response.in_progress",
+                                               "response.output_item.added", "response.output_item.done",
+                                               "response.completed"]
+    else:
+        raw = client.responses.with_raw_response.create(**body)
+        final = json.loads(raw.text)
+        validate_response(final)
+    assert final["status"] == "completed" and final["store"] is False
+    (item,) = final["output"]
+    assert item["type"] == "compaction" and item["encrypted_content"].startswith("xpc1.")
+    assert "Lisbon" not in item["encrypted_content"]
+    summary_request = sf.chat.requests[0]["body"]
+    assert [m["content"] for m in summary_request["messages"][1:5]] == [
+        "You plan trips.", *(m["content"] for m in CONVERSATION)]
+    assert "stream" not in summary_request and "tools" not in summary_request
+    users = [m for m in CONVERSATION if m["role"] == "user"]  # Codex keeps the user messages, then the item
+    r = client.responses.create(model="llama-3", store=False, input=[*users, item, {"role": "user", "content": "so?"}])
+    assert r.output_text == "900 EUR."
+    sent = sf.chat.requests[1]["body"]["messages"]
+    assert sent[-2:] == [{"role": "user", "content": "Summary of the earlier conversation (compacted):\n\n"
+                                                     "Lisbon trip: Friday flight, Alfama; budget open."},
+                         {"role": "user", "content": "so?"}]
+
+
+def test_compaction_trigger_in_a_stored_chat_conversation(sf):
+    """Stored: the compaction is a turn like any other (GET reads it back), and the turn after it sees
+    the compacted window: the user messages before it, the summary, the new input."""
+    client = sf.client()
+    sf.chat.script.extend([Reply(text="Noted: blue."), Reply(text="User likes blue."), Reply(text="Blue.")])
+    r1 = client.responses.create(model="llama-3", input="my favourite colour is blue")
+    r2 = client.responses.create(model="llama-3", previous_response_id=r1.id, input=[TRIGGER])
+    assert [o.type for o in r2.output] == ["compaction"]
+    assert client.responses.retrieve(r2.id).output[0].id == r2.output[0].id
+    r3 = client.responses.create(model="llama-3", previous_response_id=r2.id, input="what colour?")
+    assert r3.output_text == "Blue."
+    sent = [m["content"] for m in sf.chat.requests[2]["body"]["messages"]]
+    assert sent == ["my favourite colour is blue", "Summary of the earlier conversation (compacted):\n\nUser likes blue.",
+                    "what colour?"]
+
+
+def test_compaction_trigger_passes_through_to_the_responses_instance_holding_the_conversation(sf):
+    client = sf.client()
+    for n in range(4):
+        r1 = client.responses.create(model="gpt-5.3-codex", input=f"conversation {n}")
+        r2 = client.responses.create(model="gpt-5.3-codex", previous_response_id=r1.id, input=[TRIGGER],
+                                     store=False)
+        (item,) = [o.model_dump(exclude_none=True) for o in r2.output]
+        assert item["type"] == "compaction" and item["encrypted_content"].startswith(COMPACTED)  # the backend's own
+    sent = [r["body"] for server in sf.resp for r in server.requests if r["body"] and r["body"].get("store") is False]
+    assert len(sent) == 4 and all(b["input"] == [TRIGGER] for b in sent)  # untouched, each at its r1's instance
+
+
+def test_background_passes_through_to_the_responses_instance_that_runs_it(sf):
+    """A Responses backend runs background responses itself: create, poll and cancel reach the instance
+    holding each id (each knows only its own)."""
+    client = sf.client()
+    for n in range(4):
+        r = client.responses.create(model="gpt-5.3-codex", input=f"job {n}", background=True)
+        assert client.responses.retrieve(r.id).id == r.id
+        with pytest.raises(openai.BadRequestError, match="synchronous"):  # this test server runs them at once
+            client.responses.cancel(r.id)
+    sent = [r for server in sf.resp for r in server.requests if r["method"] == "POST" and r["path"] == "/v1/responses"]
+    assert len(sent) == 4 and all(r["body"]["background"] is True for r in sent)  # untouched
+    assert sum(r["method"] == "GET" for server in sf.resp for r in server.requests) == 4
+
+
+def test_a_compaction_trigger_that_is_not_last_is_refused_on_both_backends(sf):
+    for model in ("llama-3", "gpt-5.3-codex"):
+        with pytest.raises(openai.BadRequestError) as e:
+            sf.client().responses.create(model=model, input=[TRIGGER, {"role": "user", "content": "hi"}])
+        assert e.value.body["param"] == "input[0]" and "must be the final input item" in e.value.message
+    assert sf.chat.requests == [] and all(server.requests == [] for server in sf.resp)
+
+
 # -- first contact with a model of unknown API ----------------------------------------------------
 
 def learned(sf: Surface) -> dict:

@@ -5,7 +5,8 @@
 - `ResponsesServer`: a Responses-only server (Codex-model style). 400 "use /v1/responses" on
   /v1/chat/completions, 400 on `messages` or any field the Responses API does not define. Stateful
   like a vLLM instance: it only knows the response ids it produced itself (404 otherwise), for
-  `previous_response_id` and GET/DELETE/cancel/input_items.
+  `previous_response_id` and GET/DELETE/cancel/input_items. A `compaction_trigger` last in `input` is
+  answered with one opaque compaction item (elsewhere: 400, as OpenAI).
 - `MessagesServer`: an Anthropic-compatible server. 404 on every path but /v1/messages, 400 in
   Anthropic's error shape on unknown fields, turns that do not alternate, tool results that answer
   no earlier tool_use, and thinking blocks without a signature it made; `x-api-key` checked.
@@ -63,7 +64,8 @@ class Reply:
     pieces: int = 3  # deltas per streamed text
     delay: float = 0.0  # seconds between streamed text deltas (a slow model)
     stall: float = 0.0  # seconds to wait before answering at all (a stuck model)
-    hold: threading.Event | None = None  # a stream waits after its first chunk until this is set (at most 30 s)
+    hold: threading.Event | None = None  # a stream waits after its first chunk, a chat answer before it is
+    # sent, until this is set (at most 30 s)
     # A broken provider: `body` is sent as a 200 JSON answer whatever it holds (b"" for no body at
     # all); `events` are the SSE data payloads of a 200 stream, sent as they are, then the stream ends.
     body: bytes | None = None
@@ -243,6 +245,8 @@ class _ChatHandler(_Handler):
         if body.get("stream"):
             self.chat_stream(body, reply)
         else:
+            if reply.hold is not None:  # a slow model: the answer comes once the test lets it
+                reply.hold.wait(timeout=30)
             self.send_json(200, self.completion(body, reply), reply.headers)
 
     def check(self, body: Any) -> str | None:
@@ -394,6 +398,10 @@ class _ResponsesHandler(_Handler):
         if self.send_broken(reply, bool(body.get("stream"))):
             return
         response = self.response(body, reply)
+        inp = body.get("input")
+        if isinstance(inp, list) and inp and inp[-1].get("type") == "compaction_trigger":  # compaction, as OpenAI's
+            response["output"] = [{"type": "compaction", "id": "cmp_" + uuid.uuid4().hex,
+                                   "encrypted_content": COMPACTED + uuid.uuid4().hex}]
         if body.get("store") is not False:
             inp = body.get("input")
             items = [{"role": "user", "content": inp}] if isinstance(inp, str) else list(inp)
@@ -473,6 +481,9 @@ class _ResponsesHandler(_Handler):
             elif kind == "compaction":
                 if not str(item.get("encrypted_content", "")).startswith(COMPACTED):
                     return "Invalid encrypted_content: not produced by this server's compaction"
+            elif kind == "compaction_trigger":
+                if item is not inp[-1]:
+                    return "The 'compaction_trigger' item must be the final input item."
             elif kind == "function_call_output":
                 if item.get("call_id") not in calls:
                     return f"No tool call found for function call output with call_id {item.get('call_id')}."
@@ -542,6 +553,8 @@ class _ResponsesHandler(_Handler):
                 send("response.output_text.done", item_id=item["id"], output_index=idx, content_index=0, text=text)
                 send("response.content_part.done", item_id=item["id"], output_index=idx, content_index=0,
                      part=item["content"][0])
+            elif kind == "compaction":
+                send("response.output_item.added", output_index=idx, item=item)
             elif kind == "function_call":
                 send("response.output_item.added", output_index=idx,
                      item={**item, "arguments": "", "status": "in_progress"})

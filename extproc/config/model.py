@@ -121,6 +121,8 @@ class Limits:
     max_body_bytes: int = 48 * 1024 * 1024  # below Envoy's 64 MiB buffer: the sidecar answers first
     upstream_timeout_seconds: int = 600  # how long a backend may stay silent (the compiled routes' idle timeout)
     websocket_max_seconds: int = 3600  # how long one WebSocket-mode socket lives (OpenAI's limit: 60 minutes)
+    background_max_runs: int = 32  # background responses a replica runs at once on chat-only backends
+    background_max_seconds: int = 3600  # how long one background run may take before it is failed
 
 
 STORES = ("memory", "sqlite", "redis")

@@ -60,7 +60,8 @@ def listen_tls(r: Reader, node: yaml.Node) -> ListenTLS | None:
 
 
 def limits(r: Reader, node: yaml.Node) -> Limits | None:
-    lim = r.mapping(node, "limits", {"max_body_bytes", "upstream_timeout_seconds", "websocket_max_seconds"})
+    lim = r.mapping(node, "limits", {"max_body_bytes", "upstream_timeout_seconds", "websocket_max_seconds",
+                                     "background_max_runs", "background_max_seconds"})
     before = len(r.problems)
     kw: dict[str, Any] = {}
     if "max_body_bytes" in lim:
@@ -73,6 +74,11 @@ def limits(r: Reader, node: yaml.Node) -> Limits | None:
                                                    "limits.upstream_timeout_seconds", 1, 86400)
     if "websocket_max_seconds" in lim:
         kw["websocket_max_seconds"] = r.bounded(lim["websocket_max_seconds"], "limits.websocket_max_seconds", 1, 86400)
+    if "background_max_runs" in lim:
+        kw["background_max_runs"] = r.bounded(lim["background_max_runs"], "limits.background_max_runs", 0, 10000)
+    if "background_max_seconds" in lim:
+        kw["background_max_seconds"] = r.bounded(lim["background_max_seconds"], "limits.background_max_seconds",
+                                                 1, 86400)
     return Limits(**kw) if kw and len(r.problems) == before else None
 
 

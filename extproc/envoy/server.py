@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -34,6 +34,7 @@ from extproc.envoy.running import GatewayHolder, Sidecar, every, tenant_secret, 
 from extproc.errors import GatewayError
 from extproc.exchange import Action, Exchange, Lookup, Step, error_action
 from extproc.exchange.first_contact import FirstContact
+from extproc.front.background import BackgroundRuns
 from extproc.front.websocket import FrontDoor
 from extproc.ops import access_log
 from extproc.ops.admin import TOKEN_ENV, start_admin
@@ -104,11 +105,12 @@ def to_proto(kind: str, act: Action) -> pb.ProcessingResponse:
 
 class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated base, no stubs
     def __init__(self, holder: GatewayHolder, store: Store, metrics: Metrics | None = None,
-                 tenants: TenantMeter | None = None):
+                 tenants: TenantMeter | None = None, runs: BackgroundRuns | None = None):
         self.holder = holder
         self.store = store
         self.metrics = metrics or Metrics()
         self.tenants = tenants
+        self.runs = runs or BackgroundRuns(store, lambda: holder.gateway.config, _gateway_url(holder), self.metrics)
 
     async def _fetch(self, lookup: Lookup[Any]) -> list[bytes | None] | None:
         try:
@@ -168,8 +170,12 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
                 kind = req.WhichOneof("request")
                 t0 = time.perf_counter()
                 act = await self._step(ex, kind, req)
+                if act.background is not None:  # a background turn: within this replica's limit, or a 429
+                    act = self.runs.admit(act)
                 if act.writes:  # before the reply goes on: a client that sees an id can use it at once
                     await self._write(act.writes, act.write_ttl)
+                if act.background is not None:  # run once its queued record is written
+                    self.runs.start(act.background)
                 resp = to_proto(kind, act)
                 if act.done and (meta := ex.metadata()) is not None:
                     resp = _with_metadata(resp, meta)
@@ -224,8 +230,8 @@ class _Services:
             ("grpc.so_reuseport", 1),
         ])
         tenants = TenantMeter(lambda: holder.gateway.config.clients, sidecar.store, sidecar.metrics)  # `clients`
-        pb_grpc.add_ExternalProcessorServicer_to_server(Processor(holder, sidecar.store, sidecar.metrics, tenants),
-                                                        self.server)
+        self.processor = Processor(holder, sidecar.store, sidecar.metrics, tenants)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, self.server)
         self.long_streams = xds.LongStreams()
         # Envoy's routes (the fast path) and the access log of what took it
         self.discovery = xds.Discovery(self.long_streams)
@@ -248,6 +254,12 @@ class _Services:
         await self.health.enter_graceful_shutdown()
         self.long_streams.end()
         await self.server.stop(grace=grace)
+        await self.processor.runs.close()
+
+
+def _gateway_url(holder: GatewayHolder) -> Callable[[], str]:
+    """Envoy's listener, where the sidecar's own requests go (WebSocket messages, background runs)."""
+    return lambda: os.environ.get("EXTPROC_WEBSOCKET_GATEWAY") or holder.gateway.config.websocket_gateway
 
 
 def _listen(env: str, configured: str | None) -> str | None:

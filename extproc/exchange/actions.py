@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from extproc.errors import GatewayError
+from extproc.state.background import Run
 from extproc.state.lookup import Lookup
 
 BUFFERED, STREAMED = "BUFFERED", "STREAMED"
@@ -24,6 +25,7 @@ class Action:
     writes: Writes = field(default_factory=list)  # store writes, made before the reply goes on
     write_ttl: int | None = None  # seconds; None: the store's default
     done: bool = False  # nothing more to do for this exchange: close the ext_proc stream
+    background: Run | None = None  # a background turn the shell runs once the writes are made
 
 
 Step = Action | Lookup[Action]

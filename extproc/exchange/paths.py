@@ -1,6 +1,7 @@
 """The paths the sidecar itself handles, and the methods each accepts.
 
-(`/v1/responses/compact` is checked before the `/v1/responses/{id}` pattern, which it also matches.)
+(`/v1/responses/compact` is checked before the `/v1/responses/{id}` pattern, which it also matches;
+the Conversations API's paths are `state.conversations.route`'s.)
 
 Envoy normalises every path first (`normalize_path`, `merge_slashes`,
 `path_with_escaped_slashes_action` in deploy/envoy.yaml), so one spelling reaches this table. A
@@ -16,6 +17,7 @@ from urllib.parse import unquote
 
 from extproc.api import API_OF_PATH
 from extproc.errors import GatewayError
+from extproc.state import conversations
 from extproc.state.records import RESOURCE_RE
 from extproc.translate import compact
 
@@ -32,19 +34,22 @@ def allowed_methods(path: str) -> tuple[str, ...] | None:
     if path in _FIXED:
         return _FIXED[path]
     resource = RESOURCE_RE.match(path)
-    return _RESOURCE_METHODS[resource.group(2) or ""] if resource else None
+    if resource is not None:
+        return _RESOURCE_METHODS[resource.group(2) or ""]
+    return conversations.allowed_methods(path)  # the Conversations API's; None: not the sidecar's
 
 
 # A lenient reading of a path that names one of the sidecar's: under any prefix (`/responses`,
 # `/openai/v1/responses/...`: servers that serve both spellings, or mount the API elsewhere).
-_READS_AS_OURS = re.compile(r"(?:^|/)(?:responses(?:/.*)?|chat/completions|models)$|(?:^|/)v1/messages(?:/.*)?$")
+_READS_AS_OURS = re.compile(
+    r"(?:^|/)(?:responses(?:/.*)?|conversations(?:/.*)?|chat/completions|models)$|(?:^|/)v1/messages(?:/.*)?$")
 
 
 def _reads_as_ours(bare: str) -> bool:
     """Whether a lenient upstream may read a path the sidecar does not handle as one it does: passed on,
     it would skip the sidecar's tenancy and routing. Lenient readings: a trailing slash, `;params` in a
     segment (servlet containers drop them), another letter case, escapes decoded once more, another
-    prefix than `/v1`; and anything under a `responses` segment."""
+    prefix than `/v1`; and anything under a `responses` or `conversations` segment."""
     lenient = "/".join(segment.partition(";")[0] for segment in unquote(bare).split("/")).rstrip("/").lower()
     return _READS_AS_OURS.search(lenient) is not None
 

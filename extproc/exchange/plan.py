@@ -10,6 +10,7 @@ from extproc.exchange.actions import Writes
 from extproc.routing.gateway import Gateway, Target
 from extproc.routing.modes import LOCAL_TTL, Learned, learned_key
 from extproc.routing.needs import Needs, watches
+from extproc.state.conversations import Held
 from extproc.state.pinning import Pinning
 from extproc.translate.pairs import TranslatorPair
 
@@ -68,6 +69,7 @@ class Plan:
     facts: ModelFacts | None = None  # Need.LEARN: the model's API is unknown, learned from the answer
     turn: Turn | None = None  # Need.KEEP_TURN: the translated answer kept as a turn
     pinned_id: str | None = None  # routed by a pin: a lost instance is explained
+    conversation: Held | None = None  # Need.CONVERSATION: the answer appended to the conversation it continues
 
     @property
     def watches_answer(self) -> bool:
@@ -93,7 +95,11 @@ class Plan:
         """The TTL of learned-fact writes (None: no such writes, the store's default)."""
         return self.facts.ttl if writes and self.facts is not None else None
 
-    def keep_turn(self, response: dict[str, Any] | None) -> Writes:
-        if self.turn is None:
-            return []
-        return self.pinning.turn_writes(response, self.turn.items, self.turn.ancestors, self.target.endpoint)
+    def answered(self, response: dict[str, Any] | None) -> Writes:
+        """What a finished Response (translated, or read from a passed-through answer) is kept as: the
+        sidecar's turn, and the conversation's new items."""
+        writes = [] if self.turn is None else \
+            self.pinning.turn_writes(response, self.turn.items, self.turn.ancestors, self.target.endpoint)
+        if self.conversation is not None:
+            writes += self.conversation.append(response)
+        return writes

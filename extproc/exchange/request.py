@@ -3,12 +3,13 @@
 Each path has one handler, picked from a table (`handler_for`): a POST of an API family (`ApiCall`
 for every path in `api.PATHS`, `ResponsesCall` for `/v1/responses`, and its `Compact` and
 `CountTokens` calls; `MessagesCount` for Anthropic's `/v1/messages/count_tokens`), a
-`/v1/responses/{id}` `Resource`, `ModelList`, and `PassOn` for anything else. A handler is
-straight-line code: where it needs the store it yields its reads (`Reads`, see `state.lookup`) and
-goes on with the values. Order of decisions for an API call: the body (media type, one strict parse,
-`model`), the model's backend and API (learned facts may need a store read), then state
-(`previous_response_id`, in `state.pinning`), and last the `Plan`, with the rewrite and routing
-headers for Envoy.
+`/v1/responses/{id}` `Resource`, a `ConversationCall` for the Conversations API, `ModelList`, and
+`PassOn` for anything else. A handler is straight-line code: where it needs the store it yields its
+reads (`Reads`, see `state.lookup`) and goes on with the values. Order of decisions for an API call:
+the body (media type, one strict parse, `model`), the model's backend and API (learned facts may
+need a store read), then state (`previous_response_id`, in `state.pinning`, or a `conversation`, in
+`state.conversations`), and last the `Plan`, with the rewrite and routing headers for Envoy; or, for
+a background turn on a chat-only model, the queued answer and the run the shell starts.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ from extproc.routing.model_name import check_model_name
 from extproc.routing.modes import Learned, learned_key
 from extproc.routing.needs import Call, Facts, Need, needs, passed_on
 from extproc.routing.providers import upstream_path, with_deployment
+from extproc.state import background, conversations
 from extproc.state import records as rec
 from extproc.state.lookup import Decision, Reads
 from extproc.state.pinning import Answered, Continuation, Pinning
-from extproc.translate import compact
+from extproc.translate import compact, compact_trigger
 from extproc.translate.messages import ESTIMATED_HEADER, estimated_input_tokens
 from extproc.translate.pairs import TranslatorPair, pair_for
 
@@ -108,6 +110,27 @@ class Resource(PassOn):
                                pinned_id=outcome.pinned_id))
 
 
+class ConversationCall:
+    """`/v1/conversations[/{id}[/items[/{item_id}]]]`: the Conversations API, answered by the sidecar
+    from its store whatever backend serves the models (`state.conversations`); never passed on."""
+
+    client_api: str | None = None
+
+    def on_headers(self, side: RequestSide, end_of_stream: bool) -> Handled:
+        return self.answer(side, None) if end_of_stream else Action()  # else with its body
+
+    def on_body(self, side: RequestSide, raw: bytes) -> Handled:
+        check_json_request(side.headers)
+        return self.answer(side, parse_body(raw))
+
+    def answer(self, side: RequestSide, body: dict[str, Any] | None) -> Decision[Action]:
+        where = conversations.route(side.bare)
+        assert where is not None
+        calls = conversations.Conversations(side.pinning.tenant, side.gw.config.state.max_record_bytes)
+        reply = yield from calls.call(side.method, where, side.query, body)
+        return answer(reply.status, reply.body, reply.writes)
+
+
 @dataclass(frozen=True, slots=True)
 class Resolved:
     """An API call resolved, before it is sent: what its plan is made of."""
@@ -119,7 +142,8 @@ class Resolved:
     facts: Facts
     pair: TranslatorPair | None
 
-    def plan(self, side: RequestSide, target: Target, pinned_id: str | None = None, turn: Turn | None = None) -> Plan:
+    def plan(self, side: RequestSide, target: Target, pinned_id: str | None = None, turn: Turn | None = None,
+             conversation: conversations.Held | None = None) -> Plan:
         """The plan of the call sent to `target`, with what it needs there (`routing.needs`; a pin may
         name another backend than the model's)."""
         res = self.res if target.backend.name == self.res.backend.name else \
@@ -130,7 +154,8 @@ class Resolved:
             if Need.LEARN in n else None
         return Plan(target, side.pinning, client_api=client_api, model=self.model, request=self.body, needs=n,
                     pair=self.pair, stream=self.facts.stream, facts=learning,
-                    turn=turn if Need.KEEP_TURN in n else None, pinned_id=pinned_id)
+                    turn=turn if Need.KEEP_TURN in n else None, pinned_id=pinned_id,
+                    conversation=conversation if Need.CONVERSATION in n else None)
 
 
 class ApiCall:
@@ -182,38 +207,63 @@ class ApiCall:
 
 
 class ResponsesCall(ApiCall):
-    """`POST /v1/responses`: a turn that may continue a conversation (`previous_response_id`), and
-    whose stored answer the sidecar keeps: pinned to its instance, or held as a translated turn."""
+    """`POST /v1/responses`: a turn that may continue a conversation (`previous_response_id`, or a
+    `conversation` the sidecar holds), and whose stored answer the sidecar keeps: pinned to its
+    instance, or held as a translated turn. On a chat-only model a `compaction_trigger` last in
+    `input` is answered with the sealed compaction item, and `background: true` is run by the sidecar."""
 
     def __init__(self) -> None:
         super().__init__(RESPONSES)
 
+    def translator(self, side: RequestSide, body: dict[str, Any], model: str, res: Resolution,
+                   upstream_api: str) -> TranslatorPair | None:
+        pair = super().translator(side, body, model, res, upstream_api)
+        if self.call is Call.CREATE and compact_trigger.triggered(body) and pair is not None:
+            return compact_trigger.TriggerOnChat(body, res.backend, side.gw.sealer, side.pinning.tenant)
+        return pair
+
     def send(self, side: RequestSide, call: Resolved) -> Decision[Action]:
         """A conversation the sidecar kept merged into the input, or the request sent where it lives."""
         body, target = call.body, side.target_for(call.res, call.body)
+        in_background = self.call is Call.CREATE and background.requested(body, call.pair is not None)
         prev = body.get("previous_response_id")
-        cont = Continuation(target)
-        if prev is not None:
+        cont, held = Continuation(target), None
+        if body.get("conversation") is not None:  # the sidecar's own: no conversation id reaches a backend
+            held = yield from conversations.read(side.pinning.tenant, body)
+            body = {k: v for k, v in body.items() if k != "conversation"}
+            call = dataclasses.replace(call, body=body)
+            cont = Continuation(target, prior=held.items)
+        elif prev is not None:
             if not isinstance(prev, str) or not prev:
                 raise invalid("previous_response_id", "expected a response id string")
             cont = yield from side.pinning.continue_from(prev, call.model, call.res, target, call.pair is not None)
+        if in_background:  # answered queued now; the shell runs it (front/background.py)
+            run = background.Run.start(body, side.pinning.tenant, side.headers, cont.ancestors)
+            queued, writes = run.queued()
+            act = answer(200, queued, writes)
+            act.background = run
+            return act
         opened = compact.open_items(body.get("input"), side.gw.sealer, side.pinning.tenant, call.pair is not None)
         if opened is not None:  # the sidecar's own compaction items: their summaries instead
             body = {**body, "input": opened}
+        # The held history, cut to its compacted window, the sidecar's compaction items opened.
+        prior = compact_trigger.held_context(cont.prior, side.gw.sealer, side.pinning.tenant, call.pair is not None)
+        items = rec.input_items(body.get("input"))
+        extended = None if held is None else \
+            conversations.Held(held, side.pinning.tenant, side.gw.config.state.max_record_bytes, items)
         if (pair := call.pair) is not None:
-            items = rec.input_items(body.get("input"))
-            plan = call.plan(side, cont.target, cont.pinned_id, Turn(items, cont.ancestors))
-            new = pair.request({**body, "input": cont.prior + items} if cont.prior else body)
+            plan = call.plan(side, cont.target, cont.pinned_id, Turn(items, cont.ancestors), extended)
+            new = pair.request({**body, "input": prior + items} if prior else body)
             if pair.dropped_tools:
                 log.info("model=%s backend=%s: hosted tools dropped: %s", call.model, plan.target.backend.name,
                          ",".join(pair.dropped_tools))
             return side.route(plan, new)
         # A Responses backend keeps its own state: the plan pins the reply's id to the instance that
         # made it (Need.RECORD_ID; endpoint backends and clusters alike: GET /v1/responses/{id} must find it).
-        plan = call.plan(side, cont.target, cont.pinned_id)
-        if cont.prior:  # the conversation so far was kept by the sidecar: hand it over whole
+        plan = call.plan(side, cont.target, cont.pinned_id, conversation=extended)
+        if prior or held is not None:  # the conversation so far was kept by the sidecar: hand it over whole
             new = {k: v for k, v in body.items() if k != "previous_response_id"}
-            new["input"] = cont.prior + rec.input_items(body.get("input"))
+            new["input"] = prior + items
             return side.route(plan, new)
         return side.route(plan, body if opened is not None else None)
 
@@ -268,20 +318,22 @@ class MessagesCount(ApiCall):
         return side.route(plan)
 
 
-# The paths with a handler of their own (checked before the `/v1/responses/{id}` pattern, which
-# `compact` and `input_tokens` also match); a family added to `api.PATHS` gets an `ApiCall`.
+# The paths with a handler of their own (checked before the `/v1/responses/{id}` and Conversations
+# patterns; `compact` and `input_tokens` match the first); a family added to `api.PATHS` gets an `ApiCall`.
 _HANDLERS: dict[str, PathHandler] = {**{path: ApiCall(api) for path, api in API_OF_PATH.items()},
                                      PATHS[RESPONSES]: ResponsesCall(), compact.PATH: Compact(),
                                      INPUT_TOKENS: CountTokens(), COUNT_TOKENS: MessagesCount(),
                                      "/v1/models": ModelList()}
-_RESOURCE, _PASS_ON = Resource(), PassOn()
+_RESOURCE, _CONVERSATIONS, _PASS_ON = Resource(), ConversationCall(), PassOn()
 
 
 def handler_for(bare: str) -> PathHandler:
     """The handler of a path (query string removed)."""
     if bare in _HANDLERS:
         return _HANDLERS[bare]
-    return _RESOURCE if rec.RESOURCE_RE.match(bare) else _PASS_ON
+    if rec.RESOURCE_RE.match(bare):
+        return _RESOURCE
+    return _CONVERSATIONS if conversations.route(bare) is not None else _PASS_ON
 
 
 class RequestSide:

@@ -12,7 +12,8 @@ rest of the exchange (the first rule that applies, in this order):
 | ExplainLostPin     | a request routed by a pin got Envoy's 503                  | BUFFERED             |
 | LearnRejection     | a model of unknown API got a 400/404/405/422               | BUFFERED             |
 | ScrubKey           | an untranslated error from a backend given our key         | BUFFERED             |
-| Observe            | anything else: learned as answered, its id or usage read   | STREAMED, or none    |
+| Observe            | anything else: learned as answered, its id or usage read,  | STREAMED, or none    |
+|                    | its Response appended to the conversation it continues     |                      |
 
 Upstream bytes are untrusted: whatever a translator cannot use becomes a 502 `bad_upstream_response`
 in the client's shape, or mid-stream the client's terminal error events. A translated answer whose
@@ -40,6 +41,7 @@ from extproc.ops.redact import forms_of
 from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
 from extproc.routing.modes import rejection_needs
 from extproc.routing.needs import USAGE, Need
+from extproc.state.conversations import AnswerReader
 from extproc.state.pinning import IdRecorder
 from extproc.translate.pairs import Answer, StreamTranslator
 
@@ -158,7 +160,7 @@ class TranslateBuffered(Translated):
             return new_body(orjson.dumps(error_doc(self.plan.client_api, self.status, payload)))
         doc, answer = self._translate(data)
         self.outcome.account(self.plan, self.status, usage_of(doc), lambda: text_bytes(data))
-        return new_body(orjson.dumps(answer.body), writes=self.plan.keep_turn(answer.response))
+        return new_body(orjson.dumps(answer.body), writes=self.plan.answered(answer.response))
 
     def _translate(self, data: bytes) -> tuple[dict[str, Any], Answer]:
         """The upstream's answer checked and translated: its JSON object, and the client's answer."""
@@ -227,7 +229,7 @@ def _ended(plan: Plan, translator: StreamTranslator, outcome: Outcome) -> Writes
     """A translated stream that ended: its usage counted, its Response kept for the next turn."""
     final = translator.response
     outcome.account(plan, 200, usage_of(final), lambda: text_bytes(orjson.dumps(final.get("output"))) if final else 0)
-    return plan.keep_turn(final)
+    return plan.answered(final)
 
 
 class Buffered:
@@ -313,7 +315,8 @@ def scrub(body: bytes, plan: Plan) -> bytes:
 
 class Observe:
     """An answer in the client's own API, passed on untouched: what it teaches of the model's API
-    recorded, its id pinned and its usage read as the plan needs (or nothing more to do)."""
+    recorded, its id pinned, its usage read and its Response appended to the conversation it
+    continues, as the plan needs (or nothing more to do)."""
 
     def __init__(self, plan: Plan, reply: Reply, outcome: Outcome):
         self.plan, self.outcome = plan, outcome
@@ -328,9 +331,12 @@ class Observe:
         self.recorder = IdRecorder(plan.pinning.tenant, plan.target, reply.sse) \
             if Need.RECORD_ID in plan.needs and reply.status == 200 and retried is None else None
         self.scanner = UsageScanner(sse=reply.sse) if plan.needs & USAGE and reply.ok else None
+        # Need.CONVERSATION: a first contact's retried answer too, translated into the client's API
+        self.reader = AnswerReader(reply.sse, plan.pinning.gw.config.state.max_record_bytes) \
+            if plan.conversation is not None and reply.ok else None
 
     def headers_action(self) -> Action:
-        reads = self.recorder is not None or self.scanner is not None
+        reads = self.recorder is not None or self.scanner is not None or self.reader is not None
         return Action(response_body_mode=STREAMED if reads else None, writes=self.writes,
                       write_ttl=self.plan.learned_ttl(self.writes), done=not reads)
 
@@ -344,8 +350,12 @@ class Observe:
             if end_of_stream:
                 scanner.finish()
                 self.outcome.account(self.plan, 200, scanner.usage, lambda: scanner.output_bytes)
+        if self.reader is not None:
+            self.reader.feed(chunk, end_of_stream)
+            if end_of_stream:
+                writes = [*writes, *self.plan.answered(self.reader.response)]
         reading_id = self.recorder is not None and not self.recorder.done
-        return Action(writes=writes, done=end_of_stream or (scanner is None and not reading_id))
+        return Action(writes=writes, done=end_of_stream or (scanner is None and self.reader is None and not reading_id))
 
 
 class AnswerKind(StrEnum):

@@ -112,6 +112,9 @@ class Metrics(Collector):
                             "pin_hit, pin_fallback, pin_gone, turn_hit, turn_miss, ...", ("decision",))
         self.learned = Counter("extproc_learned_modes", "Model APIs learned from upstream answers", ("backend", "fact"))
         self.store_errors = Counter("extproc_state_store_errors", "State store calls that failed", ("op",))
+        self.background_runs = Counter("extproc_background_runs", "Background responses run for chat-only "
+                                       "backends, by outcome: completed, incomplete, failed, cancelled, unrecorded",
+                                       ("outcome",))
         self.tokens = Counter("extproc_tokens", "Token usage by model, backend and kind; estimated when the "
                               "upstream reported none", ("model", "backend", "kind", "estimated"))
         self.token_usage = Histogram("gen_ai_client_token_usage", "Number of input and output tokens used, as the "
@@ -131,8 +134,9 @@ class Metrics(Collector):
                                     "that refused (requests, tokens, budget)", ("tenant", "limit"))
         self.all: tuple[Counter | Histogram, ...] = (
             self.requests, self.translations, self.phase_seconds, self.stream_chunks, self.pins, self.learned,
-            self.store_errors, self.tokens, self.token_usage, self.request_duration, self.time_to_first_token,
-            self.time_per_output_token, self.tenant_requests, self.tenant_tokens, self.rate_limited)
+            self.store_errors, self.background_runs, self.tokens, self.token_usage, self.request_duration,
+            self.time_to_first_token, self.time_per_output_token, self.tenant_requests, self.tenant_tokens,
+            self.rate_limited)
         self._phases = {kind: self.phase_seconds.child(kind) for kind in KINDS}
         self.registry = CollectorRegistry(auto_describe=False)  # the sidecar's numbers only
         self.registry.register(self)

@@ -1,7 +1,7 @@
 """Which paths a backend's injected key is sent on (sans-IO).
 
 A backend with `api_key_env` gets the gateway's key, and for a hosted provider that key may be an
-organisation's admin key: files, batches, users, stored completions, conversations. So the key goes
+organisation's admin key: files, batches, users, stored completions. So the key goes
 only to the paths of the backend's API family that the sidecar routes (`/v1/chat/completions` for a
 chat backend; `/v1/responses` and its resources for a Responses backend; both for `both`; `/v1/messages` and its
 `count_tokens` for a Messages backend; all three for `auto`, whose Claude models speak Messages;

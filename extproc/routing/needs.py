@@ -18,6 +18,8 @@ How the processor uses it (`exchange/request.py`), once it has the resolution an
     n & USAGE                  -> Plan.observe_usage: read (or estimate) an untranslated answer's usage
     Need.INJECT_KEY in n       -> the backend's key is added; an error quoting it is scrubbed
     Need.CONTINUE in n         -> state.pinning finds the conversation (a pin may then need explaining)
+    Need.CONVERSATION in n     -> state.conversations reads it as the history; Plan.conversation: the
+                                  answer's Response (translated, or read on the way) appended to it
     Need.ESTIMATE_COUNT in n   -> the sidecar answers a Messages token count with its estimate
     n & REFUSALS               -> the processor's own checks answer it (415, 404, 400, 503): nothing else
     watches(n, pinned)         -> Plan.watches_answer: whether the exchange reads the answer at all
@@ -69,9 +71,7 @@ class Need(Enum):
     PROVIDER_SHAPE = "provider_shape"  # a provider's own paths or deployment names (Azure's), set by the processor
     MODE_OVERRIDE = "mode_override"  # the client's x-gateway-model-mode header honoured
     CONTINUE = "continue"  # a previous_response_id: the conversation is found (pin, held turns)
-    # A provider-held `conversation`: Envoy leaves it to the processor, as it always has, though the
-    # processor only passes it on (drop this need and such requests take the fast path).
-    CONVERSATION = "conversation"
+    CONVERSATION = "conversation"  # a `conversation`: the sidecar holds it (its items the history, the answer appended)
     RECORD_ID = "record_id"  # a stored answer from a Responses backend: its id pinned to the instance
     KEEP_TURN = "keep_turn"  # a stored turn of a translated conversation: the sidecar keeps it
     ESTIMATE_USAGE = "estimate_usage"  # usage of an answer that reports none (a chat stream without include_usage)
@@ -83,7 +83,8 @@ Needs = frozenset[Need]
 REFUSALS: Needs = frozenset({Need.COMPRESSED, Need.NO_BACKEND, Need.UNSUPPORTED_API, Need.UNAVAILABLE})
 USAGE: Needs = frozenset({Need.COUNT_USAGE, Need.ESTIMATE_USAGE})
 # What only the answer can satisfy: with none of these (and no pin used), the processor lets go at once.
-ANSWER: Needs = frozenset({Need.TRANSLATE, Need.LEARN, Need.RECORD_ID, Need.KEEP_TURN, Need.INJECT_KEY}) | USAGE
+ANSWER: Needs = frozenset({Need.TRANSLATE, Need.LEARN, Need.RECORD_ID, Need.KEEP_TURN, Need.CONVERSATION,
+                           Need.INJECT_KEY}) | USAGE
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,7 @@ _WHY = {
     Need.PROVIDER_SHAPE: "the provider's versioned paths or deployment names, which the processor sets",
     Need.MODE_OVERRIDE: "an x-gateway-model-mode header (the processor honours it)",
     Need.CONTINUE: "a previous_response_id (the processor finds the conversation)",
-    Need.CONVERSATION: "a conversation (the processor passes it on)",
+    Need.CONVERSATION: "a conversation (the sidecar holds it: its items are the history, the answer is appended)",
     Need.RECORD_ID: "no store: false (the processor pins the stored answer's id)",
     Need.KEEP_TURN: "no store: false (the sidecar keeps the turn)",
     Need.ESTIMATE_USAGE: "a stream without stream_options.include_usage (the processor estimates its usage)",

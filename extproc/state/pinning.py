@@ -29,6 +29,7 @@ from extproc.config import Backend
 from extproc.errors import GatewayError
 from extproc.routing.classify import Resolution
 from extproc.routing.gateway import Gateway, Target
+from extproc.state import background
 from extproc.state import records as rec
 from extproc.state.lookup import Decision, Reads
 from extproc.translate.sse import SSEDecoder
@@ -196,9 +197,8 @@ class Pinning:
             self._decide(PinDecision.TURN_HIT)
             if suffix == "/input_items":
                 return Answered(200, rec.input_items_page(turn["input"], query))
-            if suffix == "/cancel":
-                raise GatewayError(400, "Only responses created with background=true can be cancelled.",
-                                   code="invalid_request_error")
+            if suffix == "/cancel":  # a background run the sidecar holds (state/background.py)
+                return Answered(200, *background.cancel(turn, self.tenant, response_id))
             if method == "DELETE":
                 return Answered(200, rec.deleted(response_id), [(rec.turn_key(self.tenant, response_id), None)])
             return Answered(200, orjson.dumps(turn["response"]))

@@ -5,7 +5,7 @@ exactly what `routing.needs.needs` says (no more, no less).
 What the processor did is read from its behaviour, not from its plan: the routing headers it set (the
 backend, the API key, the first-contact mark), whether it translated, the store keys it read (the
 conversation), and, fed the answer a real upstream would send, the store writes it made (the answer's
-id pinned, a turn kept) and the usage it counted (reported or estimated). The honoured mode header is
+id pinned, a turn kept, the conversation the sidecar holds extended) and the usage it counted (reported or estimated). The honoured mode header is
 seen as a changed decision: the same request without it goes elsewhere. Envoy's side is the compiled
 route table read the way Envoy reads it (`first_match`, tests/unit/test_compile.py), with the metadata
 json_to_metadata would write from the same body (its rules: envoy/names.py, checked against
@@ -31,6 +31,8 @@ from extproc.routing.compile import compile_routes
 from extproc.routing.gateway import Gateway
 from extproc.routing.modes import Knowledge, Learned, learned_key
 from extproc.routing.needs import Call, Facts, Need, is_fast, needs
+from extproc.state.conversations import Record, conversation_key
+from extproc.state.tenancy import ANONYMOUS
 
 from .test_compile import first_match
 
@@ -102,6 +104,7 @@ CONFIGS = {
     "fast path off": "fast_path: false\n",
 }
 PREVIOUS, UPSTREAM_ID = "resp_prev1", "resp_up1"
+CONVERSATION = conversation_key(ANONYMOUS, "conv_1")  # the sidecar's record of the conversation requests name
 
 
 def request(api: str, model: str, facts: dict[str, bool], mode: str | None) -> tuple[dict[str, Any], dict[str, str]]:
@@ -231,8 +234,7 @@ def process(gw: Gateway, store: dict[str, bytes], api: str, body: dict[str, Any]
         seen.add(Need.LEARN)
     if any(PREVIOUS in k for k in asked):
         seen.add(Need.CONTINUE)
-    if api == RESPONSES and body.get("conversation") is not None:
-        seen.add(Need.CONVERSATION)  # nothing to see: the processor passes it on (Envoy leaves it to it)
+    held = any(k == CONVERSATION for k in asked)  # the conversation read as the history...
     if not act.done:  # the answer a real upstream sends, and what the processor does with it
         upstream = ex.upstream_api or api
         ctype, answer = upstream_answer(upstream, json.loads(act.body) if act.body else body)
@@ -248,6 +250,8 @@ def process(gw: Gateway, store: dict[str, bytes], api: str, body: dict[str, Any]
             seen.add(Need.LEARN)  # a backend reached by cluster learns from the answer, not by a retry
         if ex.usage is not None and not ex.translated:  # a translator counts its own answers
             seen.add(Need.ESTIMATE_USAGE if ex.usage.estimated else Need.COUNT_USAGE)
+        if held and any(k == CONVERSATION for k, _ in writes):  # ...and the answer appended to it
+            seen.add(Need.CONVERSATION)
     return Seen(frozenset(seen), backend=set_headers.get(H_BACKEND), translated=ex.translated)
 
 
@@ -257,6 +261,8 @@ def mismatches(extra: str) -> list[str]:
     tick = itertools.count(0, 10**6)
     gw = Gateway(cfg, Knowledge(), clock=lambda: float(next(tick)))  # a remembered fact is always stale:
     store = {learned_key(b, m): fact.dumps() for (b, m), fact in LEARNED.items()}  # every exchange asks the store
+    store[CONVERSATION] = Record("conv_1", 1, {}, [{"type": "message", "id": "msg_0", "role": "user",
+                                                   "content": [{"type": "input_text", "text": "before"}]}]).dumps()
     compiled = compile_routes(cfg, Knowledge(), LEARNED)
     classifier = Classifier(cfg, Knowledge())
     names = [n for n in Facts.__dataclass_fields__ if n not in ("client_api", "call")]

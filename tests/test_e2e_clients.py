@@ -205,6 +205,17 @@ def test_a_keys_models_hold_on_the_other_paths_too(kd, path):
     assert kd.chat.requests == [] and kd.resp.requests == []
 
 
+# JSON as the sidecar reads it (any case, a structured +json type, space before the parameters): Envoy's
+# model reader must read these too, or the models stage sees no model and lets any model through.
+@pytest.mark.parametrize("ctype", ["Application/JSON", "application/vnd.api+json", "application/json ; charset=utf-8"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/embeddings"])
+def test_a_keys_models_hold_whatever_spelling_of_json_the_sidecar_accepts(kd, ctype, path):
+    body = {**CHAT, "model": "gpt-5.3-codex"} if "chat" in path else {"model": "gpt-5.3-codex", "input": "hi"}
+    status, answer = kd.raw(path, body, {"authorization": f"Bearer {BOB}", "content-type": ctype})
+    assert (status, answer["error"]["code"]) == (403, "model_not_allowed")
+    assert kd.chat.requests == [] and kd.resp.requests == []
+
+
 def test_a_websocket_upgrade_needs_a_listed_key_and_its_turns_keep_the_keys_models(kd):
     for headers in ({}, {"authorization": "Bearer sk-wrong"}):
         with pytest.raises(InvalidStatus) as e:

@@ -97,7 +97,9 @@ MESSAGES_USAGE: tuple[tuple[Path, str], ...] = (
     (("cache_read_input_tokens",), Key.CACHED_TOKENS),
     (("cache_creation_input_tokens",), Key.CACHE_WRITE_TOKENS),
 )
-JSON_CONTENT_TYPES = "application/json(;.*)?"
+# JSON as the sidecar reads it (exchange/body.py: any case, structured `+json` types, space before the
+# parameters): a spelling only the sidecar took would hide the model from the key check's models stage.
+JSON_CONTENT_TYPES = r"(?i)application/([^;]*\+)?json\s*(;.*)?"
 MAX_SSE_EVENT_BYTES = 8 * 1024 * 1024
 
 

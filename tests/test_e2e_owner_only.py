@@ -10,9 +10,6 @@ still gets ids the sidecar never recorded, for it to judge, but never one record
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +19,7 @@ import pytest
 
 from extproc.local.stack import Stack, free_port, wait_for_port
 
+from .test_e2e_tenancy import json_call
 from .upstreams import ResponsesServer
 
 CONFIG = """
@@ -64,16 +62,7 @@ class Upstreams:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "unused", max_retries=0, timeout=30)
 
     def raw(self, method: str, path: str, body: dict | None, key: str | None) -> tuple[int, dict]:
-        headers = {"content-type": "application/json"}
-        if key is not None:
-            headers["authorization"] = f"Bearer {key}"
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        return json_call(self.url, method, path, body, key)
 
 
 @pytest.fixture(scope="module", params=["memory", "redis"])

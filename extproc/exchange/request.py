@@ -41,7 +41,7 @@ from extproc.routing.providers import upstream_path, with_deployment
 from extproc.state import background, conversations
 from extproc.state import records as rec
 from extproc.state.lookup import Decision, Reads
-from extproc.state.pinning import Answered, Continuation, Pinning
+from extproc.state.pinning import Answered, Continuation, Pinning, check_item_references
 from extproc.translate import compact, compact_trigger
 from extproc.translate.messages import ESTIMATED_HEADER, estimated_input_tokens
 from extproc.translate.pairs import TranslatorPair, pair_for
@@ -261,6 +261,7 @@ class ResponsesCall(ApiCall):
         # A Responses backend keeps its own state: the plan pins the reply's id to the instance that
         # made it (Need.RECORD_ID; endpoint backends and clusters alike: GET /v1/responses/{id} must find it).
         plan = call.plan(side, cont.target, cont.pinned_id, conversation=extended)
+        check_item_references(plan.target.backend, body.get("input"))
         if prior or held is not None:  # the conversation so far was kept by the sidecar: hand it over whole
             new = {k: v for k, v in body.items() if k != "previous_response_id"}
             new["input"] = prior + items

@@ -61,6 +61,19 @@ def tells_callers_apart(backend: Backend) -> bool:
     return backend.authenticates_callers and backend.api_key_env is None
 
 
+def check_item_references(backend: Backend, inp: Any) -> None:
+    """An `item_reference` names an item the backend stored; the sidecar records no owner of item ids, so
+    only a backend that checks each caller itself may resolve one. Elsewhere it could hand one tenant
+    another's stored item: refused, naming the item."""
+    if tells_callers_apart(backend) or not isinstance(inp, list):
+        return
+    for i, item in enumerate(inp):
+        if isinstance(item, dict) and item.get("type") == "item_reference":
+            raise GatewayError(400, f"Backend '{backend.name}' cannot tell callers apart, so the gateway cannot check "
+                                    "whose stored item this references: send the item itself (or continue with "
+                                    "previous_response_id)", param=f"input[{i}]", code="invalid_value")
+
+
 def _state_keys(tenant: str, response_id: str) -> tuple[str, str, str]:
     """What says where an id lives and whose it is: one multi-get."""
     return rec.turn_key(tenant, response_id), rec.pin_key(tenant, response_id), rec.owner_key(response_id)

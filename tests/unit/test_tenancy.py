@@ -174,3 +174,17 @@ def test_phases_follow_envoys_messages(gw):
     assert ex.phase is Phase.ANSWER
     ex.response_body(b'{"id":"resp_1"}', True)
     assert ex.phase is Phase.DONE
+
+
+@pytest.mark.parametrize("config", [CFG, KEYLESS])
+def test_an_item_reference_reaches_no_backend_that_cannot_tell_callers_apart(config):
+    """The sidecar records no owner of item ids: on a backend holding the gateway's key, or checking no key,
+    an item_reference could resolve another tenant's stored item. Refused naming the item."""
+    gw = Gateway(parse_config(config, env=ENV), tenant_secret=SECRET)
+    body = {"model": "gpt-oss-1", "input": [{"role": "user", "content": "hi"},
+                                            {"type": "item_reference", "id": "msg_alices"}]}
+    with pytest.raises(GatewayError) as e:
+        run(request(gw, "/v1/responses", body, "mallory")[1], {})
+    assert (e.value.status, e.value.param) == (400, "input[1]")
+    _, step = request(Gateway(parse_config(VOUCHING, env={}), tenant_secret=SECRET), "/v1/responses", body, "mallory")
+    assert not run(step, {}).done  # a backend that checks each caller resolves it itself

@@ -21,7 +21,7 @@ from extproc.translate.resp_chat_to_responses import message_text
 from extproc.translate.sse import DONE, encode
 from extproc.translate.stream_base import ChatChunkReader
 from extproc.translate.stream_to_messages import MessagesStream
-from extproc.translate.wire import ChatChunk, ChatToolCall, ChatUsage
+from extproc.translate.wire import ChatChunk, ChatToolCall, ChatUsage, ChunkChoice
 
 
 def _usage(u: ChatUsage) -> dict[str, Any]:
@@ -64,22 +64,21 @@ class ChatToMessagesStream(ChatChunkReader, MessagesStream):
         self._start(chunk.model)
         if chunk.usage is not None:
             self.usage = _usage(chunk.usage)
-        for choice in chunk.choices or ():
-            if choice.index:
-                continue  # only choice 0 is streamed
-            delta = choice.delta
-            if delta is not None:
-                if reasoning := delta.reasoning_text():
-                    self._flush_calls()
-                    self.thinking(reasoning)
-                if delta.content or delta.refusal:
-                    self._flush_calls()
-                    self.text((delta.content or "") + (delta.refusal or ""))
-                for call in delta.tool_calls or ():
-                    self._call(call)
-                self.refused = self.refused or bool(delta.refusal)
-            if choice.finish_reason:
-                self.finish_reason, self.matched = choice.finish_reason, choice.stop_reason
+
+    def _choice(self, choice: ChunkChoice) -> None:
+        delta = choice.delta
+        if delta is not None:
+            if reasoning := delta.reasoning_text():
+                self._flush_calls()
+                self.thinking(reasoning)
+            if delta.content or delta.refusal:
+                self._flush_calls()
+                self.text((delta.content or "") + (delta.refusal or ""))
+            for call in delta.tool_calls or ():
+                self._call(call)
+            self.refused = self.refused or bool(delta.refusal)
+        if choice.finish_reason:
+            self.finish_reason, self.matched = choice.finish_reason, choice.stop_reason
 
     def _call(self, delta: ChatToolCall) -> None:
         index = len(self.calls) if delta.index is None else delta.index

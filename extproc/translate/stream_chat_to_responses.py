@@ -118,21 +118,20 @@ class ChatToResponsesStream(ChatChunkReader):
             self._start(chunk.created or 0, chunk.model)
         if chunk.usage is not None:
             self.usage = chunk.usage.as_responses()
-        for choice in chunk.choices or ():
-            if choice.index:
-                continue  # only choice 0 is streamed
-            delta = choice.delta
-            if delta is not None:
-                if reasoning := delta.reasoning_text():
-                    self._reasoning_delta(reasoning)
-                if delta.content:
-                    self._text_delta("output_text", delta.content)
-                if delta.refusal:
-                    self._text_delta("refusal", delta.refusal)
-                for call in delta.tool_calls or ():
-                    self._call_delta(call)
-            if choice.finish_reason:
-                self.finish_reason = choice.finish_reason
+
+    def _choice(self, choice: ChunkChoice) -> None:
+        delta = choice.delta
+        if delta is not None:
+            if reasoning := delta.reasoning_text():
+                self._reasoning_delta(reasoning)
+            if delta.content:
+                self._text_delta("output_text", delta.content)
+            if delta.refusal:
+                self._text_delta("refusal", delta.refusal)
+            for call in delta.tool_calls or ():
+                self._call_delta(call)
+        if choice.finish_reason:
+            self.finish_reason = choice.finish_reason
 
     def _new_item(self, kind: str, data: dict[str, Any]) -> _Item:
         item = _Item(len(self.items), kind, data)

@@ -124,20 +124,27 @@ class ModelPair:
 
 
 @dataclass(slots=True)
-class ResponsesOnChat:
-    """A Responses client on a chat-only model: the conversation so far arrives merged into `input`."""
+class _ResponsesClient:
+    """What both pairs of a Responses client keep: its tools read once for all three steps, the hosted
+    ones the upstream cannot run reported as dropped."""
 
     request_body: dict[str, Any]
     backend: Backend
     tools: ToolMap = field(init=False)
-    client_api: str = RESPONSES
-    upstream_api: str = CHAT
     dropped_tools: list[str] = field(init=False)
-    dropped_fields: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.tools = tool_map(self.request_body.get("tools"))
         self.dropped_tools = self.tools.hosted
+
+
+@dataclass(slots=True)
+class ResponsesOnChat(_ResponsesClient):
+    """A Responses client on a chat-only model: the conversation so far arrives merged into `input`."""
+
+    client_api: str = RESPONSES
+    upstream_api: str = CHAT
+    dropped_fields: list[str] = field(default_factory=list)
 
     def request(self, body: dict[str, Any]) -> dict[str, Any]:
         b = self.backend
@@ -208,24 +215,16 @@ class Chained:
 
 
 @dataclass(slots=True)
-class ResponsesOnMessages:
+class ResponsesOnMessages(_ResponsesClient):
     """A Responses client on a Messages backend: through the chat shape both directions already have
     (Responses as chat, chat as Messages, and back), with the turns kept by the sidecar as on a chat
     backend. Thinking comes back as reasoning items that seal the signed blocks, handed back to Claude
     when they return (`responses_on_messages`)."""
 
-    request_body: dict[str, Any]
-    backend: Backend
     model: str
-    tools: ToolMap = field(init=False)
     client_api: str = RESPONSES
     upstream_api: str = MESSAGES
-    dropped_tools: list[str] = field(init=False)
     dropped_fields: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.tools = tool_map(self.request_body.get("tools"))
-        self.dropped_tools = self.tools.hosted
 
     def request(self, body: dict[str, Any]) -> dict[str, Any]:
         chat = req_responses_to_chat.translate_request(body, hosted_tools=self.backend.hosted_tools, tools=self.tools)

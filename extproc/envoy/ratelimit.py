@@ -27,9 +27,9 @@ log = logging.getLogger("extproc")
 _OK = rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
 
 
-class TenantMeter:
-    """Each answer's requests and tokens per listed tenant: in the metrics, and, for tenants with token
-    limits, added to their counters in the store (off the request path)."""
+class _Quotas:
+    """What the meter and the service both read: the tenants' limits as the config has them now, the
+    store that holds the counters, the metrics and the clock."""
 
     def __init__(self, clients: Callable[[], Clients | None], store: Store, metrics: Metrics,
                  clock: Callable[[], float] = time.time):
@@ -37,6 +37,15 @@ class TenantMeter:
         self.store = store
         self.metrics = metrics
         self.clock = clock
+
+
+class TenantMeter(_Quotas):
+    """Each answer's requests and tokens per listed tenant: in the metrics, and, for tenants with token
+    limits, added to their counters in the store (off the request path)."""
+
+    def __init__(self, clients: Callable[[], Clients | None], store: Store, metrics: Metrics,
+                 clock: Callable[[], float] = time.time):
+        super().__init__(clients, store, metrics, clock)
         self.pending: set[asyncio.Task[None]] = set()
 
     def count(self, tenant: str | None, input_tokens: int, output_tokens: int) -> None:
@@ -69,14 +78,7 @@ def _header(key: str, value: str) -> base_pb2.HeaderValue:
     return base_pb2.HeaderValue(key=key, value=value)
 
 
-class RateLimits(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]  # generated base, no stubs
-    def __init__(self, clients: Callable[[], Clients | None], store: Store, metrics: Metrics,
-                 clock: Callable[[], float] = time.time):
-        self.clients = clients
-        self.store = store
-        self.metrics = metrics
-        self.clock = clock
-
+class RateLimits(rls_pb2_grpc.RateLimitServiceServicer, _Quotas):  # type: ignore[misc]  # generated base, no stubs
     async def ShouldRateLimit(self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext[
             rls_pb2.RateLimitRequest, rls_pb2.RateLimitResponse]) -> rls_pb2.RateLimitResponse:
         entries = {e.key: e.value for d in request.descriptors[:1] for e in d.entries}

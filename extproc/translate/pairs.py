@@ -65,42 +65,86 @@ class TranslatorPair(Protocol):
     def stream(self) -> StreamTranslator: ...
 
 
-@dataclass(slots=True)
-class ChatOnResponses:
-    """A Chat Completions client on a model that answers only on the Responses API."""
+class _Answers(Protocol):
+    """A `resp_*` module whose answer needs only the model's name (its function is looked up at each
+    answer, so the module's current one is used)."""
 
+    def translate_response(self, doc: dict[str, Any], model: str, /) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Steps:
+    """A direction's three steps when each needs only the request and the model's name; `request`
+    also returns the fields dropped for want of an upstream equivalent."""
+
+    request: Callable[[dict[str, Any]], tuple[dict[str, Any], list[str]]]
+    answers: _Answers
+    stream: Callable[[dict[str, Any], str], StreamTranslator]
+
+
+_STEPS = {
+    # A Chat Completions client on a model that answers only on the Responses API.
+    (CHAT, RESPONSES): _Steps(lambda body: (req_chat_to_responses.translate_request(body), []),
+                              resp_responses_to_chat, ResponsesToChatStream),
+    # A Chat Completions client on a backend that serves only Anthropic's Messages API.
+    (CHAT, MESSAGES): _Steps(lambda body: (req_chat_to_messages.translate_request(body), []),
+                             resp_messages_to_chat, MessagesToChatStream),
+    # An Anthropic Messages client on a model that answers only on the Responses API.
+    (MESSAGES, RESPONSES): _Steps(req_messages_to_responses.translate_request,
+                                  resp_responses_to_messages,
+                                  lambda _request, model: ResponsesToMessagesStream(model)),
+}
+
+
+@dataclass(slots=True)
+class ModelPair:
+    """A pair for a direction whose steps need only the request and the model's name (`_STEPS`): one
+    class serves them all."""
+
+    client_api: str
+    upstream_api: str
     request_body: dict[str, Any]
     model: str
-    client_api: str = CHAT
-    upstream_api: str = RESPONSES
+    steps: _Steps = field(init=False)
     dropped_tools: list[str] = field(default_factory=list)
     dropped_fields: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.steps = _STEPS[self.client_api, self.upstream_api]
+
     def request(self, body: dict[str, Any]) -> dict[str, Any]:
-        return req_chat_to_responses.translate_request(body)
+        out, self.dropped_fields = self.steps.request(body)
+        return out
 
     def response(self, doc: dict[str, Any]) -> Answer:
-        return Answer(resp_responses_to_chat.translate_response(doc, self.model))
+        return Answer(self.steps.answers.translate_response(doc, self.model))
 
     def stream(self) -> StreamTranslator:
-        return ResponsesToChatStream(self.request_body, self.model)
+        return self.steps.stream(self.request_body, self.model)
 
 
 @dataclass(slots=True)
-class ResponsesOnChat:
-    """A Responses client on a chat-only model: the conversation so far arrives merged into `input`."""
+class _ResponsesClient:
+    """What both pairs of a Responses client keep: its tools read once for all three steps, the hosted
+    ones the upstream cannot run reported as dropped."""
 
     request_body: dict[str, Any]
     backend: Backend
     tools: ToolMap = field(init=False)
-    client_api: str = RESPONSES
-    upstream_api: str = CHAT
     dropped_tools: list[str] = field(init=False)
-    dropped_fields: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.tools = tool_map(self.request_body.get("tools"))
         self.dropped_tools = self.tools.hosted
+
+
+@dataclass(slots=True)
+class ResponsesOnChat(_ResponsesClient):
+    """A Responses client on a chat-only model: the conversation so far arrives merged into `input`."""
+
+    client_api: str = RESPONSES
+    upstream_api: str = CHAT
+    dropped_fields: list[str] = field(default_factory=list)
 
     def request(self, body: dict[str, Any]) -> dict[str, Any]:
         b = self.backend
@@ -145,49 +189,6 @@ class MessagesOnChat:
         return ChatToMessagesStream(self.model, self.stop)
 
 
-@dataclass(slots=True)
-class MessagesOnResponses:
-    """An Anthropic Messages client on a model that answers only on the Responses API."""
-
-    request_body: dict[str, Any]
-    model: str
-    client_api: str = MESSAGES
-    upstream_api: str = RESPONSES
-    dropped_tools: list[str] = field(default_factory=list)
-    dropped_fields: list[str] = field(default_factory=list)
-
-    def request(self, body: dict[str, Any]) -> dict[str, Any]:
-        out, self.dropped_fields = req_messages_to_responses.translate_request(body)
-        return out
-
-    def response(self, doc: dict[str, Any]) -> Answer:
-        return Answer(resp_responses_to_messages.translate_response(doc, self.model))
-
-    def stream(self) -> StreamTranslator:
-        return ResponsesToMessagesStream(self.model)
-
-
-@dataclass(slots=True)
-class ChatOnMessages:
-    """A Chat Completions client on a backend that serves only Anthropic's Messages API."""
-
-    request_body: dict[str, Any]
-    model: str
-    client_api: str = CHAT
-    upstream_api: str = MESSAGES
-    dropped_tools: list[str] = field(default_factory=list)
-    dropped_fields: list[str] = field(default_factory=list)
-
-    def request(self, body: dict[str, Any]) -> dict[str, Any]:
-        return req_chat_to_messages.translate_request(body)
-
-    def response(self, doc: dict[str, Any]) -> Answer:
-        return Answer(resp_messages_to_chat.translate_response(doc, self.model))
-
-    def stream(self) -> StreamTranslator:
-        return MessagesToChatStream(self.request_body, self.model)
-
-
 class Chained:
     """Two stream translators in a row: each upstream chunk through the first, its output through the
     second. The second's Response is the stream's."""
@@ -214,24 +215,16 @@ class Chained:
 
 
 @dataclass(slots=True)
-class ResponsesOnMessages:
+class ResponsesOnMessages(_ResponsesClient):
     """A Responses client on a Messages backend: through the chat shape both directions already have
     (Responses as chat, chat as Messages, and back), with the turns kept by the sidecar as on a chat
     backend. Thinking comes back as reasoning items that seal the signed blocks, handed back to Claude
     when they return (`responses_on_messages`)."""
 
-    request_body: dict[str, Any]
-    backend: Backend
     model: str
-    tools: ToolMap = field(init=False)
     client_api: str = RESPONSES
     upstream_api: str = MESSAGES
-    dropped_tools: list[str] = field(init=False)
     dropped_fields: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.tools = tool_map(self.request_body.get("tools"))
-        self.dropped_tools = self.tools.hosted
 
     def request(self, body: dict[str, Any]) -> dict[str, Any]:
         chat = req_responses_to_chat.translate_request(body, hosted_tools=self.backend.hosted_tools, tools=self.tools)
@@ -257,10 +250,10 @@ def pair_for(client_api: str, upstream_api: str, body: dict[str, Any], model: st
     """The pair for this direction, or None when both sides speak the same API."""
     if client_api == upstream_api:
         return None
+    if (client_api, upstream_api) in _STEPS:
+        return ModelPair(client_api, upstream_api, body, model)
     if client_api == MESSAGES:
-        return MessagesOnChat(body, model, backend) if upstream_api == CHAT else MessagesOnResponses(body, model)
+        return MessagesOnChat(body, model, backend)
     if upstream_api == MESSAGES:
-        return ChatOnMessages(body, model) if client_api == CHAT else ResponsesOnMessages(body, backend, model)
-    if client_api == CHAT:
-        return ChatOnResponses(body, model)
+        return ResponsesOnMessages(body, backend, model)
     return ResponsesOnChat(body, backend)

@@ -15,8 +15,9 @@ from typing import Any
 import orjson
 
 from extproc.errors import BadUpstream
-from extproc.translate.common import json_type
+from extproc.translate.common import json_type, upstream_failure
 from extproc.translate.sse import SSEDecoder
+from extproc.translate.wire import ChatChunk, ChunkChoice, decode
 
 
 def event_json(data: str) -> dict[str, Any]:
@@ -83,4 +84,33 @@ class SSETranslator:
         raise NotImplementedError
 
     def _fail(self, code: str, message: str) -> None:
+        raise NotImplementedError
+
+
+class ChatChunkReader(SSETranslator):
+    """For the translators that read a chat.completion.chunk stream: `[DONE]` ends it (`_finish`), an
+    error chunk fails it, and every other chunk, checked whole before any event is sent, goes to `_chunk_in`, then its
+    first choice to `_choice`."""
+
+    def _event(self, data: str) -> None:
+        if data.strip() == "[DONE]":
+            self._finish()
+            return
+        chunk = decode(data, ChatChunk, "stream event")
+        if chunk.error is not None:
+            self._fail(*upstream_failure(chunk.error, "upstream error"))
+            return
+        self._chunk_in(chunk)
+        for choice in chunk.choices or ():
+            if not choice.index:  # only choice 0 is streamed
+                self._choice(choice)
+
+    def _chunk_in(self, chunk: ChatChunk) -> None:
+        """A chunk's own fields (model, usage), before its choices."""
+        raise NotImplementedError
+
+    def _choice(self, choice: ChunkChoice) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
         raise NotImplementedError

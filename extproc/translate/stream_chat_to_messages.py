@@ -15,12 +15,13 @@ from typing import Any
 import orjson
 
 from extproc.errors import BadUpstream
-from extproc.translate.common import at, first_choice, need, objects, read, upstream_failure
+from extproc.translate.common import at, first_choice, need, objects, read
 from extproc.translate.messages import stop_reason, usage
 from extproc.translate.resp_chat_to_responses import message_text
 from extproc.translate.sse import DONE, encode
+from extproc.translate.stream_base import ChatChunkReader
 from extproc.translate.stream_to_messages import MessagesStream
-from extproc.translate.wire import ChatChunk, ChatToolCall, ChatUsage, decode
+from extproc.translate.wire import ChatChunk, ChatToolCall, ChatUsage, ChunkChoice
 
 
 def _usage(u: ChatUsage) -> dict[str, Any]:
@@ -37,7 +38,7 @@ class _Call:
     sent: bool = False  # its block is closed: nothing may be added
 
 
-class ChatToMessagesStream(MessagesStream):
+class ChatToMessagesStream(ChatChunkReader, MessagesStream):
     def __init__(self, model: str, stop: list[str]):
         super().__init__(model)
         self.stop = stop
@@ -59,33 +60,25 @@ class ChatToMessagesStream(MessagesStream):
                               "finish_reason": read(choice, "finish_reason", str, where) or "stop"}]}
         return encode(orjson.dumps(chunk)) + DONE
 
-    def _event(self, data: str) -> None:
-        if data.strip() == "[DONE]":
-            self._finish()
-            return
-        chunk = decode(data, ChatChunk, "stream event")  # every field checked before any event is sent
-        if chunk.error is not None:
-            self._fail(*upstream_failure(chunk.error, "upstream error"))
-            return
+    def _chunk_in(self, chunk: ChatChunk) -> None:
         self._start(chunk.model)
         if chunk.usage is not None:
             self.usage = _usage(chunk.usage)
-        for choice in chunk.choices or ():
-            if choice.index:
-                continue  # only choice 0 is streamed
-            delta = choice.delta
-            if delta is not None:
-                if reasoning := delta.reasoning_text():
-                    self._flush_calls()
-                    self.thinking(reasoning)
-                if delta.content or delta.refusal:
-                    self._flush_calls()
-                    self.text((delta.content or "") + (delta.refusal or ""))
-                for call in delta.tool_calls or ():
-                    self._call(call)
-                self.refused = self.refused or bool(delta.refusal)
-            if choice.finish_reason:
-                self.finish_reason, self.matched = choice.finish_reason, choice.stop_reason
+
+    def _choice(self, choice: ChunkChoice) -> None:
+        delta = choice.delta
+        if delta is not None:
+            if reasoning := delta.reasoning_text():
+                self._flush_calls()
+                self.thinking(reasoning)
+            if delta.content or delta.refusal:
+                self._flush_calls()
+                self.text((delta.content or "") + (delta.refusal or ""))
+            for call in delta.tool_calls or ():
+                self._call(call)
+            self.refused = self.refused or bool(delta.refusal)
+        if choice.finish_reason:
+            self.finish_reason, self.matched = choice.finish_reason, choice.stop_reason
 
     def _call(self, delta: ChatToolCall) -> None:
         index = len(self.calls) if delta.index is None else delta.index

@@ -13,7 +13,7 @@ import msgspec
 import orjson
 
 from extproc.errors import BadUpstream
-from extproc.translate.common import new_id, now, upstream_failure
+from extproc.translate.common import new_id, now
 from extproc.translate.resp_chat_to_responses import (
     call_item_id,
     finish,
@@ -23,7 +23,7 @@ from extproc.translate.resp_chat_to_responses import (
     wants_encrypted_reasoning,
 )
 from extproc.translate.sse import DONE, encode
-from extproc.translate.stream_base import SSETranslator
+from extproc.translate.stream_base import ChatChunkReader
 from extproc.translate.tools import ToolMap, custom_input, encode_reasoning, tool_map
 from extproc.translate.wire import (
     ChatChunk,
@@ -33,7 +33,6 @@ from extproc.translate.wire import (
     ChatToolCall,
     ChunkChoice,
     convert,
-    decode,
 )
 
 
@@ -48,7 +47,7 @@ class _Item:
         self.done_parts = 0  # parts whose `.done` events were sent (parts end in order)
 
 
-class ChatToResponsesStream(SSETranslator):
+class ChatToResponsesStream(ChatChunkReader):
     def __init__(self, request: dict[str, Any], response_id: str | None = None, tools: ToolMap | None = None):
         super().__init__()
         self.response = response_shell(request, response_id or new_id("resp_"), now())
@@ -114,33 +113,25 @@ class ChatToResponsesStream(SSETranslator):
 
     # -- chat chunks --------------------------------------------------------------------------
 
-    def _event(self, data: str) -> None:
-        if data.strip() == "[DONE]":
-            self._finish()
-            return
-        chunk = decode(data, ChatChunk, "stream event")  # every field checked before any event is sent
-        if chunk.error is not None:
-            self._fail(*upstream_failure(chunk.error, "upstream error"))
-            return
+    def _chunk_in(self, chunk: ChatChunk) -> None:
         if not self.started:
             self._start(chunk.created or 0, chunk.model)
         if chunk.usage is not None:
             self.usage = chunk.usage.as_responses()
-        for choice in chunk.choices or ():
-            if choice.index:
-                continue  # only choice 0 is streamed
-            delta = choice.delta
-            if delta is not None:
-                if reasoning := delta.reasoning_text():
-                    self._reasoning_delta(reasoning)
-                if delta.content:
-                    self._text_delta("output_text", delta.content)
-                if delta.refusal:
-                    self._text_delta("refusal", delta.refusal)
-                for call in delta.tool_calls or ():
-                    self._call_delta(call)
-            if choice.finish_reason:
-                self.finish_reason = choice.finish_reason
+
+    def _choice(self, choice: ChunkChoice) -> None:
+        delta = choice.delta
+        if delta is not None:
+            if reasoning := delta.reasoning_text():
+                self._reasoning_delta(reasoning)
+            if delta.content:
+                self._text_delta("output_text", delta.content)
+            if delta.refusal:
+                self._text_delta("refusal", delta.refusal)
+            for call in delta.tool_calls or ():
+                self._call_delta(call)
+        if choice.finish_reason:
+            self.finish_reason = choice.finish_reason
 
     def _new_item(self, kind: str, data: dict[str, Any]) -> _Item:
         item = _Item(len(self.items), kind, data)

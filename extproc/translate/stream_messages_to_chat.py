@@ -13,20 +13,16 @@ from typing import Any
 
 import orjson
 
-from extproc.translate.common import count, now, objects, read, upstream_failure
+from extproc.translate.common import count, objects, read, upstream_failure
 from extproc.translate.resp_messages_to_chat import chat_id, chat_usage, finish_of, tool_call
 from extproc.translate.sse import DONE, encode
-from extproc.translate.stream_base import SSETranslator, event_json
+from extproc.translate.stream_base import event_json
+from extproc.translate.stream_to_chat import ChatStream
 
 
-class MessagesToChatStream(SSETranslator):
+class MessagesToChatStream(ChatStream):
     def __init__(self, request: dict[str, Any], model: str):
-        super().__init__()
-        opts = request.get("stream_options")
-        self.include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-        self.id = "chatcmpl-pending"
-        self.model = model
-        self.created = now()
+        super().__init__(request, model)
         self.blocks: dict[int, str] = {}  # block index -> its type
         self.calls: dict[int, int] = {}  # tool_use block index -> tool call index
         self.usage: dict[str, Any] = {}  # the Messages usage so far (message_start, then message_delta)
@@ -34,14 +30,6 @@ class MessagesToChatStream(SSETranslator):
         self.text: list[str] = []
         self.thinking: list[dict[str, Any]] = []  # thinking blocks as streamed, signatures included
         self.response: dict[str, Any] | None = None
-
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> None:
-        chunk: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                 "model": self.model, "system_fingerprint": None,
-                                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        if self.include_usage:
-            chunk["usage"] = None
-        self.out.append(encode(orjson.dumps(chunk)))
 
     def _as_stream(self, doc: dict[str, Any]) -> bytes:
         """A whole Message as the events that would have carried it."""
@@ -69,13 +57,6 @@ class MessagesToChatStream(SSETranslator):
 
     def _end_early(self) -> None:
         self._fail("upstream_incomplete", "the upstream stream ended before the message stopped")
-
-    def _fail(self, code: str, message: str) -> None:
-        if not self.ended:
-            self.ended = True
-            err = {"message": message, "type": "server_error", "param": None, "code": code}
-            self.out.append(encode(orjson.dumps({"error": err})))
-            self.out.append(DONE)
 
     def _event(self, data: str) -> None:
         ev = event_json(data)

@@ -11,10 +11,10 @@ from typing import Any
 import msgspec
 import orjson
 
-from extproc.translate.common import finish_reason, now, upstream_failure
+from extproc.translate.common import finish_reason, upstream_failure
 from extproc.translate.resp_responses_to_chat import chat_id
 from extproc.translate.sse import DONE, encode
-from extproc.translate.stream_base import SSETranslator
+from extproc.translate.stream_to_chat import ChatStream
 from extproc.translate.wire import (
     ArgumentsEvent,
     DeltaEvent,
@@ -40,30 +40,15 @@ class _Call:
         self.sent = 0  # characters of arguments already sent
 
 
-class ResponsesToChatStream(SSETranslator):
+class ResponsesToChatStream(ChatStream):
     def __init__(self, request: dict[str, Any], model: str):
-        opts = request.get("stream_options")
-        self.include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-        super().__init__()
-        self.id = "chatcmpl-pending"
-        self.model = model
-        self.created = now()
+        super().__init__(request, model)
         self.started = False
         self.calls: dict[str, _Call] = {}  # by output item id
         self.text: list[str] = []  # what was streamed, for a usage estimate when the upstream reports none
         # The final Response once it came, rebuilt from its checked fields (usage, status) and what was
         # streamed: nothing of the upstream's is passed on unchecked.
         self.response: dict[str, Any] | None = None
-
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> None:
-        chunk: dict[str, Any] = {
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if self.include_usage:
-            chunk["usage"] = None
-        self.out.append(encode(orjson.dumps(chunk)))
 
     def _start(self, response: ResponseObject | None) -> None:
         if self.started:
@@ -94,14 +79,6 @@ class ResponsesToChatStream(SSETranslator):
 
     def _end_early(self) -> None:
         self._fail("upstream_incomplete", "the upstream stream ended before the response completed")
-
-    def _fail(self, code: str, message: str) -> None:
-        """An error chunk (the chat SDKs raise it) and the end of the stream."""
-        if not self.ended:
-            self.ended = True
-            err = {"message": message, "type": "server_error", "param": None, "code": code}
-            self.out.append(encode(orjson.dumps({"error": err})))
-            self.out.append(DONE)
 
     def _event(self, data: str) -> None:
         if data.strip() == "[DONE]":

@@ -13,10 +13,11 @@ How the processor uses it (`exchange/request.py`), once it has the resolution an
     n = needs(config, res, Facts.of(client_api, call, body, headers), learned)
     Need.TRANSLATE in n        -> a translator pair (for a compact on a chat backend, CompactOnChat)
     Need.LEARN in n            -> ModelFacts: learn the model's API from the answer (first contact)
-    Need.RECORD_ID in n        -> Plan.record_id: pin the stored answer's id to its instance
+    Need.RECORD_ID in n        -> response.Observe's IdRecorder: pin the stored answer's id to its instance
     Need.KEEP_TURN in n        -> Plan.turn: the sidecar keeps the translated turn
-    n & USAGE                  -> Plan.observe_usage: read (or estimate) an untranslated answer's usage
+    n & USAGE                  -> response.Observe's UsageScanner: read (or estimate) an untranslated answer's usage
     Need.INJECT_KEY in n       -> the backend's key is added; an error quoting it is scrubbed
+    Need.PROVIDER_SHAPE in n   -> providers.upstream_path / with_deployment: a provider's own paths and names
     Need.CONTINUE in n         -> state.pinning finds the conversation (a pin may then need explaining)
     Need.CONVERSATION in n     -> state.conversations reads it as the history; Plan.conversation: the
                                   answer's Response (translated, or read on the way) appended to it

@@ -21,6 +21,7 @@ from extproc.config.model import (
     ConfigError,
     Discovery,
     Endpoint,
+    Failover,
     Hosted,
     Limits,
     ListenTLS,
@@ -31,7 +32,7 @@ from extproc.config.model import (
 )
 from extproc.config.validate import validate
 
-__all__ = ["MAX_TOKENS_FIELDS", "STORES", "Backend", "Config", "ConfigError", "Discovery", "Endpoint", "Hosted", "Limits",
+__all__ = ["MAX_TOKENS_FIELDS", "STORES", "Backend", "Config", "ConfigError", "Discovery", "Endpoint", "Failover", "Hosted", "Limits",
            "ListenTLS", "ModelRule", "State", "Tenancy", "Unserved", "load_config", "parse_config"]
 
 

@@ -19,7 +19,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ALLOWED = {"name", "api", "models", "endpoints", "cluster", "path_prefix", "api_key_env",
             "translate", "chat_max_tokens_field", "vnodes", "hosted_tools", "replay_reasoning",
             "authenticates_callers", "url", "ca_file", "headers", "provider", "api_version", "deployments",
-            "api_key_file", "key_paths"}
+            "api_key_file", "key_paths", "weight"}
 _HOSTED_ONLY = ("ca_file", "headers", "provider", "api_version", "deployments")
 _HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 # Headers `headers:` may not set: the key's, and those Envoy or the sidecar own.
@@ -194,6 +194,8 @@ def _options(r: Reader, m: dict[str, yaml.Node], key: str) -> dict[str, Any]:
         kw["replay_reasoning"] = r.scalar(m["replay_reasoning"], f"{key}.replay_reasoning", bool)
     if "vnodes" in m:
         kw["vnodes"] = r.bounded(m["vnodes"], f"{key}.vnodes", 1, 4096)
+    if "weight" in m:
+        kw["weight"] = r.bounded(m["weight"], f"{key}.weight", 1, 10000)
     if "key_paths" in m:
         kw["key_paths"] = tuple(r.string_list(m["key_paths"], f"{key}.key_paths"))
         for why in filter(None, map(key_path_problem, kw["key_paths"])):

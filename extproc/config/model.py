@@ -75,6 +75,7 @@ class Backend:
     dns_names: tuple[str, ...] = ()  # `dns:` entries: re-resolved periodically, the ring follows them
     dns_weights: tuple[int, ...] = ()  # the weight of each `dns:` entry
     key_paths: tuple[str, ...] = ()  # paths besides the API's that get the key (extproc/routing/key_paths.py)
+    weight: int | None = None  # in a model group: members with a weight share first attempts by it (routing.groups)
 
     def unserved(self) -> Unserved | None:
         """Why requests for this backend cannot be sent now (None: they can). The sidecar still starts,
@@ -123,6 +124,18 @@ class Limits:
     websocket_max_seconds: int = 3600  # how long one WebSocket-mode socket lives (OpenAI's limit: 60 minutes)
     background_max_runs: int = 32  # background responses a replica runs at once on chat-only backends
     background_max_seconds: int = 3600  # how long one background run may take before it is failed
+
+
+@dataclass(frozen=True)
+class Failover:
+    """How a request for a model served by several backends (a group, extproc/routing/groups.py) moves
+    between them, and when a failing member is taken out (Envoy's outlier detection, in the same terms)."""
+
+    max_attempts: int = 3  # backends tried for one request, the first included
+    deadline_seconds: int = 60  # no new attempt starts this long after the request's first
+    eject_after: int = 5  # consecutive failures that take a member out (Envoy's consecutive_5xx)
+    eject_seconds: int = 30  # out for this long times the number of times it was taken out (base_ejection_time)
+    max_eject_seconds: int = 300  # the cap on that, and on a retry-after hold (max_ejection_time)
 
 
 STORES = ("memory", "sqlite", "redis")
@@ -183,6 +196,7 @@ class Config:
     discovery: Discovery = Discovery()
     listen_tls: ListenTLS | None = None
     tenancy: Tenancy = Tenancy()
+    failover: Failover = Failover()
     admin_listen: str | None = "127.0.0.1:9902"  # /healthz /readyz /metrics; None turns it off
     websocket_listen: str | None = "127.0.0.1:50052"  # WebSocket mode's front door (Envoy routes upgrades here)
     websocket_gateway: str = "http://127.0.0.1:10000"  # Envoy's listener, where socket messages are sent as requests

@@ -1,4 +1,4 @@
-"""The small sections: top-level scalars, listen_tls, limits, discovery, tenancy, model_rules."""
+"""The small sections: top-level scalars, listen_tls, limits, discovery, tenancy, failover, model_rules."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from extproc.api import API_MODES
-from extproc.config.model import Discovery, Limits, ListenTLS, ModelRule, Tenancy
+from extproc.config.model import Discovery, Failover, Limits, ListenTLS, ModelRule, Tenancy
 from extproc.config.reader import Reader
 
 _HEADER_RE = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
@@ -104,6 +104,25 @@ def tenancy(r: Reader, node: yaml.Node) -> Tenancy | None:
     if "secret_env" in m:
         kw["secret_env"] = r.env_name(m["secret_env"], "tenancy.secret_env")
     return Tenancy(**kw)
+
+
+_FAILOVER = {"max_attempts": (1, 10), "deadline_seconds": (1, 86400), "eject_after": (1, 1000),
+             "eject_seconds": (1, 86400), "max_eject_seconds": (1, 86400)}
+
+
+def failover(r: Reader, node: yaml.Node) -> Failover | None:
+    m = r.mapping(node, "failover", set(_FAILOVER))
+    before = len(r.problems)
+    kw: dict[str, Any] = {name: r.bounded(m[name], f"failover.{name}", lo, hi)
+                          for name, (lo, hi) in _FAILOVER.items() if name in m}
+    if len(r.problems) > before:
+        return None
+    settings = Failover(**kw)
+    if settings.max_eject_seconds < settings.eject_seconds:
+        r.problem(m.get("max_eject_seconds", node), "failover.max_eject_seconds",
+                  f"must be at least eject_seconds ({settings.eject_seconds})")
+        return None
+    return settings
 
 
 def rules(r: Reader, node: yaml.Node) -> list[ModelRule]:

@@ -19,6 +19,7 @@ from extproc.config.reader import Reader
 SECTIONS: dict[str, Callable[[Reader, yaml.Node], Any]] = {
     "listen_tls": sections.listen_tls, "limits": sections.limits, "discovery": sections.discovery,
     "state": state.state, "tenancy": sections.tenancy, "clients": parse_clients,
+    "failover": sections.failover,
 }
 _SCALARS = {"listen", "log_level", "admin_listen", "usage_accounting", "log_format", "websocket_listen",
             "websocket_gateway", "fast_path"}

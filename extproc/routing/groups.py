@@ -1,0 +1,96 @@
+"""Model groups: a model that several backends serve, and the order one request's attempts take (sans-IO).
+
+A model name listed **exactly** (no `*`, `?` or `[`) in the `models` of two or more backends forms a
+group; its members are those backends in config order, and the first is the primary, the one that the
+classifier routes the model to anyway. Patterns never form or join a group: a catch-all `*` backend
+stays what it is today, the backend of every name nothing else lists, and never silently becomes every
+model's fallback. To make a backend a fallback for a model, list the model's name in its `models`.
+
+The attempt order (`attempt_order`): when members carry a `weight`, the first attempt is spread across
+the weighted members by weight, by a hash of the request's key (weighted rendezvous hashing: the same
+key goes to the same member while it is in, and a member taken out moves only its own share); the
+rest follow in config order. Members that cannot serve now (ejected, held off by a `retry-after`, or
+unconfigured: a missing key, no instances) go after those that can, so they are tried only when
+nothing else is left. At most `failover.max_attempts` backends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from extproc.config import Backend, Config
+from extproc.routing.classify import is_glob
+from extproc.routing.failover import Health
+
+
+@dataclass(frozen=True)
+class Member:
+    backend: Backend
+    weight: int | None  # the backend's `weight`: None takes no share of first attempts
+
+
+@dataclass(frozen=True)
+class Group:
+    model: str
+    members: tuple[Member, ...]  # config order; the first is the primary
+
+    @property
+    def primary(self) -> Backend:
+        return self.members[0].backend
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        return tuple(m.backend for m in self.members)
+
+
+def groups(config: Config) -> Mapping[str, Group]:
+    """Every group of the config, by model name, in the order the names first appear."""
+    found = _cache.get(id(config))
+    if found is not None and found[0] is config:
+        return found[1]
+    listed: dict[str, list[Backend]] = {}
+    for b in config.backends:
+        for name in dict.fromkeys(b.models):
+            if not is_glob(name):
+                listed.setdefault(name, []).append(b)
+    out = {name: Group(name, tuple(Member(b, b.weight) for b in members))
+           for name, members in listed.items() if len(members) > 1}
+    if len(_cache) >= 8:  # a config lives until a reload: keep only the few recent ones
+        _cache.pop(next(iter(_cache)))
+    _cache[id(config)] = (config, out)
+    return out
+
+
+_cache: dict[int, tuple[Config, Mapping[str, Group]]] = {}
+
+
+def group_for(config: Config, model: str) -> Group | None:
+    """The group serving `model`, or None when one backend (or none) serves it."""
+    return groups(config).get(model)
+
+
+def attempt_order(group: Group, key: str, health: Health, now: float,
+                  max_attempts: int | None = None) -> tuple[Backend, ...]:
+    """The backends one request tries, in order (see the module's docstring). `key` places the first
+    attempt among weighted members (the request's session or placement key: stable for a conversation);
+    `max_attempts` defaults to `health.settings.max_attempts`."""
+    limit = health.settings.max_attempts if max_attempts is None else max_attempts
+    ready = [m for m in group.members if health.available(m.backend.name, now) and m.backend.unserved() is None]
+    out = ready + [m for m in group.members if m not in ready]
+    weighted = [m for m in ready if m.weight is not None]
+    if weighted:
+        first = max(weighted, key=lambda m: _score(key, m))
+        out.remove(first)
+        out.insert(0, first)
+    return tuple(m.backend for m in out[:limit])
+
+
+def _score(key: str, member: Member) -> float:
+    """Weighted rendezvous hashing: the member with the highest score takes the key; each member's
+    chance is its weight's share (-w / ln u with u uniform in (0, 1) from a hash of key and member)."""
+    digest = hashlib.blake2b(f"{member.backend.name}\0{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    u = (int.from_bytes(digest, "big") + 0.5) / 2.0**64
+    return -(member.weight or 0) / math.log(u)

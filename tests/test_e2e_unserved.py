@@ -4,6 +4,7 @@ their requests get a 503 in the OpenAI shape through the real Envoy (deploy/envo
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from pathlib import Path
 
@@ -47,12 +48,14 @@ def test_ready_without_the_optional_secret_naming_what_cannot_serve(k8s_gateway)
     _, admin, stack = k8s_gateway
     with urllib.request.urlopen(admin + "/readyz", timeout=10) as r:
         assert r.status == 200
-        lines = r.read().decode().splitlines()
-    assert lines == [
-        "ready",
+        assert r.headers["content-type"] == "application/json"
+        ready = json.loads(r.read())
+    assert ready["status"] == "ready"
+    assert ready["unserved"] == [
         "Backend 'vllm' has no instances: vllm-headless.llm.svc.cluster.local:8000 resolves to no address yet",
         "Backend 'openai' is not configured: the environment variable OPENAI_API_KEY (its api_key_env) is not "
         "set in the gateway sidecar"]
+    assert ready["backends"] == [{"name": "vllm", "state": "healthy"}, {"name": "openai", "state": "healthy"}]
     log = stack.log("sidecar")
     assert "OPENAI_API_KEY is not set or empty" in log and "does not resolve now" in log
 

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
@@ -54,11 +55,12 @@ class Sidecar:
         self.holder = holder
         self.store = store
         self.metrics = metrics
+        metrics.backend_states = self.backend_states
 
     def install(self, new: Config) -> None:
         """A new config for new exchanges."""
         old = self.holder.gateway
-        self.holder.gateway = Gateway(new, old.knowledge, tenant_secret=old.tenant_secret)
+        self.holder.gateway = Gateway(new, old.knowledge, tenant_secret=old.tenant_secret, health=old.health)
 
     def reload(self) -> None:
         try:
@@ -91,15 +93,28 @@ class Sidecar:
         return {"GET /healthz": self.healthy, "GET /readyz": self.ready, "GET /metrics": self.metrics_page,
                 "GET /learned": self.learned, "DELETE /learned": self.forget}
 
+    def backend_states(self) -> dict[str, str]:
+        """Every configured backend's state in its model groups: healthy, ejected or held_off."""
+        gateway, now = self.holder.gateway, time.monotonic()
+        return {b.name: gateway.health.state(b.name, now) for b in gateway.config.backends}
+
     async def ready(self, _query: str) -> Page:
-        """Ready when the config is loaded and the state store answers; backends that cannot serve yet
-        (a missing key, no instances) are named but do not hold the others back."""
+        """Ready when the config is loaded and the state store answers. The body (JSON) names the backends
+        that cannot serve yet (a missing key, no instances) and each backend's state in its groups; neither
+        holds the sidecar back: the upstreams are the same for every replica, so none is better off out."""
         try:
             await self.store.get_many(("ready-probe",))
         except StoreUnavailable as e:
             return _unavailable(e)
-        lines = ["ready", *self.holder.gateway.config.unserved()]
-        return 200, "".join(f"{line}\n" for line in lines).encode(), "text/plain"
+        gateway, now = self.holder.gateway, time.monotonic()
+        backends = []
+        for name, state in self.backend_states().items():
+            entry: dict[str, object] = {"name": name, "state": state}
+            if (until := gateway.health.until(name, now)) is not None:
+                entry["back_in_seconds"] = round(until - now, 1)
+            backends.append(entry)
+        body = {"status": "ready", "unserved": gateway.config.unserved(), "backends": backends}
+        return 200, orjson.dumps(body), "application/json"
 
     async def healthy(self, _query: str) -> Page:
         return 200, b"ok\n", "text/plain"

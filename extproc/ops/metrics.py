@@ -19,14 +19,18 @@ from __future__ import annotations
 import bisect
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+if TYPE_CHECKING:
+    from extproc.routing.failover import Attempt, Health
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what every Prometheus version scrapes
 PHASE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
@@ -38,6 +42,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 KINDS = ("request_headers", "request_body", "request_trailers", "response_headers", "response_body",
          "response_trailers")
 GENAI = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
+BACKEND_STATES = ("healthy", "ejected", "held_off")  # routing.failover's STATES (not imported: no cycle)
 
 
 @dataclass
@@ -132,11 +137,16 @@ class Metrics(Collector):
                                      ("tenant", "kind"))
         self.rate_limited = Counter("extproc_rate_limited", "Requests refused with a 429 by tenant and the limit "
                                     "that refused (requests, tokens, budget)", ("tenant", "limit"))
+        # Model groups (routing.failover): every upstream attempt by backend and outcome (ok, rejected,
+        # rate_limited, failed, connect_failure, reset, timeout), and each backend's state at scrape time.
+        self.upstream_attempts = Counter("extproc_upstream_attempts", "Upstream attempts by backend and outcome",
+                                         ("backend", "outcome"))
+        self.backend_states: Callable[[], Mapping[str, str]] = dict  # set by the running sidecar
         self.all: tuple[Counter | Histogram, ...] = (
             self.requests, self.translations, self.phase_seconds, self.stream_chunks, self.pins, self.learned,
             self.store_errors, self.background_runs, self.tokens, self.token_usage, self.request_duration,
             self.time_to_first_token, self.time_per_output_token, self.tenant_requests, self.tenant_tokens,
-            self.rate_limited)
+            self.rate_limited, self.upstream_attempts)
         self._phases = {kind: self.phase_seconds.child(kind) for kind in KINDS}
         self.registry = CollectorRegistry(auto_describe=False)  # the sidecar's numbers only
         self.registry.register(self)
@@ -144,6 +154,19 @@ class Metrics(Collector):
     def collect(self) -> Iterator[Metric]:
         for m in self.all:
             yield m.family()
+        states = GaugeMetricFamily("extproc_backend_state", "Each backend's state in its model groups: 1 for the "
+                                   "state it is in (healthy, ejected, held_off), 0 for the others",
+                                   labels=("backend", "state"))
+        for backend, now in sorted(self.backend_states().items()):
+            for state in BACKEND_STATES:
+                states.add_metric((backend, state), float(state == now))
+        yield states
+
+    def record_attempt(self, attempt: Attempt, health: Health, now: float) -> None:
+        """After each upstream attempt of a request (served or failed over): count it, and tell the health
+        of its backend (`now`: time.monotonic seconds, the clock Health reads)."""
+        self.upstream_attempts.inc(attempt.backend, attempt.outcome)
+        health.record(attempt.backend, attempt.ok, now, attempt.retry_after)
 
     def timer(self) -> ExchangeTimer:
         return ExchangeTimer(self._phases)

@@ -15,6 +15,7 @@ from extproc.api import AUTO, BOTH, MESSAGES, RESPONSES
 from extproc.config import Backend, Config
 from extproc.envoy.names import H_BACKEND, H_CLUSTER, H_ENDPOINT, SESSION_HEADERS
 from extproc.routing.classify import Classifier
+from extproc.routing.failover import Health
 from extproc.routing.modes import Knowledge
 from extproc.routing.providers import ANTHROPIC_VERSION, credential_header, envoy_holds_key
 from extproc.routing.ring import HashRing
@@ -95,8 +96,12 @@ class Gateway:
     """Everything derived from one config that requests consult."""
 
     def __init__(self, config: Config, knowledge: Knowledge | None = None,
-                 clock: Callable[[], float] = time.monotonic, tenant_secret: bytes = b""):
+                 clock: Callable[[], float] = time.monotonic, tenant_secret: bytes = b"",
+                 health: Health | None = None):
         self.config = config
+        # Each backend's standing in its model groups (routing.failover): outlives a reload, takes its settings.
+        self.health = health or Health()
+        self.health.settings = config.failover
         self.tenant_secret = tenant_secret  # outlives a reload, like knowledge
         self.tenants = Tenants(config.tenancy, tenant_secret)
         self.sealer = Sealer(derive_key(tenant_secret))  # compaction items the sidecar makes for chat backends

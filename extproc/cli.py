@@ -9,8 +9,12 @@ import os
 import signal
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
-from extproc.config import ConfigError, load_config
+from extproc.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from extproc.routing.modes import Knowledge, Learned
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,7 +100,21 @@ def _check_config(path: str, strict: bool) -> int:
     for b in cfg.backends:
         if b.hosted is not None:
             print(f"  {b.name}: {describe(b)}")
+    _print_groups(cfg)
     return 1 if strict and cfg.warnings else 0
+
+
+def _print_groups(cfg: Config) -> None:
+    """Which models several backends serve (docs/configuration.md, Failover), and weights that do nothing."""
+    from extproc.routing.groups import describe, groups
+
+    found = groups(cfg)
+    for group in found.values():
+        print(f"  group {group.model}: {describe(group)}")
+    grouped = {m.backend.name for g in found.values() for m in g.members}
+    for b in cfg.backends:
+        if b.weight is not None and b.name not in grouped:
+            print(f"  note: {b.name}'s weight does nothing: no model it lists by name is listed by another backend")
 
 
 def _serve(config_path: str, workers: int) -> int:
@@ -159,12 +177,34 @@ async def _resolve(config_path: str, model: str) -> int:
               f"{'fast path' if path.fast else 'processor'}: {path.reason}")
     print("(the fast path is taken behind the project's own Envoy config, deploy/envoy.yaml; an Envoy the "
           "sidecar does not configure sends every request through the processor)")
+    _print_group(cfg, knowledge, model, learned)
     if res.backend.api_key_env:  # docs/configuration.md, "Which paths get a backend's key"
         print(f"key:      {res.backend.api_key_env}, sent only on {', '.join(key_paths(res.backend))} "
               "(any other path to this backend: 404)")
     else:
         print("key:      none of the gateway's: the client's own credential goes, on any path")
     return 0
+
+
+def _print_group(cfg: Config, knowledge: Knowledge, model: str, learned: Learned | None) -> None:
+    """The model's group, if it is one: each member with the API it serves the model on, and the order."""
+    from extproc.routing.classify import Classifier
+    from extproc.routing.failover import Health
+    from extproc.routing.groups import attempt_order, describe, group_for
+
+    group = group_for(cfg, model)
+    if group is None:
+        print("group:    none (one backend serves this model: no failover)")
+        return
+    classifier = Classifier(cfg, knowledge)
+    print(f"group:    {describe(group)}")
+    for member in group.members:
+        res = classifier.resolve_on(member.backend, model, learned=learned if member.backend is group.primary else None)
+        print(f"  member {member.backend.name}: mode {res.mode} ({res.source})"
+              + (f", weight {member.weight}" if member.weight is not None else ""))
+    order = " -> ".join(b.name for b in attempt_order(group, model, Health(cfg.failover), 0.0))
+    how = "for a placement key equal to the model's name" if any(m.weight for m in group.members) else "config order"
+    print(f"attempts: {order} (at most {cfg.failover.max_attempts}, every member in, {how})")
 
 
 def _envoy_rules() -> None:

@@ -87,6 +87,12 @@ class Classifier:
         backend = self._backends.find(model)
         if backend is None:
             return None
+        return self.resolve_on(backend, model, override=override, learned=learned)
+
+    def resolve_on(self, backend: Backend, model: str, *, override: str | None = None,
+                   learned: Learned | None = None) -> Resolution:
+        """The decision for `model` on a given backend: another member of its group (routing.groups), by
+        the same rules as the backend the model resolves to (`learned` is that backend's fact)."""
         return combine(backend, self._rules.find(model), self._catalogue.find(model),
                        self.knowledge.discovered_mode(backend.name, model), learned, override)
 

@@ -94,3 +94,14 @@ def _score(key: str, member: Member) -> float:
     digest = hashlib.blake2b(f"{member.backend.name}\0{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     u = (int.from_bytes(digest, "big") + 0.5) / 2.0**64
     return -(member.weight or 0) / math.log(u)
+
+
+def describe(group: Group) -> str:
+    """The group's order in words, for `check-config` and `resolve`."""
+    names = ", ".join(m.backend.name for m in group.members)
+    weighted = [m for m in group.members if m.weight is not None]
+    if not weighted:
+        return f"{names} (config order; {group.primary.name} is the primary)"
+    total = sum(m.weight or 0 for m in weighted)
+    shares = ", ".join(f"{m.backend.name} {100 * (m.weight or 0) / total:.0f}%" for m in weighted)
+    return f"{names}: first attempts by weight ({shares}), then the others in config order"

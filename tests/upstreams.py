@@ -71,6 +71,7 @@ class Reply:
     body: bytes | None = None
     events: list[bytes] | None = None
     headers: dict[str, str] = field(default_factory=dict)  # sent with the answer (an echo, a `location`)
+    reset: bool = False  # a crashing server: a 200's headers sent, then the connection dropped before any body
 
 
 def _err(message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -191,6 +192,16 @@ class _Handler(JSONHandler):
             super().send_chunk(self.gz.flush())
         super().end_chunks()
 
+    def send_reset(self, stream: bool) -> None:
+        """A 200's headers (a stream's, or a JSON answer's with its length), then the connection drops."""
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream" if stream else "application/json")
+        self.send_header("transfer-encoding" if stream else "content-length", "chunked" if stream else "512")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
     def stop(self, reply: Reply) -> None:
         """A stream cut short: ended properly, or (`drop`) the connection closed with the body unfinished."""
         if reply.drop is None:
@@ -239,6 +250,9 @@ class _ChatHandler(_Handler):
         reply = self.reply_for(last_user if isinstance(last_user, str) else json.dumps(last_user))
         if reply.error:
             self.send_json(*reply.error, reply.headers)
+            return
+        if reply.reset:
+            self.send_reset(bool(body.get("stream")))
             return
         if self.send_broken(reply, bool(body.get("stream"))):
             return

@@ -28,11 +28,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.api import api_of
 from extproc.config import ListenTLS, load_config
 from extproc.envoy import xds
-from extproc.envoy.names import FIRST_CONTACT_ROLE, NAMESPACE, ROLE_METADATA, TENANT_HEADER
+from extproc.envoy.names import FAILOVER_ROLE, FIRST_CONTACT_ROLE, NAMESPACE, ROLE_METADATA, TENANT_HEADER
 from extproc.envoy.ratelimit import RateLimits, TenantMeter
 from extproc.envoy.running import GatewayHolder, Sidecar, every, tenant_secret, watch_files, watched_files
 from extproc.errors import GatewayError
 from extproc.exchange import Action, Exchange, Lookup, Step, error_action
+from extproc.exchange.failover import GroupAttempt
 from extproc.exchange.first_contact import FirstContact
 from extproc.front.background import BackgroundRuns
 from extproc.front.websocket import FrontDoor
@@ -43,6 +44,7 @@ from extproc.ops.metrics import ExchangeTimer, Metrics
 from extproc.ops.record import record
 from extproc.routing.discovery import discover_forever
 from extproc.routing.gateway import Gateway
+from extproc.routing.group_routes import ADDRESS_ATTRIBUTE
 from extproc.state.store import Store, StoreUnavailable, open_store
 
 log = logging.getLogger("extproc")
@@ -127,11 +129,13 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
             self.metrics.store_errors.inc("write")
             log.warning("state store unavailable, %d records not written: %s", len(writes), e)
 
-    async def _step(self, ex: Exchange | FirstContact, kind: str, req: pb.ProcessingRequest) -> Action:
+    async def _step(self, ex: Exchange | FirstContact | GroupAttempt, kind: str, req: pb.ProcessingRequest) -> Action:
         """One Envoy message through the exchange, store lookups included; errors become answers."""
         try:
             step: Step
             if kind == "request_headers":
+                if isinstance(ex, GroupAttempt):  # the instance Envoy chose for this attempt
+                    ex.host = _attribute(req, ADDRESS_ATTRIBUTE)
                 step = ex.request_headers(_headers(req.request_headers.headers), req.request_headers.end_of_stream)
             elif kind == "request_body":
                 step = ex.request_body(req.request_body.body)
@@ -158,9 +162,12 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
                       context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse]) -> None:
         """One HTTP exchange. context.read()/write() rather than an async generator: measured 15-25%
         more requests per second through grpc.aio (benchmarks/floor_processor.py)."""
-        # The upstream filter of first-contact requests names itself in the stream's metadata.
-        upstream = any(k == ROLE_METADATA and v == FIRST_CONTACT_ROLE for k, v in context.invocation_metadata() or ())
-        ex = FirstContact(self.holder.gateway) if upstream else Exchange(self.holder.gateway)
+        # An upstream filter (of first-contact requests, of a model group's attempts) names itself in the
+        # stream's metadata.
+        role = next((v for k, v in context.invocation_metadata() or () if k == ROLE_METADATA), None)
+        gw = self.holder.gateway
+        ex = FirstContact(gw) if role == FIRST_CONTACT_ROLE else GroupAttempt(gw) if role == FAILOVER_ROLE \
+            else Exchange(gw)
         timer = self.metrics.timer()
         try:
             while True:
@@ -184,14 +191,37 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
                 if act.done:
                     return
         finally:
-            if isinstance(ex, Exchange):  # a first-contact attempt is reported by its client-side exchange
-                self._record(ex, timer)
+            if isinstance(ex, Exchange) and not ex.handed_over:  # a first-contact attempt is reported by its
+                self._record(ex, timer)  # client-side exchange, a grouped request by its attempts
+            elif isinstance(ex, GroupAttempt):
+                self._record_attempts(ex, timer)
 
     def _record(self, ex: Exchange, timer: ExchangeTimer) -> None:
         record(ex, self.metrics, timer, self.holder.gateway.classifier.label_for)
         if self.tenants is not None and ex.client_api is not None:
             u = ex.usage
             self.tenants.count(ex.headers.get(TENANT_HEADER), u.input_tokens if u else 0, u.output_tokens if u else 0)
+
+
+    def _record_attempts(self, attempt: GroupAttempt, timer: ExchangeTimer) -> None:
+        """Each upstream attempt counted and told to its backend's health; the one that answered (or the
+        last one, whose error names them all) reported as the request."""
+        now = time.monotonic()
+        for a in attempt.attempts:
+            self.metrics.record_attempt(a, self.holder.gateway.health, now)
+        reported = attempt.served or (attempt.ex if attempt.last or attempt.failure is not None else None)
+        if reported is not None:
+            if attempt.failure is not None:
+                reported.failure = attempt.failure
+            self._record(reported, timer)
+
+
+def _attribute(req: pb.ProcessingRequest, name: str) -> str:
+    """A CEL attribute Envoy sent with the request headers (the filter's `request_attributes`)."""
+    for struct in req.attributes.values():
+        if name in struct.fields:
+            return str(struct.fields[name].string_value)
+    return ""
 
 
 def _with_metadata(resp: pb.ProcessingResponse, meta: dict[str, Any]) -> pb.ProcessingResponse:

@@ -28,8 +28,8 @@ log = logging.getLogger("extproc")
 
 
 class Exchange:
-    def __init__(self, gateway: Gateway, tenant: str | None = None):
-        self.req = RequestSide(gateway, tenant)
+    def __init__(self, gateway: Gateway, tenant: str | None = None, member: Target | None = None):
+        self.req = RequestSide(gateway, tenant, member)
         self.life = Lifecycle()
         self.handler: ResponseHandler | None = None
         self.outcome = Outcome()
@@ -91,6 +91,11 @@ class Exchange:
     @property
     def headers(self) -> dict[str, str]:
         return self.req.headers
+
+    @property
+    def handed_over(self) -> bool:
+        """Sent to its model group's attempts, each reported on its own (exchange/failover.py)."""
+        return self.req.handed_over
 
     @property
     def method(self) -> str:

@@ -26,6 +26,7 @@ from extproc.api import API_OF_PATH, AUTO, BOTH, MESSAGES, PATHS, RESPONSES
 from extproc.config import Backend
 from extproc.envoy.names import H_FIRST_CONTACT, MODE_HEADER, ROUTING_HEADERS
 from extproc.errors import GatewayError, invalid
+from extproc.exchange import failover
 from extproc.exchange.actions import Action, answer
 from extproc.exchange.body import check_json_request, is_json, parse_body
 from extproc.exchange.first_contact import mark
@@ -194,6 +195,8 @@ class ApiCall:
         body = parse_body(raw)
         self.check(body)
         model, backend = side.model_of(body)
+        if (handed := failover.hand_over(side, self.call, body, model)) is not None:  # a model group's
+            return handed
         learned = yield from side.learned(backend, model)
         res = side.resolve(model, learned)
         pair = self.translator(side, body, model, res, self.upstream_api(model, res, client_api))
@@ -338,9 +341,11 @@ def handler_for(bare: str) -> PathHandler:
 
 
 class RequestSide:
-    def __init__(self, gw: Gateway, tenant: str | None = None):
+    def __init__(self, gw: Gateway, tenant: str | None = None, member: Target | None = None):
         self.gw = gw
         self.tenant = tenant  # given: the caller's, when the request carries another key (a first-contact retry)
+        self.member = member  # given: one attempt of a model group's request, on this member and instance
+        self.handed_over = False  # the request went to its model group's attempts (exchange/failover.py)
         self.headers: dict[str, str] = {}
         self.method = ""
         self.path = ""
@@ -395,7 +400,7 @@ class RequestSide:
                                code="invalid_value" if "model" in body else "missing_required_parameter")
         check_model_name(model)  # no control characters, at most 256 bytes (routing/model_name.py)
         self.model = model
-        backend = self.gw.classifier.backend_for(model)
+        backend = self.member.backend if self.member is not None else self.gw.classifier.backend_for(model)
         if backend is None:
             raise GatewayError(404, f"The model '{model}' does not exist or no backend serves it",
                                param="model", code="model_not_found")
@@ -416,11 +421,15 @@ class RequestSide:
 
     def resolve(self, model: str, learned: Learned | None) -> Resolution:
         override = self.headers.get(MODE_HEADER) if self.gw.config.discovery.allow_mode_header else None
+        if self.member is not None:
+            return self.gw.classifier.resolve_on(self.member.backend, model, override=override, learned=learned)
         res = self.gw.classifier.resolve(model, override=override, learned=learned)
         assert res is not None
         return res
 
     def target_for(self, res: Resolution, body: dict[str, Any]) -> Target:
+        if self.member is not None and res.backend is self.member.backend:  # Envoy chose the instance
+            return self.member
         return self.gw.target(res.backend, placement_key(body, self.headers))
 
     def route(self, plan: Plan, body: dict[str, Any] | None = None) -> Action:

@@ -47,9 +47,11 @@ from extproc.envoy.names import (
     TENANT_HEADER,
     Key,
 )
+from extproc.routing import group_routes
 from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.classify import Classifier, Resolution, combine, is_glob
 from extproc.routing.gateway import backend_cluster
+from extproc.routing.groups import group_for
 from extproc.routing.hosted import authority, first_contact_cluster, hosted_clusters, secrets
 from extproc.routing.model_name import FAST_PATH_NAME
 from extproc.routing.modes import Knowledge, Learned
@@ -240,7 +242,7 @@ def processor_routes(config: Config) -> tuple[list[rc.Route], list[rc.Route]]:
     # (x-gateway-retry, set by the processor as the cluster's upstream filter), translated there.
     retry = rc.RetryPolicy(retry_on="retriable-headers", num_retries=wrappers_pb2.UInt32Value(value=1),
                            retriable_headers=present(H_RETRY))
-    first = [websocket,
+    first = [websocket, *group_routes.routes(config),  # a model group's attempts (routing/group_routes.py)
              rc.Route(name="processor:first-contact", match=rc.RouteMatch(prefix="/", headers=present(
                  H_ENDPOINT, H_FIRST_CONTACT)), route=_to_backend(config, FIRST_CONTACT_CLUSTER, retry_policy=retry)),
              rc.Route(name="processor:endpoint", match=rc.RouteMatch(prefix="/", headers=present(H_ENDPOINT)),
@@ -374,7 +376,8 @@ def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str
             if backend is None:
                 continue
             fact = learned.get((backend.name, name))
-            when = surveys.when(classifier.resolve(name, learned=fact), client_api, fact)
+            # a model group's failover is the processor's (exchange/failover.py)
+            when = () if _failover(config, name) else surveys.when(classifier.resolve(name, learned=fact), client_api, fact)
             groups.setdefault((backend, when) if when else None, []).append(name)
         for group, names in groups.items():
             middle += fast_route(config, group[0], client_api, [model_in(names)], group[1]) if group else \
@@ -387,7 +390,14 @@ def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str
     _client_keys(config, host)
     return Compiled(route_pb2.RouteConfiguration(name=ROUTE_CONFIG, virtual_hosts=[host]),
                     [_cluster(b) for b in config.backends if b.endpoints] +
-                    [c for b in config.backends if b.hosted for c in hosted_clusters(b)], secrets(config))
+                    [c for b in config.backends if b.hosted for c in hosted_clusters(b)] +
+                    group_routes.clusters(config), secrets(config))
+
+
+def _failover(config: Config, model: str) -> bool:
+    """A model whose group Envoy carries between its members: never a fast route to the primary alone."""
+    group = group_for(config, model)
+    return group is not None and group_routes.carried(group.backends)
 
 
 CLIENT_FILTERS = {"envoy.filters.http.lua.clients": "key", "envoy.filters.http.lua.client_models": "models"}

@@ -33,6 +33,7 @@ from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from extproc.config import Backend, Config, Hosted
+from extproc.envoy.names import FIRST_CONTACT_ROLE, ROLE_METADATA
 from extproc.routing.gateway import Target, backend_cluster
 from extproc.routing.providers import credential_header, envoy_holds_key, provider_of
 
@@ -83,15 +84,17 @@ def first_contact_cluster(backend: Backend) -> str | None:
     return f"first-contact.{backend_cluster(backend)}"  # never a backend's own (those start with llm.)
 
 
-def _first_contact_processor() -> hcm.HttpFilter:
-    """The processor as the upstream filter of a first contact: as in deploy/envoy.yaml's
-    endpoints_first_contact cluster (role metadata, timeouts, buffered request, routing mutations)."""
+def upstream_processor(role: str = FIRST_CONTACT_ROLE, attributes: tuple[str, ...] = ()) -> hcm.HttpFilter:
+    """The processor as an upstream filter (of a first contact, or of a model group's attempts): as in
+    deploy/envoy.yaml's endpoints_first_contact cluster (role metadata, timeouts, buffered request,
+    routing mutations), with the CEL `attributes` it is sent with each request."""
     mode = processing_mode_pb2.ProcessingMode
     return _filter("envoy.filters.http.ext_proc", ext_proc_pb2.ExternalProcessor(
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name="extproc"),
             timeout=duration_pb2.Duration(seconds=30),
-            initial_metadata=[base_pb2.HeaderValue(key="x-extproc-role", value="first-contact")]),
+            initial_metadata=[base_pb2.HeaderValue(key=ROLE_METADATA, value=role)]),
+        request_attributes=attributes,
         failure_mode_allow=False, allow_mode_override=True, message_timeout=duration_pb2.Duration(seconds=30),
         max_message_timeout=duration_pb2.Duration(seconds=600),
         processing_mode=mode(request_header_mode=mode.SEND, request_body_mode=mode.BUFFERED,
@@ -108,7 +111,7 @@ def upstream_filters(backend: Backend, first_contact: bool = False) -> list[hcm.
     mutations = [mutation_rules_pb2.HeaderMutation(append=base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=k, value=v), append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
         for k, v in hosted.headers]
-    out = [_first_contact_processor()] if first_contact else []
+    out = [upstream_processor()] if first_contact else []
     if envoy_holds_key(backend):  # the client's own credentials never reach the provider with the gateway's key
         auth = provider_of(hosted.provider).auth_header
         mutations[:0] = [mutation_rules_pb2.HeaderMutation(remove=h) for h in dict.fromkeys(("authorization", auth))]

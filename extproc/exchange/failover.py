@@ -1,0 +1,301 @@
+"""Failover across a model group's members, both sides of it (sans-IO): each attempt an ordinary exchange.
+
+A request for a model that several `endpoints:` backends serve (`routing.groups`) is not translated by
+the client-side exchange: `hand_over` records what its attempts need (the caller's tenant, the client's
+headers, when it started; sealed, since the headers carry the client's credential) and names the group's
+cluster (`routing.group_routes`), whose priorities are the members. Envoy sends the buffered request to
+the first member and retries on the next one; the processor, as that cluster's upstream filter, sees
+each attempt (`Attempt`, picked by the shell for role `failover`):
+
+- the member is the one whose instance Envoy connected to (`upstream.address`);
+- upstream filters change the one header map every attempt is sent from, so each attempt first puts the
+  client's headers back (the previous attempt's path, key and content-length must not reach this one),
+  then runs the request through an `Exchange` on that member: translated when the member speaks another
+  API, its state read and written as usual (a conversation the sidecar holds continues on any member);
+- an answer is judged before any byte of it reaches the client (`routing.failover.judge`): an error
+  body is read whole first, and a non-streamed success is held whole too, so a reset before its body
+  ended is still a retry; a failed-over answer is recorded and marked `x-gateway-retry` (Envoy drops it
+  and retries), a final one goes to the exchange's handler as any answer would;
+- the last attempt (`failover.max_attempts`, the members, or `deadline_seconds` after the start), when
+  it fails too, answers with one error naming every attempt (`all_failed_error`): attempts that got no
+  answer at all (a refused connection never reaches the processor; a reset ends its stream) are named by
+  the members nobody recorded, in priority order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from extproc.api import API_OF_PATH, RESPONSES
+from extproc.config import Backend
+from extproc.envoy.names import (
+    H_BACKEND,
+    H_CLUSTER,
+    H_ENDPOINT,
+    H_FAILOVER,
+    H_FIRST_CONTACT,
+    H_RETRY,
+    TENANT_HEADER,
+)
+from extproc.errors import GatewayError
+from extproc.exchange.actions import BUFFERED, Action, Step
+from extproc.routing.failover import Attempt, Transport, Verdict, all_failed_error
+from extproc.routing.gateway import Target
+from extproc.routing.group_routes import carried, group_cluster
+from extproc.routing.groups import Group, group_for
+from extproc.routing.needs import Call
+from extproc.state.lookup import Decision, Reads, awaited, start
+
+if TYPE_CHECKING:
+    from extproc.exchange.exchange import Exchange
+    from extproc.exchange.request import RequestSide
+    from extproc.routing.gateway import Gateway
+
+log = logging.getLogger("extproc")
+
+_SEALED_FOR = "failover"  # the sealer's associated data: a record sealed for this use only
+_OURS = (H_FAILOVER,)  # the attempts' own header, on every attempt
+_ROUTING = (H_BACKEND, H_CLUSTER, H_ENDPOINT, H_FIRST_CONTACT)  # routed already: no attempt sets them
+
+
+def record_key(rid: str) -> str:
+    return f"failover:{rid}"
+
+
+def attempt_key(rid: str, n: int) -> str:
+    return f"failover:{rid}:{n}"
+
+
+# -- the client-side exchange's part ----------------------------------------------------------------
+
+def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -> Action | None:
+    """The request sent to its model group's attempts, or None when it takes today's path: not a group
+    Envoy carries, an attempt already, not a turn (compaction and counts go to the primary), a background
+    turn (the sidecar's own run sends it again), or a continuation a member keeps itself (a pinned
+    stateful Responses instance is the only one that can continue it)."""
+    gw = side.gw
+    group = group_for(gw.config, model) if side.member is None and call is Call.CREATE else None
+    if group is None or not carried(group.backends) or body.get("background") is True:
+        return None
+    if body.get("previous_response_id") is not None and _keeps_state(gw, group, model, side.client_api):
+        return None
+    rid = os.urandom(12).hex()
+    tenant = side.pinning.tenant
+    record = {"tenant": tenant, "headers": side.headers, "t0": time.time(), "model": model,
+              "members": [b.name for b in group.backends]}
+    sealed = gw.sealer.seal(orjson.dumps(record).decode(), _SEALED_FOR)
+    side.handed_over = True
+    ttl = gw.config.failover.deadline_seconds + 60
+    return Action(set_headers=[(H_CLUSTER, group_cluster(group.backends)), (H_BACKEND, group.primary.name),
+                               (H_FAILOVER, rid)],
+                  remove_headers=(H_ENDPOINT, H_FIRST_CONTACT), clear_route_cache=True,
+                  writes=[(record_key(rid), sealed.encode())], write_ttl=ttl, done=True)
+
+
+def _keeps_state(gw: Gateway, group: Group, model: str, client_api: str | None) -> bool:
+    """Whether a member holds Responses turns itself (a Responses client's call passed through to it)."""
+    return client_api == RESPONSES and any(
+        gw.classifier.resolve_on(b, model).upstream_api(RESPONSES) == RESPONSES for b in group.backends)
+
+
+# -- the upstream filter's attempts -----------------------------------------------------------------
+
+def _member(backends: tuple[Backend, ...], host: str) -> Backend | None:
+    """The member Envoy sent this attempt to: the one whose instance it connected to."""
+    return next((b for b in backends if any(e.address == host for e in b.endpoints)), None)
+
+
+def _restored(current: dict[str, str], client: dict[str, str]) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
+    """The header changes that give this attempt the client's headers again: what an earlier attempt
+    changed set back, what it added removed (Envoy's own x-envoy-* and the attempts' headers stay)."""
+    sets = [(k, v) for k, v in client.items() if current.get(k) != v and k != TENANT_HEADER and
+            (not k.startswith(":") or k == ":path")]
+    removes = tuple(k for k in current if k not in client and not k.startswith((":", "x-envoy-")) and k not in _OURS)
+    return sets, removes
+
+
+def _upstream(act: Action) -> Action:
+    """An exchange's action as an attempt's: the route is chosen (no re-match, no routing headers), and
+    the answer is always read (it is judged before it reaches the client)."""
+    return dataclasses.replace(act, clear_route_cache=False, done=act.immediate is not None,
+                               set_headers=[(k, v) for k, v in act.set_headers if k not in _ROUTING],
+                               remove_headers=tuple(h for h in (*act.remove_headers, *_ROUTING) if h not in _OURS))
+
+
+class GroupAttempt:
+    """One upstream-filter stream: attempt n of a grouped request, on the member Envoy chose. The shell
+    drives it like an `Exchange`, gives it the attempt's host (`host`), and afterwards reads `attempts`
+    (each one it saw or inferred: metrics and health) and `served` (the exchange that answered)."""
+
+    def __init__(self, gw: Gateway, host: str = ""):
+        self.gw = gw
+        self.host = host
+        self.headers: dict[str, str] = {}
+        self.ex: Exchange | None = None
+        self.member: Backend | None = None
+        self.rid = ""
+        self.n = 1
+        self.last = True
+        self.attempts: list[Attempt] = []  # this attempt's outcome, and earlier ones nobody recorded
+        self.earlier: list[Attempt] = []  # every earlier attempt, for the all-failed error
+        self.held: dict[str, str] | None = None  # an error's headers, judged with its body
+        self.whole = False  # a success held whole, so that a reset before its end is still a retry
+        self.served: Exchange | None = None
+        self.failure: GatewayError | None = None  # set by the shell when the sidecar answered with an error
+
+    # -- request ------------------------------------------------------------------------------------
+
+    def request_headers(self, headers: dict[str, str], end_of_stream: bool) -> Step:
+        return start(self._start(headers, end_of_stream))
+
+    def _start(self, headers: dict[str, str], end_of_stream: bool) -> Decision[Action]:
+        self.headers = headers
+        self.rid = headers.get(H_FAILOVER, "")
+        self.n = int(headers.get("x-envoy-attempt-count", "1") or 1)
+        values = yield Reads((record_key(self.rid), *(attempt_key(self.rid, k) for k in range(1, self.n))))
+        record = self._open(values[0] if values else None)
+        client: dict[str, str] = record.get("headers") or {}
+        self.headers = {**client, **{k: v for k, v in headers.items() if k.startswith("x-envoy-")}}
+        model = record.get("model")
+        backends = tuple(b for b in map(self.gw.config.backend, record.get("members") or ()) if b is not None)
+        self.member = _member(backends, self.host)
+        tries = min(len(backends), self.gw.config.failover.max_attempts)
+        self._earlier(values[1:] if values else [], backends)
+        late = time.time() - float(record.get("t0", 0)) > self.gw.config.failover.deadline_seconds
+        if self.member is None or self.n > tries or (late and self.n > 1):
+            raise self._all_failed(model)
+        self.last = self.n >= tries
+        # here: the exchange imports the client side of this module
+        from extproc.exchange.exchange import Exchange
+
+        tenant = record.get("tenant")
+        self.ex = Exchange(self.gw, tenant if isinstance(tenant, str) else None, Target(self.member, self.host))
+        act = yield from awaited(self.ex.request_headers(self.headers, end_of_stream))
+        sets, removes = _restored(headers, client)
+        up = _upstream(act)
+        return dataclasses.replace(up, set_headers=[*sets, *up.set_headers], remove_headers=(*removes, *up.remove_headers))
+
+    def _open(self, raw: bytes | None) -> dict[str, Any]:
+        if raw is None:
+            raise GatewayError(502, "this request's failover record is gone (expired, or the state store lost it)",
+                               code="failover_state_lost")
+        opened = orjson.loads(self.gw.sealer.open(raw.decode(), _SEALED_FOR))
+        return opened if isinstance(opened, dict) else {}
+
+    def _earlier(self, values: Iterable[bytes | None], backends: tuple[Backend, ...]) -> None:
+        """Earlier attempts as they recorded themselves; those with no record got no answer (a refused
+        connection, a reset), named by the members nobody recorded, in priority order."""
+        recorded = [orjson.loads(v) if v else None for v in values]
+        named = {r["backend"] for r in recorded if r}
+        unnamed = iter([b.name for b in backends if b.name not in named and b is not self.member])
+        for k, r in enumerate(recorded, start=1):
+            if r:
+                self.earlier.append(Attempt(r["backend"], r.get("status"), r.get("message", ""),
+                                            retry_after=r.get("retry_after")))
+                continue
+            silent = Attempt.failed(next(unnamed, "?"), Transport.RESET, "no answer (connection refused or reset)")
+            self.earlier.append(silent)
+            if k == self.n - 1:  # the one just before this: nobody else saw it
+                self.attempts.append(silent)
+
+    def request_body(self, raw: bytes) -> Step:
+        assert self.ex is not None
+        return start(self._body(raw))
+
+    def _body(self, raw: bytes) -> Decision[Action]:
+        assert self.ex is not None
+        return _upstream((yield from awaited(self.ex.request_body(raw))))
+
+    # -- response -----------------------------------------------------------------------------------
+
+    def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Action:
+        ex = self.ex
+        assert ex is not None and self.member is not None
+        status = int(headers.get(":status", "0") or 0)
+        if status >= 400 and not end_of_stream:  # judged with its body, before any of it goes on
+            self.held = headers
+            return Action(response_body_mode=BUFFERED)
+        if status >= 400:
+            return self._judged(headers, b"")
+        self._served(status, headers)
+        act = ex.response_headers(headers, end_of_stream)
+        if not self.last and not end_of_stream and not ex.stream and act.response_body_mode is None:
+            self.whole = act.done  # held whole: a reset before its end is then a retry, not a cut answer
+            return dataclasses.replace(act, response_body_mode=BUFFERED, done=False)
+        return act
+
+    def response_body(self, chunk: bytes, end_of_stream: bool) -> Action:
+        ex = self.ex
+        assert ex is not None
+        if self.held is not None:
+            headers, self.held = self.held, None
+            return self._judged(headers, chunk)
+        if self.whole:
+            return Action(done=True)
+        return ex.response_body(chunk, end_of_stream)
+
+    def _judged(self, headers: dict[str, str], body: bytes) -> Action:
+        ex = self.ex
+        assert ex is not None and self.member is not None
+        status = int(headers.get(":status", "0") or 0)
+        attempt = Attempt.answered(self.member.name, status, body, headers, gateway_key=bool(self.member.api_key),
+                                   now=time.time())
+        if attempt.verdict is Verdict.FINAL:
+            self._served(status, headers)
+            first = ex.response_headers(headers, not body)
+            if first.done or not body:
+                return dataclasses.replace(first, response_body_mode=None)
+            rest = ex.response_body(body, True)
+            return dataclasses.replace(rest, set_headers=[*first.set_headers, *rest.set_headers],
+                                       remove_headers=(*first.remove_headers, *rest.remove_headers))
+        self.attempts.append(attempt)
+        log.info("model=%s: attempt %d on %s failed over: %s", ex.model, self.n, self.member.name, attempt.describe())
+        if self.last:
+            err = all_failed_error([*self.earlier, attempt], ex.model)
+            body_out = err.body(ex.client_api)
+            return Action(body=body_out, set_headers=[(":status", str(err.status)), ("content-type", "application/json"),
+                                                      ("content-length", str(len(body_out))), *err.headers],
+                          done=True)
+        said = {"backend": attempt.backend, "status": attempt.status, "message": attempt.message,
+                "retry_after": attempt.retry_after}
+        return Action(set_headers=[(H_RETRY, "1")], writes=[(attempt_key(self.rid, self.n), orjson.dumps(said))],
+                      write_ttl=self.gw.config.failover.deadline_seconds + 60, done=True)
+
+    def _served(self, status: int, headers: dict[str, str]) -> None:
+        assert self.ex is not None and self.member is not None
+        self.attempts.append(Attempt.answered(self.member.name, status, None, headers))
+        self.served = self.ex
+
+    def _all_failed(self, model: Any) -> GatewayError:
+        if not self.earlier:
+            return GatewayError(502, "no member of this model's group serves the instance Envoy chose",
+                                code="all_backends_failed")
+        return all_failed_error(self.earlier, model if isinstance(model, str) else None)
+
+    # -- what the shell reads -----------------------------------------------------------------------
+
+    def metadata(self) -> None:
+        return None
+
+    @property
+    def method(self) -> str:
+        return self.headers.get(":method", "")
+
+    @property
+    def path(self) -> str:
+        return self.headers.get(":path", "")
+
+    @property
+    def client_api(self) -> str | None:
+        return API_OF_PATH.get(self.path.partition("?")[0])
+
+    @property
+    def model(self) -> str | None:
+        return self.ex.model if self.ex is not None else None

@@ -1,0 +1,143 @@
+"""A model group's members as one Envoy cluster, and the route that fails over between them (sans-IO, pure).
+
+Why this shape (measured against Envoy 1.40, docs/configuration.md "How failover is made"):
+
+- Envoy owns the attempts, the buffered body and the retries, as at first contact. Each distinct list of
+  members (`groups.Group.backends`, every one an `endpoints:` backend) is one STATIC cluster, `group.A.B`,
+  whose priorities are the members in config order: priority 0 the first member's instances, 1 the
+  second's. The route's retry policy moves each retry to the next priority (`previous_priorities`), so a
+  retry goes to the next member, whoever made the attempt fail: a refused connection (the upstream
+  filters never run then: nothing of the processor could pick the next host), a reset, or the
+  processor's `x-gateway-retry` on an answer `failover.judge` fails over. 5xx and 429 are not in
+  `retry_on`: `judge` alone says which answers are final (a 500 naming a context overflow is).
+- The processor is the cluster's upstream filter (role `failover`), once per attempt: it learns the
+  member from the attempt's host (`upstream.address`), and runs the request through an ordinary
+  exchange for that member, translated when it speaks another API (exchange/failover.py).
+- Within a member Envoy picks the instance round robin. Not a ring hash: Envoy's ring hash (and
+  maglev) balancers ignore the retry's priority load, so every retry went back to the first member
+  (measured); prefix-cache placement within a member is the price, for grouped models only.
+- A member that keeps failing is ejected by Envoy's outlier detection in the `failover:` section's terms
+  (`eject_after` consecutive 5xx or refused connections, `eject_seconds` times the ejections, up to
+  `max_eject_seconds`); its priority's load spills to the next member until it comes back by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import address_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
+from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
+from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+
+from extproc.config import Backend, Config
+from extproc.envoy.names import FAILOVER_ROLE, H_BACKEND, H_CLUSTER, H_FAILOVER, H_RETRY
+from extproc.routing.groups import groups
+from extproc.routing.hosted import PROTOCOL_OPTIONS, upstream_processor
+
+# The CEL attribute the processor reads the attempt's host from (ext_proc `request_attributes`).
+ADDRESS_ATTRIBUTE = "upstream.address"
+
+
+def _any(msg: object) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(msg)  # type: ignore[arg-type]
+    return out
+
+
+def carried(backends: Iterable[Backend]) -> bool:
+    """Whether Envoy can carry this group's attempts: every member a list of instances (`url:` and
+    `cluster:` members are not yet part of a group cluster: their models route to the primary as before)."""
+    return all(b.endpoints for b in backends)
+
+
+def group_cluster(backends: Iterable[Backend]) -> str:
+    """The cluster of one list of members (backend names cannot hold a dot's neighbour `+`, so `.` joins)."""
+    return "group." + ".".join(b.name for b in backends)
+
+
+def member_lists(config: Config) -> list[tuple[Backend, ...]]:
+    """Each distinct list of members Envoy carries, in the order the groups first appear."""
+    out = {g.backends: None for g in groups(config).values() if carried(g.backends)}
+    return list(out)
+
+
+def clusters(config: Config) -> list[cluster_pb2.Cluster]:
+    return [_cluster(config, members) for members in member_lists(config)]
+
+
+def _cluster(config: Config, members: tuple[Backend, ...]) -> cluster_pb2.Cluster:
+    name = group_cluster(members)
+
+    def endpoint(address: str, weight: int) -> endpoint_components_pb2.LbEndpoint:
+        host, _, port = address.rpartition(":")
+        sock = address_pb2.SocketAddress(address=host.strip("[]"), port_value=int(port))
+        return endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(address=address_pb2.Address(socket_address=sock)),
+            load_balancing_weight=wrappers_pb2.UInt32Value(value=weight))
+
+    f = config.failover
+    eject = outlier_detection_pb2.OutlierDetection(
+        consecutive_5xx=wrappers_pb2.UInt32Value(value=f.eject_after),
+        consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=f.eject_after),
+        interval=duration_pb2.Duration(seconds=1),
+        base_ejection_time=duration_pb2.Duration(seconds=f.eject_seconds),
+        max_ejection_time=duration_pb2.Duration(seconds=f.max_eject_seconds),
+        max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
+        enforcing_consecutive_5xx=wrappers_pb2.UInt32Value(value=100),
+        enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
+        enforcing_success_rate=wrappers_pb2.UInt32Value(value=0))
+    options = hpo.HttpProtocolOptions(http_filters=[
+        upstream_processor(FAILOVER_ROLE, (ADDRESS_ATTRIBUTE,)),
+        # Upstream filters change the one header map every attempt is sent from (the processor restores
+        # the client's headers before each attempt: exchange/failover.py).
+        _http_filter("envoy.filters.http.upstream_codec", upstream_codec_pb2.UpstreamCodec())])
+    options.explicit_http_config.http_protocol_options.SetInParent()
+    cluster = cluster_pb2.Cluster(
+        name=name, type=cluster_pb2.Cluster.STATIC, connect_timeout=duration_pb2.Duration(seconds=5),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN, outlier_detection=eject,
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(priority=i, lb_endpoints=[
+                endpoint(e.address, e.weight) for e in b.endpoints]) for i, b in enumerate(members)]))
+    cluster.typed_extension_protocol_options[PROTOCOL_OPTIONS].CopyFrom(_any(options))
+    return cluster
+
+
+def _http_filter(name: str, config: object) -> hcm.HttpFilter:
+    return hcm.HttpFilter(name=name, typed_config=_any(config))
+
+
+def routes(config: Config) -> list[rc.Route]:
+    """One route per group cluster, taken by the processor's mark and cluster header: Envoy's retries
+    between the members, at most `failover.max_attempts` of them, with no back-off worth the name (the
+    next member is another backend: nothing to wait for) and one more attempt than the members tried,
+    which the processor answers with the error naming each (a refused last connection included)."""
+    out = []
+    f = config.failover
+    for members in member_lists(config):
+        cluster = group_cluster(members)
+        tries = min(len(members), f.max_attempts)
+        retry = rc.RetryPolicy(
+            retry_on="retriable-headers,reset,connect-failure", num_retries=wrappers_pb2.UInt32Value(value=tries),
+            retriable_headers=[rc.HeaderMatcher(name=H_RETRY, present_match=True)],
+            retry_priority=rc.RetryPolicy.RetryPriority(
+                name="envoy.retry_priorities.previous_priorities",
+                typed_config=_any(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1))),
+            retry_back_off=rc.RetryPolicy.RetryBackOff(base_interval=duration_pb2.Duration(nanos=1_000_000),
+                                                       max_interval=duration_pb2.Duration(nanos=2_000_000)))
+        route_action = rc.RouteAction(
+            cluster=cluster, timeout=duration_pb2.Duration(seconds=0),
+            idle_timeout=duration_pb2.Duration(seconds=config.limits.upstream_timeout_seconds), retry_policy=retry)
+        out.append(rc.Route(name=f"processor:{cluster}", route=route_action, request_headers_to_remove=[H_BACKEND, H_CLUSTER],
+                            match=rc.RouteMatch(prefix="/", headers=[
+            rc.HeaderMatcher(name=H_CLUSTER, string_match=string_pb2.StringMatcher(exact=cluster)),
+            rc.HeaderMatcher(name=H_FAILOVER, present_match=True)])))
+    return out
+
+

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import openai
 import pytest
@@ -21,6 +22,9 @@ from extproc.local.stack import Stack, free_port, wait_for_port
 from .conformance import check_stream, validate_response
 from .upstreams import ChatServer, Reply, ResponsesServer
 
+if TYPE_CHECKING:
+    import anthropic
+
 CONFIG = """
 listen: 127.0.0.1:{extproc_port}
 admin_listen: 127.0.0.1:{admin_port}
@@ -28,17 +32,19 @@ failover: {{max_attempts: 3, eject_after: 50}}
 backends:
   - name: pool-chat
     api: chat
-    models: ["grouped", "solo-chat"]
+    models: ["grouped", "solo-chat", "refused-last"]
     endpoints: ["{chat}"]
+    api_key_env: POOL_CHAT_KEY
   - name: pool-down
     api: chat
-    models: ["refused-first"]
+    models: ["refused-first", "refused-last"]
     endpoints: ["127.0.0.1:{closed}"]
   - name: pool-resp
     api: responses
     models: ["grouped", "refused-first"]
     endpoints: ["{resp}"]
 """
+POOL_KEY = "sk-pool-chat-secret"
 
 
 @dataclass
@@ -53,6 +59,11 @@ class Group:
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="client-key", max_retries=0, timeout=30)
 
+    def anthropic(self) -> anthropic.Anthropic:
+        import anthropic
+
+        return anthropic.Anthropic(base_url=self.url, api_key="client-key", max_retries=0, timeout=30)
+
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
@@ -64,7 +75,7 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
                                  resp=resp.address, closed=closed))
     stack = Stack()
     try:
-        sidecar = stack.start_sidecar(cfg)
+        sidecar = stack.start_sidecar(cfg, env={"POOL_CHAT_KEY": POOL_KEY})
         wait_for_port(extproc_port, proc=sidecar)
         stack.start_envoy(port, envoy_admin, extproc_port)
         yield Group(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{envoy_admin}",
@@ -128,7 +139,19 @@ def test_a_failing_chat_member_fails_over_to_the_responses_member(g, api, stream
     sent = g.resp.requests[0]
     given = sent["body"]["input"]  # the client's own request, or the chat request translated
     assert given == "hi" if api == "responses" else given[0]["content"] in ("hi", [{"type": "input_text", "text": "hi"}])
-    assert "x-gateway-retry" not in sent["headers"] and "authorization" in {k.lower() for k in sent["headers"]}
+    headers = {k.lower(): v for k, v in sent["headers"].items()}
+    # the first member got the pool's key; the second (keyless) the client's own, never the first's
+    assert g.chat.requests[0]["headers"]["authorization"] == f"Bearer {POOL_KEY}"
+    assert headers["authorization"] == "Bearer client-key" and "x-gateway-retry" not in headers
+
+
+def test_an_anthropic_client_fails_over_too(g):
+    g.chat.script.append(FAILURES["503"])
+    g.resp.script.append(Reply(text="claude-shaped answer"))
+    out = g.anthropic().messages.create(model="grouped", max_tokens=32, messages=[{"role": "user", "content": "hi"}])
+    assert [(b.type, b.text) for b in out.content] == [("text", "claude-shaped answer")]
+    assert [r["path"] for r in g.chat.requests] == ["/v1/chat/completions"]
+    assert [r["path"] for r in g.resp.requests] == ["/v1/responses"]
 
 
 @pytest.mark.parametrize("api", ["chat", "responses"])
@@ -164,6 +187,40 @@ def test_every_member_failing_is_one_error_naming_each(g):
     message = e.value.body["message"]
     assert "pool-chat: 503 chat pool down" in message and "pool-resp: 500 responses pool crashed" in message
     assert e.value.body["code"] == "all_backends_failed"
+
+
+def test_a_refused_last_member_is_named_in_the_one_error(g):
+    g.chat.script.append(Reply(error=_error(503, "chat pool down")))
+    with pytest.raises(openai.APIStatusError) as e:
+        _ask(g.client(), "chat", False, model="refused-last")
+    assert e.value.status_code == 502
+    message = e.value.body["message"]
+    assert "pool-chat: 503 chat pool down" in message and "pool-down: no answer" in message
+
+
+def _metrics(g: Group) -> dict[str, float]:
+    with urllib.request.urlopen(g.admin + "/metrics", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    return {k: float(v) for k, _, v in (line.rpartition(" ") for line in lines if line and not line.startswith("#"))}
+
+
+def test_each_attempt_is_counted_and_the_answering_backend_kept(g):
+    before = _metrics(g)
+    g.chat.script.append(FAILURES["429"])
+    g.resp.script.append(Reply(text="counted"))
+    assert _ask(g.client(), "chat", False) == "counted"
+    after = _metrics(g)
+
+    def delta(key: str) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert delta('extproc_upstream_attempts_total{backend="pool-chat",outcome="rate_limited"}') == 1
+    assert delta('extproc_upstream_attempts_total{backend="pool-resp",outcome="ok"}') == 1
+    # the request is counted once, by the member that answered, in the GenAI metrics too
+    served = [k for k in after if k.startswith("extproc_requests_total{") and 'model="grouped"' in k and delta(k)]
+    assert len(served) == 1 and 'backend="pool-resp"' in served[0] and 'upstream_api="responses"' in served[0]
+    genai = [k for k in after if k.startswith("gen_ai_client_token_usage_count{") and delta(k)]
+    assert genai and all('gen_ai_provider_name="pool-resp"' in k for k in genai)
 
 
 def _route_names(g: Group) -> dict[str, str]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import openai
 import pytest
 
-from extproc.local.stack import Stack, free_port, wait_for_port
+from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
 
 from .conformance import check_stream, validate_response
 from .upstreams import ChatServer, Reply, ResponsesServer
@@ -248,3 +248,93 @@ def test_a_model_outside_any_group_takes_todays_path(g):
     # no group cluster hop, and the instance named by the processor as before (the endpoints cluster)
     assert _stat(g, "cluster.group.pool-chat.pool-resp.upstream_rq_total") == before
     assert "x-gateway-failover" not in {k.lower() for k in g.chat.requests[0]["headers"]}
+
+
+# -- health and conversations: a stack whose members are taken out after two failures, for one second --
+
+HEALTH_CONFIG = """
+listen: 127.0.0.1:{extproc_port}
+admin_listen: 127.0.0.1:{admin_port}
+failover: {{eject_after: 2, eject_seconds: 1, max_eject_seconds: 1}}
+backends:
+  - name: flaky
+    api: chat
+    models: ["flaky-model"]
+    endpoints: ["{flaky}"]
+  - name: steady
+    api: responses
+    models: ["flaky-model"]
+    endpoints: ["{steady}"]
+  - name: conv-a
+    api: chat
+    models: ["conv-model"]
+    endpoints: ["{conv_a}"]
+  - name: conv-b
+    api: chat
+    models: ["conv-model"]
+    endpoints: ["{conv_b}"]
+"""
+
+
+@dataclass
+class Health:
+    group: Group
+    flaky: ChatServer
+    conv_a: ChatServer
+    conv_b: ChatServer
+
+
+@pytest.fixture(scope="module")
+def health(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Health]:
+    flaky, steady, conv_a, conv_b = ChatServer(), ResponsesServer(), ChatServer(), ChatServer()
+    extproc_port, port, envoy_admin, admin_port = free_port(), free_port(), free_port(), free_port()
+    cfg = Path(tmp_path_factory.mktemp("health")) / "config.yaml"
+    cfg.write_text(HEALTH_CONFIG.format(extproc_port=extproc_port, admin_port=admin_port, flaky=flaky.address,
+                                        steady=steady.address, conv_a=conv_a.address, conv_b=conv_b.address))
+    stack = Stack()
+    try:
+        sidecar = stack.start_sidecar(cfg)
+        wait_for_port(extproc_port, proc=sidecar)
+        stack.start_envoy(port, envoy_admin, extproc_port)
+        group = Group(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{envoy_admin}",
+                      flaky, steady, stack)
+        yield Health(group, flaky, conv_a, conv_b)
+    finally:
+        stack.stop()
+        for server in (flaky, steady, conv_a, conv_b):
+            server.close()
+
+
+def test_a_failing_member_is_taken_out_and_comes_back_by_itself(health):
+    g, flaky = health.group, health.flaky
+    cluster = "cluster.group.flaky.steady.outlier_detection.ejections_active"
+    flaky.script.extend([Reply(error=_error(503, "warming up")), Reply(error=_error(503, "warming up"))])
+    for _ in range(2):  # each failed over to the steady member
+        assert _ask(g.client(), "chat", False, model="flaky-model") == "echo: hi"
+    assert len(flaky.requests) == 2
+    # taken out: by Envoy (it routes the attempts) and in the sidecar's view (/metrics, /readyz)
+    assert wait_until(lambda: _stat(g, cluster) == 1)
+    assert _metrics(g)['extproc_backend_state{backend="flaky",state="ejected"}'] == 1
+    assert _ask(g.client(), "chat", False, model="flaky-model") == "echo: hi"
+    assert len(flaky.requests) == 2  # not tried while out
+    # back by itself once its second is up: the next requests reach it again, and it serves them
+    assert wait_until(lambda: _ask(g.client(), "chat", False, model="flaky-model") and len(flaky.requests) > 2)
+    assert _stat(g, cluster) == 0
+    assert _metrics(g)['extproc_backend_state{backend="flaky",state="healthy"}'] == 1
+
+
+def test_a_conversation_survives_its_first_member_dying(health):
+    g, conv_a, conv_b = health.group, health.conv_a, health.conv_b
+    client, prev, said = g.client(), None, []
+    for turn in range(1, 21):
+        if turn == 11:
+            conv_a.close()  # the first member dies: nothing listens there any more
+        r = client.responses.create(model="conv-model", input=f"turn {turn}", previous_response_id=prev)
+        assert r.output_text == f"echo: turn {turn}"
+        said += [f"turn {turn}", f"echo: turn {turn}"]
+        prev = r.id
+    assert len(conv_a.requests) == 10 and len(conv_b.requests) == 10
+    # the sidecar held the turns: the next member got the whole conversation so far, rebuilt
+    first_on_b = [m["content"] for m in conv_b.requests[0]["body"]["messages"]]
+    assert first_on_b == said[:21]
+    assert [m["content"] for m in conv_b.requests[-1]["body"]["messages"]] == said[:-1]

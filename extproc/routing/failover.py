@@ -50,6 +50,8 @@ _FINAL_MARKERS = re.compile(
     r"|prompt is too long"  # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
     r"|input is too long"  # Anthropic on Bedrock and Vertex
     r"|model_context_window_exceeded"  # Anthropic's stop reason, as some proxies report it
+    r"|exceeds the maximum number of tokens"  # Gemini: "The input token count (N) exceeds the maximum number ..."
+    r"|exceed_context_size_error|exceeds the available context size"  # llama.cpp's server
     r"|content_filter|content_policy_violation|responsibleaipolicyviolation"  # Azure, OpenAI
     r"|invalid_prompt|flagged as potentially violating"  # OpenAI's usage-policy refusal
 )

@@ -9,13 +9,15 @@ model's fallback. To make a backend a fallback for a model, list the model's nam
 The attempt order (`attempt_order`): when members carry a `weight`, the first attempt is spread across
 the weighted members by weight, by a hash of the request's key (weighted rendezvous hashing: the same
 key goes to the same member while it is in, and a member taken out moves only its own share); the
-rest follow in config order. Members that cannot serve now (ejected, held off by a `retry-after`, or
-unconfigured: a missing key, no instances) go after those that can, so they are tried only when
-nothing else is left. At most `failover.max_attempts` backends.
+rest follow in config order. Members taken out for now (ejected, or held off by a `retry-after`) go
+after those that are in, and unconfigured members (a missing key, no instances: they can only answer
+503) after those, so each is tried only when nothing better is left. At most `failover.max_attempts`
+backends.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Mapping
@@ -78,22 +80,44 @@ def attempt_order(group: Group, key: str, health: Health, now: float,
     attempt among weighted members (the request's session or placement key: stable for a conversation);
     `max_attempts` defaults to `health.settings.max_attempts`."""
     limit = health.settings.max_attempts if max_attempts is None else max_attempts
-    ready = [m for m in group.members if health.available(m.backend.name, now) and m.backend.unserved() is None]
-    out = ready + [m for m in group.members if m not in ready]
+    ready: list[Member] = []
+    taken_out: list[Member] = []
+    unconfigured: list[Member] = []
+    for m in group.members:
+        (unconfigured if m.backend.unserved() is not None else
+         ready if health.available(m.backend.name, now) else taken_out).append(m)
     weighted = [m for m in ready if m.weight is not None]
     if weighted:
-        first = max(weighted, key=lambda m: _score(key, m))
-        out.remove(first)
-        out.insert(0, first)
-    return tuple(m.backend for m in out[:limit])
+        key_hash = _hash(key)
+        first = max(weighted, key=lambda m: _score(key_hash, m))
+        ready = [first, *(m for m in ready if m is not first)]
+    return tuple(m.backend for m in (*ready, *taken_out, *unconfigured)[:limit])
 
 
-def _score(key: str, member: Member) -> float:
+def _score(key_hash: int, member: Member) -> float:
     """Weighted rendezvous hashing: the member with the highest score takes the key; each member's
-    chance is its weight's share (-w / ln u with u uniform in (0, 1) from a hash of key and member)."""
-    digest = hashlib.blake2b(f"{member.backend.name}\0{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    u = (int.from_bytes(digest, "big") + 0.5) / 2.0**64
+    chance is its weight's share (-w / ln u, u uniform in (0, 1) from the key's hash and the member's)."""
+    u = (_mix(key_hash ^ _seed(member.backend.name)) + 0.5) / 2.0**64
     return -(member.weight or 0) / math.log(u)
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+@functools.lru_cache(maxsize=1024)
+def _seed(name: str) -> int:
+    return _hash(name)
+
+
+def _mix(h: int) -> int:
+    """splitmix64's finaliser: one key's hash and each member's seed give independent uniform values."""
+    h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK
+    return h ^ (h >> 31)
+
+
+_MASK = (1 << 64) - 1
 
 
 def describe(group: Group) -> str:

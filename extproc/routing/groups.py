@@ -12,7 +12,7 @@ key goes to the same member while it is in, and a member taken out moves only it
 rest follow in config order. Members taken out for now (ejected, or held off by a `retry-after`) go
 after those that are in, and unconfigured members (a missing key, no instances: they can only answer
 503) after those, so each is tried only when nothing better is left. At most `failover.max_attempts`
-backends.
+backends. `GroupRun` walks one request along that order, attempt by attempt, to its deadline.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from extproc.config import Backend, Config
 from extproc.routing.classify import is_glob
-from extproc.routing.failover import Health
+from extproc.routing.failover import Attempt, Health, Verdict, all_failed
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,40 @@ def attempt_order(group: Group, key: str, health: Health, now: float,
         first = max(weighted, key=lambda m: _score(key_hash, m))
         ready = [first, *(m for m in ready if m is not first)]
     return tuple(m.backend for m in (*ready, *taken_out, *unconfigured)[:limit])
+
+
+class GroupRun:
+    """One request's way through its group (sans-IO): where the next attempt goes, given what the last one
+    got. The order is fixed when the request starts (`attempt_order`); an attempt's verdict, the deadline
+    (`failover.deadline_seconds` since the first attempt) and `max_attempts` end it. The caller records
+    each attempt's health itself (`Metrics.record_attempt`), so that attempts a run never makes, and
+    Envoy's own retries, are recorded the same way."""
+
+    def __init__(self, group: Group, key: str, health: Health, now: float):
+        self.group = group
+        self.order = attempt_order(group, key, health, now)
+        self.deadline = now + health.settings.deadline_seconds
+        self.attempts: list[Attempt] = []
+
+    @property
+    def first(self) -> Backend:
+        return self.order[0]
+
+    def next(self, attempt: Attempt, now: float) -> Backend | None:
+        """The backend to try after `attempt` (None: deliver `attempt`'s answer if it was final, else
+        answer `error()`)."""
+        self.attempts.append(attempt)
+        if attempt.verdict is Verdict.FINAL or now >= self.deadline or len(self.attempts) >= len(self.order):
+            return None
+        return self.order[len(self.attempts)]
+
+    @property
+    def failed(self) -> bool:
+        """Every attempt made was failed over: the client gets `error()`."""
+        return bool(self.attempts) and self.attempts[-1].verdict is Verdict.FAIL_OVER
+
+    def error(self, client_api: str | None) -> tuple[int, bytes]:
+        return all_failed(self.attempts, client_api, self.group.model)
 
 
 def _score(key_hash: int, member: Member) -> float:

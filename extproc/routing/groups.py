@@ -94,6 +94,27 @@ def attempt_order(group: Group, key: str, health: Health, now: float,
     return tuple(m.backend for m in (*ready, *taken_out, *unconfigured)[:limit])
 
 
+def continue_order(group: Group, key: str, health: Health, now: float, *, previous_backend: str | None,
+                   held_by_sidecar: bool, max_attempts: int | None = None) -> tuple[Backend, ...]:
+    """The attempt order of a turn that continues a conversation (`previous_response_id`), whose previous
+    turn `previous_backend` served.
+
+    When the sidecar holds the conversation's turns (a Responses conversation on a chat backend:
+    docs/state.md), every member can rebuild it, so the whole group is tried, the previous turn's backend
+    first while it is in (its prefix cache). When only the upstream holds it (a stateful Responses
+    backend's own stored response), no other member can rebuild it: only that backend is tried, and when
+    it is not a member (or was never recorded) the order is empty and the turn gets today's answer,
+    `previous_response_not_found`, never a silent wrong context."""
+    if not held_by_sidecar:
+        return tuple(b for b in group.backends if b.name == previous_backend)
+    order = attempt_order(group, key, health, now, max_attempts)
+    previous = next((b for b in group.backends if b.name == previous_backend), None)
+    if previous is None or not health.available(previous.name, now) or previous.unserved() is not None:
+        return order
+    limit = len(order)
+    return (previous, *(b for b in order if b is not previous))[:limit]
+
+
 class GroupRun:
     """One request's way through its group (sans-IO): where the next attempt goes, given what the last one
     got. The order is fixed when the request starts (`attempt_order`); an attempt's verdict, the deadline

@@ -541,9 +541,15 @@ def test_resolve_prints_the_group_its_members_and_the_attempt_order(tmp_path, ca
     assert "group:    a, b, c (config order; a is the primary)\n" in out
     assert "  member a: mode chat (backend a api)\n  member c: mode responses (backend c api)\n" in out.replace(
         "  member b: mode chat (backend b api)\n", "")
-    assert "attempts: a -> b -> c (at most 3, every member in, config order)\n" in out
+    assert "attempts: a -> b -> c (at most 3; config order while every member is in)\n" in out
     assert cli_main(["resolve", "--config", str(path), "solo"]) == 0
     assert "group:    none (one backend serves this model: no failover)\n" in capsys.readouterr().out
+    path.write_text(WEIGHTED)
+    assert cli_main(["resolve", "--config", str(path), "llama"]) == 0
+    out = capsys.readouterr().out
+    assert "  member vllm-a: mode chat (backend vllm-a api), weight 3\n" in out
+    assert ("attempts: at most 2; the first by weight, picked by the request's placement key; then the others "
+            "in config order\n") in out
 
 
 def _sidecar(text: str) -> Sidecar:

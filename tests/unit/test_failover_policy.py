@@ -424,6 +424,16 @@ def test_an_answered_attempt_keeps_its_message_verdict_and_retry_after():
     assert (t.status, t.message, t.outcome, t.ok) == (None, "connection failed: 111", "connect_failure", False)
 
 
+def test_the_gateways_key_quoted_in_an_error_never_reaches_the_all_failed_message():
+    key = "sk-gateway-0123456789abcdef"
+    body = orjson.dumps({"error": {"message": f"Incorrect API key provided: {key}. Or \\u0073k: {key[:3]}",
+                                   "type": "invalid_request_error", "code": "invalid_api_key"}})
+    a = Attempt.answered("hosted", 401, body, key=key)
+    assert a.verdict is Verdict.FAIL_OVER  # the sidecar's own key was refused: this backend's misconfiguration
+    assert key not in a.message and "[redacted]" in a.message
+    assert key.encode() not in all_failed([a], "chat")[1]
+
+
 def test_all_failed_names_each_attempt_in_the_openai_shape():
     attempts = [Attempt.answered("vllm-a", 503, OPENAI_503), Attempt.failed("vllm-b", Transport.CONNECT_FAILURE),
                 Attempt.answered("hosted", 429, OPENAI_429)]

@@ -22,6 +22,7 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from extproc.config import Backend, Config
 from extproc.routing.classify import is_glob
@@ -58,8 +59,8 @@ def groups(config: Config) -> Mapping[str, Group]:
         for name in dict.fromkeys(b.models):
             if not is_glob(name):
                 listed.setdefault(name, []).append(b)
-    out = {name: Group(name, tuple(Member(b, b.weight) for b in members))
-           for name, members in listed.items() if len(members) > 1}
+    out = MappingProxyType({name: Group(name, tuple(Member(b, b.weight) for b in members))
+                            for name, members in listed.items() if len(members) > 1})
     if len(_cache) >= 8:  # a config lives until a reload: keep only the few recent ones
         _cache.pop(next(iter(_cache)))
     _cache[id(config)] = (config, out)

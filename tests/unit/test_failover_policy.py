@@ -17,6 +17,7 @@ from extproc.cli import main as cli_main
 from extproc.config import ConfigError, Failover, parse_config
 from extproc.envoy.running import GatewayHolder, Sidecar
 from extproc.ops.metrics import Metrics
+from extproc.routing.classify import Classifier
 from extproc.routing.failover import (
     Attempt,
     Health,
@@ -55,6 +56,20 @@ def test_exact_names_listed_by_several_backends_form_groups_in_config_order():
     assert names(found["m2"].backends) == ["a", "b"]  # listed twice by b: b is one member
     assert group_for(cfg, "m3") is None and group_for(cfg, "solo") is None
     assert group_for(cfg, "anything-else") is None  # c's catch-all "*" makes no group
+
+
+def test_the_primary_is_the_backend_the_model_resolves_to():
+    cfg = parse_config("""
+backends:
+  - {name: glob-first, api: chat, models: ["m*"], endpoints: ["127.0.0.1:8001"]}
+  - {name: a, api: chat, models: ["m1"], endpoints: ["127.0.0.1:8002"]}
+  - {name: b, api: chat, models: ["m1"], endpoints: ["127.0.0.1:8003"]}
+""")
+    group = group_for(cfg, "m1")
+    assert group is not None and names(group.backends) == ["a", "b"]
+    assert Classifier(cfg).backend_for("m1") is group.primary  # an exact name beats an earlier glob
+    with pytest.raises(TypeError):
+        groups(cfg)["m1"] = group  # type: ignore[index]  # shared by every caller: read-only
 
 
 def test_a_catch_all_never_joins_a_group():

@@ -202,9 +202,13 @@ def _print_group(cfg: Config, knowledge: Knowledge, model: str, learned: Learned
         res = classifier.resolve_on(member.backend, model, learned=learned if member.backend is group.primary else None)
         print(f"  member {member.backend.name}: mode {res.mode} ({res.source})"
               + (f", weight {member.weight}" if member.weight is not None else ""))
-    order = " -> ".join(b.name for b in attempt_order(group, model, Health(cfg.failover), 0.0))
-    how = "for a placement key equal to the model's name" if any(m.weight for m in group.members) else "config order"
-    print(f"attempts: {order} (at most {cfg.failover.max_attempts}, every member in, {how})")
+    limit = cfg.failover.max_attempts
+    if any(m.weight is not None for m in group.members):
+        print(f"attempts: at most {limit}; the first by weight, picked by the request's placement key; "
+              "then the others in config order")
+    else:
+        order = " -> ".join(b.name for b in attempt_order(group, model, Health(cfg.failover), 0.0))
+        print(f"attempts: {order} (at most {limit}; config order while every member is in)")
 
 
 def _envoy_rules() -> None:

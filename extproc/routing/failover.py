@@ -20,6 +20,7 @@ from enum import Enum
 
 from extproc.config import Failover
 from extproc.errors import GatewayError, upstream_error_payload
+from extproc.ops.redact import forms_of
 
 
 class Verdict(Enum):
@@ -50,6 +51,8 @@ _FINAL_MARKERS = re.compile(
     r"|prompt is too long"  # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
     r"|input is too long"  # Anthropic on Bedrock and Vertex
     r"|model_context_window_exceeded"  # Anthropic's stop reason, as some proxies report it
+    r"|exceeds the maximum number of tokens"  # Gemini: "The input token count (N) exceeds the maximum number ..."
+    r"|exceed_context_size_error|exceeds the available context size"  # llama.cpp's server
     r"|content_filter|content_policy_violation|responsibleaipolicyviolation"  # Azure, OpenAI
     r"|invalid_prompt|flagged as potentially violating"  # OpenAI's usage-policy refusal
 )
@@ -200,11 +203,15 @@ class Attempt:
 
     @classmethod
     def answered(cls, backend: str, status: int, body: bytes | None, headers: Mapping[str, str] | None = None,
-                 *, gateway_key: bool = False, now: float | None = None) -> Attempt:
+                 *, gateway_key: bool = False, now: float | None = None, key: str | None = None) -> Attempt:
         """An attempt that got an HTTP answer: judged, its error message and retry-after read (`now` is
-        the wall clock for a retry-after date)."""
+        the wall clock for a retry-after date). `key`: the key the sidecar sent this backend (implies
+        `gateway_key`), removed from the message in any form the upstream quoted it (ops.redact), since
+        the message reaches the client in the all-failed error."""
         message = "ok" if status < 400 else upstream_error_payload(status, body or b"")["message"]
-        return cls(backend, status, message, None, judge(status, body, gateway_key=gateway_key),
+        if key:
+            message = forms_of(key).scrub_text(message)
+        return cls(backend, status, message, None, judge(status, body, gateway_key=gateway_key or bool(key)),
                    retry_after_seconds(headers or {}, now))
 
     @classmethod

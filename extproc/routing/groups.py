@@ -9,21 +9,24 @@ model's fallback. To make a backend a fallback for a model, list the model's nam
 The attempt order (`attempt_order`): when members carry a `weight`, the first attempt is spread across
 the weighted members by weight, by a hash of the request's key (weighted rendezvous hashing: the same
 key goes to the same member while it is in, and a member taken out moves only its own share); the
-rest follow in config order. Members that cannot serve now (ejected, held off by a `retry-after`, or
-unconfigured: a missing key, no instances) go after those that can, so they are tried only when
-nothing else is left. At most `failover.max_attempts` backends.
+rest follow in config order. Members taken out for now (ejected, or held off by a `retry-after`) go
+after those that are in, and unconfigured members (a missing key, no instances: they can only answer
+503) after those, so each is tried only when nothing better is left. At most `failover.max_attempts`
+backends. `GroupRun` walks one request along that order, attempt by attempt, to its deadline.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from extproc.config import Backend, Config
 from extproc.routing.classify import is_glob
-from extproc.routing.failover import Health
+from extproc.routing.failover import Attempt, Health, Verdict, all_failed
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,8 @@ def groups(config: Config) -> Mapping[str, Group]:
         for name in dict.fromkeys(b.models):
             if not is_glob(name):
                 listed.setdefault(name, []).append(b)
-    out = {name: Group(name, tuple(Member(b, b.weight) for b in members))
-           for name, members in listed.items() if len(members) > 1}
+    out = MappingProxyType({name: Group(name, tuple(Member(b, b.weight) for b in members))
+                            for name, members in listed.items() if len(members) > 1})
     if len(_cache) >= 8:  # a config lives until a reload: keep only the few recent ones
         _cache.pop(next(iter(_cache)))
     _cache[id(config)] = (config, out)
@@ -78,22 +81,99 @@ def attempt_order(group: Group, key: str, health: Health, now: float,
     attempt among weighted members (the request's session or placement key: stable for a conversation);
     `max_attempts` defaults to `health.settings.max_attempts`."""
     limit = health.settings.max_attempts if max_attempts is None else max_attempts
-    ready = [m for m in group.members if health.available(m.backend.name, now) and m.backend.unserved() is None]
-    out = ready + [m for m in group.members if m not in ready]
+    ready: list[Member] = []
+    taken_out: list[Member] = []
+    unconfigured: list[Member] = []
+    for m in group.members:
+        (unconfigured if m.backend.unserved() is not None else
+         ready if health.available(m.backend.name, now) else taken_out).append(m)
     weighted = [m for m in ready if m.weight is not None]
     if weighted:
-        first = max(weighted, key=lambda m: _score(key, m))
-        out.remove(first)
-        out.insert(0, first)
-    return tuple(m.backend for m in out[:limit])
+        key_hash = _hash(key)
+        first = max(weighted, key=lambda m: _score(key_hash, m))
+        ready = [first, *(m for m in ready if m is not first)]
+    return tuple(m.backend for m in (*ready, *taken_out, *unconfigured)[:limit])
 
 
-def _score(key: str, member: Member) -> float:
+def continue_order(group: Group, key: str, health: Health, now: float, *, previous_backend: str | None,
+                   held_by_sidecar: bool, max_attempts: int | None = None) -> tuple[Backend, ...]:
+    """The attempt order of a turn that continues a conversation (`previous_response_id`), whose previous
+    turn `previous_backend` served.
+
+    When the sidecar holds the conversation's turns (a Responses conversation on a chat backend:
+    docs/state.md), every member can rebuild it, so the whole group is tried, the previous turn's backend
+    first while it is in (its prefix cache). When only the upstream holds it (a stateful Responses
+    backend's own stored response), no other member can rebuild it: only that backend is tried, and when
+    it is not a member (or was never recorded) the order is empty and the turn gets today's answer,
+    `previous_response_not_found`, never a silent wrong context."""
+    if not held_by_sidecar:
+        return tuple(b for b in group.backends if b.name == previous_backend)
+    order = attempt_order(group, key, health, now, max_attempts)
+    previous = next((b for b in group.backends if b.name == previous_backend), None)
+    if previous is None or not health.available(previous.name, now) or previous.unserved() is not None:
+        return order
+    limit = len(order)
+    return (previous, *(b for b in order if b is not previous))[:limit]
+
+
+class GroupRun:
+    """One request's way through its group (sans-IO): where the next attempt goes, given what the last one
+    got. The order is fixed when the request starts (`attempt_order`); an attempt's verdict, the deadline
+    (`failover.deadline_seconds` since the first attempt) and `max_attempts` end it. The caller records
+    each attempt's health itself (`Metrics.record_attempt`), so that attempts a run never makes, and
+    Envoy's own retries, are recorded the same way."""
+
+    def __init__(self, group: Group, key: str, health: Health, now: float):
+        self.group = group
+        self.order = attempt_order(group, key, health, now)
+        self.deadline = now + health.settings.deadline_seconds
+        self.attempts: list[Attempt] = []
+
+    @property
+    def first(self) -> Backend:
+        return self.order[0]
+
+    def next(self, attempt: Attempt, now: float) -> Backend | None:
+        """The backend to try after `attempt` (None: deliver `attempt`'s answer if it was final, else
+        answer `error()`)."""
+        self.attempts.append(attempt)
+        if attempt.verdict is Verdict.FINAL or now >= self.deadline or len(self.attempts) >= len(self.order):
+            return None
+        return self.order[len(self.attempts)]
+
+    @property
+    def failed(self) -> bool:
+        """Every attempt made was failed over: the client gets `error()`."""
+        return bool(self.attempts) and self.attempts[-1].verdict is Verdict.FAIL_OVER
+
+    def error(self, client_api: str | None) -> tuple[int, bytes]:
+        return all_failed(self.attempts, client_api, self.group.model)
+
+
+def _score(key_hash: int, member: Member) -> float:
     """Weighted rendezvous hashing: the member with the highest score takes the key; each member's
-    chance is its weight's share (-w / ln u with u uniform in (0, 1) from a hash of key and member)."""
-    digest = hashlib.blake2b(f"{member.backend.name}\0{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    u = (int.from_bytes(digest, "big") + 0.5) / 2.0**64
+    chance is its weight's share (-w / ln u, u uniform in (0, 1) from the key's hash and the member's)."""
+    u = (_mix(key_hash ^ _seed(member.backend.name)) + 0.5) / 2.0**64
     return -(member.weight or 0) / math.log(u)
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+@functools.lru_cache(maxsize=1024)
+def _seed(name: str) -> int:
+    return _hash(name)
+
+
+def _mix(h: int) -> int:
+    """splitmix64's finaliser: one key's hash and each member's seed give independent uniform values."""
+    h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK
+    return h ^ (h >> 31)
+
+
+_MASK = (1 << 64) - 1
 
 
 def describe(group: Group) -> str:

@@ -243,10 +243,12 @@ def test_a_model_outside_any_group_takes_todays_path(g):
     routes = _route_names(g)
     assert routes["processor:group.pool-chat.pool-resp"] == "group.pool-chat.pool-resp"
     before = _stat(g, "cluster.group.pool-chat.pool-resp.upstream_rq_total")
+    endpoints = _stat(g, "cluster.endpoints.upstream_rq_total")
     g.chat.script.append(Reply(text="plain"))
-    assert _ask(g.client(), "responses", False, model="solo-chat") == "plain"
-    # no group cluster hop, and the instance named by the processor as before (the endpoints cluster)
+    assert _ask(g.client(), "responses", False, model="solo-chat", synthesised=True) == "plain"
+    # no group cluster hop (so no attempt stream), and the instance named by the processor as before
     assert _stat(g, "cluster.group.pool-chat.pool-resp.upstream_rq_total") == before
+    assert _stat(g, "cluster.endpoints.upstream_rq_total") == endpoints + 1
     assert "x-gateway-failover" not in {k.lower() for k in g.chat.requests[0]["headers"]}
 
 

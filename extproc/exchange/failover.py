@@ -245,7 +245,7 @@ class GroupAttempt:
         ex = self.ex
         assert ex is not None and self.member is not None
         status = int(headers.get(":status", "0") or 0)
-        attempt = Attempt.answered(self.member.name, status, body, headers, gateway_key=bool(self.member.api_key),
+        attempt = Attempt.answered(self.member.name, status, body, headers, key=self.member.api_key or None,
                                    now=time.time())
         if attempt.verdict is Verdict.FINAL:
             self._served(status, headers)

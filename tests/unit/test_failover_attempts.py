@@ -1,0 +1,172 @@
+"""Failover's mechanism, sans-IO: the hand-over, each attempt on its member, and the compiled group cluster."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+
+from extproc.config import parse_config
+from extproc.exchange import BUFFERED, Exchange
+from extproc.exchange.failover import GroupAttempt, attempt_key, record_key
+from extproc.routing import group_routes
+from extproc.routing.compile import compile_routes
+from extproc.routing.gateway import Gateway
+from extproc.routing.modes import Knowledge
+from extproc.state.lookup import Lookup
+
+CFG = """
+failover: {max_attempts: 3}
+backends:
+  - name: keyed-chat
+    api: chat
+    models: ["g", "solo"]
+    endpoints: ["10.0.0.1:8000"]
+    api_key_env: POOL_KEY
+  - name: resp
+    api: responses
+    models: ["g"]
+    endpoints: ["10.0.0.2:8000", "10.0.0.3:8000"]
+  - name: hosted
+    url: https://api.example.com
+    api: chat
+    models: ["h", "solo-hosted"]
+  - name: other
+    api: chat
+    models: ["h"]
+    endpoints: ["10.0.0.4:8000"]
+"""
+CLIENT = {":method": "POST", ":path": "/v1/responses", ":authority": "gw", "content-type": "application/json",
+          "authorization": "Bearer client-key", "x-request-id": "rid"}
+BODY = {"model": "g", "input": "hi"}
+
+
+def gateway() -> Gateway:
+    return Gateway(parse_config(CFG, env={"POOL_KEY": "sk-pool"}), tenant_secret=b"s" * 32)
+
+
+def resolve(step, store: dict[str, bytes]):
+    while isinstance(step, Lookup):
+        step = step.then([store.get(k) for k in step.keys])
+    store.update({k: v for k, v in step.writes if v is not None})
+    return step
+
+
+def hand_over(gw: Gateway, store: dict[str, bytes], body: dict = BODY) -> dict[str, str]:
+    """The client side: the request's headers as its attempts see them (Envoy's map after the processor)."""
+    ex = Exchange(gw)
+    resolve(ex.request_headers(dict(CLIENT), False), store)
+    act = resolve(ex.request_body(json.dumps(body).encode()), store)
+    assert act.done and act.body is None and ex.handed_over  # untranslated: each attempt translates
+    sets = dict(act.set_headers)
+    assert sets["x-gateway-cluster"] == "group.keyed-chat.resp"
+    return {**CLIENT, "x-gateway-failover": sets["x-gateway-failover"]}
+
+
+def test_a_model_outside_any_group_is_not_handed_over():
+    gw, store = gateway(), {}
+    ex = Exchange(gw)
+    resolve(ex.request_headers(dict(CLIENT), False), store)
+    act = resolve(ex.request_body(json.dumps({"model": "solo", "input": "hi"}).encode()), store)
+    assert not ex.handed_over and ("x-gateway-destination-endpoint", "10.0.0.1:8000") in act.set_headers
+    assert not any(k.startswith("failover:") for k in store)
+
+
+def test_the_record_is_sealed():
+    gw, store = gateway(), {}
+    hand_over(gw, store)
+    (raw,) = [v for k, v in store.items() if k.startswith("failover:")]
+    assert b"client-key" not in raw and b"Bearer" not in raw
+
+
+def attempt(gw: Gateway, store: dict[str, bytes], headers: dict[str, str], n: int, host: str) -> GroupAttempt:
+    a = GroupAttempt(gw, host)
+    a.head = resolve(a.request_headers({**headers, "x-envoy-attempt-count": str(n)}, False), store)
+    a.body_act = resolve(a.request_body(json.dumps(BODY).encode()), store)
+    return a
+
+
+def test_each_attempt_runs_on_its_member_and_a_failure_is_marked_for_envoys_retry():
+    gw, store = gateway(), {}
+    headers = hand_over(gw, store)
+    first = attempt(gw, store, headers, 1, "10.0.0.1:8000")
+    sets = dict(first.body_act.set_headers)
+    assert sets[":path"] == "/v1/chat/completions" and sets["authorization"] == "Bearer sk-pool"
+    assert not first.body_act.done  # the answer is judged
+    assert first.response_headers({":status": "503"}).response_body_mode == BUFFERED
+    act = first.response_body(b'{"error": {"message": "overloaded"}}', True)
+    assert ("x-gateway-retry", "1") in act.set_headers and act.done and act.body is None
+    assert [(a.backend, a.outcome) for a in first.attempts] == [("keyed-chat", "failed")]
+    # the header map Envoy retries from carries attempt 1's changes: attempt 2 puts the client's back
+    changed = {**headers, ":path": "/v1/chat/completions", "authorization": "Bearer sk-pool",
+               "content-length": "999", "accept-encoding": "identity"}
+    second = attempt(gw, store, changed, 2, "10.0.0.3:8000")
+    restored = dict(second.head.set_headers)
+    assert restored["authorization"] == "Bearer client-key" and restored[":path"] == "/v1/responses"
+    assert "content-length" in second.head.remove_headers and "accept-encoding" in second.head.remove_headers
+    assert "x-gateway-failover" not in second.head.remove_headers  # every attempt reads it
+    assert second.body_act.body is None  # a Responses member takes the client's request as it is
+    assert second.ex is not None and second.ex.target.endpoint == "10.0.0.3:8000"  # Envoy's choice
+
+
+def test_a_final_error_is_not_failed_over():
+    gw, store = gateway(), {}
+    a = attempt(gw, store, hand_over(gw, store), 1, "10.0.0.1:8000")
+    a.response_headers({":status": "400", "content-type": "application/json"})
+    act = a.response_body(b'{"error": {"message": "bad temperature"}}', True)
+    assert ("x-gateway-retry", "1") not in act.set_headers and a.served is a.ex
+    assert b"bad temperature" in (act.body or b"")  # translated into the client's error shape
+
+
+def test_the_last_attempt_names_every_one_including_those_that_got_no_answer():
+    gw, store = gateway(), {}
+    headers = hand_over(gw, store)
+    # attempt 1 (keyed-chat) got no answer: a refused connection never reaches the processor
+    last = attempt(gw, store, headers, 2, "10.0.0.2:8000")
+    assert [(a.backend, a.outcome) for a in last.attempts] == [("keyed-chat", "reset")]
+    last.response_headers({":status": "500"})
+    act = last.response_body(b'{"error": {"message": "crashed"}}', True)
+    error = orjson.loads(act.body or b"{}")["error"]
+    assert (":status", "502") in act.set_headers and error["code"] == "all_backends_failed"
+    assert "keyed-chat: no answer" in error["message"] and "resp: 500 crashed" in error["message"]
+    # one more attempt than the members (Envoy retried a refused last connection): answered at once
+    store[attempt_key(headers["x-gateway-failover"], 2)] = orjson.dumps(
+        {"backend": "resp", "status": 500, "message": "crashed", "retry_after": None})
+    extra = GroupAttempt(gw, "10.0.0.1:8000")
+    with pytest.raises(Exception, match="every backend of model 'g' failed"):
+        resolve(extra.request_headers({**headers, "x-envoy-attempt-count": "3"}, False), store)
+
+
+def test_a_lost_record_is_a_502_not_a_guess():
+    gw, store = gateway(), {}
+    headers = hand_over(gw, store)
+    store.pop(record_key(headers["x-gateway-failover"]))
+    with pytest.raises(Exception, match="failover record is gone"):
+        resolve(GroupAttempt(gw, "10.0.0.1:8000").request_headers(headers, False), store)
+
+
+def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_between_them():
+    gw = gateway()
+    compiled = compile_routes(gw.config, Knowledge(), {})
+    (cluster,) = [c for c in compiled.clusters if c.name.startswith("group.")]
+    assert cluster.name == "group.keyed-chat.resp"  # the hosted member's group is not carried
+    assert [(p.priority, [e.endpoint.address.socket_address.port_value for e in p.lb_endpoints])
+            for p in cluster.load_assignment.endpoints] == [(0, [8000]), (1, [8000, 8000])]
+    assert cluster.outlier_detection.consecutive_5xx.value == gw.config.failover.eject_after
+    routes = {r.name: r for r in compiled.routes.virtual_hosts[0].routes}
+    retry = routes["processor:group.keyed-chat.resp"].route.retry_policy
+    assert retry.retry_on == "retriable-headers,reset,connect-failure" and retry.num_retries.value == 2
+    assert retry.retry_priority.name == "envoy.retry_priorities.previous_priorities"
+    # a grouped model never has a fast route to its primary alone; a model alone keeps its own
+    def names(route) -> set[str]:
+        out = set()
+        for m in route.match.dynamic_metadata:
+            v = m.value
+            out |= {x.string_match.exact for x in v.or_match.value_matchers} | {v.string_match.exact}
+        return out
+
+    fast = [r for r in compiled.routes.virtual_hosts[0].routes if r.name.startswith("fast:")]
+    assert not any("g" in names(r) for r in fast) and any("solo-hosted" in names(r) for r in fast)
+    assert any("h" in names(r) for r in fast)  # a group with a `url:` member is not carried: as before
+    assert group_routes.member_lists(gw.config) == [(gw.config.backends[0], gw.config.backends[1])]

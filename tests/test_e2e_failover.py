@@ -275,6 +275,14 @@ backends:
     api: chat
     models: ["conv-model"]
     endpoints: ["{conv_b}"]
+  - name: fast-a
+    api: chat
+    models: ["fast-model"]
+    endpoints: ["{fast_a}"]
+  - name: fast-b
+    api: chat
+    models: ["fast-model"]
+    endpoints: ["{fast_b}"]
 """
 
 
@@ -284,15 +292,19 @@ class Health:
     flaky: ChatServer
     conv_a: ChatServer
     conv_b: ChatServer
+    fast_a: ChatServer
+    fast_b: ChatServer
 
 
 @pytest.fixture(scope="module")
 def health(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Health]:
     flaky, steady, conv_a, conv_b = ChatServer(), ResponsesServer(), ChatServer(), ChatServer()
+    fast_a, fast_b = ChatServer(), ChatServer()
     extproc_port, port, envoy_admin, admin_port = free_port(), free_port(), free_port(), free_port()
     cfg = Path(tmp_path_factory.mktemp("health")) / "config.yaml"
     cfg.write_text(HEALTH_CONFIG.format(extproc_port=extproc_port, admin_port=admin_port, flaky=flaky.address,
-                                        steady=steady.address, conv_a=conv_a.address, conv_b=conv_b.address))
+                                        steady=steady.address, conv_a=conv_a.address, conv_b=conv_b.address,
+                                        fast_a=fast_a.address, fast_b=fast_b.address))
     stack = Stack()
     try:
         sidecar = stack.start_sidecar(cfg)
@@ -300,10 +312,10 @@ def health(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Health]:
         stack.start_envoy(port, envoy_admin, extproc_port)
         group = Group(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{envoy_admin}",
                       flaky, steady, stack)
-        yield Health(group, flaky, conv_a, conv_b)
+        yield Health(group, flaky, conv_a, conv_b, fast_a, fast_b)
     finally:
         stack.stop()
-        for server in (flaky, steady, conv_a, conv_b):
+        for server in (flaky, steady, conv_a, conv_b, fast_a, fast_b):
             server.close()
 
 
@@ -323,6 +335,24 @@ def test_a_failing_member_is_taken_out_and_comes_back_by_itself(health):
     assert wait_until(lambda: _ask(g.client(), "chat", False, model="flaky-model") and len(flaky.requests) > 2)
     assert _stat(g, cluster) == 0
     assert _metrics(g)['extproc_backend_state{backend="flaky",state="healthy"}'] == 1
+
+
+def test_a_same_api_group_fails_over_on_the_fast_path(health):
+    """Chat clients on a group of chat pools need only Envoy: its compiled retries between the members."""
+    g, fast_a, fast_b = health.group, health.fast_a, health.fast_b
+    routes = _route_names(g)
+    assert routes["fast:chat:group.fast-a.fast-b"] == "fast-group.fast-a.fast-b"
+    served = 'extproc_requests_total{backend="fast-b",client_api="chat",model="fast-model",outcome="ok",upstream_api="chat"}'
+    before = _metrics(g).get(served, 0)
+    fast_a.script.append(Reply(error=_error(503, "busy")))
+    fast_b.script.append(Reply(text="from the second pool"))
+    assert _ask(g.client(), "chat", False, model="fast-model") == "from the second pool"
+    assert len(fast_a.requests) == 1 and len(fast_b.requests) == 1
+    assert _stat(g, "cluster.fast-group.fast-a.fast-b.upstream_rq_retry") == 1
+    # counted from Envoy's access log (so no processor saw it), under the member that answered
+    assert wait_until(lambda: _metrics(g).get(served, 0) == before + 1)
+    fast_a.script.append(Reply(text="first pool again"))
+    assert _ask(g.client(), "chat", True, model="fast-model") == "first pool again"
 
 
 def test_a_conversation_survives_its_first_member_dying(health):

@@ -44,7 +44,7 @@ from extproc.ops.metrics import ExchangeTimer, Metrics
 from extproc.ops.record import record
 from extproc.routing.discovery import discover_forever
 from extproc.routing.gateway import Gateway
-from extproc.routing.group_routes import ADDRESS_ATTRIBUTE
+from extproc.routing.group_routes import ADDRESS_ATTRIBUTE, member_at
 from extproc.state.store import Store, StoreUnavailable, open_store
 
 log = logging.getLogger("extproc")
@@ -267,7 +267,8 @@ class _Services:
         self.discovery = xds.Discovery(self.long_streams)
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.discovery, self.server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log.AccessLog(
-            sidecar.metrics, self.long_streams, lambda model: holder.gateway.classifier.label_for(model), tenants),
+            sidecar.metrics, self.long_streams, lambda model: holder.gateway.classifier.label_for(model), tenants,
+            lambda label, address: member_at(holder.gateway.config, label, address)),
             self.server)
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
             RateLimits(lambda: holder.gateway.config.clients, sidecar.store, sidecar.metrics), self.server)

@@ -30,13 +30,17 @@ TOKEN_KINDS = (("input", Key.INPUT_TOKENS), ("output", Key.OUTPUT_TOKENS), ("cac
 
 
 def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: Callable[[str | None], str],
-          tenants: TenantMeter | None = None) -> None:
-    """One fast-path request in the metrics; entries from other routes are ignored."""
+          tenants: TenantMeter | None = None, backend_at: Callable[[str, str], str] | None = None) -> None:
+    """One fast-path request in the metrics; entries from other routes are ignored. `backend_at` names
+    the backend that answered a route to a model group's cluster, by the upstream address Envoy used."""
     common = entry.common_properties
     kind, _, rest = common.route_name.partition(":")
     client_api, _, backend = rest.partition(":")
     if kind != FAST or not backend:
         return
+    if backend_at is not None:
+        sock = common.upstream_remote_address.socket_address
+        backend = backend_at(backend, f"{sock.address}:{sock.port_value}")
     fields = common.metadata.filter_metadata[NAMESPACE].fields if NAMESPACE in common.metadata.filter_metadata else {}
     model = label_for(fields[Key.MODEL].string_value if Key.MODEL in fields else None)
     status = entry.response.response_code.value
@@ -62,8 +66,9 @@ def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: 
 
 class AccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  # generated base, no stubs
     def __init__(self, metrics: Metrics, streams: LongStreams, label_for: Callable[[str | None], str],
-                 tenants: TenantMeter | None = None):
+                 tenants: TenantMeter | None = None, backend_at: Callable[[str, str], str] | None = None):
         self.metrics = metrics
+        self.backend_at = backend_at
         self.tenants = tenants
         self.streams = streams
         self.label_for = label_for  # bounds the model label, as for processed requests
@@ -73,7 +78,7 @@ class AccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  #
         async for message in self.streams.messages(request_iterator):
             for entry in message.http_logs.log_entry:
                 try:
-                    count(self.metrics, entry, self.label_for, self.tenants)
+                    count(self.metrics, entry, self.label_for, self.tenants, self.backend_at)
                 except Exception:  # one odd entry must not end the stream (Envoy would drop the rest)
                     log.exception("access log entry not counted")
         return als_pb2.StreamAccessLogsResponse()

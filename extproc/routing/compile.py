@@ -192,17 +192,21 @@ def _to_backend(config: Config, cluster: str, **kw: Any) -> rc.RouteAction:
 
 
 def fast_route(config: Config, backend: Backend, client_api: str,
-               models: list[metadata_pb2.MetadataMatcher], when: tuple[Condition, ...]) -> list[rc.Route]:
-    """Straight to the backend, one route per alternative of `when`."""
+               models: list[metadata_pb2.MetadataMatcher], when: tuple[Condition, ...],
+               group: tuple[Backend, ...] = ()) -> list[rc.Route]:
+    """Straight to the backend, one route per alternative of `when`; for a model `group` (`backend` its
+    primary), to the group's own cluster, Envoy retrying on the next member (routing/group_routes.py)."""
     path = PATHS[client_api]
-    action = _to_backend(config, backend_cluster(backend))
+    action = _to_backend(config, group_routes.fast_cluster(group), retry_policy=group_routes.fast_retry(config, group)) \
+        if group else _to_backend(config, backend_cluster(backend))
     _host(action, backend)
     if len(backend.endpoints) > 1:  # prefix-cache affinity where the request carries a session
         action.hash_policy.extend(rc.RouteAction.HashPolicy(header=rc.RouteAction.HashPolicy.Header(header_name=h),
                                                             terminal=True) for h in SESSION_HEADERS)
     if backend.path_prefix:
         action.prefix_rewrite = backend.path_prefix + path
-    return [rc.Route(name=f"{FAST}:{client_api}:{backend.name}", route=action, typed_per_filter_config=_NO_PROCESSOR,
+    target = group_routes.group_cluster(group) if group else backend.name
+    return [rc.Route(name=f"{FAST}:{client_api}:{target}", route=action, typed_per_filter_config=_NO_PROCESSOR,
                      request_headers_to_remove=[MODE_HEADER],  # the client's to the gateway, not the backend's
                      match=rc.RouteMatch(path=path, headers=headers, dynamic_metadata=[_SANE_NAME, *models, *meta]))
             for meta, headers in map(_condition, when)]
@@ -371,17 +375,26 @@ def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str
     for client_api in PATHS:  # every client API family
         # by fast-path backend and conditions (None: processor); names never overlap
         groups: dict[tuple[Backend, When] | None, list[str]] = {}
+        fast_groups: dict[tuple[tuple[Backend, ...], When], list[str]] = {}
         for name in exact_names(config, knowledge, learned):
             backend = classifier.backend_for(name)
             if backend is None:
                 continue
             fact = learned.get((backend.name, name))
-            # a model group's failover is the processor's (exchange/failover.py)
-            when = () if _failover(config, name) else surveys.when(classifier.resolve(name, learned=fact), client_api, fact)
+            members = _carried(config, name)
+            if members:  # a model group: fast to its cluster when every member needs only Envoy alike
+                when = _group_when(surveys, classifier, members, name, client_api, learned)
+                if when:
+                    fast_groups.setdefault((members, when), []).append(name)
+                    continue
+            else:
+                when = surveys.when(classifier.resolve(name, learned=fact), client_api, fact)
             groups.setdefault((backend, when) if when else None, []).append(name)
         for group, names in groups.items():
             middle += fast_route(config, group[0], client_api, [model_in(names)], group[1]) if group else \
                 [processor_route(client_api, [model_in(names)])]
+        for (members, when), names in fast_groups.items():
+            middle += fast_route(config, members[0], client_api, [model_in(names)], when, members)
         middle += _glob_routes(config, surveys, client_api)
     while middle and middle[-1].name == "processor":  # the catch-all does the same
         middle.pop()
@@ -394,10 +407,21 @@ def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str
                     group_routes.clusters(config), secrets(config))
 
 
-def _failover(config: Config, model: str) -> bool:
-    """A model whose group Envoy carries between its members: never a fast route to the primary alone."""
+def _carried(config: Config, model: str) -> tuple[Backend, ...]:
+    """The members of a model's group that Envoy carries (none: not such a group). Such a model never
+    has a fast route to its primary alone."""
     group = group_for(config, model)
-    return group is not None and group_routes.carried(group.backends)
+    return group.backends if group is not None and group_routes.carried(group.backends) else ()
+
+
+def _group_when(surveys: _Surveys, classifier: Classifier, members: tuple[Backend, ...], model: str, client_api: str,
+                learned: dict[tuple[str, str], Learned]) -> When:
+    """When a grouped model's requests take the fast path: when they would on every member, under the
+    same conditions, and the members' paths agree (one route rewrites them all); else never (the
+    processor's attempts carry them)."""
+    whens = {surveys.when(classifier.resolve_on(b, model, learned=learned.get((b.name, model))), client_api,
+                          learned.get((b.name, model))) for b in members}
+    return whens.pop() if len(whens) == 1 and len({b.path_prefix for b in members}) == 1 else ()
 
 
 CLIENT_FILTERS = {"envoy.filters.http.lua.clients": "key", "envoy.filters.http.lua.client_models": "models"}

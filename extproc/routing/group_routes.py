@@ -68,12 +68,47 @@ def member_lists(config: Config) -> list[tuple[Backend, ...]]:
     return list(out)
 
 
+def fast_cluster(backends: Iterable[Backend]) -> str:
+    """The same members for the fast path: no processor among the upstream filters."""
+    return "fast-" + group_cluster(backends)
+
+
+def member_at(config: Config, label: str, address: str) -> str:
+    """The backend a fast route's label names: a model group's cluster resolved to the member whose
+    instance answered (the access log's upstream address); any other label as it is."""
+    for members in member_lists(config):
+        if label == group_cluster(members):
+            return next((b.name for b in members if any(e.address == address for e in b.endpoints)), label)
+    return label
+
+
 def clusters(config: Config) -> list[cluster_pb2.Cluster]:
-    return [_cluster(config, members) for members in member_lists(config)]
+    """Each group cluster, and its fast-path twin (unused unless a fast route names it)."""
+    return [c for members in member_lists(config) for c in (_cluster(config, members), _cluster(config, members, True))]
 
 
-def _cluster(config: Config, members: tuple[Backend, ...]) -> cluster_pb2.Cluster:
-    name = group_cluster(members)
+def fast_retry(config: Config, members: tuple[Backend, ...]) -> rc.RetryPolicy:
+    """Envoy alone between the members, on what it can see without reading a body: 5xx (a 500 naming a
+    context overflow is retried too: only the processor reads bodies), 429 and 408, a reset, a refused
+    connection; at most `failover.max_attempts` members."""
+    retry = _retry(min(len(members), config.failover.max_attempts) - 1, "5xx,reset,connect-failure,retriable-status-codes")
+    retry.retriable_status_codes.extend([429, 408])
+    return retry
+
+
+def _retry(retries: int, retry_on: str) -> rc.RetryPolicy:
+    """Each retry on the next priority (member), at once."""
+    return rc.RetryPolicy(
+        retry_on=retry_on, num_retries=wrappers_pb2.UInt32Value(value=retries),
+        retry_priority=rc.RetryPolicy.RetryPriority(
+            name="envoy.retry_priorities.previous_priorities",
+            typed_config=_any(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1))),
+        retry_back_off=rc.RetryPolicy.RetryBackOff(base_interval=duration_pb2.Duration(nanos=1_000_000),
+                                                   max_interval=duration_pb2.Duration(nanos=2_000_000)))
+
+
+def _cluster(config: Config, members: tuple[Backend, ...], fast: bool = False) -> cluster_pb2.Cluster:
+    name = fast_cluster(members) if fast else group_cluster(members)
 
     def endpoint(address: str, weight: int) -> endpoint_components_pb2.LbEndpoint:
         host, _, port = address.rpartition(":")
@@ -93,7 +128,7 @@ def _cluster(config: Config, members: tuple[Backend, ...]) -> cluster_pb2.Cluste
         enforcing_consecutive_5xx=wrappers_pb2.UInt32Value(value=100),
         enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
         enforcing_success_rate=wrappers_pb2.UInt32Value(value=0))
-    options = hpo.HttpProtocolOptions(http_filters=[
+    options = hpo.HttpProtocolOptions(http_filters=[] if fast else [
         upstream_processor(FAILOVER_ROLE, (ADDRESS_ATTRIBUTE,)),
         # Upstream filters change the one header map every attempt is sent from (the processor restores
         # the client's headers before each attempt: exchange/failover.py).
@@ -122,15 +157,8 @@ def routes(config: Config) -> list[rc.Route]:
     f = config.failover
     for members in member_lists(config):
         cluster = group_cluster(members)
-        tries = min(len(members), f.max_attempts)
-        retry = rc.RetryPolicy(
-            retry_on="retriable-headers,reset,connect-failure", num_retries=wrappers_pb2.UInt32Value(value=tries),
-            retriable_headers=[rc.HeaderMatcher(name=H_RETRY, present_match=True)],
-            retry_priority=rc.RetryPolicy.RetryPriority(
-                name="envoy.retry_priorities.previous_priorities",
-                typed_config=_any(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1))),
-            retry_back_off=rc.RetryPolicy.RetryBackOff(base_interval=duration_pb2.Duration(nanos=1_000_000),
-                                                       max_interval=duration_pb2.Duration(nanos=2_000_000)))
+        retry = _retry(min(len(members), f.max_attempts), "retriable-headers,reset,connect-failure")
+        retry.retriable_headers.append(rc.HeaderMatcher(name=H_RETRY, present_match=True))
         route_action = rc.RouteAction(
             cluster=cluster, timeout=duration_pb2.Duration(seconds=0),
             idle_timeout=duration_pb2.Duration(seconds=config.limits.upstream_timeout_seconds), retry_policy=retry)

@@ -150,6 +150,10 @@ def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_b
     gw = gateway()
     compiled = compile_routes(gw.config, Knowledge(), {})
     (cluster,) = [c for c in compiled.clusters if c.name.startswith("group.")]
+    (fast,) = [c for c in compiled.clusters if c.name.startswith("fast-group.")]  # its twin without the processor
+    assert fast.load_assignment.endpoints == cluster.load_assignment.endpoints
+    assert "ext_proc" in str(cluster.typed_extension_protocol_options) and \
+        "ext_proc" not in str(fast.typed_extension_protocol_options)
     assert cluster.name == "group.keyed-chat.resp"  # the hosted member's group is not carried
     assert [(p.priority, [e.endpoint.address.socket_address.port_value for e in p.lb_endpoints])
             for p in cluster.load_assignment.endpoints] == [(0, [8000]), (1, [8000, 8000])]

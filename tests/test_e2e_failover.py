@@ -168,6 +168,17 @@ def test_the_first_member_answering_is_one_attempt(g):
     assert len(g.chat.requests) == 1 and g.resp.requests == []
 
 
+def test_a_conversation_a_responses_member_stored_continues_there(g):
+    g.chat.script.append(FAILURES["503"])
+    client = g.client()
+    first = client.responses.create(model="grouped", input="remember 7")  # failed over: stored by pool-resp
+    assert len(g.resp.requests) == 1
+    second = client.responses.create(model="grouped", input="what number?", previous_response_id=first.id)
+    assert second.output_text == "echo: what number?"
+    # only the member that stored it can continue it: straight there, the first member not tried
+    assert len(g.chat.requests) == 1 and g.resp.requests[-1]["body"]["previous_response_id"] == first.id
+
+
 def test_a_400_is_final(g):
     g.chat.script.append(Reply(error=(400, {"object": "error", "message": "bad temperature", "type": "BadRequestError",
                                             "param": None, "code": 400})))

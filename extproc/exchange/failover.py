@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from extproc.api import API_OF_PATH, RESPONSES
+from extproc.api import API_OF_PATH
 from extproc.config import Backend
 from extproc.envoy.names import (
     H_BACKEND,
@@ -49,8 +49,9 @@ from extproc.exchange.actions import BUFFERED, Action, Step
 from extproc.routing.failover import Attempt, Transport, Verdict, all_failed_error
 from extproc.routing.gateway import Target
 from extproc.routing.group_routes import carried, group_cluster
-from extproc.routing.groups import Group, group_for
+from extproc.routing.groups import group_for
 from extproc.routing.needs import Call
+from extproc.state import records as rec
 from extproc.state.lookup import Decision, Reads, awaited, start
 
 if TYPE_CHECKING:
@@ -75,20 +76,26 @@ def attempt_key(rid: str, n: int) -> str:
 
 # -- the client-side exchange's part ----------------------------------------------------------------
 
-def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -> Action | None:
+def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -> Decision[Action | None]:
     """The request sent to its model group's attempts, or None when it takes today's path: not a group
     Envoy carries, an attempt already, not a turn (compaction and counts go to the primary), a background
-    turn (the sidecar's own run sends it again), or a continuation a member keeps itself (a pinned
-    stateful Responses instance is the only one that can continue it)."""
+    turn (the sidecar's own run sends it again), or the continuation of a response a member stored
+    itself (a stateful Responses backend's pin): only that member can continue it, so the request goes
+    there (`side.member`), as any pinned turn does, without failover."""
     gw = side.gw
     group = group_for(gw.config, model) if side.member is None and call is Call.CREATE else None
     if group is None or not carried(group.backends) or body.get("background") is True:
         return None
-    if body.get("previous_response_id") is not None and _keeps_state(gw, group, model, side.client_api):
-        return None
+    prev = body.get("previous_response_id")
+    if isinstance(prev, str) and prev:
+        values = yield Reads((rec.pin_key(side.pinning.tenant, prev),))
+        pin = rec.Pin.loads(values[0]) if values and values[0] else None
+        holder = next((b for b in group.backends if pin is not None and b.name == pin.backend), None)
+        if pin is not None and holder is not None and pin.endpoint in {e.address for e in holder.endpoints}:
+            side.member = Target(holder, pin.endpoint)
+            return None
     rid = os.urandom(12).hex()
-    tenant = side.pinning.tenant
-    record = {"tenant": tenant, "headers": side.headers, "t0": time.time(), "model": model,
+    record = {"tenant": side.pinning.tenant, "headers": side.headers, "t0": time.time(), "model": model,
               "members": [b.name for b in group.backends]}
     sealed = gw.sealer.seal(orjson.dumps(record).decode(), _SEALED_FOR)
     side.handed_over = True
@@ -97,12 +104,6 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
                                (H_FAILOVER, rid)],
                   remove_headers=(H_ENDPOINT, H_FIRST_CONTACT), clear_route_cache=True,
                   writes=[(record_key(rid), sealed.encode())], write_ttl=ttl, done=True)
-
-
-def _keeps_state(gw: Gateway, group: Group, model: str, client_api: str | None) -> bool:
-    """Whether a member holds Responses turns itself (a Responses client's call passed through to it)."""
-    return client_api == RESPONSES and any(
-        gw.classifier.resolve_on(b, model).upstream_api(RESPONSES) == RESPONSES for b in group.backends)
 
 
 # -- the upstream filter's attempts -----------------------------------------------------------------

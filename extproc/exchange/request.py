@@ -195,7 +195,8 @@ class ApiCall:
         body = parse_body(raw)
         self.check(body)
         model, backend = side.model_of(body)
-        if (handed := failover.hand_over(side, self.call, body, model)) is not None:  # a model group's
+        handed = yield from failover.hand_over(side, self.call, body, model)  # a model group's attempts
+        if handed is not None:
             return handed
         learned = yield from side.learned(backend, model)
         res = side.resolve(model, learned)

@@ -31,7 +31,8 @@ TENANT_HEADER = "x-gateway-tenant"  # the header tenancy.header conventionally n
 REFUSED_HEADER = "x-gateway-refused"
 MODE_HEADER = "x-gateway-model-mode"  # a client's per-request mode override, when discovery.allow_mode_header
 # Headers that place a session on one instance: the processor's ring and the fast path's hash policy.
-SESSION_HEADERS = ("session-id", "x-session-id", "conversation-id", "thread-id")
+# Claude Code names its session in x-claude-code-session-id (its metadata.user_id carries it too).
+SESSION_HEADERS = ("session-id", "x-session-id", "conversation-id", "thread-id", "x-claude-code-session-id")
 
 # The API paths (query string allowed) whose JSON bodies json_to_metadata reads; every other path skips it.
 API_PATH_REGEX = "/v1/(" + "|".join(re.escape(p.removeprefix("/v1/")) for p in PATHS.values()) + r")(\?.*)?"

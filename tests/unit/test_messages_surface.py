@@ -95,3 +95,19 @@ def test_a_messages_exchange_has_its_genai_metrics():
         record(ex, m, timer, gw.classifier.label_for)
     assert _genai(m) == {("claude", "claude-opus-4", "input"): 13, ("claude", "claude-opus-4", "output"): 5,
                          ("chat", "llama-3", "input"): 13, ("chat", "llama-3", "output"): 5}
+
+
+def test_a_claude_code_session_stays_on_one_instance():
+    """Claude Code names its session in x-claude-code-session-id: its turns share an instance's prefix
+    cache, as other clients' session headers do (the processor's ring; the fast path hashes on it too)."""
+    from extproc.routing.gateway import placement_key
+
+    gw = Gateway(parse_config("backends: [{name: vllm, api: chat, models: ['llama-*'], "
+                              "endpoints: ['10.0.0.1:80', '10.0.0.2:80', '10.0.0.3:80']}]", env={}))
+    backend = gw.config.backends[0]
+    for session in ("s-1", "s-2", "s-3", "s-4"):
+        headers = {"x-claude-code-session-id": session}
+        assert placement_key({}, headers) == session
+        assert len({gw.target(backend, placement_key({}, headers)).endpoint for _ in range(5)}) == 1
+    assert len({gw.target(backend, placement_key({}, {"x-claude-code-session-id": f"s-{i}"})).endpoint
+                for i in range(40)}) > 1  # sessions spread over the instances

@@ -13,6 +13,7 @@ import json
 import signal
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,14 @@ class Site:
     msgs: MessagesServer
     stack: Stack
     tmp: Path
-    config: Path
+    envoy_admin: str
+
+    def processed(self) -> int:
+        """ext_proc streams Envoy opened: one per request that reached the processor."""
+        with urllib.request.urlopen(f"{self.envoy_admin}/stats?filter=^http.llm.ext_proc.streams_started$&format=json",
+                                    timeout=5) as r:
+            stats = json.loads(r.read())["stats"]
+        return int(stats[0]["value"]) if stats else 0
 
     def anthropic(self, key: str = KEYS["MSG_KEY"]) -> anthropic.Anthropic:
         return anthropic.Anthropic(base_url=self.url, api_key=key, max_retries=0, timeout=30)
@@ -87,13 +95,14 @@ def raw(url: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int,
     return out
 
 
-def start_site(stack: Stack, tmp: Path, chat: ChatServer, msgs: MessagesServer, gone: str) -> tuple[str, Path]:
-    extproc, admin, port = free_port(), free_port(), free_port()
+def start_site(stack: Stack, tmp: Path, chat: ChatServer, msgs: MessagesServer, gone: str) -> tuple[str, str]:
+    """Envoy's URL and its admin's."""
+    extproc, admin, port, envoy_admin = free_port(), free_port(), free_port(), free_port()
     cfg = tmp / f"config-{port}.yaml"
     cfg.write_text(CONFIG.format(extproc=extproc, admin=admin, chat=chat.address, msgs=msgs.address, gone=gone))
     wait_for_port(extproc, proc=stack.start_sidecar(cfg, env=KEYS, name=f"sidecar-{port}"))
-    stack.start_envoy(port, free_port(), extproc)
-    return f"http://127.0.0.1:{port}", cfg
+    stack.start_envoy(port, envoy_admin, extproc)
+    return f"http://127.0.0.1:{port}", f"http://127.0.0.1:{envoy_admin}"
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +112,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     tmp = Path(tmp_path_factory.mktemp("msg-envoy-errors"))
     stack = Stack()
     try:
-        url, cfg = start_site(stack, tmp, chat, msgs, gone.address)
-        yield Site(url, chat, msgs, stack, tmp, cfg)
+        url, envoy_admin = start_site(stack, tmp, chat, msgs, gone.address)
+        yield Site(url, chat, msgs, stack, tmp, envoy_admin)
     finally:
         stack.stop()
         chat.close()
@@ -120,6 +129,7 @@ UNREACHABLE = "upstream connect error or disconnect/reset before headers"
 
 @pytest.mark.parametrize("model", ["gone-llama", "gone-claude"])  # translated by the sidecar; the fast path
 def test_an_unreachable_upstream_is_an_overloaded_error_503(site, model):
+    before = site.processed()
     with pytest.raises(anthropic.ServiceUnavailableError) as e:
         site.anthropic().messages.create(model=model, max_tokens=8, messages=HI)
     assert e.value.status_code == 503 and e.value.type == "overloaded_error"
@@ -127,6 +137,7 @@ def test_an_unreachable_upstream_is_an_overloaded_error_503(site, model):
         status, body = site.raw("/v1/messages", {"model": model, "max_tokens": 8, "messages": HI, "stream": stream})
         assert status == 503 and set(body) == {"type", "error"} and body["type"] == "error", body
         assert body["error"]["type"] == "overloaded_error" and body["error"]["message"].startswith(UNREACHABLE), body
+    assert site.processed() - before == (3 if model == "gone-llama" else 0)  # the fast path: Envoy's reply alone
 
 
 @pytest.mark.parametrize("model", ["gone-llama", "gone-claude"])  # passed through; translated to /v1/messages

@@ -111,3 +111,17 @@ def test_a_claude_code_session_stays_on_one_instance():
         assert len({gw.target(backend, placement_key({}, headers)).endpoint for _ in range(5)}) == 1
     assert len({gw.target(backend, placement_key({}, {"x-claude-code-session-id": f"s-{i}"})).endpoint
                 for i in range(40)}) > 1  # sessions spread over the instances
+
+
+def test_what_openai_clients_taught_routes_a_messages_client():
+    """A model of an `auto` backend whose rejection taught it is Responses-only (learned from an OpenAI
+    client's request: Messages requests teach nothing) takes a Messages client to /v1/responses."""
+    from extproc.routing.classify import Classifier
+    from extproc.routing.modes import Learned
+
+    classifier = Classifier(parse_config(CONFIG, env={}))
+    res = classifier.resolve("mix-agent", learned=Learned(mode="responses"))
+    assert res is not None and res.source == "learned from a mixed rejection"
+    assert res.upstream_api("messages") == "responses"
+    unknown = classifier.resolve("mix-agent")
+    assert unknown is not None and unknown.upstream_api("messages") == "chat"  # unknown API: Chat Completions

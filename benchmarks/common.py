@@ -35,6 +35,9 @@ RESPONSES_BODY = {"id": "resp_bench", "object": "response", "created_at": 170000
                                                 "role": "assistant", "content": [{"type": "output_text", "annotations": [],
                                                                                   "text": "The quick brown fox."}]}],
                   "usage": {"input_tokens": 12, "output_tokens": 10, "total_tokens": 22}}
+MESSAGES_BODY = {"id": "msg_bench", "type": "message", "role": "assistant", "model": "bench-m",
+                 "content": [{"type": "text", "text": "The quick brown fox jumps over the lazy dog."}],
+                 "stop_reason": "end_turn", "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 10}}
 
 
 OUR_FILTERS = ("envoy.filters.http.ext_proc", "envoy.filters.http.header_mutation", "envoy.filters.http.match_delegate",
@@ -164,7 +167,7 @@ def start_hosted(stack: Stack, name: str = "bench.provider.localhost") -> Hosted
 
 
 def start_nginx(stack: Stack, tls: tuple[Path, Path] | None = None, key: str | None = None) -> int:
-    """A fast canned upstream (Debian's nginx): both APIs answer at once, non-streaming; with `tls`
+    """A fast canned upstream (Debian's nginx): the three APIs answer at once, non-streaming; with `tls`
     (certificate and key files) HTTPS only, and with `key` a 401 for any request without it."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     port = free_port()
@@ -196,6 +199,7 @@ http {{
     {check}
     location = /v1/chat/completions {{ return 200 '{body(CHAT_BODY)}'; }}
     location = /v1/responses {{ return 200 '{body(RESPONSES_BODY)}'; }}
+    location = /v1/messages {{ return 200 '{body(MESSAGES_BODY)}'; }}
   }}
 }}
 """)

@@ -4,7 +4,7 @@ Starts the real stack (Envoy from the wheel, the sidecar, nginx as a fast canned
 asyncio streaming upstream), loads it with wrk (non-streaming) and an asyncio client (streaming), and
 prints scenario, Envoy alone, sidecar, ratio, peer, ratio. Writes benchmarks/results/run.json.
 
-    .venv/bin/python benchmarks/run.py [--duration 10] [--no-peer] [--only passthrough,hosted,translated,...]
+    .venv/bin/python benchmarks/run.py [--duration 10] [--no-peer] [--only passthrough,hosted,translated,messages,...]
 
 Needs Debian's wrk and nginx (`apt-get install wrk nginx-light`). The peer, LiteLLM's proxy, is
 installed into benchmarks/.peer/ on first use; its rows are skipped with a message when it cannot be.
@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from common import (
@@ -46,6 +47,9 @@ CHAT_REQ = {"model": "bench", "messages": [{"role": "user", "content": "Say some
 RESP_REQ = {"model": "bench", "input": "Say something short."}
 RESP_FAST_REQ = {"model": "bench-r", "input": "Say something short.", "store": False}
 HOSTED_REQ = {"model": "bench-hosted", "messages": CHAT_REQ["messages"]}
+MSG_REQ = {"model": "bench", "max_tokens": 64, "messages": CHAT_REQ["messages"]}  # Anthropic client, chat model
+MSG_FAST_REQ = {**MSG_REQ, "model": "bench-m"}  # Anthropic client, `api: messages` backend: the fast path
+ANTHROPIC = {"anthropic-version": "2023-06-01"}
 
 
 # -- load generators ----------------------------------------------------------------------------
@@ -66,7 +70,7 @@ def wrk(url: str, body: dict, headers: dict[str, str], duration: int, connection
     return rps, median
 
 
-_T_RE = re.compile(rb'"(?:content|delta)":"(\d+)\|')
+_T_RE = re.compile(rb'"(?:content|delta|text)":\s*"(\d+)\|')  # chat, Responses, Messages deltas
 
 
 async def _stream(port: int, path: str, body: dict, headers: dict[str, str], delays: list[float]) -> int:
@@ -93,7 +97,8 @@ async def _stream(port: int, path: str, body: dict, headers: dict[str, str], del
             n += 1
             last = m.end()
         tail = buf[max(last, len(buf) - 64):]
-        if b"0\r\n\r\n" in data[-7:] or b"[DONE]" in data or b"response.completed" in data[-2000:]:
+        if b"0\r\n\r\n" in data[-7:] or b"[DONE]" in data or any(end in data[-2000:] for end in
+                                                                        (b"response.completed", b"message_stop")):
             break
     writer.close()
     return n
@@ -142,6 +147,16 @@ def start_litellm(stack: Stack, chat_port: int) -> int | None:
     litellm_params:
       model: deepseek/bench   # an OpenAI-compatible chat provider LiteLLM has no Responses API for: it bridges
       api_base: http://127.0.0.1:{chat_port}/v1
+      api_key: none
+  - model_name: bench-chat
+    litellm_params:
+      model: hosted_vllm/bench   # a chat provider without a Messages API of its own: /v1/messages is bridged
+      api_base: http://127.0.0.1:{chat_port}/v1
+      api_key: none
+  - model_name: bench-m
+    litellm_params:
+      model: anthropic/bench-m   # an Anthropic-compatible server: LiteLLM's /v1/messages passes it on
+      api_base: http://127.0.0.1:{chat_port}
       api_key: none
 litellm_settings:
   drop_params: true
@@ -201,6 +216,10 @@ def main() -> int:
 - name: fast-responses
   api: responses
   models: ["bench-r"]
+  endpoints: ["127.0.0.1:{nginx}"]
+- name: fast-messages
+  api: messages
+  models: ["bench-m"]
   endpoints: ["127.0.0.1:{nginx}"]
 - name: streamer
   api: chat
@@ -267,9 +286,28 @@ def main() -> int:
             print("translated non-streaming (Responses client, chat-only model), wrk -c8:")
             base_rps, _ = wrk(f"http://127.0.0.1:{alone}/v1/chat/completions", CHAT_REQ, to_nginx, d, c8)
             rps, _ = wrk(f"http://127.0.0.1:{gw}/v1/responses", RESP_REQ, {}, d, c8)
-            peer_rps = wrk(f"http://127.0.0.1:{peer}/v1/responses", RESP_REQ, PEER_AUTH, d, c8)[0] \
-                if peer else None
+            peer_rps = peer_wrk(peer, "/v1/responses", RESP_REQ, PEER_AUTH, d, c8)
             row("translated throughput", base_rps, rps, peer_rps, "req/s", ">= 0.25 x alone, >= 3 x peer")
+        if not only or "messages" in only:
+            print("Anthropic Messages clients (POST /v1/messages), wrk -c8:")
+            base_rps, _ = wrk(f"http://127.0.0.1:{alone}/v1/chat/completions", CHAT_REQ, to_nginx, d, c8)
+            rps, _ = wrk(f"http://127.0.0.1:{gw}/v1/messages", MSG_REQ, ANTHROPIC, d, c8)
+            peer_rps = peer_wrk(peer, "/v1/messages", {**MSG_REQ, "model": "bench-chat"}, {**PEER_AUTH, **ANTHROPIC}, d, c8)
+            row("Messages translated to chat throughput", base_rps, rps, peer_rps, "req/s",
+                ">= 0.25 x alone, >= 3 x peer")
+            base_rps, _ = wrk(f"http://127.0.0.1:{alone}/v1/messages", MSG_FAST_REQ, {**to_nginx, **ANTHROPIC}, d, c8)
+            rps, _ = wrk(f"http://127.0.0.1:{gw_fast}/v1/messages", MSG_FAST_REQ, ANTHROPIC, d, c8)
+            peer_rps = peer_wrk(peer, "/v1/messages", MSG_FAST_REQ, {**PEER_AUTH, **ANTHROPIC}, d, c8)
+            row("fast path throughput, Messages to api: messages, c=8", base_rps, rps, peer_rps, "req/s",
+                ">= 0.60 x alone")
+            print("Messages translated to chat, streamed as fast as it goes: 16 streams x 2000 chunks:")
+            body_m = {"model": "stream", "stream": True, "max_tokens": 2000, "messages": CHAT_REQ["messages"]}
+            _, n, secs = streams(gw, "/v1/messages", body_m, ANTHROPIC, 16)
+            assert n == 16 * 2000, n
+            _, nb, secs_b = streams(alone, "/v1/chat/completions", {**body_m, "model": "stream"},
+                                    {"x-gateway-destination-endpoint": f"127.0.0.1:{streamer}"}, 16)
+            peer_cps = _litellm_stream_rate(stack, streamer, "/v1/messages", {**body_m, "model": "bench-chat"}) if peer else None
+            row("Messages translated chunks per second", nb / secs_b, n / secs, peer_cps, "chunks/s", ">= 3 x peer")
         if not only or "streaming" in only:
             print("translated streaming: 100 streams x 200 chunks, one chunk every 20 ms:")
             slow = {"x-bench-interval-ms": "20"}
@@ -321,13 +359,32 @@ def main() -> int:
     return 0
 
 
-def _litellm_stream_rate(stack: Stack, streamer: int) -> float | None:
-    port = start_litellm(stack, streamer)
+_PEER_STREAMERS: dict[int, int | None] = {}  # one LiteLLM on the streaming upstream, for every streamed row
+
+
+def _litellm_stream_rate(stack: Stack, streamer: int, path: str = "/v1/responses", body: dict | None = None) -> float | None:
+    if streamer not in _PEER_STREAMERS:
+        _PEER_STREAMERS[streamer] = start_litellm(stack, streamer)
+    port = _PEER_STREAMERS[streamer]
     if port is None:
         return None
-    body = {"model": "bench", "stream": True, "max_output_tokens": 2000, "input": "go"}
-    _, n, secs = streams(port, "/v1/responses", body, PEER_AUTH, 16)
+    body = body or {"model": "bench", "stream": True, "max_output_tokens": 2000, "input": "go"}
+    _, n, secs = streams(port, path, body, {**PEER_AUTH, **ANTHROPIC}, 16)
     return n / secs if n else None
+
+
+def peer_wrk(peer: int | None, path: str, body: dict, headers: dict[str, str], d: int, c: int) -> float | None:
+    """The peer's requests per second, or None (said why) when it cannot serve this row."""
+    if peer is None:
+        return None
+    try:  # LiteLLM's first request on a route takes a second or more (imports, clients): not measured
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{peer}{path}", json.dumps(body).encode(),
+                                                      {"content-type": "application/json", **headers}), timeout=60).read()
+        rps = wrk(f"http://127.0.0.1:{peer}{path}", body, headers, d, c)[0]
+    except (RuntimeError, OSError) as e:
+        print(f"  peer row skipped: {str(e)[:300]}")
+        return None
+    return rps or None  # none answered in time
 
 
 def _f(v: float | None) -> str:

@@ -14,13 +14,19 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
 
 # Anthropic's error types by status (its SDKs pick the exception class by status, the type says why).
-_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                    503: "overloaded_error", 529: "overloaded_error"}
+# One table for the sidecar's answers and Envoy's own (deploy/envoy.yaml's local replies, made from it by
+# extproc/envoy/names.py), so a status gets one type whichever path the request took. A 503, whether an
+# upstream says it (OpenAI's "engine is currently overloaded") or Envoy does (an upstream unreachable or
+# reset, the sidecar down), is HTTP's "temporarily unable to handle the request, retry after a delay"
+# (RFC 9110 15.6.4): Anthropic's overloaded_error ("temporarily overloaded", its 529), not api_error
+# ("an unexpected error internal to the API"). A 504 is its timeout_error (the SDKs' GatewayTimeoutError).
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                   503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
 
 
 def anthropic_type(status: int) -> str:
-    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
 def error_doc(api: str | None, status: int, payload: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from extproc.translate.sse import SSEDecoder
 
 STOP_REASONS = {"end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal"}
 ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
-               "request_too_large", "rate_limit_error", "api_error", "overloaded_error"}
+               "request_too_large", "rate_limit_error", "timeout_error", "api_error", "overloaded_error"}
 _DELTAS = {"text": {"text_delta": "text"}, "thinking": {"thinking_delta": "thinking", "signature_delta": "signature"},
            "tool_use": {"input_json_delta": "partial_json"}, "redacted_thinking": {}}
 _USAGE_KEYS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")

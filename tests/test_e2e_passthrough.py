@@ -136,14 +136,15 @@ def test_oversized_bodies_get_a_clear_413(gw, size, code):
     assert err["code"] == code and err["message"]
 
 
-def post_watching(gw, path: str, body: bytes) -> tuple[int, bytes]:
+def post_watching(gw, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     """A POST whose client reads while it sends, as RFC 9112 9.6 asks of one sending a large body: Envoy
     answers a body over its buffer before the body has arrived and may stop reading it, so a client that
     only reads once it has sent everything may meet a reset instead of the answer."""
     host, port = gw.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
         head = (f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(body)}\r\n\r\n").encode()
+                f"content-length: {len(body)}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()) + "\r\n").encode()
 
         def send() -> None:
             with contextlib.suppress(OSError):  # the answer came first and the connection is closing

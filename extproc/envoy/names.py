@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from extproc.api import PATHS
+from extproc.api import MESSAGES, PATHS
+from extproc.errors import ANTHROPIC_TYPES
 
 # Headers the sidecar sets for Envoy's route table; client-sent copies are always removed.
 H_BACKEND = "x-gateway-backend"
@@ -33,7 +34,8 @@ TENANT_HEADER = "x-gateway-tenant"  # the header tenancy.header conventionally n
 REFUSED_HEADER = "x-gateway-refused"
 MODE_HEADER = "x-gateway-model-mode"  # a client's per-request mode override, when discovery.allow_mode_header
 # Headers that place a session on one instance: the processor's ring and the fast path's hash policy.
-SESSION_HEADERS = ("session-id", "x-session-id", "conversation-id", "thread-id")
+# Claude Code names its session in x-claude-code-session-id (its metadata.user_id carries it too).
+SESSION_HEADERS = ("session-id", "x-session-id", "conversation-id", "thread-id", "x-claude-code-session-id")
 
 # The API paths (query string allowed) whose JSON bodies json_to_metadata reads; every other path skips it.
 API_PATH_REGEX = "/v1/(" + "|".join(re.escape(p.removeprefix("/v1/")) for p in PATHS.values()) + r")(\?.*)?"
@@ -142,3 +144,35 @@ def sse_to_metadata_rules() -> dict[str, Any]:
         "name": "envoy.content_parsers.json",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser",
                          "rules": [{"rule": _rule(path, key, "NUMBER")} for path, key in rules]}}}
+
+
+# -- Envoy's own error replies in Anthropic's shape, for Messages clients (deploy/envoy.yaml's local_reply_config)
+
+ORIGINAL_PATH_HEADER = "x-envoy-original-path"  # the path as the client sent it (deploy/envoy.yaml sets it first)
+# The client's path: the one it sent, since the processor rewrites :path when it translates (a chat client on a
+# Messages backend goes upstream on /v1/messages); :path where the filters never ran (a path Envoy could not
+# normalise). Where the request's headers were never read (a malformed header) neither is known, and no
+# Messages mapper matches: the reply keeps the OpenAI shape, whose `error.message` and `error.type` the
+# Anthropic SDKs read as well.
+MESSAGES_REQUEST_CEL = (f"(('{ORIGINAL_PATH_HEADER}' in request.headers) ? request.headers['{ORIGINAL_PATH_HEADER}'] "
+                        f": request.path).startsWith('{PATHS[MESSAGES]}')")
+# Anthropic's error type of the reply's status (the sidecar's table), as a CEL expression for Envoy's
+# %CEL()% formatter.
+ANTHROPIC_TYPE_CEL = " : ".join([*(f"response.code == {status} ? '{kind}'" for status, kind in
+                                   sorted(ANTHROPIC_TYPES.items())),
+                                 "response.code >= 500 ? 'api_error' : 'invalid_request_error'"])
+
+
+def messages_local_reply(mapper: dict[str, Any]) -> dict[str, Any]:
+    """The Messages twin of one of deploy/envoy.yaml's OpenAI-shaped local-reply mappers: the same condition
+    on a Messages client's request, the same status and message, in Anthropic's error shape. The twins come
+    first (the first mapper that matches answers), in the same order as the mappers they copy."""
+    cel = mapper["filter"]["extension_filter"]["typed_config"]
+    twin = {"filter": {"extension_filter": {**mapper["filter"]["extension_filter"], "typed_config": {
+        **cel, "expression": f"{MESSAGES_REQUEST_CEL} && ({cel['expression']})"}}}}
+    if "status_code" in mapper:
+        twin["status_code"] = mapper["status_code"]
+    message = mapper["body_format_override"]["json_format"]["error"]["message"]
+    twin["body_format_override"] = {"json_format": {"type": "error", "error": {
+        "type": f"%CEL({ANTHROPIC_TYPE_CEL})%", "message": message}}}
+    return twin

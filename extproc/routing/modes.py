@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from extproc.api import BOTH, CHAT, RESPONSES, other
+from extproc.api import API_MODES, BOTH, CHAT, MESSAGES, RESPONSES, other
 from extproc.envoy.names import LEARNABLE_STATUSES
 
 LOCAL_TTL = 30.0  # seconds a replica trusts its own copy of a store record (or of its absence)
@@ -56,9 +56,11 @@ def _mode_of(entry: dict[str, Any]) -> str | None:
         responses = "responses" in text
         if chat or responses:
             return BOTH if chat and responses else CHAT if chat else RESPONSES
+        if "messages" in text:  # Anthropic's API alone (a model on both families is an OpenAI one)
+            return MESSAGES
     for key in ("mode", "api", "type"):
         value = entry.get(key)
-        if isinstance(value, str) and value in (CHAT, RESPONSES, BOTH):
+        if isinstance(value, str) and value in API_MODES:
             return value
     return None
 

@@ -199,7 +199,7 @@ def test_clusters_and_actions():
     assert clusters["llm.codex"].lb_policy == chatty.ROUND_ROBIN
     routes = {r.name: r for r in compiled.routes.virtual_hosts[0].routes}
     assert [h.header.header_name for h in routes["fast:chat:chatty"].route.hash_policy] == \
-        ["session-id", "x-session-id", "conversation-id", "thread-id"]
+        ["session-id", "x-session-id", "conversation-id", "thread-id", "x-claude-code-session-id"]
     assert routes["fast:chat:open"].route.prefix_rewrite == "/openai/v1/chat/completions"
     assert routes["fast:chat:hosted"].route.cluster == "openai"
     assert routes["fast:chat:hosted"].route.auto_host_rewrite.value is True

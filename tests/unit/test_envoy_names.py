@@ -13,6 +13,7 @@ import yaml
 from extproc.api import PATHS
 from extproc.cli import main
 from extproc.envoy.names import (
+    ANTHROPIC_TYPE_CEL,
     API_PATH_REGEX,
     FIRST_CONTACT_ROLE,
     H_ENDPOINT,
@@ -28,9 +29,11 @@ from extproc.envoy.names import (
     TENANT_HEADER,
     Key,
     json_to_metadata_rules,
+    messages_local_reply,
     model_reader_rules,
     sse_to_metadata_rules,
 )
+from extproc.errors import anthropic_type
 
 ENVOY_YAML = Path(__file__).resolve().parents[2] / "deploy" / "envoy.yaml"
 
@@ -142,3 +145,39 @@ def test_envoy_rules_command_prints_the_generated_rules(capsys):
     first, second = yaml.safe_load_all(capsys.readouterr().out)
     assert first == json_to_metadata_rules()
     assert second == {"response_rules": sse_to_metadata_rules()}
+
+
+def test_each_local_reply_has_its_messages_twin_first(envoy):
+    """Envoy's own replies reach a Messages client in Anthropic's shape: before the OpenAI-shaped mappers,
+    one generated twin of each, in the same order (the first match answers)."""
+    [hcm] = named(envoy, "envoy.filters.network.http_connection_manager")
+    mappers = hcm["typed_config"]["local_reply_config"]["mappers"]
+    openai_shaped = [m for m in mappers if "type" not in m["body_format_override"]["json_format"]]
+    assert mappers == [messages_local_reply(m) for m in openai_shaped] + openai_shaped
+    assert len(openai_shaped) == 8
+
+
+@pytest.mark.parametrize(("status", "kind"), [
+    (400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"), (404, "not_found_error"),
+    (408, "invalid_request_error"), (413, "request_too_large"), (429, "rate_limit_error"), (431, "invalid_request_error"),
+    (500, "api_error"), (502, "api_error"), (503, "overloaded_error"), (504, "timeout_error"),
+    (529, "overloaded_error")])
+def test_the_anthropic_type_of_envoys_statuses(status, kind):
+    """Anthropic's documented types (its errors page, the SDK's error objects), as the sidecar gives them:
+    a 503 (Envoy's for an unreachable upstream) is HTTP's temporary overload, its overloaded_error."""
+    assert anthropic_type(status) == kind  # the sidecar's answers: the same table
+    branches = dict(re.findall(r"response\.code == (\d+) \? '(\w+)'", ANTHROPIC_TYPE_CEL))
+    assert ANTHROPIC_TYPE_CEL.endswith("response.code >= 500 ? 'api_error' : 'invalid_request_error'")
+    fallback = "api_error" if status >= 500 else "invalid_request_error"
+    assert branches.get(str(status), fallback) == kind
+
+
+def test_a_messages_twin_asks_for_the_path_the_client_sent():
+    twin = messages_local_reply({"filter": {"extension_filter": {"name": "cel", "typed_config": {
+        "@type": "t", "expression": "response.code == 504"}}}, "status_code": 504,
+        "body_format_override": {"json_format": {"error": {"message": "slow", "type": "gateway_error"}}}})
+    assert twin == {"filter": {"extension_filter": {"name": "cel", "typed_config": {"@type": "t", "expression":
+                    "(('x-envoy-original-path' in request.headers) ? request.headers['x-envoy-original-path'] "
+                    ": request.path).startsWith('/v1/messages') && (response.code == 504)"}}}, "status_code": 504,
+                    "body_format_override": {"json_format": {"type": "error", "error": {
+                        "type": f"%CEL({ANTHROPIC_TYPE_CEL})%", "message": "slow"}}}}

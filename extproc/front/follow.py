@@ -50,7 +50,7 @@ class Follower:
         deadline = loop.time() + self.config().limits.background_max_seconds
         try:
             while not cursor.done:
-                events = cursor.take(await self.store.get_many(cursor.keys()))
+                events = cursor.take(await self.store.get_many(cursor.reads()))
                 for raw in events:
                     await resp.write(raw)
                 if loop.time() > deadline:

@@ -181,7 +181,7 @@ class Follow:
 def stream_query(query: str) -> int | None:
     """For `GET /v1/responses/{id}`: None unless `stream=true`; else the `starting_after` (-1: from
     the first event)."""
-    q = {k: v[-1] for k, v in parse_qs(query).items()}
+    q = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
     if q.get("stream", "false").lower() != "true":
         return None
     after = q.get("starting_after")

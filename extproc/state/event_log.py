@@ -178,6 +178,8 @@ class EventLog:
             return []
         closing = self.items.closing()
         terminal[-1]["response"]["output"] = self.items.items
+        if self.seq == 1:  # ended before the run's stream began: the stream's second event all the same
+            closing.insert(0, {"type": "response.in_progress", "response": {**self._snapshot(), "status": "in_progress"}})
         return self._log([*closing, *terminal])
 
     def _log(self, events: list[dict[str, Any]]) -> Writes:
@@ -214,7 +216,7 @@ class Cursor:
     def done(self) -> bool:
         return self.end is not None and self.after >= self.end
 
-    def keys(self) -> tuple[str, ...]:
+    def reads(self) -> tuple[str, ...]:
         """The end mark, then the next `batch` events."""
         return (end_key(self.tenant, self.response_id),
                 *(event_key(self.tenant, self.response_id, n) for n in range(self.after + 1, self.after + 1 + self.batch)))

@@ -431,7 +431,7 @@ class RequestSide:
         """A background response's stream: to the sidecar's front door, which reads its event log
         (`front/follow.py`), with the sealed ticket that names it; nothing else is routed by."""
         return Action(set_headers=[(H_FOLLOW, follow.ticket(self.gw.sealer))], writes=writes or [],
-                      remove_headers=tuple(h for h in (*ROUTING_HEADERS, H_FIRST_CONTACT) if h != H_FOLLOW),
+                      remove_headers=(*ROUTING_HEADERS, H_FIRST_CONTACT),
                       clear_route_cache=True, done=True)
 
     def route(self, plan: Plan, body: dict[str, Any] | None = None) -> Action:

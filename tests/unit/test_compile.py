@@ -178,7 +178,7 @@ def test_mode_header_keeps_the_processor_when_honoured():
 def test_fast_path_off_compiles_only_processor_routes():
     compiled = compile_routes(config(CONFIG + "fast_path: false\n"), knowledge(), LEARNED)
     names = [r.name for r in compiled.routes.virtual_hosts[0].routes]
-    assert names == ["websocket", "processor:first-contact", "processor:endpoint", "processor:openai", "processor"]
+    assert names == ["websocket", "processor:follow", "processor:first-contact", "processor:endpoint", "processor:openai", "processor"]
 
 
 def test_routing_headers_select_processor_routes_first():

@@ -17,6 +17,7 @@ from extproc.envoy.names import (
     FIRST_CONTACT_ROLE,
     H_ENDPOINT,
     H_FIRST_CONTACT,
+    H_FOLLOW,
     H_RETRIED,
     H_RETRY,
     NAMESPACE,
@@ -101,7 +102,8 @@ def test_access_log_reads_only_keys_in_the_namespace(envoy):
 def test_headers_and_metadata_shared_with_the_sidecar(envoy):
     mutation, upstream_mutation = named(envoy, "envoy.filters.http.header_mutation")  # the edge's, the instances'
     removed = {m["remove"] for m in mutation["typed_config"]["mutations"]["request_mutations"] if "remove" in m}
-    assert removed == {*ROUTING_HEADERS, TENANT_HEADER, REFUSED_HEADER, H_FIRST_CONTACT, H_RETRY, H_RETRIED, ROLE_METADATA}
+    assert removed == {*ROUTING_HEADERS, H_FOLLOW, TENANT_HEADER, REFUSED_HEADER, H_FIRST_CONTACT, H_RETRY, H_RETRIED,
+                       ROLE_METADATA}
     assert {m["remove"] for m in upstream_mutation["typed_config"]["mutations"]["request_mutations"]} == \
         set(ROUTING_HEADERS)
     ext_procs = named(envoy, "envoy.filters.http.ext_proc")

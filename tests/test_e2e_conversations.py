@@ -341,7 +341,7 @@ def dumped(stream) -> list[dict]:
 
 def test_a_background_stream_dropped_midway_is_resumed_on_the_other_replica(rp):
     hold = threading.Event()
-    rp.chat[0].script.append(Reply(text="Deep streamed answer.", hold=hold))
+    rp.chat[0].script.append(Reply(text="Deep streamed answer.", hold=hold, pieces=6))
     first, second = itertools.islice(rp.clients(), 2)
     seen = []
     stream = first.responses.create(model="llama-3", input="research this", background=True, stream=True)
@@ -355,8 +355,14 @@ def test_a_background_stream_dropped_midway_is_resumed_on_the_other_replica(rp):
     assert (created["status"], created["background"]) == ("queued", True)
     resumed = second.responses.retrieve(created["id"], stream=True, starting_after=1)  # the other replica
     hold.set()  # the run goes on meanwhile: followed live from the store
-    rest = dumped(resumed)
-    assert rest[0]["sequence_number"] == 2
+    for event in resumed:  # dropped again, mid-text this time, and resumed on the first replica
+        seen.append(event.model_dump(mode="json", exclude_unset=True))
+        if event.type == "response.output_text.delta":
+            break
+    resumed.close()
+    assert seen[2]["sequence_number"] == 2 and seen[-1]["delta"] == "Deep"
+    rest = dumped(first.responses.retrieve(created["id"], stream=True, starting_after=seen[-1]["sequence_number"]))
+    assert rest[0]["sequence_number"] == seen[-1]["sequence_number"] + 1
     final = check_stream(seen + rest)  # one stream: continuous sequence numbers, every event valid
     assert final["id"] == created["id"] and final["status"] == "completed"
     assert final["output"][0]["content"][0]["text"] == "Deep streamed answer."

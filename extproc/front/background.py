@@ -66,7 +66,7 @@ class BackgroundRuns:
                 if response is not None and (writes := outcome_writes(run, response, await self._current(run))):
                     await self.store.write(writes)
                     outcome = str(response["status"])
-            elif run.log is not None and run.log.kept:  # cancelled before it ran: its stream ends so
+            elif run.streams:  # cancelled (or deleted) before it ran: its stream ends all the same
                 await self.store.write(run.log.cancel())
         except StoreUnavailable as e:
             outcome = "unrecorded"
@@ -91,7 +91,7 @@ class BackgroundRuns:
                 if resp.status != 200 or resp.content_type != "text/event-stream":
                     answer = run.finished(resp.status, await resp.read())
                 elif not await self._follow(run, resp.content.iter_any()):
-                    if run.log is not None and run.log.kept:
+                    if run.streams:
                         await self.store.write(run.log.cancel())
                     return None
         except TimeoutError:
@@ -108,7 +108,6 @@ class BackgroundRuns:
     async def _follow(self, run: Run, chunks: AsyncIterator[bytes]) -> bool:
         """Read the run's stream into its log until it ends (True) or the run is cancelled (False),
         looking for a cancellation every CANCEL_CHECK_SECONDS, whether the stream sends or not."""
-        assert run.log is not None
         decoder, loop = SSEDecoder(), asyncio.get_running_loop()
         checked = loop.time()
         pending: asyncio.Future[bytes] | None = None

@@ -51,8 +51,8 @@ class Follower:
         try:
             while not cursor.done:
                 events = cursor.take(await self.store.get_many(cursor.reads()))
-                for raw in events:
-                    await resp.write(raw)
+                if events:
+                    await resp.write(b"".join(events))
                 if loop.time() > deadline:
                     await resp.write(_stream_error("background_run_lost", "the background run stopped "
                                                    "recording its events; poll GET /v1/responses/{id}"))

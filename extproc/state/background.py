@@ -13,7 +13,7 @@ leaves a mark the run watches, so it stops); a run that ends after that keeps th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -67,8 +67,8 @@ class Run:
     headers: dict[str, str]  # the client's own headers (its credential: the same tenant)
     items: list[dict[str, Any]]
     ancestors: list[str]
-    response: dict[str, Any] = field(default_factory=dict)
-    log: EventLog | None = None
+    response: dict[str, Any]
+    log: EventLog  # what the run's stream brings: kept for the client when it asked for a stream
 
     @staticmethod
     def start(body: dict[str, Any], tenant: str, headers: dict[str, str], ancestors: list[str],
@@ -86,7 +86,7 @@ class Run:
     @property
     def streams(self) -> bool:
         """Created with `stream: true`: its events are logged, and the client follows the log."""
-        return self.log is not None and self.log.kept
+        return self.log.kept
 
     @property
     def id(self) -> str:
@@ -103,8 +103,7 @@ class Run:
 
     def queued(self) -> tuple[bytes, Writes]:
         """The create call's answer and writes: the queued record (and the log's first event)."""
-        first = self.log.first() if self.log is not None else []
-        return orjson.dumps(self.response), self.writes(self.response) + first
+        return orjson.dumps(self.response), self.writes(self.response) + self.log.first()
 
     def follow(self) -> Follow:
         return Follow(self.tenant, self.id, -1)
@@ -132,7 +131,6 @@ class Run:
     def settled(self, answer: dict[str, Any] | None) -> tuple[dict[str, Any], Writes]:
         """The run's final Response, and the log's end when its stream did not end it: `answer` is the
         Response of an answer that was no stream (an error), None for a stream that stopped short."""
-        assert self.log is not None
         if self.log.final is not None:
             return self.log.final, []
         if answer is not None and answer.get("status") != "failed" and not self.log.kept:

@@ -25,6 +25,7 @@ from extproc.translate.compact import Sealer
 from extproc.translate.sse import encode
 
 log = logging.getLogger("extproc")
+KEEPALIVE_SECONDS = 30  # an SSE comment after this long without events: Envoy's idle timeout stays away
 
 
 def _stream_error(code: str, message: str) -> bytes:
@@ -48,11 +49,15 @@ class Follower:
         cursor, backoff, loop = follow.cursor(), Backoff(), asyncio.get_running_loop()
         # A run lives at most background_max_seconds: a log still open after that lost its run (a restart).
         deadline = loop.time() + self.config().limits.background_max_seconds
+        wrote = loop.time()
         try:
             while not cursor.done:
+                if request.transport is None or request.transport.is_closing():
+                    return resp  # the client went away; the run goes on
                 events = cursor.take(await self.store.get_many(cursor.reads()))
-                if events:
-                    await resp.write(b"".join(events))
+                if events or loop.time() - wrote > KEEPALIVE_SECONDS:
+                    await resp.write(b"".join(events) or b": keepalive\n\n")
+                    wrote = loop.time()
                 if loop.time() > deadline:
                     await resp.write(_stream_error("background_run_lost", "the background run stopped "
                                                    "recording its events; poll GET /v1/responses/{id}"))

@@ -24,6 +24,7 @@ from extproc.errors import GatewayError
 from extproc.exchange.actions import Action, error_action
 from extproc.ops.metrics import Metrics
 from extproc.state.background import Run, cancel_key, outcome_writes
+from extproc.state.event_log import TERMINAL
 from extproc.state.store import Store, StoreUnavailable
 from extproc.translate.sse import SSEDecoder
 
@@ -128,6 +129,8 @@ class BackgroundRuns:
                     events = decoder.close()
                     if not events:
                         break
+                if any(ev.event in TERMINAL for ev in events) and await self._cancelled(run):
+                    return False  # a cancellation just before the end: the response stays cancelled
                 writes = [w for ev in events for w in run.log.record(ev.data)]
                 if writes:
                     await self.store.write(writes)

@@ -128,6 +128,7 @@ class EventLog:
     size: int = 0
     final: dict[str, Any] | None = None  # the terminal event's Response, once logged
     items: OpenItems = field(default_factory=OpenItems)
+    latest: dict[str, Any] = field(default_factory=dict)  # the last Response snapshot logged
 
     @property
     def ended(self) -> bool:
@@ -171,7 +172,8 @@ class EventLog:
         return self._close([{"type": "response.failed", "response": {**self._snapshot(), "status": "cancelled"}}])
 
     def _snapshot(self) -> dict[str, Any]:
-        return {**self.response, "output": [], "error": None}
+        """The Response as the stream last showed it (the model the upstream named...), to end it with."""
+        return {**(self.latest or self.response), "output": [], "error": None}
 
     def _close(self, terminal: list[dict[str, Any]]) -> Writes:
         if self.ended:
@@ -186,8 +188,9 @@ class EventLog:
         writes: Writes = []
         for ev in events:
             if isinstance(ev.get("response"), dict):
-                ev["response"] = {**ev["response"], "id": self.response["id"],
-                                  "created_at": self.response["created_at"], "background": True, "store": True}
+                ev["response"] = self.latest = {**ev["response"], "id": self.response["id"],
+                                                "created_at": self.response["created_at"], "background": True,
+                                                "store": True}
             ev["sequence_number"] = self.seq
             self.items.see(ev)
             raw = encode(orjson.dumps(ev), str(ev["type"]))

@@ -22,17 +22,18 @@ import pytest
 
 from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
 
-from .conformance import check_stream, validate_response
+from .conformance import check_stream, sse_events, validate_response
 from .conftest import RedisServer
 from .upstreams import ChatServer, Reply, ResponsesServer
 
 CONFIG = """
 listen: 127.0.0.1:{port}
 admin_listen: 127.0.0.1:{admin_port}
-websocket_listen: "off"
+websocket_listen: 127.0.0.1:{front}
 websocket_gateway: http://127.0.0.1:{envoy}
 limits:
   background_max_runs: 2
+  background_max_events: 30
 state:
   store: redis
   redis_url: {redis}
@@ -79,13 +80,14 @@ def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
     urls, admins = [], []
     try:
         for i in range(2):
-            port, listen, admin = free_port(), free_port(), free_port()
+            port, listen, admin, front = free_port(), free_port(), free_port(), free_port()
             admins.append(f"http://127.0.0.1:{admin}")
             cfg = tmp / f"config-{i}.yaml"
             cfg.write_text(CONFIG.format(port=port, admin_port=admin, redis=redis_server.url, resp=resp.address,
-                                         chat=", ".join(f'"{s.address}"' for s in chat), envoy=listen))
+                                         chat=", ".join(f'"{s.address}"' for s in chat), envoy=listen, front=front))
             wait_for_port(port, proc=stack.start_sidecar(cfg))
-            stack.start_envoy(listen, free_port(), port)
+            wait_for_port(front)
+            stack.start_envoy(listen, free_port(), port, websocket_port=front)
             urls.append(f"http://127.0.0.1:{listen}")
         yield Replicas(urls, admins, chat, resp)
     finally:
@@ -314,10 +316,9 @@ def test_a_background_response_is_cancelled_and_stays_cancelled(rp):
 
 def test_background_refusals_and_the_replica_limit(rp):
     client = next(rp.clients())
-    for extra, param in (({"stream": True}, "stream"), ({"store": False}, "store")):
-        with pytest.raises(openai.BadRequestError) as e:
-            client.responses.create(model="llama-3", input="x", background=True, **extra)
-        assert e.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="llama-3", input="x", background=True, store=False)
+    assert e.value.body["param"] == "store"
     hold = threading.Event()
     for server in rp.chat:
         server.script.extend([Reply(text="a", hold=hold), Reply(text="b", hold=hold)])
@@ -330,3 +331,96 @@ def test_background_refusals_and_the_replica_limit(rp):
         hold.set()
     for r in running:
         assert wait_until(lambda r=r: client.responses.retrieve(r.id).status == "completed", timeout=20)
+
+
+# -- background streams: the run's event log, followed and resumed on any replica -----------------------
+
+def dumped(stream) -> list[dict]:
+    return [e.model_dump(mode="json", exclude_unset=True) for e in stream]
+
+
+def test_a_background_stream_dropped_midway_is_resumed_on_the_other_replica(rp):
+    hold = threading.Event()
+    rp.chat[0].script.append(Reply(text="Deep streamed answer.", hold=hold, pieces=6))
+    first, second = itertools.islice(rp.clients(), 2)
+    seen = []
+    stream = first.responses.create(model="llama-3", input="research this", background=True, stream=True)
+    for event in stream:  # the upstream holds after its first chunk: the client drops there
+        seen.append(event.model_dump(mode="json", exclude_unset=True))
+        if event.type == "response.in_progress":
+            break
+    stream.close()
+    assert [(e["type"], e["sequence_number"]) for e in seen] == [("response.created", 0), ("response.in_progress", 1)]
+    created = seen[0]["response"]
+    assert (created["status"], created["background"]) == ("queued", True)
+    resumed = second.responses.retrieve(created["id"], stream=True, starting_after=1)  # the other replica
+    hold.set()  # the run goes on meanwhile: followed live from the store
+    for event in resumed:  # dropped again, mid-text this time, and resumed on the first replica
+        seen.append(event.model_dump(mode="json", exclude_unset=True))
+        if event.type == "response.output_text.delta":
+            break
+    resumed.close()
+    assert seen[2]["sequence_number"] == 2 and seen[-1]["delta"] == "Deep"
+    rest = dumped(first.responses.retrieve(created["id"], stream=True, starting_after=seen[-1]["sequence_number"]))
+    assert rest[0]["sequence_number"] == seen[-1]["sequence_number"] + 1
+    final = check_stream(seen + rest)  # one stream: continuous sequence numbers, every event valid
+    assert final["id"] == created["id"] and final["status"] == "completed"
+    assert final["output"][0]["content"][0]["text"] == "Deep streamed answer."
+    assert first.responses.retrieve(created["id"]).output_text == "Deep streamed answer."
+    assert dumped(first.responses.retrieve(created["id"], stream=True)) == seen + rest  # the same log, whole
+    assert len(rp.chat_requests()) == 1
+
+
+def test_a_finished_background_stream_is_replayed_from_any_cursor_and_only_for_its_tenant(rp):
+    rp.chat[0].script.extend([Reply(text="All of it, in pieces.", pieces=5), Reply(text="polled")])
+    first, second = itertools.islice(rp.clients(), 2)
+    whole = dumped(first.responses.create(model="llama-3", input="go", background=True, stream=True))
+    final = check_stream(whole)
+    rid = final["id"]
+    assert wait_until(lambda: second.responses.retrieve(rid).status == "completed", timeout=20)
+    last = whole[-1]["sequence_number"]
+    for after in (0, 4, last - 1, last):
+        assert dumped(second.responses.retrieve(rid, stream=True, starting_after=after)) == whole[after + 1:]
+    with pytest.raises(openai.NotFoundError):  # another tenant streams nothing
+        dumped(next(rp.clients("other-key")).responses.retrieve(rid, stream=True))
+    polled = first.responses.create(model="llama-3", input="no stream", background=True)
+    assert wait_until(lambda: first.responses.retrieve(polled.id).status == "completed", timeout=20)
+    with pytest.raises(openai.BadRequestError, match="stream=true"):  # only a streamed one has a log
+        dumped(second.responses.retrieve(polled.id, stream=True))
+
+
+def test_a_background_stream_cancelled_midway_ends_with_the_cancelled_response(rp):
+    hold = threading.Event()
+    rp.chat[0].script.append(Reply(text="never sent", hold=hold))
+    first, second = itertools.islice(rp.clients(), 2)
+    cancelled_before = rp.background_runs(0, "cancelled") + rp.background_runs(1, "cancelled")
+    try:
+        stream = first.responses.create(model="llama-3", input="long job", background=True, stream=True)
+        events = []
+        for event in stream:
+            events.append(event.model_dump(mode="json", exclude_unset=True))
+            if event.type == "response.in_progress":
+                assert second.responses.cancel(event.response.id).status == "cancelled"  # the other replica
+        final = check_stream(events)  # the stream goes on to its end: the cancelled response
+        assert (events[-1]["type"], final["status"]) == ("response.failed", "cancelled")
+        assert first.responses.retrieve(final["id"]).status == "cancelled"
+    finally:
+        hold.set()
+    assert wait_until(lambda: rp.background_runs(0, "cancelled") + rp.background_runs(1, "cancelled")
+                      == cancelled_before + 1, timeout=20)
+
+
+def test_a_background_stream_over_the_event_limit_fails_there(rp):
+    """limits.background_max_events: 30 here; 60 text deltas pass it, so the log ends at it, in the
+    stream's grammar (the open message done, incomplete), and the response is failed with that error."""
+    rp.chat[0].script.append(Reply(text="x" * 60, pieces=60))
+    client = next(rp.clients())
+    raw = client.responses.with_raw_response.create(model="llama-3", input="talk", background=True, stream=True)
+    events = sse_events(raw.http_response.read())  # the SDK raises at the error event: read the bytes
+    final = check_stream(events)
+    assert [e["type"] for e in events[-3:]] == ["response.output_item.done", "error", "response.failed"]
+    assert [e["sequence_number"] for e in events if e["type"] == "response.output_text.delta"][-1] == 29
+    assert final["status"] == "failed" and final["error"]["code"] == "background_events_limit"
+    assert final["output"][0]["status"] == "incomplete"
+    assert wait_until(lambda: client.responses.retrieve(final["id"]).status == "failed", timeout=20)
+    assert client.responses.retrieve(final["id"]).error.code == "background_events_limit"

@@ -124,6 +124,8 @@ class Limits:
     websocket_max_seconds: int = 3600  # how long one WebSocket-mode socket lives (OpenAI's limit: 60 minutes)
     background_max_runs: int = 32  # background responses a replica runs at once on chat-only backends
     background_max_seconds: int = 3600  # how long one background run may take before it is failed
+    background_max_events: int = 50_000  # events a streamed background run's log keeps (then it is failed)
+    background_max_event_bytes: int = 16 * 1024 * 1024  # bytes of events the log keeps (likewise)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,8 @@ def listen_tls(r: Reader, node: yaml.Node) -> ListenTLS | None:
 
 def limits(r: Reader, node: yaml.Node) -> Limits | None:
     lim = r.mapping(node, "limits", {"max_body_bytes", "upstream_timeout_seconds", "websocket_max_seconds",
-                                     "background_max_runs", "background_max_seconds"})
+                                     "background_max_runs", "background_max_seconds", "background_max_events",
+                                     "background_max_event_bytes"})
     before = len(r.problems)
     kw: dict[str, Any] = {}
     if "max_body_bytes" in lim:
@@ -79,6 +80,12 @@ def limits(r: Reader, node: yaml.Node) -> Limits | None:
     if "background_max_seconds" in lim:
         kw["background_max_seconds"] = r.bounded(lim["background_max_seconds"], "limits.background_max_seconds",
                                                  1, 86400)
+    if "background_max_events" in lim:
+        kw["background_max_events"] = r.bounded(lim["background_max_events"], "limits.background_max_events",
+                                                10, 10_000_000)
+    if "background_max_event_bytes" in lim:
+        kw["background_max_event_bytes"] = r.bounded(lim["background_max_event_bytes"],
+                                                     "limits.background_max_event_bytes", 4096, 1024 ** 3)
     return Limits(**kw) if kw and len(r.problems) == before else None
 
 

@@ -20,6 +20,9 @@ H_BACKEND = "x-gateway-backend"
 H_CLUSTER = "x-gateway-cluster"
 H_ENDPOINT = "x-gateway-destination-endpoint"
 ROUTING_HEADERS = (H_BACKEND, H_CLUSTER, H_ENDPOINT)
+# A background response's stream, sent to the sidecar's front door: the sealed ticket naming it (client
+# copies are removed at the edge, like every header of the gateway's).
+H_FOLLOW = "x-gateway-follow"
 # First contact with a model of unknown API (exchange/first_contact.py): the request's mark (its value
 # the caller's tenant), the first attempt's "retry on this API", the retry's "translated to this API".
 H_FIRST_CONTACT, H_RETRY, H_RETRIED = "x-gateway-first-contact", "x-gateway-retry", "x-gateway-retried-as"

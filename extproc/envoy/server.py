@@ -36,6 +36,7 @@ from extproc.exchange import Action, Exchange, Lookup, Step, error_action
 from extproc.exchange.failover import GroupAttempt
 from extproc.exchange.first_contact import FirstContact
 from extproc.front.background import BackgroundRuns
+from extproc.front.follow import Follower
 from extproc.front.websocket import FrontDoor
 from extproc.ops import access_log
 from extproc.ops.admin import TOKEN_ENV, start_admin
@@ -316,7 +317,8 @@ async def serve(config_path: str) -> None:
     if (admin_listen := _listen("EXTPROC_ADMIN_LISTEN", config.admin_listen)) is not None:
         admin = await start_admin(admin_listen, sidecar.admin_routes(), os.environ.get(TOKEN_ENV) or None)
     if (websocket_listen := _listen("EXTPROC_WEBSOCKET_LISTEN", config.websocket_listen)) is not None:
-        front = FrontDoor(lambda: holder.gateway.config, os.environ.get("EXTPROC_WEBSOCKET_GATEWAY"))
+        front = FrontDoor(lambda: holder.gateway.config, os.environ.get("EXTPROC_WEBSOCKET_GATEWAY"),
+                          Follower(store, lambda: holder.gateway.sealer, lambda: holder.gateway.config))
         await front.start(websocket_listen)
     tasks = [asyncio.create_task(discover_forever(lambda: holder.gateway)),
              asyncio.create_task(xds.follow(services.discovery, lambda: holder.gateway, store)),

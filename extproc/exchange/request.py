@@ -24,10 +24,10 @@ import orjson
 
 from extproc.api import API_OF_PATH, AUTO, BOTH, MESSAGES, PATHS, RESPONSES
 from extproc.config import Backend
-from extproc.envoy.names import H_FIRST_CONTACT, MODE_HEADER, ROUTING_HEADERS
+from extproc.envoy.names import H_FIRST_CONTACT, H_FOLLOW, MODE_HEADER, ROUTING_HEADERS
 from extproc.errors import GatewayError, invalid
 from extproc.exchange import failover
-from extproc.exchange.actions import Action, answer
+from extproc.exchange.actions import Action, Writes, answer
 from extproc.exchange.body import check_json_request, is_json, parse_body
 from extproc.exchange.first_contact import mark
 from extproc.exchange.paths import COUNT_TOKENS, INPUT_TOKENS, check_request_line
@@ -107,6 +107,8 @@ class Resource(PassOn):
                                                    side.query)
         if isinstance(outcome, Answered):
             return answer(outcome.status, outcome.body, outcome.writes)
+        if isinstance(outcome, background.Follow):
+            return side.follow(outcome)
         return side.route(Plan(outcome.target, side.pinning, needs=passed_on(outcome.target.backend),
                                pinned_id=outcome.pinned_id))
 
@@ -229,7 +231,8 @@ class ResponsesCall(ApiCall):
     def send(self, side: RequestSide, call: Resolved) -> Decision[Action]:
         """A conversation the sidecar kept merged into the input, or the request sent where it lives."""
         body, target = call.body, side.target_for(call.res, call.body)
-        in_background = self.call is Call.CREATE and background.requested(body, call.pair is not None)
+        in_background = self.call is Call.CREATE and background.requested(
+            body, call.pair is not None, side.gw.config.websocket_listen is not None)
         prev = body.get("previous_response_id")
         cont, held = Continuation(target), None
         if body.get("conversation") is not None:  # the sidecar's own: no conversation id reaches a backend
@@ -242,9 +245,10 @@ class ResponsesCall(ApiCall):
                 raise invalid("previous_response_id", "expected a response id string")
             cont = yield from side.pinning.continue_from(prev, call.model, call.res, target, call.pair is not None)
         if in_background:  # answered queued now; the shell runs it (front/background.py)
-            run = background.Run.start(body, side.pinning.tenant, side.headers, cont.ancestors)
+            run = background.Run.start(body, side.pinning.tenant, side.headers, cont.ancestors,
+                                       side.gw.config.limits)
             queued, writes = run.queued()
-            act = answer(200, queued, writes)
+            act = side.follow(run.follow(), writes) if run.streams else answer(200, queued, writes)
             act.background = run
             return act
         opened = compact.open_items(body.get("input"), side.gw.sealer, side.pinning.tenant, call.pair is not None)
@@ -432,6 +436,13 @@ class RequestSide:
         if self.member is not None and res.backend is self.member.backend:  # Envoy chose the instance
             return self.member
         return self.gw.target(res.backend, placement_key(body, self.headers))
+
+    def follow(self, follow: background.Follow, writes: Writes | None = None) -> Action:
+        """A background response's stream: to the sidecar's front door, which reads its event log
+        (`front/follow.py`), with the sealed ticket that names it; nothing else is routed by."""
+        return Action(set_headers=[(H_FOLLOW, follow.ticket(self.gw.sealer))], writes=writes or [],
+                      remove_headers=(*ROUTING_HEADERS, H_FIRST_CONTACT),
+                      clear_route_cache=True, done=True)
 
     def route(self, plan: Plan, body: dict[str, Any] | None = None) -> Action:
         """The request's plan, final; Envoy's routing for it: routing headers, the rewritten path and body."""

@@ -1,4 +1,5 @@
-"""WebSocket mode's front door (aiohttp): Envoy routes upgrades on /v1/responses here.
+"""WebSocket mode's front door (aiohttp): Envoy routes upgrades on /v1/responses here, and the
+streams of background responses the processor sends here (`front.follow`).
 
 The model is only known per message, so the socket is not bound to a backend: each `response.create`
 goes back through Envoy's own listener as a streaming `POST /v1/responses` with the client's headers
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from extproc.config import Config
 from extproc.errors import GatewayError
+from extproc.front.follow import Follower
 from extproc.front.socket_turns import (
     SocketSession,
     connection_limit_reached,
@@ -43,9 +45,10 @@ def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
 class FrontDoor:
     """The listener and the HTTP client its messages use."""
 
-    def __init__(self, config: Callable[[], Config], gateway: str | None = None):
+    def __init__(self, config: Callable[[], Config], gateway: str | None = None, follower: Follower | None = None):
         self.config = config
         self.gateway = gateway  # overrides the config's websocket_gateway (EXTPROC_WEBSOCKET_GATEWAY)
+        self.follower = follower  # background responses' streams
         self.http: aiohttp.ClientSession | None = None
         self.runner: web.AppRunner | None = None
 
@@ -55,6 +58,9 @@ class FrontDoor:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=_IDLE_READ_SECONDS))
         app = web.Application()
         app.router.add_get("/v1/responses", self.socket)
+        if self.follower is not None:  # the processor's routes keep the client's path: a create, or a resume
+            app.router.add_post("/v1/responses", self.follower.handle)
+            app.router.add_get(r"/v1/responses/{response_id}", self.follower.handle)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         host, _, port = listen.rpartition(":")

@@ -39,6 +39,7 @@ from extproc.envoy.names import (
     H_CLUSTER,
     H_ENDPOINT,
     H_FIRST_CONTACT,
+    H_FOLLOW,
     H_RETRY,
     MODE_HEADER,
     NAMESPACE,
@@ -246,7 +247,10 @@ def processor_routes(config: Config) -> tuple[list[rc.Route], list[rc.Route]]:
     # (x-gateway-retry, set by the processor as the cluster's upstream filter), translated there.
     retry = rc.RetryPolicy(retry_on="retriable-headers", num_retries=wrappers_pb2.UInt32Value(value=1),
                            retriable_headers=present(H_RETRY))
-    first = [websocket, *group_routes.routes(config),  # a model group's attempts (routing/group_routes.py)
+    # A background response's stream (the processor's x-gateway-follow): the front door reads its event log.
+    follow = rc.Route(name="processor:follow", match=rc.RouteMatch(prefix="/", headers=present(H_FOLLOW)),
+                      route=rc.RouteAction(cluster=WEBSOCKET_CLUSTER, timeout=duration_pb2.Duration(seconds=0)))
+    first = [websocket, follow, *group_routes.routes(config),  # a model group's attempts (routing/group_routes.py)
              rc.Route(name="processor:first-contact", match=rc.RouteMatch(prefix="/", headers=present(
                  H_ENDPOINT, H_FIRST_CONTACT)), route=_to_backend(config, FIRST_CONTACT_CLUSTER, retry_policy=retry)),
              rc.Route(name="processor:endpoint", match=rc.RouteMatch(prefix="/", headers=present(H_ENDPOINT)),

@@ -203,11 +203,14 @@ class Pinning:
 
     # -- /v1/responses/{id}[/cancel|/input_items] --------------------------------------------------
 
-    def resource(self, method: str, response_id: str, suffix: str, query: str) -> Decision[Answered | Forwarded]:
+    def resource(self, method: str, response_id: str, suffix: str,
+                 query: str) -> Decision[Answered | Forwarded | background.Follow]:
         values = yield Reads(_state_keys(self.tenant, response_id))
         turn = rec.load_turn(values[0]) if values else None
         if turn is not None:
             self._decide(PinDecision.TURN_HIT)
+            if method == "GET" and not suffix and (after := background.stream_query(query)) is not None:
+                return background.follow(turn, self.tenant, response_id, after)  # its event log, streamed
             if suffix == "/input_items":
                 return Answered(200, rec.input_items_page(turn["input"], query))
             if suffix == "/cancel":  # a background run the sidecar holds (state/background.py)

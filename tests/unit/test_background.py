@@ -8,11 +8,12 @@ import json
 import pytest
 
 from extproc.config import parse_config
+from extproc.envoy.names import H_FOLLOW
 from extproc.errors import GatewayError
 from extproc.exchange import Exchange, Lookup
 from extproc.routing.gateway import Gateway
 from extproc.state import records as rec
-from extproc.state.background import outcome_writes
+from extproc.state.background import Follow, cancel_key, outcome_writes
 from extproc.state.lookup import start
 
 from .test_state_flow import CFG
@@ -42,7 +43,10 @@ def test_a_chat_model_gets_a_queued_response_at_once_and_a_run(gateway):
     assert status == 200 and queued["status"] == "queued" and queued["background"] is True and queued["output"] == []
     run = act.background
     assert run.id == queued["id"] and act.done
-    assert run.request == {"model": "llama-3", "input": "think hard", "temperature": 0.2, "store": False}
+    # sent as a stream, whatever the client asked: the run follows the events (and logs them if asked)
+    assert run.request == {"model": "llama-3", "input": "think hard", "temperature": 0.2, "store": False,
+                           "stream": True}
+    assert not run.streams
     assert run.headers == {"authorization": "Bearer k1", "user-agent": "sdk"}
     (key, raw), owner = act.writes
     assert key == f"turn:{ex.req.pinning.tenant}:{run.id}" and json.loads(raw)["response"] == queued
@@ -84,12 +88,88 @@ def test_cancelling_a_response_that_is_not_a_background_one_is_openais_400(gatew
     assert e.value.status == 400 and "background=true" in e.value.message
 
 
-@pytest.mark.parametrize(("extra", "param"), [({"stream": True}, "stream"), ({"store": False}, "store"),
-                                              ({"conversation": "conv_1"}, "conversation")])
+@pytest.mark.parametrize(("extra", "param"), [({"store": False}, "store"), ({"conversation": "conv_1"}, "conversation")])
 def test_what_a_background_run_cannot_be_is_refused(gateway, extra, param):
     with pytest.raises(GatewayError) as e:
         create(gateway, {"model": "llama-3", "input": "x", "background": True, **extra})
     assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_a_background_stream_needs_the_front_door():
+    off = Gateway(parse_config(CFG + "websocket_listen: off\n", env={}))
+    with pytest.raises(GatewayError) as e:
+        create(off, {"model": "llama-3", "input": "x", "background": True, "stream": True})
+    assert (e.value.status, e.value.param) == (400, "stream") and "websocket_listen" in e.value.message
+
+
+def follow_of(act) -> Follow:
+    (name, ticket), = act.set_headers
+    assert name == H_FOLLOW and act.immediate is None and act.clear_route_cache and act.done
+    follow = Follow.opened(ticket, Gateway(parse_config(CFG, env={})).sealer)  # another replica opens it
+    assert follow is not None
+    return follow
+
+
+def test_a_background_stream_is_sent_to_the_front_door_with_its_log_started(gateway):
+    ex, act = create(gateway, {"model": "llama-3", "input": "x", "background": True, "stream": True})
+    run, tenant = act.background, ex.req.pinning.tenant
+    assert run.streams and follow_of(act) == Follow(tenant, run.id, -1)
+    store = dict(act.writes)
+    assert json.loads(store[run.key])["events"] is True
+    first = store[f"bgev:{tenant}:{run.id}:0"]
+    assert first.startswith(b"event: response.created\ndata: ")
+    created = json.loads(first.split(b"data: ", 1)[1])
+    assert (created["sequence_number"], created["response"]["status"], created["response"]["id"]) == (0, "queued", run.id)
+    assert set(store) == {run.key, f"owner:{run.id}", f"bgev:{tenant}:{run.id}:0"}  # no end yet
+
+
+def resume(gateway, path: str, store: dict, key: str = "k1"):
+    ex = Exchange(gateway)
+    step = ex.request_headers({":method": "GET", ":path": path, "authorization": f"Bearer {key}"}, True)
+    return step.then([store.get(k) for k in step.keys])
+
+
+def test_a_resume_is_sent_to_the_front_door_for_its_tenant_only(gateway):
+    ex, act = create(gateway, {"model": "llama-3", "input": "x", "background": True, "stream": True})
+    run, store = act.background, dict(act.writes)
+    tenant = ex.req.pinning.tenant
+    assert follow_of(resume(gateway, f"/v1/responses/{run.id}?stream=true&starting_after=7", store)) == \
+        Follow(tenant, run.id, 7)
+    assert follow_of(resume(gateway, f"/v1/responses/{run.id}?stream=true", store)).after == -1
+    polled = resume(gateway, f"/v1/responses/{run.id}?stream=false", store)  # no stream: the Response
+    assert json.loads(polled.immediate[1])["status"] == "queued"
+    with pytest.raises(GatewayError) as e:
+        resume(gateway, f"/v1/responses/{run.id}?stream=true", store, key="k2")
+    assert (e.value.status, e.value.code) == (404, "response_not_found")
+    for bad in ("-1", "x", ""):
+        with pytest.raises(GatewayError) as e:
+            resume(gateway, f"/v1/responses/{run.id}?stream=true&starting_after={bad}", store)
+        assert (e.value.status, e.value.param) == (400, "starting_after")
+
+
+def test_only_a_streamed_background_response_can_be_streamed_again(gateway):
+    _, act = create(gateway, {"model": "llama-3", "input": "x", "background": True})
+    with pytest.raises(GatewayError) as e:
+        resume(gateway, f"/v1/responses/{act.background.id}?stream=true", dict(act.writes))
+    assert e.value.status == 400 and "stream=true" in e.value.message
+
+
+def test_a_ticket_is_this_gateways_and_this_tenants():
+    sealer = Gateway(parse_config(CFG, env={})).sealer
+    ticket = Follow("t1", "resp_1", 3).ticket(sealer)
+    assert Follow.opened(ticket, sealer) == Follow("t1", "resp_1", 3)
+    assert Follow.opened("t2;" + ticket.partition(";")[2], sealer) is None  # another tenant's name on it
+    assert Follow.opened("t1;resp_1;3", sealer) is None and Follow.opened("", sealer) is None
+
+
+def test_cancelling_leaves_the_mark_the_run_watches(gateway):
+    ex, act = create(gateway, {"model": "llama-3", "input": "x", "background": True, "stream": True})
+    run, store = act.background, dict(act.writes)
+    cancel = Exchange(gateway)
+    step = cancel.request_headers({**HEADERS, ":path": f"/v1/responses/{run.id}/cancel"}, True)
+    out = dict(step.then([store.get(k) for k in step.keys]).writes)
+    assert out[cancel_key(ex.req.pinning.tenant, run.id)] == b"1"
+    assert json.loads(out[run.key])["events"] is True  # still a streamed one: its log can be read to its end
 
 
 def test_a_responses_backend_takes_background_itself(gateway):

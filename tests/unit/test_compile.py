@@ -178,7 +178,7 @@ def test_mode_header_keeps_the_processor_when_honoured():
 def test_fast_path_off_compiles_only_processor_routes():
     compiled = compile_routes(config(CONFIG + "fast_path: false\n"), knowledge(), LEARNED)
     names = [r.name for r in compiled.routes.virtual_hosts[0].routes]
-    assert names == ["websocket", "processor:first-contact", "processor:endpoint", "processor:openai", "processor"]
+    assert names == ["websocket", "processor:follow", "processor:first-contact", "processor:endpoint", "processor:openai", "processor"]
 
 
 def test_routing_headers_select_processor_routes_first():
@@ -186,6 +186,10 @@ def test_routing_headers_select_processor_routes_first():
     assert first_match(compiled, PATHS[CHAT], {"model": "llama-3"}, {"x-gateway-destination-endpoint": "1.2.3.4:5"}) \
         == "processor:endpoint"
     assert first_match(compiled, PATHS[CHAT], {"model": "llama-3"}, {"x-gateway-cluster": "openai"}) == "processor:openai"
+    # a background response's stream, whatever the request was: to the front door (the websocket cluster)
+    assert first_match(compiled, PATHS[RESPONSES], {"model": "llama-3"}, {"x-gateway-follow": "t;x"}) == "processor:follow"
+    follow = {r.name: r for r in compiled.routes.virtual_hosts[0].routes}["processor:follow"]
+    assert follow.route.cluster == "websocket" and follow.route.timeout.seconds == 0
 
 
 def test_clusters_and_actions():

@@ -153,3 +153,14 @@ def test_redis_password_comes_from_the_environment_only(tmp_path):
         with pytest.raises(ConfigError) as e:
             parse_config(GOOD + text + "\n", env={"KEY": "k"})
         assert problem in str(e.value) and "hunter2" not in str(e.value), text
+
+
+def test_the_background_event_log_limits():
+    cfg = parse_config(GOOD + "limits: {background_max_events: 500, background_max_event_bytes: 65536}\n",
+                       env={"KEY": "k"})
+    assert (cfg.limits.background_max_events, cfg.limits.background_max_event_bytes) == (500, 65536)
+    default = parse_config(GOOD, env={"KEY": "k"}).limits
+    assert (default.background_max_events, default.background_max_event_bytes) == (50_000, 16 * 1024 * 1024)
+    with pytest.raises(ConfigError) as e:
+        parse_config(GOOD + "limits: {background_max_events: 5, background_max_event_bytes: 100}\n", env={"KEY": "k"})
+    assert "limits.background_max_events" in str(e.value) and "limits.background_max_event_bytes" in str(e.value)

@@ -19,6 +19,7 @@ from extproc.envoy.names import (
     H_ENDPOINT,
     H_FAILOVER,
     H_FIRST_CONTACT,
+    H_FOLLOW,
     H_RETRIED,
     H_RETRY,
     NAMESPACE,
@@ -105,7 +106,7 @@ def test_access_log_reads_only_keys_in_the_namespace(envoy):
 def test_headers_and_metadata_shared_with_the_sidecar(envoy):
     mutation, upstream_mutation = named(envoy, "envoy.filters.http.header_mutation")  # the edge's, the instances'
     removed = {m["remove"] for m in mutation["typed_config"]["mutations"]["request_mutations"] if "remove" in m}
-    assert removed == {*ROUTING_HEADERS, TENANT_HEADER, REFUSED_HEADER, H_FIRST_CONTACT, H_RETRY, H_RETRIED, H_FAILOVER,
+    assert removed == {*ROUTING_HEADERS, H_FOLLOW, TENANT_HEADER, REFUSED_HEADER, H_FIRST_CONTACT, H_RETRY, H_RETRIED, H_FAILOVER,
                        ROLE_METADATA}
     assert {m["remove"] for m in upstream_mutation["typed_config"]["mutations"]["request_mutations"]} == \
         set(ROUTING_HEADERS)

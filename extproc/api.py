@@ -11,6 +11,7 @@ BACKEND_APIS = (*API_MODES, AUTO)
 
 PATHS = {CHAT: "/v1/chat/completions", RESPONSES: "/v1/responses", MESSAGES: "/v1/messages"}
 API_OF_PATH = {path: api for api, path in PATHS.items()}
+COMPACT_PATH = PATHS[RESPONSES] + "/compact"  # compaction by its dedicated endpoint (some backends lack it)
 
 
 def api_of(path: str) -> str | None:

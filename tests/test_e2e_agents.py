@@ -6,12 +6,18 @@ PyPI (the test extras). Both speak only the Responses API; the backend only Chat
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+
+from extproc.translate.compact import SUMMARY_INTRO, SUMMARY_REQUEST, TOKEN_PREFIX
 
 from .upstreams import Reply
 
@@ -19,16 +25,20 @@ REPO = Path(__file__).resolve().parent.parent
 CODEX = REPO / ".tools" / "node_modules" / ".bin" / "codex"
 
 
-def codex(gw, tmp_path: Path, prompt: str, model: str = "llama-3-coder") -> subprocess.CompletedProcess:
+def codex(gw, tmp_path: Path, prompt: str, model: str = "llama-3-coder", url: str | None = None,
+          settings: str = "", name: str = "gateway") -> subprocess.CompletedProcess:
+    """`codex exec` against the gateway (or `url` in front of it), with extra top-level `settings`; its
+    provider called `name` (Codex asks for compaction by `compaction_trigger` only of one named OpenAI)."""
     home = tmp_path / "codex-home"
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(f'''
 model = "{model}"
 model_provider = "gateway"
+{settings}
 
 [model_providers.gateway]
-name = "gateway"
-base_url = "{gw.url}/v1"
+name = "{name}"
+base_url = "{url or gw.url}/v1"
 wire_api = "responses"
 env_key = "GATEWAY_API_KEY"
 request_max_retries = 0
@@ -80,6 +90,109 @@ def test_codex_cli_tool_loop(gw, codex_cli, tmp_path):
     assert tool["role"] == "tool" and tool["tool_call_id"] == call["id"] and "hello-from-tool" in tool["content"]
     assert "reasoning_content" not in call_msg and "I should run it." not in json.dumps(msgs)  # not replayed as text
     assert len(second["messages"]) > len(first["messages"])
+
+
+class Recorder:
+    """A reverse proxy in front of the gateway that records what a client sends and gets, whole."""
+
+    def __init__(self, target: str):
+        self.exchanges: list[tuple[str, str, bytes, int, bytes]] = []  # method, path, body, status, answer
+        where = urlsplit(target)
+        recorder = self
+
+        class Relay(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                self.relay()
+
+            def do_POST(self) -> None:
+                self.relay()
+
+            def relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+                conn.request(self.command, self.path, body=body or None, headers={
+                    k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")})
+                reply = conn.getresponse()
+                answer = reply.read()
+                conn.close()
+                recorder.exchanges.append((self.command, self.path, body, reply.status, answer))
+                self.send_response(reply.status)
+                self.send_header("content-type", reply.getheader("content-type") or "application/json")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def turns(self) -> list[tuple[dict, list[dict]]]:
+        """Each POST /v1/responses: its body, and its answer's events."""
+        return [(json.loads(body), [json.loads(line[6:]) for line in answer.decode().splitlines()
+                                    if line.startswith("data: {")])
+                for method, path, body, _, answer in self.exchanges if (method, path) == ("POST", "/v1/responses")]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _summary_and_after(gw) -> tuple[dict, dict]:
+    requests = turns(gw)
+    summary = next(i for i, t in enumerate(requests) if t["messages"][-1]["content"] == SUMMARY_REQUEST)
+    return requests[summary], requests[summary + 1]
+
+
+def test_codex_cli_compacts_automatically_by_compaction_trigger_on_a_chat_only_backend(gw, codex_cli, tmp_path):
+    """A small auto-compact limit (each answer reports 18 tokens): after the tool call Codex asks for
+    compaction mid-turn with a `compaction_trigger` turn, gets one sealed compaction item, and carries
+    it in its next request, whose summary the chat model receives in the item's place."""
+    gw.chat.script.extend([Reply(text=None, calls=[("exec_command", json.dumps({"cmd": "echo hello-from-tool"}))]),
+                           Reply(text="The user ran echo hello-from-tool; it printed hello-from-tool."),
+                           Reply(text="Done after compaction.")])
+    recorder = Recorder(gw.url)
+    try:
+        run = codex(gw, tmp_path, "run echo hello-from-tool", url=recorder.url, name="OpenAI",
+                    settings="model_auto_compact_token_limit = 10")
+    finally:
+        recorder.close()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Done after compaction." in run.stdout
+    triggers = [(n, body, events) for n, (body, events) in enumerate(recorder.turns())
+                if body["input"] and body["input"][-1] == {"type": "compaction_trigger"}]
+    assert len(triggers) == 1, [t[0]["input"][-1] for t in recorder.turns()]
+    n, body, events = triggers[0]
+    assert body["stream"] is True and body["store"] is False
+    assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.output_item.added",
+                                           "response.output_item.done", "response.completed"]
+    (item,) = events[-1]["response"]["output"]
+    assert item["type"] == "compaction" and item["encrypted_content"].startswith(TOKEN_PREFIX)
+    after, _ = recorder.turns()[n + 1]
+    assert item in [{k: v for k, v in i.items() if k in item} for i in after["input"]]  # carried on
+    summary, following = _summary_and_after(gw)
+    assert "tools" not in summary and "stream" not in summary  # the sidecar's summary completion
+    assert {"role": "user", "content": SUMMARY_INTRO + "The user ran echo hello-from-tool; it printed "
+                                                      "hello-from-tool."} in following["messages"]
+    assert not any("hello-from-tool\n" in str(m.get("content")) for m in following["messages"])  # the tool output: compacted
+
+
+def test_codex_cli_compacts_automatically_by_its_own_prompt_for_another_provider(gw, codex_cli, tmp_path):
+    """Codex compacts a provider not named OpenAI itself: a plain streamed turn (no tools) ending with its
+    summary prompt, then the summary as a user message; both are ordinary turns to the sidecar."""
+    gw.chat.script.extend([Reply(text=None, calls=[("exec_command", json.dumps({"cmd": "echo hello-from-tool"}))]),
+                           Reply(text="LOCAL-SUMMARY of the work."), Reply(text="Done after compaction.")])
+    run = codex(gw, tmp_path, "run echo hello-from-tool", settings="model_auto_compact_token_limit = 10")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Done after compaction." in run.stdout
+    first, compaction, after = turns(gw)
+    assert "tools" in first and "tools" not in compaction and compaction["stream"] is True
+    assert "CONTEXT CHECKPOINT COMPACTION" in compaction["messages"][-1]["content"]
+    assert any("LOCAL-SUMMARY of the work." in str(m.get("content")) for m in after["messages"])
 
 
 def test_agents_sdk_with_tools_and_handoff(gw):

@@ -390,6 +390,10 @@ class _ResponsesHandler(_Handler):
                                      "unsupported_api"))
             return
         if self.path == "/v1/responses/compact":
+            if not self.upstream.compact_endpoint:  # as OpenAI answers it for some accounts
+                self.send_json(404, {"error": {"message": "Invalid URL (POST /v1/responses/compact)",
+                                               "type": "invalid_request_error", "param": None, "code": None}})
+                return
             self.compact(body)
             return
         if self.path == "/v1/responses/input_tokens":  # as OpenAI's: a count of the request's input
@@ -589,13 +593,16 @@ class _ResponsesHandler(_Handler):
 
 class ResponsesServer(_Server):
     """`per_caller`: as OpenAI, each stored response is visible only to the key that made it (a vLLM or
-    Ollama server, the default, checks no key and serves whoever names the id)."""
+    Ollama server, the default, checks no key and serves whoever names the id). `compact_endpoint=False`:
+    `/v1/responses/compact` is a 404, as for some OpenAI accounts (compaction only by `compaction_trigger`)."""
 
     handler = _ResponsesHandler
 
-    def __init__(self, per_caller: bool = False, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, per_caller: bool = False, tls: ssl.SSLContext | None = None,
+                 compact_endpoint: bool = True) -> None:
         self.stored: dict[str, dict[str, Any]] = {}  # ids this instance produced: all it can continue
         self.per_caller = per_caller
+        self.compact_endpoint = compact_endpoint
         super().__init__(tls)
 
     def visible(self, response_id: str, caller: str | None) -> dict[str, Any] | None:

@@ -12,7 +12,11 @@ attempt (`x-envoy-attempt-count`):
   upstream's message, and marks the answer `x-gateway-retry`: Envoy's retry policy drops it (no byte
   reaches the client) and sends the request again.
 - `Retry` (attempt 2) is an ordinary `Exchange` on the same request, which now resolves to the other
-  API from the learned fact and is translated both ways, streaming or not. Its answer carries
+  API from the learned fact and is translated both ways, streaming or not.
+- A `/v1/responses/compact` to a Responses model (`Need.COMPACT_FALLBACK`) that the backend answers
+  404 about the path (some OpenAI accounts) is retried the same way: attempt 1 records that the backend
+  lacks the endpoint for the model, and attempt 2's exchange sends the same compaction as a
+  `compaction_trigger` turn (`translate/compact_trigger.CompactAsTurn`). Its answer carries
   `x-gateway-retried-as: <api>`, so the client-side exchange reads it as an answer in the client's
   API (`retried_as`); when it fails too, its error names both upstream messages.
 
@@ -28,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from extproc.api import API_OF_PATH, PATHS
+from extproc.api import API_OF_PATH, COMPACT_PATH, PATHS, RESPONSES
 from extproc.envoy.names import (
     H_BACKEND,
     H_FIRST_CONTACT,
@@ -38,13 +42,13 @@ from extproc.envoy.names import (
     ROUTING_HEADERS,
 )
 from extproc.errors import GatewayError, upstream_error_payload
-from extproc.exchange.actions import BUFFERED, Action, Step, new_body
+from extproc.exchange.actions import BUFFERED, Action, Step, Writes, new_body
 from extproc.exchange.phases import Lifecycle
 from extproc.exchange.plan import ModelFacts, Plan
 from extproc.routing.gateway import Gateway
 from extproc.routing.hosted import first_contact_ready
-from extproc.routing.modes import rejection_needs
-from extproc.routing.needs import Need
+from extproc.routing.modes import compact_missing, rejection_needs
+from extproc.routing.needs import Need, retried_by_envoy
 from extproc.state.lookup import Decision, Reads, awaited, start
 
 if TYPE_CHECKING:
@@ -57,9 +61,9 @@ log = logging.getLogger("extproc")
 
 def mark(plan: Plan) -> list[tuple[str, str]]:
     """The request header that sends a request to the first-contact cluster, where Envoy may retry it
-    on the other API: a model whose API is learned from its answer, sent to one instance or to a `url:`
+    (on the other API, or a compact as a compaction_trigger turn), sent to one instance or to a `url:`
     backend's first-contact twin cluster."""
-    if Need.LEARN in plan.needs and first_contact_ready(plan.target):
+    if retried_by_envoy(plan.needs) and first_contact_ready(plan.target):
         return [(H_FIRST_CONTACT, plan.pinning.tenant)]
     return []
 
@@ -124,21 +128,42 @@ class Probe:
         return self.life.move("response_body", self._retry_or_not(chunk))
 
     def _retry_or_not(self, chunk: bytes) -> Action:
-        client_api = API_OF_PATH.get(self.headers.get(":path", "").partition("?")[0])
-        backend = self.headers.get(H_BACKEND, "")
+        path = self.headers.get(":path", "").partition("?")[0]
+        if path == COMPACT_PATH:
+            return self._compact_or_not(chunk)
+        client_api = API_OF_PATH.get(path)
         needs = rejection_needs(self.status, chunk, client_api) if client_api else None
         if needs is None or self.model is None:
             return Action(done=True)  # any other error goes to the client untouched
-        log.info("model=%s backend=%s: first contact rejected on %s, retrying on the %s API", self.model, backend,
-                 client_api, needs)
-        facts = ModelFacts(self.gw, backend, self.model, client_api or "",
-                           self.gw.knowledge.learned(backend, self.model, self.gw.clock()))
+        log.info("model=%s backend=%s: first contact rejected on %s, retrying on the %s API", self.model,
+                 self.headers.get(H_BACKEND, ""), client_api, needs)
+        facts = self._facts(client_api or "")
+        return self._retry(needs, facts.needs(needs), {"api": client_api or ""}, chunk, facts.ttl)
+
+    def _compact_or_not(self, chunk: bytes) -> Action:
+        """A compact answered 404 about the path: the backend lacks the endpoint for this model, learned,
+        and the retry asks the same compaction as a compaction_trigger turn."""
+        if self.model is None or not compact_missing(self.status, chunk):
+            return Action(done=True)
+        log.info("model=%s backend=%s: %s answered 404, retrying as a compaction_trigger turn", self.model,
+                 self.headers.get(H_BACKEND, ""), COMPACT_PATH)
+        facts = self._facts(RESPONSES)
+        return self._retry(RESPONSES, facts.lacks(COMPACT_PATH), {"api": RESPONSES, "path": COMPACT_PATH}, chunk,
+                           facts.ttl)
+
+    def _facts(self, client_api: str) -> ModelFacts:
+        assert self.model is not None
+        backend = self.headers.get(H_BACKEND, "")
+        return ModelFacts(self.gw, backend, self.model, client_api,
+                          self.gw.knowledge.learned(backend, self.model, self.gw.clock()))
+
+    def _retry(self, api: str, learned: Writes, tried: dict[str, str], chunk: bytes, ttl: int) -> Action:
+        """Envoy's retry of this request, what was learned written first, with the rejection's note."""
         message = upstream_error_payload(self.status, chunk).get("message") or ""
         # The retry's headers are this attempt's as changed here (the mark is gone): it reads these.
         first = (first_attempt_key(self.headers.get("x-request-id", "")),
-                 orjson.dumps({"api": client_api, "status": self.status, "message": message, "tenant": self.tenant}))
-        return Action(set_headers=[(H_RETRY, needs)], writes=[*facts.needs(needs), first], write_ttl=facts.ttl,
-                      done=True)
+                 orjson.dumps({**tried, "status": self.status, "message": message, "tenant": self.tenant}))
+        return Action(set_headers=[(H_RETRY, api)], writes=[*learned, first], write_ttl=ttl, done=True)
 
 
 class Retry:
@@ -190,8 +215,10 @@ class Retry:
         if 200 <= ex.status < 300 or act.body is None or not end_of_stream:
             return act
         second = upstream_error_payload(ex.status, act.body)
-        tried = PATHS.get(self.first.get("api", ""), "the client's API")
-        message = (f"The model '{ex.model}' was tried on both APIs. {tried} answered "
+        path = self.first.get("path")  # a compact's endpoint, retried as a turn
+        tried = path if isinstance(path, str) else PATHS.get(self.first.get("api", ""), "the client's API")
+        both = "both APIs" if path is None else "both forms of compaction"
+        message = (f"The model '{ex.model}' was tried on {both}. {tried} answered "
                    f"{self.first.get('status', '?')}: {self.first.get('message') or 'rejected'}; "
                    f"{PATHS.get(ex.upstream_api or '', 'the other API')} answered {ex.status}: "
                    f"{second.get('message')}")

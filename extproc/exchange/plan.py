@@ -34,6 +34,11 @@ class ModelFacts:
         self.known.ok.discard(self.client_api)
         return self._record()
 
+    def lacks(self, path: str) -> Writes:
+        """The backend answered 404 for this endpoint of the model's API (its compact endpoint)."""
+        self.known.lacks.add(path)
+        return self._record()
+
     def _record(self) -> Writes:
         remember(self.gw, self.backend, self.model, self.known)
         return [(learned_key(self.backend, self.model), self.known.dumps())]

@@ -145,6 +145,12 @@ class Resolved:
     facts: Facts
     pair: TranslatorPair | None
 
+    @property
+    def stateless_backend(self) -> bool:
+        """The call is translated for a backend that keeps no Responses state (chat, Messages): the
+        sidecar is the state. A compact sent as a turn to a Responses backend is not."""
+        return self.pair is not None and self.pair.upstream_api != RESPONSES
+
     def plan(self, side: RequestSide, target: Target, pinned_id: str | None = None, turn: Turn | None = None,
              conversation: conversations.Held | None = None) -> Plan:
         """The plan of the call sent to `target`, with what it needs there (`routing.needs`; a pin may
@@ -186,7 +192,7 @@ class ApiCall:
         return upstream_api
 
     def translator(self, side: RequestSide, body: dict[str, Any], model: str, res: Resolution,
-                   upstream_api: str) -> TranslatorPair | None:
+                   upstream_api: str, learned: Learned | None) -> TranslatorPair | None:
         assert self.client_api is not None
         return pair_for(self.client_api, upstream_api, body, model, res.backend)
 
@@ -200,9 +206,9 @@ class ApiCall:
         handed = yield from failover.hand_over(side, self.call, body, model)  # a model group's attempts
         if handed is not None:
             return handed
-        learned = yield from side.learned(backend, model)
+        learned = yield from side.learned(backend, model, self.call)
         res = side.resolve(model, learned)
-        pair = self.translator(side, body, model, res, self.upstream_api(model, res, client_api))
+        pair = self.translator(side, body, model, res, self.upstream_api(model, res, client_api), learned)
         call = Resolved(body, model, res, learned, Facts.of(client_api, self.call, body, side.headers), pair)
         return (yield from decided(self.send(side, call)))
 
@@ -222,8 +228,8 @@ class ResponsesCall(ApiCall):
         super().__init__(RESPONSES)
 
     def translator(self, side: RequestSide, body: dict[str, Any], model: str, res: Resolution,
-                   upstream_api: str) -> TranslatorPair | None:
-        pair = super().translator(side, body, model, res, upstream_api)
+                   upstream_api: str, learned: Learned | None) -> TranslatorPair | None:
+        pair = super().translator(side, body, model, res, upstream_api, learned)
         if self.call is Call.CREATE and compact_trigger.triggered(body) and pair is not None:
             return compact_trigger.TriggerOnChat(body, res.backend, side.gw.sealer, side.pinning.tenant)
         return pair
@@ -231,8 +237,9 @@ class ResponsesCall(ApiCall):
     def send(self, side: RequestSide, call: Resolved) -> Decision[Action]:
         """A conversation the sidecar kept merged into the input, or the request sent where it lives."""
         body, target = call.body, side.target_for(call.res, call.body)
+        stateless = call.stateless_backend
         in_background = self.call is Call.CREATE and background.requested(
-            body, call.pair is not None, side.gw.config.websocket_listen is not None)
+            body, stateless, side.gw.config.websocket_listen is not None)
         prev = body.get("previous_response_id")
         cont, held = Continuation(target), None
         if body.get("conversation") is not None:  # the sidecar's own: no conversation id reaches a backend
@@ -243,7 +250,7 @@ class ResponsesCall(ApiCall):
         elif prev is not None:
             if not isinstance(prev, str) or not prev:
                 raise invalid("previous_response_id", "expected a response id string")
-            cont = yield from side.pinning.continue_from(prev, call.model, call.res, target, call.pair is not None)
+            cont = yield from side.pinning.continue_from(prev, call.model, call.res, target, stateless)
         if in_background:  # answered queued now; the shell runs it (front/background.py)
             run = background.Run.start(body, side.pinning.tenant, side.headers, cont.ancestors,
                                        side.gw.config.limits)
@@ -251,15 +258,15 @@ class ResponsesCall(ApiCall):
             act = side.follow(run.follow(), writes) if run.streams else answer(200, queued, writes)
             act.background = run
             return act
-        opened = compact.open_items(body.get("input"), side.gw.sealer, side.pinning.tenant, call.pair is not None)
+        opened = compact.open_items(body.get("input"), side.gw.sealer, side.pinning.tenant, stateless)
         if opened is not None:  # the sidecar's own compaction items: their summaries instead
             body = {**body, "input": opened}
         # The held history, cut to its compacted window, the sidecar's compaction items opened.
-        prior = compact_trigger.held_context(cont.prior, side.gw.sealer, side.pinning.tenant, call.pair is not None)
+        prior = compact_trigger.held_context(cont.prior, side.gw.sealer, side.pinning.tenant, stateless)
         items = rec.input_items(body.get("input"))
         extended = None if held is None else \
             conversations.Held(held, side.pinning.tenant, side.gw.config.state.max_record_bytes, items)
-        if (pair := call.pair) is not None:
+        if (pair := call.pair) is not None and stateless:
             plan = call.plan(side, cont.target, cont.pinned_id, Turn(items, cont.ancestors), extended)
             new = pair.request({**body, "input": prior + items} if prior else body)
             if pair.dropped_tools:
@@ -270,15 +277,18 @@ class ResponsesCall(ApiCall):
         # made it (Need.RECORD_ID; endpoint backends and clusters alike: GET /v1/responses/{id} must find it).
         plan = call.plan(side, cont.target, cont.pinned_id, conversation=extended)
         check_item_references(plan.target.backend, body.get("input"))
+        sent: dict[str, Any] | None = body if opened is not None else None
         if prior or held is not None:  # the conversation so far was kept by the sidecar: hand it over whole
-            new = {k: v for k, v in body.items() if k != "previous_response_id"}
-            new["input"] = prior + items
-            return side.route(plan, new)
-        return side.route(plan, body if opened is not None else None)
+            sent = {k: v for k, v in body.items() if k != "previous_response_id"}
+            sent["input"] = prior + items
+        if call.pair is not None:  # a compact as a compaction_trigger turn (compact_trigger.CompactAsTurn)
+            sent = call.pair.request(sent or body)
+        return side.route(plan, sent)
 
 
 class Compact(ResponsesCall):
-    """`POST /v1/responses/compact`: summarised by the sidecar on chat-only backends; not a turn."""
+    """`POST /v1/responses/compact`: summarised by the sidecar on chat-only backends; not a turn. At a
+    Responses backend known to lack the endpoint for the model, sent as a compaction_trigger turn."""
 
     call = Call.COMPACT
 
@@ -286,10 +296,13 @@ class Compact(ResponsesCall):
         compact.check_request(body)
 
     def translator(self, side: RequestSide, body: dict[str, Any], model: str, res: Resolution,
-                   upstream_api: str) -> TranslatorPair | None:
-        if super().translator(side, body, model, res, upstream_api) is None:
-            return None
-        return compact.CompactOnChat(res.backend, side.gw.sealer, side.pinning.tenant)
+                   upstream_api: str, learned: Learned | None) -> TranslatorPair | None:
+        if super().translator(side, body, model, res, upstream_api, learned) is not None:
+            return compact.CompactOnChat(res.backend, side.gw.sealer, side.pinning.tenant)
+        facts = Facts.of(RESPONSES, self.call, body, side.headers)
+        if Need.TRANSLATE in needs(side.gw.config, res, facts, learned):  # the backend lacks the endpoint
+            return compact_trigger.CompactAsTurn()
+        return None
 
 
 class CountTokens(ResponsesCall):
@@ -316,7 +329,7 @@ class MessagesCount(ApiCall):
         super().__init__(MESSAGES)
 
     def translator(self, side: RequestSide, body: dict[str, Any], model: str, res: Resolution,
-                   upstream_api: str) -> TranslatorPair | None:
+                   upstream_api: str, learned: Learned | None) -> TranslatorPair | None:
         return None  # counted on the model's own API, or estimated
 
     def send(self, side: RequestSide, call: Resolved) -> Handled:
@@ -411,10 +424,11 @@ class RequestSide:
                                param="model", code="model_not_found")
         return model, backend
 
-    def learned(self, backend: Backend, model: str) -> Decision[Learned | None]:
-        """What is known of the API of a model whose backend did not declare it: this replica's copy,
-        else what the other replicas learned (a store outage is not remembered as "nothing learned")."""
-        if backend.api not in (AUTO, BOTH):
+    def learned(self, backend: Backend, model: str, call: Call = Call.CREATE) -> Decision[Learned | None]:
+        """What is known of the API of a model whose backend did not declare it (and, for a compact, of
+        the backend's compact endpoint): this replica's copy, else what the other replicas learned (a
+        store outage is not remembered as "nothing learned")."""
+        if backend.api not in (AUTO, BOTH) and call is not Call.COMPACT:
             return None
         learned = self.gw.knowledge.learned(backend.name, model, self.gw.clock())
         if learned is None:

@@ -9,8 +9,9 @@ Like OpenAI's WebSocket mode, the socket remembers its most recent response, so 
 sends the remembered conversation in `input` instead (stored turns are continued by the gateway's
 own state, on any backend). The connection-local cache follows the Open Responses rules: an unstored
 response that is no longer cached (an older one, or one evicted because a turn continuing it failed)
-is `previous_response_not_found` at once, as it has no persisted fallback; and a socket older than
-the connection limit is told `websocket_connection_limit_reached`.
+is `previous_response_not_found` at once, as it has no persisted fallback (a continuation refused
+by the socket itself fails as any other); a compaction turn is remembered as its compacted window;
+and a socket older than the connection limit is told `websocket_connection_limit_reached`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import orjson
 
 from extproc.config import Limits
 from extproc.errors import GatewayError, invalid, upstream_error_payload
+from extproc.translate.compact_trigger import window
 
 # Fields a WebSocket `response.create` must not carry (x-openresponses-disallowed in the spec).
 # `stream: true` is tolerated, as OpenAI does: Codex CLI sends it over the socket, whose turns always stream.
@@ -74,6 +76,7 @@ class SocketSession:
         self._pending_items: list[dict[str, Any]] = []  # the conversation of the turn in flight
         self._unstored: OrderedDict[str, None] = OrderedDict()  # this socket's store: false responses
         self._continuing: str | None = None  # the previous_response_id of the turn in flight
+        self._restored: str | None = None  # the same, when the turn was sent from this socket's memory
         self._clock, self._closes_at = clock, clock() + limit_seconds
 
     def remaining(self) -> float:
@@ -81,7 +84,8 @@ class SocketSession:
         return self._closes_at - self._clock()
 
     def request(self, text: str | bytes) -> bytes:
-        """The body of the streaming HTTP request for one client message; GatewayError when invalid."""
+        """The body of the streaming HTTP request for one client message; GatewayError when invalid (a
+        continuation refused so is a failed continuation: what it continued is evicted)."""
         if self.remaining() <= 0:
             raise connection_limit_reached()
         try:
@@ -92,6 +96,15 @@ class SocketSession:
             kind = msg.get("type") if isinstance(msg, dict) else None
             raise GatewayError(400, f"unsupported client event type {kind!r}: expected 'response.create'",
                                param="type", code="unsupported_event")
+        try:
+            return self._body(msg)
+        except GatewayError:
+            prev = msg.get("previous_response_id")
+            self._continuing = prev if isinstance(prev, str) else None
+            self.failed()
+            raise
+
+    def _body(self, msg: dict[str, Any]) -> bytes:
         if msg.get("stream") is True:
             del msg["stream"]
         for key in DISALLOWED:
@@ -103,9 +116,11 @@ class SocketSession:
         if prev is not None and not isinstance(prev, str):
             raise invalid("previous_response_id", "expected a response id string")
         items = _as_items(body.get("input"))
+        self._restored = None
         if prev is not None and prev == self.latest_id and self.latest_items:
             del body["previous_response_id"]
             items = body["input"] = self.latest_items + items
+            self._restored = prev
         elif prev in self._unstored:  # unstored and no longer cached: nothing persisted can continue it
             raise GatewayError(400, f"Previous response with id '{prev}' not found.", param="previous_response_id",
                                code="previous_response_not_found")
@@ -122,6 +137,20 @@ class SocketSession:
             self.latest_id, self.latest_items = None, []
         self._continuing = None
 
+    def relayed(self, data: str) -> str:
+        """An event as the client gets it: a turn continued from the socket's memory was sent without
+        its `previous_response_id`, which its Response still names, as it would over HTTP."""
+        if self._restored is None or '"response"' not in data:
+            return data
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return data
+        if not isinstance(doc, dict) or not isinstance(doc.get("response"), dict):
+            return data
+        doc["response"]["previous_response_id"] = self._restored
+        return orjson.dumps(doc).decode()
+
     def event(self, data: str) -> bool:
         """One streaming event relayed to the client; True when it ended the turn."""
         try:
@@ -137,9 +166,10 @@ class SocketSession:
         elif isinstance(response.get("id"), str):
             self.latest_id = response["id"]
             output: list[Any] = response["output"] if isinstance(response.get("output"), list) else []
-            # Unstored items have no id the backend knows: they are sent again without one.
-            self.latest_items = [*self._pending_items, *({k: v for k, v in item.items() if k != "id"}
-                                                         for item in output if isinstance(item, dict))] \
+            # Unstored items have no id the backend knows: they are sent again without one. A compaction
+            # turn's conversation is its compacted window (no trigger; before the item, the user messages).
+            self.latest_items = window([*self._pending_items, *({k: v for k, v in item.items() if k != "id"}
+                                                                for item in output if isinstance(item, dict))]) \
                 if self._pending_items else []
             if self._pending_items:
                 self._unstored[response["id"]] = None

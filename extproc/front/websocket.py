@@ -142,6 +142,6 @@ class FrontDoor:
         for ev in events:
             if ev.data == "[DONE]":
                 continue
-            await ws.send_str(ev.data)
+            await ws.send_str(session.relayed(ev.data))
             ended = session.event(ev.data) or ended
         return ended

@@ -1,8 +1,9 @@
 """What the sidecar knows about each model's API beyond its config: discovered and learned (sans-IO).
 
 - discovered: what a backend's `/v1/models` says per model (`supported_endpoints`, `mode`, ...);
-- learned: what upstream rejections said ("use /v1/responses"), and which APIs a model has answered
-  on. Learned facts are shared through the state store (key `mode:<backend>:<model>`) with a TTL, and
+- learned: what upstream rejections said ("use /v1/responses"), which APIs a model has answered
+  on, and which of its API's endpoints the backend lacks for it (a `/v1/responses/compact` answered
+  404: the compaction is then asked in the body-signal form, `translate/compact_trigger.py`). Learned facts are shared through the state store (key `mode:<backend>:<model>`) with a TTL, and
   cached here for a short while so the hot path rarely asks the store.
 """
 
@@ -14,7 +15,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from extproc.api import API_MODES, BOTH, CHAT, MESSAGES, RESPONSES, other
+from extproc.api import API_MODES, BOTH, CHAT, COMPACT_PATH, MESSAGES, RESPONSES, other
 from extproc.envoy.names import LEARNABLE_STATUSES
 
 LOCAL_TTL = 30.0  # seconds a replica trusts its own copy of a store record (or of its absence)
@@ -109,18 +110,32 @@ def rejection_needs(status: int, body: bytes, tried: str) -> str | None:
     return None
 
 
+def compact_missing(status: int, body: bytes) -> bool:
+    """Whether a rejection of `/v1/responses/compact` says the endpoint is not there (a 404 about the
+    path, as some OpenAI accounts answer it), not that the model is unknown."""
+    return status == 404 and not _MODEL_MISSING.search(body[:4000].decode("utf-8", "replace"))
+
+
 # -- the learned cache --------------------------------------------------------------------------
 
 @dataclass(slots=True)
 class Learned:
     mode: str | None = None  # the API a rejection said the model needs
     ok: set[str] = field(default_factory=set)  # APIs the model has answered on
+    lacks: set[str] = field(default_factory=set)  # endpoints the backend answered 404 for this model
 
     def dumps(self) -> bytes:
         return orjson.dumps(self.as_dict())
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "ok": sorted(self.ok)}
+        doc: dict[str, Any] = {"mode": self.mode, "ok": sorted(self.ok)}
+        if self.lacks:
+            doc["lacks"] = sorted(self.lacks)
+        return doc
+
+    @property
+    def lacks_compact(self) -> bool:
+        return COMPACT_PATH in self.lacks
 
     @staticmethod
     def loads(raw: bytes | None) -> Learned:
@@ -129,7 +144,8 @@ class Learned:
         except orjson.JSONDecodeError:
             doc = {}
         mode = doc.get("mode") if doc.get("mode") in (CHAT, RESPONSES) else None
-        return Learned(mode, {a for a in doc.get("ok") or () if a in (CHAT, RESPONSES)})
+        return Learned(mode, {a for a in doc.get("ok") or () if a in (CHAT, RESPONSES)},
+                       {p for p in doc.get("lacks") or () if p == COMPACT_PATH})
 
 
 class Knowledge:

@@ -13,6 +13,9 @@ How the processor uses it (`exchange/request.py`), once it has the resolution an
     n = needs(config, res, Facts.of(client_api, call, body, headers), learned)
     Need.TRANSLATE in n        -> a translator pair (for a compact on a chat backend, CompactOnChat)
     Need.LEARN in n            -> ModelFacts: learn the model's API from the answer (first contact)
+    Need.COMPACT_FALLBACK in n -> sent where Envoy retries a 404 of the compact endpoint as a
+                                  compaction_trigger turn (exchange/first_contact.py); once the backend
+                                  is known to lack it, Need.TRANSLATE: the turn is sent at once
     Need.RECORD_ID in n        -> response.Observe's IdRecorder: pin the stored answer's id to its instance
     Need.KEEP_TURN in n        -> Plan.turn: the sidecar keeps the translated turn
     n & USAGE                  -> response.Observe's UsageScanner: read (or estimate) an untranslated answer's usage
@@ -67,6 +70,7 @@ class Need(Enum):
     SIDECAR_CALL = "sidecar_call"  # a compact or an input-token count: the sidecar checks (or serves) it
     ESTIMATE_COUNT = "estimate_count"  # a Messages token count for a model on another API: the sidecar's estimate
     LEARN = "learn"  # the model's API is learned from the answer
+    COMPACT_FALLBACK = "compact_fallback"  # a compact whose 404 Envoy retries as a compaction_trigger turn
     ROUTE = "route"  # sent to the model's backend
     INJECT_KEY = "inject_key"  # the backend's API key added (and scrubbed from errors that quote it)
     PROVIDER_SHAPE = "provider_shape"  # a provider's own paths or deployment names (Azure's), set by the processor
@@ -137,9 +141,13 @@ def needs(config: Config, res: Resolution | None, facts: Facts, learned: Learned
     if res.backend.unserved() is not None:
         return frozenset({Need.UNAVAILABLE})
     out = {Need.ROUTE}
-    translated = upstream != client
-    if translated:
+    if upstream != client:
         out.add(Need.TRANSLATE)
+    elif facts.call is Call.COMPACT and client == RESPONSES and not res.learning:
+        # The dedicated endpoint, retried as a compaction_trigger turn when it is missing; the turn at
+        # once (translated: another path, the answer reshaped) where the backend is known to lack it.
+        out.add(Need.TRANSLATE if learned is not None and learned.lacks_compact else Need.COMPACT_FALLBACK)
+    translated = Need.TRANSLATE in out
     if facts.call is not Call.CREATE:
         out.add(Need.SIDECAR_CALL)
     # A count teaches nothing about the model's API (a backend may serve Responses but not counting), and a
@@ -166,6 +174,13 @@ def needs(config: Config, res: Resolution | None, facts: Facts, learned: Learned
         reported = client != CHAT or not facts.stream or facts.include_usage
         out.add(Need.COUNT_USAGE if reported else Need.ESTIMATE_USAGE)
     return frozenset(out)
+
+
+def retried_by_envoy(n: Needs) -> bool:
+    """Whether the request goes where Envoy can retry it once (the first-contact cluster): a model of
+    unknown API (retried on the other API; a compact's rejection teaches it, but a compact has no other
+    API to be retried on), or a compact whose endpoint may be missing."""
+    return Need.COMPACT_FALLBACK in n or (Need.LEARN in n and Need.SIDECAR_CALL not in n)
 
 
 def processor_adds_key(backend: Backend) -> bool:
@@ -266,6 +281,7 @@ _WHY = {
     Need.SIDECAR_CALL: "a compact or input-token count, which the sidecar checks",
     Need.ESTIMATE_COUNT: "a token count the model's API cannot make: the sidecar estimates it",
     Need.LEARN: "the model's API is still being learned from the backend's answers",
+    Need.COMPACT_FALLBACK: "a compact, retried as a compaction_trigger turn if the backend lacks the endpoint",
     Need.ROUTE: "fast_path is off in the config",
     Need.INJECT_KEY: "the backend has an API key, which only the processor adds (Envoy holds the keys of url: "
                      "backends only)",

@@ -21,7 +21,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from extproc.api import CHAT, RESPONSES
+from extproc.api import CHAT, COMPACT_PATH, RESPONSES
 from extproc.config import Backend
 from extproc.errors import GatewayError, invalid
 from extproc.state.records import input_items
@@ -30,7 +30,7 @@ from extproc.translate.pairs import Answer, StreamTranslator
 from extproc.translate.req_responses_to_chat import translate_request
 from extproc.translate.wire import ChatCompletion, ChatUsage, convert
 
-PATH = "/v1/responses/compact"
+PATH = COMPACT_PATH
 TOKEN_PREFIX = "xpc1."  # sealed by this gateway (format version 1); other items belong to the backend
 _AD_PREFIX = b"extproc-compaction-v1\x00"
 _NONCE = 12

@@ -7,6 +7,10 @@ makes the same sealed item as `/v1/responses/compact` (`compact.py`): one chat c
 the summary, and the answer is a whole Response (streamed: `response.created`, `in_progress`,
 the item's `added` and `done`, `completed`). A trigger anywhere but last is refused, as OpenAI does.
 
+A Responses backend that answers `/v1/responses/compact` with 404 (some OpenAI accounts) gets the
+same compaction in this form (`CompactAsTurn`, the retry of `exchange/first_contact.py`): the input
+and a final trigger as a `store: false` turn, its one compaction item answered as `/compact` answers.
+
 A context rebuilt from held items (earlier turns, a conversation) is cut at its latest compaction
 item as the compacted window reads: the user messages before it, then the item and what follows.
 """
@@ -20,7 +24,7 @@ import orjson
 
 from extproc.api import CHAT, RESPONSES
 from extproc.config import Backend
-from extproc.errors import GatewayError
+from extproc.errors import GatewayError, bad_upstream
 from extproc.state.records import input_items
 from extproc.translate import compact
 from extproc.translate.common import new_id, now
@@ -28,8 +32,11 @@ from extproc.translate.pairs import Answer, StreamTranslator
 from extproc.translate.resp_chat_to_responses import response_shell
 from extproc.translate.sse import encode
 from extproc.translate.stream_base import SSETranslator, event_json
+from extproc.translate.wire import ChatUsage
 
 TRIGGER = "compaction_trigger"
+# The compact body's fields a turn takes as they are (the cache and image hints are compact's own).
+TURN_FIELDS = ("model", "previous_response_id", "instructions", "prompt_cache_key", "service_tier")
 
 
 def _kind(item: Any) -> Any:
@@ -98,6 +105,42 @@ class TriggerOnChat:
 
     def stream(self) -> StreamTranslator:
         return CompactionStream(self)
+
+
+@dataclass(slots=True)
+class CompactAsTurn:
+    """`/v1/responses/compact` for a Responses backend that lacks the endpoint: the same compaction as a
+    `POST /v1/responses` whose input ends with the trigger (`store: false`, not streamed), its answer's
+    one compaction item returned in `/compact`'s shape (`response.compaction`: the input's user
+    messages, then the item; a `previous_response_id`'s earlier user messages are the backend's, not
+    repeated)."""
+
+    client_api: str = RESPONSES
+    upstream_api: str = RESPONSES
+    dropped_tools: list[str] = field(default_factory=list)
+    dropped_fields: list[str] = field(default_factory=list)
+    kept: list[dict[str, Any]] = field(default_factory=list)  # the input's user messages, with ids
+
+    def request(self, body: dict[str, Any]) -> dict[str, Any]:
+        inp = body.get("input")
+        self.kept = [i for i in input_items(inp) if i["type"] == "message" and i.get("role") == "user"]
+        items = [{"role": "user", "content": inp}] if isinstance(inp, str) else list(inp or [])
+        turn = {k: body[k] for k in TURN_FIELDS if body.get(k) is not None}
+        return {**turn, "input": [*items, {"type": TRIGGER}], "store": False}
+
+    def response(self, doc: dict[str, Any]) -> Answer:
+        output = doc.get("output")
+        found = [i for i in output if _kind(i) == "compaction"] if isinstance(output, list) else []
+        if len(found) != 1:
+            raise bad_upstream(f"the compaction_trigger turn's output holds {len(found)} compaction items, not one")
+        rid, created, usage = doc.get("id"), doc.get("created_at"), doc.get("usage")
+        return Answer({"id": rid if isinstance(rid, str) else new_id("resp_"), "object": "response.compaction",
+                       "created_at": created if isinstance(created, int) else now(),
+                       "output": [*self.kept, found[0]],
+                       "usage": usage if isinstance(usage, dict) else ChatUsage().as_responses()})
+
+    def stream(self) -> StreamTranslator:
+        raise GatewayError(400, "compaction answers are not streamed", code="unsupported_parameter")
 
 
 class CompactionStream(SSETranslator):

@@ -120,3 +120,67 @@ def test_a_first_contact_attempt_keeps_the_exchanges_phases():
         fc.response_body(b"", True)
     with pytest.raises(RuntimeError, match="request_headers twice"):
         fc.request_headers(upstream_headers(1), False)
+
+
+RESPONSES_CFG = """
+backends:
+  - name: oai
+    api: responses
+    models: ["gpt-*"]
+    endpoints: ["127.0.0.1:8002"]
+"""
+INVALID_URL = b'{"error": {"message": "Invalid URL (POST /v1/responses/compact)", "type": "invalid_request_error"}}'
+
+
+def compact_probe(gw: Gateway, status: int, body: bytes, store: dict[str, bytes]):
+    fc = FirstContact(gw)
+    headers = {**upstream_headers(1), ":path": "/v1/responses/compact", "x-gateway-backend": "oai"}
+    resolve(fc.request_headers(headers, False), store)
+    resolve(fc.request_body(json.dumps({"model": "gpt-5", "input": "hi"}).encode()), store)
+    if fc.response_headers({":status": str(status), "content-type": "application/json"}).done:
+        return None
+    act = fc.response_body(body, True)
+    store.update({k: v for k, v in act.writes if v is not None})
+    return act
+
+
+def test_a_compact_endpoint_missing_becomes_a_retry_as_a_trigger_turn_and_is_learned():
+    gw, store = Gateway(parse_config(RESPONSES_CFG, env={})), {}
+    act = compact_probe(gw, 404, INVALID_URL, store)
+    assert act.done and ("x-gateway-retry", "responses") in act.set_headers
+    assert json.loads(store["mode:oai:gpt-5"]) == {"mode": None, "ok": [], "lacks": ["/v1/responses/compact"]}
+    fc = FirstContact(gw)
+    headers = {**upstream_headers(2), ":path": "/v1/responses/compact", "x-gateway-backend": "oai"}
+    del headers["x-gateway-first-contact"]
+    resolve(fc.request_headers(headers, False), store)
+    act = resolve(fc.request_body(json.dumps({"model": "gpt-5", "input": "hi", "prompt_cache_retention": "24h"}).encode()),
+                  store)
+    assert dict(act.set_headers)[":path"] == "/v1/responses"
+    assert orjson.loads(act.body) == {"model": "gpt-5", "store": False,
+                                      "input": [{"role": "user", "content": "hi"}, {"type": "compaction_trigger"}]}
+    fc.response_headers({":status": "200", "content-type": "application/json"})
+    answer = fc.response_body(orjson.dumps({"id": "resp_1", "created_at": 5, "output": [
+        {"type": "compaction", "id": "cmp_1", "encrypted_content": "x"}], "usage": None}), True)
+    doc = orjson.loads(answer.body)
+    assert doc["object"] == "response.compaction" and doc["id"] == "resp_1" and doc["created_at"] == 5
+    assert [o["type"] for o in doc["output"]] == ["message", "compaction"] and doc["output"][1]["id"] == "cmp_1"
+    assert doc["usage"]["total_tokens"] == 0
+
+
+@pytest.mark.parametrize(("status", "body"), [(404, b'{"error": {"message": "The model gpt-5 does not exist"}}'),
+                                              (400, INVALID_URL), (401, INVALID_URL)])
+def test_other_compact_rejections_pass_untouched(status, body):
+    act = compact_probe(Gateway(parse_config(RESPONSES_CFG, env={})), status, body, {})
+    assert act is None or (act.done and not act.set_headers and not act.writes)
+
+
+def test_an_answer_without_one_compaction_item_is_a_502():
+    from extproc.errors import GatewayError
+    from extproc.translate.compact_trigger import CompactAsTurn
+
+    pair = CompactAsTurn()
+    pair.request({"model": "gpt-5", "input": "hi"})
+    for output in ([], [{"type": "message"}], [{"type": "compaction"}, {"type": "compaction"}]):
+        with pytest.raises(GatewayError) as e:
+            pair.response({"output": output})
+        assert e.value.status == 502

@@ -323,7 +323,7 @@ def test_the_combinations_reach_every_need_and_both_paths():
             reached |= n
             fast.add(is_fast(cfg, n))
     # compact and count have no fast route to compare
-    assert reached == set(Need) - {Need.SIDECAR_CALL, Need.ESTIMATE_COUNT}
+    assert reached == set(Need) - {Need.SIDECAR_CALL, Need.ESTIMATE_COUNT, Need.COMPACT_FALLBACK}
     assert fast == {True, False}
 
 

@@ -49,6 +49,7 @@ def test_an_unstored_turn_is_continued_from_the_sockets_memory_without_item_ids(
     body = json.loads(s.request(json.dumps({"type": "response.create", "model": "m", "store": False,
                                             "previous_response_id": "resp_1", "input": "two"})))
     assert "previous_response_id" not in body
+    assert json.loads(s.relayed(completed("resp_2", "dos")))["response"]["previous_response_id"] == "resp_1"
     assert body["input"] == [{"role": "user", "content": "one"},
                              {"type": "message", "role": "assistant", "status": "completed",
                               "content": [{"type": "output_text", "text": "uno", "annotations": []}]},
@@ -128,13 +129,34 @@ def test_an_older_unstored_response_is_not_found_and_a_newer_one_continues():
     assert [i["content"] for i in body["input"] if i.get("role") == "user"] == ["two", "three"]
 
 
-def test_a_refused_message_leaves_the_cache_alone():
+def test_a_refused_message_leaves_the_cache_alone_unless_it_continued_it():
+    """Open Responses: a continuation turn that fails with a 4xx evicts what it continued, the socket's
+    own refusal included; any other refused message is no turn at all."""
     s = SocketSession()
     s.request(create(input="one", store=False))
     s.event(completed("resp_1", "uno"))
+    for refused in (create(input="x", stream=False), '{"type": "response.cancel"}', "{"):
+        with pytest.raises(GatewayError):
+            s.request(refused)
+    assert "previous_response_id" not in json.loads(s.request(create(input="two", store=False,
+                                                                     previous_response_id="resp_1")))
+    s.event(completed("resp_2", "dos"))
     with pytest.raises(GatewayError):
-        s.request(create(input="x", stream=False, previous_response_id="resp_1"))
-    assert "previous_response_id" not in json.loads(s.request(create(input="two", previous_response_id="resp_1")))
+        s.request(create(input="x", stream=False, previous_response_id="resp_2"))
+    with pytest.raises(GatewayError) as e:
+        s.request(create(input="three", store=False, previous_response_id="resp_2"))
+    assert e.value.code == "previous_response_not_found"
+
+
+def test_a_compaction_turn_is_remembered_as_its_compacted_window():
+    s = SocketSession()
+    s.request(create(input=[{"role": "user", "content": "one"}, {"role": "assistant", "content": "uno"},
+                            {"type": "compaction_trigger"}], store=False))
+    item = {"type": "compaction", "id": "cmp_1", "encrypted_content": "xpc1.abc"}
+    s.event(json.dumps({"type": "response.completed", "response": {"id": "resp_1", "output": [item]}}))
+    body = json.loads(s.request(create(input="two", store=False, previous_response_id="resp_1")))
+    assert body["input"] == [{"role": "user", "content": "one"}, {"type": "compaction", "encrypted_content": "xpc1.abc"},
+                             {"role": "user", "content": "two"}]
 
 
 def test_the_connection_limit_is_an_error_with_its_code():

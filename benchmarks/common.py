@@ -239,6 +239,21 @@ http {{
     return port
 
 
+def envoy_counters(admin: int) -> dict[str, int]:
+    """Envoy's ext_proc messages to the processor and requests completed so far (its admin stats):
+    their ratio over a run is the messages per request."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=^http\\..*(ext_proc.stream_msgs_sent|"
+                                "downstream_rq_completed)$", timeout=10) as r:
+        out = {"messages": 0, "requests": 0}
+        for line in r.read().decode().splitlines():
+            name, _, value = line.rpartition(":")
+            if not name.startswith("http.admin."):  # the admin listener's own requests (this one)
+                out["messages" if name.endswith("stream_msgs_sent") else "requests"] += int(value)
+        return out
+
+
 def _family(pid: int) -> list[int]:
     """A process and its children (the sidecar's workers)."""
     children = Path(f"/proc/{pid}/task/{pid}/children")

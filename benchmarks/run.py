@@ -34,6 +34,7 @@ from common import (
     Processed,
     Stack,
     cpu_seconds,
+    envoy_counters,
     free_port,
     rss_mb,
     run,
@@ -235,15 +236,13 @@ def main() -> int:
         # The processor path rows keep measuring the processor: fast_path off sends everything through it.
         gw = start_gateway(stack, backends, extra="fast_path: false")
         gw_lean = start_gateway(stack, backends, extra="usage_accounting: translated\nfast_path: false")
-        sqlite = stack.workdir / "state.db"
-        gw_two = start_gateway(stack, backends, extra=f"usage_accounting: translated\nfast_path: false\n"
-                                                      f"state: {{store: sqlite, sqlite_path: {sqlite}}}", workers=2)
         gw_fast = start_gateway(stack, backends)  # the default: fast path on, usage counted (access-log service)
         sidecar_pid = gw.pids[0]
         to_nginx = {"x-gateway-destination-endpoint": f"127.0.0.1:{nginx}"}
         peer = None if args.no_peer else start_litellm(stack, nginx)
         d, c8 = args.duration, 8
         floors: dict[tuple[str, int], Processed] = {}
+        per_core: dict[str, float] = {}  # requests per CPU-second of the sidecar, by row name
 
         def against_alone(port: int, path: str, body: dict, c: int) -> tuple[float, float, float, float]:
             """(alone rps, alone median, rps, median): Envoy alone measured right before, since the load
@@ -251,11 +250,14 @@ def main() -> int:
             base_rps, base_lat = wrk(f"http://127.0.0.1:{alone}{path}", body, to_nginx, d, c)
             return base_rps, base_lat, *wrk(f"http://127.0.0.1:{port}{path}", body, {}, d, c)
 
-        def loaded(target: Processed, path: str, body: dict, c: int) -> tuple[float, float, float]:
-            """(rps, median ms, the processor's CPU ms per request) through `target`."""
-            before = cpu_seconds(target.pids)
+        def loaded(target: Processed, path: str, body: dict, c: int) -> tuple[float, float, float, float]:
+            """(rps, median ms, the processor's CPU ms per request, Envoy's ext_proc messages per request)
+            through `target`."""
+            before, counted = cpu_seconds(target.pids), envoy_counters(target.admin)
             rps, lat = wrk(f"http://127.0.0.1:{target.port}{path}", body, {}, d, c)
-            return rps, lat, (cpu_seconds(target.pids) - before) * 1000 / max(1.0, rps * d)
+            after = envoy_counters(target.admin)
+            messages = (after["messages"] - counted["messages"]) / max(1, after["requests"] - counted["requests"])
+            return rps, lat, (cpu_seconds(target.pids) - before) * 1000 / max(1.0, rps * d), messages
 
         def processor_row(name: str, target: Processed, path: str, body: dict, c: int, kind: str,
                           workers: int = 1, peer_port: int | None = None) -> float:
@@ -266,13 +268,16 @@ def main() -> int:
             if (pattern, workers) not in floors:
                 floors[pattern, workers] = start_floor(stack, pattern, f"127.0.0.1:{nginx}", workers)
             base_rps, base_lat = wrk(f"http://127.0.0.1:{alone}/v1/chat/completions", CHAT_REQ, to_nginx, d, c)
-            floor_rps, floor_lat, floor_cpu = loaded(floors[pattern, workers], path, body, c)
-            rps, lat, cpu = loaded(target, path, body, c)
+            floor_rps, floor_lat, floor_cpu, floor_messages = loaded(floors[pattern, workers], path, body, c)
+            rps, lat, cpu, messages = loaded(target, path, body, c)
+            per_core[name] = 1000 / cpu if cpu else 0.0
             peer_rps = wrk(f"http://127.0.0.1:{peer_port}{path}", body, PEER_AUTH, d, c)[0] if peer_port else None
             row(f"{name} throughput, c={c} [{pattern}]", base_rps, rps, peer_rps, "req/s",
                 FLOOR_TARGET + (", >= 3 x peer" if peer_port else ""), floor=floor_rps, cpu=(cpu, floor_cpu))
             row(f"{name} added median latency, c={c}", None, lat - base_lat, None, "ms", "<= 1 ms",
                 floor=floor_lat - base_lat)
+            row(f"{name} ext_proc messages per request, c={c}", None, messages, None, "messages", "",
+                floor=floor_messages)
             return rps
 
         if not only or "passthrough" in only:
@@ -292,8 +297,24 @@ def main() -> int:
                           c8, "pass-through, usage_accounting: translated")
             processor_row("processor path, Responses pass-through, stored", gw, "/v1/responses", RESP_STORED_REQ, c8,
                           "Responses pass-through, stored")
-            processor_row("processor path, translated-only accounting, 2 workers", gw_two, "/v1/chat/completions",
-                          CHAT_REQ, c8, "pass-through, usage_accounting: translated", workers=2)
+        if not only or "workers" in only:
+            print("scale out: each exchange kind through 1 and 2 sidecar workers (`serve --workers`, SQLite state "
+                  "for both), wrk -c8:")
+            scaled = {(accounting, n): start_gateway(stack, backends, workers=n, extra=(
+                f"usage_accounting: {accounting}\nfast_path: false\n"
+                f"state: {{store: sqlite, sqlite_path: {stack.workdir / f'state-{accounting}-{n}.db'}}}"))
+                for accounting in ("all", "translated") for n in (1, 2)}
+            for kind, accounting, path, body in (
+                    ("pass-through, usage counted", "all", "/v1/chat/completions", CHAT_REQ),
+                    ("pass-through, usage_accounting: translated", "translated", "/v1/chat/completions", CHAT_REQ),
+                    ("Responses pass-through, stored", "all", "/v1/responses", RESP_STORED_REQ),
+                    ("translated", "all", "/v1/responses", RESP_REQ)):
+                by_workers = {n: processor_row(f"{kind}, {n} worker{'s' if n > 1 else ''}", scaled[accounting, n], path,
+                                               body, c8, kind, workers=n) for n in (1, 2)}
+                row(f"{kind}, 1 -> 2 workers", by_workers[1], by_workers[2], None, "req/s", "near 2 x (2 cores)")
+                for n in (1, 2):
+                    name = f"{kind}, {n} worker{'s' if n > 1 else ''}"
+                    row(f"{name}: requests per sidecar CPU-second", None, per_core[name], None, "req/s/core", "")
         if not only or "hosted" in only:
             print("keyed hosted provider over TLS (url:, Envoy holds the key), fast path, wrk -c8 and -c1:")
             for c in (c8, 1):

@@ -59,18 +59,11 @@ def post(port: int, path: str, body: dict) -> tuple[int, bytes]:
         return r.status, r.read()
 
 
-def messages_sent(admin: int) -> int:
-    """Envoy's ext_proc messages to the processor so far (the listener's filter)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=^http\\..*ext_proc.stream_msgs_sent$",
-                                timeout=10) as r:
-        return sum(int(line.rsplit(":", 1)[1]) for line in r.read().decode().splitlines() if line.strip())
-
-
 def counted(target: common.Processed, path: str, body: dict) -> tuple[int, bytes, int]:
     """(status, body, Envoy's messages to the processor) of one request through `target`."""
-    before = messages_sent(target.admin)
+    before = common.envoy_counters(target.admin)["messages"]
     status, out = post(target.port, path, body)
-    return status, out, messages_sent(target.admin) - before
+    return status, out, common.envoy_counters(target.admin)["messages"] - before
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ RESPONSES_BODY = {"id": "resp_bench", "object": "response", "created_at": 170000
 PATTERN_OF = {
     "pass-through, usage counted": "streamed_body",  # the usage read from the answer as it passes
     "pass-through, usage_accounting: translated": "request",  # nothing reads the answer
-    "Responses pass-through, stored": "streamed_body",  # the answer's id pinned before it reaches the client
+    "Responses pass-through, stored": "streamed_body",  # its id pinned before the answer reaches the client
     "translated": "buffered_body",  # a Responses client on a chat model: the JSON answer translated whole
     "translated stream": "streamed_body",  # the same, streamed: each chunk translated as it comes
 }
@@ -128,8 +128,10 @@ class Processed:
     pids: tuple[int, ...]
 
 
-def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1) -> Processed:
-    """Envoy (deploy/envoy.yaml, stdout access log off) + the sidecar with these backends."""
+def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1,
+                  env: dict[str, str] | None = None) -> Processed:
+    """Envoy (deploy/envoy.yaml, stdout access log off) + the sidecar with these backends; `env` for the
+    sidecar (PYTHONPATH=another checkout's code, to compare two versions in one run)."""
     extproc_port = free_ports(workers)
     admin_port = free_ports(workers)
     while admin_port <= extproc_port + workers - 1 and extproc_port <= admin_port + workers - 1:
@@ -139,9 +141,9 @@ def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1
                    f"{extra}\nbackends:\n{textwrap.indent(backends.strip(), '  ')}\n")
     if workers > 1:
         sidecar = stack.spawn(f"sidecar-{extproc_port}", [sys.executable, "-m", "extproc", "serve", "--config", str(cfg),
-                                                           "--workers", str(workers)])
+                                                           "--workers", str(workers)], env)
     else:
-        sidecar = stack.start_sidecar(cfg)
+        sidecar = stack.start_sidecar(cfg, env)
     for i in range(workers):
         wait_for_port(extproc_port + i, proc=sidecar)
     return Processed(*start_envoy_with_processor(stack, extproc_port, workers, xds=True), (sidecar.pid,))

@@ -8,7 +8,7 @@ right after Envoy alone and right before the sidecar; the CPU milliseconds per r
 and of its floor (both processes' user + system time over the requests served) hold better than
 throughput when the machine is shared. Writes benchmarks/results/run.json.
 
-    .venv/bin/python benchmarks/run.py [--duration 10] [--no-peer] [--only passthrough,hosted,translated,...]
+    .venv/bin/python benchmarks/run.py [--duration 10] [--no-peer] [--only passthrough,hosted,translated,workers,...]
 
 Needs Debian's wrk and nginx (`apt-get install wrk nginx-light`). The peer, LiteLLM's proxy, is
 installed into benchmarks/.peer/ on first use; its rows are skipped with a message when it cannot be.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,17 @@ RESPONSES_BODY = {"id": "resp_bench", "object": "response", "created_at": 170000
 MESSAGES_BODY = {"id": "msg_bench", "type": "message", "role": "assistant", "model": "bench-m",
                  "content": [{"type": "text", "text": "The quick brown fox jumps over the lazy dog."}],
                  "stop_reason": "end_turn", "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 10}}
+
+
+# The message pattern (benchmarks/floor_processor.py) the sidecar uses for each exchange kind of run.py's
+# processor rows, with a one-piece JSON answer: its floor. tests/test_benchmarks.py holds the sidecar to it.
+PATTERN_OF = {
+    "pass-through, usage counted": "streamed_body",  # the usage read from the answer as it passes
+    "pass-through, usage_accounting: translated": "request",  # nothing reads the answer
+    "Responses pass-through, stored": "streamed_body",  # its id pinned before the answer reaches the client
+    "translated": "buffered_body",  # a Responses client on a chat model: the JSON answer translated whole
+    "translated stream": "streamed_body",  # the same, streamed: each chunk translated as it comes
+}
 
 
 OUR_FILTERS = ("envoy.filters.http.ext_proc", "envoy.filters.http.header_mutation", "envoy.filters.http.match_delegate",
@@ -109,8 +121,20 @@ def start_envoy_alone(stack: Stack, hosted: Hosted | None = None) -> int:
     return _spawn_envoy(stack, doc, port, admin)
 
 
-def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1) -> int:
-    """Envoy (deploy/envoy.yaml, stdout access log off) + the sidecar with these backends; Envoy's port."""
+@dataclass(frozen=True)
+class Processed:
+    """Envoy in front of an ext_proc server: Envoy's port and admin port, and the processor's processes
+    (for their CPU time)."""
+
+    port: int
+    admin: int
+    pids: tuple[int, ...]
+
+
+def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1,
+                  env: dict[str, str] | None = None) -> Processed:
+    """Envoy (deploy/envoy.yaml, stdout access log off) + the sidecar with these backends; `env` for the
+    sidecar (PYTHONPATH=another checkout's code, to compare two versions in one run)."""
     extproc_port = free_ports(workers)
     admin_port = free_ports(workers)
     while admin_port <= extproc_port + workers - 1 and extproc_port <= admin_port + workers - 1:
@@ -120,18 +144,31 @@ def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1
                    f"{extra}\nbackends:\n{textwrap.indent(backends.strip(), '  ')}\n")
     if workers > 1:
         sidecar = stack.spawn(f"sidecar-{extproc_port}", [sys.executable, "-m", "extproc", "serve", "--config", str(cfg),
-                                                           "--workers", str(workers)])
+                                                           "--workers", str(workers)], env)
     else:
-        sidecar = stack.start_sidecar(cfg)
+        sidecar = stack.start_sidecar(cfg, env)
     for i in range(workers):
         wait_for_port(extproc_port + i, proc=sidecar)
-    return start_envoy_with_processor(stack, extproc_port, workers, xds=True)
+    return Processed(*start_envoy_with_processor(stack, extproc_port, workers, xds=True), (sidecar.pid,))
 
 
-def start_envoy_with_processor(stack: Stack, extproc_port: int, workers: int = 1, xds: bool = False) -> int:
+def start_floor(stack: Stack, pattern: str, endpoint: str, workers: int = 1) -> Processed:
+    """Envoy in front of `workers` floor processors of `pattern` (benchmarks/floor_processor.py) on
+    consecutive ports, as the sidecar's workers are, routing every request to `endpoint`."""
+    base = free_ports(workers)
+    procs = [stack.spawn(f"floor-{pattern}-{base + i}", [sys.executable, str(REPO / "benchmarks" / "floor_processor.py"),
+                                                          str(base + i), endpoint, pattern])
+             for i in range(workers)]
+    for i, proc in enumerate(procs):
+        wait_for_port(base + i, proc=proc)
+    return Processed(*start_envoy_with_processor(stack, base, workers), tuple(p.pid for p in procs))
+
+
+def start_envoy_with_processor(stack: Stack, extproc_port: int, workers: int = 1,
+                               xds: bool = False) -> tuple[int, int]:
     """deploy/envoy.yaml (stdout access log off) in front of an ext_proc server on `extproc_port` (and the
     next ports, one per worker: Envoy spreads streams over them). `xds`: the routes come from it (the
-    sidecar); else they are written into the file (a processor that serves no xDS)."""
+    sidecar); else they are written into the file (a processor that serves no xDS). Envoy's port and admin port."""
     port, admin = free_port(), free_port()
     doc = yaml.safe_load(render_envoy_config(port, admin, extproc_port))
     if not xds:
@@ -143,7 +180,7 @@ def start_envoy_with_processor(stack: Stack, extproc_port: int, workers: int = 1
             cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
                 {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": extproc_port + i}}}}
                 for i in range(workers)]
-    return _spawn_envoy(stack, doc, port, admin)
+    return _spawn_envoy(stack, doc, port, admin), admin
 
 
 def _spawn_envoy(stack: Stack, doc: dict, port: int, admin: int) -> int:
@@ -208,18 +245,49 @@ http {{
     return port
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (the sidecar's workers), in MB."""
-    total = 0
-    pids = [pid]
+def envoy_counters(admin: int) -> dict[str, int]:
+    """Envoy's ext_proc messages to the processor and requests completed so far (its admin stats):
+    their ratio over a run is the messages per request."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=^http\\..*(ext_proc.stream_msgs_sent|"
+                                "downstream_rq_completed)$", timeout=10) as r:
+        out = {"messages": 0, "requests": 0}
+        for line in r.read().decode().splitlines():
+            name, _, value = line.rpartition(":")
+            if not name.startswith("http.admin."):  # the admin listener's own requests (this one)
+                out["messages" if name.endswith("stream_msgs_sent") else "requests"] += int(value)
+        return out
+
+
+def _family(pid: int) -> list[int]:
+    """A process and its children (the sidecar's workers)."""
     children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.exists():
-        pids += [int(p) for p in children.read_text().split()]
-    for p in pids:
+    return [pid, *(int(p) for p in children.read_text().split())] if children.exists() else [pid]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children, in MB."""
+    total = 0
+    for p in _family(pid):
         for line in Path(f"/proc/{p}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
     return total / 1024
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    """User + system CPU seconds of these processes and their children so far: per request, the robust
+    figure on a shared machine (other load slows a process down, but barely changes what it spends)."""
+    total = 0
+    for pid in pids:
+        for p in _family(pid):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    return total / _TICK
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

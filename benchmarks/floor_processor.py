@@ -1,25 +1,45 @@
-"""The floor: a Python ext_proc processor that does nothing but route, for the benchmark table.
+"""The floors: Python ext_proc processors that do nothing but route, one per message pattern the sidecar uses.
 
-It answers the request headers with no change and the request body with one routing header, as the
-sidecar does for a pass-through request, on grpc.aio with uvloop and context.read()/write() (faster
-than an async generator there). Whatever Python gRPC costs per
-request, this pays too: the sidecar cannot beat it, only approach it.
+Each answers its pattern's messages with no change, except the request body, which gets the one
+routing header the sidecar sets for a pass-through request; at response headers it asks Envoy for
+the response body in the mode its pattern reads it (`mode_override`, as the sidecar does), and it
+closes the stream where its pattern ends:
 
-    python benchmarks/floor_processor.py PORT ENDPOINT
+| pattern          | messages                                              | the sidecar's exchanges of this shape |
+|------------------|-------------------------------------------------------|---------------------------------------|
+| request          | request headers, buffered request body                | an answer nothing reads (pass-through with `usage_accounting: translated`) |
+| response_headers | + response headers                                    | an answer read at its headers only (a keyed backend's success, a learned API) |
+| buffered_body    | + the response body, BUFFERED                         | a translated JSON answer; an error read whole (a key scrubbed, a rejection learned) |
+| streamed_body    | + the response body, STREAMED (every chunk answered)  | a translated stream; a pass-through whose usage or Responses id is read |
+
+It serves on grpc.aio with the sidecar's server options (`extproc.envoy.server.SERVER_OPTIONS`), on
+uvloop, with context.read()/write() like the sidecar's `Processor`: whatever Python gRPC costs per
+message of a pattern, this pays too, so the sidecar cannot beat it, only approach it.
+
+    python benchmarks/floor_processor.py PORT ENDPOINT [PATTERN]   (default: request)
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import grpc
 import uvloop
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
-HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from extproc.envoy.server import SERVER_OPTIONS
+
+PATTERNS = ("request", "response_headers", "buffered_body", "streamed_body")
+_MODE = {"buffered_body": processing_mode_pb2.ProcessingMode.BUFFERED,
+         "streamed_body": processing_mode_pb2.ProcessingMode.STREAMED}
+REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 
 
 def routed(endpoint: str) -> pb.ProcessingResponse:
@@ -30,27 +50,49 @@ def routed(endpoint: str) -> pb.ProcessingResponse:
         header_mutation=pb.HeaderMutation(set_headers=[header]), clear_route_cache=True)))
 
 
+def response_headers(pattern: str) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+    if pattern in _MODE:
+        resp.mode_override.response_body_mode = _MODE[pattern]
+    return resp
+
+
 class Floor(pbg.ExternalProcessorServicer):
-    def __init__(self, endpoint: str):
+    """One pattern's replies, built once; `Process` only picks one per message and knows where to stop."""
+
+    def __init__(self, endpoint: str, pattern: str):
         self.body = routed(endpoint)
+        self.headers = response_headers(pattern)
+        self.last = {"request": "request_body", "response_headers": "response_headers"}.get(pattern, "response_body")
 
     async def Process(self, requests, context):  # type: ignore[no-untyped-def,override]
         while (req := await context.read()) is not grpc.aio.EOF:
-            if req.HasField("request_headers"):
-                await context.write(HEADERS)
-            else:
+            kind = req.WhichOneof("request")
+            if kind == "request_headers":
+                await context.write(REQUEST_HEADERS)
+            elif kind == "request_body":
                 await context.write(self.body)
+            elif kind == "response_headers":
+                await context.write(self.headers)
+            else:
+                await context.write(RESPONSE_BODY)
+                if not req.response_body.end_of_stream:
+                    continue
+            if kind == self.last or (kind == "response_headers" and req.response_headers.end_of_stream):
                 return
 
 
-async def main(port: int, endpoint: str) -> None:
-    server = grpc.aio.server()
-    pbg.add_ExternalProcessorServicer_to_server(Floor(endpoint), server)
+async def main(port: int, endpoint: str, pattern: str) -> None:
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pbg.add_ExternalProcessorServicer_to_server(Floor(endpoint, pattern), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
 
 
 if __name__ == "__main__":
+    name = sys.argv[3] if len(sys.argv) > 3 else "request"
+    if name not in PATTERNS:
+        sys.exit(f"pattern {name!r}: one of {', '.join(PATTERNS)}")
     uvloop.install()
-    asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2], name))

@@ -2,9 +2,13 @@
 
 Starts the real stack (Envoy from the wheel, the sidecar, nginx as a fast canned upstream, a fast
 asyncio streaming upstream), loads it with wrk (non-streaming) and an asyncio client (streaming), and
-prints scenario, Envoy alone, sidecar, ratio, peer, ratio. Writes benchmarks/results/run.json.
+prints scenario, Envoy alone, the floor, sidecar, ratios, peer, ratio. Each processor row names its
+message pattern in brackets, and its floor is benchmarks/floor_processor.py for that pattern, measured
+right after Envoy alone and right before the sidecar; the CPU milliseconds per request of the sidecar
+and of its floor (both processes' user + system time over the requests served) hold better than
+throughput when the machine is shared. Writes benchmarks/results/run.json.
 
-    .venv/bin/python benchmarks/run.py [--duration 10] [--no-peer] [--only passthrough,hosted,translated,messages,...]
+    .venv/bin/python benchmarks/run.py [--duration 10] [--no-peer] [--only passthrough,hosted,translated,messages,workers,...]
 
 Needs Debian's wrk and nginx (`apt-get install wrk nginx-light`). The peer, LiteLLM's proxy, is
 installed into benchmarks/.peer/ on first use; its rows are skipped with a message when it cannot be.
@@ -26,13 +30,17 @@ import urllib.request
 from pathlib import Path
 
 from common import (
+    PATTERN_OF,
     REPO,
+    Processed,
     Stack,
+    cpu_seconds,
+    envoy_counters,
     free_port,
     rss_mb,
     run,
     start_envoy_alone,
-    start_envoy_with_processor,
+    start_floor,
     start_gateway,
     start_hosted,
     start_nginx,
@@ -46,10 +54,12 @@ PEER_VENV = REPO / "benchmarks" / ".peer" / "litellm"
 CHAT_REQ = {"model": "bench", "messages": [{"role": "user", "content": "Say something short."}]}
 RESP_REQ = {"model": "bench", "input": "Say something short."}
 RESP_FAST_REQ = {"model": "bench-r", "input": "Say something short.", "store": False}
+RESP_STORED_REQ = {"model": "bench-r", "input": "Say something short."}
 HOSTED_REQ = {"model": "bench-hosted", "messages": CHAT_REQ["messages"]}
 MSG_REQ = {"model": "bench", "max_tokens": 64, "messages": CHAT_REQ["messages"]}  # Anthropic client, chat model
 MSG_FAST_REQ = {**MSG_REQ, "model": "bench-m"}  # Anthropic client, `api: messages` backend: the fast path
 ANTHROPIC = {"anthropic-version": "2023-06-01"}
+FLOOR_TARGET = ">= 0.9 x floor"
 
 
 # -- load generators ----------------------------------------------------------------------------
@@ -190,13 +200,23 @@ def main() -> int:
     only = set(filter(None, args.only.split(",")))
     rows: list[dict] = []
 
-    def row(scenario: str, alone: float | None, sidecar: float, peer: float | None, unit: str, target: str) -> None:
+    def row(scenario: str, alone: float | None, sidecar: float, peer: float | None, unit: str, target: str,
+            floor: float | None = None, cpu: tuple[float, float | None] | None = None) -> None:
+        """One line of the table; `floor`: its message pattern's floor in the same unit, `cpu`: the
+        sidecar's and the floor's CPU milliseconds per request."""
         r = {"scenario": scenario, "unit": unit, "envoy_alone": alone, "sidecar": sidecar, "peer": peer,
-             "ratio_vs_alone": sidecar / alone if alone else None, "ratio_vs_peer": sidecar / peer if peer else None,
+             "floor": floor, "ratio_vs_alone": sidecar / alone if alone else None,
+             "ratio_vs_peer": sidecar / peer if peer else None,
+             "ratio_vs_floor": sidecar / floor if floor and unit != "ms" else None,
+             "cpu_ms_per_request": cpu[0] if cpu else None, "floor_cpu_ms_per_request": cpu[1] if cpu else None,
+             # the floor's CPU per request over the sidecar's: the share of its floor by the robust figure
+             "cpu_ratio_vs_floor": cpu[1] / cpu[0] if cpu and cpu[1] and cpu[0] else None,
              "target": target}
         rows.append(r)
-        print(f"  {scenario:52} alone={_f(alone)} sidecar={_f(sidecar)} peer={_f(peer)} {unit}  "
-              f"x_alone={_f(r['ratio_vs_alone'])} x_peer={_f(r['ratio_vs_peer'])}  [{target}]", flush=True)
+        print(f"  {scenario:52} alone={_f(alone)} floor={_f(floor)} sidecar={_f(sidecar)} peer={_f(peer)} {unit}  "
+              f"x_alone={_f(r['ratio_vs_alone'])} x_floor={_f(r['ratio_vs_floor'])} x_peer={_f(r['ratio_vs_peer'])}"
+              + (f" cpu={cpu[0]:.2f}/{_f(cpu[1])} ms/req x_floor_cpu={_f(r['cpu_ratio_vs_floor'])}" if cpu else "")
+              + f"  [{target}]", flush=True)
 
     stack = Stack()
     try:
@@ -235,14 +255,13 @@ def main() -> int:
         # The processor path rows keep measuring the processor: fast_path off sends everything through it.
         gw = start_gateway(stack, backends, extra="fast_path: false")
         gw_lean = start_gateway(stack, backends, extra="usage_accounting: translated\nfast_path: false")
-        sqlite = stack.workdir / "state.db"
-        gw_two = start_gateway(stack, backends, extra=f"usage_accounting: translated\nfast_path: false\n"
-                                                      f"state: {{store: sqlite, sqlite_path: {sqlite}}}", workers=2)
         gw_fast = start_gateway(stack, backends)  # the default: fast path on, usage counted (access-log service)
-        sidecar_pid = next(p.pid for p in stack.procs if "serve" in p.args and "--workers" not in p.args)
+        sidecar_pid = gw.pids[0]
         to_nginx = {"x-gateway-destination-endpoint": f"127.0.0.1:{nginx}"}
         peer = None if args.no_peer else start_litellm(stack, nginx)
         d, c8 = args.duration, 8
+        floors: dict[tuple[str, int], Processed] = {}
+        per_core: dict[str, float] = {}  # requests per CPU-second of the sidecar, by row name
 
         def against_alone(port: int, path: str, body: dict, c: int) -> tuple[float, float, float, float]:
             """(alone rps, alone median, rps, median): Envoy alone measured right before, since the load
@@ -250,44 +269,82 @@ def main() -> int:
             base_rps, base_lat = wrk(f"http://127.0.0.1:{alone}{path}", body, to_nginx, d, c)
             return base_rps, base_lat, *wrk(f"http://127.0.0.1:{port}{path}", body, {}, d, c)
 
+        def loaded(target: Processed, path: str, body: dict, c: int) -> tuple[float, float, float, float]:
+            """(rps, median ms, the processor's CPU ms per request, Envoy's ext_proc messages per request)
+            through `target`."""
+            before, counted = cpu_seconds(target.pids), envoy_counters(target.admin)
+            rps, lat = wrk(f"http://127.0.0.1:{target.port}{path}", body, {}, d, c)
+            after = envoy_counters(target.admin)
+            messages = (after["messages"] - counted["messages"]) / max(1, after["requests"] - counted["requests"])
+            return rps, lat, (cpu_seconds(target.pids) - before) * 1000 / max(1.0, rps * d), messages
+
+        def processor_row(name: str, target: Processed, path: str, body: dict, c: int, kind: str,
+                          workers: int = 1, peer_port: int | None = None) -> float:
+            """A processor row against Envoy alone (the chat request, to nginx) and against the floor of its
+            exchange kind's message pattern (common.PATTERN_OF; as many floor processes as the sidecar has
+            workers), measured one after the other; the sidecar's rps."""
+            pattern = PATTERN_OF[kind]
+            if (pattern, workers) not in floors:
+                floors[pattern, workers] = start_floor(stack, pattern, f"127.0.0.1:{nginx}", workers)
+            base_rps, base_lat = wrk(f"http://127.0.0.1:{alone}/v1/chat/completions", CHAT_REQ, to_nginx, d, c)
+            floor_rps, floor_lat, floor_cpu, floor_messages = loaded(floors[pattern, workers], path, body, c)
+            rps, lat, cpu, messages = loaded(target, path, body, c)
+            per_core[name] = 1000 / cpu if cpu else 0.0
+            peer_rps = wrk(f"http://127.0.0.1:{peer_port}{path}", body, PEER_AUTH, d, c)[0] if peer_port else None
+            row(f"{name} throughput, c={c} [{pattern}]", base_rps, rps, peer_rps, "req/s",
+                FLOOR_TARGET + (", >= 3 x peer" if peer_port else ""), floor=floor_rps, cpu=(cpu, floor_cpu))
+            row(f"{name} added median latency, c={c}", None, lat - base_lat, None, "ms", "<= 1 ms",
+                floor=floor_lat - base_lat)
+            row(f"{name} ext_proc messages per request, c={c}", None, messages, None, "messages", "",
+                floor=floor_messages)
+            return rps
+
         if not only or "passthrough" in only:
             print("pass-through (chat client, chat model), wrk -c8 and -c1:")
-            floor_port = free_port()
-            stack.spawn("floor", [sys.executable, str(REPO / "benchmarks" / "floor_processor.py"), str(floor_port),
-                                  f"127.0.0.1:{nginx}"])
-            wait_for_port(floor_port)
-            floor = start_envoy_with_processor(stack, floor_port)
-            base_rps, _, rps, _ = against_alone(floor, "/v1/chat/completions", CHAT_REQ, c8)
-            row("pass-through throughput, do-nothing Python processor (floor)", base_rps, rps, None, "req/s", "reference")
             for c in (c8, 1):
-                base_rps, base_lat, rps, lat = against_alone(gw_fast, "/v1/chat/completions", CHAT_REQ, c)
+                base_rps, base_lat, rps, lat = against_alone(gw_fast.port, "/v1/chat/completions", CHAT_REQ, c)
                 row(f"fast path throughput, usage counted, c={c}", base_rps, rps, None, "req/s", ">= 0.60 x alone")
                 row(f"fast path added median latency, c={c}", None, lat - base_lat, None, "ms",
                     "<= 0.3 ms" if c == 1 else "")
-            base_rps, _, rps, _ = against_alone(gw_fast, "/v1/responses", RESP_FAST_REQ, c8)
+            base_rps, _, rps, _ = against_alone(gw_fast.port, "/v1/responses", RESP_FAST_REQ, c8)
             row("fast path throughput, Responses store:false, c=8", base_rps, rps, None, "req/s", ">= 0.60 x alone")
-            for name, port in (("usage accounting on", gw), ("usage_accounting: translated", gw_lean),
-                               ("translated-only accounting, 2 workers", gw_two)):
-                for c in (c8, 1) if port == gw else (c8,):
-                    base_rps, base_lat, rps, lat = against_alone(port, "/v1/chat/completions", CHAT_REQ, c)
-                    row(f"processor path throughput, {name}, c={c}", base_rps, rps, None, "req/s",
-                        ">= 0.40 x alone" if c == c8 else "")
-                    row(f"processor path added median latency, {name}, c={c}", None, lat - base_lat, None, "ms",
-                        "<= 1 ms")
+            # Each processor row names its exchange kind, whose message pattern names its floor.
+            for c in (c8, 1):
+                processor_row("processor path, usage accounting on", gw, "/v1/chat/completions", CHAT_REQ, c,
+                              "pass-through, usage counted")
+            processor_row("processor path, usage_accounting: translated", gw_lean, "/v1/chat/completions", CHAT_REQ,
+                          c8, "pass-through, usage_accounting: translated")
+            processor_row("processor path, Responses pass-through, stored", gw, "/v1/responses", RESP_STORED_REQ, c8,
+                          "Responses pass-through, stored")
+        if not only or "workers" in only:
+            print("scale out: each exchange kind through 1 and 2 sidecar workers (`serve --workers`, SQLite state "
+                  "for both), wrk -c8:")
+            scaled = {(accounting, n): start_gateway(stack, backends, workers=n, extra=(
+                f"usage_accounting: {accounting}\nfast_path: false\n"
+                f"state: {{store: sqlite, sqlite_path: {stack.workdir / f'state-{accounting}-{n}.db'}}}"))
+                for accounting in ("all", "translated") for n in (1, 2)}
+            for kind, accounting, path, body in (
+                    ("pass-through, usage counted", "all", "/v1/chat/completions", CHAT_REQ),
+                    ("pass-through, usage_accounting: translated", "translated", "/v1/chat/completions", CHAT_REQ),
+                    ("Responses pass-through, stored", "all", "/v1/responses", RESP_STORED_REQ),
+                    ("translated", "all", "/v1/responses", RESP_REQ)):
+                by_workers = {n: processor_row(f"{kind}, {n} worker{'s' if n > 1 else ''}", scaled[accounting, n], path,
+                                               body, c8, kind, workers=n) for n in (1, 2)}
+                row(f"{kind}, 1 -> 2 workers", by_workers[1], by_workers[2], None, "req/s", "near 2 x (2 cores)")
+                for n in (1, 2):
+                    name = f"{kind}, {n} worker{'s' if n > 1 else ''}"
+                    row(f"{name}: requests per sidecar CPU-second", None, per_core[name], None, "req/s/core", "")
         if not only or "hosted" in only:
             print("keyed hosted provider over TLS (url:, Envoy holds the key), fast path, wrk -c8 and -c1:")
             for c in (c8, 1):
                 base_rps, base_lat = wrk(f"http://127.0.0.1:{alone}/v1/chat/completions", HOSTED_REQ,
                                          {"x-bench-hosted": "1"}, d, c)  # a static cluster holding the key
-                rps, lat = wrk(f"http://127.0.0.1:{gw_fast}/v1/chat/completions", HOSTED_REQ, {}, d, c)
+                rps, lat = wrk(f"http://127.0.0.1:{gw_fast.port}/v1/chat/completions", HOSTED_REQ, {}, d, c)
                 row(f"keyed hosted fast path throughput, c={c}", base_rps, rps, None, "req/s", ">= 0.60 x alone")
                 row(f"keyed hosted fast path added median latency, c={c}", None, lat - base_lat, None, "ms", "")
         if not only or "translated" in only:
             print("translated non-streaming (Responses client, chat-only model), wrk -c8:")
-            base_rps, _ = wrk(f"http://127.0.0.1:{alone}/v1/chat/completions", CHAT_REQ, to_nginx, d, c8)
-            rps, _ = wrk(f"http://127.0.0.1:{gw}/v1/responses", RESP_REQ, {}, d, c8)
-            peer_rps = peer_wrk(peer, "/v1/responses", RESP_REQ, PEER_AUTH, d, c8)
-            row("translated throughput", base_rps, rps, peer_rps, "req/s", ">= 0.25 x alone, >= 3 x peer")
+            processor_row("translated", gw, "/v1/responses", RESP_REQ, c8, "translated", peer_port=peer)
         if not only or "messages" in only:
             print("Anthropic Messages clients (POST /v1/messages), wrk -c8:")
             base_rps, _ = wrk(f"http://127.0.0.1:{alone}/v1/chat/completions", CHAT_REQ, to_nginx, d, c8)
@@ -315,18 +372,22 @@ def main() -> int:
             body_r = {"model": "stream", "stream": True, "max_output_tokens": 200, "input": "go"}
             base, _, _ = streams(alone, "/v1/chat/completions", body_c,
                                  {**slow, "x-gateway-destination-endpoint": f"127.0.0.1:{streamer}"}, 100)
-            side, n, _ = streams(gw, "/v1/responses", body_r, slow, 100)
+            side, n, _ = streams(gw.port, "/v1/responses", body_r, slow, 100)
             assert n == 100 * 200, n
             med = statistics.median(base)
             row("added per-chunk delay, median", None, statistics.median(side) - med, None, "ms", "<= 1 ms")
             row("added per-chunk delay, p99", None, pct(side, 0.99) - med, None, "ms", "<= 5 ms")
             print("translated streaming, as fast as it goes: 16 streams x 2000 chunks:")
             fast_r = {**body_r, "max_output_tokens": 2000}
-            _, n, secs = streams(gw, "/v1/responses", fast_r, {}, 16)
+            _, n, secs = streams(gw.port, "/v1/responses", fast_r, {}, 16)
             _, nb, secs_b = streams(alone, "/v1/chat/completions", {**body_c, "max_tokens": 2000},
                                     {"x-gateway-destination-endpoint": f"127.0.0.1:{streamer}"}, 16)
+            pattern = PATTERN_OF["translated stream"]
+            streamed_floor = start_floor(stack, pattern, f"127.0.0.1:{streamer}")  # the chat stream, every chunk answered
+            _, nf, secs_f = streams(streamed_floor.port, "/v1/chat/completions", {**body_c, "max_tokens": 2000}, {}, 16)
             peer_cps = _litellm_stream_rate(stack, streamer) if peer else None
-            row("translated chunks per second", nb / secs_b, n / secs, peer_cps, "chunks/s", ">= 3 x peer")
+            row(f"translated chunks per second [{pattern}]", nb / secs_b, n / secs, peer_cps, "chunks/s",
+                FLOOR_TARGET + ", >= 3 x peer", floor=nf / secs_f)
         if not only or "memory" in only:
             print("memory: 500 streams in flight (one chunk every 50 ms, 10 s each):")
             idle = rss_mb(sidecar_pid)
@@ -340,7 +401,7 @@ def main() -> int:
 
             async def load() -> None:
                 delays: list[float] = []
-                await asyncio.gather(sample(), *(_stream(gw, "/v1/responses", body_r, {"x-bench-interval-ms": "50"}, delays)
+                await asyncio.gather(sample(), *(_stream(gw.port, "/v1/responses", body_r, {"x-bench-interval-ms": "50"}, delays)
                                                  for _ in range(500)))
             asyncio.run(load())
             row("sidecar RSS idle", None, idle, None, "MB", "")
@@ -351,10 +412,13 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": _machine(), "duration_s": args.duration, "rows": rows}, indent=2))
-    print(f"\n{'scenario':60} {'alone':>10} {'sidecar':>10} {'x alone':>8} {'peer':>10} {'x peer':>7}  unit      target")
+    print(f"\n{'scenario':80} {'alone':>8} {'floor':>8} {'sidecar':>8} {'x alone':>7} {'x floor':>7} {'peer':>8} "
+          f"{'x peer':>6} {'cpu ms/req':>11} {'x floor cpu':>11}  unit      target")
     for r in rows:
-        print(f"{r['scenario']:60} {_f(r['envoy_alone']):>10} {_f(r['sidecar']):>10} {_f(r['ratio_vs_alone']):>8} "
-              f"{_f(r['peer']):>10} {_f(r['ratio_vs_peer']):>7}  {r['unit']:9} {r['target']}")
+        cpu = f"{_f(r['cpu_ms_per_request'])}/{_f(r['floor_cpu_ms_per_request'])}" if r["cpu_ms_per_request"] else ""
+        print(f"{r['scenario']:80} {_f(r['envoy_alone']):>8} {_f(r['floor']):>8} {_f(r['sidecar']):>8} "
+              f"{_f(r['ratio_vs_alone']):>7} {_f(r['ratio_vs_floor']):>7} {_f(r['peer']):>8} {_f(r['ratio_vs_peer']):>6} "
+              f"{cpu:>11} {_f(r.get('cpu_ratio_vs_floor')):>11}  {r['unit']:9} {r['target']}")
     print(f"\nwritten to {out}")
     return 0
 

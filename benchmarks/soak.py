@@ -78,7 +78,7 @@ def main() -> int:
     stats = {"ok": 0, "errors": 0, "lost_conversations": 0, "turns": 0, "last_error": None}
     samples: list[tuple[float, float, int]] = []
     try:
-        port = start_gateway(stack, f"""
+        gateway = start_gateway(stack, f"""
 - name: stateful
   api: responses
   models: ["gpt-oss-*"]
@@ -88,7 +88,7 @@ def main() -> int:
   models: ["llama-*"]
   endpoints: ["{chat.address}"]
 """, extra=f"state: {{max_memory_bytes: {args.store_mib * 1024 * 1024}}}")
-        sidecar = next(p.pid for p in stack.procs if "serve" in p.args)
+        port, sidecar = gateway.port, gateway.pids[0]
         stop, lock = threading.Event(), threading.Lock()
         threads = [threading.Thread(target=worker, args=(f"http://127.0.0.1:{port}", stop, stats, lock, i), daemon=True)
                    for i in range(args.clients)]

@@ -507,6 +507,17 @@ def test_an_answer_on_another_path_is_never_buffered_whatever_its_size(gw):
     assert_still_serving(gw)
 
 
+def test_a_passed_through_answer_read_for_its_usage_over_the_buffer_is_a_502(gw):
+    """An API answer the sidecar reads for its usage, over Envoy's 64 MiB buffer: the upstream's fault in
+    the client's shape, as a translated one is (never Envoy's 500 or a cut answer)."""
+    gw.chat.script.append(Reply(body=_huge_json(**{**GOOD_CHAT, "model": "strict-big"})))
+    status, _, body = call(gw, "POST", "/v1/chat/completions",
+                           {"model": "strict-big", "messages": [{"role": "user", "content": "a lot, please"}]})
+    err = error_of(status, body, 502, "bad_upstream_response")
+    assert "64 MiB" in err["message"]
+    assert_still_serving(gw)
+
+
 def test_a_translated_answer_over_the_buffer_is_a_502(gw):
     gw.chat.script.append(Reply(body=_huge_json(**GOOD_CHAT)))
     status, _, body = call(gw, "POST", "/v1/responses", {"model": CHAT_MODEL, "input": "a lot, please"})

@@ -64,6 +64,9 @@ _CONTINUE = {
     "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
 }
 _MAX_MESSAGE = 128 * 1024 * 1024
+# The gRPC server's options; benchmarks/floor_processor.py serves with the same, so its floor is this server's.
+SERVER_OPTIONS = [("grpc.max_receive_message_length", _MAX_MESSAGE), ("grpc.max_send_message_length", _MAX_MESSAGE),
+                  ("grpc.so_reuseport", 1)]
 
 
 def _headers(header_map: base_pb2.HeaderMap) -> dict[str, str]:
@@ -255,11 +258,7 @@ class _Services:
 
     def __init__(self, sidecar: Sidecar):
         holder = sidecar.holder
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", _MAX_MESSAGE),
-            ("grpc.max_send_message_length", _MAX_MESSAGE),
-            ("grpc.so_reuseport", 1),
-        ])
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
         tenants = TenantMeter(lambda: holder.gateway.config.clients, sidecar.store, sidecar.metrics)  # `clients`
         self.processor = Processor(holder, sidecar.store, sidecar.metrics, tenants)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, self.server)

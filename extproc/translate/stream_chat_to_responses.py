@@ -43,7 +43,9 @@ class _Item:
         self.index = index
         self.kind = kind
         self.data = data  # the item as it will appear in the final Response
-        self.parts: list[list[str]] = []  # message parts: [type, text]
+        # (type, text pieces): joined once when the part ends, so a long answer costs linear time,
+        # where appending to one string copies all of it at every delta
+        self.parts: list[tuple[str, list[str]]] = []
         self.done_parts = 0  # parts whose `.done` events were sent (parts end in order)
 
 
@@ -158,7 +160,9 @@ class ChatToResponsesStream(ChatChunkReader):
             self._emit("response.reasoning_summary_part.added", item_id=self.reasoning.data["id"],
                        output_index=self.reasoning.index, summary_index=0,
                        part={"type": "summary_text", "text": ""})
-        self.reasoning.parts.append(["summary_text", text])
+        if not self.reasoning.parts:
+            self.reasoning.parts.append(("summary_text", []))
+        self.reasoning.parts[0][1].append(text)
         self._emit("response.reasoning_summary_text.delta", item_id=self.reasoning.data["id"],
                    output_index=self.reasoning.index, summary_index=0, delta=text)
 
@@ -166,7 +170,7 @@ class ChatToResponsesStream(ChatChunkReader):
         item = self.reasoning
         if item is None or item.index in self.closed:
             return
-        text = "".join(t for _, t in item.parts)
+        text = "".join(item.parts[0][1]) if item.parts else ""
         item.data["summary"] = [{"type": "summary_text", "text": text}]
         if self.encrypt_reasoning:
             item.data["encrypted_content"] = encode_reasoning(text)
@@ -184,14 +188,14 @@ class ChatToResponsesStream(ChatChunkReader):
         if not msg.parts or msg.parts[-1][0] != part_type:
             if msg.parts:
                 self._close_part(msg, len(msg.parts) - 1)
-            msg.parts.append([part_type, ""])
+            msg.parts.append((part_type, []))
             empty = ({"type": "output_text", "text": "", "annotations": [], "logprobs": []}
                      if part_type == "output_text" else {"type": "refusal", "refusal": ""})
             self._emit("response.content_part.added", item_id=msg.data["id"], output_index=msg.index,
                        content_index=len(msg.parts) - 1, part=empty)
         if not text:
             return
-        msg.parts[-1][1] += text
+        msg.parts[-1][1].append(text)
         base = {"item_id": msg.data["id"], "output_index": msg.index, "content_index": len(msg.parts) - 1}
         if part_type == "output_text":
             self._emit("response.output_text.delta", **base, delta=text, logprobs=[])
@@ -199,7 +203,8 @@ class ChatToResponsesStream(ChatChunkReader):
             self._emit("response.refusal.delta", **base, delta=text)
 
     def _close_part(self, msg: _Item, index: int) -> None:
-        kind, text = msg.parts[index]
+        kind, pieces = msg.parts[index]
+        text = "".join(pieces)
         base = {"item_id": msg.data["id"], "output_index": msg.index, "content_index": index}
         if kind == "output_text":
             part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
@@ -232,12 +237,11 @@ class ChatToResponsesStream(ChatChunkReader):
             data = self.tools.call_item(name, call.id or new_id("call_"), "", call_item_id(self.tools, name),
                                         "completed")
             item = self._new_item(data["type"], data)
-            item.parts.append(["arguments", ""])
+            item.parts.append(("arguments", []))
             self.calls[index] = item
         if fn.arguments:
-            item.parts[0][1] += fn.arguments
+            item.parts[0][1].append(fn.arguments)
             if item.kind == "function_call":  # a custom tool's input is JSON-wrapped: sent whole at the end
-                item.data["arguments"] += fn.arguments
                 self._emit("response.function_call_arguments.delta", item_id=item.data["id"],
                            output_index=item.index, delta=fn.arguments)
 
@@ -254,11 +258,12 @@ class ChatToResponsesStream(ChatChunkReader):
                 item.data["status"] = status
                 base = {"item_id": item.data["id"], "output_index": item.index}
                 if item.kind == "custom_tool_call":
-                    item.data["input"] = text = custom_input(item.parts[0][1])
+                    item.data["input"] = text = custom_input("".join(item.parts[0][1]))
                     if text:
                         self._emit("response.custom_tool_call_input.delta", **base, delta=text)
                     self._emit("response.custom_tool_call_input.done", **base, input=text)
                 else:
+                    item.data["arguments"] = "".join(item.parts[0][1])
                     self._emit("response.function_call_arguments.done", **base, name=item.data["name"],
                                arguments=item.data["arguments"])
                 self._emit("response.output_item.done", output_index=item.index, item=item.data)

@@ -197,6 +197,7 @@ def test_counters_add_up_and_expire(kind: str, tmp_path, monkeypatch):
 
 
 def test_the_compiled_routes_carry_the_key_check_only_with_a_clients_section():
+    from envoy.config.route.v3 import route_components_pb2 as rc
     from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
     from envoy.extensions.filters.http.lua.v3 import lua_pb2
 
@@ -205,18 +206,43 @@ def test_the_compiled_routes_carry_the_key_check_only_with_a_clients_section():
 
     plain = compile_routes(load(""), Knowledge(), {}).routes.virtual_hosts[0]
     assert not any("lua" in name for name in plain.typed_per_filter_config) and not plain.request_headers_to_remove
-    keyed = compile_routes(load(f"clients:\n  - {{key_sha256: '{SHA_BOB}', tenant: bob}}\n"), Knowledge(), {})
+    keyed = compile_routes(load(f"clients:\n  - {{key_sha256: '{SHA_BOB}', tenant: bob, models: [m]}}\n"),
+                           Knowledge(), {})
     host = keyed.routes.virtual_hosts[0]
     for name, stage in (("envoy.filters.http.lua.clients", "key"), ("envoy.filters.http.lua.client_models", "models")):
-        per_route = lua_pb2.LuaPerRoute()
-        assert host.typed_per_filter_config[name].Unpack(per_route)
+        on, per_route = rc.FilterConfig(), lua_pb2.LuaPerRoute()  # deploy/envoy.yaml lists both as disabled
+        assert host.typed_per_filter_config[name].Unpack(on) and not on.disabled
+        assert on.config.Unpack(per_route)
         assert per_route.source_code.inline_string.startswith(f'local STAGE, KEYS = "{stage}"')
+    assert "envoy.filters.http.ratelimit" not in host.typed_per_filter_config  # no tenant has limits
     assert list(host.request_headers_to_remove) == [TENANT_HEADER]
     refused = host.routes[0]  # a request the script refuses: Envoy's reply opens no stream to the processor
     assert [(h.name, h.present_match) for h in refused.match.headers] == [("x-gateway-refused", True)]
     off = ext_proc_pb2.ExtProcPerRoute()
     assert refused.typed_per_filter_config["envoy.filters.http.ext_proc"].Unpack(off) and off.disabled
     assert plain.routes[0].name != "refused"
+
+
+def test_the_allow_list_stage_and_the_rate_limits_are_turned_on_only_when_needed():
+    """deploy/envoy.yaml lists the models stage and the rate-limit filter as disabled: a filter with
+    nothing to do would still cost every request (benchmarks/fastpath_cost.py)."""
+    from envoy.config.route.v3 import route_components_pb2 as rc
+
+    from extproc.routing.compile import compile_routes
+    from extproc.routing.modes import Knowledge
+
+    def filters(clients: str) -> set[str]:
+        host = compile_routes(load(f"clients:\n  - {clients}\n"), Knowledge(), {}).routes.virtual_hosts[0]
+        for config in host.typed_per_filter_config.values():
+            on = rc.FilterConfig()
+            assert config.Unpack(on) and not on.disabled
+        return set(host.typed_per_filter_config) - {"envoy.filters.http.ext_proc"}
+
+    assert filters(f"{{key_sha256: '{SHA_BOB}', tenant: bob}}") == {"envoy.filters.http.lua.clients"}
+    assert filters(f"{{key_sha256: '{SHA_BOB}', tenant: bob, requests_per_minute: 3}}") == \
+        {"envoy.filters.http.lua.clients", "envoy.filters.http.ratelimit"}
+    assert filters(f"{{key_sha256: '{SHA_BOB}', tenant: bob, models: [m]}}") == \
+        {"envoy.filters.http.lua.clients", "envoy.filters.http.lua.client_models"}
 
 
 def test_redis_counters_are_shared_and_keep_their_windows_ttl(redis_server):

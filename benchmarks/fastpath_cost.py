@@ -1,0 +1,343 @@
+"""What each piece of the fast path costs Envoy: CPU time per request, one variant at a time.
+
+Throughput ratios on a shared machine are noise; CPU seconds per request are not (much). This starts
+nginx (the canned upstream), the sidecar (for the access-log service only), Envoy alone, and one Envoy
+per variant of deploy/envoy.yaml, each with the routes the sidecar compiles for the benchmark's config
+written into the file (static, so a variant may change them too), then loads them interleaved
+(Envoy alone before each variant, the variants in a new random order each round) with wrk and reads each Envoy's and the sidecar's
+user+system CPU from /proc before and after each run.
+
+    .venv/bin/python benchmarks/fastpath_cost.py [--rounds 5] [--duration 3] [--connections 8] [--only full,-als]
+
+Prints, per variant: Envoy's CPU per request (µs, median over the rounds), the sidecar's, the
+throughput ratio against Envoy alone run just before it, and the median latency added (ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from common import (
+    REPO,
+    Stack,
+    _hcm,
+    envoy_alone_config,
+    free_port,
+    run,
+    start_nginx,
+    wait_for_envoy,
+    wait_for_port,
+)
+
+from extproc.local.stack import find_envoy, render_envoy_config
+
+CHAT = ("/v1/chat/completions", {"model": "bench", "messages": [{"role": "user", "content": "Say something short."}]})
+RESP = ("/v1/responses", {"model": "bench-r", "input": "Say something short.", "store": False})
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def wrk(url: str, body: dict, headers: dict[str, str], duration: int, connections: int) -> tuple[int, float, float]:
+    """(requests, requests per second, median latency ms)."""
+    script = Path(os.environ.get("TMPDIR", "/tmp")) / f"wrk-cost-{os.getpid()}.lua"
+    lua_headers = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in {"content-type": "application/json", **headers}.items())
+    script.write_text(f'wrk.method = "POST"\nwrk.body = [[{json.dumps(body)}]]\n{lua_headers}')
+    out = run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url]).stdout
+    script.unlink()
+    if (bad := re.search(r"Non-2xx or 3xx responses: (\d+)", out)):
+        raise RuntimeError(f"{url}: {bad.group(1)} failed requests\n{out}")
+    n = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    m = re.search(r"50%\s+([\d.]+)(us|ms|s)\b", out)
+    return n, rps, float(m.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[m.group(2)]
+
+
+# -- variants: each a change to the gateway's Envoy config ---------------------------------------
+
+Doc = dict[str, Any]
+
+
+def filters(doc: Doc) -> list[Doc]:
+    return _hcm(doc)["http_filters"]
+
+
+def drop_filter(name: str) -> Callable[[Doc], None]:
+    def go(doc: Doc) -> None:
+        hcm = _hcm(doc)
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != name]
+    return go
+
+
+def als(doc: Doc) -> Doc:
+    return next(a for a in _hcm(doc)["access_log"] if a["name"] == "envoy.access_loggers.http_grpc")
+
+
+def no_als(doc: Doc) -> None:
+    _hcm(doc)["access_log"] = []
+
+
+def als_batched(doc: Doc) -> None:
+    common = als(doc)["typed_config"]["common_config"]
+    common["buffer_size_bytes"] = 1 << 18
+
+
+def json_meta(doc: Doc) -> Doc:
+    return next(f for f in filters(doc) if f["name"] == "envoy.filters.http.match_delegate")["typed_config"][
+        "extension_config"]["typed_config"]
+
+
+def no_response_rules(doc: Doc) -> None:
+    json_meta(doc).pop("response_rules")
+
+
+def routes(doc: Doc) -> list[Doc]:
+    return _hcm(doc)["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def no_per_route(doc: Doc) -> None:
+    """No ext_proc filter at all, so no per-route config either (the fast routes need neither)."""
+    drop_filter(EXT_PROC)(doc)
+    host = _hcm(doc)["route_config"]["virtual_hosts"][0]
+    host.pop("typed_per_filter_config", None)
+    for r in host["routes"]:
+        r.pop("typed_per_filter_config", None)
+
+
+def ext_proc_not_created(doc: Doc) -> None:
+    """Fast routes turn ext_proc off with FilterConfig.disabled, so Envoy does not even create the filter
+    (ExtProcPerRoute.disabled: created, then it reads its route's config and steps aside)."""
+    for r in routes(doc):
+        if r["name"].startswith("fast:"):
+            r["typed_per_filter_config"][EXT_PROC] = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                                                      "disabled": True}
+
+
+def disable(*names: str) -> Callable[[Doc], None]:
+    """Listed with disabled: true (a virtual host or route would have to turn them on)."""
+    def go(doc: Doc) -> None:
+        for f in filters(doc):
+            if f["name"] in names:
+                f["disabled"] = True
+    return go
+
+
+def no_route_header_removal(doc: Doc) -> None:
+    for r in routes(doc):
+        r.pop("request_headers_to_remove", None)
+
+
+EXT_PROC = "envoy.filters.http.ext_proc"
+LUA = ("envoy.filters.http.lua.clients", "envoy.filters.http.lua.client_models")
+def restore_filters(*names: str) -> Callable[[Doc, Doc], None]:
+    """Put these filters back where the full config has them."""
+    def go(doc: Doc, full: Doc) -> None:
+        keep = {f["name"] for f in filters(doc)} | set(names)
+        _hcm(doc)["http_filters"] = [f for f in filters(full) if f["name"] in keep]
+    return go
+
+
+def minimal(doc: Doc) -> None:
+    """The Envoy-only experiment: json_to_metadata (request rules) and metadata routes, nothing else."""
+    no_als(doc)
+    no_response_rules(doc)
+    no_per_route(doc)
+    no_route_header_removal(doc)
+    keep = {"envoy.filters.http.match_delegate", "envoy.filters.http.router"}
+    _hcm(doc)["http_filters"] = [f for f in filters(doc) if f["name"] in keep]
+
+
+def plus(*names: str) -> Callable[[Doc], None]:
+    """`minimal` with these additions back."""
+    def go(doc: Doc) -> None:
+        full = copy.deepcopy(doc)
+        minimal(doc)
+        for name in names:
+            ADDITIONS[name](doc, full)
+    return go
+
+
+def _response_rules(doc: Doc, full: Doc) -> None:
+    json_meta(doc)["response_rules"] = json_meta(full)["response_rules"]
+
+
+def _als(doc: Doc, full: Doc) -> None:
+    _hcm(doc)["access_log"] = _hcm(full)["access_log"]
+
+
+def _ext_proc(doc: Doc, full: Doc) -> None:
+    restore_filters(EXT_PROC)(doc, full)
+    doc_host, full_host = (_hcm(d)["route_config"]["virtual_hosts"][0] for d in (doc, full))
+    doc_host["typed_per_filter_config"] = full_host["typed_per_filter_config"]
+    for r, f in zip(doc_host["routes"], full_host["routes"], strict=True):
+        if "typed_per_filter_config" in f:
+            r["typed_per_filter_config"] = f["typed_per_filter_config"]
+
+
+def _route_header_removal(doc: Doc, full: Doc) -> None:
+    for r, f in zip(routes(doc), routes(full), strict=True):
+        if "request_headers_to_remove" in f:
+            r["request_headers_to_remove"] = f["request_headers_to_remove"]
+
+
+# What the fast path adds to the Envoy-only experiment, each a way to put it back into `minimal`.
+ADDITIONS: dict[str, Callable[[Doc, Doc], None]] = {
+    "response-rules": _response_rules,
+    "als": _als,
+    "ext-proc": _ext_proc,
+    "route-header-removal": _route_header_removal,
+    "sse": restore_filters("envoy.filters.http.sse_to_metadata"),
+    "lua": restore_filters(*LUA),
+    "header-mutation": restore_filters("envoy.filters.http.header_mutation"),
+    "request-model": restore_filters("envoy.filters.http.match_delegate.request_model"),
+    "header-to-metadata": restore_filters("envoy.filters.http.header_to_metadata"),
+    "ratelimit": restore_filters("envoy.filters.http.ratelimit"),
+}
+
+
+def combine(*fs: Callable[[Doc], None]) -> Callable[[Doc], None]:
+    def go(doc: Doc) -> None:
+        for f in fs:
+            f(doc)
+    return go
+
+
+VARIANTS: dict[str, Callable[[Doc], None]] = {
+    "full": lambda doc: None,
+    "minimal": minimal,
+    **{f"+{name}": plus(name) for name in ADDITIONS},
+    # other forms of the full config
+    "full-als": no_als,
+    "full-stats": lambda doc: doc.update(stats_config={"stats_matcher": {"reject_all": True}}),
+    "als-batched": als_batched,
+    "als-no-cel": lambda doc: als(doc).pop("filter"),
+    "ext-proc-not-created": ext_proc_not_created,
+    "lua-disabled": disable(*LUA),
+}
+
+
+def bench_config(nginx: int, extproc: int, admin: int) -> str:
+    return f"""listen: 127.0.0.1:{extproc}
+admin_listen: 127.0.0.1:{admin}
+log_level: warning
+backends:
+  - {{name: fast, api: chat, models: [bench], endpoints: ["127.0.0.1:{nginx}"]}}
+  - {{name: fast-responses, api: responses, models: [bench-r], endpoints: ["127.0.0.1:{nginx}"]}}
+"""
+
+
+def gateway_doc(config_text: str, port: int, admin: int, extproc: int, src: Path | None = None) -> Doc:
+    """deploy/envoy.yaml as benchmarks/common.py runs it (only the access-log service's log), with the
+    routes and clusters the sidecar compiles for `config_text` written in."""
+    from google.protobuf.json_format import MessageToDict
+
+    from extproc.config import parse_config
+    from extproc.routing.compile import compile_routes
+    from extproc.routing.modes import Knowledge
+
+    def plain(msg: Any) -> Doc:
+        return json.loads(json.dumps(MessageToDict(msg, preserving_proto_field_name=True)))
+
+    compiled = compile_routes(parse_config(config_text), Knowledge(), {})
+    doc = yaml.safe_load(render_envoy_config(port, admin, extproc, **({"src": src} if src else {})))
+    doc.pop("dynamic_resources")
+    hcm = _hcm(doc)
+    hcm.pop("rds")
+    hcm["route_config"] = plain(compiled.routes)
+    hcm["access_log"] = [a for a in hcm["access_log"] if a["name"] == "envoy.access_loggers.http_grpc"]
+    doc["static_resources"]["clusters"] += [plain(c) for c in compiled.clusters]
+    return doc
+
+
+def spawn_envoy(stack: Stack, name: str, doc: Doc, port: int, admin: int) -> int:
+    """Envoy's pid."""
+    cfg = stack.workdir / f"envoy-{name}.yaml"
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = stack.spawn(f"envoy-{name}", [find_envoy(), "-c", str(cfg), "--log-level", "warn", "--base-id", str(port),
+                                         "--concurrency", "2", "--disable-hot-restart"])
+    wait_for_envoy(admin)
+    return proc.pid
+
+
+def measure(port: int, pid: int, sidecar: int, path: str, body: dict, headers: dict[str, str],
+            args: argparse.Namespace) -> tuple[float, float, float, float]:
+    """(Envoy's CPU µs per request, the sidecar's, requests per second, median latency ms) of one wrk run."""
+    e0, s0 = cpu_seconds(pid), cpu_seconds(sidecar)
+    n, rps, lat = wrk(f"http://127.0.0.1:{port}{path}", body, headers, args.duration, args.connections)
+    e1, s1 = cpu_seconds(pid), cpu_seconds(sidecar)
+    return (e1 - e0) / n * 1e6, (s1 - s0) / n * 1e6, rps, lat
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    ap.add_argument("--responses", action="store_true", help="Responses store:false instead of chat")
+    ap.add_argument("--before", type=Path, help="another envoy.yaml (`git show REF:deploy/envoy.yaml`), run as "
+                                                "the variant `before` with the same routes")
+    args = ap.parse_args()
+    chosen = [v for v in args.only.split(",") if v] or list(VARIANTS)
+    path, body = RESP if args.responses else CHAT
+    stack = Stack()
+    try:
+        nginx = start_nginx(stack)
+        extproc, sidecar_admin = free_port(), free_port()
+        config_text = bench_config(nginx, extproc, sidecar_admin)
+        cfg = stack.workdir / "sidecar.yaml"
+        cfg.write_text(config_text)
+        sidecar = stack.start_sidecar(cfg)
+        wait_for_port(extproc, proc=sidecar)
+        port, admin = free_port(), free_port()
+        alone_doc = yaml.safe_load(envoy_alone_config(port, admin))
+        envoys = {"alone": (port, spawn_envoy(stack, "alone", alone_doc, port, admin))}
+        for name in chosen:
+            port, admin = free_port(), free_port()
+            doc = gateway_doc(config_text, port, admin, extproc)
+            VARIANTS[name](doc)
+            envoys[name] = (port, spawn_envoy(stack, name, doc, port, admin))
+        if args.before:
+            port, admin = free_port(), free_port()
+            doc = gateway_doc(config_text, port, admin, extproc, args.before)
+            envoys["before"] = (port, spawn_envoy(stack, "before", doc, port, admin))
+        to_nginx = {"x-gateway-destination-endpoint": f"127.0.0.1:{nginx}"}
+        runs: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in envoys}  # cpu, side cpu, ratio, added ms
+        order = [n for n in envoys if n != "alone"]
+        for r in range(args.rounds):
+            random.shuffle(order)  # no variant always runs right after another
+            for name in order:
+                base = measure(*envoys["alone"], sidecar.pid, path, body, to_nginx, args)
+                cpu, side, rps, lat = measure(*envoys[name], sidecar.pid, path, body, {}, args)
+                runs["alone"].append((base[0], base[1], 1.0, 0.0))
+                runs[name].append((cpu, side, rps / base[2], lat - base[3]))
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    finally:
+        stack.stop()
+    print(f"{path} c={args.connections}, {args.rounds} rounds x {args.duration} s, medians:")
+    print(f"{'variant':24} {'envoy us/req':>12} {'(quartiles)':>13} {'sidecar us/req':>14} {'x alone':>8} "
+          f"{'added ms':>9}")
+    for name, rows in runs.items():
+        cpu, side, ratio, added = (statistics.median(col) for col in zip(*rows, strict=True))
+        q1, _, q3 = statistics.quantiles([r[0] for r in rows], n=4) if len(rows) > 1 else (cpu, cpu, cpu)
+        print(f"{name:24} {cpu:12.1f} {f'{q1:.0f}-{q3:.0f}':>13} {side:14.1f} {ratio:8.2f} {added:9.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())

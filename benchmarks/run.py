@@ -348,18 +348,18 @@ def main() -> int:
         if not only or "messages" in only:
             print("Anthropic Messages clients (POST /v1/messages), wrk -c8:")
             base_rps, _ = wrk(f"http://127.0.0.1:{alone}/v1/chat/completions", CHAT_REQ, to_nginx, d, c8)
-            rps, _ = wrk(f"http://127.0.0.1:{gw}/v1/messages", MSG_REQ, ANTHROPIC, d, c8)
+            rps, _ = wrk(f"http://127.0.0.1:{gw.port}/v1/messages", MSG_REQ, ANTHROPIC, d, c8)
             peer_rps = peer_wrk(peer, "/v1/messages", {**MSG_REQ, "model": "bench-chat"}, {**PEER_AUTH, **ANTHROPIC}, d, c8)
             row("Messages translated to chat throughput", base_rps, rps, peer_rps, "req/s",
                 ">= 0.25 x alone, >= 3 x peer")
             base_rps, _ = wrk(f"http://127.0.0.1:{alone}/v1/messages", MSG_FAST_REQ, {**to_nginx, **ANTHROPIC}, d, c8)
-            rps, _ = wrk(f"http://127.0.0.1:{gw_fast}/v1/messages", MSG_FAST_REQ, ANTHROPIC, d, c8)
+            rps, _ = wrk(f"http://127.0.0.1:{gw_fast.port}/v1/messages", MSG_FAST_REQ, ANTHROPIC, d, c8)
             peer_rps = peer_wrk(peer, "/v1/messages", MSG_FAST_REQ, {**PEER_AUTH, **ANTHROPIC}, d, c8)
             row("fast path throughput, Messages to api: messages, c=8", base_rps, rps, peer_rps, "req/s",
                 ">= 0.60 x alone")
             print("Messages translated to chat, streamed as fast as it goes: 16 streams x 2000 chunks:")
             body_m = {"model": "stream", "stream": True, "max_tokens": 2000, "messages": CHAT_REQ["messages"]}
-            _, n, secs = streams(gw, "/v1/messages", body_m, ANTHROPIC, 16)
+            _, n, secs = streams(gw.port, "/v1/messages", body_m, ANTHROPIC, 16)
             assert n == 16 * 2000, n
             _, nb, secs_b = streams(alone, "/v1/chat/completions", {**body_m, "model": "stream"},
                                     {"x-gateway-destination-endpoint": f"127.0.0.1:{streamer}"}, 16)

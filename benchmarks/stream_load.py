@@ -79,7 +79,7 @@ def main() -> int:
             src, _, workers = spec.partition("@")
             os.environ["PYTHONPATH"] = src
             shared = f"\nstate: {{store: sqlite, sqlite_path: {stack.workdir / name}.db}}" if workers else ""
-            port = start_gateway(stack, backends, extra="fast_path: false" + shared, workers=int(workers or 1))
+            port = start_gateway(stack, backends, extra="fast_path: false" + shared, workers=int(workers or 1)).port
             pid = next(p.pid for p in reversed(stack.procs) if "serve" in p.args)
             gateways[name] = (port, pid)
         if pythonpath is None:

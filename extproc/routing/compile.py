@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
@@ -54,7 +54,7 @@ from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.classify import Classifier, Resolution, combine, is_glob
 from extproc.routing.gateway import backend_cluster
 from extproc.routing.groups import group_for
-from extproc.routing.hosted import authority, first_contact_cluster, hosted_clusters, secrets
+from extproc.routing.hosted import authority, first_contact_cluster, hosted_clusters, lb_endpoint, secrets
 from extproc.routing.model_name import FAST_PATH_NAME
 from extproc.routing.modes import Knowledge, Learned
 from extproc.routing.needs import Condition, envoy_can, explain, ordered, survey
@@ -460,17 +460,10 @@ def _client_keys(config: Config, host: rc.VirtualHost) -> None:
 
 def _cluster(backend: Backend) -> cluster_pb2.Cluster:
     """A backend's instances for the fast path: ring hash (on the session headers) when there are several."""
-    def endpoint(address: str, weight: int) -> endpoint_components_pb2.LbEndpoint:
-        host, _, port = address.rpartition(":")
-        sock = address_pb2.SocketAddress(address=host.strip("[]"), port_value=int(port))
-        return endpoint_components_pb2.LbEndpoint(
-            endpoint=endpoint_components_pb2.Endpoint(address=address_pb2.Address(socket_address=sock)),
-            load_balancing_weight=wrappers_pb2.UInt32Value(value=weight))
-
     name = backend_cluster(backend)
     return cluster_pb2.Cluster(
         name=name, type=cluster_pb2.Cluster.STATIC, connect_timeout=duration_pb2.Duration(seconds=5),
         lb_policy=cluster_pb2.Cluster.RING_HASH if len(backend.endpoints) > 1 else cluster_pb2.Cluster.ROUND_ROBIN,
         load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[
-            endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[endpoint(e.address, e.weight)
+            endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[lb_endpoint(e.address, e.weight)
                                                                       for e in backend.endpoints])]))

@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import address_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
@@ -39,7 +38,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from extproc.config import Backend, Config
 from extproc.envoy.names import FAILOVER_ROLE, H_BACKEND, H_CLUSTER, H_FAILOVER, H_RETRY
 from extproc.routing.groups import groups
-from extproc.routing.hosted import PROTOCOL_OPTIONS, upstream_processor
+from extproc.routing.hosted import PROTOCOL_OPTIONS, lb_endpoint, upstream_processor
 
 # The CEL attribute the processor reads the attempt's host from (ext_proc `request_attributes`).
 ADDRESS_ATTRIBUTE = "upstream.address"
@@ -110,13 +109,6 @@ def _retry(retries: int, retry_on: str) -> rc.RetryPolicy:
 def _cluster(config: Config, members: tuple[Backend, ...], fast: bool = False) -> cluster_pb2.Cluster:
     name = fast_cluster(members) if fast else group_cluster(members)
 
-    def endpoint(address: str, weight: int) -> endpoint_components_pb2.LbEndpoint:
-        host, _, port = address.rpartition(":")
-        sock = address_pb2.SocketAddress(address=host.strip("[]"), port_value=int(port))
-        return endpoint_components_pb2.LbEndpoint(
-            endpoint=endpoint_components_pb2.Endpoint(address=address_pb2.Address(socket_address=sock)),
-            load_balancing_weight=wrappers_pb2.UInt32Value(value=weight))
-
     f = config.failover
     eject = outlier_detection_pb2.OutlierDetection(
         consecutive_5xx=wrappers_pb2.UInt32Value(value=f.eject_after),
@@ -139,7 +131,7 @@ def _cluster(config: Config, members: tuple[Backend, ...], fast: bool = False) -
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN, outlier_detection=eject,
         load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[
             endpoint_components_pb2.LocalityLbEndpoints(priority=i, lb_endpoints=[
-                endpoint(e.address, e.weight) for e in b.endpoints]) for i, b in enumerate(members)]))
+                lb_endpoint(e.address, e.weight) for e in b.endpoints]) for i, b in enumerate(members)]))
     cluster.typed_extension_protocol_options[PROTOCOL_OPTIONS].CopyFrom(_any(options))
     return cluster
 

@@ -44,6 +44,15 @@ IDLE_TIMEOUT_SECONDS = 300  # an upstream connection unused this long is closed 
 PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
+def lb_endpoint(address: str, weight: int) -> endpoint_components_pb2.LbEndpoint:
+    """One `host:port` instance of a compiled cluster (a backend's own, or a group's priority)."""
+    host, _, port = address.rpartition(":")
+    sock = address_pb2.SocketAddress(address=host.strip("[]"), port_value=int(port))
+    return endpoint_components_pb2.LbEndpoint(
+        endpoint=endpoint_components_pb2.Endpoint(address=address_pb2.Address(socket_address=sock)),
+        load_balancing_weight=wrappers_pb2.UInt32Value(value=weight))
+
+
 def _any(msg: object) -> any_pb2.Any:
     out = any_pb2.Any()
     out.Pack(msg)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ closes the stream where its pattern ends:
 | response_headers | + response headers                                    | an answer read at its headers only (a keyed backend's success, a learned API) |
 | buffered_body    | + the response body, BUFFERED                         | a translated JSON answer; an error read whole (a key scrubbed, a rejection learned) |
 | streamed_body    | + the response body, STREAMED (every chunk answered)  | a translated stream; a pass-through whose usage or Responses id is read |
+| duplex_body      | + the response body, FULL_DUPLEX_STREAMED (whatever has queued up answered in one message) | none: measured, not better (benchmarks/README.md) |
 
 It serves on grpc.aio with the sidecar's server options (`extproc.envoy.server.SERVER_OPTIONS`), on
 uvloop, with context.read()/write() like the sidecar's `Processor`: whatever Python gRPC costs per
@@ -35,9 +36,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from extproc.envoy.server import SERVER_OPTIONS
 
-PATTERNS = ("request", "response_headers", "buffered_body", "streamed_body")
+PATTERNS = ("request", "response_headers", "buffered_body", "streamed_body", "duplex_body")
 _MODE = {"buffered_body": processing_mode_pb2.ProcessingMode.BUFFERED,
-         "streamed_body": processing_mode_pb2.ProcessingMode.STREAMED}
+         "streamed_body": processing_mode_pb2.ProcessingMode.STREAMED,
+         "duplex_body": processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED}
 REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 
@@ -54,6 +56,16 @@ def response_headers(pattern: str) -> pb.ProcessingResponse:
     resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
     if pattern in _MODE:
         resp.mode_override.response_body_mode = _MODE[pattern]
+    if pattern == "duplex_body":  # Envoy's rule for this mode: the trailers are sent too
+        resp.mode_override.response_trailer_mode = processing_mode_pb2.ProcessingMode.SEND
+    return resp
+
+
+def streamed(body: bytes, end: bool) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse()
+    mutation = resp.response_body.response.body_mutation.streamed_response
+    mutation.body = body
+    mutation.end_of_stream = end
     return resp
 
 
@@ -64,8 +76,51 @@ class Floor(pbg.ExternalProcessorServicer):
         self.body = routed(endpoint)
         self.headers = response_headers(pattern)
         self.last = {"request": "request_body", "response_headers": "response_headers"}.get(pattern, "response_body")
+        self.duplex = pattern == "duplex_body"
+
+    async def _duplex(self, context):  # type: ignore[no-untyped-def]
+        """FULL_DUPLEX_STREAMED: body chunks read ahead by a task, and whatever has queued up answered in one
+        message (Envoy does not wait for an answer per chunk in this mode)."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def reader() -> None:
+            while (req := await context.read()) is not grpc.aio.EOF:
+                queue.put_nowait(req)
+            queue.put_nowait(None)
+        task = asyncio.create_task(reader())
+        try:
+            while (req := await queue.get()) is not None:
+                kind = req.WhichOneof("request")
+                if kind == "request_headers":
+                    await context.write(REQUEST_HEADERS)
+                elif kind == "request_body":
+                    await context.write(self.body)
+                elif kind == "response_headers":
+                    await context.write(self.headers)
+                    if req.response_headers.end_of_stream:
+                        return
+                elif kind == "response_body":
+                    pieces, end = [req.response_body.body], req.response_body.end_of_stream
+                    while not end and not queue.empty():
+                        if (nxt := queue.get_nowait()) is None:
+                            queue.put_nowait(None)
+                            break
+                        if nxt.WhichOneof("request") != "response_body":
+                            raise RuntimeError(f"unexpected {nxt.WhichOneof('request')}")
+                        pieces.append(nxt.response_body.body)
+                        end = nxt.response_body.end_of_stream
+                    await context.write(streamed(b"".join(pieces), end))
+                    if end:
+                        return
+                elif kind == "response_trailers":
+                    await context.write(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
+                    return
+        finally:
+            task.cancel()
 
     async def Process(self, requests, context):  # type: ignore[no-untyped-def,override]
+        if self.duplex:
+            return await self._duplex(context)
         while (req := await context.read()) is not grpc.aio.EOF:
             kind = req.WhichOneof("request")
             if kind == "request_headers":

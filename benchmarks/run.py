@@ -80,11 +80,16 @@ def wrk(url: str, body: dict, headers: dict[str, str], duration: int, connection
     return rps, median
 
 
-_T_RE = re.compile(rb'"(?:content|delta|text)":\s*"(\d+)\|')  # chat, Responses, Messages deltas
+# chat, Responses, Messages deltas (not the Responses `*.done` events, which repeat the text)
+_T_RE = re.compile(rb'"(?:content|delta|text_delta",\s*"text)":\s*"(\d+)\|')
 
 
-async def _stream(port: int, path: str, body: dict, headers: dict[str, str], delays: list[float]) -> int:
-    """One streamed request; appends each chunk's delay (ms, upstream write to here); returns chunks."""
+async def _stream(port: int, path: str, body: dict, headers: dict[str, str], delays: list[float],
+                  start_after: float = 0.0) -> int:
+    """One streamed request, sent `start_after` seconds from now; appends each chunk's delay (ms, upstream
+    write to here); returns chunks."""
+    if start_after:
+        await asyncio.sleep(start_after)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     payload = json.dumps(body).encode()
     head = "".join(f"{k}: {v}\r\n" for k, v in {"host": "bench", "content-type": "application/json",
@@ -114,12 +119,15 @@ async def _stream(port: int, path: str, body: dict, headers: dict[str, str], del
     return n
 
 
-def streams(port: int, path: str, body: dict, headers: dict[str, str], concurrency: int) -> tuple[list[float], int, float]:
-    """(chunk delays, chunks received, seconds) for `concurrency` simultaneous streams."""
+def streams(port: int, path: str, body: dict, headers: dict[str, str], concurrency: int,
+            stagger_ms: float = 0.0) -> tuple[list[float], int, float]:
+    """(chunk delays, chunks received, seconds) for `concurrency` simultaneous streams; with `stagger_ms`
+    their starts spread evenly over that time (independent clients), else all at once."""
     async def go() -> tuple[list[float], int, float]:
         delays: list[float] = []
         t0 = time.monotonic()
-        counts = await asyncio.gather(*(_stream(port, path, body, headers, delays) for _ in range(concurrency)))
+        counts = await asyncio.gather(*(_stream(port, path, body, headers, delays, i * stagger_ms / concurrency / 1000)
+                                        for i in range(concurrency)))
         return delays, sum(counts), time.monotonic() - t0
     return asyncio.run(go())
 
@@ -377,6 +385,15 @@ def main() -> int:
             med = statistics.median(base)
             row("added per-chunk delay, median", None, statistics.median(side) - med, None, "ms", "<= 1 ms")
             row("added per-chunk delay, p99", None, pct(side, 0.99) - med, None, "ms", "<= 5 ms")
+            print("translated streaming, paced: 100 independent streams x 200 chunks, 10-30 ms apart:")
+            paced = {"x-bench-interval-ms": "20", "x-bench-jitter-ms": "10"}  # started over 20 ms, not at once
+            base, _, _ = streams(alone, "/v1/chat/completions", body_c,
+                                 {**paced, "x-gateway-destination-endpoint": f"127.0.0.1:{streamer}"}, 100, 20)
+            side, n, _ = streams(gw.port, "/v1/responses", body_r, paced, 100, 20)
+            assert n == 100 * 200, n
+            med = statistics.median(base)
+            row("added per-chunk delay, paced, median", None, statistics.median(side) - med, None, "ms", "<= 1 ms")
+            row("added per-chunk delay, paced, p99", None, pct(side, 0.99) - med, None, "ms", "<= 5 ms")
             print("translated streaming, as fast as it goes: 16 streams x 2000 chunks:")
             fast_r = {**body_r, "max_output_tokens": 2000}
             _, n, secs = streams(gw.port, "/v1/responses", fast_r, {}, 16)

@@ -1,7 +1,8 @@
 """A fast streaming chat backend for the benchmarks (asyncio, one process).
 
 POST /v1/chat/completions streams `max_completion_tokens` (or `max_tokens`) chunks, one every
-`x-bench-interval-ms` milliseconds; each chunk's text is the time it was written
+`x-bench-interval-ms` milliseconds (each gap drawn uniformly within `x-bench-jitter-ms` of it, as a
+model's tokens come: not on a clock shared by every stream); each chunk's text is the time it was written
 (`time.monotonic_ns()`, the same clock in every process), so a client can measure how long each chunk
 took to reach it. Non-streaming requests get one short answer.
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sys
 import time
 
@@ -34,6 +36,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             body = json.loads(await reader.readexactly(int(headers.get(b"content-length", b"0"))))
             n = int(body.get("max_completion_tokens") or body.get("max_tokens") or 200)
             interval = float(headers.get(b"x-bench-interval-ms", b"0")) / 1000
+            jitter = min(interval, float(headers.get(b"x-bench-jitter-ms", b"0")) / 1000)
             base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
                     "model": body.get("model", "bench")}
             if not body.get("stream"):
@@ -48,7 +51,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                                                           "finish_reason": None}]}))
             for _ in range(n):
                 if interval:
-                    await asyncio.sleep(interval)
+                    await asyncio.sleep(interval + random.uniform(-jitter, jitter) if jitter else interval)
                 writer.write(sse({**base, "choices": [{"index": 0, "delta": {"content": f"{time.monotonic_ns()}|"},
                                                        "finish_reason": None}]}))
                 await writer.drain()

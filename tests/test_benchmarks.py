@@ -29,8 +29,10 @@ floor_processor = importlib.import_module("floor_processor")
 # then response headers, then the body: buffered, one message; streamed, one per piece Envoy reads,
 # at least one (a small JSON answer is one, or two when its end is read apart). A processor that closes
 # its stream at the request body may still be sent the response headers, when the answer is faster
-# than the stream's close reaches Envoy (unanswered: the processor is gone).
-MESSAGES = {"request": (2, 3), "response_headers": (3, 3), "buffered_body": (4, 4), "streamed_body": (4, None)}
+# than the stream's close reaches Envoy (unanswered: the processor is gone). FULL_DUPLEX_STREAMED
+# (duplex_body) is sent what STREAMED is, without waiting for the answers.
+MESSAGES = {"request": (2, 3), "response_headers": (3, 3), "buffered_body": (4, 4), "streamed_body": (4, None),
+            "duplex_body": (4, None)}
 
 
 def matches(n: int, pattern: str, pieces: bool = False) -> bool:

@@ -117,13 +117,15 @@ def main() -> int:
         # name -> (port, pid, Envoy's admin port, path, body, headers, fast body): the sidecar variants take the Responses
         # stream (every chunk translated), the floor the chat stream it passes through
         targets: dict[str, tuple[int, int, int, str, dict, dict[str, str], dict]] = {}
-        pythonpath = os.environ.get("PYTHONPATH")
+        pythonpath, cwd = os.environ.get("PYTHONPATH"), os.getcwd()
+        os.chdir(stack.workdir)  # `python -m extproc` puts its working directory first: not a checkout's
         for name, spec in variants:
             src, _, workers = spec.partition("@")
             os.environ["PYTHONPATH"] = src
             shared = f"\nstate: {{store: sqlite, sqlite_path: {stack.workdir / name}.db}}" if workers else ""
             gw = start_gateway(stack, backends, extra="fast_path: false" + shared, workers=int(workers or 1))
             targets[name] = (gw.port, gw.pids[0], gw.admin, "/v1/responses", resp, {}, {**resp, "max_output_tokens": args.fast_chunks})
+        os.chdir(cwd)
         if pythonpath is None:
             os.environ.pop("PYTHONPATH")
         else:

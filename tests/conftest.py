@@ -5,12 +5,13 @@ runs it so): those are imported only inside the end-to-end fixtures."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import pytest
 
@@ -143,3 +144,27 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+@contextlib.contextmanager
+def running(config: Path, extproc: int, listen: int, *, servers: Iterable[Closable] = (),
+            env: dict[str, str] | None = None, ready: Iterable[int] = (), envoy_admin: int | None = None,
+            websocket: int | None = None) -> Iterator[Stack]:
+    """An end-to-end file's own stack: the sidecar on `config` (its processor on `extproc`, `ready` more
+    of its ports to wait for, such as the admin or WebSocket one) and deploy/envoy.yaml's Envoy on
+    `listen` in front of it; on exit both stopped and the file's test upstreams `servers` closed."""
+    stack = Stack()
+    try:
+        sidecar = stack.start_sidecar(config, env=env)
+        for port in (extproc, *ready):
+            wait_for_port(port, proc=sidecar)
+        stack.start_envoy(listen, free_port() if envoy_admin is None else envoy_admin, extproc, websocket_port=websocket)
+        yield stack
+    finally:
+        stack.stop()
+        for server in servers:
+            server.close()

@@ -25,8 +25,9 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
+from extproc.local.stack import Stack, free_port, wait_until
 
+from .conftest import running
 from .test_e2e_surface import text_of, ws_turn
 from .upstreams import ChatServer, Reply, ResponsesServer
 
@@ -109,18 +110,10 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]:
               "bob": hashlib.sha256(BOB.encode()).hexdigest(), "lengths": lengths, "extra": ""}
     cfg = Path(tmp_path_factory.mktemp("clients")) / "config.yaml"
     cfg.write_text(CONFIG.format(**render))
-    stack = Stack()
-    try:
-        sidecar = stack.start_sidecar(cfg, env=KEYS)
-        wait_for_port(extproc, proc=sidecar)
-        wait_for_port(ws, proc=sidecar)
-        stack.start_envoy(port, envoy_admin, extproc, websocket_port=ws)
+    with running(cfg, extproc, port, servers=(chat, resp), env=KEYS, ready=(ws,), envoy_admin=envoy_admin,
+                 websocket=ws) as stack:
         yield Keyed(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/responses", f"http://127.0.0.1:{envoy_admin}",
                     f"http://127.0.0.1:{admin}", chat, resp, cfg, render, stack)
-    finally:
-        stack.stop()
-        chat.close()
-        resp.close()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ Calls alternate replicas, so each one depends on the shared records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
@@ -20,10 +21,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
+from extproc.local.stack import free_port, wait_until
 
 from .conformance import check_stream, sse_events, validate_response
-from .conftest import RedisServer
+from .conftest import RedisServer, running
 from .upstreams import ChatServer, Reply, ResponsesServer
 
 CONFIG = """
@@ -75,25 +76,20 @@ class Replicas:
 @pytest.fixture(scope="module")
 def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     chat, resp = [ChatServer()], ResponsesServer()  # one chat instance: its script is the conversation's
-    stack = Stack()
     tmp = Path(tmp_path_factory.mktemp("conversations"))
     urls, admins = [], []
-    try:
+    with contextlib.ExitStack() as stacks:
+        for server in (*chat, resp):
+            stacks.callback(server.close)  # last, once both stacks have stopped
         for i in range(2):
             port, listen, admin, front = free_port(), free_port(), free_port(), free_port()
             admins.append(f"http://127.0.0.1:{admin}")
             cfg = tmp / f"config-{i}.yaml"
             cfg.write_text(CONFIG.format(port=port, admin_port=admin, redis=redis_server.url, resp=resp.address,
                                          chat=", ".join(f'"{s.address}"' for s in chat), envoy=listen, front=front))
-            wait_for_port(port, proc=stack.start_sidecar(cfg))
-            wait_for_port(front)
-            stack.start_envoy(listen, free_port(), port, websocket_port=front)
+            stacks.enter_context(running(cfg, port, listen, ready=(front,), websocket=front))
             urls.append(f"http://127.0.0.1:{listen}")
         yield Replicas(urls, admins, chat, resp)
-    finally:
-        stack.stop()
-        for server in (*chat, resp):
-            server.close()
 
 
 @pytest.fixture

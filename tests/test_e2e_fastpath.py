@@ -10,6 +10,7 @@ import contextlib
 import json
 import signal
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -195,6 +196,53 @@ def test_client_routing_headers_never_route_the_fast_path(fast):
                                                   "x-gateway-cluster": "openai"})
     assert (len(chat.requests) - n_chat, len(resp.requests) - n_resp) == (1, 0)
     assert "x-gateway-destination-endpoint" not in {k.lower() for k in chat.last["headers"]}
+
+
+def _post(fast: Fast, path: str, raw: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(fast.url + path, data=raw, method="POST",
+                                 headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+CHAT_MESSAGES = b'"messages": [{"role": "user", "content": "hi"}]'
+TWICE = {  # a body naming `model` twice: Envoy's JSON reader takes the last, a backend's may take the first
+    "plain": (b'{"model": "gpt-5.3-codex", "model": "llama-3", ' + CHAT_MESSAGES + b"}", "/v1/chat/completions"),
+    "escaped": (b'{"model": "gpt-5.3-codex", "mo\\u0064el": "llama-3", ' + CHAT_MESSAGES + b"}", "/v1/chat/completions"),
+    "escaped-first": (b'{"\\u006dodel": "gpt-5.3-codex", "model": "llama-3", ' + CHAT_MESSAGES + b"}",
+                      "/v1/chat/completions"),
+    "messages": (b'{"model": "llama-3", "model": "anth-1", "max_tokens": 8, ' + CHAT_MESSAGES + b"}", "/v1/messages"),
+}
+
+
+@pytest.mark.parametrize("case", TWICE)
+def test_a_body_naming_model_twice_never_takes_the_fast_path(fast, case):
+    """Either `model` is one a fast route would take; the processor reads the body itself and refuses the
+    duplicated key, in the caller's shape, before any upstream sees it."""
+    raw, path = TWICE[case]
+    seen = {name: len(server.requests) for name, server in fast.servers.items()}
+    before = fast.processed()
+    status, doc = _post(fast, path, raw)
+    assert status == 400, doc
+    if path == "/v1/messages":
+        assert doc["type"] == "error" and doc["error"]["type"] == "invalid_request_error", doc
+    else:
+        assert doc["error"]["code"] == "duplicate_key", doc
+    assert "model" in json.dumps(doc)
+    assert fast.processed() == before + 1
+    assert {name: len(server.requests) for name, server in fast.servers.items()} == seen
+
+
+def test_a_model_named_inside_the_body_is_served_as_sent(fast):
+    """`model` as a tool's parameter is no duplicate: the request is served, its bytes untouched."""
+    raw = (b'{"model": "llama-3", ' + CHAT_MESSAGES + b', "tools": [{"type": "function", "function": {"name": "f", '
+           b'"parameters": {"type": "object", "properties": {"model": {"type": "string"}}}}}]}')
+    status, doc = _post(fast, "/v1/chat/completions", raw)
+    assert status == 200 and doc["choices"][0]["message"]["content"] == "echo: hi", doc
+    assert fast.servers["chat"].last["raw"] == raw
 
 
 def _path_of(fast: Fast, send: Callable[[], object]) -> str:

@@ -19,6 +19,7 @@ import pytest
 
 from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
 
+from .conftest import running
 from .upstreams import ChatServer, Reply
 
 CONFIG = """
@@ -88,18 +89,10 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
     cfg = Path(tmp_path_factory.mktemp("ops")) / "config.yaml"
     render = {"port": port, "admin": admin, "chat": chat.address, "extra": ""}
     cfg.write_text(CONFIG.format(**render))
-    stack = Stack()
-    try:
-        sidecar = stack.start_sidecar(cfg, env={"EXTPROC_SHUTDOWN_GRACE": "20", "OPS_UPSTREAM_KEY": SECRET,
-                                                "EXTPROC_ADMIN_TOKEN": ADMIN_TOKEN})
-        wait_for_port(port, proc=sidecar)
-        wait_for_port(admin, proc=sidecar)
-        stack.start_envoy(listen, envoy_admin, port)
+    env = {"EXTPROC_SHUTDOWN_GRACE": "20", "OPS_UPSTREAM_KEY": SECRET, "EXTPROC_ADMIN_TOKEN": ADMIN_TOKEN}
+    with running(cfg, port, listen, servers=(chat,), env=env, ready=(admin,), envoy_admin=envoy_admin) as stack:
         yield Ops(f"http://127.0.0.1:{listen}", f"http://127.0.0.1:{admin}", chat, stack, cfg, f"envoy-{listen}", render,
                   envoy_admin)
-    finally:
-        stack.stop()
-        chat.close()
 
 
 def test_health_and_readiness(ops):

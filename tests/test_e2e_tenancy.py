@@ -18,8 +18,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from extproc.local.stack import Stack, free_port, wait_for_port
+from extproc.local.stack import free_port
 
+from .conftest import running
 from .upstreams import ChatServer, ResponsesServer
 
 CONFIG = """
@@ -76,15 +77,8 @@ def tenanted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     port, listen = free_port(), free_port()
     cfg = tmp / "config.yaml"
     cfg.write_text(CONFIG.format(port=port, state=state, chat=chat.address, resp=resp.address))
-    stack = Stack()
-    try:
-        wait_for_port(port, proc=stack.start_sidecar(cfg, env={"RESP_KEY": "sk-gateway-own"}))
-        stack.start_envoy(listen, free_port(), port)
+    with running(cfg, port, listen, servers=(chat, resp), env={"RESP_KEY": "sk-gateway-own"}):
         yield Tenanted(f"http://127.0.0.1:{listen}", resp)
-    finally:
-        stack.stop()
-        chat.close()
-        resp.close()
 
 
 @pytest.mark.parametrize("model", ["llama-3", "gpt-oss-1"])

@@ -241,3 +241,15 @@ def test_ws_rule_compaction_trigger_on_a_socket_continues_from_the_compacted_win
     assert sk.sent()[0][-1] == ("user", SUMMARY_REQUEST)
     assert text_of(after) == "You are Zed."
     assert sk.sent()[1] == [("user", "I am Zed"), ("user", SUMMARY_INTRO + "Zed's name is Zed."), ("user", "who am I?")]
+
+
+def test_ws_a_closed_socket_is_closed_promptly(sk):
+    """The client's close is answered and the TCP connection ends well within the client's own
+    close_timeout: RFC 6455 7.1.1 has the client wait for the server's FIN, and Envoy, having closed
+    its side, waits for the client's only its delayed_close_timeout (deploy/envoy.yaml)."""
+    with connect(sk.ws_url, close_timeout=10) as ws:
+        turn(ws, input="hi")
+        started = time.monotonic()
+        ws.close()
+        took = time.monotonic() - started
+    assert ws.close_code == 1000 and took < 5, (ws.close_code, took)

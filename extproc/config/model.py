@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from extproc.clients import Clients
 from extproc.config.addresses import resolve
 
 MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
+
+_T = TypeVar("_T")
 
 
 class ConfigError(Exception):
@@ -212,6 +216,14 @@ class Config:
     def unserved(self) -> list[str]:
         """One line per backend that cannot take requests now, for /readyz and the log."""
         return [u.message for b in self.backends if (u := b.unserved()) is not None]
+
+    def derived(self, build: Callable[[Config], _T]) -> _T:
+        """`build(self)`, computed once and kept on this config: state derived from a config (its model
+        groups, ...) lives and dies with it, so a reload can never be answered from an older config's."""
+        memo: dict[object, object] = self.__dict__.setdefault("_derived", {})
+        if build not in memo:
+            memo[build] = build(self)
+        return memo[build]  # type: ignore[return-value]  # keyed by `build`, whose result it is
 
     def backend(self, name: str) -> Backend | None:
         for b in self.backends:

@@ -58,6 +58,7 @@ class Key:
     STORE = "store"
     PREVIOUS_RESPONSE_ID = "previous_response_id"
     CONVERSATION = "conversation"
+    MODEL_TWICE = "model_twice"  # deploy/envoy.yaml's Lua: the body may name `model` twice, no fast route
     INPUT_TOKENS = "input_tokens"
     OUTPUT_TOKENS = "output_tokens"
     CACHED_TOKENS = "cached_tokens"

@@ -88,8 +88,8 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
         return None
     prev = body.get("previous_response_id")
     if isinstance(prev, str) and prev:
-        values = yield Reads((rec.pin_key(side.pinning.tenant, prev),))
-        pin = rec.Pin.loads(values[0]) if values and values[0] else None
+        values = yield from side.pinning.state_of(prev)
+        pin = rec.Pin.loads(values[1]) if values and values[1] else None
         holder = next((b for b in group.backends if pin is not None and b.name == pin.backend), None)
         if pin is not None and holder is not None and pin.endpoint in {e.address for e in holder.endpoints}:
             side.member = Target(holder, pin.endpoint)

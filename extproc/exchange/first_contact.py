@@ -6,7 +6,7 @@ its value the caller's tenant), and Envoy routes it to the `endpoints_first_cont
 upstream filter is this processor again (gRPC metadata `x-extproc-role: first-contact`), once per
 attempt (`x-envoy-attempt-count`):
 
-- `Probe` (attempt 1) passes the request on untouched and reads the answer only when it is a
+- `Probe` (attempt 1) passes the request on untouched but for the gateway's headers, and reads the answer only when it is a
   400/404/405/422. When the rejection says the model needs the other API (`rejection_needs`: never
   auth, rate-limit or content errors), it records the learned fact as any rejection does, keeps the
   upstream's message, and marks the answer `x-gateway-retry`: Envoy's retry policy drops it (no byte
@@ -81,9 +81,9 @@ def first_attempt_key(request_id: str) -> str:
     return f"first:{request_id}"
 
 
-def _client_path(gw: Gateway, headers: dict[str, str]) -> dict[str, str]:
+def _client_path(gw: Gateway, headers: dict[str, str], backend_name: str) -> dict[str, str]:
     """The request as the client sent it: the backend's path prefix taken off again."""
-    backend = gw.config.backend(headers.get(H_BACKEND, ""))
+    backend = gw.config.backend(backend_name)
     path = headers.get(":path", "")
     if backend is not None and backend.path_prefix and path.startswith(backend.path_prefix):
         return {**headers, ":path": path[len(backend.path_prefix):]}
@@ -91,11 +91,12 @@ def _client_path(gw: Gateway, headers: dict[str, str]) -> dict[str, str]:
 
 
 class Probe:
-    """Attempt 1: sent as it is; a rejection naming the other API turns into Envoy's retry."""
+    """Attempt 1: sent as it is, without the gateway's headers; a rejection naming the other API turns
+    into Envoy's retry."""
 
     def __init__(self, gw: Gateway, headers: dict[str, str]):
         self.gw = gw
-        self.headers = _client_path(gw, headers)
+        self.headers = _client_path(gw, headers, headers.get(H_BACKEND, ""))
         self.tenant = headers.get(H_FIRST_CONTACT, "")
         self.life = Lifecycle()
         self.status = 0
@@ -103,7 +104,9 @@ class Probe:
 
     def request_headers(self, end_of_stream: bool) -> Step:
         self.life.enter("request_headers")
-        return self.life.move("request_headers", Action(remove_headers=(H_FIRST_CONTACT,)))
+        # Envoy's retry picks its instance from the endpoint as dynamic metadata (deploy/envoy.yaml), not
+        # from the header: these changes are the retry's too, which learns the backend from the record.
+        return self.life.move("request_headers", Action(remove_headers=(H_FIRST_CONTACT, *ROUTING_HEADERS)))
 
     def request_body(self, raw: bytes) -> Step:
         self.life.enter("request_body")
@@ -162,7 +165,8 @@ class Probe:
         message = upstream_error_payload(self.status, chunk).get("message") or ""
         # The retry's headers are this attempt's as changed here (the mark is gone): it reads these.
         first = (first_attempt_key(self.headers.get("x-request-id", "")),
-                 orjson.dumps({**tried, "status": self.status, "message": message, "tenant": self.tenant}))
+                 orjson.dumps({**tried, "status": self.status, "message": message, "tenant": self.tenant,
+                               "backend": self.headers.get(H_BACKEND, "")}))
         return Action(set_headers=[(H_RETRY, api)], writes=[*learned, first], write_ttl=ttl, done=True)
 
 
@@ -172,7 +176,7 @@ class Retry:
 
     def __init__(self, gw: Gateway, headers: dict[str, str]):
         self.gw = gw
-        self.headers = _client_path(gw, headers)
+        self.headers = headers  # the client's path once attempt 1's record names the backend
         self.first: dict[str, Any] = {}
         self.ex: Exchange | None = None  # made once attempt 1's record is read
 
@@ -190,6 +194,8 @@ class Retry:
         except orjson.JSONDecodeError:
             first = {}
         self.first = first if isinstance(first, dict) else {}
+        backend = self.first.get("backend")
+        self.headers = _client_path(self.gw, self.headers, backend if isinstance(backend, str) else "")
         tenant = self.first.get("tenant")  # the caller's: the request carries the backend's key now
         from extproc.exchange.exchange import Exchange  # here: the exchange imports this module's client side
 

@@ -155,7 +155,8 @@ class TranslateBuffered(Translated):
 
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
         data = self.decoder.decode(chunk, end_of_stream)
-        if not 200 <= self.status < 300:
+        if not 200 <= self.status < 300:  # scrubbed before it is read: a text body's message is cut at 2000
+            # characters, and the key guard, scrubbing what goes out, would not know a key cut in half
             payload = upstream_error_payload(self.status, scrub(data, self.plan))
             return new_body(orjson.dumps(error_doc(self.plan.client_api, self.status, payload)))
         doc, answer = self._translate(data)
@@ -256,21 +257,21 @@ class ExplainLostPin(Buffered):
 
 class ScrubKey(Buffered):
     """An untranslated error from a backend that got the sidecar's own key: read (decoded, when the
-    upstream compressed it for a client that accepts that), and the key removed. One in an encoding
-    the sidecar cannot read is withheld: it may quote the key."""
+    upstream compressed it for a client that accepts that) so that the key guard, which scrubs all
+    that goes out (exchange/key_guard.py), can remove the key. One in an encoding the sidecar cannot
+    read is withheld: it may quote the key."""
 
     def body(self, chunk: bytes, end_of_stream: bool) -> Action:
-        return self.scrubbed(_plain(chunk, self.encoding))
+        return self.readable(chunk, _plain(chunk, self.encoding))
 
-    def scrubbed(self, plain: bytes | None) -> Action:
-        """The action for the decoded body (None: it could not be decoded)."""
+    def readable(self, chunk: bytes, plain: bytes | None) -> Action:
+        """The body as the guard can read it: `chunk` decoded to `plain` (None: it could not be)."""
         if plain is None:
             withheld = GatewayError(self.status, f"the upstream's error, in content-encoding {self.encoding!r}, "
                                                  "is withheld: the gateway cannot read it to remove its own key",
                                     code="upstream_error_withheld")
             return new_body(withheld.body(self.plan.client_api), remove_headers=("content-encoding",))
-        clean = scrub(plain, self.plan)
-        return new_body(clean, remove_headers=("content-encoding",)) if clean != plain else Action(done=True)
+        return new_body(plain, remove_headers=("content-encoding",)) if plain != chunk else Action(done=True)
 
 
 class LearnRejection(ScrubKey):
@@ -284,7 +285,7 @@ class LearnRejection(ScrubKey):
         plain = _plain(chunk, self.encoding)  # a rejection compressed for the client is read as well
         needs = rejection_needs(self.status, plain or b"", plan.client_api)
         if needs is None:
-            return self.scrubbed(plain)
+            return self.readable(chunk, plain)
         log.info("model=%s backend=%s: learned that it needs the %s API", plan.model, plan.target.backend.name, needs)
         writes = facts.needs(needs)
         self.outcome.learned_fact = "needs_" + needs
@@ -307,8 +308,8 @@ def _plain(chunk: bytes, encoding: str) -> bytes | None:
 
 
 def scrub(body: bytes, plan: Plan) -> bytes:
-    """An upstream error that quotes the key the sidecar sent it (some providers echo a rejected key)
-    never carries it to the client, who never had it."""
+    """An upstream error that quotes the key the sidecar sent it (some providers echo a rejected key),
+    without it, before a translator reads it."""
     key = plan.target.backend.api_key
     return forms_of(key).scrub(body) if key else body  # raw, JSON-escaped, URL-encoded, base64
 

@@ -155,6 +155,9 @@ _FACT_METADATA: dict[str, tuple[str, value_pb2.ValueMatcher, bool]] = {
 # Names the processor would refuse (routing/model_name.py) never take a fast route: it refuses them.
 _SANE_NAME = _meta(Key.MODEL, value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(
     safe_regex=regex_pb2.RegexMatcher(regex=FAST_PATH_NAME))))
+# Nor a body that may name `model` twice (Envoy routes by one, the backend may run the other): the processor
+# refuses a duplicated key.
+_ONE_MODEL = _meta(Key.MODEL_TWICE, _PRESENT, invert=True)
 
 
 def _condition(cond: Condition) -> tuple[list[metadata_pb2.MetadataMatcher], list[rc.HeaderMatcher]]:
@@ -210,7 +213,7 @@ def fast_route(config: Config, backend: Backend, client_api: str,
     target = group_routes.group_cluster(group) if group else backend.name
     return [rc.Route(name=f"{FAST}:{client_api}:{target}", route=action, typed_per_filter_config=_NO_PROCESSOR,
                      request_headers_to_remove=[MODE_HEADER],  # the client's to the gateway, not the backend's
-                     match=rc.RouteMatch(path=path, headers=headers, dynamic_metadata=[_SANE_NAME, *models, *meta]))
+                     match=rc.RouteMatch(path=path, headers=headers, dynamic_metadata=[_SANE_NAME, _ONE_MODEL, *models, *meta]))
             for meta, headers in map(_condition, when)]
 
 

@@ -50,24 +50,19 @@ class Group:
 
 
 def groups(config: Config) -> Mapping[str, Group]:
-    """Every group of the config, by model name, in the order the names first appear."""
-    found = _cache.get(id(config))
-    if found is not None and found[0] is config:
-        return found[1]
+    """Every group of the config, by model name, in the order the names first appear (computed once
+    per config)."""
+    return config.derived(_groups)
+
+
+def _groups(config: Config) -> Mapping[str, Group]:
     listed: dict[str, list[Backend]] = {}
     for b in config.backends:
         for name in dict.fromkeys(b.models):
             if not is_glob(name):
                 listed.setdefault(name, []).append(b)
-    out = MappingProxyType({name: Group(name, tuple(Member(b, b.weight) for b in members))
-                            for name, members in listed.items() if len(members) > 1})
-    if len(_cache) >= 8:  # a config lives until a reload: keep only the few recent ones
-        _cache.pop(next(iter(_cache)))
-    _cache[id(config)] = (config, out)
-    return out
-
-
-_cache: dict[int, tuple[Config, Mapping[str, Group]]] = {}
+    return MappingProxyType({name: Group(name, tuple(Member(b, b.weight) for b in members))
+                             for name, members in listed.items() if len(members) > 1})
 
 
 def group_for(config: Config, model: str) -> Group | None:

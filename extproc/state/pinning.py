@@ -120,6 +120,7 @@ class Pinning:
         self.headers = headers
         self._tenant = tenant  # given: the caller's, when the request itself carries the backend's key
         self.decision: PinDecision | None = None
+        self._state: tuple[str, list[bytes | None] | None] | None = None  # (id, its state_of) once read
 
     @property
     def tenant(self) -> str:
@@ -134,9 +135,17 @@ class Pinning:
 
     # -- previous_response_id -----------------------------------------------------------------
 
+    def state_of(self, response_id: str) -> Decision[list[bytes | None] | None]:
+        """The id's turn, pin and owner (None: the store is unavailable), read once per request: the
+        group hand-over and the continuation both need them."""
+        if self._state is None or self._state[0] != response_id:
+            values = yield Reads(_state_keys(self.tenant, response_id))
+            self._state = (response_id, values)
+        return self._state[1]
+
     def continue_from(self, prev: str, model: str, res: Resolution, target: Target,
                       translated: bool) -> Decision[Continuation]:
-        values = yield Reads(_state_keys(self.tenant, prev))
+        values = yield from self.state_of(prev)
         if values is None:
             if translated or not tells_callers_apart(res.backend):  # only the store can say whose it is
                 self._decide(PinDecision.STATE_UNAVAILABLE)

@@ -130,6 +130,18 @@ def test_every_name_routes_as_the_processor_decides(usage):
         assert resp == expected(cfg, name, RESPONSES), name
 
 
+def test_a_body_that_may_name_model_twice_takes_no_fast_route():
+    """deploy/envoy.yaml's Lua marks it: Envoy routes by one `model`, the backend may run the other."""
+    cfg = config()
+    compiled = compile_routes(cfg, knowledge(), LEARNED)
+    fast = [n for n in NAMES if expected(cfg, n, CHAT) != "processor"]
+    assert fast  # the premise: names a fast route takes
+    for name in fast:
+        assert first_match(compiled, PATHS[CHAT], {"model": name, "model_twice": True}) == "processor", name
+        assert first_match(compiled, PATHS[RESPONSES], {"model": name, "store": False, "model_twice": True}) == \
+            "processor", name
+
+
 def test_names_checked_cover_both_paths():
     cfg = config()
     got = {expected(cfg, n, api) for n in NAMES for api in (CHAT, RESPONSES)}

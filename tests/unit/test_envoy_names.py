@@ -117,8 +117,14 @@ def test_headers_and_metadata_shared_with_the_sidecar(envoy):
     upstream = [f["typed_config"]["grpc_service"]["initial_metadata"] for f in ext_procs
                 if "initial_metadata" in f["typed_config"]["grpc_service"]]
     assert upstream == [[{"key": ROLE_METADATA, "value": FIRST_CONTACT_ROLE}]]
-    original_dst = [c for c in envoy["static_resources"]["clusters"] if c["type"] == "ORIGINAL_DST"]
-    assert {c["original_dst_lb_config"]["http_header_name"] for c in original_dst} == {H_ENDPOINT}
+    original_dst = {c["name"]: c["original_dst_lb_config"] for c in envoy["static_resources"]["clusters"]
+                    if c["type"] == "ORIGINAL_DST"}
+    assert original_dst.pop("endpoints")["http_header_name"] == H_ENDPOINT
+    # a first contact's instance from metadata: its attempts are sent without the header (first_contact.Probe)
+    assert original_dst == {"endpoints_first_contact": {"metadata_key": {"key": NAMESPACE, "path": [{"key": "endpoint"}]}}}
+    [to_metadata] = named(envoy, "envoy.filters.http.header_to_metadata")
+    rules = {r["header"]: r["on_header_present"] for r in to_metadata["typed_config"]["request_rules"]}
+    assert rules[H_ENDPOINT] == {"metadata_namespace": NAMESPACE, "key": "endpoint", "type": "STRING"}
 
 
 def test_the_metadata_filter_runs_on_the_paths_with_fast_routes(envoy):

@@ -14,6 +14,7 @@ from extproc.routing import group_routes
 from extproc.routing.compile import compile_routes
 from extproc.routing.gateway import Gateway
 from extproc.routing.modes import Knowledge
+from extproc.state import records as rec
 from extproc.state.lookup import Lookup
 
 CFG = """
@@ -174,3 +175,17 @@ def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_b
     assert not any("g" in names(r) for r in fast) and any("solo-hosted" in names(r) for r in fast)
     assert any("h" in names(r) for r in fast)  # a group with a `url:` member is not carried: as before
     assert group_routes.member_lists(gw.config) == [(gw.config.backends[0], gw.config.backends[1])]
+
+
+def test_a_pinned_continuation_reads_the_store_once_and_goes_to_its_member():
+    gw, rounds = gateway(), []
+    tenant = gw.tenants.tenant_of(CLIENT)
+    store = {rec.pin_key(tenant, "resp_1"): rec.Pin("resp", "10.0.0.3:8000").dumps()}
+    ex = Exchange(gw)
+    resolve(ex.request_headers(dict(CLIENT), False), store)
+    step = ex.request_body(json.dumps({**BODY, "previous_response_id": "resp_1"}).encode())
+    while isinstance(step, Lookup):
+        rounds.append(step.keys)
+        step = step.then([store.get(k) for k in step.keys])
+    assert not ex.handed_over and ("x-gateway-destination-endpoint", "10.0.0.3:8000") in step.set_headers
+    assert len(rounds) == 1  # the pin that keeps it off the group's attempts also continues it: one read

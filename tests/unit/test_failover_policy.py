@@ -6,8 +6,11 @@ that sets it all, and where operators see it (check-config, resolve, /readyz, /m
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
+import gc
 import time
+import weakref
 from collections import Counter
 
 import orjson
@@ -56,6 +59,17 @@ def test_exact_names_listed_by_several_backends_form_groups_in_config_order():
     assert names(found["m2"].backends) == ["a", "b"]  # listed twice by b: b is one member
     assert group_for(cfg, "m3") is None and group_for(cfg, "solo") is None
     assert group_for(cfg, "anything-else") is None  # c's catch-all "*" makes no group
+
+
+def test_groups_are_kept_with_their_config_and_freed_with_it():
+    cfg = parse_config(GROUPS)
+    assert groups(cfg) is groups(cfg)  # computed once per config
+    other = dataclasses.replace(cfg, backends=cfg.backends[:1])
+    assert list(groups(other)) == []  # a config derived from another gets its own groups
+    gone = weakref.ref(cfg)
+    del cfg, other
+    gc.collect()
+    assert gone() is None  # no module-level cache keeps a reloaded-away config alive
 
 
 def test_the_primary_is_the_backend_the_model_resolves_to():

@@ -40,7 +40,8 @@ def resolve(step, store: dict[str, bytes]):
 def probe(gateway: Gateway, status: int, body: bytes, store: dict[str, bytes]):
     fc = FirstContact(gateway)
     act = resolve(fc.request_headers(upstream_headers(1), False), store)
-    assert act.remove_headers == ("x-gateway-first-contact",)  # never sent to the backend
+    assert set(act.remove_headers) == {"x-gateway-first-contact", "x-gateway-backend", "x-gateway-cluster",
+                                       "x-gateway-destination-endpoint"}  # never sent to the backend
     assert resolve(fc.request_body(json.dumps(CHAT_BODY).encode()), store).body is None
     head = fc.response_headers({":status": str(status), "content-type": "application/json"})
     if head.done:
@@ -58,7 +59,7 @@ def test_a_rejection_naming_the_other_api_becomes_a_retry_and_a_learned_fact():
     assert ("x-gateway-retry", "responses") in act.set_headers
     assert json.loads(store["mode:mixed:m-1"])["mode"] == "responses"
     first = json.loads(store[first_attempt_key("rid-1")])
-    assert first == {"api": "chat", "status": 400, "tenant": "tenant-a",
+    assert first == {"api": "chat", "status": 400, "tenant": "tenant-a", "backend": "mixed",
                      "message": "This model is only supported in v1/responses and not in v1/chat/completions."}
     assert act.write_ttl == gw.config.state.learn_ttl_seconds
 
@@ -77,7 +78,8 @@ def test_the_retry_is_translated_for_the_callers_tenant_and_its_failure_names_bo
     probe(gw, 400, REJECTION, store)
     fc = FirstContact(gw)
     headers = upstream_headers(2)
-    del headers["x-gateway-first-contact"]  # attempt 1 removed it from the request Envoy retries
+    for h in ("x-gateway-first-contact", "x-gateway-backend"):  # attempt 1 removed them from the request Envoy retries
+        del headers[h]
     act = resolve(fc.request_headers(headers, False), store)
     assert "x-gateway-first-contact" in act.remove_headers
     act = resolve(fc.request_body(json.dumps(CHAT_BODY).encode()), store)
@@ -150,8 +152,9 @@ def test_a_compact_endpoint_missing_becomes_a_retry_as_a_trigger_turn_and_is_lea
     assert act.done and ("x-gateway-retry", "responses") in act.set_headers
     assert json.loads(store["mode:oai:gpt-5"]) == {"mode": None, "ok": [], "lacks": ["/v1/responses/compact"]}
     fc = FirstContact(gw)
-    headers = {**upstream_headers(2), ":path": "/v1/responses/compact", "x-gateway-backend": "oai"}
-    del headers["x-gateway-first-contact"]
+    headers = {**upstream_headers(2), ":path": "/v1/responses/compact"}
+    for h in ("x-gateway-first-contact", "x-gateway-backend"):
+        del headers[h]
     resolve(fc.request_headers(headers, False), store)
     act = resolve(fc.request_body(json.dumps({"model": "gpt-5", "input": "hi", "prompt_cache_retention": "24h"}).encode()),
                   store)

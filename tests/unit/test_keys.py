@@ -197,6 +197,22 @@ def test_a_buffered_error_keeps_a_true_content_length(gw):
     assert dict(act.set_headers)["content-length"] == str(len(act.body))
 
 
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+def test_an_untranslated_error_is_scrubbed_once_as_it_goes_out(gw, monkeypatch, encoding):
+    """The error's handler only reads it (decoded); the key guard alone removes the key, in one pass."""
+    passes: list[str] = []
+    scrub, feed = KeyForms.scrub, StreamScrubber.feed
+    monkeypatch.setattr(KeyForms, "scrub", lambda self, data: passes.append("scrub") or scrub(self, data))
+    monkeypatch.setattr(StreamScrubber, "feed", lambda self, chunk, end: passes.append("feed") or feed(self, chunk, end))
+    ex, _ = request(gw, "POST", "/v1/chat/completions", {"model": "keyed-a", "messages": [{"role": "user", "content": "x"}]})
+    ex.response_headers({":status": "401", "content-type": "application/json", "content-encoding": encoding})
+    doc = b'{"error": {"message": "bad key ' + KEY.encode() + b'"}}'
+    act = ex.response_body(gzip.compress(doc) if encoding == "gzip" else doc, True)
+    assert act.body == b'{"error": {"message": "bad key [redacted]"}}' and act.done
+    assert ("content-encoding" in act.remove_headers) is (encoding == "gzip")
+    assert passes == ["feed"]
+
+
 def test_a_messages_backends_key_goes_as_x_api_key_and_is_never_reflected(gw):
     """The key moves to Anthropic's header, the client's bearer token is removed, and the answer (an
     Anthropic error quoting the key, a header echoing it) comes back without it, in Anthropic's shape."""

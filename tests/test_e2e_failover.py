@@ -39,10 +39,26 @@ backends:
     api: chat
     models: ["refused-first", "refused-last"]
     endpoints: ["127.0.0.1:{closed}"]
+  - name: hold-chat
+    api: chat
+    models: ["held"]
+    endpoints: ["{chat}"]
+    api_key_env: POOL_CHAT_KEY
   - name: pool-resp
     api: responses
-    models: ["grouped", "refused-first"]
+    models: ["grouped", "refused-first", "held"]
     endpoints: ["{resp}"]
+  - name: w-chat
+    api: chat
+    models: ["weighted"]
+    endpoints: ["{chat}"]
+    api_key_env: POOL_CHAT_KEY
+    weight: 1
+  - name: w-resp
+    api: responses
+    models: ["weighted"]
+    endpoints: ["{resp}"]
+    weight: 3
 """
 POOL_KEY = "sk-pool-chat-secret"
 
@@ -99,7 +115,8 @@ def _error(status: int, message: str) -> tuple[int, dict]:
 
 FAILURES = {
     "503": Reply(error=_error(503, "pool overloaded")),
-    "429": Reply(error=_error(429, "rate limited"), headers={"retry-after": "7"}),
+    "429": Reply(error=_error(429, "rate limited"), headers={"retry-after": "0"}),  # 0 s: a longer hold
+    # would put pool-chat behind pool-resp for the tests after this one (a held member is tried last)
     "reset": Reply(reset=True),
 }
 
@@ -232,6 +249,39 @@ def test_each_attempt_is_counted_and_the_answering_backend_kept(g):
     assert len(served) == 1 and 'backend="pool-resp"' in served[0] and 'upstream_api="responses"' in served[0]
     genai = [k for k in after if k.startswith("gen_ai_client_token_usage_count{") and delta(k)]
     assert genai and all('gen_ai_provider_name="pool-resp"' in k for k in genai)
+
+
+def test_a_member_held_off_by_retry_after_is_skipped_at_once(g):
+    """`held` is hold-chat then pool-resp; a 429 asking for 30 s sends the next requests to pool-resp
+    first (its own cluster, `group.pool-resp.hold-chat`), with no attempt on the held member at all."""
+    g.chat.script.append(Reply(error=_error(429, "slow down"), headers={"retry-after": "30"}))
+    assert _ask(g.client(), "chat", False, model="held") == "echo: hi"
+    assert len(g.chat.requests) == 1 and len(g.resp.requests) == 1
+    retries = _stat(g, "cluster.group.pool-resp.hold-chat.upstream_rq_retry")
+    for api in ("chat", "responses"):
+        assert _ask(g.client(), api, False, model="held") == "echo: hi"
+    assert len(g.chat.requests) == 1 and len(g.resp.requests) == 3  # never tried while held
+    assert _stat(g, "cluster.group.pool-resp.hold-chat.upstream_rq_total") >= 2
+    assert _stat(g, "cluster.group.pool-resp.hold-chat.upstream_rq_retry") == retries  # no retry needed
+
+
+def test_weights_spread_first_attempts_and_one_conversation_stays(g):
+    """`weighted` is w-chat (weight 1) and w-resp (weight 3): first attempts by a hash of the placement
+    key, so about three in four distinct keys go to w-resp, and one key always to the same member."""
+    n = 120
+    client = g.client()
+    for i in range(n):
+        client.chat.completions.create(model="weighted", messages=[{"role": "user", "content": "hi"}],
+                                       prompt_cache_key=f"conversation-{i}")
+    assert len(g.chat.requests) + len(g.resp.requests) == n  # each served at once, by one member
+    share = len(g.resp.requests) / n
+    assert abs(share - 0.75) < 4 * (0.75 * 0.25 / n) ** 0.5  # within 4 standard deviations of 3/4
+    before = (len(g.chat.requests), len(g.resp.requests))
+    for _ in range(6):
+        client.chat.completions.create(model="weighted", messages=[{"role": "user", "content": "hi"}],
+                                       prompt_cache_key="one-conversation")
+    grown = (len(g.chat.requests) - before[0], len(g.resp.requests) - before[1])
+    assert sorted(grown) == [0, 6]  # all six on the same member
 
 
 def _route_names(g: Group) -> dict[str, str]:

@@ -47,9 +47,9 @@ from extproc.envoy.names import (
 from extproc.errors import GatewayError
 from extproc.exchange.actions import BUFFERED, Action, Step
 from extproc.routing.failover import Attempt, Transport, Verdict, all_failed_error
-from extproc.routing.gateway import Target
-from extproc.routing.group_routes import carried, group_cluster
-from extproc.routing.groups import group_for
+from extproc.routing.gateway import Target, placement_key
+from extproc.routing.group_routes import carried, first_on, group_cluster
+from extproc.routing.groups import attempt_order, group_for
 from extproc.routing.needs import Call
 from extproc.state import records as rec
 from extproc.state.lookup import Decision, Reads, awaited, start
@@ -95,12 +95,16 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
             side.member = Target(holder, pin.endpoint)
             return None
     rid = os.urandom(12).hex()
+    # The policy's first attempt (weights by the placement key, members held off or ejected moved back)
+    # names the cluster whose priority 0 it is; the later attempts follow that cluster's priorities.
+    members = first_on(group.backends, attempt_order(group, placement_key(body, side.headers), gw.health,
+                                                     gw.clock())[0])
     record = {"tenant": side.pinning.tenant, "headers": side.headers, "t0": time.time(), "model": model,
-              "members": [b.name for b in group.backends]}
+              "members": [b.name for b in members]}
     sealed = gw.sealer.seal(orjson.dumps(record).decode(), _SEALED_FOR)
     side.handed_over = True
     ttl = gw.config.failover.deadline_seconds + 60
-    return Action(set_headers=[(H_CLUSTER, group_cluster(group.backends)), (H_BACKEND, group.primary.name),
+    return Action(set_headers=[(H_CLUSTER, group_cluster(members)), (H_BACKEND, members[0].name),
                                (H_FAILOVER, rid)],
                   remove_headers=(H_ENDPOINT, H_FIRST_CONTACT), clear_route_cache=True,
                   writes=[(record_key(rid), sealed.encode())], write_ttl=ttl, done=True)

@@ -2,10 +2,13 @@
 
 Why this shape (measured against Envoy 1.40, docs/configuration.md "How failover is made"):
 
-- Envoy owns the attempts, the buffered body and the retries, as at first contact. Each distinct list of
-  members (`groups.Group.backends`, every one an `endpoints:` backend) is one STATIC cluster, `group.A.B`,
-  whose priorities are the members in config order: priority 0 the first member's instances, 1 the
-  second's. The route's retry policy moves each retry to the next priority (`previous_priorities`), so a
+- Envoy owns the attempts, the buffered body and the retries, as at first contact. Each order of a
+  group's members (`groups.Group.backends`, every one an `endpoints:` backend) that a request can take
+  is one STATIC cluster, `group.A.B`, whose priorities are the members in that order: priority 0 the
+  first attempt's instances, 1 the next member's. A request's first attempt is the policy's
+  (`groups.attempt_order`: weights by placement key, held-off or ejected members moved back), chosen
+  by the processor when it hands the request over; the later ones follow config order (`first_on`), so
+  a group of n members compiles n clusters, config order first. The route's retry policy moves each retry to the next priority (`previous_priorities`), so a
   retry goes to the next member, whoever made the attempt fail: a refused connection (the upstream
   filters never run then: nothing of the processor could pick the next host), a reset, or the
   processor's `x-gateway-retry` on an answer `failover.judge` fails over. 5xx and 429 are not in
@@ -19,6 +22,8 @@ Why this shape (measured against Envoy 1.40, docs/configuration.md "How failover
 - A member that keeps failing is ejected by Envoy's outlier detection in the `failover:` section's terms
   (`eject_after` consecutive 5xx or refused connections, `eject_seconds` times the ejections, up to
   `max_eject_seconds`); its priority's load spills to the next member until it comes back by itself.
+  Envoy keeps that state per cluster, so each order's cluster ejects on the failures it saw; the
+  processor's own health (every attempt of every order) is what moves a member back from first place.
 """
 
 from __future__ import annotations
@@ -61,9 +66,18 @@ def group_cluster(backends: Iterable[Backend]) -> str:
     return "group." + ".".join(b.name for b in backends)
 
 
+def first_on(backends: tuple[Backend, ...], first: Backend) -> tuple[Backend, ...]:
+    """The members as one request's cluster orders them: `first` (the policy's first attempt, by weight,
+    hold or the previous turn), then the others in config order. A group of n members needs n clusters,
+    not n! (the later attempts' order is config order: docs/configuration.md "How failover is made")."""
+    return (first, *(b for b in backends if b is not first))
+
+
 def member_lists(config: Config) -> list[tuple[Backend, ...]]:
-    """Each distinct list of members Envoy carries, in the order the groups first appear."""
-    out = {g.backends: None for g in groups(config).values() if carried(g.backends)}
+    """Each distinct order of members Envoy carries, in the order the groups first appear: config order
+    first (the fast path's, `fast_cluster`), then one order per other first member."""
+    out = {first_on(g.backends, b): None for g in groups(config).values() if carried(g.backends)
+           for b in g.backends}
     return list(out)
 
 

@@ -80,6 +80,35 @@ def test_the_record_is_sealed():
     assert b"client-key" not in raw and b"Bearer" not in raw
 
 
+def _cluster_named(gw: Gateway, body: dict) -> str:
+    ex, store = Exchange(gw), {}
+    resolve(ex.request_headers(dict(CLIENT), False), store)
+    act = resolve(ex.request_body(json.dumps(body).encode()), store)
+    assert ex.handed_over
+    return dict(act.set_headers)["x-gateway-cluster"]
+
+
+def test_a_member_held_off_by_retry_after_is_not_the_first_attempt():
+    gw = gateway()
+    gw.health.record("keyed-chat", False, gw.clock(), retry_after=30)
+    assert _cluster_named(gw, BODY) == "group.resp.keyed-chat"  # the held one is tried last, not first
+    gw.health.record("keyed-chat", True, gw.clock())  # it answered again: back in front
+    assert _cluster_named(gw, BODY) == "group.keyed-chat.resp"
+
+
+WEIGHTED = CFG.replace("    api_key_env: POOL_KEY\n", "    api_key_env: POOL_KEY\n    weight: 1\n").replace(
+    '    endpoints: ["10.0.0.2:8000", "10.0.0.3:8000"]\n', '    endpoints: ["10.0.0.2:8000", "10.0.0.3:8000"]\n    weight: 3\n')
+
+
+def test_weights_spread_first_attempts_by_placement_key_and_one_key_stays():
+    gw = Gateway(parse_config(WEIGHTED, env={"POOL_KEY": "sk-pool"}), tenant_secret=b"s" * 32)
+    firsts = [_cluster_named(gw, {**BODY, "prompt_cache_key": f"conv-{i}"}) for i in range(400)]
+    share = firsts.count("group.resp.keyed-chat") / len(firsts)
+    # weights 1:3 give the second member 3/4 of first attempts; 400 keys: 4 standard deviations is 0.087
+    assert abs(share - 0.75) < 4 * (0.75 * 0.25 / 400) ** 0.5
+    assert {_cluster_named(gw, {**BODY, "prompt_cache_key": "conv-7"}) for _ in range(5)} == {firsts[7]}
+
+
 def attempt(gw: Gateway, store: dict[str, bytes], headers: dict[str, str], n: int, host: str) -> GroupAttempt:
     a = GroupAttempt(gw, host)
     a.head = resolve(a.request_headers({**headers, "x-envoy-attempt-count": str(n)}, False), store)
@@ -149,8 +178,11 @@ def test_a_lost_record_is_a_502_not_a_guess():
 def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_between_them():
     gw = gateway()
     compiled = compile_routes(gw.config, Knowledge(), {})
-    (cluster,) = [c for c in compiled.clusters if c.name.startswith("group.")]
-    (fast,) = [c for c in compiled.clusters if c.name.startswith("fast-group.")]  # its twin without the processor
+    # one cluster per first member: config order, then the other member first (a request held off the primary)
+    assert [c.name for c in compiled.clusters if c.name.startswith("group.")] == \
+        ["group.keyed-chat.resp", "group.resp.keyed-chat"]
+    (cluster,) = [c for c in compiled.clusters if c.name == "group.keyed-chat.resp"]
+    (fast,) = [c for c in compiled.clusters if c.name == "fast-group.keyed-chat.resp"]  # its twin without the processor
     assert fast.load_assignment.endpoints == cluster.load_assignment.endpoints
     assert "ext_proc" in str(cluster.typed_extension_protocol_options) and \
         "ext_proc" not in str(fast.typed_extension_protocol_options)
@@ -173,4 +205,5 @@ def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_b
     fast = [r for r in compiled.routes.virtual_hosts[0].routes if r.name.startswith("fast:")]
     assert not any("g" in names(r) for r in fast) and any("solo-hosted" in names(r) for r in fast)
     assert any("h" in names(r) for r in fast)  # a group with a `url:` member is not carried: as before
-    assert group_routes.member_lists(gw.config) == [(gw.config.backends[0], gw.config.backends[1])]
+    chat, resp = gw.config.backends[:2]
+    assert group_routes.member_lists(gw.config) == [(chat, resp), (resp, chat)]

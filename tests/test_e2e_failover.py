@@ -59,6 +59,15 @@ backends:
     models: ["weighted"]
     endpoints: ["{resp}"]
     weight: 3
+  - name: conv-a
+    api: chat
+    models: ["chatty"]
+    endpoints: ["{chat}"]
+    api_key_env: POOL_CHAT_KEY
+  - name: conv-b
+    api: chat
+    models: ["chatty"]
+    endpoints: ["{chat2}"]
 """
 POOL_KEY = "sk-pool-chat-secret"
 
@@ -71,6 +80,7 @@ class Group:
     chat: ChatServer
     resp: ResponsesServer
     stack: Stack
+    chat2: ChatServer | None = None  # a second chat pool: an attempt's member is named by its instance's address
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="client-key", max_retries=0, timeout=30)
@@ -83,29 +93,32 @@ class Group:
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
-    chat, resp = ChatServer(), ResponsesServer()
+    chat, resp, chat2 = ChatServer(), ResponsesServer(), ChatServer()
     extproc_port, port, envoy_admin, admin_port = free_port(), free_port(), free_port(), free_port()
     closed = free_port()  # handed out, never bound: nothing listens there (connection refused)
     cfg = Path(tmp_path_factory.mktemp("failover")) / "config.yaml"
     cfg.write_text(CONFIG.format(extproc_port=extproc_port, admin_port=admin_port, chat=chat.address,
-                                 resp=resp.address, closed=closed))
+                                 resp=resp.address, closed=closed, chat2=chat2.address))
     stack = Stack()
     try:
         sidecar = stack.start_sidecar(cfg, env={"POOL_CHAT_KEY": POOL_KEY})
         wait_for_port(extproc_port, proc=sidecar)
         stack.start_envoy(port, envoy_admin, extproc_port)
         yield Group(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{envoy_admin}",
-                    chat, resp, stack)
+                    chat, resp, stack, chat2)
     finally:
         stack.stop()
         chat.close()
         resp.close()
+        chat2.close()
 
 
 @pytest.fixture
 def g(group: Group) -> Group:
     group.chat.reset()
     group.resp.reset()
+    if group.chat2 is not None:
+        group.chat2.reset()
     return group
 
 
@@ -284,6 +297,23 @@ def test_weights_spread_first_attempts_and_one_conversation_stays(g):
     assert sorted(grown) == [0, 6]  # all six on the same member
 
 
+def test_a_held_conversation_stays_on_the_member_that_served_its_last_turn(g):
+    """`chatty` is two chat pools, conv-a then conv-b. Turn 1 fails over to conv-b; the sidecar holds the
+    turns, so every member could continue them, but the next turns go to conv-b first (its prefix cache)
+    although conv-a is in (one 503 ejects nobody: `eject_after` is 50 here)."""
+    assert g.chat2 is not None
+    g.chat.script.append(FAILURES["503"])
+    client = g.client()
+    turn = client.responses.create(model="chatty", input="remember 7")
+    assert (len(g.chat.requests), len(g.chat2.requests)) == (1, 1)  # conv-a failed, conv-b served
+    for i in range(3):
+        turn = client.responses.create(model="chatty", input=f"question {i}", previous_response_id=turn.id)
+        assert turn.output_text == f"echo: question {i}"
+    assert (len(g.chat.requests), len(g.chat2.requests)) == (1, 4)  # each on conv-b at once, none on conv-a
+    sent = [m["content"] for m in g.chat2.requests[-1]["body"]["messages"]]
+    assert sent[0] == "remember 7" and sent[-1] == "question 2" and len(sent) == 7  # the whole history
+
+
 def _route_names(g: Group) -> dict[str, str]:
     with urllib.request.urlopen(g.envoy_admin + "/config_dump?resource=dynamic_route_configs", timeout=10) as r:
         dump = json.loads(r.read())
@@ -431,3 +461,6 @@ def test_a_conversation_survives_its_first_member_dying(health):
     first_on_b = [m["content"] for m in conv_b.requests[0]["body"]["messages"]]
     assert first_on_b == said[:21]
     assert [m["content"] for m in conv_b.requests[-1]["body"]["messages"]] == said[:-1]
+    # turns 12 to 20 went to conv-b first, the member of the turn before: no attempt on the dead one
+    assert _stat(g, "cluster.group.conv-b.conv-a.upstream_rq_total") == 9
+    assert _stat(g, "cluster.group.conv-b.conv-a.upstream_rq_retry") == 0

@@ -80,8 +80,8 @@ def test_the_record_is_sealed():
     assert b"client-key" not in raw and b"Bearer" not in raw
 
 
-def _cluster_named(gw: Gateway, body: dict) -> str:
-    ex, store = Exchange(gw), {}
+def _cluster_named(gw: Gateway, body: dict, store: dict[str, bytes] | None = None) -> str:
+    ex, store = Exchange(gw), {} if store is None else store
     resolve(ex.request_headers(dict(CLIENT), False), store)
     act = resolve(ex.request_body(json.dumps(body).encode()), store)
     assert ex.handed_over
@@ -109,11 +109,51 @@ def test_weights_spread_first_attempts_by_placement_key_and_one_key_stays():
     assert {_cluster_named(gw, {**BODY, "prompt_cache_key": "conv-7"}) for _ in range(5)} == {firsts[7]}
 
 
-def attempt(gw: Gateway, store: dict[str, bytes], headers: dict[str, str], n: int, host: str) -> GroupAttempt:
+def attempt(gw: Gateway, store: dict[str, bytes], headers: dict[str, str], n: int, host: str,
+            body: dict = BODY) -> GroupAttempt:
     a = GroupAttempt(gw, host)
     a.head = resolve(a.request_headers({**headers, "x-envoy-attempt-count": str(n)}, False), store)
-    a.body_act = resolve(a.request_body(json.dumps(BODY).encode()), store)
+    a.body_act = resolve(a.request_body(json.dumps(body).encode()), store)
     return a
+
+
+CHATS = """
+failover: {max_attempts: 3}
+backends:
+  - name: chat-a
+    api: chat
+    models: ["c"]
+    endpoints: ["10.0.1.1:8000"]
+  - name: chat-b
+    api: chat
+    models: ["c"]
+    endpoints: ["10.0.1.2:8000"]
+"""
+COMPLETION = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "c",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "seven"}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+
+
+def test_a_held_conversation_goes_first_to_the_member_that_served_its_last_turn():
+    gw, store = Gateway(parse_config(CHATS), tenant_secret=b"s" * 32), {}
+    turn1 = {"model": "c", "input": "remember 7"}
+    ex = Exchange(gw)
+    resolve(ex.request_headers(dict(CLIENT), False), store)
+    act = resolve(ex.request_body(json.dumps(turn1).encode()), store)
+    assert dict(act.set_headers)["x-gateway-cluster"] == "group.chat-a.chat-b"  # config order: no turn yet
+    headers = {**CLIENT, "x-gateway-failover": dict(act.set_headers)["x-gateway-failover"]}
+    first = attempt(gw, store, headers, 1, "10.0.1.1:8000", turn1)
+    first.response_headers({":status": "503"})
+    resolve(first.response_body(b'{"error": {"message": "overloaded"}}', True), store)  # failed over to chat-b
+    second = attempt(gw, store, headers, 2, "10.0.1.2:8000", turn1)
+    second.response_headers({":status": "200", "content-type": "application/json"})
+    answer = resolve(second.response_body(json.dumps(COMPLETION).encode(), True), store)
+    response_id = orjson.loads(answer.body or b"{}")["id"]  # the Response the sidecar made, and holds
+    turn2 = {"model": "c", "input": "what number?", "previous_response_id": response_id}
+    # chat-a is in again (one 503 ejects nobody), but the conversation stays where its last turn was served
+    assert _cluster_named(gw, turn2, store) == "group.chat-b.chat-a"
+    gw.health.record("chat-b", False, gw.clock(), retry_after=30)  # held off: the policy's order again
+    assert _cluster_named(gw, turn2, store) == "group.chat-a.chat-b"
 
 
 def test_each_attempt_runs_on_its_member_and_a_failure_is_marked_for_envoys_retry():

@@ -374,6 +374,16 @@ backends:
     api: chat
     models: ["fast-model"]
     endpoints: ["{fast_b}"]
+  - name: spread-a
+    api: chat
+    models: ["spread-model"]
+    endpoints: ["{fast_a}"]
+    weight: 1
+  - name: spread-b
+    api: chat
+    models: ["spread-model"]
+    endpoints: ["{fast_b}"]
+    weight: 3
 """
 
 
@@ -444,6 +454,24 @@ def test_a_same_api_group_fails_over_on_the_fast_path(health):
     assert wait_until(lambda: _metrics(g).get(served, 0) == before + 1)
     fast_a.script.append(Reply(text="first pool again"))
     assert _ask(g.client(), "chat", True, model="fast-model") == "first pool again"
+
+
+def test_weights_spread_first_attempts_on_the_fast_path_too(health):
+    """spread-a (weight 1) and spread-b (weight 3), chat pools: Envoy picks the first member by weight
+    (one order's cluster per request, at random; the other member is its next priority)."""
+    g, fast_a, fast_b = health.group, health.fast_a, health.fast_b
+    with urllib.request.urlopen(g.envoy_admin + "/config_dump?resource=dynamic_route_configs", timeout=10) as r:
+        routes = json.loads(r.read())["configs"][0]["route_config"]["virtual_hosts"][0]["routes"]
+    spread = [r["route"] for r in routes if r["name"] == "fast:chat:group.spread-a.spread-b"]  # one per condition
+    assert spread and all({c["name"]: c["weight"] for c in r["weighted_clusters"]["clusters"]} == {
+        "fast-group.spread-a.spread-b": 1, "fast-group.spread-b.spread-a": 3} for r in spread)
+    n, before = 120, (len(fast_a.requests), len(fast_b.requests))
+    for _ in range(n):
+        assert _ask(g.client(), "chat", False, model="spread-model") == "echo: hi"
+    on_a, on_b = len(fast_a.requests) - before[0], len(fast_b.requests) - before[1]
+    assert on_a + on_b == n  # each served at once, by one member
+    assert abs(on_b / n - 0.75) < 5 * (0.75 * 0.25 / n) ** 0.5  # Envoy's random pick: within 5 standard deviations
+    assert _stat(g, "cluster.fast-group.spread-b.spread-a.upstream_rq_total") == on_b  # never the processor's
 
 
 def test_a_conversation_survives_its_first_member_dying(health):

@@ -86,6 +86,18 @@ def fast_cluster(backends: Iterable[Backend]) -> str:
     return "fast-" + group_cluster(backends)
 
 
+def spread(action: rc.RouteAction, members: tuple[Backend, ...]) -> None:
+    """A fast route's first attempts shared by the weighted members, as the processor shares them: Envoy
+    picks one order's cluster (`first_on`: that member, then config order) per request by weight. At
+    random, not by the placement key (a weighted cluster's choice takes no string hash), so on the fast
+    path one conversation does not keep its member; no weights: the config order's cluster alone."""
+    weighted = [b for b in members if b.weight is not None]
+    if weighted:  # (touching the field at all would replace the route's cluster)
+        action.weighted_clusters.clusters.extend(
+            rc.WeightedCluster.ClusterWeight(name=fast_cluster(first_on(members, b)),
+                                             weight=wrappers_pb2.UInt32Value(value=b.weight)) for b in weighted)
+
+
 def member_at(config: Config, label: str, address: str) -> str:
     """The backend a fast route's label names: a model group's cluster resolved to the member whose
     instance answered (the access log's upstream address); any other label as it is."""

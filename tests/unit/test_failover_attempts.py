@@ -247,3 +247,19 @@ def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_b
     assert any("h" in names(r) for r in fast)  # a group with a `url:` member is not carried: as before
     chat, resp = gw.config.backends[:2]
     assert group_routes.member_lists(gw.config) == [(chat, resp), (resp, chat)]
+
+
+def test_a_weighted_groups_fast_route_picks_each_members_order_by_weight():
+    weighted = CHATS.replace('["10.0.1.1:8000"]\n', '["10.0.1.1:8000"]\n    weight: 2\n').replace(
+        '["10.0.1.2:8000"]\n', '["10.0.1.2:8000"]\n    weight: 5\n')
+    compiled = compile_routes(parse_config(weighted), Knowledge(), {})
+    fast = [r.route for r in compiled.routes.virtual_hosts[0].routes if r.name == "fast:chat:group.chat-a.chat-b"]
+    assert fast and all(not r.cluster and [(c.name, c.weight.value) for c in r.weighted_clusters.clusters] ==
+                        [("fast-group.chat-a.chat-b", 2), ("fast-group.chat-b.chat-a", 5)] for r in fast)
+    (b_first,) = [c for c in compiled.clusters if c.name == "fast-group.chat-b.chat-a"]
+    assert [(p.priority, [e.endpoint.address.socket_address.port_value for e in p.lb_endpoints],
+             p.lb_endpoints[0].endpoint.address.socket_address.address) for p in b_first.load_assignment.endpoints] == \
+        [(0, [8000], "10.0.1.2"), (1, [8000], "10.0.1.1")]
+    unweighted = compile_routes(parse_config(CHATS), Knowledge(), {})
+    assert {r.route.cluster for r in unweighted.routes.virtual_hosts[0].routes
+            if r.name == "fast:chat:group.chat-a.chat-b"} == {"fast-group.chat-a.chat-b"}  # config order alone

@@ -61,6 +61,16 @@ def carried(backends: Iterable[Backend]) -> bool:
     return all(b.endpoints for b in backends)
 
 
+def carriage(members: tuple[Backend, ...]) -> str:
+    """How Envoy carries a group's attempts, in words, for `check-config` and `extproc resolve`."""
+    if not carried(members):
+        kinds = ", ".join(f"{b.name} is a {'url:' if b.hosted is not None else 'cluster:'} backend"
+                          for b in members if not b.endpoints)
+        return f"not carried ({kinds}): its requests go to the primary {members[0].name} alone, without failover"
+    names = ", ".join(group_cluster(first_on(members, b)) for b in members)
+    return f"one cluster per first attempt ({names}), the later attempts in config order"
+
+
 def group_cluster(backends: Iterable[Backend]) -> str:
     """The cluster of one list of members (backend names cannot hold a dot's neighbour `+`, so `.` joins)."""
     return "group." + ".".join(b.name for b in backends)

@@ -106,7 +106,7 @@ def _check_config(path: str, strict: bool) -> int:
 
 def _print_groups(cfg: Config) -> None:
     """Which models several backends serve (docs/configuration.md, Failover), and weights that do nothing."""
-    from extproc.routing.group_routes import carriage, carried
+    from extproc.routing.group_routes import carriage, carried, shared_instances
     from extproc.routing.groups import describe, groups
 
     found = groups(cfg)
@@ -114,6 +114,9 @@ def _print_groups(cfg: Config) -> None:
         print(f"  group {group.model}: {describe(group)}")
         if not carried(group.backends):
             print(f"  note: group {group.model} is {carriage(group.backends)}")
+        for address, names in shared_instances(group.backends).items():
+            print(f"  note: group {group.model}: {', '.join(names)} share instance {address}: an attempt there is "
+                  f"always {names[0]}'s (attempts are told apart by the instance)")
     grouped = {m.backend.name for g in found.values() for m in g.members}
     for b in cfg.backends:
         if b.weight is not None and b.name not in grouped:

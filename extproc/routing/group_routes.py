@@ -71,6 +71,17 @@ def carriage(members: tuple[Backend, ...]) -> str:
     return f"one cluster per first attempt ({names}), the later attempts in config order"
 
 
+def shared_instances(members: tuple[Backend, ...]) -> dict[str, list[str]]:
+    """Instances two or more members list: an attempt there is taken for the first of them in config
+    order (the attempt's member is named by the address Envoy connected to), so the others' key, API
+    and health are never used there."""
+    listed: dict[str, list[str]] = {}
+    for b in members:
+        for e in b.endpoints:
+            listed.setdefault(e.address, []).append(b.name)
+    return {address: names for address, names in listed.items() if len(names) > 1}
+
+
 def group_cluster(backends: Iterable[Backend]) -> str:
     """The cluster of one list of members (backend names cannot hold a dot's neighbour `+`, so `.` joins)."""
     return "group." + ".".join(b.name for b in backends)

@@ -584,6 +584,10 @@ def test_resolve_prints_the_group_its_members_and_the_attempt_order(tmp_path, ca
     assert cli_main(["check-config", str(path)]) == 0
     assert "  note: group m is not carried (far is a url: backend): its requests go to the primary near alone, " \
         "without failover" in capsys.readouterr().out.splitlines()
+    path.write_text(HOSTED_MEMBER.replace('url: "https://api.example.com"', 'endpoints: ["127.0.0.1:8001"]'))
+    assert cli_main(["check-config", str(path)]) == 0
+    assert "  note: group m: near, far share instance 127.0.0.1:8001: an attempt there is always near's (attempts " \
+        "are told apart by the instance)" in capsys.readouterr().out.splitlines()
 
 
 HOSTED_MEMBER = """

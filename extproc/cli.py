@@ -106,11 +106,17 @@ def _check_config(path: str, strict: bool) -> int:
 
 def _print_groups(cfg: Config) -> None:
     """Which models several backends serve (docs/configuration.md, Failover), and weights that do nothing."""
+    from extproc.routing.group_routes import carriage, carried, shared_instances
     from extproc.routing.groups import describe, groups
 
     found = groups(cfg)
     for group in found.values():
         print(f"  group {group.model}: {describe(group)}")
+        if not carried(group.backends):
+            print(f"  note: group {group.model} is {carriage(group.backends)}")
+        for address, names in shared_instances(group.backends).items():
+            print(f"  note: group {group.model}: {', '.join(names)} share instance {address}: an attempt there is "
+                  f"always {names[0]}'s (attempts are told apart by the instance)")
     grouped = {m.backend.name for g in found.values() for m in g.members}
     for b in cfg.backends:
         if b.weight is not None and b.name not in grouped:
@@ -190,6 +196,7 @@ def _print_group(cfg: Config, knowledge: Knowledge, model: str, learned: Learned
     """The model's group, if it is one: each member with the API it serves the model on, and the order."""
     from extproc.routing.classify import Classifier
     from extproc.routing.failover import Health
+    from extproc.routing.group_routes import carriage
     from extproc.routing.groups import attempt_order, describe, group_for
 
     group = group_for(cfg, model)
@@ -209,6 +216,9 @@ def _print_group(cfg: Config, knowledge: Knowledge, model: str, learned: Learned
     else:
         order = " -> ".join(b.name for b in attempt_order(group, model, Health(cfg.failover), 0.0))
         print(f"attempts: {order} (at most {limit}; config order while every member is in)")
+    print("          a member held off or taken out is not tried first; a conversation the sidecar holds "
+          "goes first to the member of its last turn while that member is in")
+    print(f"envoy:    {carriage(group.backends)}")
 
 
 def _envoy_rules() -> None:

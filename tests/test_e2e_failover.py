@@ -39,10 +39,35 @@ backends:
     api: chat
     models: ["refused-first", "refused-last"]
     endpoints: ["127.0.0.1:{closed}"]
+  - name: hold-chat
+    api: chat
+    models: ["held"]
+    endpoints: ["{chat}"]
+    api_key_env: POOL_CHAT_KEY
   - name: pool-resp
     api: responses
-    models: ["grouped", "refused-first"]
+    models: ["grouped", "refused-first", "held"]
     endpoints: ["{resp}"]
+  - name: w-chat
+    api: chat
+    models: ["weighted"]
+    endpoints: ["{chat}"]
+    api_key_env: POOL_CHAT_KEY
+    weight: 1
+  - name: w-resp
+    api: responses
+    models: ["weighted"]
+    endpoints: ["{resp}"]
+    weight: 3
+  - name: conv-a
+    api: chat
+    models: ["chatty"]
+    endpoints: ["{chat}"]
+    api_key_env: POOL_CHAT_KEY
+  - name: conv-b
+    api: chat
+    models: ["chatty"]
+    endpoints: ["{chat2}"]
 """
 POOL_KEY = "sk-pool-chat-secret"
 
@@ -55,6 +80,7 @@ class Group:
     chat: ChatServer
     resp: ResponsesServer
     stack: Stack
+    chat2: ChatServer | None = None  # a second chat pool: an attempt's member is named by its instance's address
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="client-key", max_retries=0, timeout=30)
@@ -67,29 +93,32 @@ class Group:
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
-    chat, resp = ChatServer(), ResponsesServer()
+    chat, resp, chat2 = ChatServer(), ResponsesServer(), ChatServer()
     extproc_port, port, envoy_admin, admin_port = free_port(), free_port(), free_port(), free_port()
     closed = free_port()  # handed out, never bound: nothing listens there (connection refused)
     cfg = Path(tmp_path_factory.mktemp("failover")) / "config.yaml"
     cfg.write_text(CONFIG.format(extproc_port=extproc_port, admin_port=admin_port, chat=chat.address,
-                                 resp=resp.address, closed=closed))
+                                 resp=resp.address, closed=closed, chat2=chat2.address))
     stack = Stack()
     try:
         sidecar = stack.start_sidecar(cfg, env={"POOL_CHAT_KEY": POOL_KEY})
         wait_for_port(extproc_port, proc=sidecar)
         stack.start_envoy(port, envoy_admin, extproc_port)
         yield Group(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{envoy_admin}",
-                    chat, resp, stack)
+                    chat, resp, stack, chat2)
     finally:
         stack.stop()
         chat.close()
         resp.close()
+        chat2.close()
 
 
 @pytest.fixture
 def g(group: Group) -> Group:
     group.chat.reset()
     group.resp.reset()
+    if group.chat2 is not None:
+        group.chat2.reset()
     return group
 
 
@@ -99,7 +128,8 @@ def _error(status: int, message: str) -> tuple[int, dict]:
 
 FAILURES = {
     "503": Reply(error=_error(503, "pool overloaded")),
-    "429": Reply(error=_error(429, "rate limited"), headers={"retry-after": "7"}),
+    "429": Reply(error=_error(429, "rate limited"), headers={"retry-after": "0"}),  # 0 s: a longer hold
+    # would put pool-chat behind pool-resp for the tests after this one (a held member is tried last)
     "reset": Reply(reset=True),
 }
 
@@ -234,6 +264,56 @@ def test_each_attempt_is_counted_and_the_answering_backend_kept(g):
     assert genai and all('gen_ai_provider_name="pool-resp"' in k for k in genai)
 
 
+def test_a_member_held_off_by_retry_after_is_skipped_at_once(g):
+    """`held` is hold-chat then pool-resp; a 429 asking for 30 s sends the next requests to pool-resp
+    first (its own cluster, `group.pool-resp.hold-chat`), with no attempt on the held member at all."""
+    g.chat.script.append(Reply(error=_error(429, "slow down"), headers={"retry-after": "30"}))
+    assert _ask(g.client(), "chat", False, model="held") == "echo: hi"
+    assert len(g.chat.requests) == 1 and len(g.resp.requests) == 1
+    retries = _stat(g, "cluster.group.pool-resp.hold-chat.upstream_rq_retry")
+    for api in ("chat", "responses"):
+        assert _ask(g.client(), api, False, model="held") == "echo: hi"
+    assert len(g.chat.requests) == 1 and len(g.resp.requests) == 3  # never tried while held
+    assert _stat(g, "cluster.group.pool-resp.hold-chat.upstream_rq_total") >= 2
+    assert _stat(g, "cluster.group.pool-resp.hold-chat.upstream_rq_retry") == retries  # no retry needed
+
+
+def test_weights_spread_first_attempts_and_one_conversation_stays(g):
+    """`weighted` is w-chat (weight 1) and w-resp (weight 3): first attempts by a hash of the placement
+    key, so about three in four distinct keys go to w-resp, and one key always to the same member."""
+    n = 120
+    client = g.client()
+    for i in range(n):
+        client.chat.completions.create(model="weighted", messages=[{"role": "user", "content": "hi"}],
+                                       prompt_cache_key=f"conversation-{i}")
+    assert len(g.chat.requests) + len(g.resp.requests) == n  # each served at once, by one member
+    share = len(g.resp.requests) / n
+    assert abs(share - 0.75) < 4 * (0.75 * 0.25 / n) ** 0.5  # within 4 standard deviations of 3/4
+    before = (len(g.chat.requests), len(g.resp.requests))
+    for _ in range(6):
+        client.chat.completions.create(model="weighted", messages=[{"role": "user", "content": "hi"}],
+                                       prompt_cache_key="one-conversation")
+    grown = (len(g.chat.requests) - before[0], len(g.resp.requests) - before[1])
+    assert sorted(grown) == [0, 6]  # all six on the same member
+
+
+def test_a_held_conversation_stays_on_the_member_that_served_its_last_turn(g):
+    """`chatty` is two chat pools, conv-a then conv-b. Turn 1 fails over to conv-b; the sidecar holds the
+    turns, so every member could continue them, but the next turns go to conv-b first (its prefix cache)
+    although conv-a is in (one 503 ejects nobody: `eject_after` is 50 here)."""
+    assert g.chat2 is not None
+    g.chat.script.append(FAILURES["503"])
+    client = g.client()
+    turn = client.responses.create(model="chatty", input="remember 7")
+    assert (len(g.chat.requests), len(g.chat2.requests)) == (1, 1)  # conv-a failed, conv-b served
+    for i in range(3):
+        turn = client.responses.create(model="chatty", input=f"question {i}", previous_response_id=turn.id)
+        assert turn.output_text == f"echo: question {i}"
+    assert (len(g.chat.requests), len(g.chat2.requests)) == (1, 4)  # each on conv-b at once, none on conv-a
+    sent = [m["content"] for m in g.chat2.requests[-1]["body"]["messages"]]
+    assert sent[0] == "remember 7" and sent[-1] == "question 2" and len(sent) == 7  # the whole history
+
+
 def _route_names(g: Group) -> dict[str, str]:
     with urllib.request.urlopen(g.envoy_admin + "/config_dump?resource=dynamic_route_configs", timeout=10) as r:
         dump = json.loads(r.read())
@@ -294,6 +374,16 @@ backends:
     api: chat
     models: ["fast-model"]
     endpoints: ["{fast_b}"]
+  - name: spread-a
+    api: chat
+    models: ["spread-model"]
+    endpoints: ["{fast_a}"]
+    weight: 1
+  - name: spread-b
+    api: chat
+    models: ["spread-model"]
+    endpoints: ["{fast_b}"]
+    weight: 3
 """
 
 
@@ -366,6 +456,24 @@ def test_a_same_api_group_fails_over_on_the_fast_path(health):
     assert _ask(g.client(), "chat", True, model="fast-model") == "first pool again"
 
 
+def test_weights_spread_first_attempts_on_the_fast_path_too(health):
+    """spread-a (weight 1) and spread-b (weight 3), chat pools: Envoy picks the first member by weight
+    (one order's cluster per request, at random; the other member is its next priority)."""
+    g, fast_a, fast_b = health.group, health.fast_a, health.fast_b
+    with urllib.request.urlopen(g.envoy_admin + "/config_dump?resource=dynamic_route_configs", timeout=10) as r:
+        routes = json.loads(r.read())["configs"][0]["route_config"]["virtual_hosts"][0]["routes"]
+    spread = [r["route"] for r in routes if r["name"] == "fast:chat:group.spread-a.spread-b"]  # one per condition
+    assert spread and all({c["name"]: c["weight"] for c in r["weighted_clusters"]["clusters"]} == {
+        "fast-group.spread-a.spread-b": 1, "fast-group.spread-b.spread-a": 3} for r in spread)
+    n, before = 120, (len(fast_a.requests), len(fast_b.requests))
+    for _ in range(n):
+        assert _ask(g.client(), "chat", False, model="spread-model") == "echo: hi"
+    on_a, on_b = len(fast_a.requests) - before[0], len(fast_b.requests) - before[1]
+    assert on_a + on_b == n  # each served at once, by one member
+    assert abs(on_b / n - 0.75) < 5 * (0.75 * 0.25 / n) ** 0.5  # Envoy's random pick: within 5 standard deviations
+    assert _stat(g, "cluster.fast-group.spread-b.spread-a.upstream_rq_total") == on_b  # never the processor's
+
+
 def test_a_conversation_survives_its_first_member_dying(health):
     g, conv_a, conv_b = health.group, health.conv_a, health.conv_b
     client, prev, said = g.client(), None, []
@@ -381,3 +489,6 @@ def test_a_conversation_survives_its_first_member_dying(health):
     first_on_b = [m["content"] for m in conv_b.requests[0]["body"]["messages"]]
     assert first_on_b == said[:21]
     assert [m["content"] for m in conv_b.requests[-1]["body"]["messages"]] == said[:-1]
+    # turns 12 to 20 went to conv-b first, the member of the turn before: no attempt on the dead one
+    assert _stat(g, "cluster.group.conv-b.conv-a.upstream_rq_total") == 9
+    assert _stat(g, "cluster.group.conv-b.conv-a.upstream_rq_retry") == 0

@@ -47,9 +47,9 @@ from extproc.envoy.names import (
 from extproc.errors import GatewayError
 from extproc.exchange.actions import BUFFERED, Action, Step
 from extproc.routing.failover import Attempt, Transport, Verdict, all_failed_error
-from extproc.routing.gateway import Target
-from extproc.routing.group_routes import carried, group_cluster
-from extproc.routing.groups import group_for
+from extproc.routing.gateway import Target, placement_key
+from extproc.routing.group_routes import carried, first_on, group_cluster
+from extproc.routing.groups import continue_order, group_for
 from extproc.routing.needs import Call
 from extproc.state import records as rec
 from extproc.state.lookup import Decision, Reads, awaited, start
@@ -81,26 +81,37 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
     Envoy carries, an attempt already, not a turn (compaction and counts go to the primary), a background
     turn (the sidecar's own run sends it again), or the continuation of a response a member stored
     itself (a stateful Responses backend's pin): only that member can continue it, so the request goes
-    there (`side.member`), as any pinned turn does, without failover."""
+    there (`side.member`), as any pinned turn does, without failover. A turn the sidecar holds goes
+    first to the member that served it (its prefix cache) while that member is in."""
     gw = side.gw
     group = group_for(gw.config, model) if side.member is None and call is Call.CREATE else None
     if group is None or not carried(group.backends) or body.get("background") is True:
         return None
     prev = body.get("previous_response_id")
+    previous: str | None = None  # the member that served the turn this one continues, when the sidecar holds it
     if isinstance(prev, str) and prev:
         values = yield from side.pinning.state_of(prev)
-        pin = rec.Pin.loads(values[1]) if values and values[1] else None
+        turn = rec.load_turn(values[0]) if values else None
+        pin = rec.Pin.loads(values[1]) if values and values[1] and turn is None else None
         holder = next((b for b in group.backends if pin is not None and b.name == pin.backend), None)
         if pin is not None and holder is not None and pin.endpoint in {e.address for e in holder.endpoints}:
             side.member = Target(holder, pin.endpoint)
             return None
+        served = turn.get("backend") if turn is not None else None
+        previous = served if isinstance(served, str) else None
     rid = os.urandom(12).hex()
+    # The policy's first attempt (the previous turn's member while it is in, else weights by the placement
+    # key; members held off or ejected moved back) names the cluster whose priority 0 it is; the later
+    # attempts follow that cluster's priorities.
+    first = continue_order(group, placement_key(body, side.headers), gw.health, gw.clock(),
+                           previous_backend=previous, held_by_sidecar=True)[0]
+    members = first_on(group.backends, first)
     record = {"tenant": side.pinning.tenant, "headers": side.headers, "t0": time.time(), "model": model,
-              "members": [b.name for b in group.backends]}
+              "members": [b.name for b in members]}
     sealed = gw.sealer.seal(orjson.dumps(record).decode(), _SEALED_FOR)
     side.handed_over = True
     ttl = gw.config.failover.deadline_seconds + 60
-    return Action(set_headers=[(H_CLUSTER, group_cluster(group.backends)), (H_BACKEND, group.primary.name),
+    return Action(set_headers=[(H_CLUSTER, group_cluster(members)), (H_BACKEND, members[0].name),
                                (H_FAILOVER, rid)],
                   remove_headers=(H_ENDPOINT, H_FIRST_CONTACT), clear_route_cache=True,
                   writes=[(record_key(rid), sealed.encode())], write_ttl=ttl, done=True)

@@ -104,7 +104,8 @@ class Plan:
         """What a finished Response (translated, or read from a passed-through answer) is kept as: the
         sidecar's turn, and the conversation's new items."""
         writes = [] if self.turn is None else \
-            self.pinning.turn_writes(response, self.turn.items, self.turn.ancestors, self.target.endpoint)
+            self.pinning.turn_writes(response, self.turn.items, self.turn.ancestors, self.target.endpoint,
+                                     self.target.backend.name)
         if self.conversation is not None:
             writes += self.conversation.append(response)
         return writes

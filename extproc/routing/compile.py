@@ -204,6 +204,7 @@ def fast_route(config: Config, backend: Backend, client_api: str,
     path = PATHS[client_api]
     action = _to_backend(config, group_routes.fast_cluster(group), retry_policy=group_routes.fast_retry(config, group)) \
         if group else _to_backend(config, backend_cluster(backend))
+    group_routes.spread(action, group)
     _host(action, backend)
     if len(backend.endpoints) > 1:  # prefix-cache affinity where the request carries a session
         action.hash_policy.extend(rc.RouteAction.HashPolicy(header=rc.RouteAction.HashPolicy.Header(header_name=h),

@@ -2,10 +2,13 @@
 
 Why this shape (measured against Envoy 1.40, docs/configuration.md "How failover is made"):
 
-- Envoy owns the attempts, the buffered body and the retries, as at first contact. Each distinct list of
-  members (`groups.Group.backends`, every one an `endpoints:` backend) is one STATIC cluster, `group.A.B`,
-  whose priorities are the members in config order: priority 0 the first member's instances, 1 the
-  second's. The route's retry policy moves each retry to the next priority (`previous_priorities`), so a
+- Envoy owns the attempts, the buffered body and the retries, as at first contact. Each order of a
+  group's members (`groups.Group.backends`, every one an `endpoints:` backend) that a request can take
+  is one STATIC cluster, `group.A.B`, whose priorities are the members in that order: priority 0 the
+  first attempt's instances, 1 the next member's. A request's first attempt is the policy's
+  (`groups.attempt_order`: weights by placement key, held-off or ejected members moved back), chosen
+  by the processor when it hands the request over; the later ones follow config order (`first_on`), so
+  a group of n members compiles n clusters, config order first. The route's retry policy moves each retry to the next priority (`previous_priorities`), so a
   retry goes to the next member, whoever made the attempt fail: a refused connection (the upstream
   filters never run then: nothing of the processor could pick the next host), a reset, or the
   processor's `x-gateway-retry` on an answer `failover.judge` fails over. 5xx and 429 are not in
@@ -19,6 +22,8 @@ Why this shape (measured against Envoy 1.40, docs/configuration.md "How failover
 - A member that keeps failing is ejected by Envoy's outlier detection in the `failover:` section's terms
   (`eject_after` consecutive 5xx or refused connections, `eject_seconds` times the ejections, up to
   `max_eject_seconds`); its priority's load spills to the next member until it comes back by itself.
+  Envoy keeps that state per cluster, so each order's cluster ejects on the failures it saw; the
+  processor's own health (every attempt of every order) is what moves a member back from first place.
 """
 
 from __future__ import annotations
@@ -56,20 +61,62 @@ def carried(backends: Iterable[Backend]) -> bool:
     return all(b.endpoints for b in backends)
 
 
+def carriage(members: tuple[Backend, ...]) -> str:
+    """How Envoy carries a group's attempts, in words, for `check-config` and `extproc resolve`."""
+    if not carried(members):
+        kinds = ", ".join(f"{b.name} is a {'url:' if b.hosted is not None else 'cluster:'} backend"
+                          for b in members if not b.endpoints)
+        return f"not carried ({kinds}): its requests go to the primary {members[0].name} alone, without failover"
+    names = ", ".join(group_cluster(first_on(members, b)) for b in members)
+    return f"one cluster per first attempt ({names}), the later attempts in config order"
+
+
+def shared_instances(members: tuple[Backend, ...]) -> dict[str, list[str]]:
+    """Instances two or more members list: an attempt there is taken for the first of them in config
+    order (the attempt's member is named by the address Envoy connected to), so the others' key, API
+    and health are never used there."""
+    listed: dict[str, list[str]] = {}
+    for b in members:
+        for e in b.endpoints:
+            listed.setdefault(e.address, []).append(b.name)
+    return {address: names for address, names in listed.items() if len(names) > 1}
+
+
 def group_cluster(backends: Iterable[Backend]) -> str:
     """The cluster of one list of members (backend names cannot hold a dot's neighbour `+`, so `.` joins)."""
     return "group." + ".".join(b.name for b in backends)
 
 
+def first_on(backends: tuple[Backend, ...], first: Backend) -> tuple[Backend, ...]:
+    """The members as one request's cluster orders them: `first` (the policy's first attempt, by weight,
+    hold or the previous turn), then the others in config order. A group of n members needs n clusters,
+    not n! (the later attempts' order is config order: docs/configuration.md "How failover is made")."""
+    return (first, *(b for b in backends if b is not first))
+
+
 def member_lists(config: Config) -> list[tuple[Backend, ...]]:
-    """Each distinct list of members Envoy carries, in the order the groups first appear."""
-    out = {g.backends: None for g in groups(config).values() if carried(g.backends)}
+    """Each distinct order of members Envoy carries, in the order the groups first appear: config order
+    first (the fast path's, `fast_cluster`), then one order per other first member."""
+    out = {first_on(g.backends, b): None for g in groups(config).values() if carried(g.backends)
+           for b in g.backends}
     return list(out)
 
 
 def fast_cluster(backends: Iterable[Backend]) -> str:
     """The same members for the fast path: no processor among the upstream filters."""
     return "fast-" + group_cluster(backends)
+
+
+def spread(action: rc.RouteAction, members: tuple[Backend, ...]) -> None:
+    """A fast route's first attempts shared by the weighted members, as the processor shares them: Envoy
+    picks one order's cluster (`first_on`: that member, then config order) per request by weight. At
+    random, not by the placement key (a weighted cluster's choice takes no string hash), so on the fast
+    path one conversation does not keep its member; no weights: the config order's cluster alone."""
+    weighted = [b for b in members if b.weight is not None]
+    if weighted:  # (touching the field at all would replace the route's cluster)
+        action.weighted_clusters.clusters.extend(
+            rc.WeightedCluster.ClusterWeight(name=fast_cluster(first_on(members, b)),
+                                             weight=wrappers_pb2.UInt32Value(value=b.weight)) for b in weighted)
 
 
 def member_at(config: Config, label: str, address: str) -> str:

@@ -100,7 +100,9 @@ def continue_order(group: Group, key: str, health: Health, now: float, *, previo
     first while it is in (its prefix cache). When only the upstream holds it (a stateful Responses
     backend's own stored response), no other member can rebuild it: only that backend is tried, and when
     it is not a member (or was never recorded) the order is empty and the turn gets today's answer,
-    `previous_response_not_found`, never a silent wrong context."""
+    `previous_response_not_found`, never a silent wrong context. With the sidecar holding the turns and
+    no `previous_backend` (a first turn, or a turn recorded before turns named their backend), the
+    order is `attempt_order`'s."""
     if not held_by_sidecar:
         return tuple(b for b in group.backends if b.name == previous_backend)
     order = attempt_order(group, key, health, now, max_attempts)

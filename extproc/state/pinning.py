@@ -244,11 +244,11 @@ class Pinning:
     # -- recording ------------------------------------------------------------------------------
 
     def turn_writes(self, response: dict[str, Any] | None, items: list[dict[str, Any]], ancestors: list[str],
-                    endpoint: str | None) -> Writes:
+                    endpoint: str | None, backend: str | None) -> Writes:
         """Keep a translated Response (with its input) so previous_response_id can continue from it."""
         if response is None or response.get("status") not in ("completed", "incomplete"):
             return []
-        record = rec.turn_record(response, items, ancestors, endpoint)
+        record = rec.turn_record(response, items, ancestors, endpoint, backend)
         if len(record) > self.gw.config.state.max_record_bytes:
             log.warning("response %s not stored: %d bytes exceeds state.max_record_bytes", response["id"], len(record))
             return []

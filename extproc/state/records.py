@@ -103,8 +103,10 @@ def input_items(inp: Any) -> list[dict[str, Any]]:
 
 
 def turn_record(response: dict[str, Any], items: list[dict[str, Any]], ancestors: list[str],
-                endpoint: str | None) -> bytes:
-    return orjson.dumps({"response": response, "input": items, "ancestors": ancestors, "endpoint": endpoint})
+                endpoint: str | None, backend: str | None = None) -> bytes:
+    """`endpoint` and `backend` say who served the turn: a model group's next turn goes there first."""
+    return orjson.dumps({"response": response, "input": items, "ancestors": ancestors, "endpoint": endpoint,
+                         "backend": backend})
 
 
 def history(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -81,11 +81,80 @@ def test_the_record_is_sealed():
     assert b"client-key" not in raw and b"Bearer" not in raw
 
 
-def attempt(gw: Gateway, store: dict[str, bytes], headers: dict[str, str], n: int, host: str) -> GroupAttempt:
+def _cluster_named(gw: Gateway, body: dict, store: dict[str, bytes] | None = None) -> str:
+    ex, store = Exchange(gw), {} if store is None else store
+    resolve(ex.request_headers(dict(CLIENT), False), store)
+    act = resolve(ex.request_body(json.dumps(body).encode()), store)
+    assert ex.handed_over
+    return dict(act.set_headers)["x-gateway-cluster"]
+
+
+def test_a_member_held_off_by_retry_after_is_not_the_first_attempt():
+    gw = gateway()
+    gw.health.record("keyed-chat", False, gw.clock(), retry_after=30)
+    assert _cluster_named(gw, BODY) == "group.resp.keyed-chat"  # the held one is tried last, not first
+    gw.health.record("keyed-chat", True, gw.clock())  # it answered again: back in front
+    assert _cluster_named(gw, BODY) == "group.keyed-chat.resp"
+
+
+WEIGHTED = CFG.replace("    api_key_env: POOL_KEY\n", "    api_key_env: POOL_KEY\n    weight: 1\n").replace(
+    '    endpoints: ["10.0.0.2:8000", "10.0.0.3:8000"]\n', '    endpoints: ["10.0.0.2:8000", "10.0.0.3:8000"]\n    weight: 3\n')
+
+
+def test_weights_spread_first_attempts_by_placement_key_and_one_key_stays():
+    gw = Gateway(parse_config(WEIGHTED, env={"POOL_KEY": "sk-pool"}), tenant_secret=b"s" * 32)
+    firsts = [_cluster_named(gw, {**BODY, "prompt_cache_key": f"conv-{i}"}) for i in range(400)]
+    share = firsts.count("group.resp.keyed-chat") / len(firsts)
+    # weights 1:3 give the second member 3/4 of first attempts; 400 keys: 4 standard deviations is 0.087
+    assert abs(share - 0.75) < 4 * (0.75 * 0.25 / 400) ** 0.5
+    assert {_cluster_named(gw, {**BODY, "prompt_cache_key": "conv-7"}) for _ in range(5)} == {firsts[7]}
+
+
+def attempt(gw: Gateway, store: dict[str, bytes], headers: dict[str, str], n: int, host: str,
+            body: dict = BODY) -> GroupAttempt:
     a = GroupAttempt(gw, host)
     a.head = resolve(a.request_headers({**headers, "x-envoy-attempt-count": str(n)}, False), store)
-    a.body_act = resolve(a.request_body(json.dumps(BODY).encode()), store)
+    a.body_act = resolve(a.request_body(json.dumps(body).encode()), store)
     return a
+
+
+CHATS = """
+failover: {max_attempts: 3}
+backends:
+  - name: chat-a
+    api: chat
+    models: ["c"]
+    endpoints: ["10.0.1.1:8000"]
+  - name: chat-b
+    api: chat
+    models: ["c"]
+    endpoints: ["10.0.1.2:8000"]
+"""
+COMPLETION = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "c",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "seven"}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+
+
+def test_a_held_conversation_goes_first_to_the_member_that_served_its_last_turn():
+    gw, store = Gateway(parse_config(CHATS), tenant_secret=b"s" * 32), {}
+    turn1 = {"model": "c", "input": "remember 7"}
+    ex = Exchange(gw)
+    resolve(ex.request_headers(dict(CLIENT), False), store)
+    act = resolve(ex.request_body(json.dumps(turn1).encode()), store)
+    assert dict(act.set_headers)["x-gateway-cluster"] == "group.chat-a.chat-b"  # config order: no turn yet
+    headers = {**CLIENT, "x-gateway-failover": dict(act.set_headers)["x-gateway-failover"]}
+    first = attempt(gw, store, headers, 1, "10.0.1.1:8000", turn1)
+    first.response_headers({":status": "503"})
+    resolve(first.response_body(b'{"error": {"message": "overloaded"}}', True), store)  # failed over to chat-b
+    second = attempt(gw, store, headers, 2, "10.0.1.2:8000", turn1)
+    second.response_headers({":status": "200", "content-type": "application/json"})
+    answer = resolve(second.response_body(json.dumps(COMPLETION).encode(), True), store)
+    response_id = orjson.loads(answer.body or b"{}")["id"]  # the Response the sidecar made, and holds
+    turn2 = {"model": "c", "input": "what number?", "previous_response_id": response_id}
+    # chat-a is in again (one 503 ejects nobody), but the conversation stays where its last turn was served
+    assert _cluster_named(gw, turn2, store) == "group.chat-b.chat-a"
+    gw.health.record("chat-b", False, gw.clock(), retry_after=30)  # held off: the policy's order again
+    assert _cluster_named(gw, turn2, store) == "group.chat-a.chat-b"
 
 
 def test_each_attempt_runs_on_its_member_and_a_failure_is_marked_for_envoys_retry():
@@ -150,8 +219,11 @@ def test_a_lost_record_is_a_502_not_a_guess():
 def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_between_them():
     gw = gateway()
     compiled = compile_routes(gw.config, Knowledge(), {})
-    (cluster,) = [c for c in compiled.clusters if c.name.startswith("group.")]
-    (fast,) = [c for c in compiled.clusters if c.name.startswith("fast-group.")]  # its twin without the processor
+    # one cluster per first member: config order, then the other member first (a request held off the primary)
+    assert [c.name for c in compiled.clusters if c.name.startswith("group.")] == \
+        ["group.keyed-chat.resp", "group.resp.keyed-chat"]
+    (cluster,) = [c for c in compiled.clusters if c.name == "group.keyed-chat.resp"]
+    (fast,) = [c for c in compiled.clusters if c.name == "fast-group.keyed-chat.resp"]  # its twin without the processor
     assert fast.load_assignment.endpoints == cluster.load_assignment.endpoints
     assert "ext_proc" in str(cluster.typed_extension_protocol_options) and \
         "ext_proc" not in str(fast.typed_extension_protocol_options)
@@ -174,7 +246,24 @@ def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_b
     fast = [r for r in compiled.routes.virtual_hosts[0].routes if r.name.startswith("fast:")]
     assert not any("g" in names(r) for r in fast) and any("solo-hosted" in names(r) for r in fast)
     assert any("h" in names(r) for r in fast)  # a group with a `url:` member is not carried: as before
-    assert group_routes.member_lists(gw.config) == [(gw.config.backends[0], gw.config.backends[1])]
+    chat, resp = gw.config.backends[:2]
+    assert group_routes.member_lists(gw.config) == [(chat, resp), (resp, chat)]
+
+
+def test_a_weighted_groups_fast_route_picks_each_members_order_by_weight():
+    weighted = CHATS.replace('["10.0.1.1:8000"]\n', '["10.0.1.1:8000"]\n    weight: 2\n').replace(
+        '["10.0.1.2:8000"]\n', '["10.0.1.2:8000"]\n    weight: 5\n')
+    compiled = compile_routes(parse_config(weighted), Knowledge(), {})
+    fast = [r.route for r in compiled.routes.virtual_hosts[0].routes if r.name == "fast:chat:group.chat-a.chat-b"]
+    assert fast and all(not r.cluster and [(c.name, c.weight.value) for c in r.weighted_clusters.clusters] ==
+                        [("fast-group.chat-a.chat-b", 2), ("fast-group.chat-b.chat-a", 5)] for r in fast)
+    (b_first,) = [c for c in compiled.clusters if c.name == "fast-group.chat-b.chat-a"]
+    assert [(p.priority, [e.endpoint.address.socket_address.port_value for e in p.lb_endpoints],
+             p.lb_endpoints[0].endpoint.address.socket_address.address) for p in b_first.load_assignment.endpoints] == \
+        [(0, [8000], "10.0.1.2"), (1, [8000], "10.0.1.1")]
+    unweighted = compile_routes(parse_config(CHATS), Knowledge(), {})
+    assert {r.route.cluster for r in unweighted.routes.virtual_hosts[0].routes
+            if r.name == "fast:chat:group.chat-a.chat-b"} == {"fast-group.chat-a.chat-b"}  # config order alone
 
 
 def test_a_pinned_continuation_reads_the_store_once_and_goes_to_its_member():

@@ -581,6 +581,8 @@ def test_resolve_prints_the_group_its_members_and_the_attempt_order(tmp_path, ca
     assert "  member a: mode chat (backend a api)\n  member c: mode responses (backend c api)\n" in out.replace(
         "  member b: mode chat (backend b api)\n", "")
     assert "attempts: a -> b -> c (at most 3; config order while every member is in)\n" in out
+    assert "envoy:    one cluster per first attempt (group.a.b.c, group.b.a.c, group.c.a.b), the later attempts " \
+        "in config order\n" in out
     assert cli_main(["resolve", "--config", str(path), "solo"]) == 0
     assert "group:    none (one backend serves this model: no failover)\n" in capsys.readouterr().out
     path.write_text(WEIGHTED)
@@ -589,6 +591,24 @@ def test_resolve_prints_the_group_its_members_and_the_attempt_order(tmp_path, ca
     assert "  member vllm-a: mode chat (backend vllm-a api), weight 3\n" in out
     assert ("attempts: at most 2; the first by weight, picked by the request's placement key; then the others "
             "in config order\n") in out
+    path.write_text(HOSTED_MEMBER)
+    assert cli_main(["resolve", "--config", str(path), "m"]) == 0
+    assert "envoy:    not carried (far is a url: backend): its requests go to the primary near alone, without " \
+        "failover\n" in capsys.readouterr().out
+    assert cli_main(["check-config", str(path)]) == 0
+    assert "  note: group m is not carried (far is a url: backend): its requests go to the primary near alone, " \
+        "without failover" in capsys.readouterr().out.splitlines()
+    path.write_text(HOSTED_MEMBER.replace('url: "https://api.example.com"', 'endpoints: ["127.0.0.1:8001"]'))
+    assert cli_main(["check-config", str(path)]) == 0
+    assert "  note: group m: near, far share instance 127.0.0.1:8001: an attempt there is always near's (attempts " \
+        "are told apart by the instance)" in capsys.readouterr().out.splitlines()
+
+
+HOSTED_MEMBER = """
+backends:
+  - {name: near, api: chat, models: ["m"], endpoints: ["127.0.0.1:8001"]}
+  - {name: far, api: chat, models: ["m"], url: "https://api.example.com"}
+"""
 
 
 def _sidecar(text: str) -> Sidecar:

@@ -57,15 +57,18 @@ class BackgroundRuns:
     async def _current(self, run: Run) -> bytes | None:
         return (await self.store.get_many((run.key,)))[0]
 
+    async def _record(self, run: Run, response: dict[str, Any]) -> bool:
+        """The run's record as `response`, unless the client deleted or cancelled it meanwhile: the
+        cancel mark guards the write itself, so a cancel racing this round trip wins."""
+        writes = outcome_writes(run, response, await self._current(run))
+        return bool(writes) and await self.store.write_unless(cancel_key(run.tenant, run.id), writes)
+
     async def _run(self, run: Run) -> None:
         outcome = "cancelled"  # or deleted: what the client did meanwhile is kept
         try:
-            writes = outcome_writes(run, {**run.response, "status": "in_progress"}, await self._current(run))
-            if writes:
-                await self.store.write(writes)
+            if await self._record(run, {**run.response, "status": "in_progress"}):
                 response = await self._send(run)
-                if response is not None and (writes := outcome_writes(run, response, await self._current(run))):
-                    await self.store.write(writes)
+                if response is not None and await self._record(run, response):
                     outcome = str(response["status"])
             elif run.streams:  # cancelled (or deleted) before it ran: its stream ends all the same
                 await self.store.write(run.log.cancel())

@@ -28,6 +28,7 @@ from extproc.translate.compact import Sealer
 from extproc.translate.resp_chat_to_responses import response_shell
 
 Writes = list[tuple[str, bytes | None]]
+Puts = list[tuple[str, bytes]]  # writes without deletes: what `Store.write_unless` takes
 UNFINISHED = ("queued", "in_progress")
 # The client's request headers that do not describe the client: never sent with the run's request.
 _NOT_FORWARDED = {"content-length", "content-type", "accept-encoding", "connection", "transfer-encoding",
@@ -96,7 +97,7 @@ class Run:
     def key(self) -> str:
         return rec.turn_key(self.tenant, self.id)
 
-    def writes(self, response: dict[str, Any]) -> Writes:
+    def writes(self, response: dict[str, Any]) -> Puts:
         """The turn record of this run with `response` as its Response, and the id's owner."""
         return [(self.key, _record(response, self.items, self.ancestors, self.streams)),
                 rec.owner_write(self.tenant, self.id)]
@@ -107,9 +108,6 @@ class Run:
 
     def follow(self) -> Follow:
         return Follow(self.tenant, self.id, -1)
-
-    def running(self) -> Writes:
-        return self.writes({**self.response, "status": "in_progress"})
 
     def finished(self, status: int, body: bytes) -> dict[str, Any]:
         """The run's Response from the answer to its request: the answer under the queued id, or failed."""
@@ -199,8 +197,10 @@ def follow(turn: dict[str, Any], tenant: str, response_id: str, after: int) -> F
     return Follow(tenant, response_id, after)
 
 
-def outcome_writes(run: Run, response: dict[str, Any], current: bytes | None) -> Writes:
-    """The run's final record, unless the response was cancelled or deleted meanwhile."""
+def outcome_writes(run: Run, response: dict[str, Any], current: bytes | None) -> Puts:
+    """The run's record, unless the response was cancelled or deleted meanwhile. The shell writes it
+    unless the cancel mark is there (`Store.write_unless`): a cancel that lands between this read and
+    that write is still seen, so a cancelled run never ends `completed`."""
     turn = rec.load_turn(current)
     if turn is None or turn["response"].get("status") == "cancelled":
         return []
@@ -217,7 +217,9 @@ def cancel(turn: dict[str, Any], tenant: str, response_id: str) -> tuple[bytes, 
     if response.get("status") not in UNFINISHED:
         return orjson.dumps(response), []
     cancelled = {**response, "status": "cancelled"}
+    # The mark first: from then on the run's own writes are refused (outcome_writes); one that went in
+    # before it is overwritten by the cancelled record.
     return orjson.dumps(cancelled), [
+        (cancel_key(tenant, response_id), b"1"),
         (rec.turn_key(tenant, response_id), _record(cancelled, turn["input"], turn.get("ancestors") or [],
-                                                    bool(turn.get("events")))),
-        (cancel_key(tenant, response_id), b"1")]
+                                                    bool(turn.get("events"))))]

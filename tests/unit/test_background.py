@@ -175,3 +175,31 @@ def test_cancelling_leaves_the_mark_the_run_watches(gateway):
 def test_a_responses_backend_takes_background_itself(gateway):
     _, act = create(gateway, {"model": "gpt-oss-1", "input": "x", "background": True, "stream": True})
     assert act.background is None and act.immediate is None and act.body is None  # passed through, as sent
+
+
+def test_a_cancel_racing_the_runs_last_round_trip_wins(gateway):
+    """The run read its record (still in progress) and is about to write `completed` when the cancel
+    lands: the cancel mark, written before the cancelled record, refuses the run's write."""
+    import asyncio
+
+    from extproc.state.store import MemoryStore
+
+    _, act = create(gateway, {"model": "llama-3", "input": "x", "background": True})
+    run = act.background
+    store = MemoryStore(ttl=60, max_entries=100)
+
+    async def go() -> dict:
+        await store.write(act.writes)
+        done = {**run.response, "status": "completed", "output": []}
+        writes = outcome_writes(run, done, (await store.get_many((run.key,)))[0])  # read before the cancel
+        assert writes
+        cancel = Exchange(gateway)
+        step = cancel.request_headers({**HEADERS, ":path": f"/v1/responses/{run.id}/cancel"}, True)
+        out = step.then(await store.get_many(tuple(step.keys)))
+        mark = cancel_key(cancel.req.pinning.tenant, run.id)
+        assert out.writes[0] == (mark, b"1")  # the mark before the record: a write between them is overwritten
+        await store.write(out.writes)
+        assert await store.write_unless(mark, writes) is False
+        return rec.load_turn((await store.get_many((run.key,)))[0])
+
+    assert asyncio.run(go())["response"]["status"] == "cancelled"

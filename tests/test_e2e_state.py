@@ -191,6 +191,25 @@ def test_first_turns_spread_over_instances(replicas):
     assert all(s.stored for s in replicas.resp)
 
 
+def test_background_on_a_responses_backend_passes_through_pinned(replicas):
+    """`background` on a Responses backend is the backend's: created through one replica, polled and
+    cancelled through the other, every call reaching the one instance that runs it."""
+    one, other = (openai.OpenAI(base_url=u + "/v1", api_key="k", max_retries=0, timeout=30) for u in replicas.urls)
+    queued = one.responses.create(model="gpt-oss-20b", input="hello", background=True, prompt_cache_key="bg-1")
+    assert queued.status == "queued" and queued.background is True
+    holder = replicas.holder(queued.id)
+    seen = [other.responses.retrieve(queued.id).status for _ in range(2)]  # the upstream runs one step per poll
+    assert seen == ["in_progress", "completed"] and other.responses.retrieve(queued.id).output_text
+    assert {r["path"] for r in holder.requests if queued.id in r["path"]} == {f"/v1/responses/{queued.id}"}
+
+    running = one.responses.create(model="gpt-oss-20b", input="hello", background=True, prompt_cache_key="bg-2")
+    cancelled = other.responses.cancel(running.id)
+    assert cancelled.id == running.id and cancelled.status == "cancelled"
+    assert one.responses.retrieve(running.id).status == "cancelled"  # stays cancelled, through either replica
+    assert replicas.holder(running.id).stored[running.id]["response"]["status"] == "cancelled"
+    assert replicas.holder(running.id).requests[-2]["path"] == f"/v1/responses/{running.id}/cancel"
+
+
 def test_twenty_turns_on_a_chat_backend_through_sidecar_state(replicas):
     responses = converse(replicas, "llama-3", [s.script for s in replicas.chat])
     client = next(replicas.clients())

@@ -361,6 +361,11 @@ class _ResponsesHandler(_Handler):
         rid, suffix, stored = self._stored()
         if stored is None or suffix not in ("", "input_items"):
             self.send_json(404, _err(f"Response with id '{rid}' not found."))
+        elif suffix == "" and stored["response"]["status"] in ("queued", "in_progress"):  # a background one runs
+            final = stored["final"]  # queued, then in_progress, then done: one step per poll
+            stored["response"] = final if stored["response"]["status"] == "in_progress" else \
+                {**stored["response"], "status": "in_progress"}
+            self.send_json(200, stored["response"])
         elif suffix == "input_items":
             items = stored["input"]
             self.send_json(200, {"object": "list", "data": items[::-1], "has_more": False,
@@ -382,6 +387,11 @@ class _ResponsesHandler(_Handler):
         self._record(body)
         if self.path.startswith("/v1/responses/") and self.path.endswith("/cancel"):
             rid, _, stored = self._stored()
+            if stored is not None and "final" in stored:  # background: an unfinished one becomes cancelled
+                if stored["response"]["status"] in ("queued", "in_progress"):
+                    stored["response"] = {**stored["response"], "status": "cancelled"}
+                self.send_json(200, stored["response"])
+                return
             self.send_json(404 if stored is None else 400, _err(
                 f"Response with id '{rid}' not found." if stored is None else "Cannot cancel a synchronous response."))
             return
@@ -428,6 +438,14 @@ class _ResponsesHandler(_Handler):
             self.upstream.stored[response["id"]] = {
                 "response": response, "input": [{"id": f"msg_{uuid.uuid4().hex}", **it} for it in items],
                 "caller": self.headers.get("authorization")}
+        if body.get("background") is True and not body.get("stream"):  # as OpenAI: queued now, polled to its end
+            if body.get("store") is False:
+                self.send_json(400, _err("Background responses must be stored.", "invalid_value", "store"))
+                return
+            queued = {**response, "status": "queued", "background": True, "output": [], "usage": None}
+            self.upstream.stored[response["id"]].update(response=queued, final={**response, "background": True})
+            self.send_json(200, queued)
+            return
         if body.get("stream"):
             self.responses_stream(response, reply)
         else:

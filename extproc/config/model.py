@@ -135,6 +135,7 @@ class Limits:
     background_max_seconds: int = 3600  # how long one background run may take before it is failed
     background_max_events: int = 50_000  # events a streamed background run's log keeps (then it is failed)
     background_max_event_bytes: int = 16 * 1024 * 1024  # bytes of events the log keeps (likewise)
+    background_lease_seconds: int = 15  # a run renews its lease each third of this; one not renewed is lost
 
 
 @dataclass(frozen=True)

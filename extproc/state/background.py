@@ -9,6 +9,11 @@ through Envoy (translated like any turn, streamed) and records the outcome under
 (`starting_after` resumes), is that log read back by the sidecar's front door: the request is sent
 there (`Follow`). `POST /v1/responses/{id}/cancel` marks a queued or running one `cancelled` (and
 leaves a mark the run watches, so it stops); a run that ends after that keeps the cancellation.
+
+A run holds a lease (`lease_key`, a record that expires `limits.background_lease_seconds` after the
+run last renewed it), so a run whose replica died is not `in_progress` forever: a poll that finds an
+unfinished run without its lease records it `failed` (`lost`), fenced by the cancel mark so a run
+that was only slow to renew stops and cannot overwrite that; a follower of its stream ends it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,15 @@ _NOT_FORWARDED = {"content-length", "content-type", "accept-encoding", "connecti
 def cancel_key(tenant: str, response_id: str) -> str:
     """The mark `cancel` leaves for the run to see (small: the run looks at it while it streams)."""
     return f"bgcancel:{tenant}:{response_id}"
+
+
+def lease_key(tenant: str, response_id: str) -> str:
+    """The run's lease: present while the replica running it renews it (`Run.lease`)."""
+    return f"bglease:{tenant}:{response_id}"
+
+
+LOST_CODE = "background_run_lost"
+LOST_MESSAGE = "the gateway replica running this background response stopped before it finished"
 
 
 def requested(body: dict[str, Any], translated: bool, can_stream: bool) -> bool:
@@ -108,6 +122,10 @@ class Run:
 
     def follow(self) -> Follow:
         return Follow(self.tenant, self.id, -1)
+
+    def lease(self, limits: Limits) -> tuple[Writes, int]:
+        """The lease's write and its TTL: written when the run starts, renewed every third of it."""
+        return [(lease_key(self.tenant, self.id), b"1")], limits.background_lease_seconds
 
     def finished(self, status: int, body: bytes) -> dict[str, Any]:
         """The run's Response from the answer to its request: the answer under the queued id, or failed."""
@@ -217,9 +235,25 @@ def cancel(turn: dict[str, Any], tenant: str, response_id: str) -> tuple[bytes, 
     if response.get("status") not in UNFINISHED:
         return orjson.dumps(response), []
     cancelled = {**response, "status": "cancelled"}
-    # The mark first: from then on the run's own writes are refused (outcome_writes); one that went in
-    # before it is overwritten by the cancelled record.
-    return orjson.dumps(cancelled), [
-        (cancel_key(tenant, response_id), b"1"),
-        (rec.turn_key(tenant, response_id), _record(cancelled, turn["input"], turn.get("ancestors") or [],
-                                                    bool(turn.get("events"))))]
+    return orjson.dumps(cancelled), _stopped(turn, tenant, response_id, cancelled)
+
+
+def unfinished(turn: dict[str, Any]) -> bool:
+    """A background response still queued or running, as its record says: its run must hold a lease."""
+    response = turn["response"]
+    return bool(response.get("background")) and response.get("status") in UNFINISHED
+
+
+def lost(turn: dict[str, Any], tenant: str, response_id: str) -> tuple[dict[str, Any], Writes]:
+    """An unfinished run found without its lease: its replica stopped renewing it (it died), so it is
+    recorded `failed`, and the cancel mark stops the run in case it was only late."""
+    failed = {**turn["response"], "status": "failed", "error": {"code": LOST_CODE, "message": LOST_MESSAGE}}
+    return {**turn, "response": failed}, _stopped(turn, tenant, response_id, failed)
+
+
+def _stopped(turn: dict[str, Any], tenant: str, response_id: str, response: dict[str, Any]) -> Writes:
+    """The cancel mark, then the turn recorded as `response`: from then on the run's own writes are
+    refused (outcome_writes); one that went in before the mark is overwritten by this record."""
+    return [(cancel_key(tenant, response_id), b"1"),
+            (rec.turn_key(tenant, response_id), _record(response, turn["input"], turn.get("ancestors") or [],
+                                                        bool(turn.get("events"))))]

@@ -215,6 +215,11 @@ class Pinning:
             self._decide(PinDecision.TURN_HIT)
             if method == "GET" and not suffix and (after := background.stream_query(query)) is not None:
                 return background.follow(turn, self.tenant, response_id, after)  # its event log, streamed
+            if method == "GET" and not suffix and background.unfinished(turn):  # a poll: is its run alive?
+                lease = yield Reads((background.lease_key(self.tenant, response_id),))
+                if lease is not None and lease[0] is None:  # its replica stopped renewing it
+                    turn, writes = background.lost(turn, self.tenant, response_id)
+                    return Answered(200, orjson.dumps(turn["response"]), writes)
             if suffix == "/input_items":
                 return Answered(200, rec.input_items_page(turn["input"], query))
             if suffix == "/cancel":  # a background run the sidecar holds (state/background.py)

@@ -8,10 +8,10 @@ Calls alternate replicas, so each one depends on the shared records.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import re
+import subprocess
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -21,10 +21,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from extproc.local.stack import free_port, wait_until
+from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
 
 from .conformance import check_stream, sse_events, validate_response
-from .conftest import RedisServer, running
+from .conftest import RedisServer
 from .upstreams import ChatServer, Reply, ResponsesServer
 
 CONFIG = """
@@ -35,6 +35,7 @@ websocket_gateway: http://127.0.0.1:{envoy}
 limits:
   background_max_runs: 2
   background_max_events: 30
+  background_lease_seconds: 4
 state:
   store: redis
   redis_url: {redis}
@@ -56,6 +57,21 @@ class Replicas:
     admins: list[str]
     chat: list[ChatServer]
     resp: ResponsesServer
+    stack: Stack
+    sidecars: list[subprocess.Popen]
+    configs: list[Path]
+    ports: list[tuple[int, int]]  # each sidecar's ext_proc and front door ports
+
+    def crash_sidecar(self, i: int) -> None:
+        """Replica i's sidecar killed, as a crash would (its runs die with it)."""
+        self.sidecars[i].kill()
+        self.sidecars[i].wait(timeout=10)
+        self.stack.procs.remove(self.sidecars[i])
+
+    def start_sidecar(self, i: int) -> None:
+        self.sidecars[i] = self.stack.start_sidecar(self.configs[i])
+        for port in self.ports[i]:
+            wait_for_port(port, proc=self.sidecars[i])
 
     def background_runs(self, replica: int, outcome: str) -> float:
         """extproc_background_runs_total{outcome} of one replica, from its admin port's /metrics."""
@@ -76,20 +92,28 @@ class Replicas:
 @pytest.fixture(scope="module")
 def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     chat, resp = [ChatServer()], ResponsesServer()  # one chat instance: its script is the conversation's
+    stack = Stack()
     tmp = Path(tmp_path_factory.mktemp("conversations"))
-    urls, admins = [], []
-    with contextlib.ExitStack() as stacks:
-        for server in (*chat, resp):
-            stacks.callback(server.close)  # last, once both stacks have stopped
+    urls, admins, sidecars, configs, ports = [], [], [], [], []
+    try:
         for i in range(2):
             port, listen, admin, front = free_port(), free_port(), free_port(), free_port()
             admins.append(f"http://127.0.0.1:{admin}")
             cfg = tmp / f"config-{i}.yaml"
             cfg.write_text(CONFIG.format(port=port, admin_port=admin, redis=redis_server.url, resp=resp.address,
                                          chat=", ".join(f'"{s.address}"' for s in chat), envoy=listen, front=front))
-            stacks.enter_context(running(cfg, port, listen, ready=(front,), websocket=front))
+            sidecars.append(stack.start_sidecar(cfg))
+            wait_for_port(port, proc=sidecars[-1])
+            wait_for_port(front)
+            stack.start_envoy(listen, free_port(), port, websocket_port=front)
             urls.append(f"http://127.0.0.1:{listen}")
-        yield Replicas(urls, admins, chat, resp)
+            configs.append(cfg)
+            ports.append((port, front))
+        yield Replicas(urls, admins, chat, resp, stack, sidecars, configs, ports)
+    finally:
+        stack.stop()
+        for server in (*chat, resp):
+            server.close()
 
 
 @pytest.fixture
@@ -420,3 +444,39 @@ def test_a_background_stream_over_the_event_limit_fails_there(rp):
     assert final["output"][0]["status"] == "incomplete"
     assert wait_until(lambda: client.responses.retrieve(final["id"]).status == "failed", timeout=20)
     assert client.responses.retrieve(final["id"]).error.code == "background_events_limit"
+
+
+def test_a_run_whose_replica_died_is_failed_on_poll_and_its_stream_ends_on_the_other_replica(rp):
+    """Replica 0's sidecar crashes with two runs in flight: its runs stop renewing their leases
+    (limits.background_lease_seconds: 4 here), so replica 1 reports the polled one `failed`
+    (background_run_lost) instead of `in_progress` forever, and a stream of the other, resumed on
+    replica 1, ends with that error instead of waiting for background_max_seconds."""
+    hold = threading.Event()
+    rp.chat[0].script.extend([Reply(text="never", hold=hold), Reply(text="never", hold=hold)])
+    first, second = itertools.islice(rp.clients(), 2)
+    try:
+        polled = first.responses.create(model="llama-3", input="long job", background=True)
+        stream = first.responses.create(model="llama-3", input="long stream", background=True, stream=True)
+        seen = []
+        for event in stream:
+            seen.append(event.model_dump(mode="json", exclude_unset=True))
+            if event.type == "response.in_progress":
+                break
+        streamed = seen[0]["response"]["id"]
+        assert wait_until(lambda: second.responses.retrieve(polled.id).status == "in_progress", timeout=20)
+        assert second.responses.retrieve(polled.id).status == "in_progress"  # alive: its lease renewed
+        rp.crash_sidecar(0)
+        stream.close()
+        assert wait_until(lambda: second.responses.retrieve(polled.id).status == "failed", timeout=30)
+        failed = json.loads(second.responses.with_raw_response.retrieve(polled.id).text)
+        validate_response(failed)
+        assert failed["id"] == polled.id and failed["error"]["code"] == "background_run_lost"
+        assert second.responses.retrieve(polled.id).status == "failed"  # and stays so
+        raw = second.responses.with_raw_response.retrieve(streamed, stream=True, starting_after=1)
+        events = sse_events(raw.http_response.read())  # the SDK raises at the error event: read the bytes
+        assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "background_run_lost"
+        assert [e.get("sequence_number") for e in events[:-1]] == list(range(2, len(events) + 1))
+    finally:
+        hold.set()
+        rp.start_sidecar(0)
+    assert first.responses.create(model="llama-3", input="back").status == "completed"  # replica 0 serves again

@@ -41,6 +41,7 @@ backends:
     api: responses
     models: ["gpt-oss-*"]
     endpoints: [{resp}]
+    conversations: passthrough
   - name: vllm-chat
     api: chat
     models: ["llama-*"]
@@ -79,6 +80,10 @@ class Replicas:
 
     def holder(self, response_id: str) -> ResponsesServer:
         (server,) = [s for s in self.resp if response_id in s.stored]
+        return server
+
+    def conversation_holder(self, conversation_id: str) -> ResponsesServer:
+        (server,) = [s for s in self.resp if conversation_id in s.conversations]
         return server
 
     def restart_sidecar(self, i: int) -> None:
@@ -189,6 +194,102 @@ def test_first_turns_spread_over_instances(replicas):
     for i in range(30):
         client.responses.create(model="gpt-oss-20b", input="hello", prompt_cache_key=f"user-{i}")
     assert all(s.stored for s in replicas.resp)
+
+
+def test_background_on_a_responses_backend_passes_through_pinned(replicas):
+    """`background` on a Responses backend is the backend's: created through one replica, polled and
+    cancelled through the other, every call reaching the one instance that runs it."""
+    one, other = (openai.OpenAI(base_url=u + "/v1", api_key="k", max_retries=0, timeout=30) for u in replicas.urls)
+    queued = one.responses.create(model="gpt-oss-20b", input="hello", background=True, prompt_cache_key="bg-1")
+    assert queued.status == "queued" and queued.background is True
+    holder = replicas.holder(queued.id)
+    seen = [other.responses.retrieve(queued.id).status for _ in range(2)]  # the upstream runs one step per poll
+    assert seen == ["in_progress", "completed"] and other.responses.retrieve(queued.id).output_text
+    assert {r["path"] for r in holder.requests if queued.id in r["path"]} == {f"/v1/responses/{queued.id}"}
+
+    running = one.responses.create(model="gpt-oss-20b", input="hello", background=True, prompt_cache_key="bg-2")
+    cancelled = other.responses.cancel(running.id)
+    assert cancelled.id == running.id and cancelled.status == "cancelled"
+    assert one.responses.retrieve(running.id).status == "cancelled"  # stays cancelled, through either replica
+    assert replicas.holder(running.id).stored[running.id]["response"]["status"] == "cancelled"
+    assert replicas.holder(running.id).requests[-2]["path"] == f"/v1/responses/{running.id}/cancel"
+
+
+def _text(item) -> str:
+    return item.content[0].text
+
+
+def test_conversations_on_a_responses_backend_pass_through_pinned(replicas):
+    """`conversations: passthrough`: the Conversations API is the Responses backend's own. A conversation
+    created through one replica lives on one instance; every call on it and every turn that names it
+    reaches that instance, through either replica, untouched."""
+    clients = replicas.clients()
+    conv = next(clients).conversations.create(metadata={"topic": "names"},
+                                              items=[{"type": "message", "role": "user", "content": "I am Zed"}])
+    holder = replicas.conversation_holder(conv.id)  # exactly one instance made it
+    before = [len(s.requests) for s in replicas.resp]
+    assert conv.id.startswith("conv_") and conv.metadata == {"topic": "names"}
+    assert next(clients).conversations.retrieve(conv.id).created_at == conv.created_at
+    assert next(clients).conversations.update(conv.id, metadata={"topic": "trips"}).metadata == {"topic": "trips"}
+    first = next(clients).responses.create(model="gpt-oss-20b", conversation=conv.id, input="who am I?",
+                                           prompt_cache_key="elsewhere")  # the conversation's pin wins
+    second = turn(next(clients), "gpt-oss-20b", "and now?", None, stream=True, conversation={"id": conv.id})
+    sent = [r["body"] for r in holder.requests[before[replicas.resp.index(holder)]:] if r["path"] == "/v1/responses"]
+    assert [b["conversation"] for b in sent] == [conv.id, {"id": conv.id}]  # passed on as the client sent it
+    assert all("previous_response_id" not in b for b in sent) and [b["input"] for b in sent] == ["who am I?", "and now?"]
+    assert first.id in holder.stored and second.id in holder.stored  # and each turn's id pinned there
+    assert next(clients).responses.retrieve(second.id).output_text == "echo: and now?"
+    added = next(clients).conversations.items.create(conv.id, items=[
+        {"type": "message", "role": "assistant", "content": f"note {n}"} for n in range(3)])
+    assert [_text(i) for i in added.data] == ["note 0", "note 1", "note 2"]
+    pages = next(clients).conversations.items.list(conv.id, limit=2, order="asc")  # the SDK follows the cursor
+    assert [_text(i) for i in pages] == ["I am Zed", "who am I?", "echo: who am I?", "and now?", "echo: and now?",
+                                        "note 0", "note 1", "note 2"]
+    note = added.data[1].id
+    assert _text(next(clients).conversations.items.retrieve(note, conversation_id=conv.id)) == "note 1"
+    assert next(clients).conversations.items.delete(note, conversation_id=conv.id).id == conv.id
+    with pytest.raises(openai.NotFoundError) as e:
+        next(clients).conversations.items.retrieve(note, conversation_id=conv.id)
+    assert e.value.code == "item_not_found"  # the backend's own answer
+    with pytest.raises(openai.BadRequestError) as e:  # a chat model cannot continue the backend's conversation
+        next(clients).responses.create(model="llama-3", conversation=conv.id, input="hi")
+    assert e.value.body["param"] == "conversation" and "vllm-responses" in e.value.body["message"]
+    assert [len(s.requests) - n for s, n in zip(replicas.resp, before, strict=True) if s is not holder] == [0, 0]
+    assert not replicas.redis_client().keys(f"extproc:conv:*{conv.id}")  # the sidecar holds none of it
+    deleted = next(clients).conversations.delete(conv.id)
+    assert (deleted.id, deleted.deleted) == (conv.id, True) and conv.id not in holder.conversations
+    with pytest.raises(openai.NotFoundError):
+        next(clients).conversations.retrieve(conv.id)
+
+
+def test_another_tenant_gets_404_on_a_passed_through_conversation(replicas):
+    """The pin of a backend's conversation is its tenant's: another key's calls are answered as for an id
+    nobody made, and reach no instance."""
+    owner = next(replicas.clients())
+    conv = owner.conversations.create(items=[{"type": "message", "role": "user", "content": "secret"}])
+    item_id = next(iter(owner.conversations.items.list(conv.id))).id
+    other = openai.OpenAI(base_url=replicas.urls[1] + "/v1", api_key="other-key", max_retries=0, timeout=30)
+    attempts = [lambda c, cid: c.conversations.retrieve(cid),
+                lambda c, cid: c.conversations.update(cid, metadata={"x": "y"}),
+                lambda c, cid: c.conversations.delete(cid),
+                lambda c, cid: list(c.conversations.items.list(cid)),
+                lambda c, cid: c.conversations.items.create(cid, items=[{"type": "message", "role": "user",
+                                                                         "content": "inject"}]),
+                lambda c, cid: c.conversations.items.retrieve(item_id, conversation_id=cid),
+                lambda c, cid: c.conversations.items.delete(item_id, conversation_id=cid),
+                lambda c, cid: c.responses.create(model="gpt-oss-20b", conversation=cid, input="the secret?")]
+    seen = sum(len(s.requests) for s in replicas.resp)
+    for attempt in attempts:
+        with pytest.raises(openai.NotFoundError) as theirs:
+            attempt(other, conv.id)
+        with pytest.raises(openai.NotFoundError) as unknown:
+            attempt(owner, "conv_nobody_made")
+        assert json.dumps(theirs.value.body).replace(conv.id, "ID") == \
+            json.dumps(unknown.value.body).replace("conv_nobody_made", "ID")
+        assert theirs.value.body["code"] == "conversation_not_found"
+    assert sum(len(s.requests) for s in replicas.resp) == seen  # no instance saw any of them
+    assert [_text(i) for i in owner.conversations.items.list(conv.id)] == ["secret"]
+    assert owner.conversations.retrieve(conv.id).metadata == {}
 
 
 def test_twenty_turns_on_a_chat_backend_through_sidecar_state(replicas):

@@ -434,9 +434,12 @@ def test_background_passes_through_to_the_responses_instance_that_runs_it(sf):
     client = sf.client()
     for n in range(4):
         r = client.responses.create(model="gpt-5.3-codex", input=f"job {n}", background=True)
-        assert client.responses.retrieve(r.id).id == r.id
-        with pytest.raises(openai.BadRequestError, match="synchronous"):  # this test server runs them at once
-            client.responses.cancel(r.id)
+        assert r.status == "queued"
+        assert client.responses.retrieve(r.id).status == "in_progress"  # the instance runs it a step per poll
+        assert client.responses.cancel(r.id).status == "cancelled"
+        (holder,) = [server for server in sf.resp if r.id in server.stored]
+        assert [q["path"] for q in holder.requests if r.id in q["path"]] == [f"/v1/responses/{r.id}",
+                                                                            f"/v1/responses/{r.id}/cancel"]
     sent = [r for server in sf.resp for r in server.requests if r["method"] == "POST" and r["path"] == "/v1/responses"]
     assert len(sent) == 4 and all(r["body"]["background"] is True for r in sent)  # untouched
     assert sum(r["method"] == "GET" for server in sf.resp for r in server.requests) == 4

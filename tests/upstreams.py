@@ -6,7 +6,10 @@
   /v1/chat/completions, 400 on `messages` or any field the Responses API does not define. Stateful
   like a vLLM instance: it only knows the response ids it produced itself (404 otherwise), for
   `previous_response_id` and GET/DELETE/cancel/input_items. A `compaction_trigger` last in `input` is
-  answered with one opaque compaction item (elsewhere: 400, as OpenAI).
+  answered with one opaque compaction item (elsewhere: 400, as OpenAI). The Conversations API as
+  OpenAI's reference has it (`/v1/conversations[/{id}[/items[/{item_id}]]]`, strict about fields,
+  limits and ids; 404 for another instance's conversation), and `conversation` on a turn: its items are
+  the turn's context, the turn's input and output appended.
 - `MessagesServer`: an Anthropic-compatible server. 404 on every path but /v1/messages, 400 in
   Anthropic's error shape on unknown fields, turns that do not alternate, tool results that answer
   no earlier tool_use, and thinking blocks without a signature it made; `x-api-key` checked.
@@ -358,9 +361,17 @@ class _ResponsesHandler(_Handler):
 
     def do_GET(self) -> None:
         self._record(None)
+        if self.path.startswith("/v1/conversations"):
+            self.conversations(None)
+            return
         rid, suffix, stored = self._stored()
         if stored is None or suffix not in ("", "input_items"):
             self.send_json(404, _err(f"Response with id '{rid}' not found."))
+        elif suffix == "" and stored["response"]["status"] in ("queued", "in_progress"):  # a background one runs
+            final = stored["final"]  # queued, then in_progress, then done: one step per poll
+            stored["response"] = final if stored["response"]["status"] == "in_progress" else \
+                {**stored["response"], "status": "in_progress"}
+            self.send_json(200, stored["response"])
         elif suffix == "input_items":
             items = stored["input"]
             self.send_json(200, {"object": "list", "data": items[::-1], "has_more": False,
@@ -370,6 +381,9 @@ class _ResponsesHandler(_Handler):
 
     def do_DELETE(self) -> None:
         self._record(None)
+        if self.path.startswith("/v1/conversations"):
+            self.conversations(None)
+            return
         rid, _, stored = self._stored()
         if stored is None:
             self.send_json(404, _err(f"Response with id '{rid}' not found."))
@@ -380,8 +394,16 @@ class _ResponsesHandler(_Handler):
     def do_POST(self) -> None:
         body = self.read_json()
         self._record(body)
+        if self.path.startswith("/v1/conversations"):
+            self.conversations(body)
+            return
         if self.path.startswith("/v1/responses/") and self.path.endswith("/cancel"):
             rid, _, stored = self._stored()
+            if stored is not None and "final" in stored:  # background: an unfinished one becomes cancelled
+                if stored["response"]["status"] in ("queued", "in_progress"):
+                    stored["response"] = {**stored["response"], "status": "cancelled"}
+                self.send_json(200, stored["response"])
+                return
             self.send_json(404 if stored is None else 400, _err(
                 f"Response with id '{rid}' not found." if stored is None else "Cannot cancel a synchronous response."))
             return
@@ -405,7 +427,11 @@ class _ResponsesHandler(_Handler):
         if self.refused(body, RESPONSES_FIELDS):
             return
         prev = body.get("previous_response_id")
-        problem = self.check_input(body.get("input"), self.upstream.calls_before(prev))
+        conversation = self.turn_conversation(body)
+        if conversation is False:
+            return
+        calls = self.upstream.calls_before(prev) | _calls_in(conversation["items"] if conversation else [])
+        problem = self.check_input(body.get("input"), calls)
         if problem:
             self.send_json(400, _err(problem, "invalid_value", "input"))
             return
@@ -420,6 +446,9 @@ class _ResponsesHandler(_Handler):
         if isinstance(inp, list) and inp and inp[-1].get("type") == "compaction_trigger":  # compaction, as OpenAI's
             response["output"] = [{"type": "compaction", "id": "cmp_" + uuid.uuid4().hex,
                                    "encrypted_content": COMPACTED + uuid.uuid4().hex}]
+        if conversation:  # the turn's input and output join the conversation, as OpenAI's
+            response["conversation"] = {"id": conversation["conversation"]["id"]}
+            conversation["items"] += [*_with_ids(body.get("input")), *response["output"]]
         if body.get("store") is not False:
             inp = body.get("input")
             items = [{"role": "user", "content": inp}] if isinstance(inp, str) else list(inp)
@@ -428,10 +457,117 @@ class _ResponsesHandler(_Handler):
             self.upstream.stored[response["id"]] = {
                 "response": response, "input": [{"id": f"msg_{uuid.uuid4().hex}", **it} for it in items],
                 "caller": self.headers.get("authorization")}
+        if body.get("background") is True and not body.get("stream"):  # as OpenAI: queued now, polled to its end
+            if body.get("store") is False:
+                self.send_json(400, _err("Background responses must be stored.", "invalid_value", "store"))
+                return
+            queued = {**response, "status": "queued", "background": True, "output": [], "usage": None}
+            self.upstream.stored[response["id"]].update(response=queued, final={**response, "background": True})
+            self.send_json(200, queued)
+            return
         if body.get("stream"):
             self.responses_stream(response, reply)
         else:
             self.send_json(200, response)
+
+    def turn_conversation(self, body: dict[str, Any]) -> dict[str, Any] | bool | None:
+        """The conversation a turn names (None: none; False: refused, answered)."""
+        value = body.get("conversation")
+        if value is None:
+            return None
+        cid = value.get("id") if isinstance(value, dict) else value
+        if body.get("previous_response_id") is not None:
+            self.send_json(400, _err("Mutually exclusive parameters: 'previous_response_id' and 'conversation'.",
+                                     "mutually_exclusive_parameters", "conversation"))
+            return False
+        held = self.upstream.conversation(cid, self.headers.get("authorization")) if isinstance(cid, str) else None
+        if held is None:
+            self.send_json(404, _err(f"Conversation with id '{cid}' not found.", "conversation_not_found",
+                                     "conversation"))
+            return False
+        return held
+
+    def conversations(self, body: Any) -> None:
+        """OpenAI's Conversations API, strictly: each path's methods and fields, its limits, its shapes."""
+        path, _, query = self.path.partition("?")
+        q = {k: v[-1] for k, v in parse_qs(query).items()}
+        parts = path.removeprefix("/v1/conversations").strip("/").split("/") if path != "/v1/conversations" else []
+        method = self.command
+        if not parts:
+            if method != "POST":
+                return self.send_json(405, _err("Method not allowed"))
+            if self.bad_fields(body, {"items", "metadata"}) or self.bad_items(body.get("items"), empty=True) \
+                    or self.bad_metadata(body.get("metadata")):
+                return None
+            conv = {"id": "conv_" + uuid.uuid4().hex, "object": "conversation", "created_at": int(time.time()),
+                    "metadata": body.get("metadata") or {}}
+            self.upstream.conversations[conv["id"]] = {"conversation": conv, "caller": self.headers.get("authorization"),
+                                                       "items": _with_ids(body.get("items") or [])}
+            return self.send_json(200, conv)
+        held = self.upstream.conversation(parts[0], self.headers.get("authorization"))
+        if held is None or len(parts) > 3 or (len(parts) > 1 and parts[1] != "items"):
+            return self.send_json(404, _err(f"Conversation with id '{parts[0]}' not found.", "conversation_not_found"))
+        conv, items = held["conversation"], held["items"]
+        if method not in (("GET", "POST", "DELETE"), ("GET", "POST"), ("GET", "DELETE"))[len(parts) - 1]:
+            return self.send_json(405, _err("Method not allowed"))
+        if len(parts) == 1:
+            if method == "GET":
+                return self.send_json(200, conv)
+            if method == "DELETE":
+                del self.upstream.conversations[conv["id"]]
+                return self.send_json(200, {"id": conv["id"], "object": "conversation.deleted", "deleted": True})
+            if self.bad_fields(body, {"metadata"}) or self.bad_metadata(body.get("metadata")):
+                return None
+            if "metadata" not in body:
+                return self.send_json(400, _err("Missing required parameter: 'metadata'.", "missing_required_parameter",
+                                                "metadata"))
+            conv["metadata"] = body["metadata"]
+            return self.send_json(200, conv)
+        if len(parts) == 3:
+            found = next((it for it in items if it["id"] == parts[2]), None)
+            if found is None:
+                return self.send_json(404, _err(f"Item with id '{parts[2]}' not found.", "item_not_found"))
+            if method == "DELETE":
+                items.remove(found)
+                return self.send_json(200, conv)
+            return self.send_json(200, found)
+        if method == "POST":
+            if self.bad_fields(body, {"items"}) or self.bad_items(body.get("items"), empty=False):
+                return None
+            added = _with_ids(body["items"])
+            items += added
+            return self.send_json(200, _page(added, False))
+        order, after, limit = q.get("order", "desc"), q.get("after"), q.get("limit", "20")
+        if order not in ("asc", "desc") or not limit.isdigit() or not 1 <= int(limit) <= 100:
+            return self.send_json(400, _err("Invalid 'order' or 'limit'.", "invalid_value"))
+        data = items if order == "asc" else items[::-1]
+        if after is not None:
+            ids = [it["id"] for it in data]
+            data = data[ids.index(after) + 1:] if after in ids else []
+        return self.send_json(200, _page(data[:int(limit)], len(data) > int(limit)))
+
+    def bad_fields(self, body: Any, fields: set[str]) -> bool:
+        if not isinstance(body, dict):
+            self.send_json(400, _err("The body must be a JSON object.", "invalid_value"))
+            return True
+        return self.refused(body, fields)
+
+    def bad_items(self, items: Any, empty: bool) -> bool:
+        if items is None and empty:
+            return False
+        problem = "expected a list of 1 to 20 items" if not isinstance(items, list) or not 1 <= len(items) <= 20 \
+            else self.check_input(items, _calls_in(items))
+        if problem:
+            self.send_json(400, _err(f"Invalid 'items': {problem}", "invalid_value", "items"))
+        return bool(problem)
+
+    def bad_metadata(self, metadata: Any) -> bool:
+        ok = metadata is None or (isinstance(metadata, dict) and len(metadata) <= 16 and all(
+            len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in metadata.items()))
+        if not ok:
+            self.send_json(400, _err("Invalid 'metadata': at most 16 pairs, keys of 64 characters, string values "
+                                     "of 512.", "invalid_value", "metadata"))
+        return not ok
 
     def refused(self, body: Any, fields: set[str]) -> bool:
         """Unknown parameters and unknown previous ids, refused as OpenAI does (True: answered)."""
@@ -591,6 +727,29 @@ class _ResponsesHandler(_Handler):
         self.end_chunks()
 
 
+def _with_ids(inp: Any) -> list[dict[str, Any]]:
+    """Input items as a conversation keeps them: typed, content as parts, each with its id."""
+    items = [{"role": "user", "content": inp}] if isinstance(inp, str) else list(inp or [])
+    out = []
+    for it in items:
+        it = {"type": "message", **it}
+        if it["type"] == "message" and isinstance(it.get("content"), str):
+            part = "output_text" if it.get("role") == "assistant" else "input_text"
+            it["content"] = [{"type": part, "text": it["content"]}]
+        prefix = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_"}.get(it["type"], "item_")
+        out.append({"id": prefix + uuid.uuid4().hex, **it})
+    return out
+
+
+def _calls_in(items: list[dict[str, Any]]) -> set[str]:
+    return {it["call_id"] for it in items if it.get("type") == "function_call"}
+
+
+def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+
 class ResponsesServer(_Server):
     """`per_caller`: as OpenAI, each stored response is visible only to the key that made it (a vLLM or
     Ollama server, the default, checks no key and serves whoever names the id). `compact_endpoint=False`:
@@ -601,6 +760,7 @@ class ResponsesServer(_Server):
     def __init__(self, per_caller: bool = False, tls: ssl.SSLContext | None = None,
                  compact_endpoint: bool = True) -> None:
         self.stored: dict[str, dict[str, Any]] = {}  # ids this instance produced: all it can continue
+        self.conversations: dict[str, dict[str, Any]] = {}  # its own: {"conversation", "items", "caller"}
         self.per_caller = per_caller
         self.compact_endpoint = compact_endpoint
         super().__init__(tls)
@@ -611,9 +771,16 @@ class ResponsesServer(_Server):
             return None
         return stored
 
+    def conversation(self, conversation_id: str, caller: str | None) -> dict[str, Any] | None:
+        held = self.conversations.get(conversation_id)
+        if held is None or (self.per_caller and held.get("caller") != caller):
+            return None
+        return held
+
     def reset(self) -> None:
         super().reset()
         self.stored.clear()
+        self.conversations.clear()
 
     def calls_before(self, response_id: str | None) -> set[str]:
         """Function call ids of a stored conversation: what a function_call_output may answer."""

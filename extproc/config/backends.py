@@ -8,9 +8,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from extproc.api import AUTO, BACKEND_APIS, BOTH
+from extproc.api import AUTO, BACKEND_APIS, BOTH, RESPONSES
 from extproc.config.addresses import host_port, resolve
-from extproc.config.model import MAX_TOKENS_FIELDS, Backend, Endpoint, Hosted
+from extproc.config.model import CONVERSATION_HOLDERS, MAX_TOKENS_FIELDS, Backend, Endpoint, Hosted
 from extproc.config.reader import Reader
 from extproc.routing.key_paths import key_path_problem
 from extproc.routing.providers import PROVIDERS
@@ -19,7 +19,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ALLOWED = {"name", "api", "models", "endpoints", "cluster", "path_prefix", "api_key_env",
             "translate", "chat_max_tokens_field", "vnodes", "hosted_tools", "replay_reasoning",
             "authenticates_callers", "url", "ca_file", "headers", "provider", "api_version", "deployments",
-            "api_key_file", "key_paths", "weight"}
+            "api_key_file", "key_paths", "weight", "conversations"}
 _HOSTED_ONLY = ("ca_file", "headers", "provider", "api_version", "deployments")
 _HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 # Headers `headers:` may not set: the key's, and those Envoy or the sidecar own.
@@ -43,6 +43,10 @@ def backends(r: Reader, root: yaml.Node, top: dict[str, yaml.Node]) -> list[Back
                 r.problem(bnode, f"backends[{i}].name", f"duplicate backend name {b.name!r}")
             seen.add(b.name)
             out.append(b)
+        holders = [(i, b) for i, b in enumerate(out) if b.holds_conversations]
+        for i, _ in holders[1:]:  # POST /v1/conversations names no model: one backend must take it
+            r.problem(top["backends"].value[i], f"backends[{i}].conversations",
+                      f"only one backend may hold conversations ({holders[0][1].name!r} does already)")
     return out
 
 
@@ -192,6 +196,12 @@ def _options(r: Reader, m: dict[str, yaml.Node], key: str) -> dict[str, Any]:
         kw["hosted_tools"] = r.choice(m["hosted_tools"], f"{key}.hosted_tools", ("drop", "reject"))
     if "replay_reasoning" in m:
         kw["replay_reasoning"] = r.scalar(m["replay_reasoning"], f"{key}.replay_reasoning", bool)
+    if "conversations" in m:
+        kw["conversations"] = r.choice(m["conversations"], f"{key}.conversations", CONVERSATION_HOLDERS)
+        api = m["api"].value if "api" in m else None
+        if kw["conversations"] == "passthrough" and api not in (RESPONSES, BOTH):
+            r.problem(m["conversations"], f"{key}.conversations",
+                      "passthrough needs a backend declared api: responses or both (its Conversations API)")
     if "vnodes" in m:
         kw["vnodes"] = r.bounded(m["vnodes"], f"{key}.vnodes", 1, 4096)
     if "weight" in m:

@@ -10,6 +10,7 @@ from extproc.clients import Clients
 from extproc.config.addresses import resolve
 
 MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
+CONVERSATION_HOLDERS = ("sidecar", "passthrough")  # a backend's `conversations:`: who holds them
 
 _T = TypeVar("_T")
 
@@ -80,6 +81,9 @@ class Backend:
     dns_weights: tuple[int, ...] = ()  # the weight of each `dns:` entry
     key_paths: tuple[str, ...] = ()  # paths besides the API's that get the key (extproc/routing/key_paths.py)
     weight: int | None = None  # in a model group: members with a weight share first attempts by it (routing.groups)
+    # Who holds conversations (/v1/conversations, a turn's `conversation`): the sidecar (default), or,
+    # with `passthrough`, this Responses backend's own Conversations API, pinned (state.conversations).
+    conversations: str = "sidecar"  # one of CONVERSATION_HOLDERS
 
     def unserved(self) -> Unserved | None:
         """Why requests for this backend cannot be sent now (None: they can). The sidecar still starts,
@@ -95,6 +99,11 @@ class Backend:
             return Unserved("no_endpoints", f"Backend '{self.name}' has no instances: "
                                             f"{', '.join(self.dns_names)} resolves to no address yet")
         return None
+
+    @property
+    def holds_conversations(self) -> bool:
+        """`conversations: passthrough`: the Conversations API is this backend's, its ids pinned."""
+        return self.conversations == "passthrough"
 
     @property
     def keyed(self) -> bool:
@@ -130,6 +139,7 @@ class Limits:
     background_max_seconds: int = 3600  # how long one background run may take before it is failed
     background_max_events: int = 50_000  # events a streamed background run's log keeps (then it is failed)
     background_max_event_bytes: int = 16 * 1024 * 1024  # bytes of events the log keeps (likewise)
+    background_lease_seconds: int = 15  # a run renews its lease each third of this; one not renewed is lost
 
 
 @dataclass(frozen=True)

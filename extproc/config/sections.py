@@ -62,7 +62,7 @@ def listen_tls(r: Reader, node: yaml.Node) -> ListenTLS | None:
 def limits(r: Reader, node: yaml.Node) -> Limits | None:
     lim = r.mapping(node, "limits", {"max_body_bytes", "upstream_timeout_seconds", "websocket_max_seconds",
                                      "background_max_runs", "background_max_seconds", "background_max_events",
-                                     "background_max_event_bytes"})
+                                     "background_max_event_bytes", "background_lease_seconds"})
     before = len(r.problems)
     kw: dict[str, Any] = {}
     if "max_body_bytes" in lim:
@@ -86,6 +86,9 @@ def limits(r: Reader, node: yaml.Node) -> Limits | None:
     if "background_max_event_bytes" in lim:
         kw["background_max_event_bytes"] = r.bounded(lim["background_max_event_bytes"],
                                                      "limits.background_max_event_bytes", 4096, 1024 ** 3)
+    if "background_lease_seconds" in lim:
+        kw["background_lease_seconds"] = r.bounded(lim["background_lease_seconds"],
+                                                   "limits.background_lease_seconds", 3, 600)
     return Limits(**kw) if kw and len(r.problems) == before else None
 
 

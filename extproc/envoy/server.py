@@ -190,7 +190,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
                 if act.writes:  # before the reply goes on: a client that sees an id can use it at once
                     await self._write(act.writes, act.write_ttl)
                 if act.background is not None:  # run once its queued record is written
-                    self.runs.start(act.background)
+                    await self.runs.start(act.background)
                 resp = to_proto(kind, act)
                 if act.done and (meta := ex.metadata()) is not None:
                     resp = _with_metadata(resp, meta)

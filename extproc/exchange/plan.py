@@ -11,7 +11,7 @@ from extproc.routing.gateway import Gateway, Target
 from extproc.routing.modes import LOCAL_TTL, Learned, learned_key
 from extproc.routing.needs import Needs, watches
 from extproc.state.conversations import Held
-from extproc.state.pinning import Pinning
+from extproc.state.pinning import Pinning, PinWrites, response_pin
 from extproc.translate.pairs import TranslatorPair
 
 log = logging.getLogger("extproc")
@@ -75,6 +75,7 @@ class Plan:
     turn: Turn | None = None  # Need.KEEP_TURN: the translated answer kept as a turn
     pinned_id: str | None = None  # routed by a pin: a lost instance is explained
     conversation: Held | None = None  # Need.CONVERSATION: the answer appended to the conversation it continues
+    pins: PinWrites = response_pin  # Need.RECORD_ID: what the answer's id is pinned as (a conversation's own key)
 
     @property
     def watches_answer(self) -> bool:

@@ -115,7 +115,9 @@ class Resource(PassOn):
 
 class ConversationCall:
     """`/v1/conversations[/{id}[/items[/{item_id}]]]`: the Conversations API, answered by the sidecar
-    from its store whatever backend serves the models (`state.conversations`); never passed on."""
+    from its store (`state.conversations`); with a backend that holds conversations (`conversations:
+    passthrough`), a create call goes to it, its id pinned, and every call on a pinned id passes
+    through to that instance untouched."""
 
     client_api: str | None = None
 
@@ -129,8 +131,18 @@ class ConversationCall:
     def answer(self, side: RequestSide, body: dict[str, Any] | None) -> Decision[Action]:
         where = conversations.route(side.bare)
         assert where is not None
+        holder = side.gw.conversations_backend
+        if where.conversation_id is None and holder is not None:  # no model to route by: placed on its ring
+            target = side.gw.target(holder, placement_key({}, side.headers))
+            return side.route(Plan(target, side.pinning, needs=passed_on(holder) | {Need.RECORD_ID},
+                                   pins=conversations.pin_writes))
         calls = conversations.Conversations(side.pinning.tenant, side.gw.config.state.max_record_bytes)
         reply = yield from calls.call(side.method, where, side.query, body)
+        if isinstance(reply, rec.Pin):  # the backend's conversation, on the instance that holds it
+            assert where.conversation_id is not None
+            target = side.pinning.pinned_target(where.conversation_id, reply, "Conversation", None)
+            return side.route(Plan(target, side.pinning, needs=passed_on(target.backend),
+                                   pinned_id=where.conversation_id))
         return answer(reply.status, reply.body, reply.writes)
 
 
@@ -242,11 +254,16 @@ class ResponsesCall(ApiCall):
             body, stateless, side.gw.config.websocket_listen is not None)
         prev = body.get("previous_response_id")
         cont, held = Continuation(target), None
-        if body.get("conversation") is not None:  # the sidecar's own: no conversation id reaches a backend
-            held = yield from conversations.read(side.pinning.tenant, body)
-            body = {k: v for k, v in body.items() if k != "conversation"}
-            call = dataclasses.replace(call, body=body)
-            cont = Continuation(target, prior=held.items)
+        if body.get("conversation") is not None:
+            kept = yield from conversations.read(side.pinning.tenant, body)
+            if isinstance(kept, rec.Pin):  # a backend's conversation: the turn passes through to its instance
+                cid = conversations.conversation_id(body["conversation"])
+                cont = Continuation(self.conversation_target(side, call, cid, kept), pinned_id=cid)
+            else:  # the sidecar's own: no conversation id reaches a backend
+                held = kept
+                body = {k: v for k, v in body.items() if k != "conversation"}
+                call = dataclasses.replace(call, body=body)
+                cont = Continuation(target, prior=held.items)
         elif prev is not None:
             if not isinstance(prev, str) or not prev:
                 raise invalid("previous_response_id", "expected a response id string")
@@ -284,6 +301,15 @@ class ResponsesCall(ApiCall):
         if call.pair is not None:  # a compact as a compaction_trigger turn (compact_trigger.CompactAsTurn)
             sent = call.pair.request(sent or body)
         return side.route(plan, sent)
+
+    @staticmethod
+    def conversation_target(side: RequestSide, call: Resolved, cid: str, pin: rec.Pin) -> Target:
+        """The instance holding a backend's conversation, which only that backend's models can continue."""
+        if pin.backend != call.res.backend.name:
+            raise GatewayError(400, f"Conversation '{cid}' is held by backend '{pin.backend}', but model "
+                                    f"'{call.model}' is served by backend '{call.res.backend.name}', which cannot "
+                                    "continue it", param="conversation", code="invalid_value")
+        return side.pinning.pinned_target(cid, pin, "Conversation", "conversation")
 
 
 class Compact(ResponsesCall):

@@ -251,7 +251,7 @@ class ExplainLostPin(Buffered):
             return Action(done=True)
         t = self.plan.target
         where = f"instance {t.endpoint} of backend '{t.backend.name}'"
-        return new_body(GatewayError(503, f"Response '{self.plan.pinned_id}' is held by {where}, which is not "
+        return new_body(GatewayError(503, f"'{self.plan.pinned_id}' is held by {where}, which is not "
                                           "answering; retry later", code="pinned_backend_unavailable").body())
 
 
@@ -329,7 +329,7 @@ class Observe:
             assert plan.facts is not None
             self.writes = plan.facts.answered()
             outcome.learned_fact = "answers_" + (plan.client_api or "")
-        self.recorder = IdRecorder(plan.pinning.tenant, plan.target, reply.sse) \
+        self.recorder = IdRecorder(plan.pinning.tenant, plan.target, reply.sse, plan.pins) \
             if Need.RECORD_ID in plan.needs and reply.status == 200 and retried is None else None
         self.scanner = UsageScanner(sse=reply.sse) if plan.needs & USAGE and reply.ok else None
         # Need.CONVERSATION: a first contact's retried answer too, translated into the client's API

@@ -7,6 +7,8 @@ turn; it keeps the events in the run's event log when the client asked for a str
 (`state.event_log`), and records the Response under the queued id. It watches for a cancellation
 while it streams, and stops the upstream call then. It does not depend on the client's connection;
 it is bounded by `limits.background_max_runs` (per replica) and `limits.background_max_seconds`.
+Its lease is written before the client gets the queued answer and renewed while the run lives, so
+another replica can tell a run that died with its replica (`state.background.lost`).
 """
 
 from __future__ import annotations
@@ -49,29 +51,54 @@ class BackgroundRuns:
                                                   "retry later", code="background_limit_reached"))
         return act
 
-    def start(self, run: Run) -> None:
+    async def start(self, run: Run) -> None:
+        """The run's lease taken (before the queued answer goes out: a poll never finds a live run
+        without it), and the run started."""
+        try:
+            await self._lease(run)
+        except StoreUnavailable as e:  # the queued record was not written either: nothing to poll
+            log.warning("background response %s: state store unavailable, lease not written: %s", run.id, e)
         task = asyncio.create_task(self._run(run))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    async def _lease(self, run: Run) -> None:
+        writes, ttl = run.lease(self.config().limits)
+        await self.store.write(writes, ttl)
+
+    async def _keep_lease(self, run: Run) -> None:
+        """Renew the lease every third of its life while the run lives (a store outage skips a renewal)."""
+        while True:
+            await asyncio.sleep(self.config().limits.background_lease_seconds / 3)
+            try:
+                await self._lease(run)
+            except StoreUnavailable as e:
+                log.warning("background response %s: lease not renewed: %s", run.id, e)
+
     async def _current(self, run: Run) -> bytes | None:
         return (await self.store.get_many((run.key,)))[0]
 
+    async def _record(self, run: Run, response: dict[str, Any]) -> bool:
+        """The run's record as `response`, unless the client deleted or cancelled it meanwhile: the
+        cancel mark guards the write itself, so a cancel racing this round trip wins."""
+        writes = outcome_writes(run, response, await self._current(run))
+        return bool(writes) and await self.store.write_unless(cancel_key(run.tenant, run.id), writes)
+
     async def _run(self, run: Run) -> None:
         outcome = "cancelled"  # or deleted: what the client did meanwhile is kept
+        keeper = asyncio.create_task(self._keep_lease(run))  # the lease then lapses by itself
         try:
-            writes = outcome_writes(run, {**run.response, "status": "in_progress"}, await self._current(run))
-            if writes:
-                await self.store.write(writes)
+            if await self._record(run, {**run.response, "status": "in_progress"}):
                 response = await self._send(run)
-                if response is not None and (writes := outcome_writes(run, response, await self._current(run))):
-                    await self.store.write(writes)
+                if response is not None and await self._record(run, response):
                     outcome = str(response["status"])
             elif run.streams:  # cancelled (or deleted) before it ran: its stream ends all the same
                 await self.store.write(run.log.cancel())
         except StoreUnavailable as e:
             outcome = "unrecorded"
             log.warning("background response %s: state store unavailable, outcome not recorded: %s", run.id, e)
+        finally:
+            keeper.cancel()
         self.metrics.background_runs.inc(outcome)
 
     async def _cancelled(self, run: Run) -> bool:

@@ -18,7 +18,7 @@ from aiohttp import web
 from extproc.config import Config
 from extproc.envoy.names import H_FOLLOW
 from extproc.state import records as rec
-from extproc.state.background import Follow
+from extproc.state.background import LOST_CODE, Follow, lease_key
 from extproc.state.event_log import Backoff
 from extproc.state.store import Store, StoreUnavailable
 from extproc.translate.compact import Sealer
@@ -47,20 +47,24 @@ class Follower:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
         await resp.prepare(request)
         cursor, backoff, loop = follow.cursor(), Backoff(), asyncio.get_running_loop()
-        # A run lives at most background_max_seconds: a log still open after that lost its run (a restart).
+        # A run lives at most background_max_seconds: a log still open after that lost its run.
         deadline = loop.time() + self.config().limits.background_max_seconds
         wrote = loop.time()
+        lease = lease_key(follow.tenant, follow.response_id)
         try:
             while not cursor.done:
                 if request.transport is None or request.transport.is_closing():
                     return resp  # the client went away; the run goes on
-                events = cursor.take(await self.store.get_many(cursor.reads()))
+                *log_values, leased = await self.store.get_many((*cursor.reads(), lease))
+                events = cursor.take(log_values)
                 if events or loop.time() - wrote > KEEPALIVE_SECONDS:
                     await resp.write(b"".join(events) or b": keepalive\n\n")
                     wrote = loop.time()
-                if loop.time() > deadline:
-                    await resp.write(_stream_error("background_run_lost", "the background run stopped "
-                                                   "recording its events; poll GET /v1/responses/{id}"))
+                # Read together: a run logs its end before its lease can lapse, so a log that has nothing
+                # new while the lease is gone has lost its run (its replica died).
+                if loop.time() > deadline or (leased is None and not events and not cursor.done):
+                    await resp.write(_stream_error(LOST_CODE, "the background run stopped recording its "
+                                                   "events; poll GET /v1/responses/{id}"))
                     break
                 if (delay := backoff.next(bool(events))) > 0:
                     await asyncio.sleep(delay)  # the log grows in another process, maybe another replica

@@ -115,6 +115,8 @@ class Gateway:
         self.default_backend = config.backends[0]
         # Where a /v1/responses/{id} request with no record goes (by ring position of the id).
         self.responses_backend = next((b for b in config.backends if b.api in (RESPONSES, BOTH)), None)
+        # Where POST /v1/conversations goes (it names no model): the one backend that holds them, if any.
+        self.conversations_backend = next((b for b in config.backends if b.holds_conversations), None)
 
     def target(self, backend: Backend, key: str) -> Target:
         ring = self.rings.get(backend.name)

@@ -5,6 +5,7 @@ organisation's admin key: files, batches, users, stored completions. So the key 
 only to the paths of the backend's API family that the sidecar routes (`/v1/chat/completions` for a
 chat backend; `/v1/responses` and its resources for a Responses backend; both for `both`; `/v1/messages` and its
 `count_tokens` for a Messages backend; all three for `auto`, whose Claude models speak Messages;
+`/v1/conversations` and below for a backend that holds conversations (`conversations: passthrough`);
 `/v1/models` for all), plus the `key_paths` the operator lists for the backend (`/v1/embeddings`, or
 `/v1/files/*` for everything below `/v1/files`). Any other path to a keyed backend is a 404 in the
 OpenAI shape and never reaches the upstream. A backend without a key gets the client's own
@@ -28,6 +29,7 @@ log = logging.getLogger("extproc")
 _RESPONSES_PATHS = (PATHS[RESPONSES], PATHS[RESPONSES] + "/*")  # compact, input_tokens, {id}, {id}/cancel ...
 _MESSAGES_PATHS = (PATHS[MESSAGES], PATHS[MESSAGES] + "/*")  # count_tokens
 _MODELS = ("/v1/models",)
+_CONVERSATIONS = ("/v1/conversations", "/v1/conversations/*")  # a backend's own (`conversations: passthrough`)
 _SEGMENT = re.compile(r"^[A-Za-z0-9._~-]+$")
 
 
@@ -36,7 +38,8 @@ def api_paths(backend: Backend) -> tuple[str, ...]:
     chat = (PATHS[CHAT],) if backend.api in (CHAT, BOTH, AUTO) else ()
     responses = _RESPONSES_PATHS if backend.api in (RESPONSES, BOTH, AUTO) else ()
     messages = _MESSAGES_PATHS if backend.api in (MESSAGES, AUTO) else ()
-    return (*chat, *responses, *messages, *_MODELS)
+    conversations = _CONVERSATIONS if backend.holds_conversations else ()
+    return (*chat, *responses, *conversations, *messages, *_MODELS)
 
 
 def key_paths(backend: Backend) -> tuple[str, ...]:

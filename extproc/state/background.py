@@ -9,6 +9,11 @@ through Envoy (translated like any turn, streamed) and records the outcome under
 (`starting_after` resumes), is that log read back by the sidecar's front door: the request is sent
 there (`Follow`). `POST /v1/responses/{id}/cancel` marks a queued or running one `cancelled` (and
 leaves a mark the run watches, so it stops); a run that ends after that keeps the cancellation.
+
+A run holds a lease (`lease_key`, a record that expires `limits.background_lease_seconds` after the
+run last renewed it), so a run whose replica died is not `in_progress` forever: a poll that finds an
+unfinished run without its lease records it `failed` (`lost`), fenced by the cancel mark so a run
+that was only slow to renew stops and cannot overwrite that; a follower of its stream ends it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from extproc.translate.compact import Sealer
 from extproc.translate.resp_chat_to_responses import response_shell
 
 Writes = list[tuple[str, bytes | None]]
+Puts = list[tuple[str, bytes]]  # writes without deletes: what `Store.write_unless` takes
 UNFINISHED = ("queued", "in_progress")
 # The client's request headers that do not describe the client: never sent with the run's request.
 _NOT_FORWARDED = {"content-length", "content-type", "accept-encoding", "connection", "transfer-encoding",
@@ -37,6 +43,15 @@ _NOT_FORWARDED = {"content-length", "content-type", "accept-encoding", "connecti
 def cancel_key(tenant: str, response_id: str) -> str:
     """The mark `cancel` leaves for the run to see (small: the run looks at it while it streams)."""
     return f"bgcancel:{tenant}:{response_id}"
+
+
+def lease_key(tenant: str, response_id: str) -> str:
+    """The run's lease: present while the replica running it renews it (`Run.lease`)."""
+    return f"bglease:{tenant}:{response_id}"
+
+
+LOST_CODE = "background_run_lost"
+LOST_MESSAGE = "the gateway replica running this background response stopped before it finished"
 
 
 def requested(body: dict[str, Any], translated: bool, can_stream: bool) -> bool:
@@ -96,7 +111,7 @@ class Run:
     def key(self) -> str:
         return rec.turn_key(self.tenant, self.id)
 
-    def writes(self, response: dict[str, Any]) -> Writes:
+    def writes(self, response: dict[str, Any]) -> Puts:
         """The turn record of this run with `response` as its Response, and the id's owner."""
         return [(self.key, _record(response, self.items, self.ancestors, self.streams)),
                 rec.owner_write(self.tenant, self.id)]
@@ -108,8 +123,9 @@ class Run:
     def follow(self) -> Follow:
         return Follow(self.tenant, self.id, -1)
 
-    def running(self) -> Writes:
-        return self.writes({**self.response, "status": "in_progress"})
+    def lease(self, limits: Limits) -> tuple[Writes, int]:
+        """The lease's write and its TTL: written when the run starts, renewed every third of it."""
+        return [(lease_key(self.tenant, self.id), b"1")], limits.background_lease_seconds
 
     def finished(self, status: int, body: bytes) -> dict[str, Any]:
         """The run's Response from the answer to its request: the answer under the queued id, or failed."""
@@ -199,8 +215,10 @@ def follow(turn: dict[str, Any], tenant: str, response_id: str, after: int) -> F
     return Follow(tenant, response_id, after)
 
 
-def outcome_writes(run: Run, response: dict[str, Any], current: bytes | None) -> Writes:
-    """The run's final record, unless the response was cancelled or deleted meanwhile."""
+def outcome_writes(run: Run, response: dict[str, Any], current: bytes | None) -> Puts:
+    """The run's record, unless the response was cancelled or deleted meanwhile. The shell writes it
+    unless the cancel mark is there (`Store.write_unless`): a cancel that lands between this read and
+    that write is still seen, so a cancelled run never ends `completed`."""
     turn = rec.load_turn(current)
     if turn is None or turn["response"].get("status") == "cancelled":
         return []
@@ -217,7 +235,25 @@ def cancel(turn: dict[str, Any], tenant: str, response_id: str) -> tuple[bytes, 
     if response.get("status") not in UNFINISHED:
         return orjson.dumps(response), []
     cancelled = {**response, "status": "cancelled"}
-    return orjson.dumps(cancelled), [
-        (rec.turn_key(tenant, response_id), _record(cancelled, turn["input"], turn.get("ancestors") or [],
-                                                    bool(turn.get("events")))),
-        (cancel_key(tenant, response_id), b"1")]
+    return orjson.dumps(cancelled), _stopped(turn, tenant, response_id, cancelled)
+
+
+def unfinished(turn: dict[str, Any]) -> bool:
+    """A background response still queued or running, as its record says: its run must hold a lease."""
+    response = turn["response"]
+    return bool(response.get("background")) and response.get("status") in UNFINISHED
+
+
+def lost(turn: dict[str, Any], tenant: str, response_id: str) -> tuple[dict[str, Any], Writes]:
+    """An unfinished run found without its lease: its replica stopped renewing it (it died), so it is
+    recorded `failed`, and the cancel mark stops the run in case it was only late."""
+    failed = {**turn["response"], "status": "failed", "error": {"code": LOST_CODE, "message": LOST_MESSAGE}}
+    return {**turn, "response": failed}, _stopped(turn, tenant, response_id, failed)
+
+
+def _stopped(turn: dict[str, Any], tenant: str, response_id: str, response: dict[str, Any]) -> Writes:
+    """The cancel mark, then the turn recorded as `response`: from then on the run's own writes are
+    refused (outcome_writes); one that went in before the mark is overwritten by this record."""
+    return [(cancel_key(tenant, response_id), b"1"),
+            (rec.turn_key(tenant, response_id), _record(response, turn["input"], turn.get("ancestors") or [],
+                                                        bool(turn.get("events"))))]

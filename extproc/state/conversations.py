@@ -1,12 +1,19 @@
-"""The Conversations API, held by the sidecar for every backend, and the `conversation` of a turn (sans-IO).
+"""The Conversations API, held by the sidecar (or pinned to the backend that holds it), and the
+`conversation` of a turn (sans-IO).
 
 A conversation is one record per tenant and id (`conv:<tenant>:<id>`: its `created_at`, `metadata`
 and every item in order), in the configured store, so any replica answers it and another tenant's
-id reads as unknown (404), like a response's. The sidecar never sends conversation ids to a backend,
-so no owner record is needed to tell tenants apart. Paths (`route`) and their answers
+id reads as unknown (404), like a response's. The sidecar never sends its own conversation ids to a
+backend, so no owner record is needed to tell tenants apart. Paths (`route`) and their answers
 (`Conversations.call`) follow OpenAI's reference: create with up to 20 items, retrieve, update the
 metadata (16 pairs, 64-character keys, 512-character values), delete; list items (`after`, `limit`
 1-100, `order` desc by default), add up to 20, retrieve and delete one.
+
+With a backend declared `conversations: passthrough` (at most one: a create call names no model),
+`POST /v1/conversations` goes to it and the answer's id is pinned to its instance for the caller's
+tenant (`convpin:<tenant>:<id>`, `pin_writes`); every later call on that id, and a turn naming it,
+passes through to that instance untouched (`Conversations.call` and `read` return the `Pin`). The pin
+is the tenant's: another tenant finds neither record nor pin, a 404 that reaches no backend.
 
 `POST /v1/responses` with `conversation` (an id or `{"id": ...}`) reads the record (`read`): its
 items are the turn's history, and the turn's input and output items are appended when its answer
@@ -26,7 +33,7 @@ import orjson
 from extproc.errors import GatewayError, invalid
 from extproc.state.lookup import Decision, Reads, Values
 from extproc.state.pinning import state_unavailable
-from extproc.state.records import input_items, input_items_page
+from extproc.state.records import Pin, input_items, input_items_page
 from extproc.translate.common import new_id, now
 from extproc.translate.sse import SSEDecoder
 
@@ -42,6 +49,16 @@ Writes = list[tuple[str, bytes | None]]
 
 def conversation_key(tenant: str, conversation_id: str) -> str:
     return f"conv:{tenant}:{conversation_id}"
+
+
+def pin_key(tenant: str, conversation_id: str) -> str:
+    """Where a backend's conversation lives, for the tenant that created it through the gateway."""
+    return f"convpin:{tenant}:{conversation_id}"
+
+
+def pin_writes(tenant: str, conversation_id: str, pin: Pin) -> Writes:
+    """A created conversation's id pinned to the instance that answered (`pinning.IdRecorder`)."""
+    return [(pin_key(tenant, conversation_id), pin.dumps())]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,14 +131,19 @@ def not_found(conversation_id: str, param: str | None = None) -> GatewayError:
                         code="conversation_not_found")
 
 
-def loaded(conversation_id: str, values: Values, param: str | None = None) -> Record:
-    """The record a read found: the store down is a 503, no record (none of this tenant's) a 404."""
+def _keys(tenant: str, conversation_id: str) -> Reads:
+    return Reads((conversation_key(tenant, conversation_id), pin_key(tenant, conversation_id)))
+
+
+def loaded(conversation_id: str, values: Values, param: str | None = None) -> Record | Pin:
+    """What a read of `_keys` found: the sidecar's record, or the pin of a backend's conversation; the
+    store down is a 503, neither (none of this tenant's) a 404."""
     if values is None:
         raise state_unavailable()
-    record = Record.loads(values[0])
-    if record is None:
+    found = Record.loads(values[0]) or (Pin.loads(values[1]) if values[1] is not None else None)
+    if found is None:
         raise not_found(conversation_id, param)
-    return record
+    return found
 
 
 def check_metadata(value: Any) -> dict[str, str]:
@@ -172,12 +194,13 @@ class Conversations:
         self.tenant = tenant
         self.max_record_bytes = max_record_bytes
 
-    def call(self, method: str, where: Route, query: str, body: dict[str, Any] | None) -> Decision[Reply]:
+    def call(self, method: str, where: Route, query: str, body: dict[str, Any] | None) -> Decision[Reply | Pin]:
+        """The sidecar's answer, or the pin of a backend's conversation the call passes through to."""
         if where.conversation_id is None:
             return self._create(body)
         cid = where.conversation_id
-        values = yield Reads((conversation_key(self.tenant, cid),))
-        return self._on(method, where, query, body, loaded(cid, values))
+        found = loaded(cid, (yield _keys(self.tenant, cid)))
+        return found if isinstance(found, Pin) else self._on(method, where, query, body, found)
 
     def _write(self, record: Record) -> Writes:
         raw = record.dumps()
@@ -235,15 +258,15 @@ def conversation_id(value: Any) -> str:
     return cid
 
 
-def read(tenant: str, body: dict[str, Any]) -> Decision[Record]:
-    """The conversation a `POST /v1/responses` names (not with `previous_response_id`), this tenant's."""
+def read(tenant: str, body: dict[str, Any]) -> Decision[Record | Pin]:
+    """The conversation a `POST /v1/responses` names (not with `previous_response_id`), this tenant's:
+    the sidecar's record, or the pin of the backend that holds it."""
     if body.get("previous_response_id") is not None:
         raise GatewayError(400, "Mutually exclusive parameters: 'previous_response_id' and 'conversation'. "
                                 "Ensure you are only providing one of: 'previous_response_id' or 'conversation'.",
                            param="conversation", code="mutually_exclusive_parameters")
     cid = conversation_id(body["conversation"])
-    values = yield Reads((conversation_key(tenant, cid),))
-    return loaded(cid, values, "conversation")
+    return loaded(cid, (yield _keys(tenant, cid)), "conversation")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ yield their store reads (`state.lookup`); their names are `PinDecision`, counted
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -40,6 +41,7 @@ _STREAM_LIMIT = 64 * 1024  # a stream whose response.created is not in its first
 _BODY_LIMIT = 16 * 1024 * 1024  # a Response body larger than this is not pinned
 _MAX_ID = 200
 Writes = list[tuple[str, bytes | None]]
+PinWrites = Callable[[str, str, rec.Pin], Writes]  # (tenant, id, pin): the records an id's pin is kept as
 
 
 class PinDecision(StrEnum):
@@ -166,7 +168,7 @@ class Pinning:
                                         f"'{model}' is served by chat-only backend '{res.backend.name}', which "
                                         "cannot continue it", param="previous_response_id",
                                    code="previous_response_not_found")
-            return Continuation(self.pinned_target(prev, pin), self._decide(PinDecision.PIN_HIT), pinned_id=prev)
+            return Continuation(self.pinned_target(prev, pin), PinDecision.PIN_HIT, pinned_id=prev)
         if self._owned_elsewhere(values):
             raise rec.previous_not_found(prev)
         if translated or not tells_callers_apart(res.backend):
@@ -200,14 +202,16 @@ class Pinning:
         self._decide(PinDecision.OTHER_TENANT)
         return True
 
-    def pinned_target(self, response_id: str, pin: rec.Pin) -> Target:
+    def pinned_target(self, pinned_id: str, pin: rec.Pin, noun: str = "Response",
+                      param: str | None = "previous_response_id") -> Target:
+        """The instance a pin names (a response's, or with `noun` a conversation's), still configured."""
         backend = self.gw.config.backend(pin.backend)
         if backend is None or (pin.endpoint is not None and pin.endpoint not in {e.address for e in backend.endpoints}):
             self._decide(PinDecision.PIN_GONE)
             where = f"instance {pin.endpoint} of backend '{pin.backend}'" if pin.endpoint else f"backend '{pin.backend}'"
-            raise GatewayError(409, f"Response '{response_id}' is held by {where}, which is no longer configured; "
-                                    "its conversation cannot be continued", param="previous_response_id",
-                               code="pinned_backend_gone")
+            raise GatewayError(409, f"{noun} '{pinned_id}' is held by {where}, which is no longer configured; "
+                                    "its conversation cannot be continued", param=param, code="pinned_backend_gone")
+        self._decide(PinDecision.PIN_HIT)
         return Target(backend, pin.endpoint)
 
     # -- /v1/responses/{id}[/cancel|/input_items] --------------------------------------------------
@@ -220,6 +224,11 @@ class Pinning:
             self._decide(PinDecision.TURN_HIT)
             if method == "GET" and not suffix and (after := background.stream_query(query)) is not None:
                 return background.follow(turn, self.tenant, response_id, after)  # its event log, streamed
+            if method == "GET" and not suffix and background.unfinished(turn):  # a poll: is its run alive?
+                lease = yield Reads((background.lease_key(self.tenant, response_id),))
+                if lease is not None and lease[0] is None:  # its replica stopped renewing it
+                    turn, writes = background.lost(turn, self.tenant, response_id)
+                    return Answered(200, orjson.dumps(turn["response"]), writes)
             if suffix == "/input_items":
                 return Answered(200, rec.input_items_page(turn["input"], query))
             if suffix == "/cancel":  # a background run the sidecar holds (state/background.py)
@@ -229,7 +238,7 @@ class Pinning:
             return Answered(200, orjson.dumps(turn["response"]))
         pin = rec.Pin.loads(values[1]) if values and values[1] else None
         if pin is not None:
-            return Forwarded(self.pinned_target(response_id, pin), self._decide(PinDecision.PIN_HIT), response_id)
+            return Forwarded(self.pinned_target(response_id, pin), PinDecision.PIN_HIT, response_id)
         backend = self.gw.responses_backend
         if values is not None and self._owned_elsewhere(values):
             raise rec.response_not_found(response_id)
@@ -255,15 +264,21 @@ class Pinning:
         return [(rec.turn_key(self.tenant, response["id"]), record), rec.owner_write(self.tenant, response["id"])]
 
 
+def response_pin(tenant: str, response_id: str, pin: rec.Pin) -> Writes:
+    """A response id's pin, and its owner."""
+    return [(rec.pin_key(tenant, response_id), pin.dumps()), rec.owner_write(tenant, response_id)]
+
+
 class IdRecorder:
     """Pins a Responses answer's id to the instance that made it: the top-level `id` of a Response
     body, or the `response.id` of a stream's `response.created` event. A body is parsed once whole (one
     larger than `_BODY_LIMIT` is not pinned); a stream is read only until that event, and at most
-    `_STREAM_LIMIT` bytes."""
+    `_STREAM_LIMIT` bytes. `pins` says what the pin is written as (a conversation's: its own key)."""
 
-    def __init__(self, tenant: str, target: Target, sse: bool):
+    def __init__(self, tenant: str, target: Target, sse: bool, pins: PinWrites = response_pin):
         self.tenant = tenant
         self.target = target
+        self.pins = pins
         self.events = SSEDecoder() if sse else None
         self.body: list[bytes] = []
         self.size = 0
@@ -280,8 +295,7 @@ class IdRecorder:
         if response_id is None:
             log.warning("no response id in the first %d bytes of the reply; not pinned", self.size)
             return []
-        pin = rec.Pin(self.target.backend.name, self.target.endpoint)
-        return [(rec.pin_key(self.tenant, response_id), pin.dumps()), rec.owner_write(self.tenant, response_id)]
+        return self.pins(self.tenant, response_id, rec.Pin(self.target.backend.name, self.target.endpoint))
 
     def _from_stream(self, chunk: bytes) -> str | None:
         assert self.events is not None

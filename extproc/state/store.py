@@ -32,6 +32,8 @@ class Store(Protocol):
     async def scan(self, prefix: str) -> list[tuple[str, bytes]]: ...  # for the admin command, not requests
     async def add(self, key: str, value: bytes) -> bytes: ...  # set unless present, never expires; the value kept
     async def incr(self, changes: list[tuple[str, int, int]]) -> list[int]: ...  # counters: (key, by, ttl) -> values
+    # the writes (values, no deletes) unless `guard` is present, atomically; True when written
+    async def write_unless(self, guard: str, writes: list[tuple[str, bytes]]) -> bool: ...
     async def close(self) -> None: ...
 
 
@@ -108,6 +110,12 @@ class MemoryStore:
         self._bound()
         return out
 
+    async def write_unless(self, guard: str, writes: list[tuple[str, bytes]]) -> bool:
+        if self.get(guard) is not None:  # no await between the look and the write: atomic on the loop
+            return False
+        await self.write(list(writes))
+        return True
+
     async def close(self) -> None:
         self.data.clear()
 
@@ -166,6 +174,21 @@ class SQLiteStore:
                     "value = CASE WHEN expires < ? THEN excluded.value ELSE CAST(value AS INTEGER) + ? END, "
                     "expires = CASE WHEN expires < ? THEN excluded.expires ELSE expires END RETURNING value",
                     (key, by, now + ttl, now, by, now)).fetchone()[0] for key, by, ttl in changes]
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"sqlite: {e}") from None
+
+    async def write_unless(self, guard: str, writes: list[tuple[str, bytes]]) -> bool:
+        expires = time.time() + self.ttl
+        try:
+            self.db.execute("BEGIN IMMEDIATE")  # the look and the writes in one write transaction
+            try:
+                if self.db.execute("SELECT 1 FROM kv WHERE key = ? AND expires >= ?", (guard, time.time())).fetchone():
+                    return False
+                self.db.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?, ?)",
+                                    [(key, value, expires) for key, value in writes])
+                return True
+            finally:
+                self.db.execute("COMMIT")
         except sqlite3.Error as e:
             raise StoreUnavailable(f"sqlite: {e}") from None
 
@@ -238,8 +261,22 @@ class RedisStore:
         results = await self._run(pipe.execute())
         return [int(v) for v in results[1::2]]
 
+    async def write_unless(self, guard: str, writes: list[tuple[str, bytes]]) -> bool:
+        """One Lua script: Redis runs it whole, so no other client's write falls between the look and the sets."""
+        keys = [PREFIX + guard, *(PREFIX + k for k, _ in writes)]
+        written = await self._run(self.redis.eval(_WRITE_UNLESS, len(keys), *keys, self.ttl, *(v for _, v in writes)))
+        return bool(written)
+
     async def close(self) -> None:
         await self.redis.aclose()
+
+
+# KEYS[1] the guard, KEYS[2..] the keys; ARGV[1] the TTL, ARGV[2..] the values.
+_WRITE_UNLESS = """
+if redis.call('exists', KEYS[1]) == 1 then return 0 end
+for i = 2, #KEYS do redis.call('set', KEYS[i], ARGV[i], 'ex', ARGV[1]) end
+return 1
+"""
 
 
 def open_store(state: State) -> Store:

@@ -13,7 +13,7 @@ from extproc.errors import GatewayError
 from extproc.exchange import Exchange, Lookup
 from extproc.routing.gateway import Gateway
 from extproc.state import records as rec
-from extproc.state.background import Follow, cancel_key, outcome_writes
+from extproc.state.background import Follow, cancel_key, lease_key, outcome_writes
 from extproc.state.lookup import start
 
 from .test_state_flow import CFG
@@ -123,10 +123,13 @@ def test_a_background_stream_is_sent_to_the_front_door_with_its_log_started(gate
     assert set(store) == {run.key, f"owner:{run.id}", f"bgev:{tenant}:{run.id}:0"}  # no end yet
 
 
-def resume(gateway, path: str, store: dict, key: str = "k1"):
+def resume(gateway, path: str, store: dict | None, key: str = "k1"):
+    """A GET through a fresh exchange; None as the store: it is down."""
     ex = Exchange(gateway)
     step = ex.request_headers({":method": "GET", ":path": path, "authorization": f"Bearer {key}"}, True)
-    return step.then([store.get(k) for k in step.keys])
+    while isinstance(step, Lookup):
+        step = step.then(None if store is None else [store.get(k) for k in step.keys])
+    return step
 
 
 def test_a_resume_is_sent_to_the_front_door_for_its_tenant_only(gateway):
@@ -136,7 +139,8 @@ def test_a_resume_is_sent_to_the_front_door_for_its_tenant_only(gateway):
     assert follow_of(resume(gateway, f"/v1/responses/{run.id}?stream=true&starting_after=7", store)) == \
         Follow(tenant, run.id, 7)
     assert follow_of(resume(gateway, f"/v1/responses/{run.id}?stream=true", store)).after == -1
-    polled = resume(gateway, f"/v1/responses/{run.id}?stream=false", store)  # no stream: the Response
+    leased = {**store, lease_key(tenant, run.id): b"1"}  # its run alive
+    polled = resume(gateway, f"/v1/responses/{run.id}?stream=false", leased)  # no stream: the Response
     assert json.loads(polled.immediate[1])["status"] == "queued"
     with pytest.raises(GatewayError) as e:
         resume(gateway, f"/v1/responses/{run.id}?stream=true", store, key="k2")
@@ -145,6 +149,47 @@ def test_a_resume_is_sent_to_the_front_door_for_its_tenant_only(gateway):
         with pytest.raises(GatewayError) as e:
             resume(gateway, f"/v1/responses/{run.id}?stream=true&starting_after={bad}", store)
         assert (e.value.status, e.value.param) == (400, "starting_after")
+
+
+def test_a_poll_of_a_run_whose_lease_lapsed_records_it_failed_and_fences_the_run(gateway):
+    ex, act = create(gateway, {"model": "llama-3", "input": "x", "background": True})
+    run, store = act.background, dict(act.writes)
+    tenant = ex.req.pinning.tenant
+    writes, ttl = run.lease(gateway.config.limits)
+    assert writes == [(lease_key(tenant, run.id), b"1")] and ttl == 15  # limits.background_lease_seconds
+    alive = resume(gateway, f"/v1/responses/{run.id}", {**store, **dict(writes)})
+    assert json.loads(alive.immediate[1])["status"] == "queued" and alive.writes == []
+    lost = resume(gateway, f"/v1/responses/{run.id}", store)  # no lease: its replica stopped renewing it
+    answered = json.loads(lost.immediate[1])
+    assert (answered["id"], answered["status"]) == (run.id, "failed")
+    assert answered["error"] == {"code": "background_run_lost", "message": "the gateway replica running this "
+                                 "background response stopped before it finished"}
+    assert [k for k, _ in lost.writes] == [cancel_key(tenant, run.id), run.key]  # the mark first: the run stops
+    store.update(lost.writes)
+    assert rec.load_turn(store[run.key])["response"] == answered  # its input kept
+    assert rec.load_turn(store[run.key])["input"] == rec.load_turn(dict(act.writes)[run.key])["input"]
+    again = resume(gateway, f"/v1/responses/{run.id}", store)  # failed now: no lease read, answered as it is
+    assert json.loads(again.immediate[1]) == answered and again.writes == []
+
+
+def test_a_lease_read_the_store_does_not_answer_judges_nothing(gateway):
+    _, act = create(gateway, {"model": "llama-3", "input": "x", "background": True})
+    run, store = act.background, dict(act.writes)
+    ex = Exchange(gateway)
+    step = ex.request_headers({**HEADERS, ":method": "GET", ":path": f"/v1/responses/{run.id}"}, True)
+    step = step.then([store.get(k) for k in step.keys])  # the turn read
+    assert isinstance(step, Lookup) and step.keys == (lease_key(ex.req.pinning.tenant, run.id),)
+    act = step.then(None)  # the store down for the lease read
+    assert json.loads(act.immediate[1])["status"] == "queued" and act.writes == []
+
+
+def test_a_finished_turn_is_not_checked_for_a_lease(gateway):
+    done = {"id": "r1", "object": "response", "status": "completed", "background": True, "output": []}
+    store = {"turn:anonymous:r1": rec.turn_record(done, [], [], None)}
+    ex = Exchange(gateway)
+    step = ex.request_headers({":method": "GET", ":path": "/v1/responses/r1"}, True)
+    act = step.then([store.get(k) for k in step.keys])  # one read: the answer at once
+    assert json.loads(act.immediate[1]) == done and act.writes == []
 
 
 def test_only_a_streamed_background_response_can_be_streamed_again(gateway):
@@ -175,3 +220,31 @@ def test_cancelling_leaves_the_mark_the_run_watches(gateway):
 def test_a_responses_backend_takes_background_itself(gateway):
     _, act = create(gateway, {"model": "gpt-oss-1", "input": "x", "background": True, "stream": True})
     assert act.background is None and act.immediate is None and act.body is None  # passed through, as sent
+
+
+def test_a_cancel_racing_the_runs_last_round_trip_wins(gateway):
+    """The run read its record (still in progress) and is about to write `completed` when the cancel
+    lands: the cancel mark, written before the cancelled record, refuses the run's write."""
+    import asyncio
+
+    from extproc.state.store import MemoryStore
+
+    _, act = create(gateway, {"model": "llama-3", "input": "x", "background": True})
+    run = act.background
+    store = MemoryStore(ttl=60, max_entries=100)
+
+    async def go() -> dict:
+        await store.write(act.writes)
+        done = {**run.response, "status": "completed", "output": []}
+        writes = outcome_writes(run, done, (await store.get_many((run.key,)))[0])  # read before the cancel
+        assert writes
+        cancel = Exchange(gateway)
+        step = cancel.request_headers({**HEADERS, ":path": f"/v1/responses/{run.id}/cancel"}, True)
+        out = step.then(await store.get_many(tuple(step.keys)))
+        mark = cancel_key(cancel.req.pinning.tenant, run.id)
+        assert out.writes[0] == (mark, b"1")  # the mark before the record: a write between them is overwritten
+        await store.write(out.writes)
+        assert await store.write_unless(mark, writes) is False
+        return rec.load_turn((await store.get_many((run.key,)))[0])
+
+    assert asyncio.run(go())["response"]["status"] == "cancelled"

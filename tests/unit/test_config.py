@@ -164,3 +164,12 @@ def test_the_background_event_log_limits():
     with pytest.raises(ConfigError) as e:
         parse_config(GOOD + "limits: {background_max_events: 5, background_max_event_bytes: 100}\n", env={"KEY": "k"})
     assert "limits.background_max_events" in str(e.value) and "limits.background_max_event_bytes" in str(e.value)
+
+
+def test_the_background_lease():
+    assert parse_config(GOOD, env={"KEY": "k"}).limits.background_lease_seconds == 15
+    cfg = parse_config(GOOD + "limits: {background_lease_seconds: 60}\n", env={"KEY": "k"})
+    assert cfg.limits.background_lease_seconds == 60
+    for bad in (2, 601):
+        with pytest.raises(ConfigError, match=r"limits\.background_lease_seconds: must be between 3 and 600"):
+            parse_config(GOOD + f"limits: {{background_lease_seconds: {bad}}}\n", env={"KEY": "k"})

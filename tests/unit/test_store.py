@@ -76,3 +76,16 @@ def test_redis_down_is_unavailable_not_a_crash():
             await s.write([("k", b"v")])
         await s.close()
     run(go())
+
+
+def test_write_unless_writes_only_while_the_guard_is_absent(make_store):
+    """The run's record is written unless the cancel mark is there, in one atomic step (front/background.py)."""
+    async def go():
+        store = make_store()
+        assert await store.write_unless("unit:guard", [("unit:x", b"1"), ("unit:y", b"2")]) is True
+        assert await store.get_many(("unit:x", "unit:y")) == [b"1", b"2"]
+        await store.write([("unit:guard", b"1")])
+        assert await store.write_unless("unit:guard", [("unit:x", b"3"), ("unit:z", b"4")]) is False
+        assert await store.get_many(("unit:x", "unit:z")) == [b"1", None]  # nothing of the refused writes
+        await store.close()
+    run(go())

@@ -476,7 +476,8 @@ class RequestSide:
         body = with_deployment(target.backend, body, plan.request)
         if path != self.path:
             headers.append((":path", path))
-        remove = tuple(h for h in (*ROUTING_HEADERS, H_FIRST_CONTACT, MODE_HEADER) if h not in {k for k, _ in headers})
+        setting = {k for k, _ in headers}
+        remove = tuple(h for h in (*ROUTING_HEADERS, H_FIRST_CONTACT, MODE_HEADER) if h not in setting)
         remove += target.foreign_credentials(up)  # the client's credential in the header the key does not go in
         raw = None
         if body is not None:

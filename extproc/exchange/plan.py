@@ -75,10 +75,11 @@ class Plan:
     turn: Turn | None = None  # Need.KEEP_TURN: the translated answer kept as a turn
     pinned_id: str | None = None  # routed by a pin: a lost instance is explained
     conversation: Held | None = None  # Need.CONVERSATION: the answer appended to the conversation it continues
+    envoy_counts: bool = False  # Need.COUNT_USAGE left to Envoy's access log (routing.needs.envoy_counts)
 
     @property
     def watches_answer(self) -> bool:
-        return watches(self.needs, self.pinned_id is not None)
+        return watches(self.needs, self.pinned_id is not None, self.envoy_counts)
 
     @property
     def upstream_api(self) -> str | None:

@@ -44,7 +44,7 @@ MESSAGES_BODY = {"id": "msg_bench", "type": "message", "role": "assistant", "mod
 # The message pattern (benchmarks/floor_processor.py) the sidecar uses for each exchange kind of run.py's
 # processor rows, with a one-piece JSON answer: its floor. tests/test_benchmarks.py holds the sidecar to it.
 PATTERN_OF = {
-    "pass-through, usage counted": "streamed_body",  # the usage read from the answer as it passes
+    "pass-through, usage counted": "request",  # the usage left to Envoy (json_to_metadata, the access-log service)
     "pass-through, usage_accounting: translated": "request",  # nothing reads the answer
     "Responses pass-through, stored": "streamed_body",  # its id pinned before the answer reaches the client
     "translated": "buffered_body",  # a Responses client on a chat model: the JSON answer translated whole

@@ -68,6 +68,7 @@ class Key:
     CLIENT_API = "client_api"
     UPSTREAM_API = "upstream_api"
     BACKEND = "backend"
+    ENVOY_COUNTS = "envoy_counts"  # the processor's mark: the access-log service counts this request (routing.needs)
     TENANT = "tenant"  # Envoy's key check's (extproc/clients.lua), like the two below
     CLIENT = "client"  # the key's hash, for the models stage
     LIMITED = "limited"  # the tenant, when it has limits: the rate-limit filter's descriptor

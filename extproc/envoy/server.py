@@ -175,7 +175,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
         role = next((v for k, v in context.invocation_metadata() or () if k == ROLE_METADATA), None)
         gw = self.holder.gateway
         ex = FirstContact(gw) if role == FIRST_CONTACT_ROLE else GroupAttempt(gw) if role == FAILOVER_ROLE \
-            else Exchange(gw)
+            else Exchange(gw, envoy_counts=True)
         timer = self.metrics.timer()
         try:
             while True:
@@ -206,7 +206,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
 
     def _record(self, ex: Exchange, timer: ExchangeTimer) -> None:
         record(ex, self.metrics, timer, self.holder.gateway.classifier.label_for)
-        if self.tenants is not None and ex.client_api is not None:
+        if self.tenants is not None and ex.client_api is not None and not ex.counted_by_envoy:
             u = ex.usage
             self.tenants.count(ex.headers.get(TENANT_HEADER), u.input_tokens if u else 0, u.output_tokens if u else 0)
 

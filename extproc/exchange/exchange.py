@@ -28,8 +28,12 @@ log = logging.getLogger("extproc")
 
 
 class Exchange:
-    def __init__(self, gateway: Gateway, tenant: str | None = None, member: Target | None = None):
-        self.req = RequestSide(gateway, tenant, member)
+    """`envoy_counts`: this is the client's exchange (Envoy's downstream filter), whose access-log entry
+    Envoy's access-log service may count (an upstream filter's attempts count themselves)."""
+
+    def __init__(self, gateway: Gateway, tenant: str | None = None, member: Target | None = None,
+                 envoy_counts: bool = False):
+        self.req = RequestSide(gateway, tenant, member, envoy_counts)
         self.life = Lifecycle()
         self.handler: ResponseHandler | None = None
         self.outcome = Outcome()
@@ -145,6 +149,15 @@ class Exchange:
     def usage(self) -> Usage | None:
         return self.outcome.usage
 
+    @property
+    def counted_by_envoy(self) -> bool:
+        """Envoy's access-log service counts this request (its status, tokens, duration), not the shell:
+        its plan leaves the usage to Envoy and the exchange ended as planned, with the metadata that marks
+        its entry (`metadata`). Ended otherwise (an error of the sidecar's, Envoy closing the stream), the
+        shell counts it."""
+        plan = self.req.plan
+        return plan is not None and plan.envoy_counts and self.failure is None and self.phase is Phase.DONE
+
     def metadata(self) -> dict[str, Any] | None:
         """What Envoy's access log may show of this exchange (dynamic metadata, names.NAMESPACE)."""
         if self.model is None:
@@ -154,4 +167,6 @@ class Exchange:
                                Key.BACKEND: self.target.backend.name if self.target else ""}
         if self.usage is not None:
             out.update(self.usage.as_metadata())
+        if self.counted_by_envoy:  # deploy/envoy.yaml's filter sends the entry to the access-log service
+            out[Key.ENVOY_COUNTS] = True
         return out

@@ -76,10 +76,11 @@ class Plan:
     pinned_id: str | None = None  # routed by a pin: a lost instance is explained
     conversation: Held | None = None  # Need.CONVERSATION: the answer appended to the conversation it continues
     pins: PinWrites = response_pin  # Need.RECORD_ID: what the answer's id is pinned as (a conversation's own key)
+    envoy_counts: bool = False  # Need.COUNT_USAGE left to Envoy's access log (routing.needs.envoy_counts)
 
     @property
     def watches_answer(self) -> bool:
-        return watches(self.needs, self.pinned_id is not None)
+        return watches(self.needs, self.pinned_id is not None, self.envoy_counts)
 
     @property
     def upstream_api(self) -> str | None:

@@ -37,7 +37,7 @@ from extproc.routing.gateway import Gateway, Target, placement_key
 from extproc.routing.key_paths import check_key_path
 from extproc.routing.model_name import check_model_name
 from extproc.routing.modes import Learned, learned_key
-from extproc.routing.needs import Call, Facts, Need, needs, passed_on
+from extproc.routing.needs import Call, Facts, Need, envoy_counts, needs, passed_on
 from extproc.routing.providers import upstream_path, with_deployment
 from extproc.state import background, conversations
 from extproc.state import records as rec
@@ -176,7 +176,8 @@ class Resolved:
         return Plan(target, side.pinning, client_api=client_api, model=self.model, request=self.body, needs=n,
                     pair=self.pair, stream=self.facts.stream, facts=learning,
                     turn=turn if Need.KEEP_TURN in n else None, pinned_id=pinned_id,
-                    conversation=conversation if Need.CONVERSATION in n else None)
+                    conversation=conversation if Need.CONVERSATION in n else None,
+                    envoy_counts=side.envoy_counts and envoy_counts(n))
 
 
 class ApiCall:
@@ -385,8 +386,10 @@ def handler_for(bare: str) -> PathHandler:
 
 
 class RequestSide:
-    def __init__(self, gw: Gateway, tenant: str | None = None, member: Target | None = None):
+    def __init__(self, gw: Gateway, tenant: str | None = None, member: Target | None = None,
+                 envoy_counts: bool = False):
         self.gw = gw
+        self.envoy_counts = envoy_counts  # given: Envoy's access log may count this request (the client's exchange)
         self.tenant = tenant  # given: the caller's, when the request carries another key (a first-contact retry)
         self.member = member  # given: one attempt of a model group's request, on this member and instance
         self.handed_over = False  # the request went to its model group's attempts (exchange/failover.py)
@@ -502,7 +505,8 @@ class RequestSide:
         body = with_deployment(target.backend, body, plan.request)
         if path != self.path:
             headers.append((":path", path))
-        remove = tuple(h for h in (*ROUTING_HEADERS, H_FIRST_CONTACT, MODE_HEADER) if h not in {k for k, _ in headers})
+        setting = {k for k, _ in headers}
+        remove = tuple(h for h in (*ROUTING_HEADERS, H_FIRST_CONTACT, MODE_HEADER) if h not in setting)
         remove += target.foreign_credentials(up)  # the client's credential in the header the key does not go in
         raw = None
         if body is not None:

@@ -316,8 +316,8 @@ def scrub(body: bytes, plan: Plan) -> bytes:
 
 class Observe:
     """An answer in the client's own API, passed on untouched: what it teaches of the model's API
-    recorded, its id pinned, its usage read and its Response appended to the conversation it
-    continues, as the plan needs (or nothing more to do)."""
+    recorded, its id pinned, its usage read (unless Envoy counts it: `Plan.envoy_counts`) and its
+    Response appended to the conversation it continues, as the plan needs (or nothing more to do)."""
 
     def __init__(self, plan: Plan, reply: Reply, outcome: Outcome):
         self.plan, self.outcome = plan, outcome
@@ -331,7 +331,8 @@ class Observe:
             outcome.learned_fact = "answers_" + (plan.client_api or "")
         self.recorder = IdRecorder(plan.pinning.tenant, plan.target, reply.sse, plan.pins) \
             if Need.RECORD_ID in plan.needs and reply.status == 200 and retried is None else None
-        self.scanner = UsageScanner(sse=reply.sse) if plan.needs & USAGE and reply.ok else None
+        self.scanner = UsageScanner(sse=reply.sse) if plan.needs & USAGE and reply.ok and not plan.envoy_counts \
+            else None
         # Need.CONVERSATION: a first contact's retried answer too, translated into the client's API
         self.reader = AnswerReader(reply.sse, plan.pinning.gw.config.state.max_record_bytes) \
             if plan.conversation is not None and reply.ok else None

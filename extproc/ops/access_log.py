@@ -1,10 +1,12 @@
-"""Envoy's gRPC access-log service: requests, token usage and GenAI metrics of fast-path answers.
+"""Envoy's gRPC access-log service: requests, token usage and GenAI metrics of answers Envoy counts.
 
 Fast-path requests never reach the processor, so Envoy reports them afterwards, batched: the route
 name (`fast:<client api>:<backend>`, routing.compile), the status, and the dynamic metadata its
 `json_to_metadata` (JSON answers) and `sse_to_metadata` (streams) filters read from the body: the
-model and the token counts. deploy/envoy.yaml logs only those routes here (a CEL filter), so
-processor-path requests, which the processor counts itself, are never counted twice.
+model and the token counts. A processed request whose answer passes through and is read for nothing
+but its usage (`routing.needs.envoy_counts`) is counted the same way: the processor lets the answer go
+and marks the entry (`Key.ENVOY_COUNTS`, with its client API and backend). deploy/envoy.yaml logs only
+those two kinds here (a CEL filter), so requests the processor counts itself are never counted twice.
 """
 
 from __future__ import annotations
@@ -31,17 +33,21 @@ TOKEN_KINDS = (("input", Key.INPUT_TOKENS), ("output", Key.OUTPUT_TOKENS), ("cac
 
 def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: Callable[[str | None], str],
           tenants: TenantMeter | None = None, backend_at: Callable[[str, str], str] | None = None) -> None:
-    """One fast-path request in the metrics; entries from other routes are ignored. `backend_at` names
-    the backend that answered a route to a model group's cluster, by the upstream address Envoy used."""
+    """One fast-path request, or one the processor left to Envoy, in the metrics; other entries are
+    ignored. `backend_at` names the backend that answered a route to a model group's cluster, by the
+    upstream address Envoy used."""
     common = entry.common_properties
+    fields = common.metadata.filter_metadata[NAMESPACE].fields if NAMESPACE in common.metadata.filter_metadata else {}
     kind, _, rest = common.route_name.partition(":")
     client_api, _, backend = rest.partition(":")
-    if kind != FAST or not backend:
+    if kind == FAST and backend:
+        if backend_at is not None:
+            sock = common.upstream_remote_address.socket_address
+            backend = backend_at(backend, f"{sock.address}:{sock.port_value}")
+    elif Key.ENVOY_COUNTS in fields and Key.CLIENT_API in fields and Key.BACKEND in fields:
+        client_api, backend = fields[Key.CLIENT_API].string_value, fields[Key.BACKEND].string_value  # passed through
+    else:
         return
-    if backend_at is not None:
-        sock = common.upstream_remote_address.socket_address
-        backend = backend_at(backend, f"{sock.address}:{sock.port_value}")
-    fields = common.metadata.filter_metadata[NAMESPACE].fields if NAMESPACE in common.metadata.filter_metadata else {}
     model = label_for(fields[Key.MODEL].string_value if Key.MODEL in fields else None)
     status = entry.response.response_code.value
     metrics.requests.inc(client_api, client_api, backend, model, status_outcome(status))

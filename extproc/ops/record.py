@@ -11,8 +11,10 @@ The only place that reads a finished `Exchange` for operations. What each GenAI 
   handled (translated, or watched); per output token needs the upstream's usage and 2+ output tokens.
 
 What it reads of the exchange: model, client_api, upstream_api, target (backend name, endpoint),
-usage, stream, translated, pin_decision, learned_fact, failure, status, chunks, and for the log line
-headers (x-request-id), method, path, dropped_tools.
+usage, stream, translated, pin_decision, learned_fact, failure, status, chunks, counted_by_envoy, and
+for the log line headers (x-request-id), method, path, dropped_tools. An exchange `counted_by_envoy`
+(a pass-through whose usage only Envoy reads) leaves its request, token and GenAI metrics to the
+access-log service (`ops.access_log`), which counts them from Envoy's entry as for the fast path.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def record(ex: Exchange, metrics: Metrics, timer: ExchangeTimer, label_for: Call
     backend = ex.target.backend.name if ex.target else ""
     model = label_for(ex.model)
     u = ex.usage
-    if ex.client_api is not None:
+    envoy = ex.counted_by_envoy  # its request, tokens and duration come from Envoy's access log (ops.access_log)
+    if ex.client_api is not None and not envoy:
         m.requests.inc(ex.client_api, ex.upstream_api or ex.client_api, backend, model, outcome)
         if ex.target is not None:
             _genai(ex, m, timer, (OPERATION, backend, model), status)
@@ -78,6 +81,8 @@ def record(ex: Exchange, metrics: Metrics, timer: ExchangeTimer, label_for: Call
             fields.update(u.as_metadata())
         if ex.dropped_tools:
             fields["dropped_tools"] = ex.dropped_tools
+        if envoy:
+            fields["counted_by"] = "envoy"  # the status and usage are in Envoy's access log
         log.info("request", extra={"fields": fields})
 
 

@@ -18,7 +18,9 @@ How the processor uses it (`exchange/request.py`), once it has the resolution an
                                   is known to lack it, Need.TRANSLATE: the turn is sent at once
     Need.RECORD_ID in n        -> response.Observe's IdRecorder: pin the stored answer's id to its instance
     Need.KEEP_TURN in n        -> Plan.turn: the sidecar keeps the translated turn
-    n & USAGE                  -> response.Observe's UsageScanner: read (or estimate) an untranslated answer's usage
+    n & USAGE                  -> response.Observe's UsageScanner: read (or estimate) an untranslated answer's usage,
+                                  unless `envoy_counts(n)` (and the exchange is the client's): then Envoy's
+                                  access log counts it, as for the fast path (Plan.envoy_counts)
     Need.INJECT_KEY in n       -> the backend's key is added; an error quoting it is scrubbed
     Need.PROVIDER_SHAPE in n   -> providers.upstream_path / with_deployment: a provider's own paths and names
     Need.CONTINUE in n         -> state.pinning finds the conversation (a pin may then need explaining)
@@ -194,9 +196,22 @@ def passed_on(backend: Backend) -> Needs:
     return frozenset({Need.ROUTE, Need.INJECT_KEY} if processor_adds_key(backend) else {Need.ROUTE})
 
 
-def watches(n: Needs, pinned: bool) -> bool:
-    """Whether the exchange must read the answer (`pinned`: routed by a pin, whose loss it explains)."""
-    return bool(n & ANSWER) or pinned
+# What has the processor read a passed-through answer to its end anyway (the key scrubbed from it, the
+# conversation's new items, what the answer teaches of the model's API): it counts that answer's usage too.
+READ_WHOLE: Needs = frozenset({Need.INJECT_KEY, Need.CONVERSATION, Need.LEARN})
+
+
+def envoy_counts(n: Needs) -> bool:
+    """Whether Envoy can count a processed request's usage, as on the fast path (json_to_metadata,
+    sse_to_metadata, the access-log service): usage the answer reports is counted and nothing else makes
+    the processor read the answer whole, so it need not read it for the usage."""
+    return Need.COUNT_USAGE in n and not n & READ_WHOLE
+
+
+def watches(n: Needs, pinned: bool, counted_by_envoy: bool = False) -> bool:
+    """Whether the exchange must read the answer (`pinned`: routed by a pin, whose loss it explains;
+    `counted_by_envoy`: Envoy counts its usage, `envoy_counts`)."""
+    return bool((n - {Need.COUNT_USAGE} if counted_by_envoy else n) & ANSWER) or pinned
 
 
 def envoy_can(config: Config) -> Needs:

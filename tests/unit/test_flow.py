@@ -169,3 +169,45 @@ def test_a_stream_translator_that_fails_mid_stream_still_ends_the_stream(gateway
     events = [json.loads(line[6:]) for line in act.body.decode().splitlines() if line.startswith("data: {")]
     assert act.done and events[-1]["type"] == "response.failed"
     assert events[-1]["response"]["error"]["code"] == "bad_upstream_response"
+
+
+KEYED = CFG + """  - name: keyed
+    api: chat
+    models: ["keyed-*"]
+    endpoints: ["127.0.0.1:8003"]
+    api_key_env: KEYED_KEY
+"""
+
+
+def test_a_pass_through_read_only_for_its_usage_is_left_to_envoy():
+    """The client's exchange lets go at the request body and marks its entry for Envoy's access-log
+    service; an exchange that reads the answer whole anyway (a keyed backend's) counts it itself, and
+    an upstream filter's exchange (envoy_counts=False) always does."""
+    gw = Gateway(parse_config(KEYED, env={"KEYED_KEY": "sk-k"}))
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    ex = Exchange(gw, envoy_counts=True)
+    ex.request_headers({":method": "POST", ":path": "/v1/chat/completions", "content-type": "application/json"}, False)
+    act = ex.request_body(json.dumps({"model": "llama-3", **chat}).encode())
+    assert act.done and ex.counted_by_envoy
+    assert ex.metadata() == {"model": "llama-3", "client_api": "chat", "upstream_api": "chat", "backend": "vllm",
+                             "envoy_counts": True}
+    keyed = Exchange(gw, envoy_counts=True)
+    keyed.request_headers({":method": "POST", ":path": "/v1/chat/completions", "content-type": "application/json"}, False)
+    assert not keyed.request_body(json.dumps({"model": "keyed-1", **chat}).encode()).done
+    keyed.response_headers({":status": "200", "content-type": "application/json"})
+    keyed.response_body(json.dumps({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 1}}).encode(), True)
+    assert not keyed.counted_by_envoy and keyed.usage.input_tokens == 4 and "envoy_counts" not in keyed.metadata()
+    _, act = start(gw, "/v1/chat/completions", {"model": "llama-3", **chat})  # envoy_counts=False
+    assert not act.done
+
+
+def test_a_stored_response_left_to_envoy_is_read_only_until_its_id():
+    gw = Gateway(parse_config(CFG, env={}))
+    ex = Exchange(gw, envoy_counts=True)
+    ex.request_headers({":method": "POST", ":path": "/v1/responses", "content-type": "application/json"}, False)
+    assert not ex.request_body(json.dumps({"model": "gpt-5.3-codex", "input": "hi", "stream": True}).encode()).done
+    assert ex.response_headers({":status": "200", "content-type": "text/event-stream"}).response_body_mode == STREAMED
+    created = {"type": "response.created", "response": {"id": "resp_7", "status": "in_progress", "output": []}}
+    act = ex.response_body(b"event: response.created\ndata: " + json.dumps(created).encode() + b"\n\n", False)
+    assert act.done and {key for key, _ in act.writes} == {"pin:anonymous:resp_7", "owner:resp_7"}  # before it goes on
+    assert ex.counted_by_envoy and ex.usage is None and ex.metadata()["envoy_counts"] is True

@@ -92,3 +92,36 @@ def test_estimated_usage_and_single_tokens_are_not_timed_per_token():
                    "gen_ai_request_model": "llama-*", "gen_ai_token_type": "output"}.items())
     assert got[("gen_ai_client_token_usage_count", g)] == 1  # the estimate stays out
     assert got[("gen_ai_server_time_to_first_token_seconds_count", g - {("gen_ai_token_type", "output")})] == 2
+
+
+def test_an_exchange_left_to_envoy_is_counted_from_its_access_log_entry_only():
+    """The processor records no request or tokens for it; the access-log service counts Envoy's entry,
+    marked by the processor's metadata, as it counts a fast-path one; an unmarked processor-path entry
+    is not counted there (the processor counted it)."""
+    from envoy.data.accesslog.v3 import accesslog_pb2
+
+    from extproc.ops import access_log
+
+    m = Metrics()
+    ex = Exchange(GW, envoy_counts=True)
+    ex.request_headers({":method": "POST", ":path": "/v1/chat/completions", "content-type": "application/json"}, False)
+    assert ex.request_body(json.dumps({"model": "llama-3", "messages": [{"role": "user", "content": "hi"}]}).encode()).done
+    record(ex, m, m.timer(), GW.classifier.label_for)
+    assert not [k for k in samples(m) if k[0] in ("extproc_requests_total", "extproc_tokens_total")]
+
+    def entry(meta: dict) -> accesslog_pb2.HTTPAccessLogEntry:
+        e = accesslog_pb2.HTTPAccessLogEntry()
+        e.common_properties.route_name = "processor:endpoint"
+        e.common_properties.metadata.filter_metadata["llm_gateway"].update(meta)
+        e.response.response_code.value = 200
+        return e
+
+    usage = {"input_tokens": 11, "output_tokens": 7}
+    access_log.count(m, entry({**ex.metadata(), **usage}), GW.classifier.label_for)
+    access_log.count(m, entry({"model": "llama-3", "client_api": "chat", "backend": "chat", **usage}),
+                     GW.classifier.label_for)
+    got = samples(m)
+    assert got[("extproc_requests_total", frozenset({"client_api": "chat", "upstream_api": "chat", "backend": "chat",
+                                                     "model": "llama-*", "outcome": "ok"}.items()))] == 1
+    assert got[("extproc_tokens_total", frozenset({"model": "llama-*", "backend": "chat", "kind": "input",
+                                                   "estimated": "false"}.items()))] == 11

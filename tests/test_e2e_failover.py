@@ -8,6 +8,8 @@ naming each; a model outside any group takes exactly today's path."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 CONFIG = """
 listen: 127.0.0.1:{extproc_port}
 admin_listen: 127.0.0.1:{admin_port}
-failover: {{max_attempts: 3, eject_after: 50}}
+failover: {{max_attempts: 3, eject_after: 50, attempt_timeout_seconds: {attempt_timeout}}}
 backends:
   - name: pool-chat
     api: chat
@@ -45,6 +47,7 @@ backends:
     endpoints: ["{resp}"]
 """
 POOL_KEY = "sk-pool-chat-secret"
+ATTEMPT_TIMEOUT = 3  # seconds a member may stay silent: long enough for a loaded machine's real answers
 
 
 @dataclass
@@ -72,7 +75,7 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
     closed = free_port()  # handed out, never bound: nothing listens there (connection refused)
     cfg = Path(tmp_path_factory.mktemp("failover")) / "config.yaml"
     cfg.write_text(CONFIG.format(extproc_port=extproc_port, admin_port=admin_port, chat=chat.address,
-                                 resp=resp.address, closed=closed))
+                                 resp=resp.address, closed=closed, attempt_timeout=ATTEMPT_TIMEOUT))
     stack = Stack()
     try:
         sidecar = stack.start_sidecar(cfg, env={"POOL_CHAT_KEY": POOL_KEY})
@@ -143,6 +146,40 @@ def test_a_failing_chat_member_fails_over_to_the_responses_member(g, api, stream
     # the first member got the pool's key; the second (keyless) the client's own, never the first's
     assert g.chat.requests[0]["headers"]["authorization"] == f"Bearer {POOL_KEY}"
     assert headers["authorization"] == "Bearer client-key" and "x-gateway-retry" not in headers
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_silent_member_is_given_up_on_and_the_next_serves(g, api, stream):
+    """A member that takes the request and says nothing: after `attempt_timeout_seconds` Envoy resets
+    that attempt and sends the request on, long before `limits.upstream_timeout_seconds` (its 504)."""
+    silent = threading.Event()
+    g.chat.script.append(Reply(silent=silent))
+    g.resp.script.append(Reply(text="the silent one was skipped"))
+    try:
+        started = time.monotonic()
+        assert _ask(g.client(), api, stream) == "the silent one was skipped"
+        took = time.monotonic() - started
+    finally:
+        silent.set()
+    assert ATTEMPT_TIMEOUT <= took < ATTEMPT_TIMEOUT + 20
+    assert [r["path"] for r in g.chat.requests] == ["/v1/chat/completions"]
+    assert [r["path"] for r in g.resp.requests] == ["/v1/responses"]
+
+
+def test_a_silent_member_is_named_when_every_member_fails(g):
+    silent = threading.Event()
+    g.chat.script.append(Reply(silent=silent))
+    g.resp.script.append(Reply(error=(500, {"error": {"message": "responses pool crashed", "type": "server_error",
+                                                      "param": None, "code": None}})))
+    try:
+        with pytest.raises(openai.APIStatusError) as e:
+            _ask(g.client(), "chat", False)
+    finally:
+        silent.set()
+    assert e.value.status_code == 502 and e.value.body["code"] == "all_backends_failed"
+    message = e.value.body["message"]
+    assert "pool-chat: no answer" in message and "pool-resp: 500 responses pool crashed" in message
 
 
 def test_an_anthropic_client_fails_over_too(g):
@@ -268,7 +305,7 @@ def test_a_model_outside_any_group_takes_todays_path(g):
 HEALTH_CONFIG = """
 listen: 127.0.0.1:{extproc_port}
 admin_listen: 127.0.0.1:{admin_port}
-failover: {{eject_after: 2, eject_seconds: 1, max_eject_seconds: 1}}
+failover: {{eject_after: 2, eject_seconds: 1, max_eject_seconds: 1, attempt_timeout_seconds: {attempt_timeout}}}
 backends:
   - name: flaky
     api: chat
@@ -315,7 +352,8 @@ def health(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Health]:
     cfg = Path(tmp_path_factory.mktemp("health")) / "config.yaml"
     cfg.write_text(HEALTH_CONFIG.format(extproc_port=extproc_port, admin_port=admin_port, flaky=flaky.address,
                                         steady=steady.address, conv_a=conv_a.address, conv_b=conv_b.address,
-                                        fast_a=fast_a.address, fast_b=fast_b.address))
+                                        fast_a=fast_a.address, fast_b=fast_b.address,
+                                        attempt_timeout=ATTEMPT_TIMEOUT))
     stack = Stack()
     try:
         sidecar = stack.start_sidecar(cfg)
@@ -364,6 +402,24 @@ def test_a_same_api_group_fails_over_on_the_fast_path(health):
     assert wait_until(lambda: _metrics(g).get(served, 0) == before + 1)
     fast_a.script.append(Reply(text="first pool again"))
     assert _ask(g.client(), "chat", True, model="fast-model") == "first pool again"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_silent_member_is_given_up_on_on_the_fast_path_too(health, stream):
+    g, fast_a, fast_b = health.group, health.fast_a, health.fast_b
+    fast_a.reset()
+    fast_b.reset()
+    silent = threading.Event()
+    fast_a.script.append(Reply(silent=silent))
+    fast_b.script.append(Reply(text="from the second pool"))
+    try:
+        started = time.monotonic()
+        assert _ask(g.client(), "chat", stream, model="fast-model") == "from the second pool"
+        took = time.monotonic() - started
+    finally:
+        silent.set()
+    assert ATTEMPT_TIMEOUT <= took < ATTEMPT_TIMEOUT + 20
+    assert len(fast_a.requests) == 1 and len(fast_b.requests) == 1
 
 
 def test_a_conversation_survives_its_first_member_dying(health):

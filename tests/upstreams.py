@@ -72,6 +72,8 @@ class Reply:
     events: list[bytes] | None = None
     headers: dict[str, str] = field(default_factory=dict)  # sent with the answer (an echo, a `location`)
     reset: bool = False  # a crashing server: a 200's headers sent, then the connection dropped before any body
+    silent: threading.Event | None = None  # a stuck server: the request read, nothing sent until this is set
+    # (at most 30 s), then the connection dropped
 
 
 def _err(message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -202,6 +204,13 @@ class _Handler(JSONHandler):
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)
 
+    def say_nothing(self, until: threading.Event) -> None:
+        """Accept the request and never answer it: the connection dropped once the test is done."""
+        until.wait(timeout=30)
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
     def stop(self, reply: Reply) -> None:
         """A stream cut short: ended properly, or (`drop`) the connection closed with the body unfinished."""
         if reply.drop is None:
@@ -253,6 +262,9 @@ class _ChatHandler(_Handler):
             return
         if reply.reset:
             self.send_reset(bool(body.get("stream")))
+            return
+        if reply.silent is not None:
+            self.say_nothing(reply.silent)
             return
         if self.send_broken(reply, bool(body.get("stream"))):
             return

@@ -201,7 +201,7 @@ class GroupAttempt:
                 self.earlier.append(Attempt(r["backend"], r.get("status"), r.get("message", ""),
                                             retry_after=r.get("retry_after")))
                 continue
-            silent = Attempt(next(unnamed, "?"), None, "no answer (connection refused, reset or cut)", Transport.RESET)
+            silent = Attempt(next(unnamed, "?"), None, "no answer (connection refused, reset, cut or timed out)", Transport.RESET)
             self.earlier.append(silent)
             if k == self.n - 1:  # the one just before this: nobody else saw it
                 self.attempts.append(silent)

@@ -162,6 +162,9 @@ def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_b
     retry = routes["processor:group.keyed-chat.resp"].route.retry_policy
     assert retry.retry_on == "retriable-headers,reset,connect-failure" and retry.num_retries.value == 2
     assert retry.retry_priority.name == "envoy.retry_priorities.previous_priorities"
+    # a silent member: reset after the attempt timeout (`reset` retries it), on the fast path too
+    fast_retry = group_routes.fast_retry(gw.config, group_routes.member_lists(gw.config)[0])
+    assert retry.per_try_timeout.seconds == fast_retry.per_try_timeout.seconds == 30
     # a grouped model never has a fast route to its primary alone; a model alone keeps its own
     def names(route) -> set[str]:
         out = set()

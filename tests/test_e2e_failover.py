@@ -438,3 +438,133 @@ def test_a_conversation_survives_its_first_member_dying(health):
     first_on_b = [m["content"] for m in conv_b.requests[0]["body"]["messages"]]
     assert first_on_b == said[:21]
     assert [m["content"] for m in conv_b.requests[-1]["body"]["messages"]] == said[:-1]
+
+
+# -- the rest of the Responses surface: background turns, token counts, compaction --------------------
+
+SURFACE_CONFIG = """
+listen: 127.0.0.1:{extproc_port}
+admin_listen: 127.0.0.1:{admin_port}
+websocket_gateway: http://127.0.0.1:{envoy}
+failover: {{eject_after: 50}}
+backends:
+  - name: chat-a
+    api: chat
+    models: ["mixed", "chats"]
+    endpoints: ["{chat_a}"]
+  - name: chat-b
+    api: chat
+    models: ["chats"]
+    endpoints: ["{chat_b}"]
+  - name: resp-a
+    api: responses
+    models: ["mixed", "resps"]
+    endpoints: ["{resp_a}"]
+  - name: resp-b
+    api: responses
+    models: ["resps"]
+    endpoints: ["{resp_b}"]
+"""
+
+
+@dataclass
+class Surface:
+    group: Group
+    chat_a: ChatServer
+    chat_b: ChatServer
+    resp_a: ResponsesServer
+    resp_b: ResponsesServer
+
+
+@pytest.fixture(scope="module")
+def surface(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Surface]:
+    chat_a, chat_b, resp_a, resp_b = ChatServer(), ChatServer(), ResponsesServer(), ResponsesServer()
+    extproc_port, port, envoy_admin, admin_port = free_port(), free_port(), free_port(), free_port()
+    cfg = Path(tmp_path_factory.mktemp("surface")) / "config.yaml"
+    cfg.write_text(SURFACE_CONFIG.format(extproc_port=extproc_port, admin_port=admin_port, envoy=port,
+                                         chat_a=chat_a.address, chat_b=chat_b.address, resp_a=resp_a.address,
+                                         resp_b=resp_b.address))
+    stack = Stack()
+    try:
+        sidecar = stack.start_sidecar(cfg)
+        wait_for_port(extproc_port, proc=sidecar)
+        stack.start_envoy(port, envoy_admin, extproc_port)
+        group = Group(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{envoy_admin}",
+                      chat_a, resp_a, stack)
+        yield Surface(group, chat_a, chat_b, resp_a, resp_b)
+    finally:
+        stack.stop()
+        for server in (chat_a, chat_b, resp_a, resp_b):
+            server.close()
+
+
+@pytest.fixture
+def sf(surface: Surface) -> Surface:
+    for server in (surface.chat_a, surface.chat_b, surface.resp_a, surface.resp_b):
+        server.reset()
+    return surface
+
+
+def _posts(server: ChatServer | ResponsesServer) -> list[str]:
+    return [r["path"] for r in server.requests if r.get("method") != "GET"]
+
+
+def test_a_background_turn_on_a_chat_primary_is_run_by_the_sidecar_and_its_run_fails_over(sf):
+    """The sidecar runs it (the primary keeps no state); the run's own request is an ordinary turn of
+    the group: the failing chat member, then the Responses one."""
+    sf.chat_a.script.append(Reply(error=_error(503, "pool overloaded")))
+    sf.resp_a.script.append(Reply(text="researched"))
+    client = sf.group.client()
+    queued = client.responses.create(model="mixed", input="research this", background=True)
+    assert (queued.status, queued.background) == ("queued", True)
+    assert wait_until(lambda: client.responses.retrieve(queued.id).status == "completed", timeout=20)
+    assert client.responses.retrieve(queued.id).output_text == "researched"
+    assert _posts(sf.chat_a) == ["/v1/chat/completions"]
+    (run,) = sf.resp_a.requests
+    assert (run["path"], run["body"]["store"], run["body"]["stream"]) == ("/v1/responses", False, True)
+
+
+def test_a_background_turn_on_a_group_of_responses_backends_fails_over_and_is_polled_where_it_is(sf):
+    """Every member runs background turns itself: the turn fails over like any other, and is found on
+    the member that stored it."""
+    sf.resp_a.script.append(Reply(error=_error(503, "pool overloaded")))
+    sf.resp_b.script.append(Reply(text="done in the background"))
+    client = sf.group.client()
+    created = client.responses.create(model="resps", input="research this", background=True)
+    assert created.output_text == "done in the background"
+    assert client.responses.retrieve(created.id).output_text == "done in the background"
+    assert _posts(sf.resp_a) == ["/v1/responses"] and sf.resp_b.requests[0]["body"]["background"] is True
+    assert [r.get("method", "POST") for r in sf.resp_b.requests] == ["POST", "GET"]
+
+
+def test_a_token_count_on_a_group_of_responses_backends_fails_over(sf):
+    sf.resp_a.script.append(Reply(error=_error(503, "pool overloaded")))
+    count = sf.group.client().responses.input_tokens.count(model="resps", input="one two three")
+    assert count.input_tokens == 3
+    assert _posts(sf.resp_a) == _posts(sf.resp_b) == ["/v1/responses/input_tokens"]
+
+
+def test_a_compaction_on_a_group_of_chat_backends_fails_over_and_its_item_serves_any_member(sf):
+    """The sidecar compacts for every member: its sealed item is opened whichever member serves the
+    next turn."""
+    sf.chat_a.script.append(Reply(error=_error(503, "pool overloaded")))
+    sf.chat_b.script.append(Reply(text="The user likes blue."))
+    client = sf.group.client()
+    compacted = client.responses.compact(model="chats", input="my favourite colour is blue")
+    item = compacted.output[-1].model_dump(exclude_none=True)
+    assert item["type"] == "compaction"
+    assert _posts(sf.chat_a) == _posts(sf.chat_b) == ["/v1/chat/completions"]
+    r = client.responses.create(model="chats", input=[item, {"role": "user", "content": "so?"}])
+    assert r.output_text == "echo: so?"
+    sent = sf.chat_a.requests[-1]["body"]["messages"]  # the primary again, the summary in the item's place
+    assert sent[-2] == {"role": "user", "content": "Summary of the earlier conversation (compacted):\n\n"
+                                                   "The user likes blue."}
+
+
+def test_a_compaction_on_a_mixed_group_goes_to_the_primary_alone(sf):
+    """A Responses member's compaction item is its own: the primary could not read it on the next turn."""
+    sf.chat_a.script.append(Reply(error=_error(503, "pool overloaded")))
+    with pytest.raises(openai.APIStatusError) as e:
+        sf.group.client().responses.compact(model="mixed", input="my favourite colour is blue")
+    assert e.value.status_code == 503
+    assert sf.resp_a.requests == []

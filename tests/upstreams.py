@@ -409,6 +409,9 @@ class _ResponsesHandler(_Handler):
             self.compact(body)
             return
         if self.path == "/v1/responses/input_tokens":  # as OpenAI's: a count of the request's input
+            if self.upstream.script and self.upstream.script[0].error:  # an overloaded server refuses counts too
+                self.send_json(*self.upstream.script.popleft().error)
+                return
             self.send_json(200, {"object": "response.input_tokens", "input_tokens": len(str(body.get("input")).split())})
             return
         if self.path != "/v1/responses":

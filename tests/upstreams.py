@@ -75,6 +75,8 @@ class Reply:
     events: list[bytes] | None = None
     headers: dict[str, str] = field(default_factory=dict)  # sent with the answer (an echo, a `location`)
     reset: bool = False  # a crashing server: a 200's headers sent, then the connection dropped before any body
+    silent: threading.Event | None = None  # a stuck server: the request read, nothing sent until this is set
+    # (at most 30 s), then the connection dropped
 
 
 def _err(message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -205,6 +207,13 @@ class _Handler(JSONHandler):
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)
 
+    def say_nothing(self, until: threading.Event) -> None:
+        """Accept the request and never answer it: the connection dropped once the test is done."""
+        until.wait(timeout=30)
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
     def stop(self, reply: Reply) -> None:
         """A stream cut short: ended properly, or (`drop`) the connection closed with the body unfinished."""
         if reply.drop is None:
@@ -256,6 +265,9 @@ class _ChatHandler(_Handler):
             return
         if reply.reset:
             self.send_reset(bool(body.get("stream")))
+            return
+        if reply.silent is not None:
+            self.say_nothing(reply.silent)
             return
         if self.send_broken(reply, bool(body.get("stream"))):
             return
@@ -419,6 +431,9 @@ class _ResponsesHandler(_Handler):
             self.compact(body)
             return
         if self.path == "/v1/responses/input_tokens":  # as OpenAI's: a count of the request's input
+            if self.upstream.script and self.upstream.script[0].error:  # an overloaded server refuses counts too
+                self.send_json(*self.upstream.script.popleft().error)
+                return
             self.send_json(200, {"object": "response.input_tokens", "input_tokens": len(str(body.get("input")).split())})
             return
         if self.path != "/v1/responses":

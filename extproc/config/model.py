@@ -152,6 +152,12 @@ class Failover:
     eject_after: int = 5  # consecutive failures that take a member out (Envoy's consecutive_5xx)
     eject_seconds: int = 30  # out for this long times the number of times it was taken out (base_ejection_time)
     max_eject_seconds: int = 300  # the cap on that, and on a retry-after hold (max_ejection_time)
+    attempt_timeout_seconds: int = 30  # one attempt silent this long before its answer starts: the next member
+
+    @property
+    def attempt_timeout(self) -> int:
+        """Envoy's per-try timeout: no attempt outlives the deadline (a later one would not start anyway)."""
+        return min(self.attempt_timeout_seconds, self.deadline_seconds)
 
 
 STORES = ("memory", "sqlite", "redis")

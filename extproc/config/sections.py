@@ -117,7 +117,7 @@ def tenancy(r: Reader, node: yaml.Node) -> Tenancy | None:
 
 
 _FAILOVER = {"max_attempts": (1, 10), "deadline_seconds": (1, 86400), "eject_after": (1, 1000),
-             "eject_seconds": (1, 86400), "max_eject_seconds": (1, 86400)}
+             "eject_seconds": (1, 86400), "max_eject_seconds": (1, 86400), "attempt_timeout_seconds": (1, 86400)}
 
 
 def failover(r: Reader, node: yaml.Node) -> Failover | None:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from extproc.api import API_OF_PATH
+from extproc.api import API_OF_PATH, BOTH, CHAT, MESSAGES, RESPONSES
 from extproc.config import Backend
 from extproc.envoy.names import (
     H_BACKEND,
@@ -46,10 +46,12 @@ from extproc.envoy.names import (
 )
 from extproc.errors import GatewayError
 from extproc.exchange.actions import BUFFERED, Action, Step
+from extproc.exchange.paths import INPUT_TOKENS
+from extproc.exchange.phases import Phase
 from extproc.routing.failover import Attempt, Transport, Verdict, all_failed_error
 from extproc.routing.gateway import Target, placement_key
 from extproc.routing.group_routes import carried, first_on, group_cluster
-from extproc.routing.groups import continue_order, group_for
+from extproc.routing.groups import Group, continue_order, group_for
 from extproc.routing.needs import Call
 from extproc.state import records as rec
 from extproc.state.lookup import Decision, Reads, awaited, start
@@ -76,16 +78,29 @@ def attempt_key(rid: str, n: int) -> str:
 
 # -- the client-side exchange's part ----------------------------------------------------------------
 
+def _follows(group: Group, call: Call, path: str, body: dict[str, Any]) -> bool:
+    """Whether this call may be served by any member: a turn; a background turn, a count only where every
+    member keeps Responses state itself (it runs the turn, it counts; a chat member's run is the sidecar's,
+    whose own request is then an ordinary grouped turn); a compaction only where the sidecar compacts for
+    every member (its sealed items are read whoever serves the next turn: a backend's own are not)."""
+    apis = {b.api for b in group.backends}
+    if call is Call.CREATE:
+        return body.get("background") is not True or apis <= {RESPONSES, BOTH}
+    if call is Call.COUNT:
+        return path == INPUT_TOKENS and apis <= {RESPONSES, BOTH}
+    return call is Call.COMPACT and apis <= {CHAT, MESSAGES}
+
+
 def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -> Decision[Action | None]:
     """The request sent to its model group's attempts, or None when it takes today's path: not a group
-    Envoy carries, an attempt already, not a turn (compaction and counts go to the primary), a background
-    turn (the sidecar's own run sends it again), or the continuation of a response a member stored
-    itself (a stateful Responses backend's pin): only that member can continue it, so the request goes
-    there (`side.member`), as any pinned turn does, without failover. A turn the sidecar holds goes
+    Envoy carries, an attempt already, a call only the primary can serve (`_follows`: then the model's
+    backend serves it as before), or the continuation of a response a member stored itself (a stateful
+    Responses backend's pin): only that member can continue it, so the request goes there
+    (`side.member`), as any pinned turn does, without failover. A turn the sidecar holds goes
     first to the member that served it (its prefix cache) while that member is in."""
     gw = side.gw
-    group = group_for(gw.config, model) if side.member is None and call is Call.CREATE else None
-    if group is None or not carried(group.backends) or body.get("background") is True:
+    group = group_for(gw.config, model) if side.member is None else None
+    if group is None or not carried(group.backends) or not _follows(group, call, side.bare, body):
         return None
     prev = body.get("previous_response_id")
     previous: str | None = None  # the member that served the turn this one continues, when the sidecar holds it
@@ -139,6 +154,12 @@ def _upstream(act: Action) -> Action:
     return dataclasses.replace(act, clear_route_cache=False, done=act.immediate is not None,
                                set_headers=[(k, v) for k, v in act.set_headers if k not in _ROUTING],
                                remove_headers=tuple(h for h in (*act.remove_headers, *_ROUTING) if h not in _OURS))
+
+
+def _answered(ex: Exchange, headers: dict[str, str], end_of_stream: bool) -> Action:
+    """The exchange's answer to the response headers; an exchange that wanted nothing of the answer (a
+    token count, `usage_accounting: translated` on a pass-through) was done with its request: as it came."""
+    return Action(done=True) if ex.phase is Phase.DONE else ex.response_headers(headers, end_of_stream)
 
 
 class GroupAttempt:
@@ -212,7 +233,7 @@ class GroupAttempt:
                 self.earlier.append(Attempt(r["backend"], r.get("status"), r.get("message", ""),
                                             retry_after=r.get("retry_after")))
                 continue
-            silent = Attempt(next(unnamed, "?"), None, "no answer (connection refused, reset or cut)", Transport.RESET)
+            silent = Attempt(next(unnamed, "?"), None, "no answer (connection refused, reset, cut or timed out)", Transport.RESET)
             self.earlier.append(silent)
             if k == self.n - 1:  # the one just before this: nobody else saw it
                 self.attempts.append(silent)
@@ -237,7 +258,7 @@ class GroupAttempt:
         if status >= 400:
             return self._judged(headers, b"")
         self._served(status, headers)
-        act = ex.response_headers(headers, end_of_stream)
+        act = _answered(ex, headers, end_of_stream)
         if not self.last and not end_of_stream and not ex.stream and act.response_body_mode is None:
             self.whole = act.done  # held whole: a reset before its end is then a retry, not a cut answer
             return dataclasses.replace(act, response_body_mode=BUFFERED, done=False)
@@ -261,7 +282,7 @@ class GroupAttempt:
                                    now=time.time())
         if attempt.verdict is Verdict.FINAL:
             self._served(status, headers)
-            first = ex.response_headers(headers, not body)
+            first = _answered(ex, headers, not body)
             if first.done or not body:
                 return dataclasses.replace(first, response_body_mode=None)
             rest = ex.response_body(body, True)

@@ -137,15 +137,20 @@ def fast_retry(config: Config, members: tuple[Backend, ...]) -> rc.RetryPolicy:
     """Envoy alone between the members, on what it can see without reading a body: 5xx (a 500 naming a
     context overflow is retried too: only the processor reads bodies), 429 and 408, a reset, a refused
     connection; at most `failover.max_attempts` members."""
-    retry = _retry(min(len(members), config.failover.max_attempts) - 1, "5xx,reset,connect-failure,retriable-status-codes")
+    retry = _retry(config, min(len(members), config.failover.max_attempts) - 1,
+                   "5xx,reset,connect-failure,retriable-status-codes")
     retry.retriable_status_codes.extend([429, 408])
     return retry
 
 
-def _retry(retries: int, retry_on: str) -> rc.RetryPolicy:
-    """Each retry on the next priority (member), at once."""
+def _retry(config: Config, retries: int, retry_on: str) -> rc.RetryPolicy:
+    """Each retry on the next priority (member), at once; an attempt whose answer has not started within
+    `failover.attempt_timeout` is reset and retried too (`reset` covers Envoy's per-try timeout). Envoy
+    ignores a per-try timeout once the answer has started towards the client, so it bounds a stream's
+    wait for its start, not its length, and a held answer's (a non-streamed one) whole time."""
     return rc.RetryPolicy(
         retry_on=retry_on, num_retries=wrappers_pb2.UInt32Value(value=retries),
+        per_try_timeout=duration_pb2.Duration(seconds=config.failover.attempt_timeout),
         retry_priority=rc.RetryPolicy.RetryPriority(
             name="envoy.retry_priorities.previous_priorities",
             typed_config=_any(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1))),
@@ -196,7 +201,7 @@ def routes(config: Config) -> list[rc.Route]:
     f = config.failover
     for members in member_lists(config):
         cluster = group_cluster(members)
-        retry = _retry(min(len(members), f.max_attempts), "retriable-headers,reset,connect-failure")
+        retry = _retry(config, min(len(members), f.max_attempts), "retriable-headers,reset,connect-failure")
         retry.retriable_headers.append(rc.HeaderMatcher(name=H_RETRY, present_match=True))
         route_action = rc.RouteAction(
             cluster=cluster, timeout=duration_pb2.Duration(seconds=0),

@@ -208,6 +208,54 @@ def test_the_last_attempt_names_every_one_including_those_that_got_no_answer():
         resolve(extra.request_headers({**headers, "x-envoy-attempt-count": "3"}, False), store)
 
 
+def _handed(gw: Gateway, path: str, body: dict) -> bool:
+    ex = Exchange(gw)
+    resolve(ex.request_headers({**CLIENT, ":path": path}, False), {})
+    resolve(ex.request_body(json.dumps(body).encode()), {})
+    return ex.handed_over
+
+
+RESPONSES_GROUP = """
+backends:
+  - {name: ra, api: responses, models: ["r", "m"], endpoints: ["10.0.0.1:8000"]}
+  - {name: rb, api: both, models: ["r"], endpoints: ["10.0.0.2:8000"]}
+  - {name: ca, api: chat, models: ["c", "m"], endpoints: ["10.0.0.3:8000"]}
+  - {name: mb, api: messages, models: ["c"], endpoints: ["10.0.0.4:8000"]}
+"""
+
+
+@pytest.mark.parametrize(("model", "path", "extra", "handed"), [
+    ("r", "/v1/responses", {"background": True}, True),  # every member runs it itself
+    ("c", "/v1/responses", {"background": True}, False),  # the sidecar runs it; its run's request is grouped
+    ("m", "/v1/responses", {"background": True}, False),  # a chat member would need a run inside an attempt
+    ("r", "/v1/responses/input_tokens", {}, True),  # every member counts
+    ("m", "/v1/responses/input_tokens", {}, False),
+    ("c", "/v1/responses/compact", {}, True),  # the sidecar compacts for every member: its items serve all
+    ("m", "/v1/responses/compact", {}, False),  # a Responses member's item is its own
+    ("r", "/v1/responses/compact", {}, False),
+])
+def test_which_calls_follow_the_group(model, path, extra, handed):
+    gw = Gateway(parse_config(RESPONSES_GROUP), tenant_secret=b"s" * 32)
+    assert _handed(gw, path, {"model": model, "input": "hi", **extra}) is handed
+
+
+def test_an_attempt_whose_exchange_wants_nothing_of_the_answer_passes_it_as_it_came():
+    """A token count reads nothing of its answer: held whole while another member is left, then as it is."""
+    gw, store = Gateway(parse_config(RESPONSES_GROUP), tenant_secret=b"s" * 32), {}
+    ex = Exchange(gw)
+    count = {**CLIENT, ":path": "/v1/responses/input_tokens"}
+    resolve(ex.request_headers(dict(count), False), store)
+    act = resolve(ex.request_body(json.dumps({"model": "r", "input": "a b"}).encode()), store)
+    a = GroupAttempt(gw, "10.0.0.1:8000")
+    resolve(a.request_headers({**count, "x-gateway-failover": dict(act.set_headers)["x-gateway-failover"]}, False),
+            store)
+    resolve(a.request_body(json.dumps({"model": "r", "input": "a b"}).encode()), store)
+    held = a.response_headers({":status": "200", "content-type": "application/json"})
+    assert held.response_body_mode == BUFFERED and not held.done and not held.set_headers
+    act = a.response_body(b'{"object": "response.input_tokens", "input_tokens": 2}', True)
+    assert act.done and act.body is None and a.served is a.ex
+
+
 def test_a_lost_record_is_a_502_not_a_guess():
     gw, store = gateway(), {}
     headers = hand_over(gw, store)
@@ -235,6 +283,9 @@ def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_b
     retry = routes["processor:group.keyed-chat.resp"].route.retry_policy
     assert retry.retry_on == "retriable-headers,reset,connect-failure" and retry.num_retries.value == 2
     assert retry.retry_priority.name == "envoy.retry_priorities.previous_priorities"
+    # a silent member: reset after the attempt timeout (`reset` retries it), on the fast path too
+    fast_retry = group_routes.fast_retry(gw.config, group_routes.member_lists(gw.config)[0])
+    assert retry.per_try_timeout.seconds == fast_retry.per_try_timeout.seconds == 30
     # a grouped model never has a fast route to its primary alone; a model alone keeps its own
     def names(route) -> set[str]:
         out = set()

@@ -511,18 +511,20 @@ def test_all_failed_is_a_504_when_the_last_attempt_timed_out():
 
 
 def test_failover_defaults_and_settings():
-    assert parse_config(GROUPS).failover == Failover(3, 60, 5, 30, 300)
+    assert parse_config(GROUPS).failover == Failover(3, 60, 5, 30, 300, 30)
     cfg = parse_config(GROUPS + "failover: {max_attempts: 2, deadline_seconds: 20, eject_after: 3, "
-                                "eject_seconds: 10, max_eject_seconds: 40}\n")
+                                "eject_seconds: 10, max_eject_seconds: 40, attempt_timeout_seconds: 45}\n")
     assert cfg.failover == Failover(max_attempts=2, deadline_seconds=20, eject_after=3, eject_seconds=10,
-                                    max_eject_seconds=40)
+                                    max_eject_seconds=40, attempt_timeout_seconds=45)
+    assert cfg.failover.attempt_timeout == 20  # no attempt outlives the deadline
+    assert parse_config(GROUPS).failover.attempt_timeout == 30
 
 
 @pytest.mark.parametrize(("extra", "problem"), [
     ("failover: {max_attempts: 0}\n", "config.yaml:7: failover.max_attempts: must be between 1 and 10"),
     ("failover: {eject_after: x}\n", "config.yaml:7: failover.eject_after: must be a int, got 'x'"),
-    ("failover: {retries: 2}\n", "config.yaml:7: failover.retries: unknown key (allowed: deadline_seconds, "
-                                 "eject_after, eject_seconds, max_attempts, max_eject_seconds)"),
+    ("failover: {retries: 2}\n", "config.yaml:7: failover.retries: unknown key (allowed: attempt_timeout_seconds, "
+                                 "deadline_seconds, eject_after, eject_seconds, max_attempts, max_eject_seconds)"),
     ("failover: {eject_seconds: 60, max_eject_seconds: 30}\n",
      "config.yaml:7: failover.max_eject_seconds: must be at least eject_seconds (60)"),
     ("failover: [1]\n", "config.yaml:7: failover: must be a mapping"),

@@ -91,9 +91,9 @@ def no_als(doc: Doc) -> None:
     _hcm(doc)["access_log"] = []
 
 
-def als_batched(doc: Doc) -> None:
-    common = als(doc)["typed_config"]["common_config"]
-    common["buffer_size_bytes"] = 1 << 18
+def als_unbatched(doc: Doc) -> None:
+    """Envoy's default batch (16 KiB) instead of the config's 256 KiB."""
+    als(doc)["typed_config"]["common_config"].pop("buffer_size_bytes")
 
 
 def json_meta(doc: Doc) -> Doc:
@@ -223,7 +223,7 @@ VARIANTS: dict[str, Callable[[Doc], None]] = {
     # other forms of the full config
     "full-als": no_als,
     "full-stats": lambda doc: doc.update(stats_config={"stats_matcher": {"reject_all": True}}),
-    "als-batched": als_batched,
+    "als-unbatched": als_unbatched,
     "als-no-cel": lambda doc: als(doc).pop("filter"),
     "ext-proc-not-created": ext_proc_not_created,
     "lua-disabled": disable(*LUA),

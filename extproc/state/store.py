@@ -120,13 +120,28 @@ class MemoryStore:
         self.data.clear()
 
 
+def _wal(db: sqlite3.Connection, wait: float = 10.0) -> None:
+    """Switch to WAL, waiting out another process doing the same: workers started together share one
+    file, and SQLite answers a concurrent journal-mode change "database is locked" at once, without
+    its busy timeout."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)  # start-up only: this runs once, before the store serves anything
+
+
 class SQLiteStore:
     """A local file, so one replica's restart loses nothing. Calls are short and run inline."""
 
     def __init__(self, path: str, ttl: float):
         self.ttl = ttl
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        _wal(self.db)
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL NOT NULL)")
         self.db.execute("DELETE FROM kv WHERE expires < ?", (time.time(),))

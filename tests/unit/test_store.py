@@ -89,3 +89,28 @@ def test_write_unless_writes_only_while_the_guard_is_absent(make_store):
         assert await store.get_many(("unit:x", "unit:z")) == [b"1", None]  # nothing of the refused writes
         await store.close()
     run(go())
+
+
+def test_stores_opened_together_on_one_file_all_start(tmp_path):
+    """Workers started at once open one SQLite file: each must come up (WAL switched by one, waited
+    out by the others), and all see one table."""
+    import threading
+
+    path, errors, stores = str(tmp_path / "shared.db"), [], []
+    barrier = threading.Barrier(8)
+
+    def open_one() -> None:
+        barrier.wait()
+        try:
+            stores.append(SQLiteStore(path, 60))
+        except Exception as e:  # whatever stopped a store starting is the failure
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(stores) == 8
+    asyncio.run(stores[0].write([("k", b"v")], 60))
+    assert asyncio.run(stores[-1].get_many(("k",))) == [b"v"]

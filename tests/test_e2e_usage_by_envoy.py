@@ -8,7 +8,6 @@ are counted by the processor (tests/test_e2e_ops.py)."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,8 +16,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from extproc.local.stack import Stack, free_port, wait_for_port
+from extproc.local.stack import Stack, free_port, wait_until
 
+from .conftest import running
 from .upstreams import ChatServer, Reply, ResponsesServer
 
 CONFIG = """
@@ -76,27 +76,15 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     cfg = Path(tmp_path_factory.mktemp("usage")) / "config.yaml"
     cfg.write_text(CONFIG.format(extproc=extproc, admin=admin, chat=chat.address, resp_a=resp_a.address,
                                  resp_b=resp_b.address))
-    stack = Stack()
-    try:
-        sidecar = stack.start_sidecar(cfg)
-        wait_for_port(extproc, proc=sidecar)
-        wait_for_port(admin, proc=sidecar)
-        stack.start_envoy(port, envoy_admin, extproc)
+    with running(cfg, extproc, port, servers=(chat, resp_a, resp_b), ready=(admin,), envoy_admin=envoy_admin) as stack:
         yield Site(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", f"http://127.0.0.1:{envoy_admin}", stack,
                    f"envoy-{port}", chat, (resp_a, resp_b))
-    finally:
-        stack.stop()
-        for server in (chat, resp_a, resp_b):
-            server.close()
 
 
 def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
     """Envoy's access-log entries reach the sidecar in batches, after the answer (0.2 s flush)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.05)
+    if not wait_until(check, timeout):
+        raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

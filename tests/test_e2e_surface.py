@@ -144,6 +144,40 @@ def test_demo_sdk_both_directions_streamed_and_not(sf):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
 
 
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a place",
+           "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}
+
+
+def test_demo_calls_an_offered_tool_both_directions(sf):
+    """Offered a function tool, the demo calls it (each required argument the user's text) and answers
+    the tool's result with its echo, so the Open Responses suite's tool cases run against the stack
+    (scripts/open_responses_suite.py)."""
+    client = sf.client()
+    raw = client.responses.with_raw_response.create(model="demo", input="Paris", tools=[WEATHER])
+    validate_response(json.loads(raw.text))
+    r1 = raw.parse()
+    (call,) = r1.output
+    assert (call.type, call.name, json.loads(call.arguments)) == ("function_call", "get_weather", {"location": "Paris"})
+    r2 = client.responses.create(model="demo", previous_response_id=r1.id, tools=[WEATHER],
+                                 input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert r2.output_text == "You said: Paris"
+    with urllib.request.urlopen(urllib.request.Request(
+            sf.url + "/v1/responses", method="POST", headers={"content-type": "application/json"},
+            data=json.dumps({"model": "demo", "input": "Oslo", "tools": [WEATHER], "stream": True}).encode()),
+            timeout=30) as r:
+        events = [json.loads(e) for e in re.findall(rb"^data: (\{.*)$", r.read(), re.M)]
+    final = check_stream(events)
+    assert [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"] == [
+        '{"location', '": "Oslo"}']  # the 20 characters in two halves
+    assert json.loads(final["output"][0]["arguments"]) == {"location": "Oslo"}
+    out = client.chat.completions.create(model="demo-codex", messages=[{"role": "user", "content": "Rome"}],
+                                         tools=[{"type": "function", "function": {
+                                             k: v for k, v in WEATHER.items() if k != "type"}}])
+    (chat_call,) = out.choices[0].message.tool_calls
+    assert out.choices[0].finish_reason == "tool_calls"
+    assert (chat_call.function.name, json.loads(chat_call.function.arguments)) == ("get_weather", {"location": "Rome"})
+
+
 def test_demo_codex_keeps_its_conversations(sf):
     """demo-codex is a Responses model that keeps state itself; the sidecar pins the ids to it."""
     client = sf.client()

@@ -1,6 +1,8 @@
 """A tiny OpenAI-compatible backend, so the local stack and `docker compose up` answer at once.
 
-It echoes the last user message, streams word by word when asked, and reports usage. It serves two
+It echoes the last user message, streams word by word when asked, and reports usage; offered function
+tools, it calls the first one (each required argument the user's text), as a model would, so tool-call
+translation shows too. It serves two
 models that each speak one API, so both directions of the sidecar's translation show: `demo` only
 answers on /v1/chat/completions (like most self-hosted servers: Responses clients reach it through the
 sidecar), `demo-codex` only on /v1/responses (like the Codex models: Chat clients reach it through
@@ -80,6 +82,16 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
+def _tool_call(messages: list[dict[str, Any]], tools: list[dict[str, Any]], said: str) -> dict[str, Any] | None:
+    """A call of the first function tool when the user spoke last (a tool's result gets the echo)."""
+    function = next((t.get("function") for t in tools if isinstance(t, dict) and t.get("type") == "function"), None)
+    if not isinstance(function, dict) or not messages or messages[-1].get("role") != "user":
+        return None
+    required = (function.get("parameters") or {}).get("required") or []
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+            "function": {"name": function.get("name"), "arguments": json.dumps({k: said for k in required})}}
+
+
 def _error(message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
 
@@ -87,25 +99,43 @@ def _error(message: str, code: str | None = None, param: str | None = None) -> d
 class _Answer:
     """The echo answer to a list of chat messages, as a chat.completion or its chunk stream."""
 
-    def __init__(self, messages: list[dict[str, Any]], model: str):
-        self.text = f"You said: {_last_user_text(messages)}"
+    def __init__(self, messages: list[dict[str, Any]], model: str, tools: list[dict[str, Any]] | None = None):
+        said = _last_user_text(messages)
+        self.text = f"You said: {said}"
+        self.call = _tool_call(messages, tools or [], said)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         out = len(self.text.split())
         self.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": out, "total_tokens": prompt_tokens + out}
         self.base = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": model}
 
+    @property
+    def message(self) -> dict[str, Any]:
+        """The assistant message the history keeps: the echo, or the tool call."""
+        if self.call is None:
+            return {"role": "assistant", "content": self.text}
+        return {"role": "assistant", "content": None, "tool_calls": [self.call]}
+
     def completion(self) -> dict[str, Any]:
         return {**self.base, "object": "chat.completion", "usage": self.usage,
-                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                             "message": {"role": "assistant", "content": self.text}}]}
+                "choices": [{"index": 0, "finish_reason": "stop" if self.call is None else "tool_calls",
+                             "logprobs": None, "message": self.message}]}
 
     def chunks(self, include_usage: bool) -> list[bytes]:
-        """The SSE events of the streamed answer: role, one delta per word, finish, usage, [DONE]."""
+        """The SSE events of the streamed answer: role, one delta per word (or the call, then its arguments
+        in two pieces), finish, usage, [DONE]."""
         base = {**self.base, "object": "chat.completion.chunk"}
-        words = self.text.split(" ")
-        deltas = [{"role": "assistant", "content": ""}] + [{"content": (" " if i else "") + w} for i, w in enumerate(words)]
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+        if self.call is None:
+            deltas += [{"content": (" " if i else "") + w} for i, w in enumerate(self.text.split(" "))]
+        else:
+            args = self.call["function"]["arguments"]
+            deltas.append({"tool_calls": [{"index": 0, "id": self.call["id"], "type": "function",
+                                           "function": {"name": self.call["function"]["name"], "arguments": ""}}]})
+            deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+                       for piece in (args[:len(args) // 2], args[len(args) // 2:])]
         docs = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
-        docs.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        docs.append({**base, "choices": [{"index": 0, "delta": {},
+                                          "finish_reason": "stop" if self.call is None else "tool_calls"}]})
         if include_usage:
             docs.append({**base, "choices": [], "usage": self.usage})
         return [b"data: " + json.dumps(d).encode() + b"\n\n" for d in docs] + [b"data: [DONE]\n\n"]
@@ -146,7 +176,7 @@ class DemoHandler(JSONHandler):
             self.answer_responses(body)
 
     def answer_chat(self, body: dict[str, Any]) -> None:
-        answer = _Answer(body.get("messages") or [], body["model"])
+        answer = _Answer(body.get("messages") or [], body["model"], body.get("tools"))
         if not body.get("stream"):
             self.send_json(200, answer.completion())
             return
@@ -165,12 +195,12 @@ class DemoHandler(JSONHandler):
                                        "previous_response_id"))
             return
         try:
-            messages = (stored[0] if stored else []) + req_responses_to_chat.translate_request(
-                {k: v for k, v in body.items() if k != "previous_response_id"})["messages"]
+            chat = req_responses_to_chat.translate_request({k: v for k, v in body.items() if k != "previous_response_id"})
         except GatewayError as e:
             self.send_json(e.status, {"error": e.payload()})
             return
-        answer = _Answer(messages, body["model"])
+        messages = (stored[0] if stored else []) + chat["messages"]
+        answer = _Answer(messages, body["model"], chat.get("tools"))
         if not body.get("stream"):
             resp = resp_chat_to_responses.translate_response(answer.completion(), body)
         else:
@@ -182,7 +212,7 @@ class DemoHandler(JSONHandler):
             self.end_chunks()
             resp = stream.response
         if resp is not None and body.get("store") is not False:
-            self.server.remember(resp, [*messages, {"role": "assistant", "content": answer.text}])
+            self.server.remember(resp, [*messages, answer.message])
         if not body.get("stream"):
             self.send_json(200, resp)
 

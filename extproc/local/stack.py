@@ -263,6 +263,21 @@ class StackPorts:
                           pick(self.websocket), self.demo)
 
 
+def start_local(stack: Stack, config_path: str | Path, ports: StackPorts) -> str:
+    """The demo backend (unless its port is 0), the sidecar on `config_path` and Envoy, on resolved
+    `ports`; returns the gateway's URL once Envoy is ready."""
+    if ports.demo:
+        demo = stack.spawn("demo-backend", [sys.executable, "-m", "extproc", "demo-backend", "--port", str(ports.demo)])
+        wait_for_port(ports.demo, proc=demo)
+    sidecar = stack.start_sidecar(config_path, env={
+        "EXTPROC_LISTEN": f"127.0.0.1:{ports.extproc}", "EXTPROC_ADMIN_LISTEN": f"127.0.0.1:{ports.admin}",
+        "EXTPROC_WEBSOCKET_LISTEN": f"127.0.0.1:{ports.websocket}",
+        "EXTPROC_WEBSOCKET_GATEWAY": f"http://127.0.0.1:{ports.listen}"})
+    wait_for_port(ports.extproc, proc=sidecar)
+    stack.start_envoy(ports.listen, ports.envoy_admin, ports.extproc, websocket_port=ports.websocket)
+    return f"http://127.0.0.1:{ports.listen}"
+
+
 def run_local(config_path: str, ports: StackPorts = StackPorts()) -> int:
     """The README's run command: the whole stack in the foreground until Ctrl-C (or SIGTERM)."""
     def interrupt(_sig: int, _frame: object) -> None:
@@ -272,16 +287,7 @@ def run_local(config_path: str, ports: StackPorts = StackPorts()) -> int:
     ports = ports.resolved()
     stack = Stack()
     try:
-        if ports.demo:
-            demo = stack.spawn("demo-backend", [sys.executable, "-m", "extproc", "demo-backend", "--port", str(ports.demo)])
-            wait_for_port(ports.demo, proc=demo)
-        sidecar = stack.start_sidecar(config_path, env={
-            "EXTPROC_LISTEN": f"127.0.0.1:{ports.extproc}", "EXTPROC_ADMIN_LISTEN": f"127.0.0.1:{ports.admin}",
-            "EXTPROC_WEBSOCKET_LISTEN": f"127.0.0.1:{ports.websocket}",
-            "EXTPROC_WEBSOCKET_GATEWAY": f"http://127.0.0.1:{ports.listen}"})
-        wait_for_port(ports.extproc, proc=sidecar)
-        stack.start_envoy(ports.listen, ports.envoy_admin, ports.extproc, websocket_port=ports.websocket)
-        url = f"http://127.0.0.1:{ports.listen}"
+        url = start_local(stack, config_path, ports)
         demo_line = f"demo backend http://127.0.0.1:{ports.demo}" if ports.demo else "no demo backend"
         print(f"""
 Envoy admin http://127.0.0.1:{ports.envoy_admin}, sidecar gRPC 127.0.0.1:{ports.extproc}, sidecar admin \

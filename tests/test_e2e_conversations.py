@@ -450,7 +450,8 @@ def test_a_run_whose_replica_died_is_failed_on_poll_and_its_stream_ends_on_the_o
     """Replica 0's sidecar crashes with two runs in flight: its runs stop renewing their leases
     (limits.background_lease_seconds: 4 here), so replica 1 reports the polled one `failed`
     (background_run_lost) instead of `in_progress` forever, and a stream of the other, resumed on
-    replica 1, ends with that error instead of waiting for background_max_seconds."""
+    replica 1, ends with that error instead of waiting for background_max_seconds. The poll that
+    records it counts it in replica 1's extproc_background_runs_total{outcome="lost"}, once."""
     hold = threading.Event()
     rp.chat[0].script.extend([Reply(text="never", hold=hold), Reply(text="never", hold=hold)])
     first, second = itertools.islice(rp.clients(), 2)
@@ -465,13 +466,16 @@ def test_a_run_whose_replica_died_is_failed_on_poll_and_its_stream_ends_on_the_o
         streamed = seen[0]["response"]["id"]
         assert wait_until(lambda: second.responses.retrieve(polled.id).status == "in_progress", timeout=20)
         assert second.responses.retrieve(polled.id).status == "in_progress"  # alive: its lease renewed
+        lost_before = rp.background_runs(1, "lost")
         rp.crash_sidecar(0)
         stream.close()
         assert wait_until(lambda: second.responses.retrieve(polled.id).status == "failed", timeout=30)
+        assert rp.background_runs(1, "lost") == lost_before + 1
         failed = json.loads(second.responses.with_raw_response.retrieve(polled.id).text)
         validate_response(failed)
         assert failed["id"] == polled.id and failed["error"]["code"] == "background_run_lost"
         assert second.responses.retrieve(polled.id).status == "failed"  # and stays so
+        assert rp.background_runs(1, "lost") == lost_before + 1  # a later poll counts nothing more
         raw = second.responses.with_raw_response.retrieve(streamed, stream=True, starting_after=1)
         events = sse_events(raw.http_response.read())  # the SDK raises at the error event: read the bytes
         assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "background_run_lost"

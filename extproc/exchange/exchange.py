@@ -142,6 +142,11 @@ class Exchange:
         return self.req.pinning.decision
 
     @property
+    def background_outcome(self) -> str | None:
+        """How a background run ended, when this request recorded it (one whose replica died: `lost`)."""
+        return self.req.pinning.background_outcome
+
+    @property
     def learned_fact(self) -> str | None:
         return self.outcome.learned_fact
 

@@ -118,7 +118,8 @@ class Metrics(Collector):
         self.learned = Counter("extproc_learned_modes", "Model APIs learned from upstream answers", ("backend", "fact"))
         self.store_errors = Counter("extproc_state_store_errors", "State store calls that failed", ("op",))
         self.background_runs = Counter("extproc_background_runs", "Background responses run for chat-only "
-                                       "backends, by outcome: completed, incomplete, failed, cancelled, unrecorded",
+                                       "backends, by outcome: completed, incomplete, failed, cancelled, unrecorded, "
+                                       "lost (its replica died; recorded by a poll)",
                                        ("outcome",))
         self.tokens = Counter("extproc_tokens", "Token usage by model, backend and kind; estimated when the "
                               "upstream reported none", ("model", "backend", "kind", "estimated"))

@@ -11,7 +11,8 @@ The only place that reads a finished `Exchange` for operations. What each GenAI 
   handled (translated, or watched); per output token needs the upstream's usage and 2+ output tokens.
 
 What it reads of the exchange: model, client_api, upstream_api, target (backend name, endpoint),
-usage, stream, translated, pin_decision, learned_fact, failure, status, chunks, counted_by_envoy, and
+usage, stream, translated, pin_decision, learned_fact, background_outcome, failure, status, chunks,
+counted_by_envoy, and
 for the log line headers (x-request-id), method, path, dropped_tools. An exchange `counted_by_envoy`
 (a pass-through whose usage only Envoy reads) leaves its request, token and GenAI metrics to the
 access-log service (`ops.access_log`), which counts them from Envoy's entry as for the fast path.
@@ -63,6 +64,8 @@ def record(ex: Exchange, metrics: Metrics, timer: ExchangeTimer, label_for: Call
         m.pins.inc(ex.pin_decision)
     if ex.learned_fact:
         m.learned.inc(backend, ex.learned_fact)
+    if ex.background_outcome and ex.failure is None:  # the run's own outcomes: front/background.py
+        m.background_runs.inc(ex.background_outcome)
     if u is not None:
         est = str(u.estimated).lower()
         for kind, n in (("input", u.input_tokens), ("output", u.output_tokens), ("cached", u.cached_tokens),

@@ -51,6 +51,7 @@ def lease_key(tenant: str, response_id: str) -> str:
 
 
 LOST_CODE = "background_run_lost"
+LOST_OUTCOME = "lost"  # its label in extproc_background_runs_total, beside the outcomes the run records itself
 LOST_MESSAGE = "the gateway replica running this background response stopped before it finished"
 
 

@@ -122,6 +122,7 @@ class Pinning:
         self.headers = headers
         self._tenant = tenant  # given: the caller's, when the request itself carries the backend's key
         self.decision: PinDecision | None = None
+        self.background_outcome: str | None = None  # a background run this request recorded as ended (lost)
         self._state: tuple[str, list[bytes | None] | None] | None = None  # (id, its state_of) once read
 
     @property
@@ -228,6 +229,7 @@ class Pinning:
                 lease = yield Reads((background.lease_key(self.tenant, response_id),))
                 if lease is not None and lease[0] is None:  # its replica stopped renewing it
                     turn, writes = background.lost(turn, self.tenant, response_id)
+                    self.background_outcome = background.LOST_OUTCOME
                     return Answered(200, orjson.dumps(turn["response"]), writes)
             if suffix == "/input_items":
                 return Answered(200, rec.input_items_page(turn["input"], query))

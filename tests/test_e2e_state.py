@@ -262,6 +262,44 @@ def test_conversations_on_a_responses_backend_pass_through_pinned(replicas):
         next(clients).conversations.retrieve(conv.id)
 
 
+def test_a_deleted_passed_through_conversation_leaves_no_pin(replicas):
+    """The backend's 200 to `DELETE /v1/conversations/{id}` removes the id's pin: later calls and turns
+    naming it get the unknown id's 404 from the gateway, through either replica, and reach no instance.
+    A delete the backend refuses (it no longer holds the conversation) leaves the pin as it was."""
+    clients = replicas.clients()
+    conv = next(clients).conversations.create(items=[{"type": "message", "role": "user", "content": "bye"}])
+    pins = replicas.redis_client()
+    assert len(pins.keys(f"*convpin:*{conv.id}")) == 1
+    assert next(clients).conversations.delete(conv.id).deleted is True
+    assert pins.keys(f"*convpin:*{conv.id}") == []
+    seen = sum(len(s.requests) for s in replicas.resp)
+    owner = next(clients)
+    for client in (owner, next(clients)):  # both replicas
+        attempts = [lambda c, cid: c.conversations.retrieve(cid), lambda c, cid: c.conversations.delete(cid),
+                    lambda c, cid: list(c.conversations.items.list(cid)),
+                    lambda c, cid: c.responses.create(model="gpt-oss-20b", conversation=cid, input="still there?")]
+        for attempt in attempts:
+            with pytest.raises(openai.NotFoundError) as gone:
+                attempt(client, conv.id)
+            with pytest.raises(openai.NotFoundError) as unknown:
+                attempt(client, "conv_nobody_made")
+            assert gone.value.body["code"] == "conversation_not_found"
+            assert json.dumps(gone.value.body).replace(conv.id, "ID") == \
+                json.dumps(unknown.value.body).replace("conv_nobody_made", "ID")
+    assert sum(len(s.requests) for s in replicas.resp) == seen  # answered by the gateway alone
+
+    kept = next(clients).conversations.create()
+    holder = replicas.conversation_holder(kept.id)
+    del holder.conversations[kept.id]  # the backend lost it (expired there): its delete is a 404
+    with pytest.raises(openai.NotFoundError):
+        next(clients).conversations.delete(kept.id)
+    assert len(pins.keys(f"*convpin:*{kept.id}")) == 1  # not a success: the pin stays
+    before = len(holder.requests)
+    with pytest.raises(openai.NotFoundError):
+        next(clients).conversations.retrieve(kept.id)
+    assert len(holder.requests) == before + 1  # still sent to the instance that held it
+
+
 def test_another_tenant_gets_404_on_a_passed_through_conversation(replicas):
     """The pin of a backend's conversation is its tenant's: another key's calls are answered as for an id
     nobody made, and reach no instance."""

@@ -77,6 +77,7 @@ class Plan:
     conversation: Held | None = None  # Need.CONVERSATION: the answer appended to the conversation it continues
     pins: PinWrites = response_pin  # Need.RECORD_ID: what the answer's id is pinned as (a conversation's own key)
     envoy_counts: bool = False  # Need.COUNT_USAGE left to Envoy's access log (routing.needs.envoy_counts)
+    forgets: Writes = field(default_factory=list)  # removed once the backend answers 2xx: a deleted conversation's pin
 
     @property
     def watches_answer(self) -> bool:

@@ -142,7 +142,8 @@ class ConversationCall:
             assert where.conversation_id is not None
             target = side.pinning.pinned_target(where.conversation_id, reply, "Conversation", None)
             return side.route(Plan(target, side.pinning, needs=passed_on(target.backend),
-                                   pinned_id=where.conversation_id))
+                                   pinned_id=where.conversation_id,
+                                   forgets=conversations.forgotten(side.pinning.tenant, side.method, where)))
         return answer(reply.status, reply.body, reply.writes)
 
 

@@ -316,8 +316,9 @@ def scrub(body: bytes, plan: Plan) -> bytes:
 
 class Observe:
     """An answer in the client's own API, passed on untouched: what it teaches of the model's API
-    recorded, its id pinned, its usage read (unless Envoy counts it: `Plan.envoy_counts`) and its
-    Response appended to the conversation it continues, as the plan needs (or nothing more to do)."""
+    recorded, its id pinned, its usage read (unless Envoy counts it: `Plan.envoy_counts`), its
+    Response appended to the conversation it continues, and on success what the call removed
+    forgotten (`Plan.forgets`), as the plan needs (or nothing more to do)."""
 
     def __init__(self, plan: Plan, reply: Reply, outcome: Outcome):
         self.plan, self.outcome = plan, outcome
@@ -329,6 +330,8 @@ class Observe:
             assert plan.facts is not None
             self.writes = plan.facts.answered()
             outcome.learned_fact = "answers_" + (plan.client_api or "")
+        if reply.ok:
+            self.writes = [*self.writes, *plan.forgets]
         self.recorder = IdRecorder(plan.pinning.tenant, plan.target, reply.sse, plan.pins) \
             if Need.RECORD_ID in plan.needs and reply.status == 200 and retried is None else None
         self.scanner = UsageScanner(sse=reply.sse) if plan.needs & USAGE and reply.ok and not plan.envoy_counts \

@@ -13,7 +13,8 @@ With a backend declared `conversations: passthrough` (at most one: a create call
 `POST /v1/conversations` goes to it and the answer's id is pinned to its instance for the caller's
 tenant (`convpin:<tenant>:<id>`, `pin_writes`); every later call on that id, and a turn naming it,
 passes through to that instance untouched (`Conversations.call` and `read` return the `Pin`). The pin
-is the tenant's: another tenant finds neither record nor pin, a 404 that reaches no backend.
+is the tenant's: another tenant finds neither record nor pin, a 404 that reaches no backend. A delete
+the backend answers with success removes the pin (`forgotten`).
 
 `POST /v1/responses` with `conversation` (an id or `{"id": ...}`) reads the record (`read`): its
 items are the turn's history, and the turn's input and output items are appended when its answer
@@ -59,6 +60,15 @@ def pin_key(tenant: str, conversation_id: str) -> str:
 def pin_writes(tenant: str, conversation_id: str, pin: Pin) -> Writes:
     """A created conversation's id pinned to the instance that answered (`pinning.IdRecorder`)."""
     return [(pin_key(tenant, conversation_id), pin.dumps())]
+
+
+def forgotten(tenant: str, method: str, where: Route) -> Writes:
+    """What the backend's success at a call passed through to it removes: the pin, when the call deleted
+    the conversation itself (not one of its items), so a later call on the id is the unknown id's 404
+    and reaches no backend."""
+    if method == "DELETE" and where.conversation_id is not None and not where.items:
+        return [(pin_key(tenant, where.conversation_id), None)]
+    return []
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,6 +102,22 @@ def test_every_call_on_a_pinned_id_passes_through_to_its_instance(gateway, metho
     assert explained["error"]["code"] == "pinned_backend_unavailable" and "10.0.0.2:80" in explained["error"]["message"]
 
 
+@pytest.mark.parametrize(("path", "status", "forgotten"), [
+    ("/v1/conversations/conv_abc", "200", True),  # deleted by the backend: the pin goes too
+    ("/v1/conversations/conv_abc", "404", False),  # the backend refused: nothing is known to be gone
+    ("/v1/conversations/conv_abc", "500", False),
+    ("/v1/conversations/conv_abc/items/msg_1", "200", False),  # an item deleted: the conversation stays
+])
+def test_a_delete_the_backend_answers_with_success_removes_the_pin(gateway, path, status, forgotten):
+    pin = f"convpin:{tenant_of(gateway, 'k1')}:conv_abc"
+    store = Store({pin: PIN.dumps()})
+    ex, act = send(gateway, store, "DELETE", path)
+    assert routed_to(act) == "10.0.0.2:80"
+    act = store.run(ex.response_headers({":status": status, "content-type": "application/json"}))
+    assert act.writes == ([(pin, None)] if forgotten else [])
+    assert (pin in store) is not forgotten
+
+
 @pytest.mark.parametrize("cid", ["conv_abc", "conv_nobody_made"])
 def test_another_tenant_or_an_unknown_id_is_a_404_that_reaches_no_backend(gateway, cid):
     store = Store({f"convpin:{tenant_of(gateway, 'k1')}:conv_abc": PIN.dumps()})

@@ -251,9 +251,18 @@ def test_conversations_on_a_responses_backend_pass_through_pinned(replicas):
     with pytest.raises(openai.NotFoundError) as e:
         next(clients).conversations.items.retrieve(note, conversation_id=conv.id)
     assert e.value.code == "item_not_found"  # the backend's own answer
-    with pytest.raises(openai.BadRequestError) as e:  # a chat model cannot continue the backend's conversation
-        next(clients).responses.create(model="llama-3", conversation=conv.id, input="hi")
-    assert e.value.body["param"] == "conversation" and "vllm-responses" in e.value.body["message"]
+    others = [len(s.requests) for s in (*replicas.chat, replicas.mixed)]
+    for model, served_by in (("llama-3", "vllm-chat"), ("mix-agent", "mixed")):  # a chat model, another backend
+        raw = next(clients).responses.with_raw_response.create
+        with pytest.raises(openai.BadRequestError) as e:  # only the backend holding it can continue it
+            raw(model=model, conversation=conv.id, input="hi", stream=model == "mix-agent")
+        assert e.value.response.json() == {"error": {
+            "message": f"Conversation '{conv.id}' is held by backend 'vllm-responses', so only its models can "
+                       f"continue it; model '{model}' is served by backend '{served_by}'. Use a model of "
+                       f"'vllm-responses', or send the conversation's items (GET /v1/conversations/{conv.id}/items) "
+                       "as 'input' without 'conversation'",
+            "type": "invalid_request_error", "param": "conversation", "code": "invalid_value"}}
+    assert [len(s.requests) for s in (*replicas.chat, replicas.mixed)] == others  # refused before any upstream
     assert [len(s.requests) - n for s, n in zip(replicas.resp, before, strict=True) if s is not holder] == [0, 0]
     assert not replicas.redis_client().keys(f"extproc:conv:*{conv.id}")  # the sidecar holds none of it
     deleted = next(clients).conversations.delete(conv.id)

@@ -307,10 +307,12 @@ class ResponsesCall(ApiCall):
     @staticmethod
     def conversation_target(side: RequestSide, call: Resolved, cid: str, pin: rec.Pin) -> Target:
         """The instance holding a backend's conversation, which only that backend's models can continue."""
-        if pin.backend != call.res.backend.name:
-            raise GatewayError(400, f"Conversation '{cid}' is held by backend '{pin.backend}', but model "
-                                    f"'{call.model}' is served by backend '{call.res.backend.name}', which cannot "
-                                    "continue it", param="conversation", code="invalid_value")
+        if pin.backend != call.res.backend.name:  # its items are the backend's: the gateway has no copy
+            raise GatewayError(400, f"Conversation '{cid}' is held by backend '{pin.backend}', so only its models can "
+                                    f"continue it; model '{call.model}' is served by backend "
+                                    f"'{call.res.backend.name}'. Use a model of '{pin.backend}', or send the "
+                                    f"conversation's items (GET /v1/conversations/{cid}/items) as 'input' without "
+                                    "'conversation'", param="conversation", code="invalid_value")
         return side.pinning.pinned_target(cid, pin, "Conversation", "conversation")
 
 

@@ -97,6 +97,27 @@ def test_the_retry_is_translated_for_the_callers_tenant_and_its_failure_names_bo
                               "answered 422: input too long")
 
 
+@pytest.mark.parametrize("record", ["older", "lost"])
+def test_a_retry_whose_record_names_no_backend_still_takes_the_prefix_off_and_puts_it_back(record):
+    """An older replica's record has no `backend`, a failed write none at all: the retry finds the client's
+    path under a configured prefix, and the exchange, which resolves the backend itself, sends it prefixed."""
+    other = '  - {name: other, api: auto, models: ["o-*"], endpoints: ["127.0.0.1:8003"], path_prefix: /other}\n'
+    gw, store = Gateway(parse_config(CFG + other, env={})), {}
+    probe(gw, 400, REJECTION, store)  # learned here, so known to this replica even when the write is lost
+    key = first_attempt_key("rid-1")
+    if record == "older":
+        store[key] = orjson.dumps({k: v for k, v in json.loads(store[key]).items() if k != "backend"})
+    else:
+        del store[key], store["mode:mixed:m-1"]
+    fc = FirstContact(gw)
+    headers = {k: v for k, v in upstream_headers(2).items() if k not in ("x-gateway-first-contact", "x-gateway-backend")}
+    head = resolve(fc.request_headers(headers, False), store)
+    assert head.immediate is None  # not answered at the headers
+    act = resolve(fc.request_body(json.dumps(CHAT_BODY).encode()), store)
+    assert dict(act.set_headers)[":path"] == "/proxy/v1/responses"
+    assert orjson.loads(act.body)["input"][0]["content"] == "hi"
+
+
 def test_the_client_side_exchange_marks_first_contacts_and_reads_the_retried_answer():
     gw = Gateway(parse_config(CFG, env={}))
     ex = Exchange(gw)

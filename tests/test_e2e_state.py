@@ -24,7 +24,7 @@ from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
 
 from .conformance import validate_response
 from .conftest import RedisServer
-from .upstreams import ChatServer, MixedServer, Reply, ResponsesServer
+from .upstreams import ChatServer, HostedServer, MixedServer, Reply, ResponsesServer
 
 CONFIG = """
 listen: 127.0.0.1:{port}
@@ -50,6 +50,11 @@ backends:
     api: auto
     models: ["mix-*"]
     endpoints: ["{mixed}"]
+  - name: mounted
+    api: auto
+    models: ["mnt-*"]
+    endpoints: ["{mounted}"]
+    path_prefix: /mounted
 """
 MIXED_MODELS = [{"id": "mix-listed", "object": "model", "supported_endpoints": ["/v1/responses"]},
                 {"id": "mix-general", "object": "model"}]
@@ -63,6 +68,7 @@ class Replicas:
     resp: list[ResponsesServer]
     chat: list[ChatServer]
     mixed: MixedServer
+    mounted: HostedServer  # the same, answering only under /mounted (a proxy's mount)
     redis: RedisServer
     stack: Stack
     sidecars: list[subprocess.Popen]
@@ -101,6 +107,7 @@ def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
     resp = [ResponsesServer() for _ in range(3)]
     chat = [ChatServer() for _ in range(2)]
     mixed = MixedServer(responses_only={"mix-agent"}, chat_only={"mix-chatonly"}, models=MIXED_MODELS)
+    mounted = HostedServer(None, ("authorization", "Bearer k"), prefix="/mounted", responses_only={"mnt-agent"})
     stack = Stack()
     tmp = Path(tmp_path_factory.mktemp("replicas"))
     urls, sidecars, configs = [], [], []
@@ -109,6 +116,7 @@ def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
             port = free_port()
             cfg = tmp / f"config-{i}.yaml"
             cfg.write_text(CONFIG.format(port=port, admin_port=free_port(), redis=redis_server.url, mixed=mixed.address,
+                                         mounted=mounted.address,
                                          resp=", ".join(f'"{s.address}"' for s in resp),
                                          chat=", ".join(f'"{s.address}"' for s in chat)))
             sidecar = stack.start_sidecar(cfg)
@@ -118,10 +126,10 @@ def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
             urls.append(f"http://127.0.0.1:{listen}")
             sidecars.append(sidecar)
             configs.append(cfg)
-        yield Replicas(urls, resp, chat, mixed, redis_server, stack, sidecars, configs)
+        yield Replicas(urls, resp, chat, mixed, mounted, redis_server, stack, sidecars, configs)
     finally:
         stack.stop()
-        for s in [*resp, *chat, mixed]:
+        for s in [*resp, *chat, mixed, mounted]:
             s.close()
 
 
@@ -468,6 +476,12 @@ def test_redis_outage_degrades_clearly(replicas):
         with pytest.raises(openai.APIStatusError) as e:
             client.responses.create(model="llama-3", input="x", previous_response_id=chat_prev)
         assert e.value.status_code == 503 and e.value.body["code"] == "state_unavailable"
+        # A first contact: its note for the retry is not written, so the retry finds the client's path
+        # under the backend's path_prefix by itself, and the fact this replica learned sends it translated.
+        r = client.chat.completions.create(model="mnt-agent", messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].message.content == "echo: hi"
+        posts = [q["path"] for q in replicas.mounted.seen if q["path"] != "/mounted/v1/models"]  # not discovery's
+        assert posts == ["/mounted/v1/chat/completions", "/mounted/v1/responses"]
     finally:
         replicas.redis.start()
     assert json.loads(json.dumps(e.value.body))["message"]

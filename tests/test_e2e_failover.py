@@ -188,18 +188,25 @@ def test_a_failing_chat_member_fails_over_to_the_responses_member(g, api, stream
 def test_a_silent_member_is_given_up_on_and_the_next_serves(g, api, stream):
     """A member that takes the request and says nothing: after `attempt_timeout_seconds` Envoy resets
     that attempt and sends the request on, long before `limits.upstream_timeout_seconds` (its 504)."""
+    _past_a_silent_member(g, g.chat, g.resp, api, stream)
+    assert [r["path"] for r in g.chat.requests] == ["/v1/chat/completions"]
+    assert [r["path"] for r in g.resp.requests] == ["/v1/responses"]
+
+
+def _past_a_silent_member(g: Group, silent_member: ChatServer, next_member: ChatServer | ResponsesServer, api: str,
+                          stream: bool, model: str = "grouped") -> None:
+    """`silent_member` takes the request and says nothing; `next_member` answers it, once
+    `attempt_timeout_seconds` have passed and well before the client's own timeout."""
     silent = threading.Event()
-    g.chat.script.append(Reply(silent=silent))
-    g.resp.script.append(Reply(text="the silent one was skipped"))
+    silent_member.script.append(Reply(silent=silent))
+    next_member.script.append(Reply(text="the silent one was skipped"))
     try:
         started = time.monotonic()
-        assert _ask(g.client(), api, stream) == "the silent one was skipped"
+        assert _ask(g.client(), api, stream, model=model) == "the silent one was skipped"
         took = time.monotonic() - started
     finally:
         silent.set()
     assert ATTEMPT_TIMEOUT <= took < ATTEMPT_TIMEOUT + 20
-    assert [r["path"] for r in g.chat.requests] == ["/v1/chat/completions"]
-    assert [r["path"] for r in g.resp.requests] == ["/v1/responses"]
 
 
 def test_a_silent_member_is_named_when_every_member_fails(g):
@@ -522,16 +529,7 @@ def test_a_silent_member_is_given_up_on_on_the_fast_path_too(health, stream):
     g, fast_a, fast_b = health.group, health.fast_a, health.fast_b
     fast_a.reset()
     fast_b.reset()
-    silent = threading.Event()
-    fast_a.script.append(Reply(silent=silent))
-    fast_b.script.append(Reply(text="from the second pool"))
-    try:
-        started = time.monotonic()
-        assert _ask(g.client(), "chat", stream, model="fast-model") == "from the second pool"
-        took = time.monotonic() - started
-    finally:
-        silent.set()
-    assert ATTEMPT_TIMEOUT <= took < ATTEMPT_TIMEOUT + 20
+    _past_a_silent_member(g, fast_a, fast_b, "chat", stream, model="fast-model")
     assert len(fast_a.requests) == 1 and len(fast_b.requests) == 1
 
 

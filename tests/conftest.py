@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,3 +169,11 @@ def running(config: Path, extproc: int, listen: int, *, servers: Iterable[Closab
         stack.stop()
         for server in servers:
             server.close()
+
+
+def metric(admin: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` with these labels (any others too) on a sidecar's admin port."""
+    with urllib.request.urlopen(admin + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))

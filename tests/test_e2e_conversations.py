@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +158,21 @@ def test_responses_in_a_conversation_alternate_replicas_and_append_every_turn(rp
     assert next(clients).responses.retrieve(r3.id).output_text == "Zed, in Lisbon."  # stored as a turn as well
 
 
+def calls_on_a_conversation(item_id: str, models: tuple[str, ...]) -> list[Callable[[openai.OpenAI, str], object]]:
+    """Every call a client can make on a conversation id (`item_id` one of its items), then a turn in it on
+    each of `models`."""
+    return [lambda c, cid: c.conversations.retrieve(cid),
+            lambda c, cid: c.conversations.update(cid, metadata={"x": "y"}),
+            lambda c, cid: c.conversations.delete(cid),
+            lambda c, cid: list(c.conversations.items.list(cid)),
+            lambda c, cid: c.conversations.items.create(cid, items=[{"type": "message", "role": "user",
+                                                                     "content": "inject"}]),
+            lambda c, cid: c.conversations.items.retrieve(item_id, conversation_id=cid),
+            lambda c, cid: c.conversations.items.delete(item_id, conversation_id=cid),
+            *(lambda c, cid, model=model: c.responses.create(model=model, conversation=cid, input="the secret?")
+              for model in models)]
+
+
 def test_another_tenant_gets_404_on_every_new_path(rp):
     """Another tenant's conversation is answered exactly as one nobody created, on every path and for
     models on either kind of backend, and nothing reaches an upstream."""
@@ -165,17 +180,7 @@ def test_another_tenant_gets_404_on_every_new_path(rp):
     conv = owner.conversations.create(items=[{"type": "message", "role": "user", "content": "secret"}])
     item_id = next(iter(owner.conversations.items.list(conv.id))).id
     other = rp.clients("other-key")
-    attempts = [lambda c, cid: c.conversations.retrieve(cid),
-                lambda c, cid: c.conversations.update(cid, metadata={"x": "y"}),
-                lambda c, cid: c.conversations.delete(cid),
-                lambda c, cid: list(c.conversations.items.list(cid)),
-                lambda c, cid: c.conversations.items.create(cid, items=[{"type": "message", "role": "user",
-                                                                         "content": "inject"}]),
-                lambda c, cid: c.conversations.items.retrieve(item_id, conversation_id=cid),
-                lambda c, cid: c.conversations.items.delete(item_id, conversation_id=cid),
-                lambda c, cid: c.responses.create(model="llama-3", conversation=cid, input="what is the secret?"),
-                lambda c, cid: c.responses.create(model="gpt-5.3-codex", conversation=cid, input="the secret?")]
-    for attempt in attempts:
+    for attempt in calls_on_a_conversation(item_id, ("llama-3", "gpt-5.3-codex")):
         with pytest.raises(openai.NotFoundError) as theirs:
             attempt(next(other), conv.id)
         with pytest.raises(openai.NotFoundError) as unknown:

@@ -24,6 +24,7 @@ from extproc.local.stack import free_port, wait_until
 
 from .conformance import validate_response
 from .conftest import RedisServer, Replicated, running
+from .test_e2e_conversations import calls_on_a_conversation
 from .upstreams import ChatServer, HostedServer, MixedServer, Reply, ResponsesServer
 
 CONFIG = """
@@ -257,17 +258,8 @@ def test_another_tenant_gets_404_on_a_passed_through_conversation(replicas):
     conv = owner.conversations.create(items=[{"type": "message", "role": "user", "content": "secret"}])
     item_id = next(iter(owner.conversations.items.list(conv.id))).id
     other = replicas.client(1, "other-key")
-    attempts = [lambda c, cid: c.conversations.retrieve(cid),
-                lambda c, cid: c.conversations.update(cid, metadata={"x": "y"}),
-                lambda c, cid: c.conversations.delete(cid),
-                lambda c, cid: list(c.conversations.items.list(cid)),
-                lambda c, cid: c.conversations.items.create(cid, items=[{"type": "message", "role": "user",
-                                                                         "content": "inject"}]),
-                lambda c, cid: c.conversations.items.retrieve(item_id, conversation_id=cid),
-                lambda c, cid: c.conversations.items.delete(item_id, conversation_id=cid),
-                lambda c, cid: c.responses.create(model="gpt-oss-20b", conversation=cid, input="the secret?")]
     seen = sum(len(s.requests) for s in replicas.resp)
-    for attempt in attempts:
+    for attempt in calls_on_a_conversation(item_id, ("gpt-oss-20b",)):
         with pytest.raises(openai.NotFoundError) as theirs:
             attempt(other, conv.id)
         with pytest.raises(openai.NotFoundError) as unknown:

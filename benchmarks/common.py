@@ -131,10 +131,9 @@ class Processed:
     pids: tuple[int, ...]
 
 
-def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1,
-                  env: dict[str, str] | None = None) -> Processed:
-    """Envoy (deploy/envoy.yaml, stdout access log off) + the sidecar with these backends; `env` for the
-    sidecar (PYTHONPATH=another checkout's code, to compare two versions in one run)."""
+def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1, src: Path | str = REPO) -> Processed:
+    """Envoy (deploy/envoy.yaml, stdout access log off) + the sidecar with these backends, running the
+    `extproc` of checkout `src` (another one, to compare two versions in one run; `spawn_checkout`)."""
     extproc_port = free_ports(workers)
     admin_port = free_ports(workers)
     while admin_port <= extproc_port + workers - 1 and extproc_port <= admin_port + workers - 1:
@@ -142,14 +141,23 @@ def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1
     cfg = stack.workdir / f"config-{extproc_port}.yaml"
     cfg.write_text(f"listen: 127.0.0.1:{extproc_port}\nadmin_listen: 127.0.0.1:{admin_port}\nlog_level: warning\n"
                    f"{extra}\nbackends:\n{textwrap.indent(backends.strip(), '  ')}\n")
-    if workers > 1:
-        sidecar = stack.spawn(f"sidecar-{extproc_port}", [sys.executable, "-m", "extproc", "serve", "--config", str(cfg),
-                                                           "--workers", str(workers)], env)
-    else:
-        sidecar = stack.start_sidecar(cfg, env)
+    serve = [sys.executable, "-m", "extproc", "serve", "--config", str(cfg), *(["--workers", str(workers)] if workers > 1 else [])]
+    sidecar = spawn_checkout(stack, f"sidecar-{extproc_port}", serve, src)
     for i in range(workers):
         wait_for_port(extproc_port + i, proc=sidecar)
     return Processed(*start_envoy_with_processor(stack, extproc_port, workers, xds=True), (sidecar.pid,))
+
+
+def spawn_checkout(stack: Stack, name: str, args: list[str], src: Path | str) -> subprocess.Popen[bytes]:
+    """`args` (a `python -m extproc ...`) on checkout `src`'s code: `src` first on PYTHONPATH, started from
+    the stack's directory, since `python -m` puts its working directory before PYTHONPATH (started from a
+    checkout's root, every variant ran that checkout's code)."""
+    cwd = os.getcwd()
+    os.chdir(stack.workdir)
+    try:
+        return stack.spawn(name, args, {"PYTHONPATH": str(src)})
+    finally:
+        os.chdir(cwd)
 
 
 def start_floor(stack: Stack, pattern: str, endpoint: str, workers: int = 1) -> Processed:

@@ -73,10 +73,15 @@ class Floor(pbg.ExternalProcessorServicer):
     """One pattern's replies, built once; `Process` only picks one per message and knows where to stop."""
 
     def __init__(self, endpoint: str, pattern: str):
-        self.body = routed(endpoint)
-        self.headers = response_headers(pattern)
+        self.heads = {"request_headers": REQUEST_HEADERS, "request_body": routed(endpoint),
+                      "response_headers": response_headers(pattern)}
         self.last = {"request": "request_body", "response_headers": "response_headers"}.get(pattern, "response_body")
         self.duplex = pattern == "duplex_body"
+
+    def _head(self, kind: str) -> pb.ProcessingResponse | None:
+        """The reply to a message before the response body, the same in every pattern (None: a body's or
+        the trailers')."""
+        return self.heads.get(kind)
 
     async def _duplex(self, context):  # type: ignore[no-untyped-def]
         """FULL_DUPLEX_STREAMED: body chunks read ahead by a task, and whatever has queued up answered in one
@@ -91,13 +96,9 @@ class Floor(pbg.ExternalProcessorServicer):
         try:
             while (req := await queue.get()) is not None:
                 kind = req.WhichOneof("request")
-                if kind == "request_headers":
-                    await context.write(REQUEST_HEADERS)
-                elif kind == "request_body":
-                    await context.write(self.body)
-                elif kind == "response_headers":
-                    await context.write(self.headers)
-                    if req.response_headers.end_of_stream:
+                if (head := self._head(kind)) is not None:
+                    await context.write(head)
+                    if kind == "response_headers" and req.response_headers.end_of_stream:
                         return
                 elif kind == "response_body":
                     pieces, end = [req.response_body.body], req.response_body.end_of_stream
@@ -123,12 +124,8 @@ class Floor(pbg.ExternalProcessorServicer):
             return await self._duplex(context)
         while (req := await context.read()) is not grpc.aio.EOF:
             kind = req.WhichOneof("request")
-            if kind == "request_headers":
-                await context.write(REQUEST_HEADERS)
-            elif kind == "request_body":
-                await context.write(self.body)
-            elif kind == "response_headers":
-                await context.write(self.headers)
+            if (head := self._head(kind)) is not None:
+                await context.write(head)
             else:
                 await context.write(RESPONSE_BODY)
                 if not req.response_body.end_of_stream:

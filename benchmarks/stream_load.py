@@ -132,19 +132,11 @@ def main() -> int:
         targets: dict[str, tuple[int, int, int, str, dict, dict[str, str], dict]] = {}
         if args.grpclib:
             variants.append(("grpclib", str(grpclib_variant(stack.workdir / "grpclib"))))
-        pythonpath, cwd = os.environ.get("PYTHONPATH"), os.getcwd()
-        os.chdir(stack.workdir)  # `python -m extproc` puts its working directory first: not a checkout's
         for name, spec in variants:
             src, _, workers = spec.partition("@")
-            os.environ["PYTHONPATH"] = src
             shared = f"\nstate: {{store: sqlite, sqlite_path: {stack.workdir / name}.db}}" if workers else ""
-            gw = start_gateway(stack, backends, extra="fast_path: false" + shared, workers=int(workers or 1))
+            gw = start_gateway(stack, backends, extra="fast_path: false" + shared, workers=int(workers or 1), src=src)
             targets[name] = (gw.port, gw.pids[0], gw.admin, "/v1/responses", resp, {}, {**resp, "max_output_tokens": args.fast_chunks})
-        os.chdir(cwd)
-        if pythonpath is None:
-            os.environ.pop("PYTHONPATH")
-        else:
-            os.environ["PYTHONPATH"] = pythonpath
         for pattern in args.floor:
             floor = start_floor(stack, pattern, f"127.0.0.1:{streamer}")
             targets[f"floor {pattern}"] = (floor.port, floor.pids[0], floor.admin, "/v1/chat/completions", chat, {},

@@ -6,10 +6,12 @@ runs it so): those are imported only inside the end-to-end fixtures."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import shutil
 import subprocess
+import urllib.request
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -88,17 +90,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     admin_port = free_port()
     cfg.write_text(CONFIG.format(extproc_port=extproc_port, chat=chat.address, resp=resp.address, msgs=msgs.address,
                                  admin_port=admin_port))
-    stack = Stack()
-    try:
-        sidecar = stack.start_sidecar(cfg, env={"VLLM_TEST_KEY": API_KEY, "ANTHROPIC_TEST_KEY": ANTHROPIC_KEY})
-        wait_for_port(extproc_port, proc=sidecar)
-        stack.start_envoy(port, admin, extproc_port)
+    with running(cfg, extproc_port, port, servers=(chat, resp, msgs), envoy_admin=admin,
+                 env={"VLLM_TEST_KEY": API_KEY, "ANTHROPIC_TEST_KEY": ANTHROPIC_KEY}) as stack:
         yield Gateway(f"http://127.0.0.1:{port}", chat, resp, stack, f"http://127.0.0.1:{admin_port}", msgs)
-    finally:
-        stack.stop()
-        chat.close()
-        resp.close()
-        msgs.close()
 
 
 @pytest.fixture
@@ -168,3 +162,51 @@ def running(config: Path, extproc: int, listen: int, *, servers: Iterable[Closab
         stack.stop()
         for server in servers:
             server.close()
+
+
+@dataclass
+class Replicated:
+    """Replicas of the gateway sharing one store, each an Envoy with its own sidecar started by `running`,
+    for tests that alternate between them."""
+
+    urls: list[str]
+    configs: list[Path]
+    stacks: list[Stack]
+    ports: list[tuple[int, ...]]  # each sidecar's ports (ext_proc first), waited for when it starts again
+    sidecars: list[subprocess.Popen] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sidecars = [stack.procs[0] for stack in self.stacks]  # `running` starts the sidecar first
+
+    def client(self, i: int, api_key: str = "k") -> openai.OpenAI:
+        """A client of replica i."""
+        import openai
+
+        return openai.OpenAI(base_url=self.urls[i] + "/v1", api_key=api_key, max_retries=0, timeout=30)
+
+    def clients(self, api_key: str = "k") -> Iterator[openai.OpenAI]:
+        """Clients that alternate between the replicas, forever."""
+        return itertools.cycle([self.client(i, api_key) for i in range(len(self.urls))])
+
+    def stop_sidecar(self, i: int, crash: bool = False) -> None:
+        """Replica i's sidecar stopped (`crash`: killed, as a crash would, its runs dying with it)."""
+        proc = self.sidecars[i]
+        if crash:
+            proc.kill()
+        else:
+            proc.terminate()
+        proc.wait(timeout=10)
+        self.stacks[i].procs.remove(proc)
+
+    def start_sidecar(self, i: int) -> None:
+        self.sidecars[i] = self.stacks[i].start_sidecar(self.configs[i])
+        for port in self.ports[i]:
+            wait_for_port(port, proc=self.sidecars[i])
+
+
+def metric(admin: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` with these labels (any others too) on a sidecar's admin port."""
+    with urllib.request.urlopen(admin + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))

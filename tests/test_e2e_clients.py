@@ -27,7 +27,7 @@ from websockets.sync.client import connect
 
 from extproc.local.stack import Stack, free_port, wait_until
 
-from .conftest import running
+from .conftest import metric, running
 from .test_e2e_surface import text_of, ws_turn
 from .upstreams import ChatServer, Reply, ResponsesServer
 
@@ -84,10 +84,7 @@ class Keyed:
 
     def seen(self) -> float:
         """Request headers the processor was asked about."""
-        with urllib.request.urlopen(self.admin + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith('extproc_phase_seconds_count{phase="request_headers"}'))
+        return metric(self.admin, "extproc_phase_seconds_count", phase="request_headers")
 
     def processed(self) -> int:
         """ext_proc streams Envoy opened: one per request that reached the processor."""

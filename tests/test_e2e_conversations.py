@@ -8,23 +8,21 @@ Calls alternate replicas, so each one depends on the shared records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
-import re
-import subprocess
 import threading
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 import pytest
 
-from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
+from extproc.local.stack import free_port, wait_until
 
 from .conformance import check_stream, sse_events, validate_response
-from .conftest import RedisServer
+from .conftest import RedisServer, Replicated, metric, running
 from .upstreams import ChatServer, Reply, ResponsesServer
 
 CONFIG = """
@@ -52,38 +50,18 @@ backends:
 
 
 @dataclass
-class Replicas:
-    urls: list[str]
+class Replicas(Replicated):
     admins: list[str]
     chat: list[ChatServer]
     resp: ResponsesServer
-    stack: Stack
-    sidecars: list[subprocess.Popen]
-    configs: list[Path]
-    ports: list[tuple[int, int]]  # each sidecar's ext_proc and front door ports
 
     def crash_sidecar(self, i: int) -> None:
         """Replica i's sidecar killed, as a crash would (its runs die with it)."""
-        self.sidecars[i].kill()
-        self.sidecars[i].wait(timeout=10)
-        self.stack.procs.remove(self.sidecars[i])
-
-    def start_sidecar(self, i: int) -> None:
-        self.sidecars[i] = self.stack.start_sidecar(self.configs[i])
-        for port in self.ports[i]:
-            wait_for_port(port, proc=self.sidecars[i])
+        self.stop_sidecar(i, crash=True)
 
     def background_runs(self, replica: int, outcome: str) -> float:
-        """extproc_background_runs_total{outcome} of one replica, from its admin port's /metrics."""
-        with urllib.request.urlopen(self.admins[replica] + "/metrics", timeout=10) as r:
-            text = r.read().decode()
-        found = re.search(rf'^extproc_background_runs_total{{outcome="{outcome}"}} (\S+)$', text, re.M)
-        return float(found.group(1)) if found else 0.0
-
-    def clients(self, api_key: str = "k") -> Iterator[openai.OpenAI]:
-        """Clients that alternate between the two replicas, forever."""
-        return itertools.cycle([openai.OpenAI(base_url=u + "/v1", api_key=api_key, max_retries=0, timeout=30)
-                                for u in self.urls])
+        """extproc_background_runs_total{outcome} of one replica."""
+        return metric(self.admins[replica], "extproc_background_runs_total", outcome=outcome)
 
     def chat_requests(self) -> list[dict]:
         return [r["body"] for server in self.chat for r in server.requests if r["path"] == "/v1/chat/completions"]
@@ -92,28 +70,22 @@ class Replicas:
 @pytest.fixture(scope="module")
 def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     chat, resp = [ChatServer()], ResponsesServer()  # one chat instance: its script is the conversation's
-    stack = Stack()
     tmp = Path(tmp_path_factory.mktemp("conversations"))
-    urls, admins, sidecars, configs, ports = [], [], [], [], []
-    try:
+    urls, admins, configs, stacks, ports = [], [], [], [], []
+    with contextlib.ExitStack() as started:
+        for server in (*chat, resp):
+            started.callback(server.close)  # last, once both stacks are stopped
         for i in range(2):
             port, listen, admin, front = free_port(), free_port(), free_port(), free_port()
             admins.append(f"http://127.0.0.1:{admin}")
             cfg = tmp / f"config-{i}.yaml"
             cfg.write_text(CONFIG.format(port=port, admin_port=admin, redis=redis_server.url, resp=resp.address,
                                          chat=", ".join(f'"{s.address}"' for s in chat), envoy=listen, front=front))
-            sidecars.append(stack.start_sidecar(cfg))
-            wait_for_port(port, proc=sidecars[-1])
-            wait_for_port(front)
-            stack.start_envoy(listen, free_port(), port, websocket_port=front)
+            stacks.append(started.enter_context(running(cfg, port, listen, ready=(front,), websocket=front)))
             urls.append(f"http://127.0.0.1:{listen}")
             configs.append(cfg)
             ports.append((port, front))
-        yield Replicas(urls, admins, chat, resp, stack, sidecars, configs, ports)
-    finally:
-        stack.stop()
-        for server in (*chat, resp):
-            server.close()
+        yield Replicas(urls, configs, stacks, ports, admins, chat, resp)
 
 
 @pytest.fixture
@@ -186,6 +158,21 @@ def test_responses_in_a_conversation_alternate_replicas_and_append_every_turn(rp
     assert next(clients).responses.retrieve(r3.id).output_text == "Zed, in Lisbon."  # stored as a turn as well
 
 
+def calls_on_a_conversation(item_id: str, models: tuple[str, ...]) -> list[Callable[[openai.OpenAI, str], object]]:
+    """Every call a client can make on a conversation id (`item_id` one of its items), then a turn in it on
+    each of `models`."""
+    return [lambda c, cid: c.conversations.retrieve(cid),
+            lambda c, cid: c.conversations.update(cid, metadata={"x": "y"}),
+            lambda c, cid: c.conversations.delete(cid),
+            lambda c, cid: list(c.conversations.items.list(cid)),
+            lambda c, cid: c.conversations.items.create(cid, items=[{"type": "message", "role": "user",
+                                                                     "content": "inject"}]),
+            lambda c, cid: c.conversations.items.retrieve(item_id, conversation_id=cid),
+            lambda c, cid: c.conversations.items.delete(item_id, conversation_id=cid),
+            *(lambda c, cid, model=model: c.responses.create(model=model, conversation=cid, input="the secret?")
+              for model in models)]
+
+
 def test_another_tenant_gets_404_on_every_new_path(rp):
     """Another tenant's conversation is answered exactly as one nobody created, on every path and for
     models on either kind of backend, and nothing reaches an upstream."""
@@ -193,17 +180,7 @@ def test_another_tenant_gets_404_on_every_new_path(rp):
     conv = owner.conversations.create(items=[{"type": "message", "role": "user", "content": "secret"}])
     item_id = next(iter(owner.conversations.items.list(conv.id))).id
     other = rp.clients("other-key")
-    attempts = [lambda c, cid: c.conversations.retrieve(cid),
-                lambda c, cid: c.conversations.update(cid, metadata={"x": "y"}),
-                lambda c, cid: c.conversations.delete(cid),
-                lambda c, cid: list(c.conversations.items.list(cid)),
-                lambda c, cid: c.conversations.items.create(cid, items=[{"type": "message", "role": "user",
-                                                                         "content": "inject"}]),
-                lambda c, cid: c.conversations.items.retrieve(item_id, conversation_id=cid),
-                lambda c, cid: c.conversations.items.delete(item_id, conversation_id=cid),
-                lambda c, cid: c.responses.create(model="llama-3", conversation=cid, input="what is the secret?"),
-                lambda c, cid: c.responses.create(model="gpt-5.3-codex", conversation=cid, input="the secret?")]
-    for attempt in attempts:
+    for attempt in calls_on_a_conversation(item_id, ("llama-3", "gpt-5.3-codex")):
         with pytest.raises(openai.NotFoundError) as theirs:
             attempt(next(other), conv.id)
         with pytest.raises(openai.NotFoundError) as unknown:

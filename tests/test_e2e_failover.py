@@ -7,6 +7,7 @@ naming each; a model outside any group takes exactly today's path."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -19,9 +20,10 @@ from typing import TYPE_CHECKING
 import openai
 import pytest
 
-from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
+from extproc.local.stack import Stack, free_port, wait_until
 
 from .conformance import check_stream, validate_response
+from .conftest import Closable, running
 from .upstreams import ChatServer, Reply, ResponsesServer
 
 if TYPE_CHECKING:
@@ -94,27 +96,29 @@ class Group:
         return anthropic.Anthropic(base_url=self.url, api_key="client-key", max_retries=0, timeout=30)
 
 
+@contextlib.contextmanager
+def _running_group(tmp: Path, template: str, chat: ChatServer, resp: ResponsesServer, servers: tuple[Closable, ...],
+                   /, env: dict[str, str] | None = None, **render: str) -> Iterator[Group]:
+    """This file's stack on the config `template` (its ports filled in, then `render`); `servers` closed at
+    the end; the group's `chat` and `resp` members among them."""
+    extproc_port, port, envoy_admin, admin_port = free_port(), free_port(), free_port(), free_port()
+    cfg = tmp / "config.yaml"
+    cfg.write_text(template.format(extproc_port=extproc_port, admin_port=admin_port, envoy=port,
+                                   attempt_timeout=ATTEMPT_TIMEOUT, **render))
+    with running(cfg, extproc_port, port, servers=servers, env=env, envoy_admin=envoy_admin) as stack:
+        yield Group(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{envoy_admin}",
+                    chat, resp, stack)
+
+
 @pytest.fixture(scope="module")
 def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Group]:
     chat, resp, chat2 = ChatServer(), ResponsesServer(), ChatServer()
-    extproc_port, port, envoy_admin, admin_port = free_port(), free_port(), free_port(), free_port()
     closed = free_port()  # handed out, never bound: nothing listens there (connection refused)
-    cfg = Path(tmp_path_factory.mktemp("failover")) / "config.yaml"
-    cfg.write_text(CONFIG.format(extproc_port=extproc_port, admin_port=admin_port, chat=chat.address,
-                                 resp=resp.address, closed=closed, chat2=chat2.address,
-                                 attempt_timeout=ATTEMPT_TIMEOUT))
-    stack = Stack()
-    try:
-        sidecar = stack.start_sidecar(cfg, env={"POOL_CHAT_KEY": POOL_KEY})
-        wait_for_port(extproc_port, proc=sidecar)
-        stack.start_envoy(port, envoy_admin, extproc_port)
-        yield Group(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{envoy_admin}",
-                    chat, resp, stack, chat2)
-    finally:
-        stack.stop()
-        chat.close()
-        resp.close()
-        chat2.close()
+    with _running_group(tmp_path_factory.mktemp("failover"), CONFIG, chat, resp, (chat, resp, chat2),
+                        env={"POOL_CHAT_KEY": POOL_KEY}, chat=chat.address, resp=resp.address, closed=str(closed),
+                        chat2=chat2.address) as g:
+        g.chat2 = chat2
+        yield g
 
 
 @pytest.fixture
@@ -188,18 +192,25 @@ def test_a_failing_chat_member_fails_over_to_the_responses_member(g, api, stream
 def test_a_silent_member_is_given_up_on_and_the_next_serves(g, api, stream):
     """A member that takes the request and says nothing: after `attempt_timeout_seconds` Envoy resets
     that attempt and sends the request on, long before `limits.upstream_timeout_seconds` (its 504)."""
+    _past_a_silent_member(g, g.chat, g.resp, api, stream)
+    assert [r["path"] for r in g.chat.requests] == ["/v1/chat/completions"]
+    assert [r["path"] for r in g.resp.requests] == ["/v1/responses"]
+
+
+def _past_a_silent_member(g: Group, silent_member: ChatServer, next_member: ChatServer | ResponsesServer, api: str,
+                          stream: bool, model: str = "grouped") -> None:
+    """`silent_member` takes the request and says nothing; `next_member` answers it, once
+    `attempt_timeout_seconds` have passed and well before the client's own timeout."""
     silent = threading.Event()
-    g.chat.script.append(Reply(silent=silent))
-    g.resp.script.append(Reply(text="the silent one was skipped"))
+    silent_member.script.append(Reply(silent=silent))
+    next_member.script.append(Reply(text="the silent one was skipped"))
     try:
         started = time.monotonic()
-        assert _ask(g.client(), api, stream) == "the silent one was skipped"
+        assert _ask(g.client(), api, stream, model=model) == "the silent one was skipped"
         took = time.monotonic() - started
     finally:
         silent.set()
     assert ATTEMPT_TIMEOUT <= took < ATTEMPT_TIMEOUT + 20
-    assert [r["path"] for r in g.chat.requests] == ["/v1/chat/completions"]
-    assert [r["path"] for r in g.resp.requests] == ["/v1/responses"]
 
 
 def test_a_silent_member_is_named_when_every_member_fails(g):
@@ -443,24 +454,11 @@ class Health:
 def health(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Health]:
     flaky, steady, conv_a, conv_b = ChatServer(), ResponsesServer(), ChatServer(), ChatServer()
     fast_a, fast_b = ChatServer(), ChatServer()
-    extproc_port, port, envoy_admin, admin_port = free_port(), free_port(), free_port(), free_port()
-    cfg = Path(tmp_path_factory.mktemp("health")) / "config.yaml"
-    cfg.write_text(HEALTH_CONFIG.format(extproc_port=extproc_port, admin_port=admin_port, flaky=flaky.address,
-                                        steady=steady.address, conv_a=conv_a.address, conv_b=conv_b.address,
-                                        fast_a=fast_a.address, fast_b=fast_b.address,
-                                        attempt_timeout=ATTEMPT_TIMEOUT))
-    stack = Stack()
-    try:
-        sidecar = stack.start_sidecar(cfg)
-        wait_for_port(extproc_port, proc=sidecar)
-        stack.start_envoy(port, envoy_admin, extproc_port)
-        group = Group(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{envoy_admin}",
-                      flaky, steady, stack)
+    with _running_group(tmp_path_factory.mktemp("health"), HEALTH_CONFIG, flaky, steady,
+                        (flaky, steady, conv_a, conv_b, fast_a, fast_b), flaky=flaky.address, steady=steady.address,
+                        conv_a=conv_a.address, conv_b=conv_b.address, fast_a=fast_a.address,
+                        fast_b=fast_b.address) as group:
         yield Health(group, flaky, conv_a, conv_b, fast_a, fast_b)
-    finally:
-        stack.stop()
-        for server in (flaky, steady, conv_a, conv_b, fast_a, fast_b):
-            server.close()
 
 
 def test_a_failing_member_is_taken_out_and_comes_back_by_itself(health):
@@ -522,16 +520,7 @@ def test_a_silent_member_is_given_up_on_on_the_fast_path_too(health, stream):
     g, fast_a, fast_b = health.group, health.fast_a, health.fast_b
     fast_a.reset()
     fast_b.reset()
-    silent = threading.Event()
-    fast_a.script.append(Reply(silent=silent))
-    fast_b.script.append(Reply(text="from the second pool"))
-    try:
-        started = time.monotonic()
-        assert _ask(g.client(), "chat", stream, model="fast-model") == "from the second pool"
-        took = time.monotonic() - started
-    finally:
-        silent.set()
-    assert ATTEMPT_TIMEOUT <= took < ATTEMPT_TIMEOUT + 20
+    _past_a_silent_member(g, fast_a, fast_b, "chat", stream, model="fast-model")
     assert len(fast_a.requests) == 1 and len(fast_b.requests) == 1
 
 
@@ -594,23 +583,10 @@ class Surface:
 @pytest.fixture(scope="module")
 def surface(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Surface]:
     chat_a, chat_b, resp_a, resp_b = ChatServer(), ChatServer(), ResponsesServer(), ResponsesServer()
-    extproc_port, port, envoy_admin, admin_port = free_port(), free_port(), free_port(), free_port()
-    cfg = Path(tmp_path_factory.mktemp("surface")) / "config.yaml"
-    cfg.write_text(SURFACE_CONFIG.format(extproc_port=extproc_port, admin_port=admin_port, envoy=port,
-                                         chat_a=chat_a.address, chat_b=chat_b.address, resp_a=resp_a.address,
-                                         resp_b=resp_b.address))
-    stack = Stack()
-    try:
-        sidecar = stack.start_sidecar(cfg)
-        wait_for_port(extproc_port, proc=sidecar)
-        stack.start_envoy(port, envoy_admin, extproc_port)
-        group = Group(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{envoy_admin}",
-                      chat_a, resp_a, stack)
+    with _running_group(tmp_path_factory.mktemp("surface"), SURFACE_CONFIG, chat_a, resp_a,
+                        (chat_a, chat_b, resp_a, resp_b), chat_a=chat_a.address, chat_b=chat_b.address,
+                        resp_a=resp_a.address, resp_b=resp_b.address) as group:
         yield Surface(group, chat_a, chat_b, resp_a, resp_b)
-    finally:
-        stack.stop()
-        for server in (chat_a, chat_b, resp_a, resp_b):
-            server.close()
 
 
 @pytest.fixture

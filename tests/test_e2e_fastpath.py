@@ -26,6 +26,7 @@ from extproc.routing.classify import Classifier
 from extproc.routing.compile import decide
 from extproc.routing.modes import Knowledge, Learned, parse_models
 
+from .conftest import metric
 from .upstreams import ChatServer, MessagesServer, MixedServer, ResponsesServer
 
 CONFIG = """
@@ -79,10 +80,7 @@ class Fast:
         return self.envoy_stat("http.llm.ext_proc.streams_started")
 
     def metric(self, name: str, **labels: str) -> float:
-        with urllib.request.urlopen(self.admin + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+        return metric(self.admin, name, **labels)
 
     def learned(self) -> dict[tuple[str, str], Learned]:
         with urllib.request.urlopen(self.admin + "/learned", timeout=5) as r:

@@ -24,6 +24,7 @@ from websockets.sync.client import connect
 
 from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
 
+from .conftest import metric
 from .test_e2e_surface import ws_turn
 from .upstreams import ChatServer
 
@@ -65,10 +66,7 @@ class Replica:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=30)
 
     def metric(self, name: str, **labels: str) -> float:
-        with urllib.request.urlopen(self.admin + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+        return metric(self.admin, name, **labels)
 
 
 @pytest.fixture(scope="module")

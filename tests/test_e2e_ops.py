@@ -19,7 +19,7 @@ import pytest
 
 from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
 
-from .conftest import running
+from .conftest import metric, running
 from .upstreams import ChatServer, Reply
 
 CONFIG = """
@@ -62,12 +62,7 @@ class Ops:
             return e.code, e.read().decode()
 
     def metric(self, name: str, **labels: str) -> float:
-        _, text = self.get("/metrics")
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric(self.admin, name, **labels)
 
     def settled(self, name: str, expected: float, **labels: str) -> float:
         """The metric once it reaches `expected` (an exchange is recorded just after its last chunk went

@@ -7,7 +7,7 @@ alternate between the replicas, so every continued turn depends on the shared re
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import json
 import subprocess
 import sys
@@ -20,11 +20,12 @@ from pathlib import Path
 import openai
 import pytest
 
-from extproc.local.stack import Stack, free_port, wait_for_port, wait_until
+from extproc.local.stack import free_port, wait_until
 
 from .conformance import validate_response
-from .conftest import RedisServer
-from .upstreams import ChatServer, MixedServer, Reply, ResponsesServer
+from .conftest import RedisServer, Replicated, running
+from .test_e2e_conversations import calls_on_a_conversation
+from .upstreams import ChatServer, HostedServer, MixedServer, Reply, ResponsesServer
 
 CONFIG = """
 listen: 127.0.0.1:{port}
@@ -50,6 +51,11 @@ backends:
     api: auto
     models: ["mix-*"]
     endpoints: ["{mixed}"]
+  - name: mounted
+    api: auto
+    models: ["mnt-*"]
+    endpoints: ["{mounted}"]
+    path_prefix: /mounted
 """
 MIXED_MODELS = [{"id": "mix-listed", "object": "model", "supported_endpoints": ["/v1/responses"]},
                 {"id": "mix-general", "object": "model"}]
@@ -58,20 +64,12 @@ TOOLS = [{"type": "function", "name": "lookup", "description": "Look up a fact",
 
 
 @dataclass
-class Replicas:
-    urls: list[str]
+class Replicas(Replicated):
     resp: list[ResponsesServer]
     chat: list[ChatServer]
     mixed: MixedServer
+    mounted: HostedServer  # the same, answering only under /mounted (a proxy's mount)
     redis: RedisServer
-    stack: Stack
-    sidecars: list[subprocess.Popen]
-    configs: list[Path]
-
-    def clients(self) -> Iterator[openai.OpenAI]:
-        """Clients that alternate between the two replicas, forever."""
-        return itertools.cycle([openai.OpenAI(base_url=u + "/v1", api_key="k", max_retries=0, timeout=30)
-                                for u in self.urls])
 
     def redis_client(self):
         import redis
@@ -87,13 +85,8 @@ class Replicas:
         return server
 
     def restart_sidecar(self, i: int) -> None:
-        proc = self.sidecars[i]
-        proc.terminate()
-        proc.wait(timeout=10)
-        self.stack.procs.remove(proc)
-        self.sidecars[i] = self.stack.start_sidecar(self.configs[i])
-        wait_for_port(int(self.configs[i].read_text().split("listen: 127.0.0.1:")[1].split()[0]),
-                      proc=self.sidecars[i])
+        self.stop_sidecar(i)
+        self.start_sidecar(i)
 
 
 @pytest.fixture(scope="module")
@@ -101,28 +94,24 @@ def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
     resp = [ResponsesServer() for _ in range(3)]
     chat = [ChatServer() for _ in range(2)]
     mixed = MixedServer(responses_only={"mix-agent"}, chat_only={"mix-chatonly"}, models=MIXED_MODELS)
-    stack = Stack()
+    mounted = HostedServer(None, ("authorization", "Bearer k"), prefix="/mounted", responses_only={"mnt-agent"})
     tmp = Path(tmp_path_factory.mktemp("replicas"))
-    urls, sidecars, configs = [], [], []
-    try:
+    urls, configs, stacks, ports = [], [], [], []
+    with contextlib.ExitStack() as started:
+        for server in (*resp, *chat, mixed, mounted):
+            started.callback(server.close)  # last, once both stacks are stopped
         for i in range(2):
-            port = free_port()
+            port, listen = free_port(), free_port()
             cfg = tmp / f"config-{i}.yaml"
             cfg.write_text(CONFIG.format(port=port, admin_port=free_port(), redis=redis_server.url, mixed=mixed.address,
+                                         mounted=mounted.address,
                                          resp=", ".join(f'"{s.address}"' for s in resp),
                                          chat=", ".join(f'"{s.address}"' for s in chat)))
-            sidecar = stack.start_sidecar(cfg)
-            wait_for_port(port, proc=sidecar)
-            listen = free_port()
-            stack.start_envoy(listen, free_port(), port)
+            stacks.append(started.enter_context(running(cfg, port, listen)))
             urls.append(f"http://127.0.0.1:{listen}")
-            sidecars.append(sidecar)
             configs.append(cfg)
-        yield Replicas(urls, resp, chat, mixed, redis_server, stack, sidecars, configs)
-    finally:
-        stack.stop()
-        for s in [*resp, *chat, mixed]:
-            s.close()
+            ports.append((port,))
+        yield Replicas(urls, configs, stacks, ports, resp, chat, mixed, mounted, redis_server)
 
 
 def turn(client: openai.OpenAI, model: str, inp, prev: str | None, stream: bool, **kw):
@@ -199,7 +188,7 @@ def test_first_turns_spread_over_instances(replicas):
 def test_background_on_a_responses_backend_passes_through_pinned(replicas):
     """`background` on a Responses backend is the backend's: created through one replica, polled and
     cancelled through the other, every call reaching the one instance that runs it."""
-    one, other = (openai.OpenAI(base_url=u + "/v1", api_key="k", max_retries=0, timeout=30) for u in replicas.urls)
+    one, other = replicas.client(0), replicas.client(1)
     queued = one.responses.create(model="gpt-oss-20b", input="hello", background=True, prompt_cache_key="bg-1")
     assert queued.status == "queued" and queued.background is True
     holder = replicas.holder(queued.id)
@@ -315,18 +304,9 @@ def test_another_tenant_gets_404_on_a_passed_through_conversation(replicas):
     owner = next(replicas.clients())
     conv = owner.conversations.create(items=[{"type": "message", "role": "user", "content": "secret"}])
     item_id = next(iter(owner.conversations.items.list(conv.id))).id
-    other = openai.OpenAI(base_url=replicas.urls[1] + "/v1", api_key="other-key", max_retries=0, timeout=30)
-    attempts = [lambda c, cid: c.conversations.retrieve(cid),
-                lambda c, cid: c.conversations.update(cid, metadata={"x": "y"}),
-                lambda c, cid: c.conversations.delete(cid),
-                lambda c, cid: list(c.conversations.items.list(cid)),
-                lambda c, cid: c.conversations.items.create(cid, items=[{"type": "message", "role": "user",
-                                                                         "content": "inject"}]),
-                lambda c, cid: c.conversations.items.retrieve(item_id, conversation_id=cid),
-                lambda c, cid: c.conversations.items.delete(item_id, conversation_id=cid),
-                lambda c, cid: c.responses.create(model="gpt-oss-20b", conversation=cid, input="the secret?")]
+    other = replicas.client(1, "other-key")
     seen = sum(len(s.requests) for s in replicas.resp)
-    for attempt in attempts:
+    for attempt in calls_on_a_conversation(item_id, ("gpt-oss-20b",)):
         with pytest.raises(openai.NotFoundError) as theirs:
             attempt(other, conv.id)
         with pytest.raises(openai.NotFoundError) as unknown:
@@ -405,7 +385,7 @@ def test_unknown_previous_response_id(replicas):
 
 
 def test_model_api_learned_from_a_rejection_and_shared(replicas):
-    a, b = (openai.OpenAI(base_url=u + "/v1", api_key="k", max_retries=0, timeout=30) for u in replicas.urls)
+    a, b = replicas.client(0), replicas.client(1)
     msgs = [{"role": "user", "content": "hi"}]
     first_contact = time.monotonic()
     start = len(replicas.mixed.requests)
@@ -467,7 +447,7 @@ def test_models_list_has_a_mode_for_every_model(replicas):
 
 
 def test_endpoint_removed_from_config_while_pinned(replicas):
-    a = openai.OpenAI(base_url=replicas.urls[0] + "/v1", api_key="k", max_retries=0, timeout=30)
+    a = replicas.client(0)
     r = a.responses.create(model="gpt-oss-20b", input="hi", prompt_cache_key="removed-test")
     gone = replicas.holder(r.id).address
     original = replicas.configs[0].read_text()
@@ -515,6 +495,12 @@ def test_redis_outage_degrades_clearly(replicas):
         with pytest.raises(openai.APIStatusError) as e:
             client.responses.create(model="llama-3", input="x", previous_response_id=chat_prev)
         assert e.value.status_code == 503 and e.value.body["code"] == "state_unavailable"
+        # A first contact: its note for the retry is not written, so the retry finds the client's path
+        # under the backend's path_prefix by itself, and the fact this replica learned sends it translated.
+        r = client.chat.completions.create(model="mnt-agent", messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].message.content == "echo: hi"
+        posts = [q["path"] for q in replicas.mounted.seen if q["path"] != "/mounted/v1/models"]  # not discovery's
+        assert posts == ["/mounted/v1/chat/completions", "/mounted/v1/responses"]
     finally:
         replicas.redis.start()
     assert json.loads(json.dumps(e.value.body))["message"]

@@ -18,7 +18,7 @@ import pytest
 
 from extproc.local.stack import Stack, free_port, wait_until
 
-from .conftest import running
+from .conftest import metric, running
 from .upstreams import ChatServer, Reply, ResponsesServer
 
 CONFIG = """
@@ -54,10 +54,7 @@ class Site:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="k", max_retries=0, timeout=30)
 
     def metric(self, name: str, **labels: str) -> float:
-        with urllib.request.urlopen(self.admin + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+        return metric(self.admin, name, **labels)
 
     def tokens(self, model: str) -> dict[str, float]:
         return {k: self.metric("extproc_tokens_total", model=model, kind=k) for k in KINDS}

@@ -893,13 +893,13 @@ class _HostedHandler(_MixedHandler):
 
 
 class HostedServer(MixedServer):
-    """A hosted provider over TLS: answers only with its key (`expect`: header and value; the test may
+    """A hosted provider over TLS (None: plain HTTP, as behind a proxy): answers only with its key (`expect`: header and value; the test may
     change it, as a rotated key) and only under its path prefix (OpenRouter's /api). `seen` is every
     request as it arrived, refused ones included."""
 
     handler = _HostedHandler
 
-    def __init__(self, tls: ssl.SSLContext, expect: tuple[str, str], prefix: str = "",
+    def __init__(self, tls: ssl.SSLContext | None, expect: tuple[str, str], prefix: str = "",
                  responses_only: set[str] | frozenset[str] = frozenset(), chat_only: set[str] | frozenset[str] = frozenset(),
                  models: list[dict[str, Any]] | None = None) -> None:
         self.expect, self.prefix = expect, prefix

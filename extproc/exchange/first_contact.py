@@ -81,12 +81,18 @@ def first_attempt_key(request_id: str) -> str:
     return f"first:{request_id}"
 
 
+_RETRIED_PATHS = (*API_OF_PATH, COMPACT_PATH)  # the client paths a first contact is made on
+
+
 def _client_path(gw: Gateway, headers: dict[str, str], backend_name: str) -> dict[str, str]:
-    """The request as the client sent it: the backend's path prefix taken off again."""
+    """The request as the client sent it: the backend's path prefix taken off again. Without the backend
+    (a record from an older replica, or one whose write failed), the configured prefix under which the
+    rest is a retried path: no two prefixes fit one path, since no retried path ends with another."""
     backend = gw.config.backend(backend_name)
     path = headers.get(":path", "")
-    if backend is not None and backend.path_prefix and path.startswith(backend.path_prefix):
-        return {**headers, ":path": path[len(backend.path_prefix):]}
+    for prefix in {b.path_prefix for b in ((backend,) if backend is not None else gw.config.backends)} - {""}:
+        if path.startswith(prefix) and path[len(prefix):].partition("?")[0] in _RETRIED_PATHS:
+            return {**headers, ":path": path[len(prefix):]}
     return headers
 
 
@@ -176,7 +182,7 @@ class Retry:
 
     def __init__(self, gw: Gateway, headers: dict[str, str]):
         self.gw = gw
-        self.headers = headers  # the client's path once attempt 1's record names the backend
+        self.headers = headers  # the client's path once attempt 1's record is read
         self.first: dict[str, Any] = {}
         self.ex: Exchange | None = None  # made once attempt 1's record is read
 

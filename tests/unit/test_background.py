@@ -16,6 +16,7 @@ from extproc.state import records as rec
 from extproc.state.background import Follow, cancel_key, lease_key, outcome_writes
 from extproc.state.lookup import start
 
+from .exchanges import answered
 from .test_state_flow import CFG
 
 HEADERS = {":method": "POST", ":path": "/v1/responses", "content-type": "application/json",
@@ -30,10 +31,7 @@ def gateway():
 def create(gateway, body: dict, store: dict | None = None):
     ex = Exchange(gateway)
     ex.request_headers(HEADERS, False)
-    step = ex.request_body(json.dumps(body).encode())
-    while isinstance(step, Lookup):
-        step = step.then([(store or {}).get(k) for k in step.keys])
-    return ex, step
+    return ex, answered(ex.request_body(json.dumps(body).encode()), store or {})
 
 
 def test_a_chat_model_gets_a_queued_response_at_once_and_a_run(gateway):
@@ -126,10 +124,7 @@ def test_a_background_stream_is_sent_to_the_front_door_with_its_log_started(gate
 def resume(gateway, path: str, store: dict | None, key: str = "k1"):
     """A GET through a fresh exchange; None as the store: it is down."""
     ex = Exchange(gateway)
-    step = ex.request_headers({":method": "GET", ":path": path, "authorization": f"Bearer {key}"}, True)
-    while isinstance(step, Lookup):
-        step = step.then(None if store is None else [store.get(k) for k in step.keys])
-    return step
+    return answered(ex.request_headers({":method": "GET", ":path": path, "authorization": f"Bearer {key}"}, True), store)
 
 
 def test_a_resume_is_sent_to_the_front_door_for_its_tenant_only(gateway):

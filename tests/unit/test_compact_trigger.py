@@ -9,13 +9,14 @@ import pytest
 
 from extproc.config import parse_config
 from extproc.errors import GatewayError
-from extproc.exchange import STREAMED, Action, Exchange, Lookup
+from extproc.exchange import STREAMED, Action, Exchange
 from extproc.routing.gateway import Gateway
 from extproc.state import records as rec
 from extproc.translate.compact import SUMMARY_INSTRUCTIONS, SUMMARY_REQUEST
 from extproc.translate.compact_trigger import triggered, window
 from extproc.translate.sse import SSEDecoder
 
+from .exchanges import send
 from .test_state_flow import CFG
 
 TRIGGER = {"type": "compaction_trigger"}
@@ -53,17 +54,8 @@ def gateway():
     return Gateway(parse_config(CFG, env={}))
 
 
-def run(step, store: dict[str, bytes]) -> Action:
-    while isinstance(step, Lookup):
-        step = step.then([store.get(k) for k in step.keys])
-    return step
-
-
 def create(gateway, body: dict, store: dict[str, bytes] | None = None) -> tuple[Exchange, Action]:
-    ex = Exchange(gateway)
-    ex.request_headers({":method": "POST", ":path": "/v1/responses", "content-type": "application/json",
-                        "authorization": "Bearer k1"}, False)
-    return ex, run(ex.request_body(json.dumps(body).encode()), store or {})
+    return send(gateway, "/v1/responses", body, store or {}, key="k1")
 
 
 def test_a_chat_backend_gets_the_summary_request_and_the_client_one_sealed_item(gateway):

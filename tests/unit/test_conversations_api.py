@@ -9,26 +9,13 @@ import pytest
 
 from extproc.config import parse_config
 from extproc.errors import GatewayError
-from extproc.exchange import Action, Exchange, Lookup
+from extproc.exchange import Exchange
 from extproc.exchange.paths import allowed_methods, check_request_line
 from extproc.routing.gateway import Gateway
 from extproc.state.conversations import Record, conversation_key
 
+from .exchanges import Store, send
 from .test_state_flow import CFG
-
-
-class Store(dict):
-    """What the shell does: reads the keys a Lookup names, applies an answer's writes."""
-
-    def run(self, step) -> Action:
-        while isinstance(step, Lookup):
-            step = step.then([self.get(k) for k in step.keys])
-        for key, value in step.writes:
-            if value is None:
-                self.pop(key, None)
-            else:
-                self[key] = value
-        return step
 
 
 @pytest.fixture
@@ -38,13 +25,8 @@ def gateway():
 
 def call(gateway, store: Store, method: str, path: str, body: dict | None = None, key: str = "k1") -> tuple[int, dict]:
     """One request through a fresh exchange; the sidecar's own answer (status, JSON) or its error."""
-    ex = Exchange(gateway)
-    headers = {":method": method, ":path": path, "content-type": "application/json", "authorization": f"Bearer {key}"}
     try:
-        step = ex.request_headers(headers, body is None)
-        if body is not None:
-            step = ex.request_body(json.dumps(body).encode())
-        act = store.run(step)
+        _, act = send(gateway, path, body, store, method, key)
     except GatewayError as e:
         return e.status, json.loads(e.body())
     assert act.immediate is not None and act.done

@@ -11,12 +11,12 @@ import pytest
 
 from extproc.config import ConfigError, parse_config
 from extproc.errors import GatewayError
-from extproc.exchange import STREAMED, Action, Exchange
+from extproc.exchange import STREAMED
 from extproc.routing.gateway import Gateway
 from extproc.routing.key_paths import key_allowed
 from extproc.state.records import Pin
 
-from .test_conversations_api import Store
+from .exchanges import Store, endpoint, send
 
 CFG = """
 usage_accounting: translated  # so that pinning alone decides which phases are asked for
@@ -43,29 +43,14 @@ def gateway() -> Gateway:
     return Gateway(parse_config(CFG, env={}))
 
 
-def send(gateway: Gateway, store: Store, method: str, path: str, body: dict | None = None,
-         key: str = "k1") -> tuple[Exchange, Action]:
-    ex = Exchange(gateway)
-    headers = {":method": method, ":path": path, "content-type": "application/json", "authorization": f"Bearer {key}"}
-    step = ex.request_headers(headers, body is None)
-    if body is not None:
-        step = ex.request_body(json.dumps(body).encode())
-    return ex, store.run(step)
-
-
-def routed_to(act: Action) -> str:
-    assert act.immediate is None
-    return dict(act.set_headers)["x-gateway-destination-endpoint"]
-
-
 def tenant_of(gateway: Gateway, key: str) -> str:
     return gateway.tenants.tenant_of({"authorization": f"Bearer {key}"})
 
 
 def test_a_create_call_goes_to_the_holder_and_its_id_is_pinned_for_the_tenant(gateway):
     store = Store()
-    ex, act = send(gateway, store, "POST", "/v1/conversations", {"metadata": {"topic": "x"}})
-    where = routed_to(act)
+    ex, act = send(gateway, "/v1/conversations", {"metadata": {"topic": "x"}}, store, key="k1")
+    where = endpoint(act)
     assert where in {"10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"} and act.body is None  # the bytes untouched
     assert not act.done  # the answer's id is needed
     assert ex.response_headers({":status": "200", "content-type": "application/json"}).response_body_mode == STREAMED
@@ -78,7 +63,7 @@ def test_a_create_call_goes_to_the_holder_and_its_id_is_pinned_for_the_tenant(ga
 
 def test_a_failed_create_pins_nothing(gateway):
     store = Store()
-    ex, _ = send(gateway, store, "POST", "/v1/conversations", {})
+    ex, _ = send(gateway, "/v1/conversations", {}, store, key="k1")
     act = ex.response_headers({":status": "400", "content-type": "application/json"})
     assert act.done and act.writes == [] and store == {}
 
@@ -94,8 +79,8 @@ def test_a_failed_create_pins_nothing(gateway):
 ])
 def test_every_call_on_a_pinned_id_passes_through_to_its_instance(gateway, method, path, body):
     store = Store({f"convpin:{tenant_of(gateway, 'k1')}:conv_abc": PIN.dumps()})
-    ex, act = send(gateway, store, method, path, body)
-    assert routed_to(act) == "10.0.0.2:80" and act.body is None and ex.pin_decision == "pin_hit"
+    ex, act = send(gateway, path, body, store, method, key="k1")
+    assert endpoint(act) == "10.0.0.2:80" and act.body is None and ex.pin_decision == "pin_hit"
     assert ":path" not in dict(act.set_headers)  # the path (and its query) as the client sent it
     act = ex.response_headers({":status": "503", "content-type": "text/plain"})  # Envoy: the instance is gone
     explained = json.loads(ex.response_body(b"upstream connect error or disconnect/reset before headers", True).body)
@@ -125,7 +110,7 @@ def test_another_tenant_or_an_unknown_id_is_a_404_that_reaches_no_backend(gatewa
                                ("POST", f"/v1/conversations/{cid}/items", {"items": [{"role": "user", "content": "x"}]}),
                                ("POST", "/v1/responses", {"model": "gpt-oss-1", "input": "x", "conversation": cid})]:
         with pytest.raises(GatewayError) as e:
-            send(gateway, store, method, path, body, key="k2")
+            send(gateway, path, body, store, method, key="k2")
         assert (e.value.status, e.value.code) == (404, "conversation_not_found")
 
 
@@ -133,8 +118,8 @@ def test_another_tenant_or_an_unknown_id_is_a_404_that_reaches_no_backend(gatewa
 def test_a_turn_in_a_pinned_conversation_passes_through_to_its_instance(gateway, conversation):
     store = Store({f"convpin:{tenant_of(gateway, 'k1')}:conv_abc": PIN.dumps()})
     body = {"model": "gpt-oss-1", "input": "x", "conversation": conversation, "prompt_cache_key": "anything"}
-    ex, act = send(gateway, store, "POST", "/v1/responses", body)
-    assert routed_to(act) == "10.0.0.2:80" and act.body is None  # `conversation` reaches the backend as sent
+    ex, act = send(gateway, "/v1/responses", body, store, key="k1")
+    assert endpoint(act) == "10.0.0.2:80" and act.body is None  # `conversation` reaches the backend as sent
     ex.response_headers({":status": "200", "content-type": "application/json"})
     act = store.run(ex.response_body(b'{"id":"resp_1","object":"response","status":"completed","output":[]}', True))
     assert [k for k, _ in act.writes] == [f"pin:{tenant_of(gateway, 'k1')}:resp_1", "owner:resp_1"]
@@ -145,14 +130,14 @@ def test_a_turn_in_a_pinned_conversation_passes_through_to_its_instance(gateway,
 def test_a_model_of_another_backend_cannot_continue_a_pinned_conversation(gateway, model):
     store = Store({f"convpin:{tenant_of(gateway, 'k1')}:conv_abc": PIN.dumps()})
     with pytest.raises(GatewayError) as e:
-        send(gateway, store, "POST", "/v1/responses", {"model": model, "input": "x", "conversation": "conv_abc"})
+        send(gateway, "/v1/responses", {"model": model, "input": "x", "conversation": "conv_abc"}, store, key="k1")
     assert (e.value.status, e.value.param) == (400, "conversation") and "'resp'" in e.value.message
 
 
 def test_a_pin_whose_instance_left_the_config_is_explained(gateway):
     store = Store({f"convpin:{tenant_of(gateway, 'k1')}:conv_abc": Pin("resp", "10.0.0.9:80").dumps()})
     with pytest.raises(GatewayError) as e:
-        send(gateway, store, "GET", "/v1/conversations/conv_abc")
+        send(gateway, "/v1/conversations/conv_abc", None, store, "GET", key="k1")
     assert (e.value.status, e.value.code) == (409, "pinned_backend_gone") and "10.0.0.9:80" in e.value.message
 
 
@@ -161,7 +146,7 @@ def test_a_conversation_the_sidecar_holds_is_still_its_own(gateway):
     tenant = tenant_of(gateway, "k1")
     store = Store({f"conv:{tenant}:conv_old": json.dumps({"id": "conv_old", "created_at": 1, "metadata": {},
                                                            "items": []}).encode()})
-    _, act = send(gateway, store, "GET", "/v1/conversations/conv_old")
+    _, act = send(gateway, "/v1/conversations/conv_old", None, store, "GET", key="k1")
     assert act.immediate is not None and json.loads(act.immediate[1])["id"] == "conv_old"
 
 

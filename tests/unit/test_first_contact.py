@@ -11,7 +11,8 @@ from extproc.config import parse_config
 from extproc.exchange import BUFFERED, Exchange
 from extproc.exchange.first_contact import FirstContact, first_attempt_key
 from extproc.routing.gateway import Gateway
-from extproc.state.lookup import Lookup
+
+from .exchanges import answered
 
 CFG = """
 backends:
@@ -31,18 +32,12 @@ def upstream_headers(attempt: int, **extra: str) -> dict[str, str]:
             "x-gateway-first-contact": "tenant-a", **extra}
 
 
-def resolve(step, store: dict[str, bytes]):
-    while isinstance(step, Lookup):
-        step = step.then([store.get(k) for k in step.keys])
-    return step
-
-
 def probe(gateway: Gateway, status: int, body: bytes, store: dict[str, bytes]):
     fc = FirstContact(gateway)
-    act = resolve(fc.request_headers(upstream_headers(1), False), store)
+    act = answered(fc.request_headers(upstream_headers(1), False), store)
     assert set(act.remove_headers) == {"x-gateway-first-contact", "x-gateway-backend", "x-gateway-cluster",
                                        "x-gateway-destination-endpoint"}  # never sent to the backend
-    assert resolve(fc.request_body(json.dumps(CHAT_BODY).encode()), store).body is None
+    assert answered(fc.request_body(json.dumps(CHAT_BODY).encode()), store).body is None
     head = fc.response_headers({":status": str(status), "content-type": "application/json"})
     if head.done:
         return head
@@ -80,9 +75,9 @@ def test_the_retry_is_translated_for_the_callers_tenant_and_its_failure_names_bo
     headers = upstream_headers(2)
     for h in ("x-gateway-first-contact", "x-gateway-backend"):  # attempt 1 removed them from the request Envoy retries
         del headers[h]
-    act = resolve(fc.request_headers(headers, False), store)
+    act = answered(fc.request_headers(headers, False), store)
     assert "x-gateway-first-contact" in act.remove_headers
-    act = resolve(fc.request_body(json.dumps(CHAT_BODY).encode()), store)
+    act = answered(fc.request_body(json.dumps(CHAT_BODY).encode()), store)
     sent = dict(act.set_headers)
     assert sent[":path"] == "/proxy/v1/responses" and not act.clear_route_cache
     assert orjson.loads(act.body)["input"][0]["content"] == "hi"
@@ -97,12 +92,33 @@ def test_the_retry_is_translated_for_the_callers_tenant_and_its_failure_names_bo
                               "answered 422: input too long")
 
 
+@pytest.mark.parametrize("record", ["older", "lost"])
+def test_a_retry_whose_record_names_no_backend_still_takes_the_prefix_off_and_puts_it_back(record):
+    """An older replica's record has no `backend`, a failed write none at all: the retry finds the client's
+    path under a configured prefix, and the exchange, which resolves the backend itself, sends it prefixed."""
+    other = '  - {name: other, api: auto, models: ["o-*"], endpoints: ["127.0.0.1:8003"], path_prefix: /other}\n'
+    gw, store = Gateway(parse_config(CFG + other, env={})), {}
+    probe(gw, 400, REJECTION, store)  # learned here, so known to this replica even when the write is lost
+    key = first_attempt_key("rid-1")
+    if record == "older":
+        store[key] = orjson.dumps({k: v for k, v in json.loads(store[key]).items() if k != "backend"})
+    else:
+        del store[key], store["mode:mixed:m-1"]
+    fc = FirstContact(gw)
+    headers = {k: v for k, v in upstream_headers(2).items() if k not in ("x-gateway-first-contact", "x-gateway-backend")}
+    head = answered(fc.request_headers(headers, False), store)
+    assert head.immediate is None  # not answered at the headers
+    act = answered(fc.request_body(json.dumps(CHAT_BODY).encode()), store)
+    assert dict(act.set_headers)[":path"] == "/proxy/v1/responses"
+    assert orjson.loads(act.body)["input"][0]["content"] == "hi"
+
+
 def test_the_client_side_exchange_marks_first_contacts_and_reads_the_retried_answer():
     gw = Gateway(parse_config(CFG, env={}))
     ex = Exchange(gw)
     ex.request_headers({":method": "POST", ":path": "/v1/chat/completions", "content-type": "application/json",
                         "authorization": "Bearer k"}, False)
-    act = resolve(ex.request_body(json.dumps(CHAT_BODY).encode()), {})
+    act = answered(ex.request_body(json.dumps(CHAT_BODY).encode()), {})
     mark = dict(act.set_headers)["x-gateway-first-contact"]
     assert mark == gw.tenants.tenant_of({"authorization": "Bearer k"})
     head = ex.response_headers({":status": "200", "content-type": "application/json",
@@ -117,7 +133,7 @@ def test_a_first_contact_attempt_keeps_the_exchanges_phases():
     fc = FirstContact(Gateway(parse_config(CFG, env={})))
     with pytest.raises(RuntimeError, match="request_body before request_headers"):
         fc.request_body(b"{}")
-    resolve(fc.request_headers(upstream_headers(1), False), {})
+    answered(fc.request_headers(upstream_headers(1), False), {})
     with pytest.raises(RuntimeError, match="response_body in phase request_body"):
         fc.response_body(b"", True)
     with pytest.raises(RuntimeError, match="request_headers twice"):
@@ -137,8 +153,8 @@ INVALID_URL = b'{"error": {"message": "Invalid URL (POST /v1/responses/compact)"
 def compact_probe(gw: Gateway, status: int, body: bytes, store: dict[str, bytes]):
     fc = FirstContact(gw)
     headers = {**upstream_headers(1), ":path": "/v1/responses/compact", "x-gateway-backend": "oai"}
-    resolve(fc.request_headers(headers, False), store)
-    resolve(fc.request_body(json.dumps({"model": "gpt-5", "input": "hi"}).encode()), store)
+    answered(fc.request_headers(headers, False), store)
+    answered(fc.request_body(json.dumps({"model": "gpt-5", "input": "hi"}).encode()), store)
     if fc.response_headers({":status": str(status), "content-type": "application/json"}).done:
         return None
     act = fc.response_body(body, True)
@@ -155,8 +171,8 @@ def test_a_compact_endpoint_missing_becomes_a_retry_as_a_trigger_turn_and_is_lea
     headers = {**upstream_headers(2), ":path": "/v1/responses/compact"}
     for h in ("x-gateway-first-contact", "x-gateway-backend"):
         del headers[h]
-    resolve(fc.request_headers(headers, False), store)
-    act = resolve(fc.request_body(json.dumps({"model": "gpt-5", "input": "hi", "prompt_cache_retention": "24h"}).encode()),
+    answered(fc.request_headers(headers, False), store)
+    act = answered(fc.request_body(json.dumps({"model": "gpt-5", "input": "hi", "prompt_cache_retention": "24h"}).encode()),
                   store)
     assert dict(act.set_headers)[":path"] == "/v1/responses"
     assert orjson.loads(act.body) == {"model": "gpt-5", "store": False,

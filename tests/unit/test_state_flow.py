@@ -8,10 +8,11 @@ import pytest
 
 from extproc.config import parse_config
 from extproc.errors import GatewayError
-from extproc.exchange import STREAMED, Action, Exchange, Lookup
+from extproc.exchange import STREAMED, Exchange, Lookup
 from extproc.routing.gateway import Gateway
 from extproc.state import records as conv
 
+from .exchanges import answered, endpoint, send
 from .ring_reference import owner
 
 CFG = """
@@ -41,26 +42,6 @@ def test_ring_homes_are_the_reference_placements():
 @pytest.fixture
 def gateway():
     return Gateway(parse_config(CFG, env={}))
-
-
-def run(step, store: dict[str, bytes] | None) -> Action:
-    """What the gRPC shell does with a Lookup; None as the store means it is down."""
-    while isinstance(step, Lookup):
-        step = step.then(None if store is None else [store.get(k) for k in step.keys])
-    return step
-
-
-def send(gateway, path: str, body: dict | None, store, method: str = "POST") -> tuple[Exchange, Action]:
-    ex = Exchange(gateway)
-    headers = {":method": method, ":path": path, "content-type": "application/json"}
-    step = ex.request_headers(headers, body is None)
-    if body is not None:
-        step = ex.request_body(json.dumps(body).encode())
-    return ex, run(step, store)
-
-
-def endpoint(act: Action) -> str:
-    return dict(act.set_headers)["x-gateway-destination-endpoint"]
 
 
 def test_reply_id_is_pinned_from_the_first_chunk_only(gateway):
@@ -153,7 +134,7 @@ def test_chat_backend_rebuilds_the_chain_in_two_lookups(gateway):
     assert isinstance(step, Lookup) and step.keys == ("turn:anonymous:r2", "pin:anonymous:r2", "owner:r2")
     step = step.then([store.get(k) for k in step.keys])
     assert isinstance(step, Lookup) and step.keys == ("turn:anonymous:r1",)  # all ancestors at once
-    act = run(step, store)
+    act = answered(step, store)
     sent = json.loads(act.body)["messages"]
     assert [(m["role"], m["content"]) for m in sent] == [
         ("system", "be brief"), ("user", "my name is Zed"), ("assistant", "hi Zed"), ("user", "and you?"),

@@ -97,7 +97,7 @@ def test_a_delete_the_backend_answers_with_success_removes_the_pin(gateway, path
     pin = f"convpin:{tenant_of(gateway, 'k1')}:conv_abc"
     store = Store({pin: PIN.dumps()})
     ex, act = send(gateway, store, "DELETE", path)
-    assert routed_to(act) == "10.0.0.2:80"
+    assert endpoint(act) == "10.0.0.2:80"
     act = store.run(ex.response_headers({":status": status, "content-type": "application/json"}))
     assert act.writes == ([(pin, None)] if forgotten else [])
     assert (pin in store) is not forgotten

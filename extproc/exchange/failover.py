@@ -48,6 +48,7 @@ from extproc.errors import GatewayError
 from extproc.exchange.actions import BUFFERED, Action, Step
 from extproc.exchange.paths import INPUT_TOKENS
 from extproc.exchange.phases import Phase
+from extproc.exchange.upstream import UpstreamStream
 from extproc.routing.failover import Attempt, Transport, Verdict, all_failed_error
 from extproc.routing.gateway import Target, placement_key
 from extproc.routing.group_routes import carried, first_on, group_cluster
@@ -162,7 +163,7 @@ def _answered(ex: Exchange, headers: dict[str, str], end_of_stream: bool) -> Act
     return Action(done=True) if ex.phase is Phase.DONE else ex.response_headers(headers, end_of_stream)
 
 
-class GroupAttempt:
+class GroupAttempt(UpstreamStream):
     """One upstream-filter stream: attempt n of a grouped request, on the member Envoy chose. The shell
     drives it like an `Exchange`, gives it the attempt's host (`host`), and afterwards reads `attempts`
     (each one it saw or inferred: metrics and health) and `served` (the exchange that answered)."""
@@ -313,17 +314,6 @@ class GroupAttempt:
         return all_failed_error(self.earlier, model if isinstance(model, str) else None)
 
     # -- what the shell reads -----------------------------------------------------------------------
-
-    def metadata(self) -> None:
-        return None
-
-    @property
-    def method(self) -> str:
-        return self.headers.get(":method", "")
-
-    @property
-    def path(self) -> str:
-        return self.headers.get(":path", "")
 
     @property
     def client_api(self) -> str | None:

@@ -45,6 +45,7 @@ from extproc.errors import GatewayError, upstream_error_payload
 from extproc.exchange.actions import BUFFERED, Action, Step, Writes, new_body
 from extproc.exchange.phases import Lifecycle
 from extproc.exchange.plan import ModelFacts, Plan
+from extproc.exchange.upstream import UpstreamStream
 from extproc.routing.gateway import Gateway
 from extproc.routing.hosted import first_contact_ready
 from extproc.routing.modes import compact_missing, rejection_needs
@@ -249,7 +250,7 @@ def _in_upstream_after(step: Step) -> Decision[Action]:
     return _in_upstream((yield from awaited(step)))
 
 
-class FirstContact:
+class FirstContact(UpstreamStream):
     """One upstream-filter stream, an attempt of a first-contact request; the shell drives it like an
     `Exchange` (no metrics or access-log metadata of its own: the client-side exchange reports it).
     Each attempt keeps its phases by the exchange's table."""
@@ -280,20 +281,9 @@ class FirstContact:
     def response_body(self, chunk: bytes, end_of_stream: bool) -> Action:
         return self._current("response_body").response_body(chunk, end_of_stream)
 
-    def metadata(self) -> None:
-        return None
-
     @property
     def headers(self) -> dict[str, str]:
         return self.attempt.headers if self.attempt is not None else {}
-
-    @property
-    def method(self) -> str:
-        return self.headers.get(":method", "")
-
-    @property
-    def path(self) -> str:
-        return self.headers.get(":path", "")
 
     @property
     def model(self) -> str | None:

@@ -96,7 +96,7 @@ def test_every_call_on_a_pinned_id_passes_through_to_its_instance(gateway, metho
 def test_a_delete_the_backend_answers_with_success_removes_the_pin(gateway, path, status, forgotten):
     pin = f"convpin:{tenant_of(gateway, 'k1')}:conv_abc"
     store = Store({pin: PIN.dumps()})
-    ex, act = send(gateway, store, "DELETE", path)
+    ex, act = send(gateway, path, None, store, "DELETE", key="k1")
     assert endpoint(act) == "10.0.0.2:80"
     act = store.run(ex.response_headers({":status": status, "content-type": "application/json"}))
     assert act.writes == ([(pin, None)] if forgotten else [])

@@ -162,6 +162,15 @@ def _answered(ex: Exchange, headers: dict[str, str], end_of_stream: bool) -> Act
     return Action(done=True) if ex.phase is Phase.DONE else ex.response_headers(headers, end_of_stream)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Whole:
+    """A success held until its body is whole, while another attempt is left."""
+
+    status: int
+    headers: dict[str, str]
+    reads: bool  # the exchange reads the body (usage, id, the key scrubbed); else it only lets it go
+
+
 class GroupAttempt:
     """One upstream-filter stream: attempt n of a grouped request, on the member Envoy chose. The shell
     drives it like an `Exchange`, gives it the attempt's host (`host`), and afterwards reads `attempts`
@@ -179,7 +188,7 @@ class GroupAttempt:
         self.attempts: list[Attempt] = []  # this attempt's outcome, and earlier ones nobody recorded
         self.earlier: list[Attempt] = []  # every earlier attempt, for the all-failed error
         self.held: dict[str, str] | None = None  # an error's headers, judged with its body
-        self.whole = False  # a success held whole, so that a reset before its end is still a retry
+        self.whole: _Whole | None = None  # a success held whole: a reset before its end is still a retry
         self.served: Exchange | None = None
         self.failure: GatewayError | None = None  # set by the shell when the sidecar answered with an error
 
@@ -257,11 +266,14 @@ class GroupAttempt:
             return Action(response_body_mode=BUFFERED)
         if status >= 400:
             return self._judged(headers, b"")
-        self._served(status, headers)
         act = _answered(ex, headers, end_of_stream)
-        if not self.last and not end_of_stream and not ex.stream and act.response_body_mode is None:
-            self.whole = act.done  # held whole: a reset before its end is then a retry, not a cut answer
+        if not self.last and not end_of_stream and not ex.stream:
+            # Held whole, whatever the exchange does with the body (reads its usage or id, scrubs the key:
+            # STREAMED would let the headers reach the router at once): a reset before its end is then a
+            # retry, not a cut answer, and the attempt has served only once the body is whole.
+            self.whole = _Whole(status, headers, reads=not act.done)
             return dataclasses.replace(act, response_body_mode=BUFFERED, done=False)
+        self._served(status, headers)
         return act
 
     def response_body(self, chunk: bytes, end_of_stream: bool) -> Action:
@@ -270,8 +282,11 @@ class GroupAttempt:
         if self.held is not None:
             headers, self.held = self.held, None
             return self._judged(headers, chunk)
-        if self.whole:
-            return Action(done=True)
+        whole, self.whole = self.whole, None
+        if whole is not None:  # Envoy buffered it: this is the whole body
+            self._served(whole.status, whole.headers)
+            if not whole.reads:
+                return Action(done=True)
         return ex.response_body(chunk, end_of_stream)
 
     def _judged(self, headers: dict[str, str], body: bytes) -> Action:

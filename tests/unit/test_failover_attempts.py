@@ -256,6 +256,29 @@ def test_an_attempt_whose_exchange_wants_nothing_of_the_answer_passes_it_as_it_c
     assert act.done and act.body is None and a.served is a.ex
 
 
+def test_a_pass_through_success_is_held_whole_and_serves_only_once_its_body_is_whole():
+    """A chat client on the keyed chat member: its exchange reads the answer as it passes (the key
+    scrubbed). Held BUFFERED all the same, so its headers reach Envoy's router only with the body: a
+    reset in between is a retry, and an attempt reset there has served nothing."""
+    gw, store = gateway(), {}
+    chat = {**CLIENT, ":path": "/v1/chat/completions"}
+    body = {"model": "g", "messages": [{"role": "user", "content": "hi"}]}
+    ex = Exchange(gw)
+    resolve(ex.request_headers(dict(chat), False), store)
+    act = resolve(ex.request_body(json.dumps(body).encode()), store)
+    headers = {**chat, "x-gateway-failover": dict(act.set_headers)["x-gateway-failover"]}
+    reset = attempt(gw, store, headers, 1, "10.0.0.1:8000", body)
+    held = reset.response_headers({":status": "200", "content-type": "application/json", "content-length": "512"})
+    assert held.response_body_mode == BUFFERED and not held.done
+    assert reset.attempts == [] and reset.served is None  # reset now: nobody served, the next attempt says so
+    served = attempt(gw, store, headers, 1, "10.0.0.1:8000", body)
+    served.response_headers({":status": "200", "content-type": "application/json"})
+    answer = json.dumps({**COMPLETION, "model": "g"}).encode()
+    out = served.response_body(answer, True)
+    assert out.done and (out.body is None or out.body == answer)  # passed on untouched
+    assert [(a.backend, a.outcome) for a in served.attempts] == [("keyed-chat", "ok")] and served.served is served.ex
+
+
 def test_a_lost_record_is_a_502_not_a_guess():
     gw, store = gateway(), {}
     headers = hand_over(gw, store)

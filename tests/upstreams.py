@@ -59,7 +59,8 @@ class Reply:
     error: tuple[int, Any] | None = None  # (status, JSON body) instead of an answer
     cut: bool = False  # a stream that stops before its finish
     # With cut: the connection drops instead, without the last chunk (a crashed provider), once this is set
-    # (the test sets it when its client has seen the stream start; at most 30 s).
+    # (the test sets it when its client has seen the stream start; at most 30 s). With reset: the headers
+    # are sent, and the connection drops once this is set.
     drop: threading.Event | None = None
     usage: bool = True
     gzip: bool = False  # compress the answer even though the request asked for identity
@@ -197,13 +198,16 @@ class _Handler(JSONHandler):
             super().send_chunk(self.gz.flush())
         super().end_chunks()
 
-    def send_reset(self, stream: bool) -> None:
-        """A 200's headers (a stream's, or a JSON answer's with its length), then the connection drops."""
+    def send_reset(self, stream: bool, drop: threading.Event | None = None) -> None:
+        """A 200's headers (a stream's, or a JSON answer's with its length), then the connection drops
+        (once `drop` is set, when given)."""
         self.send_response(200)
         self.send_header("content-type", "text/event-stream" if stream else "application/json")
         self.send_header("transfer-encoding" if stream else "content-length", "chunked" if stream else "512")
         self.end_headers()
         self.wfile.flush()
+        if drop is not None:
+            drop.wait(timeout=30)
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)
 
@@ -264,7 +268,7 @@ class _ChatHandler(_Handler):
             self.send_json(*reply.error, reply.headers)
             return
         if reply.reset:
-            self.send_reset(bool(body.get("stream")))
+            self.send_reset(bool(body.get("stream")), reply.drop)
             return
         if reply.silent is not None:
             self.say_nothing(reply.silent)

@@ -29,12 +29,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.api import api_of
 from extproc.config import ListenTLS, load_config
 from extproc.envoy import xds
-from extproc.envoy.names import FAILOVER_ROLE, FIRST_CONTACT_ROLE, NAMESPACE, ROLE_METADATA, TENANT_HEADER
+from extproc.envoy.names import (
+    FAILOVER_ROLE,
+    FIRST_CONTACT_ROLE,
+    HOLD_ROLE,
+    NAMESPACE,
+    ROLE_METADATA,
+    TENANT_HEADER,
+)
 from extproc.envoy.ratelimit import RateLimits, TenantMeter
 from extproc.envoy.running import GatewayHolder, Sidecar, every, tenant_secret, watch_files, watched_files
 from extproc.errors import GatewayError
 from extproc.exchange import Action, Exchange, Lookup, Step, error_action
-from extproc.exchange.failover import GroupAttempt
+from extproc.exchange.failover import GroupAttempt, Hold
 from extproc.exchange.first_contact import FirstContact
 from extproc.front.background import BackgroundRuns
 from extproc.front.follow import Follower
@@ -179,6 +186,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
         # An upstream filter (of first-contact requests, of a model group's attempts) names itself in the
         # stream's metadata.
         role = next((v for k, v in context.invocation_metadata() or () if k == ROLE_METADATA), None)
+        if role == HOLD_ROLE:
+            return await self._hold(context)
         gw = self.holder.gateway
         ex = FirstContact(gw) if role == FIRST_CONTACT_ROLE else GroupAttempt(gw) if role == FAILOVER_ROLE \
             else Exchange(gw, envoy_counts=True)
@@ -209,6 +218,16 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
                 self._record(ex, timer)  # client-side exchange, a grouped request by its attempts
             elif isinstance(ex, GroupAttempt):
                 self._record_attempts(ex, timer)
+
+    async def _hold(self, context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse]) -> None:
+        """A grouped attempt's hold filter (`Hold`): each message answered as it is, a stream's headers
+        only once its first chunk came."""
+        hold = Hold()
+        while not hold.done and (req := await context.read()) is not grpc.aio.EOF:
+            kind = req.WhichOneof("request")
+            headers = _headers(req.response_headers.headers) if kind == "response_headers" else {}
+            for due in hold.message(kind, headers, req.response_headers.end_of_stream):
+                await context.write(_CONTINUE[due])
 
     def _record(self, ex: Exchange, timer: ExchangeTimer) -> None:
         record(ex, self.metrics, timer, self.holder.gateway.classifier.label_for)

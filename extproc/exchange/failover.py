@@ -15,7 +15,9 @@ each attempt (`Attempt`, picked by the shell for role `failover`):
 - an answer is judged before any byte of it reaches the client (`routing.failover.judge`): an error
   body is read whole first, and a non-streamed success is held whole too, so a reset before its body
   ended is still a retry; a failed-over answer is recorded and marked `x-gateway-retry` (Envoy drops it
-  and retries), a final one goes to the exchange's handler as any answer would;
+  and retries), a final one goes to the exchange's handler as any answer would; a stream's headers
+  reach the attempt only with its first chunk (`Hold`, the group cluster's second upstream filter), so
+  a reset before it is a retry too;
 - the last attempt (`failover.max_attempts`, the members, or `deadline_seconds` after the start), when
   it fails too, answers with one error naming every attempt (`all_failed_error`): attempts that got no
   answer at all (a refused connection never reaches the processor; a reset ends its stream) are named by
@@ -163,6 +165,15 @@ def _answered(ex: Exchange, headers: dict[str, str], end_of_stream: bool) -> Act
     return Action(done=True) if ex.phase is Phase.DONE else ex.response_headers(headers, end_of_stream)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Whole:
+    """A success held until its body is whole, while another attempt is left."""
+
+    status: int
+    headers: dict[str, str]
+    reads: bool  # the exchange reads the body (usage, id, the key scrubbed); else it only lets it go
+
+
 class GroupAttempt(UpstreamStream):
     """One upstream-filter stream: attempt n of a grouped request, on the member Envoy chose. The shell
     drives it like an `Exchange`, gives it the attempt's host (`host`), and afterwards reads `attempts`
@@ -180,7 +191,7 @@ class GroupAttempt(UpstreamStream):
         self.attempts: list[Attempt] = []  # this attempt's outcome, and earlier ones nobody recorded
         self.earlier: list[Attempt] = []  # every earlier attempt, for the all-failed error
         self.held: dict[str, str] | None = None  # an error's headers, judged with its body
-        self.whole = False  # a success held whole, so that a reset before its end is still a retry
+        self.whole: _Whole | None = None  # a success held whole: a reset before its end is still a retry
         self.served: Exchange | None = None
         self.failure: GatewayError | None = None  # set by the shell when the sidecar answered with an error
 
@@ -258,11 +269,14 @@ class GroupAttempt(UpstreamStream):
             return Action(response_body_mode=BUFFERED)
         if status >= 400:
             return self._judged(headers, b"")
-        self._served(status, headers)
         act = _answered(ex, headers, end_of_stream)
-        if not self.last and not end_of_stream and not ex.stream and act.response_body_mode is None:
-            self.whole = act.done  # held whole: a reset before its end is then a retry, not a cut answer
+        if not self.last and not end_of_stream and not ex.stream:
+            # Held whole, whatever the exchange does with the body (reads its usage or id, scrubs the key:
+            # STREAMED would let the headers reach the router at once): a reset before its end is then a
+            # retry, not a cut answer, and the attempt has served only once the body is whole.
+            self.whole = _Whole(status, headers, reads=not act.done)
             return dataclasses.replace(act, response_body_mode=BUFFERED, done=False)
+        self._served(status, headers)
         return act
 
     def response_body(self, chunk: bytes, end_of_stream: bool) -> Action:
@@ -271,8 +285,11 @@ class GroupAttempt(UpstreamStream):
         if self.held is not None:
             headers, self.held = self.held, None
             return self._judged(headers, chunk)
-        if self.whole:
-            return Action(done=True)
+        whole, self.whole = self.whole, None
+        if whole is not None:  # Envoy buffered it: this is the whole body
+            self._served(whole.status, whole.headers)
+            if not whole.reads:
+                return Action(done=True)
         return ex.response_body(chunk, end_of_stream)
 
     def _judged(self, headers: dict[str, str], body: bytes) -> Action:
@@ -322,3 +339,22 @@ class GroupAttempt(UpstreamStream):
     @property
     def model(self) -> str | None:
         return self.ex.model if self.ex is not None else None
+
+
+class Hold:
+    """The hold filter's stream on one attempt (`group_routes._holder`): the member's response headers,
+    when they start a stream, answered only with its first chunk, so that a reset before any body byte
+    is still a retry. `message` names the replies (each "go on as it is") due after each message, in
+    order; `done` once nothing more is held (the stream is then closed: Envoy passes the rest alone)."""
+
+    def __init__(self) -> None:
+        self.held: list[str] = []
+        self.done = False
+
+    def message(self, kind: str, headers: dict[str, str], end_of_stream: bool) -> list[str]:
+        if kind == "response_headers" and not end_of_stream and \
+                headers.get("content-type", "").startswith("text/event-stream"):
+            self.held = [kind]
+            return []
+        self.done = True
+        return [*self.held, kind]

@@ -16,6 +16,8 @@ Why this shape (measured against Envoy 1.40, docs/configuration.md "How failover
 - The processor is the cluster's upstream filter (role `failover`), once per attempt: it learns the
   member from the attempt's host (`upstream.address`), and runs the request through an ordinary
   exchange for that member, translated when it speaks another API (exchange/failover.py).
+- Below it the processor once more (role `hold`, `_holder`): Envoy's router retries no reset once an
+  attempt's headers reached it, so a stream's headers are let through only with its first chunk.
 - Within a member Envoy picks the instance round robin. Not a ring hash: Envoy's ring hash (and
   maglev) balancers ignore the retry's priority load, so every retry went back to the first member
   (measured); prefix-cache placement within a member is the price, for grouped models only.
@@ -33,6 +35,7 @@ from collections.abc import Iterable
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
@@ -41,7 +44,7 @@ from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from extproc.config import Backend, Config
-from extproc.envoy.names import FAILOVER_ROLE, H_BACKEND, H_CLUSTER, H_FAILOVER, H_RETRY
+from extproc.envoy.names import FAILOVER_ROLE, H_BACKEND, H_CLUSTER, H_FAILOVER, H_RETRY, HOLD_ROLE
 from extproc.routing.groups import groups
 from extproc.routing.hosted import PROTOCOL_OPTIONS, lb_endpoint, upstream_processor
 
@@ -174,6 +177,7 @@ def _cluster(config: Config, members: tuple[Backend, ...], fast: bool = False) -
         enforcing_success_rate=wrappers_pb2.UInt32Value(value=0))
     options = hpo.HttpProtocolOptions(http_filters=[] if fast else [
         upstream_processor(FAILOVER_ROLE, (ADDRESS_ATTRIBUTE,)),
+        _holder(config),
         # Upstream filters change the one header map every attempt is sent from (the processor restores
         # the client's headers before each attempt: exchange/failover.py).
         _http_filter("envoy.filters.http.upstream_codec", upstream_codec_pb2.UpstreamCodec())])
@@ -186,6 +190,31 @@ def _cluster(config: Config, members: tuple[Backend, ...], fast: bool = False) -
                 lb_endpoint(e.address, e.weight) for e in b.endpoints]) for i, b in enumerate(members)]))
     cluster.typed_extension_protocol_options[PROTOCOL_OPTIONS].CopyFrom(_any(options))
     return cluster
+
+
+def _holder(config: Config) -> hcm.HttpFilter:
+    """The processor once more, below the attempt's own (so it sees the member's answer as it came): it
+    answers a stream's response headers only once the stream's first chunk came, so the headers reach
+    the router, which retries no reset after them (`downstream_response_started_`), only with a body
+    byte behind them. Envoy sends it that chunk before its headers are answered
+    (`send_body_without_waiting_for_header_response`); it then closes its stream, and Envoy passes the
+    rest on alone. Its wait is ended by the attempt's per-try timeout first (a member that sends headers
+    and then nothing is given up on); were the sidecar to fail, the answer would pass as it is."""
+    filt = upstream_processor(HOLD_ROLE)
+    proc = ext_proc_pb2.ExternalProcessor()
+    filt.typed_config.Unpack(proc)
+    mode = processing_mode_pb2.ProcessingMode
+    proc.processing_mode.CopyFrom(mode(request_header_mode=mode.SKIP, response_header_mode=mode.SEND,
+                                       response_body_mode=mode.STREAMED))
+    proc.send_body_without_waiting_for_header_response = True
+    proc.stat_prefix = HOLD_ROLE
+    proc.allow_mode_override = False
+    proc.failure_mode_allow = True
+    proc.message_timeout.CopyFrom(duration_pb2.Duration(seconds=config.failover.attempt_timeout + 5))
+    proc.ClearField("request_attributes")
+    proc.ClearField("mutation_rules")
+    filt.typed_config.Pack(proc)
+    return filt
 
 
 def _http_filter(name: str, config: object) -> hcm.HttpFilter:

@@ -6,10 +6,12 @@ import json
 
 import orjson
 import pytest
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
 
 from extproc.config import parse_config
 from extproc.exchange import BUFFERED, Exchange
-from extproc.exchange.failover import GroupAttempt, attempt_key, record_key
+from extproc.exchange.failover import GroupAttempt, Hold, attempt_key, record_key
 from extproc.routing import group_routes
 from extproc.routing.compile import compile_routes
 from extproc.routing.gateway import Gateway
@@ -256,6 +258,29 @@ def test_an_attempt_whose_exchange_wants_nothing_of_the_answer_passes_it_as_it_c
     assert act.done and act.body is None and a.served is a.ex
 
 
+def test_a_pass_through_success_is_held_whole_and_serves_only_once_its_body_is_whole():
+    """A chat client on the keyed chat member: its exchange reads the answer as it passes (the key
+    scrubbed). Held BUFFERED all the same, so its headers reach Envoy's router only with the body: a
+    reset in between is a retry, and an attempt reset there has served nothing."""
+    gw, store = gateway(), {}
+    chat = {**CLIENT, ":path": "/v1/chat/completions"}
+    body = {"model": "g", "messages": [{"role": "user", "content": "hi"}]}
+    ex = Exchange(gw)
+    resolve(ex.request_headers(dict(chat), False), store)
+    act = resolve(ex.request_body(json.dumps(body).encode()), store)
+    headers = {**chat, "x-gateway-failover": dict(act.set_headers)["x-gateway-failover"]}
+    reset = attempt(gw, store, headers, 1, "10.0.0.1:8000", body)
+    held = reset.response_headers({":status": "200", "content-type": "application/json", "content-length": "512"})
+    assert held.response_body_mode == BUFFERED and not held.done
+    assert reset.attempts == [] and reset.served is None  # reset now: nobody served, the next attempt says so
+    served = attempt(gw, store, headers, 1, "10.0.0.1:8000", body)
+    served.response_headers({":status": "200", "content-type": "application/json"})
+    answer = json.dumps({**COMPLETION, "model": "g"}).encode()
+    out = served.response_body(answer, True)
+    assert out.done and (out.body is None or out.body == answer)  # passed on untouched
+    assert [(a.backend, a.outcome) for a in served.attempts] == [("keyed-chat", "ok")] and served.served is served.ex
+
+
 def test_a_lost_record_is_a_502_not_a_guess():
     gw, store = gateway(), {}
     headers = hand_over(gw, store)
@@ -299,6 +324,36 @@ def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_b
     assert any("h" in names(r) for r in fast)  # a group with a `url:` member is not carried: as before
     chat, resp = gw.config.backends[:2]
     assert group_routes.member_lists(gw.config) == [(chat, resp), (resp, chat)]
+
+
+def test_a_group_cluster_holds_a_streams_headers_until_its_first_chunk():
+    """Below the attempt's processor, a second one that Envoy sends the body without waiting for the
+    headers' answer; the sidecar answers a stream's headers only with its first chunk, then lets go."""
+    gw = gateway()
+    (cluster,) = [c for c in compile_routes(gw.config, Knowledge(), {}).clusters if c.name == "group.keyed-chat.resp"]
+    options = hpo.HttpProtocolOptions()
+    cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Unpack(options)
+    procs = []
+    for f in options.http_filters:
+        if f.name == "envoy.filters.http.ext_proc":
+            procs.append(ext_proc_pb2.ExternalProcessor())
+            f.typed_config.Unpack(procs[-1])
+    assert [f.name for f in options.http_filters][-1] == "envoy.filters.http.upstream_codec"
+    attempt_proc, hold = procs  # the attempt's first: the hold sees the member's answer before it
+    assert [m.value for m in attempt_proc.grpc_service.initial_metadata] == ["failover"]
+    assert [m.value for m in hold.grpc_service.initial_metadata] == ["hold"]
+    mode = processing_mode_pb2.ProcessingMode
+    assert (hold.processing_mode.request_header_mode, hold.processing_mode.response_body_mode) == (mode.SKIP, mode.STREAMED)
+    assert hold.send_body_without_waiting_for_header_response and hold.failure_mode_allow
+    assert hold.message_timeout.seconds > gw.config.failover.attempt_timeout  # the per-try timeout ends a wait first
+
+    stream = {":status": "200", "content-type": "text/event-stream; charset=utf-8"}
+    h = Hold()
+    assert h.message("response_headers", stream, False) == [] and not h.done  # held
+    assert h.message("response_body", {}, False) == ["response_headers", "response_body"] and h.done
+    for headers, end in (({":status": "200", "content-type": "application/json"}, False), (stream, True)):
+        h = Hold()  # not a stream, or no body at all: nothing to hold
+        assert h.message("response_headers", headers, end) == ["response_headers"] and h.done
 
 
 def test_a_weighted_groups_fast_route_picks_each_members_order_by_weight():

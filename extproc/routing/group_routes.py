@@ -3,8 +3,9 @@
 Why this shape (measured against Envoy 1.40, docs/configuration.md "How failover is made"):
 
 - Envoy owns the attempts, the buffered body and the retries, as at first contact. Each order of a
-  group's members (`groups.Group.backends`, every one an `endpoints:` backend) that a request can take
-  is one STATIC cluster, `group.A.B`, whose priorities are the members in that order: priority 0 the
+  group's members (`groups.Group.backends`, `endpoints:` or `url:` backends) that a request can take
+  is one cluster, `group.A.B` (STATIC; STRICT_DNS with a `url:` member, whose hosts carry its TLS and
+  name), whose priorities are the members in that order: priority 0 the
   first attempt's instances, 1 the next member's. A request's first attempt is the policy's
   (`groups.attempt_order`: weights by placement key, held-off or ejected members moved back), chosen
   by the processor when it hands the request over; the later ones follow config order (`first_on`), so

@@ -56,6 +56,12 @@ class Hosted:
         """The Azure deployment a model is sent to: its own name unless `deployments` maps it."""
         return dict(self.deployments).get(model, model)
 
+    @property
+    def authority(self) -> str:
+        """The Host header the provider expects: its name, with the port when it is not the scheme's own."""
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
 
 @dataclass(frozen=True)
 class Backend:

@@ -53,7 +53,7 @@ from extproc.ops.metrics import ExchangeTimer, Metrics
 from extproc.ops.record import record
 from extproc.routing.discovery import discover_forever
 from extproc.routing.gateway import Gateway
-from extproc.routing.group_routes import ADDRESS_ATTRIBUTE, member_at
+from extproc.routing.group_routes import ADDRESS_ATTRIBUTE, HOST_METADATA_ATTRIBUTE, member_at, named_member
 from extproc.state.store import Store, StoreUnavailable, open_store
 
 log = logging.getLogger("extproc")
@@ -157,6 +157,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
             if kind == "request_headers":
                 if isinstance(ex, GroupAttempt):  # the instance Envoy chose for this attempt
                     ex.host = _attribute(req, ADDRESS_ATTRIBUTE)
+                    ex.named = named_member(_attribute(req, HOST_METADATA_ATTRIBUTE))
                 step = ex.request_headers(_headers(req.request_headers.headers), req.request_headers.end_of_stream)
             elif kind == "request_body":
                 step = ex.request_body(req.request_body.body)

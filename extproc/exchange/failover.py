@@ -112,8 +112,9 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
         turn = rec.load_turn(values[0]) if values else None
         pin = rec.Pin.loads(values[1]) if values and values[1] and turn is None else None
         holder = next((b for b in group.backends if pin is not None and b.name == pin.backend), None)
-        if pin is not None and holder is not None and pin.endpoint in {e.address for e in holder.endpoints}:
-            side.member = Target(holder, pin.endpoint)
+        if pin is not None and holder is not None and (holder.hosted is not None or
+                                                       pin.endpoint in {e.address for e in holder.endpoints}):
+            side.member = Target(holder, None if holder.hosted is not None else pin.endpoint)
             return None
         served = turn.get("backend") if turn is not None else None
         previous = served if isinstance(served, str) else None
@@ -137,16 +138,18 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
 
 # -- the upstream filter's attempts -----------------------------------------------------------------
 
-def _member(backends: tuple[Backend, ...], host: str) -> Backend | None:
-    """The member Envoy sent this attempt to: the one whose instance it connected to."""
-    return next((b for b in backends if any(e.address == host for e in b.endpoints)), None)
+def _member(backends: tuple[Backend, ...], host: str, named: str) -> Backend | None:
+    """The member Envoy sent this attempt to: the `url:` member its host's metadata names (a provider's
+    addresses are its DNS's), else the one whose instance it connected to."""
+    return next((b for b in backends if b.name == named and b.hosted is not None), None) or \
+        next((b for b in backends if any(e.address == host for e in b.endpoints)), None)
 
 
 def _restored(current: dict[str, str], client: dict[str, str]) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
     """The header changes that give this attempt the client's headers again: what an earlier attempt
     changed set back, what it added removed (Envoy's own x-envoy-* and the attempts' headers stay)."""
     sets = [(k, v) for k, v in client.items() if current.get(k) != v and k != TENANT_HEADER and
-            (not k.startswith(":") or k == ":path")]
+            (not k.startswith(":") or k in (":path", ":authority"))]
     removes = tuple(k for k in current if k not in client and not k.startswith((":", "x-envoy-")) and k not in _OURS)
     return sets, removes
 
@@ -176,12 +179,14 @@ class _Whole:
 
 class GroupAttempt(UpstreamStream):
     """One upstream-filter stream: attempt n of a grouped request, on the member Envoy chose. The shell
-    drives it like an `Exchange`, gives it the attempt's host (`host`), and afterwards reads `attempts`
+    drives it like an `Exchange`, gives it the attempt's host (`host`, and `named`: the member its
+    endpoint metadata names, for a `url:` member), and afterwards reads `attempts`
     (each one it saw or inferred: metrics and health) and `served` (the exchange that answered)."""
 
-    def __init__(self, gw: Gateway, host: str = ""):
+    def __init__(self, gw: Gateway, host: str = "", named: str = ""):
         self.gw = gw
         self.host = host
+        self.named = named
         self.headers: dict[str, str] = {}
         self.ex: Exchange | None = None
         self.member: Backend | None = None
@@ -210,7 +215,7 @@ class GroupAttempt(UpstreamStream):
         self.headers = {**client, **{k: v for k, v in headers.items() if k.startswith("x-envoy-")}}
         model = record.get("model")
         backends = tuple(b for b in map(self.gw.config.backend, record.get("members") or ()) if b is not None)
-        self.member = _member(backends, self.host)
+        self.member = _member(backends, self.host, self.named)
         tries = min(len(backends), self.gw.config.failover.max_attempts)
         self._earlier(values[1:] if values else [], backends)
         late = time.time() - float(record.get("t0", 0)) > self.gw.config.failover.deadline_seconds
@@ -221,7 +226,9 @@ class GroupAttempt(UpstreamStream):
         from extproc.exchange.exchange import Exchange
 
         tenant = record.get("tenant")
-        self.ex = Exchange(self.gw, tenant if isinstance(tenant, str) else None, Target(self.member, self.host))
+        endpoint = None if self.member.hosted is not None else self.host  # a provider's: its cluster's, as off the group
+        self.ex = Exchange(self.gw, tenant if isinstance(tenant, str) else None,
+                           Target(self.member, endpoint, grouped=True))
         act = yield from awaited(self.ex.request_headers(self.headers, end_of_stream))
         sets, removes = _restored(headers, client)
         up = _upstream(act)

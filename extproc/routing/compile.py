@@ -54,7 +54,7 @@ from extproc.routing.catalogue import CATALOGUE
 from extproc.routing.classify import Classifier, Resolution, combine, is_glob
 from extproc.routing.gateway import backend_cluster
 from extproc.routing.groups import group_for
-from extproc.routing.hosted import authority, first_contact_cluster, hosted_clusters, lb_endpoint, secrets
+from extproc.routing.hosted import first_contact_cluster, hosted_clusters, lb_endpoint, secrets
 from extproc.routing.model_name import FAST_PATH_NAME
 from extproc.routing.modes import Knowledge, Learned
 from extproc.routing.needs import Condition, envoy_can, explain, ordered, survey
@@ -283,7 +283,7 @@ def _first_contact_route(config: Config, backend: Backend, cluster: str, retry: 
 def _host(action: rc.RouteAction, backend: Backend) -> None:
     """The Host a cluster backend expects: a provider's own name, or the name of an Envoy cluster's host."""
     if backend.hosted is not None:
-        action.host_rewrite_literal = authority(backend.hosted)
+        action.host_rewrite_literal = backend.hosted.authority
     elif backend.cluster is not None:
         action.auto_host_rewrite.value = True
 
@@ -427,7 +427,10 @@ def _group_when(surveys: _Surveys, classifier: Classifier, members: tuple[Backen
                 learned: dict[tuple[str, str], Learned]) -> When:
     """When a grouped model's requests take the fast path: when they would on every member, under the
     same conditions, and the members' paths agree (one route rewrites them all); else never (the
-    processor's attempts carry them)."""
+    processor's attempts carry them). Never with a `url:` member: its Host and key are put on by the
+    processor, per attempt (routing/group_routes.py)."""
+    if any(b.hosted is not None for b in members):
+        return ()
     whens = {surveys.when(classifier.resolve_on(b, model, learned=learned.get((b.name, model))), client_api,
                           learned.get((b.name, model))) for b in members}
     return whens.pop() if len(whens) == 1 and len({b.path_prefix for b in members}) == 1 else ()

@@ -33,6 +33,14 @@ def backend_cluster(backend: Backend) -> str:
 class Target:
     backend: Backend
     endpoint: str | None  # ip:port for endpoint backends, None for Envoy-cluster backends
+    # An attempt in a model group's cluster (routing/group_routes.py): it sets no provider's Host and
+    # holds no key, so for a `url:` member the processor puts on its Host, its extras and its key.
+    grouped: bool = False
+
+    @property
+    def envoy_adds_key(self) -> bool:
+        """Envoy, not the processor, puts the backend's key on: a `url:` backend's own cluster does."""
+        return envoy_holds_key(self.backend) and not self.grouped
 
     def speaks_messages(self, api: str | None) -> bool:
         """Whether the request goes out on Anthropic's API: `api` is the request's upstream API (a model
@@ -49,7 +57,9 @@ class Target:
             out.append((H_CLUSTER, backend_cluster(self.backend)))
         if self.speaks_messages(api):  # Anthropic's version header (the only version there is)
             out.append(("anthropic-version", ANTHROPIC_VERSION))
-        if not envoy_holds_key(self.backend) and (credential := credential_header(self.backend, api)) is not None:
+        if self.grouped and self.backend.hosted is not None:
+            out += [(":authority", self.backend.hosted.authority), *((k.lower(), v) for k, v in self.backend.hosted.headers)]
+        if not self.envoy_adds_key and (credential := credential_header(self.backend, api)) is not None:
             out.append(credential)
         return out
 
@@ -73,7 +83,7 @@ class Target:
         """The client's credential headers that must not reach a backend the processor adds the key for:
         the ones its own key is not sent in (a Messages backend takes `x-api-key`, the others `authorization`;
         Envoy removes both for the `url:` backends whose key it holds)."""
-        credential = None if envoy_holds_key(self.backend) else credential_header(self.backend, api)
+        credential = None if self.envoy_adds_key else credential_header(self.backend, api)
         if credential is None:
             return ()
         return tuple(h for h in ("authorization", "x-api-key") if h != credential[0])

@@ -3,8 +3,9 @@
 Why this shape (measured against Envoy 1.40, docs/configuration.md "How failover is made"):
 
 - Envoy owns the attempts, the buffered body and the retries, as at first contact. Each order of a
-  group's members (`groups.Group.backends`, every one an `endpoints:` backend) that a request can take
-  is one STATIC cluster, `group.A.B`, whose priorities are the members in that order: priority 0 the
+  group's members (`groups.Group.backends`, `endpoints:` or `url:` backends) that a request can take
+  is one cluster, `group.A.B` (STATIC; STRICT_DNS with a `url:` member, whose hosts carry its TLS and
+  name), whose priorities are the members in that order: priority 0 the
   first attempt's instances, 1 the next member's. A request's first attempt is the policy's
   (`groups.attempt_order`: weights by placement key, held-off or ejected members moved back), chosen
   by the processor when it hands the request over; the later ones follow config order (`first_on`), so
@@ -33,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
@@ -41,15 +43,20 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
 from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, text_format, wrappers_pb2
 
 from extproc.config import Backend, Config
 from extproc.envoy.names import FAILOVER_ROLE, H_BACKEND, H_CLUSTER, H_FAILOVER, H_RETRY, HOLD_ROLE
 from extproc.routing.groups import groups
-from extproc.routing.hosted import PROTOCOL_OPTIONS, lb_endpoint, upstream_processor
+from extproc.routing.hosted import PROTOCOL_OPTIONS, lb_endpoint, tls_socket, upstream_processor
 
-# The CEL attribute the processor reads the attempt's host from (ext_proc `request_attributes`).
+# The CEL attributes the processor reads the attempt's host from (ext_proc `request_attributes`): its
+# address, and its endpoint metadata, which names a `url:` member (its addresses are the provider's).
 ADDRESS_ATTRIBUTE = "upstream.address"
+HOST_METADATA_ATTRIBUTE = "xds.upstream_host_metadata"
+# The endpoint metadata of a `url:` member's hosts: its name, which also picks its TLS (transport_socket_matches).
+MEMBER_METADATA = "envoy.transport_socket_match"
+MEMBER_KEY = "member"
 
 
 def _any(msg: object) -> any_pb2.Any:
@@ -59,19 +66,22 @@ def _any(msg: object) -> any_pb2.Any:
 
 
 def carried(backends: Iterable[Backend]) -> bool:
-    """Whether Envoy can carry this group's attempts: every member a list of instances (`url:` and
-    `cluster:` members are not yet part of a group cluster: their models route to the primary as before)."""
-    return all(b.endpoints for b in backends)
+    """Whether Envoy can carry this group's attempts: every member a list of instances or a `url:`
+    provider (a `cluster:` member is an Envoy cluster the sidecar does not define, so no priority of the
+    group's: its models route to the primary as before)."""
+    return all(b.endpoints or b.hosted is not None for b in backends)
 
 
 def carriage(members: tuple[Backend, ...]) -> str:
     """How Envoy carries a group's attempts, in words, for `check-config` and `extproc resolve`."""
     if not carried(members):
-        kinds = ", ".join(f"{b.name} is a {'url:' if b.hosted is not None else 'cluster:'} backend"
-                          for b in members if not b.endpoints)
+        kinds = ", ".join(f"{b.name} is a cluster: backend" for b in members if not b.endpoints and b.hosted is None)
         return f"not carried ({kinds}): its requests go to the primary {members[0].name} alone, without failover"
     names = ", ".join(group_cluster(first_on(members, b)) for b in members)
-    return f"one cluster per first attempt ({names}), the later attempts in config order"
+    hosted = [b.name for b in members if b.hosted is not None]
+    how = f"; {', '.join(hosted)} by DNS, over its own TLS, with its Host and key put on by the processor " \
+        "(HTTP/1.1; no fast path)" if hosted else ""
+    return f"one cluster per first attempt ({names}), the later attempts in config order{how}"
 
 
 def shared_instances(members: tuple[Backend, ...]) -> dict[str, list[str]]:
@@ -132,8 +142,14 @@ def member_at(config: Config, label: str, address: str) -> str:
 
 
 def clusters(config: Config) -> list[cluster_pb2.Cluster]:
-    """Each group cluster, and its fast-path twin (unused unless a fast route names it)."""
-    return [c for members in member_lists(config) for c in (_cluster(config, members), _cluster(config, members, True))]
+    """Each group cluster, and its fast-path twin (unused unless a fast route names it) where the group can
+    have one: not with a `url:` member, whose Host and key only the processor puts on per attempt."""
+    out = []
+    for members in member_lists(config):
+        out.append(_cluster(config, members))
+        if all(b.hosted is None for b in members):
+            out.append(_cluster(config, members, True))
+    return out
 
 
 def fast_retry(config: Config, members: tuple[Backend, ...]) -> rc.RetryPolicy:
@@ -176,18 +192,23 @@ def _cluster(config: Config, members: tuple[Backend, ...], fast: bool = False) -
         enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
         enforcing_success_rate=wrappers_pb2.UInt32Value(value=0))
     options = hpo.HttpProtocolOptions(http_filters=[] if fast else [
-        upstream_processor(FAILOVER_ROLE, (ADDRESS_ATTRIBUTE,)),
+        upstream_processor(FAILOVER_ROLE, (ADDRESS_ATTRIBUTE, HOST_METADATA_ATTRIBUTE)),
         _holder(config),
         # Upstream filters change the one header map every attempt is sent from (the processor restores
         # the client's headers before each attempt: exchange/failover.py).
         _http_filter("envoy.filters.http.upstream_codec", upstream_codec_pb2.UpstreamCodec())])
     options.explicit_http_config.http_protocol_options.SetInParent()
+    hosted = [b for b in members if b.hosted is not None]
     cluster = cluster_pb2.Cluster(
-        name=name, type=cluster_pb2.Cluster.STATIC, connect_timeout=duration_pb2.Duration(seconds=5),
+        name=name, type=cluster_pb2.Cluster.STRICT_DNS if hosted else cluster_pb2.Cluster.STATIC,
+        dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED, connect_timeout=duration_pb2.Duration(seconds=5),
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN, outlier_detection=eject,
         load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[
-            endpoint_components_pb2.LocalityLbEndpoints(priority=i, lb_endpoints=[
-                lb_endpoint(e.address, e.weight) for e in b.endpoints]) for i, b in enumerate(members)]))
+            endpoint_components_pb2.LocalityLbEndpoints(priority=i, lb_endpoints=_instances(b))
+            for i, b in enumerate(members)]))
+    cluster.transport_socket_matches.extend(  # each provider's own SNI and name check, on its hosts only
+        cluster_pb2.Cluster.TransportSocketMatch(name=b.name, match=_named(b), transport_socket=tls_socket(b.hosted, ("http/1.1",)))
+        for b in hosted if b.hosted is not None and b.hosted.scheme == "https")
     cluster.typed_extension_protocol_options[PROTOCOL_OPTIONS].CopyFrom(_any(options))
     return cluster
 
@@ -215,6 +236,33 @@ def _holder(config: Config) -> hcm.HttpFilter:
     proc.ClearField("mutation_rules")
     filt.typed_config.Pack(proc)
     return filt
+
+
+def named_member(metadata: str) -> str:
+    """The member an attempt's host metadata names (`HOST_METADATA_ATTRIBUTE`: a `url:` member's hosts
+    carry it), or "". Envoy sends a message-valued attribute as its protobuf text (measured: "" or "NULL"
+    for a host without metadata), so it is read back as the message it is."""
+    if MEMBER_METADATA not in metadata:
+        return ""
+    named = text_format.Parse(metadata, base_pb2.Metadata()).filter_metadata.get(MEMBER_METADATA)
+    value = named.fields.get(MEMBER_KEY) if named is not None else None
+    return value.string_value if value is not None else ""
+
+
+def _named(backend: Backend) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update({MEMBER_KEY: backend.name})
+    return out
+
+
+def _instances(backend: Backend) -> list[endpoint_components_pb2.LbEndpoint]:
+    """A member's hosts in its priority: its instances, or a provider's name, resolved by the cluster
+    (STRICT_DNS: each address one host), marked with the member's name (its TLS, and the attempt's member)."""
+    if backend.hosted is None:
+        return [lb_endpoint(e.address, e.weight) for e in backend.endpoints]
+    host = lb_endpoint(f"{backend.hosted.host}:{backend.hosted.port}", 1)
+    host.metadata.filter_metadata[MEMBER_METADATA].CopyFrom(_named(backend))
+    return [host]
 
 
 def _http_filter(name: str, config: object) -> hcm.HttpFilter:

@@ -63,12 +63,6 @@ def secret_name(backend: Backend) -> str:
     return f"key.{backend.name}"
 
 
-def authority(hosted: Hosted) -> str:
-    """The Host header a provider expects: its name, with the port when it is not the scheme's own."""
-    default = 443 if hosted.scheme == "https" else 80
-    return hosted.host if hosted.port == default else f"{hosted.host}:{hosted.port}"
-
-
 def secrets(config: Config) -> list[secret_pb2.Secret]:
     """Each key Envoy holds, as the header value its provider wants."""
     out = []
@@ -153,12 +147,13 @@ def _protocol_options(backend: Backend, hosted: Hosted, first_contact: bool) -> 
     return opts
 
 
-def _tls(hosted: Hosted) -> base_pb2.TransportSocket:
-    """TLS that sends the key only to a server proving the provider's name, by the trust store given."""
+def tls_socket(hosted: Hosted, alpn: tuple[str, ...] = ("h2", "http/1.1")) -> base_pb2.TransportSocket:
+    """TLS that sends the key only to a server proving the provider's name, by the trust store given;
+    `alpn` what the cluster's codec can speak (a model group's cluster speaks HTTP/1.1 to every member)."""
     ca = base_pb2.DataSource(filename=SYSTEM_CA_BUNDLE) if hosted.ca_pem is None else \
         base_pb2.DataSource(inline_string=hosted.ca_pem)  # read by the sidecar: only it needs the file
     context = tls_pb2.UpstreamTlsContext(sni=hosted.host, common_tls_context=tls_pb2.CommonTlsContext(
-        alpn_protocols=["h2", "http/1.1"], validation_context=common_pb2.CertificateValidationContext(
+        alpn_protocols=alpn, validation_context=common_pb2.CertificateValidationContext(
             trusted_ca=ca, match_typed_subject_alt_names=[common_pb2.SubjectAltNameMatcher(
                 san_type=common_pb2.SubjectAltNameMatcher.DNS, matcher=string_pb2.StringMatcher(exact=hosted.host))])))
     return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(context))
@@ -185,7 +180,7 @@ def _hosted_cluster(backend: Backend, name: str, first_contact: bool) -> cluster
                 endpoint=endpoint_components_pb2.Endpoint(address=address_pb2.Address(socket_address=sock)))])]))
     cluster.typed_extension_protocol_options[PROTOCOL_OPTIONS].CopyFrom(_any(_protocol_options(backend, hosted, first_contact)))
     if hosted.scheme == "https":
-        cluster.transport_socket.CopyFrom(_tls(hosted))
+        cluster.transport_socket.CopyFrom(tls_socket(hosted))
     return cluster
 
 
@@ -202,7 +197,7 @@ def describe(backend: Backend) -> str:
         f"key in Envoy's secret {secret_name(backend)} as {provider_of(hosted.provider).auth_header}" \
         if backend.api_key else "key not set (503 backend_unconfigured)"
     extras = f", headers {', '.join(k for k, _ in hosted.headers)}" if hosted.headers else ""
-    return (f"cluster {backend_cluster(backend)}: {hosted.scheme}://{authority(hosted)}{backend.path_prefix} "
+    return (f"cluster {backend_cluster(backend)}: {hosted.scheme}://{hosted.authority}{backend.path_prefix} "
             f"(provider {hosted.provider}), {tls}, {key}{extras}")
 
 

@@ -113,8 +113,8 @@ def test_weights_spread_first_attempts_by_placement_key_and_one_key_stays():
 
 
 def attempt(gw: Gateway, store: dict[str, bytes], headers: dict[str, str], n: int, host: str,
-            body: dict = BODY) -> GroupAttempt:
-    a = GroupAttempt(gw, host)
+            body: dict = BODY, named: str = "") -> GroupAttempt:
+    a = GroupAttempt(gw, host, named)
     a.head = resolve(a.request_headers({**headers, "x-envoy-attempt-count": str(n)}, False), store)
     a.body_act = resolve(a.request_body(json.dumps(body).encode()), store)
     return a
@@ -294,13 +294,12 @@ def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_b
     compiled = compile_routes(gw.config, Knowledge(), {})
     # one cluster per first member: config order, then the other member first (a request held off the primary)
     assert [c.name for c in compiled.clusters if c.name.startswith("group.")] == \
-        ["group.keyed-chat.resp", "group.resp.keyed-chat"]
+        ["group.keyed-chat.resp", "group.resp.keyed-chat", "group.hosted.other", "group.other.hosted"]
     (cluster,) = [c for c in compiled.clusters if c.name == "group.keyed-chat.resp"]
     (fast,) = [c for c in compiled.clusters if c.name == "fast-group.keyed-chat.resp"]  # its twin without the processor
     assert fast.load_assignment.endpoints == cluster.load_assignment.endpoints
     assert "ext_proc" in str(cluster.typed_extension_protocol_options) and \
         "ext_proc" not in str(fast.typed_extension_protocol_options)
-    assert cluster.name == "group.keyed-chat.resp"  # the hosted member's group is not carried
     assert [(p.priority, [e.endpoint.address.socket_address.port_value for e in p.lb_endpoints])
             for p in cluster.load_assignment.endpoints] == [(0, [8000]), (1, [8000, 8000])]
     assert cluster.outlier_detection.consecutive_5xx.value == gw.config.failover.eject_after
@@ -321,9 +320,12 @@ def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_b
 
     fast = [r for r in compiled.routes.virtual_hosts[0].routes if r.name.startswith("fast:")]
     assert not any("g" in names(r) for r in fast) and any("solo-hosted" in names(r) for r in fast)
-    assert any("h" in names(r) for r in fast)  # a group with a `url:` member is not carried: as before
-    chat, resp = gw.config.backends[:2]
-    assert group_routes.member_lists(gw.config) == [(chat, resp), (resp, chat)]
+    # a group with a `url:` member: the processor's attempts alone (they put on its Host and key), so no
+    # fast route, no fast twin
+    assert not any("h" in names(r) for r in fast)
+    assert not any(c.name.startswith("fast-group.") and "hosted" in c.name for c in compiled.clusters)
+    chat, resp, hosted, other = gw.config.backends
+    assert group_routes.member_lists(gw.config) == [(chat, resp), (resp, chat), (hosted, other), (other, hosted)]
 
 
 def test_a_group_cluster_holds_a_streams_headers_until_its_first_chunk():
@@ -384,3 +386,78 @@ def test_a_pinned_continuation_reads_the_store_once_and_goes_to_its_member():
         step = step.then([store.get(k) for k in step.keys])
     assert not ex.handed_over and ("x-gateway-destination-endpoint", "10.0.0.3:8000") in step.set_headers
     assert len(rounds) == 1  # the pin that keeps it off the group's attempts also continues it: one read
+
+
+def test_a_url_member_is_a_priority_resolved_by_dns_with_its_own_tls_and_its_name():
+    gw = gateway()
+    (cluster,) = [c for c in compile_routes(gw.config, Knowledge(), {}).clusters if c.name == "group.hosted.other"]
+    assert cluster.type == cluster.STRICT_DNS  # the provider's name resolved, each address a host
+    hosted_p, other_p = cluster.load_assignment.endpoints
+    (host,) = hosted_p.lb_endpoints
+    assert (hosted_p.priority, host.endpoint.address.socket_address.address,
+            host.endpoint.address.socket_address.port_value) == (0, "api.example.com", 443)
+    assert dict(host.metadata.filter_metadata["envoy.transport_socket_match"]) == {"member": "hosted"}
+    assert [e.endpoint.address.socket_address.address for e in other_p.lb_endpoints] == ["10.0.0.4"]
+    assert not other_p.lb_endpoints[0].metadata.filter_metadata  # plain TCP: the default transport socket
+    (match,) = cluster.transport_socket_matches
+    assert dict(match.match) == {"member": "hosted"} and not cluster.HasField("transport_socket")
+    tls = str(match.transport_socket.typed_config.value)
+    assert "api.example.com" in tls and "h2" not in tls  # its SNI and name check; HTTP/1.1, the group's codec
+
+
+HOSTED_GROUP = """
+failover: {max_attempts: 3}
+backends:
+  - name: pool
+    api: chat
+    models: ["g"]
+    endpoints: ["10.0.0.1:8000"]
+  - name: provider
+    api: responses
+    models: ["g"]
+    url: https://api.provider.example/api
+    api_key_env: PROVIDER_KEY
+    headers: {X-Title: gw}
+"""
+
+
+def test_an_attempt_on_a_url_member_gets_its_host_path_and_key_and_the_next_attempt_none_of_them():
+    gw, store = Gateway(parse_config(HOSTED_GROUP, env={"PROVIDER_KEY": "sk-provider"}), tenant_secret=b"s" * 32), {}
+    ex = Exchange(gw)
+    resolve(ex.request_headers(dict(CLIENT), False), store)
+    act = resolve(ex.request_body(json.dumps(BODY).encode()), store)
+    sets = dict(act.set_headers)
+    assert ex.handed_over and sets["x-gateway-cluster"] == "group.pool.provider"
+    headers = {**CLIENT, "x-gateway-failover": sets["x-gateway-failover"]}
+    first = attempt(gw, store, headers, 1, "10.0.0.1:8000")
+    first.response_headers({":status": "503"})
+    resolve(first.response_body(b'{"error": {"message": "overloaded"}}', True), store)
+    # the provider's host: an address of its DNS, named by the host's metadata
+    second = attempt(gw, store, headers, 2, "203.0.113.9:443", named="provider")
+    given = dict(second.body_act.set_headers)
+    assert given[":authority"] == "api.provider.example" and given[":path"] == "/api/v1/responses"
+    assert given["authorization"] == "Bearer sk-provider" and given["x-title"] == "gw"
+    assert second.ex is not None and second.ex.target.endpoint is None  # the provider's, as off the group
+    # a third attempt (on the pool again, were there one) starts from the client's headers
+    changed = {**headers, **given, "x-envoy-attempt-count": "3"}
+    assert dict(_restore(changed, CLIENT)) == {":authority": "gw", ":path": "/v1/responses",
+                                               "authorization": "Bearer client-key"}
+
+
+def _restore(current: dict[str, str], client: dict[str, str]) -> list[tuple[str, str]]:
+    from extproc.exchange.failover import _restored
+
+    sets, removes = _restored(current, client)
+    assert "x-title" in removes
+    return sets
+
+
+@pytest.mark.parametrize(("sent", "member"), [
+    # as Envoy 1.40 sent `xds.upstream_host_metadata` (measured): the message's text, "" or "NULL" without any
+    ('filter_metadata { key: "envoy.transport_socket_match" value { fields { key: "member" value { string_value: '
+     '"hosted" } } } } ', "hosted"),
+    ("", ""), ("NULL", ""),
+    ('filter_metadata { key: "other" value { fields { key: "member" value { string_value: "x" } } } } ', ""),
+])
+def test_the_attempts_member_is_read_from_its_hosts_metadata(sent, member):
+    assert group_routes.named_member(sent) == member

@@ -595,10 +595,15 @@ def test_resolve_prints_the_group_its_members_and_the_attempt_order(tmp_path, ca
             "in config order\n") in out
     path.write_text(HOSTED_MEMBER)
     assert cli_main(["resolve", "--config", str(path), "m"]) == 0
-    assert "envoy:    not carried (far is a url: backend): its requests go to the primary near alone, without " \
+    assert "envoy:    one cluster per first attempt (group.near.far, group.far.near), the later attempts in config " \
+        "order; far by DNS, over its own TLS, with its Host and key put on by the processor (HTTP/1.1; no fast " \
+        "path)\n" in capsys.readouterr().out
+    path.write_text(HOSTED_MEMBER.replace('url: "https://api.example.com"', "cluster: corp"))
+    assert cli_main(["resolve", "--config", str(path), "m"]) == 0
+    assert "envoy:    not carried (far is a cluster: backend): its requests go to the primary near alone, without " \
         "failover\n" in capsys.readouterr().out
     assert cli_main(["check-config", str(path)]) == 0
-    assert "  note: group m is not carried (far is a url: backend): its requests go to the primary near alone, " \
+    assert "  note: group m is not carried (far is a cluster: backend): its requests go to the primary near alone, " \
         "without failover" in capsys.readouterr().out.splitlines()
     path.write_text(HOSTED_MEMBER.replace('url: "https://api.example.com"', 'endpoints: ["127.0.0.1:8001"]'))
     assert cli_main(["check-config", str(path)]) == 0

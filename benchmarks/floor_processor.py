@@ -13,9 +13,9 @@ closes the stream where its pattern ends:
 | streamed_body    | + the response body, STREAMED (every chunk answered)  | a translated stream; a pass-through whose usage or Responses id is read |
 | duplex_body      | + the response body, FULL_DUPLEX_STREAMED (whatever has queued up answered in one message) | none: measured, not better (benchmarks/README.md) |
 
-It serves on grpc.aio with the sidecar's server options (`extproc.envoy.server.SERVER_OPTIONS`), on
-uvloop, with context.read()/write() like the sidecar's `Processor`: whatever Python gRPC costs per
-message of a pattern, this pays too, so the sidecar cannot beat it, only approach it.
+It serves on the sidecar's own gRPC server (`extproc.envoy.serving.GrpcServer`, grpclib), on uvloop,
+reading and writing its stream like the sidecar's `Processor`: whatever Python gRPC costs per message
+of a pattern, this pays too, so the sidecar cannot beat it, only approach it.
 
     python benchmarks/floor_processor.py PORT ENDPOINT [PATTERN]   (default: request)
 """
@@ -26,15 +26,14 @@ import asyncio
 import sys
 from pathlib import Path
 
-import grpc
 import uvloop
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
+from grpclib.const import Handler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from extproc.envoy.server import SERVER_OPTIONS
+from extproc.envoy.serving import GrpcServer, methods
 
 PATTERNS = ("request", "response_headers", "buffered_body", "streamed_body", "duplex_body")
 _MODE = {"buffered_body": processing_mode_pb2.ProcessingMode.BUFFERED,
@@ -69,7 +68,7 @@ def streamed(body: bytes, end: bool) -> pb.ProcessingResponse:
     return resp
 
 
-class Floor(pbg.ExternalProcessorServicer):
+class Floor:
     """One pattern's replies, built once; `Process` only picks one per message and knows where to stop."""
 
     def __init__(self, endpoint: str, pattern: str):
@@ -83,13 +82,16 @@ class Floor(pbg.ExternalProcessorServicer):
         the trailers')."""
         return self.heads.get(kind)
 
-    async def _duplex(self, context):  # type: ignore[no-untyped-def]
+    def __mapping__(self) -> dict[str, Handler]:
+        return methods(pb.DESCRIPTOR.services_by_name["ExternalProcessor"], self)
+
+    async def _duplex(self, stream):  # type: ignore[no-untyped-def]
         """FULL_DUPLEX_STREAMED: body chunks read ahead by a task, and whatever has queued up answered in one
         message (Envoy does not wait for an answer per chunk in this mode)."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def reader() -> None:
-            while (req := await context.read()) is not grpc.aio.EOF:
+            while (req := await stream.recv_message()) is not None:
                 queue.put_nowait(req)
             queue.put_nowait(None)
         task = asyncio.create_task(reader())
@@ -97,7 +99,7 @@ class Floor(pbg.ExternalProcessorServicer):
             while (req := await queue.get()) is not None:
                 kind = req.WhichOneof("request")
                 if (head := self._head(kind)) is not None:
-                    await context.write(head)
+                    await stream.send_message(head)
                     if kind == "response_headers" and req.response_headers.end_of_stream:
                         return
                 elif kind == "response_body":
@@ -110,24 +112,24 @@ class Floor(pbg.ExternalProcessorServicer):
                             raise RuntimeError(f"unexpected {nxt.WhichOneof('request')}")
                         pieces.append(nxt.response_body.body)
                         end = nxt.response_body.end_of_stream
-                    await context.write(streamed(b"".join(pieces), end))
+                    await stream.send_message(streamed(b"".join(pieces), end))
                     if end:
                         return
                 elif kind == "response_trailers":
-                    await context.write(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
+                    await stream.send_message(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
                     return
         finally:
             task.cancel()
 
-    async def Process(self, requests, context):  # type: ignore[no-untyped-def,override]
+    async def Process(self, stream):  # type: ignore[no-untyped-def]
         if self.duplex:
-            return await self._duplex(context)
-        while (req := await context.read()) is not grpc.aio.EOF:
+            return await self._duplex(stream)
+        while (req := await stream.recv_message()) is not None:
             kind = req.WhichOneof("request")
             if (head := self._head(kind)) is not None:
-                await context.write(head)
+                await stream.send_message(head)
             else:
-                await context.write(RESPONSE_BODY)
+                await stream.send_message(RESPONSE_BODY)
                 if not req.response_body.end_of_stream:
                     continue
             if kind == self.last or (kind == "response_headers" and req.response_headers.end_of_stream):
@@ -135,11 +137,9 @@ class Floor(pbg.ExternalProcessorServicer):
 
 
 async def main(port: int, endpoint: str, pattern: str) -> None:
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    pbg.add_ExternalProcessorServicer_to_server(Floor(endpoint, pattern), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    await server.wait_for_termination()
+    floor = Floor(endpoint, pattern)
+    await GrpcServer([floor], checked=floor).start(f"127.0.0.1:{port}", None)
+    await asyncio.Event().wait()  # until the process is stopped
 
 
 if __name__ == "__main__":

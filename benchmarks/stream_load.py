@@ -19,11 +19,10 @@ figure that holds while other processes share the cores; and how many of the mac
 busy meanwhile (/proc/stat: the stack, its Python load generator and upstream, and anything else). `--floor` adds the do-nothing processor
 of the stream's message pattern (`floor_processor.py streamed_body`, every chunk answered, on the chat
 stream) as one more variant: what Python gRPC alone costs at the same load; `--floor duplex_body` the
-same in FULL_DUPLEX_STREAMED mode. `--grpclib` adds this checkout's sidecar served by grpclib
-(`grpclib_services.py`, a measured prototype; `pip install grpclib`).
+same in FULL_DUPLEX_STREAMED mode.
 
     .venv/bin/python benchmarks/stream_load.py [--rounds 2] [--phases aligned,paced,fast] [--floor]
-        [--variant NAME=SRC_DIR ...] [--grpclib] [--profile flame.svg]
+        [--variant NAME=SRC_DIR ...] [--profile flame.svg]
 
 `--variant` runs the sidecar from another checkout (its `extproc` package first on PYTHONPATH; the
 default is this one), `NAME=SRC_DIR@2` with two workers. `--profile` records the first variant's first
@@ -80,15 +79,6 @@ def ext_proc_messages(admin: int) -> tuple[int, int]:
     return counts["sent"], counts["received"]
 
 
-def grpclib_variant(root: Path) -> Path:
-    """A copy of this checkout's package whose `serve()` uses grpclib_services.Services (`pip install grpclib`)."""
-    shutil.copytree(REPO / "extproc", root / "extproc")
-    shutil.copy(REPO / "benchmarks" / "grpclib_services.py", root / "extproc" / "envoy" / "grpclib_services.py")
-    with (root / "extproc" / "envoy" / "server.py").open("a") as f:
-        f.write("\nfrom extproc.envoy.grpclib_services import Services as _Services  # noqa: E402\n")
-    return root
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
@@ -103,8 +93,6 @@ def main() -> int:
     ap.add_argument("--floor", action="append", default=[], metavar="PATTERN", nargs="?", const="streamed_body",
                     help="a floor processor (floor_processor.py PATTERN, default streamed_body) as one more variant")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SRC_DIR")
-    ap.add_argument("--grpclib", action="store_true",
-                    help="one more variant: this checkout's sidecar served by grpclib (grpclib_services.py)")
     ap.add_argument("--profile", metavar="SVG")
     ap.add_argument("--native", action="store_true", help="--profile with native (C) frames")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "stream_load.json"))
@@ -130,8 +118,6 @@ def main() -> int:
         # name -> (port, pid, Envoy's admin port, path, body, headers, fast body): the sidecar variants take the Responses
         # stream (every chunk translated), the floor the chat stream it passes through
         targets: dict[str, tuple[int, int, int, str, dict, dict[str, str], dict]] = {}
-        if args.grpclib:
-            variants.append(("grpclib", str(grpclib_variant(stack.workdir / "grpclib"))))
         for name, spec in variants:
             src, _, workers = spec.partition("@")
             shared = f"\nstate: {{store: sqlite, sqlite_path: {stack.workdir / name}.db}}" if workers else ""

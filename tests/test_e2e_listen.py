@@ -42,10 +42,10 @@ def chat():
     server.close()
 
 
-def envoy_for(stack: Stack, extproc_cluster_patch, ready: bool = True):
+def envoy_for(stack: Stack, extproc_cluster_patch, ready: bool = True, admin: int | None = None):
     """Envoy with its extproc cluster patched: its URL once ready, or (ready=False) its URL and admin
     port once it has tried the sidecar twice and been refused (so it has no routes)."""
-    port, admin = free_port(), free_port()
+    port, admin = free_port(), admin or free_port()
     doc = yaml.safe_load(render_envoy_config(port, admin, 1))
     for cluster in doc["static_resources"]["clusters"]:
         if cluster["name"] == "extproc":
@@ -138,5 +138,51 @@ def test_mutual_tls(chat, tmp_path):
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=5)
         assert not chat.requests[1:]
+
+        def without_client_cert(cluster: dict) -> None:  # TLS, but no certificate of Envoy's: refused too
+            with_client_cert(cluster)
+            del cluster["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificates"]
+        url, admin = envoy_for(stack, without_client_cert, ready=False)
+        with pytest.raises(openai.APIConnectionError):
+            ask(url)
+        assert not chat.requests[1:]
+    finally:
+        stack.stop()
+
+
+def test_envoy_health_checks_the_sidecar_over_grpc(chat, tmp_path):
+    """Envoy's gRPC health checker (grpc.health.v1) on the extproc cluster, for the ext_proc service: the
+    sidecar answers SERVING, so the host is healthy and requests are processed; a service it does not
+    serve is not healthy."""
+    port = free_port()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(SIDECAR.format(listen=f"127.0.0.1:{port}", admin=free_port(), tls="", chat=chat.address))
+    stack = Stack()
+    try:
+        wait_for_port(port, proc=stack.start_sidecar(cfg))
+
+        def checked(service: str):
+            def patch(cluster: dict) -> None:
+                cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
+                    "port_value"] = port
+                cluster["health_checks"] = [{"timeout": "1s", "interval": "0.1s", "unhealthy_threshold": 1,
+                                             "healthy_threshold": 1, "grpc_health_check": {"service_name": service}}]
+            return patch
+
+        def until(admin: int, passed: str, healthy: int) -> None:
+            deadline = time.monotonic() + 20
+            while _stat(admin, f"cluster.extproc.health_check.{passed}") < 2 \
+                    or _stat(admin, "cluster.extproc.membership_healthy") != healthy:
+                assert time.monotonic() < deadline, f"no health check {passed}"
+                time.sleep(0.05)
+
+        admin = free_port()
+        url = envoy_for(stack, checked("envoy.service.ext_proc.v3.ExternalProcessor"), admin=admin)
+        until(admin, "success", 1)
+        assert _stat(admin, "cluster.extproc.health_check.failure") == 0
+        assert ask(url) == "echo: over the socket"
+        admin = free_port()
+        envoy_for(stack, checked("not.a.Service"), admin=admin)
+        until(admin, "failure", 0)
     finally:
         stack.stop()

@@ -60,7 +60,7 @@ def lock_problems(pins: dict[str, tuple[str, list[str]]], requirements: list[Req
 
 def test_lock_pins_every_runtime_dependency_with_hashes():
     requirements = runtime_requirements()
-    assert {"uvloop", "redis", "grpcio"} <= {canonicalize_name(r.name) for r in requirements}
+    assert {"uvloop", "redis", "grpclib"} <= {canonicalize_name(r.name) for r in requirements}
     assert lock_problems(locked(), requirements) == [], "run scripts/lock.sh"
 
 

@@ -14,12 +14,14 @@ import logging
 import time
 from collections.abc import Callable
 
-import grpc
 from envoy.config.core.v3 import base_pb2
-from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2
+from grpclib.const import Handler
+from grpclib.server import Stream
 
 from extproc import quota
 from extproc.clients import Clients
+from extproc.envoy.serving import methods
 from extproc.ops.metrics import Metrics
 from extproc.state.store import Store, StoreUnavailable
 
@@ -78,9 +80,16 @@ def _header(key: str, value: str) -> base_pb2.HeaderValue:
     return base_pb2.HeaderValue(key=key, value=value)
 
 
-class RateLimits(rls_pb2_grpc.RateLimitServiceServicer, _Quotas):  # type: ignore[misc]  # generated base, no stubs
-    async def ShouldRateLimit(self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext[
-            rls_pb2.RateLimitRequest, rls_pb2.RateLimitResponse]) -> rls_pb2.RateLimitResponse:
+class RateLimits(_Quotas):
+    def __mapping__(self) -> dict[str, Handler]:
+        return methods(rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"], self)
+
+    async def ShouldRateLimit(self, stream: Stream[rls_pb2.RateLimitRequest, rls_pb2.RateLimitResponse]) -> None:
+        request = await stream.recv_message()
+        assert request is not None  # a unary call's one message
+        await stream.send_message(await self.verdict(request))
+
+    async def verdict(self, request: rls_pb2.RateLimitRequest) -> rls_pb2.RateLimitResponse:
         entries = {e.key: e.value for d in request.descriptors[:1] for e in d.entries}
         tenant, path = entries.get("tenant", ""), entries.get("path", "")
         clients = self.clients()

@@ -11,23 +11,19 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
-from envoy.service.accesslog.v3 import als_pb2_grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpclib.const import Handler
+from grpclib.server import Stream
 
 from extproc.api import api_of
-from extproc.config import ListenTLS, load_config
+from extproc.config import load_config
 from extproc.envoy import xds
 from extproc.envoy.names import (
     FAILOVER_ROLE,
@@ -39,6 +35,7 @@ from extproc.envoy.names import (
 )
 from extproc.envoy.ratelimit import RateLimits, TenantMeter
 from extproc.envoy.running import GatewayHolder, Sidecar, every, tenant_secret, watch_files, watched_files
+from extproc.envoy.serving import GrpcServer, methods
 from extproc.errors import GatewayError
 from extproc.exchange import Action, Exchange, Lookup, Step, error_action
 from extproc.exchange.failover import GroupAttempt, Hold
@@ -71,10 +68,6 @@ _CONTINUE = {
     "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
     "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
 }
-_MAX_MESSAGE = 128 * 1024 * 1024
-# The gRPC server's options; benchmarks/floor_processor.py serves with the same, so its floor is this server's.
-SERVER_OPTIONS = [("grpc.max_receive_message_length", _MAX_MESSAGE), ("grpc.max_send_message_length", _MAX_MESSAGE),
-                  ("grpc.so_reuseport", 1)]
 
 
 def _headers(header_map: base_pb2.HeaderMap) -> dict[str, str]:
@@ -126,7 +119,7 @@ def to_proto(kind: str, act: Action) -> pb.ProcessingResponse:
     return resp
 
 
-class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # generated base, no stubs
+class Processor:
     def __init__(self, holder: GatewayHolder, store: Store, metrics: Metrics | None = None,
                  tenants: TenantMeter | None = None, runs: BackgroundRuns | None = None):
         self.holder = holder
@@ -180,23 +173,24 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
             ex.failure = GatewayError(500, "internal error in the gateway sidecar", code="gateway_error")
             return error_action(ex.failure, api_of(ex.path))
 
-    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
-                      context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse]) -> None:
-        """One HTTP exchange. context.read()/write() rather than an async generator: measured 15-25%
-        more requests per second through grpc.aio (benchmarks/floor_processor.py)."""
+    def __mapping__(self) -> dict[str, Handler]:
+        return methods(pb.DESCRIPTOR.services_by_name["ExternalProcessor"], self)
+
+    async def Process(self, stream: Stream[pb.ProcessingRequest, pb.ProcessingResponse]) -> None:
+        """One HTTP exchange."""
         # An upstream filter (of first-contact requests, of a model group's attempts) names itself in the
         # stream's metadata.
-        role = next((v for k, v in context.invocation_metadata() or () if k == ROLE_METADATA), None)
+        role = stream.metadata.get(ROLE_METADATA) if stream.metadata else None
         if role == HOLD_ROLE:
-            return await self._hold(context)
+            return await self._hold(stream)
         gw = self.holder.gateway
         ex = FirstContact(gw) if role == FIRST_CONTACT_ROLE else GroupAttempt(gw) if role == FAILOVER_ROLE \
             else Exchange(gw, envoy_counts=True)
         timer = self.metrics.timer()
         try:
             while True:
-                req = await context.read()
-                if req is grpc.aio.EOF:
+                req = await stream.recv_message()
+                if req is None:
                     return
                 kind = req.WhichOneof("request")
                 t0 = time.perf_counter()
@@ -211,7 +205,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
                 if act.done and (meta := ex.metadata()) is not None:
                     resp = _with_metadata(resp, meta)
                 timer.message(kind, t0, time.perf_counter())
-                await context.write(resp)
+                await stream.send_message(resp)
                 if act.done:
                     return
         finally:
@@ -220,15 +214,15 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gen
             elif isinstance(ex, GroupAttempt):
                 self._record_attempts(ex, timer)
 
-    async def _hold(self, context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse]) -> None:
+    async def _hold(self, stream: Stream[pb.ProcessingRequest, pb.ProcessingResponse]) -> None:
         """A grouped attempt's hold filter (`Hold`): each message answered as it is, a stream's headers
         only once its first chunk came."""
         hold = Hold()
-        while not hold.done and (req := await context.read()) is not grpc.aio.EOF:
+        while not hold.done and (req := await stream.recv_message()) is not None:
             kind = req.WhichOneof("request")
             headers = _headers(req.response_headers.headers) if kind == "response_headers" else {}
             for due in hold.message(kind, headers, req.response_headers.end_of_stream):
-                await context.write(_CONTINUE[due])
+                await stream.send_message(_CONTINUE[due])
 
     def _record(self, ex: Exchange, timer: ExchangeTimer) -> None:
         record(ex, self.metrics, timer, self.holder.gateway.classifier.label_for)
@@ -303,55 +297,28 @@ def _set_value(value: struct_pb2.Value, v: Any) -> None:
         raise TypeError(f"no protobuf Value for {type(v).__name__}")
 
 
-def _bind(server: grpc.aio.Server, listen: str, tls: ListenTLS | None) -> None:
-    """`host:port`, or `unix:/path/to.sock` for Envoy on the same host without a TCP port."""
-    if tls is None:
-        bound = server.add_insecure_port(listen)
-    else:
-        def read(path: str) -> bytes:
-            with open(path, "rb") as f:
-                return f.read()
-        creds = grpc.ssl_server_credentials(
-            [(read(tls.key_file), read(tls.cert_file))],
-            root_certificates=read(tls.client_ca_file) if tls.client_ca_file else None,
-            require_client_auth=tls.client_ca_file is not None)
-        bound = server.add_secure_port(listen, creds)
-    if bound == 0 and not listen.startswith("unix:"):
-        raise OSError(f"cannot listen on {listen}")
-
-
 class _Services:
-    """The gRPC server and what its shutdown has to end: the long xDS and access-log streams, health."""
+    """The gRPC server and what its shutdown has to end: the long xDS and access-log streams."""
 
     def __init__(self, sidecar: Sidecar):
         holder = sidecar.holder
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
         tenants = TenantMeter(lambda: holder.gateway.config.clients, sidecar.store, sidecar.metrics)  # `clients`
         self.processor = Processor(holder, sidecar.store, sidecar.metrics, tenants)
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, self.server)
         self.long_streams = xds.LongStreams()
         # Envoy's routes (the fast path) and the access log of what took it
         self.discovery = xds.Discovery(self.long_streams)
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.discovery, self.server)
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log.AccessLog(
-            sidecar.metrics, self.long_streams, lambda model: holder.gateway.classifier.label_for(model), tenants,
-            lambda label, address: member_at(holder.gateway.config, label, address)),
-            self.server)
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
-            RateLimits(lambda: holder.gateway.config.clients, sidecar.store, sidecar.metrics), self.server)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-
-    async def start(self, listen: str, tls: ListenTLS | None) -> None:
-        _bind(self.server, listen, tls)
-        await self.server.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set("envoy.service.ext_proc.v3.ExternalProcessor", health_pb2.HealthCheckResponse.SERVING)
+        self.server = GrpcServer([
+            self.processor, self.discovery,
+            access_log.AccessLog(sidecar.metrics, self.long_streams,
+                                 lambda model: holder.gateway.classifier.label_for(model), tenants,
+                                 lambda label, address: member_at(holder.gateway.config, label, address)),
+            RateLimits(lambda: holder.gateway.config.clients, sidecar.store, sidecar.metrics)],
+            checked=self.processor)
 
     async def stop(self, grace: float) -> None:
-        await self.health.enter_graceful_shutdown()
+        self.server.drain()
         self.long_streams.end()
-        await self.server.stop(grace=grace)
+        await self.server.finish(grace)
         await self.processor.runs.close()
 
 
@@ -376,7 +343,7 @@ async def serve(config_path: str) -> None:
     sidecar = Sidecar(config_path, holder, store, Metrics())
     services = _Services(sidecar)
     listen = os.environ.get("EXTPROC_LISTEN", config.listen)
-    await services.start(listen, config.listen_tls)
+    await services.server.start(listen, config.listen_tls)
     log.info("ext_proc sidecar listening on %s with %d backends, state in %s", listen, len(config.backends),
              config.state.store)
     admin = front = None

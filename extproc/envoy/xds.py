@@ -19,12 +19,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2
 from envoy.service.discovery.v3 import discovery_pb2 as pb
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
+from grpclib.const import Handler
+from grpclib.server import Stream
 
+from extproc.envoy.serving import methods
 from extproc.routing.compile import Compiled, compile_routes
 from extproc.routing.gateway import Gateway
 from extproc.routing.modes import Learned, LearnedStore, list_learned
@@ -89,11 +91,14 @@ class Snapshot:
         self.version = digest.hexdigest()[:16]
 
 
-class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]  # generated base, no stubs
+class Discovery:
     def __init__(self, streams: LongStreams) -> None:
         self.long = streams
         self.snapshot: Snapshot | None = None
         self.streams: set[asyncio.Event] = set()  # one per connected Envoy: set when there is news
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return methods(ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"], self)
 
     def publish(self, compiled: Compiled) -> bool:
         """Install a compiled result; True when it differs from what Envoy has."""
@@ -105,14 +110,13 @@ class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             wake.set()
         return True
 
-    async def StreamAggregatedResources(self, request_iterator: AsyncIterator[pb.DiscoveryRequest],
-                                        context: grpc.aio.ServicerContext[pb.DiscoveryRequest, pb.DiscoveryResponse]) -> None:
+    async def StreamAggregatedResources(self, stream: Stream[pb.DiscoveryRequest, pb.DiscoveryResponse]) -> None:
         subscribed: dict[str, tuple[str, ...]] = {}  # type -> the resource names Envoy asked for
         sent: dict[str, str] = {}
         wake = asyncio.Event()
 
         async def read() -> None:
-            async for req in self.long.messages(request_iterator):
+            async for req in self.long.messages(stream):
                 if req.HasField("error_detail"):
                     log.error("xds: Envoy rejected %s version %s: %s", req.type_url.rsplit(".", 1)[-1],
                               req.response_nonce, req.error_detail.message)
@@ -131,17 +135,17 @@ class Discovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 await wake.wait()
                 wake.clear()
                 if self.snapshot is not None:
-                    await self._send(context, self.snapshot, subscribed, sent)
+                    await self._send(stream, self.snapshot, subscribed, sent)
         finally:
             self.streams.discard(wake)
             reader.cancel()
 
     @staticmethod
-    async def _send(context: grpc.aio.ServicerContext[pb.DiscoveryRequest, pb.DiscoveryResponse], snap: Snapshot,
+    async def _send(stream: Stream[pb.DiscoveryRequest, pb.DiscoveryResponse], snap: Snapshot,
                     subscribed: dict[str, tuple[str, ...]], sent: dict[str, str]) -> None:
         for kind in ORDER:
             if kind in subscribed and sent.get(kind) != snap.version:
-                await context.write(pb.DiscoveryResponse(version_info=snap.version, type_url=kind,
+                await stream.send_message(pb.DiscoveryResponse(version_info=snap.version, type_url=kind,
                                                          resources=snap.resources[kind], nonce=snap.version))
                 sent[kind] = snap.version
 

@@ -12,15 +12,17 @@ those two kinds here (a CEL filter), so requests the processor counts itself are
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.accesslog.v3 import als_pb2
+from grpclib.const import Handler
+from grpclib.server import Stream
 
 from extproc.api import MESSAGES
 from extproc.envoy.names import NAMESPACE, Key
 from extproc.envoy.ratelimit import TenantMeter
+from extproc.envoy.serving import methods
 from extproc.envoy.xds import LongStreams
 from extproc.ops.metrics import Metrics
 from extproc.ops.record import OPERATION, status_outcome
@@ -70,7 +72,7 @@ def count(metrics: Metrics, entry: accesslog_pb2.HTTPAccessLogEntry, label_for: 
         tenants.count(fields[Key.TENANT].string_value, counts.get(Key.INPUT_TOKENS, 0), counts.get(Key.OUTPUT_TOKENS, 0))
 
 
-class AccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  # generated base, no stubs
+class AccessLog:
     def __init__(self, metrics: Metrics, streams: LongStreams, label_for: Callable[[str | None], str],
                  tenants: TenantMeter | None = None, backend_at: Callable[[str, str], str] | None = None):
         self.metrics = metrics
@@ -79,12 +81,15 @@ class AccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  #
         self.streams = streams
         self.label_for = label_for  # bounds the model label, as for processed requests
 
-    async def StreamAccessLogs(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
-                               context: grpc.aio.ServicerContext[als_pb2.StreamAccessLogsMessage, als_pb2.StreamAccessLogsResponse]) -> als_pb2.StreamAccessLogsResponse:
-        async for message in self.streams.messages(request_iterator):
+    def __mapping__(self) -> dict[str, Handler]:
+        return methods(als_pb2.DESCRIPTOR.services_by_name["AccessLogService"], self)
+
+    async def StreamAccessLogs(self, stream: Stream[als_pb2.StreamAccessLogsMessage,
+                                                    als_pb2.StreamAccessLogsResponse]) -> None:
+        async for message in self.streams.messages(stream):
             for entry in message.http_logs.log_entry:
                 try:
                     count(self.metrics, entry, self.label_for, self.tenants, self.backend_at)
                 except Exception:  # one odd entry must not end the stream (Envoy would drop the rest)
                     log.exception("access log entry not counted")
-        return als_pb2.StreamAccessLogsResponse()
+        await stream.send_message(als_pb2.StreamAccessLogsResponse())

@@ -227,7 +227,10 @@ def _assistant_blocks(m: dict[str, Any], where: str, calls: set[str]) -> list[di
     out: list[dict[str, Any]] = [{"type": "text", "text": text + (refusal if isinstance(refusal, str) else "")}]
     if not out[0]["text"]:
         out = []
-    for j, call in enumerate(m.get("tool_calls") or ()):
+    tool_calls = m.get("tool_calls") or []
+    if not isinstance(tool_calls, list):
+        raise invalid(f"{where}.tool_calls", "expected a list")
+    for j, call in enumerate(tool_calls):
         cw = f"{where}.tool_calls[{j}]"
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(call, dict) or not isinstance(call.get("id"), str) or not isinstance(fn, dict) \

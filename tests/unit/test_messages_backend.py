@@ -73,6 +73,7 @@ def test_max_tokens_has_a_default_and_choices_map():
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
                                                          "function": {"name": "f", "arguments": "[1]"}}]}]},
      "messages[0].tool_calls[0].function.arguments"),
+    ({"messages": [{"role": "assistant", "tool_calls": True}]}, "messages[0].tool_calls"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "messages[0].content[0]"),
 ])
 def test_what_cannot_be_mapped_is_refused_naming_the_field(extra, param):

@@ -327,6 +327,11 @@ def test_each_attempt_is_counted_and_the_answering_backend_kept(g):
     g.chat.script.append(FAILURES["429"])
     g.resp.script.append(Reply(text="counted"))
     assert _ask(g.client(), "chat", False) == "counted"
+    # each attempt is recorded once its upstream stream closes, which may be after the answer reached the
+    # client
+    counted = ('extproc_upstream_attempts_total{backend="pool-chat",outcome="rate_limited"}',
+               'extproc_upstream_attempts_total{backend="pool-resp",outcome="ok"}')
+    assert wait_until(lambda: all(_metrics(g).get(k, 0) > before.get(k, 0) for k in counted))
     after = _metrics(g)
 
     def delta(key: str) -> float:

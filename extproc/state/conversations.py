@@ -181,7 +181,7 @@ def _new_items(value: Any, param: str) -> list[dict[str, Any]]:
         raise invalid(param, "expected a list of items")
     if len(value) > MAX_ITEMS_PER_CALL:
         raise invalid(param, f"expected at most {MAX_ITEMS_PER_CALL} items, got {len(value)}")
-    return input_items(value)
+    return input_items(value, param)
 
 
 def _body(body: dict[str, Any] | None, allowed: tuple[str, ...]) -> dict[str, Any]:

@@ -124,11 +124,23 @@ def test_items_pages_as_the_api_documents(gateway):
     ({"metadata": "x"}, "metadata"),
     ({"items": [{"role": "user", "content": "x"}] * 21}, "items"),
     ({"items": "x"}, "items"),
+    ({"items": [{"role": "user", "content": "x"}, "x"]}, "items[1]"),
+    ({"items": [{"type": 7}]}, "items[0].type"),
     ({"title": "x"}, "title"),
 ])
 def test_create_refusals(gateway, body, param):
     status, err = call(gateway, Store(), "POST", "/v1/conversations", body)
     assert (status, err["error"]["param"]) == (400, param)
+
+
+def test_added_items_are_refused_by_their_own_name(gateway):
+    """A bad item of `POST .../items` is named `items[n]`, the call's parameter, not a turn's `input`."""
+    store = Store()
+    _, conv = call(gateway, store, "POST", "/v1/conversations")
+    status, err = call(gateway, store, "POST", f"/v1/conversations/{conv['id']}/items",
+                       {"items": [{"role": "user", "content": "fine"}, ["not", "an", "item"]]})
+    assert (status, err["error"]["param"], err["error"]["type"]) == (400, "items[1]", "invalid_request_error")
+    assert call(gateway, store, "GET", f"/v1/conversations/{conv['id']}/items")[1]["data"] == []  # nothing added
 
 
 def test_metadata_at_its_limits_is_accepted(gateway):

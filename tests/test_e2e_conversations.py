@@ -116,6 +116,14 @@ def test_the_conversations_api_with_the_openai_sdk_across_replicas(rp):
     assert [text(i) for i in next(clients).conversations.items.list(conv.id)][:2] == ["step 3", "step 2"]  # desc
     second = added.data[1].id
     assert text(next(clients).conversations.items.retrieve(second, conversation_id=conv.id)) == "step 1"
+    # `include` (on list, retrieve, create) asks for optional data no held item has: accepted, same items.
+    extra = ["message.output_text.logprobs", "reasoning.encrypted_content"]
+    assert [i.id for i in next(clients).conversations.items.list(conv.id, include=extra)] == \
+        [i.id for i in next(clients).conversations.items.list(conv.id)]
+    assert next(clients).conversations.items.retrieve(second, conversation_id=conv.id, include=extra).id == second
+    more = next(clients).conversations.items.create(conv.id, include=extra, items=[
+        {"type": "message", "role": "user", "content": "step 4"}])
+    assert next(clients).conversations.items.delete(more.data[0].id, conversation_id=conv.id).id == conv.id
     assert next(clients).conversations.items.delete(second, conversation_id=conv.id).id == conv.id
     with pytest.raises(openai.NotFoundError):
         next(clients).conversations.items.retrieve(second, conversation_id=conv.id)

@@ -124,6 +124,9 @@ def test_the_conversations_api_with_the_openai_sdk_across_replicas(rp):
     more = next(clients).conversations.items.create(conv.id, include=extra, items=[
         {"type": "message", "role": "user", "content": "step 4"}])
     assert next(clients).conversations.items.delete(more.data[0].id, conversation_id=conv.id).id == conv.id
+    with pytest.raises(openai.BadRequestError, match="Duplicate item found with id"):  # an id is held once
+        next(clients).conversations.items.create(conv.id, items=[
+            {"type": "message", "role": "user", "content": "again", "id": added.data[0].id}])
     assert next(clients).conversations.items.delete(second, conversation_id=conv.id).id == conv.id
     with pytest.raises(openai.NotFoundError):
         next(clients).conversations.items.retrieve(second, conversation_id=conv.id)

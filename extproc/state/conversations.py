@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,14 +175,26 @@ def check_metadata(value: Any) -> dict[str, str]:
     return dict(value)
 
 
-def _new_items(value: Any, param: str) -> list[dict[str, Any]]:
+def _new_items(value: Any, param: str, held: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     if value is None:
         return []
     if not isinstance(value, list):
         raise invalid(param, "expected a list of items")
     if len(value) > MAX_ITEMS_PER_CALL:
         raise invalid(param, f"expected at most {MAX_ITEMS_PER_CALL} items, got {len(value)}")
-    return input_items(value, param)
+    return unique(held, input_items(value, param), param)
+
+
+def unique(held: Sequence[dict[str, Any]], added: list[dict[str, Any]], param: str) -> list[dict[str, Any]]:
+    """`added` (items the client sent, its ids kept) when no id is already held or given twice: OpenAI
+    refuses such an item, since item ids are how a conversation's items are retrieved and deleted."""
+    seen = {item.get("id") for item in held}
+    for item in added:
+        if item["id"] in seen:
+            raise GatewayError(400, f"Duplicate item found with id {item['id']}. Remove duplicate items from "
+                                    "your input and try again.", param=param)
+        seen.add(item["id"])
+    return added
 
 
 def _body(body: dict[str, Any] | None, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -230,7 +243,7 @@ class Conversations:
         if where.items:
             if method == "GET":
                 return Reply(200, input_items_page(record.items, query))
-            added = _new_items(_body(body, ("items",)).get("items"), "items")
+            added = _new_items(_body(body, ("items",)).get("items"), "items", record.items)
             if not added:
                 raise GatewayError(400, "Missing required parameter: 'items'.", param="items",
                                    code="missing_required_parameter")

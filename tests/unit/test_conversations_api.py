@@ -166,6 +166,31 @@ def test_a_store_outage_is_a_503(gateway):
     assert (e.value.status, e.value.code) == (503, "state_unavailable")
 
 
+
+def test_an_item_id_is_held_once(gateway):
+    """OpenAI's rule: an item whose id the conversation holds already, or that a call gives twice, is a
+    400 ("Duplicate item found with id ..."), on create, on adding items and on a turn's input; the
+    conversation stays as it was and nothing reaches a backend."""
+    store = Store()
+    twice = [{"id": "msg_1", "role": "user", "content": "a"}, {"id": "msg_1", "role": "user", "content": "b"}]
+    status, err = call(gateway, store, "POST", "/v1/conversations", {"items": twice})
+    assert (status, err["error"]["param"]) == (400, "items")
+    assert err["error"]["message"] == ("Duplicate item found with id msg_1. Remove duplicate items from your input "
+                                       "and try again.")
+    _, conv = call(gateway, store, "POST", "/v1/conversations", {"items": twice[:1]})
+    cid = conv["id"]
+    status, err = call(gateway, store, "POST", f"/v1/conversations/{cid}/items", {"items": twice[1:]})
+    assert (status, err["error"]["param"]) == (400, "items")
+    status, err = call(gateway, store, "POST", "/v1/responses",
+                       {"model": "llama-3", "conversation": cid, "input": [{**twice[1], "type": "message"}]})
+    assert (status, err["error"]["param"], err["error"]["type"]) == (400, "input", "invalid_request_error")
+    _, page = call(gateway, store, "GET", f"/v1/conversations/{cid}/items")
+    assert [i["content"][0]["text"] for i in page["data"]] == ["a"]
+    status, added = call(gateway, store, "POST", f"/v1/conversations/{cid}/items",
+                         {"items": [{"id": "msg_2", "role": "user", "content": "b"}]})  # a new id is fine
+    assert status == 200 and added["data"][0]["id"] == "msg_2"
+
+
 CHAT_ANSWER = {"id": "c", "created": 1, "model": "llama-3", "choices": [
     {"index": 0, "message": {"role": "assistant", "content": "Zed"}, "finish_reason": "stop"}]}
 

@@ -283,8 +283,8 @@ class ResponsesCall(ApiCall):
         # The held history, cut to its compacted window, the sidecar's compaction items opened.
         prior = compact_trigger.held_context(cont.prior, side.gw.sealer, side.pinning.tenant, stateless)
         items = rec.input_items(body.get("input"))
-        extended = None if held is None else conversations.Held(
-            held, side.pinning.tenant, side.gw.config.state.max_record_bytes, conversations.unique(held.items, items, "input"))
+        extended = None if held is None else \
+            conversations.Held.turn(held, side.pinning.tenant, side.gw.config.state.max_record_bytes, items)
         if (pair := call.pair) is not None and stateless:
             plan = call.plan(side, cont.target, cont.pinned_id, Turn(items, cont.ancestors), extended)
             new = pair.request({**body, "input": prior + items} if prior else body)

@@ -210,6 +210,15 @@ def _page(items: list[dict[str, Any]]) -> bytes:
                          "last_id": items[-1]["id"] if items else None, "has_more": False})
 
 
+def _bounded(record: Record, max_record_bytes: int, param: str | None = None) -> bytes:
+    """The record's bytes, unless they pass the gateway's limit: then the call that grows it is refused."""
+    raw = record.dumps()
+    if len(raw) > max_record_bytes:
+        raise GatewayError(400, f"Conversation '{record.id}' would exceed the gateway's limit of "
+                                f"{max_record_bytes} bytes", param=param, code="conversation_too_large")
+    return raw
+
+
 class Conversations:
     """One Conversations API call of one tenant."""
 
@@ -226,11 +235,7 @@ class Conversations:
         return found if isinstance(found, Pin) else self._on(method, where, query, body, found)
 
     def _write(self, record: Record) -> Writes:
-        raw = record.dumps()
-        if len(raw) > self.max_record_bytes:
-            raise GatewayError(400, f"Conversation '{record.id}' would exceed the gateway's limit of "
-                                    f"{self.max_record_bytes} bytes", code="conversation_too_large")
-        return [(conversation_key(self.tenant, record.id), raw)]
+        return [(conversation_key(self.tenant, record.id), _bounded(record, self.max_record_bytes))]
 
     def _create(self, body: dict[str, Any] | None) -> Reply:
         body = _body(body, ("items", "metadata", "safety_identifier"))
@@ -302,6 +307,15 @@ class Held:
     max_record_bytes: int
     input: list[dict[str, Any]]
 
+    @staticmethod
+    def turn(record: Record, tenant: str, max_record_bytes: int, items: list[dict[str, Any]]) -> Held:
+        """A turn's `input` items in `record`, refused before any upstream call when one repeats a held
+        item's id, or when the conversation with them already passes the limit (the answer would not be
+        appended)."""
+        _bounded(Record(record.id, record.created_at, record.metadata, [*record.items, *items]), max_record_bytes,
+                 "input")
+        return Held(record, tenant, max_record_bytes, unique(record.items, items, "input"))
+
     def append(self, response: dict[str, Any] | None) -> Writes:
         """The record with this turn's input and output, once the answer is complete; compaction
         triggers are not kept (the compaction item they asked for is)."""
@@ -311,7 +325,7 @@ class Held:
         record = Record(self.record.id, self.record.created_at, self.record.metadata,
                         [*self.record.items, *kept, *(response.get("output") or ())])
         raw = record.dumps()
-        if len(raw) > self.max_record_bytes:
+        if len(raw) > self.max_record_bytes:  # the answer's output passed the limit (its input did not)
             log.warning("conversation %s not extended: %d bytes exceeds state.max_record_bytes", record.id, len(raw))
             return []
         return [(conversation_key(self.tenant, record.id), raw)]

@@ -191,6 +191,27 @@ def test_an_item_id_is_held_once(gateway):
     assert status == 200 and added["data"][0]["id"] == "msg_2"
 
 
+
+def test_a_turn_that_would_pass_the_record_limit_is_refused_before_any_upstream():
+    """state.max_record_bytes: a turn whose input already takes the conversation past it is a 400 (its
+    answer could not be appended), like an items call that would; one that fits goes on."""
+    small = Gateway(parse_config(CFG + "state: {max_record_bytes: 1024}\n", env={}))
+    store = Store()
+    _, conv = call(small, store, "POST", "/v1/conversations", {"items": [{"role": "user", "content": "x" * 500}]})
+    status, err = call(small, store, "POST", "/v1/responses",
+                       {"model": "llama-3", "conversation": conv["id"], "input": "y" * 600})
+    assert (status, err["error"]["code"], err["error"]["param"]) == (400, "conversation_too_large", "input")
+    status, err = call(small, store, "POST", f"/v1/conversations/{conv['id']}/items",
+                       {"items": [{"role": "user", "content": "y" * 600}]})
+    assert (status, err["error"]["code"]) == (400, "conversation_too_large")
+    ex = Exchange(small)
+    ex.request_headers({":method": "POST", ":path": "/v1/responses", "content-type": "application/json",
+                        "authorization": "Bearer k1"}, False)
+    act = store.run(ex.request_body(json.dumps({"model": "llama-3", "conversation": conv["id"],
+                                                "input": "short"}).encode()))
+    assert json.loads(act.body)["messages"][-1] == {"role": "user", "content": "short"}  # sent on
+
+
 CHAT_ANSWER = {"id": "c", "created": 1, "model": "llama-3", "choices": [
     {"index": 0, "message": {"role": "assistant", "content": "Zed"}, "finish_reason": "stop"}]}
 

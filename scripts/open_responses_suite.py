@@ -12,11 +12,15 @@ Not run in CI: it needs a checkout of the suite (kept outside this repo) with it
 Usage: .venv/bin/python scripts/open_responses_suite.py SUITE [--model M ...] [-- suite options]
 (suite options such as `--filter basic-response,tool-calling`, `-v` or `--json` go to the suite as they are).
 Exit status 0 when every case passed for every model.
+
+The suite's WebSocket cases use the runtime's global `WebSocket`: bun and Node 22+ have it, Node 20 and
+21 only with `--experimental-websocket`, which this script adds for them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -39,17 +43,27 @@ def runner(suite: Path) -> list[str]:
              f"run `npm install --no-save zod@^3.25.76 tsx` there first")
 
 
+def node_env() -> dict[str, str]:
+    """The environment for tsx: Node 20 and 21 get their WebSocket client enabled (22+ has it already)."""
+    env = dict(os.environ)
+    node = shutil.which("node")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout if node else ""
+    if version.startswith(("v20.", "v21.")):
+        env["NODE_OPTIONS"] = f"{env.get('NODE_OPTIONS', '')} --experimental-websocket".strip()
+    return env
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", type=Path, help="a checkout of openresponses/openresponses")
     parser.add_argument("--model", action="append", help=f"the models to test (default: {', '.join(MODELS)})")
-    parser.add_argument("suite_args", nargs=argparse.REMAINDER, help="after --: passed to the suite")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # what follows `--` is the suite's
+    args, extra = parser.parse_args(argv[:cut]), argv[cut + 1:]
     cli = args.suite.resolve() / "bin" / "compliance-test.ts"
     if not cli.exists():
         sys.exit(f"{cli} is missing: give the path of a checkout of openresponses/openresponses")
     command = runner(args.suite.resolve())
-    extra = args.suite_args[1:] if args.suite_args[:1] == ["--"] else args.suite_args
     ports = StackPorts(listen=0, demo=free_port()).resolved()
     stack = Stack()
     config = stack.workdir / "config.yaml"
@@ -61,7 +75,7 @@ def main() -> int:
         for model in args.model or MODELS:
             print(f"== {model} ==", flush=True)
             run = subprocess.run([*command, str(cli), "--base-url", f"{url}/v1", "--api-key", "unused",
-                                  "--model", model, *extra], cwd=args.suite)
+                                  "--model", model, *extra], cwd=args.suite, env=node_env())
             if run.returncode:
                 failed.append(model)
     finally:

@@ -116,6 +116,17 @@ def test_the_conversations_api_with_the_openai_sdk_across_replicas(rp):
     assert [text(i) for i in next(clients).conversations.items.list(conv.id)][:2] == ["step 3", "step 2"]  # desc
     second = added.data[1].id
     assert text(next(clients).conversations.items.retrieve(second, conversation_id=conv.id)) == "step 1"
+    # `include` (on list, retrieve, create) asks for optional data no held item has: accepted, same items.
+    extra = ["message.output_text.logprobs", "reasoning.encrypted_content"]
+    assert [i.id for i in next(clients).conversations.items.list(conv.id, include=extra)] == \
+        [i.id for i in next(clients).conversations.items.list(conv.id)]
+    assert next(clients).conversations.items.retrieve(second, conversation_id=conv.id, include=extra).id == second
+    more = next(clients).conversations.items.create(conv.id, include=extra, items=[
+        {"type": "message", "role": "user", "content": "step 4"}])
+    assert next(clients).conversations.items.delete(more.data[0].id, conversation_id=conv.id).id == conv.id
+    with pytest.raises(openai.BadRequestError, match="Duplicate item found with id"):  # an id is held once
+        next(clients).conversations.items.create(conv.id, items=[
+            {"type": "message", "role": "user", "content": "again", "id": added.data[0].id}])
     assert next(clients).conversations.items.delete(second, conversation_id=conv.id).id == conv.id
     with pytest.raises(openai.NotFoundError):
         next(clients).conversations.items.retrieve(second, conversation_id=conv.id)
@@ -461,3 +472,54 @@ def test_a_run_whose_replica_died_is_failed_on_poll_and_its_stream_ends_on_the_o
         hold.set()
         rp.start_sidecar(0)
     assert first.responses.create(model="llama-3", input="back").status == "completed"  # replica 0 serves again
+
+
+# -- limits.background_max_seconds: a run that takes longer is failed, polled or streamed ----------------
+
+BRIEF = """
+listen: 127.0.0.1:{port}
+admin_listen: off
+websocket_listen: 127.0.0.1:{front}
+websocket_gateway: http://127.0.0.1:{envoy}
+limits:
+  background_max_seconds: 2
+backends:
+  - {{name: vllm-chat, api: chat, models: ["llama-*"], endpoints: ["{chat}"]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def brief(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.OpenAI, ChatServer]]:
+    """One gateway whose background runs may take 2 s (limits.background_max_seconds)."""
+    chat = ChatServer()
+    port, listen, front = free_port(), free_port(), free_port()
+    cfg = Path(tmp_path_factory.mktemp("brief")) / "config.yaml"
+    cfg.write_text(BRIEF.format(port=port, front=front, envoy=listen, chat=chat.address))
+    with running(cfg, port, listen, servers=(chat,), ready=(front,), websocket=front):
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{listen}/v1", api_key="k", max_retries=0, timeout=30), chat
+
+
+def test_a_background_run_past_its_lifetime_is_failed_when_polled_and_streamed(brief):
+    """The upstream never finishes: the run is stopped at limits.background_max_seconds, recorded
+    `failed` (background_timeout) for the poll, and a streamed one's log ends there in the stream's
+    grammar (the error, then response.failed, its last event), long before the upstream would."""
+    client, chat = brief
+    hold = threading.Event()
+    chat.reset()
+    chat.script.extend([Reply(text="never finished", hold=hold), Reply(text="never streamed", hold=hold, pieces=4)])
+    try:
+        polled = client.responses.create(model="llama-3", input="too long", background=True)
+        raw = client.responses.with_raw_response.create(model="llama-3", input="too long, streamed",
+                                                        background=True, stream=True)
+        events = sse_events(raw.http_response.read())  # the SDK raises at the error event: read the bytes
+        assert wait_until(lambda: client.responses.retrieve(polled.id).status != "in_progress", timeout=20)
+        failed = json.loads(client.responses.with_raw_response.retrieve(polled.id).text)
+    finally:
+        hold.set()
+    validate_response(failed)
+    assert (failed["status"], failed["error"]["code"]) == ("failed", "background_timeout")
+    final = check_stream(events)  # one stream, every event valid: nothing after its terminal event
+    assert [e["type"] for e in events[2:]] == ["error", "response.failed"]
+    assert events[-2]["error"]["code"] == "background_timeout" and final["status"] == "failed"
+    assert client.responses.retrieve(final["id"]).error.code == "background_timeout"
+    assert len(chat.requests) == 2  # each run sent once, never retried

@@ -204,6 +204,25 @@ def test_background_on_a_responses_backend_passes_through_pinned(replicas):
     assert replicas.holder(running.id).requests[-2]["path"] == f"/v1/responses/{running.id}/cancel"
 
 
+def test_a_background_stream_on_a_responses_backend_resumes_pinned(replicas):
+    """A streamed `background` response of a Responses backend is the backend's too: resumed with
+    `starting_after` through the other replica, from the instance that holds it, byte for byte its
+    events; another tenant's resume is the unknown id's 404 and reaches no instance."""
+    one, other = replicas.client(0), replicas.client(1)
+    whole = [e.model_dump(mode="json", exclude_unset=True) for e in one.responses.create(
+        model="gpt-oss-20b", input="hello there", background=True, stream=True, prompt_cache_key="bg-stream")]
+    rid = whole[0]["response"]["id"]
+    holder = replicas.holder(rid)
+    resumed = [e.model_dump(mode="json", exclude_unset=True)
+               for e in other.responses.retrieve(rid, stream=True, starting_after=2)]
+    assert resumed == whole[3:] and resumed[-1]["type"] == "response.completed"
+    assert holder.requests[-1]["path"] == f"/v1/responses/{rid}?starting_after=2&stream=true"  # as the SDK sent it
+    seen = sum(len(s.requests) for s in replicas.resp)
+    with pytest.raises(openai.NotFoundError):
+        list(replicas.client(1, "other-key").responses.retrieve(rid, stream=True, starting_after=2))
+    assert sum(len(s.requests) for s in replicas.resp) == seen
+
+
 def _text(item) -> str:
     return item.content[0].text
 

@@ -189,6 +189,19 @@ def test_demo_codex_keeps_its_conversations(sf):
         client.responses.create(model="demo-codex", input="x", previous_response_id="resp_unknown")
 
 
+def test_demo_codex_compacts_and_its_window_continues(sf):
+    """demo-codex serves /v1/responses/compact as OpenAI does (passed through by the sidecar): the user
+    messages and one compaction item only the demo reads; the window as a new turn's input continues."""
+    client = sf.client()
+    raw = client.responses.with_raw_response.compact(model="demo-codex", input=[
+        {"role": "user", "content": "I am Zed"}, {"role": "assistant", "content": "Hi Zed"}])
+    window = json.loads(raw.text)
+    validate("CompactResource", window)
+    assert [(i["type"], i.get("role")) for i in window["output"]] == [("message", "user"), ("compaction", None)]
+    assert "Zed" not in window["output"][1]["encrypted_content"]
+    after = client.responses.create(model="demo-codex", input=window["output"], store=False)
+    assert after.output_text == "You said: Summary of the earlier conversation: user: I am Zed\nassistant: Hi Zed"
+
 def test_demo_models_refuse_the_other_api_untranslated(sf):
     """Straight to the demo process (no gateway), each model refuses the API it does not speak."""
     demo = next(a for a in sf.stack.procs[0].args if a.isdigit())

@@ -119,3 +119,22 @@ def test_callers_without_a_credential_share_the_anonymous_tenant(tenanted: Tenan
     assert status == 200
     assert tenanted.raw("GET", f"/v1/responses/{made['id']}")[0] == 200  # another anonymous caller
     assert tenanted.raw("GET", f"/v1/responses/{made['id']}", key="sk-alice")[0] == 404
+
+
+def test_a_conversation_is_held_in_every_store_and_only_for_its_tenant(tenanted: Tenanted):
+    """The Conversations API on a chat-only backend in each store: a turn naming the conversation gets
+    its items as history and is appended; another tenant's calls on the id are the unknown id's 404."""
+    alice, bob = tenanted.client("sk-alice"), tenanted.client("sk-bob")
+    conv = alice.conversations.create(items=[{"type": "message", "role": "user", "content": "my name is Zed"}])
+    answer = alice.responses.create(model="llama-3", conversation=conv.id, input="what is my name?")
+    assert answer.status == "completed"
+    items = list(alice.conversations.items.list(conv.id, order="asc"))
+    assert [(i.role, i.content[0].text) for i in items[:2]] == [("user", "my name is Zed"), ("user", "what is my name?")]
+    assert len(items) == 3 and items[2].id == answer.output[0].id
+    for attempt in (lambda: bob.conversations.retrieve(conv.id), lambda: list(bob.conversations.items.list(conv.id)),
+                    lambda: bob.conversations.delete(conv.id),
+                    lambda: bob.responses.create(model="llama-3", conversation=conv.id, input="and mine?")):
+        with pytest.raises(openai.NotFoundError) as e:
+            attempt()
+        assert e.value.body["code"] == "conversation_not_found"
+    assert len(list(alice.conversations.items.list(conv.id))) == 3  # Bob changed nothing

@@ -137,10 +137,13 @@ def test_ws_rule_unstored_response_not_cached_is_previous_response_not_found(sk)
     assert len(sk.chat.requests) == 2
 
 
-@pytest.mark.parametrize("failure", ["upstream 400", "upstream 500", "refused by the socket"])
+@pytest.mark.parametrize("failure", ["upstream 400", "upstream 500", "refused by the socket",
+                                     "a tool output without its call"])
 def test_ws_rule_failed_continuation_evicts_the_referenced_response(sk, failure):
     """A continuation that fails with a 4xx or 5xx evicts the response it referenced: continuing it
-    again is previous_response_not_found, and a fresh turn works."""
+    again is previous_response_not_found, and a fresh turn works. The last case is the Open Responses
+    suite's own (websocket-failed-continuation-evicts-cache): a function_call_output whose call the
+    continued response never made, refused by the gateway before any upstream."""
     sk.chat.script.append(Reply(text="uno"))
     if failure.startswith("upstream"):
         status = int(failure.split()[1])
@@ -148,14 +151,19 @@ def test_ws_rule_failed_continuation_evicts_the_referenced_response(sk, failure)
     sk.chat.script.append(Reply(text="fresh"))
     with connect(sk.ws_url) as ws:
         r1 = turn(ws, input="one", store=False)[-1]["response"]
-        bad = {"stream": False} if failure == "refused by the socket" else {}
-        (failed,) = turn(ws, input="two", store=False, previous_response_id=r1["id"], **bad)
+        bad = {"refused by the socket": {"stream": False},
+               "a tool output without its call": {"input": [{"type": "function_call_output", "call_id": "call_none",
+                                                             "output": "no such call"}]}}.get(failure, {})
+        (failed,) = turn(ws, **{"input": "two", **bad}, store=False, previous_response_id=r1["id"])
+        sent = len(sk.chat.requests)
         (again,) = turn(ws, input="two", store=False, previous_response_id=r1["id"])
         fresh = turn(ws, input="start over", store=False)
     validate("WebSocketErrorEvent", failed)
     assert failed["status"] == {"upstream 400": 400, "upstream 500": 500}.get(failure, 400)
     assert (again["status"], again["error"]["code"]) == (400, "previous_response_not_found")
     assert text_of(fresh) == "fresh"
+    assert len(sk.chat.requests) == sent + 1  # the retry was answered by the socket itself
+    assert sent == (2 if failure.startswith("upstream") else 1)  # the others never reached the upstream
 
 
 def test_ws_rule_store_true_hydrates_older_ids_from_persisted_state(sk):

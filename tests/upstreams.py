@@ -381,8 +381,20 @@ class _ResponsesHandler(_Handler):
             self.conversations(None)
             return
         rid, suffix, stored = self._stored()
+        query = parse_qs(self.path.partition("?")[2])
         if stored is None or suffix not in ("", "input_items"):
             self.send_json(404, _err(f"Response with id '{rid}' not found."))
+        elif suffix == "" and query.get("stream") == ["true"]:  # a background stream resumed, as OpenAI's
+            if "events" not in stored:
+                self.send_json(400, _err("Only background responses created with stream=true can be streamed.",
+                                         param="stream"))
+                return
+            after = int(query.get("starting_after", ["-1"])[0])
+            self.start_sse()
+            for seq, frame in stored["events"]:
+                if seq > after:
+                    self.send_chunk(frame)
+            self.end_chunks()
         elif suffix == "" and stored["response"]["status"] in ("queued", "in_progress"):  # a background one runs
             final = stored["final"]  # queued, then in_progress, then done: one step per poll
             stored["response"] = final if stored["response"]["status"] == "in_progress" else \
@@ -485,7 +497,9 @@ class _ResponsesHandler(_Handler):
             self.send_json(200, queued)
             return
         if body.get("stream"):
-            self.responses_stream(response, reply)
+            frames = self.responses_stream(response, reply)
+            if body.get("background") is True and response["id"] in self.upstream.stored:  # resumable, as OpenAI's
+                self.upstream.stored[response["id"]].update(events=frames, response={**response, "background": True})
         else:
             self.send_json(200, response)
 
@@ -689,15 +703,18 @@ class _ResponsesHandler(_Handler):
             "previous_response_id": body.get("previous_response_id"),
         }
 
-    def responses_stream(self, response: dict[str, Any], reply: Reply) -> None:
+    def responses_stream(self, response: dict[str, Any], reply: Reply) -> list[tuple[int, bytes]]:
+        """The stream, sent; its events (sequence number, SSE frame) returned for a resumable one."""
         self.start_sse()
         seq = 0
+        frames: list[tuple[int, bytes]] = []
 
         def send(kind: str, **fields: Any) -> None:
             nonlocal seq
             ev = {"type": kind, "sequence_number": seq, **fields}
+            frames.append((seq, f"event: {kind}\ndata: {json.dumps(ev)}\n\n".encode()))
             seq += 1
-            self.send_chunk(f"event: {kind}\ndata: {json.dumps(ev)}\n\n".encode())
+            self.send_chunk(frames[-1][1])
 
         shell = {**response, "status": "in_progress", "output": [], "usage": None}
         send("response.created", response=shell)
@@ -739,11 +756,12 @@ class _ResponsesHandler(_Handler):
                      arguments=item["arguments"])
             if reply.cut:
                 self.stop(reply)
-                return
+                return frames
             send("response.output_item.done", output_index=idx, item=item)
         terminal = "response.completed" if response["status"] == "completed" else "response.incomplete"
         send(terminal, response=response)
         self.end_chunks()
+        return frames
 
 
 def _with_ids(inp: Any) -> list[dict[str, Any]]:

@@ -284,7 +284,7 @@ class ResponsesCall(ApiCall):
         prior = compact_trigger.held_context(cont.prior, side.gw.sealer, side.pinning.tenant, stateless)
         items = rec.input_items(body.get("input"))
         extended = None if held is None else \
-            conversations.Held(held, side.pinning.tenant, side.gw.config.state.max_record_bytes, items)
+            conversations.Held.turn(held, side.pinning.tenant, side.gw.config.state.max_record_bytes, items)
         if (pair := call.pair) is not None and stateless:
             plan = call.plan(side, cont.target, cont.pinned_id, Turn(items, cont.ancestors), extended)
             new = pair.request({**body, "input": prior + items} if prior else body)

@@ -47,8 +47,11 @@ class Follower:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
         await resp.prepare(request)
         cursor, backoff, loop = follow.cursor(), Backoff(), asyncio.get_running_loop()
-        # A run lives at most background_max_seconds: a log still open after that lost its run.
-        deadline = loop.time() + self.config().limits.background_max_seconds
+        # A run lives at most background_max_seconds, and logs its end within a lease after that (it
+        # started after this stream may have: the create call's own stream is one): a log still open
+        # then lost its run.
+        limits = self.config().limits
+        deadline = loop.time() + limits.background_max_seconds + limits.background_lease_seconds
         wrote = loop.time()
         lease = lease_key(follow.tenant, follow.response_id)
         try:
@@ -61,8 +64,8 @@ class Follower:
                     await resp.write(b"".join(events) or b": keepalive\n\n")
                     wrote = loop.time()
                 # Read together: a run logs its end before its lease can lapse, so a log that has nothing
-                # new while the lease is gone has lost its run (its replica died).
-                if loop.time() > deadline or (leased is None and not events and not cursor.done):
+                # new while the lease is gone has lost its run (its replica died). A log that ended is whole.
+                if not cursor.done and (loop.time() > deadline or (leased is None and not events)):
                     await resp.write(_stream_error(LOST_CODE, "the background run stopped recording its "
                                                    "events; poll GET /v1/responses/{id}"))
                     break

@@ -11,6 +11,7 @@ the sidecar).
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -18,8 +19,9 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from extproc.api import API_OF_PATH, CHAT, PATHS, RESPONSES
+from extproc.api import API_OF_PATH, CHAT, COMPACT_PATH, PATHS, RESPONSES
 from extproc.errors import GatewayError
+from extproc.state.records import input_items
 from extproc.translate import req_responses_to_chat, resp_chat_to_responses
 from extproc.translate.stream_chat_to_responses import ChatToResponsesStream
 
@@ -96,6 +98,33 @@ def _error(message: str, code: str | None = None, param: str | None = None) -> d
     return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
 
 
+_SEALED = "demo-compaction:"  # the demo's own compaction content: the earlier conversation, base64
+
+
+def _compacted(body: dict[str, Any]) -> dict[str, Any]:
+    """`/v1/responses/compact`: the user messages, then one compaction item holding the conversation."""
+    items = input_items(body.get("input"))
+    said = [f"{i.get('role')}: {' '.join(p.get('text', '') for p in i.get('content') or [] if isinstance(p, dict))}"
+            for i in items if i["type"] == "message"]
+    sealed = _SEALED + base64.b64encode("\n".join(said).encode()).decode()
+    tokens = sum(len(line.split()) for line in said)
+    return {"id": "cmp_" + uuid.uuid4().hex, "object": "response.compaction", "created_at": int(time.time()),
+            "output": [*(i for i in items if i["type"] == "message" and i.get("role") == "user"),
+                       {"id": "cmp_" + uuid.uuid4().hex, "type": "compaction", "encrypted_content": sealed}],
+            "usage": {"input_tokens": tokens, "output_tokens": 1, "total_tokens": tokens + 1,
+                      "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}
+
+
+def _opened(inp: Any) -> Any:
+    """A turn's input with the demo's own compaction items read back as the summary they hold."""
+    if not isinstance(inp, list):
+        return inp
+    return [{"role": "user", "content": "Summary of the earlier conversation: "
+                                        + base64.b64decode(item["encrypted_content"][len(_SEALED):]).decode()}
+            if isinstance(item, dict) and item.get("type") == "compaction"
+            and str(item.get("encrypted_content", "")).startswith(_SEALED) else item for item in inp]
+
+
 class _Answer:
     """The echo answer to a list of chat messages, as a chat.completion or its chunk stream."""
 
@@ -160,7 +189,7 @@ class DemoHandler(JSONHandler):
     def do_POST(self) -> None:
         body = self.read_json()
         path = self.path.partition("?")[0]
-        api = API_OF_PATH.get(path)
+        api = RESPONSES if path == COMPACT_PATH else API_OF_PATH.get(path)
         if api is None or not isinstance(body, dict):
             self.send_json(404, _error(f"{self.path} is not served here"))
             return
@@ -172,8 +201,13 @@ class DemoHandler(JSONHandler):
                                        f"it is not supported on {path}", "unsupported_api", "model"))
         elif api == CHAT:
             self.answer_chat(body)
+        elif path == COMPACT_PATH:
+            try:
+                self.send_json(200, _compacted(body))
+            except GatewayError as e:
+                self.send_json(e.status, {"error": e.payload()})
         else:
-            self.answer_responses(body)
+            self.answer_responses({**body, "input": _opened(body["input"])} if "input" in body else body)
 
     def answer_chat(self, body: dict[str, Any]) -> None:
         answer = _Answer(body.get("messages") or [], body["model"], body.get("tools"))

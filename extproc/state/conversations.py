@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,14 +175,26 @@ def check_metadata(value: Any) -> dict[str, str]:
     return dict(value)
 
 
-def _new_items(value: Any, param: str) -> list[dict[str, Any]]:
+def _new_items(value: Any, param: str, held: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     if value is None:
         return []
     if not isinstance(value, list):
         raise invalid(param, "expected a list of items")
     if len(value) > MAX_ITEMS_PER_CALL:
         raise invalid(param, f"expected at most {MAX_ITEMS_PER_CALL} items, got {len(value)}")
-    return input_items(value)
+    return unique(held, input_items(value, param), param)
+
+
+def unique(held: Sequence[dict[str, Any]], added: list[dict[str, Any]], param: str) -> list[dict[str, Any]]:
+    """`added` (items the client sent, its ids kept) when no id is already held or given twice: OpenAI
+    refuses such an item, since item ids are how a conversation's items are retrieved and deleted."""
+    seen = {item.get("id") for item in held}
+    for item in added:
+        if item["id"] in seen:
+            raise GatewayError(400, f"Duplicate item found with id {item['id']}. Remove duplicate items from "
+                                    "your input and try again.", param=param)
+        seen.add(item["id"])
+    return added
 
 
 def _body(body: dict[str, Any] | None, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -195,6 +208,15 @@ def _body(body: dict[str, Any] | None, allowed: tuple[str, ...]) -> dict[str, An
 def _page(items: list[dict[str, Any]]) -> bytes:
     return orjson.dumps({"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
                          "last_id": items[-1]["id"] if items else None, "has_more": False})
+
+
+def _bounded(record: Record, max_record_bytes: int, param: str | None = None) -> bytes:
+    """The record's bytes, unless they pass the gateway's limit: then the call that grows it is refused."""
+    raw = record.dumps()
+    if len(raw) > max_record_bytes:
+        raise GatewayError(400, f"Conversation '{record.id}' would exceed the gateway's limit of "
+                                f"{max_record_bytes} bytes", param=param, code="conversation_too_large")
+    return raw
 
 
 class Conversations:
@@ -213,11 +235,7 @@ class Conversations:
         return found if isinstance(found, Pin) else self._on(method, where, query, body, found)
 
     def _write(self, record: Record) -> Writes:
-        raw = record.dumps()
-        if len(raw) > self.max_record_bytes:
-            raise GatewayError(400, f"Conversation '{record.id}' would exceed the gateway's limit of "
-                                    f"{self.max_record_bytes} bytes", code="conversation_too_large")
-        return [(conversation_key(self.tenant, record.id), raw)]
+        return [(conversation_key(self.tenant, record.id), _bounded(record, self.max_record_bytes))]
 
     def _create(self, body: dict[str, Any] | None) -> Reply:
         body = _body(body, ("items", "metadata", "safety_identifier"))
@@ -230,7 +248,7 @@ class Conversations:
         if where.items:
             if method == "GET":
                 return Reply(200, input_items_page(record.items, query))
-            added = _new_items(_body(body, ("items",)).get("items"), "items")
+            added = _new_items(_body(body, ("items",)).get("items"), "items", record.items)
             if not added:
                 raise GatewayError(400, "Missing required parameter: 'items'.", param="items",
                                    code="missing_required_parameter")
@@ -289,6 +307,15 @@ class Held:
     max_record_bytes: int
     input: list[dict[str, Any]]
 
+    @staticmethod
+    def turn(record: Record, tenant: str, max_record_bytes: int, items: list[dict[str, Any]]) -> Held:
+        """A turn's `input` items in `record`, refused before any upstream call when one repeats a held
+        item's id, or when the conversation with them already passes the limit (the answer would not be
+        appended)."""
+        _bounded(Record(record.id, record.created_at, record.metadata, [*record.items, *items]), max_record_bytes,
+                 "input")
+        return Held(record, tenant, max_record_bytes, unique(record.items, items, "input"))
+
     def append(self, response: dict[str, Any] | None) -> Writes:
         """The record with this turn's input and output, once the answer is complete; compaction
         triggers are not kept (the compaction item they asked for is)."""
@@ -298,7 +325,7 @@ class Held:
         record = Record(self.record.id, self.record.created_at, self.record.metadata,
                         [*self.record.items, *kept, *(response.get("output") or ())])
         raw = record.dumps()
-        if len(raw) > self.max_record_bytes:
+        if len(raw) > self.max_record_bytes:  # the answer's output passed the limit (its input did not)
             log.warning("conversation %s not extended: %d bytes exceeds state.max_record_bytes", record.id, len(raw))
             return []
         return [(conversation_key(self.tenant, record.id), raw)]

@@ -77,20 +77,21 @@ def _text_part(role: str, text: str) -> dict[str, Any]:
         "type": "input_text", "text": text}
 
 
-def input_items(inp: Any) -> list[dict[str, Any]]:
-    """A request's `input` as the list of items the API reports back (`input_items`): typed, with ids."""
+def input_items(inp: Any, param: str = "input") -> list[dict[str, Any]]:
+    """A request's `input` as the list of items the API reports back (`input_items`): typed, with ids.
+    `param` names the list in errors (a Conversations call's `items`)."""
     if isinstance(inp, str):
         inp = [{"role": "user", "content": inp}] if inp else []
     if not isinstance(inp, list | None):
-        raise invalid("input", "expected a string or a list of input items")
+        raise invalid(param, "expected a string or a list of input items")
     out = []
     for i, item in enumerate(inp or ()):
         if not isinstance(item, dict):
-            raise invalid(f"input[{i}]", "expected an input item object")
+            raise invalid(f"{param}[{i}]", "expected an input item object")
         item = dict(item)
         kind = item.setdefault("type", "message")
         if not isinstance(kind, str):
-            raise invalid(f"input[{i}].type", "expected an item type string")
+            raise invalid(f"{param}[{i}].type", "expected an item type string")
         if kind == "message":
             role = item.get("role", "user")
             if isinstance(item.get("content"), str):

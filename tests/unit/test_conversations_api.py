@@ -124,11 +124,23 @@ def test_items_pages_as_the_api_documents(gateway):
     ({"metadata": "x"}, "metadata"),
     ({"items": [{"role": "user", "content": "x"}] * 21}, "items"),
     ({"items": "x"}, "items"),
+    ({"items": [{"role": "user", "content": "x"}, "x"]}, "items[1]"),
+    ({"items": [{"type": 7}]}, "items[0].type"),
     ({"title": "x"}, "title"),
 ])
 def test_create_refusals(gateway, body, param):
     status, err = call(gateway, Store(), "POST", "/v1/conversations", body)
     assert (status, err["error"]["param"]) == (400, param)
+
+
+def test_added_items_are_refused_by_their_own_name(gateway):
+    """A bad item of `POST .../items` is named `items[n]`, the call's parameter, not a turn's `input`."""
+    store = Store()
+    _, conv = call(gateway, store, "POST", "/v1/conversations")
+    status, err = call(gateway, store, "POST", f"/v1/conversations/{conv['id']}/items",
+                       {"items": [{"role": "user", "content": "fine"}, ["not", "an", "item"]]})
+    assert (status, err["error"]["param"], err["error"]["type"]) == (400, "items[1]", "invalid_request_error")
+    assert call(gateway, store, "GET", f"/v1/conversations/{conv['id']}/items")[1]["data"] == []  # nothing added
 
 
 def test_metadata_at_its_limits_is_accepted(gateway):
@@ -152,6 +164,52 @@ def test_a_store_outage_is_a_503(gateway):
     with pytest.raises(GatewayError) as e:
         step.then(None)
     assert (e.value.status, e.value.code) == (503, "state_unavailable")
+
+
+
+def test_an_item_id_is_held_once(gateway):
+    """OpenAI's rule: an item whose id the conversation holds already, or that a call gives twice, is a
+    400 ("Duplicate item found with id ..."), on create, on adding items and on a turn's input; the
+    conversation stays as it was and nothing reaches a backend."""
+    store = Store()
+    twice = [{"id": "msg_1", "role": "user", "content": "a"}, {"id": "msg_1", "role": "user", "content": "b"}]
+    status, err = call(gateway, store, "POST", "/v1/conversations", {"items": twice})
+    assert (status, err["error"]["param"]) == (400, "items")
+    assert err["error"]["message"] == ("Duplicate item found with id msg_1. Remove duplicate items from your input "
+                                       "and try again.")
+    _, conv = call(gateway, store, "POST", "/v1/conversations", {"items": twice[:1]})
+    cid = conv["id"]
+    status, err = call(gateway, store, "POST", f"/v1/conversations/{cid}/items", {"items": twice[1:]})
+    assert (status, err["error"]["param"]) == (400, "items")
+    status, err = call(gateway, store, "POST", "/v1/responses",
+                       {"model": "llama-3", "conversation": cid, "input": [{**twice[1], "type": "message"}]})
+    assert (status, err["error"]["param"], err["error"]["type"]) == (400, "input", "invalid_request_error")
+    _, page = call(gateway, store, "GET", f"/v1/conversations/{cid}/items")
+    assert [i["content"][0]["text"] for i in page["data"]] == ["a"]
+    status, added = call(gateway, store, "POST", f"/v1/conversations/{cid}/items",
+                         {"items": [{"id": "msg_2", "role": "user", "content": "b"}]})  # a new id is fine
+    assert status == 200 and added["data"][0]["id"] == "msg_2"
+
+
+
+def test_a_turn_that_would_pass_the_record_limit_is_refused_before_any_upstream():
+    """state.max_record_bytes: a turn whose input already takes the conversation past it is a 400 (its
+    answer could not be appended), like an items call that would; one that fits goes on."""
+    small = Gateway(parse_config(CFG + "state: {max_record_bytes: 1024}\n", env={}))
+    store = Store()
+    _, conv = call(small, store, "POST", "/v1/conversations", {"items": [{"role": "user", "content": "x" * 500}]})
+    status, err = call(small, store, "POST", "/v1/responses",
+                       {"model": "llama-3", "conversation": conv["id"], "input": "y" * 600})
+    assert (status, err["error"]["code"], err["error"]["param"]) == (400, "conversation_too_large", "input")
+    status, err = call(small, store, "POST", f"/v1/conversations/{conv['id']}/items",
+                       {"items": [{"role": "user", "content": "y" * 600}]})
+    assert (status, err["error"]["code"]) == (400, "conversation_too_large")
+    ex = Exchange(small)
+    ex.request_headers({":method": "POST", ":path": "/v1/responses", "content-type": "application/json",
+                        "authorization": "Bearer k1"}, False)
+    act = store.run(ex.request_body(json.dumps({"model": "llama-3", "conversation": conv["id"],
+                                                "input": "short"}).encode()))
+    assert json.loads(act.body)["messages"][-1] == {"role": "user", "content": "short"}  # sent on
 
 
 CHAT_ANSWER = {"id": "c", "created": 1, "model": "llama-3", "choices": [

@@ -162,6 +162,16 @@ def _ask(client: openai.OpenAI, api: str, stream: bool, model: str = "grouped", 
     return r.parse().output_text
 
 
+def _ask_anthropic(client: anthropic.Anthropic, stream: bool) -> str:
+    """One Messages request for the grouped model; the answer's text."""
+    msgs: list[anthropic.types.MessageParam] = [{"role": "user", "content": "hi"}]
+    if stream:
+        with client.messages.stream(model="grouped", max_tokens=32, messages=msgs) as s:
+            return "".join(s.text_stream)
+    out = client.messages.create(model="grouped", max_tokens=32, messages=msgs)
+    return "".join(b.text for b in out.content if b.type == "text")
+
+
 def _once_held(g: Group, cluster: str = "group.pool-chat.pool-resp") -> threading.Event:
     """Set once the member's response headers are in Envoy's upstream filters (the hold filter's first
     message; polled, so an answer that filter lets go at once has been answered by the attempt's own
@@ -247,9 +257,40 @@ def test_a_silent_member_is_named_when_every_member_fails(g):
             _ask(g.client(), "chat", False)
     finally:
         silent.set()
-    assert e.value.status_code == 502 and e.value.body["code"] == "all_backends_failed"
+    assert e.value.status_code == 502 and e.value.body["code"] == "all_backends_failed"  # the last was a 500
     message = e.value.body["message"]
-    assert "pool-chat: no answer" in message and "pool-resp: 500 responses pool crashed" in message
+    assert "pool-chat: timed out" in message and "pool-resp: 500 responses pool crashed" in message
+
+
+@pytest.mark.parametrize("api", ["chat", "responses", "messages"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_last_member_timing_out_is_a_504_in_the_callers_shape(g, api, stream):
+    """Envoy tells the attempt after a timed-out one only its number: the sidecar tells a timeout from
+    a reset by how long the attempt lasted, and every member failing with the last one silent is one
+    504 `all_backends_timed_out` naming both, in the caller's API's error shape, streamed or not (the
+    stream never started: an HTTP error, as the provider's own would be)."""
+    import anthropic
+
+    silent = threading.Event()
+    g.chat.script.append(Reply(error=_error(503, "chat pool down")))
+    g.resp.script.append(Reply(silent=silent))
+    try:
+        with pytest.raises((openai.APIStatusError, anthropic.APIStatusError)) as e:
+            if api == "messages":
+                _ask_anthropic(g.anthropic(), stream)
+            else:
+                _ask(g.client(), api, stream)
+    finally:
+        silent.set()
+    assert e.value.status_code == 504
+    body = e.value.response.json()
+    if api == "messages":  # Anthropic's error shape: a 504 is its `timeout_error`
+        assert body == {"type": "error", "error": {"type": "timeout_error", "message": body["error"]["message"]}}
+    else:  # OpenAI's
+        assert set(body) == {"error"} and body["error"]["code"] == "all_backends_timed_out"
+    message = body["error"]["message"]
+    assert "pool-chat: 503 chat pool down" in message and "pool-resp: timed out" in message
+    assert len(g.chat.requests) == 1 and len(g.resp.requests) == 1
 
 
 def test_an_anthropic_client_fails_over_too(g):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import orjson
 import pytest
@@ -10,6 +11,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_m
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
 
 from extproc.config import parse_config
+from extproc.errors import GatewayError
 from extproc.exchange import BUFFERED, Exchange
 from extproc.exchange.failover import GroupAttempt, Hold, attempt_key, record_key
 from extproc.routing import group_routes
@@ -208,6 +210,30 @@ def test_the_last_attempt_names_every_one_including_those_that_got_no_answer():
     extra = GroupAttempt(gw, "10.0.0.1:8000")
     with pytest.raises(Exception, match="every backend of model 'g' failed"):
         resolve(extra.request_headers({**headers, "x-envoy-attempt-count": "3"}, False), store)
+
+
+def test_an_attempt_given_up_on_after_its_timeout_is_told_from_a_reset_by_its_length(monkeypatch):
+    """Envoy tells an attempt only its number: a silent attempt before it that lasted the attempt
+    timeout (30 s here) was given up on by Envoy, one that ended sooner was refused or reset. The last
+    one timing out makes the all-failed error a 504."""
+    gw, store = gateway(), {}
+    headers = hand_over(gw, store)
+    rid, start = headers["x-gateway-failover"], time.time()
+    monkeypatch.setattr(time, "time", lambda: start + 1)  # attempt 1 ended after a second: a reset
+    early = attempt(gw, store, headers, 2, "10.0.0.2:8000")
+    assert [(a.backend, a.outcome) for a in early.attempts] == [("keyed-chat", "reset")]
+    store.pop(attempt_key(rid, 1))  # (as if that attempt 2 had not been: the same attempt 1, told by time)
+    monkeypatch.setattr(time, "time", lambda: start + 30)
+    second = attempt(gw, store, headers, 2, "10.0.0.2:8000")
+    assert [(a.backend, a.outcome) for a in second.attempts] == [("keyed-chat", "timeout")]
+    assert orjson.loads(store[attempt_key(rid, 1)])["error"] == "timeout"  # recorded for the attempts after it
+    # attempt 2 silent too, 30 s after attempt 3 was recorded as begun: Envoy's one more attempt answers 504
+    monkeypatch.setattr(time, "time", lambda: start + 60)
+    with pytest.raises(GatewayError) as e:
+        resolve(GroupAttempt(gw, "10.0.0.1:8000").request_headers({**headers, "x-envoy-attempt-count": "3"}, False),
+                store)
+    assert (e.value.status, e.value.code) == (504, "all_backends_timed_out")
+    assert "keyed-chat: timed out" in e.value.message and "resp: timed out" in e.value.message
 
 
 def _handed(gw: Gateway, path: str, body: dict) -> bool:

@@ -54,7 +54,7 @@ from extproc.exchange.phases import Phase
 from extproc.exchange.upstream import UpstreamStream
 from extproc.routing.failover import Attempt, Transport, Verdict, all_failed_error
 from extproc.routing.gateway import Target, placement_key
-from extproc.routing.group_routes import carried, first_on, group_cluster
+from extproc.routing.group_routes import first_on, group_cluster
 from extproc.routing.groups import Group, continue_order, group_for
 from extproc.routing.needs import Call
 from extproc.state import records as rec
@@ -105,7 +105,7 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
     first to the member that served it (its prefix cache) while that member is in."""
     gw = side.gw
     group = group_for(gw.config, model) if side.member is None else None
-    if group is None or not carried(group.backends) or not _follows(group, call, side.bare, body):
+    if group is None or not _follows(group, call, side.bare, body):
         return None
     prev = body.get("previous_response_id")
     previous: str | None = None  # the member that served the turn this one continues, when the sidecar holds it

@@ -432,10 +432,10 @@ def compile_routes(config: Config, knowledge: Knowledge, learned: dict[tuple[str
 
 
 def _carried(config: Config, model: str) -> tuple[Backend, ...]:
-    """The members of a model's group that Envoy carries (none: not such a group). Such a model never
-    has a fast route to its primary alone."""
+    """The members of a model's group, which Envoy carries (none: not a group; a `cluster:` member is
+    refused by the config). Such a model never has a fast route to its primary alone."""
     group = group_for(config, model)
-    return group.backends if group is not None and group_routes.carried(group.backends) else ()
+    return group.backends if group is not None else ()
 
 
 def _group_when(surveys: _Surveys, classifier: Classifier, members: tuple[Backend, ...], model: str, client_api: str,

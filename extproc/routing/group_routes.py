@@ -71,18 +71,8 @@ def _any(msg: object) -> any_pb2.Any:
     return out
 
 
-def carried(backends: Iterable[Backend]) -> bool:
-    """Whether Envoy can carry this group's attempts: every member a list of instances or a `url:`
-    provider (a `cluster:` member is an Envoy cluster the sidecar does not define, so no priority of the
-    group's: its models route to the primary as before)."""
-    return all(b.endpoints or b.hosted is not None for b in backends)
-
-
 def carriage(members: tuple[Backend, ...]) -> str:
     """How Envoy carries a group's attempts, in words, for `check-config` and `extproc resolve`."""
-    if not carried(members):
-        kinds = ", ".join(f"{b.name} is a cluster: backend" for b in members if not b.endpoints and b.hosted is None)
-        return f"not carried ({kinds}): its requests go to the primary {members[0].name} alone, without failover"
     names = ", ".join(group_cluster(first_on(members, b)) for b in members)
     hosted = [b.name for b in members if b.hosted is not None]
     how = f"; {', '.join(hosted)} by DNS, over its own TLS, with its Host and key put on by the processor " \
@@ -116,8 +106,7 @@ def first_on(backends: tuple[Backend, ...], first: Backend) -> tuple[Backend, ..
 def member_lists(config: Config) -> list[tuple[Backend, ...]]:
     """Each distinct order of members Envoy carries, in the order the groups first appear: config order
     first (the fast path's, `fast_cluster`), then one order per other first member."""
-    out = {first_on(g.backends, b): None for g in groups(config).values() if carried(g.backends)
-           for b in g.backends}
+    out = {first_on(g.backends, b): None for g in groups(config).values() for b in g.backends}
     return list(out)
 
 

@@ -68,8 +68,7 @@ def _no_cluster_members(r: Reader, found: list[Backend], nodes: list[tuple[int, 
         for model, members in listed.items():
             others = [o.name for o in members if o is not b]
             if b in members and others:
-                where = bnode.value[[k.value for k, _ in bnode.value].index("models")][1] \
-                    if isinstance(bnode, yaml.MappingNode) else bnode
+                where = next((v for k, v in bnode.value if k.value == "models"), bnode)  # (a parsed backend's mapping)
                 r.problem(where, f"backends[{i}].models",
                           f"{model!r} is listed by {', '.join(repr(o) for o in others)} too, which makes it a model "
                           f"group, and a 'cluster:' backend ({b.name!r}, cluster {b.cluster!r}) cannot be a member of "

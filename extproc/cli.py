@@ -106,14 +106,12 @@ def _check_config(path: str, strict: bool) -> int:
 
 def _print_groups(cfg: Config) -> None:
     """Which models several backends serve (docs/configuration.md, Failover), and weights that do nothing."""
-    from extproc.routing.group_routes import carriage, carried, shared_instances
+    from extproc.routing.group_routes import shared_instances
     from extproc.routing.groups import describe, groups
 
     found = groups(cfg)
     for group in found.values():
         print(f"  group {group.model}: {describe(group)}")
-        if not carried(group.backends):
-            print(f"  note: group {group.model} is {carriage(group.backends)}")
         for address, names in shared_instances(group.backends).items():
             print(f"  note: group {group.model}: {', '.join(names)} share instance {address}: an attempt there is "
                   f"always {names[0]}'s (attempts are told apart by the instance)")

@@ -162,6 +162,16 @@ def _ask(client: openai.OpenAI, api: str, stream: bool, model: str = "grouped", 
     return r.parse().output_text
 
 
+def _ask_anthropic(client: anthropic.Anthropic, stream: bool) -> str:
+    """One Messages request for the grouped model; the answer's text."""
+    msgs: list[anthropic.types.MessageParam] = [{"role": "user", "content": "hi"}]
+    if stream:
+        with client.messages.stream(model="grouped", max_tokens=32, messages=msgs) as s:
+            return "".join(s.text_stream)
+    out = client.messages.create(model="grouped", max_tokens=32, messages=msgs)
+    return "".join(b.text for b in out.content if b.type == "text")
+
+
 def _once_held(g: Group, cluster: str = "group.pool-chat.pool-resp") -> threading.Event:
     """Set once the member's response headers are in Envoy's upstream filters (the hold filter's first
     message; polled, so an answer that filter lets go at once has been answered by the attempt's own
@@ -247,9 +257,40 @@ def test_a_silent_member_is_named_when_every_member_fails(g):
             _ask(g.client(), "chat", False)
     finally:
         silent.set()
-    assert e.value.status_code == 502 and e.value.body["code"] == "all_backends_failed"
+    assert e.value.status_code == 502 and e.value.body["code"] == "all_backends_failed"  # the last was a 500
     message = e.value.body["message"]
-    assert "pool-chat: no answer" in message and "pool-resp: 500 responses pool crashed" in message
+    assert "pool-chat: timed out" in message and "pool-resp: 500 responses pool crashed" in message
+
+
+@pytest.mark.parametrize("api", ["chat", "responses", "messages"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_last_member_timing_out_is_a_504_in_the_callers_shape(g, api, stream):
+    """Envoy tells the attempt after a timed-out one only its number: the sidecar tells a timeout from
+    a reset by how long the attempt lasted, and every member failing with the last one silent is one
+    504 `all_backends_timed_out` naming both, in the caller's API's error shape, streamed or not (the
+    stream never started: an HTTP error, as the provider's own would be)."""
+    import anthropic
+
+    silent = threading.Event()
+    g.chat.script.append(Reply(error=_error(503, "chat pool down")))
+    g.resp.script.append(Reply(silent=silent))
+    try:
+        with pytest.raises((openai.APIStatusError, anthropic.APIStatusError)) as e:
+            if api == "messages":
+                _ask_anthropic(g.anthropic(), stream)
+            else:
+                _ask(g.client(), api, stream)
+    finally:
+        silent.set()
+    assert e.value.status_code == 504
+    body = e.value.response.json()
+    if api == "messages":  # Anthropic's error shape: a 504 is its `timeout_error`
+        assert body == {"type": "error", "error": {"type": "timeout_error", "message": body["error"]["message"]}}
+    else:  # OpenAI's
+        assert set(body) == {"error"} and body["error"]["code"] == "all_backends_timed_out"
+    message = body["error"]["message"]
+    assert "pool-chat: 503 chat pool down" in message and "pool-resp: timed out" in message
+    assert len(g.chat.requests) == 1 and len(g.resp.requests) == 1
 
 
 def test_an_anthropic_client_fails_over_too(g):
@@ -397,10 +438,17 @@ def test_a_held_conversation_stays_on_the_member_that_served_its_last_turn(g):
 
 
 def _route_names(g: Group) -> dict[str, str]:
+    """Each route name's cluster (the last route's, where several share a name: `_route_clusters`)."""
+    return {name: clusters[-1] for name, clusters in _route_clusters(g).items()}
+
+
+def _route_clusters(g: Group) -> dict[str, list[str]]:
     with urllib.request.urlopen(g.envoy_admin + "/config_dump?resource=dynamic_route_configs", timeout=10) as r:
         dump = json.loads(r.read())
-    routes = dump["configs"][0]["route_config"]["virtual_hosts"][0]["routes"]
-    return {r["name"]: r.get("route", {}).get("cluster", "") for r in routes}
+    out: dict[str, list[str]] = {}
+    for r in dump["configs"][0]["route_config"]["virtual_hosts"][0]["routes"]:
+        out.setdefault(r["name"], []).append(r.get("route", {}).get("cluster", ""))
+    return out
 
 
 def _stat(g: Group, name: str) -> int:
@@ -456,6 +504,14 @@ backends:
     api: chat
     models: ["fast-model"]
     endpoints: ["{fast_b}"]
+  - name: fast-ra
+    api: responses
+    models: ["fast-resp"]
+    endpoints: ["{fast_ra}"]
+  - name: fast-rb
+    api: responses
+    models: ["fast-resp"]
+    endpoints: ["{fast_rb}"]
   - name: spread-a
     api: chat
     models: ["spread-model"]
@@ -477,17 +533,19 @@ class Health:
     conv_b: ChatServer
     fast_a: ChatServer
     fast_b: ChatServer
+    fast_ra: ResponsesServer
+    fast_rb: ResponsesServer
 
 
 @pytest.fixture(scope="module")
 def health(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Health]:
     flaky, steady, conv_a, conv_b = ChatServer(), ResponsesServer(), ChatServer(), ChatServer()
-    fast_a, fast_b = ChatServer(), ChatServer()
+    fast_a, fast_b, fast_ra, fast_rb = ChatServer(), ChatServer(), ResponsesServer(), ResponsesServer()
     with _running_group(tmp_path_factory.mktemp("health"), HEALTH_CONFIG, flaky, steady,
-                        (flaky, steady, conv_a, conv_b, fast_a, fast_b), flaky=flaky.address, steady=steady.address,
-                        conv_a=conv_a.address, conv_b=conv_b.address, fast_a=fast_a.address,
-                        fast_b=fast_b.address) as group:
-        yield Health(group, flaky, conv_a, conv_b, fast_a, fast_b)
+                        (flaky, steady, conv_a, conv_b, fast_a, fast_b, fast_ra, fast_rb), flaky=flaky.address,
+                        steady=steady.address, conv_a=conv_a.address, conv_b=conv_b.address, fast_a=fast_a.address,
+                        fast_b=fast_b.address, fast_ra=fast_ra.address, fast_rb=fast_rb.address) as group:
+        yield Health(group, flaky, conv_a, conv_b, fast_a, fast_b, fast_ra, fast_rb)
 
 
 def test_a_failing_member_is_taken_out_and_comes_back_by_itself(health):
@@ -511,8 +569,9 @@ def test_a_failing_member_is_taken_out_and_comes_back_by_itself(health):
 def test_a_same_api_group_fails_over_on_the_fast_path(health):
     """Chat clients on a group of chat pools need only Envoy: its compiled retries between the members."""
     g, fast_a, fast_b = health.group, health.fast_a, health.fast_b
-    routes = _route_names(g)
-    assert routes["fast:chat:group.fast-a.fast-b"] == "fast-group.fast-a.fast-b"
+    # streams to the twin with the hold, the rest to the one without
+    assert set(_route_clusters(g)["fast:chat:group.fast-a.fast-b"]) == \
+        {"fast-group.fast-a.fast-b", "fast-stream-group.fast-a.fast-b"}
     served = 'extproc_requests_total{backend="fast-b",client_api="chat",model="fast-model",outcome="ok",upstream_api="chat"}'
     before = _metrics(g).get(served, 0)
     fast_a.script.append(Reply(error=_error(503, "busy")))
@@ -526,6 +585,41 @@ def test_a_same_api_group_fails_over_on_the_fast_path(health):
     assert _ask(g.client(), "chat", True, model="fast-model") == "first pool again"
 
 
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_a_stream_reset_after_its_headers_fails_over_on_the_fast_path(health, api):
+    """Envoy's router retries no reset once an attempt's headers reached it: the fast group cluster's
+    hold lets a stream's headers through only with its first event, so a member that sends its
+    headers and then drops the connection is retried on the next member by Envoy alone, and the
+    client gets that member's whole stream."""
+    g = health.group
+    first, second = (health.fast_a, health.fast_b) if api == "chat" else (health.fast_ra, health.fast_rb)
+    model, cluster = ("fast-model", "fast-stream-group.fast-a.fast-b") if api == "chat" else \
+        ("fast-resp", "fast-stream-group.fast-ra.fast-rb")
+    assert cluster in _route_clusters(g)[f"fast:{api}:{cluster[len('fast-stream-'):]}"]
+    for server in (first, second):
+        server.reset()
+    retries = _stat(g, f"cluster.{cluster}.upstream_rq_retry")
+    first.script.append(Reply(reset=True, drop=_once_held(g, cluster)))
+    second.script.append(Reply(text="the whole stream from the second"))
+    client = g.client()
+    if api == "chat":
+        chunks = list(client.chat.completions.create(  # (Envoy counts a stream's usage only if it is sent)
+            model=model, messages=[{"role": "user", "content": "hi"}], stream=True,
+            stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            "the whole stream from the second"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    else:
+        with client.responses.create(model=model, input="hi", stream=True, store=False) as s:
+            events = [e.model_dump(mode="json", exclude_unset=True) for e in s]
+        assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == \
+            "the whole stream from the second"
+        assert events[-1]["type"] == "response.completed"
+    assert len(first.requests) == 1 and len(second.requests) == 1
+    assert _stat(g, f"cluster.{cluster}.upstream_rq_retry") == retries + 1  # Envoy's own retry, on the fast route
+    assert _stat(g, f"cluster.{cluster}.ext_proc.hold.streams_started") >= 2  # the hold, on each attempt
+
+
 def test_weights_spread_first_attempts_on_the_fast_path_too(health):
     """spread-a (weight 1) and spread-b (weight 3), chat pools: Envoy picks the first member by weight
     (one order's cluster per request, at random; the other member is its next priority)."""
@@ -533,8 +627,10 @@ def test_weights_spread_first_attempts_on_the_fast_path_too(health):
     with urllib.request.urlopen(g.envoy_admin + "/config_dump?resource=dynamic_route_configs", timeout=10) as r:
         routes = json.loads(r.read())["configs"][0]["route_config"]["virtual_hosts"][0]["routes"]
     spread = [r["route"] for r in routes if r["name"] == "fast:chat:group.spread-a.spread-b"]  # one per condition
-    assert spread and all({c["name"]: c["weight"] for c in r["weighted_clusters"]["clusters"]} == {
-        "fast-group.spread-a.spread-b": 1, "fast-group.spread-b.spread-a": 3} for r in spread)
+    twins = [r["weighted_clusters"]["clusters"][0]["name"].partition("group.")[0] for r in spread]
+    assert set(twins) == {"fast-", "fast-stream-"} and all(  # streams' twin (the hold), and the rest's
+        {c["name"]: c["weight"] for c in r["weighted_clusters"]["clusters"]} == {
+            f"{twin}group.spread-a.spread-b": 1, f"{twin}group.spread-b.spread-a": 3} for r, twin in zip(spread, twins, strict=True))
     n, before = 120, (len(fast_a.requests), len(fast_b.requests))
     for _ in range(n):
         assert _ask(g.client(), "chat", False, model="spread-model") == "echo: hi"

@@ -470,6 +470,12 @@ class _ResponsesHandler(_Handler):
         if reply.error:
             self.send_json(*reply.error, reply.headers)
             return
+        if reply.reset:
+            self.send_reset(bool(body.get("stream")), reply.drop)
+            return
+        if reply.silent is not None:
+            self.say_nothing(reply.silent)
+            return
         if self.send_broken(reply, bool(body.get("stream"))):
             return
         response = self.response(body, reply)

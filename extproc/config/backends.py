@@ -35,6 +35,7 @@ def backends(r: Reader, root: yaml.Node, top: dict[str, yaml.Node]) -> list[Back
         r.problem(top["backends"], "backends", "must be a non-empty list")
     else:
         seen: set[str] = set()
+        nodes: list[tuple[int, yaml.Node]] = []
         for i, bnode in enumerate(top["backends"].value):
             b = backend(r, bnode, f"backends[{i}]")
             if b is None:
@@ -43,11 +44,37 @@ def backends(r: Reader, root: yaml.Node, top: dict[str, yaml.Node]) -> list[Back
                 r.problem(bnode, f"backends[{i}].name", f"duplicate backend name {b.name!r}")
             seen.add(b.name)
             out.append(b)
+            nodes.append((i, bnode))
+        _no_cluster_members(r, out, nodes)
         holders = [(i, b) for i, b in enumerate(out) if b.holds_conversations]
         for i, _ in holders[1:]:  # POST /v1/conversations names no model: one backend must take it
             r.problem(top["backends"].value[i], f"backends[{i}].conversations",
                       f"only one backend may hold conversations ({holders[0][1].name!r} does already)")
     return out
+
+
+def _no_cluster_members(r: Reader, found: list[Backend], nodes: list[tuple[int, yaml.Node]]) -> None:
+    """A model name listed exactly by a `cluster:` backend and another backend would be a model group
+    (routing.groups) that Envoy cannot carry: the sidecar fails over between the priorities of a
+    cluster it compiles, and a `cluster:` is an Envoy cluster of the user's own, so it cannot be one of
+    them. Refused, saying what serves instead, rather than quietly sending the model to the first alone."""
+    listed: dict[str, list[Backend]] = {}
+    for b in found:
+        for model in dict.fromkeys(m for m in b.models if not any(c in m for c in "*?[")):
+            listed.setdefault(model, []).append(b)
+    for b, (i, bnode) in zip(found, nodes, strict=True):
+        if not b.cluster:
+            continue
+        for model, members in listed.items():
+            others = [o.name for o in members if o is not b]
+            if b in members and others:
+                where = next((v for k, v in bnode.value if k.value == "models"), bnode)  # (a parsed backend's mapping)
+                r.problem(where, f"backends[{i}].models",
+                          f"{model!r} is listed by {', '.join(repr(o) for o in others)} too, which makes it a model "
+                          f"group, and a 'cluster:' backend ({b.name!r}, cluster {b.cluster!r}) cannot be a member of "
+                          "one (the sidecar fails over between the priorities of a cluster it compiles itself): give "
+                          f"{b.name!r} 'url:' (a hosted provider) or 'endpoints:' instead of 'cluster:', or list "
+                          f"{model!r} on one of them only")
 
 
 def backend(r: Reader, node: yaml.Node, key: str) -> Backend | None:

@@ -21,7 +21,8 @@ each attempt (`Attempt`, picked by the shell for role `failover`):
 - the last attempt (`failover.max_attempts`, the members, or `deadline_seconds` after the start), when
   it fails too, answers with one error naming every attempt (`all_failed_error`): attempts that got no
   answer at all (a refused connection never reaches the processor; a reset ends its stream) are named by
-  the members nobody recorded, in priority order.
+  the members nobody recorded, in priority order, and one that lasted the attempt timeout as timed out
+  (`_silent`): a last member timing out is the 504 `all_backends_timed_out`.
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ from extproc.envoy.names import (
     TENANT_HEADER,
 )
 from extproc.errors import GatewayError
-from extproc.exchange.actions import BUFFERED, Action, Step
+from extproc.exchange.actions import BUFFERED, Action, Step, Writes
 from extproc.exchange.paths import INPUT_TOKENS
 from extproc.exchange.phases import Phase
 from extproc.exchange.upstream import UpstreamStream
 from extproc.routing.failover import Attempt, Transport, Verdict, all_failed_error
 from extproc.routing.gateway import Target, placement_key
-from extproc.routing.group_routes import carried, first_on, group_cluster
+from extproc.routing.group_routes import first_on, group_cluster
 from extproc.routing.groups import Group, continue_order, group_for
 from extproc.routing.needs import Call
 from extproc.state import records as rec
@@ -69,6 +70,7 @@ log = logging.getLogger("extproc")
 _SEALED_FOR = "failover"  # the sealer's associated data: a record sealed for this use only
 _OURS = (H_FAILOVER,)  # the attempts' own header, on every attempt
 _ROUTING = (H_BACKEND, H_CLUSTER, H_ENDPOINT, H_FIRST_CONTACT)  # routed already: no attempt sets them
+_SLACK = 0.25  # seconds: an attempt that got no answer and lasted its timeout less this timed out
 
 
 def record_key(rid: str) -> str:
@@ -103,7 +105,7 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
     first to the member that served it (its prefix cache) while that member is in."""
     gw = side.gw
     group = group_for(gw.config, model) if side.member is None else None
-    if group is None or not carried(group.backends) or not _follows(group, call, side.bare, body):
+    if group is None or not _follows(group, call, side.bare, body):
         return None
     prev = body.get("previous_response_id")
     previous: str | None = None  # the member that served the turn this one continues, when the sidecar holds it
@@ -162,6 +164,13 @@ def _upstream(act: Action) -> Action:
                                remove_headers=tuple(h for h in (*act.remove_headers, *_ROUTING) if h not in _OURS))
 
 
+def _said(attempt: Attempt) -> bytes:
+    """An attempt's record, for the attempts after it: what it got, and when it ended (the next began)."""
+    return orjson.dumps({"backend": attempt.backend, "status": attempt.status, "message": attempt.message,
+                         "retry_after": attempt.retry_after, "error": attempt.error.value if attempt.error else None,
+                         "at": time.time()})
+
+
 def _answered(ex: Exchange, headers: dict[str, str], end_of_stream: bool) -> Action:
     """The exchange's answer to the response headers; an exchange that wanted nothing of the answer (a
     token count, `usage_accounting: translated` on a pass-through) was done with its request: as it came."""
@@ -217,7 +226,7 @@ class GroupAttempt(UpstreamStream):
         backends = tuple(b for b in map(self.gw.config.backend, record.get("members") or ()) if b is not None)
         self.member = _member(backends, self.host, self.named)
         tries = min(len(backends), self.gw.config.failover.max_attempts)
-        self._earlier(values[1:] if values else [], backends)
+        inferred = self._earlier(values[1:] if values else [], backends, float(record.get("t0", 0)))
         late = time.time() - float(record.get("t0", 0)) > self.gw.config.failover.deadline_seconds
         if self.member is None or self.n > tries or (late and self.n > 1):
             raise self._all_failed(model)
@@ -232,6 +241,8 @@ class GroupAttempt(UpstreamStream):
         act = yield from awaited(self.ex.request_headers(self.headers, end_of_stream))
         sets, removes = _restored(headers, client)
         up = _upstream(act)
+        if inferred and not up.writes:  # (an exchange writes nothing at request headers: no TTL to share)
+            up = dataclasses.replace(up, writes=inferred, write_ttl=self.gw.config.failover.deadline_seconds + 60)
         return dataclasses.replace(up, set_headers=[*sets, *up.set_headers], remove_headers=(*removes, *up.remove_headers))
 
     def _open(self, raw: bytes | None) -> dict[str, Any]:
@@ -241,21 +252,41 @@ class GroupAttempt(UpstreamStream):
         opened = orjson.loads(self.gw.sealer.open(raw.decode(), _SEALED_FOR))
         return opened if isinstance(opened, dict) else {}
 
-    def _earlier(self, values: Iterable[bytes | None], backends: tuple[Backend, ...]) -> None:
+    def _earlier(self, values: Iterable[bytes | None], backends: tuple[Backend, ...], t0: float) -> Writes:
         """Earlier attempts as they recorded themselves; those with no record got no answer (a refused
-        connection, a reset), named by the members nobody recorded, in priority order."""
+        connection, a reset, a timeout), named by the members nobody recorded, in priority order. The
+        one just before this, when nobody recorded it, is recorded by this one (for later attempts)."""
         recorded = [orjson.loads(v) if v else None for v in values]
         named = {r["backend"] for r in recorded if r}
         unnamed = iter([b.name for b in backends if b.name not in named and b is not self.member])
+        began: float | None = t0  # when attempt k began, where known: see `_silent`
         for k, r in enumerate(recorded, start=1):
             if r:
+                error = r.get("error")
                 self.earlier.append(Attempt(r["backend"], r.get("status"), r.get("message", ""),
-                                            retry_after=r.get("retry_after")))
+                                            Transport(error) if error else None, retry_after=r.get("retry_after")))
+                began = r.get("at")
                 continue
-            silent = Attempt(next(unnamed, "?"), None, "no answer (connection refused, reset, cut or timed out)", Transport.RESET)
+            last = k == self.n - 1  # the one just before this: nobody else saw it
+            silent = self._silent(next(unnamed, "?"), began if last else None)
             self.earlier.append(silent)
-            if k == self.n - 1:  # the one just before this: nobody else saw it
+            began = None
+            if last:
                 self.attempts.append(silent)
+                return [(attempt_key(self.rid, k), _said(silent))]
+        return []
+
+    def _silent(self, backend: str, began: float | None) -> Attempt:
+        """An attempt that got no answer, as the next one sees it. Envoy tells this one only its number,
+        so the time says why: the attempt began when the one before it was recorded as failed (each
+        record is written before Envoy retries), or at the hand-over for the first, and one that lasted
+        `attempt_timeout_seconds` was given up on by Envoy's per-try timeout (a reset within its last
+        `_SLACK` seconds is taken for one too). When the one before it got no answer either, when this
+        one began is not known: no answer, without why."""
+        timeout = self.gw.config.failover.attempt_timeout
+        if began is not None and time.time() - began >= timeout - _SLACK:
+            return Attempt.failed(backend, Transport.TIMEOUT, f"no answer within {timeout} s")
+        return Attempt(backend, None, "no answer (connection refused, reset, cut or timed out)", Transport.RESET)
 
     def request_body(self, raw: bytes) -> Step:
         assert self.ex is not None
@@ -321,9 +352,7 @@ class GroupAttempt(UpstreamStream):
             return Action(body=body_out, set_headers=[(":status", str(err.status)), ("content-type", "application/json"),
                                                       ("content-length", str(len(body_out))), *err.headers],
                           done=True)
-        said = {"backend": attempt.backend, "status": attempt.status, "message": attempt.message,
-                "retry_after": attempt.retry_after}
-        return Action(set_headers=[(H_RETRY, "1")], writes=[(attempt_key(self.rid, self.n), orjson.dumps(said))],
+        return Action(set_headers=[(H_RETRY, "1")], writes=[(attempt_key(self.rid, self.n), _said(attempt))],
                       write_ttl=self.gw.config.failover.deadline_seconds + 60, done=True)
 
     def _served(self, status: int, headers: dict[str, str]) -> None:

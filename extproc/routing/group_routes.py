@@ -18,7 +18,9 @@ Why this shape (measured against Envoy 1.40, docs/configuration.md "How failover
   member from the attempt's host (`upstream.address`), and runs the request through an ordinary
   exchange for that member, translated when it speaks another API (exchange/failover.py).
 - Below it the processor once more (role `hold`, `_holder`): Envoy's router retries no reset once an
-  attempt's headers reached it, so a stream's headers are let through only with its first chunk.
+  attempt's headers reached it, so a stream's headers are let through only with its first chunk. The
+  fast path's twin for streams (`fast_cluster`) has the hold alone, for its compiled retries; its
+  twin for the other requests no upstream filter.
 - Within a member Envoy picks the instance round robin. Not a ring hash: Envoy's ring hash (and
   maglev) balancers ignore the retry's priority load, so every retry went back to the first member
   (measured); prefix-cache placement within a member is the price, for grouped models only.
@@ -32,6 +34,7 @@ Why this shape (measured against Envoy 1.40, docs/configuration.md "How failover
 from __future__ import annotations
 
 from collections.abc import Iterable
+from enum import Enum
 
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import base_pb2
@@ -56,6 +59,9 @@ ADDRESS_ATTRIBUTE = "upstream.address"
 HOST_METADATA_ATTRIBUTE = "xds.upstream_host_metadata"
 # The endpoint metadata of a `url:` member's hosts: its name, which also picks its TLS (transport_socket_matches).
 MEMBER_METADATA = "envoy.transport_socket_match"
+# The hold's filter name: not ext_proc's own, whose per-route config (a fast route's `disabled`, the
+# client-side processor's off switch) Envoy would apply to an upstream filter of that name too (measured).
+HOLD_FILTER = "gateway.hold"
 MEMBER_KEY = "member"
 
 
@@ -65,18 +71,8 @@ def _any(msg: object) -> any_pb2.Any:
     return out
 
 
-def carried(backends: Iterable[Backend]) -> bool:
-    """Whether Envoy can carry this group's attempts: every member a list of instances or a `url:`
-    provider (a `cluster:` member is an Envoy cluster the sidecar does not define, so no priority of the
-    group's: its models route to the primary as before)."""
-    return all(b.endpoints or b.hosted is not None for b in backends)
-
-
 def carriage(members: tuple[Backend, ...]) -> str:
     """How Envoy carries a group's attempts, in words, for `check-config` and `extproc resolve`."""
-    if not carried(members):
-        kinds = ", ".join(f"{b.name} is a cluster: backend" for b in members if not b.endpoints and b.hosted is None)
-        return f"not carried ({kinds}): its requests go to the primary {members[0].name} alone, without failover"
     names = ", ".join(group_cluster(first_on(members, b)) for b in members)
     hosted = [b.name for b in members if b.hosted is not None]
     how = f"; {', '.join(hosted)} by DNS, over its own TLS, with its Host and key put on by the processor " \
@@ -110,17 +106,28 @@ def first_on(backends: tuple[Backend, ...], first: Backend) -> tuple[Backend, ..
 def member_lists(config: Config) -> list[tuple[Backend, ...]]:
     """Each distinct order of members Envoy carries, in the order the groups first appear: config order
     first (the fast path's, `fast_cluster`), then one order per other first member."""
-    out = {first_on(g.backends, b): None for g in groups(config).values() if carried(g.backends)
-           for b in g.backends}
+    out = {first_on(g.backends, b): None for g in groups(config).values() for b in g.backends}
     return list(out)
 
 
-def fast_cluster(backends: Iterable[Backend]) -> str:
-    """The same members for the fast path: no processor among the upstream filters."""
-    return "fast-" + group_cluster(backends)
+class Chain(Enum):
+    """A group cluster's upstream filters: the processor's attempts (with the hold), or a fast twin's:
+    none for answers that are not streams, the hold alone for streams (so that a stream resetting after
+    its headers is still retried by Envoy; measured: a processor stream per attempt, which answers that
+    are not streams would pay for nothing)."""
+
+    ATTEMPTS = "attempts"
+    FAST = "fast"
+    FAST_STREAMS = "fast_streams"
 
 
-def spread(action: rc.RouteAction, members: tuple[Backend, ...]) -> None:
+def fast_cluster(backends: Iterable[Backend], stream: bool = False) -> str:
+    """The same members for the fast path: `fast-group.A.B` (no upstream filter) for requests that do not
+    stream, `fast-stream-group.A.B` (the hold alone, `_holder`) for those that do."""
+    return ("fast-stream-" if stream else "fast-") + group_cluster(backends)
+
+
+def spread(action: rc.RouteAction, members: tuple[Backend, ...], stream: bool = False) -> None:
     """A fast route's first attempts shared by the weighted members, as the processor shares them: Envoy
     picks one order's cluster (`first_on`: that member, then config order) per request by weight. At
     random, not by the placement key (a weighted cluster's choice takes no string hash), so on the fast
@@ -128,7 +135,7 @@ def spread(action: rc.RouteAction, members: tuple[Backend, ...]) -> None:
     weighted = [b for b in members if b.weight is not None]
     if weighted:  # (touching the field at all would replace the route's cluster)
         action.weighted_clusters.clusters.extend(
-            rc.WeightedCluster.ClusterWeight(name=fast_cluster(first_on(members, b)),
+            rc.WeightedCluster.ClusterWeight(name=fast_cluster(first_on(members, b), stream),
                                              weight=wrappers_pb2.UInt32Value(value=b.weight)) for b in weighted)
 
 
@@ -142,13 +149,14 @@ def member_at(config: Config, label: str, address: str) -> str:
 
 
 def clusters(config: Config) -> list[cluster_pb2.Cluster]:
-    """Each group cluster, and its fast-path twin (unused unless a fast route names it) where the group can
-    have one: not with a `url:` member, whose Host and key only the processor puts on per attempt."""
+    """Each group cluster, and its fast-path twins, for streams and not (unused unless a fast route names
+    them), where the group can have them: not with a `url:` member, whose Host and key only the
+    processor puts on per attempt."""
     out = []
     for members in member_lists(config):
-        out.append(_cluster(config, members))
+        out.append(_cluster(config, members, Chain.ATTEMPTS))
         if all(b.hosted is None for b in members):
-            out.append(_cluster(config, members, True))
+            out += [_cluster(config, members, Chain.FAST), _cluster(config, members, Chain.FAST_STREAMS)]
     return out
 
 
@@ -177,8 +185,8 @@ def _retry(config: Config, retries: int, retry_on: str) -> rc.RetryPolicy:
                                                    max_interval=duration_pb2.Duration(nanos=2_000_000)))
 
 
-def _cluster(config: Config, members: tuple[Backend, ...], fast: bool = False) -> cluster_pb2.Cluster:
-    name = fast_cluster(members) if fast else group_cluster(members)
+def _cluster(config: Config, members: tuple[Backend, ...], chain: Chain) -> cluster_pb2.Cluster:
+    name = group_cluster(members) if chain is Chain.ATTEMPTS else fast_cluster(members, chain is Chain.FAST_STREAMS)
 
     f = config.failover
     eject = outlier_detection_pb2.OutlierDetection(
@@ -191,12 +199,14 @@ def _cluster(config: Config, members: tuple[Backend, ...], fast: bool = False) -
         enforcing_consecutive_5xx=wrappers_pb2.UInt32Value(value=100),
         enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
         enforcing_success_rate=wrappers_pb2.UInt32Value(value=0))
-    options = hpo.HttpProtocolOptions(http_filters=[] if fast else [
-        upstream_processor(FAILOVER_ROLE, (ADDRESS_ATTRIBUTE, HOST_METADATA_ATTRIBUTE)),
-        _holder(config),
+    attempt = [upstream_processor(FAILOVER_ROLE, (ADDRESS_ATTRIBUTE, HOST_METADATA_ATTRIBUTE))] \
+        if chain is Chain.ATTEMPTS else []
+    hold = [_holder(config)] if chain is not Chain.FAST else []
+    options = hpo.HttpProtocolOptions(http_filters=[
+        *attempt, *hold,
         # Upstream filters change the one header map every attempt is sent from (the processor restores
         # the client's headers before each attempt: exchange/failover.py).
-        _http_filter("envoy.filters.http.upstream_codec", upstream_codec_pb2.UpstreamCodec())])
+        _http_filter("envoy.filters.http.upstream_codec", upstream_codec_pb2.UpstreamCodec())] if attempt or hold else [])
     options.explicit_http_config.http_protocol_options.SetInParent()
     hosted = [b for b in members if b.hosted is not None]
     cluster = cluster_pb2.Cluster(
@@ -222,6 +232,7 @@ def _holder(config: Config) -> hcm.HttpFilter:
     rest on alone. Its wait is ended by the attempt's per-try timeout first (a member that sends headers
     and then nothing is given up on); were the sidecar to fail, the answer would pass as it is."""
     filt = upstream_processor(HOLD_ROLE)
+    filt.name = HOLD_FILTER
     proc = ext_proc_pb2.ExternalProcessor()
     filt.typed_config.Unpack(proc)
     mode = processing_mode_pb2.ProcessingMode

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from typing import Any
 
 import orjson
 import pytest
@@ -10,6 +12,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_m
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
 
 from extproc.config import parse_config
+from extproc.errors import GatewayError
 from extproc.exchange import BUFFERED, Exchange
 from extproc.exchange.failover import GroupAttempt, Hold, attempt_key, record_key
 from extproc.routing import group_routes
@@ -210,6 +213,30 @@ def test_the_last_attempt_names_every_one_including_those_that_got_no_answer():
         resolve(extra.request_headers({**headers, "x-envoy-attempt-count": "3"}, False), store)
 
 
+def test_an_attempt_given_up_on_after_its_timeout_is_told_from_a_reset_by_its_length(monkeypatch):
+    """Envoy tells an attempt only its number: a silent attempt before it that lasted the attempt
+    timeout (30 s here) was given up on by Envoy, one that ended sooner was refused or reset. The last
+    one timing out makes the all-failed error a 504."""
+    gw, store = gateway(), {}
+    headers = hand_over(gw, store)
+    rid, start = headers["x-gateway-failover"], time.time()
+    monkeypatch.setattr(time, "time", lambda: start + 1)  # attempt 1 ended after a second: a reset
+    early = attempt(gw, store, headers, 2, "10.0.0.2:8000")
+    assert [(a.backend, a.outcome) for a in early.attempts] == [("keyed-chat", "reset")]
+    store.pop(attempt_key(rid, 1))  # (as if that attempt 2 had not been: the same attempt 1, told by time)
+    monkeypatch.setattr(time, "time", lambda: start + 30)
+    second = attempt(gw, store, headers, 2, "10.0.0.2:8000")
+    assert [(a.backend, a.outcome) for a in second.attempts] == [("keyed-chat", "timeout")]
+    assert orjson.loads(store[attempt_key(rid, 1)])["error"] == "timeout"  # recorded for the attempts after it
+    # attempt 2 silent too, 30 s after attempt 3 was recorded as begun: Envoy's one more attempt answers 504
+    monkeypatch.setattr(time, "time", lambda: start + 60)
+    with pytest.raises(GatewayError) as e:
+        resolve(GroupAttempt(gw, "10.0.0.1:8000").request_headers({**headers, "x-envoy-attempt-count": "3"}, False),
+                store)
+    assert (e.value.status, e.value.code) == (504, "all_backends_timed_out")
+    assert "keyed-chat: timed out" in e.value.message and "resp: timed out" in e.value.message
+
+
 def _handed(gw: Gateway, path: str, body: dict) -> bool:
     ex = Exchange(gw)
     resolve(ex.request_headers({**CLIENT, ":path": path}, False), {})
@@ -296,10 +323,17 @@ def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_b
     assert [c.name for c in compiled.clusters if c.name.startswith("group.")] == \
         ["group.keyed-chat.resp", "group.resp.keyed-chat", "group.hosted.other", "group.other.hosted"]
     (cluster,) = [c for c in compiled.clusters if c.name == "group.keyed-chat.resp"]
-    (fast,) = [c for c in compiled.clusters if c.name == "fast-group.keyed-chat.resp"]  # its twin without the processor
-    assert fast.load_assignment.endpoints == cluster.load_assignment.endpoints
-    assert "ext_proc" in str(cluster.typed_extension_protocol_options) and \
-        "ext_proc" not in str(fast.typed_extension_protocol_options)
+    (fast,) = [c for c in compiled.clusters if c.name == "fast-group.keyed-chat.resp"]  # its twins without the processor
+    (streams,) = [c for c in compiled.clusters if c.name == "fast-stream-group.keyed-chat.resp"]
+    assert fast.load_assignment.endpoints == streams.load_assignment.endpoints == cluster.load_assignment.endpoints
+    # the attempt's processor, then the hold; the fast twin for streams the hold alone (Envoy's retries need
+    # it as much), the other no upstream filter at all
+    assert [m.value for p in _processors(cluster) for m in p.grpc_service.initial_metadata] == ["failover", "hold"]
+    assert [m.value for p in _processors(streams) for m in p.grpc_service.initial_metadata] == ["hold"]
+    assert "ext_proc" not in str(fast.typed_extension_protocol_options)
+    # not named as ext_proc is: a fast route's per-filter `disabled` for the client-side processor is
+    # looked up by name by upstream filters too, and would turn the hold off
+    assert group_routes.HOLD_FILTER in str(streams.typed_extension_protocol_options)
     assert [(p.priority, [e.endpoint.address.socket_address.port_value for e in p.lb_endpoints])
             for p in cluster.load_assignment.endpoints] == [(0, [8000]), (1, [8000, 8000])]
     assert cluster.outlier_detection.consecutive_5xx.value == gw.config.failover.eject_after
@@ -323,9 +357,22 @@ def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_b
     # a group with a `url:` member: the processor's attempts alone (they put on its Host and key), so no
     # fast route, no fast twin
     assert not any("h" in names(r) for r in fast)
-    assert not any(c.name.startswith("fast-group.") and "hosted" in c.name for c in compiled.clusters)
+    assert not any(c.name.startswith("fast-") and "hosted" in c.name for c in compiled.clusters)
     chat, resp, hosted, other = gw.config.backends
     assert group_routes.member_lists(gw.config) == [(chat, resp), (resp, chat), (hosted, other), (other, hosted)]
+
+
+def _processors(cluster: Any) -> list[ext_proc_pb2.ExternalProcessor]:
+    """A cluster's ext_proc upstream filters, in order (its codec last)."""
+    options = hpo.HttpProtocolOptions()
+    cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Unpack(options)
+    assert not options.http_filters or [f.name for f in options.http_filters][-1] == "envoy.filters.http.upstream_codec"
+    procs = []
+    for f in options.http_filters:
+        if f.typed_config.Is(ext_proc_pb2.ExternalProcessor.DESCRIPTOR):
+            procs.append(ext_proc_pb2.ExternalProcessor())
+            f.typed_config.Unpack(procs[-1])
+    return procs
 
 
 def test_a_group_cluster_holds_a_streams_headers_until_its_first_chunk():
@@ -333,15 +380,7 @@ def test_a_group_cluster_holds_a_streams_headers_until_its_first_chunk():
     headers' answer; the sidecar answers a stream's headers only with its first chunk, then lets go."""
     gw = gateway()
     (cluster,) = [c for c in compile_routes(gw.config, Knowledge(), {}).clusters if c.name == "group.keyed-chat.resp"]
-    options = hpo.HttpProtocolOptions()
-    cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Unpack(options)
-    procs = []
-    for f in options.http_filters:
-        if f.name == "envoy.filters.http.ext_proc":
-            procs.append(ext_proc_pb2.ExternalProcessor())
-            f.typed_config.Unpack(procs[-1])
-    assert [f.name for f in options.http_filters][-1] == "envoy.filters.http.upstream_codec"
-    attempt_proc, hold = procs  # the attempt's first: the hold sees the member's answer before it
+    attempt_proc, hold = _processors(cluster)  # the attempt's first: the hold sees the member's answer before it
     assert [m.value for m in attempt_proc.grpc_service.initial_metadata] == ["failover"]
     assert [m.value for m in hold.grpc_service.initial_metadata] == ["hold"]
     mode = processing_mode_pb2.ProcessingMode
@@ -362,16 +401,36 @@ def test_a_weighted_groups_fast_route_picks_each_members_order_by_weight():
     weighted = CHATS.replace('["10.0.1.1:8000"]\n', '["10.0.1.1:8000"]\n    weight: 2\n').replace(
         '["10.0.1.2:8000"]\n', '["10.0.1.2:8000"]\n    weight: 5\n')
     compiled = compile_routes(parse_config(weighted), Knowledge(), {})
-    fast = [r.route for r in compiled.routes.virtual_hosts[0].routes if r.name == "fast:chat:group.chat-a.chat-b"]
-    assert fast and all(not r.cluster and [(c.name, c.weight.value) for c in r.weighted_clusters.clusters] ==
-                        [("fast-group.chat-a.chat-b", 2), ("fast-group.chat-b.chat-a", 5)] for r in fast)
+    fast = [r for r in compiled.routes.virtual_hosts[0].routes if r.name == "fast:chat:group.chat-a.chat-b"]
+    assert fast and all(not r.route.cluster and [(c.name, c.weight.value) for c in r.route.weighted_clusters.clusters] ==
+                        [(f"{_twin(r)}group.chat-a.chat-b", 2), (f"{_twin(r)}group.chat-b.chat-a", 5)] for r in fast)
+    assert {_twin(r) for r in fast} == {"fast-", "fast-stream-"}
     (b_first,) = [c for c in compiled.clusters if c.name == "fast-group.chat-b.chat-a"]
     assert [(p.priority, [e.endpoint.address.socket_address.port_value for e in p.lb_endpoints],
              p.lb_endpoints[0].endpoint.address.socket_address.address) for p in b_first.load_assignment.endpoints] == \
         [(0, [8000], "10.0.1.2"), (1, [8000], "10.0.1.1")]
     unweighted = compile_routes(parse_config(CHATS), Knowledge(), {})
     assert {r.route.cluster for r in unweighted.routes.virtual_hosts[0].routes
-            if r.name == "fast:chat:group.chat-a.chat-b"} == {"fast-group.chat-a.chat-b"}  # config order alone
+            if r.name == "fast:chat:group.chat-a.chat-b"} == \
+        {"fast-group.chat-a.chat-b", "fast-stream-group.chat-a.chat-b"}  # config order alone
+
+
+def test_a_groups_fast_streams_go_to_the_twin_with_the_hold_and_the_rest_to_the_one_without():
+    """Chat clients on a group of chat pools: a route per fast alternative, split by `stream` where the
+    alternative does not say (the hold costs a processor stream per attempt: only streams need it)."""
+    compiled = compile_routes(parse_config(CHATS), Knowledge(), {})
+    fast = [r for r in compiled.routes.virtual_hosts[0].routes if r.name == "fast:chat:group.chat-a.chat-b"]
+    for r in fast:
+        streams = _twin(r) == "fast-stream-"
+        stream_key = [m for m in r.match.dynamic_metadata if m.path[0].key == "stream"]
+        assert len(stream_key) == 1 and stream_key[0].invert == (not streams)  # stream true, or not true
+    assert {_twin(r) for r in fast} == {"fast-", "fast-stream-"}
+
+
+def _twin(route: Any) -> str:
+    """Which fast twin a group's fast route goes to: its cluster's (or first weighted cluster's) prefix."""
+    name = route.route.cluster or route.route.weighted_clusters.clusters[0].name
+    return name[:name.index("group.")]
 
 
 def test_a_pinned_continuation_reads_the_store_once_and_goes_to_its_member():

@@ -598,13 +598,14 @@ def test_resolve_prints_the_group_its_members_and_the_attempt_order(tmp_path, ca
     assert "envoy:    one cluster per first attempt (group.near.far, group.far.near), the later attempts in config " \
         "order; far by DNS, over its own TLS, with its Host and key put on by the processor (HTTP/1.1; no fast " \
         "path)\n" in capsys.readouterr().out
+    # a `cluster:` member: refused where it is written, with what to do instead
     path.write_text(HOSTED_MEMBER.replace('url: "https://api.example.com"', "cluster: corp"))
-    assert cli_main(["resolve", "--config", str(path), "m"]) == 0
-    assert "envoy:    not carried (far is a cluster: backend): its requests go to the primary near alone, without " \
-        "failover\n" in capsys.readouterr().out
-    assert cli_main(["check-config", str(path)]) == 0
-    assert "  note: group m is not carried (far is a cluster: backend): its requests go to the primary near alone, " \
-        "without failover" in capsys.readouterr().out.splitlines()
+    assert cli_main(["check-config", str(path)]) == 1
+    said = capsys.readouterr()
+    assert f"{path}:4: backends[1].models: 'm' is listed by 'near' too, which makes it a model group, and a " \
+        "'cluster:' backend ('far', cluster 'corp') cannot be a member of one (the sidecar fails over between the " \
+        "priorities of a cluster it compiles itself): give 'far' 'url:' (a hosted provider) or 'endpoints:' " \
+        "instead of 'cluster:', or list 'm' on one of them only" in said.out + said.err
     path.write_text(HOSTED_MEMBER.replace('url: "https://api.example.com"', 'endpoints: ["127.0.0.1:8001"]'))
     assert cli_main(["check-config", str(path)]) == 0
     assert "  note: group m: near, far share instance 127.0.0.1:8001: an attempt there is always near's (attempts " \
@@ -666,3 +667,20 @@ def test_metrics_count_attempts_and_show_backend_states():
                  'extproc_backend_state{backend="d",state="ejected"} 0.0'):
         assert line in page.splitlines(), line
     assert health.state("a", now) == "held_off" and health.state("c", now) == "healthy"
+
+
+def test_a_cluster_backend_in_a_group_is_refused_as_primary_or_not_and_only_there():
+    """Envoy cannot fail over into or out of a cluster the user defined: a model listed exactly by a
+    `cluster:` backend and another is a config error at the cluster backend, first or not; a pattern
+    joins no group, so a cluster backend beside a catch-all (or a name only it lists) is as before."""
+    first = """
+backends:
+  - {name: proxy, api: chat, models: ["m", "only-here"], cluster: corp}
+  - {name: pool, api: chat, models: ["m", "*"], endpoints: ["127.0.0.1:8001"]}
+"""
+    with pytest.raises(ConfigError) as e:
+        parse_config(first)
+    assert len(e.value.problems) == 1
+    assert "backends[0].models: 'm' is listed by 'pool' too" in e.value.problems[0]
+    config = parse_config(first.replace('["m", "only-here"]', '["only-here", "m-*"]'))
+    assert groups(config) == {} and config.backend("proxy") is not None

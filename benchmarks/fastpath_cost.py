@@ -237,6 +237,28 @@ REMOVALS: dict[str, Callable[[Doc], None]] = {
 }
 
 
+def als_batch(size: int, interval: str) -> Callable[[Doc], None]:
+    """Larger batches: fewer messages for Envoy to write and the sidecar to read, usage counted later."""
+    def go(doc: Doc) -> None:
+        als(doc)["typed_config"]["common_config"].update(buffer_size_bytes=size, buffer_flush_interval=interval)
+    return go
+
+
+def als_as_stats(doc: Doc) -> None:
+    """Not a replacement (the sidecar's metrics and the tenants' token limits read the entries): what
+    counting the same entries in Envoy's own counters (the stats access logger) would cost instead."""
+    tags = [{"name": "route", "value_format": "%ROUTE_NAME%"},
+            {"name": "model", "value_format": "%DYNAMIC_METADATA(llm_gateway:model)%"},
+            {"name": "status", "value_format": "%RESPONSE_CODE%"}]
+    counter = {"stat": {"name": "requests", "tags": tags}, "value_fixed": 1}
+    tokens = [{"stat": {"name": f"{k}_tokens", "tags": tags}, "value_format": f"%DYNAMIC_METADATA(llm_gateway:{k}_tokens)%"}
+              for k in ("input", "output")]
+    grpc = als(doc)
+    _hcm(doc)["access_log"] = [{"name": "envoy.access_loggers.stats", "filter": grpc["filter"], "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.stats.v3.Config", "stat_prefix": "usage",
+        "counters": [counter, *tokens]}}]
+
+
 def als_route_cel(doc: Doc) -> None:
     """The CEL filter's first clause alone (the fast routes' entries; what the second one costs)."""
     als(doc)["filter"]["extension_filter"]["typed_config"]["expression"] = "xds.route_name.startsWith('fast:')"
@@ -308,6 +330,8 @@ VARIANTS: dict[str, Callable[[Doc], None]] = {
     "als-unbatched": als_unbatched,
     "als-no-cel": lambda doc: als(doc).pop("filter"),
     "als-route-cel": als_route_cel,
+    "als-batch-1mib": als_batch(1 << 20, "1s"),
+    "als-as-stats": als_as_stats,
     "als-metadata-filter": als_metadata_filter,
     "header-mutation-early": header_mutation_early,
     "header-mutation-no-path": header_mutation_no_path,

@@ -9,8 +9,14 @@ user+system CPU from /proc before and after each run.
 
     .venv/bin/python benchmarks/fastpath_cost.py [--rounds 5] [--duration 3] [--connections 8] [--only full,-als]
 
-Prints, per variant: Envoy's CPU per request (µs, median over the rounds), the sidecar's, the
-throughput ratio against Envoy alone run just before it, and the median latency added (ms).
+Variants: `full` (the shipped file), `minimal` (the Envoy-only experiment: json_to_metadata and metadata
+routes), `+NAME` (minimal with one addition back), `-NAME` (full without it), and other forms of one
+piece (`als-metadata-filter`, `header-mutation-early`, `model-twice-empty`, ...; see VARIANTS).
+
+Prints, per variant: Envoy's CPU per request (µs, median over the rounds, and quartiles), the same over
+Envoy alone's run just before it (`cpu x alone`: both move with the machine's load, so their ratio
+holds best), the sidecar's CPU per request, the throughput ratio against Envoy alone, and the median
+latency added (ms).
 """
 
 from __future__ import annotations
@@ -143,6 +149,13 @@ def no_route_header_removal(doc: Doc) -> None:
 
 EXT_PROC = "envoy.filters.http.ext_proc"
 LUA = ("envoy.filters.http.lua.clients", "envoy.filters.http.lua.client_models")
+MODEL_TWICE = "envoy.filters.http.lua.model_twice"
+SSE = "envoy.filters.http.sse_to_metadata"
+HEADER_MUTATION = "envoy.filters.http.header_mutation"
+REQUEST_MODEL = "envoy.filters.http.match_delegate.request_model"
+HEADER_TO_METADATA = "envoy.filters.http.header_to_metadata"
+
+
 def restore_filters(*names: str) -> Callable[[Doc, Doc], None]:
     """Put these filters back where the full config has them."""
     def go(doc: Doc, full: Doc) -> None:
@@ -200,13 +213,104 @@ ADDITIONS: dict[str, Callable[[Doc, Doc], None]] = {
     "als": _als,
     "ext-proc": _ext_proc,
     "route-header-removal": _route_header_removal,
-    "sse": restore_filters("envoy.filters.http.sse_to_metadata"),
+    "sse": restore_filters(SSE),
     "lua": restore_filters(*LUA),
-    "header-mutation": restore_filters("envoy.filters.http.header_mutation"),
-    "request-model": restore_filters("envoy.filters.http.match_delegate.request_model"),
-    "header-to-metadata": restore_filters("envoy.filters.http.header_to_metadata"),
+    "model-twice": restore_filters(MODEL_TWICE),
+    "header-mutation": restore_filters(HEADER_MUTATION),
+    "request-model": restore_filters(REQUEST_MODEL),
+    "header-to-metadata": restore_filters(HEADER_TO_METADATA),
     "ratelimit": restore_filters("envoy.filters.http.ratelimit"),
 }
+
+# The same additions taken out of the full config one at a time (`-NAME`): what each costs where the
+# others are all there (the clients' Lua and the rate limit are disabled in the file; nothing to take out).
+REMOVALS: dict[str, Callable[[Doc], None]] = {
+    "response-rules": no_response_rules,
+    "als": no_als,
+    "ext-proc": no_per_route,
+    "route-header-removal": no_route_header_removal,
+    "sse": drop_filter(SSE),
+    "model-twice": drop_filter(MODEL_TWICE),
+    "header-mutation": drop_filter(HEADER_MUTATION),
+    "request-model": drop_filter(REQUEST_MODEL),
+    "header-to-metadata": drop_filter(HEADER_TO_METADATA),
+}
+
+
+def als_batch(size: int, interval: str) -> Callable[[Doc], None]:
+    """Larger batches: fewer messages for Envoy to write and the sidecar to read, usage counted later."""
+    def go(doc: Doc) -> None:
+        als(doc)["typed_config"]["common_config"].update(buffer_size_bytes=size, buffer_flush_interval=interval)
+    return go
+
+
+def als_as_stats(doc: Doc) -> None:
+    """Not a replacement (the sidecar's metrics and the tenants' token limits read the entries): what
+    counting the same entries in Envoy's own counters (the stats access logger) would cost instead."""
+    tags = [{"name": "route", "value_format": "%ROUTE_NAME%"},
+            {"name": "model", "value_format": "%DYNAMIC_METADATA(llm_gateway:model)%"},
+            {"name": "status", "value_format": "%RESPONSE_CODE%"}]
+    counter = {"stat": {"name": "requests", "tags": tags}, "value_fixed": 1}
+    tokens = [{"stat": {"name": f"{k}_tokens", "tags": tags}, "value_format": f"%DYNAMIC_METADATA(llm_gateway:{k}_tokens)%"}
+              for k in ("input", "output")]
+    grpc = als(doc)
+    _hcm(doc)["access_log"] = [{"name": "envoy.access_loggers.stats", "filter": grpc["filter"], "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.stats.v3.Config", "stat_prefix": "usage",
+        "counters": [counter, *tokens]}}]
+
+
+def als_route_cel(doc: Doc) -> None:
+    """The CEL filter's first clause alone (the fast routes' entries; what the second one costs)."""
+    als(doc)["filter"]["extension_filter"]["typed_config"]["expression"] = "xds.route_name.startsWith('fast:')"
+
+
+def als_metadata_filter(doc: Doc) -> None:
+    """The same entries chosen by two metadata filters instead of CEL: no `client_api` (the processor never
+    answered: a fast route, or Envoy's own reply, which the service ignores) or the `envoy_counts` mark."""
+    def present(key: str, **kw: Any) -> Doc:
+        return {"metadata_filter": {"matcher": {"filter": "llm_gateway", "path": [{"key": key}],
+                                                "value": {"present_match": True}, **kw}}}
+    counts = present("envoy_counts")
+    counts["metadata_filter"]["match_if_key_not_found"] = False
+    als(doc)["filter"] = {"or_filter": {"filters": [present("client_api", invert=True), counts]}}
+
+
+def header_mutation(doc: Doc) -> Doc:
+    return next(f for f in filters(doc) if f["name"] == HEADER_MUTATION)["typed_config"]
+
+
+def header_mutation_early(doc: Doc) -> None:
+    """The request mutations as the connection manager's early header mutation (before routing, as the
+    filter's first place has them), the filter left with the response mutations."""
+    mutations = header_mutation(doc)["mutations"]
+    _hcm(doc)["early_header_mutation_extensions"] = [{
+        "name": "envoy.http.early_header_mutation.header_mutation",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation"
+                                  ".v3.HeaderMutation", "mutations": mutations.pop("request_mutations")}}]
+
+
+def header_mutation_no_path(doc: Doc) -> None:
+    """Without the x-envoy-original-path copy (the access log's and the rate limit's path): its formatter's
+    cost."""
+    mutations = header_mutation(doc)["mutations"]
+    mutations["request_mutations"] = [m for m in mutations["request_mutations"] if "append" not in m]
+
+
+def model_twice_script(doc: Doc) -> Doc:
+    return next(f for f in filters(doc) if f["name"] == MODEL_TWICE)["typed_config"]["default_source_code"]
+
+
+def model_twice_empty(doc: Doc) -> None:
+    """The Lua filter with a script that returns at once: what the filter costs before its script does
+    anything (its coroutine per request)."""
+    model_twice_script(doc)["inline_string"] = "function envoy_on_request(handle) end\n"
+
+
+def model_twice_no_metadata(doc: Doc) -> None:
+    """The script without reading the metadata first (straight to the body): what turning the namespace
+    into a Lua table costs."""
+    src = model_twice_script(doc)
+    src["inline_string"] = re.sub(r"local seen = .*\n.*if seen == nil.*\n", "", src["inline_string"])
 
 
 def combine(*fs: Callable[[Doc], None]) -> Callable[[Doc], None]:
@@ -220,11 +324,19 @@ VARIANTS: dict[str, Callable[[Doc], None]] = {
     "full": lambda doc: None,
     "minimal": minimal,
     **{f"+{name}": plus(name) for name in ADDITIONS},
+    **{f"-{name}": remove for name, remove in REMOVALS.items()},
     # other forms of the full config
-    "full-als": no_als,
     "full-stats": lambda doc: doc.update(stats_config={"stats_matcher": {"reject_all": True}}),
     "als-unbatched": als_unbatched,
     "als-no-cel": lambda doc: als(doc).pop("filter"),
+    "als-route-cel": als_route_cel,
+    "als-batch-1mib": als_batch(1 << 20, "1s"),
+    "als-as-stats": als_as_stats,
+    "als-metadata-filter": als_metadata_filter,
+    "header-mutation-early": header_mutation_early,
+    "header-mutation-no-path": header_mutation_no_path,
+    "model-twice-empty": model_twice_empty,
+    "model-twice-no-metadata": model_twice_no_metadata,
     "ext-proc-not-created": ext_proc_not_created,
     "lua-disabled": disable(*LUA),
 }
@@ -282,6 +394,11 @@ def measure(port: int, pid: int, sidecar: int, path: str, body: dict, headers: d
     return (e1 - e0) / n * 1e6, (s1 - s0) / n * 1e6, rps, lat
 
 
+def quartiles(values: list[float]) -> tuple[float, float]:
+    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return q1, q3
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -316,25 +433,30 @@ def main() -> int:
             doc = gateway_doc(config_text, port, admin, extproc, args.before)
             envoys["before"] = (port, spawn_envoy(stack, "before", doc, port, admin))
         to_nginx = {"x-gateway-destination-endpoint": f"127.0.0.1:{nginx}"}
-        runs: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in envoys}  # cpu, side cpu, ratio, added ms
+        # cpu, side cpu, ratio, added ms, cpu over the alone run just before it
+        runs: dict[str, list[tuple[float, float, float, float, float]]] = {n: [] for n in envoys}
         order = [n for n in envoys if n != "alone"]
         for r in range(args.rounds):
             random.shuffle(order)  # no variant always runs right after another
             for name in order:
                 base = measure(*envoys["alone"], sidecar.pid, path, body, to_nginx, args)
                 cpu, side, rps, lat = measure(*envoys[name], sidecar.pid, path, body, {}, args)
-                runs["alone"].append((base[0], base[1], 1.0, 0.0))
-                runs[name].append((cpu, side, rps / base[2], lat - base[3]))
+                runs["alone"].append((base[0], base[1], 1.0, 0.0, 1.0))
+                runs[name].append((cpu, side, rps / base[2], lat - base[3], cpu / base[0]))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
         stack.stop()
     print(f"{path} c={args.connections}, {args.rounds} rounds x {args.duration} s, medians:")
-    print(f"{'variant':24} {'envoy us/req':>12} {'(quartiles)':>13} {'sidecar us/req':>14} {'x alone':>8} "
-          f"{'added ms':>9}")
+    # `cpu x alone`: each run's Envoy CPU per request over that of Envoy alone run just before it (the
+    # machine's load moves both), its median and quartiles; the most robust column on a shared machine.
+    print(f"{'variant':24} {'envoy us/req':>12} {'(quartiles)':>13} {'cpu x alone':>11} {'(quartiles)':>11} "
+          f"{'sidecar us/req':>14} {'x alone':>8} {'added ms':>9}")
     for name, rows in runs.items():
-        cpu, side, ratio, added = (statistics.median(col) for col in zip(*rows, strict=True))
-        q1, _, q3 = statistics.quantiles([r[0] for r in rows], n=4) if len(rows) > 1 else (cpu, cpu, cpu)
-        print(f"{name:24} {cpu:12.1f} {f'{q1:.0f}-{q3:.0f}':>13} {side:14.1f} {ratio:8.2f} {added:9.3f}")
+        cpu, side, ratio, added, rel = (statistics.median(col) for col in zip(*rows, strict=True))
+        q1, q3 = quartiles([r[0] for r in rows])
+        r1, r3 = quartiles([r[4] for r in rows])
+        print(f"{name:24} {cpu:12.1f} {f'{q1:.0f}-{q3:.0f}':>13} {rel:11.2f} {f'{r1:.2f}-{r3:.2f}':>11} "
+              f"{side:14.1f} {ratio:8.2f} {added:9.3f}")
     return 0
 
 

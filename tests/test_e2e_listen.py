@@ -21,7 +21,7 @@ from extproc.local.stack import (
 )
 
 from .pki import CA
-from .upstreams import ChatServer
+from .upstreams import ChatServer, Reply
 
 SIDECAR = """
 listen: {listen}
@@ -186,3 +186,32 @@ def test_envoy_health_checks_the_sidecar_over_grpc(chat, tmp_path):
         until(admin, "failure", 0)
     finally:
         stack.stop()
+
+
+def test_more_requests_at_once_than_an_http2_default_of_100_streams(gw):
+    """Envoy opens one ext_proc stream per request in flight, on one connection per worker (two
+    here): 500 translated requests held by the backend at once, so well over 100 on each connection,
+    all reach it and are all answered (h2's own limit of 100 streams, which the gRPC server kept, had
+    some refused: a 500 or 503 from the gateway; 250 at once were not enough to show it)."""
+    import asyncio
+    import threading
+
+    from extproc.local.stack import wait_until
+
+    n, hold = 500, threading.Event()
+    gw.chat.script.extend(Reply(text=f"answer {i}", hold=hold) for i in range(n))
+
+    async def ask_all() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="client-key", max_retries=0, timeout=60)
+        asks = [asyncio.create_task(client.responses.create(model="llama-3", input="go")) for _ in range(n)]
+        reached = await asyncio.to_thread(wait_until, lambda: len(gw.chat.requests) == n, 45)
+        hold.set()
+        answers = await asyncio.gather(*asks)
+        assert reached, f"{len(gw.chat.requests)} of {n} requests reached the backend while all were held"
+        return [a.output_text for a in answers]
+
+    try:
+        texts = asyncio.run(ask_all())
+    finally:
+        hold.set()
+    assert sorted(texts) == sorted(f"answer {i}" for i in range(n))

@@ -110,6 +110,9 @@ class _Server:
                 super().finish()
 
         ThreadingHTTPServer.daemon_threads = True
+        # a provider's listen backlog, not http.server's 5: a burst of new connections is not dropped to
+        # come back on a SYN retry seconds later
+        ThreadingHTTPServer.request_queue_size = 1024
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         if tls is not None:  # HTTPS only, like a hosted provider
             self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)

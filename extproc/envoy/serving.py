@@ -30,6 +30,7 @@ from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
+from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
 from extproc.config import ListenTLS
@@ -90,10 +91,22 @@ def tls_context(tls: ListenTLS) -> ssl.SSLContext:
     return context
 
 
+class _Streams(H2Protocol):
+    """grpclib's connection without h2's own limit of 100 streams open at once (its local
+    MAX_CONCURRENT_STREAMS, which grpclib keeps): Envoy opens one ext_proc stream per request in flight,
+    so the 101st concurrent request on a connection was refused (a 503 from Envoy). As grpc.aio had it,
+    the bound is Envoy's (the extproc cluster's `max_concurrent_streams`)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.connection._connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 2**31 - 1})
+        self.connection.flush()
+
+
 class _Server(Server):
     """grpclib's server with the two steps of a graceful stop, which grpclib's `close()` (every call
-    cancelled at once) lacks. Uses two of grpclib's own names (`_protocol_factory`, `_server`): the
-    version is pinned."""
+    cancelled at once) lacks, and its connections as `_Streams`. Uses grpclib's own names
+    (`_protocol_factory`, `_server`, `Connection._connection`): the version is pinned."""
 
     def __init__(self, handlers: Iterable[Servable]):
         super().__init__(list(handlers), codec=_Codec(),
@@ -101,7 +114,8 @@ class _Server(Server):
         self.connections: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:
-        protocol = super()._protocol_factory()
+        made = super()._protocol_factory()
+        protocol = _Streams(made.handler, made.config, made.h2_config)
         self.connections.add(protocol)
         return protocol
 

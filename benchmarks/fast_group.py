@@ -7,7 +7,7 @@ compiles its own), in front of the same Python test upstreams:
 
 - alone: a chat model one backend serves (its fast route straight to the backend);
 - grouped: a chat model two keyless chat pools serve (its fast route to the group's fast cluster,
-  whose upstream filters hold a stream's headers until its first chunk: `routing/group_routes.py`),
+  whose upstream filter holds an answer's headers until its first body chunk: `routing/group_routes.py`),
   the first member answering;
 
 each streamed (`stream_options.include_usage`, so it stays on the fast path) and not. For each: the

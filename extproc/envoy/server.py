@@ -215,13 +215,12 @@ class Processor:
                 self._record_attempts(ex, timer)
 
     async def _hold(self, stream: Stream[pb.ProcessingRequest, pb.ProcessingResponse]) -> None:
-        """A grouped attempt's hold filter (`Hold`): each message answered as it is, a stream's headers
-        only once its first chunk came."""
+        """A grouped attempt's hold filter (`Hold`): each message answered as it is, the answer's headers
+        only once its first body chunk came."""
         hold = Hold()
         while not hold.done and (req := await stream.recv_message()) is not None:
             kind = req.WhichOneof("request")
-            headers = _headers(req.response_headers.headers) if kind == "response_headers" else {}
-            for due in hold.message(kind, headers, req.response_headers.end_of_stream):
+            for due in hold.message(kind, req.response_headers.end_of_stream):
                 await stream.send_message(_CONTINUE[due])
 
     def _record(self, ex: Exchange, timer: ExchangeTimer) -> None:

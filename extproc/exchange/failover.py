@@ -15,9 +15,10 @@ each attempt (`Attempt`, picked by the shell for role `failover`):
 - an answer is judged before any byte of it reaches the client (`routing.failover.judge`): an error
   body is read whole first, and a non-streamed success is held whole too, so a reset before its body
   ended is still a retry; a failed-over answer is recorded and marked `x-gateway-retry` (Envoy drops it
-  and retries), a final one goes to the exchange's handler as any answer would; a stream's headers
-  reach the attempt only with its first chunk (`Hold`, the group cluster's second upstream filter), so
-  a reset before it is a retry too;
+  and retries), a final one goes to the exchange's handler as any answer would; an answer's headers
+  reach the attempt only with its first body chunk (`Hold`, the group cluster's second upstream
+  filter, the fast path's twin's only one), so a reset before it is a retry too, the last attempt's
+  included (its error names every attempt);
 - the last attempt (`failover.max_attempts`, the members, or `deadline_seconds` after the start), when
   it fails too, answers with one error naming every attempt (`all_failed_error`): attempts that got no
   answer at all (a refused connection never reaches the processor; a reset ends its stream) are named by
@@ -378,18 +379,18 @@ class GroupAttempt(UpstreamStream):
 
 
 class Hold:
-    """The hold filter's stream on one attempt (`group_routes._holder`): the member's response headers,
-    when they start a stream, answered only with its first chunk, so that a reset before any body byte
-    is still a retry. `message` names the replies (each "go on as it is") due after each message, in
-    order; `done` once nothing more is held (the stream is then closed: Envoy passes the rest alone)."""
+    """The hold filter's stream on one attempt (`group_routes._holder`): the member's response headers
+    answered only with its first body chunk, a stream's or not, so that a reset before any body byte
+    is still a retry (Envoy's router retries none once headers reached it). `message` names the
+    replies (each "go on as it is") due after each message, in order; `done` once nothing more is held
+    (the stream is then closed: Envoy passes the rest alone)."""
 
     def __init__(self) -> None:
         self.held: list[str] = []
         self.done = False
 
-    def message(self, kind: str, headers: dict[str, str], end_of_stream: bool) -> list[str]:
-        if kind == "response_headers" and not end_of_stream and \
-                headers.get("content-type", "").startswith("text/event-stream"):
+    def message(self, kind: str, end_of_stream: bool) -> list[str]:
+        if kind == "response_headers" and not end_of_stream:
             self.held = [kind]
             return []
         self.done = True

@@ -202,35 +202,20 @@ def fast_route(config: Config, backend: Backend, client_api: str,
     """Straight to the backend, one route per alternative of `when`; for a model `group` (`backend` its
     primary), to the group's own cluster, Envoy retrying on the next member (routing/group_routes.py)."""
     path = PATHS[client_api]
+    action = _to_backend(config, group_routes.fast_cluster(group), retry_policy=group_routes.fast_retry(config, group)) \
+        if group else _to_backend(config, backend_cluster(backend))
+    group_routes.spread(action, group)
+    _host(action, backend)
+    if len(backend.endpoints) > 1:  # prefix-cache affinity where the request carries a session
+        action.hash_policy.extend(rc.RouteAction.HashPolicy(header=rc.RouteAction.HashPolicy.Header(header_name=h),
+                                                            terminal=True) for h in SESSION_HEADERS)
+    if backend.path_prefix:
+        action.prefix_rewrite = backend.path_prefix + path
     target = group_routes.group_cluster(group) if group else backend.name
-    out = []
-    for cond, stream in _by_stream(when) if group else ((c, False) for c in when):
-        action = _to_backend(config, group_routes.fast_cluster(group, stream),
-                             retry_policy=group_routes.fast_retry(config, group)) \
-            if group else _to_backend(config, backend_cluster(backend))
-        group_routes.spread(action, group, stream)
-        _host(action, backend)
-        if len(backend.endpoints) > 1:  # prefix-cache affinity where the request carries a session
-            action.hash_policy.extend(rc.RouteAction.HashPolicy(header=rc.RouteAction.HashPolicy.Header(header_name=h),
-                                                                terminal=True) for h in SESSION_HEADERS)
-        if backend.path_prefix:
-            action.prefix_rewrite = backend.path_prefix + path
-        meta, headers = _condition(cond)
-        out.append(rc.Route(name=f"{FAST}:{client_api}:{target}", route=action, typed_per_filter_config=_NO_PROCESSOR,
-                            request_headers_to_remove=[MODE_HEADER],  # the client's to the gateway, not the backend's
-                            match=rc.RouteMatch(path=path, headers=headers,
-                                                dynamic_metadata=[_SANE_NAME, _ONE_MODEL, *models, *meta])))
-    return out
-
-
-def _by_stream(when: tuple[Condition, ...]) -> list[tuple[Condition, bool]]:
-    """A group's fast alternatives, each with whether its requests stream (one that does not say is
-    split in two): streams go to the group's fast twin with the hold, the rest to the one without."""
-    out: list[tuple[Condition, bool]] = []
-    for cond in when:
-        said = dict(cond).get("stream")
-        out += [(cond, said)] if said is not None else [((*cond, ("stream", True)), True), ((*cond, ("stream", False)), False)]
-    return out
+    return [rc.Route(name=f"{FAST}:{client_api}:{target}", route=action, typed_per_filter_config=_NO_PROCESSOR,
+                     request_headers_to_remove=[MODE_HEADER],  # the client's to the gateway, not the backend's
+                     match=rc.RouteMatch(path=path, headers=headers, dynamic_metadata=[_SANE_NAME, _ONE_MODEL, *models, *meta]))
+            for meta, headers in map(_condition, when)]
 
 
 def processor_route(client_api: str, models: list[metadata_pb2.MetadataMatcher]) -> rc.Route:

@@ -18,9 +18,9 @@ Why this shape (measured against Envoy 1.40, docs/configuration.md "How failover
   member from the attempt's host (`upstream.address`), and runs the request through an ordinary
   exchange for that member, translated when it speaks another API (exchange/failover.py).
 - Below it the processor once more (role `hold`, `_holder`): Envoy's router retries no reset once an
-  attempt's headers reached it, so a stream's headers are let through only with its first chunk. The
-  fast path's twin for streams (`fast_cluster`) has the hold alone, for its compiled retries; its
-  twin for the other requests no upstream filter.
+  attempt's headers reached it, so an answer's headers are let through only with its first body
+  chunk, streamed or not. The fast path's twin (`fast_cluster`) has the hold alone, for its compiled
+  retries.
 - Within a member Envoy picks the instance round robin. Not a ring hash: Envoy's ring hash (and
   maglev) balancers ignore the retry's priority load, so every retry went back to the first member
   (measured); prefix-cache placement within a member is the price, for grouped models only.
@@ -111,23 +111,19 @@ def member_lists(config: Config) -> list[tuple[Backend, ...]]:
 
 
 class Chain(Enum):
-    """A group cluster's upstream filters: the processor's attempts (with the hold), or a fast twin's:
-    none for answers that are not streams, the hold alone for streams (so that a stream resetting after
-    its headers is still retried by Envoy; measured: a processor stream per attempt, which answers that
-    are not streams would pay for nothing)."""
+    """A group cluster's upstream filters: the processor's attempts (with the hold), or the fast twin's:
+    the hold alone (so that an answer resetting after its headers is still retried by Envoy)."""
 
     ATTEMPTS = "attempts"
     FAST = "fast"
-    FAST_STREAMS = "fast_streams"
 
 
-def fast_cluster(backends: Iterable[Backend], stream: bool = False) -> str:
-    """The same members for the fast path: `fast-group.A.B` (no upstream filter) for requests that do not
-    stream, `fast-stream-group.A.B` (the hold alone, `_holder`) for those that do."""
-    return ("fast-stream-" if stream else "fast-") + group_cluster(backends)
+def fast_cluster(backends: Iterable[Backend]) -> str:
+    """The same members for the fast path: `fast-group.A.B`, the hold (`_holder`) its only upstream filter."""
+    return "fast-" + group_cluster(backends)
 
 
-def spread(action: rc.RouteAction, members: tuple[Backend, ...], stream: bool = False) -> None:
+def spread(action: rc.RouteAction, members: tuple[Backend, ...]) -> None:
     """A fast route's first attempts shared by the weighted members, as the processor shares them: Envoy
     picks one order's cluster (`first_on`: that member, then config order) per request by weight. At
     random, not by the placement key (a weighted cluster's choice takes no string hash), so on the fast
@@ -135,7 +131,7 @@ def spread(action: rc.RouteAction, members: tuple[Backend, ...], stream: bool = 
     weighted = [b for b in members if b.weight is not None]
     if weighted:  # (touching the field at all would replace the route's cluster)
         action.weighted_clusters.clusters.extend(
-            rc.WeightedCluster.ClusterWeight(name=fast_cluster(first_on(members, b), stream),
+            rc.WeightedCluster.ClusterWeight(name=fast_cluster(first_on(members, b)),
                                              weight=wrappers_pb2.UInt32Value(value=b.weight)) for b in weighted)
 
 
@@ -149,14 +145,14 @@ def member_at(config: Config, label: str, address: str) -> str:
 
 
 def clusters(config: Config) -> list[cluster_pb2.Cluster]:
-    """Each group cluster, and its fast-path twins, for streams and not (unused unless a fast route names
-    them), where the group can have them: not with a `url:` member, whose Host and key only the
+    """Each group cluster, and its fast-path twin (unused unless a fast route names it), where the group
+    can have one: not with a `url:` member, whose Host and key only the
     processor puts on per attempt."""
     out = []
     for members in member_lists(config):
         out.append(_cluster(config, members, Chain.ATTEMPTS))
         if all(b.hosted is None for b in members):
-            out += [_cluster(config, members, Chain.FAST), _cluster(config, members, Chain.FAST_STREAMS)]
+            out.append(_cluster(config, members, Chain.FAST))
     return out
 
 
@@ -186,7 +182,7 @@ def _retry(config: Config, retries: int, retry_on: str) -> rc.RetryPolicy:
 
 
 def _cluster(config: Config, members: tuple[Backend, ...], chain: Chain) -> cluster_pb2.Cluster:
-    name = group_cluster(members) if chain is Chain.ATTEMPTS else fast_cluster(members, chain is Chain.FAST_STREAMS)
+    name = group_cluster(members) if chain is Chain.ATTEMPTS else fast_cluster(members)
 
     f = config.failover
     eject = outlier_detection_pb2.OutlierDetection(
@@ -201,12 +197,11 @@ def _cluster(config: Config, members: tuple[Backend, ...], chain: Chain) -> clus
         enforcing_success_rate=wrappers_pb2.UInt32Value(value=0))
     attempt = [upstream_processor(FAILOVER_ROLE, (ADDRESS_ATTRIBUTE, HOST_METADATA_ATTRIBUTE))] \
         if chain is Chain.ATTEMPTS else []
-    hold = [_holder(config)] if chain is not Chain.FAST else []
     options = hpo.HttpProtocolOptions(http_filters=[
-        *attempt, *hold,
+        *attempt, _holder(config),
         # Upstream filters change the one header map every attempt is sent from (the processor restores
         # the client's headers before each attempt: exchange/failover.py).
-        _http_filter("envoy.filters.http.upstream_codec", upstream_codec_pb2.UpstreamCodec())] if attempt or hold else [])
+        _http_filter("envoy.filters.http.upstream_codec", upstream_codec_pb2.UpstreamCodec())])
     options.explicit_http_config.http_protocol_options.SetInParent()
     hosted = [b for b in members if b.hosted is not None]
     cluster = cluster_pb2.Cluster(
@@ -225,12 +220,13 @@ def _cluster(config: Config, members: tuple[Backend, ...], chain: Chain) -> clus
 
 def _holder(config: Config) -> hcm.HttpFilter:
     """The processor once more, below the attempt's own (so it sees the member's answer as it came): it
-    answers a stream's response headers only once the stream's first chunk came, so the headers reach
-    the router, which retries no reset after them (`downstream_response_started_`), only with a body
-    byte behind them. Envoy sends it that chunk before its headers are answered
-    (`send_body_without_waiting_for_header_response`); it then closes its stream, and Envoy passes the
-    rest on alone. Its wait is ended by the attempt's per-try timeout first (a member that sends headers
-    and then nothing is given up on); were the sidecar to fail, the answer would pass as it is."""
+    answers an answer's response headers only once its first body chunk came (a stream's first event, a
+    JSON body's first bytes, often all of it), so the headers reach the router, which retries no reset
+    after them (`downstream_response_started_`), only with a body byte behind them. Envoy sends it that
+    chunk before its headers are answered (`send_body_without_waiting_for_header_response`); it then
+    closes its stream, and Envoy passes the rest on alone. Its wait is ended by the attempt's per-try
+    timeout first (a member that sends headers and then nothing is given up on); were the sidecar to
+    fail, the answer would pass as it is."""
     filt = upstream_processor(HOLD_ROLE)
     filt.name = HOLD_FILTER
     proc = ext_proc_pb2.ExternalProcessor()

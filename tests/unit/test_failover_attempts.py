@@ -323,17 +323,15 @@ def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_b
     assert [c.name for c in compiled.clusters if c.name.startswith("group.")] == \
         ["group.keyed-chat.resp", "group.resp.keyed-chat", "group.hosted.other", "group.other.hosted"]
     (cluster,) = [c for c in compiled.clusters if c.name == "group.keyed-chat.resp"]
-    (fast,) = [c for c in compiled.clusters if c.name == "fast-group.keyed-chat.resp"]  # its twins without the processor
-    (streams,) = [c for c in compiled.clusters if c.name == "fast-stream-group.keyed-chat.resp"]
-    assert fast.load_assignment.endpoints == streams.load_assignment.endpoints == cluster.load_assignment.endpoints
-    # the attempt's processor, then the hold; the fast twin for streams the hold alone (Envoy's retries need
-    # it as much), the other no upstream filter at all
+    (fast,) = [c for c in compiled.clusters if c.name == "fast-group.keyed-chat.resp"]  # its twin without the processor
+    assert not any(c.name.startswith("fast-stream-") for c in compiled.clusters)  # one twin, streams or not
+    assert fast.load_assignment.endpoints == cluster.load_assignment.endpoints
+    # the attempt's processor, then the hold; the fast twin the hold alone (Envoy's retries need it as much)
     assert [m.value for p in _processors(cluster) for m in p.grpc_service.initial_metadata] == ["failover", "hold"]
-    assert [m.value for p in _processors(streams) for m in p.grpc_service.initial_metadata] == ["hold"]
-    assert "ext_proc" not in str(fast.typed_extension_protocol_options)
+    assert [m.value for p in _processors(fast) for m in p.grpc_service.initial_metadata] == ["hold"]
     # not named as ext_proc is: a fast route's per-filter `disabled` for the client-side processor is
     # looked up by name by upstream filters too, and would turn the hold off
-    assert group_routes.HOLD_FILTER in str(streams.typed_extension_protocol_options)
+    assert group_routes.HOLD_FILTER in str(fast.typed_extension_protocol_options)
     assert [(p.priority, [e.endpoint.address.socket_address.port_value for e in p.lb_endpoints])
             for p in cluster.load_assignment.endpoints] == [(0, [8000]), (1, [8000, 8000])]
     assert cluster.outlier_detection.consecutive_5xx.value == gw.config.failover.eject_after
@@ -375,9 +373,10 @@ def _processors(cluster: Any) -> list[ext_proc_pb2.ExternalProcessor]:
     return procs
 
 
-def test_a_group_cluster_holds_a_streams_headers_until_its_first_chunk():
+def test_a_group_cluster_holds_an_answers_headers_until_its_first_body_chunk():
     """Below the attempt's processor, a second one that Envoy sends the body without waiting for the
-    headers' answer; the sidecar answers a stream's headers only with its first chunk, then lets go."""
+    headers' answer; the sidecar answers the headers of any answer with a body (a stream's, a JSON
+    body's) only with its first chunk, then lets go."""
     gw = gateway()
     (cluster,) = [c for c in compile_routes(gw.config, Knowledge(), {}).clusters if c.name == "group.keyed-chat.resp"]
     attempt_proc, hold = _processors(cluster)  # the attempt's first: the hold sees the member's answer before it
@@ -388,23 +387,21 @@ def test_a_group_cluster_holds_a_streams_headers_until_its_first_chunk():
     assert hold.send_body_without_waiting_for_header_response and hold.failure_mode_allow
     assert hold.message_timeout.seconds > gw.config.failover.attempt_timeout  # the per-try timeout ends a wait first
 
-    stream = {":status": "200", "content-type": "text/event-stream; charset=utf-8"}
-    h = Hold()
-    assert h.message("response_headers", stream, False) == [] and not h.done  # held
-    assert h.message("response_body", {}, False) == ["response_headers", "response_body"] and h.done
-    for headers, end in (({":status": "200", "content-type": "application/json"}, False), (stream, True)):
-        h = Hold()  # not a stream, or no body at all: nothing to hold
-        assert h.message("response_headers", headers, end) == ["response_headers"] and h.done
+    for body_end in (False, True):  # the first of many chunks (a stream's), or the whole body (a small JSON one)
+        h = Hold()
+        assert h.message("response_headers", False) == [] and not h.done  # held
+        assert h.message("response_body", body_end) == ["response_headers", "response_body"] and h.done
+    h = Hold()  # no body at all: nothing to hold
+    assert h.message("response_headers", True) == ["response_headers"] and h.done
 
 
 def test_a_weighted_groups_fast_route_picks_each_members_order_by_weight():
     weighted = CHATS.replace('["10.0.1.1:8000"]\n', '["10.0.1.1:8000"]\n    weight: 2\n').replace(
         '["10.0.1.2:8000"]\n', '["10.0.1.2:8000"]\n    weight: 5\n')
     compiled = compile_routes(parse_config(weighted), Knowledge(), {})
-    fast = [r for r in compiled.routes.virtual_hosts[0].routes if r.name == "fast:chat:group.chat-a.chat-b"]
-    assert fast and all(not r.route.cluster and [(c.name, c.weight.value) for c in r.route.weighted_clusters.clusters] ==
-                        [(f"{_twin(r)}group.chat-a.chat-b", 2), (f"{_twin(r)}group.chat-b.chat-a", 5)] for r in fast)
-    assert {_twin(r) for r in fast} == {"fast-", "fast-stream-"}
+    fast = [r.route for r in compiled.routes.virtual_hosts[0].routes if r.name == "fast:chat:group.chat-a.chat-b"]
+    assert fast and all(not r.cluster and [(c.name, c.weight.value) for c in r.weighted_clusters.clusters] ==
+                        [("fast-group.chat-a.chat-b", 2), ("fast-group.chat-b.chat-a", 5)] for r in fast)
     (b_first,) = [c for c in compiled.clusters if c.name == "fast-group.chat-b.chat-a"]
     assert [(p.priority, [e.endpoint.address.socket_address.port_value for e in p.lb_endpoints],
              p.lb_endpoints[0].endpoint.address.socket_address.address) for p in b_first.load_assignment.endpoints] == \
@@ -412,25 +409,7 @@ def test_a_weighted_groups_fast_route_picks_each_members_order_by_weight():
     unweighted = compile_routes(parse_config(CHATS), Knowledge(), {})
     assert {r.route.cluster for r in unweighted.routes.virtual_hosts[0].routes
             if r.name == "fast:chat:group.chat-a.chat-b"} == \
-        {"fast-group.chat-a.chat-b", "fast-stream-group.chat-a.chat-b"}  # config order alone
-
-
-def test_a_groups_fast_streams_go_to_the_twin_with_the_hold_and_the_rest_to_the_one_without():
-    """Chat clients on a group of chat pools: a route per fast alternative, split by `stream` where the
-    alternative does not say (the hold costs a processor stream per attempt: only streams need it)."""
-    compiled = compile_routes(parse_config(CHATS), Knowledge(), {})
-    fast = [r for r in compiled.routes.virtual_hosts[0].routes if r.name == "fast:chat:group.chat-a.chat-b"]
-    for r in fast:
-        streams = _twin(r) == "fast-stream-"
-        stream_key = [m for m in r.match.dynamic_metadata if m.path[0].key == "stream"]
-        assert len(stream_key) == 1 and stream_key[0].invert == (not streams)  # stream true, or not true
-    assert {_twin(r) for r in fast} == {"fast-", "fast-stream-"}
-
-
-def _twin(route: Any) -> str:
-    """Which fast twin a group's fast route goes to: its cluster's (or first weighted cluster's) prefix."""
-    name = route.route.cluster or route.route.weighted_clusters.clusters[0].name
-    return name[:name.index("group.")]
+        {"fast-group.chat-a.chat-b"}  # config order alone; streams and the rest to the one twin
 
 
 def test_a_pinned_continuation_reads_the_store_once_and_goes_to_its_member():

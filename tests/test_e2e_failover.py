@@ -384,7 +384,7 @@ def test_each_attempt_is_counted_and_the_answering_backend_kept(g):
     assert delta('extproc_upstream_attempts_total{backend="pool-resp",outcome="ok"}') == 1
     # the request is counted once, by the member that answered, in the GenAI metrics too
     served = [k for k in after if k.startswith("extproc_requests_total{") and 'model="counted"' in k and delta(k)]
-    assert len(served) == 1 and 'backend="pool-resp"' in served[0] and 'upstream_api="responses"' in served[0]
+    assert len(served) == 1 and 'backend="pool-resp"' in served[0] and 'upstream_api="responses"' in served[0], served
     genai = [k for k in after if k.startswith("gen_ai_client_token_usage_count{") and 'model="counted"' in k and delta(k)]
     assert genai and all('gen_ai_provider_name="pool-resp"' in k for k in genai)
 

@@ -154,6 +154,19 @@ class _Handler(JSONHandler):
         self.encoding_label = reply.content_encoding
         return reply
 
+    def send_failure(self, reply: Reply, stream: bool) -> bool:
+        """Send the reply's scripted failure, if it is one (an error, a reset, silence, a broken
+        answer), the same way on either API."""
+        if reply.error:
+            self.send_json(*reply.error, reply.headers)
+        elif reply.reset:
+            self.send_reset(stream, reply.drop)
+        elif reply.silent is not None:
+            self.say_nothing(reply.silent)
+        else:
+            return self.send_broken(reply, stream)
+        return True
+
     def send_broken(self, reply: Reply, stream: bool) -> bool:
         """Send the reply's broken answer, if it has one for this kind of request."""
         if stream and reply.events is not None:
@@ -267,16 +280,7 @@ class _ChatHandler(_Handler):
             return
         last_user = next((m.get("content") for m in reversed(body["messages"]) if m.get("role") == "user"), "")
         reply = self.reply_for(last_user if isinstance(last_user, str) else json.dumps(last_user))
-        if reply.error:
-            self.send_json(*reply.error, reply.headers)
-            return
-        if reply.reset:
-            self.send_reset(bool(body.get("stream")), reply.drop)
-            return
-        if reply.silent is not None:
-            self.say_nothing(reply.silent)
-            return
-        if self.send_broken(reply, bool(body.get("stream"))):
+        if self.send_failure(reply, bool(body.get("stream"))):
             return
         if body.get("stream"):
             self.chat_stream(body, reply)
@@ -470,16 +474,7 @@ class _ResponsesHandler(_Handler):
             self.send_json(400, _err(problem, "invalid_value", "input"))
             return
         reply = self.reply_for(self.last_user(body.get("input")))
-        if reply.error:
-            self.send_json(*reply.error, reply.headers)
-            return
-        if reply.reset:
-            self.send_reset(bool(body.get("stream")), reply.drop)
-            return
-        if reply.silent is not None:
-            self.say_nothing(reply.silent)
-            return
-        if self.send_broken(reply, bool(body.get("stream"))):
+        if self.send_failure(reply, bool(body.get("stream"))):
             return
         response = self.response(body, reply)
         inp = body.get("input")

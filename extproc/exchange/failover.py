@@ -102,7 +102,9 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
     Envoy carries, an attempt already, a call only the primary can serve (`_follows`: then the model's
     backend serves it as before), or the continuation of a response a member stored itself (a stateful
     Responses backend's pin): only that member can continue it, so the request goes there
-    (`side.member`), as any pinned turn does, without failover. A turn the sidecar holds goes
+    (`side.member`), as any pinned turn does, without failover; a pin to a backend outside the group, or
+    to one no longer configured, takes today's path too (that backend, or 409 `pinned_backend_gone`):
+    an attempt on a member would send the member the holder's key. A turn the sidecar holds goes
     first to the member that served it (its prefix cache) while that member is in."""
     gw = side.gw
     group = group_for(gw.config, model) if side.member is None else None
@@ -114,11 +116,12 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
         values = yield from side.pinning.state_of(prev)
         turn = rec.load_turn(values[0]) if values else None
         pin = rec.Pin.loads(values[1]) if values and values[1] and turn is None else None
-        holder = next((b for b in group.backends if pin is not None and b.name == pin.backend), None)
-        if pin is not None and holder is not None and (holder.hosted is not None or
-                                                       pin.endpoint in {e.address for e in holder.endpoints}):
-            side.member = Target(holder, None if holder.hosted is not None else pin.endpoint)
-            return None
+        if pin is not None:  # only the backend that stored it can continue it: never any other member
+            holder = next((b for b in group.backends if b.name == pin.backend), None)
+            if holder is not None and (holder.hosted is not None or
+                                       pin.endpoint in {e.address for e in holder.endpoints}):
+                side.member = Target(holder, None if holder.hosted is not None else pin.endpoint)
+            return None  # not a member (the client changed models), or gone: as for any pinned turn
         served = turn.get("backend") if turn is not None else None
         previous = served if isinstance(served, str) else None
     rid = os.urandom(12).hex()

@@ -123,3 +123,13 @@ def test_run_py_imports():
     """run.py is never run by CI: at least what it is made of must still exist."""
     run = importlib.import_module("run")
     assert callable(run.main)
+
+
+def test_failover_py_measures_each_kind_of_each_variant():
+    """benchmarks/failover.py, a tiny run: every request of each kind answered 200 (`post` asserts it),
+    with two variants (this checkout twice) each measured against its own baseline."""
+    failover = importlib.import_module("failover")
+    repo = BENCHMARKS.parent
+    results = failover.main(["--n", "2", "--rounds", "1", "--variant", f"a={repo}", "--variant", f"b={repo}"])
+    assert set(results) == {(v, k) for v in ("a", "b") for k in failover.KINDS}
+    assert all(med > 0 for med, _, _ in results.values())

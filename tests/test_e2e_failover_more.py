@@ -11,7 +11,10 @@ tests/test_e2e_failover.py does not show.
 - `/readyz` shows a member that keeps failing as `ejected`, and `healthy` again once it is back;
 - a Responses conversation pinned to a stateful Responses instance that is gone is never continued
   anywhere else: 503 `pinned_backend_unavailable` (configured, not answering), 409
-  `pinned_backend_gone` (no longer configured), the pinned member's own error (no failover);
+  `pinned_backend_gone` (no longer configured, whichever member is first), the pinned member's own error
+  (no failover); a turn naming another model than the one whose backend stored it goes to that backend
+  alone (no member sees it, nor the holder's key), or is a 400 `previous_response_not_found` where the
+  model's first member is chat-only;
 - a Responses conversation the sidecar holds (a chat-only member) continues on a Responses-only member
   when the chat member dies, the whole history reaching it."""
 
@@ -391,8 +394,12 @@ backends:
     endpoints: ["{open_resp}"]
   - name: open-chat
     api: chat
-    models: ["open-model"]
+    models: ["open-model", "chat-first-model"]
     endpoints: ["{open_chat}"]
+  - name: later-resp
+    api: responses
+    models: ["chat-first-model"]
+    endpoints: ["{later_resp}"]
 """
 GONE_BACKEND = """  - name: gone-resp
     api: responses
@@ -406,7 +413,7 @@ def state_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     names = {"held_chat": ChatServer, "held_resp": ResponsesServer, "pin_resp": ResponsesServer, "pin_chat": ChatServer,
              "two_a": ResponsesServer, "two_b": ResponsesServer, "two_chat": ChatServer, "gone_chat": ChatServer,
              "gone_resp": ResponsesServer, "gone_resp2": ResponsesServer, "keyed_resp": ResponsesServer,
-             "open_resp": ResponsesServer, "open_chat": ChatServer}
+             "open_resp": ResponsesServer, "open_chat": ChatServer, "later_resp": ResponsesServer}
     servers: dict[str, ChatServer | ResponsesServer] = {name: cls() for name, cls in names.items()}
     two = f'"{servers["two_a"].address}", "{servers["two_b"].address}"'
     template = STATE.replace("{two_endpoints}", two).replace("{gone_backend}", GONE_BACKEND)
@@ -496,6 +503,19 @@ def test_a_pin_to_a_backend_outside_the_group_is_continued_there_alone(st):
     last = st["keyed_resp"].requests[-1]
     assert last["body"]["previous_response_id"] == first.id
     assert last["headers"]["authorization"] == f"Bearer {KEYED_KEY}"
+
+
+def test_a_pin_to_a_backend_outside_a_chat_first_group_is_a_400_and_nobody_is_asked(st):
+    """The same switch of models to chat-first-model (open-chat, chat-only, first; later-resp): the model's
+    backend cannot continue a response another backend stored, so the turn is the clear 400 that a model
+    on a chat backend gets, naming both; no member is asked."""
+    client = st.client()
+    first = client.responses.create(model="keyed-model", input="remember 7")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="chat-first-model", input="what number?", previous_response_id=first.id)
+    assert e.value.body["code"] == "previous_response_not_found" and e.value.body["param"] == "previous_response_id"
+    assert "'keyed-resp'" in e.value.body["message"] and "'open-chat'" in e.value.body["message"]
+    assert st["open_chat"].requests == [] and st["later_resp"].requests == [] and len(st["keyed_resp"].requests) == 1
 
 
 @dataclass

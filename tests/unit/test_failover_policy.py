@@ -32,7 +32,7 @@ from extproc.routing.failover import (
     retry_after_seconds,
 )
 from extproc.routing.gateway import Gateway
-from extproc.routing.groups import Group, GroupRun, attempt_order, continue_order, group_for, groups
+from extproc.routing.groups import Group, attempt_order, continue_order, group_for, groups
 from extproc.state.store import MemoryStore
 
 GROUPS = """
@@ -182,49 +182,15 @@ def test_a_held_off_weighted_member_takes_no_first_attempts_meanwhile():
     assert {attempt_order(group, f"k{i}", health, 5.0)[0].name for i in range(200)} == {"a", "b"}
 
 
-def test_a_run_moves_on_after_each_failed_over_attempt_until_a_final_answer():
-    group = _group(("a", None), ("b", None), ("c", None))
-    run = GroupRun(group, "k", Health(Failover(max_attempts=3)), 0.0)
-    assert run.first.name == "a"
-    nxt = run.next(Attempt.answered("a", 503, OPENAI_503), 1.0)
-    assert nxt is not None and nxt.name == "b"
-    assert run.next(Attempt.answered("b", 400, OPENAI_CONTEXT), 2.0) is None  # final: delivered as it is
-    assert not run.failed
-
-
-def test_a_run_ends_with_one_error_when_every_attempt_failed_over_or_at_its_deadline():
-    group = _group(("a", None), ("b", None), ("c", None))
-    run = GroupRun(group, "k", Health(Failover(max_attempts=2)), 0.0)
-    assert run.next(Attempt.failed("a", Transport.CONNECT_FAILURE), 0.1) is not None
-    assert run.next(Attempt.answered("b", 429, OPENAI_429), 0.2) is None  # max_attempts 2
-    assert run.failed and run.error("chat")[0] == 502
-    assert orjson.loads(run.error("chat")[1])["error"]["message"].startswith(
-        "every backend of model 'm' failed (2 attempts): a: connection failed; b: 429 Rate limit reached")
-    late = GroupRun(group, "k", Health(Failover(max_attempts=3, deadline_seconds=10)), 100.0)
-    assert late.next(Attempt.failed("a", Transport.TIMEOUT), 110.0) is None  # no new attempt after the deadline
-    assert late.error("responses")[0] == 504
-
-
 def test_a_conversation_the_sidecar_holds_continues_on_any_member_its_last_backend_first():
     group = _group(("a", None), ("b", None), ("c", None))
     health = Health(Failover(max_attempts=3, eject_after=1))
-    held = {"previous_backend": "b", "held_by_sidecar": True}
-    assert names(continue_order(group, "k", health, 0.0, **held)) == ["b", "a", "c"]
+    assert names(continue_order(group, "k", health, 0.0, previous_backend="b")) == ["b", "a", "c"]
     health.record("b", False, 0.0)  # the previous turn's backend is out: the others first, it last
-    assert names(continue_order(group, "k", health, 1.0, **held)) == ["a", "c", "b"]
-    gone = {"previous_backend": "removed", "held_by_sidecar": True}
-    assert names(continue_order(group, "k", health, 1.0, **gone)) == ["a", "c", "b"]
-    assert names(continue_order(group, "k", health, 1.0, max_attempts=2, previous_backend="c",
-                                held_by_sidecar=True)) == ["c", "a"]
-
-
-def test_a_conversation_only_its_upstream_holds_stays_there():
-    group = _group(("a", None), ("b", None))
-    health = Health(Failover(eject_after=1))
-    health.record("b", False, 0.0)  # even out: no other member could rebuild the context
-    assert names(continue_order(group, "k", health, 1.0, previous_backend="b", held_by_sidecar=False)) == ["b"]
-    assert continue_order(group, "k", health, 1.0, previous_backend="z", held_by_sidecar=False) == ()
-    assert continue_order(group, "k", health, 1.0, previous_backend=None, held_by_sidecar=False) == ()
+    assert names(continue_order(group, "k", health, 1.0, previous_backend="b")) == ["a", "c", "b"]
+    assert names(continue_order(group, "k", health, 1.0, previous_backend="removed")) == ["a", "c", "b"]
+    assert names(continue_order(group, "k", health, 1.0, max_attempts=2, previous_backend="c")) == ["c", "a"]
+    assert names(continue_order(group, "k", health, 1.0, previous_backend=None)) == ["a", "c", "b"]
 
 
 # -- judge: real error bodies ---------------------------------------------------------------------

@@ -412,6 +412,56 @@ def test_a_response_a_member_stored_is_continued_there_alone_even_when_it_is_out
     assert sets["x-gateway-destination-endpoint"] == "10.0.0.3:8000" and "x-gateway-failover" not in sets
 
 
+def _continue(gw: Gateway, pin: rec.Pin, store: dict[str, bytes] | None = None):
+    """A Responses turn of model g continuing `resp_stored`, pinned as `pin`: the exchange, and its action."""
+    store = {} if store is None else store
+    store.update(dict(response_pin(gw.tenants.tenant_of(CLIENT), "resp_stored", pin)))
+    ex = Exchange(gw)
+    resolve(ex.request_headers(dict(CLIENT), False), store)
+    return ex, resolve(ex.request_body(json.dumps({**BODY, "previous_response_id": "resp_stored"}).encode()), store)
+
+
+@pytest.mark.parametrize("first", ["keyed-chat", "resp"])  # which member the group would try first
+@pytest.mark.parametrize(("pin", "where"), [
+    (rec.Pin("resp", "10.0.0.9:8000"), "instance 10.0.0.9:8000 of backend 'resp'"),  # an instance taken out
+    (rec.Pin("removed", "10.0.0.5:8000"), "instance 10.0.0.5:8000 of backend 'removed'"),  # a backend taken out
+])
+def test_a_stored_response_whose_instance_is_gone_is_a_409_whichever_member_comes_first(first, pin, where):
+    """Nobody can continue it: the client is told so, the same way whatever the group's order (a chat
+    member's attempt used to say that chat backend could not continue it: a 400 naming the wrong cause)."""
+    gw = gateway()
+    if first == "resp":
+        gw.health.record("keyed-chat", False, gw.clock(), retry_after=30)
+    with pytest.raises(GatewayError) as e:
+        _continue(gw, pin)
+    assert (e.value.status, e.value.code, e.value.param) == (409, "pinned_backend_gone", "previous_response_id")
+    assert e.value.message == (f"Response 'resp_stored' is held by {where}, which is no longer configured; its "
+                               "conversation cannot be continued")
+
+
+def test_a_stored_response_of_a_backend_outside_the_group_takes_the_models_own_path():
+    """A response another model's backend stored (`other`, not a member of g's group): not handed over to
+    the group, whose attempts would have planned the turn for `other` (its headers, its key) and sent it
+    to a member's instance; the model's own path decides, as off a group: g's primary is chat-only, which
+    cannot continue a response a Responses backend holds, so a 400 naming both."""
+    gw = gateway()
+    gw.health.record("keyed-chat", False, gw.clock(), retry_after=30)  # the group would try resp first
+    with pytest.raises(GatewayError) as e:
+        _continue(gw, rec.Pin("other", "10.0.0.4:8000"))
+    assert (e.value.status, e.value.code) == (400, "previous_response_not_found")
+    assert "held by backend 'other'" in e.value.message and "chat-only backend 'keyed-chat'" in e.value.message
+
+
+def test_a_stored_response_of_a_hosted_member_goes_to_that_member():
+    """A `url:` member's pin names no instance (its addresses are its DNS's): the turn goes to it."""
+    gw = Gateway(parse_config(CFG.replace("api: chat\n    models: [\"h\", \"solo-hosted\"]",
+                                          "api: responses\n    models: [\"g\"]"), env={"POOL_KEY": "sk-pool"}),
+                 tenant_secret=b"s" * 32)
+    ex, act = _continue(gw, rec.Pin("hosted", None))
+    assert not ex.handed_over and ex.req.member is not None and ex.req.member.backend.name == "hosted"
+    assert dict(act.set_headers)["x-gateway-backend"] == "hosted"
+
+
 def test_a_lost_record_is_a_502_not_a_guess():
     gw, store = gateway(), {}
     headers = hand_over(gw, store)

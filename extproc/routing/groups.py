@@ -77,18 +77,37 @@ def attempt_order(group: Group, key: str, health: Health, now: float,
     attempt among weighted members (the request's session or placement key: stable for a conversation);
     `max_attempts` defaults to `health.settings.max_attempts`."""
     limit = health.settings.max_attempts if max_attempts is None else max_attempts
+    ready, later = _standing(group, health, now)
+    weighted = [m for m in ready if m.weight is not None]
+    if weighted:
+        key_hash = _hash(key)
+        first = max(weighted, key=lambda m: _score(key_hash, m))
+        ready = [first, *(m for m in ready if m is not first)]
+    return tuple(m.backend for m in (*ready, *later)[:limit])
+
+
+def first_shares(group: Group, health: Health, now: float) -> tuple[tuple[Backend, float], ...]:
+    """Each member `attempt_order` can put first while health stays as it is at `now`, with the share of
+    placement keys it takes: the weighted members that are in, by their weights' shares (what the
+    rendezvous hash spreads), else the one member that comes first. For `extproc resolve`."""
+    ready, later = _standing(group, health, now)
+    weighted = [m for m in ready if m.weight is not None]
+    if not weighted:
+        return (((ready or later)[0].backend, 1.0),)
+    total = sum(m.weight or 0 for m in weighted)
+    return tuple((m.backend, (m.weight or 0) / total) for m in weighted)
+
+
+def _standing(group: Group, health: Health, now: float) -> tuple[list[Member], list[Member]]:
+    """The members that are in, in config order, and the rest, in the order they are tried: taken out
+    (ejected or held off), then unconfigured (they can only answer 503)."""
     ready: list[Member] = []
     taken_out: list[Member] = []
     unconfigured: list[Member] = []
     for m in group.members:
         (unconfigured if m.backend.unserved() is not None else
          ready if health.available(m.backend.name, now) else taken_out).append(m)
-    weighted = [m for m in ready if m.weight is not None]
-    if weighted:
-        key_hash = _hash(key)
-        first = max(weighted, key=lambda m: _score(key_hash, m))
-        ready = [first, *(m for m in ready if m is not first)]
-    return tuple(m.backend for m in (*ready, *taken_out, *unconfigured)[:limit])
+    return ready, [*taken_out, *unconfigured]
 
 
 def continue_order(group: Group, key: str, health: Health, now: float, *, previous_backend: str | None,

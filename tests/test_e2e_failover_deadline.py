@@ -3,7 +3,9 @@
 A group of three members, the first slow to fail, the second silent: `failover.deadline_seconds` after
 the request was handed over, no attempt starts any more, so the third member is never tried and the
 client gets the one error naming the attempts made (a 504: the last of them timed out), in its API's
-shape, streamed or not. The same group serves from its third member when the first two fail in time."""
+shape, streamed or not. The same group serves from its third member when the first two fail in time,
+and the GenAI metrics of a request failed over name the member that answered and the model its answer
+named."""
 
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ from dataclasses import dataclass
 import openai
 import pytest
 
-from extproc.local.stack import free_port
+from extproc.local.stack import free_port, wait_until
 
-from .conftest import running
+from .conftest import metric, running
 from .upstreams import ChatServer, Reply, ResponsesServer
 
 CONFIG = """
@@ -47,6 +49,7 @@ STALL = 2.0  # the first member's time to fail: the second member begins at STAL
 @dataclass
 class Members:
     url: str
+    admin: str
     slow: ChatServer
     silent: ResponsesServer
     spare: ChatServer
@@ -63,8 +66,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Members]:
     cfg.write_text(CONFIG.format(extproc_port=extproc_port, admin_port=admin_port, deadline=DEADLINE,
                                  attempt_timeout=ATTEMPT_TIMEOUT, slow=slow.address, silent=silent.address,
                                  spare=spare.address))
-    with running(cfg, extproc_port, port, servers=(slow, silent, spare)):
-        yield Members(f"http://127.0.0.1:{port}", slow, silent, spare)
+    with running(cfg, extproc_port, port, servers=(slow, silent, spare), ready=(admin_port,)):
+        yield Members(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", slow, silent, spare)
 
 
 @pytest.fixture
@@ -121,3 +124,20 @@ def test_no_attempt_starts_after_the_deadline(m, api, stream):
     # the first two members were tried, each once; the third never was, though it would have served
     assert (len(m.slow.requests), len(m.silent.requests), m.spare.requests) == (1, 1, [])
     assert STALL + ATTEMPT_TIMEOUT <= took < STALL + ATTEMPT_TIMEOUT + 20
+
+
+def test_the_genai_metrics_name_the_member_that_answered_and_the_model_it_named(m):
+    """The Responses member answers a chat client, translated, naming its own model (a provider's dated
+    snapshot, not the `late` asked for): the request's token usage is the upstream's 11 and 7, under
+    that member and that model; the member that failed counts none."""
+    m.slow.script.append(Reply(error=_error(503, "slow pool down")))
+    m.silent.script.append(Reply(text="answered", model="resp-snapshot-2026-01-01"))
+    assert _ask(m.client(), "chat", False) == "answered"
+    g = {"gen_ai_operation_name": "chat", "gen_ai_request_model": "late",
+         "gen_ai_response_model": "resp-snapshot-2026-01-01"}
+    name = "gen_ai_client_token_usage_sum"
+    # recorded once the served attempt's stream closes, which may be just after the client has its answer
+    assert wait_until(lambda: metric(m.admin, name, gen_ai_token_type="output", **g) > 0)
+    assert metric(m.admin, name, gen_ai_provider_name="silent-resp", gen_ai_token_type="input", **g) == 11
+    assert metric(m.admin, name, gen_ai_provider_name="silent-resp", gen_ai_token_type="output", **g) == 7
+    assert metric(m.admin, name, gen_ai_provider_name="slow-chat") == 0

@@ -100,12 +100,12 @@ def _follows(group: Group, call: Call, path: str, body: dict[str, Any]) -> bool:
 def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -> Decision[Action | None]:
     """The request sent to its model group's attempts, or None when it takes today's path: not a group
     Envoy carries, an attempt already, a call only the primary can serve (`_follows`: then the model's
-    backend serves it as before), or the continuation of a response a backend stored itself (a stateful
-    Responses backend's pin): only that backend can continue it, so the request goes there
-    (`side.member`, when it is a member), as any pinned turn does, without failover, and a pin whose
-    backend or instance is gone is the 409 `pinned_backend_gone` whatever member would have come first
-    (a chat member's attempt would have said the chat backend cannot continue it). A turn the sidecar
-    holds goes first to the member that served it (its prefix cache) while that member is in."""
+    backend serves it as before), or the continuation of a response a member stored itself (a stateful
+    Responses backend's pin): only that member can continue it, so the request goes there
+    (`side.member`), as any pinned turn does, without failover; a pin to a backend outside the group, or
+    to one no longer configured, takes today's path too (that backend, or 409 `pinned_backend_gone`):
+    an attempt on a member would send the member the holder's key. A turn the sidecar holds goes
+    first to the member that served it (its prefix cache) while that member is in."""
     gw = side.gw
     group = group_for(gw.config, model) if side.member is None else None
     if group is None or not _follows(group, call, side.bare, body):
@@ -116,11 +116,12 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
         values = yield from side.pinning.state_of(prev)
         turn = rec.load_turn(values[0]) if values else None
         pin = rec.Pin.loads(values[1]) if values and values[1] and turn is None else None
-        if pin is not None:  # a response a backend stored: only it can continue it, so no failover
-            held = side.pinning.pinned_target(prev, pin)  # its backend or instance gone: 409 pinned_backend_gone
-            if any(b.name == held.backend.name for b in group.backends):
-                side.member = held  # there alone, as any pinned turn (its instance not answering: a 503)
-            return None  # a backend outside the group: the model's own path decides, as off a group
+        if pin is not None:  # only the backend that stored it can continue it: never any other member
+            holder = next((b for b in group.backends if b.name == pin.backend), None)
+            if holder is not None and (holder.hosted is not None or
+                                       pin.endpoint in {e.address for e in holder.endpoints}):
+                side.member = Target(holder, None if holder.hosted is not None else pin.endpoint)
+            return None  # not a member (the client changed models), or gone: as for any pinned turn
         served = turn.get("backend") if turn is not None else None
         previous = served if isinstance(served, str) else None
     rid = os.urandom(12).hex()

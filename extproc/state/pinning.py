@@ -165,6 +165,7 @@ class Pinning:
                                 rec.chain(turn, prev))
         if pin is not None:
             if translated:
+                self.configured(prev, pin)  # one no longer configured is gone, whoever serves the model now
                 raise GatewayError(400, f"Previous response '{prev}' is held by backend '{pin.backend}', but model "
                                         f"'{model}' is served by chat-only backend '{res.backend.name}', which "
                                         "cannot continue it", param="previous_response_id",
@@ -206,14 +207,20 @@ class Pinning:
     def pinned_target(self, pinned_id: str, pin: rec.Pin, noun: str = "Response",
                       param: str | None = "previous_response_id") -> Target:
         """The instance a pin names (a response's, or with `noun` a conversation's), still configured."""
+        backend = self.configured(pinned_id, pin, noun, param)
+        self._decide(PinDecision.PIN_HIT)
+        return Target(backend, pin.endpoint)
+
+    def configured(self, pinned_id: str, pin: rec.Pin, noun: str = "Response",
+                   param: str | None = "previous_response_id") -> Backend:
+        """The backend a pin names, with the instance it names; else 409 `pinned_backend_gone`."""
         backend = self.gw.config.backend(pin.backend)
         if backend is None or (pin.endpoint is not None and pin.endpoint not in {e.address for e in backend.endpoints}):
             self._decide(PinDecision.PIN_GONE)
             where = f"instance {pin.endpoint} of backend '{pin.backend}'" if pin.endpoint else f"backend '{pin.backend}'"
             raise GatewayError(409, f"{noun} '{pinned_id}' is held by {where}, which is no longer configured; "
                                     "its conversation cannot be continued", param=param, code="pinned_backend_gone")
-        self._decide(PinDecision.PIN_HIT)
-        return Target(backend, pin.endpoint)
+        return backend
 
     # -- /v1/responses/{id}[/cancel|/input_items] --------------------------------------------------
 

@@ -169,7 +169,8 @@ async def _resolve(config_path: str, model: str) -> int:
             print(f"(state store unavailable: {e})", file=sys.stderr)
         finally:
             await store.close()
-    res = Classifier(cfg, knowledge).resolve(model, learned=learned)
+    classifier = Classifier(cfg, knowledge)
+    res = classifier.resolve(model, learned=learned)
     assert res is not None
     from extproc.routing.hosted import describe
 
@@ -179,7 +180,7 @@ async def _resolve(config_path: str, model: str) -> int:
     grouped = group_for(cfg, model) is not None
     for client in (CHAT, RESPONSES, MESSAGES):
         up = res.upstream_api(client)
-        path = decide_group(cfg, Classifier(cfg, knowledge), model, client, learned) if grouped else \
+        path = decide_group(cfg, classifier, model, client, learned) if grouped else \
             decide(cfg, res, client, learned)
         fast = fast or path.fast
         print(f"{client} client -> {up + ' upstream' if up else 'refused (400)'}; "

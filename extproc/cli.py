@@ -141,9 +141,10 @@ async def _resolve(config_path: str, model: str) -> int:
     state store says was learned."""
     from extproc.api import CHAT, MESSAGES, RESPONSES
     from extproc.routing.classify import Classifier
-    from extproc.routing.compile import decide
+    from extproc.routing.compile import decide, decide_group
     from extproc.routing.discovery import discover_once
     from extproc.routing.gateway import Gateway
+    from extproc.routing.groups import group_for
     from extproc.routing.key_paths import key_paths
     from extproc.routing.modes import Knowledge, Learned, learned_key
     from extproc.state.store import StoreUnavailable, open_store
@@ -168,20 +169,25 @@ async def _resolve(config_path: str, model: str) -> int:
             print(f"(state store unavailable: {e})", file=sys.stderr)
         finally:
             await store.close()
-    res = Classifier(cfg, knowledge).resolve(model, learned=learned)
+    classifier = Classifier(cfg, knowledge)
+    res = classifier.resolve(model, learned=learned)
     assert res is not None
     from extproc.routing.hosted import describe
 
     print(f"model:    {model}\nbackend:  {res.backend.name}\ntarget:   {describe(res.backend)}\nmode:     {res.mode}\n"
           f"decided:  {res.source}\ntranslate: {'allowed' if res.translate else 'off'}")
+    fast = False  # some client's requests take the fast path
+    grouped = group_for(cfg, model) is not None
     for client in (CHAT, RESPONSES, MESSAGES):
         up = res.upstream_api(client)
-        path = decide(cfg, res, client, learned)
+        path = decide_group(cfg, classifier, model, client, learned) if grouped else \
+            decide(cfg, res, client, learned)
+        fast = fast or path.fast
         print(f"{client} client -> {up + ' upstream' if up else 'refused (400)'}; "
               f"{'fast path' if path.fast else 'processor'}: {path.reason}")
     print("(the fast path is taken behind the project's own Envoy config, deploy/envoy.yaml; an Envoy the "
           "sidecar does not configure sends every request through the processor)")
-    _print_group(cfg, knowledge, model, learned)
+    _print_group(cfg, knowledge, model, learned, fast)
     if res.backend.api_key_env:  # docs/configuration.md, "Which paths get a backend's key"
         print(f"key:      {res.backend.api_key_env}, sent only on {', '.join(key_paths(res.backend))} "
               "(any other path to this backend: 404)")
@@ -190,12 +196,14 @@ async def _resolve(config_path: str, model: str) -> int:
     return 0
 
 
-def _print_group(cfg: Config, knowledge: Knowledge, model: str, learned: Learned | None) -> None:
-    """The model's group, if it is one: each member with the API it serves the model on, and the order."""
+def _print_group(cfg: Config, knowledge: Knowledge, model: str, learned: Learned | None, fast: bool) -> None:
+    """The model's group, if it is one: each member with the API it serves the model on and its weight,
+    and the orders its attempts take: each first member the policy can pick, with its share of requests,
+    and the members Envoy tries after it (config order, `group_routes.first_on`)."""
     from extproc.routing.classify import Classifier
     from extproc.routing.failover import Health
-    from extproc.routing.group_routes import carriage
-    from extproc.routing.groups import attempt_order, describe, group_for
+    from extproc.routing.group_routes import carriage, first_on
+    from extproc.routing.groups import describe, first_shares, group_for
 
     group = group_for(cfg, model)
     if group is None:
@@ -208,12 +216,22 @@ def _print_group(cfg: Config, knowledge: Knowledge, model: str, learned: Learned
         print(f"  member {member.backend.name}: mode {res.mode} ({res.source})"
               + (f", weight {member.weight}" if member.weight is not None else ""))
     limit = cfg.failover.max_attempts
-    if any(m.weight is not None for m in group.members):
-        print(f"attempts: at most {limit}; the first by weight, picked by the request's placement key; "
-              "then the others in config order")
+    firsts = first_shares(group, Health(cfg.failover), 0.0)
+    orders = [(share, " -> ".join(b.name for b in first_on(group.backends, first)[:limit])) for first, share in firsts]
+    if len(orders) == 1:
+        first = firsts[0][0]
+        why = "config order while every member is in" if first is group.primary else \
+            f"{group.primary.name} cannot serve now, so {first.name} comes first; the later attempts in config order"
+        print(f"attempts: {orders[0][1]} (at most {limit}; {why})")
     else:
-        order = " -> ".join(b.name for b in attempt_order(group, model, Health(cfg.failover), 0.0))
-        print(f"attempts: {order} (at most {limit}; config order while every member is in)")
+        print(f"attempts: at most {limit}; the first by weight, by a hash of the request's placement key "
+              "(prompt_cache_key, user, safety_identifier or a session header: one conversation keeps its first "
+              "member; a random key without one), the later ones in config order; the share of requests each takes:")
+        for share, order in orders:
+            print(f"          {100 * share:3.0f}%  {order}")
+        if fast:
+            print("          (on the fast path the same orders by the same shares, picked by Envoy at random per "
+                  "request: one conversation does not keep its first member there)")
     print("          a member held off or taken out is not tried first; a conversation the sidecar holds "
           "goes first to the member of its last turn while that member is in")
     print(f"envoy:    {carriage(group.backends)}")

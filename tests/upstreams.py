@@ -78,6 +78,7 @@ class Reply:
     reset: bool = False  # a crashing server: a 200's headers sent, then the connection dropped before any body
     silent: threading.Event | None = None  # a stuck server: the request read, nothing sent until this is set
     # (at most 30 s), then the connection dropped
+    model: str | None = None  # the model the answer names (a provider's dated snapshot), else the request's
 
 
 def _err(message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -327,14 +328,14 @@ class _ChatHandler(_Handler):
                                       "function": {"name": n, "arguments": a}} for i, (n, a) in enumerate(reply.calls)]
         finish = "tool_calls" if reply.calls else reply.finish
         return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
-                "model": body["model"], "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                "model": reply.model or body["model"], "choices": [{"index": 0, "message": message, "finish_reason": finish,
                                                      "logprobs": None}],
                 "usage": self._usage() if reply.usage else None}
 
     def chat_stream(self, body: dict[str, Any], reply: Reply) -> None:
         self.start_sse()
         base = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": body["model"]}
+                "created": int(time.time()), "model": reply.model or body["model"]}
 
         def send(delta: dict[str, Any], finish: str | None = None) -> None:
             chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -697,7 +698,7 @@ class _ResponsesHandler(_Handler):
                            "status": "completed"})
         return {
             "id": "resp_" + uuid.uuid4().hex, "object": "response", "created_at": int(time.time()),
-            "status": status, "model": body["model"], "output": output,
+            "status": status, "model": reply.model or body["model"], "output": output,
             "incomplete_details": {"reason": "max_output_tokens" if reply.finish == "length" else reply.finish}
             if status == "incomplete" else None,
             "usage": {"input_tokens": 11, "input_tokens_details": {"cached_tokens": 3}, "output_tokens": 7,
@@ -1097,7 +1098,7 @@ class _MessagesHandler(_Handler):
                     for i, (n, a) in enumerate(reply.calls)]
         stop = "tool_use" if reply.calls else {"length": "max_tokens", "content_filter": "refusal"}.get(reply.finish,
                                                                                                        "end_turn")
-        return {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "model": body["model"],
+        return {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant", "model": reply.model or body["model"],
                 "content": content, "stop_reason": stop, "stop_sequence": None,
                 "usage": dict(MESSAGES_USAGE) if reply.usage else {"input_tokens": 0, "output_tokens": 0}}
 

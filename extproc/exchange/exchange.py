@@ -155,6 +155,11 @@ class Exchange:
         return self.outcome.usage
 
     @property
+    def response_model(self) -> str | None:
+        """The model the upstream's answer named, where the sidecar read the answer (not the one requested)."""
+        return self.outcome.model
+
+    @property
     def counted_by_envoy(self) -> bool:
         """Envoy's access-log service counts this request (its status, tokens, duration), not the shell:
         its plan leaves the usage to Envoy and the exchange ended as planned, with the metadata that marks

@@ -129,7 +129,7 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
     # key; members held off or ejected moved back) names the cluster whose priority 0 it is; the later
     # attempts follow that cluster's priorities.
     first = continue_order(group, placement_key(body, side.headers), gw.health, gw.clock(),
-                           previous_backend=previous, held_by_sidecar=True)[0]
+                           previous_backend=previous)[0]
     members = first_on(group.backends, first)
     record = {"tenant": side.pinning.tenant, "headers": side.headers, "t0": time.time(), "model": model,
               "members": [b.name for b in members]}

@@ -38,7 +38,15 @@ from extproc.exchange.actions import BUFFERED, STREAMED, Action, Writes, new_bod
 from extproc.exchange.first_contact import retried_as
 from extproc.exchange.plan import Plan
 from extproc.ops.redact import forms_of
-from extproc.ops.usage import Usage, UsageScanner, estimate, request_text_bytes, text_bytes, usage_of
+from extproc.ops.usage import (
+    Usage,
+    UsageScanner,
+    estimate,
+    model_of,
+    request_text_bytes,
+    text_bytes,
+    usage_of,
+)
 from extproc.routing.modes import rejection_needs
 from extproc.routing.needs import USAGE, Need
 from extproc.state.conversations import AnswerReader
@@ -127,13 +135,17 @@ class Outcome:
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
+        self.model: str | None = None  # the model the upstream's answer named (the GenAI response model)
         self.learned_fact: str | None = None  # needs_<api> | answers_<api>
 
-    def account(self, plan: Plan, status: int, usage: Usage | None, output_bytes: Callable[[], int]) -> None:
-        """Usage as reported; estimated only when a successful answer reported none."""
+    def account(self, plan: Plan, status: int, usage: Usage | None, output_bytes: Callable[[], int],
+                model: str | None = None) -> None:
+        """Usage as reported; estimated only when a successful answer reported none. `model`: the one
+        the answer named, if it named one."""
         if usage is None and 200 <= status < 300:
             usage = estimate(request_text_bytes(plan.request), output_bytes())
         self.usage = usage
+        self.model = model
 
 
 class Translated:
@@ -160,7 +172,7 @@ class TranslateBuffered(Translated):
             payload = upstream_error_payload(self.status, scrub(data, self.plan))
             return new_body(orjson.dumps(error_doc(self.plan.client_api, self.status, payload)))
         doc, answer = self._translate(data)
-        self.outcome.account(self.plan, self.status, usage_of(doc), lambda: text_bytes(data))
+        self.outcome.account(self.plan, self.status, usage_of(doc), lambda: text_bytes(data), model_of(doc))
         return new_body(orjson.dumps(answer.body), writes=self.plan.answered(answer.response))
 
     def _translate(self, data: bytes) -> tuple[dict[str, Any], Answer]:
@@ -229,7 +241,8 @@ def _failed(translator: StreamTranslator, e: Exception) -> bytes:
 def _ended(plan: Plan, translator: StreamTranslator, outcome: Outcome) -> Writes:
     """A translated stream that ended: its usage counted, its Response kept for the next turn."""
     final = translator.response
-    outcome.account(plan, 200, usage_of(final), lambda: text_bytes(orjson.dumps(final.get("output"))) if final else 0)
+    outcome.account(plan, 200, usage_of(final), lambda: text_bytes(orjson.dumps(final.get("output"))) if final else 0,
+                    translator.upstream_model)
     return plan.answered(final)
 
 
@@ -354,7 +367,7 @@ class Observe:
             scanner.feed(chunk)
             if end_of_stream:
                 scanner.finish()
-                self.outcome.account(self.plan, 200, scanner.usage, lambda: scanner.output_bytes)
+                self.outcome.account(self.plan, 200, scanner.usage, lambda: scanner.output_bytes, scanner.model)
         if self.reader is not None:
             self.reader.feed(chunk, end_of_stream)
             if end_of_stream:

@@ -11,7 +11,9 @@ OTel-to-Prometheus rules ask: dots become underscores, unit `s` becomes the suff
 annotation unit such as `{token}` adds no suffix. Their buckets are the conventions' advice.
 
 Label values come from the config or from small fixed sets, never from what a client sent: a model
-is labelled with the configured name or pattern it matched (`Classifier.label_for`).
+is labelled with the configured name or pattern it matched (`Classifier.label_for`). The one value an
+upstream names, the response model (`gen_ai_response_model`, the last label of each GenAI histogram),
+is bounded too (`ResponseModels`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 KINDS = ("request_headers", "request_body", "request_trailers", "response_headers", "response_body",
          "response_trailers")
 GENAI = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
+RESPONSE_MODEL = "gen_ai_response_model"  # each GenAI histogram's last label: the model the answer named
+RESPONSE_MODELS_KEPT = 64  # distinct response models exported as they are; later new ones are `other`
 BACKEND_STATES = ("healthy", "ejected", "held_off")  # routing.failover's STATES (not imported: no cycle)
 
 
@@ -93,15 +97,37 @@ class Histogram:
         self.child(*label_values).observe(value)
 
     def family(self) -> Metric:
+        """The exposition; a series observed without its trailing labels has them empty, which Prometheus
+        reads as absent (the access-log service's entries name no response model)."""
         out = HistogramMetricFamily(self.name, self.help, labels=self.labels)
         bounds = [floatToGoString(b) for b in self.buckets] + ["+Inf"]
+        pad = len(self.labels)
         for lv, s in sorted(self.series.items()):
+            lv = lv + ("",) * (pad - len(lv))
             running, cumulative = 0, []
             for bound, n in zip(bounds, s.counts, strict=True):
                 running += n
                 cumulative.append((bound, running))
             out.add_metric(lv, cumulative, s.total)
         return out
+
+
+@dataclass
+class ResponseModels:
+    """The response model label: the model an upstream's answer named, as it is for the first
+    `RESPONSE_MODELS_KEPT` distinct ones, `other` after them (an upstream that names whatever it was
+    asked would otherwise let clients grow the series), and nothing over 256 bytes or with control
+    characters, which no real model name has."""
+
+    kept: set[str] = field(default_factory=set)
+
+    def label(self, model: str) -> str:
+        if model in self.kept:
+            return model
+        if len(self.kept) >= RESPONSE_MODELS_KEPT or len(model.encode()) > 256 or not model.isprintable():
+            return "other"
+        self.kept.add(model)
+        return model
 
 
 class Metrics(Collector):
@@ -124,14 +150,18 @@ class Metrics(Collector):
         self.tokens = Counter("extproc_tokens", "Token usage by model, backend and kind; estimated when the "
                               "upstream reported none", ("model", "backend", "kind", "estimated"))
         self.token_usage = Histogram("gen_ai_client_token_usage", "Number of input and output tokens used, as the "
-                                     "upstream reported them ({token})", (*GENAI, "gen_ai_token_type"), TOKEN_BUCKETS)
+                                     "upstream reported them ({token})",
+                                     (*GENAI, "gen_ai_token_type", RESPONSE_MODEL), TOKEN_BUCKETS)
         self.request_duration = Histogram("gen_ai_server_request_duration_seconds", "Time from the request's "
                                           "headers to the last byte of the answer, where the sidecar saw it",
-                                          (*GENAI, "error_type"), DURATION_BUCKETS)
+                                          (*GENAI, "error_type", RESPONSE_MODEL), DURATION_BUCKETS)
         self.time_to_first_token = Histogram("gen_ai_server_time_to_first_token_seconds", "Time from the request's "
-                                             "headers to the first chunk of a streamed answer", GENAI, TTFT_BUCKETS)
+                                             "headers to the first chunk of a streamed answer",
+                                             (*GENAI, RESPONSE_MODEL), TTFT_BUCKETS)
         self.time_per_output_token = Histogram("gen_ai_server_time_per_output_token_seconds", "Time per output token "
-                                               "after the first chunk of a streamed answer", GENAI, TPOT_BUCKETS)
+                                               "after the first chunk of a streamed answer",
+                                               (*GENAI, RESPONSE_MODEL), TPOT_BUCKETS)
+        self.response_models = ResponseModels()
         # Per tenant of the `clients` section (its names only): answers, tokens, and requests refused by a limit.
         self.tenant_requests = Counter("extproc_tenant_requests", "Answered requests by listed tenant", ("tenant",))
         self.tenant_tokens = Counter("extproc_tenant_tokens", "Token usage by listed tenant and kind (input, output)",

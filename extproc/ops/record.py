@@ -10,7 +10,7 @@ The only place that reads a finished `Exchange` for operations. What each GenAI 
 - time to first token and time per output token: successful streams whose chunks the sidecar
   handled (translated, or watched); per output token needs the upstream's usage and 2+ output tokens.
 
-What it reads of the exchange: model, client_api, upstream_api, target (backend name, endpoint),
+What it reads of the exchange: model, response_model, client_api, upstream_api, target (backend name, endpoint),
 usage, stream, translated, pin_decision, learned_fact, background_outcome, failure, status, chunks,
 counted_by_envoy, and
 for the log line headers (x-request-id), method, path, dropped_tools. An exchange `counted_by_envoy`
@@ -55,7 +55,7 @@ def record(ex: Exchange, metrics: Metrics, timer: ExchangeTimer, label_for: Call
     if ex.client_api is not None and not envoy:
         m.requests.inc(ex.client_api, ex.upstream_api or ex.client_api, backend, model, outcome)
         if ex.target is not None:
-            _genai(ex, m, timer, (OPERATION, backend, model), status)
+            _genai(ex, m, timer, (OPERATION, backend, model), _response_model(ex, m, label_for), status)
     if ex.translated:
         m.translations.inc(f"{ex.client_api}_to_{ex.upstream_api}", str(ex.stream).lower())
     if ex.chunks:
@@ -89,21 +89,34 @@ def record(ex: Exchange, metrics: Metrics, timer: ExchangeTimer, label_for: Call
         log.info("request", extra={"fields": fields})
 
 
-def _genai(ex: Exchange, m: Metrics, timer: ExchangeTimer, labels: tuple[str, str, str], status: int) -> None:
-    """The OpenTelemetry GenAI metrics of one routed request, from what the sidecar saw of its answer."""
+def _response_model(ex: Exchange, m: Metrics, label_for: Callable[[str | None], str]) -> str:
+    """The GenAI response model label: the model the upstream's answer named (a provider's dated snapshot,
+    a server's served name), bounded (`Metrics.response_models`); an answer that names the model asked
+    for gets the request model's own label; none when the sidecar did not read one."""
+    named = ex.response_model
+    if not named:
+        return ""
+    return label_for(named) if named == ex.model else m.response_models.label(named)
+
+
+def _genai(ex: Exchange, m: Metrics, timer: ExchangeTimer, labels: tuple[str, str, str], answered: str,
+           status: int) -> None:
+    """The OpenTelemetry GenAI metrics of one routed request, from what the sidecar saw of its answer
+    (`answered`: its response model label)."""
     u = ex.usage
     if ex.failure is not None:
-        m.request_duration.observe(timer.ended - timer.started, *labels, ex.failure.code or str(ex.failure.status))
+        m.request_duration.observe(timer.ended - timer.started, *labels, ex.failure.code or str(ex.failure.status),
+                                   answered)
         return
     if u is None:  # the answer was not read to its end: no duration, no usage, no stream timing
         return
     ok = 200 <= status < 300
-    m.request_duration.observe(timer.ended - timer.started, *labels, "" if ok else str(status))
+    m.request_duration.observe(timer.ended - timer.started, *labels, "" if ok else str(status), answered)
     if not u.estimated:
-        m.token_usage.observe(u.input_tokens, *labels, "input")
-        m.token_usage.observe(u.output_tokens, *labels, "output")
+        m.token_usage.observe(u.input_tokens, *labels, "input", answered)
+        m.token_usage.observe(u.output_tokens, *labels, "output", answered)
     first, last = timer.first_chunk, timer.last_chunk
     if ex.stream and ok and first is not None and last is not None:
-        m.time_to_first_token.observe(first - timer.started, *labels)
+        m.time_to_first_token.observe(first - timer.started, *labels, answered)
         if not u.estimated and u.output_tokens > 1:
-            m.time_per_output_token.observe((last - first) / (u.output_tokens - 1), *labels)
+            m.time_per_output_token.observe((last - first) / (u.output_tokens - 1), *labels, answered)

@@ -76,6 +76,19 @@ def usage_of(doc: Any) -> Usage | None:
     return found
 
 
+def model_of(doc: Any) -> str | None:
+    """The model an answer names (the GenAI metrics' response model): a chat completion's or chunk's, a
+    Response's or a Messages answer's `model`, or inside `response` (Responses events) or `message`
+    (Anthropic's message_start)."""
+    if not isinstance(doc, dict):
+        return None
+    for where in (doc, doc.get("response"), doc.get("message")):
+        model = where.get("model") if isinstance(where, dict) else None
+        if isinstance(model, str) and model:
+            return model
+    return None
+
+
 def text_bytes(raw: bytes) -> int:
     return sum(len(m) for m in _TEXT_RE.findall(raw))
 
@@ -111,6 +124,7 @@ class UsageScanner:
         self.output_bytes = 0
         self.chunks = 0
         self.usage: Usage | None = None
+        self.model: str | None = None  # the model the answer named, where it was read for its usage
 
     def feed(self, chunk: bytes) -> None:
         if not chunk:
@@ -127,7 +141,9 @@ class UsageScanner:
             data = ev.data.encode()
             if b'"usage"' in data:
                 with contextlib.suppress(orjson.JSONDecodeError):
-                    self.usage = usage_of(orjson.loads(data)) or self.usage
+                    doc = orjson.loads(data)
+                    self.usage = usage_of(doc) or self.usage
+                    self.model = model_of(doc) or self.model
             if b'"response.completed"' not in data and b'"response.incomplete"' not in data:
                 self.output_bytes += text_bytes(data)  # terminal events repeat the whole output
 
@@ -136,7 +152,8 @@ class UsageScanner:
             raw = b"".join(self.body)
             self.body = []
             try:
-                self.usage = usage_of(orjson.loads(raw))
+                doc = orjson.loads(raw)
+                self.usage, self.model = usage_of(doc), model_of(doc)
             except orjson.JSONDecodeError:
                 self.usage = None
             if self.usage is None:

@@ -75,15 +75,17 @@ class PathChoice:
     reason: str
 
 
-def decide(config: Config, res: Resolution | None, client_api: str, learned: Learned | None = None) -> PathChoice:
+def decide(config: Config, res: Resolution | None, client_api: str, learned: Learned | None = None,
+           where: str | None = None) -> PathChoice:
     """The path for a client API, read from `needs.survey`: fast when some requests need only what Envoy
-    alone can do; the reason names what keeps the others on the processor."""
+    alone can do; the reason names what keeps the others on the processor (and `where` Envoy sends the
+    fast ones, when not to the backend itself: `decide_group`)."""
     s, can = survey(config, res, client_api, learned), envoy_can(config)
     if not s.when:
         return PathChoice(False, explain(ordered(s.plain - can)[0], res, client_api))
     assert res is not None
-    where = f"cluster {backend_cluster(res.backend)}" if res.backend.cluster or res.backend.hosted else \
-        f"{len(res.backend.endpoints)} instance(s) of {backend_cluster(res.backend)}"
+    where = where or (f"cluster {backend_cluster(res.backend)}" if res.backend.cluster or res.backend.hosted else
+                      f"{len(res.backend.endpoints)} instance(s) of {backend_cluster(res.backend)}")
     others = [explain(n, res, client_api) for n in ordered(s.sometimes - can)]
     return PathChoice(True, f"Envoy routes it to {where}" +
                       (f"; these keep the processor: {'; '.join(others)}" if others else ""))
@@ -434,6 +436,21 @@ def _group_when(surveys: _Surveys, classifier: Classifier, members: tuple[Backen
     whens = {surveys.when(classifier.resolve_on(b, model, learned=learned.get((b.name, model))), client_api,
                           learned.get((b.name, model))) for b in members}
     return whens.pop() if len(whens) == 1 and len({b.path_prefix for b in members}) == 1 else ()
+
+
+def decide_group(config: Config, classifier: Classifier, model: str, client_api: str,
+                 learned: Learned | None = None) -> PathChoice:
+    """`decide` for a grouped model (`extproc resolve`), as the compiled routes take it: the fast path,
+    to the group's fast cluster, only when every member would take it alike (`_group_when`); else
+    every request goes to the processor, whose attempts carry it. `learned` is the primary's."""
+    members = _carried(config, model)
+    facts = {(members[0].name, model): learned} if learned is not None else {}
+    choice = decide(config, classifier.resolve_on(members[0], model, learned=learned), client_api, learned,
+                    where=f"the group's cluster {group_routes.fast_cluster(members)}, retrying on the next member")
+    if choice.fast and not _group_when(_Surveys(config), classifier, members, model, client_api, facts):
+        return PathChoice(False, "a model group whose members do not all take the fast path alike (their APIs, "
+                                 "keys, path prefixes or a url: member): the processor's attempts carry it")
+    return choice
 
 
 CLIENT_FILTERS = {"envoy.filters.http.lua.clients": "key", "envoy.filters.http.lua.client_models": "models"}

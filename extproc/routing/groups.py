@@ -12,7 +12,8 @@ key goes to the same member while it is in, and a member taken out moves only it
 rest follow in config order. Members taken out for now (ejected, or held off by a `retry-after`) go
 after those that are in, and unconfigured members (a missing key, no instances: they can only answer
 503) after those, so each is tried only when nothing better is left. At most `failover.max_attempts`
-backends. `GroupRun` walks one request along that order, attempt by attempt, to its deadline.
+backends. Envoy walks one request along the order's first member and then config order
+(`group_routes.first_on`); the attempts themselves, the deadline included, are `exchange.failover`'s.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from types import MappingProxyType
 
 from extproc.config import Backend, Config
 from extproc.routing.classify import is_glob
-from extproc.routing.failover import Attempt, Health, Verdict, all_failed
+from extproc.routing.failover import Health
 
 
 @dataclass(frozen=True)
@@ -76,75 +77,53 @@ def attempt_order(group: Group, key: str, health: Health, now: float,
     attempt among weighted members (the request's session or placement key: stable for a conversation);
     `max_attempts` defaults to `health.settings.max_attempts`."""
     limit = health.settings.max_attempts if max_attempts is None else max_attempts
+    ready, later = _standing(group, health, now)
+    weighted = [m for m in ready if m.weight is not None]
+    if weighted:
+        key_hash = _hash(key)
+        first = max(weighted, key=lambda m: _score(key_hash, m))
+        ready = [first, *(m for m in ready if m is not first)]
+    return tuple(m.backend for m in (*ready, *later)[:limit])
+
+
+def first_shares(group: Group, health: Health, now: float) -> tuple[tuple[Backend, float], ...]:
+    """Each member `attempt_order` can put first while health stays as it is at `now`, with the share of
+    placement keys it takes: the weighted members that are in, by their weights' shares (what the
+    rendezvous hash spreads), else the one member that comes first. For `extproc resolve`."""
+    ready, later = _standing(group, health, now)
+    weighted = [m for m in ready if m.weight is not None]
+    if not weighted:
+        return (((ready or later)[0].backend, 1.0),)
+    total = sum(m.weight or 0 for m in weighted)
+    return tuple((m.backend, (m.weight or 0) / total) for m in weighted)
+
+
+def _standing(group: Group, health: Health, now: float) -> tuple[list[Member], list[Member]]:
+    """The members that are in, in config order, and the rest, in the order they are tried: taken out
+    (ejected or held off), then unconfigured (they can only answer 503)."""
     ready: list[Member] = []
     taken_out: list[Member] = []
     unconfigured: list[Member] = []
     for m in group.members:
         (unconfigured if m.backend.unserved() is not None else
          ready if health.available(m.backend.name, now) else taken_out).append(m)
-    weighted = [m for m in ready if m.weight is not None]
-    if weighted:
-        key_hash = _hash(key)
-        first = max(weighted, key=lambda m: _score(key_hash, m))
-        ready = [first, *(m for m in ready if m is not first)]
-    return tuple(m.backend for m in (*ready, *taken_out, *unconfigured)[:limit])
+    return ready, [*taken_out, *unconfigured]
 
 
 def continue_order(group: Group, key: str, health: Health, now: float, *, previous_backend: str | None,
-                   held_by_sidecar: bool, max_attempts: int | None = None) -> tuple[Backend, ...]:
-    """The attempt order of a turn that continues a conversation (`previous_response_id`), whose previous
-    turn `previous_backend` served.
-
-    When the sidecar holds the conversation's turns (a Responses conversation on a chat backend:
-    docs/state.md), every member can rebuild it, so the whole group is tried, the previous turn's backend
-    first while it is in (its prefix cache). When only the upstream holds it (a stateful Responses
-    backend's own stored response), no other member can rebuild it: only that backend is tried, and when
-    it is not a member (or was never recorded) the order is empty and the turn gets today's answer,
-    `previous_response_not_found`, never a silent wrong context. With the sidecar holding the turns and
-    no `previous_backend` (a first turn, or a turn recorded before turns named their backend), the
-    order is `attempt_order`'s."""
-    if not held_by_sidecar:
-        return tuple(b for b in group.backends if b.name == previous_backend)
+                   max_attempts: int | None = None) -> tuple[Backend, ...]:
+    """The attempt order of a turn that continues a conversation the sidecar holds (`previous_response_id`
+    on a chat backend: docs/state.md), whose previous turn `previous_backend` served. Every member can
+    rebuild it, so the whole group is tried, the previous turn's backend first while it is in (its prefix
+    cache). With no `previous_backend` (a first turn, or a turn recorded before turns named their
+    backend), the order is `attempt_order`'s. (A response a backend stored itself is not failed over:
+    `exchange.failover.hand_over` sends its turn where its pin says.)"""
     order = attempt_order(group, key, health, now, max_attempts)
     previous = next((b for b in group.backends if b.name == previous_backend), None)
     if previous is None or not health.available(previous.name, now) or previous.unserved() is not None:
         return order
     limit = len(order)
     return (previous, *(b for b in order if b is not previous))[:limit]
-
-
-class GroupRun:
-    """One request's way through its group (sans-IO): where the next attempt goes, given what the last one
-    got. The order is fixed when the request starts (`attempt_order`); an attempt's verdict, the deadline
-    (`failover.deadline_seconds` since the first attempt) and `max_attempts` end it. The caller records
-    each attempt's health itself (`Metrics.record_attempt`), so that attempts a run never makes, and
-    Envoy's own retries, are recorded the same way."""
-
-    def __init__(self, group: Group, key: str, health: Health, now: float):
-        self.group = group
-        self.order = attempt_order(group, key, health, now)
-        self.deadline = now + health.settings.deadline_seconds
-        self.attempts: list[Attempt] = []
-
-    @property
-    def first(self) -> Backend:
-        return self.order[0]
-
-    def next(self, attempt: Attempt, now: float) -> Backend | None:
-        """The backend to try after `attempt` (None: deliver `attempt`'s answer if it was final, else
-        answer `error()`)."""
-        self.attempts.append(attempt)
-        if attempt.verdict is Verdict.FINAL or now >= self.deadline or len(self.attempts) >= len(self.order):
-            return None
-        return self.order[len(self.attempts)]
-
-    @property
-    def failed(self) -> bool:
-        """Every attempt made was failed over: the client gets `error()`."""
-        return bool(self.attempts) and self.attempts[-1].verdict is Verdict.FAIL_OVER
-
-    def error(self, client_api: str | None) -> tuple[int, bytes]:
-        return all_failed(self.attempts, client_api, self.group.model)
 
 
 def _score(key_hash: int, member: Member) -> float:

@@ -38,6 +38,8 @@ from extproc.translate.tools import ToolMap, tool_map
 class StreamTranslator(Protocol):
     @property
     def response(self) -> dict[str, Any] | None: ...  # the final Response object, once the stream has ended
+    @property
+    def upstream_model(self) -> str | None: ...  # the model the upstream's stream named (the GenAI response model)
 
     def feed(self, data: bytes) -> bytes: ...
     def close(self) -> bytes: ...
@@ -200,6 +202,10 @@ class Chained:
     @property
     def response(self) -> dict[str, Any] | None:
         return self.second.response
+
+    @property
+    def upstream_model(self) -> str | None:
+        return self.first.upstream_model  # the first reads the upstream's stream
 
     def feed(self, data: bytes) -> bytes:
         return self.second.feed(self.first.feed(data))

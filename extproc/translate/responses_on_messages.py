@@ -90,6 +90,10 @@ class SealThinking:
             seal_output(final["output"], self.source.thinking)
         return final
 
+    @property
+    def upstream_model(self) -> str | None:
+        return self.source.upstream_model  # the Messages stream read from the upstream
+
     def _seal(self, raw: bytes, end: bool = False) -> bytes:
         out = []
         for ev in self.decoder.feed(raw) + (self.decoder.close() if end else []):

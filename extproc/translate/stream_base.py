@@ -40,6 +40,7 @@ class SSETranslator:
         self.decoder = SSEDecoder()
         self.ended = False
         self.out: list[bytes] = []
+        self.upstream_model: str | None = None  # the model the upstream's stream named (its GenAI response model)
 
     def feed(self, data: bytes) -> bytes:
         for ev in self.decoder.feed(data):

@@ -77,7 +77,7 @@ class ChatToResponsesStream(ChatChunkReader):
         self.started = True
         self.response["created_at"] = created or self.response["created_at"]
         if model:
-            self.response["model"] = model
+            self.response["model"] = self.upstream_model = model
         self._emit("response.created", response=self.response)
         self._emit("response.in_progress", response=self.response)
 

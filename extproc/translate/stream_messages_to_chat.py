@@ -64,7 +64,8 @@ class MessagesToChatStream(ChatStream):
         if kind == "message_start":
             msg = read(ev, "message", dict) or {}
             self.id = chat_id(read(msg, "id", str, "message"))
-            self.model = read(msg, "model", str, "message") or self.model
+            self.upstream_model = read(msg, "model", str, "message") or None
+            self.model = self.upstream_model or self.model
             self.usage.update(read(msg, "usage", dict, "message") or {})
             self._chunk({"role": "assistant", "content": ""})
         elif kind == "content_block_start":

@@ -55,6 +55,7 @@ class ResponsesToChatStream(ChatStream):
             return
         if response is not None:
             self.id = chat_id(response.id) if response.id else self.id
+            self.upstream_model = response.model or None
             self.model = response.model or self.model
             self.created = response.created_at or self.created
         self.started = True

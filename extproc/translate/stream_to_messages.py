@@ -41,7 +41,7 @@ class MessagesStream(SSETranslator):
             return
         self.started = True
         if model:
-            self.message["model"] = model
+            self.message["model"] = self.upstream_model = model
         self._send("message_start", message=self.message)
 
     def _block(self, block: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from extproc.routing.gateway import Gateway
 from extproc.routing.modes import Knowledge
 from extproc.state import records as rec
 from extproc.state.lookup import Lookup
+from extproc.state.pinning import response_pin
 
 CFG = """
 failover: {max_attempts: 3}
@@ -306,6 +307,159 @@ def test_a_pass_through_success_is_held_whole_and_serves_only_once_its_body_is_w
     out = served.response_body(answer, True)
     assert out.done and (out.body is None or out.body == answer)  # passed on untouched
     assert [(a.backend, a.outcome) for a in served.attempts] == [("keyed-chat", "ok")] and served.served is served.ex
+
+
+THREE = """
+failover: {max_attempts: 2, deadline_seconds: 10, attempt_timeout_seconds: 5}
+backends:
+  - {name: t-a, api: chat, models: ["t"], endpoints: ["10.0.2.1:8000"]}
+  - {name: t-b, api: chat, models: ["t"], endpoints: ["10.0.2.2:8000"]}
+  - {name: t-c, api: chat, models: ["t"], endpoints: ["10.0.2.3:8000"]}
+"""
+T_BODY = {"model": "t", "input": "hi"}
+OVERLOADED = b'{"error": {"message": "overloaded"}}'
+
+
+def _three() -> tuple[Gateway, dict[str, bytes], dict[str, str]]:
+    """A group of three chat members, at most two attempts, a 10 s deadline: handed over (Responses client)."""
+    gw, store = Gateway(parse_config(THREE), tenant_secret=b"s" * 32), {}
+    ex = Exchange(gw)
+    resolve(ex.request_headers(dict(CLIENT), False), store)
+    act = resolve(ex.request_body(json.dumps(T_BODY).encode()), store)
+    assert dict(act.set_headers)["x-gateway-cluster"] == "group.t-a.t-b.t-c"
+    return gw, store, {**CLIENT, "x-gateway-failover": dict(act.set_headers)["x-gateway-failover"]}
+
+
+def _failed_over(gw: Gateway, store: dict[str, bytes], headers: dict[str, str], n: int, host: str) -> GroupAttempt:
+    a = attempt(gw, store, headers, n, host, T_BODY)
+    a.response_headers({":status": "503"})
+    act = resolve(a.response_body(OVERLOADED, True), store)
+    assert ("x-gateway-retry", "1") in act.set_headers  # Envoy retries on the next member
+    return a
+
+
+def test_max_attempts_ends_the_attempts_before_the_members_run_out():
+    """Two attempts of three members: the second's failure is the client's one error (no retry mark),
+    naming both; the third member is never run, even when Envoy tries it."""
+    gw, store, headers = _three()
+    _failed_over(gw, store, headers, 1, "10.0.2.1:8000")
+    second = attempt(gw, store, headers, 2, "10.0.2.2:8000", T_BODY)
+    assert second.last
+    second.response_headers({":status": "429"})
+    act = second.response_body(b'{"error": {"message": "Rate limit reached"}}', True)
+    assert ("x-gateway-retry", "1") not in act.set_headers and act.done
+    assert (":status", "502") in act.set_headers  # one 503 among them: not all rate-limited
+    error = orjson.loads(act.body or b"{}")["error"]
+    assert error["code"] == "all_backends_failed"
+    assert error["message"] == ("every backend of model 't' failed (2 attempts): t-a: 503 overloaded; "
+                                "t-b: 429 Rate limit reached")
+    with pytest.raises(GatewayError, match="failed \\(2 attempts\\)"):
+        attempt(gw, store, headers, 3, "10.0.2.3:8000", T_BODY)
+
+
+def test_no_attempt_starts_after_the_deadline(monkeypatch):
+    """`deadline_seconds` (10 s) after the hand-over, the next attempt is not run: it answers at once with
+    the one error naming the attempts made; just before it, the next member is tried as usual."""
+    gw, store, headers = _three()
+    start = time.time()  # the hand-over's, within this test's first milliseconds
+    _failed_over(gw, store, headers, 1, "10.0.2.1:8000")
+    monkeypatch.setattr(time, "time", lambda: start + 9)
+    in_time = attempt(gw, store, headers, 2, "10.0.2.2:8000", T_BODY)
+    assert in_time.ex is not None and in_time.member is not None and in_time.member.name == "t-b"
+    assert dict(in_time.body_act.set_headers)[":path"] == "/v1/chat/completions"  # sent on, translated
+    monkeypatch.setattr(time, "time", lambda: start + 11)
+    with pytest.raises(GatewayError) as e:
+        attempt(gw, store, headers, 2, "10.0.2.2:8000", T_BODY)
+    assert (e.value.status, e.value.code) == (502, "all_backends_failed")
+    assert e.value.message == "every backend of model 't' failed (1 attempt): t-a: 503 overloaded"
+
+
+def test_a_silent_member_running_into_the_deadline_is_a_504(monkeypatch):
+    """The first member said nothing for the attempt timeout (5 s) and the second began after the
+    deadline: the error names the first as timed out, so the client's answer is a 504."""
+    gw, store, headers = _three()
+    start = time.time()
+    monkeypatch.setattr(time, "time", lambda: start + 10.5)
+    with pytest.raises(GatewayError) as e:
+        attempt(gw, store, headers, 2, "10.0.2.2:8000", T_BODY)
+    assert (e.value.status, e.value.code) == (504, "all_backends_timed_out")
+    assert e.value.message == "every backend of model 't' failed (1 attempt): t-a: timed out: no answer within 5 s"
+
+
+def test_the_first_attempt_is_run_whenever_it_starts(monkeypatch):
+    """The deadline bounds the attempts after the first: a first attempt that Envoy starts late (a slow
+    hand-over) still runs, so the request is answered by its member, not refused unseen."""
+    gw, store, headers = _three()
+    start = time.time()
+    monkeypatch.setattr(time, "time", lambda: start + 30)
+    first = attempt(gw, store, headers, 1, "10.0.2.1:8000", T_BODY)
+    assert first.member is not None and first.member.name == "t-a" and not first.last
+
+
+def test_a_response_a_member_stored_is_continued_there_alone_even_when_it_is_out():
+    """Only the backend that stored a response can continue it: the turn goes to its instance (no
+    hand-over, no failover), whatever that member's health, never to a member that lacks the context."""
+    gw, store = gateway(), {}
+    tenant = gw.tenants.tenant_of(CLIENT)
+    store.update(dict(response_pin(tenant, "resp_stored", rec.Pin("resp", "10.0.0.3:8000"))))
+    for _ in range(10):
+        gw.health.record("resp", False, gw.clock())  # ejected
+    ex = Exchange(gw)
+    resolve(ex.request_headers(dict(CLIENT), False), store)
+    act = resolve(ex.request_body(json.dumps({**BODY, "previous_response_id": "resp_stored"}).encode()), store)
+    assert not ex.handed_over
+    sets = dict(act.set_headers)
+    assert sets["x-gateway-destination-endpoint"] == "10.0.0.3:8000" and "x-gateway-failover" not in sets
+
+
+def _continue(gw: Gateway, pin: rec.Pin, store: dict[str, bytes] | None = None):
+    """A Responses turn of model g continuing `resp_stored`, pinned as `pin`: the exchange, and its action."""
+    store = {} if store is None else store
+    store.update(dict(response_pin(gw.tenants.tenant_of(CLIENT), "resp_stored", pin)))
+    ex = Exchange(gw)
+    resolve(ex.request_headers(dict(CLIENT), False), store)
+    return ex, resolve(ex.request_body(json.dumps({**BODY, "previous_response_id": "resp_stored"}).encode()), store)
+
+
+@pytest.mark.parametrize("first", ["keyed-chat", "resp"])  # which member the group would try first
+@pytest.mark.parametrize(("pin", "where"), [
+    (rec.Pin("resp", "10.0.0.9:8000"), "instance 10.0.0.9:8000 of backend 'resp'"),  # an instance taken out
+    (rec.Pin("removed", "10.0.0.5:8000"), "instance 10.0.0.5:8000 of backend 'removed'"),  # a backend taken out
+])
+def test_a_stored_response_whose_instance_is_gone_is_a_409_whichever_member_comes_first(first, pin, where):
+    """Nobody can continue it: the client is told so, the same way whatever the group's order (a chat
+    member's attempt used to say that chat backend could not continue it: a 400 naming the wrong cause)."""
+    gw = gateway()
+    if first == "resp":
+        gw.health.record("keyed-chat", False, gw.clock(), retry_after=30)
+    with pytest.raises(GatewayError) as e:
+        _continue(gw, pin)
+    assert (e.value.status, e.value.code, e.value.param) == (409, "pinned_backend_gone", "previous_response_id")
+    assert e.value.message == (f"Response 'resp_stored' is held by {where}, which is no longer configured; its "
+                               "conversation cannot be continued")
+
+
+def test_a_stored_response_of_a_backend_outside_the_group_takes_the_models_own_path():
+    """A response another model's backend stored (`other`, not a member of g's group): not handed over to
+    the group, whose attempts would have planned the turn for `other` (its headers, its key) and sent it
+    to a member's instance; the model's own path decides, as off a group: g's primary is chat-only, which
+    cannot continue a response a Responses backend holds, so a 400 naming both."""
+    gw = gateway()
+    gw.health.record("keyed-chat", False, gw.clock(), retry_after=30)  # the group would try resp first
+    with pytest.raises(GatewayError) as e:
+        _continue(gw, rec.Pin("other", "10.0.0.4:8000"))
+    assert (e.value.status, e.value.code) == (400, "previous_response_not_found")
+    assert "held by backend 'other'" in e.value.message and "chat-only backend 'keyed-chat'" in e.value.message
+
+
+def test_a_stored_response_of_a_hosted_member_goes_to_that_member():
+    """A `url:` member's pin names no instance (its addresses are its DNS's): the turn goes to it."""
+    gw = Gateway(parse_config(CFG.replace("api: chat\n    models: [\"h\", \"solo-hosted\"]",
+                                          "api: responses\n    models: [\"g\"]"), env={"POOL_KEY": "sk-pool"}),
+                 tenant_secret=b"s" * 32)
+    ex, act = _continue(gw, rec.Pin("hosted", None))
+    assert not ex.handed_over and ex.req.member is not None and ex.req.member.backend.name == "hosted"
+    assert dict(act.set_headers)["x-gateway-backend"] == "hosted"
 
 
 def test_a_lost_record_is_a_502_not_a_guess():

@@ -19,8 +19,10 @@ import pytest
 from extproc.cli import main as cli_main
 from extproc.config import ConfigError, Failover, parse_config
 from extproc.envoy.running import GatewayHolder, Sidecar
+from extproc.exchange import Exchange
 from extproc.ops.metrics import Metrics
 from extproc.routing.classify import Classifier
+from extproc.routing.compile import compile_routes
 from extproc.routing.failover import (
     Attempt,
     Health,
@@ -32,7 +34,9 @@ from extproc.routing.failover import (
     retry_after_seconds,
 )
 from extproc.routing.gateway import Gateway
-from extproc.routing.groups import Group, GroupRun, attempt_order, continue_order, group_for, groups
+from extproc.routing.groups import Group, attempt_order, continue_order, group_for, groups
+from extproc.routing.modes import Knowledge
+from extproc.state.lookup import Lookup
 from extproc.state.store import MemoryStore
 
 GROUPS = """
@@ -182,49 +186,15 @@ def test_a_held_off_weighted_member_takes_no_first_attempts_meanwhile():
     assert {attempt_order(group, f"k{i}", health, 5.0)[0].name for i in range(200)} == {"a", "b"}
 
 
-def test_a_run_moves_on_after_each_failed_over_attempt_until_a_final_answer():
-    group = _group(("a", None), ("b", None), ("c", None))
-    run = GroupRun(group, "k", Health(Failover(max_attempts=3)), 0.0)
-    assert run.first.name == "a"
-    nxt = run.next(Attempt.answered("a", 503, OPENAI_503), 1.0)
-    assert nxt is not None and nxt.name == "b"
-    assert run.next(Attempt.answered("b", 400, OPENAI_CONTEXT), 2.0) is None  # final: delivered as it is
-    assert not run.failed
-
-
-def test_a_run_ends_with_one_error_when_every_attempt_failed_over_or_at_its_deadline():
-    group = _group(("a", None), ("b", None), ("c", None))
-    run = GroupRun(group, "k", Health(Failover(max_attempts=2)), 0.0)
-    assert run.next(Attempt.failed("a", Transport.CONNECT_FAILURE), 0.1) is not None
-    assert run.next(Attempt.answered("b", 429, OPENAI_429), 0.2) is None  # max_attempts 2
-    assert run.failed and run.error("chat")[0] == 502
-    assert orjson.loads(run.error("chat")[1])["error"]["message"].startswith(
-        "every backend of model 'm' failed (2 attempts): a: connection failed; b: 429 Rate limit reached")
-    late = GroupRun(group, "k", Health(Failover(max_attempts=3, deadline_seconds=10)), 100.0)
-    assert late.next(Attempt.failed("a", Transport.TIMEOUT), 110.0) is None  # no new attempt after the deadline
-    assert late.error("responses")[0] == 504
-
-
 def test_a_conversation_the_sidecar_holds_continues_on_any_member_its_last_backend_first():
     group = _group(("a", None), ("b", None), ("c", None))
     health = Health(Failover(max_attempts=3, eject_after=1))
-    held = {"previous_backend": "b", "held_by_sidecar": True}
-    assert names(continue_order(group, "k", health, 0.0, **held)) == ["b", "a", "c"]
+    assert names(continue_order(group, "k", health, 0.0, previous_backend="b")) == ["b", "a", "c"]
     health.record("b", False, 0.0)  # the previous turn's backend is out: the others first, it last
-    assert names(continue_order(group, "k", health, 1.0, **held)) == ["a", "c", "b"]
-    gone = {"previous_backend": "removed", "held_by_sidecar": True}
-    assert names(continue_order(group, "k", health, 1.0, **gone)) == ["a", "c", "b"]
-    assert names(continue_order(group, "k", health, 1.0, max_attempts=2, previous_backend="c",
-                                held_by_sidecar=True)) == ["c", "a"]
-
-
-def test_a_conversation_only_its_upstream_holds_stays_there():
-    group = _group(("a", None), ("b", None))
-    health = Health(Failover(eject_after=1))
-    health.record("b", False, 0.0)  # even out: no other member could rebuild the context
-    assert names(continue_order(group, "k", health, 1.0, previous_backend="b", held_by_sidecar=False)) == ["b"]
-    assert continue_order(group, "k", health, 1.0, previous_backend="z", held_by_sidecar=False) == ()
-    assert continue_order(group, "k", health, 1.0, previous_backend=None, held_by_sidecar=False) == ()
+    assert names(continue_order(group, "k", health, 1.0, previous_backend="b")) == ["a", "c", "b"]
+    assert names(continue_order(group, "k", health, 1.0, previous_backend="removed")) == ["a", "c", "b"]
+    assert names(continue_order(group, "k", health, 1.0, max_attempts=2, previous_backend="c")) == ["c", "a"]
+    assert names(continue_order(group, "k", health, 1.0, previous_backend=None)) == ["a", "c", "b"]
 
 
 # -- judge: real error bodies ---------------------------------------------------------------------
@@ -591,8 +561,11 @@ def test_resolve_prints_the_group_its_members_and_the_attempt_order(tmp_path, ca
     assert cli_main(["resolve", "--config", str(path), "llama"]) == 0
     out = capsys.readouterr().out
     assert "  member vllm-a: mode chat (backend vllm-a api), weight 3\n" in out
-    assert ("attempts: at most 2; the first by weight, picked by the request's placement key; then the others "
-            "in config order\n") in out
+    assert "  member vllm-b: mode chat (backend vllm-b api), weight 1\n" in out
+    assert "  member hosted: mode responses (backend hosted api)\n" in out
+    # each possible first member with its share (3 of 3+1, 1 of 3+1), then config order, at most 2 members
+    assert "attempts: at most 2; the first by weight, by a hash of the request's placement key" in out
+    assert "\n           75%  vllm-a -> vllm-b\n           25%  vllm-b -> vllm-a\n" in out
     path.write_text(HOSTED_MEMBER)
     assert cli_main(["resolve", "--config", str(path), "m"]) == 0
     assert "envoy:    one cluster per first attempt (group.near.far, group.far.near), the later attempts in config " \
@@ -610,6 +583,92 @@ def test_resolve_prints_the_group_its_members_and_the_attempt_order(tmp_path, ca
     assert cli_main(["check-config", str(path)]) == 0
     assert "  note: group m: near, far share instance 127.0.0.1:8001: an attempt there is always near's (attempts " \
         "are told apart by the instance)" in capsys.readouterr().out.splitlines()
+
+
+def _resolved(tmp_path, text: str, model: str, capsys) -> list[str]:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert cli_main(["resolve", "--config", str(path), model]) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(out) if line.startswith("attempts:"))
+    return out[start:next(i for i, line in enumerate(out) if line.startswith("envoy:"))]
+
+
+def test_resolve_prints_each_order_a_weighted_groups_attempts_take_with_its_share(tmp_path, capsys):
+    """Weights 1, unconfigured 5, 2 and a member without one: the unconfigured member takes no first
+    attempts (it can only answer 503), so the shares are 1/3 and 2/3; after the first, config order."""
+    text = """
+backends:
+  - {name: a, api: chat, models: ["m"], endpoints: ["127.0.0.1:8001"], weight: 1}
+  - {name: x, api: chat, models: ["m"], endpoints: ["127.0.0.1:8002"], weight: 5, api_key_env: UNSET_FOR_RESOLVE}
+  - {name: b, api: chat, models: ["m"], endpoints: ["127.0.0.1:8003"], weight: 2}
+  - {name: c, api: responses, models: ["m"], endpoints: ["127.0.0.1:8004"]}
+"""
+    lines = _resolved(tmp_path, text, "m", capsys)
+    assert lines[1:3] == ["           33%  a -> x -> b", "           67%  b -> a -> x"]  # at most 3 (the default)
+    assert len(lines) == 4  # no fast-path line: c's Responses API keeps every request on the processor
+
+
+def test_resolve_names_the_real_order_when_the_primary_cannot_serve(tmp_path, capsys):
+    """A primary without its key is not the first attempt; Envoy tries it second (config order after the
+    first), as the cluster the hand-over names has it."""
+    text = """
+backends:
+  - {name: x, api: chat, models: ["m"], endpoints: ["127.0.0.1:8001"], api_key_env: UNSET_FOR_RESOLVE}
+  - {name: a, api: chat, models: ["m"], endpoints: ["127.0.0.1:8002"]}
+  - {name: b, api: chat, models: ["m"], endpoints: ["127.0.0.1:8003"]}
+"""
+    assert _resolved(tmp_path, text, "m", capsys)[0] == \
+        "attempts: a -> x -> b (at most 3; x cannot serve now, so a comes first; the later attempts in config order)"
+
+
+def test_the_orders_resolve_prints_are_the_clusters_requests_are_handed_to(tmp_path, capsys):
+    """What `resolve` prints for WEIGHTED's llama (all three members: max_attempts 3) against the group
+    clusters 600 hand-overs name, by placement key: the same orders, in about the printed shares."""
+    text = WEIGHTED.replace("failover: {max_attempts: 2}\n", "")
+    lines = _resolved(tmp_path, text, "llama", capsys)
+    printed = {order.replace(" -> ", "."): int(share.rstrip("%")) / 100
+               for share, order in (line.split(None, 1) for line in lines[1:3])}
+    assert printed == {"vllm-a.vllm-b.hosted": 0.75, "vllm-b.vllm-a.hosted": 0.25}
+    gw = Gateway(parse_config(text), tenant_secret=b"s" * 32)
+    n, seen = 600, Counter()
+    for i in range(n):
+        ex = Exchange(gw)
+        step = ex.request_headers({":method": "POST", ":path": "/v1/responses", "content-type": "application/json"},
+                                  False)
+        assert not isinstance(step, Lookup)
+        step = ex.request_body(orjson.dumps({"model": "llama", "input": "hi", "prompt_cache_key": f"conv-{i}"}))
+        assert not isinstance(step, Lookup) and ex.handed_over
+        seen[dict(step.set_headers)["x-gateway-cluster"].removeprefix("group.")] += 1
+    assert set(seen) == set(printed)
+    for order, share in printed.items():  # within 4 standard deviations of the printed share
+        assert abs(seen[order] / n - share) < 4 * (share * (1 - share) / n) ** 0.5, seen
+
+
+@pytest.mark.parametrize(("members", "fast"), [
+    ("  - {name: a, api: chat, models: [m], endpoints: ['127.0.0.1:8001']}\n"
+     "  - {name: b, api: chat, models: [m], endpoints: ['127.0.0.1:8002']}\n", {"chat"}),  # keyless chat pools
+    ("  - {name: a, api: chat, models: [m], endpoints: ['127.0.0.1:8001']}\n"
+     "  - {name: b, api: responses, models: [m], endpoints: ['127.0.0.1:8002']}\n", set()),  # APIs differ
+    ("  - {name: a, api: responses, models: [m], endpoints: ['127.0.0.1:8001']}\n"
+     "  - {name: b, api: responses, models: [m], endpoints: ['127.0.0.1:8002']}\n", {"responses"}),
+])
+def test_resolve_says_a_grouped_models_path_as_the_compiled_routes_take_it(tmp_path, capsys, members, fast):
+    """The chat client of a chat and a Responses member is not on the fast path, though its primary alone
+    would be: every member must take it alike. `resolve` says what the compiled routes do."""
+    text = "backends:\n" + members
+    cfg = parse_config(text)
+    routes = {r.name for r in compile_routes(cfg, Knowledge(), {}).routes.virtual_hosts[0].routes}
+    assert {api for api in ("chat", "responses", "messages") if f"fast:{api}:group.a.b" in routes} == fast
+    path = tmp_path / "g.yaml"
+    path.write_text(text)
+    assert cli_main(["resolve", "--config", str(path), "m"]) == 0
+    said = {line.split(" client -> ")[0]: line for line in capsys.readouterr().out.splitlines() if " client -> " in line}
+    assert {api for api, line in said.items() if "; fast path: " in line} == fast
+    for api in fast:
+        assert "Envoy routes it to the group's cluster fast-group.a.b, retrying on the next member" in said[api]
+    if members.count("api: chat") == 1:
+        assert "processor: a model group whose members do not all take the fast path alike" in said["chat"]
 
 
 HOSTED_MEMBER = """

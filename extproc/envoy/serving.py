@@ -91,6 +91,36 @@ def tls_context(tls: ListenTLS) -> ssl.SSLContext:
     return context
 
 
+class _Batched:
+    """A connection's transport whose writes within one turn of the event loop go out as one.
+
+    grpclib writes every frame as it is made: a reply per system call, and on loopback each call also
+    runs Envoy's side of TCP. Envoy's messages come in bursts (one read holds many streams' chunks), so
+    the replies made for one read are sent together at the end of the turn that made them."""
+
+    def __init__(self, transport: Any):
+        self.transport = transport
+        self.pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.pending.append(data)
+
+    def flush(self) -> None:
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending.clear()
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 class _Streams(H2Protocol):
     """grpclib's connection without h2's own limit of 100 streams open at once (its local
     MAX_CONCURRENT_STREAMS, which grpclib keeps): Envoy opens one ext_proc stream per request in flight,
@@ -98,7 +128,7 @@ class _Streams(H2Protocol):
     the bound is Envoy's (the extproc cluster's `max_concurrent_streams`)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
+        super().connection_made(_Batched(transport))  # type: ignore[arg-type]
         self.connection._connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 2**31 - 1})
         self.connection.flush()
 

@@ -43,6 +43,9 @@ _CONNECTION_WINDOW = 64 * 1024 * 1024
 # RFC 9113 6.8: a graceful shutdown's first GOAWAY names the highest stream id, NO_ERROR; the client
 # opens no new streams and those in flight go on.
 _GOAWAY = GoAwayFrame(0, last_stream_id=2**31 - 1).serialize()
+# Writes sent as one at most (`_Batched`): a reply made first in a burst waits for at most 15 more (about
+# 1 ms of the sidecar's work under load), where waiting for the whole burst of 100 streams held it 6-8 ms.
+_BATCH = 16
 _CARDINALITY = {(c.client_streaming, c.server_streaming): c for c in Cardinality}
 
 
@@ -96,16 +99,21 @@ class _Batched:
 
     grpclib writes every frame as it is made: a reply per system call, and on loopback each call also
     runs Envoy's side of TCP. Envoy's messages come in bursts (one read holds many streams' chunks), so
-    the replies made for one read are sent together at the end of the turn that made them."""
+    the replies made for one read are sent together at the end of the turn that made them, or as soon as
+    `_BATCH` of them are made: the first reply of a large burst waits for the next few, not for them all."""
 
     def __init__(self, transport: Any):
         self.transport = transport
         self.pending: list[bytes] = []
+        self.loop = asyncio.get_running_loop()
 
     def write(self, data: bytes) -> None:
-        if not self.pending:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self.pending.append(data)
+        pending = self.pending
+        if not pending:
+            self.loop.call_soon(self.flush)
+        pending.append(data)
+        if len(pending) >= _BATCH:
+            self.flush()
 
     def flush(self) -> None:
         if self.pending:

@@ -133,3 +133,26 @@ def test_the_writes_of_one_loop_turn_go_out_as_one_in_order():
         assert batched.get_extra_info("peername") == ("127.0.0.1", 1)  # the rest is the transport's
 
     asyncio.run(run())
+
+
+def test_a_burst_of_writes_goes_out_in_batches_of_at_most_16():
+    class Transport:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+    async def run() -> None:
+        transport = Transport()
+        batched = serving._Batched(transport)
+        for i in range(40):
+            batched.write(b"%d;" % i)
+        # the first 32 left as they were made, 16 at a time; the rest at the end of the turn
+        assert transport.writes == [b"".join(b"%d;" % i for i in range(16)), b"".join(b"%d;" % i for i in range(16, 32))]
+        await asyncio.sleep(0)
+        assert transport.writes[2:] == [b"".join(b"%d;" % i for i in range(32, 40))]
+        await asyncio.sleep(0)
+        assert len(transport.writes) == 3  # nothing written twice, no empty write
+
+    asyncio.run(run())

@@ -102,3 +102,57 @@ def test_served_calls_and_health_until_the_stop():
             channel.close()
 
     asyncio.run(run())
+
+
+def test_the_writes_of_one_loop_turn_go_out_as_one_in_order():
+    class Transport:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+            self.closed = False
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        def close(self) -> None:
+            self.closed = True
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return {"peername": ("127.0.0.1", 1)}.get(name, default)
+
+    async def run() -> None:
+        transport = Transport()
+        batched = serving._Batched(transport)
+        batched.write(b"reply 1;")
+        batched.write(b"reply 2;")
+        assert transport.writes == []  # not yet: the turn that made them is not over
+        await asyncio.sleep(0)  # the rest of this turn, then the next
+        assert transport.writes == [b"reply 1;reply 2;"]
+        batched.write(b"last")
+        batched.close()  # what is pending goes out before the close
+        assert transport.writes == [b"reply 1;reply 2;", b"last"] and transport.closed
+        assert batched.get_extra_info("peername") == ("127.0.0.1", 1)  # the rest is the transport's
+
+    asyncio.run(run())
+
+
+def test_a_burst_of_writes_goes_out_in_batches_of_at_most_16():
+    class Transport:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+    async def run() -> None:
+        transport = Transport()
+        batched = serving._Batched(transport)
+        for i in range(40):
+            batched.write(b"%d;" % i)
+        # the first 32 left as they were made, 16 at a time; the rest at the end of the turn
+        assert transport.writes == [b"".join(b"%d;" % i for i in range(16)), b"".join(b"%d;" % i for i in range(16, 32))]
+        await asyncio.sleep(0)
+        assert transport.writes[2:] == [b"".join(b"%d;" % i for i in range(32, 40))]
+        await asyncio.sleep(0)
+        assert len(transport.writes) == 3  # nothing written twice, no empty write
+
+    asyncio.run(run())

@@ -55,7 +55,7 @@ from extproc.exchange.phases import Phase
 from extproc.exchange.upstream import UpstreamStream
 from extproc.routing.failover import Attempt, Transport, Verdict, all_failed_error
 from extproc.routing.gateway import Target, placement_key
-from extproc.routing.group_routes import first_on, group_cluster
+from extproc.routing.group_routes import fast_members, first_on, group_cluster
 from extproc.routing.groups import Group, continue_order, group_for
 from extproc.routing.needs import Call
 from extproc.state import records as rec
@@ -395,3 +395,68 @@ class Hold:
             return []
         self.done = True
         return [*self.held, kind]
+
+
+class FastJudge(UpstreamStream):
+    """The judge filter's stream on one fast-path attempt (`group_routes._judge`): an answer of a status
+    `judge` may fail over (5xx, 408, 429; Envoy skips the filter for every other), read whole and judged
+    as a processor attempt's is. A final one (a 500 naming a context overflow) goes on as it is; a
+    failed-over one is recorded under the request's id (`request.id`, which every attempt shares) and
+    marked `x-gateway-retry` (its value the status: the attempt log reads it, `ops.attempt_log`), so
+    Envoy drops it and retries; on the last attempt the answer is the error naming every attempt, in
+    the client's API's shape (the route's name says it). The shell gives it the attributes Envoy sent
+    with the headers (`seen`). Counting and health are the attempt log's: it sees every attempt."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.headers: dict[str, str] = {}
+        self.attributes: dict[str, str] = {}
+        self.failure: GatewayError | None = None
+        self.model: str | None = None
+
+    def request_headers(self, headers: dict[str, str], end_of_stream: bool) -> Step:
+        return Action(done=True)  # never sent (request_header_mode SKIP)
+
+    def request_body(self, raw: bytes) -> Step:
+        return Action(done=True)
+
+    def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Step:
+        self.headers = headers
+        return start(self._judged(b"")) if end_of_stream else Action()  # the body comes whole (BUFFERED)
+
+    def response_body(self, chunk: bytes, end_of_stream: bool) -> Step:
+        return start(self._judged(chunk))
+
+    def _judged(self, body: bytes) -> Decision[Action]:
+        members = fast_members(self.gw.config, self.attributes.get("xds.cluster_name", ""))
+        address = self.attributes.get("upstream.address", "")
+        member = next((b for b in members if any(e.address == address for e in b.endpoints)), None)
+        status = int(self.headers.get(":status", "0") or 0)
+        if member is None:
+            return Action(done=True)
+        attempt = Attempt.answered(member.name, status, body, self.headers, now=time.time())
+        if attempt.verdict is Verdict.FINAL:
+            return Action(done=True)
+        rid, mark = self.attributes.get("request.id", ""), (H_RETRY, str(status))
+        n = int(self.attributes.get("upstream.request_attempt_count", "1") or 1)
+        ttl = self.gw.config.failover.deadline_seconds + 60
+        log.info("attempt %d on %s failed over (fast path): %s", n, member.name, attempt.describe())
+        if n < min(len(members), self.gw.config.failover.max_attempts):
+            return Action(set_headers=[mark], writes=[(fast_attempt_key(rid, n), _said(attempt))], write_ttl=ttl,
+                          done=True)
+        values = yield Reads(tuple(fast_attempt_key(rid, k) for k in range(1, n)))
+        recorded = [orjson.loads(v) if v else None for v in values or [None] * (n - 1)]
+        unnamed = iter([b.name for b in members if b is not member and b.name not in
+                        {r["backend"] for r in recorded if r}])
+        earlier = [Attempt(r["backend"], r.get("status"), r.get("message", ""), retry_after=r.get("retry_after")) if r
+                   else Attempt(next(unnamed, "?"), None, "no answer (connection refused, reset or timed out)",
+                                Transport.RESET) for r in recorded]
+        err = all_failed_error([*earlier, attempt])
+        _, _, route = self.attributes.get("xds.route_name", "").partition(":")  # fast:<client api>:<group>
+        out = err.body(route.partition(":")[0] or None)
+        return Action(body=out, set_headers=[(":status", str(err.status)), ("content-type", "application/json"),
+                                             ("content-length", str(len(out))), *err.headers, mark], done=True)
+
+
+def fast_attempt_key(rid: str, n: int) -> str:
+    return f"failover:fast:{rid}:{n}"

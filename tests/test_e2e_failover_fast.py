@@ -32,7 +32,7 @@ failover: {{eject_after: 2, eject_seconds: 1, max_eject_seconds: 1, attempt_time
 backends:
   - name: chat-a
     api: chat
-    models: ["fast-chat"]
+    models: ["fast-chat", "down-last"]
     endpoints: ["{chat_a}"]
   - name: chat-b
     api: chat
@@ -49,6 +49,10 @@ backends:
   - name: down-first                 # nothing listens there: every attempt on it is refused
     api: chat
     models: ["down-first"]
+    endpoints: ["127.0.0.1:{closed}"]
+  - name: down-last
+    api: chat
+    models: ["down-last"]
     endpoints: ["127.0.0.1:{closed}"]
   - name: chat-c                     # chat-b's instance, under another name
     api: chat
@@ -83,7 +87,8 @@ def fs(fast_stack: Fast) -> Fast:
     # sidecar's view of them
     g = fast_stack.group
     assert wait_until(lambda: all(_stat(g, f"cluster.{c}.outlier_detection.ejections_active") == 0 for c in (
-        "fast-group.chat-a.chat-b", "fast-group.resp-a.resp-b", "fast-group.down-first.chat-c")), timeout=10)
+        "fast-group.chat-a.chat-b", "fast-group.resp-a.resp-b", "fast-group.down-first.chat-c",
+        "fast-group.chat-a.down-last")), timeout=10)
     assert wait_until(lambda: _states(g).get("chat-a") == "healthy", timeout=10)
     return fast_stack
 
@@ -212,6 +217,27 @@ def test_every_member_failing_on_the_fast_path_is_one_error_naming_each(fs, api,
     assert f"{a}: 503 first pool down" in message and f"{b}: 500 second pool crashed" in message
     assert len(first.requests) == 1 and len(second.requests) == 1
     assert "x-gateway-retry" not in e.value.response.headers
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_refused_last_member_on_the_fast_path_is_named_in_the_one_error(fs, stream):
+    """The last member got no answer: Envoy makes one more attempt, which the processor answers at once
+    with the error naming each attempt (not Envoy's bare 503)."""
+    g = fs.group
+    # chat-a serves once first: Envoy's count of its failures in this cluster starts again (two 503s in a
+    # row would eject it, and the attempt after the last would then find only the refused member)
+    assert _ask(g.client(), "chat", False, "down-last") == "echo: hi"
+    fs.chat_a.reset()
+    before = _metrics(g)
+    fs.chat_a.script.append(Reply(error=_error(503, "chat-a down")))
+    with pytest.raises(openai.APIStatusError) as e:
+        _ask(g.client(), "chat", stream, "down-last")
+    assert e.value.status_code == 502 and e.value.body["code"] == "all_backends_failed"
+    message = e.value.body["message"]
+    assert "chat-a: 503 chat-a down" in message and "down-last: no answer" in message
+    assert len(fs.chat_a.requests) == 1  # the extra attempt is the sidecar's answer: no upstream saw it
+    # counted: the two real attempts, not the sidecar's answer
+    assert wait_until(lambda: _counted(g, before, chat_a__failed=1, down_last__connect_failure=1, chat_a__rejected=0))
 
 
 def test_every_member_rate_limiting_on_the_fast_path_is_a_429_with_the_soonest_retry_after(fs):

@@ -150,6 +150,8 @@ class Processor:
         """One Envoy message through the exchange, store lookups included; errors become answers."""
         try:
             step: Step
+            if isinstance(ex, FastJudge) and kind in _HEADER_KINDS:  # the member, the attempt, the request's id and route
+                ex.attributes = _attributes(req)
             if kind == "request_headers":
                 if isinstance(ex, GroupAttempt):  # the instance Envoy chose for this attempt
                     ex.host = _attribute(req, ADDRESS_ATTRIBUTE)
@@ -158,8 +160,6 @@ class Processor:
             elif kind == "request_body":
                 step = ex.request_body(req.request_body.body)
             elif kind == "response_headers":
-                if isinstance(ex, FastJudge):  # the member, the attempt, the request's id and route
-                    ex.attributes = _attributes(req)
                 step = ex.response_headers(_headers(req.response_headers.headers), req.response_headers.end_of_stream)
             elif kind == "response_body":
                 step = ex.response_body(req.response_body.body, req.response_body.end_of_stream)

@@ -48,7 +48,7 @@ from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
-from envoy.type.matcher.v3 import http_inputs_pb2, string_pb2
+from envoy.type.matcher.v3 import http_inputs_pb2, regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, text_format, wrappers_pb2
 from xds.core.v3 import extension_pb2 as xds_extension_pb2
 from xds.type.matcher.v3 import matcher_pb2 as xds_matcher_pb2
@@ -179,9 +179,13 @@ def clusters(config: Config) -> list[cluster_pb2.Cluster]:
 def fast_retry(config: Config, members: tuple[Backend, ...]) -> rc.RetryPolicy:
     """Envoy alone between the members, on the processor's rule: a reset, a refused connection, or an
     answer the judge (`_judge`) marked `x-gateway-retry` (`failover.judge`: a 5xx, 429 or 408 whose body
-    names no final reason); at most `failover.max_attempts` members."""
-    retry = _retry(config, min(len(members), config.failover.max_attempts) - 1, "retriable-headers,reset,connect-failure")
-    retry.retriable_headers.append(rc.HeaderMatcher(name=H_RETRY, present_match=True))
+    names no final reason); at most `failover.max_attempts` members, and one more attempt, which the
+    processor answers at once with the error naming each (`_last_word`: a refused last member too)."""
+    retry = _retry(config, min(len(members), config.failover.max_attempts), "retriable-headers,reset,connect-failure")
+    # (the judge's mark of a failed-over answer is its status; the answers that end the request carry a
+    # mark too, for the attempt log, that is no retry's: `exchange.failover.FastJudge`)
+    retry.retriable_headers.append(rc.HeaderMatcher(name=H_RETRY, string_match=string_pb2.StringMatcher(
+        safe_regex=regex_pb2.RegexMatcher(regex=r"\d+"))))
     return retry
 
 
@@ -215,7 +219,7 @@ def _cluster(config: Config, members: tuple[Backend, ...], chain: Chain) -> clus
         enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
         enforcing_success_rate=wrappers_pb2.UInt32Value(value=0))
     watch = [upstream_processor(FAILOVER_ROLE, (ADDRESS_ATTRIBUTE, HOST_METADATA_ATTRIBUTE)), _holder(config)] \
-        if chain is Chain.ATTEMPTS else _fast_watch(config)
+        if chain is Chain.ATTEMPTS else _fast_watch(config, members)
     options = hpo.HttpProtocolOptions(http_filters=[
         *watch,
         # Upstream filters change the one header map every attempt is sent from (the processor restores
@@ -280,18 +284,27 @@ JUDGED_STATUS = r"5\d\d|408|429"
 JUDGE_ATTRIBUTES = (ADDRESS_ATTRIBUTE, "xds.cluster_name", "xds.route_name", "request.id",
                     "upstream.request_attempt_count")
 JUDGE_FILTER = "gateway.judge"
+LAST_WORD_FILTER = "gateway.last-word"
 _Predicate = xds_matcher_pb2.Matcher.MatcherList.Predicate
 
 
-def _fast_watch(config: Config) -> list[hcm.HttpFilter]:
-    """The fast twin's upstream filters: a non-streamed answer held whole in Envoy (`WHOLE_LUA`), a
-    success's stream held until its first event (the processor's hold, skipped for any other answer), an
-    answer of a status it may fail over judged by the processor (`_judge`, skipped for every other).
-    So the processor sees no attempt whose non-streamed answer succeeds or is final by its status."""
+def _fast_watch(config: Config, members: tuple[Backend, ...]) -> list[hcm.HttpFilter]:
+    """The fast twin's upstream filters: the attempt after the last one answered by the processor
+    (`_last_word`, skipped for every other attempt), a non-streamed answer held whole in Envoy
+    (`WHOLE_LUA`), a success's stream held until its first event (the processor's hold, skipped for any
+    other answer), an answer of a status it may fail over judged by the processor (`_judge`, skipped for
+    every other). So the processor sees no attempt whose non-streamed answer succeeds or is final by its
+    status."""
+    extra = str(min(len(members), config.failover.max_attempts) + 1)
+    last = _Predicate(single_predicate=_Predicate.SinglePredicate(
+        input=xds_extension_pb2.TypedExtensionConfig(name="attempt", typed_config=_any(
+            http_inputs_pb2.HttpRequestHeaderMatchInput(header_name="x-envoy-attempt-count"))),
+        value_match=xds_string_pb2.StringMatcher(exact=extra)))
     judged = _response_header(":status", JUDGED_STATUS)
     stream = _Predicate(and_matcher=_Predicate.PredicateList(predicate=[
         _response_header("content-type", "text/event-stream.*"), _Predicate(not_matcher=judged)]))
-    return [_http_filter(WHOLE_FILTER, lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=WHOLE_LUA))),
+    return [_run_only(_last_word(), last),
+            _http_filter(WHOLE_FILTER, lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=WHOLE_LUA))),
             _run_only(_holder(config), stream), _run_only(_judge(config), judged)]
 
 
@@ -313,6 +326,24 @@ def _run_only(filt: hcm.HttpFilter, when: xds_matcher_pb2.Matcher.MatcherList.Pr
     return _http_filter(filt.name, extension_matcher_pb2.ExtensionWithMatcher(
         xds_matcher=unless, extension_config=extension_pb2.TypedExtensionConfig(
             name=filt.name + ".processor", typed_config=filt.typed_config)))
+
+
+def _last_word() -> hcm.HttpFilter:
+    """The processor on the attempt after the last (Envoy makes it when the last member got no answer:
+    refused, reset, silent): it answers at once, at the request's headers, with the error naming every
+    attempt (`exchange.failover.FastJudge`), so a refused last member is named too, not Envoy's bare 503."""
+    filt = upstream_processor(JUDGE_ROLE)
+    filt.name = LAST_WORD_FILTER
+    proc = ext_proc_pb2.ExternalProcessor()
+    filt.typed_config.Unpack(proc)
+    mode = processing_mode_pb2.ProcessingMode
+    proc.processing_mode.CopyFrom(mode(request_header_mode=mode.SEND, response_header_mode=mode.SKIP))
+    proc.stat_prefix = "last_word"
+    proc.allow_mode_override = False
+    proc.ClearField("request_attributes")
+    proc.request_attributes.extend(JUDGE_ATTRIBUTES)
+    filt.typed_config.Pack(proc)
+    return filt
 
 
 def _judge(config: Config) -> hcm.HttpFilter:

@@ -51,13 +51,13 @@ def _filters(name: str) -> list:
 
 
 def test_the_fast_twin_holds_in_envoy_and_asks_the_processor_only_of_streams_and_judged_statuses():
-    whole, hold, judge, codec = _filters(CLUSTER)
+    last_word, whole, hold, judge, codec = _filters(CLUSTER)
     assert codec.name == "envoy.filters.http.upstream_codec"
     lua = lua_pb2.Lua()
     whole.typed_config.Unpack(lua)
     assert "handle:body()" in lua.default_source_code.inline_string  # a JSON answer whole, in Envoy
     wrapped = {}
-    for f in (hold, judge):
+    for f in (last_word, hold, judge):
         ext = extension_matcher_pb2.ExtensionWithMatcher()
         f.typed_config.Unpack(ext)
         proc = ext_proc_pb2.ExternalProcessor()
@@ -66,8 +66,15 @@ def test_the_fast_twin_holds_in_envoy_and_asks_the_processor_only_of_streams_and
         # skipped (SkipFilter) unless its predicate holds: nothing is sent at the request
         (rule,) = ext.xds_matcher.matcher_list.matchers
         assert rule.on_match.action.name == "skip" and rule.predicate.HasField("not_matcher")
+    for name in (group_routes.HOLD_FILTER, group_routes.JUDGE_FILTER):
+        proc = wrapped[name][1]
         assert proc.processing_mode.request_header_mode == processing_mode_pb2.ProcessingMode.SKIP
         assert proc.failure_mode_allow
+    # the attempt after the last (three members, at most three attempts): the processor at its request
+    ext, proc = wrapped[group_routes.LAST_WORD_FILTER]
+    attempt = ext.xds_matcher.matcher_list.matchers[0].predicate.not_matcher.single_predicate
+    assert attempt.value_match.exact == "4"
+    assert proc.processing_mode.request_header_mode == processing_mode_pb2.ProcessingMode.SEND
     _, judge_proc = wrapped[group_routes.JUDGE_FILTER]
     assert [m.value for m in judge_proc.grpc_service.initial_metadata] == ["judge"]
     assert judge_proc.processing_mode.response_body_mode == processing_mode_pb2.ProcessingMode.BUFFERED
@@ -85,8 +92,9 @@ def test_the_fast_retry_follows_the_judges_mark_not_every_5xx():
     gw = gateway()
     retry = group_routes.fast_retry(gw.config, gw.config.backends)
     assert retry.retry_on == "retriable-headers,reset,connect-failure" and not retry.retriable_status_codes
-    assert [h.name for h in retry.retriable_headers] == ["x-gateway-retry"]
-    assert retry.num_retries.value == 2
+    (mark,) = retry.retriable_headers
+    assert mark.name == "x-gateway-retry" and mark.string_match.safe_regex.regex == r"\d+"  # a status: retried
+    assert retry.num_retries.value == 3  # each member, and the attempt after the last
 
 
 def _judge(gw: Gateway, store: dict[str, bytes], n: int, address: str, status: int, body: dict,
@@ -122,11 +130,25 @@ def test_the_last_attempt_answers_the_error_naming_each_in_the_clients_shape():
     # attempt 2 got no answer (refused, reset): nobody recorded it; attempt 3, on c, fails too
     last = _judge(gw, store, 3, "10.0.0.4:8000", 500, _error("crashed"), route="fast:responses:group.a.b.c")
     sets = dict(last.set_headers)
-    assert sets[":status"] == "502" and sets["x-gateway-retry"] == "500"  # marked: the attempt log reads it
+    assert sets[":status"] == "502" and sets["x-gateway-retry"] == "last 500"  # the attempt log reads it
     body = json.loads(last.body)
     assert body["error"]["code"] == "all_backends_failed" and sets["content-length"] == str(len(last.body))
     message = body["error"]["message"]
     assert message.index("a: 503 overloaded") < message.index("b: no answer") < message.index("c: 500 crashed")
+
+
+def test_the_attempt_after_the_last_is_answered_at_once_with_the_error_naming_each():
+    gw, store = gateway(), {}
+    _judge(gw, store, 1, "10.0.0.1:8000", 503, _error("overloaded"))
+    _judge(gw, store, 2, "10.0.0.2:8000", 503, _error("busy"))  # attempt 3, on c, was refused: no record
+    j = FastJudge(gw)
+    j.attributes = {"xds.cluster_name": CLUSTER, "request.id": "req-1", "xds.route_name": "fast:chat:group.a.b.c"}
+    act = resolve(j.request_headers({":path": "/v1/chat/completions", "x-envoy-attempt-count": "4"}, True), store)
+    status, body, ctype = act.immediate
+    assert (status, ctype, act.done) == (502, "application/json", True)
+    assert ("x-gateway-retry", "sidecar") in act.set_headers  # no attempt of a member: the log skips it
+    message = json.loads(body)["error"]["message"]
+    assert message.index("a: 503 overloaded") < message.index("b: 503 busy") < message.index("c: no answer")
 
 
 def test_every_attempt_rate_limited_is_a_429_with_the_soonest_retry_after():
@@ -150,7 +172,8 @@ def test_each_logged_attempt_is_the_attempt_the_processor_would_have_recorded():
         "judged": (_entry(host="10.0.0.1:8000", status="503", retried="503"), ("a", "failed")),
         "rate limited": (_entry(host="10.0.0.1:8000", status="429", retried="429", **{"retry-after": "5"}),
                          ("a", "rate_limited")),
-        "replaced by the error naming each": (_entry(host="10.0.0.4:8000", status="502", retried="504"), ("c", "timeout")),
+        "replaced by the error naming each": (_entry(host="10.0.0.4:8000", status="502", retried="last 504"),
+                                              ("c", "timeout")),
         "refused": (_entry(host="10.0.0.4:8000", status="0", flags="UF,URX"), ("c", "connect_failure")),
         "per-try timeout": (_entry(host="10.0.0.4:8000", status="0", flags="UT"), ("c", "timeout")),
         "reset": (_entry(host="10.0.0.4:8000", status="0", flags="UPE"), ("c", "reset")),
@@ -162,6 +185,7 @@ def test_each_logged_attempt_is_the_attempt_the_processor_would_have_recorded():
                       ).retry_after == 5
     # the client gone, another cluster, an instance no member lists: nothing the members did
     assert attempt_of(config, _entry(host="10.0.0.1:8000", status="0", flags="DC")) is None
+    assert attempt_of(config, _entry(host="10.0.0.1:8000", status="502", retried="sidecar")) is None  # its own answer
     assert attempt_of(config, {"cluster": "group.a.b.c", "host": "10.0.0.1:8000", "status": "200"}) is None
     assert attempt_of(config, _entry(host="10.9.9.9:8000", status="200")) is None
 

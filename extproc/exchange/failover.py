@@ -17,8 +17,8 @@ each attempt (`Attempt`, picked by the shell for role `failover`):
   ended is still a retry; a failed-over answer is recorded and marked `x-gateway-retry` (Envoy drops it
   and retries), a final one goes to the exchange's handler as any answer would; an answer's headers
   reach the attempt only with its first body chunk (`Hold`, the group cluster's second upstream
-  filter, the fast path's twin's only one), so a reset before it is a retry too, the last attempt's
-  included (its error names every attempt);
+  filter; on the fast path's twin, for a stream), so a reset before it is a retry too, the last attempt's
+  included (its error names every attempt); the fast twin's error answers are judged by `FastJudge`;
 - the last attempt (`failover.max_attempts`, the members, or `deadline_seconds` after the start), when
   it fails too, answers with one error naming every attempt (`all_failed_error`): attempts that got no
   answer at all (a refused connection never reaches the processor; a reset ends its stream) are named by

@@ -19,8 +19,11 @@ Why this shape (measured against Envoy 1.40, docs/configuration.md "How failover
   exchange for that member, translated when it speaks another API (exchange/failover.py).
 - Below it the processor once more (role `hold`, `_holder`): Envoy's router retries no reset once an
   attempt's headers reached it, so an answer's headers are let through only with its first body
-  chunk, streamed or not. The fast path's twin (`fast_cluster`) has the hold alone, for its compiled
-  retries.
+  chunk, streamed or not. The fast path's twin (`fast_cluster`, for its compiled retries) asks the
+  processor less (`_fast_watch`): Envoy holds a JSON answer whole itself (Lua), the hold runs only for
+  a success's stream, a judge (`_judge`) only for an answer of a status it may fail over, and the
+  attempt after the last is answered by the processor (`_last_word`); Envoy's router logs each attempt
+  (ops/attempt_log.py).
 - Within a member Envoy picks the instance round robin. Not a ring hash: Envoy's ring hash (and
   maglev) balancers ignore the retry's priority load, so every retry went back to the first member
   (measured); prefix-cache placement within a member is the price, for grouped models only.
@@ -126,15 +129,16 @@ def member_lists(config: Config) -> list[tuple[Backend, ...]]:
 
 
 class Chain(Enum):
-    """A group cluster's upstream filters: the processor's attempts (with the hold), or the fast twin's:
-    the hold alone (so that an answer resetting after its headers is still retried by Envoy)."""
+    """A group cluster's upstream filters: the processor's attempts (with the hold), or the fast twin's
+    (`_fast_watch`: answers held in Envoy, the processor asked only of streams, errors it may fail over
+    and the attempt after the last)."""
 
     ATTEMPTS = "attempts"
     FAST = "fast"
 
 
 def fast_cluster(backends: Iterable[Backend]) -> str:
-    """The same members for the fast path: `fast-group.A.B`, the hold (`_holder`) its only upstream filter."""
+    """The same members for the fast path: `fast-group.A.B`, with no attempt's processor (`_fast_watch`)."""
     return "fast-" + group_cluster(backends)
 
 

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from extproc.local.stack import (  # noqa: E402
+    ENVOY_YAML,
     Stack,
     find_envoy,
     free_port,
@@ -145,7 +146,8 @@ def start_gateway(stack: Stack, backends: str, extra: str = "", workers: int = 1
     sidecar = spawn_checkout(stack, f"sidecar-{extproc_port}", serve, src)
     for i in range(workers):
         wait_for_port(extproc_port + i, proc=sidecar)
-    return Processed(*start_envoy_with_processor(stack, extproc_port, workers, xds=True), (sidecar.pid,))
+    return Processed(*start_envoy_with_processor(stack, extproc_port, workers, xds=True,
+                                                 envoy_yaml=Path(src) / "deploy" / "envoy.yaml"), (sidecar.pid,))
 
 
 def spawn_checkout(stack: Stack, name: str, args: list[str], src: Path | str) -> subprocess.Popen[bytes]:
@@ -173,12 +175,12 @@ def start_floor(stack: Stack, pattern: str, endpoint: str, workers: int = 1) -> 
 
 
 def start_envoy_with_processor(stack: Stack, extproc_port: int, workers: int = 1,
-                               xds: bool = False) -> tuple[int, int]:
+                               xds: bool = False, envoy_yaml: Path = ENVOY_YAML) -> tuple[int, int]:
     """deploy/envoy.yaml (stdout access log off) in front of an ext_proc server on `extproc_port` (and the
     next ports, one per worker: Envoy spreads streams over them). `xds`: the routes come from it (the
     sidecar); else they are written into the file (a processor that serves no xDS). Envoy's port and admin port."""
     port, admin = free_port(), free_port()
-    doc = yaml.safe_load(render_envoy_config(port, admin, extproc_port))
+    doc = yaml.safe_load(render_envoy_config(port, admin, extproc_port, src=envoy_yaml))  # the checkout's own
     if not xds:
         _static_routes(doc)
     hcm = _hcm(doc)

@@ -33,6 +33,8 @@ ROLE_METADATA, FIRST_CONTACT_ROLE = "x-extproc-role", "first-contact"
 H_FAILOVER, FAILOVER_ROLE = "x-gateway-failover", "failover"
 # The role of the group cluster's second upstream filter, which holds a stream's headers until its first chunk.
 HOLD_ROLE = "hold"
+# The role of a fast-path group cluster's judge, which reads an error answer whole and judges it.
+JUDGE_ROLE = "judge"
 TENANT_HEADER = "x-gateway-tenant"  # the header tenancy.header conventionally names; deploy/envoy.yaml strips it
 # (with a `clients` section Envoy's key check sets it: extproc/clients.lua), and the key check's mark on a
 # request it refuses, which the compiled routes send to a route without the processor.

@@ -29,6 +29,7 @@ from extproc.envoy.names import (
     FAILOVER_ROLE,
     FIRST_CONTACT_ROLE,
     HOLD_ROLE,
+    JUDGE_ROLE,
     NAMESPACE,
     ROLE_METADATA,
     TENANT_HEADER,
@@ -38,13 +39,14 @@ from extproc.envoy.running import GatewayHolder, Sidecar, every, tenant_secret, 
 from extproc.envoy.serving import GrpcServer, methods
 from extproc.errors import GatewayError
 from extproc.exchange import Action, Exchange, Lookup, Step, error_action
-from extproc.exchange.failover import GroupAttempt, Hold
+from extproc.exchange.failover import FastJudge, GroupAttempt, Hold
 from extproc.exchange.first_contact import FirstContact
 from extproc.front.background import BackgroundRuns
 from extproc.front.follow import Follower
 from extproc.front.websocket import FrontDoor
 from extproc.ops import access_log
 from extproc.ops.admin import TOKEN_ENV, start_admin
+from extproc.ops.attempt_log import AttemptLog
 from extproc.ops.logs import configure_logging
 from extproc.ops.metrics import ExchangeTimer, Metrics
 from extproc.ops.record import record
@@ -143,10 +145,13 @@ class Processor:
             self.metrics.store_errors.inc("write")
             log.warning("state store unavailable, %d records not written: %s", len(writes), e)
 
-    async def _step(self, ex: Exchange | FirstContact | GroupAttempt, kind: str, req: pb.ProcessingRequest) -> Action:
+    async def _step(self, ex: Exchange | FirstContact | GroupAttempt | FastJudge, kind: str,
+                    req: pb.ProcessingRequest) -> Action:
         """One Envoy message through the exchange, store lookups included; errors become answers."""
         try:
             step: Step
+            if isinstance(ex, FastJudge) and kind in _HEADER_KINDS:  # the member, the attempt, the request's id and route
+                ex.attributes = _attributes(req)
             if kind == "request_headers":
                 if isinstance(ex, GroupAttempt):  # the instance Envoy chose for this attempt
                     ex.host = _attribute(req, ADDRESS_ATTRIBUTE)
@@ -184,7 +189,8 @@ class Processor:
         if role == HOLD_ROLE:
             return await self._hold(stream)
         gw = self.holder.gateway
-        ex = FirstContact(gw) if role == FIRST_CONTACT_ROLE else GroupAttempt(gw) if role == FAILOVER_ROLE \
+        ex: Exchange | FirstContact | GroupAttempt | FastJudge = FirstContact(gw) if role == FIRST_CONTACT_ROLE \
+            else GroupAttempt(gw) if role == FAILOVER_ROLE else FastJudge(gw) if role == JUDGE_ROLE \
             else Exchange(gw, envoy_counts=True)
         timer = self.metrics.timer()
         try:
@@ -251,6 +257,16 @@ def _attribute(req: pb.ProcessingRequest, name: str) -> str:
     return ""
 
 
+def _attributes(req: pb.ProcessingRequest) -> dict[str, str]:
+    """Every CEL attribute Envoy sent with this message, as text (a count's number without its `.0`)."""
+    out = {}
+    for struct in req.attributes.values():
+        for name, value in struct.fields.items():
+            kind = value.WhichOneof("kind")
+            out[name] = str(int(value.number_value)) if kind == "number_value" else str(getattr(value, kind or "string_value"))
+    return out
+
+
 def _with_metadata(resp: pb.ProcessingResponse, meta: dict[str, Any]) -> pb.ProcessingResponse:
     """Dynamic metadata for Envoy's access log (in NAMESPACE); the shared replies are copied."""
     out = pb.ProcessingResponse()
@@ -311,7 +327,8 @@ class _Services:
             access_log.AccessLog(sidecar.metrics, self.long_streams,
                                  lambda model: holder.gateway.classifier.label_for(model), tenants,
                                  lambda label, address: member_at(holder.gateway.config, label, address)),
-            RateLimits(lambda: holder.gateway.config.clients, sidecar.store, sidecar.metrics)],
+            RateLimits(lambda: holder.gateway.config.clients, sidecar.store, sidecar.metrics),
+            AttemptLog(sidecar.metrics, lambda: (holder.gateway.config, holder.gateway.health))],
             checked=self.processor)
 
     async def stop(self, grace: float) -> None:

@@ -17,8 +17,8 @@ each attempt (`Attempt`, picked by the shell for role `failover`):
   ended is still a retry; a failed-over answer is recorded and marked `x-gateway-retry` (Envoy drops it
   and retries), a final one goes to the exchange's handler as any answer would; an answer's headers
   reach the attempt only with its first body chunk (`Hold`, the group cluster's second upstream
-  filter, the fast path's twin's only one), so a reset before it is a retry too, the last attempt's
-  included (its error names every attempt);
+  filter; on the fast path's twin, for a stream), so a reset before it is a retry too, the last attempt's
+  included (its error names every attempt); the fast twin's error answers are judged by `FastJudge`;
 - the last attempt (`failover.max_attempts`, the members, or `deadline_seconds` after the start), when
   it fails too, answers with one error naming every attempt (`all_failed_error`): attempts that got no
   answer at all (a refused connection never reaches the processor; a reset ends its stream) are named by
@@ -32,7 +32,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -55,7 +55,7 @@ from extproc.exchange.phases import Phase
 from extproc.exchange.upstream import UpstreamStream
 from extproc.routing.failover import Attempt, Transport, Verdict, all_failed_error
 from extproc.routing.gateway import Target, placement_key
-from extproc.routing.group_routes import first_on, group_cluster
+from extproc.routing.group_routes import fast_members, first_on, group_cluster
 from extproc.routing.groups import Group, continue_order, group_for
 from extproc.routing.needs import Call
 from extproc.state import records as rec
@@ -398,3 +398,93 @@ class Hold:
             return []
         self.done = True
         return [*self.held, kind]
+
+
+class FastJudge(UpstreamStream):
+    """The judge filter's stream on one fast-path attempt (`group_routes._judge`): an answer of a status
+    `judge` may fail over (5xx, 408, 429; Envoy skips the filter for every other), read whole and judged
+    as a processor attempt's is. A final one (a 500 naming a context overflow) goes on as it is; a
+    failed-over one is recorded under the request's id (`request.id`, which every attempt shares) and
+    marked `x-gateway-retry` (its value the status: the attempt log reads it, `ops.attempt_log`), so
+    Envoy drops it and retries; on the last attempt the answer is the error naming every attempt, in
+    the client's API's shape (the route's name says it), and so is the answer to the attempt after the
+    last (`request_headers`: Envoy makes it when the last member got no answer). The shell gives it the attributes Envoy sent
+    with the headers (`seen`). Counting and health are the attempt log's: it sees every attempt."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.headers: dict[str, str] = {}
+        self.attributes: dict[str, str] = {}
+        self.failure: GatewayError | None = None
+        self.model: str | None = None
+
+    def request_headers(self, headers: dict[str, str], end_of_stream: bool) -> Step:
+        """The attempt after the last (the last-word filter: the last member got no answer): the error
+        naming every attempt, at once."""
+        n = int(headers.get("x-envoy-attempt-count", "1") or 1)
+        return start(self._all_failed(n, None, lambda err, out: Action(
+            immediate=(err.status, out, "application/json"), set_headers=[*err.headers, (H_RETRY, SIDECAR_MARK)],
+            done=True)))
+
+    def request_body(self, raw: bytes) -> Step:
+        return Action(done=True)
+
+    def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Step:
+        self.headers = headers
+        return start(self._judged(b"")) if end_of_stream else Action()  # the body comes whole (BUFFERED)
+
+    def response_body(self, chunk: bytes, end_of_stream: bool) -> Step:
+        return start(self._judged(chunk))
+
+    def _members(self) -> tuple[Backend, ...]:
+        return fast_members(self.gw.config, self.attributes.get("xds.cluster_name", ""))
+
+    def _judged(self, body: bytes) -> Decision[Action]:
+        members = self._members()
+        address = self.attributes.get("upstream.address", "")
+        member = next((b for b in members if any(e.address == address for e in b.endpoints)), None)
+        status = int(self.headers.get(":status", "0") or 0)
+        if member is None:
+            return Action(done=True)
+        attempt = Attempt.answered(member.name, status, body, self.headers, now=time.time())
+        if attempt.verdict is Verdict.FINAL:
+            return Action(done=True)
+        mark = (H_RETRY, str(status))
+        n = int(self.attributes.get("upstream.request_attempt_count", "1") or 1)
+        log.info("attempt %d on %s failed over (fast path): %s", n, member.name, attempt.describe())
+        if n < min(len(members), self.gw.config.failover.max_attempts):
+            return Action(set_headers=[mark], writes=[(fast_attempt_key(self.rid, n), _said(attempt))],
+                          write_ttl=self.gw.config.failover.deadline_seconds + 60, done=True)
+        return (yield from self._all_failed(n, attempt, lambda err, out: Action(body=out, set_headers=[
+            (":status", str(err.status)), ("content-type", "application/json"), ("content-length", str(len(out))),
+            *err.headers, (H_RETRY, f"{LAST_MARK}{status}")], done=True)))
+
+    @property
+    def rid(self) -> str:
+        return self.attributes.get("request.id", "")
+
+    def _all_failed(self, n: int, this: Attempt | None,
+                    answer: Callable[[GatewayError, bytes], Action]) -> Decision[Action]:
+        """The error naming every attempt before attempt `n` (as they recorded themselves; those with no
+        record got no answer, named by the members nobody recorded, in priority order) and `this` one, in
+        the client's API's shape (the route's name: `fast:<client api>:<group>`)."""
+        values = yield Reads(tuple(fast_attempt_key(self.rid, k) for k in range(1, n)))
+        recorded = [orjson.loads(v) if v else None for v in values or [None] * (n - 1)]
+        named = {r["backend"] for r in recorded if r} | ({this.backend} if this is not None else set())
+        unnamed = iter([b.name for b in self._members() if b.name not in named])
+        earlier = [Attempt(r["backend"], r.get("status"), r.get("message", ""), retry_after=r.get("retry_after")) if r
+                   else Attempt(next(unnamed, "?"), None, "no answer (connection refused, reset or timed out)",
+                                Transport.RESET) for r in recorded]
+        err = all_failed_error([*earlier, *([this] if this is not None else [])])
+        _, _, route = self.attributes.get("xds.route_name", "").partition(":")
+        return answer(err, err.body(route.partition(":")[0] or None))
+
+
+# The fast judge's marks (`x-gateway-retry`) on the answers that end a request, which Envoy's retry skips
+# (it retries on a number alone) and the attempt log reads: the last attempt failed with this status, or
+# the sidecar answered the attempt after the last.
+LAST_MARK, SIDECAR_MARK = "last ", "sidecar"
+
+
+def fast_attempt_key(rid: str, n: int) -> str:
+    return f"failover:fast:{rid}:{n}"

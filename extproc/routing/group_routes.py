@@ -19,8 +19,11 @@ Why this shape (measured against Envoy 1.40, docs/configuration.md "How failover
   exchange for that member, translated when it speaks another API (exchange/failover.py).
 - Below it the processor once more (role `hold`, `_holder`): Envoy's router retries no reset once an
   attempt's headers reached it, so an answer's headers are let through only with its first body
-  chunk, streamed or not. The fast path's twin (`fast_cluster`) has the hold alone, for its compiled
-  retries.
+  chunk, streamed or not. The fast path's twin (`fast_cluster`, for its compiled retries) asks the
+  processor less (`_fast_watch`): Envoy holds a JSON answer whole itself (Lua), the hold runs only for
+  a success's stream, a judge (`_judge`) only for an answer of a status it may fail over, and the
+  attempt after the last is answered by the processor (`_last_word`); Envoy's router logs each attempt
+  (ops/attempt_log.py).
 - Within a member Envoy picks the instance round robin. Not a ring hash: Envoy's ring hash (and
   maglev) balancers ignore the retry's priority load, so every retry went back to the first member
   (measured); prefix-cache placement within a member is the price, for grouped models only.
@@ -37,19 +40,34 @@ from collections.abc import Iterable
 from enum import Enum
 
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import base_pb2
+from envoy.config.core.v3 import base_pb2, extension_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.common.matching.v3 import extension_matcher_pb2
+from envoy.extensions.filters.common.matcher.action.v3 import skip_action_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo
-from envoy.type.matcher.v3 import string_pb2
+from envoy.type.matcher.v3 import http_inputs_pb2, regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, text_format, wrappers_pb2
+from xds.core.v3 import extension_pb2 as xds_extension_pb2
+from xds.type.matcher.v3 import matcher_pb2 as xds_matcher_pb2
+from xds.type.matcher.v3 import regex_pb2 as xds_regex_pb2
+from xds.type.matcher.v3 import string_pb2 as xds_string_pb2
 
 from extproc.config import Backend, Config
-from extproc.envoy.names import FAILOVER_ROLE, H_BACKEND, H_CLUSTER, H_FAILOVER, H_RETRY, HOLD_ROLE
+from extproc.envoy.names import (
+    FAILOVER_ROLE,
+    H_BACKEND,
+    H_CLUSTER,
+    H_FAILOVER,
+    H_RETRY,
+    HOLD_ROLE,
+    JUDGE_ROLE,
+)
 from extproc.routing.groups import groups
 from extproc.routing.hosted import PROTOCOL_OPTIONS, lb_endpoint, tls_socket, upstream_processor
 
@@ -111,16 +129,22 @@ def member_lists(config: Config) -> list[tuple[Backend, ...]]:
 
 
 class Chain(Enum):
-    """A group cluster's upstream filters: the processor's attempts (with the hold), or the fast twin's:
-    the hold alone (so that an answer resetting after its headers is still retried by Envoy)."""
+    """A group cluster's upstream filters: the processor's attempts (with the hold), or the fast twin's
+    (`_fast_watch`: answers held in Envoy, the processor asked only of streams, errors it may fail over
+    and the attempt after the last)."""
 
     ATTEMPTS = "attempts"
     FAST = "fast"
 
 
 def fast_cluster(backends: Iterable[Backend]) -> str:
-    """The same members for the fast path: `fast-group.A.B`, the hold (`_holder`) its only upstream filter."""
+    """The same members for the fast path: `fast-group.A.B`, with no attempt's processor (`_fast_watch`)."""
     return "fast-" + group_cluster(backends)
+
+
+def fast_members(config: Config, cluster: str) -> tuple[Backend, ...]:
+    """The members of a fast twin (`fast_cluster`), in its priority order; () for any other cluster."""
+    return next((m for m in member_lists(config) if fast_cluster(m) == cluster), ())
 
 
 def spread(action: rc.RouteAction, members: tuple[Backend, ...]) -> None:
@@ -157,12 +181,15 @@ def clusters(config: Config) -> list[cluster_pb2.Cluster]:
 
 
 def fast_retry(config: Config, members: tuple[Backend, ...]) -> rc.RetryPolicy:
-    """Envoy alone between the members, on what it can see without reading a body: 5xx (a 500 naming a
-    context overflow is retried too: only the processor reads bodies), 429 and 408, a reset, a refused
-    connection; at most `failover.max_attempts` members."""
-    retry = _retry(config, min(len(members), config.failover.max_attempts) - 1,
-                   "5xx,reset,connect-failure,retriable-status-codes")
-    retry.retriable_status_codes.extend([429, 408])
+    """Envoy alone between the members, on the processor's rule: a reset, a refused connection, or an
+    answer the judge (`_judge`) marked `x-gateway-retry` (`failover.judge`: a 5xx, 429 or 408 whose body
+    names no final reason); at most `failover.max_attempts` members, and one more attempt, which the
+    processor answers at once with the error naming each (`_last_word`: a refused last member too)."""
+    retry = _retry(config, min(len(members), config.failover.max_attempts), "retriable-headers,reset,connect-failure")
+    # (the judge's mark of a failed-over answer is its status; the answers that end the request carry a
+    # mark too, for the attempt log, that is no retry's: `exchange.failover.FastJudge`)
+    retry.retriable_headers.append(rc.HeaderMatcher(name=H_RETRY, string_match=string_pb2.StringMatcher(
+        safe_regex=regex_pb2.RegexMatcher(regex=r"\d+"))))
     return retry
 
 
@@ -195,10 +222,10 @@ def _cluster(config: Config, members: tuple[Backend, ...], chain: Chain) -> clus
         enforcing_consecutive_5xx=wrappers_pb2.UInt32Value(value=100),
         enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
         enforcing_success_rate=wrappers_pb2.UInt32Value(value=0))
-    attempt = [upstream_processor(FAILOVER_ROLE, (ADDRESS_ATTRIBUTE, HOST_METADATA_ATTRIBUTE))] \
-        if chain is Chain.ATTEMPTS else []
+    watch = [upstream_processor(FAILOVER_ROLE, (ADDRESS_ATTRIBUTE, HOST_METADATA_ATTRIBUTE)), _holder(config)] \
+        if chain is Chain.ATTEMPTS else _fast_watch(config, members)
     options = hpo.HttpProtocolOptions(http_filters=[
-        *attempt, _holder(config),
+        *watch,
         # Upstream filters change the one header map every attempt is sent from (the processor restores
         # the client's headers before each attempt: exchange/failover.py).
         _http_filter("envoy.filters.http.upstream_codec", upstream_codec_pb2.UpstreamCodec())])
@@ -241,6 +268,107 @@ def _holder(config: Config) -> hcm.HttpFilter:
     proc.message_timeout.CopyFrom(duration_pb2.Duration(seconds=config.failover.attempt_timeout + 5))
     proc.ClearField("request_attributes")
     proc.ClearField("mutation_rules")
+    filt.typed_config.Pack(proc)
+    return filt
+
+
+# The fast twin's hold of a non-streamed answer, in Envoy itself: the Lua filter stops its headers until
+# the body is whole (`body()`), as the processor path holds such a success (a reset before its end is still
+# a retry); no processor stream for it. A stream (`text/event-stream`) it lets by: the processor's hold
+# (`_holder`) stops only its headers, until its first event. (Lua's `bodyChunks` lets the headers go at
+# once: measured.)
+WHOLE_LUA = """function envoy_on_response(handle)
+  if not string.find(handle:headers():get("content-type") or "", "^text/event%-stream") then handle:body() end
+end"""
+WHOLE_FILTER = "gateway.whole"
+# The statuses `failover.judge` may fail over (5xx, 408, 429); every other answer is final, whatever its body.
+JUDGED_STATUS = r"5\d\d|408|429"
+# What the fast judge is told with an answer's headers: the member (the cluster and the instance), the
+# attempt's number, the request's id (its attempts' records) and its route (the client's API).
+JUDGE_ATTRIBUTES = (ADDRESS_ATTRIBUTE, "xds.cluster_name", "xds.route_name", "request.id",
+                    "upstream.request_attempt_count")
+JUDGE_FILTER = "gateway.judge"
+LAST_WORD_FILTER = "gateway.last-word"
+_Predicate = xds_matcher_pb2.Matcher.MatcherList.Predicate
+
+
+def _fast_watch(config: Config, members: tuple[Backend, ...]) -> list[hcm.HttpFilter]:
+    """The fast twin's upstream filters: the attempt after the last one answered by the processor
+    (`_last_word`, skipped for every other attempt), a non-streamed answer held whole in Envoy
+    (`WHOLE_LUA`), a success's stream held until its first event (the processor's hold, skipped for any
+    other answer), an answer of a status it may fail over judged by the processor (`_judge`, skipped for
+    every other). So the processor sees no attempt whose non-streamed answer succeeds or is final by its
+    status."""
+    extra = str(min(len(members), config.failover.max_attempts) + 1)
+    last = _Predicate(single_predicate=_Predicate.SinglePredicate(
+        input=xds_extension_pb2.TypedExtensionConfig(name="attempt", typed_config=_any(
+            http_inputs_pb2.HttpRequestHeaderMatchInput(header_name="x-envoy-attempt-count"))),
+        value_match=xds_string_pb2.StringMatcher(exact=extra)))
+    judged = _response_header(":status", JUDGED_STATUS)
+    stream = _Predicate(and_matcher=_Predicate.PredicateList(predicate=[
+        _response_header("content-type", "text/event-stream.*"), _Predicate(not_matcher=judged)]))
+    return [_run_only(_last_word(), last),
+            _http_filter(WHOLE_FILTER, lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=WHOLE_LUA))),
+            _run_only(_holder(config), stream), _run_only(_judge(config), judged)]
+
+
+def _response_header(name: str, regex: str) -> xds_matcher_pb2.Matcher.MatcherList.Predicate:
+    return _Predicate(single_predicate=_Predicate.SinglePredicate(
+        input=xds_extension_pb2.TypedExtensionConfig(name=name, typed_config=_any(
+            http_inputs_pb2.HttpResponseHeaderMatchInput(header_name=name))),
+        value_match=xds_string_pb2.StringMatcher(safe_regex=xds_regex_pb2.RegexMatcher(
+            google_re2=xds_regex_pb2.RegexMatcher.GoogleRE2(), regex=regex))))
+
+
+def _run_only(filt: hcm.HttpFilter, when: xds_matcher_pb2.Matcher.MatcherList.Predicate) -> hcm.HttpFilter:
+    """`filt` skipped by Envoy for every answer `when` does not match (a match on the response's headers:
+    a skipped ext_proc opens no stream, as its request phase sends nothing)."""
+    skip = xds_matcher_pb2.Matcher.OnMatch(action=xds_extension_pb2.TypedExtensionConfig(
+        name="skip", typed_config=_any(skip_action_pb2.SkipFilter())))
+    unless = xds_matcher_pb2.Matcher(matcher_list=xds_matcher_pb2.Matcher.MatcherList(matchers=[
+        xds_matcher_pb2.Matcher.MatcherList.FieldMatcher(predicate=_Predicate(not_matcher=when), on_match=skip)]))
+    return _http_filter(filt.name, extension_matcher_pb2.ExtensionWithMatcher(
+        xds_matcher=unless, extension_config=extension_pb2.TypedExtensionConfig(
+            name=filt.name + ".processor", typed_config=filt.typed_config)))
+
+
+def _last_word() -> hcm.HttpFilter:
+    """The processor on the attempt after the last (Envoy makes it when the last member got no answer:
+    refused, reset, silent): it answers at once, at the request's headers, with the error naming every
+    attempt (`exchange.failover.FastJudge`), so a refused last member is named too, not Envoy's bare 503."""
+    filt = upstream_processor(JUDGE_ROLE)
+    filt.name = LAST_WORD_FILTER
+    proc = ext_proc_pb2.ExternalProcessor()
+    filt.typed_config.Unpack(proc)
+    mode = processing_mode_pb2.ProcessingMode
+    proc.processing_mode.CopyFrom(mode(request_header_mode=mode.SEND, response_header_mode=mode.SKIP))
+    proc.stat_prefix = "last_word"
+    proc.allow_mode_override = False
+    proc.ClearField("request_attributes")
+    proc.request_attributes.extend(JUDGE_ATTRIBUTES)
+    filt.typed_config.Pack(proc)
+    return filt
+
+
+def _judge(config: Config) -> hcm.HttpFilter:
+    """The processor on a fast-path attempt's answer of a status it may fail over (`JUDGED_STATUS`): the
+    body is read whole (BUFFERED) and judged as on the processor path (`exchange.failover.FastJudge`),
+    which marks a failed-over answer `x-gateway-retry` for Envoy's retry, and answers the last one with
+    the error naming each attempt. Were the sidecar not to answer, the answer would go on as it is
+    (`failure_mode_allow`)."""
+    filt = upstream_processor(JUDGE_ROLE)
+    filt.name = JUDGE_FILTER
+    proc = ext_proc_pb2.ExternalProcessor()
+    filt.typed_config.Unpack(proc)
+    mode = processing_mode_pb2.ProcessingMode
+    proc.processing_mode.CopyFrom(mode(request_header_mode=mode.SKIP, response_header_mode=mode.SEND,
+                                       response_body_mode=mode.BUFFERED))
+    proc.stat_prefix = JUDGE_ROLE
+    proc.allow_mode_override = False
+    proc.failure_mode_allow = True
+    proc.message_timeout.CopyFrom(duration_pb2.Duration(seconds=5))
+    proc.ClearField("request_attributes")
+    proc.response_attributes.extend(JUDGE_ATTRIBUTES)
     filt.typed_config.Pack(proc)
     return filt
 

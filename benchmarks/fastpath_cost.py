@@ -8,6 +8,7 @@ written into the file (static, so a variant may change them too), then loads the
 user+system CPU from /proc before and after each run.
 
     .venv/bin/python benchmarks/fastpath_cost.py [--rounds 5] [--duration 3] [--connections 8] [--only full,-als]
+        [--before-src OTHER_CHECKOUT]
 
 Variants: `full` (the shipped file), `minimal` (the Envoy-only experiment: json_to_metadata and metadata
 routes), `+NAME` (minimal with one addition back), `-NAME` (full without it), and other forms of one
@@ -41,6 +42,7 @@ from common import (
     envoy_alone_config,
     free_port,
     run,
+    spawn_checkout,
     start_nginx,
     wait_for_envoy,
     wait_for_port,
@@ -90,7 +92,7 @@ def drop_filter(name: str) -> Callable[[Doc], None]:
 
 
 def als(doc: Doc) -> Doc:
-    return next(a for a in _hcm(doc)["access_log"] if a["name"] == "envoy.access_loggers.http_grpc")
+    return next(a for a in _hcm(doc)["access_log"] if a["name"] == "envoy.access_loggers.open_telemetry")
 
 
 def no_als(doc: Doc) -> None:
@@ -259,6 +261,70 @@ def als_as_stats(doc: Doc) -> None:
         "counters": [counter, *tokens]}}]
 
 
+# What replacing the access-log service by Envoy's stats would take, whole: every series the service
+# feeds (ops/access_log.py: requests by API, backend, model and outcome; tokens by kind; the GenAI
+# duration and token histograms; the listed tenants' requests and tokens), each a stat of the stats access
+# logger tagged with what its label needs, and the OpenTelemetry stat sink sending them (and nothing
+# else) to the sidecar every second. Token values the answer may lack are read through CEL, 0 when
+# absent, so the logger has a number for every entry.
+USAGE_TAGS = {"route": "%ROUTE_NAME%", "client_api": "%DYNAMIC_METADATA(llm_gateway:client_api)%",
+              "backend": "%DYNAMIC_METADATA(llm_gateway:backend)%", "model": "%DYNAMIC_METADATA(llm_gateway:model)%",
+              "upstream": "%UPSTREAM_HOST%"}
+TOKEN_KEYS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "cache_creation_tokens")
+
+
+def _token(key: str) -> str:
+    m = "metadata.filter_metadata"
+    return f"%CEL(('llm_gateway' in {m} && '{key}' in {m}.llm_gateway) ? {m}.llm_gateway.{key} : 0)%"
+
+
+def stats_usage(one_tag: bool, histograms: bool = True, tenants: bool = True) -> Callable[[Doc], None]:
+    """`one_tag`: the labels joined into one tag (one formatter and one tag name per stat, not five)."""
+    def tags(*extra: tuple[str, str]) -> list[Doc]:
+        pairs = [*USAGE_TAGS.items(), *extra]
+        if one_tag:
+            return [{"name": "k", "value_format": "|".join(v for _, v in pairs)}]
+        return [{"name": n, "value_format": v} for n, v in pairs]
+
+    def go(doc: Doc) -> None:
+        status = ("status", "%RESPONSE_CODE%")
+        counters = [{"stat": {"name": "requests", "tags": tags(status)}, "value_fixed": 1},
+                    *({"stat": {"name": key, "tags": tags()}, "value_format": _token(key)} for key in TOKEN_KEYS)]
+        if tenants:
+            tenant = [{"name": "tenant", "value_format": "%DYNAMIC_METADATA(llm_gateway:tenant)%"}]
+            counters += [{"stat": {"name": "tenant_requests", "tags": tenant}, "value_fixed": 1},
+                         *({"stat": {"name": f"tenant_{key}", "tags": tenant}, "value_format": _token(key)}
+                           for key in TOKEN_KEYS[:2])]
+        config: Doc = {"@type": "type.googleapis.com/envoy.extensions.access_loggers.stats.v3.Config",
+                       "stat_prefix": "usage", "counters": counters}
+        if histograms:
+            config["histograms"] = [
+                {"stat": {"name": "duration", "tags": tags(status)}, "unit": "Milliseconds",
+                 "value_format": "%DURATION%"},
+                *({"stat": {"name": f"{key}_usage", "tags": tags()}, "value_format": _token(key)}
+                  for key in TOKEN_KEYS[:2])]
+        grpc = als(doc)
+        _hcm(doc)["access_log"] = [{"name": "envoy.access_loggers.stats", "filter": grpc["filter"],
+                                    "typed_config": config}]
+        doc["stats_flush_interval"] = "1s"
+        doc["stats_sinks"] = [{"name": "envoy.stat_sinks.open_telemetry", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.stat_sinks.open_telemetry.v3.SinkConfig",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "extproc"}},
+            "report_counters_as_deltas": True, "report_histograms_as_deltas": True,
+            # only the usage stats go to the sidecar
+            "custom_metric_conversions": {
+                "matcher_list": {"matchers": [{
+                    "predicate": {"single_predicate": {
+                        "input": {"name": "stat_full_name", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.matching.common_inputs.stats.v3.StatFullNameMatchInput"}},
+                        "value_match": {"prefix": "usage."}}},
+                    "on_match": {"action": {"name": "keep", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.stat_sinks.open_telemetry.v3.SinkConfig.ConversionAction"}}}}]},
+                "on_no_match": {"action": {"name": "drop", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.stat_sinks.open_telemetry.v3.SinkConfig.DropAction"}}}}}}]
+    return go
+
+
 def als_route_cel(doc: Doc) -> None:
     """The CEL filter's first clause alone (the fast routes' entries; what the second one costs)."""
     als(doc)["filter"]["extension_filter"]["typed_config"]["expression"] = "xds.route_name.startsWith('fast:')"
@@ -333,6 +399,9 @@ VARIANTS: dict[str, Callable[[Doc], None]] = {
     "als-batch-1mib": als_batch(1 << 20, "1s"),
     "als-as-stats": als_as_stats,
     "als-metadata-filter": als_metadata_filter,
+    "stats-usage": stats_usage(one_tag=False),
+    "stats-usage-one-tag": stats_usage(one_tag=True),
+    "stats-usage-counters": stats_usage(one_tag=True, histograms=False, tenants=False),
     "header-mutation-early": header_mutation_early,
     "header-mutation-no-path": header_mutation_no_path,
     "model-twice-empty": model_twice_empty,
@@ -370,7 +439,7 @@ def gateway_doc(config_text: str, port: int, admin: int, extproc: int, src: Path
     hcm = _hcm(doc)
     hcm.pop("rds")
     hcm["route_config"] = plain(compiled.routes)
-    hcm["access_log"] = [a for a in hcm["access_log"] if a["name"] == "envoy.access_loggers.http_grpc"]
+    hcm["access_log"] = [a for a in hcm["access_log"] if a["name"] != "envoy.access_loggers.stdout"]
     doc["static_resources"]["clusters"] += [plain(c) for c in compiled.clusters]
     return doc
 
@@ -408,6 +477,8 @@ def main() -> int:
     ap.add_argument("--responses", action="store_true", help="Responses store:false instead of chat")
     ap.add_argument("--before", type=Path, help="another envoy.yaml (`git show REF:deploy/envoy.yaml`), run as "
                                                 "the variant `before` with the same routes")
+    ap.add_argument("--before-src", type=Path, help="another checkout: the variant `before` is its deploy/envoy.yaml "
+                                                    "and its own sidecar (for the access-log service's cost)")
     args = ap.parse_args()
     chosen = [v for v in args.only.split(",") if v] or list(VARIANTS)
     path, body = RESP if args.responses else CHAT
@@ -422,16 +493,27 @@ def main() -> int:
         wait_for_port(extproc, proc=sidecar)
         port, admin = free_port(), free_port()
         alone_doc = yaml.safe_load(envoy_alone_config(port, admin))
-        envoys = {"alone": (port, spawn_envoy(stack, "alone", alone_doc, port, admin))}
+        # each Envoy's port, pid, and the pid of the sidecar it logs to
+        envoys = {"alone": (port, spawn_envoy(stack, "alone", alone_doc, port, admin), sidecar.pid)}
         for name in chosen:
             port, admin = free_port(), free_port()
             doc = gateway_doc(config_text, port, admin, extproc)
             VARIANTS[name](doc)
-            envoys[name] = (port, spawn_envoy(stack, name, doc, port, admin))
-        if args.before:
+            envoys[name] = (port, spawn_envoy(stack, name, doc, port, admin), sidecar.pid)
+        if args.before or args.before_src:
             port, admin = free_port(), free_port()
-            doc = gateway_doc(config_text, port, admin, extproc, args.before)
-            envoys["before"] = (port, spawn_envoy(stack, "before", doc, port, admin))
+            before_port, before_sidecar = extproc, sidecar.pid
+            if args.before_src:
+                before_port, before_admin = free_port(), free_port()
+                before_cfg = stack.workdir / "sidecar-before.yaml"
+                before_cfg.write_text(bench_config(nginx, before_port, before_admin))
+                proc = spawn_checkout(stack, "sidecar-before", [sys.executable, "-m", "extproc", "serve", "--config",
+                                                                str(before_cfg)], args.before_src)
+                wait_for_port(before_port, proc=proc)
+                before_sidecar = proc.pid
+            doc = gateway_doc(config_text, port, admin, before_port,
+                              args.before or args.before_src / "deploy" / "envoy.yaml")
+            envoys["before"] = (port, spawn_envoy(stack, "before", doc, port, admin), before_sidecar)
         to_nginx = {"x-gateway-destination-endpoint": f"127.0.0.1:{nginx}"}
         # cpu, side cpu, ratio, added ms, cpu over the alone run just before it
         runs: dict[str, list[tuple[float, float, float, float, float]]] = {n: [] for n in envoys}
@@ -439,8 +521,8 @@ def main() -> int:
         for r in range(args.rounds):
             random.shuffle(order)  # no variant always runs right after another
             for name in order:
-                base = measure(*envoys["alone"], sidecar.pid, path, body, to_nginx, args)
-                cpu, side, rps, lat = measure(*envoys[name], sidecar.pid, path, body, {}, args)
+                base = measure(*envoys["alone"], path, body, to_nginx, args)
+                cpu, side, rps, lat = measure(*envoys[name], path, body, {}, args)
                 runs["alone"].append((base[0], base[1], 1.0, 0.0, 1.0))
                 runs[name].append((cpu, side, rps / base[2], lat - base[3], cpu / base[0]))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ written into the file (static, so a variant may change them too), then loads the
 user+system CPU from /proc before and after each run.
 
     .venv/bin/python benchmarks/fastpath_cost.py [--rounds 5] [--duration 3] [--connections 8] [--only full,-als]
-        [--before-src OTHER_CHECKOUT]
+        [--before-src OTHER_CHECKOUT] [--callgrind 300]
 
 Variants: `full` (the shipped file), `minimal` (the Envoy-only experiment: json_to_metadata and metadata
 routes), `+NAME` (minimal with one addition back), `-NAME` (full without it), and other forms of one
@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import http.client
 import json
 import os
 import random
 import re
+import signal
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,7 +95,7 @@ def drop_filter(name: str) -> Callable[[Doc], None]:
 
 
 def als(doc: Doc) -> Doc:
-    return next(a for a in _hcm(doc)["access_log"] if a["name"] == "envoy.access_loggers.open_telemetry")
+    return next(a for a in _hcm(doc)["access_log"] if a["name"] == "envoy.access_loggers.http_grpc")
 
 
 def no_als(doc: Doc) -> None:
@@ -325,6 +328,25 @@ def stats_usage(one_tag: bool, histograms: bool = True, tenants: bool = True) ->
     return go
 
 
+# The same entries as OpenTelemetry log records whose body is one line of just what the service reads,
+# the model last (the one value a client chose), instead of Envoy's whole HTTP entry (addresses,
+# timings, headers, every metadata namespace as a Struct). Envoy's side only: the sidecar serves no
+# OTLP logs (a branch that did measured the same sidecar CPU; benchmarks/README.md).
+OTEL_LINE = "\x1f".join(("%COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)%",
+                         *(f"%DYNAMIC_METADATA(llm_gateway:{k})%" for k in TOKEN_KEYS),
+                         "%ROUTE_NAME%", "%RESPONSE_CODE%", "%UPSTREAM_HOST%",
+                         *(f"%DYNAMIC_METADATA(llm_gateway:{k})%" for k in ("client_api", "backend", "envoy_counts",
+                                                                           "tenant", "model"))))
+
+
+def als_otel(doc: Doc) -> None:
+    grpc = als(doc)
+    common = grpc["typed_config"]["common_config"]
+    grpc.update(name="envoy.access_loggers.open_telemetry", typed_config={
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig",
+        "common_config": common, "disable_builtin_labels": True, "body": {"string_value": OTEL_LINE}})
+
+
 def als_route_cel(doc: Doc) -> None:
     """The CEL filter's first clause alone (the fast routes' entries; what the second one costs)."""
     als(doc)["filter"]["extension_filter"]["typed_config"]["expression"] = "xds.route_name.startsWith('fast:')"
@@ -400,6 +422,7 @@ VARIANTS: dict[str, Callable[[Doc], None]] = {
     "als-as-stats": als_as_stats,
     "als-metadata-filter": als_metadata_filter,
     "stats-usage": stats_usage(one_tag=False),
+    "als-otel": als_otel,
     "stats-usage-one-tag": stats_usage(one_tag=True),
     "stats-usage-counters": stats_usage(one_tag=True, histograms=False, tenants=False),
     "header-mutation-early": header_mutation_early,
@@ -444,14 +467,46 @@ def gateway_doc(config_text: str, port: int, admin: int, extproc: int, src: Path
     return doc
 
 
-def spawn_envoy(stack: Stack, name: str, doc: Doc, port: int, admin: int) -> int:
-    """Envoy's pid."""
+def spawn_envoy(stack: Stack, name: str, doc: Doc, port: int, admin: int, callgrind: Path | None = None) -> int:
+    """Envoy's pid; `callgrind`: under valgrind's callgrind, on one worker, its profile to that file."""
     cfg = stack.workdir / f"envoy-{name}.yaml"
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
-    proc = stack.spawn(f"envoy-{name}", [find_envoy(), "-c", str(cfg), "--log-level", "warn", "--base-id", str(port),
-                                         "--concurrency", "2", "--disable-hot-restart"])
-    wait_for_envoy(admin)
+    under = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={callgrind}"] if callgrind else []
+    proc = stack.spawn(f"envoy-{name}", [*under, find_envoy(), "-c", str(cfg), "--log-level", "warn", "--base-id",
+                                         str(port), "--concurrency", "1" if callgrind else "2", "--disable-hot-restart"])
+    wait_for_envoy(admin, timeout=300 if callgrind else 20)
     return proc.pid
+
+
+def instructions(stack: Stack, name: str, doc: Doc, port: int, admin: int, path: str, body: dict,
+                 headers: dict[str, str], n: int) -> float:
+    """Envoy's instructions per request (callgrind's Ir count over `n` requests one after another, after a
+    warm-up, the access log's last batch included): a count the machine's load does not move, though
+    blind to what load changes (locks, caches, the cores Envoy shares with the sidecar)."""
+    out = stack.workdir / f"callgrind-{name}.out"
+    pid = spawn_envoy(stack, name, doc, port, admin, out)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def ask(count: int) -> None:
+        for _ in range(count):
+            conn.request("POST", path, json.dumps(body), {"content-type": "application/json", **headers})
+            answer = conn.getresponse()
+            answer.read()
+            if answer.status != 200:
+                raise RuntimeError(f"{name}: status {answer.status}")
+
+    ask(100)
+    time.sleep(1)  # the warm-up's access-log batch goes out before the count starts
+    run(["callgrind_control", "--zero", str(pid)])
+    ask(n)
+    time.sleep(1)
+    run(["callgrind_control", "--dump", str(pid)])
+    conn.close()
+    dumps = sorted(stack.workdir.glob(f"callgrind-{name}.out*"), key=lambda p: p.stat().st_mtime)
+    total = re.search(r"^(?:totals|summary):\s+(\d+)", dumps[-1].read_text(), re.M)
+    os.kill(pid, signal.SIGTERM)
+    assert total is not None, dumps[-1]
+    return int(total.group(1)) / n
 
 
 def measure(port: int, pid: int, sidecar: int, path: str, body: dict, headers: dict[str, str],
@@ -479,6 +534,8 @@ def main() -> int:
                                                 "the variant `before` with the same routes")
     ap.add_argument("--before-src", type=Path, help="another checkout: the variant `before` is its deploy/envoy.yaml "
                                                     "and its own sidecar (for the access-log service's cost)")
+    ap.add_argument("--callgrind", type=int, metavar="N", help="instead of wrk: Envoy's instructions per request "
+                                                                "over N requests, each variant under callgrind in turn")
     args = ap.parse_args()
     chosen = [v for v in args.only.split(",") if v] or list(VARIANTS)
     path, body = RESP if args.responses else CHAT
@@ -493,6 +550,19 @@ def main() -> int:
         wait_for_port(extproc, proc=sidecar)
         port, admin = free_port(), free_port()
         alone_doc = yaml.safe_load(envoy_alone_config(port, admin))
+        to_nginx = {"x-gateway-destination-endpoint": f"127.0.0.1:{nginx}"}
+        if args.callgrind:
+            alone = instructions(stack, "alone", alone_doc, port, admin, path, body, to_nginx, args.callgrind)
+            print(f"{path}, {args.callgrind} requests one at a time, Envoy on one worker under callgrind:")
+            print(f"{'variant':24} {'k instructions/req':>18} {'x alone':>8}")
+            print(f"{'alone':24} {alone / 1e3:18.1f} {1:8.2f}", flush=True)
+            for name in chosen:
+                port, admin = free_port(), free_port()
+                doc = gateway_doc(config_text, port, admin, extproc)
+                VARIANTS[name](doc)
+                got = instructions(stack, name, doc, port, admin, path, body, {}, args.callgrind)
+                print(f"{name:24} {got / 1e3:18.1f} {got / alone:8.2f}", flush=True)
+            return 0
         # each Envoy's port, pid, and the pid of the sidecar it logs to
         envoys = {"alone": (port, spawn_envoy(stack, "alone", alone_doc, port, admin), sidecar.pid)}
         for name in chosen:
@@ -514,7 +584,6 @@ def main() -> int:
             doc = gateway_doc(config_text, port, admin, before_port,
                               args.before or args.before_src / "deploy" / "envoy.yaml")
             envoys["before"] = (port, spawn_envoy(stack, "before", doc, port, admin), before_sidecar)
-        to_nginx = {"x-gateway-destination-endpoint": f"127.0.0.1:{nginx}"}
         # cpu, side cpu, ratio, added ms, cpu over the alone run just before it
         runs: dict[str, list[tuple[float, float, float, float, float]]] = {n: [] for n in envoys}
         order = [n for n in envoys if n != "alone"]

@@ -297,7 +297,7 @@ def _set_value(value: struct_pb2.Value, v: Any) -> None:
 
 
 class _Services:
-    """The gRPC server and what its shutdown has to end: the long xDS streams."""
+    """The gRPC server and what its shutdown has to end: the long xDS and access-log streams."""
 
     def __init__(self, sidecar: Sidecar):
         holder = sidecar.holder
@@ -308,7 +308,8 @@ class _Services:
         self.discovery = xds.Discovery(self.long_streams)
         self.server = GrpcServer([
             self.processor, self.discovery,
-            access_log.AccessLog(sidecar.metrics, lambda model: holder.gateway.classifier.label_for(model), tenants,
+            access_log.AccessLog(sidecar.metrics, self.long_streams,
+                                 lambda model: holder.gateway.classifier.label_for(model), tenants,
                                  lambda label, address: member_at(holder.gateway.config, label, address)),
             RateLimits(lambda: holder.gateway.config.clients, sidecar.store, sidecar.metrics)],
             checked=self.processor)

@@ -51,7 +51,7 @@ def _pack(msg: Message) -> any_pb2.Any:
 
 
 class LongStreams:
-    """Streams Envoy keeps open for good (ADS): they end first at shutdown, which would
+    """Streams Envoy keeps open for good (ADS, access log): they end first at shutdown, which would
     otherwise wait its whole grace period for them. Envoy keeps its last routes meanwhile."""
 
     def __init__(self) -> None:

@@ -77,13 +77,6 @@ def test_sse_to_metadata_rules_are_the_generated_ones(envoy):
     assert flt["typed_config"]["response_rules"] == sse_to_metadata_rules()
 
 
-def test_the_access_logs_record_body_is_the_line_the_service_reads(envoy):
-    from extproc.ops.access_log import BODY
-
-    [logger] = named(envoy, "envoy.access_loggers.open_telemetry")
-    assert logger["typed_config"]["body"] == {"string_value": BODY}
-
-
 def test_json_to_metadata_reads_the_bodies_of_every_api_path():
     assert f'regex: "{API_PATH_REGEX}"'.replace("\\", "\\\\") in ENVOY_YAML.read_text()
     skipped = re.compile(API_PATH_REGEX)

@@ -98,6 +98,8 @@ def test_an_exchange_left_to_envoy_is_counted_from_its_access_log_entry_only():
     """The processor records no request or tokens for it; the access-log service counts Envoy's entry,
     marked by the processor's metadata, as it counts a fast-path one; an unmarked processor-path entry
     is not counted there (the processor counted it)."""
+    from envoy.data.accesslog.v3 import accesslog_pb2
+
     from extproc.ops import access_log
 
     m = Metrics()
@@ -107,10 +109,12 @@ def test_an_exchange_left_to_envoy_is_counted_from_its_access_log_entry_only():
     record(ex, m, m.timer(), GW.classifier.label_for)
     assert not [k for k in samples(m) if k[0] in ("extproc_requests_total", "extproc_tokens_total")]
 
-    def entry(meta: dict) -> dict[str, str]:
-        """The record's values as Envoy formats them (metadata values as text, True as `true`)."""
-        return {"route": "processor:endpoint", "status": "200", "duration_us": "1500",
-                **{k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in meta.items()}}
+    def entry(meta: dict) -> accesslog_pb2.HTTPAccessLogEntry:
+        e = accesslog_pb2.HTTPAccessLogEntry()
+        e.common_properties.route_name = "processor:endpoint"
+        e.common_properties.metadata.filter_metadata["llm_gateway"].update(meta)
+        e.response.response_code.value = 200
+        return e
 
     usage = {"input_tokens": 11, "output_tokens": 7}
     access_log.count(m, entry({**ex.metadata(), **usage}), GW.classifier.label_for)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ratelimit.v3 import rls_pb2
@@ -13,7 +14,6 @@ from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 
 from extproc.envoy import serving
 from extproc.envoy.ratelimit import RateLimits
@@ -51,10 +51,10 @@ def test_each_service_is_served_at_envoys_paths_with_its_messages():
         "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources":
             ("StreamAggregatedResources", Cardinality.STREAM_STREAM, discovery_pb2.DiscoveryRequest,
              discovery_pb2.DiscoveryResponse)}
-    assert table(AccessLog(metrics, lambda m: "m")) == {
-        "/opentelemetry.proto.collector.logs.v1.LogsService/Export":
-            ("Export", Cardinality.UNARY_UNARY, logs_service_pb2.ExportLogsServiceRequest,
-             logs_service_pb2.ExportLogsServiceResponse)}
+    assert table(AccessLog(metrics, LongStreams(), lambda m: "m")) == {
+        "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs":
+            ("StreamAccessLogs", Cardinality.STREAM_UNARY, als_pb2.StreamAccessLogsMessage,
+             als_pb2.StreamAccessLogsResponse)}
     assert table(RateLimits(lambda: None, None, metrics)) == {
         "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit":
             ("ShouldRateLimit", Cardinality.UNARY_UNARY, rls_pb2.RateLimitRequest, rls_pb2.RateLimitResponse)}

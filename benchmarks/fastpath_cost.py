@@ -17,7 +17,10 @@ piece (`als-metadata-filter`, `header-mutation-early`, `model-twice-empty`, ...;
 Prints, per variant: Envoy's CPU per request (µs, median over the rounds, and quartiles), the same over
 Envoy alone's run just before it (`cpu x alone`: both move with the machine's load, so their ratio
 holds best), the sidecar's CPU per request, the throughput ratio against Envoy alone, and the median
-latency added (ms).
+latency added (ms). With `--callgrind N`: Envoy's instructions per request over N requests one after
+another, each variant on one worker under valgrind's callgrind in turn (deterministic to about 2 %,
+where the CPU columns move with the machine's load by as much as one piece costs; blind to locks and
+caches). `--before-src DIR`: the variant `before` is DIR's deploy/envoy.yaml logging to DIR's own sidecar.
 """
 
 from __future__ import annotations
@@ -347,6 +350,13 @@ def als_otel(doc: Doc) -> None:
         "common_config": common, "disable_builtin_labels": True, "body": {"string_value": OTEL_LINE}})
 
 
+def response_rules_two(doc: Doc) -> None:
+    """The JSON answers' usage read by two rules (chat's input and output tokens) instead of all of them:
+    whether the response rules cost per rule or per answer parsed."""
+    rules = json_meta(doc)["response_rules"]
+    rules["rules"] = rules["rules"][:2]
+
+
 def als_route_cel(doc: Doc) -> None:
     """The CEL filter's first clause alone (the fast routes' entries; what the second one costs)."""
     als(doc)["filter"]["extension_filter"]["typed_config"]["expression"] = "xds.route_name.startsWith('fast:')"
@@ -423,6 +433,7 @@ VARIANTS: dict[str, Callable[[Doc], None]] = {
     "als-metadata-filter": als_metadata_filter,
     "stats-usage": stats_usage(one_tag=False),
     "als-otel": als_otel,
+    "response-rules-two": response_rules_two,
     "stats-usage-one-tag": stats_usage(one_tag=True),
     "stats-usage-counters": stats_usage(one_tag=True, histograms=False, tenants=False),
     "header-mutation-early": header_mutation_early,

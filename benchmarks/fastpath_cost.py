@@ -8,6 +8,7 @@ written into the file (static, so a variant may change them too), then loads the
 user+system CPU from /proc before and after each run.
 
     .venv/bin/python benchmarks/fastpath_cost.py [--rounds 5] [--duration 3] [--connections 8] [--only full,-als]
+        [--before-src OTHER_CHECKOUT] [--callgrind 300]
 
 Variants: `full` (the shipped file), `minimal` (the Envoy-only experiment: json_to_metadata and metadata
 routes), `+NAME` (minimal with one addition back), `-NAME` (full without it), and other forms of one
@@ -16,19 +17,25 @@ piece (`als-metadata-filter`, `header-mutation-early`, `model-twice-empty`, ...;
 Prints, per variant: Envoy's CPU per request (µs, median over the rounds, and quartiles), the same over
 Envoy alone's run just before it (`cpu x alone`: both move with the machine's load, so their ratio
 holds best), the sidecar's CPU per request, the throughput ratio against Envoy alone, and the median
-latency added (ms).
+latency added (ms). With `--callgrind N`: Envoy's instructions per request over N requests one after
+another, each variant on one worker under valgrind's callgrind in turn (deterministic to about 2 %,
+where the CPU columns move with the machine's load by as much as one piece costs; blind to locks and
+caches). `--before-src DIR`: the variant `before` is DIR's deploy/envoy.yaml logging to DIR's own sidecar.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import http.client
 import json
 import os
 import random
 import re
+import signal
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +48,7 @@ from common import (
     envoy_alone_config,
     free_port,
     run,
+    spawn_checkout,
     start_nginx,
     wait_for_envoy,
     wait_for_port,
@@ -259,6 +267,96 @@ def als_as_stats(doc: Doc) -> None:
         "counters": [counter, *tokens]}}]
 
 
+# What replacing the access-log service by Envoy's stats would take, whole: every series the service
+# feeds (ops/access_log.py: requests by API, backend, model and outcome; tokens by kind; the GenAI
+# duration and token histograms; the listed tenants' requests and tokens), each a stat of the stats access
+# logger tagged with what its label needs, and the OpenTelemetry stat sink sending them (and nothing
+# else) to the sidecar every second. Token values the answer may lack are read through CEL, 0 when
+# absent, so the logger has a number for every entry.
+USAGE_TAGS = {"route": "%ROUTE_NAME%", "client_api": "%DYNAMIC_METADATA(llm_gateway:client_api)%",
+              "backend": "%DYNAMIC_METADATA(llm_gateway:backend)%", "model": "%DYNAMIC_METADATA(llm_gateway:model)%",
+              "upstream": "%UPSTREAM_HOST%"}
+TOKEN_KEYS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "cache_creation_tokens")
+
+
+def _token(key: str) -> str:
+    m = "metadata.filter_metadata"
+    return f"%CEL(('llm_gateway' in {m} && '{key}' in {m}.llm_gateway) ? {m}.llm_gateway.{key} : 0)%"
+
+
+def stats_usage(one_tag: bool, histograms: bool = True, tenants: bool = True) -> Callable[[Doc], None]:
+    """`one_tag`: the labels joined into one tag (one formatter and one tag name per stat, not five)."""
+    def tags(*extra: tuple[str, str]) -> list[Doc]:
+        pairs = [*USAGE_TAGS.items(), *extra]
+        if one_tag:
+            return [{"name": "k", "value_format": "|".join(v for _, v in pairs)}]
+        return [{"name": n, "value_format": v} for n, v in pairs]
+
+    def go(doc: Doc) -> None:
+        status = ("status", "%RESPONSE_CODE%")
+        counters = [{"stat": {"name": "requests", "tags": tags(status)}, "value_fixed": 1},
+                    *({"stat": {"name": key, "tags": tags()}, "value_format": _token(key)} for key in TOKEN_KEYS)]
+        if tenants:
+            tenant = [{"name": "tenant", "value_format": "%DYNAMIC_METADATA(llm_gateway:tenant)%"}]
+            counters += [{"stat": {"name": "tenant_requests", "tags": tenant}, "value_fixed": 1},
+                         *({"stat": {"name": f"tenant_{key}", "tags": tenant}, "value_format": _token(key)}
+                           for key in TOKEN_KEYS[:2])]
+        config: Doc = {"@type": "type.googleapis.com/envoy.extensions.access_loggers.stats.v3.Config",
+                       "stat_prefix": "usage", "counters": counters}
+        if histograms:
+            config["histograms"] = [
+                {"stat": {"name": "duration", "tags": tags(status)}, "unit": "Milliseconds",
+                 "value_format": "%DURATION%"},
+                *({"stat": {"name": f"{key}_usage", "tags": tags()}, "value_format": _token(key)}
+                  for key in TOKEN_KEYS[:2])]
+        grpc = als(doc)
+        _hcm(doc)["access_log"] = [{"name": "envoy.access_loggers.stats", "filter": grpc["filter"],
+                                    "typed_config": config}]
+        doc["stats_flush_interval"] = "1s"
+        doc["stats_sinks"] = [{"name": "envoy.stat_sinks.open_telemetry", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.stat_sinks.open_telemetry.v3.SinkConfig",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "extproc"}},
+            "report_counters_as_deltas": True, "report_histograms_as_deltas": True,
+            # only the usage stats go to the sidecar
+            "custom_metric_conversions": {
+                "matcher_list": {"matchers": [{
+                    "predicate": {"single_predicate": {
+                        "input": {"name": "stat_full_name", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.matching.common_inputs.stats.v3.StatFullNameMatchInput"}},
+                        "value_match": {"prefix": "usage."}}},
+                    "on_match": {"action": {"name": "keep", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.stat_sinks.open_telemetry.v3.SinkConfig.ConversionAction"}}}}]},
+                "on_no_match": {"action": {"name": "drop", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.stat_sinks.open_telemetry.v3.SinkConfig.DropAction"}}}}}}]
+    return go
+
+
+# The same entries as OpenTelemetry log records whose body is one line of just what the service reads,
+# the model last (the one value a client chose), instead of Envoy's whole HTTP entry (addresses,
+# timings, headers, every metadata namespace as a Struct). Envoy's side only: the sidecar serves no
+# OTLP logs (a branch that did measured the same sidecar CPU; benchmarks/README.md).
+OTEL_LINE = "\x1f".join(("%COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)%",
+                         *(f"%DYNAMIC_METADATA(llm_gateway:{k})%" for k in TOKEN_KEYS),
+                         "%ROUTE_NAME%", "%RESPONSE_CODE%", "%UPSTREAM_HOST%",
+                         *(f"%DYNAMIC_METADATA(llm_gateway:{k})%" for k in ("client_api", "backend", "envoy_counts",
+                                                                           "tenant", "model"))))
+
+
+def als_otel(doc: Doc) -> None:
+    grpc = als(doc)
+    common = grpc["typed_config"]["common_config"]
+    grpc.update(name="envoy.access_loggers.open_telemetry", typed_config={
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig",
+        "common_config": common, "disable_builtin_labels": True, "body": {"string_value": OTEL_LINE}})
+
+
+def response_rules_two(doc: Doc) -> None:
+    """The JSON answers' usage read by two rules (chat's input and output tokens) instead of all of them:
+    whether the response rules cost per rule or per answer parsed."""
+    rules = json_meta(doc)["response_rules"]
+    rules["rules"] = rules["rules"][:2]
+
+
 def als_route_cel(doc: Doc) -> None:
     """The CEL filter's first clause alone (the fast routes' entries; what the second one costs)."""
     als(doc)["filter"]["extension_filter"]["typed_config"]["expression"] = "xds.route_name.startsWith('fast:')"
@@ -333,6 +431,11 @@ VARIANTS: dict[str, Callable[[Doc], None]] = {
     "als-batch-1mib": als_batch(1 << 20, "1s"),
     "als-as-stats": als_as_stats,
     "als-metadata-filter": als_metadata_filter,
+    "stats-usage": stats_usage(one_tag=False),
+    "als-otel": als_otel,
+    "response-rules-two": response_rules_two,
+    "stats-usage-one-tag": stats_usage(one_tag=True),
+    "stats-usage-counters": stats_usage(one_tag=True, histograms=False, tenants=False),
     "header-mutation-early": header_mutation_early,
     "header-mutation-no-path": header_mutation_no_path,
     "model-twice-empty": model_twice_empty,
@@ -370,19 +473,51 @@ def gateway_doc(config_text: str, port: int, admin: int, extproc: int, src: Path
     hcm = _hcm(doc)
     hcm.pop("rds")
     hcm["route_config"] = plain(compiled.routes)
-    hcm["access_log"] = [a for a in hcm["access_log"] if a["name"] == "envoy.access_loggers.http_grpc"]
+    hcm["access_log"] = [a for a in hcm["access_log"] if a["name"] != "envoy.access_loggers.stdout"]
     doc["static_resources"]["clusters"] += [plain(c) for c in compiled.clusters]
     return doc
 
 
-def spawn_envoy(stack: Stack, name: str, doc: Doc, port: int, admin: int) -> int:
-    """Envoy's pid."""
+def spawn_envoy(stack: Stack, name: str, doc: Doc, port: int, admin: int, callgrind: Path | None = None) -> int:
+    """Envoy's pid; `callgrind`: under valgrind's callgrind, on one worker, its profile to that file."""
     cfg = stack.workdir / f"envoy-{name}.yaml"
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
-    proc = stack.spawn(f"envoy-{name}", [find_envoy(), "-c", str(cfg), "--log-level", "warn", "--base-id", str(port),
-                                         "--concurrency", "2", "--disable-hot-restart"])
-    wait_for_envoy(admin)
+    under = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={callgrind}"] if callgrind else []
+    proc = stack.spawn(f"envoy-{name}", [*under, find_envoy(), "-c", str(cfg), "--log-level", "warn", "--base-id",
+                                         str(port), "--concurrency", "1" if callgrind else "2", "--disable-hot-restart"])
+    wait_for_envoy(admin, timeout=300 if callgrind else 20)
     return proc.pid
+
+
+def instructions(stack: Stack, name: str, doc: Doc, port: int, admin: int, path: str, body: dict,
+                 headers: dict[str, str], n: int) -> float:
+    """Envoy's instructions per request (callgrind's Ir count over `n` requests one after another, after a
+    warm-up, the access log's last batch included): a count the machine's load does not move, though
+    blind to what load changes (locks, caches, the cores Envoy shares with the sidecar)."""
+    out = stack.workdir / f"callgrind-{name}.out"
+    pid = spawn_envoy(stack, name, doc, port, admin, out)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def ask(count: int) -> None:
+        for _ in range(count):
+            conn.request("POST", path, json.dumps(body), {"content-type": "application/json", **headers})
+            answer = conn.getresponse()
+            answer.read()
+            if answer.status != 200:
+                raise RuntimeError(f"{name}: status {answer.status}")
+
+    ask(100)
+    time.sleep(1)  # the warm-up's access-log batch goes out before the count starts
+    run(["callgrind_control", "--zero", str(pid)])
+    ask(n)
+    time.sleep(1)
+    run(["callgrind_control", "--dump", str(pid)])
+    conn.close()
+    dumps = sorted(stack.workdir.glob(f"callgrind-{name}.out*"), key=lambda p: p.stat().st_mtime)
+    total = re.search(r"^(?:totals|summary):\s+(\d+)", dumps[-1].read_text(), re.M)
+    os.kill(pid, signal.SIGTERM)
+    assert total is not None, dumps[-1]
+    return int(total.group(1)) / n
 
 
 def measure(port: int, pid: int, sidecar: int, path: str, body: dict, headers: dict[str, str],
@@ -408,6 +543,10 @@ def main() -> int:
     ap.add_argument("--responses", action="store_true", help="Responses store:false instead of chat")
     ap.add_argument("--before", type=Path, help="another envoy.yaml (`git show REF:deploy/envoy.yaml`), run as "
                                                 "the variant `before` with the same routes")
+    ap.add_argument("--before-src", type=Path, help="another checkout: the variant `before` is its deploy/envoy.yaml "
+                                                    "and its own sidecar (for the access-log service's cost)")
+    ap.add_argument("--callgrind", type=int, metavar="N", help="instead of wrk: Envoy's instructions per request "
+                                                                "over N requests, each variant under callgrind in turn")
     args = ap.parse_args()
     chosen = [v for v in args.only.split(",") if v] or list(VARIANTS)
     path, body = RESP if args.responses else CHAT
@@ -422,25 +561,48 @@ def main() -> int:
         wait_for_port(extproc, proc=sidecar)
         port, admin = free_port(), free_port()
         alone_doc = yaml.safe_load(envoy_alone_config(port, admin))
-        envoys = {"alone": (port, spawn_envoy(stack, "alone", alone_doc, port, admin))}
+        to_nginx = {"x-gateway-destination-endpoint": f"127.0.0.1:{nginx}"}
+        if args.callgrind:
+            alone = instructions(stack, "alone", alone_doc, port, admin, path, body, to_nginx, args.callgrind)
+            print(f"{path}, {args.callgrind} requests one at a time, Envoy on one worker under callgrind:")
+            print(f"{'variant':24} {'k instructions/req':>18} {'x alone':>8}")
+            print(f"{'alone':24} {alone / 1e3:18.1f} {1:8.2f}", flush=True)
+            for name in chosen:
+                port, admin = free_port(), free_port()
+                doc = gateway_doc(config_text, port, admin, extproc)
+                VARIANTS[name](doc)
+                got = instructions(stack, name, doc, port, admin, path, body, {}, args.callgrind)
+                print(f"{name:24} {got / 1e3:18.1f} {got / alone:8.2f}", flush=True)
+            return 0
+        # each Envoy's port, pid, and the pid of the sidecar it logs to
+        envoys = {"alone": (port, spawn_envoy(stack, "alone", alone_doc, port, admin), sidecar.pid)}
         for name in chosen:
             port, admin = free_port(), free_port()
             doc = gateway_doc(config_text, port, admin, extproc)
             VARIANTS[name](doc)
-            envoys[name] = (port, spawn_envoy(stack, name, doc, port, admin))
-        if args.before:
+            envoys[name] = (port, spawn_envoy(stack, name, doc, port, admin), sidecar.pid)
+        if args.before or args.before_src:
             port, admin = free_port(), free_port()
-            doc = gateway_doc(config_text, port, admin, extproc, args.before)
-            envoys["before"] = (port, spawn_envoy(stack, "before", doc, port, admin))
-        to_nginx = {"x-gateway-destination-endpoint": f"127.0.0.1:{nginx}"}
+            before_port, before_sidecar = extproc, sidecar.pid
+            if args.before_src:
+                before_port, before_admin = free_port(), free_port()
+                before_cfg = stack.workdir / "sidecar-before.yaml"
+                before_cfg.write_text(bench_config(nginx, before_port, before_admin))
+                proc = spawn_checkout(stack, "sidecar-before", [sys.executable, "-m", "extproc", "serve", "--config",
+                                                                str(before_cfg)], args.before_src)
+                wait_for_port(before_port, proc=proc)
+                before_sidecar = proc.pid
+            doc = gateway_doc(config_text, port, admin, before_port,
+                              args.before or args.before_src / "deploy" / "envoy.yaml")
+            envoys["before"] = (port, spawn_envoy(stack, "before", doc, port, admin), before_sidecar)
         # cpu, side cpu, ratio, added ms, cpu over the alone run just before it
         runs: dict[str, list[tuple[float, float, float, float, float]]] = {n: [] for n in envoys}
         order = [n for n in envoys if n != "alone"]
         for r in range(args.rounds):
             random.shuffle(order)  # no variant always runs right after another
             for name in order:
-                base = measure(*envoys["alone"], sidecar.pid, path, body, to_nginx, args)
-                cpu, side, rps, lat = measure(*envoys[name], sidecar.pid, path, body, {}, args)
+                base = measure(*envoys["alone"], path, body, to_nginx, args)
+                cpu, side, rps, lat = measure(*envoys[name], path, body, {}, args)
                 runs["alone"].append((base[0], base[1], 1.0, 0.0, 1.0))
                 runs[name].append((cpu, side, rps / base[2], lat - base[3], cpu / base[0]))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)

@@ -184,7 +184,7 @@ def start_envoy_with_processor(stack: Stack, extproc_port: int, workers: int = 1
     if not xds:
         _static_routes(doc)
     hcm = _hcm(doc)
-    hcm["access_log"] = [a for a in hcm["access_log"] if a["name"] == "envoy.access_loggers.open_telemetry"]
+    hcm["access_log"] = [a for a in hcm["access_log"] if a["name"] != "envoy.access_loggers.stdout"]  # no per-request line to stdout
     for cluster in doc["static_resources"]["clusters"]:
         if cluster["name"] == "extproc":
             cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [

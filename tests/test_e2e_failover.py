@@ -354,7 +354,7 @@ def test_a_refused_last_member_is_named_in_the_one_error(g):
         _ask(g.client(), "chat", False, model="refused-last")
     assert e.value.status_code == 502
     message = e.value.body["message"]
-    assert "pool-chat: 503 chat pool down" in message and "pool-down: no answer" in message
+    assert "pool-chat: 503 chat pool down" in message and "pool-down: connection failed" in message  # never reached its processor
 
 
 def _metrics(g: Group) -> dict[str, float]:

@@ -211,6 +211,8 @@ class Processor:
         finally:
             if isinstance(ex, Exchange) and not ex.handed_over:  # a first-contact attempt is reported by its
                 self._record(ex, timer)  # client-side exchange, a grouped request by its attempts
+            elif isinstance(ex, Exchange) and ex.failure is not None:  # ... unless no attempt answered it
+                self._record_told(ex, timer)
             elif isinstance(ex, GroupAttempt):
                 self._record_attempts(ex, timer)
 
@@ -229,6 +231,14 @@ class Processor:
             u = ex.usage
             self.tenants.count(ex.headers.get(TENANT_HEADER), u.input_tokens if u else 0, u.output_tokens if u else 0)
 
+
+    def _record_told(self, ex: Exchange, timer: ExchangeTimer) -> None:
+        """A grouped request Envoy answered with no attempt's processor left (its reply replaced by the
+        error naming each attempt): the attempts nobody saw end, and the request, reported here."""
+        now = time.monotonic()
+        for a in ex.unseen_attempts:
+            self.metrics.record_attempt(a, self.holder.gateway.health, now)
+        self._record(ex, timer)
 
     def _record_attempts(self, attempt: GroupAttempt, timer: ExchangeTimer) -> None:
         """Each upstream attempt counted and told to its backend's health; the one that answered (or the

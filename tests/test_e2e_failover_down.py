@@ -18,7 +18,7 @@ import pytest
 
 from extproc.local.stack import free_port
 
-from .test_e2e_failover import ATTEMPT_TIMEOUT, Group, _error, _running_group
+from .test_e2e_failover import ATTEMPT_TIMEOUT, Group, _error, _running_group, _stat
 from .upstreams import ChatServer, Reply, ResponsesServer
 
 CONFIG = """
@@ -177,9 +177,10 @@ def test_two_silent_members_in_a_row_are_both_named_timed_out(g):
 @pytest.mark.parametrize("api", ["chat", "responses"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_the_first_member_answering_is_untouched(g, api, stream):
-    """The client's exchange that hands a grouped request over sees the answer's headers and lets the
-    answer go as it came."""
+    """The answer goes as it came, and costs the client-side processor no message more than the hand-over
+    did before: the attempt that answers ends that stream first, so Envoy sends it no answer's headers."""
     g.resp.script.append(Reply(text="busy served it"))
+    sent = _stat(g, "http.llm.ext_proc.stream_msgs_sent")
     msgs = [{"role": "user", "content": "hi"}]
     client = g.client()
     if api == "chat" and stream:
@@ -193,3 +194,4 @@ def test_the_first_member_answering_is_untouched(g, api, stream):
     else:
         text = client.responses.create(model="first-answers", input="hi").output_text
     assert text == "busy served it" and g.chat.requests == []
+    assert _stat(g, "http.llm.ext_proc.stream_msgs_sent") - sent == 2  # the request's headers and body

@@ -28,7 +28,9 @@ each attempt (`Attempt`, picked by the shell for role `failover`):
 - when no attempt's processor is left to answer (the route's one more attempt goes back to the first
   member, and that one is down too: refused, or reset before its processor saw it), Envoy answers the
   client itself; the client-side exchange, which handed the request over, sees that answer's headers
-  (`HandedOver`) and replaces it with the same error, built from the same records.
+  (`HandedOver`) and replaces it with the same error, built from the same records. The attempt that
+  answers the client ends that stream first (`GroupAttempt.answered`, read by the shell), so the path
+  where an attempt answers sends that stream no message more.
 """
 
 from __future__ import annotations
@@ -292,6 +294,7 @@ class GroupAttempt(UpstreamStream):
         self.held: dict[str, str] | None = None  # an error's headers, judged with its body
         self.whole: _Whole | None = None  # a success held whole: a reset before its end is still a retry
         self.served: Exchange | None = None
+        self.gave_up = False  # this last attempt failed too: its answer is the error naming every attempt
         self.failure: GatewayError | None = None  # set by the shell when the sidecar answered with an error
 
     # -- request ------------------------------------------------------------------------------------
@@ -402,6 +405,7 @@ class GroupAttempt(UpstreamStream):
         self.attempts.append(attempt)
         log.info("model=%s: attempt %d on %s failed over: %s", ex.model, self.n, self.member.name, attempt.describe())
         if self.last:
+            self.gave_up = True
             err = all_failed_error([*self.earlier, attempt], ex.model)
             body_out = err.body(ex.client_api)
             return Action(body=body_out, set_headers=[(":status", str(err.status)), ("content-type", "application/json"),
@@ -422,6 +426,11 @@ class GroupAttempt(UpstreamStream):
         return all_failed_error(self.earlier, model if isinstance(model, str) else None)
 
     # -- what the shell reads -----------------------------------------------------------------------
+
+    @property
+    def answered(self) -> bool:
+        """Whether this attempt's answer goes to the client (served, or an error of its own), not to a retry."""
+        return self.served is not None or self.gave_up or self.failure is not None
 
     @property
     def client_api(self) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from extproc.envoy import xds
 from extproc.envoy.names import (
     FAILOVER_ROLE,
     FIRST_CONTACT_ROLE,
+    H_ANSWERED,
     HOLD_ROLE,
     NAMESPACE,
     ROLE_METADATA,
@@ -201,7 +203,10 @@ class Processor:
                     return
                 kind = req.WhichOneof("request")
                 t0 = time.perf_counter()
+                let_go = isinstance(ex, GroupAttempt) and (ex.answered or ex.failure is not None)
                 act = await self._step(ex, kind, req)
+                if isinstance(ex, GroupAttempt) and not let_go and (ex.answered or ex.failure is not None):
+                    act = dataclasses.replace(act, set_headers=[*act.set_headers, (H_ANSWERED, "1")])  # let go
                 if act.background is not None:  # a background turn: within this replica's limit, or a 429
                     act = self.runs.admit(act)
                 if act.writes:  # before the reply goes on: a client that sees an id can use it at once

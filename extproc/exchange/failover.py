@@ -47,6 +47,7 @@ import orjson
 from extproc.api import API_OF_PATH, BOTH, CHAT, MESSAGES, RESPONSES
 from extproc.config import Backend
 from extproc.envoy.names import (
+    H_ANSWERED,
     H_BACKEND,
     H_CLUSTER,
     H_ENDPOINT,
@@ -78,7 +79,6 @@ log = logging.getLogger("extproc")
 _SEALED_FOR = "failover"  # the sealer's associated data: a record sealed for this use only
 _OURS = (H_FAILOVER,)  # the attempts' own header, on every attempt
 _ROUTING = (H_BACKEND, H_CLUSTER, H_ENDPOINT, H_FIRST_CONTACT)  # routed already: no attempt sets them
-_UPSTREAM_TIME = "x-envoy-upstream-service-time"  # Envoy's router puts it on every answer an upstream made
 
 
 def _slack(timeout: int) -> float:
@@ -156,9 +156,8 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
 
 
 class HandedOver:
-    """The client-side exchange's part after the hand-over: the answer's headers. An answer that came
-    through the attempts (Envoy's router marks every answer an upstream made, the attempts' own errors
-    included) goes on as it is; Envoy's own reply (every attempt ended without a processor left to
+    """The client-side exchange's part after the hand-over: the answer's headers. An answer an attempt
+    let go (marked `x-gateway-answered` by it, its own errors included) goes on as it is; Envoy's own reply (every attempt ended without a processor left to
     answer: the last one refused or reset; or a failed answer Envoy did not retry, still marked) is
     replaced by the error naming every attempt, read from the attempts' records. `unseen`: the attempts
     no processor saw the end of (for the metrics and health)."""
@@ -172,7 +171,7 @@ class HandedOver:
         self.unseen: list[Attempt] = []
 
     def answer(self, headers: dict[str, str]) -> Decision[Action]:
-        if _UPSTREAM_TIME in headers and H_RETRY not in headers:
+        if H_ANSWERED in headers and H_RETRY not in headers:
             return Action(done=True)
         now = time.time()
         f = self.gw.config.failover
@@ -189,7 +188,8 @@ def told(values: Iterable[bytes | None], members: Iterable[str], t0: float, now:
     saw the end of. An attempt with no outcome recorded got no answer: when its processor never saw it
     (no record: only the first begins without one, at the hand-over) Envoy's connection failed; else it
     lasted until the next attempt that is known to have begun, and one that lasted the attempt timeout
-    was given up on by Envoy's per-try timeout. Members nobody recorded are named in priority order."""
+    was given up on by Envoy's per-try timeout, a shorter one refused or reset. Members nobody
+    recorded are named in priority order."""
     recorded: list[dict[str, Any] | None] = [orjson.loads(v) if v else None for v in values]
     named = {r["backend"] for r in recorded if r}
     unnamed = iter([m for m in members if m not in named and m != on])
@@ -208,9 +208,7 @@ def told(values: Iterable[bytes | None], members: Iterable[str], t0: float, now:
             attempt = Attempt.failed(backend, Transport.CONNECT_FAILURE)
         elif end - start >= timeout - _slack(timeout):
             attempt = Attempt.failed(backend, Transport.TIMEOUT, f"no answer within {timeout} s")
-        elif r:
-            attempt = Attempt.failed(backend, Transport.RESET)
-        else:  # the first: it may have been refused or reset
+        else:  # (a refused connection's headers can reach its processor before Envoy hears of the refusal)
             attempt = Attempt(backend, None, "no answer (connection refused or reset)", Transport.RESET)
         out.append(attempt)
         if not any(recorded[k + 1:]):  # no later attempt's processor saw it end
@@ -429,8 +427,10 @@ class GroupAttempt(UpstreamStream):
 
     @property
     def answered(self) -> bool:
-        """Whether this attempt's answer goes to the client (served, or an error of its own), not to a retry."""
-        return self.served is not None or self.gave_up or self.failure is not None
+        """Whether this attempt's answer goes to the client, surely (served, or the error naming every
+        attempt after its own answer was judged), not to a retry. An error of the sidecar's own is not
+        sure to: Envoy may have heard of a refused connection first, and answer itself."""
+        return self.served is not None or self.gave_up
 
     @property
     def client_api(self) -> str | None:

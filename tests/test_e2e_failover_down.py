@@ -86,6 +86,7 @@ def _fail(g: Group, api: str, stream: bool, model: str) -> tuple[int, dict]:
                 list(s)
         else:
             g.client().responses.create(model=model, input="hi")
+    assert "x-gateway-answered" not in e.value.response.headers  # the attempts' mark stays inside
     return e.value.status_code, e.value.response.json()
 
 
@@ -191,7 +192,9 @@ def test_the_first_member_answering_is_untouched(g, api, stream):
         chunks = list(client.chat.completions.create(model="first-answers", messages=msgs, stream=True))
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     elif api == "chat":
-        text = client.chat.completions.create(model="first-answers", messages=msgs).choices[0].message.content
+        raw = client.chat.completions.with_raw_response.create(model="first-answers", messages=msgs)
+        assert "x-gateway-answered" not in raw.headers  # the attempt's mark stays inside
+        text = raw.parse().choices[0].message.content
     elif stream:
         with client.responses.create(model="first-answers", input="hi", stream=True) as s:
             text = "".join(e.delta for e in s if e.type == "response.output_text.delta")

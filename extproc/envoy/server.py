@@ -203,10 +203,10 @@ class Processor:
                     return
                 kind = req.WhichOneof("request")
                 t0 = time.perf_counter()
-                let_go = isinstance(ex, GroupAttempt) and (ex.answered or ex.failure is not None)
+                marked = isinstance(ex, GroupAttempt) and ex.lets_go
                 act = await self._step(ex, kind, req)
-                if isinstance(ex, GroupAttempt) and not let_go and (ex.answered or ex.failure is not None):
-                    act = dataclasses.replace(act, set_headers=[*act.set_headers, (H_ANSWERED, "1")])  # let go
+                if isinstance(ex, GroupAttempt) and ex.lets_go and not marked:  # the message that lets it go
+                    act = dataclasses.replace(act, set_headers=[*act.set_headers, (H_ANSWERED, "1")])
                 if act.background is not None:  # a background turn: within this replica's limit, or a 429
                     act = self.runs.admit(act)
                 if act.writes:  # before the reply goes on: a client that sees an id can use it at once

@@ -433,6 +433,12 @@ class GroupAttempt(UpstreamStream):
         return self.served is not None or self.gave_up
 
     @property
+    def lets_go(self) -> bool:
+        """Whether this attempt lets an answer go to the client (`answered`, or an error of the sidecar's
+        own): the shell marks it `x-gateway-answered`, which the client-side exchange lets go."""
+        return self.answered or self.failure is not None
+
+    @property
     def client_api(self) -> str | None:
         return API_OF_PATH.get(self.path.partition("?")[0])
 

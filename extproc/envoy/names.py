@@ -31,6 +31,8 @@ ROLE_METADATA, FIRST_CONTACT_ROLE = "x-extproc-role", "first-contact"
 # Failover across a model group's members (exchange/failover.py): the request's mark (its value the id of
 # the record the attempts share), and the role of the endpoints_failover cluster's upstream filter.
 H_FAILOVER, FAILOVER_ROLE = "x-gateway-failover", "failover"
+# An attempt's mark on the answer it lets go to the client (not Envoy's own reply); deploy/envoy.yaml strips it.
+H_ANSWERED = "x-gateway-answered"
 # The role of the group cluster's second upstream filter, which holds a stream's headers until its first chunk.
 HOLD_ROLE = "hold"
 # The role of a fast-path group cluster's judge, which reads an error answer whole and judges it.

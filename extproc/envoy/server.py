@@ -7,6 +7,8 @@ server (`running` holds what the sidecar does beside: reloads, `dns:` names, the
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -28,6 +30,7 @@ from extproc.envoy import xds
 from extproc.envoy.names import (
     FAILOVER_ROLE,
     FIRST_CONTACT_ROLE,
+    H_ANSWERED,
     HOLD_ROLE,
     JUDGE_ROLE,
     NAMESPACE,
@@ -129,6 +132,11 @@ class Processor:
         self.metrics = metrics or Metrics()
         self.tenants = tenants
         self.runs = runs or BackgroundRuns(store, lambda: holder.gateway.config, _gateway_url(holder), self.metrics)
+        # Each grouped request's client-side stream, by its id, until an attempt answers its client (a
+        # `GroupAttempt` of this process sets it): the stream then ends, so Envoy sends it no answer's headers
+        # (exchange/failover.py `HandedOver`: only Envoy's own reply needs them; an attempt on another
+        # worker leaves them to come, and let go there).
+        self.answered: dict[str, _Release] = {}
 
     async def _fetch(self, lookup: Lookup[Any]) -> list[bytes | None] | None:
         try:
@@ -193,32 +201,68 @@ class Processor:
             else GroupAttempt(gw) if role == FAILOVER_ROLE else FastJudge(gw) if role == JUDGE_ROLE \
             else Exchange(gw, envoy_counts=True)
         timer = self.metrics.timer()
+        handed: str | None = None  # a grouped request's id, while its client-side stream waits for an answer
         try:
             while True:
-                req = await stream.recv_message()
+                req = await self._next(stream, handed)
                 if req is None:
                     return
                 kind = req.WhichOneof("request")
                 t0 = time.perf_counter()
+                marked = isinstance(ex, GroupAttempt) and ex.lets_go
                 act = await self._step(ex, kind, req)
+                if isinstance(ex, GroupAttempt) and ex.lets_go and not marked:  # the message that lets it go
+                    act = dataclasses.replace(act, set_headers=[*act.set_headers, (H_ANSWERED, "1")])
                 if act.background is not None:  # a background turn: within this replica's limit, or a 429
                     act = self.runs.admit(act)
                 if act.writes:  # before the reply goes on: a client that sees an id can use it at once
                     await self._write(act.writes, act.write_ttl)
                 if act.background is not None:  # run once its queued record is written
                     await self.runs.start(act.background)
+                if isinstance(ex, GroupAttempt) and ex.answered and (waiting := self.answered.pop(ex.rid, None)):
+                    await waiting.release()  # the client-side stream ends before this answer reaches it
                 resp = to_proto(kind, act)
-                if act.done and (meta := ex.metadata()) is not None:
+                handover = ex.req.handover if isinstance(ex, Exchange) and handed is None else None
+                if handover is not None and not act.done:  # before the reply: no attempt can answer sooner
+                    handed = handover.rid
+                    self.answered[handed] = _Release()
+                if (act.done or handover is not None) and (meta := ex.metadata()) is not None:
                     resp = _with_metadata(resp, meta)
                 timer.message(kind, t0, time.perf_counter())
                 await stream.send_message(resp)
                 if act.done:
                     return
         finally:
+            if handed is not None:
+                self.answered.pop(handed, None)
             if isinstance(ex, Exchange) and not ex.handed_over:  # a first-contact attempt is reported by its
                 self._record(ex, timer)  # client-side exchange, a grouped request by its attempts
+            elif isinstance(ex, Exchange) and ex.failure is not None:  # ... unless no attempt answered it
+                self._record_told(ex, timer)
             elif isinstance(ex, GroupAttempt):
                 self._record_attempts(ex, timer)
+
+    async def _next(self, stream: Stream[pb.ProcessingRequest, pb.ProcessingResponse],
+                    handed: str | None) -> pb.ProcessingRequest | None:
+        """Envoy's next message; None when the stream ends, or, for a grouped request's client-side stream,
+        once an attempt answered its client."""
+        if handed is None:
+            return await stream.recv_message()
+        release = self.answered.get(handed)
+        if release is None:
+            return None
+        recv = asyncio.ensure_future(stream.recv_message())
+        wait = asyncio.ensure_future(release.asked.wait())
+        done, _ = await asyncio.wait((recv, wait), return_when=asyncio.FIRST_COMPLETED)
+        if recv in done:
+            wait.cancel()
+            return recv.result()
+        recv.cancel()
+        try:
+            await stream.send_trailing_metadata()  # ended here, so that Envoy reads it before the answer
+        finally:
+            release.closed.set()
+        return None
 
     async def _hold(self, stream: Stream[pb.ProcessingRequest, pb.ProcessingResponse]) -> None:
         """A grouped attempt's hold filter (`Hold`): each message answered as it is, the answer's headers
@@ -236,6 +280,14 @@ class Processor:
             self.tenants.count(ex.headers.get(TENANT_HEADER), u.input_tokens if u else 0, u.output_tokens if u else 0)
 
 
+    def _record_told(self, ex: Exchange, timer: ExchangeTimer) -> None:
+        """A grouped request Envoy answered with no attempt's processor left (its reply replaced by the
+        error naming each attempt): the attempts nobody saw end, and the request, reported here."""
+        now = time.monotonic()
+        for a in ex.unseen_attempts:
+            self.metrics.record_attempt(a, self.holder.gateway.health, now)
+        self._record(ex, timer)
+
     def _record_attempts(self, attempt: GroupAttempt, timer: ExchangeTimer) -> None:
         """Each upstream attempt counted and told to its backend's health; the one that answered (or the
         last one, whose error names them all) reported as the request."""
@@ -247,6 +299,20 @@ class Processor:
             if attempt.failure is not None:
                 reported.failure = attempt.failure
             self._record(reported, timer)
+
+
+class _Release:
+    """A grouped request's client-side stream let go by the attempt that answered its client: `asked` by
+    that attempt, which waits (briefly) until the stream is `closed`, before its own reply goes."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    async def release(self) -> None:
+        self.asked.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.closed.wait(), 0.05)
 
 
 def _attribute(req: pb.ProcessingRequest, name: str) -> str:

@@ -21,6 +21,7 @@ from extproc.exchange.phases import Lifecycle, Phase
 from extproc.exchange.request import RequestSide
 from extproc.exchange.response import Outcome, ResponseHandler, choose
 from extproc.ops.usage import Usage
+from extproc.routing.failover import Attempt
 from extproc.routing.gateway import Gateway, Target
 from extproc.state.lookup import Decision, start
 
@@ -69,7 +70,18 @@ class Exchange:
         self.life.enter("request_body")
         return start(self._from_client("request_body", self.req.on_body(raw)))
 
-    def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Action:
+    def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Step:
+        handover = self.req.handover
+        if handover is not None:  # a grouped request's answer, or Envoy's reply when no attempt answered
+            self.life.enter("response_headers")
+            return start(self._handed_back(handover.answer(headers)))
+        return self.answer_headers(headers, end_of_stream)
+
+    def _handed_back(self, decision: Decision[Action]) -> Decision[Action]:
+        return self.life.move("response_headers", (yield from decision))
+
+    def answer_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Action:
+        """The answer's headers, once the request was routed here (the shell's, an upstream attempt's)."""
         self.life.enter("response_headers")
         plan = self.req.plan
         try:
@@ -99,7 +111,13 @@ class Exchange:
     @property
     def handed_over(self) -> bool:
         """Sent to its model group's attempts, each reported on its own (exchange/failover.py)."""
-        return self.req.handed_over
+        return self.req.handover is not None
+
+    @property
+    def unseen_attempts(self) -> list[Attempt]:
+        """A grouped request's attempts no attempt's processor saw the end of, once Envoy's reply was
+        replaced (`failover.HandedOver`): counted by this exchange."""
+        return self.req.handover.unseen if self.req.handover is not None else []
 
     @property
     def method(self) -> str:

@@ -20,10 +20,17 @@ each attempt (`Attempt`, picked by the shell for role `failover`):
   filter; on the fast path's twin, for a stream), so a reset before it is a retry too, the last attempt's
   included (its error names every attempt); the fast twin's error answers are judged by `FastJudge`;
 - the last attempt (`failover.max_attempts`, the members, or `deadline_seconds` after the start), when
-  it fails too, answers with one error naming every attempt (`all_failed_error`): attempts that got no
-  answer at all (a refused connection never reaches the processor; a reset ends its stream) are named by
-  the members nobody recorded, in priority order, and one that lasted the attempt timeout as timed out
-  (`_silent`): a last member timing out is the 504 `all_backends_timed_out`.
+  it fails too, answers with one error naming every attempt (`all_failed_error`). An attempt that got
+  no answer is told by the records (`told`): each attempt after the first records when it began and on
+  which member (the first began at the hand-over), so one that never reached a processor is a failed
+  connection, and one that did is a reset, or timed out when it lasted the attempt timeout (Envoy's
+  per-try timeout: a last member timing out is the 504 `all_backends_timed_out`);
+- when no attempt's processor is left to answer (the route's one more attempt goes back to the first
+  member, and that one is down too: refused, or reset before its processor saw it), Envoy answers the
+  client itself; the client-side exchange, which handed the request over, sees that answer's headers
+  (`HandedOver`) and replaces it with the same error, built from the same records. The attempt that
+  answers the client ends that stream first (`GroupAttempt.answered`, read by the shell), so the path
+  where an attempt answers sends that stream no message more.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import orjson
 from extproc.api import API_OF_PATH, BOTH, CHAT, MESSAGES, RESPONSES
 from extproc.config import Backend
 from extproc.envoy.names import (
+    H_ANSWERED,
     H_BACKEND,
     H_CLUSTER,
     H_ENDPOINT,
@@ -49,7 +57,7 @@ from extproc.envoy.names import (
     TENANT_HEADER,
 )
 from extproc.errors import GatewayError
-from extproc.exchange.actions import BUFFERED, Action, Step, Writes
+from extproc.exchange.actions import BUFFERED, Action, Step
 from extproc.exchange.paths import INPUT_TOKENS
 from extproc.exchange.phases import Phase
 from extproc.exchange.upstream import UpstreamStream
@@ -71,7 +79,13 @@ log = logging.getLogger("extproc")
 _SEALED_FOR = "failover"  # the sealer's associated data: a record sealed for this use only
 _OURS = (H_FAILOVER,)  # the attempts' own header, on every attempt
 _ROUTING = (H_BACKEND, H_CLUSTER, H_ENDPOINT, H_FIRST_CONTACT)  # routed already: no attempt sets them
-_SLACK = 0.25  # seconds: an attempt that got no answer and lasted its timeout less this timed out
+
+
+def _slack(timeout: int) -> float:
+    """Seconds short of its timeout that an attempt with no answer may have lasted and still be taken for
+    timed out: its start is read when its processor saw it, a little after Envoy's per-try timer started,
+    and its end when the next attempt's processor saw that one (or the client's exchange Envoy's reply)."""
+    return min(1.0, timeout / 4)
 
 
 def record_key(rid: str) -> str:
@@ -131,15 +145,78 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
     first = continue_order(group, placement_key(body, side.headers), gw.health, gw.clock(),
                            previous_backend=previous)[0]
     members = first_on(group.backends, first)
-    record = {"tenant": side.pinning.tenant, "headers": side.headers, "t0": time.time(), "model": model,
+    t0 = time.time()
+    record = {"tenant": side.pinning.tenant, "headers": side.headers, "t0": t0, "model": model,
               "members": [b.name for b in members]}
     sealed = gw.sealer.seal(orjson.dumps(record).decode(), _SEALED_FOR)
-    side.handed_over = True
+    side.handover = HandedOver(gw, rid, tuple(b.name for b in members), t0, model)
     ttl = gw.config.failover.deadline_seconds + 60
+    # Not done: the answer's headers come back here (`HandedOver.answer`), Envoy's own reply replaced.
     return Action(set_headers=[(H_CLUSTER, group_cluster(members)), (H_BACKEND, members[0].name),
                                (H_FAILOVER, rid)],
                   remove_headers=(H_ENDPOINT, H_FIRST_CONTACT), clear_route_cache=True,
-                  writes=[(record_key(rid), sealed.encode())], write_ttl=ttl, done=True)
+                  writes=[(record_key(rid), sealed.encode())], write_ttl=ttl)
+
+
+class HandedOver:
+    """The client-side exchange's part after the hand-over: the answer's headers. An answer an attempt
+    let go (marked `x-gateway-answered` by it, its own errors included) goes on as it is; Envoy's own reply (every attempt ended without a processor left to
+    answer: the last one refused or reset; or a failed answer Envoy did not retry, still marked) is
+    replaced by the error naming every attempt, read from the attempts' records. `unseen`: the attempts
+    no processor saw the end of (for the metrics and health)."""
+
+    def __init__(self, gw: Gateway, rid: str, members: tuple[str, ...], t0: float, model: str):
+        self.gw = gw
+        self.rid = rid
+        self.members = members
+        self.t0 = t0
+        self.model = model
+        self.unseen: list[Attempt] = []
+
+    def answer(self, headers: dict[str, str]) -> Decision[Action]:
+        if H_ANSWERED in headers and H_RETRY not in headers:
+            return Action(done=True)
+        now = time.time()
+        f = self.gw.config.failover
+        tries = min(len(self.members), f.max_attempts)
+        values = yield Reads(tuple(attempt_key(self.rid, k) for k in range(1, tries + 1)))
+        attempts, self.unseen = told(values or [None] * tries, self.members, self.t0, now, f.attempt_timeout)
+        raise all_failed_error(attempts, self.model)
+
+
+def told(values: Iterable[bytes | None], members: Iterable[str], t0: float, now: float, timeout: int,
+         on: str | None = None) -> tuple[list[Attempt], list[Attempt]]:
+    """Attempts 1..n as their records tell them (`now`: when the last of them ended; `on`: the member of
+    the attempt reading them, when it is one of the members' attempts), and those of them no processor
+    saw the end of. An attempt with no outcome recorded got no answer: when its processor never saw it
+    (no record: only the first begins without one, at the hand-over) Envoy's connection failed; else it
+    lasted until the next attempt that is known to have begun, and one that lasted the attempt timeout
+    was given up on by Envoy's per-try timeout, a shorter one refused or reset. Members nobody
+    recorded are named in priority order."""
+    recorded: list[dict[str, Any] | None] = [orjson.loads(v) if v else None for v in values]
+    named = {r["backend"] for r in recorded if r}
+    unnamed = iter([m for m in members if m not in named and m != on])
+    began: list[float | None] = [t0, *(r.get("began") if r else None for r in recorded[1:])]
+    out: list[Attempt] = []
+    unseen: list[Attempt] = []
+    for k, r in enumerate(recorded):
+        if r and "status" in r:  # its answer was judged by its processor (which counted it)
+            error = r.get("error")
+            out.append(Attempt(r["backend"], r.get("status"), r.get("message", ""),
+                               Transport(error) if error else None, retry_after=r.get("retry_after")))
+            continue
+        backend = r["backend"] if r else next(unnamed, "?")
+        start, end = began[k], next((b for b in began[k + 1:] if b is not None), now)
+        if start is None:
+            attempt = Attempt.failed(backend, Transport.CONNECT_FAILURE)
+        elif end - start >= timeout - _slack(timeout):
+            attempt = Attempt.failed(backend, Transport.TIMEOUT, f"no answer within {timeout} s")
+        else:  # (a refused connection's headers can reach its processor before Envoy hears of the refusal)
+            attempt = Attempt(backend, None, "no answer (connection refused or reset)", Transport.RESET)
+        out.append(attempt)
+        if not any(recorded[k + 1:]):  # no later attempt's processor saw it end
+            unseen.append(attempt)
+    return out, unseen
 
 
 # -- the upstream filter's attempts -----------------------------------------------------------------
@@ -168,17 +245,24 @@ def _upstream(act: Action) -> Action:
                                remove_headers=tuple(h for h in (*act.remove_headers, *_ROUTING) if h not in _OURS))
 
 
-def _said(attempt: Attempt) -> bytes:
-    """An attempt's record, for the attempts after it: what it got, and when it ended (the next began)."""
-    return orjson.dumps({"backend": attempt.backend, "status": attempt.status, "message": attempt.message,
-                         "retry_after": attempt.retry_after, "error": attempt.error.value if attempt.error else None,
-                         "at": time.time()})
+def _said(attempt: Attempt, began: float | None = None) -> bytes:
+    """An attempt's record, for the attempts after it: what it got, and when it began (`told`; the fast
+    path's judge, which sees only the answer, knows no start)."""
+    said = {"backend": attempt.backend, "status": attempt.status, "message": attempt.message,
+            "retry_after": attempt.retry_after, "error": attempt.error.value if attempt.error else None}
+    return orjson.dumps(said if began is None else {**said, "began": began})
+
+
+def _began(backend: str, began: float) -> bytes:
+    """The record of an attempt after the first, written as it begins: that it reached its processor, on
+    which member, and when (`told`)."""
+    return orjson.dumps({"backend": backend, "began": began})
 
 
 def _answered(ex: Exchange, headers: dict[str, str], end_of_stream: bool) -> Action:
     """The exchange's answer to the response headers; an exchange that wanted nothing of the answer (a
     token count, `usage_accounting: translated` on a pass-through) was done with its request: as it came."""
-    return Action(done=True) if ex.phase is Phase.DONE else ex.response_headers(headers, end_of_stream)
+    return Action(done=True) if ex.phase is Phase.DONE else ex.answer_headers(headers, end_of_stream)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,11 +290,13 @@ class GroupAttempt(UpstreamStream):
         self.rid = ""
         self.n = 1
         self.last = True
-        self.attempts: list[Attempt] = []  # this attempt's outcome, and earlier ones nobody recorded
+        self.began = 0.0
+        self.attempts: list[Attempt] = []  # this attempt's outcome, and earlier ones no processor saw end
         self.earlier: list[Attempt] = []  # every earlier attempt, for the all-failed error
         self.held: dict[str, str] | None = None  # an error's headers, judged with its body
         self.whole: _Whole | None = None  # a success held whole: a reset before its end is still a retry
         self.served: Exchange | None = None
+        self.gave_up = False  # this last attempt failed too: its answer is the error naming every attempt
         self.failure: GatewayError | None = None  # set by the shell when the sidecar answered with an error
 
     # -- request ------------------------------------------------------------------------------------
@@ -219,6 +305,7 @@ class GroupAttempt(UpstreamStream):
         return start(self._start(headers, end_of_stream))
 
     def _start(self, headers: dict[str, str], end_of_stream: bool) -> Decision[Action]:
+        self.began = time.time()  # as early as it is seen: the end of the attempt before it (`told`)
         self.headers = headers
         self.rid = headers.get(H_FAILOVER, "")
         self.n = int(headers.get("x-envoy-attempt-count", "1") or 1)
@@ -227,11 +314,15 @@ class GroupAttempt(UpstreamStream):
         client: dict[str, str] = record.get("headers") or {}
         self.headers = {**client, **{k: v for k, v in headers.items() if k.startswith("x-envoy-")}}
         model = record.get("model")
-        backends = tuple(b for b in map(self.gw.config.backend, record.get("members") or ()) if b is not None)
+        names: list[str] = record.get("members") or []
+        backends = tuple(b for b in map(self.gw.config.backend, names) if b is not None)
         self.member = _member(backends, self.host, self.named)
-        tries = min(len(backends), self.gw.config.failover.max_attempts)
-        inferred = self._earlier(values[1:] if values else [], backends, float(record.get("t0", 0)))
-        late = time.time() - float(record.get("t0", 0)) > self.gw.config.failover.deadline_seconds
+        f = self.gw.config.failover
+        tries = min(len(backends), f.max_attempts)
+        mine = self.member.name if self.member is not None and self.n <= tries else None
+        self.earlier, self.attempts = told(values[1:] if values else [], names, float(record.get("t0", 0)),
+                                           self.began, f.attempt_timeout, on=mine)
+        late = time.time() - float(record.get("t0", 0)) > f.deadline_seconds
         if self.member is None or self.n > tries or (late and self.n > 1):
             raise self._all_failed(model)
         self.last = self.n >= tries
@@ -245,8 +336,9 @@ class GroupAttempt(UpstreamStream):
         act = yield from awaited(self.ex.request_headers(self.headers, end_of_stream))
         sets, removes = _restored(headers, client)
         up = _upstream(act)
-        if inferred and not up.writes:  # (an exchange writes nothing at request headers: no TTL to share)
-            up = dataclasses.replace(up, writes=inferred, write_ttl=self.gw.config.failover.deadline_seconds + 60)
+        if self.n > 1 and not up.writes:  # (an exchange writes nothing at request headers: no TTL to share)
+            up = dataclasses.replace(up, writes=[(attempt_key(self.rid, self.n), _began(self.member.name, self.began))],
+                                     write_ttl=f.deadline_seconds + 60)
         return dataclasses.replace(up, set_headers=[*sets, *up.set_headers], remove_headers=(*removes, *up.remove_headers))
 
     def _open(self, raw: bytes | None) -> dict[str, Any]:
@@ -255,42 +347,6 @@ class GroupAttempt(UpstreamStream):
                                code="failover_state_lost")
         opened = orjson.loads(self.gw.sealer.open(raw.decode(), _SEALED_FOR))
         return opened if isinstance(opened, dict) else {}
-
-    def _earlier(self, values: Iterable[bytes | None], backends: tuple[Backend, ...], t0: float) -> Writes:
-        """Earlier attempts as they recorded themselves; those with no record got no answer (a refused
-        connection, a reset, a timeout), named by the members nobody recorded, in priority order. The
-        one just before this, when nobody recorded it, is recorded by this one (for later attempts)."""
-        recorded = [orjson.loads(v) if v else None for v in values]
-        named = {r["backend"] for r in recorded if r}
-        unnamed = iter([b.name for b in backends if b.name not in named and b is not self.member])
-        began: float | None = t0  # when attempt k began, where known: see `_silent`
-        for k, r in enumerate(recorded, start=1):
-            if r:
-                error = r.get("error")
-                self.earlier.append(Attempt(r["backend"], r.get("status"), r.get("message", ""),
-                                            Transport(error) if error else None, retry_after=r.get("retry_after")))
-                began = r.get("at")
-                continue
-            last = k == self.n - 1  # the one just before this: nobody else saw it
-            silent = self._silent(next(unnamed, "?"), began if last else None)
-            self.earlier.append(silent)
-            began = None
-            if last:
-                self.attempts.append(silent)
-                return [(attempt_key(self.rid, k), _said(silent))]
-        return []
-
-    def _silent(self, backend: str, began: float | None) -> Attempt:
-        """An attempt that got no answer, as the next one sees it. Envoy tells this one only its number,
-        so the time says why: the attempt began when the one before it was recorded as failed (each
-        record is written before Envoy retries), or at the hand-over for the first, and one that lasted
-        `attempt_timeout_seconds` was given up on by Envoy's per-try timeout (a reset within its last
-        `_SLACK` seconds is taken for one too). When the one before it got no answer either, when this
-        one began is not known: no answer, without why."""
-        timeout = self.gw.config.failover.attempt_timeout
-        if began is not None and time.time() - began >= timeout - _SLACK:
-            return Attempt.failed(backend, Transport.TIMEOUT, f"no answer within {timeout} s")
-        return Attempt(backend, None, "no answer (connection refused, reset, cut or timed out)", Transport.RESET)
 
     def request_body(self, raw: bytes) -> Step:
         assert self.ex is not None
@@ -351,12 +407,13 @@ class GroupAttempt(UpstreamStream):
         self.attempts.append(attempt)
         log.info("model=%s: attempt %d on %s failed over: %s", ex.model, self.n, self.member.name, attempt.describe())
         if self.last:
+            self.gave_up = True
             err = all_failed_error([*self.earlier, attempt], ex.model)
             body_out = err.body(ex.client_api)
             return Action(body=body_out, set_headers=[(":status", str(err.status)), ("content-type", "application/json"),
                                                       ("content-length", str(len(body_out))), *err.headers],
                           done=True)
-        return Action(set_headers=[(H_RETRY, "1")], writes=[(attempt_key(self.rid, self.n), _said(attempt))],
+        return Action(set_headers=[(H_RETRY, "1")], writes=[(attempt_key(self.rid, self.n), _said(attempt, self.began))],
                       write_ttl=self.gw.config.failover.deadline_seconds + 60, done=True)
 
     def _served(self, status: int, headers: dict[str, str]) -> None:
@@ -371,6 +428,19 @@ class GroupAttempt(UpstreamStream):
         return all_failed_error(self.earlier, model if isinstance(model, str) else None)
 
     # -- what the shell reads -----------------------------------------------------------------------
+
+    @property
+    def answered(self) -> bool:
+        """Whether this attempt's answer goes to the client, surely (served, or the error naming every
+        attempt after its own answer was judged), not to a retry. An error of the sidecar's own is not
+        sure to: Envoy may have heard of a refused connection first, and answer itself."""
+        return self.served is not None or self.gave_up
+
+    @property
+    def lets_go(self) -> bool:
+        """Whether this attempt lets an answer go to the client (`answered`, or an error of the sidecar's
+        own): the shell marks it `x-gateway-answered`, which the client-side exchange lets go."""
+        return self.answered or self.failure is not None
 
     @property
     def client_api(self) -> str | None:

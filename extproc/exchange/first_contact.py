@@ -216,7 +216,7 @@ class Retry:
 
     def response_headers(self, headers: dict[str, str], end_of_stream: bool = False) -> Action:
         assert self.ex is not None
-        act = self.ex.response_headers(headers, end_of_stream)
+        act = self.ex.answer_headers(headers, end_of_stream)
         if self.ex.translated:
             act.set_headers.append((H_RETRIED, self.ex.upstream_api or ""))
         return act

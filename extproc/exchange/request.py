@@ -395,7 +395,7 @@ class RequestSide:
         self.envoy_counts = envoy_counts  # given: Envoy's access log may count this request (the client's exchange)
         self.tenant = tenant  # given: the caller's, when the request carries another key (a first-contact retry)
         self.member = member  # given: one attempt of a model group's request, on this member and instance
-        self.handed_over = False  # the request went to its model group's attempts (exchange/failover.py)
+        self.handover: failover.HandedOver | None = None  # sent to its model group's attempts (exchange/failover.py)
         self.headers: dict[str, str] = {}
         self.method = ""
         self.path = ""

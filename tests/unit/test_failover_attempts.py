@@ -65,7 +65,8 @@ def hand_over(gw: Gateway, store: dict[str, bytes], body: dict = BODY) -> dict[s
     ex = Exchange(gw)
     resolve(ex.request_headers(dict(CLIENT), False), store)
     act = resolve(ex.request_body(json.dumps(body).encode()), store)
-    assert act.done and act.body is None and ex.handed_over  # untranslated: each attempt translates
+    assert not act.done and act.body is None and ex.handed_over  # untranslated: each attempt translates; the
+    # answer's headers come back (Envoy's own reply replaced)
     sets = dict(act.set_headers)
     assert sets["x-gateway-cluster"] == "group.keyed-chat.resp"
     return {**CLIENT, "x-gateway-failover": sets["x-gateway-failover"]}
@@ -208,7 +209,7 @@ def test_the_last_attempt_names_every_one_including_those_that_got_no_answer():
     assert "keyed-chat: no answer" in error["message"] and "resp: 500 crashed" in error["message"]
     # one more attempt than the members (Envoy retried a refused last connection): answered at once
     store[attempt_key(headers["x-gateway-failover"], 2)] = orjson.dumps(
-        {"backend": "resp", "status": 500, "message": "crashed", "retry_after": None})
+        {"backend": "resp", "status": 500, "message": "crashed", "retry_after": None, "began": time.time()})
     extra = GroupAttempt(gw, "10.0.0.1:8000")
     with pytest.raises(Exception, match="every backend of model 'g' failed"):
         resolve(extra.request_headers({**headers, "x-envoy-attempt-count": "3"}, False), store)
@@ -216,26 +217,82 @@ def test_the_last_attempt_names_every_one_including_those_that_got_no_answer():
 
 def test_an_attempt_given_up_on_after_its_timeout_is_told_from_a_reset_by_its_length(monkeypatch):
     """Envoy tells an attempt only its number: a silent attempt before it that lasted the attempt
-    timeout (30 s here) was given up on by Envoy, one that ended sooner was refused or reset. The last
-    one timing out makes the all-failed error a 504."""
+    timeout (30 s here) was given up on by Envoy, one that ended sooner was refused or reset. Each
+    attempt after the first records when it began, so two silent attempts in a row are both told by
+    their length; the last one timing out makes the all-failed error a 504."""
     gw, store = gateway(), {}
     headers = hand_over(gw, store)
     rid, start = headers["x-gateway-failover"], time.time()
-    monkeypatch.setattr(time, "time", lambda: start + 1)  # attempt 1 ended after a second: a reset
+    monkeypatch.setattr(time, "time", lambda: start + 1)  # attempt 1 ended after a second: refused or reset
     early = attempt(gw, store, headers, 2, "10.0.0.2:8000")
     assert [(a.backend, a.outcome) for a in early.attempts] == [("keyed-chat", "reset")]
-    store.pop(attempt_key(rid, 1))  # (as if that attempt 2 had not been: the same attempt 1, told by time)
+    assert orjson.loads(store[attempt_key(rid, 2)]) == {"backend": "resp", "began": start + 1}  # its own start
+    store.pop(attempt_key(rid, 2))  # (as if that attempt 2 had not been: the same attempt 1, told by time)
     monkeypatch.setattr(time, "time", lambda: start + 30)
     second = attempt(gw, store, headers, 2, "10.0.0.2:8000")
     assert [(a.backend, a.outcome) for a in second.attempts] == [("keyed-chat", "timeout")]
-    assert orjson.loads(store[attempt_key(rid, 1)])["error"] == "timeout"  # recorded for the attempts after it
-    # attempt 2 silent too, 30 s after attempt 3 was recorded as begun: Envoy's one more attempt answers 504
+    # attempt 2 silent too, 30 s after it began: Envoy's one more attempt answers 504, naming both timed out
     monkeypatch.setattr(time, "time", lambda: start + 60)
+    extra = GroupAttempt(gw, "10.0.0.1:8000")
     with pytest.raises(GatewayError) as e:
-        resolve(GroupAttempt(gw, "10.0.0.1:8000").request_headers({**headers, "x-envoy-attempt-count": "3"}, False),
-                store)
+        resolve(extra.request_headers({**headers, "x-envoy-attempt-count": "3"}, False), store)
     assert (e.value.status, e.value.code) == (504, "all_backends_timed_out")
     assert "keyed-chat: timed out" in e.value.message and "resp: timed out" in e.value.message
+    assert [(a.backend, a.outcome) for a in extra.attempts] == [("resp", "timeout")]  # counted once, here
+
+
+S = 30  # the attempt timeout of `told`'s cases
+
+
+def _rec(backend: str, began: float, **outcome: object) -> bytes:
+    return orjson.dumps({"backend": backend, "began": began, **outcome})
+
+
+@pytest.mark.parametrize(("values", "now", "told", "unseen"), [
+    # the first refused (a moment), the second began and was silent for its timeout
+    ([None, _rec("b", 0.01)], S + 0.02, [("a", "reset"), ("b", "timeout")], ["b"]),
+    # the second never reached its processor: Envoy's connection failed; the first was silent before it
+    ([None, None], S + 0.01, [("a", "timeout"), ("b", "connect_failure")], ["a", "b"]),
+    # both silent, one after the other, the second's start recorded by itself
+    ([None, _rec("b", S)], 2 * S, [("a", "timeout"), ("b", "timeout")], ["b"]),
+    # a judged answer (counted by its processor), then a reset
+    ([_rec("a", 0, status=503, message="busy", error=None, retry_after=None), _rec("b", 0.1)], 0.2,
+     [("a", "failed"), ("b", "reset")], ["b"]),
+    # a refused one between two seen ones ends when the next one began: the first lasted its timeout
+    ([None, None, _rec("c", S)], S + 0.1, [("a", "timeout"), ("b", "connect_failure"), ("c", "reset")], ["c"]),
+    # the second's record names its member: the first is the one nobody named, in priority order
+    ([None, _rec("a", 0.01)], 0.02, [("b", "reset"), ("a", "reset")], ["a"]),
+])
+def test_the_records_tell_each_attempt_that_got_no_answer(values, now, told, unseen):
+    from extproc.exchange.failover import told as tell
+
+    attempts, not_seen = tell(values, ["a", "b", "c"], 0.0, now, S)
+    assert [(a.backend, a.outcome) for a in attempts] == told
+    assert [a.backend for a in not_seen] == unseen
+
+
+def test_the_client_side_replaces_envoys_own_reply_with_the_error_naming_each_attempt():
+    """No attempt's processor answered (the last attempt refused): Envoy's reply reaches the exchange
+    that handed the request over, which answers with the error built from the attempts' records; an
+    answer an attempt let go (its mark) goes on untouched, whatever its status."""
+    gw, store = gateway(), {}
+    ex = Exchange(gw)
+    resolve(ex.request_headers(dict(CLIENT), False), store)
+    act = resolve(ex.request_body(json.dumps(BODY).encode()), store)
+    rid = dict(act.set_headers)["x-gateway-failover"]
+    store[attempt_key(rid, 2)] = _rec("resp", time.time())  # attempt 2 reached its processor, then reset
+    with pytest.raises(GatewayError) as e:
+        resolve(ex.response_headers({":status": "503", "content-type": "application/json"}), store)
+    assert (e.value.status, e.value.code) == (502, "all_backends_failed")
+    assert e.value.message == ("every backend of model 'g' failed (2 attempts): keyed-chat: no answer (connection "
+                               "refused or reset); resp: no answer (connection refused or reset)")
+    assert [(a.backend, a.outcome) for a in ex.unseen_attempts] == [("resp", "reset")]
+    for status in ("200", "502"):
+        ex = Exchange(gw)
+        resolve(ex.request_headers(dict(CLIENT), False), store)
+        resolve(ex.request_body(json.dumps(BODY).encode()), store)
+        act = resolve(ex.response_headers({":status": status, "x-gateway-answered": "1"}), store)
+        assert act.done and not act.set_headers and act.immediate is None and act.body is None
 
 
 def _handed(gw: Gateway, path: str, body: dict) -> bool:

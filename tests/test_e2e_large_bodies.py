@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 import openai
 import pytest
+import yaml
+
+from extproc.local.stack import ENVOY_YAML
 
 from .test_e2e_failover import Group, _error, _running_group
 from .upstreams import ChatServer, Reply, ResponsesServer
@@ -129,3 +132,12 @@ def test_a_large_first_contact_on_an_auto_backend_is_retried_whole(s, model, siz
     assert paths == ["/v1/responses", "/v1/chat/completions"]
     assert all(content.encode() in r["raw"] for r in s.learner.requests)
     _assert_envoy_alive(s)
+
+
+def test_the_sidecars_connection_buffers_whatever_the_listener_does():
+    """Any body Envoy buffers for the processor (up to the listener's limit) fits the write buffer of the
+    connection to the sidecar, so no gRPC message to it raises that connection's high watermark."""
+    resources = yaml.safe_load(ENVOY_YAML.read_text())["static_resources"]
+    listener = resources["listeners"][0]["per_connection_buffer_limit_bytes"]
+    sidecar = next(c for c in resources["clusters"] if c["name"] == "extproc")
+    assert sidecar.get("per_connection_buffer_limit_bytes", 1024 * 1024) >= listener == 64 * 1024 * 1024

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from extproc.api import API_OF_PATH, BOTH, CHAT, MESSAGES, RESPONSES
-from extproc.config import Backend
+from extproc.config import Backend, Failover
 from extproc.envoy.names import (
     H_ANSWERED,
     H_BACKEND,
@@ -94,6 +94,12 @@ def record_key(rid: str) -> str:
 
 def attempt_key(rid: str, n: int) -> str:
     return f"failover:{rid}:{n}"
+
+
+def records_ttl(f: Failover) -> int:
+    """How long a request's failover records are kept: no attempt starts after its deadline, and a minute
+    covers the last one's answer."""
+    return f.deadline_seconds + 60
 
 
 # -- the client-side exchange's part ----------------------------------------------------------------
@@ -150,12 +156,11 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
               "members": [b.name for b in members]}
     sealed = gw.sealer.seal(orjson.dumps(record).decode(), _SEALED_FOR)
     side.handover = HandedOver(gw, rid, tuple(b.name for b in members), t0, model)
-    ttl = gw.config.failover.deadline_seconds + 60
     # Not done: the answer's headers come back here (`HandedOver.answer`), Envoy's own reply replaced.
     return Action(set_headers=[(H_CLUSTER, group_cluster(members)), (H_BACKEND, members[0].name),
                                (H_FAILOVER, rid)],
                   remove_headers=(H_ENDPOINT, H_FIRST_CONTACT), clear_route_cache=True,
-                  writes=[(record_key(rid), sealed.encode())], write_ttl=ttl)
+                  writes=[(record_key(rid), sealed.encode())], write_ttl=records_ttl(gw.config.failover))
 
 
 class HandedOver:
@@ -338,7 +343,7 @@ class GroupAttempt(UpstreamStream):
         up = _upstream(act)
         if self.n > 1 and not up.writes:  # (an exchange writes nothing at request headers: no TTL to share)
             up = dataclasses.replace(up, writes=[(attempt_key(self.rid, self.n), _began(self.member.name, self.began))],
-                                     write_ttl=f.deadline_seconds + 60)
+                                     write_ttl=records_ttl(f))
         return dataclasses.replace(up, set_headers=[*sets, *up.set_headers], remove_headers=(*removes, *up.remove_headers))
 
     def _open(self, raw: bytes | None) -> dict[str, Any]:
@@ -414,7 +419,7 @@ class GroupAttempt(UpstreamStream):
                                                       ("content-length", str(len(body_out))), *err.headers],
                           done=True)
         return Action(set_headers=[(H_RETRY, "1")], writes=[(attempt_key(self.rid, self.n), _said(attempt, self.began))],
-                      write_ttl=self.gw.config.failover.deadline_seconds + 60, done=True)
+                      write_ttl=records_ttl(self.gw.config.failover), done=True)
 
     def _served(self, status: int, headers: dict[str, str]) -> None:
         assert self.ex is not None and self.member is not None
@@ -524,7 +529,7 @@ class FastJudge(UpstreamStream):
         log.info("attempt %d on %s failed over (fast path): %s", n, member.name, attempt.describe())
         if n < min(len(members), self.gw.config.failover.max_attempts):
             return Action(set_headers=[mark], writes=[(fast_attempt_key(self.rid, n), _said(attempt))],
-                          write_ttl=self.gw.config.failover.deadline_seconds + 60, done=True)
+                          write_ttl=records_ttl(self.gw.config.failover), done=True)
         return (yield from self._all_failed(n, attempt, lambda err, out: Action(body=out, set_headers=[
             (":status", str(err.status)), ("content-type", "application/json"), ("content-length", str(len(out))),
             *err.headers, (H_RETRY, f"{LAST_MARK}{status}")], done=True)))

@@ -63,7 +63,7 @@ from extproc.exchange.phases import Phase
 from extproc.exchange.upstream import UpstreamStream
 from extproc.routing.failover import Attempt, Transport, Verdict, all_failed_error
 from extproc.routing.gateway import Target, placement_key
-from extproc.routing.group_routes import fast_members, first_on, group_cluster
+from extproc.routing.group_routes import NO_MEMBER_HOST, fast_members, first_on, group_cluster
 from extproc.routing.groups import Group, continue_order, group_for
 from extproc.routing.needs import Call
 from extproc.state import records as rec
@@ -498,8 +498,7 @@ class FastJudge(UpstreamStream):
         naming every attempt, at once."""
         n = int(headers.get("x-envoy-attempt-count", "1") or 1)
         return start(self._all_failed(n, None, lambda err, out: Action(
-            immediate=(err.status, out, "application/json"), set_headers=[*err.headers, (H_RETRY, SIDECAR_MARK)],
-            done=True)))
+            immediate=(err.status, out, "application/json"), set_headers=list(err.headers), done=True)))
 
     def request_body(self, raw: bytes) -> Step:
         return Action(done=True)
@@ -519,30 +518,31 @@ class FastJudge(UpstreamStream):
         address = self.attributes.get("upstream.address", "")
         member = next((b for b in members if any(e.address == address for e in b.endpoints)), None)
         status = int(self.headers.get(":status", "0") or 0)
+        n = int(self.attributes.get("upstream.request_attempt_count", "1") or 1)
+        if address == NO_MEMBER_HOST:  # every member not yet tried is ejected: the sentinel's 503 is no answer
+            return (yield from self._all_failed(n, None, _replaced("503"), out=True))
         if member is None:
             return Action(done=True)
         attempt = Attempt.answered(member.name, status, body, self.headers, now=time.time())
         if attempt.verdict is Verdict.FINAL:
             return Action(done=True)
         mark = (H_RETRY, str(status))
-        n = int(self.attributes.get("upstream.request_attempt_count", "1") or 1)
         log.info("attempt %d on %s failed over (fast path): %s", n, member.name, attempt.describe())
         if n < min(len(members), self.gw.config.failover.max_attempts):
             return Action(set_headers=[mark], writes=[(fast_attempt_key(self.rid, n), _said(attempt))],
                           write_ttl=records_ttl(self.gw.config.failover), done=True)
-        return (yield from self._all_failed(n, attempt, lambda err, out: Action(body=out, set_headers=[
-            (":status", str(err.status)), ("content-type", "application/json"), ("content-length", str(len(out))),
-            *err.headers, (H_RETRY, f"{LAST_MARK}{status}")], done=True)))
+        return (yield from self._all_failed(n, attempt, _replaced(str(status))))
 
     @property
     def rid(self) -> str:
         return self.attributes.get("request.id", "")
 
-    def _all_failed(self, n: int, this: Attempt | None,
-                    answer: Callable[[GatewayError, bytes], Action]) -> Decision[Action]:
+    def _all_failed(self, n: int, this: Attempt | None, answer: Callable[[GatewayError, bytes], Action],
+                    out: bool = False) -> Decision[Action]:
         """The error naming every attempt before attempt `n` (as they recorded themselves; those with no
         record got no answer, named by the members nobody recorded, in priority order) and `this` one, in
-        the client's API's shape (the route's name: `fast:<client api>:<group>`)."""
+        the client's API's shape (the route's name: `fast:<client api>:<group>`). `out`: Envoy found no
+        member left to try (each ejected by its outlier detection), named too."""
         values = yield Reads(tuple(fast_attempt_key(self.rid, k) for k in range(1, n)))
         recorded = [orjson.loads(v) if v else None for v in values or [None] * (n - 1)]
         named = {r["backend"] for r in recorded if r} | ({this.backend} if this is not None else set())
@@ -550,15 +550,23 @@ class FastJudge(UpstreamStream):
         earlier = [Attempt(r["backend"], r.get("status"), r.get("message", ""), retry_after=r.get("retry_after")) if r
                    else Attempt(next(unnamed, "?"), None, "no answer (connection refused, reset or timed out)",
                                 Transport.RESET) for r in recorded]
-        err = all_failed_error([*earlier, *([this] if this is not None else [])])
+        ejected = [Attempt(name, None, "taken out (ejected after failing)", Transport.CONNECT_FAILURE)
+                   for name in unnamed] if out else []
+        err = all_failed_error([*earlier, *([this] if this is not None else []), *ejected])
         _, _, route = self.attributes.get("xds.route_name", "").partition(":")
         return answer(err, err.body(route.partition(":")[0] or None))
 
 
-# The fast judge's marks (`x-gateway-retry`) on the answers that end a request, which Envoy's retry skips
-# (it retries on a number alone) and the attempt log reads: the last attempt failed with this status, or
-# the sidecar answered the attempt after the last.
-LAST_MARK, SIDECAR_MARK = "last ", "sidecar"
+# The fast judge's mark (`x-gateway-retry`) on the answer that ends a request, which Envoy's retry skips
+# (it retries on a number alone) and the attempt log reads: the last attempt failed with this status.
+LAST_MARK = "last "
+
+
+def _replaced(status: str) -> Callable[[GatewayError, bytes], Action]:
+    """The failed answer of status `status` replaced by the error naming every attempt (`err`, `out` its body)."""
+    return lambda err, out: Action(body=out, set_headers=[
+        (":status", str(err.status)), ("content-type", "application/json"), ("content-length", str(len(out))),
+        *err.headers, (H_RETRY, f"{LAST_MARK}{status}")], done=True)
 
 
 def fast_attempt_key(rid: str, n: int) -> str:

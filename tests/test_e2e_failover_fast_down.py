@@ -13,6 +13,7 @@ at once and is answered with the same error, however many requests in a row."""
 from __future__ import annotations
 
 import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -93,15 +94,10 @@ def down_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Down]:
 
 
 def _fast_clusters(g: Group) -> list[str]:
-    with_names = [line.partition("::")[0] for line in _clusters_text(g).splitlines()]
-    return sorted({c for c in with_names if c.startswith("fast-group.")})
-
-
-def _clusters_text(g: Group) -> str:
-    import urllib.request
-
+    """The fast group clusters Envoy has (its admin's /clusters)."""
     with urllib.request.urlopen(g.envoy_admin + "/clusters", timeout=10) as r:
-        return r.read().decode()
+        names = {line.partition("::")[0] for line in r.read().decode().splitlines()}
+    return sorted(c for c in names if c.startswith("fast-group."))
 
 
 @pytest.fixture

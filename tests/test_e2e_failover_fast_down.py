@@ -13,6 +13,7 @@ at once and is answered with the same error, however many requests in a row."""
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -168,17 +169,21 @@ def test_a_refused_member_then_a_silent_one_on_the_fast_path_is_one_error_naming
 
 
 def test_every_member_taken_out_by_envoy_is_still_the_one_error_however_many_requests(d):
-    """Two refusals take each member out (eject_after 2): from then on Envoy has no member left to try
-    and sends the request to the sentinel; the answer is the same error, naming the members taken out as
-    such. The sentinel is answered with errors too, and Envoy takes it out as well (measured: then every
-    host is out, and Envoy's panic routing tries the first member and the sentinel): still the one error."""
+    """Two refusals take each member out (eject_after 2) for a second, again and again: meanwhile Envoy
+    has no member left to try and sends the request to the sentinel, whose answer is the same error,
+    naming the members taken out as such. Envoy counts the sidecar's errors against the sentinel's hosts
+    too; it never takes them all out (one more than the members', at most as many out as the members
+    have), so the attempt after the last never goes back to a refused member (measured before that: four
+    requests in ten were Envoy's bare 503 over such a run)."""
     g = d.group
     ejected = "cluster.fast-group.gone-chat-a.gone-chat-b.outlier_detection.ejections_active"
-    seen = [(_message(*_fail(g, "chat", False, "chat-down")), _stat(g, ejected)) for _ in range(10)]
+    seen, t0 = [], time.monotonic()
+    while time.monotonic() - t0 < 4 or len(seen) < 10:  # several ejections over, and made again
+        seen.append((_message(*_fail(g, "chat", False, "chat-down")), _stat(g, ejected)))
     assert all(m.startswith("every backend of this model failed (2 attempts): gone-chat-a: ") and "; gone-chat-b: " in m
                for m, _ in seen), seen
-    assert any("gone-chat-b: taken out (ejected after failing)" in m for m, _ in seen), seen
-    assert max(out for _, out in seen) >= 2, seen  # the members were taken out meanwhile
+    assert any("gone-chat-a: taken out (ejected after failing); gone-chat-b: taken out" in m for m, _ in seen), seen
+    assert max(out for _, out in seen) <= 2, seen  # the cluster's members have two hosts: at most two out
 
 
 def test_the_attempt_after_the_last_is_not_counted_as_an_attempt_of_the_first_member(d):

@@ -63,7 +63,7 @@ from extproc.exchange.phases import Phase
 from extproc.exchange.upstream import UpstreamStream
 from extproc.routing.failover import Attempt, Transport, Verdict, all_failed_error
 from extproc.routing.gateway import Target, placement_key
-from extproc.routing.group_routes import NO_MEMBER_HOST, fast_members, first_on, group_cluster
+from extproc.routing.group_routes import fast_members, first_on, group_cluster, is_no_member
 from extproc.routing.groups import Group, continue_order, group_for
 from extproc.routing.needs import Call
 from extproc.state import records as rec
@@ -519,7 +519,7 @@ class FastJudge(UpstreamStream):
         member = next((b for b in members if any(e.address == address for e in b.endpoints)), None)
         status = int(self.headers.get(":status", "0") or 0)
         n = int(self.attributes.get("upstream.request_attempt_count", "1") or 1)
-        if address == NO_MEMBER_HOST:  # every member not yet tried is ejected: the sentinel's 503 is no answer
+        if is_no_member(address):  # every member not yet tried is ejected: the sentinel's 503 is no answer
             return (yield from self._all_failed(n, None, _replaced("503"), out=True))
         if member is None:
             return Action(done=True)

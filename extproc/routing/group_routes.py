@@ -234,7 +234,13 @@ def _cluster(config: Config, members: tuple[Backend, ...], chain: Chain) -> clus
     hosted = [b for b in members if b.hosted is not None]
     priorities = [_instances(b) for b in members]
     if chain is Chain.FAST:  # the attempt after the last tried member lands on the sentinel (`no_member`)
-        priorities = [*priorities[:f.max_attempts], [no_member()]]
+        priorities = priorities[:f.max_attempts]
+        hosts = sum(map(len, priorities))
+        priorities.append([no_member(i) for i in range(hosts + 1)])
+        # Envoy counts the sidecar's errors against the sentinel too: with one sentinel host more than the
+        # members have, and at most as many hosts out as the members have, one always stays in (measured:
+        # a sentinel taken out sent the attempt after the last back to a refused member)
+        eject.max_ejection_percent.value = 100 * hosts // (2 * hosts + 1) + 1
     cluster = cluster_pb2.Cluster(
         name=name, type=cluster_pb2.Cluster.STRICT_DNS if hosted else cluster_pb2.Cluster.STATIC,
         dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED, connect_timeout=duration_pb2.Duration(seconds=5),
@@ -255,13 +261,19 @@ def _cluster(config: Config, members: tuple[Backend, ...], chain: Chain) -> clus
 # answers at the request's headers, runs; a request arriving while every member is ejected lands there
 # too, and its answer (a 503 the listener gives, the request never forwarded) is judged as no member's.
 NO_MEMBER_LISTENER = "gateway.no-member"
-NO_MEMBER_HOST = f"envoy://{NO_MEMBER_LISTENER}/"  # how Envoy names its host (the upstream log, `upstream.address`)
+NO_MEMBER_HOST = f"envoy://{NO_MEMBER_LISTENER}/"  # how Envoy names its hosts (the upstream log, `upstream.address`)
 
 
-def no_member() -> endpoint_components_pb2.LbEndpoint:
-    """The sentinel host of a fast group cluster (`NO_MEMBER_LISTENER`)."""
+def no_member(n: int) -> endpoint_components_pb2.LbEndpoint:
+    """Sentinel host `n` of a fast group cluster (`NO_MEMBER_LISTENER`; each its own `endpoint_id`)."""
     return endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=address_pb2.Address(
-        envoy_internal_address=address_pb2.EnvoyInternalAddress(server_listener_name=NO_MEMBER_LISTENER))))
+        envoy_internal_address=address_pb2.EnvoyInternalAddress(server_listener_name=NO_MEMBER_LISTENER,
+                                                                endpoint_id=str(n)))))
+
+
+def is_no_member(host: str) -> bool:
+    """Whether an attempt's host (`upstream.address`, the upstream log's) is a sentinel host."""
+    return host.startswith(NO_MEMBER_HOST)
 
 
 def _holder(config: Config) -> hcm.HttpFilter:

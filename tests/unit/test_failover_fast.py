@@ -164,7 +164,12 @@ def test_the_fast_twin_ends_on_the_sentinel_after_the_members_it_may_try():
     assert [(p.priority, [e.endpoint.address.socket_address.address or
                           e.endpoint.address.envoy_internal_address.server_listener_name for e in p.lb_endpoints])
             for p in fast.load_assignment.endpoints] == \
-        [(0, ["10.0.0.1"]), (1, ["10.0.0.2", "10.0.0.3"]), (2, ["gateway.no-member"])]
+        [(0, ["10.0.0.1"]), (1, ["10.0.0.2", "10.0.0.3"]), (2, ["gateway.no-member"] * 4)]
+    # one sentinel host more than the members have (each its own endpoint id), and at most as many out
+    # as the members have: 3 of 7 hosts is 42.9%, 4 would be 57.1%
+    assert [e.endpoint.address.envoy_internal_address.endpoint_id for e in fast.load_assignment.endpoints[2].lb_endpoints] \
+        == ["0", "1", "2", "3"]
+    assert fast.outlier_detection.max_ejection_percent.value == 43
     (processor,) = [c for c in group_routes.clusters(config) if c.name == "group.a.b.c"]
     assert len(processor.load_assignment.endpoints) == 3  # the processor's attempts keep every member
 
@@ -174,7 +179,7 @@ def test_the_shipped_envoy_has_the_sentinel_listener():
     assert "envoy.bootstrap.internal_listener" in [e["name"] for e in envoy["bootstrap_extensions"]]
     (listener,) = [x for x in envoy["static_resources"]["listeners"] if x["name"] == group_routes.NO_MEMBER_LISTENER]
     assert listener["internal_listener"] == {} and "address" not in listener
-    assert f"envoy://{group_routes.NO_MEMBER_LISTENER}/" == group_routes.NO_MEMBER_HOST
+    assert group_routes.is_no_member("envoy://gateway.no-member/3") and not group_routes.is_no_member("10.0.0.1:8000")
 
 
 def test_the_attempt_after_the_last_is_answered_at_once_with_the_error_naming_each():

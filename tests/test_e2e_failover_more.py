@@ -111,7 +111,7 @@ def _openai_error(status: int, message: str, kind: str, code: str | None, param:
 MAIN = """
 listen: 127.0.0.1:{extproc_port}
 admin_listen: 127.0.0.1:{admin_port}
-failover: {{max_attempts: 3, eject_after: 50, eject_seconds: 1, max_eject_seconds: 3,
+failover: {{max_attempts: 3, eject_after: 50, eject_seconds: 1, max_eject_seconds: 5,
             attempt_timeout_seconds: {attempt_timeout}}}
 backends:
   - name: a-chat
@@ -148,14 +148,15 @@ def main_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 @pytest.fixture
 def m(main_site: Site) -> Site:
     """The main stack with its servers' scripts and requests cleared and every member in (a hold from a
-    retry-after lasts `max_eject_seconds`, 3 s here)."""
+    retry-after lasts `max_eject_seconds`, 5 s here)."""
     main_site.reset()
     assert wait_until(lambda: _all_healthy(main_site), timeout=10)
     return main_site
 
 
 def _failure(kind: str, first: str) -> Reply:
-    """The first member's failure: a 503, or a 429 asking for 30 s (held off for max_eject_seconds: 3 s)."""
+    """The first member's failure: a 503, or a 429 asking for 30 s (held off for max_eject_seconds: 5 s,
+    long enough for the next request to be made while it lasts)."""
     if kind == "503":
         return Reply(error=_vllm_error(503, "pool overloaded") if "chat" in first else
                      _openai_error(503, "The server is overloaded", "server_error", None))
@@ -203,13 +204,12 @@ def test_an_anthropic_client_fails_over_to_a_member_of_another_api(m, serving, s
         # most max_eject_seconds, and the next request goes straight to the other member while it lasts
         first_name, seen = first.replace("_", "-"), []
         assert wait_until(lambda: seen.append(_readyz(m)) or seen[-1][first_name]["state"] == "held_off", timeout=3)
-        assert 0 < seen[-1][first_name]["back_in_seconds"] <= 3
+        assert 0 < seen[-1][first_name]["back_in_seconds"] <= 5
         assert seen[-1][second.replace("_", "-")] == {"name": second.replace("_", "-"), "state": "healthy"}
         m[second].script.append(Reply(text="the other while held"))
         said = "".join(b.text for b in client.messages.create(model=model, max_tokens=32, messages=msgs).content
                        if b.type == "text")
-        if _readyz(m)[first_name]["state"] == "held_off":  # made while the hold lasted (3 s: nearly always)
-            assert said == "the other while held" and len(m[first].requests) == 1
+        assert said == "the other while held" and len(m[first].requests) == 1
         assert wait_until(lambda: _all_healthy(m), timeout=10)  # and back by itself: it serves again
         m[first].script.append(Reply(text="the first again"))
         assert "".join(b.text for b in client.messages.create(model=model, max_tokens=32, messages=msgs).content

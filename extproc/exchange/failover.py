@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from extproc.api import API_OF_PATH, BOTH, CHAT, MESSAGES, RESPONSES
-from extproc.config import Backend
+from extproc.config import Backend, Failover
 from extproc.envoy.names import (
     H_ANSWERED,
     H_BACKEND,
@@ -63,7 +63,7 @@ from extproc.exchange.phases import Phase
 from extproc.exchange.upstream import UpstreamStream
 from extproc.routing.failover import Attempt, Transport, Verdict, all_failed_error
 from extproc.routing.gateway import Target, placement_key
-from extproc.routing.group_routes import fast_members, first_on, group_cluster
+from extproc.routing.group_routes import fast_members, first_on, group_cluster, is_no_member
 from extproc.routing.groups import Group, continue_order, group_for
 from extproc.routing.needs import Call
 from extproc.state import records as rec
@@ -94,6 +94,12 @@ def record_key(rid: str) -> str:
 
 def attempt_key(rid: str, n: int) -> str:
     return f"failover:{rid}:{n}"
+
+
+def records_ttl(f: Failover) -> int:
+    """How long a request's failover records are kept: no attempt starts after its deadline, and a minute
+    covers the last one's answer."""
+    return f.deadline_seconds + 60
 
 
 # -- the client-side exchange's part ----------------------------------------------------------------
@@ -150,12 +156,11 @@ def hand_over(side: RequestSide, call: Call, body: dict[str, Any], model: str) -
               "members": [b.name for b in members]}
     sealed = gw.sealer.seal(orjson.dumps(record).decode(), _SEALED_FOR)
     side.handover = HandedOver(gw, rid, tuple(b.name for b in members), t0, model)
-    ttl = gw.config.failover.deadline_seconds + 60
     # Not done: the answer's headers come back here (`HandedOver.answer`), Envoy's own reply replaced.
     return Action(set_headers=[(H_CLUSTER, group_cluster(members)), (H_BACKEND, members[0].name),
                                (H_FAILOVER, rid)],
                   remove_headers=(H_ENDPOINT, H_FIRST_CONTACT), clear_route_cache=True,
-                  writes=[(record_key(rid), sealed.encode())], write_ttl=ttl)
+                  writes=[(record_key(rid), sealed.encode())], write_ttl=records_ttl(gw.config.failover))
 
 
 class HandedOver:
@@ -338,7 +343,7 @@ class GroupAttempt(UpstreamStream):
         up = _upstream(act)
         if self.n > 1 and not up.writes:  # (an exchange writes nothing at request headers: no TTL to share)
             up = dataclasses.replace(up, writes=[(attempt_key(self.rid, self.n), _began(self.member.name, self.began))],
-                                     write_ttl=f.deadline_seconds + 60)
+                                     write_ttl=records_ttl(f))
         return dataclasses.replace(up, set_headers=[*sets, *up.set_headers], remove_headers=(*removes, *up.remove_headers))
 
     def _open(self, raw: bytes | None) -> dict[str, Any]:
@@ -414,7 +419,7 @@ class GroupAttempt(UpstreamStream):
                                                       ("content-length", str(len(body_out))), *err.headers],
                           done=True)
         return Action(set_headers=[(H_RETRY, "1")], writes=[(attempt_key(self.rid, self.n), _said(attempt, self.began))],
-                      write_ttl=self.gw.config.failover.deadline_seconds + 60, done=True)
+                      write_ttl=records_ttl(self.gw.config.failover), done=True)
 
     def _served(self, status: int, headers: dict[str, str]) -> None:
         assert self.ex is not None and self.member is not None
@@ -493,8 +498,7 @@ class FastJudge(UpstreamStream):
         naming every attempt, at once."""
         n = int(headers.get("x-envoy-attempt-count", "1") or 1)
         return start(self._all_failed(n, None, lambda err, out: Action(
-            immediate=(err.status, out, "application/json"), set_headers=[*err.headers, (H_RETRY, SIDECAR_MARK)],
-            done=True)))
+            immediate=(err.status, out, "application/json"), set_headers=list(err.headers), done=True)))
 
     def request_body(self, raw: bytes) -> Step:
         return Action(done=True)
@@ -514,30 +518,31 @@ class FastJudge(UpstreamStream):
         address = self.attributes.get("upstream.address", "")
         member = next((b for b in members if any(e.address == address for e in b.endpoints)), None)
         status = int(self.headers.get(":status", "0") or 0)
+        n = int(self.attributes.get("upstream.request_attempt_count", "1") or 1)
+        if is_no_member(address):  # every member not yet tried is ejected: the sentinel's 503 is no answer
+            return (yield from self._all_failed(n, None, _replaced("503"), out=True))
         if member is None:
             return Action(done=True)
         attempt = Attempt.answered(member.name, status, body, self.headers, now=time.time())
         if attempt.verdict is Verdict.FINAL:
             return Action(done=True)
         mark = (H_RETRY, str(status))
-        n = int(self.attributes.get("upstream.request_attempt_count", "1") or 1)
         log.info("attempt %d on %s failed over (fast path): %s", n, member.name, attempt.describe())
         if n < min(len(members), self.gw.config.failover.max_attempts):
             return Action(set_headers=[mark], writes=[(fast_attempt_key(self.rid, n), _said(attempt))],
-                          write_ttl=self.gw.config.failover.deadline_seconds + 60, done=True)
-        return (yield from self._all_failed(n, attempt, lambda err, out: Action(body=out, set_headers=[
-            (":status", str(err.status)), ("content-type", "application/json"), ("content-length", str(len(out))),
-            *err.headers, (H_RETRY, f"{LAST_MARK}{status}")], done=True)))
+                          write_ttl=records_ttl(self.gw.config.failover), done=True)
+        return (yield from self._all_failed(n, attempt, _replaced(str(status))))
 
     @property
     def rid(self) -> str:
         return self.attributes.get("request.id", "")
 
-    def _all_failed(self, n: int, this: Attempt | None,
-                    answer: Callable[[GatewayError, bytes], Action]) -> Decision[Action]:
+    def _all_failed(self, n: int, this: Attempt | None, answer: Callable[[GatewayError, bytes], Action],
+                    out: bool = False) -> Decision[Action]:
         """The error naming every attempt before attempt `n` (as they recorded themselves; those with no
         record got no answer, named by the members nobody recorded, in priority order) and `this` one, in
-        the client's API's shape (the route's name: `fast:<client api>:<group>`)."""
+        the client's API's shape (the route's name: `fast:<client api>:<group>`). `out`: Envoy found no
+        member left to try (each ejected by its outlier detection), named too."""
         values = yield Reads(tuple(fast_attempt_key(self.rid, k) for k in range(1, n)))
         recorded = [orjson.loads(v) if v else None for v in values or [None] * (n - 1)]
         named = {r["backend"] for r in recorded if r} | ({this.backend} if this is not None else set())
@@ -545,15 +550,23 @@ class FastJudge(UpstreamStream):
         earlier = [Attempt(r["backend"], r.get("status"), r.get("message", ""), retry_after=r.get("retry_after")) if r
                    else Attempt(next(unnamed, "?"), None, "no answer (connection refused, reset or timed out)",
                                 Transport.RESET) for r in recorded]
-        err = all_failed_error([*earlier, *([this] if this is not None else [])])
+        ejected = [Attempt(name, None, "taken out (ejected after failing)", Transport.CONNECT_FAILURE)
+                   for name in unnamed] if out else []
+        err = all_failed_error([*earlier, *([this] if this is not None else []), *ejected])
         _, _, route = self.attributes.get("xds.route_name", "").partition(":")
         return answer(err, err.body(route.partition(":")[0] or None))
 
 
-# The fast judge's marks (`x-gateway-retry`) on the answers that end a request, which Envoy's retry skips
-# (it retries on a number alone) and the attempt log reads: the last attempt failed with this status, or
-# the sidecar answered the attempt after the last.
-LAST_MARK, SIDECAR_MARK = "last ", "sidecar"
+# The fast judge's mark (`x-gateway-retry`) on the answer that ends a request, which Envoy's retry skips
+# (it retries on a number alone) and the attempt log reads: the last attempt failed with this status.
+LAST_MARK = "last "
+
+
+def _replaced(status: str) -> Callable[[GatewayError, bytes], Action]:
+    """The failed answer of status `status` replaced by the error naming every attempt (`err`, `out` its body)."""
+    return lambda err, out: Action(body=out, set_headers=[
+        (":status", str(err.status)), ("content-type", "application/json"), ("content-length", str(len(out))),
+        *err.headers, (H_RETRY, f"{LAST_MARK}{status}")], done=True)
 
 
 def fast_attempt_key(rid: str, n: int) -> str:

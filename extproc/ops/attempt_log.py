@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 
 from extproc.config import Config
 from extproc.envoy.serving import methods
-from extproc.exchange.failover import LAST_MARK, SIDECAR_MARK
+from extproc.exchange.failover import LAST_MARK
 from extproc.ops.metrics import Metrics
 from extproc.routing.failover import Attempt, Health, Transport, Verdict, retry_after_seconds
 from extproc.routing.group_routes import fast_members
@@ -45,7 +45,7 @@ def attempt_of(config: Config, fields: Mapping[str, str]) -> Attempt | None:
     host = fields.get(HOST, "")
     member = next((b for b in fast_members(config, fields.get(CLUSTER, ""))
                    if any(e.address == host for e in b.endpoints)), None)
-    if member is None:
+    if member is None:  # (the attempt after the last is the sentinel's, `NO_MEMBER_HOST`: logged with status 0)
         return None
     status = int(fields.get(STATUS) or 0)
     flags = fields.get(FLAGS, "")
@@ -55,8 +55,6 @@ def attempt_of(config: Config, fields: Mapping[str, str]) -> Attempt | None:
         error = Transport.CONNECT_FAILURE if "UF" in flags else Transport.TIMEOUT if "UT" in flags else Transport.RESET
         return Attempt.failed(member.name, error)
     mark = fields.get(MARK, "")
-    if mark == SIDECAR_MARK:  # the sidecar's own answer to the attempt after the last (the error naming each)
-        return None
     failed = mark.removeprefix(LAST_MARK)  # the status the judge failed over (the last: its error replaced)
     verdict = Verdict.FAIL_OVER if mark else Verdict.FINAL
     retry_after = retry_after_seconds({k: v for k in RETRY_AFTER if (v := fields.get(k, ""))})

@@ -197,7 +197,7 @@ class Metrics(Collector):
         """After each upstream attempt of a request (served or failed over): count it, and tell the health
         of its backend (`now`: time.monotonic seconds, the clock Health reads)."""
         self.upstream_attempts.inc(attempt.backend, attempt.outcome)
-        health.record(attempt.backend, attempt.ok, now, attempt.retry_after)
+        health.record(attempt.backend, attempt.ok, now, attempt.retry_after, attempt.status)
 
     def timer(self) -> ExchangeTimer:
         return ExchangeTimer(self._phases)

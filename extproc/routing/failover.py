@@ -10,6 +10,7 @@ processor's attempts, Envoy's compiled retries) asks `judge` whether to go on, r
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 import time
@@ -96,7 +97,7 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:  # an HTTP date is GMT; a date without a zone is taken as GMT too
-        return None
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
@@ -140,9 +141,13 @@ class Health:
     settings: Failover = field(default_factory=Failover)
     _records: dict[str, _Record] = field(default_factory=dict)
 
-    def record(self, backend: str, ok: bool, now: float, retry_after: float | None = None) -> None:
+    def record(self, backend: str, ok: bool, now: float, retry_after: float | None = None,
+               status: int | None = None) -> None:
         """One attempt's outcome: `ok` when the backend answered (a success or a final error, which is the
-        request's fault), not ok when the attempt was failed over."""
+        request's fault), not ok when the attempt was failed over. A failed-over answer below 500 (`status`
+        429 or 408) holds the backend off by its retry-after but is no failure towards `eject_after`: it
+        ends the run of failures, as any answer under 500 ends Envoy's consecutive-5xx count, so `/readyz`
+        says ejected exactly when the group cluster's outlier detection would."""
         r = self._records.setdefault(backend, _Record())
         if ok:
             r.failures = 0
@@ -154,6 +159,9 @@ class Health:
             r.held_until = max(r.held_until, now + min(retry_after, self.settings.max_eject_seconds))
         if now < r.ejected_until:
             return  # already out: its failures while out say nothing new
+        if status is not None and status < 500:
+            r.failures = 0
+            return
         r.failures += 1
         if r.failures >= self.settings.eject_after:
             base = self.settings.eject_seconds

@@ -22,7 +22,8 @@ Why this shape (measured against Envoy 1.40, docs/configuration.md "How failover
   chunk, streamed or not. The fast path's twin (`fast_cluster`, for its compiled retries) asks the
   processor less (`_fast_watch`): Envoy holds a JSON answer whole itself (Lua), the hold runs only for
   a success's stream, a judge (`_judge`) only for an answer of a status it may fail over, and the
-  attempt after the last is answered by the processor (`_last_word`); Envoy's router logs each attempt
+  attempt after the last is answered by the processor (`_last_word`), on the cluster's last priority, an
+  Envoy-internal listener that always takes the connection (`no_member`); Envoy's router logs each attempt
   (ops/attempt_log.py).
 - Within a member Envoy picks the instance round robin. Not a ring hash: Envoy's ring hash (and
   maglev) balancers ignore the retry's priority load, so every retry went back to the first member
@@ -40,7 +41,7 @@ from collections.abc import Iterable
 from enum import Enum
 
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import base_pb2, extension_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, extension_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.common.matching.v3 import extension_matcher_pb2
@@ -231,18 +232,48 @@ def _cluster(config: Config, members: tuple[Backend, ...], chain: Chain) -> clus
         _http_filter("envoy.filters.http.upstream_codec", upstream_codec_pb2.UpstreamCodec())])
     options.explicit_http_config.http_protocol_options.SetInParent()
     hosted = [b for b in members if b.hosted is not None]
+    priorities = [_instances(b) for b in members]
+    if chain is Chain.FAST:  # the attempt after the last tried member lands on the sentinel (`no_member`)
+        priorities = priorities[:f.max_attempts]
+        hosts = sum(map(len, priorities))
+        priorities.append([no_member(i) for i in range(hosts + 1)])
+        # Envoy counts the sidecar's errors against the sentinel too: with one sentinel host more than the
+        # members have, and at most as many hosts out as the members have, one always stays in (measured:
+        # a sentinel taken out sent the attempt after the last back to a refused member)
+        eject.max_ejection_percent.value = 100 * hosts // (2 * hosts + 1) + 1
     cluster = cluster_pb2.Cluster(
         name=name, type=cluster_pb2.Cluster.STRICT_DNS if hosted else cluster_pb2.Cluster.STATIC,
         dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED, connect_timeout=duration_pb2.Duration(seconds=5),
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN, outlier_detection=eject,
         load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[
-            endpoint_components_pb2.LocalityLbEndpoints(priority=i, lb_endpoints=_instances(b))
-            for i, b in enumerate(members)]))
+            endpoint_components_pb2.LocalityLbEndpoints(priority=i, lb_endpoints=hosts)
+            for i, hosts in enumerate(priorities)]))
     cluster.transport_socket_matches.extend(  # each provider's own SNI and name check, on its hosts only
         cluster_pb2.Cluster.TransportSocketMatch(name=b.name, match=_named(b), transport_socket=tls_socket(b.hosted, ("http/1.1",)))
         for b in hosted if b.hosted is not None and b.hosted.scheme == "https")
     cluster.typed_extension_protocol_options[PROTOCOL_OPTIONS].CopyFrom(_any(options))
     return cluster
+
+
+# The fast twin's last priority: an Envoy-internal listener (deploy/envoy.yaml) that always takes the
+# connection, so the attempt after the last tried member (`previous_priorities` moves it there; it would
+# start over on the first member, which may refuse too) always gets one and the last-word filter, which
+# answers at the request's headers, runs; a request arriving while every member is ejected lands there
+# too, and its answer (a 503 the listener gives, the request never forwarded) is judged as no member's.
+NO_MEMBER_LISTENER = "gateway.no-member"
+NO_MEMBER_HOST = f"envoy://{NO_MEMBER_LISTENER}/"  # how Envoy names its hosts (the upstream log, `upstream.address`)
+
+
+def no_member(n: int) -> endpoint_components_pb2.LbEndpoint:
+    """Sentinel host `n` of a fast group cluster (`NO_MEMBER_LISTENER`; each its own `endpoint_id`)."""
+    return endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(address=address_pb2.Address(
+        envoy_internal_address=address_pb2.EnvoyInternalAddress(server_listener_name=NO_MEMBER_LISTENER,
+                                                                endpoint_id=str(n)))))
+
+
+def is_no_member(host: str) -> bool:
+    """Whether an attempt's host (`upstream.address`, the upstream log's) is a sentinel host."""
+    return host.startswith(NO_MEMBER_HOST)
 
 
 def _holder(config: Config) -> hcm.HttpFilter:
@@ -335,7 +366,9 @@ def _run_only(filt: hcm.HttpFilter, when: xds_matcher_pb2.Matcher.MatcherList.Pr
 def _last_word() -> hcm.HttpFilter:
     """The processor on the attempt after the last (Envoy makes it when the last member got no answer:
     refused, reset, silent): it answers at once, at the request's headers, with the error naming every
-    attempt (`exchange.failover.FastJudge`), so a refused last member is named too, not Envoy's bare 503."""
+    attempt (`exchange.failover.FastJudge`), so a refused last member is named too, not Envoy's bare 503:
+    that attempt always gets a connection, to the sentinel (`NO_MEMBER_LISTENER`), where upstream filters
+    run (a refused connection would end it before the processor's answer)."""
     filt = upstream_processor(JUDGE_ROLE)
     filt.name = LAST_WORD_FILTER
     proc = ext_proc_pb2.ExternalProcessor()
@@ -408,7 +441,9 @@ def routes(config: Config) -> list[rc.Route]:
     """One route per group cluster, taken by the processor's mark and cluster header: Envoy's retries
     between the members, at most `failover.max_attempts` of them, with no back-off worth the name (the
     next member is another backend: nothing to wait for) and one more attempt than the members tried,
-    which the processor answers with the error naming each (a refused last connection included)."""
+    which the processor answers with the error naming each; when that attempt finds no processor (it
+    goes back to the first member, which may refuse too), the client-side exchange replaces Envoy's
+    reply with the same error (`exchange.failover.HandedOver`)."""
     out = []
     f = config.failover
     for members in member_lists(config):

@@ -157,7 +157,8 @@ def test_envoy_rules_command_prints_the_generated_rules(capsys):
 def test_each_local_reply_has_its_messages_twin_first(envoy):
     """Envoy's own replies reach a Messages client in Anthropic's shape: before the OpenAI-shaped mappers,
     one generated twin of each, in the same order (the first match answers)."""
-    [hcm] = named(envoy, "envoy.filters.network.http_connection_manager")
+    [hcm] = [h for h in named(envoy, "envoy.filters.network.http_connection_manager")
+             if h["typed_config"]["stat_prefix"] == "llm"]  # (not the fast groups' sentinel listener's)
     mappers = hcm["typed_config"]["local_reply_config"]["mappers"]
     openai_shaped = [m for m in mappers if "type" not in m["body_format_override"]["json_format"]]
     assert mappers == [messages_local_reply(m) for m in openai_shaped] + openai_shaped

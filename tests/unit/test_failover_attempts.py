@@ -536,7 +536,12 @@ def test_the_group_cluster_has_the_members_as_priorities_and_the_route_retries_b
     (cluster,) = [c for c in compiled.clusters if c.name == "group.keyed-chat.resp"]
     (fast,) = [c for c in compiled.clusters if c.name == "fast-group.keyed-chat.resp"]  # its twin without the processor
     assert not any(c.name.startswith("fast-stream-") for c in compiled.clusters)  # one twin, streams or not
-    assert fast.load_assignment.endpoints == cluster.load_assignment.endpoints
+    # the same members, then the sentinel that always takes the attempt after the last (NO_MEMBER_LISTENER)
+    *members, sentinel = fast.load_assignment.endpoints
+    assert members == list(cluster.load_assignment.endpoints)
+    assert sentinel.priority == 2 and \
+        [e.endpoint.address.envoy_internal_address.server_listener_name for e in sentinel.lb_endpoints] == \
+        ["gateway.no-member"] * (sum(len(p.lb_endpoints) for p in members) + 1)
     # the attempt's processor, then the hold; the fast twin no attempt's processor (its filters:
     # tests/unit/test_failover_fast.py)
     assert [m.value for p in _processors(cluster) for m in p.grpc_service.initial_metadata] == ["failover", "hold"]
@@ -617,7 +622,7 @@ def test_a_weighted_groups_fast_route_picks_each_members_order_by_weight():
     (b_first,) = [c for c in compiled.clusters if c.name == "fast-group.chat-b.chat-a"]
     assert [(p.priority, [e.endpoint.address.socket_address.port_value for e in p.lb_endpoints],
              p.lb_endpoints[0].endpoint.address.socket_address.address) for p in b_first.load_assignment.endpoints] == \
-        [(0, [8000], "10.0.1.2"), (1, [8000], "10.0.1.1")]
+        [(0, [8000], "10.0.1.2"), (1, [8000], "10.0.1.1"), (2, [0, 0, 0], "")]  # (2: the sentinel's three hosts)
     unweighted = compile_routes(parse_config(CHATS), Knowledge(), {})
     assert {r.route.cluster for r in unweighted.routes.virtual_hosts[0].routes
             if r.name == "fast:chat:group.chat-a.chat-b"} == \

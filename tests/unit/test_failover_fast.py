@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import orjson
+import yaml
 from envoy.extensions.common.matching.v3 import extension_matcher_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
@@ -137,6 +139,49 @@ def test_the_last_attempt_answers_the_error_naming_each_in_the_clients_shape():
     assert message.index("a: 503 overloaded") < message.index("b: no answer") < message.index("c: 500 crashed")
 
 
+def test_the_sentinels_answer_is_no_members_the_error_names_the_members_envoy_had_ejected():
+    """Every member not yet tried is ejected: Envoy sends the attempt to the sentinel, whose 503 is replaced
+    by the error naming each member, in the client's shape (a Messages client here)."""
+    gw, store = gateway(), {}
+    everyone_out = _judge(gw, store, 1, "envoy://gateway.no-member/", 503, _error("no member of this model group is in"),
+                          route="fast:messages:group.a.b.c")
+    sets = dict(everyone_out.set_headers)
+    body = json.loads(everyone_out.body)
+    assert sets[":status"] == "502" and body["type"] == "error" and body["error"]["type"] == "api_error"
+    assert body["error"]["message"] == ("every backend of this model failed (3 attempts): a: taken out (ejected after "
+                                        "failing); b: taken out (ejected after failing); c: taken out (ejected after failing)")
+    # a tried first and failed; b and c were out: attempt 2 went to the sentinel
+    _judge(gw, store, 1, "10.0.0.1:8000", 503, _error("overloaded"), rid="req-2")
+    later = _judge(gw, store, 2, "envoy://gateway.no-member/", 503, _error("no member"), rid="req-2")
+    message = json.loads(later.body)["error"]["message"]
+    assert message.startswith("every backend of this model failed (3 attempts): a: 503 overloaded; b: taken out")
+
+
+def test_the_fast_twin_ends_on_the_sentinel_after_the_members_it_may_try():
+    """At most max_attempts members: the attempt after them lands on the sentinel, never on a member."""
+    config = parse_config(CFG.replace("max_attempts: 3", "max_attempts: 2"))
+    (fast,) = [c for c in group_routes.clusters(config) if c.name == CLUSTER]
+    assert [(p.priority, [e.endpoint.address.socket_address.address or
+                          e.endpoint.address.envoy_internal_address.server_listener_name for e in p.lb_endpoints])
+            for p in fast.load_assignment.endpoints] == \
+        [(0, ["10.0.0.1"]), (1, ["10.0.0.2", "10.0.0.3"]), (2, ["gateway.no-member"] * 4)]
+    # one sentinel host more than the members have (each its own endpoint id), and at most as many out
+    # as the members have: 3 of 7 hosts is 42.9%, 4 would be 57.1%
+    assert [e.endpoint.address.envoy_internal_address.endpoint_id for e in fast.load_assignment.endpoints[2].lb_endpoints] \
+        == ["0", "1", "2", "3"]
+    assert fast.outlier_detection.max_ejection_percent.value == 43
+    (processor,) = [c for c in group_routes.clusters(config) if c.name == "group.a.b.c"]
+    assert len(processor.load_assignment.endpoints) == 3  # the processor's attempts keep every member
+
+
+def test_the_shipped_envoy_has_the_sentinel_listener():
+    envoy = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "envoy.yaml").read_text())
+    assert "envoy.bootstrap.internal_listener" in [e["name"] for e in envoy["bootstrap_extensions"]]
+    (listener,) = [x for x in envoy["static_resources"]["listeners"] if x["name"] == group_routes.NO_MEMBER_LISTENER]
+    assert listener["internal_listener"] == {} and "address" not in listener
+    assert group_routes.is_no_member("envoy://gateway.no-member/3") and not group_routes.is_no_member("10.0.0.1:8000")
+
+
 def test_the_attempt_after_the_last_is_answered_at_once_with_the_error_naming_each():
     gw, store = gateway(), {}
     _judge(gw, store, 1, "10.0.0.1:8000", 503, _error("overloaded"))
@@ -146,7 +191,7 @@ def test_the_attempt_after_the_last_is_answered_at_once_with_the_error_naming_ea
     act = resolve(j.request_headers({":path": "/v1/chat/completions", "x-envoy-attempt-count": "4"}, True), store)
     status, body, ctype = act.immediate
     assert (status, ctype, act.done) == (502, "application/json", True)
-    assert ("x-gateway-retry", "sidecar") in act.set_headers  # no attempt of a member: the log skips it
+    assert act.set_headers == []  # no retry mark (Envoy's retry never sees the sidecar's own reply)
     message = json.loads(body)["error"]["message"]
     assert message.index("a: 503 overloaded") < message.index("b: 503 busy") < message.index("c: no answer")
 
@@ -185,7 +230,8 @@ def test_each_logged_attempt_is_the_attempt_the_processor_would_have_recorded():
                       ).retry_after == 5
     # the client gone, another cluster, an instance no member lists: nothing the members did
     assert attempt_of(config, _entry(host="10.0.0.1:8000", status="0", flags="DC")) is None
-    assert attempt_of(config, _entry(host="10.0.0.1:8000", status="502", retried="sidecar")) is None  # its own answer
+    # the attempt after the last, on the sentinel (the sidecar answered it at its headers): as Envoy logs it
+    assert attempt_of(config, _entry(host="envoy://gateway.no-member/", status="0")) is None
     assert attempt_of(config, {"cluster": "group.a.b.c", "host": "10.0.0.1:8000", "status": "200"}) is None
     assert attempt_of(config, _entry(host="10.9.9.9:8000", status="200")) is None
 

@@ -343,6 +343,12 @@ def test_retry_after_as_an_http_date():
     assert retry_after_seconds({"retry-after": "Fri, 31 Foo 2027 08:00:42 GMT"}, now=now) is None
 
 
+@pytest.mark.parametrize("zone", ["", " -0000"])
+def test_retry_after_a_date_without_a_zone_is_taken_as_gmt(zone):
+    now = 1_800_000_000.0  # 2027-01-15 08:00:00 GMT
+    assert retry_after_seconds({"retry-after": f"Fri, 15 Jan 2027 08:00:42{zone}"}, now=now) == pytest.approx(42)
+
+
 # -- health: ejection step by step ----------------------------------------------------------------
 
 
@@ -375,6 +381,19 @@ def test_a_success_resets_the_count_of_consecutive_failures():
     assert h.state("a", 0.0) == "healthy"
     h.record("a", False, 0.0)
     assert h.state("a", 0.0) == "ejected"
+
+
+def test_a_429_or_408_holds_off_but_never_ejects_as_envoys_outlier_detection_counts_5xx_only():
+    h = Health(Failover(eject_after=2, max_eject_seconds=60))
+    for t in (0.0, 1.0, 2.0):
+        h.record("a", False, t, retry_after=5, status=429)
+    assert h.state("a", 2.0) == "held_off" and h.state("a", 7.0) == "healthy"
+    h.record("b", False, 0.0, status=503)
+    h.record("b", False, 1.0, status=408)  # an answer under 500 ends the run of 5xx, as in Envoy
+    h.record("b", False, 2.0, status=503)
+    assert h.state("b", 2.0) == "healthy"
+    h.record("b", False, 3.0, status=502)
+    assert h.state("b", 3.0) == "ejected"
 
 
 def test_a_success_while_ejected_brings_the_backend_back_at_once():

@@ -285,22 +285,36 @@ def _holder(config: Config) -> hcm.HttpFilter:
     closes its stream, and Envoy passes the rest on alone. Its wait is ended by the attempt's per-try
     timeout first (a member that sends headers and then nothing is given up on); were the sidecar to
     fail, the answer would pass as it is."""
-    filt = upstream_processor(HOLD_ROLE)
-    filt.name = HOLD_FILTER
-    proc = ext_proc_pb2.ExternalProcessor()
-    filt.typed_config.Unpack(proc)
     mode = processing_mode_pb2.ProcessingMode
-    proc.processing_mode.CopyFrom(mode(request_header_mode=mode.SKIP, response_header_mode=mode.SEND,
-                                       response_body_mode=mode.STREAMED))
+    filt, proc = _answer_processor(HOLD_ROLE, HOLD_FILTER, HOLD_ROLE, mode(
+        request_header_mode=mode.SKIP, response_header_mode=mode.SEND, response_body_mode=mode.STREAMED),
+        timeout=config.failover.attempt_timeout + 5)
     proc.send_body_without_waiting_for_header_response = True
-    proc.stat_prefix = HOLD_ROLE
-    proc.allow_mode_override = False
-    proc.failure_mode_allow = True
-    proc.message_timeout.CopyFrom(duration_pb2.Duration(seconds=config.failover.attempt_timeout + 5))
-    proc.ClearField("request_attributes")
     proc.ClearField("mutation_rules")
     filt.typed_config.Pack(proc)
     return filt
+
+
+def _answer_processor(role: str, name: str, stat_prefix: str, mode: processing_mode_pb2.ProcessingMode, *,
+                      timeout: int | None = None, request: tuple[str, ...] = (),
+                      response: tuple[str, ...] = ()) -> tuple[hcm.HttpFilter, ext_proc_pb2.ExternalProcessor]:
+    """The processor as one of a fast attempt's own filters (`role`): its mode fixed, only the attributes
+    it reads, and, with a `timeout`, passing the answer as it is were the sidecar not to answer. The
+    filter and its config, which the caller adjusts and packs."""
+    filt = upstream_processor(role)
+    filt.name = name
+    proc = ext_proc_pb2.ExternalProcessor()
+    filt.typed_config.Unpack(proc)
+    proc.processing_mode.CopyFrom(mode)
+    proc.stat_prefix = stat_prefix
+    proc.allow_mode_override = False
+    if timeout is not None:
+        proc.failure_mode_allow = True
+        proc.message_timeout.CopyFrom(duration_pb2.Duration(seconds=timeout))
+    proc.ClearField("request_attributes")
+    proc.request_attributes.extend(request)
+    proc.response_attributes.extend(response)
+    return filt, proc
 
 
 # The fast twin's hold of a non-streamed answer, in Envoy itself: the Lua filter stops its headers until
@@ -369,16 +383,9 @@ def _last_word() -> hcm.HttpFilter:
     attempt (`exchange.failover.FastJudge`), so a refused last member is named too, not Envoy's bare 503:
     that attempt always gets a connection, to the sentinel (`NO_MEMBER_LISTENER`), where upstream filters
     run (a refused connection would end it before the processor's answer)."""
-    filt = upstream_processor(JUDGE_ROLE)
-    filt.name = LAST_WORD_FILTER
-    proc = ext_proc_pb2.ExternalProcessor()
-    filt.typed_config.Unpack(proc)
     mode = processing_mode_pb2.ProcessingMode
-    proc.processing_mode.CopyFrom(mode(request_header_mode=mode.SEND, response_header_mode=mode.SKIP))
-    proc.stat_prefix = "last_word"
-    proc.allow_mode_override = False
-    proc.ClearField("request_attributes")
-    proc.request_attributes.extend(JUDGE_ATTRIBUTES)
+    filt, proc = _answer_processor(JUDGE_ROLE, LAST_WORD_FILTER, "last_word", mode(
+        request_header_mode=mode.SEND, response_header_mode=mode.SKIP), request=JUDGE_ATTRIBUTES)
     filt.typed_config.Pack(proc)
     return filt
 
@@ -389,19 +396,10 @@ def _judge(config: Config) -> hcm.HttpFilter:
     which marks a failed-over answer `x-gateway-retry` for Envoy's retry, and answers the last one with
     the error naming each attempt. Were the sidecar not to answer, the answer would go on as it is
     (`failure_mode_allow`)."""
-    filt = upstream_processor(JUDGE_ROLE)
-    filt.name = JUDGE_FILTER
-    proc = ext_proc_pb2.ExternalProcessor()
-    filt.typed_config.Unpack(proc)
     mode = processing_mode_pb2.ProcessingMode
-    proc.processing_mode.CopyFrom(mode(request_header_mode=mode.SKIP, response_header_mode=mode.SEND,
-                                       response_body_mode=mode.BUFFERED))
-    proc.stat_prefix = JUDGE_ROLE
-    proc.allow_mode_override = False
-    proc.failure_mode_allow = True
-    proc.message_timeout.CopyFrom(duration_pb2.Duration(seconds=5))
-    proc.ClearField("request_attributes")
-    proc.response_attributes.extend(JUDGE_ATTRIBUTES)
+    filt, proc = _answer_processor(JUDGE_ROLE, JUDGE_FILTER, JUDGE_ROLE, mode(
+        request_header_mode=mode.SKIP, response_header_mode=mode.SEND, response_body_mode=mode.BUFFERED),
+        timeout=5, response=JUDGE_ATTRIBUTES)
     filt.typed_config.Pack(proc)
     return filt
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import openai
 import pytest
 
 from extproc.local.stack import free_port, wait_until
 
-from .test_e2e_failover import Group, _error, _metrics, _running_group, _stat
+from .test_e2e_failover import Group, Surface, _error, _metrics, _running_group, _stat
 from .upstreams import ChatServer, Reply, ResponsesServer
 
 CONFIG = """
@@ -61,13 +60,7 @@ backends:
 """
 
 
-@dataclass
-class Fast:
-    group: Group
-    chat_a: ChatServer
-    chat_b: ChatServer
-    resp_a: ResponsesServer
-    resp_b: ResponsesServer
+Fast = Surface  # the same four members, chat and Responses, two of each
 
 
 @pytest.fixture(scope="module")

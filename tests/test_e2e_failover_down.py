@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import anthropic
@@ -202,3 +203,14 @@ def test_the_first_member_answering_is_untouched(g, api, stream):
         text = client.responses.create(model="first-answers", input="hi").output_text
     assert text == "busy served it" and g.chat.requests == []
     assert _stat(g, "http.llm.ext_proc.stream_msgs_sent") - sent == 2  # the request's headers and body
+
+
+def test_envoy_takes_as_many_failovers_at_once_as_requests(g):
+    """Each group cluster as Envoy loaded it allows 1024 retries at once (its requests' limit), not
+    Envoy's default of 3: a burst of requests failing on a member that went down all fail over."""
+    with urllib.request.urlopen(g.envoy_admin + "/clusters", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    limits = {line.split("::")[0]: line.rsplit("::", 1)[1] for line in lines
+              if line.startswith(("group.", "fast-group.")) and "::default_priority::max_retries::" in line}
+    assert "group.down-a.busy.down-b" in limits  # the model `mixed`'s processor-path cluster
+    assert set(limits.values()) == {"1024"}, limits

@@ -40,7 +40,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from enum import Enum
 
-from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, extension_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -209,6 +209,18 @@ def _retry(config: Config, retries: int, retry_on: str) -> rc.RetryPolicy:
                                                    max_interval=duration_pb2.Duration(nanos=2_000_000)))
 
 
+RETRIES_AT_ONCE = 1024  # Envoy's default limit of requests at once on a cluster (its `max_requests`)
+
+
+def _retries_at_once() -> circuit_breaker_pb2.CircuitBreakers:
+    """As many retries at once as requests: each retry on a group cluster is a failover to the next member,
+    and Envoy's default (3 at once) would leave the fourth of a burst of failing requests unretried (its
+    client given the failed attempt's answer, or the error naming members never tried) just when a member
+    goes down."""
+    return circuit_breaker_pb2.CircuitBreakers(thresholds=[circuit_breaker_pb2.CircuitBreakers.Thresholds(
+        max_retries=wrappers_pb2.UInt32Value(value=RETRIES_AT_ONCE))])
+
+
 def _cluster(config: Config, members: tuple[Backend, ...], chain: Chain) -> cluster_pb2.Cluster:
     name = group_cluster(members) if chain is Chain.ATTEMPTS else fast_cluster(members)
 
@@ -244,7 +256,7 @@ def _cluster(config: Config, members: tuple[Backend, ...], chain: Chain) -> clus
     cluster = cluster_pb2.Cluster(
         name=name, type=cluster_pb2.Cluster.STRICT_DNS if hosted else cluster_pb2.Cluster.STATIC,
         dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED, connect_timeout=duration_pb2.Duration(seconds=5),
-        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN, outlier_detection=eject,
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN, outlier_detection=eject, circuit_breakers=_retries_at_once(),
         load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[
             endpoint_components_pb2.LocalityLbEndpoints(priority=i, lb_endpoints=hosts)
             for i, hosts in enumerate(priorities)]))

@@ -251,3 +251,11 @@ def test_a_batch_is_counted_and_told_to_health():
     assert metrics.upstream_attempts.values[("a", "failed")] == 2 and metrics.upstream_attempts.values[("b", "ok")] == 1
     now = time.monotonic()  # the clock Health reads (`eject_after: 2`)
     assert health.state("a", now) == "ejected" and health.state("b", now) == "healthy"
+
+
+def test_every_group_cluster_takes_as_many_retries_at_once_as_requests():
+    """Envoy's default of 3 retries at once would leave a burst's fourth failing request unretried."""
+    config = gateway().config
+    limits = {c.name: [t.max_retries.value for t in c.circuit_breakers.thresholds]
+              for c in group_routes.clusters(config)}
+    assert limits and all(v == [1024] for v in limits.values()), limits

@@ -63,7 +63,7 @@ from extproc.exchange.phases import Phase
 from extproc.exchange.upstream import UpstreamStream
 from extproc.routing.failover import Attempt, Transport, Verdict, all_failed_error
 from extproc.routing.gateway import Target, placement_key
-from extproc.routing.group_routes import fast_members, first_on, group_cluster, is_no_member
+from extproc.routing.group_routes import fast_members, first_on, group_cluster, is_no_member, member_on
 from extproc.routing.groups import Group, continue_order, group_for
 from extproc.routing.needs import Call
 from extproc.state import records as rec
@@ -230,7 +230,7 @@ def _member(backends: tuple[Backend, ...], host: str, named: str) -> Backend | N
     """The member Envoy sent this attempt to: the `url:` member its host's metadata names (a provider's
     addresses are its DNS's), else the one whose instance it connected to."""
     return next((b for b in backends if b.name == named and b.hosted is not None), None) or \
-        next((b for b in backends if any(e.address == host for e in b.endpoints)), None)
+        member_on(backends, host)
 
 
 def _restored(current: dict[str, str], client: dict[str, str]) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
@@ -516,7 +516,7 @@ class FastJudge(UpstreamStream):
     def _judged(self, body: bytes) -> Decision[Action]:
         members = self._members()
         address = self.attributes.get("upstream.address", "")
-        member = next((b for b in members if any(e.address == address for e in b.endpoints)), None)
+        member = member_on(members, address)
         status = int(self.headers.get(":status", "0") or 0)
         n = int(self.attributes.get("upstream.request_attempt_count", "1") or 1)
         if is_no_member(address):  # every member not yet tried is ejected: the sentinel's 503 is no answer

@@ -28,7 +28,7 @@ from extproc.envoy.serving import methods
 from extproc.exchange.failover import LAST_MARK
 from extproc.ops.metrics import Metrics
 from extproc.routing.failover import Attempt, Health, Transport, Verdict, retry_after_seconds
-from extproc.routing.group_routes import fast_members
+from extproc.routing.group_routes import fast_members, member_on
 
 log = logging.getLogger("extproc")
 
@@ -43,8 +43,7 @@ def attempt_of(config: Config, fields: Mapping[str, str]) -> Attempt | None:
     value the status it failed over) says the attempt failed; an answer without it was final (a success,
     or an error every member would repeat); no answer at all says why by Envoy's flags."""
     host = fields.get(HOST, "")
-    member = next((b for b in fast_members(config, fields.get(CLUSTER, ""))
-                   if any(e.address == host for e in b.endpoints)), None)
+    member = member_on(fast_members(config, fields.get(CLUSTER, "")), host)
     if member is None:  # (the attempt after the last is the sentinel's, `NO_MEMBER_HOST`: logged with status 0)
         return None
     status = int(fields.get(STATUS) or 0)

@@ -160,12 +160,17 @@ def spread(action: rc.RouteAction, members: tuple[Backend, ...]) -> None:
                                              weight=wrappers_pb2.UInt32Value(value=b.weight)) for b in weighted)
 
 
+def member_on(members: Iterable[Backend], address: str) -> Backend | None:
+    """The member one of whose instances is at `address` (the attempt's upstream host), if any."""
+    return next((b for b in members if any(e.address == address for e in b.endpoints)), None)
+
+
 def member_at(config: Config, label: str, address: str) -> str:
     """The backend a fast route's label names: a model group's cluster resolved to the member whose
     instance answered (the access log's upstream address); any other label as it is."""
     for members in member_lists(config):
         if label == group_cluster(members):
-            return next((b.name for b in members if any(e.address == address for e in b.endpoints)), label)
+            return member.name if (member := member_on(members, address)) is not None else label
     return label
 
 

@@ -258,21 +258,16 @@ class Attempt:
 OUTCOMES = ("ok", "rejected", "rate_limited", "failed", *(t.value for t in Transport))
 
 
-def all_failed(attempts: Sequence[Attempt], client_api: str | None, model: str | None = None) -> tuple[int, bytes]:
-    """The one error a client gets when every attempt was failed over, in its API's shape (Anthropic's for
-    Messages clients, OpenAI's otherwise), naming each attempt's backend and what it said.
+def all_failed_error(attempts: Sequence[Attempt], model: str | None = None) -> GatewayError:
+    """The one error a client gets when every attempt was failed over (its `body` in the client's API's
+    shape: Anthropic's for Messages clients, OpenAI's otherwise), naming each attempt's backend and what
+    it said, with a `retry-after` header of the soonest hint on a 429.
 
     Status: 429 when every attempt was a 429 (the client's SDK backs off and retries, as it would for one
     provider), else 504 when the last attempt timed out, else 502 (the upstreams failed, not the gateway).
     """
-    error = all_failed_error(attempts, model)
-    return error.status, error.body(client_api)
-
-
-def all_failed_error(attempts: Sequence[Attempt], model: str | None = None) -> GatewayError:
-    """all_failed's error as a GatewayError (with a `retry-after` header of the soonest hint on a 429)."""
     if not attempts:
-        raise ValueError("all_failed needs at least one attempt")
+        raise ValueError("all_failed_error needs at least one attempt")
     if all(a.status == 429 for a in attempts):
         status, code = 429, "all_backends_rate_limited"
     elif attempts[-1].timed_out:
@@ -288,4 +283,4 @@ def all_failed_error(attempts: Sequence[Attempt], model: str | None = None) -> G
 
 
 __all__ = ["EJECTED", "HEALTHY", "HELD_OFF", "OUTCOMES", "STATES", "Attempt", "Health", "Transport",
-           "Verdict", "all_failed", "all_failed_error", "judge", "retry_after_seconds"]
+           "Verdict", "all_failed_error", "judge", "retry_after_seconds"]

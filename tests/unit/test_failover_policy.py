@@ -28,7 +28,6 @@ from extproc.routing.failover import (
     Health,
     Transport,
     Verdict,
-    all_failed,
     all_failed_error,
     judge,
     retry_after_seconds,
@@ -440,6 +439,13 @@ def test_an_answered_attempt_keeps_its_message_verdict_and_retry_after():
     assert Attempt.answered("x", 504, ENVOY_JSON_TIMEOUT).outcome == "timeout"
     t = Attempt.failed("y", Transport.CONNECT_FAILURE, "111")
     assert (t.status, t.message, t.outcome, t.ok) == (None, "connection failed: 111", "connect_failure", False)
+
+
+
+def all_failed(attempts: list[Attempt], client_api: str | None, model: str | None = None) -> tuple[int, bytes]:
+    """The all-failed error's status and its body in `client_api`'s shape, as the attempts send them."""
+    error = all_failed_error(attempts, model)
+    return error.status, error.body(client_api)
 
 
 def test_the_gateways_key_quoted_in_an_error_never_reaches_the_all_failed_message():

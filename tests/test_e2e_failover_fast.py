@@ -60,20 +60,17 @@ backends:
 """
 
 
-Fast = Surface  # the same four members, chat and Responses, two of each
-
-
 @pytest.fixture(scope="module")
-def fast_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fast]:
+def fast_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Surface]:
     chat_a, chat_b, resp_a, resp_b = ChatServer(), ChatServer(), ResponsesServer(), ResponsesServer()
     with _running_group(tmp_path_factory.mktemp("fast"), CONFIG, chat_a, resp_a, (chat_a, chat_b, resp_a, resp_b),
                         chat_a=chat_a.address, chat_b=chat_b.address, resp_a=resp_a.address, resp_b=resp_b.address,
                         closed=str(free_port())) as g:
-        yield Fast(g, chat_a, chat_b, resp_a, resp_b)
+        yield Surface(g, chat_a, chat_b, resp_a, resp_b)
 
 
 @pytest.fixture
-def fs(fast_stack: Fast) -> Fast:
+def fs(fast_stack: Surface) -> Surface:
     for server in (fast_stack.chat_a, fast_stack.chat_b, fast_stack.resp_a, fast_stack.resp_b):
         server.reset()
     # each test finds every member in: Envoy's ejections (eject_after 2, for a second) over, and the
@@ -107,7 +104,7 @@ def _ask(client: openai.OpenAI, api: str, stream: bool, model: str) -> str:
     return client.responses.create(model=model, input="hi", store=False).output_text
 
 
-def _members(fs: Fast, api: str) -> tuple[ChatServer | ResponsesServer, ChatServer | ResponsesServer, str, str]:
+def _members(fs: Surface, api: str) -> tuple[ChatServer | ResponsesServer, ChatServer | ResponsesServer, str, str]:
     """The first and second member of `api`'s group, their model, and their fast cluster."""
     if api == "chat":
         return fs.chat_a, fs.chat_b, "fast-chat", "fast-group.chat-a.chat-b"

@@ -315,9 +315,10 @@ def _holder(config: Config) -> hcm.HttpFilter:
 def _answer_processor(role: str, name: str, stat_prefix: str, mode: processing_mode_pb2.ProcessingMode, *,
                       timeout: int | None = None, request: tuple[str, ...] = (),
                       response: tuple[str, ...] = ()) -> tuple[hcm.HttpFilter, ext_proc_pb2.ExternalProcessor]:
-    """The processor as one of a fast attempt's own filters (`role`): its mode fixed, only the attributes
-    it reads, and, with a `timeout`, passing the answer as it is were the sidecar not to answer. The
-    filter and its config, which the caller adjusts and packs."""
+    """The processor as one of an attempt's own filters (`role`: the hold, on both paths; the fast path's
+    judge and last word): its mode fixed, only the attributes it reads, and, with a `timeout`, passing the
+    answer as it is were the sidecar not to answer. The filter and its config, which the caller adjusts
+    and packs."""
     filt = upstream_processor(role)
     filt.name = name
     proc = ext_proc_pb2.ExternalProcessor()

@@ -441,7 +441,6 @@ def test_an_answered_attempt_keeps_its_message_verdict_and_retry_after():
     assert (t.status, t.message, t.outcome, t.ok) == (None, "connection failed: 111", "connect_failure", False)
 
 
-
 def all_failed(attempts: list[Attempt], client_api: str | None, model: str | None = None) -> tuple[int, bytes]:
     """The all-failed error's status and its body in `client_api`'s shape, as the attempts send them."""
     error = all_failed_error(attempts, model)
